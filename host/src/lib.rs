@@ -1,0 +1,15 @@
+//! Opspawn: an agent runtime. A host process runs the task scheduler, the
+//! persistent store and the APIs; tools, planners and LLM adapters are
+//! sandboxed WebAssembly components loaded at runtime.
+//!
+//! The modules follow the architecture (see `docs/architecture.md`):
+//! - [`protocol`]: the neutral types every part speaks;
+//! - [`plugins`]: the plugin runtime (wasmtime), knows nothing of the store;
+//! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
+//! - [`scheduler`]: workers, leases and the agent loop, joining the two;
+//! - [`api`]: the REST API (axum) over the scheduler and store;
+//! - [`cli`] and [`config`]: the `opspawn` command.
+
+pub mod protocol;
+pub mod plugins;
+pub mod store;

@@ -1,0 +1,141 @@
+//! The wasmtime engine every plugin shares, the epoch clock that bounds each
+//! call, and the on-disk cache of compiled components.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the epoch advances: the granularity of call time limits and how
+/// often a running plugin yields to the async runtime.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Use the pooling allocator (fast instantiation, reserved address space).
+    pub pooling: bool,
+    /// The largest linear memory any plugin may be granted.
+    pub max_memory_bytes: u64,
+    /// How many plugin instances may be alive at once.
+    pub max_instances: u32,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            pooling: true,
+            max_memory_bytes: 1 << 30,
+            max_instances: 256,
+        }
+    }
+}
+
+pub fn build_engine(options: &EngineOptions) -> wasmtime::Result<Engine> {
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .memory_init_cow(true)
+        .max_wasm_stack(1 << 20)
+        .async_stack_size(2 << 20);
+    if options.pooling {
+        let instances = options.max_instances;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(instances)
+            .total_core_instances(instances * 8)
+            .total_memories(instances * 2)
+            .total_tables(instances * 4)
+            .total_stacks(instances)
+            .max_memory_size(usize::try_from(options.max_memory_bytes).unwrap_or(usize::MAX))
+            .max_core_instance_size(4 << 20)
+            .table_elements(1 << 16);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    Engine::new(&config)
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] on a plain thread, until
+/// dropped.
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    pub fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::Builder::new()
+            .name("opspawn-epoch".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        Self { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Compiled components on disk, keyed by the component's content hash and
+/// the engine's compatibility hash, so a cached artifact is only ever loaded
+/// into an engine that can run it.
+pub struct CompileCache {
+    dir: Option<PathBuf>,
+    engine_key: String,
+}
+
+impl CompileCache {
+    pub fn new(engine: &Engine, dir: Option<PathBuf>) -> Self {
+        let mut hasher = std::hash::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Self {
+            dir,
+            engine_key: format!("{:016x}", hasher.finish()),
+        }
+    }
+
+    /// Loads the compiled form of `wasm` (whose SHA-256 is `sha256`) from the
+    /// cache, compiling and caching it on a miss. Blocking: call from a
+    /// blocking thread.
+    pub fn load(&self, engine: &Engine, wasm: &[u8], sha256: &str) -> wasmtime::Result<Component> {
+        let Some(dir) = &self.dir else {
+            return Component::new(engine, wasm);
+        };
+        let path = dir.join(format!("{sha256}-{}.cwasm", self.engine_key));
+        if path.exists() {
+            // SAFETY: the cache directory is the host's own, written only by
+            // `store` below with the output of `precompile_component` for an
+            // engine with this compatibility hash.
+            match unsafe { Component::deserialize_file(engine, &path) } {
+                Ok(component) => return Ok(component),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "ignoring an unusable cached artifact")
+                }
+            }
+        }
+        let compiled = engine.precompile_component(wasm)?;
+        if let Err(error) = store_atomically(dir, &path, &compiled) {
+            tracing::warn!(path = %path.display(), %error, "could not cache a compiled component");
+        }
+        // SAFETY: `compiled` was produced just above by this engine.
+        unsafe { Component::deserialize(engine, &compiled) }
+    }
+}
+
+fn store_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

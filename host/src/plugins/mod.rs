@@ -1,0 +1,393 @@
+//! The plugin runtime: loads WebAssembly components from a folder, keeps one
+//! pre-linked `InstancePre` per component, and runs each call in a fresh
+//! `Store` under the plugin's limits.
+//!
+//! It knows nothing of tasks or the store: callers hand it neutral protocol
+//! values and get protocol values (or a [`CallError`]) back.
+
+pub mod bindings;
+mod convert;
+mod engine;
+pub mod manifest;
+mod registry;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use wasmtime::component::Linker;
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+
+pub use engine::EngineOptions;
+use engine::{CompileCache, EpochTicker};
+pub use manifest::{Grants, Limits};
+pub use registry::{Catalog, LoadFailure, PluginInfo, PluginKind};
+use registry::{Entry, Plugin};
+use state::CallState;
+
+use crate::protocol::{
+    CallContext, ChatRequest, ChatResponse, LlmError, PlannerAction, TaskState, ToolSpec,
+};
+
+/// Extra wall-clock time past a plugin's limit before its call is abandoned.
+/// The epoch deadline stops running wasm; this stops a call stuck waiting on
+/// the host (a sleep, a trickling request).
+const WALL_CLOCK_GRACE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    pub plugin_dir: PathBuf,
+    /// Where compiled components are cached; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Limits for plugins whose manifest does not ask for others.
+    pub default_limits: Limits,
+    pub engine: EngineOptions,
+}
+
+/// Why a plugin call failed. Each variant has a stable [`code`](Self::code).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("no {kind} plugin named {name:?} is loaded")]
+    NotLoaded { kind: PluginKind, name: String },
+    #[error("no loaded plugin offers a tool named {0:?}")]
+    UnknownTool(String),
+    #[error("plugin {plugin} ran past its time limit of {limit:?}")]
+    Timeout { plugin: String, limit: Duration },
+    #[error("plugin {plugin} ran out of memory: it may use at most {limit_mib} MiB")]
+    MemoryLimit { plugin: String, limit_mib: u64 },
+    #[error("plugin {plugin} overflowed its stack (recursion too deep?)")]
+    StackOverflow { plugin: String },
+    #[error("plugin {plugin} crashed: {detail}")]
+    Trap { plugin: String, detail: String },
+    #[error("plugin {plugin} returned {size} bytes, over its output limit of {limit} bytes")]
+    OutputTooLarge { plugin: String, size: u64, limit: u64 },
+    #[error("plugin {plugin} returned an invalid result: {detail}")]
+    BadOutput { plugin: String, detail: String },
+    #[error("could not start plugin {plugin}: {detail}")]
+    Instantiate { plugin: String, detail: String },
+    #[error("the input for tool {tool} is invalid: {detail}")]
+    InvalidInput { tool: String, detail: String },
+    /// The tool ran and reported an error of its own.
+    #[error("{message}")]
+    Tool { code: String, message: String },
+    /// The LLM adapter ran and reported an error from its provider.
+    #[error("{}", .0.message)]
+    Llm(LlmError),
+    #[error("planner {plugin} reported an error: {message}")]
+    Planner { plugin: String, message: String },
+}
+
+impl CallError {
+    /// A stable, documented code for clients and the step journal.
+    pub fn code(&self) -> &str {
+        match self {
+            Self::NotLoaded { .. } => "plugin_not_loaded",
+            Self::UnknownTool(_) => "unknown_tool",
+            Self::Timeout { .. } => "plugin_timeout",
+            Self::MemoryLimit { .. } => "plugin_memory_limit",
+            Self::StackOverflow { .. } => "plugin_stack_overflow",
+            Self::Trap { .. } => "plugin_trap",
+            Self::OutputTooLarge { .. } => "plugin_output_too_large",
+            Self::BadOutput { .. } => "plugin_bad_output",
+            Self::Instantiate { .. } => "plugin_instantiate_failed",
+            Self::InvalidInput { .. } => "invalid_tool_input",
+            Self::Tool { code, .. } => code,
+            Self::Llm(error) => error.kind.code(),
+            Self::Planner { .. } => "planner_error",
+        }
+    }
+}
+
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Linker<CallState>,
+    cache: Arc<CompileCache>,
+    options: RuntimeOptions,
+    catalog: RwLock<Arc<Catalog>>,
+    _epoch: EpochTicker,
+}
+
+impl PluginRuntime {
+    pub fn new(options: RuntimeOptions) -> wasmtime::Result<Arc<Self>> {
+        let engine = engine::build_engine(&options.engine)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        type Data = wasmtime::component::HasSelf<CallState>;
+        bindings::logging::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
+        bindings::llm_stream::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
+        let cache = Arc::new(CompileCache::new(&engine, options.cache_dir.clone()));
+        Ok(Arc::new(Self {
+            _epoch: EpochTicker::start(engine.clone()),
+            engine,
+            linker,
+            cache,
+            options,
+            catalog: RwLock::new(Arc::new(Catalog::default())),
+        }))
+    }
+
+    pub fn plugin_dir(&self) -> &Path {
+        &self.options.plugin_dir
+    }
+
+    /// What is loaded now, and what failed to load.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.read().expect("catalog lock").clone()
+    }
+
+    /// Specs of the named tools, or the first name that no plugin offers.
+    pub fn tool_specs(&self, names: &[String]) -> Result<Vec<ToolSpec>, CallError> {
+        let catalog = self.catalog();
+        names
+            .iter()
+            .map(|name| {
+                catalog
+                    .tool_spec(name)
+                    .cloned()
+                    .ok_or_else(|| CallError::UnknownTool(name.clone()))
+            })
+            .collect()
+    }
+
+    /// Runs a tool with a JSON object as input.
+    pub async fn invoke_tool(
+        &self,
+        tool: &str,
+        context: &CallContext,
+        input: &Value,
+    ) -> Result<Value, CallError> {
+        let plugin = self
+            .catalog()
+            .tool_plugin(tool)
+            .ok_or_else(|| CallError::UnknownTool(tool.to_owned()))?;
+        let Entry::Tool { pre, .. } = &plugin.entry else {
+            unreachable!("the catalog maps tools to tool plugins")
+        };
+        if !input.is_object() {
+            return Err(CallError::InvalidInput {
+                tool: tool.to_owned(),
+                detail: "the arguments must be a JSON object".into(),
+            });
+        }
+        let wit_context = convert::context_to_wit(context);
+        let input = input.to_string();
+        let mut store = self.new_store(&plugin, None)?;
+        let outcome = guarded(&plugin, async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance
+                .opspawn_plugin_tools()
+                .call_invoke(&mut store, &wit_context, tool, &input)
+                .await
+        })
+        .await;
+        match settle(&plugin, &store, outcome)? {
+            Ok(output) => {
+                check_output_size(&plugin, output.len())?;
+                serde_json::from_str(&output).map_err(|e| CallError::BadOutput {
+                    plugin: plugin.info.name.clone(),
+                    detail: format!("tool {tool} returned text that is not JSON: {e}"),
+                })
+            }
+            Err(error) => Err(CallError::Tool {
+                code: error.code,
+                message: error.message,
+            }),
+        }
+    }
+
+    /// Asks a planner for the next action.
+    pub async fn next_action(
+        &self,
+        planner: &str,
+        state: &TaskState,
+    ) -> Result<PlannerAction, CallError> {
+        let plugin = self.plugin_of_kind(planner, PluginKind::Planner)?;
+        let Entry::Planner(pre) = &plugin.entry else {
+            unreachable!("kind checked above")
+        };
+        let wit_state = convert::state_to_wit(state);
+        let mut store = self.new_store(&plugin, None)?;
+        let outcome = guarded(&plugin, async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance
+                .opspawn_plugin_planning()
+                .call_next_action(&mut store, &wit_state)
+                .await
+        })
+        .await;
+        match settle(&plugin, &store, outcome)? {
+            Ok(action) => Ok(convert::action_from_wit(action)),
+            Err(message) => Err(CallError::Planner {
+                plugin: plugin.info.name.clone(),
+                message,
+            }),
+        }
+    }
+
+    /// Sends a chat request through an LLM adapter. Text the adapter streams
+    /// is sent to `deltas` as it arrives.
+    pub async fn complete(
+        &self,
+        adapter: &str,
+        context: &CallContext,
+        request: &ChatRequest,
+        deltas: Option<mpsc::UnboundedSender<String>>,
+    ) -> Result<ChatResponse, CallError> {
+        let plugin = self.plugin_of_kind(adapter, PluginKind::LlmAdapter)?;
+        let Entry::LlmAdapter(pre) = &plugin.entry else {
+            unreachable!("kind checked above")
+        };
+        let wit_context = convert::context_to_wit(context);
+        let wit_request = convert::request_to_wit(request);
+        let mut store = self.new_store(&plugin, deltas)?;
+        let outcome = guarded(&plugin, async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance
+                .opspawn_plugin_chat()
+                .call_complete(&mut store, &wit_context, &wit_request)
+                .await
+        })
+        .await;
+        match settle(&plugin, &store, outcome)? {
+            Ok(response) => {
+                let size = response.message.content.len()
+                    + response
+                        .message
+                        .tool_calls
+                        .iter()
+                        .map(|c| c.arguments.len())
+                        .sum::<usize>();
+                check_output_size(&plugin, size)?;
+                Ok(convert::response_from_wit(response))
+            }
+            Err(error) => Err(CallError::Llm(convert::llm_error_from_wit(error))),
+        }
+    }
+
+    fn plugin_of_kind(&self, name: &str, kind: PluginKind) -> Result<Arc<Plugin>, CallError> {
+        self.catalog()
+            .plugin(name)
+            .filter(|plugin| plugin.info.kind == kind)
+            .ok_or_else(|| CallError::NotLoaded {
+                kind,
+                name: name.to_owned(),
+            })
+    }
+
+    /// A fresh store for one call, limited as the plugin's manifest says.
+    fn new_store(
+        &self,
+        plugin: &Plugin,
+        deltas: Option<mpsc::UnboundedSender<String>>,
+    ) -> Result<Store<CallState>, CallError> {
+        let state = CallState::new(
+            plugin.info.name.as_str().into(),
+            &plugin.info.grants,
+            &plugin.info.limits,
+            deltas,
+        )
+        .map_err(|e| CallError::Instantiate {
+            plugin: plugin.info.name.clone(),
+            detail: format!("{e:#}"),
+        })?;
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        let deadline = Instant::now() + plugin.info.limits.call_timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            // Yield at every tick so one busy plugin cannot starve the
+            // runtime's other tasks; stop it once its time is up.
+            Ok(if Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        Ok(store)
+    }
+}
+
+/// Why a guarded call did not produce a value.
+enum Stopped {
+    WallClock,
+    Wasm(wasmtime::Error),
+}
+
+/// Runs a call under the plugin's wall-clock limit.
+async fn guarded<T>(
+    plugin: &Plugin,
+    call: impl Future<Output = wasmtime::Result<T>>,
+) -> Result<T, Stopped> {
+    let limit = plugin.info.limits.call_timeout + WALL_CLOCK_GRACE;
+    match tokio::time::timeout(limit, call).await {
+        Err(_) => Err(Stopped::WallClock),
+        Ok(result) => result.map_err(Stopped::Wasm),
+    }
+}
+
+/// Turns how a call stopped into the error a user should see.
+fn settle<T>(
+    plugin: &Plugin,
+    store: &Store<CallState>,
+    outcome: Result<T, Stopped>,
+) -> Result<T, CallError> {
+    let name = plugin.info.name.clone();
+    let error = match outcome {
+        Ok(value) => return Ok(value),
+        Err(Stopped::WallClock) => {
+            return Err(CallError::Timeout {
+                plugin: name,
+                limit: plugin.info.limits.call_timeout,
+            });
+        }
+        Err(Stopped::Wasm(error)) => error,
+    };
+    if store.data().limiter.refused {
+        return Err(CallError::MemoryLimit {
+            plugin: name,
+            limit_mib: plugin.info.limits.memory_bytes >> 20,
+        });
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => Err(CallError::Timeout {
+            plugin: name,
+            limit: plugin.info.limits.call_timeout,
+        }),
+        Some(Trap::StackOverflow) => Err(CallError::StackOverflow { plugin: name }),
+        _ => {
+            let printed = store.data().output_tail();
+            let detail = if printed.is_empty() {
+                format!("{error:#}")
+            } else {
+                format!("{error:#}; it printed: {printed}")
+            };
+            Err(CallError::Trap {
+                plugin: name,
+                detail,
+            })
+        }
+    }
+}
+
+fn check_output_size(plugin: &Plugin, size: usize) -> Result<(), CallError> {
+    let limit = plugin.info.limits.max_output_bytes;
+    if size as u64 > limit {
+        return Err(CallError::OutputTooLarge {
+            plugin: plugin.info.name.clone(),
+            size: size as u64,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// The part of [`PluginInfo`] shown for a kind: kebab-case names.
+impl Serialize for PluginKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}

@@ -1,0 +1,505 @@
+//! The registry: which components are loaded from the plugin folder, what
+//! each offers, and what failed to load and why.
+//!
+//! Loading a folder builds a new [`Catalog`] and swaps it in whole, so a
+//! call in flight keeps the plugin it started with and never sees a
+//! half-loaded folder. A file that is unchanged (same bytes, same manifest)
+//! keeps its already-loaded plugin.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, InstancePre};
+
+use super::bindings::{self, llm_adapter::LlmAdapterPre, planner::PlannerPre, tool::ToolPre};
+use super::manifest::{Grants, Limits, Manifest};
+use super::state::CallState;
+use super::{PluginRuntime, convert, guarded, settle};
+use crate::protocol::ToolSpec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PluginKind {
+    Tool,
+    Planner,
+    LlmAdapter,
+}
+
+impl PluginKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tool => "tool",
+            Self::Planner => "planner",
+            Self::LlmAdapter => "llm-adapter",
+        }
+    }
+
+    /// The interface a component of this kind exports.
+    fn export_interface(self) -> &'static str {
+        match self {
+            Self::Tool => "tools",
+            Self::Planner => "planning",
+            Self::LlmAdapter => "chat",
+        }
+    }
+}
+
+impl fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A loaded plugin as users see it in `GET /v1/plugins`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub kind: PluginKind,
+    /// The WIT package version the component was built against.
+    pub wit_version: String,
+    /// SHA-256 of the component's bytes: the same hash means the same code.
+    pub sha256: String,
+    pub file: PathBuf,
+    pub size_bytes: u64,
+    pub description: Option<String>,
+    /// For tool plugins: the tools it offers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<ToolSpec>,
+    pub grants: Grants,
+    pub limits: Limits,
+}
+
+/// A file in the plugin folder that could not be loaded, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadFailure {
+    pub file: PathBuf,
+    pub error: String,
+}
+
+pub(super) enum Entry {
+    Tool { pre: ToolPre<CallState> },
+    Planner(PlannerPre<CallState>),
+    LlmAdapter(LlmAdapterPre<CallState>),
+}
+
+pub(super) struct Plugin {
+    pub info: PluginInfo,
+    pub entry: Entry,
+    /// Hash of the manifest's bytes, to notice when only the manifest changed.
+    manifest_sha256: Option<String>,
+}
+
+/// Everything loaded from the plugin folder at one moment.
+#[derive(Default)]
+pub struct Catalog {
+    plugins: BTreeMap<String, Arc<Plugin>>,
+    /// Tool name to the plugin offering it.
+    tools: BTreeMap<String, Arc<Plugin>>,
+    failures: Vec<LoadFailure>,
+}
+
+impl Catalog {
+    pub fn plugins(&self) -> impl Iterator<Item = &PluginInfo> {
+        self.plugins.values().map(|plugin| &plugin.info)
+    }
+
+    pub fn failures(&self) -> &[LoadFailure] {
+        &self.failures
+    }
+
+    pub fn kind_of(&self, name: &str) -> Option<PluginKind> {
+        self.plugins.get(name).map(|plugin| plugin.info.kind)
+    }
+
+    pub fn tool_names(&self) -> impl Iterator<Item = &str> {
+        self.tools.keys().map(String::as_str)
+    }
+
+    pub fn tool_spec(&self, name: &str) -> Option<&ToolSpec> {
+        let plugin = self.tools.get(name)?;
+        plugin.info.tools.iter().find(|spec| spec.name == name)
+    }
+
+    pub(super) fn plugin(&self, name: &str) -> Option<Arc<Plugin>> {
+        self.plugins.get(name).cloned()
+    }
+
+    pub(super) fn tool_plugin(&self, tool: &str) -> Option<Arc<Plugin>> {
+        self.tools.get(tool).cloned()
+    }
+}
+
+/// What one scan of the folder changed.
+#[derive(Debug, Default)]
+pub struct ScanReport {
+    pub loaded: Vec<String>,
+    pub unchanged: usize,
+    pub removed: Vec<String>,
+    pub failed: usize,
+}
+
+impl PluginRuntime {
+    /// Loads every `.wasm` in the plugin folder, reusing plugins whose files
+    /// did not change, and swaps the result in. A file that fails to load is
+    /// recorded with the reason and skipped; the rest still load.
+    pub async fn scan(&self) -> std::io::Result<ScanReport> {
+        let dir = self.options.plugin_dir.clone();
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let hidden = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if !hidden && path.extension().is_some_and(|ext| ext == "wasm") && path.is_file() {
+                files.push(path);
+            }
+        }
+        files.sort();
+
+        let previous = self.catalog();
+        let mut next = Catalog::default();
+        let mut report = ScanReport::default();
+        for file in files {
+            match self.load_or_reuse(&file, &previous).await {
+                Ok((plugin, reused)) => {
+                    if let Err(error) = insert(&mut next, plugin.clone()) {
+                        tracing::warn!(file = %file.display(), %error, "plugin skipped");
+                        next.failures.push(LoadFailure { file, error });
+                        report.failed += 1;
+                    } else if reused {
+                        report.unchanged += 1;
+                    } else {
+                        tracing::info!(
+                            plugin = %plugin.info.name,
+                            kind = %plugin.info.kind,
+                            sha256 = %&plugin.info.sha256[..12],
+                            "plugin loaded"
+                        );
+                        report.loaded.push(plugin.info.name.clone());
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(file = %file.display(), %error, "plugin skipped");
+                    next.failures.push(LoadFailure { file, error });
+                    report.failed += 1;
+                }
+            }
+        }
+        report.removed = previous
+            .plugins
+            .keys()
+            .filter(|name| !next.plugins.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &report.removed {
+            tracing::info!(plugin = %name, "plugin unloaded");
+        }
+        *self.catalog.write().expect("catalog lock") = Arc::new(next);
+        Ok(report)
+    }
+
+    async fn load_or_reuse(
+        &self,
+        file: &Path,
+        previous: &Catalog,
+    ) -> Result<(Arc<Plugin>, bool), String> {
+        let wasm = tokio::fs::read(file)
+            .await
+            .map_err(|e| format!("cannot read: {e}"))?;
+        let sha256 = hex::encode(Sha256::digest(&wasm));
+        let manifest = Manifest::load_beside(file)?;
+        let manifest_sha256 = manifest
+            .as_ref()
+            .map(|(_, bytes)| hex::encode(Sha256::digest(bytes)));
+        let unchanged = previous.plugins.values().find(|plugin| {
+            plugin.info.file == file
+                && plugin.info.sha256 == sha256
+                && plugin.manifest_sha256 == manifest_sha256
+        });
+        if let Some(plugin) = unchanged {
+            return Ok((plugin.clone(), true));
+        }
+        let manifest = manifest.map(|(manifest, _)| manifest).unwrap_or_default();
+        let plugin = self
+            .load(file, wasm, sha256, &manifest, manifest_sha256)
+            .await?;
+        Ok((Arc::new(plugin), false))
+    }
+
+    async fn load(
+        &self,
+        file: &Path,
+        wasm: Vec<u8>,
+        sha256: String,
+        manifest: &Manifest,
+        manifest_sha256: Option<String>,
+    ) -> Result<Plugin, String> {
+        let name = match &manifest.plugin.name {
+            Some(name) => name.clone(),
+            None => file
+                .file_stem()
+                .map(|stem| stem.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        validate_name(&name).map_err(|e| format!("plugin name {name:?} {e}"))?;
+        let grants = manifest.grants(&self.options.plugin_dir)?;
+        let limits = self.options.default_limits.with_requested(&manifest.limits);
+        if limits.memory_bytes > self.options.engine.max_memory_bytes {
+            return Err(format!(
+                "its manifest asks for {} MiB of memory; this host allows at most {} MiB",
+                limits.memory_bytes >> 20,
+                self.options.engine.max_memory_bytes >> 20
+            ));
+        }
+
+        let size_bytes = wasm.len() as u64;
+        let component = {
+            let engine = self.engine.clone();
+            let cache = self.cache.clone();
+            let sha256 = sha256.clone();
+            tokio::task::spawn_blocking(move || cache.load(&engine, &wasm, &sha256))
+                .await
+                .map_err(|e| format!("compiling panicked: {e}"))?
+                .map_err(|e| format!("not a valid WebAssembly component: {e:#}"))?
+        };
+        let (kind, wit_version) = detect_kind(&self.engine, &component)?;
+        let pre: InstancePre<CallState> = self.linker.instantiate_pre(&component).map_err(|e| {
+            format!("it imports something this host does not provide: {e:#}")
+        })?;
+        let mismatch = |e: wasmtime::Error| {
+            format!(
+                "its exports do not match the {kind} world of {}@{}: {e:#}",
+                bindings::WIT_PACKAGE,
+                bindings::WIT_VERSION
+            )
+        };
+        let entry = match kind {
+            PluginKind::Tool => Entry::Tool {
+                pre: ToolPre::new(pre).map_err(mismatch)?,
+            },
+            PluginKind::Planner => Entry::Planner(PlannerPre::new(pre).map_err(mismatch)?),
+            PluginKind::LlmAdapter => {
+                Entry::LlmAdapter(LlmAdapterPre::new(pre).map_err(mismatch)?)
+            }
+        };
+        let mut plugin = Plugin {
+            info: PluginInfo {
+                name,
+                kind,
+                wit_version,
+                sha256,
+                file: file.to_owned(),
+                size_bytes,
+                description: manifest.plugin.description.clone(),
+                tools: Vec::new(),
+                grants,
+                limits,
+            },
+            entry,
+            manifest_sha256,
+        };
+        if kind == PluginKind::Tool {
+            plugin.info.tools = self.describe(&plugin).await?;
+        }
+        Ok(plugin)
+    }
+
+    /// Asks a tool component which tools it offers.
+    async fn describe(&self, plugin: &Plugin) -> Result<Vec<ToolSpec>, String> {
+        let Entry::Tool { pre } = &plugin.entry else {
+            unreachable!("only tools are described")
+        };
+        let mut store = self.new_store(plugin, None).map_err(|e| e.to_string())?;
+        let outcome = guarded(plugin, async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance
+                .opspawn_plugin_tools()
+                .call_describe(&mut store)
+                .await
+        })
+        .await;
+        let specs = settle(plugin, &store, outcome)
+            .map_err(|e| format!("describing its tools failed: {e}"))?;
+        if specs.is_empty() {
+            return Err("it describes no tools".into());
+        }
+        specs
+            .into_iter()
+            .map(|spec| {
+                validate_name(&spec.name).map_err(|e| format!("tool name {:?} {e}", spec.name))?;
+                convert::tool_spec_from_wit(spec)
+            })
+            .collect()
+    }
+
+    /// Rescans the folder whenever its contents change, until the returned
+    /// watcher is dropped.
+    pub fn watch(self: &Arc<Self>) -> notify::Result<PluginWatcher> {
+        use notify_debouncer_full::{DebounceEventResult, new_debouncer, notify::RecursiveMode};
+
+        let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        let mut debouncer = new_debouncer(
+            Duration::from_millis(300),
+            None,
+            move |result: DebounceEventResult| {
+                if result.is_ok() {
+                    let _ = changed.send(());
+                }
+            },
+        )?;
+        debouncer.watch(&self.options.plugin_dir, RecursiveMode::NonRecursive)?;
+        let runtime = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            while changes.recv().await.is_some() {
+                while changes.try_recv().is_ok() {}
+                let Some(runtime) = runtime.upgrade() else { break };
+                match runtime.scan().await {
+                    Ok(report) if report.loaded.is_empty() && report.removed.is_empty() => {}
+                    Ok(report) => tracing::info!(
+                        loaded = ?report.loaded,
+                        removed = ?report.removed,
+                        failed = report.failed,
+                        "plugin folder changed"
+                    ),
+                    Err(error) => tracing::warn!(%error, "rescanning the plugin folder failed"),
+                }
+            }
+        });
+        Ok(PluginWatcher {
+            _debouncer: Box::new(debouncer),
+            task,
+        })
+    }
+}
+
+/// Keeps the plugin folder watched while alive.
+pub struct PluginWatcher {
+    _debouncer: Box<dyn std::any::Any + Send>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PluginWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn insert(catalog: &mut Catalog, plugin: Arc<Plugin>) -> Result<(), String> {
+    let name = &plugin.info.name;
+    if catalog.plugins.contains_key(name) {
+        return Err(format!("another plugin is already named {name:?}"));
+    }
+    for spec in &plugin.info.tools {
+        if let Some(owner) = catalog.tools.get(&spec.name) {
+            return Err(format!(
+                "tool {:?} is already offered by plugin {:?}",
+                spec.name, owner.info.name
+            ));
+        }
+    }
+    for spec in &plugin.info.tools {
+        catalog.tools.insert(spec.name.clone(), plugin.clone());
+    }
+    catalog.plugins.insert(name.clone(), plugin);
+    Ok(())
+}
+
+/// Names are `[A-Za-z0-9_-]{1,64}`: safe in URLs, logs and tool calls.
+fn validate_name(name: &str) -> Result<(), &'static str> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err("must be 1 to 64 letters, digits, '_' or '-'")
+    }
+}
+
+/// Decides the kind of a component from the Opspawn interface it exports,
+/// and checks that it was built against a compatible WIT version.
+fn detect_kind(
+    engine: &wasmtime::Engine,
+    component: &Component,
+) -> Result<(PluginKind, String), String> {
+    let prefix = format!("{}/", bindings::WIT_PACKAGE);
+    let mut found = None;
+    for (name, item) in component.component_type().exports(engine) {
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
+            continue;
+        }
+        let (interface, version) = rest.split_once('@').unwrap_or((rest, ""));
+        let kind = [PluginKind::Tool, PluginKind::Planner, PluginKind::LlmAdapter]
+            .into_iter()
+            .find(|kind| kind.export_interface() == interface);
+        if let Some(kind) = kind {
+            if found.is_some() {
+                return Err("it exports more than one Opspawn plugin interface".into());
+            }
+            found = Some((kind, version.to_owned()));
+        }
+    }
+    let Some((kind, version)) = found else {
+        return Err(format!(
+            "it exports none of {0}/tools, {0}/planning or {0}/chat; build it against the `tool`, \
+             `planner` or `llm-adapter` world in wit/",
+            bindings::WIT_PACKAGE
+        ));
+    };
+    if !compatible(&version, bindings::WIT_VERSION) {
+        return Err(format!(
+            "it was built against {}@{version}, but this host speaks {}@{}",
+            bindings::WIT_PACKAGE,
+            bindings::WIT_PACKAGE,
+            bindings::WIT_VERSION
+        ));
+    }
+    Ok((kind, version))
+}
+
+/// Semver compatibility as the component model applies it: for 0.x
+/// versions the minor must match, otherwise the major.
+fn compatible(found: &str, host: &str) -> bool {
+    let parts = |v: &str| -> Option<(u64, u64)> {
+        let mut it = v.split(['.', '-', '+']);
+        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    };
+    match (parts(found), parts(host)) {
+        (Some((0, found_minor)), Some((0, host_minor))) => found_minor == host_minor,
+        (Some((found_major, _)), Some((host_major, _))) => found_major == host_major,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compatible_as_the_component_model_says() {
+        assert!(compatible("0.1.0", "0.1.0"));
+        assert!(compatible("0.1.3", "0.1.0"));
+        assert!(!compatible("0.2.0", "0.1.0"));
+        assert!(compatible("1.4.0", "1.0.0"));
+        assert!(!compatible("", "0.1.0"));
+    }
+
+    #[test]
+    fn names_are_restricted() {
+        assert!(validate_name("calculator").is_ok());
+        assert!(validate_name("web_search-2").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a/b").is_err());
+        assert!(validate_name(&"x".repeat(65)).is_err());
+    }
+}

@@ -1,0 +1,160 @@
+//! What a plugin's `Store` holds for the length of one call: its WASI
+//! context (built from its grants alone), its resource table, its memory
+//! limiter and the channel its streamed text goes to.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{llm_stream, logging};
+use super::manifest::{Grants, Limits};
+
+/// How much of a plugin's stdout and stderr is kept to explain a crash.
+const OUTPUT_CAPTURE_BYTES: usize = 16 * 1024;
+
+pub struct CallState {
+    plugin: Arc<str>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limiter: MemoryLimiter,
+    pub(super) output: MemoryOutputPipe,
+    deltas: Option<mpsc::UnboundedSender<String>>,
+}
+
+impl CallState {
+    pub fn new(
+        plugin: Arc<str>,
+        grants: &Grants,
+        limits: &Limits,
+        deltas: Option<mpsc::UnboundedSender<String>>,
+    ) -> wasmtime::Result<Self> {
+        let output = MemoryOutputPipe::new(OUTPUT_CAPTURE_BYTES);
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(output.clone())
+            .stderr(output.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        for name in &grants.env {
+            if let Ok(value) = std::env::var(name) {
+                wasi.env(name, value);
+            }
+        }
+        for dir in &grants.dirs {
+            let perms = if dir.writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            wasi.preopened_dir(&dir.host_path, &dir.guest_path, perms)?;
+        }
+        Ok(Self {
+            plugin,
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(limits.memory_bytes),
+            output,
+            deltas,
+        })
+    }
+
+    /// The tail of what the plugin printed, for error messages.
+    pub fn output_tail(&self) -> String {
+        let bytes = self.output.contents();
+        let text = String::from_utf8_lossy(&bytes);
+        let text = text.trim();
+        let start = text.len().saturating_sub(2000);
+        let start = (start..text.len())
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(text.len());
+        text[start..].to_owned()
+    }
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl logging::Host for CallState {
+    fn log(&mut self, level: logging::Level, message: String) {
+        let plugin = &*self.plugin;
+        match level {
+            logging::Level::Trace => tracing::trace!(plugin, "{message}"),
+            logging::Level::Debug => tracing::debug!(plugin, "{message}"),
+            logging::Level::Info => tracing::info!(plugin, "{message}"),
+            logging::Level::Warn => tracing::warn!(plugin, "{message}"),
+            logging::Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+impl llm_stream::Host for CallState {
+    fn emit_delta(&mut self, text: String) {
+        if let Some(deltas) = &self.deltas {
+            // Nobody listening is fine: streaming is a courtesy.
+            let _ = deltas.send(text);
+        }
+    }
+}
+
+/// Caps linear memory and remembers whether it had to refuse growth, so a
+/// trap that follows can be reported as the memory limit it was.
+pub struct MemoryLimiter {
+    max_bytes: usize,
+    pub(super) refused: bool,
+}
+
+impl MemoryLimiter {
+    fn new(max_bytes: u64) -> Self {
+        Self {
+            max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+            refused: false,
+        }
+    }
+}
+
+/// The most table elements a plugin may have; generous for interpreters.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.max_bytes;
+        self.refused |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        // Interpreted runtimes (Python, JavaScript) instantiate many modules.
+        256
+    }
+
+    fn memories(&self) -> usize {
+        64
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+}

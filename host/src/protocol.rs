@@ -1,0 +1,198 @@
+//! The neutral language spoken between the scheduler, the store, the API and
+//! the plugin runtime: tool specs, chat messages, planner actions.
+//!
+//! These mirror the WIT types in `wit/opspawn.wit` but are plain serde types,
+//! so nothing outside `plugins::bindings` depends on generated code.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A tool as offered to planners and LLMs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema for the tool's input object.
+    pub input_schema: Value,
+}
+
+/// A request to run one tool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// What a tool call produced, as handed back to a planner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolResult {
+    pub call_id: String,
+    pub name: String,
+    pub content: String,
+    pub is_error: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// A provider-neutral chat request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub system: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default)]
+    pub tools: Vec<ToolSpec>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Adapter-specific options: a JSON object.
+    #[serde(default = "empty_object")]
+    pub provider_options: Value,
+}
+
+pub fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    ToolCalls,
+    Length,
+    ContentFilter,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+impl Usage {
+    pub fn add(&mut self, other: Usage) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatResponse {
+    pub message: ChatMessage,
+    pub finish_reason: FinishReason,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmErrorKind {
+    Auth,
+    InvalidRequest,
+    RateLimited,
+    Unavailable,
+    Timeout,
+    BadResponse,
+    Other,
+}
+
+impl LlmErrorKind {
+    /// The stable error code a failed LLM step carries.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Auth => "llm_auth",
+            Self::InvalidRequest => "llm_invalid_request",
+            Self::RateLimited => "llm_rate_limited",
+            Self::Unavailable => "llm_unavailable",
+            Self::Timeout => "llm_timeout",
+            Self::BadResponse => "llm_bad_response",
+            Self::Other => "llm_error",
+        }
+    }
+}
+
+/// An error reported by an LLM adapter (as opposed to the adapter crashing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmError {
+    pub kind: LlmErrorKind,
+    pub message: String,
+    #[serde(default)]
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub retry_after_ms: Option<u64>,
+}
+
+/// Identifies one step of one task; the idempotency key is stable across
+/// re-runs of the same step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallContext {
+    pub task_id: String,
+    pub step: u32,
+    pub idempotency_key: String,
+}
+
+impl CallContext {
+    pub fn new(task_id: &str, step: u32) -> Self {
+        Self {
+            task_id: task_id.to_owned(),
+            step,
+            idempotency_key: format!("{task_id}:{step}"),
+        }
+    }
+}
+
+/// A finished step as a planner sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PlannerStep {
+    LlmReply { response: ChatResponse },
+    ToolResult { call: ToolCall, result: ToolResult },
+    LlmFailed { message: String },
+}
+
+/// Everything a planner is given to decide the next action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskState {
+    pub goal: String,
+    pub tools: Vec<ToolSpec>,
+    pub steps: Vec<PlannerStep>,
+    pub max_steps: u32,
+    pub options: Value,
+}
+
+/// What a planner decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PlannerAction {
+    CallLlm { request: ChatRequest },
+    CallTools { calls: Vec<ToolCall> },
+    Finish { answer: String },
+    Fail { reason: String },
+}

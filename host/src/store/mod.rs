@@ -1,0 +1,371 @@
+//! The persistent store: tasks, the step journal and task events.
+//!
+//! One interface, [`Store`], with an implementation per engine. The store
+//! knows nothing of HTTP or of plugins: it keeps JSON documents and enforces
+//! the lease-and-fence rules that make a run durable.
+//!
+//! Every write a worker makes carries a [`Fence`] (task id, attempt, worker).
+//! A write whose fence no longer matches the task's current claim fails with
+//! [`StoreError::Fenced`] and changes nothing.
+
+mod sqlite;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use sqlite::SqliteStore;
+
+use crate::protocol::Usage;
+
+/// Milliseconds since the Unix epoch: the store's one clock unit.
+pub type Millis = i64;
+
+pub fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or_default()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("task {0} not found")]
+    NotFound(String),
+    /// The worker's claim on the task was superseded; nothing was written.
+    #[error("the claim on task {task_id} (attempt {attempt}) is no longer held")]
+    Fenced { task_id: String, attempt: i64 },
+    #[error("the stored {what} is not valid JSON: {source}")]
+    Corrupt {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the store's writer has stopped")]
+    WriterGone,
+    #[error("{0}")]
+    Config(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 5] = [
+        Self::Queued,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    Llm,
+    Tool,
+}
+
+impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Llm => "llm",
+            Self::Tool => "tool",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "llm" => Some(Self::Llm),
+            "tool" => Some(Self::Tool),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "running" => Some(Self::Running),
+            "succeeded" => Some(Self::Succeeded),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A failure with a stable, documented code and a human message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorInfo {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What a client asked for, after validation and defaults.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub goal: String,
+    pub planner: String,
+    pub llm: String,
+    pub model: Option<String>,
+    pub tools: Vec<String>,
+    /// Options for the planner and the LLM adapter: `{"planner": {...}, "llm": {...}}`.
+    pub options: Value,
+    pub max_steps: u32,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskRecord {
+    pub id: String,
+    pub status: TaskStatus,
+    pub goal: String,
+    pub planner: String,
+    pub llm: String,
+    pub model: Option<String>,
+    pub tools: Vec<String>,
+    pub options: Value,
+    pub max_steps: u32,
+    pub timeout_ms: i64,
+    pub result: Option<String>,
+    pub error: Option<ErrorInfo>,
+    /// How many times the task has been claimed; the fencing token.
+    pub attempt: i64,
+    pub cancel_requested: bool,
+    pub usage: Usage,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+/// One journaled step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepRecord {
+    pub seq: u32,
+    pub kind: StepKind,
+    pub plugin: String,
+    pub status: StepStatus,
+    pub input: Value,
+    pub output: Option<Value>,
+    pub error: Option<ErrorInfo>,
+    pub usage: Option<Usage>,
+    /// The attempt (claim) under which this step last ran.
+    pub attempt: i64,
+    pub started_at: Millis,
+    pub finished_at: Option<Millis>,
+}
+
+/// A worker's proof of its claim on a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub task_id: String,
+    pub attempt: i64,
+    pub worker: String,
+}
+
+/// A step about to run, journaled before its effect happens.
+#[derive(Debug, Clone)]
+pub struct StepStart {
+    pub seq: u32,
+    pub kind: StepKind,
+    pub plugin: String,
+    pub input: Value,
+}
+
+/// How a step ended.
+#[derive(Debug, Clone)]
+pub struct StepEnd {
+    pub seq: u32,
+    pub output: Result<Value, ErrorInfo>,
+    pub usage: Option<Usage>,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone)]
+pub enum TaskEnd {
+    Succeeded { result: String },
+    Failed { error: ErrorInfo },
+    Cancelled,
+}
+
+impl TaskEnd {
+    pub fn status(&self) -> TaskStatus {
+        match self {
+            Self::Succeeded { .. } => TaskStatus::Succeeded,
+            Self::Failed { .. } => TaskStatus::Failed,
+            Self::Cancelled => TaskStatus::Cancelled,
+        }
+    }
+}
+
+/// A persisted event in a task's history, numbered from 1 per task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRecord {
+    pub task_id: String,
+    pub seq: i64,
+    pub kind: String,
+    pub data: Value,
+    pub at: Millis,
+}
+
+impl EventRecord {
+    /// `task.finished` is always a task's last event.
+    pub fn is_final(&self) -> bool {
+        self.kind == event_kind::TASK_FINISHED
+    }
+}
+
+/// The kinds of task event. Stable: clients match on them.
+pub mod event_kind {
+    pub const TASK_QUEUED: &str = "task.queued";
+    pub const TASK_STARTED: &str = "task.started";
+    pub const TASK_CANCEL_REQUESTED: &str = "task.cancel_requested";
+    pub const STEP_STARTED: &str = "step.started";
+    pub const STEP_FINISHED: &str = "step.finished";
+    pub const TASK_FINISHED: &str = "task.finished";
+    /// Streamed LLM text; live only, never persisted.
+    pub const LLM_DELTA: &str = "llm.delta";
+}
+
+/// A page of the task list, newest first.
+#[derive(Debug, Clone)]
+pub struct TaskQuery {
+    pub status: Option<TaskStatus>,
+    /// Return tasks older than this task id (ids sort by creation time).
+    pub before: Option<String>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskPage {
+    pub tasks: Vec<TaskRecord>,
+    /// Pass as `before` to get the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The outcome of a cancel request.
+#[derive(Debug, Clone)]
+pub enum CancelOutcome {
+    /// The task was queued and is now cancelled.
+    Cancelled(TaskRecord, EventRecord),
+    /// The task is running; its worker stops at the next step boundary.
+    Requested(TaskRecord, EventRecord),
+    /// Already finished: nothing to do.
+    AlreadyFinished(TaskRecord),
+}
+
+/// A claimed task, with the journal to resume from.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub task: TaskRecord,
+    pub fence: Fence,
+    pub steps: Vec<StepRecord>,
+    pub event: EventRecord,
+}
+
+/// The state of a claim as seen when renewing its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseState {
+    pub cancel_requested: bool,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A short name for logs: `sqlite` or `postgres`.
+    fn engine(&self) -> &'static str;
+
+    async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, EventRecord)>;
+    async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>>;
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage>;
+    async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>>;
+    /// Events of a task with `seq > after`, oldest first.
+    async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>>;
+    async fn request_cancel(&self, id: &str) -> Result<CancelOutcome>;
+
+    /// Claims the most urgent runnable task: a queued one, or a running one
+    /// whose lease expired (its worker died). Bumps the attempt number.
+    async fn claim_next(&self, worker: &str, lease: Duration) -> Result<Option<Claim>>;
+    /// Extends a lease; fails with `Fenced` when the claim was superseded.
+    async fn renew_lease(&self, fence: &Fence, lease: Duration) -> Result<LeaseState>;
+    /// Makes every lease claimable at once. Only for an engine that a single
+    /// host owns exclusively (SQLite), after that host restarts.
+    async fn expire_all_leases(&self) -> Result<u64>;
+
+    async fn start_step(&self, fence: &Fence, step: StepStart) -> Result<EventRecord>;
+    async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<EventRecord>;
+    async fn finish_task(&self, fence: &Fence, end: TaskEnd) -> Result<EventRecord>;
+}
+
+/// Opens the store a database URL names, creating and migrating it.
+pub async fn open(database_url: &str) -> Result<std::sync::Arc<dyn Store>> {
+    if database_url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(SqliteStore::open(database_url).await?))
+    } else {
+        Err(StoreError::Config(format!(
+            "unsupported database URL {database_url:?}: use sqlite://PATH"
+        )))
+    }
+}
+
+fn parse_json(text: &str, what: &'static str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|source| StoreError::Corrupt { what, source })
+}

@@ -1,0 +1,651 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! SQLite admits one writer at a time, so all writes go through a single
+//! writer task that groups whatever is waiting into one transaction (group
+//! commit). Each write is acknowledged only after its transaction commits,
+//! so no caller ever sees a step as journaled before it is durable. Reads use
+//! a separate pool of read-only connections, which WAL lets run alongside the
+//! writer.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, Result,
+    StepEnd, StepKind, StepRecord, StepStart, StepStatus, Store, StoreError, TaskEnd, TaskPage,
+    TaskQuery, TaskRecord, TaskStatus, event_kind, now_millis, parse_json,
+};
+use crate::protocol::Usage;
+
+/// The most writes one transaction carries.
+const MAX_BATCH: usize = 512;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+pub struct SqliteStore {
+    reads: SqlitePool,
+    writer: mpsc::Sender<Job>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) and migrates the database at `url`.
+    pub async fn open(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+
+        let mut writer_conn = SqliteConnection::connect_with(&options).await?;
+        MIGRATOR.run(&mut writer_conn).await?;
+
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+
+        let (writer, jobs) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(run_writer(writer_conn, jobs));
+        Ok(Self { reads, writer })
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<Reply> {
+        let (reply, response) = oneshot::channel();
+        self.writer
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        response.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+enum WriteOp {
+    CreateTask(NewTask),
+    Claim { worker: String, lease: Duration },
+    Renew { fence: Fence, lease: Duration },
+    ExpireAllLeases,
+    StartStep { fence: Fence, step: StepStart },
+    FinishStep { fence: Fence, end: StepEnd },
+    FinishTask { fence: Fence, end: TaskEnd },
+    Cancel { id: String },
+}
+
+enum Reply {
+    Created(TaskRecord, EventRecord),
+    Claimed(Option<Claim>),
+    Lease(LeaseState),
+    Count(u64),
+    Event(EventRecord),
+    Cancel(CancelOutcome),
+}
+
+struct Job {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<Reply>>,
+}
+
+async fn run_writer(mut conn: SqliteConnection, mut jobs: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let results = commit_batch(&mut conn, &batch).await;
+        for (job, result) in batch.drain(..).zip(results) {
+            // The caller may have given up waiting; its write stands regardless.
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+/// Applies every job in one transaction. A job that fails is rolled back to
+/// its savepoint alone; if the commit itself fails, every job fails.
+async fn commit_batch(conn: &mut SqliteConnection, batch: &[Job]) -> Vec<Result<Reply>> {
+    let mut results = Vec::with_capacity(batch.len());
+    if let Err(error) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+        return batch.iter().map(|_| Err(clone_error(&error))).collect();
+    }
+    for job in batch {
+        let outcome = async {
+            sqlx::query("SAVEPOINT job").execute(&mut *conn).await?;
+            let result = apply(conn, &job.op).await;
+            if result.is_err() {
+                sqlx::query("ROLLBACK TO job").execute(&mut *conn).await?;
+            }
+            sqlx::query("RELEASE job").execute(&mut *conn).await?;
+            Ok::<_, sqlx::Error>(result)
+        }
+        .await;
+        results.push(outcome.unwrap_or_else(|e| Err(e.into())));
+    }
+    if let Err(error) = sqlx::query("COMMIT").execute(&mut *conn).await {
+        tracing::error!(%error, "committing a batch of writes failed");
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        return batch.iter().map(|_| Err(clone_error(&error))).collect();
+    }
+    results
+}
+
+fn clone_error(error: &sqlx::Error) -> StoreError {
+    StoreError::Database(sqlx::Error::Protocol(error.to_string()))
+}
+
+async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<Reply> {
+    match op {
+        WriteOp::CreateTask(task) => create_task(conn, task).await,
+        WriteOp::Claim { worker, lease } => claim(conn, worker, *lease).await.map(Reply::Claimed),
+        WriteOp::Renew { fence, lease } => renew(conn, fence, *lease).await.map(Reply::Lease),
+        WriteOp::ExpireAllLeases => {
+            let done = sqlx::query(
+                "UPDATE tasks SET lease_expires_at = 0, lease_owner = NULL WHERE status = 'running'",
+            )
+            .execute(&mut *conn)
+            .await?;
+            Ok(Reply::Count(done.rows_affected()))
+        }
+        WriteOp::StartStep { fence, step } => start_step(conn, fence, step).await.map(Reply::Event),
+        WriteOp::FinishStep { fence, end } => finish_step(conn, fence, end).await.map(Reply::Event),
+        WriteOp::FinishTask { fence, end } => finish_task(conn, fence, end).await.map(Reply::Event),
+        WriteOp::Cancel { id } => cancel(conn, id).await.map(Reply::Cancel),
+    }
+}
+
+async fn create_task(conn: &mut SqliteConnection, task: &NewTask) -> Result<Reply> {
+    let id = uuid::Uuid::now_v7().to_string();
+    let now = now_millis();
+    let row = sqlx::query(
+        "INSERT INTO tasks (id, status, goal, planner, llm, model, tools, options, max_steps,
+                            timeout_ms, created_at)
+         VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         RETURNING *",
+    )
+    .bind(&id)
+    .bind(&task.goal)
+    .bind(&task.planner)
+    .bind(&task.llm)
+    .bind(&task.model)
+    .bind(json!(task.tools).to_string())
+    .bind(task.options.to_string())
+    .bind(task.max_steps as i64)
+    .bind(task.timeout.as_millis() as i64)
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await?;
+    let record = task_from_row(&row)?;
+    let event = append_event(conn, &id, event_kind::TASK_QUEUED, json!({"status": "queued"})).await?;
+    Ok(Reply::Created(record, event))
+}
+
+async fn claim(conn: &mut SqliteConnection, worker: &str, lease: Duration) -> Result<Option<Claim>> {
+    let now = now_millis();
+    let row = sqlx::query(
+        "UPDATE tasks
+            SET status = 'running', attempt = attempt + 1, lease_owner = ?1,
+                lease_expires_at = ?2, started_at = COALESCE(started_at, ?3)
+          WHERE id = (SELECT id FROM tasks
+                       WHERE status = 'queued'
+                          OR (status = 'running' AND lease_expires_at < ?3)
+                       ORDER BY id
+                       LIMIT 1)
+         RETURNING *",
+    )
+    .bind(worker)
+    .bind(now + lease.as_millis() as i64)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let task = task_from_row(&row)?;
+    let fence = Fence {
+        task_id: task.id.clone(),
+        attempt: task.attempt,
+        worker: worker.to_owned(),
+    };
+    let steps = load_steps(&mut *conn, &task.id).await?;
+    let event = append_event(
+        conn,
+        &task.id,
+        event_kind::TASK_STARTED,
+        json!({"attempt": task.attempt, "resumed_steps": steps.len()}),
+    )
+    .await?;
+    Ok(Some(Claim {
+        task,
+        fence,
+        steps,
+        event,
+    }))
+}
+
+/// Fails with `Fenced` unless `fence` is the task's current, running claim.
+async fn check_fence(conn: &mut SqliteConnection, fence: &Fence) -> Result<LeaseState> {
+    let row = sqlx::query(
+        "SELECT cancel_requested FROM tasks
+          WHERE id = ? AND attempt = ? AND lease_owner = ? AND status = 'running'",
+    )
+    .bind(&fence.task_id)
+    .bind(fence.attempt)
+    .bind(&fence.worker)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(row) => Ok(LeaseState {
+            cancel_requested: row.get::<i64, _>(0) != 0,
+        }),
+        None => Err(fenced(fence)),
+    }
+}
+
+fn fenced(fence: &Fence) -> StoreError {
+    StoreError::Fenced {
+        task_id: fence.task_id.clone(),
+        attempt: fence.attempt,
+    }
+}
+
+async fn renew(conn: &mut SqliteConnection, fence: &Fence, lease: Duration) -> Result<LeaseState> {
+    let state = check_fence(conn, fence).await?;
+    sqlx::query("UPDATE tasks SET lease_expires_at = ? WHERE id = ?")
+        .bind(now_millis() + lease.as_millis() as i64)
+        .bind(&fence.task_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(state)
+}
+
+async fn start_step(conn: &mut SqliteConnection, fence: &Fence, step: &StepStart) -> Result<EventRecord> {
+    check_fence(conn, fence).await?;
+    // A step still marked running was in flight when an earlier claim died:
+    // it runs again under the same sequence number (and idempotency key).
+    let row = sqlx::query(
+        "INSERT INTO steps (task_id, seq, kind, plugin, status, input, attempt, started_at)
+         VALUES (?, ?, ?, ?, 'running', ?, ?, ?)
+         ON CONFLICT (task_id, seq) DO UPDATE
+            SET kind = excluded.kind, plugin = excluded.plugin, input = excluded.input,
+                attempt = excluded.attempt, started_at = excluded.started_at
+          WHERE steps.status = 'running'
+         RETURNING *",
+    )
+    .bind(&fence.task_id)
+    .bind(step.seq as i64)
+    .bind(step.kind.as_str())
+    .bind(&step.plugin)
+    .bind(step.input.to_string())
+    .bind(fence.attempt)
+    .bind(now_millis())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Err(StoreError::Config(format!(
+            "step {} of task {} has already finished and cannot start again",
+            step.seq, fence.task_id
+        )));
+    };
+    let record = step_from_row(&row)?;
+    append_event(conn, &fence.task_id, event_kind::STEP_STARTED, json!(record)).await
+}
+
+async fn finish_step(conn: &mut SqliteConnection, fence: &Fence, end: &StepEnd) -> Result<EventRecord> {
+    check_fence(conn, fence).await?;
+    let (status, output, error) = match &end.output {
+        Ok(output) => (StepStatus::Succeeded, Some(output.to_string()), None),
+        Err(error) => (StepStatus::Failed, None, Some(error)),
+    };
+    let row = sqlx::query(
+        "UPDATE steps
+            SET status = ?, output = ?, error_code = ?, error_message = ?,
+                input_tokens = ?, output_tokens = ?, finished_at = ?
+          WHERE task_id = ? AND seq = ? AND status = 'running'
+         RETURNING *",
+    )
+    .bind(status.as_str())
+    .bind(output)
+    .bind(error.map(|e| &e.code))
+    .bind(error.map(|e| &e.message))
+    .bind(end.usage.map(|u| u.input_tokens as i64))
+    .bind(end.usage.map(|u| u.output_tokens as i64))
+    .bind(now_millis())
+    .bind(&fence.task_id)
+    .bind(end.seq as i64)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Err(StoreError::Config(format!(
+            "step {} of task {} is not running",
+            end.seq, fence.task_id
+        )));
+    };
+    if let Some(usage) = end.usage {
+        sqlx::query(
+            "UPDATE tasks SET input_tokens = input_tokens + ?, output_tokens = output_tokens + ?
+              WHERE id = ?",
+        )
+        .bind(usage.input_tokens as i64)
+        .bind(usage.output_tokens as i64)
+        .bind(&fence.task_id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let record = step_from_row(&row)?;
+    append_event(conn, &fence.task_id, event_kind::STEP_FINISHED, json!(record)).await
+}
+
+async fn finish_task(conn: &mut SqliteConnection, fence: &Fence, end: &TaskEnd) -> Result<EventRecord> {
+    check_fence(conn, fence).await?;
+    let (result, error) = match end {
+        TaskEnd::Succeeded { result } => (Some(result.as_str()), None),
+        TaskEnd::Failed { error } => (None, Some(error)),
+        TaskEnd::Cancelled => (None, None),
+    };
+    let status = end.status();
+    sqlx::query(
+        "UPDATE tasks
+            SET status = ?, result = ?, error_code = ?, error_message = ?, finished_at = ?,
+                lease_owner = NULL, lease_expires_at = NULL
+          WHERE id = ?",
+    )
+    .bind(status.as_str())
+    .bind(result)
+    .bind(error.map(|e| &e.code))
+    .bind(error.map(|e| &e.message))
+    .bind(now_millis())
+    .bind(&fence.task_id)
+    .execute(&mut *conn)
+    .await?;
+    append_event(
+        conn,
+        &fence.task_id,
+        event_kind::TASK_FINISHED,
+        json!({"status": status, "result": result, "error": error}),
+    )
+    .await
+}
+
+async fn cancel(conn: &mut SqliteConnection, id: &str) -> Result<CancelOutcome> {
+    let row = sqlx::query("SELECT * FROM tasks WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    let task = task_from_row(&row)?;
+    match task.status {
+        TaskStatus::Queued => {
+            let row = sqlx::query(
+                "UPDATE tasks SET status = 'cancelled', cancel_requested = 1, finished_at = ?
+                  WHERE id = ? RETURNING *",
+            )
+            .bind(now_millis())
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?;
+            let event = append_event(
+                conn,
+                id,
+                event_kind::TASK_FINISHED,
+                json!({"status": "cancelled", "result": null, "error": null}),
+            )
+            .await?;
+            Ok(CancelOutcome::Cancelled(task_from_row(&row)?, event))
+        }
+        TaskStatus::Running => {
+            let row = sqlx::query("UPDATE tasks SET cancel_requested = 1 WHERE id = ? RETURNING *")
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?;
+            let event = append_event(conn, id, event_kind::TASK_CANCEL_REQUESTED, json!({})).await?;
+            Ok(CancelOutcome::Requested(task_from_row(&row)?, event))
+        }
+        _ => Ok(CancelOutcome::AlreadyFinished(task)),
+    }
+}
+
+async fn append_event(conn: &mut SqliteConnection, task_id: &str, kind: &str, data: Value) -> Result<EventRecord> {
+    let at = now_millis();
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO events (task_id, seq, kind, data, at)
+         SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4 FROM events WHERE task_id = ?1
+         RETURNING seq",
+    )
+    .bind(task_id)
+    .bind(kind)
+    .bind(data.to_string())
+    .bind(at)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(EventRecord {
+        task_id: task_id.to_owned(),
+        seq,
+        kind: kind.to_owned(),
+        data,
+        at,
+    })
+}
+
+async fn load_steps<'c, E>(executor: E, task_id: &str) -> Result<Vec<StepRecord>>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    let rows = sqlx::query("SELECT * FROM steps WHERE task_id = ? ORDER BY seq")
+        .bind(task_id)
+        .fetch_all(executor)
+        .await?;
+    rows.iter().map(step_from_row).collect()
+}
+
+fn task_from_row(row: &SqliteRow) -> Result<TaskRecord> {
+    let status: String = row.try_get("status")?;
+    let tools: String = row.try_get("tools")?;
+    let options: String = row.try_get("options")?;
+    Ok(TaskRecord {
+        id: row.try_get("id")?,
+        status: TaskStatus::parse(&status).ok_or_else(|| corrupt_enum("task status", &status))?,
+        goal: row.try_get("goal")?,
+        planner: row.try_get("planner")?,
+        llm: row.try_get("llm")?,
+        model: row.try_get("model")?,
+        tools: serde_json::from_str(&tools).map_err(|source| StoreError::Corrupt {
+            what: "task tools",
+            source,
+        })?,
+        options: parse_json(&options, "task options")?,
+        max_steps: row.try_get::<i64, _>("max_steps")? as u32,
+        timeout_ms: row.try_get("timeout_ms")?,
+        result: row.try_get("result")?,
+        error: error_from_row(row)?,
+        attempt: row.try_get("attempt")?,
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        usage: Usage {
+            input_tokens: row.try_get::<i64, _>("input_tokens")? as u64,
+            output_tokens: row.try_get::<i64, _>("output_tokens")? as u64,
+        },
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn step_from_row(row: &SqliteRow) -> Result<StepRecord> {
+    let kind: String = row.try_get("kind")?;
+    let status: String = row.try_get("status")?;
+    let input: String = row.try_get("input")?;
+    let output: Option<String> = row.try_get("output")?;
+    let input_tokens: Option<i64> = row.try_get("input_tokens")?;
+    let output_tokens: Option<i64> = row.try_get("output_tokens")?;
+    Ok(StepRecord {
+        seq: row.try_get::<i64, _>("seq")? as u32,
+        kind: StepKind::parse(&kind).ok_or_else(|| corrupt_enum("step kind", &kind))?,
+        plugin: row.try_get("plugin")?,
+        status: StepStatus::parse(&status).ok_or_else(|| corrupt_enum("step status", &status))?,
+        input: parse_json(&input, "step input")?,
+        output: output.map(|o| parse_json(&o, "step output")).transpose()?,
+        error: error_from_row(row)?,
+        usage: match (input_tokens, output_tokens) {
+            (None, None) => None,
+            (i, o) => Some(Usage {
+                input_tokens: i.unwrap_or(0) as u64,
+                output_tokens: o.unwrap_or(0) as u64,
+            }),
+        },
+        attempt: row.try_get("attempt")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn error_from_row(row: &SqliteRow) -> Result<Option<ErrorInfo>> {
+    let code: Option<String> = row.try_get("error_code")?;
+    let message: Option<String> = row.try_get("error_message")?;
+    Ok(code.map(|code| ErrorInfo {
+        code,
+        message: message.unwrap_or_default(),
+    }))
+}
+
+fn event_from_row(row: &SqliteRow) -> Result<EventRecord> {
+    let data: String = row.try_get("data")?;
+    Ok(EventRecord {
+        task_id: row.try_get("task_id")?,
+        seq: row.try_get("seq")?,
+        kind: row.try_get("kind")?,
+        data: parse_json(&data, "event data")?,
+        at: row.try_get::<Millis, _>("at")?,
+    })
+}
+
+fn corrupt_enum(what: &str, value: &str) -> StoreError {
+    StoreError::Config(format!("unknown {what} {value:?} in the database"))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn engine(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, EventRecord)> {
+        match self.write(WriteOp::CreateTask(task)).await? {
+            Reply::Created(task, event) => Ok((task, event)),
+            _ => unreachable!("create_task answers Created"),
+        }
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
+        let row = sqlx::query("SELECT * FROM tasks WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reads)
+            .await?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
+        let limit = query.limit.clamp(1, 500);
+        let rows = sqlx::query(
+            "SELECT * FROM tasks
+              WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2)
+              ORDER BY id DESC
+              LIMIT ?3",
+        )
+        .bind(query.status.map(TaskStatus::as_str))
+        .bind(&query.before)
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.reads)
+        .await?;
+        let mut tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>>>()?;
+        let next_cursor = if tasks.len() > limit as usize {
+            tasks.truncate(limit as usize);
+            tasks.last().map(|t| t.id.clone())
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next_cursor })
+    }
+
+    async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>> {
+        load_steps(&self.reads, task_id).await
+    }
+
+    async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>> {
+        let rows = sqlx::query("SELECT * FROM events WHERE task_id = ? AND seq > ? ORDER BY seq")
+            .bind(task_id)
+            .bind(after)
+            .fetch_all(&self.reads)
+            .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<CancelOutcome> {
+        match self.write(WriteOp::Cancel { id: id.to_owned() }).await? {
+            Reply::Cancel(outcome) => Ok(outcome),
+            _ => unreachable!("cancel answers Cancel"),
+        }
+    }
+
+    async fn claim_next(&self, worker: &str, lease: Duration) -> Result<Option<Claim>> {
+        let op = WriteOp::Claim {
+            worker: worker.to_owned(),
+            lease,
+        };
+        match self.write(op).await? {
+            Reply::Claimed(claim) => Ok(claim),
+            _ => unreachable!("claim answers Claimed"),
+        }
+    }
+
+    async fn renew_lease(&self, fence: &Fence, lease: Duration) -> Result<LeaseState> {
+        let op = WriteOp::Renew {
+            fence: fence.clone(),
+            lease,
+        };
+        match self.write(op).await? {
+            Reply::Lease(state) => Ok(state),
+            _ => unreachable!("renew answers Lease"),
+        }
+    }
+
+    async fn expire_all_leases(&self) -> Result<u64> {
+        match self.write(WriteOp::ExpireAllLeases).await? {
+            Reply::Count(n) => Ok(n),
+            _ => unreachable!("expire answers Count"),
+        }
+    }
+
+    async fn start_step(&self, fence: &Fence, step: StepStart) -> Result<EventRecord> {
+        let op = WriteOp::StartStep {
+            fence: fence.clone(),
+            step,
+        };
+        match self.write(op).await? {
+            Reply::Event(event) => Ok(event),
+            _ => unreachable!("start_step answers Event"),
+        }
+    }
+
+    async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<EventRecord> {
+        let op = WriteOp::FinishStep {
+            fence: fence.clone(),
+            end,
+        };
+        match self.write(op).await? {
+            Reply::Event(event) => Ok(event),
+            _ => unreachable!("finish_step answers Event"),
+        }
+    }
+
+    async fn finish_task(&self, fence: &Fence, end: TaskEnd) -> Result<EventRecord> {
+        let op = WriteOp::FinishTask {
+            fence: fence.clone(),
+            end,
+        };
+        match self.write(op).await? {
+            Reply::Event(event) => Ok(event),
+            _ => unreachable!("finish_task answers Event"),
+        }
+    }
+}
