@@ -10,6 +10,12 @@
 //! - [`api`]: the REST API (axum) over the scheduler and store;
 //! - [`cli`] and [`config`]: the `opspawn` command.
 
-pub mod protocol;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod events;
 pub mod plugins;
+pub mod protocol;
+pub mod scheduler;
+pub mod server;
 pub mod store;

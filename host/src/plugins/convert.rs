@@ -27,8 +27,12 @@ pub fn context_to_wit(ctx: &CallContext) -> wit::CallContext {
 }
 
 pub fn tool_spec_from_wit(spec: wit::ToolSpec) -> Result<ToolSpec, String> {
-    let input_schema: Value = serde_json::from_str(&spec.input_schema)
-        .map_err(|e| format!("tool {:?} has an input schema that is not JSON: {e}", spec.name))?;
+    let input_schema: Value = serde_json::from_str(&spec.input_schema).map_err(|e| {
+        format!(
+            "tool {:?} has an input schema that is not JSON: {e}",
+            spec.name
+        )
+    })?;
     if !input_schema.is_object() {
         return Err(format!(
             "tool {:?} has an input schema that is not a JSON object",
@@ -106,7 +110,11 @@ fn message_from_wit(message: wit::ChatMessage) -> ChatMessage {
     ChatMessage {
         role: role_from_wit(message.role),
         content: message.content,
-        tool_calls: message.tool_calls.into_iter().map(tool_call_from_wit).collect(),
+        tool_calls: message
+            .tool_calls
+            .into_iter()
+            .map(tool_call_from_wit)
+            .collect(),
         tool_call_id: message.tool_call_id,
     }
 }

@@ -117,8 +117,8 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| format!("{} is not UTF-8", path.display()))?;
+        let text =
+            std::str::from_utf8(&bytes).map_err(|_| format!("{} is not UTF-8", path.display()))?;
         let manifest = toml::from_str(text)
             .map_err(|e| format!("invalid manifest {}: {}", path.display(), e.message()))?;
         Ok(Some((manifest, bytes)))
@@ -132,9 +132,9 @@ impl Manifest {
             .iter()
             .map(|dir| {
                 let host_path = plugin_dir.join(&dir.path);
-                let host_path = host_path.canonicalize().map_err(|e| {
-                    format!("cannot preopen {}: {e}", host_path.display())
-                })?;
+                let host_path = host_path
+                    .canonicalize()
+                    .map_err(|e| format!("cannot preopen {}: {e}", host_path.display()))?;
                 let guest_path = dir.guest_path.clone().unwrap_or_else(|| {
                     let last = host_path
                         .file_name()

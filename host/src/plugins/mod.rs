@@ -64,7 +64,11 @@ pub enum CallError {
     #[error("plugin {plugin} crashed: {detail}")]
     Trap { plugin: String, detail: String },
     #[error("plugin {plugin} returned {size} bytes, over its output limit of {limit} bytes")]
-    OutputTooLarge { plugin: String, size: u64, limit: u64 },
+    OutputTooLarge {
+        plugin: String,
+        size: u64,
+        limit: u64,
+    },
     #[error("plugin {plugin} returned an invalid result: {detail}")]
     BadOutput { plugin: String, detail: String },
     #[error("could not start plugin {plugin}: {detail}")]

@@ -51,7 +51,7 @@ impl PluginKind {
 
 impl fmt::Display for PluginKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -118,6 +118,11 @@ impl Catalog {
 
     pub fn tool_names(&self) -> impl Iterator<Item = &str> {
         self.tools.keys().map(String::as_str)
+    }
+
+    /// The name of the plugin that offers a tool.
+    pub fn tool_owner(&self, tool: &str) -> Option<&str> {
+        self.tools.get(tool).map(|plugin| plugin.info.name.as_str())
     }
 
     pub fn tool_spec(&self, name: &str) -> Option<&ToolSpec> {
@@ -268,9 +273,10 @@ impl PluginRuntime {
                 .map_err(|e| format!("not a valid WebAssembly component: {e:#}"))?
         };
         let (kind, wit_version) = detect_kind(&self.engine, &component)?;
-        let pre: InstancePre<CallState> = self.linker.instantiate_pre(&component).map_err(|e| {
-            format!("it imports something this host does not provide: {e:#}")
-        })?;
+        let pre: InstancePre<CallState> = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| format!("it imports something this host does not provide: {e:#}"))?;
         let mismatch = |e: wasmtime::Error| {
             format!(
                 "its exports do not match the {kind} world of {}@{}: {e:#}",
@@ -283,9 +289,7 @@ impl PluginRuntime {
                 pre: ToolPre::new(pre).map_err(mismatch)?,
             },
             PluginKind::Planner => Entry::Planner(PlannerPre::new(pre).map_err(mismatch)?),
-            PluginKind::LlmAdapter => {
-                Entry::LlmAdapter(LlmAdapterPre::new(pre).map_err(mismatch)?)
-            }
+            PluginKind::LlmAdapter => Entry::LlmAdapter(LlmAdapterPre::new(pre).map_err(mismatch)?),
         };
         let mut plugin = Plugin {
             info: PluginInfo {
@@ -357,7 +361,9 @@ impl PluginRuntime {
         let task = tokio::spawn(async move {
             while changes.recv().await.is_some() {
                 while changes.try_recv().is_ok() {}
-                let Some(runtime) = runtime.upgrade() else { break };
+                let Some(runtime) = runtime.upgrade() else {
+                    break;
+                };
                 match runtime.scan().await {
                     Ok(report) if report.loaded.is_empty() && report.removed.is_empty() => {}
                     Ok(report) => tracing::info!(
@@ -439,9 +445,13 @@ fn detect_kind(
             continue;
         }
         let (interface, version) = rest.split_once('@').unwrap_or((rest, ""));
-        let kind = [PluginKind::Tool, PluginKind::Planner, PluginKind::LlmAdapter]
-            .into_iter()
-            .find(|kind| kind.export_interface() == interface);
+        let kind = [
+            PluginKind::Tool,
+            PluginKind::Planner,
+            PluginKind::LlmAdapter,
+        ]
+        .into_iter()
+        .find(|kind| kind.export_interface() == interface);
         if let Some(kind) = kind {
             if found.is_some() {
                 return Err("it exports more than one Opspawn plugin interface".into());

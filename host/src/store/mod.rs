@@ -350,8 +350,9 @@ pub trait Store: Send + Sync + 'static {
     /// host owns exclusively (SQLite), after that host restarts.
     async fn expire_all_leases(&self) -> Result<u64>;
 
-    async fn start_step(&self, fence: &Fence, step: StepStart) -> Result<EventRecord>;
-    async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<EventRecord>;
+    async fn start_step(&self, fence: &Fence, step: StepStart)
+    -> Result<(StepRecord, EventRecord)>;
+    async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<(StepRecord, EventRecord)>;
     async fn finish_task(&self, fence: &Fence, end: TaskEnd) -> Result<EventRecord>;
 }
 

@@ -86,6 +86,7 @@ enum Reply {
     Lease(LeaseState),
     Count(u64),
     Event(EventRecord),
+    Step(StepRecord, EventRecord),
     Cancel(CancelOutcome),
 }
 
@@ -150,8 +151,8 @@ async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<Reply> {
             .await?;
             Ok(Reply::Count(done.rows_affected()))
         }
-        WriteOp::StartStep { fence, step } => start_step(conn, fence, step).await.map(Reply::Event),
-        WriteOp::FinishStep { fence, end } => finish_step(conn, fence, end).await.map(Reply::Event),
+        WriteOp::StartStep { fence, step } => start_step(conn, fence, step).await,
+        WriteOp::FinishStep { fence, end } => finish_step(conn, fence, end).await,
         WriteOp::FinishTask { fence, end } => finish_task(conn, fence, end).await.map(Reply::Event),
         WriteOp::Cancel { id } => cancel(conn, id).await.map(Reply::Cancel),
     }
@@ -179,11 +180,21 @@ async fn create_task(conn: &mut SqliteConnection, task: &NewTask) -> Result<Repl
     .fetch_one(&mut *conn)
     .await?;
     let record = task_from_row(&row)?;
-    let event = append_event(conn, &id, event_kind::TASK_QUEUED, json!({"status": "queued"})).await?;
+    let event = append_event(
+        conn,
+        &id,
+        event_kind::TASK_QUEUED,
+        json!({"status": "queued"}),
+    )
+    .await?;
     Ok(Reply::Created(record, event))
 }
 
-async fn claim(conn: &mut SqliteConnection, worker: &str, lease: Duration) -> Result<Option<Claim>> {
+async fn claim(
+    conn: &mut SqliteConnection,
+    worker: &str,
+    lease: Duration,
+) -> Result<Option<Claim>> {
     let now = now_millis();
     let row = sqlx::query(
         "UPDATE tasks
@@ -260,7 +271,7 @@ async fn renew(conn: &mut SqliteConnection, fence: &Fence, lease: Duration) -> R
     Ok(state)
 }
 
-async fn start_step(conn: &mut SqliteConnection, fence: &Fence, step: &StepStart) -> Result<EventRecord> {
+async fn start_step(conn: &mut SqliteConnection, fence: &Fence, step: &StepStart) -> Result<Reply> {
     check_fence(conn, fence).await?;
     // A step still marked running was in flight when an earlier claim died:
     // it runs again under the same sequence number (and idempotency key).
@@ -289,10 +300,17 @@ async fn start_step(conn: &mut SqliteConnection, fence: &Fence, step: &StepStart
         )));
     };
     let record = step_from_row(&row)?;
-    append_event(conn, &fence.task_id, event_kind::STEP_STARTED, json!(record)).await
+    let event = append_event(
+        conn,
+        &fence.task_id,
+        event_kind::STEP_STARTED,
+        json!(record),
+    )
+    .await?;
+    Ok(Reply::Step(record, event))
 }
 
-async fn finish_step(conn: &mut SqliteConnection, fence: &Fence, end: &StepEnd) -> Result<EventRecord> {
+async fn finish_step(conn: &mut SqliteConnection, fence: &Fence, end: &StepEnd) -> Result<Reply> {
     check_fence(conn, fence).await?;
     let (status, output, error) = match &end.output {
         Ok(output) => (StepStatus::Succeeded, Some(output.to_string()), None),
@@ -334,10 +352,21 @@ async fn finish_step(conn: &mut SqliteConnection, fence: &Fence, end: &StepEnd) 
         .await?;
     }
     let record = step_from_row(&row)?;
-    append_event(conn, &fence.task_id, event_kind::STEP_FINISHED, json!(record)).await
+    let event = append_event(
+        conn,
+        &fence.task_id,
+        event_kind::STEP_FINISHED,
+        json!(record),
+    )
+    .await?;
+    Ok(Reply::Step(record, event))
 }
 
-async fn finish_task(conn: &mut SqliteConnection, fence: &Fence, end: &TaskEnd) -> Result<EventRecord> {
+async fn finish_task(
+    conn: &mut SqliteConnection,
+    fence: &Fence,
+    end: &TaskEnd,
+) -> Result<EventRecord> {
     check_fence(conn, fence).await?;
     let (result, error) = match end {
         TaskEnd::Succeeded { result } => (Some(result.as_str()), None),
@@ -399,14 +428,20 @@ async fn cancel(conn: &mut SqliteConnection, id: &str) -> Result<CancelOutcome> 
                 .bind(id)
                 .fetch_one(&mut *conn)
                 .await?;
-            let event = append_event(conn, id, event_kind::TASK_CANCEL_REQUESTED, json!({})).await?;
+            let event =
+                append_event(conn, id, event_kind::TASK_CANCEL_REQUESTED, json!({})).await?;
             Ok(CancelOutcome::Requested(task_from_row(&row)?, event))
         }
         _ => Ok(CancelOutcome::AlreadyFinished(task)),
     }
 }
 
-async fn append_event(conn: &mut SqliteConnection, task_id: &str, kind: &str, data: Value) -> Result<EventRecord> {
+async fn append_event(
+    conn: &mut SqliteConnection,
+    task_id: &str,
+    kind: &str,
+    data: Value,
+) -> Result<EventRecord> {
     let at = now_millis();
     let seq: i64 = sqlx::query_scalar(
         "INSERT INTO events (task_id, seq, kind, data, at)
@@ -616,24 +651,28 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn start_step(&self, fence: &Fence, step: StepStart) -> Result<EventRecord> {
+    async fn start_step(
+        &self,
+        fence: &Fence,
+        step: StepStart,
+    ) -> Result<(StepRecord, EventRecord)> {
         let op = WriteOp::StartStep {
             fence: fence.clone(),
             step,
         };
         match self.write(op).await? {
-            Reply::Event(event) => Ok(event),
+            Reply::Step(step, event) => Ok((step, event)),
             _ => unreachable!("start_step answers Event"),
         }
     }
 
-    async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<EventRecord> {
+    async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<(StepRecord, EventRecord)> {
         let op = WriteOp::FinishStep {
             fence: fence.clone(),
             end,
         };
         match self.write(op).await? {
-            Reply::Event(event) => Ok(event),
+            Reply::Step(step, event) => Ok((step, event)),
             _ => unreachable!("finish_step answers Event"),
         }
     }

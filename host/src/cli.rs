@@ -1,0 +1,430 @@
+//! The `opspawn` command: `serve` runs the host; the other commands are
+//! clients of a running server's REST API.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use eventsource_stream::Eventsource;
+use figment::providers::Serialized;
+use futures::StreamExt;
+use serde_json::{Map, Value, json};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "opspawn",
+    version,
+    about = "An agent runtime with sandboxed WebAssembly plugins"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server: scheduler, store, REST API and plugin folder.
+    Serve(ServeArgs),
+    /// Submit a task and follow its steps live until it ends.
+    Run(RunArgs),
+    /// List, show, follow or cancel tasks.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
+    /// List loaded plugins.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+    /// Print the effective server configuration.
+    Config(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// A TOML configuration file.
+    #[arg(long, env = "OPSPAWN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address [env: OPSPAWN_ADDR]
+    #[arg(long)]
+    addr: Option<String>,
+    /// Data directory [env: OPSPAWN_DATA_DIR]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Plugin folder [env: OPSPAWN_PLUGIN_DIR]
+    #[arg(long)]
+    plugin_dir: Option<PathBuf>,
+    /// Database URL, such as sqlite://opspawn.db [env: OPSPAWN_DATABASE_URL]
+    #[arg(long)]
+    database_url: Option<String>,
+    /// How many tasks run at once [env: OPSPAWN_WORKERS]
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+impl ServeArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut flags = Map::new();
+        let mut set = |key: &str, value: Option<Value>| {
+            if let Some(value) = value {
+                flags.insert(key.to_owned(), value);
+            }
+        };
+        set("addr", self.addr.as_ref().map(|v| json!(v)));
+        set("data_dir", self.data_dir.as_ref().map(|v| json!(v)));
+        set("plugin_dir", self.plugin_dir.as_ref().map(|v| json!(v)));
+        set("database_url", self.database_url.as_ref().map(|v| json!(v)));
+        set("workers", self.workers.map(|v| json!(v)));
+        Config::load(
+            self.config.as_deref(),
+            figment::Figment::from(Serialized::globals(Value::Object(flags))),
+        )
+        .context("invalid configuration")
+    }
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// The server's base URL; defaults to http://<OPSPAWN_ADDR or 127.0.0.1:8080>.
+    #[arg(long, env = "OPSPAWN_SERVER", global = true)]
+    server: Option<String>,
+}
+
+impl ClientArgs {
+    fn base_url(&self) -> String {
+        match &self.server {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let addr =
+                    std::env::var("OPSPAWN_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
+                format!("http://{addr}")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// What the agent should do.
+    goal: String,
+    #[arg(long)]
+    planner: Option<String>,
+    /// The LLM adapter plugin, such as scripted.
+    #[arg(long)]
+    llm: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    /// A tool the agent may use (repeat for several); all loaded tools if none.
+    #[arg(long = "tool")]
+    tools: Vec<String>,
+    /// Plugin options as JSON: {"planner": {...}, "llm": {...}}.
+    #[arg(long)]
+    options: Option<String>,
+    #[arg(long)]
+    max_steps: Option<u32>,
+    #[arg(long)]
+    timeout_secs: Option<u64>,
+    /// Print the task id and return without following it.
+    #[arg(long)]
+    detach: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum TasksCommand {
+    /// List tasks, newest first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a task and its steps as JSON.
+    Show {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Follow a task's steps live until it ends.
+    Watch {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a queued or running task.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginsCommand {
+    /// List loaded plugins and files that failed to load.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Runs the command line; returns the process exit code.
+pub async fn main(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve(args) => {
+            crate::server::serve(args.load()?).await?;
+            Ok(0)
+        }
+        Command::Config(args) => {
+            println!("{}", toml::to_string_pretty(&args.load()?)?);
+            Ok(0)
+        }
+        Command::Run(args) => run(args).await,
+        Command::Tasks(TasksCommand::List {
+            status,
+            limit,
+            cursor,
+            client,
+        }) => {
+            let mut query = vec![("limit", limit.to_string())];
+            query.extend(status.map(|s| ("status", s)));
+            query.extend(cursor.map(|c| ("cursor", c)));
+            let url = format!("{}/v1/tasks", client.base_url());
+            let page = send(http().get(url).query(&query)).await?;
+            for task in page["tasks"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {:<9}  {}  {}",
+                    task["id"].as_str().unwrap_or_default(),
+                    task["status"].as_str().unwrap_or_default(),
+                    task["created_at"].as_str().unwrap_or_default(),
+                    one_line(task["goal"].as_str().unwrap_or_default(), 60),
+                );
+            }
+            if let Some(cursor) = page["next_cursor"].as_str() {
+                println!("more: opspawn tasks list --cursor {cursor}");
+            }
+            Ok(0)
+        }
+        Command::Tasks(TasksCommand::Show { id, client }) => {
+            let task = send(http().get(format!("{}/v1/tasks/{id}", client.base_url()))).await?;
+            println!("{}", serde_json::to_string_pretty(&task)?);
+            Ok(0)
+        }
+        Command::Tasks(TasksCommand::Watch { id, client }) => follow(&client.base_url(), &id).await,
+        Command::Tasks(TasksCommand::Cancel { id, client }) => {
+            let url = format!("{}/v1/tasks/{id}/cancel", client.base_url());
+            let task = send(http().post(url)).await?;
+            println!(
+                "{id}: {}",
+                if task["status"] == "cancelled" {
+                    "cancelled"
+                } else {
+                    "cancel requested; it stops at the next step boundary"
+                }
+            );
+            Ok(0)
+        }
+        Command::Plugins(PluginsCommand::List { client }) => {
+            let list = send(http().get(format!("{}/v1/plugins", client.base_url()))).await?;
+            for plugin in list["plugins"].as_array().into_iter().flatten() {
+                let tools: Vec<&str> = plugin["tools"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t["name"].as_str())
+                    .collect();
+                println!(
+                    "{:<14} {:<11} wit {}  sha256 {}  {}",
+                    plugin["name"].as_str().unwrap_or_default(),
+                    plugin["kind"].as_str().unwrap_or_default(),
+                    plugin["wit_version"].as_str().unwrap_or_default(),
+                    &plugin["sha256"].as_str().unwrap_or_default()[..12],
+                    if tools.is_empty() {
+                        String::new()
+                    } else {
+                        format!("tools: {}", tools.join(", "))
+                    },
+                );
+            }
+            for failure in list["failures"].as_array().into_iter().flatten() {
+                println!(
+                    "failed to load {}: {}",
+                    failure["file"].as_str().unwrap_or_default(),
+                    failure["error"].as_str().unwrap_or_default()
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .expect("building an HTTP client")
+}
+
+/// Sends a request and returns its JSON body, or the API's error as an error.
+async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    let response = request
+        .send()
+        .await
+        .context("cannot reach the opspawn server; is `opspawn serve` running (see --server)?")?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        let code = body["error"]["code"].as_str().unwrap_or("unknown");
+        let message = body["error"]["message"].as_str().unwrap_or("no details");
+        bail!("the server answered {status} ({code}): {message}");
+    }
+    Ok(body)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let base = args.client.base_url();
+    let mut body = json!({"goal": args.goal});
+    let fields = [
+        ("planner", args.planner.map(Value::from)),
+        ("llm", args.llm.map(Value::from)),
+        ("model", args.model.map(Value::from)),
+        ("max_steps", args.max_steps.map(Value::from)),
+        ("timeout_secs", args.timeout_secs.map(Value::from)),
+    ];
+    for (key, value) in fields {
+        if let Some(value) = value {
+            body[key] = value;
+        }
+    }
+    if !args.tools.is_empty() {
+        body["tools"] = json!(args.tools);
+    }
+    if let Some(options) = args.options {
+        body["options"] = serde_json::from_str(&options).context("--options is not valid JSON")?;
+    }
+    let task = send(http().post(format!("{base}/v1/tasks")).json(&body)).await?;
+    let id = task["id"]
+        .as_str()
+        .context("the server returned no task id")?
+        .to_owned();
+    if args.detach {
+        println!("{id}");
+        return Ok(0);
+    }
+    eprintln!("task {id} submitted; following its steps (Ctrl-C stops following, not the task)");
+    follow(&base, &id).await
+}
+
+/// Prints a task's events as they happen; the exit code says how it ended.
+async fn follow(base: &str, id: &str) -> anyhow::Result<i32> {
+    let response = http()
+        .get(format!("{base}/v1/tasks/{id}/events"))
+        .send()
+        .await
+        .context("cannot reach the opspawn server")?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        bail!(
+            "the server answered {status}: {}",
+            body["error"]["message"].as_str().unwrap_or("no details")
+        );
+    }
+    let mut events = response.bytes_stream().eventsource();
+    let mut streaming = false;
+    let stdout = std::io::stdout();
+    while let Some(event) = events.next().await {
+        let event = event.context("the event stream broke")?;
+        let body: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+        let data = &body["data"];
+        let mut out = stdout.lock();
+        if event.event == "llm.delta" {
+            write!(out, "{}", data["text"].as_str().unwrap_or_default())?;
+            out.flush()?;
+            streaming = true;
+            continue;
+        }
+        if streaming {
+            writeln!(out)?;
+            streaming = false;
+        }
+        match event.event.as_str() {
+            "task.started" => writeln!(out, "· started (attempt {})", data["attempt"])?,
+            "step.started" => {
+                let what = match data["kind"].as_str() {
+                    Some("tool") => format!(
+                        "tool {} {}",
+                        data["input"]["name"].as_str().unwrap_or("?"),
+                        one_line(&data["input"]["arguments"].to_string(), 80)
+                    ),
+                    _ => format!("llm {}", data["plugin"].as_str().unwrap_or("?")),
+                };
+                writeln!(out, "→ step {}: {what}", data["seq"])?;
+            }
+            "step.finished" => {
+                if let Some(error) = data["error"].as_object() {
+                    writeln!(
+                        out,
+                        "✗ step {} failed ({}): {}",
+                        data["seq"],
+                        error["code"].as_str().unwrap_or("?"),
+                        error["message"].as_str().unwrap_or("")
+                    )?;
+                } else if data["kind"] == "tool" {
+                    writeln!(
+                        out,
+                        "← step {}: {}",
+                        data["seq"],
+                        one_line(&data["output"].to_string(), 100)
+                    )?;
+                } else {
+                    let message = &data["output"]["message"];
+                    let text = message["content"].as_str().unwrap_or_default();
+                    let calls = message["tool_calls"].as_array().map_or(0, Vec::len);
+                    let summary = if calls > 0 {
+                        format!("asks for {calls} tool call(s)")
+                    } else {
+                        one_line(text, 100)
+                    };
+                    writeln!(out, "← step {}: {summary}", data["seq"])?;
+                }
+            }
+            "task.cancel_requested" => writeln!(out, "· cancel requested")?,
+            "task.finished" => {
+                let status = data["status"].as_str().unwrap_or("?");
+                match status {
+                    "succeeded" => writeln!(
+                        out,
+                        "✓ succeeded: {}",
+                        data["result"].as_str().unwrap_or_default()
+                    )?,
+                    "cancelled" => writeln!(out, "· cancelled")?,
+                    _ => writeln!(
+                        out,
+                        "✗ {status} ({}): {}",
+                        data["error"]["code"].as_str().unwrap_or("?"),
+                        data["error"]["message"].as_str().unwrap_or("")
+                    )?,
+                }
+                return Ok(if status == "succeeded" { 0 } else { 1 });
+            }
+            _ => {}
+        }
+    }
+    bail!("the event stream ended before the task did; `opspawn tasks show {id}` shows where it is")
+}
+
+fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() > max {
+        format!("{}…", flat.chars().take(max).collect::<String>())
+    } else {
+        flat
+    }
+}

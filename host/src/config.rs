@@ -1,0 +1,186 @@
+//! Configuration: built-in defaults, then a TOML file, then `OPSPAWN_*`
+//! environment variables, then command-line flags; each overrides the last.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
+use crate::scheduler::SchedulerConfig;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the REST API listens.
+    pub addr: SocketAddr,
+    /// Where the database, the compile cache and (by default) plugins live.
+    pub data_dir: PathBuf,
+    /// The folder plugins are loaded from; `<data_dir>/plugins` if unset.
+    pub plugin_dir: Option<PathBuf>,
+    /// Compiled plugins are cached here; `<data_dir>/cache` if unset.
+    pub cache_dir: Option<PathBuf>,
+    /// `sqlite://PATH`; `sqlite://<data_dir>/opspawn.db` if unset.
+    pub database_url: Option<String>,
+    /// How many tasks run at once.
+    pub workers: usize,
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// The largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Watch the plugin folder and load changes without a restart.
+    pub watch_plugins: bool,
+    pub defaults: TaskDefaults,
+    pub plugins: PluginDefaults,
+}
+
+/// What a task gets for whatever its request leaves out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskDefaults {
+    pub planner: String,
+    pub llm: String,
+    pub model: Option<String>,
+    /// Tool names; when unset, every loaded tool.
+    pub tools: Option<Vec<String>>,
+    pub max_steps: u32,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// Limits for plugins whose manifests do not ask for others.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginDefaults {
+    pub memory_mib: u64,
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+    pub max_output_bytes: u64,
+    /// The most memory any manifest may ask for.
+    pub max_memory_mib: u64,
+    /// Use the pooling instance allocator.
+    pub pooling: bool,
+}
+
+/// The top-level keys, as environment variables may set them.
+const KEYS: &[&str] = &[
+    "addr",
+    "data_dir",
+    "plugin_dir",
+    "cache_dir",
+    "database_url",
+    "workers",
+    "lease",
+    "max_body_bytes",
+    "watch_plugins",
+    "defaults",
+    "plugins",
+];
+
+/// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
+fn is_config_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    KEYS.iter().any(|known| {
+        key == *known
+            || key
+                .strip_prefix(known)
+                .is_some_and(|rest| rest.starts_with("__") || rest.starts_with('.'))
+    })
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("opspawn-data"),
+            plugin_dir: None,
+            cache_dir: None,
+            database_url: None,
+            workers: 8,
+            lease: Duration::from_secs(30),
+            max_body_bytes: 1 << 20,
+            watch_plugins: true,
+            defaults: TaskDefaults {
+                planner: "react".into(),
+                llm: "scripted".into(),
+                model: None,
+                tools: None,
+                max_steps: 20,
+                timeout: Duration::from_secs(300),
+            },
+            plugins: PluginDefaults {
+                memory_mib: 64,
+                call_timeout: Duration::from_secs(10),
+                max_output_bytes: 1 << 20,
+                max_memory_mib: 1024,
+                pooling: true,
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Layers the sources. `file` is read if given (it must then exist);
+    /// `overrides` are flags from the command line.
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, figment::Error> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(figment::Error::from(format!(
+                    "the configuration file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        // Only keys this file knows: the CLI reads other OPSPAWN_ variables.
+        let env = Env::prefixed("OPSPAWN_")
+            .split("__")
+            .filter(|key| is_config_key(key.as_str()));
+        figment.merge(env).merge(overrides).extract()
+    }
+
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.plugin_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("plugins"))
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("opspawn.db").display()))
+    }
+
+    pub fn runtime_options(&self) -> RuntimeOptions {
+        RuntimeOptions {
+            plugin_dir: self.plugin_dir(),
+            cache_dir: Some(
+                self.cache_dir
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join("cache")),
+            ),
+            default_limits: Limits {
+                memory_bytes: self.plugins.memory_mib << 20,
+                call_timeout: self.plugins.call_timeout,
+                max_output_bytes: self.plugins.max_output_bytes,
+            },
+            engine: EngineOptions {
+                pooling: self.plugins.pooling,
+                max_memory_bytes: self.plugins.max_memory_mib << 20,
+                ..EngineOptions::default()
+            },
+        }
+    }
+
+    pub fn scheduler_config(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            workers: self.workers,
+            lease: self.lease,
+            ..SchedulerConfig::default()
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! The agent loop for one claimed task.
+//!
+//! The planner decides; this loop performs. Each effect (an LLM call, a tool
+//! call) is a step journaled before it runs and again when it ends, and the
+//! planner only ever sees finished, journaled steps. After a crash the next
+//! claim replays the journal: finished steps are never run again, and a step
+//! that was in flight runs again under the same number (and so the same
+//! idempotency key).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::events::LiveEvent;
+use crate::plugins::CallError;
+use crate::protocol::{
+    CallContext, ChatRequest, ChatResponse, PlannerAction, PlannerStep, TaskState, ToolCall,
+    ToolResult, Usage,
+};
+use crate::store::{
+    Claim, ErrorInfo, Fence, StepEnd, StepKind, StepRecord, StepStart, StepStatus, StoreError,
+    TaskEnd, TaskRecord, now_millis,
+};
+
+/// Why a run stopped without finishing its task.
+enum Interrupted {
+    /// Another worker holds the claim now; it will finish the task.
+    ClaimLost,
+    /// This host is shutting down; the task resumes from its journal later.
+    Shutdown,
+    /// The store failed; the lease will expire and the task be retried.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Interrupted {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Fenced { .. } => Self::ClaimLost,
+            other => Self::Store(other),
+        }
+    }
+}
+
+pub(super) struct Run {
+    shared: Arc<Shared>,
+    task: TaskRecord,
+    fence: Fence,
+    steps: Vec<StepRecord>,
+    cancel: CancellationToken,
+    lost: CancellationToken,
+}
+
+impl Run {
+    pub fn new(
+        shared: Arc<Shared>,
+        claim: Claim,
+        cancel: CancellationToken,
+        lost: CancellationToken,
+    ) -> Self {
+        Self {
+            shared,
+            task: claim.task,
+            fence: claim.fence,
+            steps: claim.steps,
+            cancel,
+            lost,
+        }
+    }
+
+    pub async fn run(mut self) {
+        let span = tracing::info_span!("task", id = %self.task.id, attempt = self.fence.attempt);
+        let _enter = span.enter();
+        let end = match self.drive().await {
+            Ok(end) => end,
+            Err(Interrupted::ClaimLost) => {
+                tracing::warn!(task = %self.task.id, "stopped: another worker took over the task");
+                return;
+            }
+            Err(Interrupted::Shutdown) => {
+                tracing::info!(task = %self.task.id, "paused for shutdown; it resumes from its journal");
+                return;
+            }
+            Err(Interrupted::Store(error)) => {
+                tracing::error!(task = %self.task.id, %error, "the store failed; the task will be retried when its lease expires");
+                return;
+            }
+        };
+        match self.shared.store.finish_task(&self.fence, end).await {
+            Ok(event) => {
+                tracing::info!(task = %self.task.id, status = %event.data["status"], "task finished");
+                self.shared.events.journaled(event);
+            }
+            Err(StoreError::Fenced { .. }) => {
+                tracing::warn!(task = %self.task.id, "finished, but another worker had taken over")
+            }
+            Err(error) => {
+                tracing::error!(task = %self.task.id, %error, "recording the task's end failed")
+            }
+        }
+    }
+
+    async fn drive(&mut self) -> Result<TaskEnd, Interrupted> {
+        let tools = match self.shared.runtime.tool_specs(&self.task.tools) {
+            Ok(tools) => tools,
+            Err(error) => return Ok(failed(error.code(), error.to_string())),
+        };
+
+        // Steps left in flight by a claim that died run again first.
+        let in_flight: Vec<StepRecord> = self
+            .steps
+            .iter()
+            .filter(|step| step.status == StepStatus::Running)
+            .cloned()
+            .collect();
+        for step in in_flight {
+            tracing::info!(
+                step = step.seq,
+                "re-running a step that was in flight when the last claim ended"
+            );
+            if let Some(end) = self.perform(step.seq, step.kind, step.input).await? {
+                return Ok(end);
+            }
+        }
+
+        loop {
+            if let Some(end) = self.boundary_check()? {
+                return Ok(end);
+            }
+            let state = TaskState {
+                goal: self.task.goal.clone(),
+                tools: tools.clone(),
+                steps: self.steps.iter().filter_map(planner_view).collect(),
+                max_steps: self.task.max_steps,
+                options: option_section(&self.task.options, "planner"),
+            };
+            let action = match self
+                .bounded(self.shared.runtime.next_action(&self.task.planner, &state))
+                .await
+            {
+                Ok(action) => action,
+                Err(error) => return Ok(TaskEnd::Failed { error }),
+            };
+            match action {
+                PlannerAction::Finish { answer } => {
+                    return Ok(TaskEnd::Succeeded { result: answer });
+                }
+                PlannerAction::Fail { reason } => return Ok(failed("planner_gave_up", reason)),
+                PlannerAction::CallLlm { mut request } => {
+                    if request.model.is_none() {
+                        request.model = self.task.model.clone();
+                    }
+                    if request
+                        .provider_options
+                        .as_object()
+                        .is_none_or(|o| o.is_empty())
+                    {
+                        request.provider_options = option_section(&self.task.options, "llm");
+                    }
+                    let input = json!(request);
+                    if let Some(end) = self.perform(self.next_seq(), StepKind::Llm, input).await? {
+                        return Ok(end);
+                    }
+                }
+                PlannerAction::CallTools { calls } => {
+                    if calls.is_empty() {
+                        return Ok(failed(
+                            "planner_error",
+                            "the planner asked to call no tools",
+                        ));
+                    }
+                    for call in calls {
+                        if let Some(end) = self.boundary_check()? {
+                            return Ok(end);
+                        }
+                        let input = json!(call);
+                        if let Some(end) =
+                            self.perform(self.next_seq(), StepKind::Tool, input).await?
+                        {
+                            return Ok(end);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_seq(&self) -> u32 {
+        self.steps.iter().map(|s| s.seq).max().unwrap_or(0) + 1
+    }
+
+    /// Checks, between steps, whether the task must stop.
+    fn boundary_check(&self) -> Result<Option<TaskEnd>, Interrupted> {
+        if self.lost.is_cancelled() {
+            return Err(Interrupted::ClaimLost);
+        }
+        if self.shared.shutdown.is_cancelled() {
+            return Err(Interrupted::Shutdown);
+        }
+        if self.cancel.is_cancelled() {
+            return Ok(Some(TaskEnd::Cancelled));
+        }
+        if self.remaining().is_zero() {
+            return Ok(Some(self.timed_out()));
+        }
+        let finished = self.steps.len() as u32;
+        if finished >= self.task.max_steps {
+            return Ok(Some(failed(
+                "step_limit_exceeded",
+                format!(
+                    "the task used all of its {} steps without finishing; raise max_steps if it needs more",
+                    self.task.max_steps
+                ),
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Time left before the task's deadline.
+    fn remaining(&self) -> Duration {
+        let started = self.task.started_at.unwrap_or(self.task.created_at);
+        let left = started + self.task.timeout_ms - now_millis();
+        Duration::from_millis(left.max(0) as u64)
+    }
+
+    fn timed_out(&self) -> TaskEnd {
+        failed(
+            "task_timeout",
+            format!(
+                "the task ran past its time limit of {}",
+                humantime::format_duration(Duration::from_millis(self.task.timeout_ms as u64))
+            ),
+        )
+    }
+
+    /// Runs a plugin call, but no longer than the task has left.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, CallError>>,
+    ) -> Result<T, ErrorInfo> {
+        match tokio::time::timeout(self.remaining(), call).await {
+            Ok(result) => result.map_err(|e| ErrorInfo::new(e.code(), e.to_string())),
+            Err(_) => match self.timed_out() {
+                TaskEnd::Failed { error } => Err(error),
+                _ => unreachable!("timed_out fails the task"),
+            },
+        }
+    }
+
+    /// Journals a step, performs it, and journals how it ended. Returns the
+    /// task's end when the step ends the task (an LLM failure, a timeout).
+    async fn perform(
+        &mut self,
+        seq: u32,
+        kind: StepKind,
+        input: Value,
+    ) -> Result<Option<TaskEnd>, Interrupted> {
+        let plugin = match kind {
+            StepKind::Llm => self.task.llm.clone(),
+            StepKind::Tool => {
+                let tool = input["name"].as_str().unwrap_or_default();
+                self.shared
+                    .runtime
+                    .catalog()
+                    .tool_owner(tool)
+                    .unwrap_or(tool)
+                    .to_owned()
+            }
+        };
+        let start = StepStart {
+            seq,
+            kind,
+            plugin,
+            input: input.clone(),
+        };
+        let (record, event) = self.shared.store.start_step(&self.fence, start).await?;
+        self.shared.events.journaled(event);
+        self.remember(record);
+
+        let context = CallContext::new(&self.task.id, seq);
+        let (output, usage) = match kind {
+            StepKind::Llm => self.call_llm(&context, input).await,
+            StepKind::Tool => (self.call_tool(&context, input).await, None),
+        };
+        let task_end = match &output {
+            Err(error) if error.code == "task_timeout" => Some(self.timed_out()),
+            Err(error) if kind == StepKind::Llm => Some(failed(
+                error.code.clone(),
+                format!("the LLM step failed: {}", error.message),
+            )),
+            _ => None,
+        };
+        let end = StepEnd { seq, output, usage };
+        let (record, event) = self.shared.store.finish_step(&self.fence, end).await?;
+        self.shared.events.journaled(event);
+        self.remember(record);
+        Ok(task_end)
+    }
+
+    fn remember(&mut self, record: StepRecord) {
+        match self.steps.iter_mut().find(|s| s.seq == record.seq) {
+            Some(existing) => *existing = record,
+            None => self.steps.push(record),
+        }
+    }
+
+    async fn call_llm(
+        &self,
+        context: &CallContext,
+        input: Value,
+    ) -> (Result<Value, ErrorInfo>, Option<Usage>) {
+        let request: ChatRequest = match serde_json::from_value(input) {
+            Ok(request) => request,
+            Err(e) => {
+                return (
+                    Err(ErrorInfo::new("invalid_step_input", e.to_string())),
+                    None,
+                );
+            }
+        };
+        let (deltas, mut streamed) = mpsc::unbounded_channel::<String>();
+        let events = self.shared.events.clone();
+        let task_id: Arc<str> = self.task.id.as_str().into();
+        let step = context.step;
+        let forward = tokio::spawn(async move {
+            while let Some(text) = streamed.recv().await {
+                events.publish(LiveEvent::Delta {
+                    task_id: task_id.clone(),
+                    step,
+                    text,
+                });
+            }
+        });
+        let result = self
+            .bounded(
+                self.shared
+                    .runtime
+                    .complete(&self.task.llm, context, &request, Some(deltas)),
+            )
+            .await;
+        let _ = forward.await;
+        match result {
+            Ok(response) => {
+                let usage = response.usage;
+                (Ok(json!(response)), usage)
+            }
+            Err(error) => (Err(error), None),
+        }
+    }
+
+    async fn call_tool(&self, context: &CallContext, input: Value) -> Result<Value, ErrorInfo> {
+        let call: ToolCall = serde_json::from_value(input)
+            .map_err(|e| ErrorInfo::new("invalid_step_input", e.to_string()))?;
+        if !self.task.tools.contains(&call.name) {
+            return Err(ErrorInfo::new(
+                "tool_not_allowed",
+                format!(
+                    "tool {:?} is not one of this task's tools ({})",
+                    call.name,
+                    self.task.tools.join(", ")
+                ),
+            ));
+        }
+        self.bounded(
+            self.shared
+                .runtime
+                .invoke_tool(&call.name, context, &call.arguments),
+        )
+        .await
+    }
+}
+
+fn failed(code: impl Into<String>, message: impl Into<String>) -> TaskEnd {
+    TaskEnd::Failed {
+        error: ErrorInfo::new(code, message),
+    }
+}
+
+/// `options.<section>` of a task, or an empty object.
+fn option_section(options: &Value, section: &str) -> Value {
+    match options.get(section) {
+        Some(value @ Value::Object(_)) => value.clone(),
+        _ => json!({}),
+    }
+}
+
+/// A finished step as the planner sees it; running steps are not shown.
+fn planner_view(step: &StepRecord) -> Option<PlannerStep> {
+    if step.status == StepStatus::Running {
+        return None;
+    }
+    match step.kind {
+        StepKind::Llm => Some(match (&step.output, &step.error) {
+            (Some(output), _) => match serde_json::from_value::<ChatResponse>(output.clone()) {
+                Ok(response) => PlannerStep::LlmReply { response },
+                Err(e) => PlannerStep::LlmFailed {
+                    message: format!("the journaled reply is unreadable: {e}"),
+                },
+            },
+            (None, error) => PlannerStep::LlmFailed {
+                message: error
+                    .as_ref()
+                    .map_or_else(|| "unknown error".to_owned(), |e| e.message.clone()),
+            },
+        }),
+        StepKind::Tool => {
+            let call: ToolCall = serde_json::from_value(step.input.clone()).ok()?;
+            let (content, is_error) = match (&step.output, &step.error) {
+                (Some(Value::String(text)), _) => (text.clone(), false),
+                (Some(output), _) => (output.to_string(), false),
+                (None, Some(error)) => (format!("{}: {}", error.code, error.message), true),
+                (None, None) => ("the tool returned nothing".to_owned(), true),
+            };
+            Some(PlannerStep::ToolResult {
+                result: ToolResult {
+                    call_id: call.id.clone(),
+                    name: call.name.clone(),
+                    content,
+                    is_error,
+                },
+                call,
+            })
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The scheduler: a bounded pool of workers that claim tasks from the store
+//! with leases, run each through the agent loop, and keep the lease alive
+//! while they do.
+
+mod agent;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::EventBus;
+use crate::plugins::PluginRuntime;
+use crate::store::{Claim, Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// How many tasks run at once on this host.
+    pub workers: usize,
+    /// How long a claim lasts without renewal; a dead host's tasks are
+    /// reclaimed this long after its last renewal.
+    pub lease: Duration,
+    /// How often idle workers look for work they were not woken for
+    /// (expired leases, tasks submitted to another host).
+    pub poll_interval: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            workers: 8,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    workers: tokio::sync::Mutex<JoinSet<()>>,
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    runtime: Arc<PluginRuntime>,
+    events: EventBus,
+    config: SchedulerConfig,
+    host_id: String,
+    wake: Notify,
+    shutdown: CancellationToken,
+    /// Cancel tokens of the tasks running on this host.
+    running: Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl Scheduler {
+    /// Starts the worker pool.
+    pub fn start(
+        store: Arc<dyn Store>,
+        runtime: Arc<PluginRuntime>,
+        events: EventBus,
+        config: SchedulerConfig,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            store,
+            runtime,
+            events,
+            host_id: format!("host-{}", uuid::Uuid::now_v7().simple()),
+            config,
+            wake: Notify::new(),
+            shutdown: CancellationToken::new(),
+            running: Mutex::new(HashMap::new()),
+        });
+        let mut workers = JoinSet::new();
+        for index in 0..shared.config.workers.max(1) {
+            workers.spawn(work(shared.clone(), index));
+        }
+        tracing::info!(host = %shared.host_id, workers = shared.config.workers, "scheduler started");
+        Self {
+            shared,
+            workers: tokio::sync::Mutex::new(workers),
+        }
+    }
+
+    /// Tells an idle worker that a task is waiting.
+    pub fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Stops a task running on this host at its next step boundary. (Tasks
+    /// running elsewhere see the request when they renew their lease.)
+    pub fn cancel_local(&self, task_id: &str) {
+        if let Some(token) = self
+            .shared
+            .running
+            .lock()
+            .expect("running lock")
+            .get(task_id)
+        {
+            token.cancel();
+        }
+    }
+
+    /// Stops claiming new tasks and waits for running ones to reach a step
+    /// boundary. Interrupted tasks keep their journal and resume elsewhere.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        let mut workers = self.workers.lock().await;
+        while workers.join_next().await.is_some() {}
+    }
+}
+
+async fn work(shared: Arc<Shared>, index: usize) {
+    let worker = format!("{}/{index}", shared.host_id);
+    while !shared.shutdown.is_cancelled() {
+        match shared.store.claim_next(&worker, shared.config.lease).await {
+            Ok(Some(claim)) => run_claimed(&shared, claim).await,
+            Ok(None) => {
+                tokio::select! {
+                    _ = shared.wake.notified() => {}
+                    _ = tokio::time::sleep(shared.config.poll_interval) => {}
+                    _ = shared.shutdown.cancelled() => {}
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "claiming a task failed; retrying");
+                tokio::time::sleep(shared.config.poll_interval).await;
+            }
+        }
+    }
+}
+
+async fn run_claimed(shared: &Arc<Shared>, claim: Claim) {
+    let task_id = claim.task.id.clone();
+    let cancel = CancellationToken::new();
+    if claim.task.cancel_requested {
+        cancel.cancel();
+    }
+    shared
+        .running
+        .lock()
+        .expect("running lock")
+        .insert(task_id.clone(), cancel.clone());
+    shared.events.journaled(claim.event.clone());
+
+    let lost = CancellationToken::new();
+    let renewal = tokio::spawn(keep_lease(
+        shared.clone(),
+        claim.fence.clone(),
+        cancel.clone(),
+        lost.clone(),
+    ));
+    agent::Run::new(shared.clone(), claim, cancel, lost)
+        .run()
+        .await;
+    renewal.abort();
+    shared
+        .running
+        .lock()
+        .expect("running lock")
+        .remove(&task_id);
+}
+
+/// Renews the claim's lease until aborted; notices cancellation requested
+/// through the store and a claim taken over by another worker.
+async fn keep_lease(
+    shared: Arc<Shared>,
+    fence: crate::store::Fence,
+    cancel: CancellationToken,
+    lost: CancellationToken,
+) {
+    let period = shared.config.lease / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        match shared.store.renew_lease(&fence, shared.config.lease).await {
+            Ok(state) if state.cancel_requested => cancel.cancel(),
+            Ok(_) => {}
+            Err(StoreError::Fenced { .. }) => {
+                tracing::warn!(task = %fence.task_id, attempt = fence.attempt, "lease lost to another worker");
+                lost.cancel();
+                return;
+            }
+            Err(error) => tracing::warn!(task = %fence.task_id, %error, "renewing a lease failed"),
+        }
+    }
+}

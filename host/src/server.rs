@@ -1,0 +1,145 @@
+//! `opspawn serve`: wires the store, the plugin runtime, the scheduler and
+//! the API together and runs until interrupted.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::events::EventBus;
+use crate::plugins::PluginRuntime;
+use crate::scheduler::Scheduler;
+use crate::store;
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let plugin_dir = config.plugin_dir();
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
+    std::fs::create_dir_all(&plugin_dir)
+        .with_context(|| format!("cannot create the plugin folder {}", plugin_dir.display()))?;
+
+    let database_url = config.database_url();
+    let store = store::open(&database_url)
+        .await
+        .with_context(|| format!("cannot open the store at {database_url}"))?;
+    // An SQLite file belongs to one host: hold a lock for as long as we
+    // serve, and since no other host can hold claims, take over at once the
+    // tasks this host was running when it last stopped.
+    let _lock = if store.engine() == "sqlite" {
+        let lock = lock_data_dir(&config)?;
+        let resumed = store.expire_all_leases().await?;
+        if resumed > 0 {
+            println!("resuming {resumed} task(s) interrupted when the server last stopped");
+        }
+        Some(lock)
+    } else {
+        None
+    };
+
+    let runtime = PluginRuntime::new(config.runtime_options())
+        .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))?;
+    runtime
+        .scan()
+        .await
+        .with_context(|| format!("cannot read the plugin folder {}", plugin_dir.display()))?;
+    let catalog = runtime.catalog();
+    println!("plugins from {}:", plugin_dir.display());
+    for plugin in catalog.plugins() {
+        let tools: Vec<&str> = plugin.tools.iter().map(|t| t.name.as_str()).collect();
+        let offers = if tools.is_empty() {
+            String::new()
+        } else {
+            format!(" (tools: {})", tools.join(", "))
+        };
+        println!(
+            "  loaded  {:<12} {:<11} {}{offers}",
+            plugin.name,
+            plugin.kind,
+            &plugin.sha256[..12]
+        );
+    }
+    for failure in catalog.failures() {
+        println!("  skipped {}: {}", failure.file.display(), failure.error);
+    }
+    if catalog.plugins().next().is_none() {
+        println!("  (none: drop .wasm components into the folder; they load without a restart)");
+    }
+    let _watcher = if config.watch_plugins {
+        Some(runtime.watch().context("cannot watch the plugin folder")?)
+    } else {
+        None
+    };
+
+    let events = EventBus::default();
+    let scheduler = Arc::new(Scheduler::start(
+        store.clone(),
+        runtime.clone(),
+        events.clone(),
+        config.scheduler_config(),
+    ));
+    let state = AppState {
+        store: store.clone(),
+        runtime,
+        scheduler: scheduler.clone(),
+        events,
+        defaults: Arc::new(config.defaults.clone()),
+    };
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; is another server using it?",
+                config.addr
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    println!(
+        "data in {} (store: {database_url})",
+        config.data_dir.display()
+    );
+    println!("opspawn listening on http://{addr}");
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "listening on a non-loopback address without authentication");
+    }
+
+    axum::serve(listener, api::app(state, config.max_body_bytes))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    println!("shutting down: waiting for running steps to finish");
+    scheduler.shutdown().await;
+    Ok(())
+}
+
+fn lock_data_dir(config: &Config) -> anyhow::Result<File> {
+    let path = config.data_dir.join("opspawn.lock");
+    let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    file.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another opspawn server is using {}; stop it or choose another --data-dir",
+            config.data_dir.display()
+        )
+    })?;
+    Ok(file)
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,419 @@
+//! The REST API: the happy path, listing, and every kind of bad request.
+
+use std::time::Duration;
+
+use opspawn_testkit::StatusCode;
+use serde_json::{Value, json};
+
+use crate::{FINISH, Harness, calculator_task, steps};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_using_task_reaches_the_right_answer() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let id = client
+        .submit(&calculator_task("(2 + 3) * 4 - 2^3", "12"))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+
+    assert_eq!(task["status"], "succeeded", "task: {task:#}");
+    assert_eq!(task["result"], "12");
+    let steps = steps(&task);
+    let kinds: Vec<&str> = steps.iter().map(|s| s["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["llm", "tool", "llm"], "steps: {steps:#?}");
+    let tool = &steps[1];
+    assert_eq!(tool["plugin"], "calculator");
+    assert_eq!(tool["input"]["name"], "calculator");
+    assert_eq!(
+        tool["output"]["result"], 12,
+        "the calculator computed the expression"
+    );
+    for step in steps {
+        assert_eq!(step["status"], "succeeded");
+        assert!(step["started_at"].is_string() && step["finished_at"].is_string());
+    }
+    assert!(
+        task["usage"]["input_tokens"].as_u64().unwrap() > 0,
+        "usage is summed per task"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_react_planner_follows_plain_text_actions() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let id = client
+        .submit(&json!({
+            "goal": "What is two to the tenth?",
+            "tools": ["calculator"],
+            "options": {"llm": {"script": [
+                {"content": "Thought: I should compute it.\nAction: calculator\nAction Input: {\"expression\": \"2^10\"}"},
+                {"content": "Thought: done.\nFinal Answer: 1024"}
+            ]}}
+        }))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "succeeded", "task: {task:#}");
+    assert_eq!(task["result"], "1024");
+    assert_eq!(steps(&task)[1]["output"]["result"], 1024);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scripted_demo_answers_arithmetic_without_a_script() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let id = client
+        .submit(&json!({"goal": "What is (2+3)*4?"}))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "succeeded", "task: {task:#}");
+    assert_eq!(task["result"], "20");
+    assert_eq!(task["planner"], "react", "the configured default planner");
+    assert_eq!(task["llm"], "scripted", "the configured default adapter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calculator_error_reaches_the_planner_as_an_observation() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let id = client
+        .submit(&calculator_task("1 / (2 - 2)", "undefined"))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(
+        task["status"], "succeeded",
+        "the planner carried on: {task:#}"
+    );
+    let tool = &steps(&task)[1];
+    assert_eq!(tool["status"], "failed");
+    assert_eq!(tool["error"]["code"], "division_by_zero");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_step_limit_stops_a_task() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let mut task = calculator_task("1+1", "2");
+    task["max_steps"] = json!(2);
+    let id = client.submit(&task).await.unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "failed");
+    assert_eq!(
+        task["error"]["code"], "step_limit_exceeded",
+        "task: {task:#}"
+    );
+    assert_eq!(steps(&task).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_list_newest_first_with_a_cursor_and_a_status_filter() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(
+            client
+                .submit(&calculator_task(&format!("{n}+1"), "x"))
+                .await
+                .unwrap(),
+        );
+    }
+    for id in &ids {
+        client.wait_until_finished(id, FINISH).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut path = "/v1/tasks?limit=2".to_owned();
+    loop {
+        let (status, page) = client.get(&path).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let tasks = page["tasks"].as_array().unwrap();
+        assert!(tasks.len() <= 2);
+        seen.extend(tasks.iter().map(|t| t["id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/tasks?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+
+    let (_, succeeded) = client.get("/v1/tasks?status=succeeded").await.unwrap();
+    assert_eq!(succeeded["tasks"].as_array().unwrap().len(), 5);
+    let (_, failed) = client.get("/v1/tasks?status=failed").await.unwrap();
+    assert_eq!(failed["tasks"].as_array().unwrap().len(), 0);
+}
+
+async fn expect_error(response: reqwest::Response, status: StatusCode, code: &str) {
+    let actual = response.status();
+    let body: Value = response.json().await.expect("errors are JSON");
+    assert_eq!(actual, status, "body: {body}");
+    assert_eq!(body["error"]["code"], code, "body: {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "every error explains itself: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_json_errors() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let http = client.http();
+    let tasks = client.url("/v1/tasks");
+    let post_json = |body: String| {
+        http.post(&tasks)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+
+    expect_error(
+        post_json("{\"goal\": ".into()).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    )
+    .await;
+    expect_error(
+        post_json("{}".into()).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        post_json(r#"{"goal": 5}"#.into()).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        post_json(r#"{"goal": "x", "colour": "red"}"#.into())
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        post_json(r#"{"goal": "   "}"#.into()).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_goal",
+    )
+    .await;
+    expect_error(
+        post_json(r#"{"goal": "x", "planner": "nope"}"#.into())
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown_planner",
+    )
+    .await;
+    expect_error(
+        post_json(r#"{"goal": "x", "planner": "calculator"}"#.into())
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown_planner",
+    )
+    .await;
+    expect_error(
+        post_json(r#"{"goal": "x", "llm": "nope"}"#.into())
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown_llm",
+    )
+    .await;
+    expect_error(
+        post_json(r#"{"goal": "x", "tools": ["calculator", "nope"]}"#.into())
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown_tool",
+    )
+    .await;
+    expect_error(
+        post_json(r#"{"goal": "x", "options": [1]}"#.into())
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_options",
+    )
+    .await;
+    expect_error(
+        post_json(r#"{"goal": "x", "max_steps": 0}"#.into())
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_max_steps",
+    )
+    .await;
+    expect_error(
+        http.post(&tasks)
+            .body(r#"{"goal": "x"}"#)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+
+    let missing = "01890000-0000-7000-8000-000000000000";
+    expect_error(
+        http.get(client.url(&format!("/v1/tasks/{missing}")))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+        "task_not_found",
+    )
+    .await;
+    expect_error(
+        http.get(client.url("/v1/tasks/not-even-an-id/events"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+        "task_not_found",
+    )
+    .await;
+    expect_error(
+        http.post(client.url(&format!("/v1/tasks/{missing}/cancel")))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+        "task_not_found",
+    )
+    .await;
+    expect_error(
+        http.get(client.url("/v1/tasks?status=done"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    )
+    .await;
+    expect_error(
+        http.get(client.url("/v1/tasks?limit=lots"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    )
+    .await;
+    expect_error(
+        http.get(client.url("/v2/everything")).send().await.unwrap(),
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+    )
+    .await;
+    expect_error(
+        http.delete(client.url("/v1/tasks")).send().await.unwrap(),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+
+    // Last, and on its own connection: the server may close it after refusing.
+    let oversize = format!(r#"{{"goal": "{}"}}"#, "x".repeat(2 << 20));
+    let response = reqwest::Client::new()
+        .post(&tasks)
+        .header("content-type", "application/json")
+        .body(oversize)
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+
+    // Nothing bad input did left a task behind, and the server still works.
+    let (_, list) = client.get("/v1/tasks").await.unwrap();
+    assert_eq!(
+        list["tasks"].as_array().unwrap().len(),
+        0,
+        "no task was created: {list}"
+    );
+    let (status, health) = client.get("/healthz").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["status"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_task_at_the_next_step_boundary() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let id = client
+        .submit(&json!({
+            "goal": "Sleep a lot",
+            "tools": ["sleep"],
+            "options": {"llm": {"script": [
+                {"tool_calls": [{"name": "sleep", "arguments": {"ms": 600}}]},
+                {"tool_calls": [{"name": "sleep", "arguments": {"ms": 600}}]},
+                {"tool_calls": [{"name": "sleep", "arguments": {"ms": 600}}]},
+                {"content": "Final Answer: rested"}
+            ]}}
+        }))
+        .await
+        .unwrap();
+    client
+        .wait_for(&id, FINISH, |t| {
+            t["steps"].as_array().is_some_and(|s| s.len() >= 2)
+        })
+        .await
+        .unwrap();
+    let (status, body) = client
+        .post(&format!("/v1/tasks/{id}/cancel"), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "body: {body}");
+    assert_eq!(body["cancel_requested"], true);
+
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "cancelled", "task: {task:#}");
+    let steps = steps(&task);
+    assert!(steps.len() < 7, "it stopped early: {steps:#?}");
+    assert!(
+        steps.iter().all(|s| s["status"] != "running"),
+        "the step in progress finished before the task stopped: {steps:#?}"
+    );
+
+    let (status, body) = client
+        .post(&format!("/v1/tasks/{id}/cancel"), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"]["code"], "task_already_finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_of_a_queued_task_takes_effect_at_once() {
+    let harness = Harness::start_with(&[("OPSPAWN_WORKERS", "1")]);
+    let client = harness.client();
+    let busy = client
+        .submit(&crate::misbehaving_task("sleep", json!({"ms": 800})))
+        .await
+        .unwrap();
+    let queued = client.submit(&calculator_task("1+1", "2")).await.unwrap();
+    let (status, body) = client
+        .post(&format!("/v1/tasks/{queued}/cancel"), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "body: {body}");
+    assert_eq!(body["status"], "cancelled");
+    client.wait_until_finished(&busy, FINISH).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let task = client.task(&queued).await.unwrap();
+    assert_eq!(task["status"], "cancelled");
+    assert!(
+        steps(&task).is_empty(),
+        "a cancelled queued task never runs: {task:#}"
+    );
+}

@@ -1,0 +1,123 @@
+//! `GET /v1/tasks/{id}/events`: live steps, replay for late subscribers,
+//! resumption after `Last-Event-ID`, and the end of the stream.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::{FINISH, Harness};
+
+fn slow_task() -> serde_json::Value {
+    json!({
+        "goal": "What is 6 times 7?",
+        "tools": ["calculator"],
+        "options": {"llm": {"script": [
+            {"delay_ms": 300, "tool_calls": [{"name": "calculator", "arguments": {"expression": "6*7"}}]},
+            {"delay_ms": 300, "content": "Thought: the calculator says 42.\nFinal Answer: 42"}
+        ]}}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_live_then_end_with_the_task() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let id = client.submit(&slow_task()).await.unwrap();
+    let events = client.events(&id, None, FINISH).await.unwrap();
+
+    // Streamed text is not journaled: it has no id of its own.
+    let journaled: Vec<_> = events.iter().filter(|e| e.event != "llm.delta").collect();
+    let kinds: Vec<&str> = journaled.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "task.queued",
+            "task.started",
+            "step.started",
+            "step.finished",
+            "step.started",
+            "step.finished",
+            "step.started",
+            "step.finished",
+            "task.finished"
+        ],
+        "events: {events:#?}"
+    );
+    let ids: Vec<i64> = journaled.iter().map(|e| e.id.parse().unwrap()).collect();
+    assert_eq!(
+        ids,
+        (1..=9).collect::<Vec<_>>(),
+        "ids count up from 1 without gaps"
+    );
+    let last = journaled.last().unwrap();
+    assert_eq!(last.data["data"]["status"], "succeeded");
+    assert_eq!(last.data["data"]["result"], "42");
+    assert_eq!(journaled[3].data["data"]["kind"], "llm");
+    assert_eq!(journaled[5].data["data"]["output"]["result"], 42);
+
+    let deltas: String = events
+        .iter()
+        .filter(|e| e.event == "llm.delta")
+        .map(|e| e.data["data"]["text"].as_str().unwrap())
+        .collect();
+    assert!(
+        deltas.contains("Final Answer: 42"),
+        "the adapter's streamed text arrives as llm.delta events: {deltas:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_subscriber_gets_the_whole_history_and_can_resume() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let id = client.submit(&slow_task()).await.unwrap();
+    client.wait_until_finished(&id, FINISH).await.unwrap();
+
+    let replay = client
+        .events(&id, None, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = replay.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        kinds.len(),
+        9,
+        "the finished task's events are replayed: {kinds:?}"
+    );
+    assert_eq!(kinds.first(), Some(&"task.queued"));
+    assert_eq!(kinds.last(), Some(&"task.finished"));
+
+    let resumed = client
+        .events(&id, Some(6), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = resumed.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["7", "8", "9"],
+        "Last-Event-ID resumes after the event it names"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_joining_mid_run_misses_nothing() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let id = client.submit(&slow_task()).await.unwrap();
+    client
+        .wait_for(&id, FINISH, |t| {
+            t["steps"].as_array().is_some_and(|s| !s.is_empty())
+        })
+        .await
+        .unwrap();
+    let events = client.events(&id, None, FINISH).await.unwrap();
+    let ids: Vec<i64> = events
+        .iter()
+        .filter(|e| e.event != "llm.delta")
+        .map(|e| e.id.parse().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=9).collect::<Vec<_>>(),
+        "history then live, in order, once each"
+    );
+}

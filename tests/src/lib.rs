@@ -1,0 +1,352 @@
+//! What the end-to-end tests and the benchmark share: the compiled plugins,
+//! a real `opspawn serve` process on loopback, and a small HTTP client.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::Value;
+
+pub use reqwest::StatusCode;
+
+/// The example plugins every server in the tests loads.
+pub const EXAMPLES: &[&str] = &["calculator", "react", "scripted"];
+
+/// Where the build script put the compiled components.
+pub fn wasm_dir() -> PathBuf {
+    PathBuf::from(env!("OPSPAWN_TEST_WASM_DIR"))
+}
+
+/// The path of one compiled component, such as `calculator`.
+pub fn wasm(name: &str) -> PathBuf {
+    wasm_dir().join(format!("{name}.wasm"))
+}
+
+/// The plugin sources (for manifests beside them).
+pub fn plugin_sources() -> PathBuf {
+    PathBuf::from(env!("OPSPAWN_TEST_PLUGIN_SRC"))
+}
+
+/// A temporary plugin folder.
+pub struct PluginFolder {
+    dir: tempfile::TempDir,
+}
+
+impl PluginFolder {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("creating a plugin folder"),
+        }
+    }
+
+    /// A folder with the example plugins and their manifests.
+    pub fn with_examples() -> Self {
+        let folder = Self::new();
+        for name in EXAMPLES {
+            let manifest = plugin_sources().join(name).join(format!("{name}.toml"));
+            let manifest = std::fs::read_to_string(manifest).ok();
+            folder.add(name, name, manifest.as_deref());
+        }
+        folder
+    }
+
+    /// Copies component `wasm_name` in as `<as_name>.wasm`, with a manifest.
+    pub fn add(&self, as_name: &str, wasm_name: &str, manifest: Option<&str>) -> &Self {
+        let dest = self.dir.path().join(format!("{as_name}.wasm"));
+        std::fs::copy(wasm(wasm_name), &dest).expect("copying a component");
+        if let Some(manifest) = manifest {
+            std::fs::write(dest.with_extension("toml"), manifest).expect("writing a manifest");
+        }
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Default for PluginFolder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running `opspawn serve` child process on an ephemeral loopback port.
+pub struct Server {
+    binary: PathBuf,
+    child: Child,
+    pub base_url: String,
+    pub data_dir: PathBuf,
+    pub plugin_dir: PathBuf,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts a server whose data lives in `data_dir`, loading plugins from
+    /// `plugin_dir`. `env` adds or overrides environment variables.
+    pub fn start(
+        binary: &Path,
+        data_dir: &Path,
+        plugin_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let log = data_dir.join("server.log");
+        let (child, base_url) = spawn(binary, data_dir, plugin_dir, &env, &log)?;
+        Ok(Self {
+            binary: binary.to_owned(),
+            child,
+            base_url,
+            data_dir: data_dir.to_owned(),
+            plugin_dir: plugin_dir.to_owned(),
+            env,
+            log,
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.base_url)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the server with SIGKILL: no shutdown, no flushing.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same data, on a new port.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        let (child, base_url) = spawn(
+            &self.binary,
+            &self.data_dir,
+            &self.plugin_dir,
+            &self.env,
+            &self.log,
+        )?;
+        self.child = child;
+        self.base_url = base_url;
+        Ok(())
+    }
+
+    /// What the server wrote to stderr so far (its log).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn spawn(
+    binary: &Path,
+    data_dir: &Path,
+    plugin_dir: &Path,
+    env: &[(String, String)],
+    log: &Path,
+) -> anyhow::Result<(Child, String)> {
+    std::fs::create_dir_all(data_dir)?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let cache = std::env::temp_dir().join("opspawn-test-compile-cache");
+    let mut command = Command::new(binary);
+    command
+        .arg("serve")
+        .env("OPSPAWN_ADDR", "127.0.0.1:0")
+        .env("OPSPAWN_DATA_DIR", data_dir)
+        .env("OPSPAWN_PLUGIN_DIR", plugin_dir)
+        .env("OPSPAWN_CACHE_DIR", &cache)
+        .env("OPSPAWN_LOG", "info,opspawn=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+
+    // Read stdout on a thread for the listening line, then keep draining it
+    // so the server never blocks on a full pipe.
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (found, listening) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut found = Some(found);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(url) = line.strip_prefix("opspawn listening on ") {
+                if let Some(found) = found.take() {
+                    let _ = found.send(url.trim().to_owned());
+                }
+            }
+        }
+    });
+    match listening.recv_timeout(Duration::from_secs(120)) {
+        Ok(url) => Ok((child, url)),
+        Err(_) => {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("the server did not start listening within 120 s; its log:\n{log}")
+        }
+    }
+}
+
+/// A JSON-over-HTTP client for the REST API.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    pub base_url: String,
+}
+
+impl Client {
+    pub fn new(base_url: &str) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base_url: base_url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
+        let response = self.http.get(self.url(path)).send().await?;
+        Ok((response.status(), response.json().await?))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(StatusCode, Value)> {
+        let response = self.http.post(self.url(path)).json(body).send().await?;
+        Ok((response.status(), response.json().await?))
+    }
+
+    /// Submits a task and returns its id, failing unless the server says 201.
+    pub async fn submit(&self, body: &Value) -> anyhow::Result<String> {
+        let (status, task) = self.post("/v1/tasks", body).await?;
+        if status != StatusCode::CREATED {
+            bail!("submitting {body} answered {status}: {task}");
+        }
+        Ok(task["id"].as_str().context("no id")?.to_owned())
+    }
+
+    pub async fn task(&self, id: &str) -> anyhow::Result<Value> {
+        let (status, task) = self.get(&format!("/v1/tasks/{id}")).await?;
+        if status != StatusCode::OK {
+            bail!("GET task {id} answered {status}: {task}");
+        }
+        Ok(task)
+    }
+
+    /// Polls until the task is succeeded, failed or cancelled.
+    pub async fn wait_until_finished(&self, id: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let task = self.task(id).await?;
+            if matches!(
+                task["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return Ok(task);
+            }
+            if Instant::now() > deadline {
+                bail!("task {id} did not finish within {timeout:?}; it is {task}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls until `check` holds for the task.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let task = self.task(id).await?;
+            if check(&task) {
+                return Ok(task);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "task {id} did not reach the expected state within {timeout:?}; it is {task}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Reads a task's SSE stream to its end: `(event name, id, data)`.
+    pub async fn events(
+        &self,
+        id: &str,
+        last_event_id: Option<i64>,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<SseEvent>> {
+        let mut request = self.http.get(self.url(&format!("/v1/tasks/{id}/events")));
+        if let Some(last) = last_event_id {
+            request = request.header("Last-Event-ID", last.to_string());
+        }
+        let response = request.send().await?;
+        if !response.status().is_success() {
+            bail!("events for {id} answered {}", response.status());
+        }
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        if !content_type.starts_with("text/event-stream") {
+            bail!("events for {id} came as {content_type:?}, not text/event-stream");
+        }
+        let mut stream = response.bytes_stream().eventsource();
+        let mut events = Vec::new();
+        let read = async {
+            while let Some(event) = stream.next().await {
+                let event = event?;
+                events.push(SseEvent {
+                    event: event.event,
+                    id: event.id,
+                    data: serde_json::from_str(&event.data)?,
+                });
+            }
+            anyhow::Ok(())
+        };
+        tokio::time::timeout(timeout, read)
+            .await
+            .context("the event stream did not end in time")??;
+        Ok(events)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: String,
+    pub data: Value,
+}
