@@ -125,14 +125,14 @@ impl Default for Config {
 impl Config {
     /// Layers the sources. `file` is read if given (it must then exist);
     /// `overrides` are flags from the command line.
-    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, figment::Error> {
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, Box<figment::Error>> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(figment::Error::from(format!(
+                return Err(Box::new(figment::Error::from(format!(
                     "the configuration file {} does not exist",
                     file.display()
-                )));
+                ))));
             }
             figment = figment.merge(Toml::file(file));
         }
@@ -140,7 +140,7 @@ impl Config {
         let env = Env::prefixed("OPSPAWN_")
             .split("__")
             .filter(|key| is_config_key(key.as_str()));
-        figment.merge(env).merge(overrides).extract()
+        figment.merge(env).merge(overrides).extract().map_err(Box::new)
     }
 
     pub fn plugin_dir(&self) -> PathBuf {

@@ -193,10 +193,10 @@ fn spawn(
         let mut found = Some(found);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(url) = line.strip_prefix("opspawn listening on ") {
-                if let Some(found) = found.take() {
-                    let _ = found.send(url.trim().to_owned());
-                }
+            if let Some(url) = line.strip_prefix("opspawn listening on ")
+                && let Some(found) = found.take()
+            {
+                let _ = found.send(url.trim().to_owned());
             }
         }
     });

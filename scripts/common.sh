@@ -1,0 +1,32 @@
+# Shared by the scripts in this folder: where builds go and how plugins build.
+# shellcheck shell=bash
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo_root/target}"
+# The guest plugins are their own workspace with their own target folder
+# (the same one the tests' build script uses), so builds never wait on each other.
+plugin_target_dir="$CARGO_TARGET_DIR/wasm32-plugins"
+example_plugins=(calculator react scripted)
+
+ensure_wasm_target() {
+    if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx wasm32-wasip2; then
+        echo "==> installing the wasm32-wasip2 target (plugins are built for it)"
+        rustup target add wasm32-wasip2
+    fi
+}
+
+build_plugins() {
+    echo "==> building the example plugins for wasm32-wasip2"
+    cargo build --release --target wasm32-wasip2 \
+        --manifest-path "$repo_root/plugins/Cargo.toml" --target-dir "$plugin_target_dir"
+}
+
+# install_plugins DIR: copies the example components and their manifests into DIR.
+install_plugins() {
+    local dir="$1"
+    mkdir -p "$dir"
+    for name in "${example_plugins[@]}"; do
+        cp "$plugin_target_dir/wasm32-wasip2/release/$name.wasm" "$dir/$name.wasm"
+        cp "$repo_root/plugins/$name/$name.toml" "$dir/$name.toml"
+    done
+}
