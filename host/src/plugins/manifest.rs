@@ -3,9 +3,13 @@
 //! for nothing and gets the default limits.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::http::HeaderName;
 use serde::{Deserialize, Serialize};
+
+use super::outbound::{Credential, HostGrant, OutboundPolicy};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,9 +47,24 @@ pub struct Capabilities {
     /// Directories to preopen, relative to the plugin folder.
     #[serde(default)]
     pub dirs: Vec<DirRequest>,
-    /// Outbound hosts as `scheme://host:port`; enforced for `wasi:http`.
+    /// Outbound hosts as `scheme://host[:port]`, `*.domain` and port `*`
+    /// allowed; enforced for `wasi:http` on the resolved address.
     #[serde(default)]
     pub outbound_hosts: Vec<String>,
+    /// Headers the host adds to requests for a granted host, such as an API
+    /// key; the plugin never sees them.
+    #[serde(default)]
+    pub credentials: Vec<CredentialRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialRequest {
+    /// One of the outbound hosts, such as `https://api.openai.com`.
+    pub host: String,
+    pub header: String,
+    /// The value; `${VAR}` is replaced by the host's environment variable.
+    pub value: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,11 +113,23 @@ impl Limits {
 }
 
 /// What a plugin was actually granted.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Grants {
     pub env: Vec<String>,
     pub dirs: Vec<DirGrant>,
     pub outbound_hosts: Vec<String>,
+    pub credentials: Vec<CredentialGrant>,
+    #[serde(skip)]
+    pub outbound: Arc<OutboundPolicy>,
+}
+
+/// A credential as shown to users: where it goes, never its value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CredentialGrant {
+    pub host: String,
+    pub header: String,
+    /// The environment variables its value comes from.
+    pub variables: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -149,10 +180,50 @@ impl Manifest {
                 })
             })
             .collect::<Result<_, String>>()?;
+        let grants = self
+            .capabilities
+            .outbound_hosts
+            .iter()
+            .map(|host| HostGrant::parse(host))
+            .collect::<Result<Vec<_>, _>>()?;
+        let credentials = self
+            .capabilities
+            .credentials
+            .iter()
+            .map(|request| {
+                let host = HostGrant::parse(&request.host)?;
+                if !self.capabilities.outbound_hosts.contains(&request.host) {
+                    return Err(format!(
+                        "the credential for {} is for a host not in outbound_hosts",
+                        request.host
+                    ));
+                }
+                let header = HeaderName::from_bytes(request.header.as_bytes())
+                    .map_err(|_| format!("invalid credential header name {:?}", request.header))?;
+                Ok(Credential {
+                    host,
+                    header,
+                    template: request.value.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(Grants {
             env: self.capabilities.env.clone(),
             dirs,
             outbound_hosts: self.capabilities.outbound_hosts.clone(),
+            credentials: credentials
+                .iter()
+                .zip(&self.capabilities.credentials)
+                .map(|(credential, request)| CredentialGrant {
+                    host: request.host.clone(),
+                    header: request.header.to_ascii_lowercase(),
+                    variables: credential.variables(),
+                })
+                .collect(),
+            outbound: Arc::new(OutboundPolicy {
+                grants,
+                credentials,
+            }),
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod bindings;
 mod convert;
 mod engine;
 pub mod manifest;
+mod outbound;
 mod registry;
 mod state;
 
@@ -120,6 +121,7 @@ impl PluginRuntime {
         let engine = engine::build_engine(&options.engine)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         type Data = wasmtime::component::HasSelf<CallState>;
         bindings::logging::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
         bindings::llm_stream::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;

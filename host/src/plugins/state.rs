@@ -8,9 +8,11 @@ use tokio::sync::mpsc;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::{llm_stream, logging};
 use super::manifest::{Grants, Limits};
+use super::outbound::PolicyHooks;
 
 /// How much of a plugin's stdout and stderr is kept to explain a crash.
 const OUTPUT_CAPTURE_BYTES: usize = 16 * 1024;
@@ -19,6 +21,8 @@ pub struct CallState {
     plugin: Arc<str>,
     wasi: WasiCtx,
     table: ResourceTable,
+    http: WasiHttpCtx,
+    http_hooks: PolicyHooks,
     pub(super) limiter: MemoryLimiter,
     pub(super) output: MemoryOutputPipe,
     deltas: Option<mpsc::UnboundedSender<String>>,
@@ -55,6 +59,10 @@ impl CallState {
             plugin,
             wasi: wasi.build(),
             table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            http_hooks: PolicyHooks {
+                policy: grants.outbound.clone(),
+            },
             limiter: MemoryLimiter::new(limits.memory_bytes),
             output,
             deltas,
@@ -79,6 +87,16 @@ impl WasiView for CallState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for CallState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
         }
     }
 }

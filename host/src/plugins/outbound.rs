@@ -1,0 +1,357 @@
+//! Outbound HTTP for plugins (`wasi:http/outgoing-handler`), deny by default.
+//!
+//! A request leaves only if its scheme, host and port match a grant, and only
+//! to an address the grant allows: a name that resolves to a loopback,
+//! private, link-local or otherwise non-public address is refused unless the
+//! grant names that address literally (`http://127.0.0.1:*`) or is for
+//! `localhost`. Plain-HTTP requests are then sent to the very address that
+//! was checked, so a second DNS answer cannot redirect them; HTTPS requests
+//! are bound to the checked name by certificate verification. Redirects are
+//! not followed by the host: a plugin that follows one makes a new request,
+//! which is checked again.
+//!
+//! Credentials are added here, to requests bound for the host they are
+//! granted for, so a plugin never holds a key and cannot send one elsewhere.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use hyper::Uri;
+use hyper::http::{HeaderName, HeaderValue};
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks, default_send_request,
+};
+
+/// One grant: `scheme://host[:port]`, where host may be `*.example.com` (any
+/// subdomain) or `*` (any public host) and port may be `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostGrant {
+    scheme: String,
+    host: String,
+    /// `None` means any port.
+    port: Option<u16>,
+}
+
+impl HostGrant {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (scheme, rest) = text
+            .split_once("://")
+            .ok_or_else(|| format!("outbound host {text:?} must look like https://host[:port]"))?;
+        let scheme = scheme.to_ascii_lowercase();
+        if scheme != "http" && scheme != "https" {
+            return Err(format!(
+                "outbound host {text:?}: only http and https are supported"
+            ));
+        }
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || rest.starts_with('[') => {
+                let port = match port {
+                    "*" => None,
+                    digits => Some(digits.parse::<u16>().map_err(|_| {
+                        format!("outbound host {text:?} has an invalid port {digits:?}")
+                    })?),
+                };
+                (host, port)
+            }
+            _ => (rest, Some(default_port(&scheme))),
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("outbound host {text:?} has no valid host"));
+        }
+        Ok(Self { scheme, host, port })
+    }
+
+    fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
+        let host_matches = if self.host == "*" {
+            true
+        } else if let Some(suffix) = self.host.strip_prefix("*.") {
+            host.len() > suffix.len() + 1
+                && host.ends_with(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        } else {
+            self.host == host
+        };
+        self.scheme == scheme && host_matches && self.port.is_none_or(|p| p == port)
+    }
+
+    /// Whether this grant names `ip` so explicitly that a non-public address
+    /// is meant.
+    fn names_address(&self, ip: IpAddr) -> bool {
+        match self.host.parse::<IpAddr>() {
+            Ok(granted) => granted == ip,
+            Err(_) => self.host == "localhost" && ip.is_loopback(),
+        }
+    }
+}
+
+fn default_port(scheme: &str) -> u16 {
+    if scheme == "https" { 443 } else { 80 }
+}
+
+/// A header the host adds to requests for one granted host, with its value
+/// taken from the host's environment when the request is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub host: HostGrant,
+    pub header: HeaderName,
+    /// The value, with `${VAR}` replaced by the environment variable `VAR`.
+    pub template: String,
+}
+
+impl Credential {
+    /// The header value, or `None` if a variable it needs is unset (the
+    /// request then goes without it and the provider answers 401).
+    fn value(&self) -> Option<HeaderValue> {
+        let mut value = String::new();
+        let mut rest = self.template.as_str();
+        while let Some(start) = rest.find("${") {
+            value.push_str(&rest[..start]);
+            let end = rest[start..].find('}')? + start;
+            value.push_str(&std::env::var(&rest[start + 2..end]).ok()?);
+            rest = &rest[end + 1..];
+        }
+        value.push_str(rest);
+        let mut header = HeaderValue::from_str(&value).ok()?;
+        header.set_sensitive(true);
+        Some(header)
+    }
+
+    /// The environment variables the template reads.
+    pub fn variables(&self) -> Vec<String> {
+        self.template
+            .split("${")
+            .skip(1)
+            .filter_map(|part| part.split_once('}').map(|(name, _)| name.to_owned()))
+            .collect()
+    }
+}
+
+/// What one plugin may reach, shared by all of its calls.
+#[derive(Debug, Clone, Default)]
+pub struct OutboundPolicy {
+    pub grants: Vec<HostGrant>,
+    pub credentials: Vec<Credential>,
+}
+
+impl OutboundPolicy {
+    /// Checks a request against the grants and resolves its host; returns
+    /// the address to connect to.
+    async fn check(&self, uri: &Uri) -> Result<SocketAddr, HttpError> {
+        let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
+        let host = uri
+            .host()
+            .ok_or(HttpError::HttpRequestUriInvalid)?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let port = uri.port_u16().unwrap_or_else(|| default_port(&scheme));
+        let matching: Vec<&HostGrant> = self
+            .grants
+            .iter()
+            .filter(|grant| grant.matches(&scheme, &host, port))
+            .collect();
+        if matching.is_empty() {
+            tracing::warn!(%scheme, %host, port, "outbound request denied: host not granted");
+            return Err(HttpError::HttpRequestDenied);
+        }
+        let addresses: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(|_| HttpError::DnsError {
+                    rcode: None,
+                    info_code: None,
+                })?
+                .collect(),
+        };
+        let allowed = |addr: &SocketAddr| {
+            is_public(addr.ip()) || matching.iter().any(|grant| grant.names_address(addr.ip()))
+        };
+        match addresses.iter().find(|addr| allowed(addr)) {
+            Some(addr) => Ok(*addr),
+            None => {
+                tracing::warn!(%host, ?addresses, "outbound request denied: non-public address");
+                Err(HttpError::DestinationIpProhibited)
+            }
+        }
+    }
+}
+
+/// The `wasi:http` hooks for one call: the plugin's policy applied to each
+/// outgoing request.
+pub struct PolicyHooks {
+    pub policy: Arc<OutboundPolicy>,
+}
+
+impl WasiHttpHooks for PolicyHooks {
+    fn send_request(
+        &mut self,
+        mut request: hyper::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        hyper::Response<WasiBody>,
+                        Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+                    ),
+                    HttpError,
+                >,
+            > + Send,
+    > {
+        let policy = self.policy.clone();
+        Box::new(async move {
+            let uri = request.uri().clone();
+            let address = policy.check(&uri).await?;
+            let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
+            let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+            let port = uri.port_u16().unwrap_or_else(|| default_port(&scheme));
+            for credential in &policy.credentials {
+                if credential.host.matches(&scheme, &host, port) {
+                    // Whatever the plugin wrote under this name is replaced.
+                    request.headers_mut().remove(&credential.header);
+                    if let Some(value) = credential.value() {
+                        request
+                            .headers_mut()
+                            .insert(credential.header.clone(), value);
+                    }
+                }
+            }
+            if scheme == "http" {
+                // Connect to the address that was checked, not a fresh lookup.
+                let path = uri.path_and_query().map_or("/", |p| p.as_str());
+                *request.uri_mut() = format!("http://{address}{path}")
+                    .parse()
+                    .map_err(|_| HttpError::HttpRequestUriInvalid)?;
+            }
+            let (response, io) = default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+            ))
+        })
+    }
+}
+
+/// Whether an address is on the public internet.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => is_public_v4(ip),
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => is_public_v4(v4),
+            None => is_public_v6(ip),
+        },
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || ip.is_multicast()
+        || a == 0
+        || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+        || (a == 192 && b == 0 && ip.octets()[2] == 0) // IETF protocol assignments
+        || (a == 198 && (18..20).contains(&b)) // benchmarking
+        || a >= 240) // reserved
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    let first = ip.segments()[0];
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || (first & 0xfe00) == 0xfc00 // unique local
+        || (first & 0xffc0) == 0xfe80 // link-local
+        || (first == 0x2001 && ip.segments()[1] == 0x0db8) // documentation
+        || ip.to_ipv4().is_some_and(|v4| !is_public_v4(v4)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(text: &str) -> HostGrant {
+        HostGrant::parse(text).unwrap()
+    }
+
+    #[test]
+    fn grants_match_scheme_host_and_port() {
+        let openai = grant("https://api.openai.com");
+        assert!(openai.matches("https", "api.openai.com", 443));
+        assert!(!openai.matches("http", "api.openai.com", 80));
+        assert!(!openai.matches("https", "api.openai.com", 8443));
+        assert!(!openai.matches("https", "evil.com", 443));
+
+        let wildcard = grant("https://*.example.com:*");
+        assert!(wildcard.matches("https", "a.example.com", 8443));
+        assert!(wildcard.matches("https", "a.b.example.com", 443));
+        assert!(!wildcard.matches("https", "example.com", 443));
+        assert!(!wildcard.matches("https", "badexample.com", 443));
+
+        let loopback = grant("http://127.0.0.1:*");
+        assert!(loopback.matches("http", "127.0.0.1", 41234));
+        assert!(loopback.names_address("127.0.0.1".parse().unwrap()));
+        assert!(!grant("https://*").names_address("127.0.0.1".parse().unwrap()));
+        assert!(grant("http://[::1]:8080").matches("http", "::1", 8080));
+    }
+
+    #[test]
+    fn bad_grants_are_refused() {
+        for bad in ["api.openai.com", "ftp://x", "https://", "https://host:port"] {
+            assert!(HostGrant::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in ["1.1.1.1", "93.184.216.34", "2606:4700:4700::1111"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[test]
+    fn credentials_expand_variables_and_name_them() {
+        // SAFETY: tests in this module do not read this variable concurrently.
+        unsafe { std::env::set_var("OPSPAWN_TEST_CREDENTIAL", "sk-123") };
+        let credential = Credential {
+            host: grant("https://api.openai.com"),
+            header: HeaderName::from_static("authorization"),
+            template: "Bearer ${OPSPAWN_TEST_CREDENTIAL}".into(),
+        };
+        assert_eq!(credential.value().unwrap(), "Bearer sk-123");
+        assert_eq!(credential.variables(), ["OPSPAWN_TEST_CREDENTIAL"]);
+        let missing = Credential {
+            template: "Bearer ${OPSPAWN_TEST_UNSET_VARIABLE}".into(),
+            ..credential
+        };
+        assert!(missing.value().is_none());
+    }
+}
