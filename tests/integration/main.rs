@@ -5,6 +5,7 @@
 mod api;
 mod durability;
 mod plugins;
+mod sandbox;
 mod streaming;
 
 use std::path::Path;
@@ -17,12 +18,23 @@ use serde_json::{Value, json};
 pub const FINISH: Duration = Duration::from_secs(60);
 
 /// A server with the example plugins and the misbehaving fixture, in its own
-/// temporary data directory.
+/// temporary data directory and, on Postgres, its own schema.
 pub struct Harness {
     pub server: Server,
     pub plugins: PluginFolder,
     _data: tempfile::TempDir,
+    /// The Postgres URL and schema the server uses, dropped with the harness.
+    postgres: Option<(String, String)>,
 }
+
+/// Selects the store the servers use: `sqlite` (the default) or `postgres`.
+const DATABASE_VAR: &str = "OPSPAWN_TEST_DATABASE";
+/// The Postgres database the tests use; each harness gets a schema of its own.
+const POSTGRES_URL_VAR: &str = "OPSPAWN_TEST_POSTGRES_URL";
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// Text no plugin may ever read.
+pub const SECRET: &str = "the-host-secret-4f1c";
 
 /// The misbehaving fixture's manifest: short limits so tests run fast, and a
 /// writable folder for the counting tool.
@@ -32,10 +44,17 @@ memory_mib = 32
 call_timeout_ms = 1000
 max_output_bytes = 65536
 
+[capabilities]
+env = ["OPSPAWN_TEST_GRANTED"]
+
 [[capabilities.dirs]]
 path = "counts"
 guest_path = "/counts"
 writable = true
+
+[[capabilities.dirs]]
+path = "readonly"
+guest_path = "/readonly"
 "#;
 
 impl Harness {
@@ -43,22 +62,92 @@ impl Harness {
         Self::start_with(&[])
     }
 
+    /// Starts a server with `env` added to its environment (after, so
+    /// overriding, what the harness sets).
     pub fn start_with(env: &[(&str, &str)]) -> Self {
         let plugins = PluginFolder::with_examples();
         std::fs::create_dir_all(plugins.path().join("counts")).unwrap();
+        let readonly = plugins.path().join("readonly");
+        std::fs::create_dir_all(&readonly).unwrap();
+        std::fs::write(readonly.join("visible.txt"), "granted content").unwrap();
+        // A secret beside the granted folder, and a symlink pointing at it.
+        std::fs::write(plugins.path().join("secret.txt"), SECRET).unwrap();
+        std::os::unix::fs::symlink(plugins.path().join("secret.txt"), readonly.join("link.txt"))
+            .unwrap();
         plugins.add("misbehaving", "misbehaving", Some(MISBEHAVING_MANIFEST));
         let data = tempfile::tempdir().unwrap();
-        let server =
-            Server::start(binary(), data.path(), plugins.path(), env).expect("the server starts");
+
+        let postgres = match std::env::var(DATABASE_VAR).as_deref() {
+            Err(_) | Ok("" | "sqlite") => None,
+            Ok("postgres") => {
+                let url = std::env::var(POSTGRES_URL_VAR)
+                    .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
+                let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+                Some((url, schema))
+            }
+            Ok(other) => panic!("{DATABASE_VAR}={other:?}: use sqlite or postgres"),
+        };
+        let database_url = postgres.as_ref().map(|(url, schema)| {
+            let separator = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{separator}opspawn_schema={schema}")
+        });
+        let mut server_env: Vec<(&str, &str)> = Vec::new();
+        if let Some(database_url) = &database_url {
+            server_env.push(("OPSPAWN_DATABASE_URL", database_url));
+            // A restarted server cannot take its old claims over at once on
+            // Postgres, as it does on SQLite: they stay claimed until their
+            // leases expire. Short leases keep the durability test well
+            // within FINISH.
+            server_env.push(("OPSPAWN_LEASE", "3s"));
+        }
+        server_env.extend_from_slice(env);
+
+        let server = Server::start(binary(), data.path(), plugins.path(), &server_env)
+            .expect("the server starts");
         Self {
             server,
             plugins,
             _data: data,
+            postgres,
         }
     }
 
     pub fn client(&self) -> Client {
         self.server.client()
+    }
+}
+
+impl Drop for Harness {
+    /// On Postgres, stops the server and drops its schema, so test runs do
+    /// not pile schemas up. (A run that is killed leaves its schemas behind.)
+    fn drop(&mut self) {
+        let Some((url, schema)) = self.postgres.take() else {
+            return;
+        };
+        self.server.kill9();
+        // Drop runs inside the test's runtime, where blocking on a future is
+        // not allowed: use a thread with a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&url).await?;
+                // The name is ours: t_ and hex digits.
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+                )))
+                .execute(&mut conn)
+                .await?;
+                conn.close().await?;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+        if let Ok(Err(error)) = dropped {
+            eprintln!("dropping the test schema failed: {error:#}");
+        }
     }
 }
 

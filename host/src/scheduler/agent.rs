@@ -18,8 +18,8 @@ use super::Shared;
 use crate::events::LiveEvent;
 use crate::plugins::CallError;
 use crate::protocol::{
-    CallContext, ChatRequest, ChatResponse, PlannerAction, PlannerStep, TaskState, ToolCall,
-    ToolResult, Usage,
+    CallContext, ChatRequest, ChatResponse, LlmError, LlmErrorKind, PlannerAction, PlannerStep,
+    TaskState, ToolCall, ToolResult, Usage,
 };
 use crate::store::{
     Claim, ErrorInfo, Fence, StepEnd, StepKind, StepRecord, StepStart, StepStatus, StoreError,
@@ -227,13 +227,9 @@ impl Run {
     }
 
     fn timed_out(&self) -> TaskEnd {
-        failed(
-            "task_timeout",
-            format!(
-                "the task ran past its time limit of {}",
-                humantime::format_duration(Duration::from_millis(self.task.timeout_ms as u64))
-            ),
-        )
+        TaskEnd::Failed {
+            error: timed_out_error(&self.task),
+        }
     }
 
     /// Runs a plugin call, but no longer than the task has left.
@@ -243,10 +239,7 @@ impl Run {
     ) -> Result<T, ErrorInfo> {
         match tokio::time::timeout(self.remaining(), call).await {
             Ok(result) => result.map_err(|e| ErrorInfo::new(e.code(), e.to_string())),
-            Err(_) => match self.timed_out() {
-                TaskEnd::Failed { error } => Err(error),
-                _ => unreachable!("timed_out fails the task"),
-            },
+            Err(_) => Err(timed_out_error(&self.task)),
         }
     }
 
@@ -334,13 +327,7 @@ impl Run {
                 });
             }
         });
-        let result = self
-            .bounded(
-                self.shared
-                    .runtime
-                    .complete(&self.task.llm, context, &request, Some(deltas)),
-            )
-            .await;
+        let result = self.complete_with_retries(context, &request, deltas).await;
         let _ = forward.await;
         match result {
             Ok(response) => {
@@ -348,6 +335,53 @@ impl Run {
                 (Ok(json!(response)), usage)
             }
             Err(error) => (Err(error), None),
+        }
+    }
+
+    /// Calls the LLM adapter, retrying rate limits and provider outages with
+    /// exponential backoff (or the provider's `Retry-After`), within the
+    /// configured number of retries and the task's deadline.
+    async fn complete_with_retries(
+        &self,
+        context: &CallContext,
+        request: &ChatRequest,
+        deltas: mpsc::UnboundedSender<String>,
+    ) -> Result<ChatResponse, ErrorInfo> {
+        let policy = &self.shared.config.retry;
+        let mut retry = 0;
+        loop {
+            let call = self.shared.runtime.complete(
+                &self.task.llm,
+                context,
+                request,
+                Some(deltas.clone()),
+            );
+            let error = match tokio::time::timeout(self.remaining(), call).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(error)) => error,
+                Err(_) => return Err(timed_out_error(&self.task)),
+            };
+            let CallError::Llm(llm_error) = &error else {
+                return Err(ErrorInfo::new(error.code(), error.to_string()));
+            };
+            let retryable = matches!(
+                llm_error.kind,
+                LlmErrorKind::RateLimited | LlmErrorKind::Unavailable | LlmErrorKind::Timeout
+            );
+            let delay = policy.delay(retry, llm_error.retry_after_ms.map(Duration::from_millis));
+            if !retryable || retry >= policy.max_retries || delay >= self.remaining() {
+                return Err(llm_error_info(llm_error));
+            }
+            retry += 1;
+            tracing::info!(
+                task = %self.task.id,
+                step = context.step,
+                retry,
+                delay_ms = delay.as_millis() as u64,
+                code = llm_error.kind.code(),
+                "retrying the LLM call"
+            );
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -371,6 +405,26 @@ impl Run {
         )
         .await
     }
+}
+
+/// An LLM error for the journal, with the provider's answer kept.
+fn llm_error_info(error: &LlmError) -> ErrorInfo {
+    let mut message = error.message.clone();
+    if let Some(body) = error.body.as_deref().filter(|b| !b.is_empty()) {
+        let status = error.status.map(|s| format!(" {s}")).unwrap_or_default();
+        message.push_str(&format!("; the provider answered{status}: {body}"));
+    }
+    ErrorInfo::new(error.kind.code(), message)
+}
+
+fn timed_out_error(task: &TaskRecord) -> ErrorInfo {
+    ErrorInfo::new(
+        "task_timeout",
+        format!(
+            "the task ran past its time limit of {}",
+            humantime::format_duration(Duration::from_millis(task.timeout_ms as u64))
+        ),
+    )
 }
 
 fn failed(code: impl Into<String>, message: impl Into<String>) -> TaskEnd {

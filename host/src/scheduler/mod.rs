@@ -26,6 +26,49 @@ pub struct SchedulerConfig {
     /// How often idle workers look for work they were not woken for
     /// (expired leases, tasks submitted to another host).
     pub poll_interval: Duration,
+    pub retry: RetryPolicy,
+}
+
+/// How failed calls that may succeed later (rate limits, provider outages)
+/// are retried: exponential backoff with jitter, or the provider's own
+/// `Retry-After` when it gives one, capped.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry + 1`.
+    pub fn delay(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
+        let delay = retry_after.unwrap_or_else(|| {
+            let exponential = self.base_delay.saturating_mul(1 << retry.min(16));
+            // Full jitter in the upper half keeps retries from moving in step.
+            let jitter = rand_fraction();
+            exponential.mul_f64(0.5 + jitter / 2.0)
+        });
+        delay.min(self.max_delay)
+    }
+}
+
+/// A fraction in [0, 1) from the clock; good enough to spread retries.
+fn rand_fraction() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    f64::from(nanos % 1_000_000) / 1_000_000.0
 }
 
 impl Default for SchedulerConfig {
@@ -34,6 +77,7 @@ impl Default for SchedulerConfig {
             workers: 8,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(500),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -109,6 +153,33 @@ impl Scheduler {
         self.shared.shutdown.cancel();
         let mut workers = self.workers.lock().await;
         while workers.join_next().await.is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_and_honour_retry_after() {
+        let policy = RetryPolicy::default();
+        for retry in 0..4 {
+            let delay = policy.delay(retry, None);
+            let full = policy.base_delay * (1 << retry);
+            assert!(
+                delay >= full / 2 && delay <= full,
+                "retry {retry}: {delay:?}"
+            );
+        }
+        assert_eq!(
+            policy.delay(0, Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            policy.delay(0, Some(Duration::from_secs(600))),
+            policy.max_delay
+        );
+        assert_eq!(policy.delay(30, None), policy.max_delay);
     }
 }
 
