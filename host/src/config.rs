@@ -9,6 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
 use crate::scheduler::SchedulerConfig;
 
@@ -35,6 +36,8 @@ pub struct Config {
     pub watch_plugins: bool,
     pub defaults: TaskDefaults,
     pub plugins: PluginDefaults,
+    /// What plugins may be granted, globally and per plugin.
+    pub policy: OperatorPolicy,
 }
 
 /// What a task gets for whatever its request leaves out.
@@ -78,6 +81,7 @@ const KEYS: &[&str] = &[
     "watch_plugins",
     "defaults",
     "plugins",
+    "policy",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -118,6 +122,7 @@ impl Default for Config {
                 max_memory_mib: 1024,
                 pooling: true,
             },
+            policy: OperatorPolicy::default(),
         }
     }
 }
@@ -140,7 +145,11 @@ impl Config {
         let env = Env::prefixed("OPSPAWN_")
             .split("__")
             .filter(|key| is_config_key(key.as_str()));
-        figment.merge(env).merge(overrides).extract().map_err(Box::new)
+        figment
+            .merge(env)
+            .merge(overrides)
+            .extract()
+            .map_err(Box::new)
     }
 
     pub fn plugin_dir(&self) -> PathBuf {
@@ -168,6 +177,7 @@ impl Config {
                 call_timeout: self.plugins.call_timeout,
                 max_output_bytes: self.plugins.max_output_bytes,
             },
+            policy: self.policy.clone(),
             engine: EngineOptions {
                 pooling: self.plugins.pooling,
                 max_memory_bytes: self.plugins.max_memory_mib << 20,

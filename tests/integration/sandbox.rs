@@ -150,3 +150,47 @@ async fn hostile_calls_fail_alone_while_other_tasks_finish() {
         assert_eq!(step["error"]["code"], code, "{tool}: {step:#}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_policy_narrows_what_a_manifest_asks_for() {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        r#"
+        [policy]
+        writable_dirs = false
+
+        [policy.plugins.misbehaving]
+        env = []
+        max_call_timeout = "300ms"
+        "#,
+    )
+    .unwrap();
+    let config_path = config.path().to_str().unwrap().to_owned();
+    let harness = Harness::start_with(&[
+        ("OPSPAWN_CONFIG", &config_path),
+        ("OPSPAWN_TEST_GRANTED", "visible"),
+    ]);
+
+    let (_, list) = harness.client().get("/v1/plugins").await.unwrap();
+    let misbehaving = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "misbehaving")
+        .unwrap()
+        .clone();
+    let refused: Vec<&str> = misbehaving["refused"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+    assert!(refused.contains(&"environment variable OPSPAWN_TEST_GRANTED"), "{refused:?}");
+    assert!(refused.contains(&"write access to folder counts"), "{refused:?}");
+    assert_eq!(misbehaving["grants"]["env"], json!([]));
+    assert_eq!(misbehaving["limits"]["call_timeout"], "300ms");
+
+    let env = tool_step(&harness, "env", json!({"name": "OPSPAWN_TEST_GRANTED"})).await;
+    assert_eq!(env["output"]["value"], Value::Null, "the refused variable is not visible");
+    let write = tool_step(&harness, "write_file", json!({"path": "/counts/x.txt", "content": "x"})).await;
+    assert_eq!(write["status"], "failed", "the folder became read-only: {write:#}");
+    let spin = tool_step(&harness, "spin", json!({})).await;
+    assert_eq!(spin["error"]["code"], "plugin_timeout");
+    assert!(spin["duration_ms"].as_i64().unwrap() < 900, "the operator's shorter limit applies: {spin:#}");
+}

@@ -10,6 +10,7 @@ mod convert;
 mod engine;
 pub mod manifest;
 mod outbound;
+pub mod policy;
 mod registry;
 mod state;
 
@@ -46,6 +47,8 @@ pub struct RuntimeOptions {
     pub cache_dir: Option<PathBuf>,
     /// Limits for plugins whose manifest does not ask for others.
     pub default_limits: Limits,
+    /// What the operator lets plugins be granted.
+    pub policy: policy::OperatorPolicy,
     pub engine: EngineOptions,
 }
 

@@ -124,12 +124,17 @@ impl Credential {
 
     /// The environment variables the template reads.
     pub fn variables(&self) -> Vec<String> {
-        self.template
-            .split("${")
-            .skip(1)
-            .filter_map(|part| part.split_once('}').map(|(name, _)| name.to_owned()))
-            .collect()
+        template_variables(&self.template)
     }
+}
+
+/// The variables a `${VAR}` template reads.
+pub fn template_variables(template: &str) -> Vec<String> {
+    template
+        .split("${")
+        .skip(1)
+        .filter_map(|part| part.split_once('}').map(|(name, _)| name.to_owned()))
+        .collect()
 }
 
 /// What one plugin may reach, shared by all of its calls.

@@ -72,6 +72,9 @@ pub struct PluginInfo {
     pub tools: Vec<ToolSpec>,
     pub grants: Grants,
     pub limits: Limits,
+    /// What the manifest asked for that the operator's policy refused.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
 }
 
 /// A file in the plugin folder that could not be loaded, and why.
@@ -252,8 +255,16 @@ impl PluginRuntime {
                 .unwrap_or_default(),
         };
         validate_name(&name).map_err(|e| format!("plugin name {name:?} {e}"))?;
+        let policy = &self.options.policy;
+        if !policy.enabled(&name) {
+            return Err(format!("the operator's policy disables plugin {name:?}"));
+        }
+        let requested = self.options.default_limits.with_requested(&manifest.limits);
+        let (manifest, limits, refused) = policy.narrow(&name, manifest, requested);
+        for refusal in &refused {
+            tracing::warn!(plugin = %name, "policy refused {refusal}");
+        }
         let grants = manifest.grants(&self.options.plugin_dir)?;
-        let limits = self.options.default_limits.with_requested(&manifest.limits);
         if limits.memory_bytes > self.options.engine.max_memory_bytes {
             return Err(format!(
                 "its manifest asks for {} MiB of memory; this host allows at most {} MiB",
@@ -303,6 +314,7 @@ impl PluginRuntime {
                 tools: Vec::new(),
                 grants,
                 limits,
+                refused,
             },
             entry,
             manifest_sha256,
