@@ -3,6 +3,7 @@
 //! over HTTP.
 
 mod api;
+mod crash;
 mod durability;
 mod plugins;
 mod sandbox;

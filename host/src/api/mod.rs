@@ -132,6 +132,12 @@ fn validate(state: &AppState, request: CreateTask) -> Result<NewTask, ApiError> 
     if goal.is_empty() {
         return Err(ApiError::unprocessable("invalid_goal", "the goal is empty"));
     }
+    if goal.contains('\0') {
+        return Err(ApiError::unprocessable(
+            "invalid_goal",
+            "the goal contains a NUL character",
+        ));
+    }
     if goal.len() > MAX_GOAL_BYTES {
         return Err(ApiError::unprocessable(
             "invalid_goal",

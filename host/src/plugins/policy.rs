@@ -77,7 +77,8 @@ impl OperatorPolicy {
         let allowed = |pick: fn(&Allowances) -> &Option<Vec<String>>, item: &str| {
             rules.iter().all(|rules| allows(pick(rules), item))
         };
-        let flag = |pick: fn(&Allowances) -> Option<bool>| rules.iter().all(|r| pick(r) != Some(false));
+        let flag =
+            |pick: fn(&Allowances) -> Option<bool>| rules.iter().all(|r| pick(r) != Some(false));
 
         let mut refused = Vec::new();
         let mut narrowed = manifest.clone();
@@ -202,7 +203,11 @@ mod tests {
         assert_eq!(refused.len(), 5, "{refused:?}");
 
         let (other, _, _) = policy.narrow("q", &manifest(), Limits::default());
-        assert_eq!(other.capabilities.env, ["A", "B"], "per-plugin rules stay with their plugin");
+        assert_eq!(
+            other.capabilities.env,
+            ["A", "B"],
+            "per-plugin rules stay with their plugin"
+        );
     }
 
     #[test]

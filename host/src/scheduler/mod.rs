@@ -156,33 +156,6 @@ impl Scheduler {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retries_back_off_exponentially_and_honour_retry_after() {
-        let policy = RetryPolicy::default();
-        for retry in 0..4 {
-            let delay = policy.delay(retry, None);
-            let full = policy.base_delay * (1 << retry);
-            assert!(
-                delay >= full / 2 && delay <= full,
-                "retry {retry}: {delay:?}"
-            );
-        }
-        assert_eq!(
-            policy.delay(0, Some(Duration::from_secs(2))),
-            Duration::from_secs(2)
-        );
-        assert_eq!(
-            policy.delay(0, Some(Duration::from_secs(600))),
-            policy.max_delay
-        );
-        assert_eq!(policy.delay(30, None), policy.max_delay);
-    }
-}
-
 async fn work(shared: Arc<Shared>, index: usize) {
     let worker = format!("{}/{index}", shared.host_id);
     while !shared.shutdown.is_cancelled() {
@@ -255,5 +228,32 @@ async fn keep_lease(
             }
             Err(error) => tracing::warn!(task = %fence.task_id, %error, "renewing a lease failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_and_honour_retry_after() {
+        let policy = RetryPolicy::default();
+        for retry in 0..4 {
+            let delay = policy.delay(retry, None);
+            let full = policy.base_delay * (1 << retry);
+            assert!(
+                delay >= full / 2 && delay <= full,
+                "retry {retry}: {delay:?}"
+            );
+        }
+        assert_eq!(
+            policy.delay(0, Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            policy.delay(0, Some(Duration::from_secs(600))),
+            policy.max_delay
+        );
+        assert_eq!(policy.delay(30, None), policy.max_delay);
     }
 }

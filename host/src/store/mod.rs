@@ -8,6 +8,7 @@
 //! A write whose fence no longer matches the task's current claim fails with
 //! [`StoreError::Fenced`] and changes nothing.
 
+mod postgres;
 mod sqlite;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::protocol::Usage;
@@ -153,9 +155,11 @@ pub struct ErrorInfo {
 
 impl ErrorInfo {
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        // Postgres text cannot hold NUL, and a plugin's message may contain one.
+        let message: String = message.into();
         Self {
             code: code.into(),
-            message: message.into(),
+            message: message.replace('\0', "\u{fffd}"),
         }
     }
 }
@@ -360,9 +364,11 @@ pub trait Store: Send + Sync + 'static {
 pub async fn open(database_url: &str) -> Result<std::sync::Arc<dyn Store>> {
     if database_url.starts_with("sqlite:") {
         Ok(std::sync::Arc::new(SqliteStore::open(database_url).await?))
+    } else if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(PgStore::open(database_url).await?))
     } else {
         Err(StoreError::Config(format!(
-            "unsupported database URL {database_url:?}: use sqlite://PATH"
+            "unsupported database URL {database_url:?}: use sqlite://PATH or postgres://USER@HOST/DATABASE"
         )))
     }
 }

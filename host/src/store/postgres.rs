@@ -1,0 +1,814 @@
+//! The shared store: a Postgres database that several hosts may use at once.
+//!
+//! Unlike SQLite there is no single writer: every write is its own
+//! transaction on a pooled connection, and row locks keep concurrent writers
+//! apart. Each write that concerns a task first locks the task's row (`FOR
+//! UPDATE`), which both fences it (the claim is checked on the locked row, so
+//! a superseded worker cannot write) and serialises the numbering of the
+//! task's events.
+//!
+//! Wake-ups: creating a task sends `NOTIFY opspawn_tasks` (payload: the task
+//! id) when its transaction commits. Nothing listens yet: idle workers poll
+//! the store every 500 ms, which also finds tasks submitted to other hosts.
+//! Wiring LISTEN/NOTIFY into the scheduler is the next step (issue 5).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::{
+    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, Result,
+    StepEnd, StepKind, StepRecord, StepStart, StepStatus, Store, StoreError, TaskEnd, TaskPage,
+    TaskQuery, TaskRecord, TaskStatus, event_kind, now_millis,
+};
+use crate::protocol::Usage;
+
+/// The most connections one host opens.
+const MAX_CONNECTIONS: u32 = 16;
+
+/// The channel task creation is announced on.
+const TASKS_CHANNEL: &str = "opspawn_tasks";
+
+/// The URL query parameter naming the schema to keep the tables in.
+const SCHEMA_PARAMETER: &str = "opspawn_schema";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to the database at `url` and migrates it.
+    ///
+    /// `url` may carry `opspawn_schema=NAME` (`[a-z0-9_]+`): the tables then
+    /// live in that schema, created if needed, so that several stores (tests,
+    /// say) can share one database without seeing each other.
+    pub async fn open(url: &str) -> Result<Self> {
+        let (url, schema) = take_schema(url)?;
+        let options = PgConnectOptions::from_str(&url)?;
+        let mut pool = PgPoolOptions::new().max_connections(MAX_CONNECTIONS);
+        if let Some(schema) = &schema {
+            // Safe to splice: the name was checked to be [a-z0-9_]+. Setting
+            // a search_path that does not exist yet is allowed; the schema is
+            // created below, before any table is used.
+            let set_path = format!("SET search_path TO \"{schema}\"");
+            pool = pool.after_connect(move |conn, _| {
+                let set_path = set_path.clone();
+                Box::pin(async move {
+                    sqlx::raw_sql(AssertSqlSafe(set_path))
+                        .execute(conn)
+                        .await
+                        .map(drop)
+                })
+            });
+        }
+        let pool = pool.connect_with(options).await?;
+        if let Some(schema) = &schema {
+            create_schema(&pool, schema).await?;
+        }
+        // Unqualified, like the migrations' tables, so the search_path puts
+        // `_sqlx_migrations` in the schema as well.
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+/// Splits `opspawn_schema=NAME` off the URL's query; the rest of the URL goes
+/// to the driver, which does not know the parameter.
+fn take_schema(url: &str) -> Result<(String, Option<String>)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), None));
+    };
+    let mut schema = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some((SCHEMA_PARAMETER, name)) => schema = Some(name.to_owned()),
+            _ => kept.push(pair),
+        }
+    }
+    if let Some(name) = &schema {
+        let valid = !name.is_empty()
+            && name.len() <= 63 // longer identifiers are silently truncated
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !valid {
+            return Err(StoreError::Config(format!(
+                "invalid {SCHEMA_PARAMETER} {name:?}: use 1 to 63 of a-z, 0-9 and _"
+            )));
+        }
+    }
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, schema))
+}
+
+async fn create_schema(pool: &PgPool, schema: &str) -> Result<()> {
+    let created = sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+    )))
+    .execute(pool)
+    .await;
+    match created {
+        // Two hosts creating the schema at once: IF NOT EXISTS does not
+        // cover the race, and the loser gets a unique violation. The schema
+        // exists either way.
+        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => Ok(()),
+        Err(error) => Err(error.into()),
+        Ok(_) => Ok(()),
+    }
+}
+
+async fn create_task(conn: &mut PgConnection, task: &NewTask) -> Result<(TaskRecord, EventRecord)> {
+    let id = uuid::Uuid::now_v7().to_string();
+    let now = now_millis();
+    // JSON goes in as text cast to `json`: a `jsonb` parameter would refuse
+    // the escape \u0000.
+    let row = sqlx::query(
+        "INSERT INTO tasks (id, status, goal, planner, llm, model, tools, options, max_steps,
+                            timeout_ms, created_at)
+         VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10)
+         RETURNING *",
+    )
+    .bind(&id)
+    .bind(&task.goal)
+    .bind(&task.planner)
+    .bind(&task.llm)
+    .bind(&task.model)
+    .bind(json!(task.tools).to_string())
+    .bind(task.options.to_string())
+    .bind(task.max_steps as i64)
+    .bind(task.timeout.as_millis() as i64)
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await?;
+    let record = task_from_row(&row)?;
+    let event = append_event(
+        conn,
+        &id,
+        event_kind::TASK_QUEUED,
+        json!({"status": "queued"}),
+    )
+    .await?;
+    // Delivered when the transaction commits, never for a task rolled back.
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(TASKS_CHANNEL)
+        .bind(&id)
+        .execute(&mut *conn)
+        .await?;
+    Ok((record, event))
+}
+
+async fn claim(conn: &mut PgConnection, worker: &str, lease: Duration) -> Result<Option<Claim>> {
+    let now = now_millis();
+    // SKIP LOCKED: workers claiming at once take different tasks instead of
+    // queueing on the same row, and a task whose row a writer holds (a
+    // cancel, a renewal) is left for the next round.
+    let row = sqlx::query(
+        "UPDATE tasks
+            SET status = 'running', attempt = attempt + 1, lease_owner = $1,
+                lease_expires_at = $2, started_at = COALESCE(started_at, $3)
+          WHERE id = (SELECT id FROM tasks
+                       WHERE status = 'queued'
+                          OR (status = 'running' AND lease_expires_at < $3)
+                       ORDER BY id
+                       LIMIT 1
+                       FOR UPDATE SKIP LOCKED)
+         RETURNING *",
+    )
+    .bind(worker)
+    .bind(now + lease.as_millis() as i64)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let task = task_from_row(&row)?;
+    let fence = Fence {
+        task_id: task.id.clone(),
+        attempt: task.attempt,
+        worker: worker.to_owned(),
+    };
+    let steps = load_steps(&mut *conn, &task.id).await?;
+    let event = append_event(
+        conn,
+        &task.id,
+        event_kind::TASK_STARTED,
+        json!({"attempt": task.attempt, "resumed_steps": steps.len()}),
+    )
+    .await?;
+    Ok(Some(Claim {
+        task,
+        fence,
+        steps,
+        event,
+    }))
+}
+
+/// Locks the task's row and fails with `Fenced` unless `fence` is its
+/// current, running claim. The lock is held until the transaction ends, so
+/// no claim can supersede this one while the caller writes.
+async fn check_fence(conn: &mut PgConnection, fence: &Fence) -> Result<LeaseState> {
+    let row = sqlx::query(
+        "SELECT cancel_requested FROM tasks
+          WHERE id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'
+            FOR UPDATE",
+    )
+    .bind(&fence.task_id)
+    .bind(fence.attempt)
+    .bind(&fence.worker)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(row) => Ok(LeaseState {
+            cancel_requested: row.try_get("cancel_requested")?,
+        }),
+        None => Err(StoreError::Fenced {
+            task_id: fence.task_id.clone(),
+            attempt: fence.attempt,
+        }),
+    }
+}
+
+async fn renew(conn: &mut PgConnection, fence: &Fence, lease: Duration) -> Result<LeaseState> {
+    let state = check_fence(conn, fence).await?;
+    sqlx::query("UPDATE tasks SET lease_expires_at = $1 WHERE id = $2")
+        .bind(now_millis() + lease.as_millis() as i64)
+        .bind(&fence.task_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(state)
+}
+
+async fn start_step(
+    conn: &mut PgConnection,
+    fence: &Fence,
+    step: &StepStart,
+) -> Result<(StepRecord, EventRecord)> {
+    check_fence(conn, fence).await?;
+    // A step still marked running was in flight when an earlier claim died:
+    // it runs again under the same sequence number (and idempotency key).
+    let row = sqlx::query(
+        "INSERT INTO steps (task_id, seq, kind, plugin, status, input, attempt, started_at)
+         VALUES ($1, $2, $3, $4, 'running', $5::json, $6, $7)
+         ON CONFLICT (task_id, seq) DO UPDATE
+            SET kind = excluded.kind, plugin = excluded.plugin, input = excluded.input,
+                attempt = excluded.attempt, started_at = excluded.started_at
+          WHERE steps.status = 'running'
+         RETURNING *",
+    )
+    .bind(&fence.task_id)
+    .bind(step.seq as i64)
+    .bind(step.kind.as_str())
+    .bind(&step.plugin)
+    .bind(step.input.to_string())
+    .bind(fence.attempt)
+    .bind(now_millis())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Err(StoreError::Config(format!(
+            "step {} of task {} has already finished and cannot start again",
+            step.seq, fence.task_id
+        )));
+    };
+    let record = step_from_row(&row)?;
+    let event = append_event(
+        conn,
+        &fence.task_id,
+        event_kind::STEP_STARTED,
+        json!(record),
+    )
+    .await?;
+    Ok((record, event))
+}
+
+async fn finish_step(
+    conn: &mut PgConnection,
+    fence: &Fence,
+    end: &StepEnd,
+) -> Result<(StepRecord, EventRecord)> {
+    check_fence(conn, fence).await?;
+    let (status, output, error) = match &end.output {
+        Ok(output) => (StepStatus::Succeeded, Some(output.to_string()), None),
+        Err(error) => (StepStatus::Failed, None, Some(error)),
+    };
+    let row = sqlx::query(
+        "UPDATE steps
+            SET status = $1, output = $2::json, error_code = $3, error_message = $4,
+                input_tokens = $5, output_tokens = $6, finished_at = $7
+          WHERE task_id = $8 AND seq = $9 AND status = 'running'
+         RETURNING *",
+    )
+    .bind(status.as_str())
+    .bind(output)
+    .bind(error.map(|e| &e.code))
+    .bind(error.map(|e| &e.message))
+    .bind(end.usage.map(|u| u.input_tokens as i64))
+    .bind(end.usage.map(|u| u.output_tokens as i64))
+    .bind(now_millis())
+    .bind(&fence.task_id)
+    .bind(end.seq as i64)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Err(StoreError::Config(format!(
+            "step {} of task {} is not running",
+            end.seq, fence.task_id
+        )));
+    };
+    if let Some(usage) = end.usage {
+        sqlx::query(
+            "UPDATE tasks SET input_tokens = input_tokens + $1, output_tokens = output_tokens + $2
+              WHERE id = $3",
+        )
+        .bind(usage.input_tokens as i64)
+        .bind(usage.output_tokens as i64)
+        .bind(&fence.task_id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let record = step_from_row(&row)?;
+    let event = append_event(
+        conn,
+        &fence.task_id,
+        event_kind::STEP_FINISHED,
+        json!(record),
+    )
+    .await?;
+    Ok((record, event))
+}
+
+async fn finish_task(conn: &mut PgConnection, fence: &Fence, end: &TaskEnd) -> Result<EventRecord> {
+    check_fence(conn, fence).await?;
+    let (result, error) = match end {
+        TaskEnd::Succeeded { result } => (Some(result.as_str()), None),
+        TaskEnd::Failed { error } => (None, Some(error)),
+        TaskEnd::Cancelled => (None, None),
+    };
+    let status = end.status();
+    sqlx::query(
+        "UPDATE tasks
+            SET status = $1, result = $2, error_code = $3, error_message = $4, finished_at = $5,
+                lease_owner = NULL, lease_expires_at = NULL
+          WHERE id = $6",
+    )
+    .bind(status.as_str())
+    .bind(result)
+    .bind(error.map(|e| &e.code))
+    .bind(error.map(|e| &e.message))
+    .bind(now_millis())
+    .bind(&fence.task_id)
+    .execute(&mut *conn)
+    .await?;
+    append_event(
+        conn,
+        &fence.task_id,
+        event_kind::TASK_FINISHED,
+        json!({"status": status, "result": result, "error": error}),
+    )
+    .await
+}
+
+async fn cancel(conn: &mut PgConnection, id: &str) -> Result<CancelOutcome> {
+    // The lock orders the cancel against a claim of the same task: whichever
+    // comes second sees what the first wrote.
+    let row = sqlx::query("SELECT * FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    let task = task_from_row(&row)?;
+    match task.status {
+        TaskStatus::Queued => {
+            let row = sqlx::query(
+                "UPDATE tasks SET status = 'cancelled', cancel_requested = TRUE, finished_at = $1
+                  WHERE id = $2 RETURNING *",
+            )
+            .bind(now_millis())
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?;
+            let event = append_event(
+                conn,
+                id,
+                event_kind::TASK_FINISHED,
+                json!({"status": "cancelled", "result": null, "error": null}),
+            )
+            .await?;
+            Ok(CancelOutcome::Cancelled(task_from_row(&row)?, event))
+        }
+        TaskStatus::Running => {
+            let row =
+                sqlx::query("UPDATE tasks SET cancel_requested = TRUE WHERE id = $1 RETURNING *")
+                    .bind(id)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            let event =
+                append_event(conn, id, event_kind::TASK_CANCEL_REQUESTED, json!({})).await?;
+            Ok(CancelOutcome::Requested(task_from_row(&row)?, event))
+        }
+        _ => Ok(CancelOutcome::AlreadyFinished(task)),
+    }
+}
+
+async fn append_event(
+    conn: &mut PgConnection,
+    task_id: &str,
+    kind: &str,
+    data: Value,
+) -> Result<EventRecord> {
+    // Two transactions appending to one task would both read the same
+    // MAX(seq). Holding the task's row lock (already held when the caller
+    // fenced or claimed; taking it again is free) makes the second wait for
+    // the first to commit, and the INSERT below, a new statement with a new
+    // snapshot, then sees the first one's event.
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(task_id)
+        .execute(&mut *conn)
+        .await?;
+    let at = now_millis();
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO events (task_id, seq, kind, data, at)
+         SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3::json, $4 FROM events WHERE task_id = $1
+         RETURNING seq",
+    )
+    .bind(task_id)
+    .bind(kind)
+    .bind(data.to_string())
+    .bind(at)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(EventRecord {
+        task_id: task_id.to_owned(),
+        seq,
+        kind: kind.to_owned(),
+        data,
+        at,
+    })
+}
+
+async fn load_steps<'c, E>(executor: E, task_id: &str) -> Result<Vec<StepRecord>>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
+    let rows = sqlx::query("SELECT * FROM steps WHERE task_id = $1 ORDER BY seq")
+        .bind(task_id)
+        .fetch_all(executor)
+        .await?;
+    rows.iter().map(step_from_row).collect()
+}
+
+fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
+    let status: String = row.try_get("status")?;
+    Ok(TaskRecord {
+        id: row.try_get("id")?,
+        status: TaskStatus::parse(&status).ok_or_else(|| corrupt_enum("task status", &status))?,
+        goal: row.try_get("goal")?,
+        planner: row.try_get("planner")?,
+        llm: row.try_get("llm")?,
+        model: row.try_get("model")?,
+        tools: row.try_get::<Json<Vec<String>>, _>("tools")?.0,
+        options: row.try_get("options")?,
+        max_steps: row.try_get::<i64, _>("max_steps")? as u32,
+        timeout_ms: row.try_get("timeout_ms")?,
+        result: row.try_get("result")?,
+        error: error_from_row(row)?,
+        attempt: row.try_get("attempt")?,
+        cancel_requested: row.try_get("cancel_requested")?,
+        usage: Usage {
+            input_tokens: row.try_get::<i64, _>("input_tokens")? as u64,
+            output_tokens: row.try_get::<i64, _>("output_tokens")? as u64,
+        },
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn step_from_row(row: &PgRow) -> Result<StepRecord> {
+    let kind: String = row.try_get("kind")?;
+    let status: String = row.try_get("status")?;
+    let input_tokens: Option<i64> = row.try_get("input_tokens")?;
+    let output_tokens: Option<i64> = row.try_get("output_tokens")?;
+    Ok(StepRecord {
+        seq: row.try_get::<i64, _>("seq")? as u32,
+        kind: StepKind::parse(&kind).ok_or_else(|| corrupt_enum("step kind", &kind))?,
+        plugin: row.try_get("plugin")?,
+        status: StepStatus::parse(&status).ok_or_else(|| corrupt_enum("step status", &status))?,
+        input: row.try_get("input")?,
+        output: row.try_get("output")?,
+        error: error_from_row(row)?,
+        usage: match (input_tokens, output_tokens) {
+            (None, None) => None,
+            (i, o) => Some(Usage {
+                input_tokens: i.unwrap_or(0) as u64,
+                output_tokens: o.unwrap_or(0) as u64,
+            }),
+        },
+        attempt: row.try_get("attempt")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn error_from_row(row: &PgRow) -> Result<Option<ErrorInfo>> {
+    let code: Option<String> = row.try_get("error_code")?;
+    let message: Option<String> = row.try_get("error_message")?;
+    Ok(code.map(|code| ErrorInfo {
+        code,
+        message: message.unwrap_or_default(),
+    }))
+}
+
+fn event_from_row(row: &PgRow) -> Result<EventRecord> {
+    Ok(EventRecord {
+        task_id: row.try_get("task_id")?,
+        seq: row.try_get("seq")?,
+        kind: row.try_get("kind")?,
+        data: row.try_get("data")?,
+        at: row.try_get::<Millis, _>("at")?,
+    })
+}
+
+fn corrupt_enum(what: &str, value: &str) -> StoreError {
+    StoreError::Config(format!("unknown {what} {value:?} in the database"))
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn engine(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, EventRecord)> {
+        let mut tx = self.pool.begin().await?;
+        let created = create_task(&mut tx, &task).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
+        let row = sqlx::query("SELECT * FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
+        let limit = query.limit.clamp(1, 500);
+        let rows = sqlx::query(
+            "SELECT * FROM tasks
+              WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR id < $2)
+              ORDER BY id DESC
+              LIMIT $3",
+        )
+        .bind(query.status.map(TaskStatus::as_str))
+        .bind(&query.before)
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>>>()?;
+        let next_cursor = if tasks.len() > limit as usize {
+            tasks.truncate(limit as usize);
+            tasks.last().map(|t| t.id.clone())
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next_cursor })
+    }
+
+    async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>> {
+        load_steps(&self.pool, task_id).await
+    }
+
+    async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>> {
+        let rows = sqlx::query("SELECT * FROM events WHERE task_id = $1 AND seq > $2 ORDER BY seq")
+            .bind(task_id)
+            .bind(after)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<CancelOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let outcome = cancel(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn claim_next(&self, worker: &str, lease: Duration) -> Result<Option<Claim>> {
+        let mut tx = self.pool.begin().await?;
+        let claimed = claim(&mut tx, worker, lease).await?;
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    async fn renew_lease(&self, fence: &Fence, lease: Duration) -> Result<LeaseState> {
+        let mut tx = self.pool.begin().await?;
+        let state = renew(&mut tx, fence, lease).await?;
+        tx.commit().await?;
+        Ok(state)
+    }
+
+    /// Does nothing: hosts share the database, and the claims of one that
+    /// restarts may belong to another that is still running. The restarted
+    /// host's old claims are taken over when their leases expire.
+    async fn expire_all_leases(&self) -> Result<u64> {
+        Ok(0)
+    }
+
+    async fn start_step(
+        &self,
+        fence: &Fence,
+        step: StepStart,
+    ) -> Result<(StepRecord, EventRecord)> {
+        let mut tx = self.pool.begin().await?;
+        let started = start_step(&mut tx, fence, &step).await?;
+        tx.commit().await?;
+        Ok(started)
+    }
+
+    async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<(StepRecord, EventRecord)> {
+        let mut tx = self.pool.begin().await?;
+        let finished = finish_step(&mut tx, fence, &end).await?;
+        tx.commit().await?;
+        Ok(finished)
+    }
+
+    async fn finish_task(&self, fence: &Fence, end: TaskEnd) -> Result<EventRecord> {
+        let mut tx = self.pool.begin().await?;
+        let event = finish_task(&mut tx, fence, &end).await?;
+        tx.commit().await?;
+        Ok(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::future::join_all;
+
+    #[test]
+    fn the_schema_parameter_is_taken_off_the_url() {
+        let (url, schema) = take_schema("postgres://u@h/db?opspawn_schema=t_1a").unwrap();
+        assert_eq!(url, "postgres://u@h/db");
+        assert_eq!(schema.as_deref(), Some("t_1a"));
+
+        let (url, schema) =
+            take_schema("postgres://u@h/db?sslmode=disable&opspawn_schema=s&port=1").unwrap();
+        assert_eq!(url, "postgres://u@h/db?sslmode=disable&port=1");
+        assert_eq!(schema.as_deref(), Some("s"));
+
+        let (url, schema) = take_schema("postgres://u@h/db?sslmode=disable").unwrap();
+        assert_eq!(url, "postgres://u@h/db?sslmode=disable");
+        assert_eq!(schema, None);
+    }
+
+    #[test]
+    fn only_plain_schema_names_are_accepted() {
+        for bad in ["", "Public", "a-b", "a\"b", "a;drop", &"x".repeat(64)] {
+            let url = format!("postgres://h/db?opspawn_schema={bad}");
+            assert!(
+                matches!(take_schema(&url), Err(StoreError::Config(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    /// Runs only with `OPSPAWN_TEST_DATABASE=postgres`, against
+    /// `OPSPAWN_TEST_POSTGRES_URL` (default: the local `test` database), in a
+    /// schema of its own that it drops at the end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_claim_fence_and_number_events_correctly() {
+        if std::env::var("OPSPAWN_TEST_DATABASE").as_deref() != Ok("postgres") {
+            return;
+        }
+        let base = std::env::var("OPSPAWN_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let schema = format!("t_unit_{}", uuid::Uuid::now_v7().simple());
+        let store = PgStore::open(&format!("{base}?opspawn_schema={schema}"))
+            .await
+            .unwrap();
+        let new_task = |goal: &str| NewTask {
+            goal: goal.to_owned(),
+            planner: "react".into(),
+            llm: "scripted".into(),
+            model: None,
+            tools: vec!["calculator".into()],
+            options: json!({"llm": {"nul": "a\u{0}b"}}),
+            max_steps: 20,
+            timeout: Duration::from_secs(60),
+        };
+        let lease = Duration::from_secs(30);
+
+        // Many workers claiming at once each get a different task.
+        let created =
+            join_all((0..20).map(|i| store.create_task(new_task(&format!("t{i}"))))).await;
+        let mut ids: Vec<String> = created.into_iter().map(|r| r.unwrap().0.id).collect();
+        let claims = join_all((0..8).map(|w| {
+            let store = &store;
+            async move {
+                let mut mine = Vec::new();
+                while let Some(claim) = store.claim_next(&format!("w{w}"), lease).await.unwrap() {
+                    mine.push(claim);
+                }
+                mine
+            }
+        }))
+        .await;
+        let mut claimed: Vec<Claim> = claims.into_iter().flatten().collect();
+        let mut claimed_ids: Vec<String> = claimed.iter().map(|c| c.task.id.clone()).collect();
+        ids.sort();
+        claimed_ids.sort();
+        assert_eq!(claimed_ids, ids, "every task claimed exactly once");
+        assert!(
+            claimed
+                .iter()
+                .all(|c| c.task.attempt == 1 && c.event.seq == 2)
+        );
+        assert_eq!(claimed[0].task.options, json!({"llm": {"nul": "a\u{0}b"}}));
+
+        // Steps and cancel requests appended at once number events 1..=n.
+        let claim = claimed.pop().unwrap();
+        let fence = &claim.fence;
+        let steps = join_all((1..=10).map(|seq| {
+            store.start_step(
+                fence,
+                StepStart {
+                    seq,
+                    kind: StepKind::Tool,
+                    plugin: "calculator".into(),
+                    input: json!({"expression": "1+1"}),
+                },
+            )
+        }));
+        let cancels = join_all((0..5).map(|_| store.request_cancel(&fence.task_id)));
+        let (steps, cancels) = tokio::join!(steps, cancels);
+        assert!(steps.iter().all(Result::is_ok), "{steps:?}");
+        assert!(cancels.iter().all(Result::is_ok));
+        let events = store.events_after(&fence.task_id, 0).await.unwrap();
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=17).collect::<Vec<_>>());
+        assert!(
+            store
+                .renew_lease(fence, lease)
+                .await
+                .unwrap()
+                .cancel_requested
+        );
+
+        // A claim whose lease expired is taken over, and the old one is fenced.
+        let (task, _) = store.create_task(new_task("expiring")).await.unwrap();
+        let first = store
+            .claim_next("old", Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.task.id, task.id);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(store.expire_all_leases().await.unwrap(), 0);
+        let second = store.claim_next("new", lease).await.unwrap().unwrap();
+        assert_eq!(
+            (second.task.id.as_str(), second.task.attempt),
+            (task.id.as_str(), 2)
+        );
+        let end = TaskEnd::Succeeded {
+            result: "stale".into(),
+        };
+        assert!(matches!(
+            store.finish_task(&first.fence, end).await,
+            Err(StoreError::Fenced { attempt: 1, .. })
+        ));
+        assert!(matches!(
+            store.renew_lease(&first.fence, lease).await,
+            Err(StoreError::Fenced { .. })
+        ));
+        let end = TaskEnd::Succeeded {
+            result: "fresh".into(),
+        };
+        let finished = store.finish_task(&second.fence, end).await.unwrap();
+        assert!(finished.is_final());
+        let task = store.get_task(&task.id).await.unwrap().unwrap();
+        assert_eq!(
+            (task.status, task.result.as_deref()),
+            (TaskStatus::Succeeded, Some("fresh"))
+        );
+
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
+            .execute(&store.pool)
+            .await
+            .unwrap();
+    }
+}
