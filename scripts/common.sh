@@ -6,7 +6,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo_root/target}"
 # The guest plugins are their own workspace with their own target folder
 # (the same one the tests' build script uses), so builds never wait on each other.
 plugin_target_dir="$CARGO_TARGET_DIR/wasm32-plugins"
-example_plugins=(calculator react scripted)
+example_plugins=(calculator react scripted openai anthropic gemini openrouter openai-compatible)
 
 ensure_wasm_target() {
     if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx wasm32-wasip2; then
@@ -26,7 +26,8 @@ install_plugins() {
     local dir="$1"
     mkdir -p "$dir"
     for name in "${example_plugins[@]}"; do
-        cp "$plugin_target_dir/wasm32-wasip2/release/$name.wasm" "$dir/$name.wasm"
+        # Cargo names the file after the library: dashes become underscores.
+        cp "$plugin_target_dir/wasm32-wasip2/release/${name//-/_}.wasm" "$dir/$name.wasm"
         cp "$repo_root/plugins/$name/$name.toml" "$dir/$name.toml"
     done
 }

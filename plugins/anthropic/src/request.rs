@@ -1,0 +1,111 @@
+//! Messages API request bodies.
+//!
+//! Anthropic wants strictly alternating user and assistant turns made of
+//! content blocks, so consecutive messages of one role (two tool results,
+//! say) are merged into one turn, and the system prompt is a top-level field.
+
+use llm_http::json::{arguments_object, input_schema, number};
+use llm_http::{ChatMessage, ChatRequest, LlmError, Role};
+use serde_json::{Value, json};
+
+use crate::PROVIDER;
+
+/// What `max_tokens`, which Anthropic requires, is when the request leaves it out.
+const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+/// The prefix the planners put on a failed tool's output.
+const ERROR_PREFIX: &str = "Error: ";
+
+pub fn build(request: &ChatRequest, model: &str, stream: bool) -> Result<Value, LlmError> {
+    let mut system: Vec<&str> = request.system.iter().map(String::as_str).collect();
+    let mut turns: Vec<(&str, Vec<Value>)> = Vec::new();
+    for message in &request.messages {
+        let (role, blocks) = match message.role {
+            Role::System => {
+                system.push(&message.content);
+                continue;
+            }
+            Role::User => ("user", text_block(&message.content)),
+            Role::Assistant => ("assistant", assistant_blocks(message)),
+            Role::Tool => ("user", vec![tool_result(message)?]),
+        };
+        match turns.last_mut() {
+            _ if blocks.is_empty() => {}
+            Some((last, content)) if *last == role => content.extend(blocks),
+            _ => turns.push((role, blocks)),
+        }
+    }
+    let messages: Vec<Value> = turns
+        .into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+
+    let mut body = json!({
+        "model": model,
+        "max_tokens": request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        "messages": messages,
+        "stream": stream,
+    });
+    system.retain(|text| !text.trim().is_empty());
+    if !system.is_empty() {
+        body["system"] = json!(system.join("\n\n"));
+    }
+    if !request.tools.is_empty() {
+        let tools = request
+            .tools
+            .iter()
+            .map(|tool| {
+                Ok(json!({
+                    "name": tool.name,
+                    "description": tool.description,
+                    "input_schema": input_schema(&PROVIDER, tool)?,
+                }))
+            })
+            .collect::<Result<Vec<_>, LlmError>>()?;
+        body["tools"] = Value::Array(tools);
+    }
+    if let Some(temperature) = request.temperature {
+        body["temperature"] = number(temperature);
+    }
+    if !request.stop.is_empty() {
+        body["stop_sequences"] = json!(request.stop);
+    }
+    Ok(body)
+}
+
+/// Anthropic refuses empty text blocks, so empty text adds none.
+fn text_block(text: &str) -> Vec<Value> {
+    if text.is_empty() {
+        Vec::new()
+    } else {
+        vec![json!({"type": "text", "text": text})]
+    }
+}
+
+fn assistant_blocks(message: &ChatMessage) -> Vec<Value> {
+    let mut blocks = text_block(&message.content);
+    blocks.extend(message.tool_calls.iter().map(|call| {
+        json!({
+            "type": "tool_use",
+            "id": call.id,
+            "name": call.name,
+            "input": arguments_object(&call.arguments),
+        })
+    }));
+    blocks
+}
+
+/// A tool message has no error flag of its own: the planners mark a failed
+/// tool's output with an `Error: ` prefix.
+fn tool_result(message: &ChatMessage) -> Result<Value, LlmError> {
+    let id = message
+        .tool_call_id
+        .as_deref()
+        .ok_or_else(|| PROVIDER.invalid_request("a tool message has no tool-call-id".into()))?;
+    Ok(json!({
+        "type": "tool_result",
+        "tool_use_id": id,
+        "content": message.content,
+        "is_error": message.content.starts_with(ERROR_PREFIX),
+    }))
+}

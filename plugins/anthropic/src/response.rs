@@ -1,0 +1,85 @@
+//! Messages API responses and error objects.
+
+use llm_http::json::count;
+use llm_http::wire::{Reply, ReplyContext};
+use llm_http::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Usage};
+use serde_json::Value;
+
+use crate::PROVIDER;
+
+/// Reads a whole `message` body.
+pub fn parse(body: &[u8], context: ReplyContext) -> Result<ChatResponse, LlmError> {
+    let json: Value = serde_json::from_slice(body)
+        .map_err(|error| PROVIDER.bad_response(&error.to_string(), body))?;
+    if json["type"] == "error" {
+        return Err(error_object(&json, body));
+    }
+    let blocks = json["content"]
+        .as_array()
+        .ok_or_else(|| PROVIDER.bad_response("it has no content", body))?;
+    let mut reply = Reply::new(context);
+    for block in blocks {
+        match block["type"].as_str() {
+            Some("text") => reply
+                .content
+                .push_str(block["text"].as_str().unwrap_or_default()),
+            Some("tool_use") => {
+                let name = block["name"]
+                    .as_str()
+                    .ok_or_else(|| PROVIDER.bad_response("a tool_use block has no name", body))?;
+                let input = match &block["input"] {
+                    Value::Null => String::new(),
+                    input => input.to_string(),
+                };
+                reply.push_call(block["id"].as_str(), name, input);
+            }
+            _ => {} // thinking and other blocks are not part of the reply
+        }
+    }
+    reply.finish_reason = json["stop_reason"].as_str().map(stop_reason);
+    let usage = &json["usage"];
+    reply.usage = usage.is_object().then(|| Usage {
+        input_tokens: input_tokens(usage),
+        output_tokens: count(usage.get("output_tokens")),
+    });
+    reply.set_model(json["model"].as_str());
+    Ok(reply.into_response())
+}
+
+pub fn stop_reason(reason: &str) -> FinishReason {
+    match reason {
+        "end_turn" | "stop_sequence" => FinishReason::Stop,
+        "tool_use" => FinishReason::ToolCalls,
+        "max_tokens" | "model_context_window_exceeded" => FinishReason::Length,
+        "refusal" => FinishReason::ContentFilter,
+        _ => FinishReason::Other,
+    }
+}
+
+/// Input tokens, counting those read from or written to the prompt cache,
+/// which Anthropic reports apart.
+pub fn input_tokens(usage: &Value) -> u32 {
+    [
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ]
+    .into_iter()
+    .fold(0u32, |sum, key| sum.saturating_add(count(usage.get(key))))
+}
+
+/// `{"type": "error", "error": {"type": ..., "message": ...}}`, as a body
+/// or a stream's `error` event, mapped by its type.
+pub fn error_object(json: &Value, body: &[u8]) -> LlmError {
+    let kind = match json["error"]["type"].as_str().unwrap_or_default() {
+        "authentication_error" | "permission_error" => LlmErrorKind::Auth,
+        "invalid_request_error" | "not_found_error" | "request_too_large" => {
+            LlmErrorKind::InvalidRequest
+        }
+        "rate_limit_error" => LlmErrorKind::RateLimited,
+        "overloaded_error" | "api_error" => LlmErrorKind::Unavailable,
+        "timeout_error" => LlmErrorKind::Timeout,
+        _ => LlmErrorKind::Other,
+    };
+    PROVIDER.error(kind, None, body)
+}

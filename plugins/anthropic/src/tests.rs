@@ -1,0 +1,310 @@
+use llm_http::fixtures::{WEATHER_SCHEMA, decode_stream, message, tool_result, weather_request};
+use llm_http::http::Headers;
+use llm_http::{FinishReason, LlmErrorKind, Role, ToolCall, Usage};
+use serde_json::{Value, json};
+
+use super::*;
+
+fn wire() -> Messages {
+    Messages {
+        base_url: "https://api.anthropic.com".into(),
+    }
+}
+
+fn context() -> ReplyContext {
+    ReplyContext {
+        model: DEFAULT_MODEL.into(),
+        first_call_number: 1,
+    }
+}
+
+fn call(id: &str, name: &str, arguments: &str) -> ToolCall {
+    ToolCall {
+        id: id.into(),
+        name: name.into(),
+        arguments: arguments.into(),
+    }
+}
+
+#[test]
+fn requests_merge_tool_results_into_one_user_turn() {
+    let body = wire()
+        .body(&weather_request(), "claude-sonnet-4-5", true)
+        .unwrap();
+    let expected = json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 256,
+        "system": "You are terse.",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Weather in Paris and Rome?"}]},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+                {"type": "tool_use", "id": "call_2", "name": "get_weather", "input": {"city": "Rome"}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "call_1", "content": "{\"temp_c\":18}", "is_error": false},
+                {"type": "tool_result", "tool_use_id": "call_2",
+                 "content": "Error: the weather service timed out", "is_error": true},
+            ]},
+        ],
+        "tools": [{
+            "name": "get_weather",
+            "description": "Current weather for a city",
+            "input_schema": serde_json::from_str::<Value>(WEATHER_SCHEMA).unwrap(),
+        }],
+        "temperature": 0.2,
+        "stop_sequences": ["END"],
+        "stream": true,
+    });
+    assert_eq!(body, expected);
+}
+
+#[test]
+fn system_messages_join_the_system_prompt_and_same_roles_merge() {
+    let mut request = weather_request();
+    request.max_tokens = None;
+    request.tools.clear();
+    request.messages = vec![
+        message(Role::System, "Answer in French."),
+        message(Role::User, "Hi"),
+        message(Role::User, "Anyone there?"),
+        message(Role::Assistant, ""),
+        message(Role::Assistant, "Bonjour"),
+        tool_result("call_9", "late"),
+        message(Role::User, "Thanks"),
+    ];
+    let body = wire().body(&request, "m", false).unwrap();
+    assert_eq!(body["max_tokens"], 4096);
+    assert_eq!(body["system"], "You are terse.\n\nAnswer in French.");
+    assert_eq!(body["stream"], false);
+    assert!(body.get("tools").is_none());
+    assert_eq!(
+        body["messages"],
+        json!([
+            {"role": "user", "content": [
+                {"type": "text", "text": "Hi"},
+                {"type": "text", "text": "Anyone there?"},
+            ]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Bonjour"}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "call_9", "content": "late", "is_error": false},
+                {"type": "text", "text": "Thanks"},
+            ]},
+        ])
+    );
+}
+
+#[test]
+fn the_endpoint_and_headers() {
+    let wire = wire();
+    assert_eq!(
+        wire.url("m", false),
+        "https://api.anthropic.com/v1/messages"
+    );
+    let headers = wire.headers(true);
+    for (name, value) in [
+        ("anthropic-version", "2023-06-01"),
+        ("content-type", "application/json"),
+        ("accept", "text/event-stream"),
+    ] {
+        assert!(headers.contains(&(name.into(), value.into())), "{name}");
+    }
+    assert!(!headers.iter().any(|(name, _)| name == "x-api-key"));
+    assert_eq!(wire.model(&weather_request()), "claude-sonnet-4-5");
+}
+
+/// The tool-use example from Anthropic's documentation.
+const MESSAGE: &str = r#"{
+  "id": "msg_01Aq9w938a90dw8q",
+  "model": "claude-sonnet-4-5-20250929",
+  "stop_reason": "tool_use",
+  "role": "assistant",
+  "type": "message",
+  "content": [
+    {"type": "text", "text": "I'll check the current weather in San Francisco for you."},
+    {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9",
+     "name": "get_weather", "input": {"location": "San Francisco, CA", "unit": "celsius"}}
+  ],
+  "stop_sequence": null,
+  "usage": {"input_tokens": 472, "output_tokens": 91}
+}"#;
+
+#[test]
+fn parses_a_message_with_text_and_tool_use() {
+    let response = wire().parse(MESSAGE.as_bytes(), &context()).unwrap();
+    assert_eq!(
+        response.message.content,
+        "I'll check the current weather in San Francisco for you."
+    );
+    assert_eq!(
+        response.message.tool_calls,
+        [call(
+            "toolu_01A09q90qw90lq917835lq9",
+            "get_weather",
+            r#"{"location":"San Francisco, CA","unit":"celsius"}"#
+        )]
+    );
+    assert_eq!(response.finish_reason, FinishReason::ToolCalls);
+    assert_eq!(
+        response.usage,
+        Some(Usage {
+            input_tokens: 472,
+            output_tokens: 91
+        })
+    );
+    assert_eq!(response.model, "claude-sonnet-4-5-20250929");
+}
+
+#[test]
+fn stop_reasons_map_to_finish_reasons() {
+    for (reason, expected) in [
+        ("end_turn", FinishReason::Stop),
+        ("stop_sequence", FinishReason::Stop),
+        ("tool_use", FinishReason::ToolCalls),
+        ("max_tokens", FinishReason::Length),
+        ("refusal", FinishReason::ContentFilter),
+        ("pause_turn", FinishReason::Other),
+    ] {
+        assert_eq!(response::stop_reason(reason), expected, "{reason}");
+    }
+}
+
+/// The streamed tool-use example from Anthropic's documentation.
+const STREAM: &str = r#"event: message_start
+data: {"type":"message_start","message":{"id":"msg_014p7gG3wDgGV9EUtLvnow3U","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","stop_sequence":null,"usage":{"input_tokens":472,"output_tokens":2},"content":[],"stop_reason":null}}
+
+event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}
+
+event: ping
+data: {"type": "ping"}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Okay"}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":", let's check the weather."}}
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":0}
+
+event: content_block_start
+data: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_01T1x1fJ34qAmk2tNTrN7Up6","name":"get_weather","input":{}}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"location\":"}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":" \"San Francisco, CA\"}"}}
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":1}
+
+event: content_block_start
+data: {"type":"content_block_start","index":2,"content_block":{"type":"tool_use","id":"toolu_02","name":"get_time","input":{}}}
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":2}
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":89}}
+
+event: message_stop
+data: {"type":"message_stop"}
+
+"#;
+
+#[test]
+fn streams_emit_text_and_assemble_tool_input() {
+    for size in [1, 13, STREAM.len()] {
+        let (response, emitted) = decode_stream(wire().decoder(context()), STREAM, size);
+        let response = response.unwrap();
+        assert_eq!(emitted, ["Okay", ", let's check the weather."]);
+        assert_eq!(response.message.content, "Okay, let's check the weather.");
+        assert_eq!(
+            response.message.tool_calls,
+            [
+                call(
+                    "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
+                    "get_weather",
+                    r#"{"location": "San Francisco, CA"}"#
+                ),
+                call("toolu_02", "get_time", "{}"),
+            ]
+        );
+        assert_eq!(response.finish_reason, FinishReason::ToolCalls);
+        assert_eq!(
+            response.usage,
+            Some(Usage {
+                input_tokens: 472,
+                output_tokens: 89
+            })
+        );
+        assert_eq!(response.model, "claude-sonnet-4-5-20250929");
+    }
+}
+
+#[test]
+fn error_events_map_by_type() {
+    for (kind_name, kind) in [
+        ("overloaded_error", LlmErrorKind::Unavailable),
+        ("rate_limit_error", LlmErrorKind::RateLimited),
+        ("authentication_error", LlmErrorKind::Auth),
+        ("invalid_request_error", LlmErrorKind::InvalidRequest),
+        ("api_error", LlmErrorKind::Unavailable),
+    ] {
+        let stream = format!(
+            "event: message_start\ndata: {}\n\nevent: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"{kind_name}\",\"message\":\"Overloaded\"}}}}\n\n",
+            r#"{"type":"message_start","message":{"model":"m","usage":{"input_tokens":1}}}"#
+        );
+        let (response, _) = decode_stream(wire().decoder(context()), &stream, 10);
+        let error = response.unwrap_err();
+        assert_eq!(error.kind, kind, "{kind_name}");
+        assert!(error.body.unwrap().contains(kind_name));
+    }
+}
+
+#[test]
+fn streams_cut_short_are_unavailable() {
+    let cut = &STREAM[..STREAM.find("event: message_delta").unwrap()];
+    let (response, _) = decode_stream(wire().decoder(context()), cut, 64);
+    assert_eq!(response.unwrap_err().kind, LlmErrorKind::Unavailable);
+}
+
+#[test]
+fn error_statuses_and_bodies() {
+    let body = br#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"},"request_id":"req_1"}"#;
+    let error = wire().error(401, &Headers::default(), body);
+    assert_eq!(error.kind, LlmErrorKind::Auth);
+    assert!(error.message.starts_with(
+        "Anthropic rejected the request as unauthorized (401): set ANTHROPIC_API_KEY"
+    ));
+    assert!(error.body.unwrap().contains("invalid x-api-key"));
+
+    let overloaded =
+        br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+    let error = wire().error(529, &Headers::default(), overloaded);
+    assert_eq!(error.kind, LlmErrorKind::Unavailable);
+    assert_eq!(error.status, Some(529));
+
+    let limited = Headers::from_pairs([("retry-after".into(), "7".into())]);
+    let error = wire().error(429, &limited, b"{}");
+    assert_eq!(error.kind, LlmErrorKind::RateLimited);
+    assert_eq!(error.retry_after_ms, Some(7000));
+
+    let error = wire().parse(overloaded, &context()).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::Unavailable);
+}
+
+#[test]
+fn malformed_bodies_are_bad_responses() {
+    for body in ["<html>", r#"{"type":"message"}"#] {
+        let error = wire().parse(body.as_bytes(), &context()).unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::BadResponse, "{body}");
+    }
+    let (response, _) = decode_stream(wire().decoder(context()), "data: nope\n\n", 4);
+    assert_eq!(response.unwrap_err().kind, LlmErrorKind::BadResponse);
+}

@@ -1,0 +1,117 @@
+//! `generateContent` request bodies.
+//!
+//! Turns alternate between `user` and `model`, made of parts; tool results
+//! are `functionResponse` parts of a user turn, named after the call they
+//! answer, since Gemini's calls carry no ids.
+
+use llm_http::json::{arguments_object, input_schema, number};
+use llm_http::{ChatMessage, ChatRequest, LlmError, Role};
+use serde_json::{Map, Value, json};
+
+use crate::PROVIDER;
+use crate::schema::{is_empty_object, sanitize};
+
+pub fn build(request: &ChatRequest) -> Result<Value, LlmError> {
+    let mut system: Vec<&str> = request.system.iter().map(String::as_str).collect();
+    let mut turns: Vec<(&str, Vec<Value>)> = Vec::new();
+    for (position, message) in request.messages.iter().enumerate() {
+        let (role, parts) = match message.role {
+            Role::System => {
+                system.push(&message.content);
+                continue;
+            }
+            Role::User => ("user", text_part(&message.content)),
+            Role::Assistant => ("model", model_parts(message)),
+            Role::Tool => {
+                let part = function_response(message, &request.messages[..position])?;
+                ("user", vec![part])
+            }
+        };
+        match turns.last_mut() {
+            _ if parts.is_empty() => {}
+            Some((last, existing)) if *last == role => existing.extend(parts),
+            _ => turns.push((role, parts)),
+        }
+    }
+    let contents: Vec<Value> = turns
+        .into_iter()
+        .map(|(role, parts)| json!({"role": role, "parts": parts}))
+        .collect();
+
+    let mut body = json!({"contents": contents});
+    system.retain(|text| !text.trim().is_empty());
+    if !system.is_empty() {
+        body["systemInstruction"] = json!({"parts": [{"text": system.join("\n\n")}]});
+    }
+    if !request.tools.is_empty() {
+        let declarations = request
+            .tools
+            .iter()
+            .map(|tool| {
+                let mut declaration = json!({"name": tool.name, "description": tool.description});
+                let parameters = sanitize(&input_schema(&PROVIDER, tool)?);
+                if !is_empty_object(&parameters) {
+                    declaration["parameters"] = parameters;
+                }
+                Ok(declaration)
+            })
+            .collect::<Result<Vec<_>, LlmError>>()?;
+        body["tools"] = json!([{"functionDeclarations": declarations}]);
+    }
+    let mut config = Map::new();
+    if let Some(temperature) = request.temperature {
+        config.insert("temperature".into(), number(temperature));
+    }
+    if let Some(max_tokens) = request.max_tokens {
+        config.insert("maxOutputTokens".into(), json!(max_tokens));
+    }
+    if !request.stop.is_empty() {
+        config.insert("stopSequences".into(), json!(request.stop));
+    }
+    if !config.is_empty() {
+        body["generationConfig"] = Value::Object(config);
+    }
+    Ok(body)
+}
+
+fn text_part(text: &str) -> Vec<Value> {
+    if text.is_empty() {
+        Vec::new()
+    } else {
+        vec![json!({"text": text})]
+    }
+}
+
+fn model_parts(message: &ChatMessage) -> Vec<Value> {
+    let mut parts = text_part(&message.content);
+    parts.extend(message.tool_calls.iter().map(|call| {
+        json!({"functionCall": {"name": call.name, "args": arguments_object(&call.arguments)}})
+    }));
+    parts
+}
+
+/// A tool result as a `functionResponse`, named after the latest earlier
+/// call with its id. Output that is not a JSON object is wrapped in one.
+fn function_response(message: &ChatMessage, earlier: &[ChatMessage]) -> Result<Value, LlmError> {
+    let id = message
+        .tool_call_id
+        .as_deref()
+        .ok_or_else(|| PROVIDER.invalid_request("a tool message has no tool-call-id".into()))?;
+    let name = earlier
+        .iter()
+        .rev()
+        .flat_map(|message| &message.tool_calls)
+        .find(|call| call.id == id)
+        .map(|call| call.name.as_str())
+        .ok_or_else(|| {
+            PROVIDER.invalid_request(format!(
+                "the tool result for {id:?} answers no earlier tool call"
+            ))
+        })?;
+    let response = match serde_json::from_str::<Value>(&message.content) {
+        Ok(Value::Object(object)) => Value::Object(object),
+        Ok(value) => json!({"result": value}),
+        Err(_) => json!({"result": message.content}),
+    };
+    Ok(json!({"functionResponse": {"name": name, "response": response}}))
+}

@@ -1,0 +1,301 @@
+use llm_http::fixtures::{decode_stream, weather_request};
+use llm_http::{FinishReason, LlmErrorKind, ToolCall, ToolSpec, Usage};
+use serde_json::json;
+
+use super::*;
+
+fn wire() -> GenerateContent {
+    GenerateContent {
+        base_url: "https://generativelanguage.googleapis.com".into(),
+    }
+}
+
+fn context() -> ReplyContext {
+    ReplyContext {
+        model: DEFAULT_MODEL.into(),
+        first_call_number: 3,
+    }
+}
+
+fn call(id: &str, name: &str, arguments: &str) -> ToolCall {
+    ToolCall {
+        id: id.into(),
+        name: name.into(),
+        arguments: arguments.into(),
+    }
+}
+
+#[test]
+fn requests_name_function_responses_after_their_calls() {
+    let body = wire()
+        .body(&weather_request(), "gemini-2.5-flash", true)
+        .unwrap();
+    let expected = json!({
+        "contents": [
+            {"role": "user", "parts": [{"text": "Weather in Paris and Rome?"}]},
+            {"role": "model", "parts": [
+                {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+                {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}},
+            ]},
+            {"role": "user", "parts": [
+                {"functionResponse": {"name": "get_weather", "response": {"temp_c": 18}}},
+                {"functionResponse": {"name": "get_weather",
+                 "response": {"result": "Error: the weather service timed out"}}},
+            ]},
+        ],
+        "systemInstruction": {"parts": [{"text": "You are terse."}]},
+        "tools": [{"functionDeclarations": [{
+            "name": "get_weather",
+            "description": "Current weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "City name"}},
+                "required": ["city"],
+            },
+        }]}],
+        "generationConfig": {"temperature": 0.2, "maxOutputTokens": 256, "stopSequences": ["END"]},
+    });
+    assert_eq!(body, expected);
+}
+
+#[test]
+fn plain_requests_leave_out_what_is_unset() {
+    let mut request = weather_request();
+    request.system = None;
+    request.temperature = None;
+    request.max_tokens = None;
+    request.stop.clear();
+    request.messages.truncate(1);
+    request.tools = vec![ToolSpec {
+        name: "now".into(),
+        description: "The time".into(),
+        input_schema: r#"{"type":"object","properties":{},"additionalProperties":false}"#.into(),
+    }];
+    assert_eq!(
+        wire().body(&request, "m", false).unwrap(),
+        json!({
+            "contents": [{"role": "user", "parts": [{"text": "Weather in Paris and Rome?"}]}],
+            "tools": [{"functionDeclarations": [{"name": "now", "description": "The time"}]}],
+        })
+    );
+}
+
+#[test]
+fn non_object_tool_output_is_wrapped() {
+    let mut request = weather_request();
+    request.messages[2].content = "[1, 2]".into();
+    let body = wire().body(&request, "m", false).unwrap();
+    assert_eq!(
+        body["contents"][2]["parts"][0]["functionResponse"]["response"],
+        json!({"result": [1, 2]})
+    );
+    request.messages[2].tool_call_id = Some("unknown".into());
+    let error = wire().body(&request, "m", false).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
+}
+
+#[test]
+fn urls_put_the_model_in_the_path() {
+    let wire = wire();
+    assert_eq!(
+        wire.url("gemini-2.5-flash", false),
+        "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
+    );
+    assert_eq!(
+        wire.url("gemini-2.5-flash", true),
+        "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    );
+    let mut request = weather_request();
+    assert_eq!(wire.model(&request), "gemini-2.5-flash");
+    request.model = Some("models/gemini-2.5-pro".into());
+    assert_eq!(wire.model(&request), "gemini-2.5-pro");
+    assert!(
+        !wire
+            .headers(true)
+            .iter()
+            .any(|(name, _)| name == "x-goog-api-key")
+    );
+}
+
+/// A function-calling response as Gemini's documentation shows it.
+const RESPONSE: &str = r#"{
+  "candidates": [
+    {
+      "content": {
+        "parts": [
+          {"text": "Let me check."},
+          {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+          {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}}
+        ],
+        "role": "model"
+      },
+      "finishReason": "STOP",
+      "index": 0
+    }
+  ],
+  "usageMetadata": {"promptTokenCount": 70, "candidatesTokenCount": 20, "totalTokenCount": 90},
+  "modelVersion": "gemini-2.5-flash",
+  "responseId": "abc"
+}"#;
+
+#[test]
+fn parses_function_calls_and_mints_their_ids() {
+    let response = wire().parse(RESPONSE.as_bytes(), &context()).unwrap();
+    assert_eq!(response.message.content, "Let me check.");
+    assert_eq!(
+        response.message.tool_calls,
+        [
+            call("call-3", "get_weather", r#"{"city":"Paris"}"#),
+            call("call-4", "get_weather", r#"{"city":"Rome"}"#),
+        ]
+    );
+    // Gemini says STOP when it stops to call functions.
+    assert_eq!(response.finish_reason, FinishReason::ToolCalls);
+    assert_eq!(
+        response.usage,
+        Some(Usage {
+            input_tokens: 70,
+            output_tokens: 20
+        })
+    );
+    assert_eq!(response.model, "gemini-2.5-flash");
+}
+
+#[test]
+fn finish_reasons_and_blocked_prompts() {
+    for (reason, expected) in [
+        ("STOP", FinishReason::Stop),
+        ("MAX_TOKENS", FinishReason::Length),
+        ("SAFETY", FinishReason::ContentFilter),
+        ("RECITATION", FinishReason::ContentFilter),
+        ("MALFORMED_FUNCTION_CALL", FinishReason::Other),
+    ] {
+        assert_eq!(response::finish_reason(reason), expected, "{reason}");
+    }
+    let blocked =
+        r#"{"promptFeedback":{"blockReason":"SAFETY"},"usageMetadata":{"promptTokenCount":5}}"#;
+    let response = wire().parse(blocked.as_bytes(), &context()).unwrap();
+    assert_eq!(response.finish_reason, FinishReason::ContentFilter);
+    assert_eq!(response.message.content, "");
+}
+
+#[test]
+fn thoughts_and_thinking_tokens() {
+    let body = r#"{"candidates":[{"content":{"role":"model","parts":[
+        {"text":"Thinking about it","thought":true},{"text":"42"}]},"finishReason":"STOP"}],
+        "usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1,"thoughtsTokenCount":10}}"#;
+    let response = wire().parse(body.as_bytes(), &context()).unwrap();
+    assert_eq!(response.message.content, "42");
+    assert_eq!(response.usage.map(|u| u.output_tokens), Some(11));
+    assert_eq!(response.model, "gemini-2.5-flash");
+}
+
+const STREAM: &str = concat!(
+    "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"The weather\"}],\"role\": \"model\"},\"index\": 0}],\"usageMetadata\": {\"promptTokenCount\": 70,\"candidatesTokenCount\": 2},\"modelVersion\": \"gemini-2.5-flash\"}\r\n\r\n",
+    "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \" needs a tool.\"}],\"role\": \"model\"},\"index\": 0}],\"modelVersion\": \"gemini-2.5-flash\"}\r\n\r\n",
+    "data: {\"candidates\": [{\"content\": {\"parts\": [{\"functionCall\": {\"name\": \"get_weather\",\"args\": {\"city\": \"Paris\"}}},{\"functionCall\": {\"name\": \"get_weather\",\"args\": {\"city\": \"Rome\"}}}],\"role\": \"model\"},\"finishReason\": \"STOP\",\"index\": 0}],\"usageMetadata\": {\"promptTokenCount\": 70,\"candidatesTokenCount\": 25,\"totalTokenCount\": 95},\"modelVersion\": \"gemini-2.5-flash\"}\r\n\r\n",
+);
+
+#[test]
+fn streams_emit_text_and_collect_calls() {
+    for size in [1, 11, STREAM.len()] {
+        let (response, emitted) = decode_stream(wire().decoder(context()), STREAM, size);
+        let response = response.unwrap();
+        assert_eq!(emitted, ["The weather", " needs a tool."]);
+        assert_eq!(response.message.content, "The weather needs a tool.");
+        assert_eq!(
+            response.message.tool_calls,
+            [
+                call("call-3", "get_weather", r#"{"city":"Paris"}"#),
+                call("call-4", "get_weather", r#"{"city":"Rome"}"#),
+            ]
+        );
+        assert_eq!(response.finish_reason, FinishReason::ToolCalls);
+        assert_eq!(
+            response.usage,
+            Some(Usage {
+                input_tokens: 70,
+                output_tokens: 25
+            })
+        );
+    }
+}
+
+#[test]
+fn streams_cut_short_or_broken() {
+    let cut = &STREAM[..STREAM.rfind("data:").unwrap()];
+    let (response, _) = decode_stream(wire().decoder(context()), cut, 64);
+    assert_eq!(response.unwrap_err().kind, LlmErrorKind::Unavailable);
+
+    let failed = "data: {\"error\": {\"code\": 503, \"message\": \"The model is overloaded.\", \"status\": \"UNAVAILABLE\"}}\n\n";
+    let (response, _) = decode_stream(wire().decoder(context()), failed, 64);
+    let error = response.unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::Unavailable);
+    assert_eq!(error.status, Some(503));
+
+    let (response, _) = decode_stream(wire().decoder(context()), "data: {\n\n", 64);
+    assert_eq!(response.unwrap_err().kind, LlmErrorKind::BadResponse);
+}
+
+fn error_body(code: u16, status: &str, details: &str) -> String {
+    format!(
+        r#"{{"error": {{"code": {code}, "message": "it failed", "status": "{status}", "details": [{details}]}}}}"#
+    )
+}
+
+#[test]
+fn errors_map_by_status_name() {
+    let no_headers = Headers::default();
+    for (code, status, details, kind) in [
+        (400, "INVALID_ARGUMENT", "", LlmErrorKind::InvalidRequest),
+        (
+            400,
+            "INVALID_ARGUMENT",
+            r#"{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}"#,
+            LlmErrorKind::Auth,
+        ),
+        (401, "UNAUTHENTICATED", "", LlmErrorKind::Auth),
+        (403, "PERMISSION_DENIED", "", LlmErrorKind::Auth),
+        (404, "NOT_FOUND", "", LlmErrorKind::InvalidRequest),
+        (429, "RESOURCE_EXHAUSTED", "", LlmErrorKind::RateLimited),
+        (500, "INTERNAL", "", LlmErrorKind::Unavailable),
+        (503, "UNAVAILABLE", "", LlmErrorKind::Unavailable),
+        (504, "DEADLINE_EXCEEDED", "", LlmErrorKind::Timeout),
+    ] {
+        let body = error_body(code, status, details);
+        let error = wire().error(code, &no_headers, body.as_bytes());
+        assert_eq!(error.kind, kind, "{status} {details}");
+        assert_eq!(error.status, Some(code));
+        assert_eq!(error.body.as_deref(), Some(body.as_str()));
+    }
+    let auth = wire().error(
+        403,
+        &no_headers,
+        error_body(403, "PERMISSION_DENIED", "").as_bytes(),
+    );
+    assert!(auth.message.contains("GEMINI_API_KEY"));
+    let html = wire().error(502, &no_headers, b"<html>Bad Gateway</html>");
+    assert_eq!(html.kind, LlmErrorKind::Unavailable);
+}
+
+#[test]
+fn rate_limits_carry_the_retry_delay() {
+    let body = error_body(
+        429,
+        "RESOURCE_EXHAUSTED",
+        r#"{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "32s"}"#,
+    );
+    let error = wire().error(429, &Headers::default(), body.as_bytes());
+    assert_eq!(error.retry_after_ms, Some(32_000));
+    let header = Headers::from_pairs([("Retry-After".into(), "5".into())]);
+    let error = wire().error(429, &header, body.as_bytes());
+    assert_eq!(error.retry_after_ms, Some(5_000));
+}
+
+#[test]
+fn malformed_bodies_are_bad_responses() {
+    for body in ["not json", "{}", r#"{"candidates": []}"#] {
+        let error = wire().parse(body.as_bytes(), &context()).unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::BadResponse, "{body}");
+    }
+}

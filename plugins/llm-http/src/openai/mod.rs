@@ -1,0 +1,79 @@
+//! The OpenAI Chat Completions wire format, as OpenAI, OpenRouter and
+//! OpenAI-compatible servers (Ollama, vLLM, llama.cpp) speak it.
+
+mod request;
+mod response;
+mod stream;
+#[cfg(test)]
+mod tests;
+
+use serde_json::Value;
+
+pub use request::build;
+pub use response::{body_error, finish_reason, parse};
+pub use stream::OpenAiStream;
+
+use crate::wire::{ReplyContext, Wire};
+use crate::{ChatRequest, ChatResponse, LlmError, Provider, model_or};
+
+/// One service speaking Chat Completions at `{base_url}/chat/completions`.
+#[derive(Debug, Clone)]
+pub struct ChatCompletions {
+    pub provider: Provider,
+    pub base_url: String,
+    pub default_model: String,
+    /// Sent with every request besides the content type (OpenRouter's
+    /// attribution headers).
+    pub extra_headers: Vec<(String, String)>,
+    /// `max_completion_tokens` for OpenAI, whose newer models refuse
+    /// `max_tokens`; `max_tokens` for everyone else.
+    pub max_tokens_field: &'static str,
+}
+
+impl Wire for ChatCompletions {
+    type Decoder = OpenAiStream;
+
+    fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    fn model(&self, request: &ChatRequest) -> String {
+        model_or(request, &self.default_model)
+    }
+
+    fn url(&self, _model: &str, _stream: bool) -> String {
+        format!("{}/chat/completions", self.base_url)
+    }
+
+    fn headers(&self, stream: bool) -> Vec<(String, String)> {
+        let accept = if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        let mut headers = vec![
+            ("content-type".to_owned(), "application/json".to_owned()),
+            ("accept".to_owned(), accept.to_owned()),
+        ];
+        headers.extend(self.extra_headers.iter().cloned());
+        headers
+    }
+
+    fn body(&self, request: &ChatRequest, model: &str, stream: bool) -> Result<Value, LlmError> {
+        build(
+            &self.provider,
+            request,
+            model,
+            stream,
+            self.max_tokens_field,
+        )
+    }
+
+    fn parse(&self, body: &[u8], context: &ReplyContext) -> Result<ChatResponse, LlmError> {
+        parse(&self.provider, body, context.clone())
+    }
+
+    fn decoder(&self, context: ReplyContext) -> OpenAiStream {
+        OpenAiStream::new(self.provider, context)
+    }
+}

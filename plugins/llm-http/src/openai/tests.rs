@@ -1,0 +1,343 @@
+use serde_json::{Value, json};
+
+use super::*;
+use crate::fixtures::{decode_stream, weather_request};
+use crate::http::Headers;
+use crate::{FinishReason, LlmErrorKind, ToolCall, Usage};
+
+const OPENAI: Provider = Provider {
+    name: "OpenAI",
+    key_env: "OPENAI_API_KEY",
+};
+
+fn wire() -> ChatCompletions {
+    ChatCompletions {
+        provider: OPENAI,
+        base_url: "https://api.openai.com/v1".into(),
+        default_model: "gpt-4o-mini".into(),
+        extra_headers: vec![("x-title".into(), "Opspawn".into())],
+        max_tokens_field: "max_completion_tokens",
+    }
+}
+
+fn context() -> ReplyContext {
+    ReplyContext {
+        model: "gpt-4o-mini".into(),
+        first_call_number: 3,
+    }
+}
+
+fn call(id: &str, name: &str, arguments: &str) -> ToolCall {
+    ToolCall {
+        id: id.into(),
+        name: name.into(),
+        arguments: arguments.into(),
+    }
+}
+
+#[test]
+fn requests_carry_messages_tool_calls_results_and_tools() {
+    let body = build(
+        &OPENAI,
+        &weather_request(),
+        "gpt-4o-mini",
+        true,
+        "max_tokens",
+    )
+    .unwrap();
+    let expected = json!({
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Weather in Paris and Rome?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                {"id": "call_2", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\":\"Rome\"}"}},
+            ]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\":18}"},
+            {"role": "tool", "tool_call_id": "call_2",
+             "content": "Error: the weather service timed out"},
+        ],
+        "tools": [{"type": "function", "function": {
+            "name": "get_weather",
+            "description": "Current weather for a city",
+            "parameters": serde_json::from_str::<Value>(crate::fixtures::WEATHER_SCHEMA).unwrap(),
+        }}],
+        "temperature": 0.2,
+        "max_tokens": 256,
+        "stop": ["END"],
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    assert_eq!(body, expected);
+}
+
+#[test]
+fn requests_without_options_are_minimal() {
+    let mut request = weather_request();
+    request.system = None;
+    request.tools.clear();
+    request.temperature = None;
+    request.max_tokens = None;
+    request.stop.clear();
+    request.messages.truncate(1);
+    let body = wire().body(&request, "m", false).unwrap();
+    assert_eq!(
+        body,
+        json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}],
+            "stream": false,
+        })
+    );
+}
+
+#[test]
+fn openai_asks_for_max_completion_tokens() {
+    let body = wire().body(&weather_request(), "m", false).unwrap();
+    assert_eq!(body["max_completion_tokens"], 256);
+    assert!(body.get("max_tokens").is_none());
+}
+
+#[test]
+fn tool_messages_need_their_call_id() {
+    let mut request = weather_request();
+    request.messages[2].tool_call_id = None;
+    let error = wire().body(&request, "m", false).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
+}
+
+#[test]
+fn the_endpoint_model_and_headers() {
+    let wire = wire();
+    assert_eq!(
+        wire.url("m", true),
+        "https://api.openai.com/v1/chat/completions"
+    );
+    assert_eq!(wire.model(&weather_request()), "gpt-4o-mini");
+    let mut request = weather_request();
+    request.model = Some("gpt-4.1".into());
+    assert_eq!(wire.model(&request), "gpt-4.1");
+    let headers = wire.headers(true);
+    assert!(headers.contains(&("content-type".into(), "application/json".into())));
+    assert!(headers.contains(&("accept".into(), "text/event-stream".into())));
+    assert!(headers.contains(&("x-title".into(), "Opspawn".into())));
+    assert!(!headers.iter().any(|(name, _)| name == "authorization"));
+}
+
+/// The example in OpenAI's API reference, with parallel tool calls.
+const COMPLETION: &str = r#"{
+  "id": "chatcmpl-abc123",
+  "object": "chat.completion",
+  "created": 1699896916,
+  "model": "gpt-4o-mini-2024-07-18",
+  "choices": [
+    {
+      "index": 0,
+      "message": {
+        "role": "assistant",
+        "content": null,
+        "tool_calls": [
+          {"id": "call_abc123", "type": "function",
+           "function": {"name": "get_current_weather", "arguments": "{\n\"location\": \"Boston, MA\"\n}"}},
+          {"id": "call_def456", "type": "function",
+           "function": {"name": "get_current_weather", "arguments": "{\"location\": \"Paris\"}"}}
+        ]
+      },
+      "logprobs": null,
+      "finish_reason": "tool_calls"
+    }
+  ],
+  "usage": {"prompt_tokens": 82, "completion_tokens": 17, "total_tokens": 99}
+}"#;
+
+#[test]
+fn parses_a_completion_with_parallel_tool_calls() {
+    let response = wire().parse(COMPLETION.as_bytes(), &context()).unwrap();
+    assert_eq!(response.message.content, "");
+    assert_eq!(
+        response.message.tool_calls,
+        [
+            call(
+                "call_abc123",
+                "get_current_weather",
+                "{\n\"location\": \"Boston, MA\"\n}"
+            ),
+            call(
+                "call_def456",
+                "get_current_weather",
+                "{\"location\": \"Paris\"}"
+            ),
+        ]
+    );
+    assert_eq!(response.finish_reason, FinishReason::ToolCalls);
+    assert_eq!(
+        response.usage,
+        Some(Usage {
+            input_tokens: 82,
+            output_tokens: 17
+        })
+    );
+    assert_eq!(response.model, "gpt-4o-mini-2024-07-18");
+}
+
+#[test]
+fn parses_a_text_completion() {
+    let body = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini",
+        "choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, how may I assist you today?","refusal":null},
+        "logprobs":null,"finish_reason":"stop"}],
+        "usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}"#;
+    let response = wire().parse(body.as_bytes(), &context()).unwrap();
+    assert_eq!(
+        response.message.content,
+        "Hello there, how may I assist you today?"
+    );
+    assert!(response.message.tool_calls.is_empty());
+    assert_eq!(response.finish_reason, FinishReason::Stop);
+    for (reason, expected) in [
+        ("length", FinishReason::Length),
+        ("content_filter", FinishReason::ContentFilter),
+        ("weird", FinishReason::Other),
+    ] {
+        assert_eq!(finish_reason(reason), expected);
+    }
+}
+
+#[test]
+fn compatible_servers_may_omit_ids_and_usage() {
+    let body = r#"{"model":"llama3.2","choices":[{"index":0,"message":{"role":"assistant","content":"",
+        "tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Paris"}}}]},"finish_reason":"stop"}]}"#;
+    let response = wire().parse(body.as_bytes(), &context()).unwrap();
+    assert_eq!(
+        response.message.tool_calls,
+        [call("call-3", "get_weather", r#"{"city":"Paris"}"#)]
+    );
+    assert_eq!(response.finish_reason, FinishReason::ToolCalls);
+    assert_eq!(response.usage, None);
+}
+
+#[test]
+fn malformed_bodies_are_bad_responses() {
+    for body in ["{not json", r#"{"choices": []}"#, r#"{"choices": [{}]}"#] {
+        let error = wire().parse(body.as_bytes(), &context()).unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::BadResponse, "{body}");
+        assert_eq!(error.body.as_deref(), Some(body));
+    }
+}
+
+/// OpenAI's documented stream shape: a role chunk, tool-call fragments for
+/// two parallel calls, the finish reason, then a usage-only chunk.
+const TOOL_STREAM: &str = concat!(
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null},\"finish_reason\":null}],\"usage\":null}\n\n",
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_a\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"arguments\":\"\"}}]},\"finish_reason\":null}],\"usage\":null}\n\n",
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"ci\"}}]},\"finish_reason\":null}],\"usage\":null}\n\n",
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"ty\\\": \\\"Paris\\\"}\"}}]},\"finish_reason\":null}],\"usage\":null}\n\n",
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":1,\"id\":\"call_b\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"arguments\":\"{\\\"city\\\": \"}}]},\"finish_reason\":null}],\"usage\":null}\n\n",
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":1,\"function\":{\"arguments\":\"\\\"Rome\\\"}\"}}]},\"finish_reason\":null}],\"usage\":null}\n\n",
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}],\"usage\":null}\n\n",
+    "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[],\"usage\":{\"prompt_tokens\":80,\"completion_tokens\":40,\"total_tokens\":120}}\n\n",
+    "data: [DONE]\n\n",
+);
+
+#[test]
+fn streams_assemble_tool_call_fragments() {
+    for size in [1, 7, 64, TOOL_STREAM.len()] {
+        let (response, emitted) = decode_stream(wire().decoder(context()), TOOL_STREAM, size);
+        let response = response.unwrap();
+        assert!(emitted.is_empty());
+        assert_eq!(
+            response.message.tool_calls,
+            [
+                call("call_a", "get_weather", r#"{"city": "Paris"}"#),
+                call("call_b", "get_weather", r#"{"city": "Rome"}"#),
+            ]
+        );
+        assert_eq!(response.finish_reason, FinishReason::ToolCalls);
+        assert_eq!(
+            response.usage,
+            Some(Usage {
+                input_tokens: 80,
+                output_tokens: 40
+            })
+        );
+        assert_eq!(response.model, "gpt-4o-mini-2024-07-18");
+    }
+}
+
+const TEXT_STREAM: &str = concat!(
+    ": OPENROUTER PROCESSING\n\n",
+    "data: {\"model\":\"openai/gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+    "data: {\"model\":\"openai/gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+    "data: {\"model\":\"openai/gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo é\"}}]}\n\n",
+    "data: {\"model\":\"openai/gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n",
+    "data: [DONE]\n\n",
+);
+
+#[test]
+fn streams_emit_text_as_it_arrives() {
+    let (response, emitted) = decode_stream(wire().decoder(context()), TEXT_STREAM, 5);
+    let response = response.unwrap();
+    assert_eq!(emitted, ["Hel", "lo é"]);
+    assert_eq!(response.message.content, "Hello é");
+    assert_eq!(response.finish_reason, FinishReason::Stop);
+    assert_eq!(response.model, "openai/gpt-4o");
+    assert_eq!(response.usage.map(|u| u.output_tokens), Some(2));
+}
+
+#[test]
+fn streams_cut_short_are_unavailable() {
+    let cut = &TEXT_STREAM[..TEXT_STREAM
+        .find("data: {\"model\":\"openai/gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{},")
+        .unwrap()];
+    let (response, emitted) = decode_stream(wire().decoder(context()), cut, 16);
+    assert_eq!(emitted, ["Hel", "lo é"]);
+    assert_eq!(response.unwrap_err().kind, LlmErrorKind::Unavailable);
+    let (response, _) = decode_stream(wire().decoder(context()), "data: {oops\n\n", 16);
+    assert_eq!(response.unwrap_err().kind, LlmErrorKind::BadResponse);
+}
+
+#[test]
+fn errors_inside_a_stream_end_it() {
+    let stream = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        "data: {\"id\":\"gen-1\",\"object\":\"chat.completion.chunk\",\"error\":{\"code\":502,\"message\":\"Provider returned error\"},\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":\"error\"}]}\n\n",
+    );
+    let (response, emitted) = decode_stream(wire().decoder(context()), stream, 9);
+    let error = response.unwrap_err();
+    assert_eq!(emitted, ["Hi"]);
+    assert_eq!(error.kind, LlmErrorKind::Unavailable);
+    assert_eq!(error.status, Some(502));
+    assert!(error.body.unwrap().contains("Provider returned error"));
+}
+
+#[test]
+fn errors_in_a_success_body_map_by_their_code() {
+    for (code, kind) in [
+        (401, LlmErrorKind::Auth),
+        (402, LlmErrorKind::InvalidRequest),
+        (429, LlmErrorKind::RateLimited),
+        (502, LlmErrorKind::Unavailable),
+        (503, LlmErrorKind::Unavailable),
+    ] {
+        let body = format!(
+            r#"{{"error":{{"code":{code},"message":"no","metadata":{{"provider_name":"X"}}}}}}"#
+        );
+        let error = wire().parse(body.as_bytes(), &context()).unwrap_err();
+        assert_eq!((code, error.kind), (code, kind));
+        assert_eq!(error.status, Some(code));
+        assert_eq!(error.body.as_deref(), Some(body.as_str()));
+    }
+}
+
+#[test]
+fn failure_statuses_use_the_generic_mapping() {
+    let body = br#"{"error":{"message":"The model `gpt-9` does not exist","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#;
+    let error = wire().error(404, &Headers::default(), body);
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
+    assert_eq!(
+        error.message,
+        "OpenAI rejected the request as invalid (404)"
+    );
+}
