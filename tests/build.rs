@@ -19,6 +19,12 @@ fn main() {
         "react",
         "scripted",
         "fixtures",
+        "llm-http",
+        "openai",
+        "openrouter",
+        "openai-compatible",
+        "anthropic",
+        "gemini",
     ] {
         println!("cargo:rerun-if-changed={}", plugins.join(watched).display());
     }
@@ -59,7 +65,17 @@ fn main() {
     let wasm_dir = wasm_target.join("wasm32-wasip2").join("release");
     check_built(
         &wasm_dir,
-        &["calculator", "react", "scripted", "misbehaving"],
+        &[
+            "calculator",
+            "react",
+            "scripted",
+            "misbehaving",
+            "openai",
+            "openrouter",
+            "openai_compatible",
+            "anthropic",
+            "gemini",
+        ],
     );
     println!(
         "cargo:rustc-env=OPSPAWN_TEST_WASM_DIR={}",

@@ -39,6 +39,22 @@ enum Command {
     Plugins(PluginsCommand),
     /// Print the effective server configuration.
     Config(ServeArgs),
+    /// Make API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a new random token and the configuration line that admits it.
+    New {
+        /// The tenant the token acts for.
+        #[arg(long)]
+        tenant: String,
+        /// A label for logs.
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +202,25 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Run(args) => run(args).await,
+        Command::Token(TokenCommand::New { tenant, name }) => {
+            let token = crate::api::auth::new_token();
+            let hash = crate::api::auth::token_hash(&token);
+            let name = name.map(|n| format!(", name = {n:?}")).unwrap_or_default();
+            println!("token (give it to the client as OPSPAWN_TOKEN; it is not stored anywhere):");
+            println!("  {token}");
+            println!("add to the server's configuration file:");
+            println!("  [[auth.tokens]]");
+            println!("  tenant = {tenant:?}");
+            println!(
+                "  sha256 = {hash:?}{}",
+                if name.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n  {}", name.trim_start_matches(", "))
+                }
+            );
+            Ok(0)
+        }
         Command::Tasks(TasksCommand::List {
             status,
             limit,
@@ -264,9 +299,18 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// The API client; sends `OPSPAWN_TOKEN` as a bearer token when set.
 fn http() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(token) = std::env::var("OPSPAWN_TOKEN")
+        && let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+    {
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
+        .default_headers(headers)
         .build()
         .expect("building an HTTP client")
 }

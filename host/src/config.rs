@@ -9,6 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::api::auth::AuthConfig;
 use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
 use crate::scheduler::SchedulerConfig;
@@ -38,6 +39,9 @@ pub struct Config {
     pub plugins: PluginDefaults,
     /// What plugins may be granted, globally and per plugin.
     pub policy: OperatorPolicy,
+    /// API tokens (by hash), rate limits and per-tenant caps; off when no
+    /// tokens are configured.
+    pub auth: AuthConfig,
 }
 
 /// What a task gets for whatever its request leaves out.
@@ -82,6 +86,7 @@ const KEYS: &[&str] = &[
     "defaults",
     "plugins",
     "policy",
+    "auth",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -123,6 +128,7 @@ impl Default for Config {
                 pooling: true,
             },
             policy: OperatorPolicy::default(),
+            auth: AuthConfig::default(),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::api::auth::Gate;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::events::EventBus;
@@ -89,7 +90,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         scheduler: scheduler.clone(),
         events,
         defaults: Arc::new(config.defaults.clone()),
+        gate: Arc::new(Gate::new(config.auth.clone())),
     };
+    let auth_enabled = state.gate.enabled();
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .with_context(|| {
@@ -104,7 +107,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.data_dir.display()
     );
     println!("opspawn listening on http://{addr}");
-    if !addr.ip().is_loopback() {
+    if !auth_enabled && !addr.ip().is_loopback() {
+        eprintln!(
+            "WARNING: listening on {addr}, reachable from other machines, with authentication \
+             OFF: anyone who can connect can run tasks. Configure [auth] tokens \
+             (`opspawn token new --tenant NAME`) or listen on 127.0.0.1."
+        );
         tracing::warn!(%addr, "listening on a non-loopback address without authentication");
     }
 

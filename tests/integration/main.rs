@@ -6,8 +6,10 @@ mod api;
 mod crash;
 mod durability;
 mod plugins;
+mod providers;
 mod sandbox;
 mod streaming;
+mod tenancy;
 
 use std::path::Path;
 use std::time::Duration;
@@ -66,6 +68,12 @@ impl Harness {
     /// Starts a server with `env` added to its environment (after, so
     /// overriding, what the harness sets).
     pub fn start_with(env: &[(&str, &str)]) -> Self {
+        Self::start_with_plugins(env, |_| {})
+    }
+
+    /// Like [`Harness::start_with`], with `add` putting more plugins into the
+    /// folder before the server starts.
+    pub fn start_with_plugins(env: &[(&str, &str)], add: impl FnOnce(&PluginFolder)) -> Self {
         let plugins = PluginFolder::with_examples();
         std::fs::create_dir_all(plugins.path().join("counts")).unwrap();
         let readonly = plugins.path().join("readonly");
@@ -76,6 +84,7 @@ impl Harness {
         std::os::unix::fs::symlink(plugins.path().join("secret.txt"), readonly.join("link.txt"))
             .unwrap();
         plugins.add("misbehaving", "misbehaving", Some(MISBEHAVING_MANIFEST));
+        add(&plugins);
         let data = tempfile::tempdir().unwrap();
 
         let postgres = match std::env::var(DATABASE_VAR).as_deref() {

@@ -180,17 +180,43 @@ async fn the_operator_policy_narrows_what_a_manifest_asks_for() {
         .find(|p| p["name"] == "misbehaving")
         .unwrap()
         .clone();
-    let refused: Vec<&str> = misbehaving["refused"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
-    assert!(refused.contains(&"environment variable OPSPAWN_TEST_GRANTED"), "{refused:?}");
-    assert!(refused.contains(&"write access to folder counts"), "{refused:?}");
+    let refused: Vec<&str> = misbehaving["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(
+        refused.contains(&"environment variable OPSPAWN_TEST_GRANTED"),
+        "{refused:?}"
+    );
+    assert!(
+        refused.contains(&"write access to folder counts"),
+        "{refused:?}"
+    );
     assert_eq!(misbehaving["grants"]["env"], json!([]));
     assert_eq!(misbehaving["limits"]["call_timeout"], "300ms");
 
     let env = tool_step(&harness, "env", json!({"name": "OPSPAWN_TEST_GRANTED"})).await;
-    assert_eq!(env["output"]["value"], Value::Null, "the refused variable is not visible");
-    let write = tool_step(&harness, "write_file", json!({"path": "/counts/x.txt", "content": "x"})).await;
-    assert_eq!(write["status"], "failed", "the folder became read-only: {write:#}");
+    assert_eq!(
+        env["output"]["value"],
+        Value::Null,
+        "the refused variable is not visible"
+    );
+    let write = tool_step(
+        &harness,
+        "write_file",
+        json!({"path": "/counts/x.txt", "content": "x"}),
+    )
+    .await;
+    assert_eq!(
+        write["status"], "failed",
+        "the folder became read-only: {write:#}"
+    );
     let spin = tool_step(&harness, "spin", json!({})).await;
     assert_eq!(spin["error"]["code"], "plugin_timeout");
-    assert!(spin["duration_ms"].as_i64().unwrap() < 900, "the operator's shorter limit applies: {spin:#}");
+    assert!(
+        spin["duration_ms"].as_i64().unwrap() < 900,
+        "the operator's shorter limit applies: {spin:#}"
+    );
 }

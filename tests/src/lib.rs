@@ -1,5 +1,6 @@
 //! What the end-to-end tests and the benchmark share: the compiled plugins,
-//! a real `opspawn serve` process on loopback, and a small HTTP client.
+//! a real `opspawn serve` process on loopback, a small HTTP client, and
+//! loopback mocks of the LLM providers ([`providers`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -12,7 +13,10 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::Value;
 
+pub use providers::{MockProviders, Provider, ProviderRequest};
 pub use reqwest::StatusCode;
+
+pub mod providers;
 
 /// The example plugins every server in the tests loads.
 pub const EXAMPLES: &[&str] = &["calculator", "react", "scripted"];

@@ -9,13 +9,14 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::auth::Tenant;
 use super::{ApiError, AppState};
 use crate::events::LiveEvent;
 use crate::store::{EventRecord, Store};
@@ -25,12 +26,11 @@ const POLL: Duration = Duration::from_millis(1000);
 
 pub async fn task_events(
     State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    if state.store.get_task(&id).await?.is_none() {
-        return Err(ApiError::task_not_found(&id));
-    }
+    super::owned_task(&state, &tenant, &id).await?;
     let after = match headers.get("last-event-id") {
         None => 0,
         Some(value) => value

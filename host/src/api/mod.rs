@@ -4,6 +4,7 @@
 //! Every error is `{"error": {"code", "message"}}` with a stable code (see
 //! `docs/api.md`); malformed requests are 4xx, never 500.
 
+pub mod auth;
 mod error;
 mod events;
 mod views;
@@ -11,22 +12,25 @@ mod views;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, FromRequestParts, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use auth::Tenant;
 pub use error::ApiError;
+pub use views::timestamp;
 use views::{TaskView, plugin_view};
 
 use crate::config::TaskDefaults;
 use crate::events::EventBus;
 use crate::plugins::{PluginKind, PluginRuntime};
 use crate::scheduler::Scheduler;
-use crate::store::{CancelOutcome, NewTask, Store, TaskQuery, TaskStatus};
+use crate::store::{CancelOutcome, Millis, NewTask, Store, TaskQuery, TaskRecord, TaskStatus};
 
 /// The longest goal accepted, in bytes.
 const MAX_GOAL_BYTES: usize = 64 * 1024;
@@ -40,17 +44,24 @@ pub struct AppState {
     pub scheduler: Arc<Scheduler>,
     pub events: EventBus,
     pub defaults: Arc<TaskDefaults>,
+    pub gate: Arc<auth::Gate>,
 }
 
 /// The whole API as one router.
 pub fn app(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
+    let authenticated = Router::new()
         .route("/v1/plugins", get(list_plugins))
         .route("/v1/tasks", post(create_task).get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/events", get(events::task_events))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(authenticated)
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -108,26 +119,90 @@ struct CreateTask {
     options: Option<Value>,
     max_steps: Option<u32>,
     timeout_secs: Option<u64>,
+    /// Higher runs first; -1000 to 1000, default 0.
+    priority: Option<i32>,
+    /// Not before this time (RFC 3339).
+    run_at: Option<String>,
+    /// Fail with `deadline_exceeded` unless finished by this time (RFC 3339).
+    deadline: Option<String>,
 }
+
+/// The longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 async fn create_task(
     State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<CreateTask>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let task = validate(&state, request)?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => {
+            let key = value.to_str().ok().map(str::trim).unwrap_or_default();
+            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+                return Err(ApiError::bad_request(
+                    "invalid_idempotency_key",
+                    format!(
+                        "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+                    ),
+                ));
+            }
+            Some(key.to_owned())
+        }
+    };
+    let task = validate(&state, request, tenant.0.clone(), idempotency_key)?;
+    if let Some(cap) = state.gate.max_active_tasks()
+        && state.store.count_active(&tenant.0).await? >= cap
+    {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_active_tasks",
+            format!(
+                "this tenant already has {cap} queued or running tasks; wait for some to finish"
+            ),
+        ));
+    }
     let (record, event) = state.store.create_task(task).await?;
-    state.events.journaled(event);
-    state.scheduler.wake();
+    let status = match event {
+        Some(event) => {
+            state.events.journaled(event);
+            state.scheduler.wake();
+            StatusCode::CREATED
+        }
+        // The idempotency key named an existing task: the same answer again.
+        None => StatusCode::OK,
+    };
     let location = format!("/v1/tasks/{}", record.id);
     Ok((
-        StatusCode::CREATED,
+        status,
         [(header::LOCATION, location)],
         Json(TaskView::new(record, None)),
     ))
 }
 
+fn parse_time(field: &str, text: Option<&str>) -> Result<Option<Millis>, ApiError> {
+    let Some(text) = text else { return Ok(None) };
+    let time = humantime::parse_rfc3339_weak(text).map_err(|_| {
+        ApiError::unprocessable(
+            "invalid_time",
+            format!("{field} must be an RFC 3339 time such as 2026-01-31T12:00:00Z"),
+        )
+    })?;
+    let millis = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| ApiError::unprocessable("invalid_time", format!("{field} is before 1970")))?
+        .as_millis();
+    Ok(Some(millis as Millis))
+}
+
 /// Applies defaults and checks every reference against what is loaded.
-fn validate(state: &AppState, request: CreateTask) -> Result<NewTask, ApiError> {
+fn validate(
+    state: &AppState,
+    request: CreateTask,
+    tenant: String,
+    idempotency_key: Option<String>,
+) -> Result<NewTask, ApiError> {
     let goal = request.goal.trim();
     if goal.is_empty() {
         return Err(ApiError::unprocessable("invalid_goal", "the goal is empty"));
@@ -197,7 +272,21 @@ fn validate(state: &AppState, request: CreateTask) -> Result<NewTask, ApiError> 
         }
         None => defaults.timeout,
     };
+    let priority = request.priority.unwrap_or(0);
+    if !(-1000..=1000).contains(&priority) {
+        return Err(ApiError::unprocessable(
+            "invalid_priority",
+            "priority must be between -1000 and 1000",
+        ));
+    }
+    let run_at = parse_time("run_at", request.run_at.as_deref())?;
+    let deadline_at = parse_time("deadline", request.deadline.as_deref())?;
     Ok(NewTask {
+        tenant,
+        idempotency_key,
+        priority,
+        run_at,
+        deadline_at,
         goal: goal.to_owned(),
         planner,
         llm,
@@ -219,6 +308,7 @@ struct ListTasks {
 
 async fn list_tasks(
     State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
     ApiQuery(query): ApiQuery<ListTasks>,
 ) -> Result<Json<Value>, ApiError> {
     let status = match query.status.as_deref() {
@@ -242,6 +332,7 @@ async fn list_tasks(
     let page = state
         .store
         .list_tasks(&TaskQuery {
+            tenant: Some(tenant.0),
             status,
             before: query.cursor,
             limit,
@@ -253,23 +344,43 @@ async fn list_tasks(
     })))
 }
 
-async fn get_task(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<TaskView>, ApiError> {
+/// The task, if it exists and belongs to the tenant.
+pub(crate) async fn owned_task(
+    state: &AppState,
+    tenant: &Tenant,
+    id: &str,
+) -> Result<TaskRecord, ApiError> {
     let task = state
         .store
-        .get_task(&id)
+        .get_task(id)
         .await?
-        .ok_or_else(|| ApiError::task_not_found(&id))?;
+        .ok_or_else(|| ApiError::task_not_found(id))?;
+    if task.tenant != tenant.0 {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("task {id} belongs to another tenant"),
+        ));
+    }
+    Ok(task)
+}
+
+async fn get_task(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let task = owned_task(&state, &tenant, &id).await?;
     let steps = state.store.steps(&id).await?;
     Ok(Json(TaskView::new(task, Some(steps))))
 }
 
 async fn cancel_task(
     State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
+    owned_task(&state, &tenant, &id).await?;
     match state.store.request_cancel(&id).await? {
         CancelOutcome::Cancelled(task, event) => {
             state.events.journaled(event);

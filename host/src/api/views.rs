@@ -18,6 +18,7 @@ pub fn timestamp(millis: Millis) -> String {
 #[derive(Debug, Serialize)]
 pub struct TaskView {
     pub id: String,
+    pub tenant: String,
     pub status: TaskStatus,
     pub goal: String,
     pub planner: String,
@@ -27,6 +28,10 @@ pub struct TaskView {
     pub options: Value,
     pub max_steps: u32,
     pub timeout_secs: f64,
+    pub priority: i32,
+    pub idempotency_key: Option<String>,
+    pub run_at: Option<String>,
+    pub deadline: Option<String>,
     pub result: Option<String>,
     pub error: Option<ErrorInfo>,
     pub attempt: i64,
@@ -43,6 +48,7 @@ impl TaskView {
     pub fn new(task: TaskRecord, steps: Option<Vec<StepRecord>>) -> Self {
         Self {
             id: task.id,
+            tenant: task.tenant,
             status: task.status,
             goal: task.goal,
             planner: task.planner,
@@ -52,6 +58,10 @@ impl TaskView {
             options: task.options,
             max_steps: task.max_steps,
             timeout_secs: task.timeout_ms as f64 / 1000.0,
+            priority: task.priority,
+            idempotency_key: task.idempotency_key,
+            run_at: task.run_at.map(timestamp),
+            deadline: task.deadline_at.map(timestamp),
             result: task.result,
             error: task.error,
             attempt: task.attempt,

@@ -219,11 +219,15 @@ impl Run {
         Ok(None)
     }
 
-    /// Time left before the task's deadline.
+    /// Time left before the task's time limit or its deadline, whichever
+    /// comes first.
     fn remaining(&self) -> Duration {
         let started = self.task.started_at.unwrap_or(self.task.created_at);
-        let left = started + self.task.timeout_ms - now_millis();
-        Duration::from_millis(left.max(0) as u64)
+        let end = match self.task.deadline_at {
+            Some(deadline) => deadline.min(started + self.task.timeout_ms),
+            None => started + self.task.timeout_ms,
+        };
+        Duration::from_millis((end - now_millis()).max(0) as u64)
     }
 
     fn timed_out(&self) -> TaskEnd {
@@ -418,6 +422,17 @@ fn llm_error_info(error: &LlmError) -> ErrorInfo {
 }
 
 fn timed_out_error(task: &TaskRecord) -> ErrorInfo {
+    if let Some(deadline) = task.deadline_at
+        && now_millis() >= deadline
+    {
+        return ErrorInfo::new(
+            "deadline_exceeded",
+            format!(
+                "the task did not finish by its deadline, {}",
+                crate::api::timestamp(deadline)
+            ),
+        );
+    }
     ErrorInfo::new(
         "task_timeout",
         format!(

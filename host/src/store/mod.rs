@@ -167,6 +167,16 @@ impl ErrorInfo {
 /// What a client asked for, after validation and defaults.
 #[derive(Debug, Clone)]
 pub struct NewTask {
+    /// Who owns the task; `default` when authentication is off.
+    pub tenant: String,
+    /// The same key from the same tenant names the same task.
+    pub idempotency_key: Option<String>,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Not before this time.
+    pub run_at: Option<Millis>,
+    /// Fails with `deadline_exceeded` if not finished by this time.
+    pub deadline_at: Option<Millis>,
     pub goal: String,
     pub planner: String,
     pub llm: String,
@@ -181,6 +191,11 @@ pub struct NewTask {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskRecord {
     pub id: String,
+    pub tenant: String,
+    pub idempotency_key: Option<String>,
+    pub priority: i32,
+    pub run_at: Option<Millis>,
+    pub deadline_at: Option<Millis>,
     pub status: TaskStatus,
     pub goal: String,
     pub planner: String,
@@ -293,6 +308,8 @@ pub mod event_kind {
 /// A page of the task list, newest first.
 #[derive(Debug, Clone)]
 pub struct TaskQuery {
+    /// Only this tenant's tasks, if set.
+    pub tenant: Option<String>,
     pub status: Option<TaskStatus>,
     /// Return tasks older than this task id (ids sort by creation time).
     pub before: Option<String>,
@@ -337,7 +354,11 @@ pub trait Store: Send + Sync + 'static {
     /// A short name for logs: `sqlite` or `postgres`.
     fn engine(&self) -> &'static str;
 
-    async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, EventRecord)>;
+    /// Creates a task, or, when the tenant already has a task with the same
+    /// idempotency key, returns that one (and no event).
+    async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, Option<EventRecord>)>;
+    /// How many of a tenant's tasks are queued or running.
+    async fn count_active(&self, tenant: &str) -> Result<u64>;
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>>;
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage>;
     async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>>;

@@ -129,15 +129,22 @@ async fn create_schema(pool: &PgPool, schema: &str) -> Result<()> {
     }
 }
 
-async fn create_task(conn: &mut PgConnection, task: &NewTask) -> Result<(TaskRecord, EventRecord)> {
+async fn create_task(
+    conn: &mut PgConnection,
+    task: &NewTask,
+) -> Result<(TaskRecord, Option<EventRecord>)> {
     let id = uuid::Uuid::now_v7().to_string();
     let now = now_millis();
     // JSON goes in as text cast to `json`: a `jsonb` parameter would refuse
-    // the escape \u0000.
+    // the escape \u0000. A second task with a tenant's idempotency key
+    // conflicts on the unique index and inserts nothing.
     let row = sqlx::query(
         "INSERT INTO tasks (id, status, goal, planner, llm, model, tools, options, max_steps,
-                            timeout_ms, created_at)
-         VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10)
+                            timeout_ms, created_at, tenant, idempotency_key, priority, run_at,
+                            deadline_at)
+         VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $12, $13,
+                 $14, $15)
+         ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
     .bind(&id)
@@ -150,8 +157,22 @@ async fn create_task(conn: &mut PgConnection, task: &NewTask) -> Result<(TaskRec
     .bind(task.max_steps as i64)
     .bind(task.timeout.as_millis() as i64)
     .bind(now)
-    .fetch_one(&mut *conn)
+    .bind(&task.tenant)
+    .bind(&task.idempotency_key)
+    .bind(task.priority)
+    .bind(task.run_at)
+    .bind(task.deadline_at)
+    .fetch_optional(&mut *conn)
     .await?;
+    let Some(row) = row else {
+        let existing =
+            sqlx::query("SELECT * FROM tasks WHERE tenant = $1 AND idempotency_key = $2")
+                .bind(&task.tenant)
+                .bind(&task.idempotency_key)
+                .fetch_one(&mut *conn)
+                .await?;
+        return Ok((task_from_row(&existing)?, None));
+    };
     let record = task_from_row(&row)?;
     let event = append_event(
         conn,
@@ -166,7 +187,7 @@ async fn create_task(conn: &mut PgConnection, task: &NewTask) -> Result<(TaskRec
         .bind(&id)
         .execute(&mut *conn)
         .await?;
-    Ok((record, event))
+    Ok((record, Some(event)))
 }
 
 async fn claim(conn: &mut PgConnection, worker: &str, lease: Duration) -> Result<Option<Claim>> {
@@ -179,9 +200,9 @@ async fn claim(conn: &mut PgConnection, worker: &str, lease: Duration) -> Result
             SET status = 'running', attempt = attempt + 1, lease_owner = $1,
                 lease_expires_at = $2, started_at = COALESCE(started_at, $3)
           WHERE id = (SELECT id FROM tasks
-                       WHERE status = 'queued'
+                       WHERE (status = 'queued' AND (run_at IS NULL OR run_at <= $3))
                           OR (status = 'running' AND lease_expires_at < $3)
-                       ORDER BY id
+                       ORDER BY priority DESC, id
                        LIMIT 1
                        FOR UPDATE SKIP LOCKED)
          RETURNING *",
@@ -472,6 +493,11 @@ fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
     let status: String = row.try_get("status")?;
     Ok(TaskRecord {
         id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        priority: row.try_get("priority")?,
+        run_at: row.try_get("run_at")?,
+        deadline_at: row.try_get("deadline_at")?,
         status: TaskStatus::parse(&status).ok_or_else(|| corrupt_enum("task status", &status))?,
         goal: row.try_get("goal")?,
         planner: row.try_get("planner")?,
@@ -550,11 +576,21 @@ impl Store for PgStore {
         "postgres"
     }
 
-    async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, EventRecord)> {
+    async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, Option<EventRecord>)> {
         let mut tx = self.pool.begin().await?;
         let created = create_task(&mut tx, &task).await?;
         tx.commit().await?;
         Ok(created)
+    }
+
+    async fn count_active(&self, tenant: &str) -> Result<u64> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM tasks WHERE tenant = $1 AND status IN ('queued', 'running')",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count as u64)
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
@@ -570,12 +606,14 @@ impl Store for PgStore {
         let rows = sqlx::query(
             "SELECT * FROM tasks
               WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR id < $2)
+                AND ($4::text IS NULL OR tenant = $4)
               ORDER BY id DESC
               LIMIT $3",
         )
         .bind(query.status.map(TaskStatus::as_str))
         .bind(&query.before)
         .bind(limit as i64 + 1)
+        .bind(&query.tenant)
         .fetch_all(&self.pool)
         .await?;
         let mut tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>>>()?;

@@ -81,7 +81,7 @@ enum WriteOp {
 }
 
 enum Reply {
-    Created(TaskRecord, EventRecord),
+    Created(TaskRecord, Option<EventRecord>),
     Claimed(Option<Claim>),
     Lease(LeaseState),
     Count(u64),
@@ -159,15 +159,32 @@ async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<Reply> {
 }
 
 async fn create_task(conn: &mut SqliteConnection, task: &NewTask) -> Result<Reply> {
+    // The writer applies one write at a time, so look-then-insert cannot race.
+    if let Some(key) = &task.idempotency_key {
+        let existing = sqlx::query("SELECT * FROM tasks WHERE tenant = ? AND idempotency_key = ?")
+            .bind(&task.tenant)
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(row) = existing {
+            return Ok(Reply::Created(task_from_row(&row)?, None));
+        }
+    }
     let id = uuid::Uuid::now_v7().to_string();
     let now = now_millis();
     let row = sqlx::query(
-        "INSERT INTO tasks (id, status, goal, planner, llm, model, tools, options, max_steps,
-                            timeout_ms, created_at)
-         VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        "INSERT INTO tasks (id, tenant, idempotency_key, priority, run_at, deadline_at, status,
+                            goal, planner, llm, model, tools, options, max_steps, timeout_ms,
+                            created_at)
+         VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)
          RETURNING *",
     )
     .bind(&id)
+    .bind(&task.tenant)
+    .bind(&task.idempotency_key)
+    .bind(task.priority)
+    .bind(task.run_at)
+    .bind(task.deadline_at)
     .bind(&task.goal)
     .bind(&task.planner)
     .bind(&task.llm)
@@ -187,7 +204,7 @@ async fn create_task(conn: &mut SqliteConnection, task: &NewTask) -> Result<Repl
         json!({"status": "queued"}),
     )
     .await?;
-    Ok(Reply::Created(record, event))
+    Ok(Reply::Created(record, Some(event)))
 }
 
 async fn claim(
@@ -201,9 +218,9 @@ async fn claim(
             SET status = 'running', attempt = attempt + 1, lease_owner = ?1,
                 lease_expires_at = ?2, started_at = COALESCE(started_at, ?3)
           WHERE id = (SELECT id FROM tasks
-                       WHERE status = 'queued'
+                       WHERE (status = 'queued' AND (run_at IS NULL OR run_at <= ?3))
                           OR (status = 'running' AND lease_expires_at < ?3)
-                       ORDER BY id
+                       ORDER BY priority DESC, id
                        LIMIT 1)
          RETURNING *",
     )
@@ -480,6 +497,11 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord> {
     let options: String = row.try_get("options")?;
     Ok(TaskRecord {
         id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        priority: row.try_get::<i64, _>("priority")? as i32,
+        run_at: row.try_get("run_at")?,
+        deadline_at: row.try_get("deadline_at")?,
         status: TaskStatus::parse(&status).ok_or_else(|| corrupt_enum("task status", &status))?,
         goal: row.try_get("goal")?,
         planner: row.try_get("planner")?,
@@ -564,7 +586,7 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
-    async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, EventRecord)> {
+    async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, Option<EventRecord>)> {
         match self.write(WriteOp::CreateTask(task)).await? {
             Reply::Created(task, event) => Ok((task, event)),
             _ => unreachable!("create_task answers Created"),
@@ -579,17 +601,29 @@ impl Store for SqliteStore {
         row.as_ref().map(task_from_row).transpose()
     }
 
+    async fn count_active(&self, tenant: &str) -> Result<u64> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM tasks WHERE tenant = ? AND status IN ('queued', 'running')",
+        )
+        .bind(tenant)
+        .fetch_one(&self.reads)
+        .await?;
+        Ok(count as u64)
+    }
+
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
         let limit = query.limit.clamp(1, 500);
         let rows = sqlx::query(
             "SELECT * FROM tasks
               WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2)
+                AND (?4 IS NULL OR tenant = ?4)
               ORDER BY id DESC
               LIMIT ?3",
         )
         .bind(query.status.map(TaskStatus::as_str))
         .bind(&query.before)
         .bind(limit as i64 + 1)
+        .bind(&query.tenant)
         .fetch_all(&self.reads)
         .await?;
         let mut tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>>>()?;

@@ -1,0 +1,766 @@
+//! The LLM adapters end to end: a real server runs each adapter plugin
+//! against loopback mocks of its provider ([`MockProviders`]) that speak the
+//! provider's wire format and check requests the way the provider does.
+//!
+//! Per adapter: the ReAct task streamed and not streamed, a rejected key, a
+//! malformed answer, a rate limit and an outage that the host retries, and a
+//! live run against the real API when `OPSPAWN_LIVE_TESTS=1` and the key
+//! are set. Then isolation: an adapter reaches only the hosts it was
+//! granted, and no plugin ever reads a key.
+
+use std::time::Duration;
+
+use opspawn_testkit::providers::models;
+use opspawn_testkit::{Client, MockProviders, Provider, ProviderRequest, SseEvent, plugin_sources};
+use serde_json::{Value, json};
+
+use crate::{FINISH, Harness, misbehaving_task, steps};
+
+/// Starts a server with the example plugins, the misbehaving fixture and
+/// `provider`'s adapter under `manifest`, with the adapter's base URL and
+/// key in its environment.
+fn start_server(provider: Provider, manifest: &str, base_url: &str, key: &str) -> Harness {
+    Harness::start_with_plugins(
+        &[
+            (provider.base_url_var(), base_url),
+            (provider.key_var(), key),
+        ],
+        |plugins| {
+            plugins.add(provider.plugin(), provider.wasm(), Some(manifest));
+        },
+    )
+}
+
+/// Fails unless the adapter loaded, showing why it did not.
+async fn expect_loaded(harness: &Harness, provider: Provider) {
+    let (_, listing) = harness.client().get("/v1/plugins").await.unwrap();
+    let plugin = listing["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == provider.plugin());
+    match plugin {
+        Some(plugin) => assert_eq!(plugin["kind"], "llm-adapter", "{plugin:#}"),
+        None => panic!(
+            "the {provider} adapter did not load; failures: {:#}",
+            listing["failures"]
+        ),
+    }
+}
+
+/// A mock and a server whose `provider` adapter is pointed at it, granted
+/// loopback.
+struct Setup {
+    provider: Provider,
+    mock: MockProviders,
+    harness: Harness,
+}
+
+impl Setup {
+    async fn start(provider: Provider) -> Self {
+        let mock = MockProviders::start().await;
+        let harness = start_server(
+            provider,
+            &provider.loopback_manifest(),
+            &mock.base_url_for(provider),
+            &provider.test_key(),
+        );
+        expect_loaded(&harness, provider).await;
+        Self {
+            provider,
+            mock,
+            harness,
+        }
+    }
+
+    fn client(&self) -> Client {
+        self.harness.client()
+    }
+
+    /// Submits the ReAct task with `model` and waits for its end.
+    async fn run(&self, model: &str, stream: Option<bool>) -> Value {
+        let client = self.client();
+        let id = client
+            .submit(&react_task(self.provider, model, stream))
+            .await
+            .unwrap();
+        client.wait_until_finished(&id, FINISH).await.unwrap()
+    }
+
+    /// What the mock saw, and the end of the server's log, for failures.
+    fn diagnosis(&self) -> String {
+        let mut text = String::from("the mock saw:\n");
+        for request in self.mock.requests() {
+            text.push_str(&describe(&request));
+        }
+        let log = self.harness.server.log();
+        let tail: String = log
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        text.push_str(&format!("the server's log ends:\n{tail}\n"));
+        text
+    }
+
+    /// Fails, showing why, if the mock refused any request as the provider
+    /// would have.
+    fn expect_no_rejections(&self) {
+        let rejected = self.mock.rejected();
+        assert!(
+            rejected.is_empty(),
+            "the mock refused requests from the {} adapter, as {} would:\n{}",
+            self.provider,
+            self.provider,
+            rejected.iter().map(describe).collect::<String>()
+        );
+    }
+}
+
+fn describe(request: &ProviderRequest) -> String {
+    format!(
+        "  {} {}{} -> {}{}\n    body: {}\n",
+        request.method,
+        request.path,
+        request
+            .query
+            .as_deref()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default(),
+        request.status,
+        request
+            .rejection
+            .as_deref()
+            .map(|why| format!(" REFUSED: {why}"))
+            .unwrap_or_default(),
+        request.raw_body.chars().take(2000).collect::<String>(),
+    )
+}
+
+fn react_task(provider: Provider, model: &str, stream: Option<bool>) -> Value {
+    let mut task = json!({
+        "goal": "What is 6 times 7?",
+        "tools": ["calculator"],
+        "llm": provider.plugin(),
+        "model": model,
+    });
+    if let Some(stream) = stream {
+        task["options"] = json!({"llm": {"stream": stream}});
+    }
+    task
+}
+
+fn kinds(task: &Value) -> Vec<&str> {
+    steps(task)
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap_or_default())
+        .collect()
+}
+
+/// What an unauthorized answer of the mock says, to show that the
+/// provider's body reaches the step's error.
+fn unauthorized_text(provider: Provider) -> &'static str {
+    match provider {
+        Provider::OpenAi | Provider::OpenAiCompatible => "Incorrect API key provided",
+        Provider::OpenRouter => "User not found",
+        Provider::Anthropic => "invalid x-api-key",
+        Provider::Gemini => "UNAUTHENTICATED",
+    }
+}
+
+/// Checks the provider-specific details of a well-formed request: the
+/// endpoint, how streaming was asked for, and that the system prompt, the
+/// stop sequence and the calculator's schema were passed on.
+fn check_wire_details(provider: Provider, request: &ProviderRequest, stream: bool) {
+    let body = &request.body;
+    let context = || format!("{provider} request: {}", describe(request));
+    assert_eq!(
+        request.header(provider.auth_header()),
+        Some(provider.auth_value(&provider.test_key()).as_str()),
+        "the host added the key: {}",
+        context()
+    );
+    assert_eq!(
+        request.model.as_deref(),
+        Some(models::REACT),
+        "{}",
+        context()
+    );
+    assert_eq!(request.stream, stream, "streaming: {}", context());
+    match provider {
+        Provider::OpenAi | Provider::OpenRouter | Provider::OpenAiCompatible => {
+            assert_eq!(
+                request.path,
+                format!("{}/chat/completions", provider.mount())
+            );
+            if stream {
+                assert_eq!(body["stream"], true, "{}", context());
+                assert_eq!(
+                    body["stream_options"]["include_usage"],
+                    true,
+                    "usage is asked for when streaming: {}",
+                    context()
+                );
+            } else {
+                assert!(
+                    body["stream"].is_null() || body["stream"] == false,
+                    "{}",
+                    context()
+                );
+            }
+            let messages = body["messages"].as_array().unwrap();
+            assert!(
+                messages
+                    .iter()
+                    .any(|m| m["role"] == "system" || m["role"] == "developer"),
+                "the system prompt is sent: {}",
+                context()
+            );
+            let stop = &body["stop"];
+            assert!(
+                stop == "Observation:"
+                    || stop
+                        .as_array()
+                        .is_some_and(|s| s.contains(&json!("Observation:"))),
+                "the stop sequence is sent: {}",
+                context()
+            );
+            let calculator = body["tools"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|t| t["function"]["name"] == "calculator")
+                .unwrap_or_else(|| panic!("the calculator is offered: {}", context()));
+            assert!(
+                calculator["function"]["parameters"]["properties"]["expression"].is_object(),
+                "with its schema: {}",
+                context()
+            );
+            if provider == Provider::OpenRouter {
+                assert!(
+                    request.header("http-referer").is_some() && request.header("x-title").is_some(),
+                    "OpenRouter gets HTTP-Referer and X-Title: {}",
+                    context()
+                );
+            }
+        }
+        Provider::Anthropic => {
+            assert_eq!(request.path, "/anthropic/v1/messages");
+            assert_eq!(request.header("anthropic-version"), Some("2023-06-01"));
+            if stream {
+                assert_eq!(body["stream"], true, "{}", context());
+            } else {
+                assert!(
+                    body["stream"].is_null() || body["stream"] == false,
+                    "{}",
+                    context()
+                );
+            }
+            assert!(
+                !body["system"].is_null(),
+                "the system prompt is sent: {}",
+                context()
+            );
+            assert!(
+                body["stop_sequences"]
+                    .as_array()
+                    .is_some_and(|s| s.contains(&json!("Observation:"))),
+                "the stop sequence is sent: {}",
+                context()
+            );
+            let calculator = body["tools"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|t| t["name"] == "calculator")
+                .unwrap_or_else(|| panic!("the calculator is offered: {}", context()));
+            assert!(
+                calculator["input_schema"]["properties"]["expression"].is_object(),
+                "with its schema: {}",
+                context()
+            );
+        }
+        Provider::Gemini => {
+            let method = if stream {
+                "streamGenerateContent"
+            } else {
+                "generateContent"
+            };
+            assert_eq!(
+                request.path,
+                format!("/gemini/v1beta/models/{}:{method}", models::REACT)
+            );
+            if stream {
+                assert_eq!(request.query.as_deref(), Some("alt=sse"), "{}", context());
+            }
+            let system = body
+                .get("systemInstruction")
+                .or_else(|| body.get("system_instruction"));
+            assert!(
+                system.is_some_and(|s| !s["parts"][0]["text"].is_null()),
+                "the system prompt is sent: {}",
+                context()
+            );
+            let config = body
+                .get("generationConfig")
+                .or_else(|| body.get("generation_config"))
+                .cloned()
+                .unwrap_or_default();
+            let stops = config
+                .get("stopSequences")
+                .or_else(|| config.get("stop_sequences"));
+            assert!(
+                stops.is_some_and(|s| s
+                    .as_array()
+                    .is_some_and(|s| s.contains(&json!("Observation:")))),
+                "the stop sequence is sent: {}",
+                context()
+            );
+            let declarations = body["tools"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| {
+                    t.get("functionDeclarations")
+                        .or_else(|| t.get("function_declarations"))
+                })
+                .filter_map(Value::as_array)
+                .flatten()
+                .collect::<Vec<_>>();
+            let calculator = declarations
+                .iter()
+                .find(|d| d["name"] == "calculator")
+                .unwrap_or_else(|| panic!("the calculator is offered: {}", context()));
+            let schema = calculator
+                .get("parameters")
+                .or_else(|| calculator.get("parametersJsonSchema"))
+                .or_else(|| calculator.get("parameters_json_schema"))
+                .cloned()
+                .unwrap_or_default();
+            assert!(
+                schema["properties"]["expression"].is_object(),
+                "with its schema: {}",
+                context()
+            );
+        }
+    }
+}
+
+/// (a) The ReAct task: the model calls the calculator natively, then
+/// answers; usage adds up; the requests are well formed; streamed text
+/// reaches the task's events.
+async fn react_task_succeeds(provider: Provider, stream: bool) {
+    let setup = Setup::start(provider).await;
+    let client = setup.client();
+    if stream {
+        // Time to subscribe to the events before the first answer.
+        setup.mock.set_latency(Duration::from_millis(300));
+    }
+    let id = client
+        .submit(&react_task(
+            provider,
+            models::REACT,
+            (!stream).then_some(false),
+        ))
+        .await
+        .unwrap();
+    let events: Vec<SseEvent> = if stream {
+        client.events(&id, None, FINISH).await.unwrap()
+    } else {
+        Vec::new()
+    };
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+
+    setup.expect_no_rejections();
+    assert_eq!(
+        task["status"],
+        "succeeded",
+        "task: {task:#}\n{}",
+        setup.diagnosis()
+    );
+    assert_eq!(task["result"], "42");
+    assert_eq!(kinds(&task), ["llm", "tool", "llm"], "task: {task:#}");
+    let steps = steps(&task);
+    assert_eq!(steps[0]["plugin"], provider.plugin());
+    assert_eq!(steps[1]["input"]["name"], "calculator");
+    assert_eq!(
+        steps[1]["input"]["arguments"],
+        json!({"expression": "6*7"}),
+        "the tool call's arguments arrive whole"
+    );
+    assert_eq!(steps[1]["output"]["result"], 42);
+    for llm in [&steps[0], &steps[2]] {
+        assert!(
+            llm["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0
+                && llm["usage"]["output_tokens"].as_u64().unwrap_or(0) > 0,
+            "each LLM step reports input and output tokens: {llm:#}"
+        );
+    }
+    let usage = &task["usage"];
+    assert_eq!(
+        usage["input_tokens"].as_u64().unwrap(),
+        steps[0]["usage"]["input_tokens"].as_u64().unwrap()
+            + steps[2]["usage"]["input_tokens"].as_u64().unwrap(),
+        "usage is summed over the steps: {task:#}"
+    );
+    assert!(usage["output_tokens"].as_u64().unwrap() > 0);
+
+    let requests = setup.mock.requests_for(provider);
+    assert_eq!(requests.len(), 2, "{}", setup.diagnosis());
+    assert!(!requests[0].has_tool_result, "the first asks the question");
+    assert!(requests[1].has_tool_result, "the second carries the result");
+    for request in &requests {
+        check_wire_details(provider, request, stream);
+    }
+
+    if stream {
+        let deltas: String = events
+            .iter()
+            .filter(|e| e.event == "llm.delta")
+            .filter_map(|e| e.data["data"]["text"].as_str())
+            .collect();
+        assert!(
+            deltas.contains("Final Answer: 42"),
+            "streamed text arrives as llm.delta events: {deltas:?}"
+        );
+        assert!(
+            deltas.contains("calculator’s answer is in — it is 42"),
+            "text cut inside a UTF-8 character is put back together: {deltas:?}"
+        );
+        let deltas: Vec<&SseEvent> = events.iter().filter(|e| e.event == "llm.delta").collect();
+        assert!(
+            deltas
+                .iter()
+                .all(|e| e.data["data"]["step"] == 1 || e.data["data"]["step"] == 3),
+            "deltas name their LLM step: {deltas:#?}"
+        );
+        let final_step: String = deltas
+            .iter()
+            .filter(|e| e.data["data"]["step"] == 3)
+            .filter_map(|e| e.data["data"]["text"].as_str())
+            .collect();
+        assert!(
+            final_step.ends_with("Final Answer: 42"),
+            "the answer streams under step 3: {final_step:?}"
+        );
+    }
+}
+
+/// (b) A rejected key fails the task with `llm_auth`, naming the variable
+/// the key comes from, keeping the provider's answer, never the key.
+async fn a_rejected_key_fails_with_llm_auth(provider: Provider) {
+    let setup = Setup::start(provider).await;
+    let task = setup.run(models::UNAUTHORIZED, None).await;
+    setup.expect_no_rejections();
+    assert_eq!(task["status"], "failed", "task: {task:#}");
+    let error = &task["error"];
+    assert_eq!(
+        error["code"],
+        "llm_auth",
+        "task: {task:#}\n{}",
+        setup.diagnosis()
+    );
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains(provider.key_var()),
+        "the message names {}: {message}",
+        provider.key_var()
+    );
+    assert!(
+        message.contains(unauthorized_text(provider)),
+        "the provider's answer is kept: {message}"
+    );
+    assert!(
+        !task.to_string().contains(&provider.test_key()),
+        "the key itself appears nowhere: {task:#}"
+    );
+    assert_eq!(kinds(&task), ["llm"]);
+    assert_eq!(steps(&task)[0]["error"]["code"], "llm_auth");
+    assert_eq!(
+        setup.mock.calls(provider, models::UNAUTHORIZED),
+        1,
+        "auth failures are not retried"
+    );
+}
+
+/// (c) An answer that is not JSON fails with `llm_bad_response`, streamed
+/// or not.
+async fn a_malformed_answer_fails_with_llm_bad_response(provider: Provider) {
+    let setup = Setup::start(provider).await;
+    for stream in [None, Some(false)] {
+        let task = setup.run(models::MALFORMED, stream).await;
+        assert_eq!(task["status"], "failed", "task: {task:#}");
+        assert_eq!(
+            task["error"]["code"],
+            "llm_bad_response",
+            "stream {stream:?}: task: {task:#}\n{}",
+            setup.diagnosis()
+        );
+        assert_eq!(kinds(&task), ["llm"]);
+    }
+    setup.expect_no_rejections();
+    let requests = setup.mock.requests_for(provider);
+    assert_eq!(requests.len(), 2, "not retried: {}", setup.diagnosis());
+    assert!(requests[0].stream && !requests[1].stream);
+}
+
+/// (d) A rate limit (429, `Retry-After: 1`) or an outage (500) on the first
+/// call is retried by the host within the same step, and the task succeeds.
+async fn a_transient_failure_is_retried(provider: Provider, model: &str) {
+    let setup = Setup::start(provider).await;
+    let task = setup.run(model, None).await;
+    setup.expect_no_rejections();
+    assert_eq!(
+        task["status"],
+        "succeeded",
+        "task: {task:#}\n{}",
+        setup.diagnosis()
+    );
+    assert_eq!(task["result"], "42");
+    assert_eq!(
+        kinds(&task),
+        ["llm", "tool", "llm"],
+        "a retry is not a step of its own"
+    );
+    assert_eq!(steps(&task)[0]["status"], "succeeded");
+    assert_eq!(
+        setup.mock.calls(provider, model),
+        3,
+        "step 1 twice, step 3 once: {}",
+        setup.diagnosis()
+    );
+    let requests = setup.mock.requests_for(provider);
+    assert!(!requests[0].has_tool_result && !requests[1].has_tool_result);
+    assert!(requests[2].has_tool_result);
+    assert_eq!(
+        requests[0].status,
+        if model == models::RATE_LIMITED_ONCE {
+            429
+        } else {
+            500
+        }
+    );
+    if model == models::RATE_LIMITED_ONCE {
+        let waited = requests[1].at - requests[0].at;
+        assert!(
+            waited >= Duration::from_millis(900),
+            "the retry honoured Retry-After: 1, waiting {waited:?}"
+        );
+    }
+}
+
+/// (f) The real API, when asked for: `OPSPAWN_LIVE_TESTS=1` and the key set.
+/// The model is `OPSPAWN_LIVE_<PROVIDER>_MODEL` or a small default; the base
+/// URL the provider's variable or the adapter's default.
+async fn live_react_task(provider: Provider) {
+    let key = std::env::var(provider.key_var()).unwrap_or_default();
+    if std::env::var("OPSPAWN_LIVE_TESTS").as_deref() != Ok("1") || key.is_empty() {
+        eprintln!(
+            "skipped: set OPSPAWN_LIVE_TESTS=1 and {} to run against the real {provider} API",
+            provider.key_var()
+        );
+        return;
+    }
+    let model_var = format!(
+        "OPSPAWN_LIVE_{}_MODEL",
+        provider.plugin().to_uppercase().replace('-', "_")
+    );
+    let model = std::env::var(&model_var).unwrap_or_else(|_| {
+        match provider {
+            Provider::OpenAi => "gpt-4o-mini",
+            Provider::OpenRouter => "openai/gpt-4o-mini",
+            Provider::OpenAiCompatible => "llama3.1",
+            Provider::Anthropic => "claude-haiku-4-5",
+            Provider::Gemini => "gemini-2.5-flash",
+        }
+        .to_owned()
+    });
+    // The adapter's own manifest for its default endpoint; a grant for the
+    // endpoint named in the environment otherwise.
+    let (base_url, manifest) = match std::env::var(provider.base_url_var()) {
+        Ok(base_url) if !base_url.is_empty() => {
+            let manifest = format!(
+                "{}\n[limits]\ncall_timeout_ms = 120000\n",
+                provider.manifest(&origin(&base_url))
+            );
+            (base_url, manifest)
+        }
+        _ => {
+            let shipped = plugin_sources()
+                .join(provider.plugin())
+                .join(format!("{}.toml", provider.plugin()));
+            let manifest = std::fs::read_to_string(&shipped)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", shipped.display()));
+            (provider.default_base_url().to_owned(), manifest)
+        }
+    };
+    let harness = start_server(provider, &manifest, &base_url, &key);
+    expect_loaded(&harness, provider).await;
+    let client = harness.client();
+    let id = client
+        .submit(&react_task(provider, &model, None))
+        .await
+        .unwrap();
+    let task = client
+        .wait_until_finished(&id, Duration::from_secs(300))
+        .await
+        .unwrap();
+    eprintln!(
+        "live {provider} ({model}): {} {:?}, steps {:?}, usage {}",
+        task["status"],
+        task["result"],
+        kinds(&task),
+        task["usage"]
+    );
+    assert_eq!(task["status"], "succeeded", "task: {task:#}");
+    assert!(
+        task["result"].as_str().is_some_and(|r| r.contains("42")),
+        "task: {task:#}"
+    );
+    assert!(task["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0);
+}
+
+/// `scheme://host[:port]` of a URL, as a manifest grants it.
+fn origin(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+    let authority = rest.split('/').next().unwrap_or(rest);
+    format!("{scheme}://{authority}")
+}
+
+macro_rules! provider_tests {
+    ($($module:ident => $provider:expr),* $(,)?) => {$(
+        mod $module {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn the_react_task_succeeds_streaming() {
+                react_task_succeeds($provider, true).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn the_react_task_succeeds_without_streaming() {
+                react_task_succeeds($provider, false).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_rejected_key_fails_with_llm_auth() {
+                super::a_rejected_key_fails_with_llm_auth($provider).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_malformed_answer_fails_with_llm_bad_response() {
+                super::a_malformed_answer_fails_with_llm_bad_response($provider).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_rate_limit_is_retried_after_retry_after() {
+                a_transient_failure_is_retried($provider, models::RATE_LIMITED_ONCE).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_server_error_is_retried() {
+                a_transient_failure_is_retried($provider, models::SERVER_ERROR_ONCE).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn live_react_task() {
+                super::live_react_task($provider).await;
+            }
+        }
+    )*};
+}
+
+provider_tests! {
+    openai => Provider::OpenAi,
+    openrouter => Provider::OpenRouter,
+    openai_compatible => Provider::OpenAiCompatible,
+    anthropic => Provider::Anthropic,
+    gemini => Provider::Gemini,
+}
+
+/// (e) An adapter reaches only the hosts its manifest grants: granted one
+/// mock's port and pointed at another's, its request is refused by the host
+/// and never arrives. And the key stays with the host: a plugin asking for
+/// the variable gets nothing, although the server has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_reaches_only_granted_hosts_and_never_sees_the_key() {
+    let provider = Provider::OpenAi;
+    let granted = MockProviders::start().await;
+    let elsewhere = MockProviders::start().await;
+    let manifest = provider.manifest(&format!("http://127.0.0.1:{}", granted.port()));
+    let harness = start_server(
+        provider,
+        &manifest,
+        &elsewhere.base_url_for(provider),
+        &provider.test_key(),
+    );
+    expect_loaded(&harness, provider).await;
+    let client = harness.client();
+
+    let id = client
+        .submit(&react_task(provider, models::REACT, None))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "failed", "task: {task:#}");
+    let code = task["error"]["code"].as_str().unwrap_or_default();
+    assert!(code.starts_with("llm_"), "an adapter error: {task:#}");
+    let message = task["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        ["not granted", "did not grant", "denied"]
+            .iter()
+            .any(|phrase| message.contains(phrase)),
+        "the message says the host was not granted: {task:#}"
+    );
+    assert!(
+        message.contains(&format!("127.0.0.1:{}", elsewhere.port())),
+        "and names it: {task:#}"
+    );
+    assert!(
+        elsewhere.requests().is_empty(),
+        "the ungranted host received nothing: {:?}",
+        elsewhere.requests()
+    );
+    assert!(granted.requests().is_empty());
+
+    // The listing shows where the credential goes and from which variable,
+    // never its value.
+    let (_, listing) = client.get("/v1/plugins").await.unwrap();
+    let adapter = listing["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == provider.plugin())
+        .unwrap();
+    assert_eq!(
+        adapter["grants"]["credentials"][0]["variables"],
+        json!([provider.key_var()]),
+        "{adapter:#}"
+    );
+    assert!(!listing.to_string().contains(&provider.test_key()));
+
+    // The server has OPENAI_API_KEY; a plugin asking for it gets nothing.
+    let id = client
+        .submit(&misbehaving_task(
+            "env",
+            json!({"name": provider.key_var()}),
+        ))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    let step = &steps(&task)[1];
+    assert_eq!(step["status"], "succeeded", "step: {step:#}");
+    assert_eq!(
+        step["output"]["value"],
+        Value::Null,
+        "the key is not in any plugin's environment: {step:#}"
+    );
+    assert!(!task.to_string().contains(&provider.test_key()));
+}

@@ -1,0 +1,255 @@
+//! Tokens and tenants, rate limits and caps; and what users expect of a
+//! scheduler: idempotent submission, priorities, start times and deadlines.
+
+use std::time::{Duration, SystemTime};
+
+use opspawn::api::auth::token_hash;
+use opspawn_testkit::{Client, StatusCode};
+use serde_json::{Value, json};
+
+use crate::{FINISH, Harness, calculator_task, misbehaving_task};
+
+/// A server whose configuration admits two tenants' tokens.
+fn authenticated(extra: &str) -> (Harness, tempfile::NamedTempFile) {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        format!(
+            r#"
+            [auth]
+            {extra}
+
+            [[auth.tokens]]
+            tenant = "acme"
+            sha256 = "{}"
+
+            [[auth.tokens]]
+            tenant = "globex"
+            sha256 = "{}"
+            "#,
+            token_hash("acme-token"),
+            token_hash("globex-token")
+        ),
+    )
+    .unwrap();
+    let path = config.path().to_str().unwrap().to_owned();
+    (Harness::start_with(&[("OPSPAWN_CONFIG", &path)]), config)
+}
+
+async fn send(
+    client: &Client,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (StatusCode, Value) {
+    let mut request = client
+        .http()
+        .request(method.parse().unwrap(), client.url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().await.unwrap();
+    (
+        response.status(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_required_and_tenants_see_only_their_own_tasks() {
+    let (harness, _config) = authenticated("");
+    let client = harness.client();
+
+    let (status, _) = send(&client, "GET", "/healthz", None, None).await;
+    assert_eq!(status, StatusCode::OK, "health needs no token");
+    let (status, body) = send(&client, "GET", "/v1/tasks", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let (status, body) = send(&client, "GET", "/v1/plugins", Some("wrong"), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["code"], "invalid_token");
+
+    let (status, task) = send(
+        &client,
+        "POST",
+        "/v1/tasks",
+        Some("acme-token"),
+        Some(&calculator_task("1+1", "2")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    assert_eq!(task["tenant"], "acme");
+    let id = task["id"].as_str().unwrap();
+
+    let (_, mine) = send(&client, "GET", "/v1/tasks", Some("acme-token"), None).await;
+    assert_eq!(mine["tasks"].as_array().unwrap().len(), 1);
+    let (_, theirs) = send(&client, "GET", "/v1/tasks", Some("globex-token"), None).await;
+    assert_eq!(theirs["tasks"].as_array().unwrap().len(), 0, "{theirs}");
+    for (method, path) in [
+        ("GET", format!("/v1/tasks/{id}")),
+        ("GET", format!("/v1/tasks/{id}/events")),
+        ("POST", format!("/v1/tasks/{id}/cancel")),
+    ] {
+        let (status, body) = send(&client, method, &path, Some("globex-token"), None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {body}");
+        assert_eq!(body["error"]["code"], "forbidden");
+    }
+    let (status, _) = send(
+        &client,
+        "GET",
+        &format!("/v1/tasks/{id}"),
+        Some("acme-token"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_rate_limited_and_a_tenant_capped() {
+    let (harness, _config) = authenticated("requests_per_minute = 5\nmax_active_tasks = 1");
+    let client = harness.client();
+    let (status, _) = send(
+        &client,
+        "POST",
+        "/v1/tasks",
+        Some("acme-token"),
+        Some(&misbehaving_task("sleep", json!({"ms": 900}))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = send(
+        &client,
+        "POST",
+        "/v1/tasks",
+        Some("acme-token"),
+        Some(&calculator_task("1+1", "2")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_active_tasks");
+    let (status, _) = send(
+        &client,
+        "POST",
+        "/v1/tasks",
+        Some("globex-token"),
+        Some(&calculator_task("1+1", "2")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "the cap is per tenant");
+
+    for _ in 0..3 {
+        send(&client, "GET", "/v1/tasks", Some("acme-token"), None).await;
+    }
+    let response = client
+        .http()
+        .get(client.url("/v1/tasks"))
+        .bearer_auth("acme-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    let (status, _) = send(&client, "GET", "/v1/tasks", Some("globex-token"), None).await;
+    assert_eq!(status, StatusCode::OK, "the limit is per token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_returns_the_same_task() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let submit = |key: &'static str| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .http()
+                .post(client.url("/v1/tasks"))
+                .header("idempotency-key", key)
+                .json(&calculator_task("2+2", "4"))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body: Value = response.json().await.unwrap();
+            (status, body["id"].as_str().unwrap().to_owned())
+        }
+    };
+    let (first_status, first) = submit("order-17").await;
+    let (again_status, again) = submit("order-17").await;
+    let (_, other) = submit("order-18").await;
+    assert_eq!(first_status, StatusCode::CREATED);
+    assert_eq!(
+        again_status,
+        StatusCode::OK,
+        "a repeat is answered, not created"
+    );
+    assert_eq!(first, again);
+    assert_ne!(first, other);
+    let (_, list) = client.get("/v1/tasks").await.unwrap();
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 2);
+}
+
+fn rfc3339(offset: Duration, future: bool) -> String {
+    let now = SystemTime::now();
+    let time = if future { now + offset } else { now - offset };
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_start_times_and_deadlines_are_honoured() {
+    let harness = Harness::start_with(&[("OPSPAWN_WORKERS", "1")]);
+    let client = harness.client();
+    // Hold the only worker while the others queue up.
+    let blocker = client
+        .submit(&misbehaving_task("sleep", json!({"ms": 700})))
+        .await
+        .unwrap();
+    let mut low = calculator_task("1+1", "2");
+    low["priority"] = json!(-5);
+    let mut high = calculator_task("2+2", "4");
+    high["priority"] = json!(5);
+    let mut later = calculator_task("3+3", "6");
+    later["run_at"] = json!(rfc3339(Duration::from_secs(2), true));
+    let mut late = calculator_task("4+4", "8");
+    late["deadline"] = json!(rfc3339(Duration::from_secs(1), false));
+    let low = client.submit(&low).await.unwrap();
+    let high = client.submit(&high).await.unwrap();
+    let later = client.submit(&later).await.unwrap();
+    let late = client.submit(&late).await.unwrap();
+
+    for id in [&blocker, &low, &high] {
+        assert_eq!(
+            client.wait_until_finished(id, FINISH).await.unwrap()["status"],
+            "succeeded"
+        );
+    }
+    let started = |task: &Value| task["started_at"].as_str().unwrap().to_owned();
+    let low_task = client.task(&low).await.unwrap();
+    let high_task = client.task(&high).await.unwrap();
+    assert!(
+        started(&high_task) <= started(&low_task),
+        "higher priority ran first"
+    );
+
+    let late_task = client.wait_until_finished(&late, FINISH).await.unwrap();
+    assert_eq!(late_task["status"], "failed");
+    assert_eq!(
+        late_task["error"]["code"], "deadline_exceeded",
+        "{late_task:#}"
+    );
+
+    let waiting = client.task(&later).await.unwrap();
+    assert_eq!(
+        waiting["status"], "queued",
+        "not before its start time: {waiting:#}"
+    );
+    let done = client.wait_until_finished(&later, FINISH).await.unwrap();
+    assert_eq!(done["status"], "succeeded");
+    assert!(started(&done) >= done["run_at"].as_str().unwrap().to_owned());
+}

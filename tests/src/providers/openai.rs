@@ -1,0 +1,955 @@
+//! OpenAI Chat Completions (`POST {base}/chat/completions`), as OpenAI,
+//! OpenRouter and OpenAI-compatible servers (vLLM, Ollama, llama.cpp) speak
+//! it.
+//!
+//! Accents: OpenAI refuses fields it does not know and pretty-prints its
+//! bodies; OpenRouter ignores unknown fields, sends SSE comments
+//! (`: OPENROUTER PROCESSING`) while it waits, always reports usage, and has
+//! its own error shape (`{"error": {"code": 401, "message": …}}`).
+
+use std::collections::HashSet;
+
+use serde_json::{Map, Value, json};
+
+use super::{
+    Behaviour, Conversation, Incoming, Outcome, Provider, Reply, Shared, Turn, mask_key, pieces,
+    tokens, type_name, unix_time,
+};
+
+/// The request fields OpenAI accepts; it refuses any other.
+const OPENAI_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "audio",
+    "frequency_penalty",
+    "function_call",
+    "functions",
+    "logit_bias",
+    "logprobs",
+    "max_completion_tokens",
+    "max_tokens",
+    "metadata",
+    "modalities",
+    "n",
+    "parallel_tool_calls",
+    "prediction",
+    "presence_penalty",
+    "prompt_cache_key",
+    "reasoning_effort",
+    "response_format",
+    "safety_identifier",
+    "seed",
+    "service_tier",
+    "stop",
+    "store",
+    "stream",
+    "stream_options",
+    "temperature",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "top_p",
+    "user",
+    "verbosity",
+    "web_search_options",
+];
+
+const ROLES: &str = "'system', 'assistant', 'user', 'function', 'tool', and 'developer'";
+
+pub(super) fn handle(provider: Provider, incoming: &Incoming, shared: &Shared) -> Outcome {
+    if incoming.rest != "/chat/completions" || incoming.method != "POST" {
+        let message = format!(
+            "Invalid URL ({} {}{})",
+            incoming.method,
+            provider.mount(),
+            incoming.rest
+        );
+        return Outcome::rejected(
+            error(provider, 404, "invalid_request_error", None, &message),
+            message,
+        );
+    }
+
+    let expected = provider.auth_value(&provider.test_key());
+    match incoming.header("authorization") {
+        None => {
+            let message = match provider {
+                Provider::OpenRouter => "No auth credentials found".to_owned(),
+                _ => "You didn't provide an API key. You need to provide your API key in an \
+                      Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), \
+                      or as the password field (with blank username) if you're accessing the API \
+                      from your browser and are prompted for a username and password. You can \
+                      obtain an API key from https://platform.openai.com/account/api-keys."
+                    .to_owned(),
+            };
+            return Outcome::rejected(
+                error(provider, 401, "invalid_request_error", None, &message),
+                format!("no Authorization header (expected {expected:?})"),
+            );
+        }
+        Some(value) if value != expected => {
+            let key = value.strip_prefix("Bearer ").unwrap_or(value);
+            return Outcome::rejected(
+                unauthorized(provider, key),
+                format!("Authorization is {value:?}, expected {expected:?}"),
+            );
+        }
+        Some(_) => {}
+    }
+
+    if !incoming.is_json() {
+        let message = "We could not parse the JSON body of your request. (HINT: This likely \
+                       means you aren't using your HTTP library correctly. The OpenAI API expects \
+                       a JSON payload, but what was sent was not valid JSON. If you have trouble \
+                       figuring out how to fix this, please contact us through our help center at \
+                       help.openai.com.)";
+        return Outcome::rejected(
+            error(provider, 400, "invalid_request_error", None, message),
+            format!(
+                "content-type is {:?}, not application/json",
+                incoming.header("content-type")
+            ),
+        );
+    }
+    let body: Value = match serde_json::from_slice(&incoming.body) {
+        Ok(body) => body,
+        Err(e) => {
+            let message = "We could not parse the JSON body of your request. (HINT: This likely \
+                           means you aren't using your HTTP library correctly. The OpenAI API \
+                           expects a JSON payload, but what was sent was not valid JSON.)";
+            return Outcome::rejected(
+                error(provider, 400, "invalid_request_error", None, message),
+                format!("the body is not JSON: {e}"),
+            );
+        }
+    };
+    if let Err(invalid) = validate(provider, &body) {
+        return Outcome::rejected(
+            error(
+                provider,
+                400,
+                "invalid_request_error",
+                invalid.param.as_deref(),
+                &invalid.message,
+            ),
+            invalid.message,
+        );
+    }
+
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let include_usage = provider == Provider::OpenRouter
+        || body["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false);
+    let conversation = conversation(&body);
+    let mut outcome = match shared.behaviour(provider, &model, &conversation) {
+        Behaviour::Reply(turn) => {
+            let input_tokens = tokens(&String::from_utf8_lossy(&incoming.body));
+            let ids = Ids {
+                completion: match provider {
+                    Provider::OpenRouter => shared.id("gen-"),
+                    _ => shared.id("chatcmpl-"),
+                },
+                call: shared.id("call_"),
+            };
+            if stream {
+                Outcome::new(Reply::Sse {
+                    content_type: "text/event-stream; charset=utf-8",
+                    frames: chunks(provider, &model, &turn, &ids, input_tokens, include_usage),
+                })
+            } else {
+                Outcome::new(Reply::Json {
+                    status: 200,
+                    headers: Vec::new(),
+                    body: completion(provider, &model, &turn, &ids, input_tokens),
+                    pretty: provider == Provider::OpenAi,
+                })
+            }
+        }
+        Behaviour::Unauthorized => Outcome::new(unauthorized(provider, &provider.test_key())),
+        Behaviour::RateLimited => {
+            let message = format!(
+                "Rate limit reached for {model} in organization org-mock on requests per min \
+                 (RPM): Limit 3, Used 3, Requested 1. Please try again in 1s. Visit \
+                 https://platform.openai.com/account/rate-limits to learn more."
+            );
+            let mut reply = error(
+                provider,
+                429,
+                "requests",
+                Some("rate_limit_exceeded"),
+                &message,
+            );
+            if let Reply::Json { headers, .. } = &mut reply {
+                headers.push(("retry-after", "1".into()));
+                headers.push(("x-ratelimit-limit-requests", "3".into()));
+                headers.push(("x-ratelimit-remaining-requests", "0".into()));
+                headers.push(("x-ratelimit-reset-requests", "1s".into()));
+            }
+            Outcome::new(reply)
+        }
+        Behaviour::ServerError => Outcome::new(error(
+            provider,
+            500,
+            "server_error",
+            None,
+            "The server had an error while processing your request. Sorry about that!",
+        )),
+        Behaviour::Malformed => Outcome::new(if stream {
+            Reply::Sse {
+                content_type: "text/event-stream; charset=utf-8",
+                frames: vec![
+                    "data: {\"id\":\"chatcmpl-malformed\",\"object\":\"chat.completion.chunk\",\
+                     \"choices\":[{\"index\":0,\"delta\":{\"content\":\"Final Ans\n\n"
+                        .to_owned(),
+                    "data: <html><body>upstream reset</body></html>\n\n".to_owned(),
+                    "data: [DONE]\n\n".to_owned(),
+                ],
+            }
+        } else {
+            Reply::Raw {
+                status: 200,
+                content_type: "application/json",
+                body: "{\"id\": \"chatcmpl-malformed\", \"object\": \"chat.completion\", \
+                       \"choices\": [{\"index\": 0, \"message\": {\"role\": \"assistant\", \
+                       \"content\": \"Final Ans"
+                    .to_owned(),
+            }
+        }),
+        Behaviour::UnknownModel => {
+            let message =
+                format!("The model `{model}` does not exist or you do not have access to it.");
+            Outcome::new(error(
+                provider,
+                404,
+                "invalid_request_error",
+                Some("model_not_found"),
+                &message,
+            ))
+        }
+    };
+    outcome.model = Some(model);
+    outcome.stream = stream;
+    outcome.has_tool_result = conversation.tool_result.is_some();
+    outcome
+}
+
+struct Ids {
+    completion: String,
+    call: String,
+}
+
+/// An error in the provider's shape.
+fn error(provider: Provider, status: u16, kind: &str, code: Option<&str>, message: &str) -> Reply {
+    let body = match provider {
+        Provider::OpenRouter => json!({"error": {"code": status, "message": message}}),
+        _ => json!({"error": {
+            "message": message,
+            "type": kind,
+            "param": null,
+            "code": code,
+        }}),
+    };
+    Reply::json(status, body)
+}
+
+fn unauthorized(provider: Provider, key: &str) -> Reply {
+    match provider {
+        Provider::OpenRouter => Reply::json(
+            401,
+            json!({"error": {"code": 401, "message": "User not found.", "metadata": null}}),
+        ),
+        _ => error(
+            provider,
+            401,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            &format!(
+                "Incorrect API key provided: {}. You can find your API key at \
+                 https://platform.openai.com/account/api-keys.",
+                mask_key(key)
+            ),
+        ),
+    }
+}
+
+struct Invalid {
+    message: String,
+    param: Option<String>,
+}
+
+fn invalid(param: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        message: message.into(),
+        param: Some(param.into()),
+    }
+}
+
+fn validate(provider: Provider, body: &Value) -> Result<(), Invalid> {
+    let Some(object) = body.as_object() else {
+        return Err(invalid(
+            "",
+            format!(
+                "The request body must be a JSON object, not {}.",
+                type_name(body)
+            ),
+        ));
+    };
+    if provider == Provider::OpenAi
+        && let Some(unknown) = object.keys().find(|k| !OPENAI_FIELDS.contains(&k.as_str()))
+    {
+        return Err(invalid(
+            unknown.clone(),
+            format!("Unrecognized request argument supplied: {unknown}"),
+        ));
+    }
+    match object.get("model") {
+        Some(Value::String(model)) if !model.is_empty() => {}
+        None | Some(Value::Null) => {
+            return Err(invalid("model", "you must provide a model parameter"));
+        }
+        Some(other) => {
+            return Err(invalid(
+                "model",
+                format!(
+                    "Invalid type for 'model': expected a string, but got {} instead.",
+                    type_name(other)
+                ),
+            ));
+        }
+    }
+    let messages = match object.get("messages") {
+        Some(Value::Array(messages)) => messages,
+        None => {
+            return Err(invalid(
+                "messages",
+                "Missing required parameter: 'messages'.",
+            ));
+        }
+        Some(other) => {
+            return Err(invalid(
+                "messages",
+                format!(
+                    "Invalid type for 'messages': expected an array, but got {} instead.",
+                    type_name(other)
+                ),
+            ));
+        }
+    };
+    if messages.is_empty() {
+        return Err(invalid(
+            "messages",
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got \
+             an empty array instead.",
+        ));
+    }
+    validate_messages(messages)?;
+    if let Some(tools) = object.get("tools") {
+        validate_tools(tools)?;
+    }
+    validate_options(object)?;
+    Ok(())
+}
+
+fn validate_messages(messages: &[Value]) -> Result<(), Invalid> {
+    // Tool calls of the latest assistant message still waiting for their
+    // tool message, and all of that message's calls.
+    let mut waiting: Vec<String> = Vec::new();
+    let mut answerable: HashSet<String> = HashSet::new();
+    let unanswered = |waiting: &[String]| {
+        invalid(
+            "messages",
+            format!(
+                "An assistant message with 'tool_calls' must be followed by tool messages \
+                 responding to each 'tool_call_id'. The following tool_call_ids did not have \
+                 response messages: {}",
+                waiting.join(", ")
+            ),
+        )
+    };
+    for (i, message) in messages.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let Some(message) = message.as_object() else {
+            return Err(invalid(
+                &at,
+                format!(
+                    "Invalid type for '{at}': expected an object, but got {} instead.",
+                    type_name(message)
+                ),
+            ));
+        };
+        let role = match message.get("role") {
+            Some(Value::String(role)) => role.as_str(),
+            None => {
+                return Err(invalid(
+                    format!("{at}.role"),
+                    format!("Missing required parameter: '{at}.role'."),
+                ));
+            }
+            Some(other) => {
+                return Err(invalid(
+                    format!("{at}.role"),
+                    format!(
+                        "Invalid type for '{at}.role': expected a string, but got {} instead.",
+                        type_name(other)
+                    ),
+                ));
+            }
+        };
+        if role != "tool" && !waiting.is_empty() {
+            return Err(unanswered(&waiting));
+        }
+        match role {
+            "system" | "developer" | "user" => {
+                validate_content(&at, message.get("content"), false)?;
+                answerable.clear();
+            }
+            "assistant" => {
+                let calls = match message.get("tool_calls") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(Value::Array(calls)) => validate_tool_calls(&at, calls)?,
+                    Some(other) => {
+                        return Err(invalid(
+                            format!("{at}.tool_calls"),
+                            format!(
+                                "Invalid type for '{at}.tool_calls': expected an array, but got \
+                                 {} instead.",
+                                type_name(other)
+                            ),
+                        ));
+                    }
+                };
+                let optional = !calls.is_empty() || message.contains_key("refusal");
+                validate_content(&at, message.get("content"), optional)?;
+                answerable = calls.iter().cloned().collect();
+                waiting = calls;
+            }
+            "tool" => {
+                let id = match message.get("tool_call_id") {
+                    Some(Value::String(id)) => id.clone(),
+                    None | Some(Value::Null) => {
+                        return Err(invalid(
+                            format!("{at}.tool_call_id"),
+                            format!("Missing required parameter: '{at}.tool_call_id'."),
+                        ));
+                    }
+                    Some(other) => {
+                        return Err(invalid(
+                            format!("{at}.tool_call_id"),
+                            format!(
+                                "Invalid type for '{at}.tool_call_id': expected a string, but \
+                                 got {} instead.",
+                                type_name(other)
+                            ),
+                        ));
+                    }
+                };
+                validate_content(&at, message.get("content"), false)?;
+                if !answerable.contains(&id) {
+                    return Err(invalid(
+                        format!("{at}.role"),
+                        "Invalid parameter: messages with role 'tool' must be a response to a \
+                         preceeding message with 'tool_calls'.",
+                    ));
+                }
+                waiting.retain(|waiting| *waiting != id);
+            }
+            "function" => {
+                if !message.get("name").is_some_and(Value::is_string) {
+                    return Err(invalid(
+                        format!("{at}.name"),
+                        format!("Missing required parameter: '{at}.name'."),
+                    ));
+                }
+                answerable.clear();
+            }
+            other => {
+                return Err(invalid(
+                    format!("{at}.role"),
+                    format!("Invalid value: '{other}'. Supported values are: {ROLES}."),
+                ));
+            }
+        }
+    }
+    if !waiting.is_empty() {
+        return Err(unanswered(&waiting));
+    }
+    Ok(())
+}
+
+/// Content is a string or an array of typed parts; `optional` allows it to
+/// be absent or null (an assistant message with tool calls).
+fn validate_content(at: &str, content: Option<&Value>, optional: bool) -> Result<(), Invalid> {
+    let param = format!("{at}.content");
+    match content {
+        Some(Value::String(_)) => Ok(()),
+        None | Some(Value::Null) if optional => Ok(()),
+        None => Err(invalid(
+            &param,
+            format!("Missing required parameter: '{param}'."),
+        )),
+        Some(Value::Array(parts)) => {
+            for (j, part) in parts.iter().enumerate() {
+                let kind = part["type"].as_str();
+                let ok = match kind {
+                    Some("text") | Some("refusal") => {
+                        part["text"].is_string() || part["refusal"].is_string()
+                    }
+                    Some("image_url") => part["image_url"].is_object(),
+                    Some("input_audio") => part["input_audio"].is_object(),
+                    Some("file") => part["file"].is_object(),
+                    _ => false,
+                };
+                if !ok {
+                    return Err(invalid(
+                        format!("{param}[{j}]"),
+                        format!(
+                            "Invalid value for '{param}[{j}]': expected a content part with a \
+                             known 'type' and its field, got {part}."
+                        ),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Some(other) => Err(invalid(
+            &param,
+            format!(
+                "Invalid type for '{param}': expected one of a string or array of objects, but \
+                 got {} instead.",
+                type_name(other)
+            ),
+        )),
+    }
+}
+
+/// Checks an assistant message's tool calls; returns their ids.
+fn validate_tool_calls(at: &str, calls: &[Value]) -> Result<Vec<String>, Invalid> {
+    let mut ids = Vec::new();
+    for (j, call) in calls.iter().enumerate() {
+        let param = format!("{at}.tool_calls[{j}]");
+        let Some(id) = call["id"].as_str() else {
+            return Err(invalid(
+                format!("{param}.id"),
+                format!("Missing required parameter: '{param}.id'."),
+            ));
+        };
+        if call["type"] != "function" {
+            return Err(invalid(
+                format!("{param}.type"),
+                format!(
+                    "Invalid value for '{param}.type': expected 'function', got {}.",
+                    call["type"]
+                ),
+            ));
+        }
+        if !call["function"]["name"].is_string() {
+            return Err(invalid(
+                format!("{param}.function.name"),
+                format!("Missing required parameter: '{param}.function.name'."),
+            ));
+        }
+        match &call["function"]["arguments"] {
+            Value::String(_) => {}
+            Value::Null => {
+                return Err(invalid(
+                    format!("{param}.function.arguments"),
+                    format!("Missing required parameter: '{param}.function.arguments'."),
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    format!("{param}.function.arguments"),
+                    format!(
+                        "Invalid type for '{param}.function.arguments': expected a string, but \
+                         got {} instead.",
+                        type_name(other)
+                    ),
+                ));
+            }
+        }
+        ids.push(id.to_owned());
+    }
+    Ok(ids)
+}
+
+fn validate_tools(tools: &Value) -> Result<(), Invalid> {
+    let Some(tools) = tools.as_array() else {
+        return Err(invalid(
+            "tools",
+            format!(
+                "Invalid type for 'tools': expected an array, but got {} instead.",
+                type_name(tools)
+            ),
+        ));
+    };
+    for (i, tool) in tools.iter().enumerate() {
+        let param = format!("tools[{i}]");
+        if tool["type"] != "function" {
+            return Err(invalid(
+                format!("{param}.type"),
+                format!(
+                    "Invalid value for '{param}.type': expected 'function', got {}.",
+                    tool["type"]
+                ),
+            ));
+        }
+        let function = &tool["function"];
+        if !function.is_object() {
+            return Err(invalid(
+                format!("{param}.function"),
+                format!("Missing required parameter: '{param}.function'."),
+            ));
+        }
+        let name = function["name"].as_str().unwrap_or_default();
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid_name {
+            return Err(invalid(
+                format!("{param}.function.name"),
+                format!(
+                    "Invalid '{param}.function.name': string does not match pattern. Expected a \
+                     string that matches the pattern '^[a-zA-Z0-9_-]+$'."
+                ),
+            ));
+        }
+        match &function["parameters"] {
+            Value::Null | Value::Object(_) => {}
+            other => {
+                return Err(invalid(
+                    format!("{param}.function.parameters"),
+                    format!(
+                        "Invalid type for '{param}.function.parameters': expected an object, but \
+                         got {} instead.",
+                        type_name(other)
+                    ),
+                ));
+            }
+        }
+        if let Some(parameters) = function["parameters"].as_object()
+            && parameters.get("type").is_some_and(|t| t != "object")
+        {
+            return Err(invalid(
+                format!("{param}.function.parameters"),
+                format!(
+                    "Invalid schema for function '{name}': schema must be a JSON Schema of \
+                     'type: \"object\"', got 'type: {}'.",
+                    parameters["type"]
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_options(object: &Map<String, Value>) -> Result<(), Invalid> {
+    let stream = match object.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(stream)) => *stream,
+        Some(other) => {
+            return Err(invalid(
+                "stream",
+                format!(
+                    "Invalid type for 'stream': expected a boolean, but got {} instead.",
+                    type_name(other)
+                ),
+            ));
+        }
+    };
+    if let Some(options) = object.get("stream_options").filter(|o| !o.is_null()) {
+        if !stream {
+            return Err(invalid(
+                "stream_options",
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            ));
+        }
+        if !options.is_object() {
+            return Err(invalid(
+                "stream_options",
+                "Invalid type for 'stream_options': expected an object.",
+            ));
+        }
+        if let Some(include) = options.get("include_usage")
+            && !include.is_boolean()
+        {
+            return Err(invalid(
+                "stream_options.include_usage",
+                "Invalid type for 'stream_options.include_usage': expected a boolean.",
+            ));
+        }
+    }
+    match object.get("stop") {
+        None | Some(Value::Null) | Some(Value::String(_)) => {}
+        Some(Value::Array(stops)) => {
+            if stops.len() > 4 || !stops.iter().all(Value::is_string) {
+                return Err(invalid(
+                    "stop",
+                    "Invalid 'stop': expected a string or an array of at most 4 strings.",
+                ));
+            }
+        }
+        Some(other) => {
+            return Err(invalid(
+                "stop",
+                format!(
+                    "Invalid type for 'stop': expected a string or an array, but got {} instead.",
+                    type_name(other)
+                ),
+            ));
+        }
+    }
+    if let Some(temperature) = object.get("temperature").filter(|t| !t.is_null())
+        && !temperature
+            .as_f64()
+            .is_some_and(|t| (0.0..=2.0).contains(&t))
+    {
+        return Err(invalid(
+            "temperature",
+            format!("Invalid 'temperature': expected a number between 0 and 2, got {temperature}."),
+        ));
+    }
+    for field in ["max_tokens", "max_completion_tokens"] {
+        if let Some(value) = object.get(field).filter(|v| !v.is_null())
+            && value.as_u64().is_none_or(|n| n < 1)
+        {
+            return Err(invalid(
+                field,
+                format!("Invalid '{field}': expected an integer of at least 1, got {value}."),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What the conversation holds: the latest tool message's text, and
+/// whether the calculator is offered.
+fn conversation(body: &Value) -> Conversation {
+    let tool_result = body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| match &m["content"] {
+            Value::String(text) => text.clone(),
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p["text"].as_str())
+                .collect::<Vec<_>>()
+                .join(""),
+            other => other.to_string(),
+        })
+        .next_back();
+    let offers_calculator = body["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|t| t["function"]["name"] == super::CALCULATOR);
+    Conversation {
+        tool_result,
+        offers_calculator,
+    }
+}
+
+fn usage(provider: Provider, input_tokens: u64, output_tokens: u64) -> Value {
+    let mut usage = json!({
+        "prompt_tokens": input_tokens,
+        "completion_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+    });
+    match provider {
+        Provider::OpenAi => {
+            usage["prompt_tokens_details"] = json!({"cached_tokens": 0, "audio_tokens": 0});
+            usage["completion_tokens_details"] = json!({
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0
+            });
+        }
+        Provider::OpenRouter => {
+            usage["cost"] = json!(0.0000123);
+            usage["is_byok"] = json!(false);
+            usage["prompt_tokens_details"] = json!({"cached_tokens": 0});
+            usage["completion_tokens_details"] = json!({"reasoning_tokens": 0});
+        }
+        _ => {}
+    }
+    usage
+}
+
+fn output_tokens(turn: &Turn) -> u64 {
+    match turn {
+        Turn::Text(text) => tokens(text),
+        Turn::CallTool { arguments, .. } => tokens(&arguments.to_string()) + 5,
+    }
+}
+
+fn finish_reason(turn: &Turn) -> &'static str {
+    match turn {
+        Turn::Text(_) => "stop",
+        Turn::CallTool { .. } => "tool_calls",
+    }
+}
+
+/// A `chat.completion` object.
+fn completion(provider: Provider, model: &str, turn: &Turn, ids: &Ids, input_tokens: u64) -> Value {
+    let message = match turn {
+        Turn::Text(text) => json!({
+            "role": "assistant",
+            "content": text,
+            "refusal": null,
+            "annotations": []
+        }),
+        Turn::CallTool { name, arguments } => json!({
+            "role": "assistant",
+            "content": null,
+            "tool_calls": [{
+                "id": ids.call,
+                "type": "function",
+                "function": {"name": name, "arguments": arguments.to_string()}
+            }],
+            "refusal": null,
+            "annotations": []
+        }),
+    };
+    let mut choice = json!({
+        "index": 0,
+        "message": message,
+        "logprobs": null,
+        "finish_reason": finish_reason(turn),
+    });
+    let mut completion = json!({
+        "id": ids.completion,
+        "object": "chat.completion",
+        "created": unix_time(),
+        "model": model,
+        "choices": [],
+        "usage": usage(provider, input_tokens, output_tokens(turn)),
+    });
+    match provider {
+        Provider::OpenAi => {
+            completion["service_tier"] = json!("default");
+            completion["system_fingerprint"] = json!("fp_mock0d0c0a");
+        }
+        Provider::OpenRouter => {
+            completion["provider"] = json!("OpenAI");
+            choice["native_finish_reason"] = json!(finish_reason(turn));
+        }
+        Provider::OpenAiCompatible => {
+            completion["system_fingerprint"] = json!("fp_ollama");
+        }
+        _ => {}
+    }
+    completion["choices"] = json!([choice]);
+    completion
+}
+
+/// The `chat.completion.chunk` frames of a streamed answer, ending with
+/// `data: [DONE]`.
+fn chunks(
+    provider: Provider,
+    model: &str,
+    turn: &Turn,
+    ids: &Ids,
+    input_tokens: u64,
+    include_usage: bool,
+) -> Vec<String> {
+    let created = unix_time();
+    let chunk = |delta: Value, finish_reason: Option<&str>| {
+        let mut choice = json!({
+            "index": 0,
+            "delta": delta,
+            "logprobs": null,
+            "finish_reason": finish_reason,
+        });
+        let mut chunk = json!({
+            "id": ids.completion,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+        });
+        match provider {
+            Provider::OpenAi => {
+                chunk["service_tier"] = json!("default");
+                chunk["system_fingerprint"] = json!("fp_mock0d0c0a");
+                if include_usage {
+                    chunk["usage"] = Value::Null;
+                }
+            }
+            Provider::OpenRouter => {
+                chunk["provider"] = json!("OpenAI");
+                choice["native_finish_reason"] = json!(finish_reason);
+            }
+            _ => {
+                chunk["system_fingerprint"] = json!("fp_ollama");
+            }
+        }
+        chunk["choices"] = json!([choice]);
+        format!("data: {chunk}\n\n")
+    };
+
+    let mut frames = Vec::new();
+    if provider == Provider::OpenRouter {
+        frames.push(": OPENROUTER PROCESSING\n\n".to_owned());
+    }
+    match turn {
+        Turn::Text(text) => {
+            frames.push(chunk(
+                json!({"role": "assistant", "content": "", "refusal": null}),
+                None,
+            ));
+            for piece in pieces(text, 6) {
+                frames.push(chunk(json!({"content": piece}), None));
+            }
+        }
+        Turn::CallTool { name, arguments } => {
+            frames.push(chunk(
+                json!({
+                    "role": "assistant",
+                    "content": null,
+                    "tool_calls": [{
+                        "index": 0,
+                        "id": ids.call,
+                        "type": "function",
+                        "function": {"name": name, "arguments": ""}
+                    }],
+                    "refusal": null
+                }),
+                None,
+            ));
+            for piece in pieces(&arguments.to_string(), 4) {
+                frames.push(chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+                    None,
+                ));
+            }
+        }
+    }
+    frames.push(chunk(json!({}), Some(finish_reason(turn))));
+    if include_usage {
+        let mut last = json!({
+            "id": ids.completion,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage(provider, input_tokens, output_tokens(turn)),
+        });
+        match provider {
+            Provider::OpenAi => {
+                last["service_tier"] = json!("default");
+                last["system_fingerprint"] = json!("fp_mock0d0c0a");
+            }
+            Provider::OpenRouter => last["provider"] = json!("OpenAI"),
+            _ => last["system_fingerprint"] = json!("fp_ollama"),
+        }
+        frames.push(format!("data: {last}\n\n"));
+    }
+    frames.push("data: [DONE]\n\n".to_owned());
+    frames
+}

@@ -1,0 +1,1106 @@
+//! The mocks checked on their own, with plain HTTP: they accept what the
+//! providers accept, refuse what they refuse, and answer in their shapes.
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use super::{MockProviders, Provider, models, result_value};
+
+const CALCULATOR_SCHEMA: &str = r#"{"type":"object","properties":{"expression":{"type":"string","description":"An arithmetic expression"}},"required":["expression"],"additionalProperties":false}"#;
+
+fn schema() -> Value {
+    serde_json::from_str(CALCULATOR_SCHEMA).unwrap()
+}
+
+const TOOL_OUTPUT: &str = r#"{"expression":"6*7","result":42}"#;
+
+/// A well-formed OpenAI-style request, before or after the tool ran.
+fn openai_body(model: &str, after_tool: bool, stream: bool) -> Value {
+    let mut messages = vec![
+        json!({"role": "system", "content": "You answer questions."}),
+        json!({"role": "user", "content": "Question: What is 6 times 7?"}),
+    ];
+    if after_tool {
+        messages.push(json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": "{\"expression\":\"6*7\"}"}}
+        ]}));
+        messages.push(json!({"role": "tool", "tool_call_id": "call_1", "content": TOOL_OUTPUT}));
+    }
+    let mut body = json!({
+        "model": model,
+        "messages": messages,
+        "tools": [{"type": "function", "function": {"name": "calculator", "description": "Evaluates arithmetic", "parameters": schema()}}],
+        "stop": ["Observation:"],
+    });
+    if stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body
+}
+
+fn anthropic_body(model: &str, after_tool: bool, stream: bool) -> Value {
+    let mut messages = vec![json!({"role": "user", "content": "Question: What is 6 times 7?"})];
+    if after_tool {
+        messages.push(json!({"role": "assistant", "content": [
+            {"type": "text", "text": "I'll compute it."},
+            {"type": "tool_use", "id": "toolu_1", "name": "calculator", "input": {"expression": "6*7"}}
+        ]}));
+        messages.push(json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": TOOL_OUTPUT}
+        ]}));
+    }
+    let mut body = json!({
+        "model": model,
+        "max_tokens": 1024,
+        "system": "You answer questions.",
+        "messages": messages,
+        "tools": [{"name": "calculator", "description": "Evaluates arithmetic", "input_schema": schema()}],
+        "stop_sequences": ["Observation:"],
+    });
+    if stream {
+        body["stream"] = json!(true);
+    }
+    body
+}
+
+fn gemini_body(after_tool: bool) -> Value {
+    let mut contents =
+        vec![json!({"role": "user", "parts": [{"text": "Question: What is 6 times 7?"}]})];
+    if after_tool {
+        contents.push(json!({"role": "model", "parts": [
+            {"functionCall": {"name": "calculator", "args": {"expression": "6*7"}}}
+        ]}));
+        contents.push(json!({"role": "user", "parts": [
+            {"functionResponse": {"name": "calculator", "response": {"result": TOOL_OUTPUT}}}
+        ]}));
+    }
+    let mut parameters = schema();
+    parameters
+        .as_object_mut()
+        .unwrap()
+        .remove("additionalProperties");
+    json!({
+        "systemInstruction": {"parts": [{"text": "You answer questions."}]},
+        "contents": contents,
+        "tools": [{"functionDeclarations": [{"name": "calculator", "description": "Evaluates arithmetic", "parameters": parameters}]}],
+        "generationConfig": {"stopSequences": ["Observation:"]},
+    })
+}
+
+fn gemini_path(model: &str, stream: bool) -> String {
+    if stream {
+        format!("/v1beta/models/{model}:streamGenerateContent?alt=sse")
+    } else {
+        format!("/v1beta/models/{model}:generateContent")
+    }
+}
+
+fn default_path(provider: Provider) -> &'static str {
+    match provider {
+        Provider::Anthropic => "/v1/messages",
+        _ => "/chat/completions",
+    }
+}
+
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
+    }
+
+    /// The data of each SSE event, as JSON (`[DONE]` left out).
+    async fn events(&self) -> Vec<(String, Value)> {
+        let bytes = self.text.clone().into_bytes();
+        let stream = futures::stream::iter([Ok::<_, std::io::Error>(bytes)]).eventsource();
+        stream
+            .filter_map(|event| async move {
+                let event = event.unwrap();
+                (event.data != "[DONE]").then(|| {
+                    let data = serde_json::from_str(&event.data)
+                        .unwrap_or_else(|e| panic!("{e}: {}", event.data));
+                    (event.event, data)
+                })
+            })
+            .collect()
+            .await
+    }
+}
+
+/// Posts `body` to `path` under `provider`'s mount with the right key and
+/// headers, minus the ones named in `without`, plus `extra`.
+async fn post(
+    mock: &MockProviders,
+    provider: Provider,
+    path: &str,
+    body: &Value,
+    without: &[&str],
+    extra: &[(&str, &str)],
+) -> Answer {
+    let mut headers: Vec<(String, String)> = vec![
+        ("content-type".into(), "application/json".into()),
+        (
+            provider.auth_header().into(),
+            provider.auth_value(&provider.test_key()),
+        ),
+    ];
+    if provider == Provider::Anthropic {
+        headers.push(("anthropic-version".into(), "2023-06-01".into()));
+    }
+    headers.retain(|(name, _)| !without.contains(&name.as_str()));
+    headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut request = reqwest::Client::new()
+        .post(format!("{}{path}", mock.base_url_for(provider)))
+        .body(body.to_string());
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.unwrap();
+    Answer {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+        text: response.text().await.unwrap(),
+    }
+}
+
+async fn post_ok(mock: &MockProviders, provider: Provider, path: &str, body: &Value) -> Answer {
+    let answer = post(mock, provider, path, body, &[], &[]).await;
+    assert_eq!(answer.status, 200, "{provider}: {}", answer.text);
+    answer
+}
+
+/// Expects a refusal with `status` whose body mentions `needle`.
+async fn expect_refused(
+    mock: &MockProviders,
+    provider: Provider,
+    path: &str,
+    body: &Value,
+    without: &[&str],
+    status: u16,
+    needle: &str,
+) -> Value {
+    let answer = post(mock, provider, path, body, without, &[]).await;
+    assert_eq!(
+        answer.status, status,
+        "{provider} {needle}: {}",
+        answer.text
+    );
+    assert!(
+        answer.text.contains(needle),
+        "{provider}: expected {needle:?} in {}",
+        answer.text
+    );
+    let recorded = mock.requests().pop().unwrap();
+    assert!(recorded.rejection.is_some(), "recorded as rejected");
+    answer.json()
+}
+
+#[test]
+fn the_result_value_is_found_in_any_wrapping() {
+    assert_eq!(result_value(TOOL_OUTPUT), "42");
+    assert_eq!(
+        result_value(r#"{"result": "{\"expression\":\"6*7\",\"result\":42}"}"#),
+        "42"
+    );
+    assert_eq!(result_value(r#"{"content": {"result": 42.5}}"#), "42.5");
+    assert_eq!(result_value(r#"{"output": "{\"result\":7}"}"#), "7");
+    assert_eq!(result_value(" 42 "), "42");
+    assert_eq!(result_value(r#"{"result": "forty-two"}"#), "forty-two");
+}
+
+#[tokio::test]
+async fn openai_style_mocks_call_the_calculator_then_answer() {
+    let mock = MockProviders::start().await;
+    for provider in [
+        Provider::OpenAi,
+        Provider::OpenRouter,
+        Provider::OpenAiCompatible,
+    ] {
+        let first = post_ok(
+            &mock,
+            provider,
+            "/chat/completions",
+            &openai_body(models::REACT, false, false),
+        )
+        .await;
+        let first = first.json();
+        assert_eq!(first["object"], "chat.completion");
+        let call = &first["choices"][0]["message"]["tool_calls"][0];
+        assert_eq!(first["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(call["type"], "function");
+        assert_eq!(call["function"]["name"], "calculator");
+        let arguments: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(arguments, json!({"expression": "6*7"}));
+        assert!(first["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+
+        let second = post_ok(
+            &mock,
+            provider,
+            "/chat/completions",
+            &openai_body(models::REACT, true, false),
+        )
+        .await;
+        let content = second.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(content.ends_with("Final Answer: 42"), "{content}");
+        assert_eq!(mock.calls(provider, models::REACT), 2);
+    }
+    assert!(mock.rejected().is_empty());
+    let requests = mock.requests();
+    assert_eq!(requests.len(), 6);
+    assert!(requests[1].has_tool_result && !requests[0].has_tool_result);
+    assert_eq!(
+        requests[0].header("Authorization"),
+        Some("Bearer test-key-openai")
+    );
+}
+
+#[tokio::test]
+async fn openai_style_streams_split_tool_arguments_and_end_with_done() {
+    let mock = MockProviders::start().await;
+    for provider in [
+        Provider::OpenAi,
+        Provider::OpenRouter,
+        Provider::OpenAiCompatible,
+    ] {
+        let answer = post_ok(
+            &mock,
+            provider,
+            "/chat/completions",
+            &openai_body(models::REACT, false, true),
+        )
+        .await;
+        assert!(
+            answer.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        assert!(answer.text.trim_end().ends_with("data: [DONE]"));
+        if provider == Provider::OpenRouter {
+            assert!(answer.text.starts_with(": OPENROUTER PROCESSING"));
+        }
+        let events = answer.events().await;
+        let mut arguments = String::new();
+        let mut argument_chunks = 0;
+        for (_, chunk) in &events {
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+            if let Some(piece) =
+                chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str()
+                && !piece.is_empty()
+            {
+                arguments.push_str(piece);
+                argument_chunks += 1;
+            }
+        }
+        assert!(argument_chunks > 2, "arguments come in several chunks");
+        assert_eq!(
+            serde_json::from_str::<Value>(&arguments).unwrap(),
+            json!({"expression": "6*7"})
+        );
+        let (_, last) = events.last().unwrap();
+        assert_eq!(last["choices"], json!([]));
+        assert!(last["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+        let answer = post_ok(
+            &mock,
+            provider,
+            "/chat/completions",
+            &openai_body(models::REACT, true, true),
+        )
+        .await;
+        let text: String = answer
+            .events()
+            .await
+            .iter()
+            .filter_map(|(_, chunk)| {
+                chunk["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert!(text.ends_with("Final Answer: 42"), "{text}");
+    }
+
+    // Without include_usage, OpenAI sends no usage.
+    let mut body = openai_body(models::REACT, true, true);
+    body.as_object_mut().unwrap().remove("stream_options");
+    let answer = post_ok(&mock, Provider::OpenAi, "/chat/completions", &body).await;
+    assert!(
+        answer
+            .events()
+            .await
+            .iter()
+            .all(|(_, chunk)| chunk.get("usage").is_none())
+    );
+}
+
+#[tokio::test]
+async fn openai_refuses_what_openai_refuses() {
+    let mock = MockProviders::start().await;
+    let openai = Provider::OpenAi;
+    let path = "/chat/completions";
+    let good = openai_body(models::REACT, true, false);
+
+    let body = expect_refused(
+        &mock,
+        openai,
+        path,
+        &good,
+        &["authorization"],
+        401,
+        "didn't provide an API key",
+    )
+    .await;
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let answer = post(
+        &mock,
+        openai,
+        path,
+        &good,
+        &["authorization"],
+        &[("authorization", "Bearer sk-wrong-key-123")],
+    )
+    .await;
+    assert_eq!(answer.status, 401);
+    assert_eq!(answer.json()["error"]["code"], "invalid_api_key");
+    assert!(
+        !answer.text.contains("sk-wrong-key-123"),
+        "the key is masked"
+    );
+    expect_refused(
+        &mock,
+        openai,
+        "/completions",
+        &good,
+        &[],
+        404,
+        "Invalid URL",
+    )
+    .await;
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &good,
+        &["content-type"],
+        400,
+        "could not parse the JSON body",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["messages"][3]
+        .as_object_mut()
+        .unwrap()
+        .remove("tool_call_id");
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &bad,
+        &[],
+        400,
+        "'messages[3].tool_call_id'",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["messages"][2]["tool_calls"][0]["id"] = json!("call_other");
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &bad,
+        &[],
+        400,
+        "must be a response to a preceeding message with 'tool_calls'",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["messages"].as_array_mut().unwrap().pop();
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &bad,
+        &[],
+        400,
+        "did not have response messages: call_1",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["messages"][2]["tool_calls"][0]["function"]["arguments"] = json!({"expression": "6*7"});
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &bad,
+        &[],
+        400,
+        "expected a string, but got an object",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["messages"][1]["role"] = json!("human");
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &bad,
+        &[],
+        400,
+        "Invalid value: 'human'",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["tools"][0]["function"]["parameters"] = json!(CALCULATOR_SCHEMA);
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &bad,
+        &[],
+        400,
+        "'tools[0].function.parameters': expected an object",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["tools"][0]["type"] = json!("tool");
+    expect_refused(&mock, openai, path, &bad, &[], 400, "'tools[0].type'").await;
+
+    let mut bad = good.clone();
+    bad["stream_options"] = json!({"include_usage": true});
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &bad,
+        &[],
+        400,
+        "only allowed when 'stream' is enabled",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["script"] = json!([]);
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &bad,
+        &[],
+        400,
+        "Unrecognized request argument supplied: script",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad.as_object_mut().unwrap().remove("model");
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &bad,
+        &[],
+        400,
+        "you must provide a model parameter",
+    )
+    .await;
+
+    // OpenRouter ignores fields it does not know, and has its own shape.
+    let mut lenient = good.clone();
+    lenient["provider"] = json!({"order": ["OpenAI"]});
+    post_ok(&mock, Provider::OpenRouter, path, &lenient).await;
+    let body = expect_refused(
+        &mock,
+        Provider::OpenRouter,
+        path,
+        &good,
+        &["authorization"],
+        401,
+        "No auth credentials found",
+    )
+    .await;
+    assert_eq!(body["error"]["code"], 401);
+
+    assert_eq!(
+        mock.calls(openai, models::REACT),
+        0,
+        "refused requests are not calls"
+    );
+}
+
+#[tokio::test]
+async fn anthropic_calls_the_calculator_then_answers() {
+    let mock = MockProviders::start().await;
+    let anthropic = Provider::Anthropic;
+    let first = post_ok(
+        &mock,
+        anthropic,
+        "/v1/messages",
+        &anthropic_body(models::REACT, false, false),
+    )
+    .await
+    .json();
+    assert_eq!(first["type"], "message");
+    assert_eq!(first["stop_reason"], "tool_use");
+    assert_eq!(first["content"][0]["type"], "text");
+    assert_eq!(first["content"][1]["type"], "tool_use");
+    assert_eq!(first["content"][1]["input"], json!({"expression": "6*7"}));
+    assert!(
+        first["content"][1]["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("toolu_01")
+    );
+    let second = post_ok(
+        &mock,
+        anthropic,
+        "/v1/messages",
+        &anthropic_body(models::REACT, true, false),
+    )
+    .await
+    .json();
+    assert_eq!(second["stop_reason"], "end_turn");
+    assert!(
+        second["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .ends_with("Final Answer: 42")
+    );
+
+    // Streamed: the documented event sequence, input JSON in pieces.
+    let answer = post_ok(
+        &mock,
+        anthropic,
+        "/v1/messages",
+        &anthropic_body(models::REACT, false, true),
+    )
+    .await;
+    let events = answer.events().await;
+    let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names.first(), Some(&"message_start"));
+    assert_eq!(names.last(), Some(&"message_stop"));
+    assert!(names.contains(&"ping"));
+    for (name, data) in &events {
+        assert_eq!(
+            data["type"],
+            name.as_str(),
+            "the event name repeats the type"
+        );
+    }
+    let json_pieces: Vec<&str> = events
+        .iter()
+        .filter(|(_, data)| data["delta"]["type"] == "input_json_delta")
+        .map(|(_, data)| data["delta"]["partial_json"].as_str().unwrap())
+        .collect();
+    assert!(json_pieces.len() > 2);
+    assert_eq!(
+        serde_json::from_str::<Value>(&json_pieces.concat()).unwrap(),
+        json!({"expression": "6*7"})
+    );
+    let message_delta = events
+        .iter()
+        .find(|(name, _)| name == "message_delta")
+        .unwrap();
+    assert_eq!(message_delta.1["delta"]["stop_reason"], "tool_use");
+    assert!(message_delta.1["usage"]["output_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        events[0].1["message"]["usage"]["input_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(mock.rejected().is_empty(), "{:#?}", mock.rejected());
+}
+
+#[tokio::test]
+async fn anthropic_refuses_what_anthropic_refuses() {
+    let mock = MockProviders::start().await;
+    let anthropic = Provider::Anthropic;
+    let path = "/v1/messages";
+    let good = anthropic_body(models::REACT, true, false);
+
+    let body = expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &good,
+        &["x-api-key"],
+        401,
+        "x-api-key",
+    )
+    .await;
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "authentication_error");
+    expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &good,
+        &["anthropic-version"],
+        400,
+        "anthropic-version: header is required",
+    )
+    .await;
+    expect_refused(
+        &mock,
+        anthropic,
+        "/v1/complete",
+        &good,
+        &[],
+        404,
+        "not_found_error",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad.as_object_mut().unwrap().remove("max_tokens");
+    expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &bad,
+        &[],
+        400,
+        "max_tokens: Field required",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["stop"] = json!(["Observation:"]);
+    expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &bad,
+        &[],
+        400,
+        "stop: Extra inputs are not permitted",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["messages"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, json!({"role": "system", "content": "Be brief."}));
+    expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &bad,
+        &[],
+        400,
+        "Unexpected role \\\"system\\\"",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["messages"][2] = json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_other", "content": "42"}]});
+    expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &bad,
+        &[],
+        400,
+        "unexpected `tool_use_id`",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["messages"][2] = json!({"role": "user", "content": "42"});
+    expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &bad,
+        &[],
+        400,
+        "without `tool_result` blocks immediately after: toolu_1",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["messages"][2] = json!({"role": "tool", "tool_call_id": "toolu_1", "content": "42"});
+    expect_refused(&mock, anthropic, path, &bad, &[], 400, "messages.2.role").await;
+
+    let mut bad = good.clone();
+    bad["messages"][1]["content"][0]["text"] = json!("");
+    expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &bad,
+        &[],
+        400,
+        "text content blocks must be non-empty",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["messages"]
+        .as_array_mut()
+        .unwrap()
+        .insert(1, json!({"role": "user", "content": "Again?"}));
+    expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &bad,
+        &[],
+        400,
+        "roles must alternate",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["messages"][2]["content"] = json!([
+        {"type": "text", "text": "Here you go"},
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "42"}
+    ]);
+    expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &bad,
+        &[],
+        400,
+        "tool_result blocks must come first",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["tools"][0]["parameters"] = bad["tools"][0]["input_schema"].take();
+    bad["tools"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("input_schema");
+    expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &bad,
+        &[],
+        400,
+        "tools.0.input_schema: Field required",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn gemini_calls_the_calculator_then_answers() {
+    let mock = MockProviders::start().await;
+    let gemini = Provider::Gemini;
+    let first = post_ok(
+        &mock,
+        gemini,
+        &gemini_path(models::REACT, false),
+        &gemini_body(false),
+    )
+    .await
+    .json();
+    let part = &first["candidates"][0]["content"]["parts"][0];
+    assert_eq!(
+        part["functionCall"],
+        json!({"name": "calculator", "args": {"expression": "6*7"}})
+    );
+    assert_eq!(first["candidates"][0]["finishReason"], "STOP");
+    assert!(first["usageMetadata"]["promptTokenCount"].as_u64().unwrap() > 0);
+
+    let second = post_ok(
+        &mock,
+        gemini,
+        &gemini_path(models::REACT, false),
+        &gemini_body(true),
+    )
+    .await
+    .json();
+    let text = second["candidates"][0]["content"]["parts"][0]["text"]
+        .as_str()
+        .unwrap();
+    assert!(text.ends_with("Final Answer: 42"), "{text}");
+
+    let answer = post_ok(
+        &mock,
+        gemini,
+        &gemini_path(models::REACT, true),
+        &gemini_body(true),
+    )
+    .await;
+    assert!(
+        answer.text.contains("\r\n\r\n"),
+        "Google ends SSE events with CRLF"
+    );
+    let chunks = answer.events().await;
+    assert!(chunks.len() >= 3);
+    let text: String = chunks
+        .iter()
+        .map(|(_, chunk)| {
+            chunk["candidates"][0]["content"]["parts"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(text.ends_with("Final Answer: 42"), "{text}");
+    assert_eq!(
+        chunks.last().unwrap().1["candidates"][0]["finishReason"],
+        "STOP"
+    );
+
+    // Without alt=sse, a stream is one JSON array.
+    let array = post_ok(
+        &mock,
+        gemini,
+        &format!("/v1beta/models/{}:streamGenerateContent", models::REACT),
+        &gemini_body(true),
+    )
+    .await
+    .json();
+    assert!(array.as_array().is_some_and(|a| a.len() >= 3));
+
+    // snake_case field names are accepted too.
+    let snake = json!({
+        "system_instruction": {"parts": [{"text": "Be brief."}]},
+        "contents": [{"role": "user", "parts": [{"text": "Hi"}]}],
+        "generation_config": {"max_output_tokens": 100},
+    });
+    post_ok(&mock, gemini, &gemini_path(models::REACT, false), &snake).await;
+    assert!(mock.rejected().is_empty(), "{:#?}", mock.rejected());
+    let request = &mock.requests()[2];
+    assert_eq!(request.model.as_deref(), Some(models::REACT));
+    assert!(request.stream);
+    assert_eq!(request.query.as_deref(), Some("alt=sse"));
+}
+
+#[tokio::test]
+async fn gemini_refuses_what_gemini_refuses() {
+    let mock = MockProviders::start().await;
+    let gemini = Provider::Gemini;
+    let path = gemini_path(models::REACT, false);
+    let good = gemini_body(true);
+
+    let body = expect_refused(
+        &mock,
+        gemini,
+        &path,
+        &good,
+        &["x-goog-api-key"],
+        403,
+        "PERMISSION_DENIED",
+    )
+    .await;
+    assert_eq!(body["error"]["code"], 403);
+    let answer = post(
+        &mock,
+        gemini,
+        &path,
+        &good,
+        &["x-goog-api-key"],
+        &[("x-goog-api-key", "AIzaWrong")],
+    )
+    .await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(
+        answer.json()["error"]["details"][0]["reason"],
+        "API_KEY_INVALID"
+    );
+    expect_refused(
+        &mock,
+        gemini,
+        "/v1/models/mock-react:generateContent",
+        &good,
+        &[],
+        404,
+        "NOT_FOUND",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["tools"][0]["functionDeclarations"][0]["parameters"] = schema();
+    expect_refused(
+        &mock,
+        gemini,
+        &path,
+        &bad,
+        &[],
+        400,
+        "Unknown name \\\"additionalProperties\\\"",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["tools"][0]["functionDeclarations"][0]["parameters"]["properties"]["expression"]["type"] =
+        json!(["string", "null"]);
+    expect_refused(
+        &mock,
+        gemini,
+        &path,
+        &bad,
+        &[],
+        400,
+        "Proto field is not repeating",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["contents"][1]["role"] = json!("assistant");
+    expect_refused(
+        &mock,
+        gemini,
+        &path,
+        &bad,
+        &[],
+        400,
+        "Please use a valid role: user, model.",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["contents"][2]["parts"][0]["functionResponse"]["response"] = json!(TOOL_OUTPUT);
+    expect_refused(
+        &mock,
+        gemini,
+        &path,
+        &bad,
+        &[],
+        400,
+        "function_response.response",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["contents"][2] = json!({"role": "user", "parts": [{"text": "42"}]});
+    expect_refused(
+        &mock,
+        gemini,
+        &path,
+        &bad,
+        &[],
+        400,
+        "function response turn comes immediately after a function call turn",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["contents"][1]["parts"] =
+        json!([{"text": ""}, {"functionCall": {"name": "calculator", "args": {}}}]);
+    expect_refused(&mock, gemini, &path, &bad, &[], 400, "empty text parameter").await;
+
+    let mut bad = good.clone();
+    bad["systemInstruction"] = json!("You answer questions.");
+    expect_refused(&mock, gemini, &path, &bad, &[], 400, "system_instruction").await;
+
+    let mut bad = good.clone();
+    bad["stream"] = json!(false);
+    expect_refused(
+        &mock,
+        gemini,
+        &path,
+        &bad,
+        &[],
+        400,
+        "Unknown name \\\"stream\\\"",
+    )
+    .await;
+
+    let mut bad = good.clone();
+    bad["generationConfig"]["max_tokens"] = json!(100);
+    expect_refused(
+        &mock,
+        gemini,
+        &path,
+        &bad,
+        &[],
+        400,
+        "Unknown name \\\"max_tokens\\\" at 'generation_config'",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_failing_models_fail_as_the_providers_do() {
+    let mock = MockProviders::start().await;
+    for provider in Provider::ALL {
+        let request = |model: &str| match provider {
+            Provider::Anthropic => (
+                default_path(provider).to_owned(),
+                anthropic_body(model, false, false),
+            ),
+            Provider::Gemini => (gemini_path(model, false), gemini_body(false)),
+            _ => (
+                default_path(provider).to_owned(),
+                openai_body(model, false, false),
+            ),
+        };
+
+        let (path, body) = request(models::UNAUTHORIZED);
+        let answer = post(&mock, provider, &path, &body, &[], &[]).await;
+        assert_eq!(answer.status, 401, "{provider}: {}", answer.text);
+        assert!(answer.json()["error"].is_object());
+
+        let (path, body) = request(models::RATE_LIMITED_ONCE);
+        let answer = post(&mock, provider, &path, &body, &[], &[]).await;
+        assert_eq!(answer.status, 429, "{provider}: {}", answer.text);
+        assert_eq!(answer.headers["retry-after"], "1");
+        post_ok(&mock, provider, &path, &body).await;
+        assert_eq!(mock.calls(provider, models::RATE_LIMITED_ONCE), 2);
+
+        let (path, body) = request(models::SERVER_ERROR_ONCE);
+        let answer = post(&mock, provider, &path, &body, &[], &[]).await;
+        assert_eq!(answer.status, 500, "{provider}: {}", answer.text);
+        post_ok(&mock, provider, &path, &body).await;
+
+        let (path, body) = request(models::MALFORMED);
+        let answer = post_ok(&mock, provider, &path, &body).await;
+        assert!(
+            serde_json::from_str::<Value>(&answer.text).is_err(),
+            "{provider}: not JSON"
+        );
+
+        let (path, body) = request("no-such-model");
+        let answer = post(&mock, provider, &path, &body, &[], &[]).await;
+        assert_eq!(answer.status, 404, "{provider}: {}", answer.text);
+    }
+    assert!(mock.rejected().is_empty(), "{:#?}", mock.rejected());
+}
+
+#[test]
+fn manifests_grant_the_base_url_variable_and_the_key_as_a_credential() {
+    let manifest = Provider::Anthropic.loopback_manifest();
+    assert!(
+        manifest.contains(r#"env = ["ANTHROPIC_BASE_URL"]"#),
+        "{manifest}"
+    );
+    assert!(manifest.contains(r#"header = "x-api-key""#), "{manifest}");
+    assert!(
+        manifest.contains(r#"value = "${ANTHROPIC_API_KEY}""#),
+        "{manifest}"
+    );
+    let manifest = Provider::OpenAiCompatible.manifest("http://127.0.0.1:9");
+    assert!(
+        manifest.contains(r#"value = "Bearer ${OPENAI_COMPATIBLE_API_KEY}""#),
+        "{manifest}"
+    );
+    assert!(
+        manifest.contains(r#"host = "http://127.0.0.1:9""#),
+        "{manifest}"
+    );
+}
