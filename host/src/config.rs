@@ -35,6 +35,13 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Watch the plugin folder and load changes without a restart.
     pub watch_plugins: bool,
+    /// Finished tasks, their journals and events are deleted this long
+    /// after they finish.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often old tasks are looked for.
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
     pub defaults: TaskDefaults,
     pub plugins: PluginDefaults,
     /// What plugins may be granted, globally and per plugin.
@@ -54,6 +61,8 @@ pub struct TaskDefaults {
     /// Tool names; when unset, every loaded tool.
     pub tools: Option<Vec<String>>,
     pub max_steps: u32,
+    /// Retries of steps that fail with a transient error, over a task.
+    pub max_retries: u32,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -83,6 +92,8 @@ const KEYS: &[&str] = &[
     "lease",
     "max_body_bytes",
     "watch_plugins",
+    "retention",
+    "prune_interval",
     "defaults",
     "plugins",
     "policy",
@@ -112,12 +123,15 @@ impl Default for Config {
             lease: Duration::from_secs(30),
             max_body_bytes: 1 << 20,
             watch_plugins: true,
+            retention: Duration::from_secs(30 * 24 * 3600),
+            prune_interval: Duration::from_secs(3600),
             defaults: TaskDefaults {
                 planner: "react".into(),
                 llm: "scripted".into(),
                 model: None,
                 tools: None,
                 max_steps: 20,
+                max_retries: 2,
                 timeout: Duration::from_secs(300),
             },
             plugins: PluginDefaults {

@@ -9,6 +9,7 @@ async fn main() {
                 .unwrap_or_else(|_| EnvFilter::new("warn,opspawn=info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = opspawn::cli::Cli::parse();
     match opspawn::cli::main(cli).await {

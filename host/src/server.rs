@@ -77,6 +77,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
 
+    let pruner = tokio::spawn(prune_periodically(
+        store.clone(),
+        config.retention,
+        config.prune_interval,
+    ));
     let events = EventBus::default();
     let scheduler = Arc::new(Scheduler::start(
         store.clone(),
@@ -121,7 +126,26 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await?;
     println!("shutting down: waiting for running steps to finish");
     scheduler.shutdown().await;
+    pruner.abort();
     Ok(())
+}
+
+/// Deletes finished tasks older than the retention period, now and then.
+async fn prune_periodically(
+    store: Arc<dyn store::Store>,
+    retention: std::time::Duration,
+    interval: std::time::Duration,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    loop {
+        ticks.tick().await;
+        let before = store::now_millis() - retention.as_millis() as i64;
+        match store.prune_finished(before).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "deleted finished tasks past their retention"),
+            Err(error) => tracing::warn!(%error, "pruning finished tasks failed"),
+        }
+    }
 }
 
 fn lock_data_dir(config: &Config) -> anyhow::Result<File> {

@@ -78,3 +78,80 @@ async fn a_killed_server_resumes_its_task_without_repeating_finished_steps() {
         "finished tasks survive the kill"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_under_the_same_key_and_permanent_ones_are_not() {
+    let harness = Harness::start();
+    let client = harness.client();
+    // The count tool records each try, then sleeps past its 1 s limit.
+    let slow = json!({"name": "count", "arguments": {"file": "/counts/retries", "sleep_ms": 5000}});
+    let id = client
+        .submit(&json!({
+            "goal": "Count slowly",
+            "tools": ["count"],
+            "max_retries": 2,
+            "options": {"llm": {"script": [
+                {"tool_calls": [slow]},
+                {"content": "Final Answer: gave up counting"}
+            ]}}
+        }))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    let step = &steps(&task)[1];
+    assert_eq!(step["error"]["code"], "plugin_timeout", "{step:#}");
+    let log = std::fs::read_to_string(harness.plugins.path().join("counts/retries")).unwrap();
+    let tries: Vec<&str> = log.lines().collect();
+    assert_eq!(tries.len(), 3, "one try and two retries: {log}");
+    assert!(
+        tries.iter().all(|line| line.ends_with(&format!("{id}:2"))),
+        "every try carries the step's idempotency key: {log}"
+    );
+
+    // A calculator error is the input's fault: it is not retried.
+    let bad = client
+        .submit(&crate::calculator_task("1/0", "none"))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&bad, FINISH).await.unwrap();
+    assert_eq!(steps(&task)[1]["error"]["code"], "division_by_zero");
+    let server_log = harness.server.log();
+    assert!(
+        server_log.contains("retrying a step"),
+        "the retries above were logged"
+    );
+    assert!(
+        !server_log
+            .lines()
+            .any(|l| l.contains("retrying a step") && l.contains(&bad)),
+        "a permanent error was retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_tasks_are_pruned_after_their_retention() {
+    let harness = Harness::start_with(&[
+        ("OPSPAWN_RETENTION", "1s"),
+        ("OPSPAWN_PRUNE_INTERVAL", "200ms"),
+    ]);
+    let client = harness.client();
+    let id = client
+        .submit(&crate::calculator_task("1+1", "2"))
+        .await
+        .unwrap();
+    client.wait_until_finished(&id, FINISH).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (status, _) = client.get(&format!("/v1/tasks/{id}")).await.unwrap();
+        if status == opspawn_testkit::StatusCode::NOT_FOUND {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task was not pruned"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, list) = client.get("/v1/tasks").await.unwrap();
+    assert!(list["tasks"].as_array().unwrap().is_empty(), "{list}");
+}

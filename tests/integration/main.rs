@@ -8,6 +8,7 @@ mod durability;
 mod plugins;
 mod providers;
 mod sandbox;
+mod scaleout;
 mod streaming;
 mod tenancy;
 
@@ -184,6 +185,8 @@ pub fn misbehaving_task(tool: &str, arguments: Value) -> Value {
     json!({
         "goal": format!("Call {tool}"),
         "tools": [tool],
+        // Each failure here should be seen once, not retried.
+        "max_retries": 0,
         "options": {"llm": {"script": [
             {"tool_calls": [{"name": tool, "arguments": arguments}]},
             {"content": "Final Answer: carried on"}

@@ -35,6 +35,7 @@ use crate::store::{CancelOutcome, Millis, NewTask, Store, TaskQuery, TaskRecord,
 /// The longest goal accepted, in bytes.
 const MAX_GOAL_BYTES: usize = 64 * 1024;
 const MAX_STEPS_CEILING: u32 = 1000;
+const MAX_RETRIES_CEILING: u32 = 100;
 const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
 #[derive(Clone)]
@@ -118,6 +119,8 @@ struct CreateTask {
     /// `{"planner": {...}, "llm": {...}}`: handed to the plugins.
     options: Option<Value>,
     max_steps: Option<u32>,
+    /// Retries of steps that fail with a transient error, over the task.
+    max_retries: Option<u32>,
     timeout_secs: Option<u64>,
     /// Higher runs first; -1000 to 1000, default 0.
     priority: Option<i32>,
@@ -272,6 +275,13 @@ fn validate(
         }
         None => defaults.timeout,
     };
+    let max_retries = request.max_retries.unwrap_or(defaults.max_retries);
+    if max_retries > MAX_RETRIES_CEILING {
+        return Err(ApiError::unprocessable(
+            "invalid_max_retries",
+            format!("max_retries must be at most {MAX_RETRIES_CEILING}"),
+        ));
+    }
     let priority = request.priority.unwrap_or(0);
     if !(-1000..=1000).contains(&priority) {
         return Err(ApiError::unprocessable(
@@ -294,6 +304,7 @@ fn validate(
         tools,
         options,
         max_steps,
+        max_retries,
         timeout,
     })
 }

@@ -18,8 +18,8 @@ use super::Shared;
 use crate::events::LiveEvent;
 use crate::plugins::CallError;
 use crate::protocol::{
-    CallContext, ChatRequest, ChatResponse, LlmError, LlmErrorKind, PlannerAction, PlannerStep,
-    TaskState, ToolCall, ToolResult, Usage,
+    CallContext, ChatRequest, ChatResponse, LlmError, PlannerAction, PlannerStep, TaskState,
+    ToolCall, ToolResult, Usage,
 };
 use crate::store::{
     Claim, ErrorInfo, Fence, StepEnd, StepKind, StepRecord, StepStart, StepStatus, StoreError,
@@ -52,6 +52,8 @@ pub(super) struct Run {
     steps: Vec<StepRecord>,
     cancel: CancellationToken,
     lost: CancellationToken,
+    /// Retries spent in this claim, against the task's `max_retries`.
+    retries_used: u32,
 }
 
 impl Run {
@@ -68,6 +70,7 @@ impl Run {
             steps: claim.steps,
             cancel,
             lost,
+            retries_used: 0,
         }
     }
 
@@ -277,10 +280,38 @@ impl Run {
         self.shared.events.journaled(event);
         self.remember(record);
 
+        // Every try of a step runs under the same number, so the same
+        // idempotency key: a tool with side effects can tell a retry.
         let context = CallContext::new(&self.task.id, seq);
-        let (output, usage) = match kind {
-            StepKind::Llm => self.call_llm(&context, input).await,
-            StepKind::Tool => (self.call_tool(&context, input).await, None),
+        let mut tries = 0;
+        let (output, usage) = loop {
+            let attempt = match kind {
+                StepKind::Llm => self.call_llm(&context, input.clone()).await,
+                StepKind::Tool => Attempt::from(self.call_tool(&context, input.clone()).await),
+            };
+            let Err(error) = &attempt.output else {
+                break (attempt.output, attempt.usage);
+            };
+            let delay = self.shared.config.retry.delay(tries, attempt.retry_after);
+            let may_retry = is_transient(&error.code)
+                && self.retries_used < self.task.max_retries
+                && delay < self.remaining()
+                && !self.cancel.is_cancelled()
+                && !self.shared.shutdown.is_cancelled();
+            if !may_retry {
+                break (attempt.output, attempt.usage);
+            }
+            tries += 1;
+            self.retries_used += 1;
+            tracing::info!(
+                task = %self.task.id,
+                step = seq,
+                code = %error.code,
+                retry = tries,
+                delay_ms = delay.as_millis() as u64,
+                "retrying a step that failed with a transient error"
+            );
+            tokio::time::sleep(delay).await;
         };
         let task_end = match &output {
             Err(error) if error.code == "task_timeout" => Some(self.timed_out()),
@@ -304,18 +335,11 @@ impl Run {
         }
     }
 
-    async fn call_llm(
-        &self,
-        context: &CallContext,
-        input: Value,
-    ) -> (Result<Value, ErrorInfo>, Option<Usage>) {
+    async fn call_llm(&self, context: &CallContext, input: Value) -> Attempt {
         let request: ChatRequest = match serde_json::from_value(input) {
             Ok(request) => request,
             Err(e) => {
-                return (
-                    Err(ErrorInfo::new("invalid_step_input", e.to_string())),
-                    None,
-                );
+                return Attempt::from(Err(ErrorInfo::new("invalid_step_input", e.to_string())));
             }
         };
         let (deltas, mut streamed) = mpsc::unbounded_channel::<String>();
@@ -331,61 +355,25 @@ impl Run {
                 });
             }
         });
-        let result = self.complete_with_retries(context, &request, deltas).await;
+        let call = self
+            .shared
+            .runtime
+            .complete(&self.task.llm, context, &request, Some(deltas));
+        let result = tokio::time::timeout(self.remaining(), call).await;
         let _ = forward.await;
         match result {
-            Ok(response) => {
-                let usage = response.usage;
-                (Ok(json!(response)), usage)
-            }
-            Err(error) => (Err(error), None),
-        }
-    }
-
-    /// Calls the LLM adapter, retrying rate limits and provider outages with
-    /// exponential backoff (or the provider's `Retry-After`), within the
-    /// configured number of retries and the task's deadline.
-    async fn complete_with_retries(
-        &self,
-        context: &CallContext,
-        request: &ChatRequest,
-        deltas: mpsc::UnboundedSender<String>,
-    ) -> Result<ChatResponse, ErrorInfo> {
-        let policy = &self.shared.config.retry;
-        let mut retry = 0;
-        loop {
-            let call = self.shared.runtime.complete(
-                &self.task.llm,
-                context,
-                request,
-                Some(deltas.clone()),
-            );
-            let error = match tokio::time::timeout(self.remaining(), call).await {
-                Ok(Ok(response)) => return Ok(response),
-                Ok(Err(error)) => error,
-                Err(_) => return Err(timed_out_error(&self.task)),
-            };
-            let CallError::Llm(llm_error) = &error else {
-                return Err(ErrorInfo::new(error.code(), error.to_string()));
-            };
-            let retryable = matches!(
-                llm_error.kind,
-                LlmErrorKind::RateLimited | LlmErrorKind::Unavailable | LlmErrorKind::Timeout
-            );
-            let delay = policy.delay(retry, llm_error.retry_after_ms.map(Duration::from_millis));
-            if !retryable || retry >= policy.max_retries || delay >= self.remaining() {
-                return Err(llm_error_info(llm_error));
-            }
-            retry += 1;
-            tracing::info!(
-                task = %self.task.id,
-                step = context.step,
-                retry,
-                delay_ms = delay.as_millis() as u64,
-                code = llm_error.kind.code(),
-                "retrying the LLM call"
-            );
-            tokio::time::sleep(delay).await;
+            Ok(Ok(response)) => Attempt {
+                usage: response.usage,
+                output: Ok(json!(response)),
+                retry_after: None,
+            },
+            Ok(Err(CallError::Llm(error))) => Attempt {
+                output: Err(llm_error_info(&error)),
+                usage: None,
+                retry_after: error.retry_after_ms.map(Duration::from_millis),
+            },
+            Ok(Err(error)) => Attempt::from(Err(ErrorInfo::new(error.code(), error.to_string()))),
+            Err(_) => Attempt::from(Err(timed_out_error(&self.task))),
         }
     }
 
@@ -409,6 +397,42 @@ impl Run {
         )
         .await
     }
+}
+
+/// One try of a step.
+struct Attempt {
+    output: Result<Value, ErrorInfo>,
+    usage: Option<Usage>,
+    /// How long the provider asked us to wait before trying again.
+    retry_after: Option<Duration>,
+}
+
+impl From<Result<Value, ErrorInfo>> for Attempt {
+    fn from(output: Result<Value, ErrorInfo>) -> Self {
+        Self {
+            output,
+            usage: None,
+            retry_after: None,
+        }
+    }
+}
+
+/// Errors that may go away if the step is tried again. Everything else
+/// (bad input, a policy denial, an unknown tool, a crash) is permanent.
+/// Tools can mark their own errors transient with these codes too.
+fn is_transient(code: &str) -> bool {
+    matches!(
+        code,
+        "llm_rate_limited"
+            | "llm_unavailable"
+            | "llm_timeout"
+            | "plugin_timeout"
+            | "plugin_instantiate_failed"
+            | "plugin_not_loaded"
+            | "unavailable"
+            | "timeout"
+            | "rate_limited"
+    )
 }
 
 /// An LLM error for the journal, with the provider's answer kept.

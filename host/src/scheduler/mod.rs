@@ -23,18 +23,19 @@ pub struct SchedulerConfig {
     /// How long a claim lasts without renewal; a dead host's tasks are
     /// reclaimed this long after its last renewal.
     pub lease: Duration,
-    /// How often idle workers look for work they were not woken for
-    /// (expired leases, tasks submitted to another host).
+    /// How often idle workers look for work they were not woken for:
+    /// expired leases, start times come, and tasks submitted to another host
+    /// when the store's wake-up for them was lost.
     pub poll_interval: Duration,
     pub retry: RetryPolicy,
 }
 
-/// How failed calls that may succeed later (rate limits, provider outages)
-/// are retried: exponential backoff with jitter, or the provider's own
-/// `Retry-After` when it gives one, capped.
+/// How long to wait before retrying a step that failed with a transient
+/// error (a rate limit, a provider outage, a plugin timeout): exponential
+/// backoff with jitter, or the provider's own `Retry-After`, capped. How many
+/// retries a task gets is its own `max_retries`.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    pub max_retries: u32,
     pub base_delay: Duration,
     pub max_delay: Duration,
 }
@@ -42,7 +43,6 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            max_retries: 3,
             base_delay: Duration::from_millis(500),
             max_delay: Duration::from_secs(30),
         }
@@ -158,12 +158,15 @@ impl Scheduler {
 
 async fn work(shared: Arc<Shared>, index: usize) {
     let worker = format!("{}/{index}", shared.host_id);
+    // Tasks submitted to other hosts sharing the store (Postgres).
+    let elsewhere = shared.store.wakeups();
     while !shared.shutdown.is_cancelled() {
         match shared.store.claim_next(&worker, shared.config.lease).await {
             Ok(Some(claim)) => run_claimed(&shared, claim).await,
             Ok(None) => {
                 tokio::select! {
                     _ = shared.wake.notified() => {}
+                    _ = notified(elsewhere.as_deref()) => {}
                     _ = tokio::time::sleep(shared.config.poll_interval) => {}
                     _ = shared.shutdown.cancelled() => {}
                 }
@@ -173,6 +176,14 @@ async fn work(shared: Arc<Shared>, index: usize) {
                 tokio::time::sleep(shared.config.poll_interval).await;
             }
         }
+    }
+}
+
+/// Waits for `notify`, or forever when there is none.
+async fn notified(notify: Option<&Notify>) {
+    match notify {
+        Some(notify) => notify.notified().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -185,6 +185,8 @@ pub struct NewTask {
     /// Options for the planner and the LLM adapter: `{"planner": {...}, "llm": {...}}`.
     pub options: Value,
     pub max_steps: u32,
+    /// Retries of steps that fail with a transient error, over the task.
+    pub max_retries: u32,
     pub timeout: Duration,
 }
 
@@ -204,6 +206,7 @@ pub struct TaskRecord {
     pub tools: Vec<String>,
     pub options: Value,
     pub max_steps: u32,
+    pub max_retries: u32,
     pub timeout_ms: i64,
     pub result: Option<String>,
     pub error: Option<ErrorInfo>,
@@ -357,6 +360,9 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a task, or, when the tenant already has a task with the same
     /// idempotency key, returns that one (and no event).
     async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, Option<EventRecord>)>;
+    /// Deletes tasks that finished before `before`, with their journals and
+    /// events; returns how many.
+    async fn prune_finished(&self, before: Millis) -> Result<u64>;
     /// How many of a tenant's tasks are queued or running.
     async fn count_active(&self, tenant: &str) -> Result<u64>;
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>>;
@@ -379,6 +385,15 @@ pub trait Store: Send + Sync + 'static {
     -> Result<(StepRecord, EventRecord)>;
     async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<(StepRecord, EventRecord)>;
     async fn finish_task(&self, fence: &Fence, end: TaskEnd) -> Result<EventRecord>;
+
+    /// Signalled when other hosts sharing the store may have made work this
+    /// host was not told of (a task submitted to another host). Idle workers
+    /// wait on it beside their own wake-ups and the poll interval, which
+    /// still finds expired leases. `None`, the default, for an engine that
+    /// one host owns alone.
+    fn wakeups(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// Opens the store a database URL names, creating and migrating it.

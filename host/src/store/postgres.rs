@@ -7,19 +7,26 @@
 //! a superseded worker cannot write) and serialises the numbering of the
 //! task's events.
 //!
-//! Wake-ups: creating a task sends `NOTIFY opspawn_tasks` (payload: the task
-//! id) when its transaction commits. Nothing listens yet: idle workers poll
-//! the store every 500 ms, which also finds tasks submitted to other hosts.
-//! Wiring LISTEN/NOTIFY into the scheduler is the next step (issue 5).
+//! Wake-ups: creating a task sends a notification on `opspawn_tasks` (or
+//! `opspawn_tasks_<schema>` with `opspawn_schema`: channels are global to
+//! the database) when its transaction commits, payload the task id. Every
+//! host listens on a connection of its own and wakes an idle worker per
+//! notification ([`Store::wakeups`]), so a task submitted to one host starts
+//! at once on whichever host has a worker free. A notification is only a
+//! hint: one sent while a listener was reconnecting is lost, so after each
+//! (re)connect every idle worker looks once, and the scheduler's poll still
+//! finds expired leases and tasks whose start time has come.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::Notify;
 
 use super::{
     CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, Result,
@@ -31,8 +38,22 @@ use crate::protocol::Usage;
 /// The most connections one host opens.
 const MAX_CONNECTIONS: u32 = 16;
 
-/// The channel task creation is announced on.
+/// The channel task creation is announced on (suffixed with the schema).
 const TASKS_CHANNEL: &str = "opspawn_tasks";
+
+/// Longer identifiers are truncated by Postgres, and refused by `pg_notify`.
+const MAX_IDENTIFIER: usize = 63;
+
+/// How long the listener waits before reconnecting, doubling up to the most.
+const LISTEN_BACKOFF: Duration = Duration::from_millis(100);
+const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How long a transaction may sit idle before Postgres ends its session. A
+/// host that stalls in the middle of a write (stopped, swapped out, cut off)
+/// holds its task's row lock: no other host could claim the task, or even
+/// cancel it, however long ago its lease expired. Every transaction here is
+/// a few statements sent back to back, so only a stalled host waits this long.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 
 /// The URL query parameter naming the schema to keep the tables in.
 const SCHEMA_PARAMETER: &str = "opspawn_schema";
@@ -41,6 +62,18 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 
 pub struct PgStore {
     pool: PgPool,
+    /// Where this store's tasks are announced.
+    channel: String,
+    /// Signalled for every task announced on the channel.
+    wakeups: Arc<Notify>,
+    /// The task listening on the channel; stopped with the store.
+    listener: tokio::task::AbortHandle,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
 }
 
 impl PgStore {
@@ -52,31 +85,102 @@ impl PgStore {
     pub async fn open(url: &str) -> Result<Self> {
         let (url, schema) = take_schema(url)?;
         let options = PgConnectOptions::from_str(&url)?;
-        let mut pool = PgPoolOptions::new().max_connections(MAX_CONNECTIONS);
+        let channel = tasks_channel(schema.as_deref());
+        let mut session =
+            format!("SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}';");
         if let Some(schema) = &schema {
             // Safe to splice: the name was checked to be [a-z0-9_]+. Setting
             // a search_path that does not exist yet is allowed; the schema is
             // created below, before any table is used.
-            let set_path = format!("SET search_path TO \"{schema}\"");
-            pool = pool.after_connect(move |conn, _| {
-                let set_path = set_path.clone();
+            session.push_str(&format!(" SET search_path TO \"{schema}\";"));
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .after_connect(move |conn, _| {
+                let session = session.clone();
                 Box::pin(async move {
-                    sqlx::raw_sql(AssertSqlSafe(set_path))
+                    sqlx::raw_sql(AssertSqlSafe(session))
                         .execute(conn)
                         .await
                         .map(drop)
                 })
-            });
-        }
-        let pool = pool.connect_with(options).await?;
+            })
+            .connect_with(options.clone())
+            .await?;
         if let Some(schema) = &schema {
             create_schema(&pool, schema).await?;
         }
         // Unqualified, like the migrations' tables, so the search_path puts
         // `_sqlx_migrations` in the schema as well.
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        let wakeups = Arc::new(Notify::new());
+        let listener =
+            tokio::spawn(listen(options, channel.clone(), wakeups.clone())).abort_handle();
+        Ok(Self {
+            pool,
+            channel,
+            wakeups,
+            listener,
+        })
     }
+}
+
+/// The channel for the tasks in `schema`: notifications are global to the
+/// database, and hosts using different schemas must not wake each other.
+/// Cut to the longest identifier: two schemas whose names share their first
+/// 49 characters then share a channel, which costs only idle wake-ups.
+fn tasks_channel(schema: Option<&str>) -> String {
+    let mut channel = match schema {
+        Some(schema) => format!("{TASKS_CHANNEL}_{schema}"),
+        None => TASKS_CHANNEL.to_owned(),
+    };
+    channel.truncate(MAX_IDENTIFIER); // ASCII: the schema is [a-z0-9_]+
+    channel
+}
+
+/// Listens on `channel` for as long as the store lives, waking an idle
+/// worker per notification. Reconnects when the connection is lost or fails,
+/// after a backoff that doubles from 100 ms up to 5 s and resets once
+/// listening again.
+async fn listen(options: PgConnectOptions, channel: String, wakeups: Arc<Notify>) {
+    // A pool of one connection of its own, so listening never takes one of
+    // the store's and the connection is never retired while it listens.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_lazy_with(options);
+    let mut backoff = LISTEN_BACKOFF;
+    loop {
+        match listen_until_lost(&pool, &channel, &wakeups, &mut backoff).await {
+            Ok(()) => tracing::warn!(%channel, "lost the connection listening for new tasks"),
+            Err(error) => tracing::warn!(%channel, %error, "listening for new tasks failed"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
+    }
+}
+
+/// Listens on one connection until it is lost (`Ok`) or fails (`Err`).
+async fn listen_until_lost(
+    pool: &PgPool,
+    channel: &str,
+    wakeups: &Notify,
+    backoff: &mut Duration,
+) -> std::result::Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.ignore_pool_close_event(true);
+    // Reconnecting is this loop's business, with its backoff.
+    listener.eager_reconnect(false);
+    listener.listen(channel).await?;
+    tracing::debug!(%channel, "listening for new tasks");
+    *backoff = LISTEN_BACKOFF;
+    // Tasks announced while nobody listened: every idle worker looks once.
+    wakeups.notify_waiters();
+    while listener.try_recv().await?.is_some() {
+        wakeups.notify_one();
+    }
+    Ok(())
 }
 
 /// Splits `opspawn_schema=NAME` off the URL's query; the rest of the URL goes
@@ -132,6 +236,7 @@ async fn create_schema(pool: &PgPool, schema: &str) -> Result<()> {
 async fn create_task(
     conn: &mut PgConnection,
     task: &NewTask,
+    channel: &str,
 ) -> Result<(TaskRecord, Option<EventRecord>)> {
     let id = uuid::Uuid::now_v7().to_string();
     let now = now_millis();
@@ -141,9 +246,9 @@ async fn create_task(
     let row = sqlx::query(
         "INSERT INTO tasks (id, status, goal, planner, llm, model, tools, options, max_steps,
                             timeout_ms, created_at, tenant, idempotency_key, priority, run_at,
-                            deadline_at)
+                            deadline_at, max_retries)
          VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $12, $13,
-                 $14, $15)
+                 $14, $15, $16)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -162,6 +267,7 @@ async fn create_task(
     .bind(task.priority)
     .bind(task.run_at)
     .bind(task.deadline_at)
+    .bind(task.max_retries as i32)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
@@ -183,7 +289,7 @@ async fn create_task(
     .await?;
     // Delivered when the transaction commits, never for a task rolled back.
     sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(TASKS_CHANNEL)
+        .bind(channel)
         .bind(&id)
         .execute(&mut *conn)
         .await?;
@@ -506,6 +612,7 @@ fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
         tools: row.try_get::<Json<Vec<String>>, _>("tools")?.0,
         options: row.try_get("options")?,
         max_steps: row.try_get::<i64, _>("max_steps")? as u32,
+        max_retries: row.try_get::<i32, _>("max_retries")? as u32,
         timeout_ms: row.try_get("timeout_ms")?,
         result: row.try_get("result")?,
         error: error_from_row(row)?,
@@ -578,9 +685,21 @@ impl Store for PgStore {
 
     async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, Option<EventRecord>)> {
         let mut tx = self.pool.begin().await?;
-        let created = create_task(&mut tx, &task).await?;
+        let created = create_task(&mut tx, &task, &self.channel).await?;
         tx.commit().await?;
         Ok(created)
+    }
+
+    async fn prune_finished(&self, before: Millis) -> Result<u64> {
+        // Steps and events go with their task (ON DELETE CASCADE).
+        let done = sqlx::query(
+            "DELETE FROM tasks
+              WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < $1",
+        )
+        .bind(before)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn count_active(&self, tenant: &str) -> Result<u64> {
@@ -691,6 +810,10 @@ impl Store for PgStore {
         tx.commit().await?;
         Ok(event)
     }
+
+    fn wakeups(&self) -> Option<Arc<Notify>> {
+        Some(self.wakeups.clone())
+    }
 }
 
 #[cfg(test)]
@@ -725,21 +848,13 @@ mod tests {
         }
     }
 
-    /// Runs only with `OPSPAWN_TEST_DATABASE=postgres`, against
-    /// `OPSPAWN_TEST_POSTGRES_URL` (default: the local `test` database), in a
-    /// schema of its own that it drops at the end.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_writers_claim_fence_and_number_events_correctly() {
-        if std::env::var("OPSPAWN_TEST_DATABASE").as_deref() != Ok("postgres") {
-            return;
-        }
-        let base = std::env::var("OPSPAWN_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-        let schema = format!("t_unit_{}", uuid::Uuid::now_v7().simple());
-        let store = PgStore::open(&format!("{base}?opspawn_schema={schema}"))
-            .await
-            .unwrap();
-        let new_task = |goal: &str| NewTask {
+    fn new_task(goal: &str) -> NewTask {
+        NewTask {
+            tenant: "default".into(),
+            idempotency_key: None,
+            priority: 0,
+            run_at: None,
+            deadline_at: None,
             goal: goal.to_owned(),
             planner: "react".into(),
             llm: "scripted".into(),
@@ -747,8 +862,83 @@ mod tests {
             tools: vec!["calculator".into()],
             options: json!({"llm": {"nul": "a\u{0}b"}}),
             max_steps: 20,
+            max_retries: 0,
             timeout: Duration::from_secs(60),
-        };
+        }
+    }
+
+    /// The Postgres URL of the tests, or `None` unless
+    /// `OPSPAWN_TEST_DATABASE=postgres`.
+    fn test_url() -> Option<String> {
+        if std::env::var("OPSPAWN_TEST_DATABASE").as_deref() != Ok("postgres") {
+            return None;
+        }
+        Some(
+            std::env::var("OPSPAWN_TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
+        )
+    }
+
+    async fn drop_schema(store: &PgStore, schema: &str) {
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
+            .execute(&store.pool)
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn each_schema_has_its_own_channel() {
+        assert_eq!(tasks_channel(None), "opspawn_tasks");
+        assert_eq!(tasks_channel(Some("t_1a")), "opspawn_tasks_t_1a");
+        let long = tasks_channel(Some(&"x".repeat(63)));
+        assert_eq!(long.len(), MAX_IDENTIFIER);
+        assert!(long.starts_with("opspawn_tasks_xxx"));
+    }
+
+    /// A task created through one store wakes the other stores on the same
+    /// schema, and only those.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_task_wakes_the_hosts_sharing_its_schema() {
+        let Some(base) = test_url() else { return };
+        let shared = format!("t_unit_{}", uuid::Uuid::now_v7().simple());
+        let other = format!("t_unit_{}", uuid::Uuid::now_v7().simple());
+        let url = |schema: &str| format!("{base}?opspawn_schema={schema}");
+        let a = PgStore::open(&url(&shared)).await.unwrap();
+        let b = PgStore::open(&url(&shared)).await.unwrap();
+        let c = PgStore::open(&url(&other)).await.unwrap();
+        // Let the listeners connect: a wake-up on connecting would prove nothing.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (b_wakeups, c_wakeups) = (b.wakeups().unwrap(), c.wakeups().unwrap());
+        let (b_woken, c_woken) = (b_wakeups.notified(), c_wakeups.notified());
+        tokio::pin!(b_woken, c_woken);
+        b_woken.as_mut().enable();
+        c_woken.as_mut().enable();
+
+        a.create_task(new_task("wake up")).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), b_woken)
+            .await
+            .expect("the host on the same schema is woken");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), c_woken)
+                .await
+                .is_err(),
+            "the host on another schema is not"
+        );
+
+        drop_schema(&a, &shared).await;
+        drop_schema(&c, &other).await;
+    }
+
+    /// Runs only with `OPSPAWN_TEST_DATABASE=postgres`, against
+    /// `OPSPAWN_TEST_POSTGRES_URL` (default: the local `test` database), in a
+    /// schema of its own that it drops at the end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_claim_fence_and_number_events_correctly() {
+        let Some(base) = test_url() else { return };
+        let schema = format!("t_unit_{}", uuid::Uuid::now_v7().simple());
+        let store = PgStore::open(&format!("{base}?opspawn_schema={schema}"))
+            .await
+            .unwrap();
         let lease = Duration::from_secs(30);
 
         // Many workers claiming at once each get a different task.
@@ -844,9 +1034,6 @@ mod tests {
             (TaskStatus::Succeeded, Some("fresh"))
         );
 
-        sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
-            .execute(&store.pool)
-            .await
-            .unwrap();
+        drop_schema(&store, &schema).await;
     }
 }

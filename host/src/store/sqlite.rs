@@ -74,6 +74,7 @@ enum WriteOp {
     Claim { worker: String, lease: Duration },
     Renew { fence: Fence, lease: Duration },
     ExpireAllLeases,
+    PruneFinished { before: Millis },
     StartStep { fence: Fence, step: StepStart },
     FinishStep { fence: Fence, end: StepEnd },
     FinishTask { fence: Fence, end: TaskEnd },
@@ -151,6 +152,17 @@ async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<Reply> {
             .await?;
             Ok(Reply::Count(done.rows_affected()))
         }
+        WriteOp::PruneFinished { before } => {
+            // Steps and events go with their task (ON DELETE CASCADE).
+            let done = sqlx::query(
+                "DELETE FROM tasks
+                  WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?",
+            )
+            .bind(before)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Reply::Count(done.rows_affected()))
+        }
         WriteOp::StartStep { fence, step } => start_step(conn, fence, step).await,
         WriteOp::FinishStep { fence, end } => finish_step(conn, fence, end).await,
         WriteOp::FinishTask { fence, end } => finish_task(conn, fence, end).await.map(Reply::Event),
@@ -175,8 +187,8 @@ async fn create_task(conn: &mut SqliteConnection, task: &NewTask) -> Result<Repl
     let row = sqlx::query(
         "INSERT INTO tasks (id, tenant, idempotency_key, priority, run_at, deadline_at, status,
                             goal, planner, llm, model, tools, options, max_steps, timeout_ms,
-                            created_at)
-         VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                            created_at, max_retries)
+         VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          RETURNING *",
     )
     .bind(&id)
@@ -194,6 +206,7 @@ async fn create_task(conn: &mut SqliteConnection, task: &NewTask) -> Result<Repl
     .bind(task.max_steps as i64)
     .bind(task.timeout.as_millis() as i64)
     .bind(now)
+    .bind(task.max_retries as i64)
     .fetch_one(&mut *conn)
     .await?;
     let record = task_from_row(&row)?;
@@ -513,6 +526,7 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord> {
         })?,
         options: parse_json(&options, "task options")?,
         max_steps: row.try_get::<i64, _>("max_steps")? as u32,
+        max_retries: row.try_get::<i64, _>("max_retries")? as u32,
         timeout_ms: row.try_get("timeout_ms")?,
         result: row.try_get("result")?,
         error: error_from_row(row)?,
@@ -599,6 +613,13 @@ impl Store for SqliteStore {
             .fetch_optional(&self.reads)
             .await?;
         row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn prune_finished(&self, before: Millis) -> Result<u64> {
+        match self.write(WriteOp::PruneFinished { before }).await? {
+            Reply::Count(n) => Ok(n),
+            _ => unreachable!("prune answers Count"),
+        }
     }
 
     async fn count_active(&self, tenant: &str) -> Result<u64> {
