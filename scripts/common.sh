@@ -31,3 +31,23 @@ install_plugins() {
         cp "$repo_root/plugins/$name/$name.toml" "$dir/$name.toml"
     done
 }
+
+# Starts the machine's Postgres cluster if nothing answers on 127.0.0.1:5432.
+ensure_postgres() {
+    if (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+        return
+    fi
+    echo "==> starting Postgres"
+    if ! command -v pg_ctlcluster >/dev/null; then
+        echo "Postgres is not answering on 127.0.0.1:5432 and pg_ctlcluster is not installed;" >&2
+        echo "start a server there (trust auth, database test) or set OPSPAWN_TEST_POSTGRES_URL." >&2
+        exit 1
+    fi
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
+    for _ in $(seq 1 30); do
+        (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && return
+        sleep 1
+    done
+    echo "Postgres did not start listening on 127.0.0.1:5432" >&2
+    exit 1
+}

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The test suite: unit tests, the plugins' own tests, and the end-to-end
-# tests against real server processes, on SQLite and on Postgres.
+# The test suite: the plugins' own tests, the host's unit tests, and the
+# end-to-end tests against real server processes, on SQLite and on Postgres.
+#
+# Postgres: OPSPAWN_TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/test);
+# a local cluster that does not answer is started. Each test uses its own schema.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$repo_root"
@@ -12,3 +15,7 @@ cargo test --release --manifest-path plugins/Cargo.toml --target-dir "$plugin_ta
 
 echo "==> host unit tests and end-to-end tests on SQLite"
 cargo test --release --workspace
+
+echo "==> end-to-end tests on Postgres"
+ensure_postgres
+OPSPAWN_TEST_DATABASE=postgres cargo test --release -p opspawn --test integration
