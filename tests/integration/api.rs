@@ -417,3 +417,29 @@ async fn cancel_of_a_queued_task_takes_effect_at_once() {
         "a cancelled queued task never runs: {task:#}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_input_is_checked_against_its_schema_before_the_call() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let id = client
+        .submit(&json!({
+            "goal": "Misuse the calculator",
+            "tools": ["calculator"],
+            "max_retries": 0,
+            "options": {"llm": {"script": [
+                {"tool_calls": [{"name": "calculator", "arguments": {"expr": "1+1"}}]},
+                {"content": "Final Answer: oops"}
+            ]}}
+        }))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    let step = &steps(&task)[1];
+    assert_eq!(step["error"]["code"], "invalid_tool_input", "{step:#}");
+    let message = step["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("expression"),
+        "the message says what is missing: {message}"
+    );
+}

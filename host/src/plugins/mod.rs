@@ -182,6 +182,24 @@ impl PluginRuntime {
                 detail: "the arguments must be a JSON object".into(),
             });
         }
+        // Checked here, against the schema the tool published, so a tool
+        // never sees input its schema rules out.
+        if let Some(validator) = plugin.validators.get(tool) {
+            let problems: Vec<String> = validator
+                .iter_errors(input)
+                .take(5)
+                .map(|e| match e.instance_path().to_string() {
+                    path if path.is_empty() => e.to_string(),
+                    path => format!("{path}: {e}"),
+                })
+                .collect();
+            if !problems.is_empty() {
+                return Err(CallError::InvalidInput {
+                    tool: tool.to_owned(),
+                    detail: problems.join("; "),
+                });
+            }
+        }
         let wit_context = convert::context_to_wit(context);
         let input = input.to_string();
         let mut store = self.new_store(&plugin, None)?;

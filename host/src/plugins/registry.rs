@@ -93,6 +93,8 @@ pub(super) enum Entry {
 pub(super) struct Plugin {
     pub info: PluginInfo,
     pub entry: Entry,
+    /// Compiled input schemas of the plugin's tools, by tool name.
+    pub validators: BTreeMap<String, Arc<jsonschema::Validator>>,
     /// Hash of the manifest's bytes, to notice when only the manifest changed.
     manifest_sha256: Option<String>,
 }
@@ -317,10 +319,19 @@ impl PluginRuntime {
                 refused,
             },
             entry,
+            validators: BTreeMap::new(),
             manifest_sha256,
         };
         if kind == PluginKind::Tool {
             plugin.info.tools = self.describe(&plugin).await?;
+            for spec in &plugin.info.tools {
+                let validator = jsonschema::validator_for(&spec.input_schema).map_err(|e| {
+                    format!("tool {:?} has an invalid input schema: {e}", spec.name)
+                })?;
+                plugin
+                    .validators
+                    .insert(spec.name.clone(), Arc::new(validator));
+            }
         }
         Ok(plugin)
     }
