@@ -553,18 +553,30 @@ async fn a_transient_failure_is_retried(provider: Provider, model: &str) {
     }
 }
 
-/// (f) The real API, when asked for: `OPSPAWN_LIVE_TESTS=1` and the key set.
-/// The model is `OPSPAWN_LIVE_<PROVIDER>_MODEL` or a small default; the base
-/// URL the provider's variable or the adapter's default.
+/// (f) The real API, when asked for: `OPSPAWN_LIVE_TESTS=1` and the key set
+/// (for an OpenAI-compatible server, its key or its base URL). Only this
+/// process's environment counts: the mocks' test keys go to their servers
+/// only. The model is `OPSPAWN_LIVE_<PROVIDER>_MODEL` (`OPENAI`,
+/// `OPENROUTER`, `OPENAI_COMPATIBLE`, `ANTHROPIC`, `GEMINI`) or a small
+/// default; the base URL the provider's variable or the adapter's default.
 async fn live_react_task(provider: Provider) {
-    let key = std::env::var(provider.key_var()).unwrap_or_default();
-    if std::env::var("OPSPAWN_LIVE_TESTS").as_deref() != Ok("1") || key.is_empty() {
+    let set = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    let key = set(provider.key_var());
+    let (configured, needed) = match provider {
+        // A local server (Ollama, vLLM) may need no key: its URL is enough.
+        Provider::OpenAiCompatible => (
+            key.is_some() || set(provider.base_url_var()).is_some(),
+            format!("{} or {}", provider.base_url_var(), provider.key_var()),
+        ),
+        _ => (key.is_some(), provider.key_var().to_owned()),
+    };
+    if set("OPSPAWN_LIVE_TESTS").as_deref() != Some("1") || !configured {
         eprintln!(
-            "skipped: set OPSPAWN_LIVE_TESTS=1 and {} to run against the real {provider} API",
-            provider.key_var()
+            "skipped: set OPSPAWN_LIVE_TESTS=1 and {needed} to run against the real {provider} API"
         );
         return;
     }
+    let key = key.unwrap_or_else(|| "unused".to_owned());
     let model_var = format!(
         "OPSPAWN_LIVE_{}_MODEL",
         provider.plugin().to_uppercase().replace('-', "_")
