@@ -251,5 +251,5 @@ async fn priorities_start_times_and_deadlines_are_honoured() {
     );
     let done = client.wait_until_finished(&later, FINISH).await.unwrap();
     assert_eq!(done["status"], "succeeded");
-    assert!(started(&done) >= done["run_at"].as_str().unwrap().to_owned());
+    assert!(started(&done).as_str() >= done["run_at"].as_str().unwrap());
 }
