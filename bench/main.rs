@@ -31,6 +31,7 @@ use anyhow::{Context, anyhow, bail};
 use futures::{StreamExt, TryStreamExt};
 use opspawn::plugins::bindings::tool::ToolPre;
 use opspawn::plugins::bindings::types;
+use opspawn::plugins::policy::OperatorPolicy;
 use opspawn::plugins::{EngineOptions, Limits, PluginRuntime, RuntimeOptions};
 use opspawn::protocol::CallContext;
 use opspawn_testkit::{Client, PluginFolder, Server, StatusCode};
@@ -450,6 +451,7 @@ async fn time_host(calls: usize) -> anyhow::Result<Samples> {
         plugin_dir: folder.path().to_owned(),
         cache_dir: None,
         default_limits: Limits::default(),
+        policy: OperatorPolicy::default(),
         engine: EngineOptions::default(),
     })?;
     runtime.scan().await?;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::Shared;
 use crate::events::LiveEvent;
@@ -74,9 +75,14 @@ impl Run {
         }
     }
 
-    pub async fn run(mut self) {
+    pub async fn run(self) {
         let span = tracing::info_span!("task", id = %self.task.id, attempt = self.fence.attempt);
-        let _enter = span.enter();
+        // Instrument the future rather than holding an entered span across
+        // awaits, which would leak the span into other tasks on this thread.
+        self.run_in_span().instrument(span).await
+    }
+
+    async fn run_in_span(mut self) {
         let end = match self.drive().await {
             Ok(end) => end,
             Err(Interrupted::ClaimLost) => {
