@@ -5,6 +5,7 @@
 mod api;
 mod crash;
 mod durability;
+mod network;
 mod plugins;
 mod providers;
 mod sandbox;

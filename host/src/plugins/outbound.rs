@@ -4,24 +4,28 @@
 //! to an address the grant allows: a name that resolves to a loopback,
 //! private, link-local or otherwise non-public address is refused unless the
 //! grant names that address literally (`http://127.0.0.1:*`) or is for
-//! `localhost`. Plain-HTTP requests are then sent to the very address that
-//! was checked, so a second DNS answer cannot redirect them; HTTPS requests
-//! are bound to the checked name by certificate verification. Redirects are
-//! not followed by the host: a plugin that follows one makes a new request,
-//! which is checked again.
+//! `localhost`; a name is refused if any of its addresses is refused.
+//! Redirects are not followed by the host: a plugin that follows one makes a
+//! new request, which is checked again.
+//!
+//! Every request, plain or TLS, is sent to the very address that was checked:
+//! a second DNS answer cannot move it, and a name with both a public and a
+//! private address cannot smuggle a connection to the private one.
 //!
 //! Credentials are added here, to requests bound for the host they are
 //! granted for, so a plugin never holds a key and cannot send one elsewhere.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::Uri;
 use hyper::http::{HeaderName, HeaderValue};
-use wasmtime_wasi_http::{
-    Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks, default_send_request,
-};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use wasmtime_wasi_http::io::TokioIo;
+use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 /// One grant: `scheme://host[:port]`, where host may be `*.example.com` (any
 /// subdomain) or `*` (any public host) and port may be `*`.
@@ -178,12 +182,13 @@ impl OutboundPolicy {
         let allowed = |addr: &SocketAddr| {
             is_public(addr.ip()) || matching.iter().any(|grant| grant.names_address(addr.ip()))
         };
-        match addresses.iter().find(|addr| allowed(addr)) {
-            Some(addr) => Ok(*addr),
-            None => {
+        match addresses.first() {
+            Some(first) if addresses.iter().all(allowed) => Ok(*first),
+            Some(_) => {
                 tracing::warn!(%host, ?addresses, "outbound request denied: non-public address");
                 Err(HttpError::DestinationIpProhibited)
             }
+            None => Err(HttpError::DestinationNotFound),
         }
     }
 }
@@ -216,7 +221,12 @@ impl WasiHttpHooks for PolicyHooks {
             let uri = request.uri().clone();
             let address = policy.check(&uri).await?;
             let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
-            let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase();
             let port = uri.port_u16().unwrap_or_else(|| default_port(&scheme));
             for credential in &policy.credentials {
                 if credential.host.matches(&scheme, &host, port) {
@@ -229,20 +239,105 @@ impl WasiHttpHooks for PolicyHooks {
                     }
                 }
             }
-            if scheme == "http" {
-                // Connect to the address that was checked, not a fresh lookup.
-                let path = uri.path_and_query().map_or("/", |p| p.as_str());
-                *request.uri_mut() = format!("http://{address}{path}")
-                    .parse()
-                    .map_err(|_| HttpError::HttpRequestUriInvalid)?;
-            }
-            let (response, io) = default_send_request(request, options).await?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-            ))
+            send_to(address, &host, scheme == "https", request, options).await
         })
     }
+}
+
+type ConnectionDone = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
+
+/// Sends a request over a new connection to `address`, with TLS for
+/// `server_name` if asked: the connection goes exactly where the policy
+/// looked, whatever DNS says now.
+async fn send_to(
+    address: SocketAddr,
+    server_name: &str,
+    tls: bool,
+    mut request: hyper::Request<WasiBody>,
+    options: Option<RequestOptions>,
+) -> Result<(hyper::Response<WasiBody>, ConnectionDone), HttpError> {
+    let connect_timeout = options
+        .and_then(|o| o.connect_timeout)
+        .unwrap_or(Duration::from_secs(30));
+    let first_byte_timeout = options
+        .and_then(|o| o.first_byte_timeout)
+        .unwrap_or(Duration::from_secs(600));
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| HttpError::ConnectionTimeout)?
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => HttpError::ConnectionRefused,
+            _ => HttpError::Connect(e),
+        })?;
+    // On the wire the request line carries only the path; the Host header
+    // (set by wasi:http from the URI) names the server.
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    *request.uri_mut() = path.parse().map_err(|_| HttpError::HttpRequestUriInvalid)?;
+
+    let handshake = async {
+        if tls {
+            let name = ServerName::try_from(server_name.to_owned())?;
+            let stream = tls_connector()
+                .connect(name, tcp)
+                .await
+                .map_err(HttpError::Tls)?;
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            Ok::<_, HttpError>((sender, drive(connection)))
+        } else {
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            Ok((sender, drive(connection)))
+        }
+    };
+    let (mut sender, connection) = tokio::time::timeout(connect_timeout, handshake)
+        .await
+        .map_err(|_| HttpError::ConnectionTimeout)??;
+    let response = tokio::time::timeout(first_byte_timeout, sender.send_request(request))
+        .await
+        .map_err(|_| HttpError::ConnectionReadTimeout)??;
+    Ok((
+        response.map(|body| body.map_err(HttpError::from).boxed_unsync()),
+        connection,
+    ))
+}
+
+/// Runs a connection in the background; the returned future reports how it
+/// ended.
+fn drive<C>(connection: C) -> ConnectionDone
+where
+    C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    let task = tokio::spawn(connection);
+    Box::new(async move {
+        match task.await {
+            Ok(result) => result.map_err(HttpError::from),
+            Err(_) => Err(HttpError::ConnectionTerminated),
+        }
+    })
+}
+
+/// TLS with the Mozilla root certificates, built once.
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.into(),
+        };
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Arc::new(config)
+    });
+    tokio_rustls::TlsConnector::from(config.clone())
 }
 
 /// Whether an address is on the public internet.
