@@ -268,24 +268,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Plugins(PluginsCommand::List { client }) => {
             let list = send(http().get(format!("{}/v1/plugins", client.base_url()))).await?;
             for plugin in list["plugins"].as_array().into_iter().flatten() {
-                let tools: Vec<&str> = plugin["tools"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|t| t["name"].as_str())
-                    .collect();
-                println!(
-                    "{:<14} {:<11} wit {}  sha256 {}  {}",
-                    plugin["name"].as_str().unwrap_or_default(),
-                    plugin["kind"].as_str().unwrap_or_default(),
-                    plugin["wit_version"].as_str().unwrap_or_default(),
-                    &plugin["sha256"].as_str().unwrap_or_default()[..12],
-                    if tools.is_empty() {
-                        String::new()
-                    } else {
-                        format!("tools: {}", tools.join(", "))
-                    },
-                );
+                print_plugin(plugin);
             }
             for failure in list["failures"].as_array().into_iter().flatten() {
                 println!(
@@ -300,6 +283,76 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
 }
 
 /// The API client; sends `OPSPAWN_TOKEN` as a bearer token when set.
+/// One plugin: what it is, and what it was granted.
+fn print_plugin(plugin: &Value) {
+    let names = |list: &Value, key: &str| -> Vec<String> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|item| match key {
+                "" => item.as_str().map(str::to_owned),
+                key => item[key].as_str().map(str::to_owned),
+            })
+            .collect()
+    };
+    println!(
+        "{:<18} {:<11} wit {}  sha256 {}",
+        plugin["name"].as_str().unwrap_or_default(),
+        plugin["kind"].as_str().unwrap_or_default(),
+        plugin["wit_version"].as_str().unwrap_or_default(),
+        &plugin["sha256"].as_str().unwrap_or_default()[..12],
+    );
+    let tools = names(&plugin["tools"], "name");
+    if !tools.is_empty() {
+        println!("    tools:    {}", tools.join(", "));
+    }
+    let limits = &plugin["limits"];
+    println!(
+        "    limits:   {} MiB, {} per call, {} bytes of output",
+        limits["memory_bytes"].as_u64().unwrap_or_default() >> 20,
+        limits["call_timeout"].as_str().unwrap_or_default(),
+        limits["max_output_bytes"]
+    );
+    let grants = &plugin["grants"];
+    let mut granted = Vec::new();
+    let hosts = names(&grants["outbound_hosts"], "");
+    if !hosts.is_empty() {
+        granted.push(format!("network {}", hosts.join(" ")));
+    }
+    let env = names(&grants["env"], "");
+    if !env.is_empty() {
+        granted.push(format!("env {}", env.join(" ")));
+    }
+    for dir in grants["dirs"].as_array().into_iter().flatten() {
+        granted.push(format!(
+            "folder {} as {} ({})",
+            dir["host_path"].as_str().unwrap_or_default(),
+            dir["guest_path"].as_str().unwrap_or_default(),
+            if dir["writable"] == true {
+                "read-write"
+            } else {
+                "read-only"
+            }
+        ));
+    }
+    for credential in grants["credentials"].as_array().into_iter().flatten() {
+        granted.push(format!(
+            "credential {} for {} from {}",
+            credential["header"].as_str().unwrap_or_default(),
+            credential["host"].as_str().unwrap_or_default(),
+            names(&credential["variables"], "").join(" ")
+        ));
+    }
+    if granted.is_empty() {
+        granted.push("nothing".into());
+    }
+    println!("    granted:  {}", granted.join("; "));
+    let refused = names(&plugin["refused"], "");
+    if !refused.is_empty() {
+        println!("    refused:  {}", refused.join("; "));
+    }
+}
+
 fn http() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Ok(token) = std::env::var("OPSPAWN_TOKEN")

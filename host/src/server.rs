@@ -107,11 +107,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
-    println!(
-        "data in {} (store: {database_url})",
-        config.data_dir.display()
-    );
-    println!("opspawn listening on http://{addr}");
     if !auth_enabled && !addr.ip().is_loopback() {
         eprintln!(
             "WARNING: listening on {addr}, reachable from other machines, with authentication \
@@ -120,6 +115,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
         tracing::warn!(%addr, "listening on a non-loopback address without authentication");
     }
+    println!(
+        "data in {} (store: {database_url})",
+        config.data_dir.display()
+    );
+    println!("opspawn listening on http://{addr}");
 
     axum::serve(listener, api::app(state, config.max_body_bytes))
         .with_graceful_shutdown(shutdown_signal())

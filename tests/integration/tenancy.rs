@@ -253,3 +253,18 @@ async fn priorities_start_times_and_deadlines_are_honoured() {
     assert_eq!(done["status"], "succeeded");
     assert!(started(&done).as_str() >= done["run_at"].as_str().unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listening_beyond_loopback_without_tokens_warns_loudly() {
+    let harness = Harness::start_with(&[("OPSPAWN_ADDR", "0.0.0.0:0")]);
+    let log = harness.server.log();
+    assert!(
+        log.contains("WARNING") && log.contains("authentication OFF"),
+        "no warning in: {log}"
+    );
+    let quiet = Harness::start();
+    assert!(
+        !quiet.server.log().contains("authentication OFF"),
+        "loopback needs no warning"
+    );
+}
