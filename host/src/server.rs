@@ -59,7 +59,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             format!(" (tools: {})", tools.join(", "))
         };
         println!(
-            "  loaded  {:<12} {:<11} {}{offers}",
+            "  loaded  {:<18} {:<11} {}{offers}",
             plugin.name,
             plugin.kind,
             &plugin.sha256[..12]
