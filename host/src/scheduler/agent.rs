@@ -303,6 +303,7 @@ impl Run {
                 && self.retries_used < self.task.max_retries
                 && delay < self.remaining()
                 && !self.cancel.is_cancelled()
+                && !self.lost.is_cancelled()
                 && !self.shared.shutdown.is_cancelled();
             if !may_retry {
                 break (attempt.output, attempt.usage);
@@ -318,6 +319,10 @@ impl Run {
                 "retrying a step that failed with a transient error"
             );
             tokio::time::sleep(delay).await;
+            if self.lost.is_cancelled() {
+                // Another worker owns the task now; it will run this step.
+                return Err(Interrupted::ClaimLost);
+            }
         };
         let task_end = match &output {
             Err(error) if error.code == "task_timeout" => Some(self.timed_out()),
