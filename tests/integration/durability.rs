@@ -154,4 +154,71 @@ async fn finished_tasks_are_pruned_after_their_retention() {
     }
     let (_, list) = client.get("/v1/tasks").await.unwrap();
     assert!(list["tasks"].as_array().unwrap().is_empty(), "{list}");
+    if std::env::var("OPSPAWN_TEST_DATABASE").as_deref() != Ok("postgres") {
+        let url = format!(
+            "sqlite://{}",
+            harness.server.data_dir.join("opspawn.db").display()
+        );
+        let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let (payloads,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM payloads")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+        assert_eq!(payloads, 0, "the pruned task's payload went with it");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_step_payloads_are_stored_out_of_line_and_read_back_whole() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let id = client
+        .submit(&crate::misbehaving_task(
+            "big_output",
+            json!({"bytes": 40_000}),
+        ))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    let step = &steps(&task)[1];
+    assert_eq!(step["status"], "succeeded", "{step:#}");
+    assert_eq!(
+        step["output"].as_str().map(str::len),
+        Some(40_000),
+        "read back whole"
+    );
+
+    let events = client.events(&id, None, FINISH).await.unwrap();
+    let finished = events
+        .iter()
+        .find(|e| e.event == "step.finished" && e.data["data"]["seq"] == 2)
+        .unwrap();
+    assert_eq!(
+        finished.data["data"]["output"]["out_of_line"], true,
+        "events stay small"
+    );
+
+    if std::env::var("OPSPAWN_TEST_DATABASE").as_deref() != Ok("postgres") {
+        let url = format!(
+            "sqlite://{}",
+            harness.server.data_dir.join("opspawn.db").display()
+        );
+        let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let (inline, reference): (String, Option<String>) =
+            sqlx::query_as("SELECT output, output_ref FROM steps WHERE task_id = ? AND seq = 2")
+                .bind(&id)
+                .fetch_one(&mut db)
+                .await
+                .unwrap();
+        assert_eq!(inline, "null", "the steps table keeps no copy");
+        assert_eq!(
+            reference.map(|r| r.len()),
+            Some(64),
+            "a SHA-256 names the payload"
+        );
+    }
 }

@@ -409,6 +409,29 @@ pub async fn open(database_url: &str) -> Result<std::sync::Arc<dyn Store>> {
     }
 }
 
+/// Step inputs and outputs whose JSON is longer than this are stored out of
+/// line (in `payloads`, by content hash) and left out of step events.
+pub const INLINE_PAYLOAD_BYTES: usize = 16 * 1024;
+
+/// The SHA-256 a payload is stored under, if it is too big to keep inline.
+fn out_of_line_key(text: &str) -> Option<String> {
+    use sha2::Digest;
+    (text.len() > INLINE_PAYLOAD_BYTES).then(|| hex::encode(sha2::Sha256::digest(text.as_bytes())))
+}
+
+/// A step as its events carry it: a payload stored out of line is replaced by
+/// a note of its size (`GET /v1/tasks/{id}` has it whole).
+fn step_event_data(step: &StepRecord) -> Value {
+    let mut data = serde_json::json!(step);
+    for field in ["input", "output"] {
+        let size = data[field].to_string().len();
+        if size > INLINE_PAYLOAD_BYTES {
+            data[field] = serde_json::json!({"out_of_line": true, "bytes": size});
+        }
+    }
+    data
+}
+
 fn parse_json(text: &str, what: &'static str) -> Result<Value> {
     serde_json::from_str(text).map_err(|source| StoreError::Corrupt { what, source })
 }

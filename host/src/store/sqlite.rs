@@ -22,9 +22,20 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, Result,
     StepEnd, StepKind, StepRecord, StepStart, StepStatus, Store, StoreError, TaskEnd, TaskPage,
-    TaskQuery, TaskRecord, TaskStatus, event_kind, now_millis, parse_json,
+    TaskQuery, TaskRecord, TaskStatus, event_kind, now_millis, parse_json, step_event_data,
 };
 use crate::protocol::Usage;
+
+/// Steps with their out-of-line payloads joined in (a macro, so queries
+/// built from it stay static strings).
+macro_rules! steps_with_payloads {
+    () => {
+        "SELECT s.*, pi.body AS input_body, po.body AS output_body
+           FROM steps s
+           LEFT JOIN payloads pi ON pi.sha256 = s.input_ref
+           LEFT JOIN payloads po ON po.sha256 = s.output_ref"
+    };
+}
 
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
@@ -161,6 +172,9 @@ async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<Reply> {
             .bind(before)
             .execute(&mut *conn)
             .await?;
+            sqlx::query(PRUNE_ORPHAN_PAYLOADS)
+                .execute(&mut *conn)
+                .await?;
             Ok(Reply::Count(done.rows_affected()))
         }
         WriteOp::StartStep { fence, step } => start_step(conn, fence, step).await,
@@ -303,14 +317,23 @@ async fn renew(conn: &mut SqliteConnection, fence: &Fence, lease: Duration) -> R
 
 async fn start_step(conn: &mut SqliteConnection, fence: &Fence, step: &StepStart) -> Result<Reply> {
     check_fence(conn, fence).await?;
+    let input_text = step.input.to_string();
+    let input_ref = spill(conn, &input_text).await?;
+    let stored_input = if input_ref.is_some() {
+        "null"
+    } else {
+        &input_text
+    };
     // A step still marked running was in flight when an earlier claim died:
     // it runs again under the same sequence number (and idempotency key).
     let row = sqlx::query(
-        "INSERT INTO steps (task_id, seq, kind, plugin, status, input, attempt, started_at)
-         VALUES (?, ?, ?, ?, 'running', ?, ?, ?)
+        "INSERT INTO steps (task_id, seq, kind, plugin, status, input, input_ref, attempt,
+                            started_at)
+         VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)
          ON CONFLICT (task_id, seq) DO UPDATE
             SET kind = excluded.kind, plugin = excluded.plugin, input = excluded.input,
-                attempt = excluded.attempt, started_at = excluded.started_at
+                input_ref = excluded.input_ref, attempt = excluded.attempt,
+                started_at = excluded.started_at
           WHERE steps.status = 'running'
          RETURNING *",
     )
@@ -318,7 +341,8 @@ async fn start_step(conn: &mut SqliteConnection, fence: &Fence, step: &StepStart
     .bind(step.seq as i64)
     .bind(step.kind.as_str())
     .bind(&step.plugin)
-    .bind(step.input.to_string())
+    .bind(stored_input)
+    .bind(&input_ref)
     .bind(fence.attempt)
     .bind(now_millis())
     .fetch_optional(&mut *conn)
@@ -329,12 +353,13 @@ async fn start_step(conn: &mut SqliteConnection, fence: &Fence, step: &StepStart
             step.seq, fence.task_id
         )));
     };
-    let record = step_from_row(&row)?;
+    let mut record = step_from_row(&row)?;
+    record.input = step.input.clone();
     let event = append_event(
         conn,
         &fence.task_id,
         event_kind::STEP_STARTED,
-        json!(record),
+        step_event_data(&record),
     )
     .await?;
     Ok(Reply::Step(record, event))
@@ -346,15 +371,25 @@ async fn finish_step(conn: &mut SqliteConnection, fence: &Fence, end: &StepEnd) 
         Ok(output) => (StepStatus::Succeeded, Some(output.to_string()), None),
         Err(error) => (StepStatus::Failed, None, Some(error)),
     };
+    let output_ref = match &output {
+        Some(text) => spill(conn, text).await?,
+        None => None,
+    };
+    let stored_output = if output_ref.is_some() {
+        Some("null".to_owned())
+    } else {
+        output
+    };
     let row = sqlx::query(
         "UPDATE steps
-            SET status = ?, output = ?, error_code = ?, error_message = ?,
+            SET status = ?, output = ?, output_ref = ?, error_code = ?, error_message = ?,
                 input_tokens = ?, output_tokens = ?, finished_at = ?
           WHERE task_id = ? AND seq = ? AND status = 'running'
-         RETURNING *",
+         RETURNING seq",
     )
     .bind(status.as_str())
-    .bind(output)
+    .bind(stored_output)
+    .bind(&output_ref)
     .bind(error.map(|e| &e.code))
     .bind(error.map(|e| &e.message))
     .bind(end.usage.map(|u| u.input_tokens as i64))
@@ -364,12 +399,12 @@ async fn finish_step(conn: &mut SqliteConnection, fence: &Fence, end: &StepEnd) 
     .bind(end.seq as i64)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some(row) = row else {
+    if row.is_none() {
         return Err(StoreError::Config(format!(
             "step {} of task {} is not running",
             end.seq, fence.task_id
         )));
-    };
+    }
     if let Some(usage) = end.usage {
         sqlx::query(
             "UPDATE tasks SET input_tokens = input_tokens + ?, output_tokens = output_tokens + ?
@@ -381,12 +416,12 @@ async fn finish_step(conn: &mut SqliteConnection, fence: &Fence, end: &StepEnd) 
         .execute(&mut *conn)
         .await?;
     }
-    let record = step_from_row(&row)?;
+    let record = load_step(&mut *conn, &fence.task_id, end.seq).await?;
     let event = append_event(
         conn,
         &fence.task_id,
         event_kind::STEP_FINISHED,
-        json!(record),
+        step_event_data(&record),
     )
     .await?;
     Ok(Reply::Step(record, event))
@@ -497,11 +532,46 @@ async fn load_steps<'c, E>(executor: E, task_id: &str) -> Result<Vec<StepRecord>
 where
     E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
 {
-    let rows = sqlx::query("SELECT * FROM steps WHERE task_id = ? ORDER BY seq")
-        .bind(task_id)
-        .fetch_all(executor)
-        .await?;
+    let rows = sqlx::query(concat!(
+        steps_with_payloads!(),
+        " WHERE s.task_id = ? ORDER BY s.seq"
+    ))
+    .bind(task_id)
+    .fetch_all(executor)
+    .await?;
     rows.iter().map(step_from_row).collect()
+}
+
+/// Payloads no step refers to any more (their tasks were pruned).
+const PRUNE_ORPHAN_PAYLOADS: &str = "DELETE FROM payloads
+      WHERE NOT EXISTS (SELECT 1 FROM steps WHERE input_ref = payloads.sha256)
+        AND NOT EXISTS (SELECT 1 FROM steps WHERE output_ref = payloads.sha256)";
+
+async fn load_step(conn: &mut SqliteConnection, task_id: &str, seq: u32) -> Result<StepRecord> {
+    let row = sqlx::query(concat!(
+        steps_with_payloads!(),
+        " WHERE s.task_id = ? AND s.seq = ?"
+    ))
+    .bind(task_id)
+    .bind(seq as i64)
+    .fetch_one(&mut *conn)
+    .await?;
+    step_from_row(&row)
+}
+
+/// Stores a payload too big to keep inline; returns the key it is under.
+async fn spill(conn: &mut SqliteConnection, text: &str) -> Result<Option<String>> {
+    let Some(key) = super::out_of_line_key(text) else {
+        return Ok(None);
+    };
+    sqlx::query(
+        "INSERT INTO payloads (sha256, body) VALUES (?, ?) ON CONFLICT (sha256) DO NOTHING",
+    )
+    .bind(&key)
+    .bind(text)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(key))
 }
 
 fn task_from_row(row: &SqliteRow) -> Result<TaskRecord> {
@@ -554,8 +624,14 @@ fn step_from_row(row: &SqliteRow) -> Result<StepRecord> {
         kind: StepKind::parse(&kind).ok_or_else(|| corrupt_enum("step kind", &kind))?,
         plugin: row.try_get("plugin")?,
         status: StepStatus::parse(&status).ok_or_else(|| corrupt_enum("step status", &status))?,
-        input: parse_json(&input, "step input")?,
-        output: output.map(|o| parse_json(&o, "step output")).transpose()?,
+        input: match body(row, "input_body") {
+            Some(body) => parse_json(&body, "step input")?,
+            None => parse_json(&input, "step input")?,
+        },
+        output: match body(row, "output_body") {
+            Some(body) => Some(parse_json(&body, "step output")?),
+            None => output.map(|o| parse_json(&o, "step output")).transpose()?,
+        },
         error: error_from_row(row)?,
         usage: match (input_tokens, output_tokens) {
             (None, None) => None,
@@ -568,6 +644,11 @@ fn step_from_row(row: &SqliteRow) -> Result<StepRecord> {
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
     })
+}
+
+/// An out-of-line payload joined into the row, if any.
+fn body(row: &SqliteRow, column: &str) -> Option<String> {
+    row.try_get::<Option<String>, _>(column).ok().flatten()
 }
 
 fn error_from_row(row: &SqliteRow) -> Result<Option<ErrorInfo>> {
