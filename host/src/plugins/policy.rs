@@ -108,6 +108,22 @@ impl OperatorPolicy {
             }
             keep
         });
+        // A secret never becomes readable: a variable a credential draws
+        // from is not granted as plain environment, whatever the manifest says.
+        let secrets: Vec<String> = capabilities
+            .credentials
+            .iter()
+            .flat_map(|c| super::outbound::template_variables(&c.value))
+            .collect();
+        capabilities.env.retain(|name| {
+            let keep = !secrets.contains(name);
+            if !keep {
+                refused.push(format!(
+                    "environment variable {name} (it holds a credential)"
+                ));
+            }
+            keep
+        });
         let dirs_allowed = flag(|a| a.dirs);
         let writable_allowed = flag(|a| a.writable_dirs);
         capabilities.dirs.retain_mut(|dir| {
@@ -208,6 +224,21 @@ mod tests {
             ["A", "B"],
             "per-plugin rules stay with their plugin"
         );
+    }
+
+    #[test]
+    fn a_credential_variable_is_never_plain_environment() {
+        let mut manifest = manifest();
+        manifest.capabilities.env.push("OPENAI_API_KEY".into());
+        let (narrowed, _, refused) =
+            OperatorPolicy::default().narrow("p", &manifest, Limits::default());
+        assert_eq!(narrowed.capabilities.env, ["A", "B"]);
+        assert_eq!(
+            narrowed.capabilities.credentials.len(),
+            1,
+            "the credential stays"
+        );
+        assert!(refused[0].contains("OPENAI_API_KEY"), "{refused:?}");
     }
 
     #[test]
