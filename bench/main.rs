@@ -16,6 +16,23 @@
 //!    catalog lookup, its per-call store (WASI pipes, memory limiter, epoch
 //!    callback), the wall-clock guard, and JSON in and out.
 //!
+//! With `--postgres URL` (skipped otherwise), on that database:
+//!
+//! 3. **End-to-end throughput on Postgres**, as in 1, with 1 and then 3
+//!    `opspawn serve` processes sharing the database and one plugin folder.
+//!    Each run gets a fresh schema (`opspawn_schema=`), dropped afterwards.
+//!    The clients spread their submissions round-robin over the hosts' APIs;
+//!    a task runs on whichever host claims it first.
+//! 4. **Failover time.** Host A (4 workers) claims 4 slow tasks (scripted
+//!    LLM replies that take [`SLOW_REPLY_MS`] each); host B starts once A
+//!    holds them all; A is killed with SIGKILL. The time measured is from the
+//!    kill to each task's `task.started` event with attempt 2, which B
+//!    journals when it claims the task after A's lease has expired: so it is
+//!    the lease left at the kill plus the time B takes to notice. Each task
+//!    must then succeed on B. Three runs, each on a fresh schema.
+//!
+//! A run that is interrupted leaves its schemas (`bench_…`) behind.
+//!
 //! Timings are medians and upper percentiles, not means: on a shared machine
 //! a few samples land on a descheduled thread or a page fault, and they would
 //! drag a mean far from the typical cost.
@@ -25,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, anyhow, bail};
 use futures::{StreamExt, TryStreamExt};
@@ -36,13 +53,16 @@ use opspawn::plugins::{EngineOptions, Limits, PluginRuntime, RuntimeOptions};
 use opspawn::protocol::CallContext;
 use opspawn_testkit::{Client, PluginFolder, Server, StatusCode};
 use serde_json::{Value, json};
+use sqlx::Connection;
 use tokio::sync::watch;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-const USAGE: &str =
-    "usage: opspawn-bench [--tasks N (300)] [--concurrency C (16)] [--calls N (2000)]";
+const USAGE: &str = "usage: opspawn-bench [--tasks N (300)] [--concurrency C (16)] [--calls N (2000)] \
+     [--postgres URL (none: skip the Postgres sections)]";
+/// The database to suggest when the Postgres sections are skipped.
+const POSTGRES_EXAMPLE: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// Tasks run before the measured ones, to load plugins and warm caches.
 const WARM_UP_TASKS: usize = 5;
@@ -57,6 +77,19 @@ const WARM_UP_CALLS: usize = 200;
 /// The input of every timed tool call, and its answer.
 const EXPRESSION: &str = "(2+3)*4";
 const ANSWER: f64 = 20.0;
+/// The servers' log level: their default, not the testkit's debug level.
+const SERVER_LOG: (&str, &str) = ("OPSPAWN_LOG", "warn,opspawn=info");
+/// The numbers of hosts the Postgres throughput runs with.
+const HOST_COUNTS: [usize; 2] = [1, 3];
+/// How many times the failover is measured.
+const FAILOVER_RUNS: usize = 3;
+/// The slow tasks host A runs when it is killed: as many as its workers.
+const FAILOVER_TASKS: usize = 4;
+/// The lease of the hosts in the failover runs.
+const FAILOVER_LEASE: &str = "2s";
+/// How long each scripted LLM reply of a slow task takes. A slow task makes
+/// two, so it runs for twice this on A: long enough for B to start.
+const SLOW_REPLY_MS: u64 = 3000;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -71,14 +104,22 @@ async fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse()?;
-    let failed = end_to_end(&args).await?;
+    let mut failed = end_to_end(&args).await?;
+    let mut measured = args.tasks;
     println!();
     per_call(&args).await?;
+    println!();
+    match &args.postgres {
+        None => println!("Postgres sections skipped: pass --postgres {POSTGRES_EXAMPLE}"),
+        Some(url) => {
+            failed += postgres_throughput(&args, url).await?;
+            measured += args.tasks * HOST_COUNTS.len();
+            println!();
+            failover(url).await?;
+        }
+    }
     if failed > 0 {
-        bail!(
-            "{failed} of {} tasks did not succeed as expected",
-            args.tasks
-        );
+        bail!("{failed} of {measured} tasks did not succeed as expected");
     }
     Ok(())
 }
@@ -87,6 +128,8 @@ struct Args {
     tasks: usize,
     concurrency: usize,
     calls: usize,
+    /// The Postgres database for the Postgres sections; none skips them.
+    postgres: Option<String>,
 }
 
 impl Args {
@@ -95,6 +138,7 @@ impl Args {
             tasks: 300,
             concurrency: 16,
             calls: 2000,
+            postgres: None,
         };
         let mut argv = std::env::args().skip(1);
         while let Some(flag) = argv.next() {
@@ -102,6 +146,17 @@ impl Args {
                 "--tasks" => &mut args.tasks,
                 "--concurrency" => &mut args.concurrency,
                 "--calls" => &mut args.calls,
+                "--postgres" => {
+                    let url = argv.next().with_context(|| format!("{flag} needs a URL"))?;
+                    if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+                        bail!("{flag} {url:?} is not a postgres:// URL");
+                    }
+                    if url.contains("opspawn_schema=") {
+                        bail!("{flag}: leave opspawn_schema out, each run picks its own");
+                    }
+                    args.postgres = Some(url);
+                    continue;
+                }
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0);
@@ -140,28 +195,12 @@ async fn end_to_end(args: &Args) -> anyhow::Result<usize> {
     let plugins = PluginFolder::with_examples();
     let data = ScratchDir::new("data")?;
     // The testkit logs at debug level; measure the server's default instead.
-    let server = Server::start(
-        &binary,
-        data.path(),
-        plugins.path(),
-        &[("OPSPAWN_LOG", "warn,opspawn=info")],
-    )?;
-    let client = server.client();
-    warm_up(&client).await?;
-
-    let started = Instant::now();
-    let submitted = run_clients(&client, args.tasks, args.concurrency).await?;
-    let wall = started.elapsed();
-
-    let mut latencies = Vec::new();
-    let mut failures = Vec::new();
-    for (task, expected) in fetch_all(&client, submitted).await? {
-        match check_task(&task, expected.answer) {
-            Ok(latency) => latencies.push(latency),
-            Err(why) => failures.push(format!("{}: {why}", expected.id)),
-        }
-    }
-    let latencies = Samples::new(latencies);
+    let server = Server::start(&binary, data.path(), plugins.path(), &[SERVER_LOG])?;
+    let Throughput {
+        wall,
+        latencies,
+        failures,
+    } = throughput(&[server.client()], args).await?;
 
     println!("End to end: 3-step calculator tasks on SQLite, over REST");
     row("tasks", args.tasks.to_string());
@@ -181,6 +220,40 @@ async fn end_to_end(args: &Args) -> anyhow::Result<usize> {
     row("failed", failures.len().to_string());
     report_failures(&failures);
     Ok(failures.len())
+}
+
+/// What one throughput run measured.
+struct Throughput {
+    wall: Duration,
+    /// Of the tasks that succeeded.
+    latencies: Samples,
+    failures: Vec<String>,
+}
+
+/// Warms up every host, then runs `args.tasks` tasks from
+/// `args.concurrency` clients, submitting them round-robin to the hosts.
+async fn throughput(hosts: &[Client], args: &Args) -> anyhow::Result<Throughput> {
+    for client in hosts {
+        warm_up(client).await?;
+    }
+
+    let started = Instant::now();
+    let submitted = run_clients(hosts, args.tasks, args.concurrency).await?;
+    let wall = started.elapsed();
+
+    let mut latencies = Vec::new();
+    let mut failures = Vec::new();
+    for (task, expected) in fetch_all(&hosts[0], submitted).await? {
+        match check_task(&task, expected.answer) {
+            Ok(latency) => latencies.push(latency),
+            Err(why) => failures.push(format!("{}: {why}", expected.id)),
+        }
+    }
+    Ok(Throughput {
+        wall,
+        latencies: Samples::new(latencies),
+        failures,
+    })
 }
 
 /// The server binary built beside this one.
@@ -224,17 +297,20 @@ async fn warm_up(client: &Client) -> anyhow::Result<()> {
 }
 
 /// Runs `tasks` tasks from `concurrency` clients, each submitting a task and
-/// waiting for it to finish before taking the next.
+/// waiting for it to finish before taking the next. Task `n` is submitted to
+/// host `n % hosts.len()`; the hosts share one store, so the first one's
+/// task lists show every task.
 async fn run_clients(
-    client: &Client,
+    hosts: &[Client],
     tasks: usize,
     concurrency: usize,
 ) -> anyhow::Result<Vec<Submitted>> {
     let (polls, seen) = watch::channel(Arc::new(Poll::empty()));
-    let watcher = tokio::spawn(watch_in_flight(client.clone(), polls));
+    let watcher = tokio::spawn(watch_in_flight(hosts[0].clone(), polls));
     let next = Arc::new(AtomicUsize::new(0));
+    let hosts: Arc<[Client]> = hosts.into();
     let clients = (0..concurrency).map(|_| {
-        let client = client.clone();
+        let hosts = hosts.clone();
         let next = next.clone();
         let mut seen = seen.clone();
         tokio::spawn(async move {
@@ -245,7 +321,7 @@ async fn run_clients(
                     return anyhow::Ok(done);
                 }
                 let (body, answer) = calculator_task(n);
-                let id = client.submit(&body).await?;
+                let id = hosts[n % hosts.len()].submit(&body).await?;
                 wait_finished(&mut seen, &id, Instant::now()).await?;
                 done.push(Submitted { id, answer });
             }
@@ -570,6 +646,380 @@ async fn measure<T>(
         drop(output);
     }
     Ok(Samples::new(times))
+}
+
+// ---------------------------------------------------------------------------
+// 3. Throughput on Postgres
+
+/// Runs the end-to-end measurement on Postgres with each of [`HOST_COUNTS`]
+/// hosts, and returns how many tasks failed.
+async fn postgres_throughput(args: &Args, url: &str) -> anyhow::Result<usize> {
+    check_connection(url).await?;
+    let binary = server_binary()?;
+    let plugins = PluginFolder::with_examples();
+
+    println!(
+        "End to end on Postgres: 3-step calculator tasks over REST, hosts sharing one database \
+         (a fresh schema per run) and one plugin folder, tasks submitted round-robin to the hosts"
+    );
+    row("tasks", args.tasks.to_string());
+    row(
+        "concurrency",
+        format!("{} tasks in flight", args.concurrency),
+    );
+    println!(
+        "  {:<8}{:>12}{:>16}{:>12}{:>12}{:>8}",
+        "hosts", "wall time", "throughput", "p50", "p95", "failed"
+    );
+    let mut failed = 0;
+    for hosts in HOST_COUNTS {
+        let schema = Schema::new(url, &format!("throughput_{hosts}h"));
+        let measured = async {
+            let cluster = Cluster::start(&binary, plugins.path(), &schema, hosts, &[])?;
+            throughput(&cluster.clients(), args).await
+        }
+        .await;
+        let dropped = schema.drop_schema().await;
+        let Throughput {
+            wall,
+            latencies,
+            failures,
+        } = measured.with_context(|| format!("the run with {hosts} hosts"))?;
+        dropped?;
+        let (p50, p95) = if latencies.is_empty() {
+            ("-".to_owned(), "-".to_owned())
+        } else {
+            (
+                millis(latencies.percentile(0.50)),
+                millis(latencies.percentile(0.95)),
+            )
+        };
+        println!(
+            "  {hosts:<8}{:>12}{:>16}{p50:>12}{p95:>12}{:>8}",
+            format!("{:.2} s", wall.as_secs_f64()),
+            format!("{:.1} tasks/s", args.tasks as f64 / wall.as_secs_f64()),
+            failures.len()
+        );
+        report_failures(&failures);
+        failed += failures.len();
+    }
+    Ok(failed)
+}
+
+/// Connects to the database once, to fail early and plainly if it is not
+/// there.
+async fn check_connection(url: &str) -> anyhow::Result<()> {
+    let conn = sqlx::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// A schema of its own for one run, which the hosts' store creates. It must
+/// be dropped with [`Schema::drop_schema`] once the hosts are gone.
+struct Schema {
+    /// The database URL without the schema.
+    url: String,
+    name: String,
+}
+
+impl Schema {
+    fn new(url: &str, label: &str) -> Self {
+        let millis = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        Self {
+            url: url.to_owned(),
+            // [a-z0-9_]+, as the store requires, and under 63 bytes.
+            name: format!("bench_{}_{millis}_{label}", std::process::id()),
+        }
+    }
+
+    /// The URL the hosts use: the database, and this schema in it.
+    fn database_url(&self) -> String {
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        format!("{}{separator}opspawn_schema={}", self.url, self.name)
+    }
+
+    async fn drop_schema(&self) -> anyhow::Result<()> {
+        let mut conn = sqlx::PgConnection::connect(&self.url)
+            .await
+            .with_context(|| format!("connecting to {} to drop the schema", self.url))?;
+        // The name is ours: bench_, digits, a label of [a-z0-9_].
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await
+        .with_context(|| format!("dropping the schema {}", self.name))?;
+        conn.close().await?;
+        Ok(())
+    }
+}
+
+/// `opspawn serve` processes sharing one schema and one plugin folder, each
+/// with a data directory of its own.
+struct Cluster {
+    /// Declared first, so the servers are killed before their directories
+    /// are removed.
+    servers: Vec<Server>,
+    _data: Vec<ScratchDir>,
+}
+
+impl Cluster {
+    /// Starts `hosts` servers one after the other, each with `env` added.
+    fn start(
+        binary: &Path,
+        plugins: &Path,
+        schema: &Schema,
+        hosts: usize,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut cluster = Self {
+            servers: Vec::new(),
+            _data: Vec::new(),
+        };
+        for _ in 0..hosts {
+            cluster.add(binary, plugins, schema, env)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts one more server.
+    fn add(
+        &mut self,
+        binary: &Path,
+        plugins: &Path,
+        schema: &Schema,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<&mut Server> {
+        let url = schema.database_url();
+        let mut server_env = vec![SERVER_LOG, ("OPSPAWN_DATABASE_URL", url.as_str())];
+        server_env.extend_from_slice(env);
+        let label = format!("{}_host{}", schema.name, self.servers.len());
+        let data = ScratchDir::new(&label)?;
+        let server = Server::start(binary, data.path(), plugins, &server_env)
+            .with_context(|| format!("starting host {}", self.servers.len()))?;
+        self._data.push(data);
+        self.servers.push(server);
+        Ok(self.servers.last_mut().expect("just pushed"))
+    }
+
+    fn clients(&self) -> Vec<Client> {
+        self.servers.iter().map(Server::client).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 4. Failover
+
+/// Measures [`FAILOVER_RUNS`] times how long the tasks of a host killed with
+/// SIGKILL take to start again on another.
+async fn failover(url: &str) -> anyhow::Result<()> {
+    check_connection(url).await?;
+    let binary = server_binary()?;
+    let plugins = PluginFolder::with_examples();
+
+    println!(
+        "Failover on Postgres: host A runs {FAILOVER_TASKS} slow tasks, is killed with SIGKILL, \
+         host B takes them over"
+    );
+    row(
+        "lease",
+        format!("{FAILOVER_LEASE} (OPSPAWN_LEASE, both hosts)"),
+    );
+    row(
+        "hosts",
+        format!(
+            "A: OPSPAWN_WORKERS={FAILOVER_TASKS}; B: default workers, started once A holds the tasks"
+        ),
+    );
+    row(
+        "tasks",
+        format!("{FAILOVER_TASKS} x 3-step calculator, each LLM reply {SLOW_REPLY_MS} ms"),
+    );
+    // A renews its leases every third of the lease, so the lease left at
+    // the kill depends on where in that period the kill falls. B takes about
+    // as long to start every time, which would put every run's kill at the
+    // same point: wait a different fraction of the period in each run.
+    let renewal = humantime::parse_duration(FAILOVER_LEASE)? / 3;
+    row(
+        "kill",
+        format!(
+            "once B is up, plus (run - 1)/{FAILOVER_RUNS} of A's lease renewal period ({})",
+            millis(renewal)
+        ),
+    );
+    row(
+        "measured",
+        "kill -> task.started with attempt 2, per task".to_owned(),
+    );
+    let mut all = Vec::new();
+    for run in 1..=FAILOVER_RUNS {
+        let schema = Schema::new(url, &format!("failover_{run}"));
+        let wait = renewal * (run - 1) as u32 / FAILOVER_RUNS as u32;
+        let measured = failover_once(&binary, plugins.path(), &schema, wait).await;
+        let dropped = schema.drop_schema().await;
+        let Failover {
+            mut restarts,
+            lease_left,
+        } = measured.with_context(|| format!("failover run {run}"))?;
+        dropped?;
+        restarts.sort_unstable();
+        let list: Vec<String> = restarts.iter().map(|d| millis(*d)).collect();
+        let median = Samples::new(restarts.clone()).percentile(0.5);
+        row(
+            &format!("run {run}"),
+            format!(
+                "{}; median {}; kill +{}, lease left at the kill {}",
+                list.join(", "),
+                millis(median),
+                millis(wait),
+                span(&lease_left)
+            ),
+        );
+        all.extend(restarts);
+    }
+    let all = Samples::new(all);
+    row(
+        &format!("median of all {}", all.0.len()),
+        millis(all.percentile(0.5)),
+    );
+    row("slowest", millis(all.percentile(1.0)));
+    Ok(())
+}
+
+/// What one failover run measured.
+struct Failover {
+    /// Per task, from the kill to its `task.started` with attempt 2.
+    restarts: Vec<Duration>,
+    /// Per task, how long its lease still had to run at the kill.
+    lease_left: Vec<Duration>,
+}
+
+/// One failover: A claims the slow tasks, B starts, A is killed `wait`
+/// after B is up, B resumes the tasks and they succeed.
+async fn failover_once(
+    binary: &Path,
+    plugins: &Path,
+    schema: &Schema,
+    wait: Duration,
+) -> anyhow::Result<Failover> {
+    let lease = ("OPSPAWN_LEASE", FAILOVER_LEASE);
+    let workers = FAILOVER_TASKS.to_string();
+    let mut cluster = Cluster::start(
+        binary,
+        plugins,
+        schema,
+        1,
+        &[lease, ("OPSPAWN_WORKERS", workers.as_str())],
+    )?;
+    let host_a = cluster.servers[0].client();
+    let mut tasks = Vec::new();
+    for n in 0..FAILOVER_TASKS {
+        let (body, answer) = slow_task(n);
+        tasks.push((host_a.submit(&body).await?, answer));
+    }
+    for (id, _) in &tasks {
+        host_a
+            .wait_for(id, TASK_TIMEOUT, |task| {
+                task["status"] == "running" && task["attempt"] == 1
+            })
+            .await?;
+    }
+
+    let host_b = cluster.add(binary, plugins, schema, &[lease])?.client();
+    tokio::time::sleep(wait).await;
+    // A must still hold every task when it is killed, else there is nothing
+    // to take over.
+    for (id, _) in &tasks {
+        let task = host_b.task(id).await?;
+        if task["status"] != "running" || task["attempt"] != 1 {
+            bail!(
+                "task {id} is {} in attempt {} when A is to be killed, not running in attempt 1: \
+                 B took too long to start, raise SLOW_REPLY_MS",
+                task["status"],
+                task["attempt"]
+            );
+        }
+    }
+    let killed = SystemTime::now();
+    cluster.servers[0].kill9();
+    let lease_left = lease_left(schema, &tasks, killed).await?;
+
+    let mut restarts = Vec::new();
+    for (id, answer) in &tasks {
+        let task = host_b.wait_until_finished(id, TASK_TIMEOUT).await?;
+        check_task(&task, *answer).map_err(|why| anyhow!("task {id} on B: {why}"))?;
+        let events = host_b.events(id, None, TASK_TIMEOUT).await?;
+        let restart = events
+            .iter()
+            .map(|event| &event.data)
+            .find(|event| event["kind"] == "task.started" && event["data"]["attempt"] == 2)
+            .with_context(|| format!("task {id} has no task.started event with attempt 2"))?;
+        let at = timestamp(&restart["at"]).map_err(|why| anyhow!("task {id}: {why}"))?;
+        let after = at
+            .duration_since(killed)
+            .with_context(|| format!("task {id} started its attempt 2 before A was killed"))?;
+        restarts.push(after);
+    }
+    Ok(Failover {
+        restarts,
+        lease_left,
+    })
+}
+
+/// The three-step calculator task, each of whose LLM replies takes
+/// [`SLOW_REPLY_MS`].
+fn slow_task(n: usize) -> (Value, i64) {
+    let (mut body, answer) = calculator_task(n);
+    if let Some(script) = body["options"]["llm"]["script"].as_array_mut() {
+        for reply in script {
+            reply["delay_ms"] = json!(SLOW_REPLY_MS);
+        }
+    }
+    (body, answer)
+}
+
+/// How long the tasks' leases had left at `killed`, read from the store: A
+/// is dead, so nothing renews them any more.
+async fn lease_left(
+    schema: &Schema,
+    tasks: &[(String, i64)],
+    killed: SystemTime,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut conn = sqlx::PgConnection::connect(&schema.url).await?;
+    // The name is ours: bench_, digits, a label of [a-z0-9_].
+    let query = format!(
+        "SELECT lease_expires_at FROM \"{}\".tasks WHERE id = $1",
+        schema.name
+    );
+    let killed = killed.duration_since(std::time::UNIX_EPOCH)?;
+    let mut left = Vec::new();
+    for (id, _) in tasks {
+        let (expires,): (Option<i64>,) = sqlx::query_as(sqlx::AssertSqlSafe(query.clone()))
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await?;
+        // Running, so leased; B cannot have claimed it yet, with the lease
+        // still running.
+        let expires = Duration::from_millis(expires.unwrap_or_default().max(0) as u64);
+        left.push(expires.saturating_sub(killed));
+    }
+    conn.close().await?;
+    Ok(left)
+}
+
+/// `a-b ms`, the range of `times`.
+fn span(times: &[Duration]) -> String {
+    let ms = |d: &Duration| d.as_millis();
+    match (times.iter().min(), times.iter().max()) {
+        (Some(low), Some(high)) => format!("{}-{} ms", ms(low), ms(high)),
+        _ => "-".to_owned(),
+    }
 }
 
 // ---------------------------------------------------------------------------
