@@ -49,14 +49,14 @@ use futures::{StreamExt, TryStreamExt};
 use opspawn::plugins::bindings::tool::ToolPre;
 use opspawn::plugins::bindings::types;
 use opspawn::plugins::policy::OperatorPolicy;
-use opspawn::plugins::{EngineOptions, Limits, PluginRuntime, RuntimeOptions};
+use opspawn::plugins::{EngineOptions, Limits, PluginRuntime, RuntimeOptions, build_engine};
 use opspawn::protocol::CallContext;
 use opspawn_testkit::{Client, PluginFolder, Server, StatusCode};
 use serde_json::{Value, json};
 use sqlx::Connection;
 use tokio::sync::watch;
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 const USAGE: &str = "usage: opspawn-bench [--tasks N (300)] [--concurrency C (16)] [--calls N (2000)] \
@@ -593,32 +593,13 @@ async fn time_bare(pooling: bool, calls: usize) -> anyhow::Result<Samples> {
     measure(calls, call, check).await
 }
 
-/// An engine configured as the host's (`build_engine` in
-/// host/src/plugins/engine.rs, which is private: keep the two in step), with
-/// the host's default [`EngineOptions`], optionally without pooling.
+/// An engine configured exactly as the host's, optionally without pooling.
 fn bare_engine(pooling: bool) -> anyhow::Result<Engine> {
-    let options = EngineOptions::default();
-    let mut config = Config::new();
-    config
-        .wasm_component_model(true)
-        .epoch_interruption(true)
-        .memory_init_cow(true)
-        .max_wasm_stack(1 << 20)
-        .async_stack_size(2 << 20);
-    if pooling {
-        let instances = options.max_instances;
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(instances)
-            .total_core_instances(instances * 8)
-            .total_memories(instances * 2)
-            .total_tables(instances * 4)
-            .total_stacks(instances)
-            .max_memory_size(usize::try_from(options.max_memory_bytes).unwrap_or(usize::MAX))
-            .max_core_instance_size(4 << 20)
-            .table_elements(1 << 16);
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    }
-    Ok(Engine::new(&config)?)
+    let options = EngineOptions {
+        pooling,
+        ..EngineOptions::default()
+    };
+    build_engine(&options).map_err(|e| anyhow::anyhow!("{e:#}"))
 }
 
 fn check_answer(result: &Value) -> anyhow::Result<()> {

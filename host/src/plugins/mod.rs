@@ -24,8 +24,8 @@ use tokio::sync::mpsc;
 use wasmtime::component::Linker;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
-pub use engine::EngineOptions;
 use engine::{CompileCache, EpochTicker};
+pub use engine::{EngineOptions, build_engine};
 pub use manifest::{Grants, Limits};
 pub use registry::{Catalog, LoadFailure, PluginInfo, PluginKind};
 use registry::{Entry, Plugin};
