@@ -13,10 +13,11 @@ use crate::Harness;
 const TASKS: usize = 300;
 const KILLS: usize = 4;
 
-fn counting_task(n: usize) -> Value {
+/// Three calls of the counting tool, then an answer: seven steps.
+pub fn counting_task(n: usize) -> Value {
     let count = json!({"name": "count", "arguments": {"file": "/counts/log", "sleep_ms": 15}});
     json!({
-        "goal": format!("crash test task {n}"),
+        "goal": format!("counting task {n}"),
         "tools": ["count"],
         "options": {"llm": {"script": [
             {"tool_calls": [count]},

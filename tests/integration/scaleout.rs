@@ -118,21 +118,6 @@ impl Cluster {
     }
 }
 
-/// Three `count` calls, like the SQLite crash test's task.
-fn counting_task(n: usize) -> Value {
-    let count = json!({"name": "count", "arguments": {"file": "/counts/log", "sleep_ms": 15}});
-    json!({
-        "goal": format!("scale-out task {n}"),
-        "tools": ["count"],
-        "options": {"llm": {"script": [
-            {"tool_calls": [count]},
-            {"tool_calls": [count]},
-            {"tool_calls": [count]},
-            {"content": "Final Answer: counted three times"}
-        ]}}
-    })
-}
-
 /// Records, while it runs, which worker held each claim (task, attempt):
 /// the store clears the owner when a task ends, so it must be seen live.
 struct OwnerWatch {
@@ -198,7 +183,12 @@ async fn three_hosts_on_one_database_survive_repeated_kill_9() {
     let clients: Vec<Client> = (0..HOSTS).map(|i| cluster.client(i)).collect();
     let submitted = futures::future::join_all((0..TASKS).map(|n| {
         let client = clients[n % HOSTS].clone();
-        async move { client.submit(&counting_task(n)).await.unwrap() }
+        async move {
+            client
+                .submit(&crate::crash::counting_task(n))
+                .await
+                .unwrap()
+        }
     }))
     .await;
     let submitting = started.elapsed();
