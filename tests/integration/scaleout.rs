@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use opspawn_testkit::{Client, Server};
+use opspawn_testkit::{Client, Server, StatusCode};
 use serde_json::{Value, json};
 
 use crate::{FINISH, Harness, binary, steps};
@@ -462,5 +462,36 @@ async fn a_stalled_host_cannot_write_over_the_host_that_took_its_task() {
     println!(
         "A stopped for {stalled:.1?}; B finished the task with {} events",
         events.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_one_host_stops_the_task_running_on_another_at_once() {
+    if !on_postgres() {
+        return;
+    }
+    // A long lease: renewal alone would notice the cancel only after 10 s.
+    let env = [("OPSPAWN_LEASE", "30s")];
+    let mut cluster = Cluster::start(1, &env);
+    let a = cluster.client(0);
+    let id = a.submit(&slow_task()).await.unwrap();
+    a.wait_for(&id, FINISH, |t| steps(t).len() >= 2)
+        .await
+        .unwrap();
+    let b = cluster.add(&env).client();
+
+    let asked = Instant::now();
+    let (status, body) = b
+        .post(&format!("/v1/tasks/{id}/cancel"), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let done = b.wait_until_finished(&id, FINISH).await.unwrap();
+    let took = asked.elapsed();
+    assert_eq!(done["status"], "cancelled", "{done:#}");
+    assert_eq!(done["attempt"], 1, "host A stopped it itself");
+    assert!(
+        took < Duration::from_secs(5),
+        "stopped after {took:?}, not at a lease renewal"
     );
 }

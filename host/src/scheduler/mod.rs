@@ -121,6 +121,9 @@ impl Scheduler {
         for index in 0..shared.config.workers.max(1) {
             workers.spawn(work(shared.clone(), index));
         }
+        if let Some(cancellations) = shared.store.cancellations() {
+            workers.spawn(cancel_when_told(shared.clone(), cancellations));
+        }
         tracing::info!(host = %shared.host_id, workers = shared.config.workers, "scheduler started");
         Self {
             shared,
@@ -153,6 +156,28 @@ impl Scheduler {
         self.shared.shutdown.cancel();
         let mut workers = self.workers.lock().await;
         while workers.join_next().await.is_some() {}
+    }
+}
+
+/// Stops tasks running here whose cancellation another host accepted.
+async fn cancel_when_told(
+    shared: Arc<Shared>,
+    mut cancellations: tokio::sync::broadcast::Receiver<String>,
+) {
+    loop {
+        tokio::select! {
+            received = cancellations.recv() => match received {
+                Ok(task_id) => {
+                    if let Some(token) = shared.running.lock().expect("running lock").get(&task_id) {
+                        token.cancel();
+                    }
+                }
+                // Missed notices are caught at lease renewal.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = shared.shutdown.cancelled() => return,
+        }
     }
 }
 

@@ -394,6 +394,13 @@ pub trait Store: Send + Sync + 'static {
     fn wakeups(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
         None
     }
+
+    /// Ids of tasks whose cancellation another host accepted, so the host
+    /// running one stops it at its next step boundary rather than at its
+    /// next lease renewal. `None`, the default, for an engine one host owns.
+    fn cancellations(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
 }
 
 /// Opens the store a database URL names, creating and migrating it.

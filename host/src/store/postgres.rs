@@ -77,6 +77,8 @@ pub struct PgStore {
     channel: String,
     /// Signalled for every task announced on the channel.
     wakeups: Arc<Notify>,
+    /// Ids of tasks whose cancellation was requested on any host.
+    cancellations: tokio::sync::broadcast::Sender<String>,
     /// The task listening on the channel; stopped with the store.
     listener: tokio::task::AbortHandle,
 }
@@ -125,12 +127,17 @@ impl PgStore {
         // `_sqlx_migrations` in the schema as well.
         MIGRATOR.run(&pool).await?;
         let wakeups = Arc::new(Notify::new());
-        let listener =
-            tokio::spawn(listen(options, channel.clone(), wakeups.clone())).abort_handle();
+        let cancellations = tokio::sync::broadcast::channel(1024).0;
+        let signals = Signals {
+            wakeups: wakeups.clone(),
+            cancellations: cancellations.clone(),
+        };
+        let listener = tokio::spawn(listen(options, channel.clone(), signals)).abort_handle();
         Ok(Self {
             pool,
             channel,
             wakeups,
+            cancellations,
             listener,
         })
     }
@@ -153,7 +160,17 @@ fn tasks_channel(schema: Option<&str>) -> String {
 /// worker per notification. Reconnects when the connection is lost or fails,
 /// after a backoff that doubles from 100 ms up to 5 s and resets once
 /// listening again.
-async fn listen(options: PgConnectOptions, channel: String, wakeups: Arc<Notify>) {
+/// What a notification on the channel can say: a new task (its id), or
+/// `cancel:<id>`, a cancellation requested on some host.
+struct Signals {
+    wakeups: Arc<Notify>,
+    cancellations: tokio::sync::broadcast::Sender<String>,
+}
+
+/// The payload prefix of a cancellation notice.
+const CANCEL_PREFIX: &str = "cancel:";
+
+async fn listen(options: PgConnectOptions, channel: String, signals: Signals) {
     // A pool of one connection of its own, so listening never takes one of
     // the store's and the connection is never retired while it listens.
     let pool = PgPoolOptions::new()
@@ -163,7 +180,7 @@ async fn listen(options: PgConnectOptions, channel: String, wakeups: Arc<Notify>
         .connect_lazy_with(options);
     let mut backoff = LISTEN_BACKOFF;
     loop {
-        match listen_until_lost(&pool, &channel, &wakeups, &mut backoff).await {
+        match listen_until_lost(&pool, &channel, &signals, &mut backoff).await {
             Ok(()) => tracing::warn!(%channel, "lost the connection listening for new tasks"),
             Err(error) => tracing::warn!(%channel, %error, "listening for new tasks failed"),
         }
@@ -176,7 +193,7 @@ async fn listen(options: PgConnectOptions, channel: String, wakeups: Arc<Notify>
 async fn listen_until_lost(
     pool: &PgPool,
     channel: &str,
-    wakeups: &Notify,
+    signals: &Signals,
     backoff: &mut Duration,
 ) -> std::result::Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
@@ -187,9 +204,13 @@ async fn listen_until_lost(
     tracing::debug!(%channel, "listening for new tasks");
     *backoff = LISTEN_BACKOFF;
     // Tasks announced while nobody listened: every idle worker looks once.
-    wakeups.notify_waiters();
-    while listener.try_recv().await?.is_some() {
-        wakeups.notify_one();
+    signals.wakeups.notify_waiters();
+    while let Some(notification) = listener.try_recv().await? {
+        match notification.payload().strip_prefix(CANCEL_PREFIX) {
+            // No host running the task is listening: fine, renewal finds it.
+            Some(task_id) => drop(signals.cancellations.send(task_id.to_owned())),
+            None => signals.wakeups.notify_one(),
+        }
     }
     Ok(())
 }
@@ -842,6 +863,14 @@ impl Store for PgStore {
     async fn request_cancel(&self, id: &str) -> Result<CancelOutcome> {
         let mut tx = self.pool.begin().await?;
         let outcome = cancel(&mut tx, id).await?;
+        if matches!(outcome, CancelOutcome::Requested(..)) {
+            // Tells the host running the task now, not at its next renewal.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(&self.channel)
+                .bind(format!("{CANCEL_PREFIX}{id}"))
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(outcome)
     }
@@ -894,6 +923,10 @@ impl Store for PgStore {
 
     fn wakeups(&self) -> Option<Arc<Notify>> {
         Some(self.wakeups.clone())
+    }
+
+    fn cancellations(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        Some(self.cancellations.subscribe())
     }
 }
 
