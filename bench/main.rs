@@ -31,6 +31,8 @@
 //!    the lease left at the kill plus the time B takes to notice. Each task
 //!    must then succeed on B. Three runs, each on a fresh schema.
 //!
+//! 5. **Thousands of agents waiting on a slow LLM**: see [`slow_llm`].
+//!
 //! A run that is interrupted leaves its schemas (`bench_…`) behind.
 //!
 //! Timings are medians and upper percentiles, not means: on a shared machine
@@ -44,10 +46,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+mod slow_llm;
+
 use anyhow::{Context, anyhow, bail};
 use futures::{StreamExt, TryStreamExt};
-use opspawn::plugins::bindings::tool::ToolPre;
-use opspawn::plugins::bindings::types;
+use opspawn::plugins::bindings::v0_2::tool::ToolPre;
+use opspawn::plugins::bindings::v0_2::types;
 use opspawn::plugins::policy::OperatorPolicy;
 use opspawn::plugins::{EngineOptions, Limits, PluginRuntime, RuntimeOptions, build_engine};
 use opspawn::protocol::CallContext;
@@ -60,7 +64,9 @@ use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 const USAGE: &str = "usage: opspawn-bench [--tasks N (300)] [--concurrency C (16)] [--calls N (2000)] \
-     [--postgres URL (none: skip the Postgres sections)]";
+     [--slow-llm-tasks N (10000; 0 skips the section)] [--only SECTION] \
+     [--postgres URL (none: skip the Postgres sections)]\n\
+     sections: end-to-end, per-call, slow-llm, postgres";
 /// The database to suggest when the Postgres sections are skipped.
 const POSTGRES_EXAMPLE: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -104,12 +110,25 @@ async fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse()?;
-    let mut failed = end_to_end(&args).await?;
-    let mut measured = args.tasks;
-    println!();
-    per_call(&args).await?;
-    println!();
+    opspawn::server::raise_open_file_limit();
+    let mut failed = 0;
+    let mut measured = 0;
+    if args.runs("end-to-end") {
+        failed += end_to_end(&args).await?;
+        measured += args.tasks;
+        println!();
+    }
+    if args.runs("per-call") {
+        per_call(&args).await?;
+        println!();
+    }
+    if args.runs("slow-llm") && args.slow_llm_tasks > 0 {
+        failed += slow_llm::run(args.slow_llm_tasks).await?;
+        measured += args.slow_llm_tasks;
+        println!();
+    }
     match &args.postgres {
+        _ if !args.runs("postgres") => {}
         None => println!("Postgres sections skipped: pass --postgres {POSTGRES_EXAMPLE}"),
         Some(url) => {
             failed += postgres_throughput(&args, url).await?;
@@ -128,6 +147,10 @@ struct Args {
     tasks: usize,
     concurrency: usize,
     calls: usize,
+    /// Tasks of the slow-LLM section.
+    slow_llm_tasks: usize,
+    /// Run only this section.
+    only: Option<String>,
     /// The Postgres database for the Postgres sections; none skips them.
     postgres: Option<String>,
 }
@@ -138,6 +161,8 @@ impl Args {
             tasks: 300,
             concurrency: 16,
             calls: 2000,
+            slow_llm_tasks: 10_000,
+            only: None,
             postgres: None,
         };
         let mut argv = std::env::args().skip(1);
@@ -146,6 +171,25 @@ impl Args {
                 "--tasks" => &mut args.tasks,
                 "--concurrency" => &mut args.concurrency,
                 "--calls" => &mut args.calls,
+                "--slow-llm-tasks" => {
+                    let value = argv
+                        .next()
+                        .with_context(|| format!("{flag} needs a value"))?;
+                    args.slow_llm_tasks = value
+                        .parse()
+                        .with_context(|| format!("{flag} {value:?} is not a number"))?;
+                    continue;
+                }
+                "--only" => {
+                    let section = argv
+                        .next()
+                        .with_context(|| format!("{flag} needs a section"))?;
+                    if !SECTIONS.contains(&section.as_str()) {
+                        bail!("unknown section {section:?}\n{USAGE}");
+                    }
+                    args.only = Some(section);
+                    continue;
+                }
                 "--postgres" => {
                     let url = argv.next().with_context(|| format!("{flag} needs a URL"))?;
                     if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
@@ -178,7 +222,15 @@ impl Args {
         }
         Ok(args)
     }
+
+    /// Whether `section` is to run.
+    fn runs(&self, section: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == section)
+    }
 }
+
+/// The sections `--only` can pick.
+const SECTIONS: [&str; 4] = ["end-to-end", "per-call", "slow-llm", "postgres"];
 
 // ---------------------------------------------------------------------------
 // 1. End to end
@@ -529,6 +581,7 @@ async fn time_host(calls: usize) -> anyhow::Result<Samples> {
         default_limits: Limits::default(),
         policy: OperatorPolicy::default(),
         engine: EngineOptions::default(),
+        concurrent_calls: opspawn::plugins::default_concurrent_calls(),
     })?;
     runtime.scan().await?;
     if let Some(failure) = runtime.catalog().failures().first() {

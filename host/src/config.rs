@@ -79,6 +79,12 @@ pub struct PluginDefaults {
     pub max_memory_mib: u64,
     /// Use the pooling instance allocator.
     pub pooling: bool,
+    /// The instance pool: how many plugin instances may be alive at once.
+    /// Calls beyond it wait their turn.
+    pub instances: u32,
+    /// How many plugin calls may compute at once; by default two per core.
+    /// Calls beyond it wait their turn.
+    pub concurrent_calls: usize,
 }
 
 /// The top-level keys, as environment variables may set them.
@@ -140,6 +146,8 @@ impl Default for Config {
                 max_output_bytes: 1 << 20,
                 max_memory_mib: 1024,
                 pooling: true,
+                instances: EngineOptions::default().max_instances,
+                concurrent_calls: crate::plugins::default_concurrent_calls(),
             },
             policy: OperatorPolicy::default(),
             auth: AuthConfig::default(),
@@ -201,8 +209,9 @@ impl Config {
             engine: EngineOptions {
                 pooling: self.plugins.pooling,
                 max_memory_bytes: self.plugins.max_memory_mib << 20,
-                ..EngineOptions::default()
+                max_instances: self.plugins.instances.max(1),
             },
+            concurrent_calls: self.plugins.concurrent_calls,
         }
     }
 

@@ -1,8 +1,10 @@
 //! The neutral language spoken between the scheduler, the store, the API and
 //! the plugin runtime: tool specs, chat messages, planner actions.
 //!
-//! These mirror the WIT types in `wit/opspawn.wit` but are plain serde types,
-//! so nothing outside `plugins::bindings` depends on generated code.
+//! These mirror the WIT types of the newest `wit/` version but are plain
+//! serde types, so nothing outside `plugins::bindings` depends on generated
+//! code. Fields added in later WIT versions have serde defaults, so steps
+//! journaled before them still read.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -42,14 +44,61 @@ pub enum Role {
     Tool,
 }
 
+/// An image in a message: an address the provider fetches, or inline bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Image {
+    Url { url: String },
+    Inline { media_type: String, base64: String },
+}
+
+/// Opaque data a provider attached to a message (a thought signature, a
+/// thinking block's signature, a reasoning item); kept and sent back as is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderDatum {
+    pub key: String,
+    pub value: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: Role,
     pub content: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<Image>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCall>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub provider_data: Vec<ProviderDatum>,
+}
+
+/// Whether and which tools the model may call.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    #[default]
+    Auto,
+    None,
+    Required,
+    /// A call to the named tool.
+    Named(String),
+}
+
+impl ToolChoice {
+    fn is_auto(&self) -> bool {
+        *self == Self::Auto
+    }
+}
+
+/// Asks for a reply that is JSON matching `schema`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseFormat {
+    pub name: String,
+    pub schema: Value,
+    #[serde(default)]
+    pub strict: bool,
 }
 
 /// A provider-neutral chat request.
@@ -62,8 +111,16 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     #[serde(default)]
     pub tools: Vec<ToolSpec>,
+    #[serde(default, skip_serializing_if = "ToolChoice::is_auto")]
+    pub tool_choice: ToolChoice,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
     #[serde(default)]
     pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
     #[serde(default)]
     pub max_tokens: Option<u32>,
     #[serde(default)]
@@ -177,12 +234,22 @@ pub enum PlannerStep {
     LlmFailed { message: String },
 }
 
+/// An earlier task of the same conversation thread, as a planner sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlierTask {
+    pub goal: String,
+    pub answer: Option<String>,
+    pub steps: Vec<PlannerStep>,
+}
+
 /// Everything a planner is given to decide the next action.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskState {
     pub goal: String,
     pub tools: Vec<ToolSpec>,
     pub steps: Vec<PlannerStep>,
+    #[serde(default)]
+    pub history: Vec<EarlierTask>,
     pub max_steps: u32,
     pub options: Value,
 }
@@ -191,7 +258,7 @@ pub struct TaskState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PlannerAction {
-    CallLlm { request: ChatRequest },
+    CallLlm { request: Box<ChatRequest> },
     CallTools { calls: Vec<ToolCall> },
     Finish { answer: String },
     Fail { reason: String },

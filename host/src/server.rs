@@ -15,6 +15,7 @@ use crate::scheduler::Scheduler;
 use crate::store;
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let plugin_dir = config.plugin_dir();
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
@@ -174,4 +175,32 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
+}
+
+/// Raises this process's soft limit on open files to its hard limit: each
+/// task waiting on a provider holds a connection, and thousands may wait at
+/// once. Failing to raise it is logged, not fatal.
+pub fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::warn!(
+                    soft = limit.rlim_cur,
+                    "could not raise the open-file limit; many waiting tasks may run out of sockets"
+                );
+            }
+        }
+    }
 }

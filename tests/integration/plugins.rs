@@ -24,7 +24,7 @@ async fn plugins_are_listed_with_kind_version_hash_and_tool_schemas() {
     assert_eq!(find("react")["kind"], "planner");
     assert_eq!(find("scripted")["kind"], "llm-adapter");
     let calculator = find("calculator");
-    assert_eq!(calculator["wit_version"], "0.1.0");
+    assert_eq!(calculator["wit_version"], "0.2.0");
     assert_eq!(calculator["sha256"].as_str().unwrap().len(), 64);
     let tool = &calculator["tools"][0];
     assert_eq!(tool["name"], "calculator");
@@ -37,6 +37,95 @@ async fn plugins_are_listed_with_kind_version_hash_and_tool_schemas() {
         "the manifest's limit applies"
     );
     assert!(list["failures"].as_array().unwrap().is_empty(), "{list:#}");
+}
+
+/// Components built against WIT 0.1.0 before 0.2.0 existed (the files in
+/// `tests/fixtures/wit-0.1.0`, never rebuilt) keep loading and running: a
+/// whole task runs on a 0.1.0 planner, tool and adapter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_built_for_wit_0_1_0_still_run_a_task() {
+    let plugins = PluginFolder::new();
+    for name in ["calculator", "react", "scripted"] {
+        let manifest = opspawn_testkit::plugin_sources()
+            .join(name)
+            .join(format!("{name}.toml"));
+        let manifest = std::fs::read_to_string(manifest).ok();
+        plugins.add_file(
+            name,
+            &opspawn_testkit::legacy_wasm(name),
+            manifest.as_deref(),
+        );
+    }
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(binary(), data.path(), plugins.path(), &[]).unwrap();
+    let client = server.client();
+    let (_, list) = client.get("/v1/plugins").await.unwrap();
+    assert!(list["failures"].as_array().unwrap().is_empty(), "{list:#}");
+    for plugin in list["plugins"].as_array().unwrap() {
+        assert_eq!(plugin["wit_version"], "0.1.0", "{plugin:#}");
+    }
+    let id = client
+        .submit(&calculator_task("(2+3)*4", "20"))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    assert_eq!(task["result"], "20", "{task:#}");
+    assert_eq!(steps(&task)[1]["output"]["result"], 20, "{task:#}");
+}
+
+/// A component built against a WIT version this host does not know, newer
+/// or older, is refused with a message that says what to do, and the rest
+/// of the folder loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_of_unknown_wit_versions_are_refused_with_advice() {
+    let plugins = PluginFolder::with_examples();
+    // The same bytes with every `@0.1.0` turned into `@0.3.0` (or `@0.1.3`):
+    // what a guest built against a later version would name.
+    let legacy = std::fs::read(opspawn_testkit::legacy_wasm("calculator")).unwrap();
+    for (name, version) in [("future", b"@0.3.0"), ("patched", b"@0.1.3")] {
+        let mut bytes = legacy.clone();
+        let mut replaced = 0;
+        for at in 0..bytes.len().saturating_sub(6) {
+            if &bytes[at..at + 6] == b"@0.1.0" {
+                bytes[at..at + 6].copy_from_slice(version);
+                replaced += 1;
+            }
+        }
+        assert!(replaced > 0, "the fixture names its version");
+        std::fs::write(plugins.path().join(format!("{name}.wasm")), bytes).unwrap();
+    }
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(binary(), data.path(), plugins.path(), &[]).unwrap();
+    let (_, list) = server.client().get("/v1/plugins").await.unwrap();
+    let failure = |file: &str| -> String {
+        list["failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["file"].as_str().unwrap_or_default().ends_with(file))
+            .unwrap_or_else(|| panic!("{file} is refused: {list:#}"))["error"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let future = failure("future.wasm");
+    assert!(
+        future.contains("opspawn:plugin@0.3.0") && future.contains("upgrade Opspawn"),
+        "{future}"
+    );
+    let patched = failure("patched.wasm");
+    assert!(
+        patched.contains("opspawn:plugin@0.1.3") && patched.contains("0.1.0, 0.2.0"),
+        "{patched}"
+    );
+    let names: Vec<&str> = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"calculator"), "the rest load: {names:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

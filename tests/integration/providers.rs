@@ -61,7 +61,7 @@ impl Setup {
         let mock = MockProviders::start().await;
         let harness = start_server(
             provider,
-            &provider.loopback_manifest(),
+            &provider.manifest(),
             &mock.base_url_for(provider),
             &provider.test_key(),
         );
@@ -596,8 +596,8 @@ async fn live_react_task(provider: Provider) {
     let (base_url, manifest) = match std::env::var(provider.base_url_var()) {
         Ok(base_url) if !base_url.is_empty() => {
             let manifest = format!(
-                "{}\n[limits]\ncall_timeout_ms = 120000\n",
-                provider.manifest(&origin(&base_url))
+                "[limits]\ncall_timeout_ms = 120000\n{}",
+                provider.manifest()
             );
             (base_url, manifest)
         }
@@ -634,13 +634,6 @@ async fn live_react_task(provider: Provider) {
         "task: {task:#}"
     );
     assert!(task["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0);
-}
-
-/// `scheme://host[:port]` of a URL, as a manifest grants it.
-fn origin(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
-    let authority = rest.split('/').next().unwrap_or(rest);
-    format!("{scheme}://{authority}")
 }
 
 macro_rules! provider_tests {
@@ -694,24 +687,40 @@ provider_tests! {
     gemini => Provider::Gemini,
 }
 
-/// (e) An adapter reaches only the hosts its manifest grants: granted one
-/// mock's port and pointed at another's, its request is refused by the host
-/// and never arrives. And the key stays with the host: a plugin asking for
-/// the variable gets nothing, although the server has it.
+/// (e) An adapter built against WIT 0.1.0, which calls its provider itself
+/// over `wasi:http`, still loads and runs, and reaches only the hosts its
+/// manifest grants: granted one mock's port and pointed at another's, its
+/// request is refused by the host and never arrives. And the key stays with
+/// the host: a plugin asking for the variable gets nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_adapter_reaches_only_granted_hosts_and_never_sees_the_key() {
+async fn a_0_1_adapter_runs_and_reaches_only_granted_hosts() {
     let provider = Provider::OpenAi;
     let granted = MockProviders::start().await;
     let elsewhere = MockProviders::start().await;
-    let manifest = provider.manifest(&format!("http://127.0.0.1:{}", granted.port()));
-    let harness = start_server(
-        provider,
-        &manifest,
-        &elsewhere.base_url_for(provider),
-        &provider.test_key(),
+    let manifest = provider.legacy_manifest(&format!("http://127.0.0.1:{}", granted.port()));
+    let harness = Harness::start_with_plugins(
+        &[
+            (provider.base_url_var(), &elsewhere.base_url_for(provider)),
+            (provider.key_var(), &provider.test_key()),
+        ],
+        |plugins| {
+            plugins.add_file(
+                provider.plugin(),
+                &opspawn_testkit::legacy_wasm("openai"),
+                Some(&manifest),
+            );
+        },
     );
     expect_loaded(&harness, provider).await;
     let client = harness.client();
+    let (_, listing) = client.get("/v1/plugins").await.unwrap();
+    let adapter = listing["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == provider.plugin())
+        .unwrap();
+    assert_eq!(adapter["wit_version"], "0.1.0", "{adapter:#}");
 
     let id = client
         .submit(&react_task(provider, models::REACT, None))
@@ -732,31 +741,42 @@ async fn an_adapter_reaches_only_granted_hosts_and_never_sees_the_key() {
         "the message says the host was not granted: {task:#}"
     );
     assert!(
-        message.contains(&format!("127.0.0.1:{}", elsewhere.port())),
-        "and names it: {task:#}"
-    );
-    assert!(
         elsewhere.requests().is_empty(),
         "the ungranted host received nothing: {:?}",
         elsewhere.requests()
     );
     assert!(granted.requests().is_empty());
-
-    // The listing shows where the credential goes and from which variable,
-    // never its value.
-    let (_, listing) = client.get("/v1/plugins").await.unwrap();
-    let adapter = listing["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == provider.plugin())
-        .unwrap();
     assert_eq!(
         adapter["grants"]["credentials"][0]["variables"],
         json!([provider.key_var()]),
         "{adapter:#}"
     );
     assert!(!listing.to_string().contains(&provider.test_key()));
+
+    // Pointed at the granted mock, the same 0.1.0 component completes a task.
+    drop(harness);
+    let harness = Harness::start_with_plugins(
+        &[
+            (provider.base_url_var(), &granted.base_url_for(provider)),
+            (provider.key_var(), &provider.test_key()),
+        ],
+        |plugins| {
+            plugins.add_file(
+                provider.plugin(),
+                &opspawn_testkit::legacy_wasm("openai"),
+                Some(&manifest),
+            );
+        },
+    );
+    expect_loaded(&harness, provider).await;
+    let client = harness.client();
+    let id = client
+        .submit(&react_task(provider, models::REACT, Some(true)))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "succeeded", "task: {task:#}");
+    assert!(granted.rejected().is_empty(), "{:#?}", granted.rejected());
 
     // The server has OPENAI_API_KEY; a plugin asking for it gets nothing.
     let id = client
@@ -775,4 +795,84 @@ async fn an_adapter_reaches_only_granted_hosts_and_never_sees_the_key() {
         "the key is not in any plugin's environment: {step:#}"
     );
     assert!(!task.to_string().contains(&provider.test_key()));
+}
+
+/// (f) A translating adapter's endpoint is its base URL, and the operator's
+/// policy decides whether the host may call it: outside the policy, the
+/// adapter does not load, and the listing says why. The listing shows where
+/// the credential goes and from which variable, never its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_decides_which_endpoints_adapters_reach() {
+    let provider = Provider::OpenAi;
+    let mock = MockProviders::start().await;
+    // The policy is scoped to the adapter, so the test fixture's own grants
+    // stay as they are.
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "[policy.plugins.openai]\noutbound_hosts = [\"https://api.openai.com\"]\n",
+    )
+    .unwrap();
+    let config_path = config.path().to_str().unwrap().to_owned();
+    let harness = Harness::start_with_plugins(
+        &[
+            ("OPSPAWN_CONFIG", &config_path),
+            (provider.base_url_var(), &mock.base_url_for(provider)),
+            (provider.key_var(), &provider.test_key()),
+        ],
+        |plugins| {
+            plugins.add(
+                provider.plugin(),
+                provider.wasm(),
+                Some(&provider.manifest()),
+            );
+        },
+    );
+    let client = harness.client();
+    let (_, listing) = client.get("/v1/plugins").await.unwrap();
+    let failure = listing["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| {
+            f["file"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("openai.wasm")
+        })
+        .unwrap_or_else(|| panic!("the adapter is refused: {listing:#}"));
+    let reason = failure["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("policy") && reason.contains(&format!("127.0.0.1:{}", mock.port())),
+        "the reason names the policy and the endpoint: {reason}"
+    );
+    assert!(mock.requests().is_empty());
+    drop(harness);
+
+    let harness = start_server(
+        provider,
+        &provider.manifest(),
+        &mock.base_url_for(provider),
+        &provider.test_key(),
+    );
+    expect_loaded(&harness, provider).await;
+    let (_, listing) = harness.client().get("/v1/plugins").await.unwrap();
+    let adapter = listing["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == provider.plugin())
+        .unwrap();
+    assert_eq!(adapter["wit_version"], "0.2.0", "{adapter:#}");
+    assert_eq!(
+        adapter["grants"]["adapter"]["base_url"],
+        mock.base_url_for(provider),
+        "{adapter:#}"
+    );
+    assert_eq!(
+        adapter["grants"]["adapter"]["credential"]["variables"],
+        json!([provider.key_var()]),
+        "{adapter:#}"
+    );
+    assert!(!listing.to_string().contains(&provider.test_key()));
 }

@@ -31,6 +31,15 @@ pub fn wasm(name: &str) -> PathBuf {
     wasm_dir().join(format!("{name}.wasm"))
 }
 
+/// A component built against the frozen `wit/v0.1.0` before 0.2.0 existed
+/// (`tests/fixtures/wit-0.1.0/<name>.wasm`): proof that old plugins keep
+/// loading and running.
+pub fn legacy_wasm(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/wit-0.1.0")
+        .join(format!("{name}.wasm"))
+}
+
 /// The plugin sources (for manifests beside them).
 pub fn plugin_sources() -> PathBuf {
     PathBuf::from(env!("OPSPAWN_TEST_PLUGIN_SRC"))
@@ -61,8 +70,14 @@ impl PluginFolder {
 
     /// Copies component `wasm_name` in as `<as_name>.wasm`, with a manifest.
     pub fn add(&self, as_name: &str, wasm_name: &str, manifest: Option<&str>) -> &Self {
+        self.add_file(as_name, &wasm(wasm_name), manifest)
+    }
+
+    /// Copies the component at `wasm` in as `<as_name>.wasm`, with a manifest.
+    pub fn add_file(&self, as_name: &str, wasm: &Path, manifest: Option<&str>) -> &Self {
         let dest = self.dir.path().join(format!("{as_name}.wasm"));
-        std::fs::copy(wasm(wasm_name), &dest).expect("copying a component");
+        std::fs::copy(wasm, &dest)
+            .unwrap_or_else(|e| panic!("copying {} into the plugin folder: {e}", wasm.display()));
         if let Some(manifest) = manifest {
             std::fs::write(dest.with_extension("toml"), manifest).expect("writing a manifest");
         }

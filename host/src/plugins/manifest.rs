@@ -20,6 +20,37 @@ pub struct Manifest {
     pub limits: RequestedLimits,
     #[serde(default)]
     pub capabilities: Capabilities,
+    /// For LLM adapters: where the host sends their requests, with which
+    /// credential, and the settings handed to the adapter.
+    pub adapter: Option<AdapterSection>,
+}
+
+/// `[adapter]`: the endpoint an LLM adapter's requests go to. The grant for
+/// its host and the credential follow from `base_url`; the adapter itself
+/// gets no network access from it, since the host sends its requests.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    /// `https://api.openai.com/v1`; `${VAR}` and `${VAR:-default}` read the
+    /// server's environment when the plugin loads.
+    pub base_url: Option<String>,
+    pub credential: Option<AdapterCredential>,
+    /// Handed to the adapter with every request, as a JSON object.
+    #[serde(default)]
+    pub settings: toml::Table,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterCredential {
+    pub header: String,
+    /// The value; `${VAR}` is replaced by the server's environment variable.
+    pub value: String,
+    /// Send requests without it when a variable it needs is unset (local
+    /// servers that need no key); otherwise such a request fails at once
+    /// with `llm_auth`, naming the variable.
+    #[serde(default)]
+    pub optional: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -121,6 +152,132 @@ pub struct Grants {
     pub credentials: Vec<CredentialGrant>,
     #[serde(skip)]
     pub outbound: Arc<OutboundPolicy>,
+    /// For LLM adapters: the endpoint the host sends their requests to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterEndpoint>,
+}
+
+/// Where the host sends an adapter's requests, and how it authenticates.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterEndpoint {
+    /// Without a trailing slash; each request's path is appended to it.
+    pub base_url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialGrant>,
+    /// Whether requests may go without the credential when it is unset.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub credential_optional: bool,
+    /// The adapter's settings, as handed to it.
+    pub settings: serde_json::Value,
+    /// The settings as the JSON text the adapter receives.
+    #[serde(skip)]
+    pub settings_json: Arc<str>,
+    /// The base URL's host as the only grant, with the credential for it.
+    #[serde(skip)]
+    pub policy: Arc<OutboundPolicy>,
+}
+
+impl AdapterEndpoint {
+    /// Builds the endpoint from a manifest's `[adapter]` section, expanding
+    /// variables in the base URL from the server's environment.
+    pub fn from_section(section: &AdapterSection) -> Result<Option<Self>, String> {
+        let Some(template) = &section.base_url else {
+            return Ok(None);
+        };
+        let base_url = expand_with_defaults(template)?
+            .trim_end_matches('/')
+            .to_owned();
+        let origin = origin_of(&base_url)?;
+        let grant = HostGrant::parse(&origin)?;
+        let credential = section
+            .credential
+            .as_ref()
+            .map(|credential| {
+                let header =
+                    HeaderName::from_bytes(credential.header.as_bytes()).map_err(|_| {
+                        format!("invalid credential header name {:?}", credential.header)
+                    })?;
+                Ok::<_, String>(Credential {
+                    host: grant.clone(),
+                    header,
+                    template: credential.value.clone(),
+                })
+            })
+            .transpose()?;
+        let settings = serde_json::to_value(&section.settings)
+            .map_err(|e| format!("the adapter settings cannot be JSON: {e}"))?;
+        Ok(Some(Self {
+            credential: credential.as_ref().map(|c| CredentialGrant {
+                host: origin.clone(),
+                header: c.header.as_str().to_owned(),
+                variables: c.variables(),
+            }),
+            credential_optional: section.credential.as_ref().is_some_and(|c| c.optional),
+            settings_json: settings.to_string().into(),
+            settings,
+            policy: Arc::new(OutboundPolicy {
+                grants: vec![grant],
+                credentials: credential.into_iter().collect(),
+            }),
+            base_url,
+        }))
+    }
+
+    /// `scheme://host:port` of the base URL, as a grant names it.
+    pub fn origin(&self) -> String {
+        origin_of(&self.base_url).unwrap_or_default()
+    }
+}
+
+/// `scheme://host[:port]` of an absolute http(s) URL.
+fn origin_of(url: &str) -> Result<String, String> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|_| format!("base URL {url:?} is not a valid URL"))?;
+    let scheme = uri
+        .scheme_str()
+        .filter(|s| *s == "http" || *s == "https")
+        .ok_or_else(|| format!("base URL {url:?} must start with http:// or https://"))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("base URL {url:?} names no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("base URL {url:?} must not carry user information"));
+    }
+    Ok(format!("{scheme}://{authority}"))
+}
+
+/// Replaces `${VAR}` with the environment variable `VAR` (an error when it
+/// is unset) and `${VAR:-default}` with `VAR`, or `default` when it is unset
+/// or empty.
+pub fn expand_with_defaults(template: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..]
+            .find('}')
+            .map(|i| i + start)
+            .ok_or_else(|| format!("unclosed ${{ in {template:?}"))?;
+        let inner = &rest[start + 2..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (inner, None),
+        };
+        let value = std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        match (value, default) {
+            (Some(value), _) => out.push_str(value.trim()),
+            (None, Some(default)) => out.push_str(default),
+            (None, None) => {
+                return Err(format!(
+                    "{template:?} needs the environment variable {name}, which is not set"
+                ));
+            }
+        }
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// A credential as shown to users: where it goes, never its value.
@@ -207,7 +364,12 @@ impl Manifest {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let adapter = match &self.adapter {
+            Some(section) => AdapterEndpoint::from_section(section)?,
+            None => None,
+        };
         Ok(Grants {
+            adapter,
             env: self.capabilities.env.clone(),
             dirs,
             outbound_hosts: self.capabilities.outbound_hosts.clone(),

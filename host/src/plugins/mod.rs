@@ -8,6 +8,8 @@
 pub mod bindings;
 mod convert;
 mod engine;
+mod host_http;
+mod llm_call;
 pub mod manifest;
 mod outbound;
 pub mod policy;
@@ -20,15 +22,15 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use wasmtime::component::Linker;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use engine::{CompileCache, EpochTicker};
 pub use engine::{EngineOptions, build_engine};
 pub use manifest::{Grants, Limits};
+use registry::{AdapterEntry, Entry, PlannerEntry, Plugin, ToolEntry};
 pub use registry::{Catalog, LoadFailure, PluginInfo, PluginKind};
-use registry::{Entry, Plugin};
 use state::CallState;
 
 use crate::protocol::{
@@ -50,6 +52,15 @@ pub struct RuntimeOptions {
     /// What the operator lets plugins be granted.
     pub policy: policy::OperatorPolicy,
     pub engine: EngineOptions,
+    /// How many plugin calls may compute at once (run wasm rather than wait
+    /// on the network); more wait their turn.
+    pub concurrent_calls: usize,
+}
+
+/// The default for [`RuntimeOptions::concurrent_calls`]: two per core, so
+/// a call waiting on a host function does not leave a core idle.
+pub fn default_concurrent_calls() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
 }
 
 /// Why a plugin call failed. Each variant has a stable [`code`](Self::code).
@@ -87,6 +98,9 @@ pub enum CallError {
     Llm(LlmError),
     #[error("planner {plugin} reported an error: {message}")]
     Planner { plugin: String, message: String },
+    /// An adapter asked for something its manifest does not provide.
+    #[error("LLM adapter {plugin} cannot be used as configured: {detail}")]
+    AdapterConfig { plugin: String, detail: String },
 }
 
 impl CallError {
@@ -106,6 +120,7 @@ impl CallError {
             Self::Tool { code, .. } => code,
             Self::Llm(error) => error.kind.code(),
             Self::Planner { .. } => "planner_error",
+            Self::AdapterConfig { .. } => "llm_adapter_misconfigured",
         }
     }
 }
@@ -116,7 +131,63 @@ pub struct PluginRuntime {
     cache: Arc<CompileCache>,
     options: RuntimeOptions,
     catalog: RwLock<Arc<Catalog>>,
+    slots: CallSlots,
+    /// Connections for the requests the host sends for translating adapters.
+    http: host_http::ConnectionPool,
     _epoch: EpochTicker,
+}
+
+/// What a plugin call waits for before it starts.
+///
+/// Every call holds one of the engine's instance slots while its instance
+/// lives, so the pool is never asked for more than it has: at the bound a
+/// call waits its turn (the semaphores are fair) instead of failing. Calls
+/// that compute also hold a compute slot, bounding how many run at once to a
+/// few per core. Calls that mostly wait on the network (tools granted
+/// outbound hosts, 0.1 adapters calling their provider themselves) hold an
+/// instance slot only, so they cannot starve computing calls.
+struct CallSlots {
+    instances: Arc<Semaphore>,
+    compute: Arc<Semaphore>,
+}
+
+/// Which slots a call takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotKind {
+    Compute,
+    NetworkBound,
+}
+
+/// The slots a running call holds; released when dropped.
+struct Slots {
+    _compute: Option<OwnedSemaphorePermit>,
+    _instance: OwnedSemaphorePermit,
+}
+
+impl CallSlots {
+    async fn acquire(&self, kind: SlotKind) -> Slots {
+        // Compute first: a call waiting for a core holds no instance slot.
+        let compute = match kind {
+            SlotKind::Compute => Some(
+                self.compute
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the compute semaphore is never closed"),
+            ),
+            SlotKind::NetworkBound => None,
+        };
+        let instance = self
+            .instances
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the instance semaphore is never closed");
+        Slots {
+            _compute: compute,
+            _instance: instance,
+        }
+    }
 }
 
 impl PluginRuntime {
@@ -126,9 +197,14 @@ impl PluginRuntime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         type Data = wasmtime::component::HasSelf<CallState>;
-        bindings::logging::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
-        bindings::llm_stream::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
+        bindings::v0_1::logging::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
+        bindings::v0_1::llm_stream::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
+        bindings::v0_2::logging::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
         let cache = Arc::new(CompileCache::new(&engine, options.cache_dir.clone()));
+        let slots = CallSlots {
+            instances: Arc::new(Semaphore::new(options.engine.max_instances as usize)),
+            compute: Arc::new(Semaphore::new(options.concurrent_calls.max(1))),
+        };
         Ok(Arc::new(Self {
             _epoch: EpochTicker::start(engine.clone()),
             engine,
@@ -136,6 +212,8 @@ impl PluginRuntime {
             cache,
             options,
             catalog: RwLock::new(Arc::new(Catalog::default())),
+            slots,
+            http: host_http::ConnectionPool::default(),
         }))
     }
 
@@ -146,6 +224,13 @@ impl PluginRuntime {
     /// What is loaded now, and what failed to load.
     pub fn catalog(&self) -> Arc<Catalog> {
         self.catalog.read().expect("catalog lock").clone()
+    }
+
+    /// The per-call time limit of a loaded plugin.
+    pub fn call_timeout(&self, plugin: &str) -> Option<Duration> {
+        self.catalog()
+            .plugin(plugin)
+            .map(|plugin| plugin.info.limits.call_timeout)
     }
 
     /// Specs of the named tools, or the first name that no plugin offers.
@@ -173,7 +258,7 @@ impl PluginRuntime {
             .catalog()
             .tool_plugin(tool)
             .ok_or_else(|| CallError::UnknownTool(tool.to_owned()))?;
-        let Entry::Tool { pre, .. } = &plugin.entry else {
+        let Entry::Tool(entry) = &plugin.entry else {
             unreachable!("the catalog maps tools to tool plugins")
         };
         if !input.is_object() {
@@ -200,18 +285,36 @@ impl PluginRuntime {
                 });
             }
         }
-        let wit_context = convert::context_to_wit(context);
         let input = input.to_string();
-        let mut store = self.new_store(&plugin, None)?;
-        let outcome = guarded(&plugin, async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance
-                .opspawn_plugin_tools()
-                .call_invoke(&mut store, &wit_context, tool, &input)
-                .await
-        })
-        .await;
-        match settle(&plugin, &store, outcome)? {
+        // A tool granted the network may spend its call waiting on it.
+        let kind = if plugin.info.grants.outbound_hosts.is_empty() {
+            SlotKind::Compute
+        } else {
+            SlotKind::NetworkBound
+        };
+        let outcome = match entry {
+            ToolEntry::V0_1(pre) => {
+                let context = convert::v0_1::context_to_wit(context);
+                self.call(&plugin, kind, None, async |store| {
+                    let instance = pre.instantiate_async(&mut *store).await?;
+                    let tools = instance.opspawn_plugin_tools();
+                    let result = tools.call_invoke(store, &context, tool, &input).await?;
+                    Ok(result.map_err(|e| (e.code, e.message)))
+                })
+                .await?
+            }
+            ToolEntry::V0_2(pre) => {
+                let context = convert::v0_2::context_to_wit(context);
+                self.call(&plugin, kind, None, async |store| {
+                    let instance = pre.instantiate_async(&mut *store).await?;
+                    let tools = instance.opspawn_plugin_tools();
+                    let result = tools.call_invoke(store, &context, tool, &input).await?;
+                    Ok(result.map_err(|e| (e.code, e.message)))
+                })
+                .await?
+            }
+        };
+        match outcome {
             Ok(output) => {
                 check_output_size(&plugin, output.len())?;
                 serde_json::from_str(&output).map_err(|e| CallError::BadOutput {
@@ -219,10 +322,7 @@ impl PluginRuntime {
                     detail: format!("tool {tool} returned text that is not JSON: {e}"),
                 })
             }
-            Err(error) => Err(CallError::Tool {
-                code: error.code,
-                message: error.message,
-            }),
+            Err((code, message)) => Err(CallError::Tool { code, message }),
         }
     }
 
@@ -233,66 +333,92 @@ impl PluginRuntime {
         state: &TaskState,
     ) -> Result<PlannerAction, CallError> {
         let plugin = self.plugin_of_kind(planner, PluginKind::Planner)?;
-        let Entry::Planner(pre) = &plugin.entry else {
+        let Entry::Planner(entry) = &plugin.entry else {
             unreachable!("kind checked above")
         };
-        let wit_state = convert::state_to_wit(state);
-        let mut store = self.new_store(&plugin, None)?;
-        let outcome = guarded(&plugin, async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance
-                .opspawn_plugin_planning()
-                .call_next_action(&mut store, &wit_state)
-                .await
+        let outcome = match entry {
+            PlannerEntry::V0_1(pre) => {
+                let state = convert::v0_1::state_to_wit(state);
+                self.call(&plugin, SlotKind::Compute, None, async |store| {
+                    let instance = pre.instantiate_async(&mut *store).await?;
+                    let planning = instance.opspawn_plugin_planning();
+                    let action = planning.call_next_action(store, &state).await?;
+                    Ok(action.map(convert::v0_1::action_from_wit))
+                })
+                .await?
+            }
+            PlannerEntry::V0_2(pre) => {
+                let state = convert::v0_2::state_to_wit(state);
+                self.call(&plugin, SlotKind::Compute, None, async |store| {
+                    let instance = pre.instantiate_async(&mut *store).await?;
+                    let planning = instance.opspawn_plugin_planning();
+                    let action = planning.call_next_action(store, &state).await?;
+                    Ok(action.map(convert::v0_2::action_from_wit))
+                })
+                .await?
+            }
+        };
+        outcome.map_err(|message| CallError::Planner {
+            plugin: plugin.info.name.clone(),
+            message,
         })
-        .await;
-        match settle(&plugin, &store, outcome)? {
-            Ok(action) => Ok(convert::action_from_wit(action)),
-            Err(message) => Err(CallError::Planner {
-                plugin: plugin.info.name.clone(),
-                message,
-            }),
-        }
     }
 
-    /// Sends a chat request through an LLM adapter. Text the adapter streams
-    /// is sent to `deltas` as it arrives.
+    /// Sends a chat request through an LLM adapter, giving up at `deadline`.
+    /// Text is sent to `deltas` as it arrives.
+    ///
+    /// A translating (0.2) adapter holds an instance only while it
+    /// translates; the host performs the HTTP exchange in between. A 0.1
+    /// adapter makes the call itself and holds its instance throughout.
     pub async fn complete(
         &self,
         adapter: &str,
         context: &CallContext,
         request: &ChatRequest,
         deltas: Option<mpsc::UnboundedSender<String>>,
+        deadline: Instant,
     ) -> Result<ChatResponse, CallError> {
         let plugin = self.plugin_of_kind(adapter, PluginKind::LlmAdapter)?;
-        let Entry::LlmAdapter(pre) = &plugin.entry else {
+        let Entry::LlmAdapter(entry) = &plugin.entry else {
             unreachable!("kind checked above")
         };
-        let wit_context = convert::context_to_wit(context);
-        let wit_request = convert::request_to_wit(request);
-        let mut store = self.new_store(&plugin, deltas)?;
-        let outcome = guarded(&plugin, async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance
-                .opspawn_plugin_chat()
-                .call_complete(&mut store, &wit_context, &wit_request)
-                .await
-        })
-        .await;
-        match settle(&plugin, &store, outcome)? {
-            Ok(response) => {
-                let size = response.message.content.len()
-                    + response
-                        .message
-                        .tool_calls
-                        .iter()
-                        .map(|c| c.arguments.len())
-                        .sum::<usize>();
-                check_output_size(&plugin, size)?;
-                Ok(convert::response_from_wit(response))
+        let response = match entry {
+            AdapterEntry::Translating(pre) => {
+                let call = llm_call::TranslatedCall {
+                    runtime: self,
+                    plugin: &plugin,
+                    pre,
+                    deltas: deltas.as_ref(),
+                    deadline,
+                };
+                call.run(context, request).await?
             }
-            Err(error) => Err(CallError::Llm(convert::llm_error_from_wit(error))),
-        }
+            AdapterEntry::Calling(pre) => {
+                let context = convert::v0_1::context_to_wit(context);
+                let request = convert::v0_1::request_to_wit(request);
+                let call = self.call(&plugin, SlotKind::NetworkBound, deltas, async |store| {
+                    let instance = pre.instantiate_async(&mut *store).await?;
+                    let chat = instance.opspawn_plugin_chat();
+                    let response = chat.call_complete(store, &context, &request).await?;
+                    Ok(response
+                        .map(convert::v0_1::response_from_wit)
+                        .map_err(convert::v0_1::llm_error_from_wit))
+                });
+                match tokio::time::timeout_at(deadline.into(), call).await {
+                    Ok(result) => result?.map_err(CallError::Llm)?,
+                    Err(_) => return Err(llm_timeout(&plugin)),
+                }
+            }
+        };
+        let size = response.message.content.len()
+            + response
+                .message
+                .tool_calls
+                .iter()
+                .map(|c| c.arguments.to_string().len())
+                .sum::<usize>();
+        check_output_size(&plugin, size)?;
+        Ok(response)
     }
 
     fn plugin_of_kind(&self, name: &str, kind: PluginKind) -> Result<Arc<Plugin>, CallError> {
@@ -303,6 +429,21 @@ impl PluginRuntime {
                 kind,
                 name: name.to_owned(),
             })
+    }
+
+    /// Runs one call of `plugin` in a fresh store, once the slots it needs
+    /// are free, under the plugin's limits.
+    async fn call<T>(
+        &self,
+        plugin: &Plugin,
+        kind: SlotKind,
+        deltas: Option<mpsc::UnboundedSender<String>>,
+        call: impl AsyncFnOnce(&mut Store<CallState>) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
+        let _slots = self.slots.acquire(kind).await;
+        let mut store = self.new_store(plugin, deltas)?;
+        let outcome = guarded(plugin, call(&mut store)).await;
+        settle(plugin, &store, outcome)
     }
 
     /// A fresh store for one call, limited as the plugin's manifest says.
@@ -336,6 +477,22 @@ impl PluginRuntime {
         });
         Ok(store)
     }
+}
+
+/// The error for an LLM call that ran out of its time.
+fn llm_timeout(plugin: &Plugin) -> CallError {
+    CallError::Llm(LlmError {
+        kind: crate::protocol::LlmErrorKind::Timeout,
+        message: format!(
+            "the call to LLM adapter {} did not finish within its limit of {}, retries included \
+             (the manifest's call_timeout_ms)",
+            plugin.info.name,
+            humantime::format_duration(plugin.info.limits.call_timeout)
+        ),
+        status: None,
+        body: None,
+        retry_after_ms: None,
+    })
 }
 
 /// Why a guarded call did not produce a value.

@@ -94,7 +94,7 @@ impl HostGrant {
     }
 }
 
-fn default_port(scheme: &str) -> u16 {
+pub(super) fn default_port(scheme: &str) -> u16 {
     if scheme == "https" { 443 } else { 80 }
 }
 
@@ -111,7 +111,7 @@ pub struct Credential {
 impl Credential {
     /// The header value, or `None` if a variable it needs is unset (the
     /// request then goes without it and the provider answers 401).
-    fn value(&self) -> Option<HeaderValue> {
+    pub(super) fn value(&self) -> Option<HeaderValue> {
         let mut value = String::new();
         let mut rest = self.template.as_str();
         while let Some(start) = rest.find("${") {
@@ -151,7 +151,7 @@ pub struct OutboundPolicy {
 impl OutboundPolicy {
     /// Checks a request against the grants and resolves its host; returns
     /// the address to connect to.
-    async fn check(&self, uri: &Uri) -> Result<SocketAddr, HttpError> {
+    pub(super) async fn check(&self, uri: &Uri) -> Result<SocketAddr, HttpError> {
         let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
         let host = uri
             .host()
@@ -193,6 +193,27 @@ impl OutboundPolicy {
     }
 }
 
+impl OutboundPolicy {
+    /// Adds the credentials granted for `scheme://host:port` to `headers`,
+    /// replacing whatever was written under their names.
+    pub(super) fn apply_credentials(
+        &self,
+        scheme: &str,
+        host: &str,
+        port: u16,
+        headers: &mut hyper::HeaderMap,
+    ) {
+        for credential in &self.credentials {
+            if credential.host.matches(scheme, host, port) {
+                headers.remove(&credential.header);
+                if let Some(value) = credential.value() {
+                    headers.insert(credential.header.clone(), value);
+                }
+            }
+        }
+    }
+}
+
 /// The `wasi:http` hooks for one call: the plugin's policy applied to each
 /// outgoing request.
 pub struct PolicyHooks {
@@ -228,17 +249,7 @@ impl WasiHttpHooks for PolicyHooks {
                 .trim_end_matches(']')
                 .to_ascii_lowercase();
             let port = uri.port_u16().unwrap_or_else(|| default_port(&scheme));
-            for credential in &policy.credentials {
-                if credential.host.matches(&scheme, &host, port) {
-                    // Whatever the plugin wrote under this name is replaced.
-                    request.headers_mut().remove(&credential.header);
-                    if let Some(value) = credential.value() {
-                        request
-                            .headers_mut()
-                            .insert(credential.header.clone(), value);
-                    }
-                }
-            }
+            policy.apply_credentials(&scheme, &host, port, request.headers_mut());
             send_to(address, &host, scheme == "https", request, options).await
         })
     }
@@ -322,7 +333,7 @@ where
 }
 
 /// TLS with the Mozilla root certificates, built once.
-fn tls_connector() -> tokio_rustls::TlsConnector {
+pub(super) fn tls_connector() -> tokio_rustls::TlsConnector {
     static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
     let config = CONFIG.get_or_init(|| {
         let roots = rustls::RootCertStore {

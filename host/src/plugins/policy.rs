@@ -54,6 +54,17 @@ fn allows(list: &Option<Vec<String>>, item: &str) -> bool {
 }
 
 impl OperatorPolicy {
+    /// Whether the policy lets `plugin` reach `host` (`scheme://host[:port]`)
+    /// and send a credential drawn from `secrets`. Used for an adapter's
+    /// base URL, which the host itself calls.
+    pub fn allows_endpoint(&self, plugin: &str, host: &str, secrets: &[String]) -> bool {
+        let scoped = self.plugins.get(plugin).map(|p| &p.allow);
+        std::iter::once(&self.all).chain(scoped).all(|rules| {
+            allows(&rules.outbound_hosts, host)
+                && secrets.iter().all(|name| allows(&rules.secrets, name))
+        })
+    }
+
     /// Whether the operator lets the plugin load at all.
     pub fn enabled(&self, plugin: &str) -> bool {
         self.plugins
@@ -110,10 +121,16 @@ impl OperatorPolicy {
         });
         // A secret never becomes readable: a variable a credential draws
         // from is not granted as plain environment, whatever the manifest says.
+        let adapter_credential = manifest
+            .adapter
+            .as_ref()
+            .and_then(|a| a.credential.as_ref());
         let secrets: Vec<String> = capabilities
             .credentials
             .iter()
-            .flat_map(|c| super::outbound::template_variables(&c.value))
+            .map(|c| c.value.as_str())
+            .chain(adapter_credential.map(|c| c.value.as_str()))
+            .flat_map(super::outbound::template_variables)
             .collect();
         capabilities.env.retain(|name| {
             let keep = !secrets.contains(name);

@@ -17,10 +17,10 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, InstancePre};
 
-use super::bindings::{self, llm_adapter::LlmAdapterPre, planner::PlannerPre, tool::ToolPre};
+use super::bindings::{self, WitVersion, v0_1, v0_2};
 use super::manifest::{Grants, Limits, Manifest};
 use super::state::CallState;
-use super::{PluginRuntime, convert, guarded, settle};
+use super::{PluginRuntime, SlotKind, convert};
 use crate::protocol::ToolSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -39,12 +39,13 @@ impl PluginKind {
         }
     }
 
-    /// The interface a component of this kind exports.
-    fn export_interface(self) -> &'static str {
-        match self {
-            Self::Tool => "tools",
-            Self::Planner => "planning",
-            Self::LlmAdapter => "chat",
+    /// The interface a component of this kind exports in `version`.
+    fn export_interface(self, version: WitVersion) -> &'static str {
+        match (self, version) {
+            (Self::Tool, _) => "tools",
+            (Self::Planner, _) => "planning",
+            (Self::LlmAdapter, WitVersion::V0_1) => "chat",
+            (Self::LlmAdapter, WitVersion::V0_2) => "translate",
         }
     }
 }
@@ -84,10 +85,29 @@ pub struct LoadFailure {
     pub error: String,
 }
 
+/// A loaded component, pre-linked for the WIT version it was built against.
 pub(super) enum Entry {
-    Tool { pre: ToolPre<CallState> },
-    Planner(PlannerPre<CallState>),
-    LlmAdapter(LlmAdapterPre<CallState>),
+    Tool(ToolEntry),
+    Planner(PlannerEntry),
+    LlmAdapter(AdapterEntry),
+}
+
+pub(super) enum ToolEntry {
+    V0_1(v0_1::tool::ToolPre<CallState>),
+    V0_2(v0_2::tool::ToolPre<CallState>),
+}
+
+pub(super) enum PlannerEntry {
+    V0_1(v0_1::planner::PlannerPre<CallState>),
+    V0_2(v0_2::planner::PlannerPre<CallState>),
+}
+
+pub(super) enum AdapterEntry {
+    /// Performs its own HTTP through `wasi:http`, holding its instance
+    /// while the provider answers.
+    Calling(v0_1::llm_adapter::LlmAdapterPre<CallState>),
+    /// Only translates; the host performs the exchange.
+    Translating(v0_2::llm_adapter::LlmAdapterPre<CallState>),
 }
 
 pub(super) struct Plugin {
@@ -267,6 +287,22 @@ impl PluginRuntime {
             tracing::warn!(plugin = %name, "policy refused {refusal}");
         }
         let grants = manifest.grants(&self.options.plugin_dir)?;
+        if let Some(endpoint) = &grants.adapter {
+            let secrets = endpoint
+                .credential
+                .as_ref()
+                .map(|c| c.variables.clone())
+                .unwrap_or_default();
+            if !policy.allows_endpoint(&name, &endpoint.origin(), &secrets) {
+                return Err(format!(
+                    "the operator's policy does not let it reach its base URL {} with its \
+                     credential; allow {} under [policy] outbound_hosts (and the credential's \
+                     variables under secrets)",
+                    endpoint.base_url,
+                    endpoint.origin()
+                ));
+            }
+        }
         if limits.memory_bytes > self.options.engine.max_memory_bytes {
             return Err(format!(
                 "its manifest asks for {} MiB of memory; this host allows at most {} MiB",
@@ -285,25 +321,40 @@ impl PluginRuntime {
                 .map_err(|e| format!("compiling panicked: {e}"))?
                 .map_err(|e| format!("not a valid WebAssembly component: {e:#}"))?
         };
-        let (kind, wit_version) = detect_kind(&self.engine, &component)?;
+        let (kind, version) = detect_kind(&self.engine, &component)?;
         let pre: InstancePre<CallState> = self
             .linker
             .instantiate_pre(&component)
             .map_err(|e| format!("it imports something this host does not provide: {e:#}"))?;
         let mismatch = |e: wasmtime::Error| {
             format!(
-                "its exports do not match the {kind} world of {}@{}: {e:#}",
+                "its exports do not match the {kind} world of {}@{version}: {e:#}",
                 bindings::WIT_PACKAGE,
-                bindings::WIT_VERSION
             )
         };
-        let entry = match kind {
-            PluginKind::Tool => Entry::Tool {
-                pre: ToolPre::new(pre).map_err(mismatch)?,
-            },
-            PluginKind::Planner => Entry::Planner(PlannerPre::new(pre).map_err(mismatch)?),
-            PluginKind::LlmAdapter => Entry::LlmAdapter(LlmAdapterPre::new(pre).map_err(mismatch)?),
+        let entry = match (kind, version) {
+            (PluginKind::Tool, WitVersion::V0_1) => Entry::Tool(ToolEntry::V0_1(
+                v0_1::tool::ToolPre::new(pre).map_err(mismatch)?,
+            )),
+            (PluginKind::Tool, WitVersion::V0_2) => Entry::Tool(ToolEntry::V0_2(
+                v0_2::tool::ToolPre::new(pre).map_err(mismatch)?,
+            )),
+            (PluginKind::Planner, WitVersion::V0_1) => Entry::Planner(PlannerEntry::V0_1(
+                v0_1::planner::PlannerPre::new(pre).map_err(mismatch)?,
+            )),
+            (PluginKind::Planner, WitVersion::V0_2) => Entry::Planner(PlannerEntry::V0_2(
+                v0_2::planner::PlannerPre::new(pre).map_err(mismatch)?,
+            )),
+            (PluginKind::LlmAdapter, WitVersion::V0_1) => Entry::LlmAdapter(AdapterEntry::Calling(
+                v0_1::llm_adapter::LlmAdapterPre::new(pre).map_err(mismatch)?,
+            )),
+            (PluginKind::LlmAdapter, WitVersion::V0_2) => {
+                Entry::LlmAdapter(AdapterEntry::Translating(
+                    v0_2::llm_adapter::LlmAdapterPre::new(pre).map_err(mismatch)?,
+                ))
+            }
         };
+        let wit_version = version.as_str().to_owned();
         let mut plugin = Plugin {
             info: PluginInfo {
                 name,
@@ -338,28 +389,40 @@ impl PluginRuntime {
 
     /// Asks a tool component which tools it offers.
     async fn describe(&self, plugin: &Plugin) -> Result<Vec<ToolSpec>, String> {
-        let Entry::Tool { pre } = &plugin.entry else {
+        let Entry::Tool(entry) = &plugin.entry else {
             unreachable!("only tools are described")
         };
-        let mut store = self.new_store(plugin, None).map_err(|e| e.to_string())?;
-        let outcome = guarded(plugin, async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance
-                .opspawn_plugin_tools()
-                .call_describe(&mut store)
+        let failed = |e: super::CallError| format!("describing its tools failed: {e}");
+        let specs: Vec<(String, Result<ToolSpec, String>)> = match entry {
+            ToolEntry::V0_1(pre) => self
+                .call(plugin, SlotKind::Compute, None, async |store| {
+                    let instance = pre.instantiate_async(&mut *store).await?;
+                    instance.opspawn_plugin_tools().call_describe(store).await
+                })
                 .await
-        })
-        .await;
-        let specs = settle(plugin, &store, outcome)
-            .map_err(|e| format!("describing its tools failed: {e}"))?;
+                .map_err(failed)?
+                .into_iter()
+                .map(|spec| (spec.name.clone(), convert::v0_1::tool_spec_from_wit(spec)))
+                .collect(),
+            ToolEntry::V0_2(pre) => self
+                .call(plugin, SlotKind::Compute, None, async |store| {
+                    let instance = pre.instantiate_async(&mut *store).await?;
+                    instance.opspawn_plugin_tools().call_describe(store).await
+                })
+                .await
+                .map_err(failed)?
+                .into_iter()
+                .map(|spec| (spec.name.clone(), convert::v0_2::tool_spec_from_wit(spec)))
+                .collect(),
+        };
         if specs.is_empty() {
             return Err("it describes no tools".into());
         }
         specs
             .into_iter()
-            .map(|spec| {
-                validate_name(&spec.name).map_err(|e| format!("tool name {:?} {e}", spec.name))?;
-                convert::tool_spec_from_wit(spec)
+            .map(|(name, spec)| {
+                validate_name(&name).map_err(|e| format!("tool name {name:?} {e}"))?;
+                spec
             })
             .collect()
     }
@@ -453,11 +516,12 @@ fn validate_name(name: &str) -> Result<(), &'static str> {
 }
 
 /// Decides the kind of a component from the Opspawn interface it exports,
-/// and checks that it was built against a compatible WIT version.
+/// and the WIT version it was built against, which must be one this host
+/// knows exactly.
 fn detect_kind(
     engine: &wasmtime::Engine,
     component: &Component,
-) -> Result<(PluginKind, String), String> {
+) -> Result<(PluginKind, WitVersion), String> {
     let prefix = format!("{}/", bindings::WIT_PACKAGE);
     let mut found = None;
     for (name, item) in component.component_type().exports(engine) {
@@ -468,50 +532,60 @@ fn detect_kind(
             continue;
         }
         let (interface, version) = rest.split_once('@').unwrap_or((rest, ""));
+        let Some(known) = WitVersion::parse(version) else {
+            return Err(unknown_version(version));
+        };
         let kind = [
             PluginKind::Tool,
             PluginKind::Planner,
             PluginKind::LlmAdapter,
         ]
         .into_iter()
-        .find(|kind| kind.export_interface() == interface);
+        .find(|kind| kind.export_interface(known) == interface);
         if let Some(kind) = kind {
             if found.is_some() {
                 return Err("it exports more than one Opspawn plugin interface".into());
             }
-            found = Some((kind, version.to_owned()));
+            found = Some((kind, known));
         }
     }
-    let Some((kind, version)) = found else {
-        return Err(format!(
-            "it exports none of {0}/tools, {0}/planning or {0}/chat; build it against the `tool`, \
-             `planner` or `llm-adapter` world in wit/",
-            bindings::WIT_PACKAGE
-        ));
-    };
-    if !compatible(&version, bindings::WIT_VERSION) {
-        return Err(format!(
-            "it was built against {}@{version}, but this host speaks {}@{}",
+    found.ok_or_else(|| {
+        format!(
+            "it exports none of {0}/tools, {0}/planning or {0}/translate; build it against the \
+             `tool`, `planner` or `llm-adapter` world in wit/v{1}",
             bindings::WIT_PACKAGE,
-            bindings::WIT_PACKAGE,
-            bindings::WIT_VERSION
-        ));
-    }
-    Ok((kind, version))
+            WitVersion::LATEST
+        )
+    })
 }
 
-/// Semver compatibility as the component model applies it: for 0.x
-/// versions the minor must match, otherwise the major.
-fn compatible(found: &str, host: &str) -> bool {
-    let parts = |v: &str| -> Option<(u64, u64)> {
-        let mut it = v.split(['.', '-', '+']);
-        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+/// Why a component built against `version` cannot load here, and what to do.
+fn unknown_version(version: &str) -> String {
+    let known: Vec<&str> = WitVersion::ALL.iter().map(|v| v.as_str()).collect();
+    let newer = semver_pair(version)
+        .zip(semver_pair(WitVersion::LATEST.as_str()))
+        .is_some_and(|(found, latest)| found > latest);
+    let advice = if newer {
+        "it is newer than this host: upgrade Opspawn, or rebuild the plugin against wit/v"
+    } else {
+        "rebuild the plugin against wit/v"
     };
-    match (parts(found), parts(host)) {
-        (Some((0, found_minor)), Some((0, host_minor))) => found_minor == host_minor,
-        (Some((found_major, _)), Some((host_major, _))) => found_major == host_major,
-        _ => false,
-    }
+    format!(
+        "it was built against {}@{version}, which this host does not know (it loads {}); {advice}{}",
+        bindings::WIT_PACKAGE,
+        known.join(", "),
+        WitVersion::LATEST
+    )
+}
+
+/// `(major, minor, patch)` of a version like `0.2.0`.
+fn semver_pair(version: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = version.split(['.', '-', '+']);
+    Some((
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    ))
 }
 
 #[cfg(test)]
@@ -519,12 +593,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn versions_compatible_as_the_component_model_says() {
-        assert!(compatible("0.1.0", "0.1.0"));
-        assert!(compatible("0.1.3", "0.1.0"));
-        assert!(!compatible("0.2.0", "0.1.0"));
-        assert!(compatible("1.4.0", "1.0.0"));
-        assert!(!compatible("", "0.1.0"));
+    fn only_versions_this_host_knows_exactly_load() {
+        assert_eq!(WitVersion::parse("0.1.0"), Some(WitVersion::V0_1));
+        assert_eq!(WitVersion::parse("0.2.0"), Some(WitVersion::V0_2));
+        for unknown in ["0.1.3", "0.2.1", "0.3.0", "1.0.0", ""] {
+            assert_eq!(WitVersion::parse(unknown), None, "{unknown}");
+        }
+    }
+
+    #[test]
+    fn a_newer_guest_is_told_to_upgrade_the_host() {
+        let message = unknown_version("0.3.0");
+        assert!(message.contains("upgrade Opspawn"), "{message}");
+        assert!(message.contains("0.1.0, 0.2.0"), "{message}");
+        let message = unknown_version("0.0.9");
+        assert!(!message.contains("upgrade Opspawn"), "{message}");
+        assert!(message.contains("wit/v0.2.0"), "{message}");
     }
 
     #[test]

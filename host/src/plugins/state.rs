@@ -10,7 +10,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use super::bindings::{llm_stream, logging};
+use super::bindings::v0_1;
 use super::manifest::{Grants, Limits};
 use super::outbound::PolicyHooks;
 
@@ -101,20 +101,50 @@ impl WasiHttpView for CallState {
     }
 }
 
-impl logging::Host for CallState {
-    fn log(&mut self, level: logging::Level, message: String) {
+impl CallState {
+    fn log(&self, level: tracing::Level, message: &str) {
         let plugin = &*self.plugin;
         match level {
-            logging::Level::Trace => tracing::trace!(plugin, "{message}"),
-            logging::Level::Debug => tracing::debug!(plugin, "{message}"),
-            logging::Level::Info => tracing::info!(plugin, "{message}"),
-            logging::Level::Warn => tracing::warn!(plugin, "{message}"),
-            logging::Level::Error => tracing::error!(plugin, "{message}"),
+            tracing::Level::TRACE => tracing::trace!(plugin, "{message}"),
+            tracing::Level::DEBUG => tracing::debug!(plugin, "{message}"),
+            tracing::Level::INFO => tracing::info!(plugin, "{message}"),
+            tracing::Level::WARN => tracing::warn!(plugin, "{message}"),
+            tracing::Level::ERROR => tracing::error!(plugin, "{message}"),
         }
     }
 }
 
-impl llm_stream::Host for CallState {
+/// The `logging` interface of each WIT version, mapped onto `tracing`.
+macro_rules! logging_host {
+    ($logging:path) => {
+        impl $logging for CallState {
+            fn log(&mut self, level: Level, message: String) {
+                let level = match level {
+                    Level::Trace => tracing::Level::TRACE,
+                    Level::Debug => tracing::Level::DEBUG,
+                    Level::Info => tracing::Level::INFO,
+                    Level::Warn => tracing::Level::WARN,
+                    Level::Error => tracing::Level::ERROR,
+                };
+                CallState::log(self, level, &message);
+            }
+        }
+    };
+}
+
+mod logging_v0_1 {
+    use super::CallState;
+    use crate::plugins::bindings::v0_1::logging::Level;
+    logging_host!(crate::plugins::bindings::v0_1::logging::Host);
+}
+
+mod logging_v0_2 {
+    use super::CallState;
+    use crate::plugins::bindings::v0_2::logging::Level;
+    logging_host!(crate::plugins::bindings::v0_2::logging::Host);
+}
+
+impl v0_1::llm_stream::Host for CallState {
     fn emit_delta(&mut self, text: String) {
         if let Some(deltas) = &self.deltas {
             // Nobody listening is fine: streaming is a courtesy.

@@ -8,7 +8,7 @@
 //! idempotency key).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -143,6 +143,7 @@ impl Run {
                 goal: self.task.goal.clone(),
                 tools: tools.clone(),
                 steps: self.steps.iter().filter_map(planner_view).collect(),
+                history: Vec::new(),
                 max_steps: self.task.max_steps,
                 options: option_section(&self.task.options, "planner"),
             };
@@ -289,19 +290,41 @@ impl Run {
         // Every try of a step runs under the same number, so the same
         // idempotency key: a tool with side effects can tell a retry.
         let context = CallContext::new(&self.task.id, seq);
+        // An LLM call, retries included, lasts no longer than its adapter's
+        // call_timeout_ms: a hung provider is cut there, not retried past it.
+        let llm_deadline = (kind == StepKind::Llm).then(|| {
+            let limit = self
+                .shared
+                .runtime
+                .call_timeout(&self.task.llm)
+                .unwrap_or(Duration::ZERO);
+            Instant::now() + limit
+        });
         let mut tries = 0;
         let (output, usage) = loop {
             let attempt = match kind {
-                StepKind::Llm => self.call_llm(&context, input.clone()).await,
+                StepKind::Llm => {
+                    let deadline = llm_deadline
+                        .unwrap_or_else(Instant::now)
+                        .min(Instant::now() + self.remaining());
+                    self.call_llm(&context, input.clone(), deadline).await
+                }
                 StepKind::Tool => Attempt::from(self.call_tool(&context, input.clone()).await),
             };
             let Err(error) = &attempt.output else {
                 break (attempt.output, attempt.usage);
             };
             let delay = self.shared.config.retry.delay(tries, attempt.retry_after);
+            let time_left = llm_deadline.map_or_else(
+                || self.remaining(),
+                |end| {
+                    end.saturating_duration_since(Instant::now())
+                        .min(self.remaining())
+                },
+            );
             let may_retry = is_transient(&error.code)
                 && self.retries_used < self.task.max_retries
-                && delay < self.remaining()
+                && delay < time_left
                 && !self.cancel.is_cancelled()
                 && !self.lost.is_cancelled()
                 && !self.shared.shutdown.is_cancelled();
@@ -346,7 +369,7 @@ impl Run {
         }
     }
 
-    async fn call_llm(&self, context: &CallContext, input: Value) -> Attempt {
+    async fn call_llm(&self, context: &CallContext, input: Value, deadline: Instant) -> Attempt {
         let request: ChatRequest = match serde_json::from_value(input) {
             Ok(request) => request,
             Err(e) => {
@@ -366,25 +389,26 @@ impl Run {
                 });
             }
         });
-        let call = self
+        let result = self
             .shared
             .runtime
-            .complete(&self.task.llm, context, &request, Some(deltas));
-        let result = tokio::time::timeout(self.remaining(), call).await;
+            .complete(&self.task.llm, context, &request, Some(deltas), deadline)
+            .await;
         let _ = forward.await;
         match result {
-            Ok(Ok(response)) => Attempt {
+            Ok(response) => Attempt {
                 usage: response.usage,
                 output: Ok(json!(response)),
                 retry_after: None,
             },
-            Ok(Err(CallError::Llm(error))) => Attempt {
+            // The task's own time ran out first.
+            Err(_) if self.remaining().is_zero() => Attempt::from(Err(timed_out_error(&self.task))),
+            Err(CallError::Llm(error)) => Attempt {
                 output: Err(llm_error_info(&error)),
                 usage: None,
                 retry_after: error.retry_after_ms.map(Duration::from_millis),
             },
-            Ok(Err(error)) => Attempt::from(Err(ErrorInfo::new(error.code(), error.to_string()))),
-            Err(_) => Attempt::from(Err(timed_out_error(&self.task))),
+            Err(error) => Attempt::from(Err(ErrorInfo::new(error.code(), error.to_string()))),
         }
     }
 

@@ -1,51 +1,44 @@
-//! The Anthropic adapter: the Messages API at `{ANTHROPIC_BASE_URL}/v1/messages`
-//! (default `https://api.anthropic.com`), model `claude-sonnet-4-5` unless the
-//! request names one. The host adds the `x-api-key` header.
+//! The Anthropic adapter: the Messages API at `/v1/messages` under the base
+//! URL of its manifest (`https://api.anthropic.com` unless the operator sets
+//! `ANTHROPIC_BASE_URL`), model `claude-sonnet-4-5` unless the request or the
+//! `default_model` setting names another, API version `2023-06-01` unless
+//! the `api_version` setting names another. The host adds the `x-api-key`
+//! header.
 
 mod request;
 mod response;
 mod stream;
 
-use llm_http::wire::{ReplyContext, Wire};
+use llm_http::wire::{Adapter, ReplyContext, Wire};
 use llm_http::{
-    CallContext, ChatRequest, ChatResponse, Guest, LlmError, Provider, base_url, model_or,
+    ChatRequest, ChatResponse, LlmError, Provider, Settings, SseEvent, StreamPart, model_or,
 };
 use serde_json::Value;
-
-pub use stream::MessagesStream;
 
 const PROVIDER: Provider = Provider {
     name: "Anthropic",
     key_env: "ANTHROPIC_API_KEY",
 };
 const DEFAULT_MODEL: &str = "claude-sonnet-4-5";
-const API_VERSION: &str = "2023-06-01";
+const DEFAULT_API_VERSION: &str = "2023-06-01";
 
 pub struct Messages {
-    base_url: String,
-}
-
-impl Messages {
-    fn from_env() -> Self {
-        Self {
-            base_url: base_url("ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
-        }
-    }
+    default_model: String,
+    /// Sent as `anthropic-version`.
+    api_version: String,
 }
 
 impl Wire for Messages {
-    type Decoder = MessagesStream;
-
     fn provider(&self) -> Provider {
         PROVIDER
     }
 
     fn model(&self, request: &ChatRequest) -> String {
-        model_or(request, DEFAULT_MODEL)
+        model_or(request, &self.default_model)
     }
 
-    fn url(&self, _model: &str, _stream: bool) -> String {
-        format!("{}/v1/messages", self.base_url)
+    fn path(&self, _model: &str, _stream: bool) -> String {
+        "/v1/messages".into()
     }
 
     fn headers(&self, stream: bool) -> Vec<(String, String)> {
@@ -57,7 +50,7 @@ impl Wire for Messages {
         [
             ("content-type", "application/json"),
             ("accept", accept),
-            ("anthropic-version", API_VERSION),
+            ("anthropic-version", &self.api_version),
         ]
         .map(|(name, value)| (name.to_owned(), value.to_owned()))
         .to_vec()
@@ -71,17 +64,28 @@ impl Wire for Messages {
         response::parse(body, context.clone())
     }
 
-    fn decoder(&self, context: ReplyContext) -> MessagesStream {
-        MessagesStream::new(context)
+    fn decode(
+        &self,
+        event: &SseEvent,
+        context: &ReplyContext,
+        parts: &mut Vec<StreamPart>,
+    ) -> Result<(), LlmError> {
+        stream::decode(event, context, parts)
     }
 }
 
-/// The exported `chat` implementation.
+/// The exported `translate` implementation.
 pub struct Anthropic;
 
-impl Guest for Anthropic {
-    fn complete(_context: CallContext, request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        llm_http::driver::run(&Messages::from_env(), &request)
+impl Adapter for Anthropic {
+    type Wire = Messages;
+    const PROVIDER: Provider = PROVIDER;
+
+    fn wire(settings: &Settings) -> Result<Messages, LlmError> {
+        Ok(Messages {
+            default_model: settings.text_or(&PROVIDER, "default_model", DEFAULT_MODEL)?,
+            api_version: settings.text_or(&PROVIDER, "api_version", DEFAULT_API_VERSION)?,
+        })
     }
 }
 

@@ -5,7 +5,8 @@
 //! say) are merged into one turn, and the system prompt is a top-level field.
 
 use llm_http::json::{arguments_object, input_schema, number};
-use llm_http::{ChatMessage, ChatRequest, LlmError, Role};
+use llm_http::wire::no_tools_to_choose;
+use llm_http::{ChatMessage, ChatRequest, LlmError, Role, ToolChoice};
 use serde_json::{Value, json};
 
 use crate::PROVIDER;
@@ -63,14 +64,40 @@ pub fn build(request: &ChatRequest, model: &str, stream: bool) -> Result<Value, 
             })
             .collect::<Result<Vec<_>, LlmError>>()?;
         body["tools"] = Value::Array(tools);
+        if let Some(choice) = tool_choice(&request.tool_choice, request.parallel_tool_calls) {
+            body["tool_choice"] = choice;
+        }
+    } else {
+        no_tools_to_choose(&PROVIDER, &request.tool_choice)?;
     }
     if let Some(temperature) = request.temperature {
         body["temperature"] = number(temperature);
+    }
+    if let Some(top_p) = request.top_p {
+        body["top_p"] = number(top_p);
     }
     if !request.stop.is_empty() {
         body["stop_sequences"] = json!(request.stop);
     }
     Ok(body)
+}
+
+/// `tool_choice`, left out when it says what Anthropic assumes anyway: any
+/// tool, in parallel if the model likes.
+fn tool_choice(choice: &ToolChoice, parallel: Option<bool>) -> Option<Value> {
+    let mut value = match choice {
+        ToolChoice::Auto => json!({"type": "auto"}),
+        // Parallelism means nothing when no tool may be called.
+        ToolChoice::None => return Some(json!({"type": "none"})),
+        ToolChoice::Required => json!({"type": "any"}),
+        ToolChoice::Named(name) => json!({"type": "tool", "name": name}),
+    };
+    if parallel == Some(false) {
+        value["disable_parallel_tool_use"] = json!(true);
+    } else if matches!(choice, ToolChoice::Auto) {
+        return None;
+    }
+    Some(value)
 }
 
 /// Anthropic refuses empty text blocks, so empty text adds none.

@@ -1,14 +1,12 @@
 use llm_http::fixtures::{WEATHER_SCHEMA, decode_stream, message, tool_result, weather_request};
-use llm_http::http::Headers;
-use llm_http::{FinishReason, LlmErrorKind, Role, ToolCall, Usage};
+use llm_http::headers::Headers;
+use llm_http::{FinishReason, LlmErrorKind, Role, ToolCall, ToolChoice, Usage};
 use serde_json::{Value, json};
 
 use super::*;
 
 fn wire() -> Messages {
-    Messages {
-        base_url: "https://api.anthropic.com".into(),
-    }
+    Anthropic::wire(&Settings::default()).unwrap()
 }
 
 fn context() -> ReplyContext {
@@ -97,10 +95,7 @@ fn system_messages_join_the_system_prompt_and_same_roles_merge() {
 #[test]
 fn the_endpoint_and_headers() {
     let wire = wire();
-    assert_eq!(
-        wire.url("m", false),
-        "https://api.anthropic.com/v1/messages"
-    );
+    assert_eq!(wire.path("m", false), "/v1/messages");
     let headers = wire.headers(true);
     for (name, value) in [
         ("anthropic-version", "2023-06-01"),
@@ -220,7 +215,7 @@ data: {"type":"message_stop"}
 #[test]
 fn streams_emit_text_and_assemble_tool_input() {
     for size in [1, 13, STREAM.len()] {
-        let (response, emitted) = decode_stream(wire().decoder(context()), STREAM, size);
+        let (response, emitted) = decode_stream(&wire(), &context(), STREAM, size);
         let response = response.unwrap();
         assert_eq!(emitted, ["Okay", ", let's check the weather."]);
         assert_eq!(response.message.content, "Okay, let's check the weather.");
@@ -260,7 +255,7 @@ fn error_events_map_by_type() {
             "event: message_start\ndata: {}\n\nevent: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"{kind_name}\",\"message\":\"Overloaded\"}}}}\n\n",
             r#"{"type":"message_start","message":{"model":"m","usage":{"input_tokens":1}}}"#
         );
-        let (response, _) = decode_stream(wire().decoder(context()), &stream, 10);
+        let (response, _) = decode_stream(&wire(), &context(), &stream, 10);
         let error = response.unwrap_err();
         assert_eq!(error.kind, kind, "{kind_name}");
         assert!(error.body.unwrap().contains(kind_name));
@@ -270,7 +265,7 @@ fn error_events_map_by_type() {
 #[test]
 fn streams_cut_short_are_unavailable() {
     let cut = &STREAM[..STREAM.find("event: message_delta").unwrap()];
-    let (response, _) = decode_stream(wire().decoder(context()), cut, 64);
+    let (response, _) = decode_stream(&wire(), &context(), cut, 64);
     assert_eq!(response.unwrap_err().kind, LlmErrorKind::Unavailable);
 }
 
@@ -305,6 +300,53 @@ fn malformed_bodies_are_bad_responses() {
         let error = wire().parse(body.as_bytes(), &context()).unwrap_err();
         assert_eq!(error.kind, LlmErrorKind::BadResponse, "{body}");
     }
-    let (response, _) = decode_stream(wire().decoder(context()), "data: nope\n\n", 4);
+    let (response, _) = decode_stream(&wire(), &context(), "data: nope\n\n", 4);
     assert_eq!(response.unwrap_err().kind, LlmErrorKind::BadResponse);
+}
+
+#[test]
+fn settings_choose_the_api_version_and_default_model() {
+    let settings = Settings::parse(
+        &PROVIDER,
+        r#"{"api_version": "2026-10-21", "default_model": "claude-opus-4-1"}"#,
+    )
+    .unwrap();
+    let wire = Anthropic::wire(&settings).unwrap();
+    assert!(
+        wire.headers(false)
+            .contains(&("anthropic-version".into(), "2026-10-21".into()))
+    );
+    assert_eq!(wire.model(&weather_request()), "claude-opus-4-1");
+}
+
+#[test]
+fn tool_choice_parallelism_and_top_p() {
+    let mut request = weather_request();
+    request.top_p = Some(0.5);
+    for (choice, parallel, expected) in [
+        (ToolChoice::Auto, None, None),
+        (ToolChoice::Auto, Some(true), None),
+        (
+            ToolChoice::Auto,
+            Some(false),
+            Some(json!({"type": "auto", "disable_parallel_tool_use": true})),
+        ),
+        (ToolChoice::None, Some(false), Some(json!({"type": "none"}))),
+        (ToolChoice::Required, None, Some(json!({"type": "any"}))),
+        (
+            ToolChoice::Named("get_weather".into()),
+            Some(false),
+            Some(json!({"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true})),
+        ),
+    ] {
+        request.tool_choice = choice;
+        request.parallel_tool_calls = parallel;
+        let body = wire().body(&request, "m", false).unwrap();
+        assert_eq!(body.get("tool_choice"), expected.as_ref(), "{parallel:?}");
+        assert_eq!(body["top_p"], json!(0.5));
+    }
+    request.tools.clear();
+    request.tool_choice = ToolChoice::Required;
+    let error = wire().body(&request, "m", false).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
 }

@@ -6,7 +6,7 @@
 
 pub mod eval;
 
-wit_bindgen::generate!({ world: "tool", path: "../../wit" });
+wit_bindgen::generate!({ world: "tool", path: "../../wit/v0.2.0" });
 
 use exports::opspawn::plugin::tools::{CallContext, Guest, ToolError, ToolSpec};
 use serde_json::{Value, json};
@@ -36,7 +36,7 @@ impl Guest for Calculator {
     }
 }
 
-// The exported symbols are named like `opspawn:plugin/tools@0.1.0#invoke`,
+// The exported symbols are named like `opspawn:plugin/tools@0.2.0#invoke`,
 // which a native linker refuses in a shared library: export them only when
 // building the component, so a host-target `cargo build` or `cargo test` works.
 #[cfg(target_arch = "wasm32")]

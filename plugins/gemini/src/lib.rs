@@ -1,22 +1,21 @@
 //! The Gemini adapter: the Gemini API's `generateContent` (streamed:
-//! `streamGenerateContent?alt=sse`) at `{GEMINI_BASE_URL}/v1beta/models/{model}`
-//! (default `https://generativelanguage.googleapis.com`), model
-//! `gemini-2.5-flash` unless the request names one. The host adds the
-//! `x-goog-api-key` header.
+//! `streamGenerateContent?alt=sse`) at `/v1beta/models/{model}` under the
+//! base URL of its manifest (`https://generativelanguage.googleapis.com`
+//! unless the operator sets `GEMINI_BASE_URL`), model `gemini-2.5-flash`
+//! unless the request or the `default_model` setting names another. The
+//! host adds the `x-goog-api-key` header.
 
 mod request;
 mod response;
 mod schema;
 mod stream;
 
-use llm_http::http::Headers;
-use llm_http::wire::{ReplyContext, Wire};
+use llm_http::headers::Headers;
+use llm_http::wire::{Adapter, ReplyContext, Wire};
 use llm_http::{
-    CallContext, ChatRequest, ChatResponse, Guest, LlmError, Provider, base_url, model_or,
+    ChatRequest, ChatResponse, LlmError, Provider, Settings, SseEvent, StreamPart, model_or,
 };
 use serde_json::Value;
-
-pub use stream::GeminiStream;
 
 const PROVIDER: Provider = Provider {
     name: "Gemini",
@@ -25,29 +24,16 @@ const PROVIDER: Provider = Provider {
 const DEFAULT_MODEL: &str = "gemini-2.5-flash";
 
 pub struct GenerateContent {
-    base_url: String,
-}
-
-impl GenerateContent {
-    fn from_env() -> Self {
-        Self {
-            base_url: base_url(
-                "GEMINI_BASE_URL",
-                "https://generativelanguage.googleapis.com",
-            ),
-        }
-    }
+    default_model: String,
 }
 
 impl Wire for GenerateContent {
-    type Decoder = GeminiStream;
-
     fn provider(&self) -> Provider {
         PROVIDER
     }
 
     fn model(&self, request: &ChatRequest) -> String {
-        let model = model_or(request, DEFAULT_MODEL);
+        let model = model_or(request, &self.default_model);
         // Gemini names models `models/gemini-…`; the path adds the prefix.
         match model.strip_prefix("models/") {
             Some(name) => name.to_owned(),
@@ -55,13 +41,13 @@ impl Wire for GenerateContent {
         }
     }
 
-    fn url(&self, model: &str, stream: bool) -> String {
+    fn path(&self, model: &str, stream: bool) -> String {
         let method = if stream {
             "streamGenerateContent?alt=sse"
         } else {
             "generateContent"
         };
-        format!("{}/v1beta/models/{model}:{method}", self.base_url)
+        format!("/v1beta/models/{model}:{method}")
     }
 
     fn headers(&self, stream: bool) -> Vec<(String, String)> {
@@ -84,8 +70,13 @@ impl Wire for GenerateContent {
         response::parse(body, context.clone())
     }
 
-    fn decoder(&self, context: ReplyContext) -> GeminiStream {
-        GeminiStream::new(context)
+    fn decode(
+        &self,
+        event: &SseEvent,
+        context: &ReplyContext,
+        parts: &mut Vec<StreamPart>,
+    ) -> Result<(), LlmError> {
+        stream::decode(event, context, parts)
     }
 
     fn error(&self, status: u16, headers: &Headers, body: &[u8]) -> LlmError {
@@ -93,12 +84,17 @@ impl Wire for GenerateContent {
     }
 }
 
-/// The exported `chat` implementation.
+/// The exported `translate` implementation.
 pub struct Gemini;
 
-impl Guest for Gemini {
-    fn complete(_context: CallContext, request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        llm_http::driver::run(&GenerateContent::from_env(), &request)
+impl Adapter for Gemini {
+    type Wire = GenerateContent;
+    const PROVIDER: Provider = PROVIDER;
+
+    fn wire(settings: &Settings) -> Result<GenerateContent, LlmError> {
+        Ok(GenerateContent {
+            default_model: settings.text_or(&PROVIDER, "default_model", DEFAULT_MODEL)?,
+        })
     }
 }
 

@@ -4,8 +4,9 @@
 //! are `functionResponse` parts of a user turn, named after the call they
 //! answer, since Gemini's calls carry no ids.
 
-use llm_http::json::{arguments_object, input_schema, number};
-use llm_http::{ChatMessage, ChatRequest, LlmError, Role};
+use llm_http::json::{arguments_object, input_schema, number, schema};
+use llm_http::wire::no_tools_to_choose;
+use llm_http::{ChatMessage, ChatRequest, LlmError, Role, ToolChoice};
 use serde_json::{Map, Value, json};
 
 use crate::PROVIDER;
@@ -57,10 +58,26 @@ pub fn build(request: &ChatRequest) -> Result<Value, LlmError> {
             })
             .collect::<Result<Vec<_>, LlmError>>()?;
         body["tools"] = json!([{"functionDeclarations": declarations}]);
+        if let Some(config) = function_calling(&request.tool_choice) {
+            body["toolConfig"] = json!({"functionCallingConfig": config});
+        }
+    } else {
+        no_tools_to_choose(&PROVIDER, &request.tool_choice)?;
     }
+    // Gemini has no switch for parallel calls: `parallel-tool-calls` is left
+    // to the model.
     let mut config = Map::new();
     if let Some(temperature) = request.temperature {
         config.insert("temperature".into(), number(temperature));
+    }
+    if let Some(top_p) = request.top_p {
+        config.insert("topP".into(), number(top_p));
+    }
+    if let Some(format) = &request.response_format {
+        // `strict` has no counterpart: Gemini always holds to the schema.
+        let schema = schema(&PROVIDER, &format.name, &format.schema)?;
+        config.insert("responseMimeType".into(), json!("application/json"));
+        config.insert("responseSchema".into(), sanitize(&schema));
     }
     if let Some(max_tokens) = request.max_tokens {
         config.insert("maxOutputTokens".into(), json!(max_tokens));
@@ -72,6 +89,16 @@ pub fn build(request: &ChatRequest) -> Result<Value, LlmError> {
         body["generationConfig"] = Value::Object(config);
     }
     Ok(body)
+}
+
+/// `functionCallingConfig`, left out for `auto`, the default.
+fn function_calling(choice: &ToolChoice) -> Option<Value> {
+    match choice {
+        ToolChoice::Auto => None,
+        ToolChoice::None => Some(json!({"mode": "NONE"})),
+        ToolChoice::Required => Some(json!({"mode": "ANY"})),
+        ToolChoice::Named(name) => Some(json!({"mode": "ANY", "allowedFunctionNames": [name]})),
+    }
 }
 
 fn text_part(text: &str) -> Vec<Value> {

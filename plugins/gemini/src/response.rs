@@ -1,7 +1,7 @@
 //! `GenerateContentResponse` bodies and chunks, and Gemini's error objects.
 
 use llm_http::errors::kind_for_status;
-use llm_http::http::Headers;
+use llm_http::headers::Headers;
 use llm_http::json::count;
 use llm_http::wire::{Reply, ReplyContext};
 use llm_http::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Usage};
@@ -14,37 +14,53 @@ pub fn parse(body: &[u8], context: ReplyContext) -> Result<ChatResponse, LlmErro
     let json: Value = serde_json::from_slice(body)
         .map_err(|error| PROVIDER.bad_response(&error.to_string(), body))?;
     let mut reply = Reply::new(context);
-    read(&mut reply, &json, body, &mut |_| {})?;
+    read(&mut reply, &json, body)?;
     if json["candidates"].as_array().is_none_or(Vec::is_empty) && reply.finish_reason.is_none() {
         return Err(PROVIDER.bad_response("it has no candidates", body));
     }
     Ok(reply.into_response())
 }
 
-/// Adds one response (or streamed chunk) to `reply`; new text goes to `emit`.
-pub fn read(
-    reply: &mut Reply,
-    json: &Value,
-    body: &[u8],
-    emit: &mut dyn FnMut(&str),
-) -> Result<(), LlmError> {
+/// Adds one whole response to `reply`.
+fn read(reply: &mut Reply, json: &Value, body: &[u8]) -> Result<(), LlmError> {
+    for piece in pieces(json, body)? {
+        match piece {
+            Piece::Text(text) => reply.content.push_str(text),
+            Piece::Call { id, name, args } => reply.push_call(id, name, args),
+        }
+    }
+    reply.finish_reason = finish(json);
+    reply.usage = usage(json);
+    reply.set_model(json["modelVersion"].as_str());
+    Ok(())
+}
+
+/// What one part of the answer says.
+pub enum Piece<'a> {
+    Text(&'a str),
+    Call {
+        id: Option<&'a str>,
+        name: &'a str,
+        args: String,
+    },
+}
+
+/// The answer's parts in a response or a streamed chunk, or the error it
+/// carries instead.
+pub fn pieces<'a>(json: &'a Value, body: &[u8]) -> Result<Vec<Piece<'a>>, LlmError> {
     if let Some(error) = json.get("error").filter(|error| error.is_object()) {
         let status = error["code"]
             .as_u64()
             .and_then(|code| u16::try_from(code).ok());
         return Err(api_error(status, error, None, body));
     }
-    let candidate = &json["candidates"][0];
-    for part in candidate["content"]["parts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
+    let mut pieces = Vec::new();
+    let parts = json["candidates"][0]["content"]["parts"].as_array();
+    for part in parts.into_iter().flatten() {
         if let Some(text) = part["text"].as_str() {
             // Thought summaries are not part of the answer.
             if part["thought"] != true && !text.is_empty() {
-                reply.content.push_str(text);
-                emit(text);
+                pieces.push(Piece::Text(text));
             }
         } else if let Some(call) = part.get("functionCall") {
             let name = call["name"]
@@ -54,26 +70,36 @@ pub fn read(
                 Value::Null => String::new(),
                 args => args.to_string(),
             };
-            reply.push_call(call["id"].as_str(), name, args);
+            pieces.push(Piece::Call {
+                id: call["id"].as_str(),
+                name,
+                args,
+            });
         }
     }
-    if let Some(reason) = candidate["finishReason"].as_str() {
-        reply.finish_reason = Some(finish_reason(reason));
+    Ok(pieces)
+}
+
+/// The finish reason a response or chunk gives, if any: a blocked prompt
+/// ends the answer as filtered.
+pub fn finish(json: &Value) -> Option<FinishReason> {
+    if let Some(reason) = json["candidates"][0]["finishReason"].as_str() {
+        Some(finish_reason(reason))
     } else if json["promptFeedback"]["blockReason"].is_string() {
-        reply.finish_reason = Some(FinishReason::ContentFilter);
+        Some(FinishReason::ContentFilter)
+    } else {
+        None
     }
+}
+
+pub fn usage(json: &Value) -> Option<Usage> {
     let usage = &json["usageMetadata"];
-    if usage.is_object() {
+    usage.is_object().then(|| Usage {
+        input_tokens: count(usage.get("promptTokenCount")),
         // Thinking tokens are billed as output.
-        let output = count(usage.get("candidatesTokenCount"))
-            .saturating_add(count(usage.get("thoughtsTokenCount")));
-        reply.usage = Some(Usage {
-            input_tokens: count(usage.get("promptTokenCount")),
-            output_tokens: output,
-        });
-    }
-    reply.set_model(json["modelVersion"].as_str());
-    Ok(())
+        output_tokens: count(usage.get("candidatesTokenCount"))
+            .saturating_add(count(usage.get("thoughtsTokenCount"))),
+    })
 }
 
 pub fn finish_reason(reason: &str) -> FinishReason {

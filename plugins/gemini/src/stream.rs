@@ -1,41 +1,58 @@
 //! Streamed responses (`alt=sse`): each event is a whole
-//! `GenerateContentResponse` carrying the next piece; the last one has the
-//! finish reason, and the body simply ends.
+//! `GenerateContentResponse` carrying the next piece of the answer; the last
+//! one has the finish reason, and the body simply ends, so that chunk is
+//! where the reply is `done`.
+//!
+//! Gemini sends each function call whole and does not number them. A chunk
+//! is translated without knowing the chunks before it, so a call's index is
+//! its position among the calls of its own chunk. The host starts a new call
+//! whenever a part names a call at an index already named, so two chunks
+//! with one call each still make two calls; their minted ids would repeat,
+//! which is why the ids count from the reply context's first number plus
+//! the index only within one chunk. Gemini sends all of a reply's calls in
+//! one chunk in practice.
 
-use llm_http::sse::SseEvent;
-use llm_http::wire::{Flow, Reply, ReplyContext, StreamDecoder};
-use llm_http::{ChatResponse, LlmError};
+use llm_http::wire::ReplyContext;
+use llm_http::{LlmError, SseEvent, StreamPart, UsagePart};
 use serde_json::Value;
 
 use crate::PROVIDER;
-use crate::response::read;
+use crate::response::{Piece, finish, pieces, usage};
 
-pub struct GeminiStream {
-    reply: Reply,
-}
-
-impl GeminiStream {
-    pub fn new(context: ReplyContext) -> Self {
-        Self {
-            reply: Reply::new(context),
-        }
+pub fn decode(
+    event: &SseEvent,
+    context: &ReplyContext,
+    parts: &mut Vec<StreamPart>,
+) -> Result<(), LlmError> {
+    let data = event.data.as_bytes();
+    let json: Value = serde_json::from_slice(data).map_err(|error| {
+        PROVIDER.bad_response(&format!("a stream chunk is not JSON: {error}"), data)
+    })?;
+    let mut calls = 0;
+    for piece in pieces(&json, data)? {
+        parts.push(match piece {
+            Piece::Text(text) => StreamPart::Text(text.to_owned()),
+            Piece::Call { id, name, args } => {
+                calls += 1;
+                context.first_piece(calls - 1, id, name, args)
+            }
+        });
     }
-}
-
-impl StreamDecoder for GeminiStream {
-    fn event(&mut self, event: &SseEvent, emit: &mut dyn FnMut(&str)) -> Result<Flow, LlmError> {
-        let data = event.data.as_bytes();
-        let json: Value = serde_json::from_slice(data).map_err(|error| {
-            PROVIDER.bad_response(&format!("a stream chunk is not JSON: {error}"), data)
-        })?;
-        read(&mut self.reply, &json, data, emit)?;
-        Ok(Flow::More)
+    if let Some(model) = json["modelVersion"]
+        .as_str()
+        .filter(|model| !model.is_empty())
+    {
+        parts.push(StreamPart::Model(model.to_owned()));
     }
-
-    fn finish(self) -> Result<ChatResponse, LlmError> {
-        if self.reply.finish_reason.is_none() {
-            return Err(PROVIDER.cut_short());
-        }
-        Ok(self.reply.into_response())
+    if let Some(usage) = usage(&json) {
+        parts.push(StreamPart::Usage(UsagePart {
+            input_tokens: Some(usage.input_tokens),
+            output_tokens: Some(usage.output_tokens),
+        }));
     }
+    if let Some(reason) = finish(&json) {
+        parts.push(StreamPart::Finish(reason));
+        parts.push(StreamPart::Done);
+    }
+    Ok(())
 }

@@ -1,13 +1,11 @@
 use llm_http::fixtures::{decode_stream, weather_request};
-use llm_http::{FinishReason, LlmErrorKind, ToolCall, ToolSpec, Usage};
+use llm_http::{FinishReason, LlmErrorKind, ResponseFormat, ToolCall, ToolChoice, ToolSpec, Usage};
 use serde_json::json;
 
 use super::*;
 
 fn wire() -> GenerateContent {
-    GenerateContent {
-        base_url: "https://generativelanguage.googleapis.com".into(),
-    }
+    Gemini::wire(&Settings::default()).unwrap()
 }
 
 fn context() -> ReplyContext {
@@ -98,17 +96,22 @@ fn non_object_tool_output_is_wrapped() {
 fn urls_put_the_model_in_the_path() {
     let wire = wire();
     assert_eq!(
-        wire.url("gemini-2.5-flash", false),
-        "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
+        wire.path("gemini-2.5-flash", false),
+        "/v1beta/models/gemini-2.5-flash:generateContent"
     );
     assert_eq!(
-        wire.url("gemini-2.5-flash", true),
-        "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+        wire.path("gemini-2.5-flash", true),
+        "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
     );
     let mut request = weather_request();
     assert_eq!(wire.model(&request), "gemini-2.5-flash");
     request.model = Some("models/gemini-2.5-pro".into());
     assert_eq!(wire.model(&request), "gemini-2.5-pro");
+    let settings = Settings::parse(&PROVIDER, r#"{"default_model": "gemini-2.5-pro"}"#).unwrap();
+    assert_eq!(
+        Gemini::wire(&settings).unwrap().model(&weather_request()),
+        "gemini-2.5-pro"
+    );
     assert!(
         !wire
             .headers(true)
@@ -199,7 +202,7 @@ const STREAM: &str = concat!(
 #[test]
 fn streams_emit_text_and_collect_calls() {
     for size in [1, 11, STREAM.len()] {
-        let (response, emitted) = decode_stream(wire().decoder(context()), STREAM, size);
+        let (response, emitted) = decode_stream(&wire(), &context(), STREAM, size);
         let response = response.unwrap();
         assert_eq!(emitted, ["The weather", " needs a tool."]);
         assert_eq!(response.message.content, "The weather needs a tool.");
@@ -224,16 +227,16 @@ fn streams_emit_text_and_collect_calls() {
 #[test]
 fn streams_cut_short_or_broken() {
     let cut = &STREAM[..STREAM.rfind("data:").unwrap()];
-    let (response, _) = decode_stream(wire().decoder(context()), cut, 64);
+    let (response, _) = decode_stream(&wire(), &context(), cut, 64);
     assert_eq!(response.unwrap_err().kind, LlmErrorKind::Unavailable);
 
     let failed = "data: {\"error\": {\"code\": 503, \"message\": \"The model is overloaded.\", \"status\": \"UNAVAILABLE\"}}\n\n";
-    let (response, _) = decode_stream(wire().decoder(context()), failed, 64);
+    let (response, _) = decode_stream(&wire(), &context(), failed, 64);
     let error = response.unwrap_err();
     assert_eq!(error.kind, LlmErrorKind::Unavailable);
     assert_eq!(error.status, Some(503));
 
-    let (response, _) = decode_stream(wire().decoder(context()), "data: {\n\n", 64);
+    let (response, _) = decode_stream(&wire(), &context(), "data: {\n\n", 64);
     assert_eq!(response.unwrap_err().kind, LlmErrorKind::BadResponse);
 }
 
@@ -298,4 +301,45 @@ fn malformed_bodies_are_bad_responses() {
         let error = wire().parse(body.as_bytes(), &context()).unwrap_err();
         assert_eq!(error.kind, LlmErrorKind::BadResponse, "{body}");
     }
+}
+
+#[test]
+fn tool_config_top_p_and_response_schema() {
+    let mut request = weather_request();
+    request.top_p = Some(0.8);
+    request.parallel_tool_calls = Some(false);
+    request.response_format = Some(ResponseFormat {
+        name: "weather".into(),
+        schema: r#"{"$schema":"https://json-schema.org/draft/2020-12/schema","type":"object","properties":{"temp_c":{"type":"number"}},"additionalProperties":false}"#.into(),
+        strict: true,
+    });
+    for (choice, expected) in [
+        (ToolChoice::Auto, None),
+        (ToolChoice::None, Some(json!({"mode": "NONE"}))),
+        (ToolChoice::Required, Some(json!({"mode": "ANY"}))),
+        (
+            ToolChoice::Named("get_weather".into()),
+            Some(json!({"mode": "ANY", "allowedFunctionNames": ["get_weather"]})),
+        ),
+    ] {
+        request.tool_choice = choice;
+        let body = wire().body(&request, "m", false).unwrap();
+        assert_eq!(
+            body.get("toolConfig"),
+            expected
+                .map(|config| json!({"functionCallingConfig": config}))
+                .as_ref()
+        );
+        let config = &body["generationConfig"];
+        assert_eq!(config["topP"], json!(0.8));
+        assert_eq!(config["responseMimeType"], "application/json");
+        assert_eq!(
+            config["responseSchema"],
+            json!({"type": "object", "properties": {"temp_c": {"type": "number"}}})
+        );
+    }
+    request.tools.clear();
+    request.tool_choice = ToolChoice::Named("get_weather".into());
+    let error = wire().body(&request, "m", false).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
 }

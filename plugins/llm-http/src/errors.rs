@@ -1,9 +1,8 @@
-//! Failures mapped to `llm-error`: HTTP statuses, provider error bodies and
-//! transport errors, each with a message a user can act on.
+//! Failures mapped to `llm-error`: HTTP statuses and provider error bodies,
+//! each with a message a user can act on. Transport failures (refused,
+//! unreachable, timed out) never reach an adapter: the host reports them.
 
-use wasi::http::types::ErrorCode;
-
-use crate::http::Headers;
+use crate::headers::Headers;
 use crate::{LlmError, LlmErrorKind};
 
 /// How much of a provider's error body is kept in `llm-error.body`.
@@ -67,20 +66,6 @@ impl Provider {
         }
     }
 
-    /// A stream that ended before the response was complete.
-    pub fn cut_short(&self) -> LlmError {
-        LlmError {
-            kind: LlmErrorKind::Unavailable,
-            message: format!(
-                "{} ended the stream before the response was complete",
-                self.name
-            ),
-            status: None,
-            body: None,
-            retry_after_ms: None,
-        }
-    }
-
     /// A request this adapter cannot express for the provider.
     pub fn invalid_request(&self, why: String) -> LlmError {
         LlmError {
@@ -92,51 +77,15 @@ impl Provider {
         }
     }
 
-    /// A request that never got an answer: refused by the host's grants,
-    /// unreachable, timed out.
-    pub fn transport_error(&self, url: &str, code: &ErrorCode) -> LlmError {
-        let (kind, message) = match code {
-            ErrorCode::HttpRequestDenied | ErrorCode::DestinationIpProhibited => (
-                LlmErrorKind::Other,
-                format!(
-                    "the host did not grant access to {url}: check the plugin manifest's \
-                     outbound_hosts (and the base URL the adapter was configured with)"
-                ),
-            ),
-            ErrorCode::DnsTimeout
-            | ErrorCode::ConnectionTimeout
-            | ErrorCode::ConnectionReadTimeout
-            | ErrorCode::ConnectionWriteTimeout
-            | ErrorCode::HttpResponseTimeout => (
-                LlmErrorKind::Timeout,
-                format!("the request to {} at {url} timed out ({code:?})", self.name),
-            ),
-            ErrorCode::HttpRequestUriInvalid => (
-                LlmErrorKind::Other,
-                format!("{url} is not a valid URL for {}", self.name),
-            ),
-            ErrorCode::ConnectionRefused => (
-                LlmErrorKind::Unavailable,
-                format!(
-                    "could not reach {} at {url}: the connection was refused",
-                    self.name
-                ),
-            ),
-            ErrorCode::DnsError(_) => (
-                LlmErrorKind::Unavailable,
-                format!(
-                    "could not reach {} at {url}: its host name did not resolve",
-                    self.name
-                ),
-            ),
-            _ => (
-                LlmErrorKind::Unavailable,
-                format!("could not reach {} at {url}: {code:?}", self.name),
-            ),
-        };
+    /// A reply context this adapter did not make: a host bug, not the
+    /// provider's.
+    pub fn bad_context(&self, why: &str) -> LlmError {
         LlmError {
-            kind,
-            message,
+            kind: LlmErrorKind::Other,
+            message: format!(
+                "the reply context handed back to the {} adapter is not one it made: {why}",
+                self.name
+            ),
             status: None,
             body: None,
             retry_after_ms: None,
@@ -303,41 +252,6 @@ mod tests {
         let odd = format!("x{long}");
         let kept = truncated(odd.as_bytes()).unwrap();
         assert_eq!(kept.len(), MAX_ERROR_BODY - 1);
-    }
-
-    #[test]
-    fn denied_requests_point_at_the_manifest() {
-        let url = "https://evil.example/v1/chat/completions";
-        for code in [
-            ErrorCode::HttpRequestDenied,
-            ErrorCode::DestinationIpProhibited,
-        ] {
-            let error = OPENAI.transport_error(url, &code);
-            assert_eq!(error.kind, LlmErrorKind::Other);
-            assert!(
-                error
-                    .message
-                    .contains("did not grant access to https://evil.example")
-            );
-            assert!(error.message.contains("outbound_hosts"));
-        }
-    }
-
-    #[test]
-    fn transport_failures_are_timeouts_or_unavailable() {
-        let url = "http://127.0.0.1:9/v1";
-        let timeout = OPENAI.transport_error(url, &ErrorCode::HttpResponseTimeout);
-        assert_eq!(timeout.kind, LlmErrorKind::Timeout);
-        let refused = OPENAI.transport_error(url, &ErrorCode::ConnectionRefused);
-        assert_eq!(refused.kind, LlmErrorKind::Unavailable);
-        assert!(refused.message.ends_with("the connection was refused"));
-        let reset = OPENAI.transport_error(url, &ErrorCode::ConnectionTerminated);
-        assert!(
-            reset.message.ends_with("ConnectionTerminated"),
-            "{}",
-            reset.message
-        );
-        assert_eq!(refused.status, None);
     }
 
     #[test]

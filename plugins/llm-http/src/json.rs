@@ -17,6 +17,15 @@ pub fn input_schema(provider: &Provider, tool: &ToolSpec) -> Result<Value, crate
     })
 }
 
+/// A response format's JSON Schema, parsed.
+pub fn schema(provider: &Provider, name: &str, schema: &str) -> Result<Value, crate::LlmError> {
+    serde_json::from_str(schema).map_err(|error| {
+        provider.invalid_request(format!(
+            "the schema of response format {name:?} is not JSON: {error}"
+        ))
+    })
+}
+
 /// Tool-call arguments as the JSON object providers that take objects want.
 /// Arguments that are not an object are kept under `"input"` rather than
 /// lost, so the model still sees what it sent.

@@ -1,28 +1,37 @@
 //! What Opspawn's LLM adapters share.
 //!
-//! Each adapter is a small component that turns a neutral `chat-request`
-//! into one provider's wire format and back. The parts they have in common
-//! live here:
+//! An adapter is a small component that only translates: it turns a neutral
+//! `chat-request` into one provider's HTTP request, and the provider's answer
+//! back. The host sends the request (outbound policy, credentials, timeouts,
+//! retries, streaming), so nothing here performs I/O and everything is tested
+//! natively. The parts adapters have in common live here:
 //!
 //! - [`bindings`]: the `llm-adapter` world, generated once so that every
 //!   adapter speaks the same types; an adapter exports its implementation
 //!   with `llm_http::bindings::export_adapter!`.
-//! - [`http`]: a blocking POST over `wasi:http/outgoing-handler` whose
-//!   response body is read chunk by chunk.
-//! - [`sse`]: a server-sent events parser fed with arbitrary chunks.
-//! - [`errors`]: HTTP statuses, provider error bodies and transport failures
-//!   mapped to `llm-error`.
-//! - [`wire`] and [`driver`]: what a wire format provides, and the one
-//!   request/response exchange every adapter runs.
+//! - [`wire`]: what a wire format provides, and the three exports every
+//!   adapter implements with it: [`wire::prepare`] (request in, method, path
+//!   relative to the base URL, headers without credentials and body out, plus
+//!   a small reply context), [`wire::read_response`] (a whole answer, any
+//!   status) and [`wire::read_stream`] (a batch of server-sent events, framed
+//!   by the host, into `stream-part`s). Stream decoders keep no state between
+//!   batches: they say what each event adds (text, a piece of a tool call
+//!   keyed by its index, usage, the finish reason, the model) and when the
+//!   reply is `done`; the host assembles the parts.
+//! - [`settings`]: the adapter's `[adapter.settings]` from its manifest
+//!   (`default_model` and the like); adapters read no environment.
+//! - [`options`]: `chat-request.provider-options` (`stream`, extra body keys).
+//! - [`errors`]: HTTP statuses and provider error bodies mapped to
+//!   `llm-error`, with `Retry-After` read from [`headers`].
 //! - [`openai`]: the Chat Completions format, spoken by OpenAI, OpenRouter
 //!   and OpenAI-compatible servers such as Ollama.
-//!
-//! Everything but [`http`] and [`driver`] is pure and tested natively.
+//! - [`sse`] and [`fixtures`]: a server-sent events parser and a stream
+//!   assembler like the host's, with which tests replay recorded bodies.
 
 pub mod bindings {
     wit_bindgen::generate!({
         world: "llm-adapter",
-        path: "../../wit",
+        path: "../../wit/v0.2.0",
         pub_export_macro: true,
         export_macro_name: "export_adapter",
         default_bindings_module: "llm_http::bindings",
@@ -30,38 +39,27 @@ pub mod bindings {
     });
 }
 
-pub mod driver;
 pub mod errors;
 #[doc(hidden)]
 pub mod fixtures;
-pub mod http;
+pub mod headers;
 pub mod json;
 pub mod openai;
 pub mod options;
+pub mod settings;
 pub mod sse;
 pub mod wire;
 
-pub use bindings::exports::opspawn::plugin::chat::Guest;
+pub use bindings::exports::opspawn::plugin::translate::{
+    Exchange, Guest, HttpRequest, HttpResponse, Prepared, SseEvent, StreamPart, ToolCallPart,
+    UsagePart,
+};
 pub use bindings::opspawn::plugin::types::{
     CallContext, ChatMessage, ChatRequest, ChatResponse, FinishReason, LlmError, LlmErrorKind,
-    Role, ToolCall, ToolSpec, Usage,
+    ResponseFormat, Role, ToolCall, ToolChoice, ToolSpec, Usage,
 };
 pub use errors::Provider;
-
-/// The value of the environment variable `name`, or `default` when it is
-/// unset or blank. Adapters read only variables their manifest grants.
-pub fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .map(|value| value.trim().to_owned())
-        .filter(|value| !value.is_empty())
-        .unwrap_or_else(|| default.to_owned())
-}
-
-/// A base URL from the environment, without a trailing slash.
-pub fn base_url(name: &str, default: &str) -> String {
-    env_or(name, default).trim_end_matches('/').to_owned()
-}
+pub use settings::Settings;
 
 /// The model the request names, else `default`.
 pub fn model_or(request: &ChatRequest, default: &str) -> String {

@@ -1,15 +1,13 @@
 //! Server-sent events, as providers stream their responses.
 //!
-//! The body arrives in chunks that may split a line, a `\r\n` pair or a
-//! UTF-8 character anywhere, so bytes are buffered until a line is complete.
+//! The host frames a live stream into events itself and hands them to
+//! `read-stream`; this parser does the same for recorded bodies in tests,
+//! and documents the framing adapters expect. The body arrives in chunks
+//! that may split a line, a `\r\n` pair or a UTF-8 character anywhere, so
+//! bytes are buffered until a line is complete. A dispatched event is its
+//! `event:` name, if any, and its `data:` lines joined with `\n`.
 
-/// One dispatched event: its `event:` name, if any, and its `data:` lines
-/// joined with `\n`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SseEvent {
-    pub event: Option<String>,
-    pub data: String,
-}
+pub use crate::SseEvent;
 
 #[derive(Debug, Default)]
 pub struct SseParser {

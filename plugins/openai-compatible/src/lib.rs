@@ -1,36 +1,35 @@
 //! The OpenAI-compatible adapter, for local servers that speak Chat
-//! Completions (Ollama, vLLM, llama.cpp, LM Studio): POSTs to
-//! `{OPENAI_COMPATIBLE_BASE_URL}/chat/completions` (default Ollama's
-//! `http://127.0.0.1:11434/v1`), with the request's model, else
-//! `OPENAI_COMPATIBLE_MODEL`, else `llama3.2`. A key is optional: the host
-//! adds one when `OPENAI_COMPATIBLE_API_KEY` is set.
+//! Completions (Ollama, vLLM, llama.cpp, LM Studio): requests go to
+//! `/chat/completions` under the base URL of its manifest (Ollama's
+//! `http://127.0.0.1:11434/v1` unless the operator sets
+//! `OPENAI_COMPATIBLE_BASE_URL`), with the request's model, else the
+//! `default_model` setting, else `llama3.2`. A key is optional: the host adds
+//! one when `OPENAI_COMPATIBLE_API_KEY` is set.
 
 use llm_http::openai::ChatCompletions;
-use llm_http::{
-    CallContext, ChatRequest, ChatResponse, Guest, LlmError, Provider, base_url, env_or,
-};
+use llm_http::wire::Adapter;
+use llm_http::{LlmError, Provider, Settings};
 
 const PROVIDER: Provider = Provider {
     name: "the OpenAI-compatible server",
     key_env: "OPENAI_COMPATIBLE_API_KEY",
 };
+const DEFAULT_MODEL: &str = "llama3.2";
 
-fn wire() -> ChatCompletions {
-    ChatCompletions {
-        provider: PROVIDER,
-        base_url: base_url("OPENAI_COMPATIBLE_BASE_URL", "http://127.0.0.1:11434/v1"),
-        default_model: env_or("OPENAI_COMPATIBLE_MODEL", "llama3.2"),
-        extra_headers: Vec::new(),
-        max_tokens_field: "max_tokens",
-    }
-}
-
-/// The exported `chat` implementation.
+/// The exported `translate` implementation.
 pub struct OpenAiCompatible;
 
-impl Guest for OpenAiCompatible {
-    fn complete(_context: CallContext, request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        llm_http::driver::run(&wire(), &request)
+impl Adapter for OpenAiCompatible {
+    type Wire = ChatCompletions;
+    const PROVIDER: Provider = PROVIDER;
+
+    fn wire(settings: &Settings) -> Result<ChatCompletions, LlmError> {
+        Ok(ChatCompletions {
+            provider: PROVIDER,
+            default_model: settings.text_or(&PROVIDER, "default_model", DEFAULT_MODEL)?,
+            extra_headers: Vec::new(),
+            max_tokens_field: "max_tokens",
+        })
     }
 }
 
@@ -40,21 +39,22 @@ llm_http::bindings::export_adapter!(OpenAiCompatible);
 
 #[cfg(test)]
 mod tests {
+    use llm_http::fixtures::weather_request;
     use llm_http::wire::Wire;
 
     use super::*;
 
     #[test]
-    fn defaults_to_a_local_ollama() {
-        // The test process does not set these variables.
-        let wire = wire();
+    fn defaults_to_llama_and_takes_the_model_from_settings() {
+        let wire = OpenAiCompatible::wire(&Settings::default()).unwrap();
+        assert_eq!(wire.path("llama3.2", true), "/chat/completions");
+        assert_eq!(wire.model(&weather_request()), "llama3.2");
+        let settings = Settings::parse(&PROVIDER, r#"{"default_model": "qwen3:8b"}"#).unwrap();
+        let wire = OpenAiCompatible::wire(&settings).unwrap();
+        assert_eq!(wire.model(&weather_request()), "qwen3:8b");
         assert_eq!(
-            wire.url("llama3.2", true),
-            "http://127.0.0.1:11434/v1/chat/completions"
-        );
-        assert_eq!(
-            wire.model(&llm_http::fixtures::weather_request()),
-            "llama3.2"
+            wire.body(&weather_request(), "m", true).unwrap()["max_tokens"],
+            256
         );
     }
 }

@@ -1,31 +1,33 @@
-//! The OpenAI adapter: Chat Completions at `{OPENAI_BASE_URL}/chat/completions`
-//! (default `https://api.openai.com/v1`), model `gpt-4o-mini` unless the
-//! request names one. The host adds the `authorization` header.
+//! The OpenAI adapter: Chat Completions at `/chat/completions` under the
+//! base URL of its manifest (`https://api.openai.com/v1` unless the operator
+//! sets `OPENAI_BASE_URL`), model `gpt-4o-mini` unless the request or the
+//! `default_model` setting names another. The host adds the
+//! `authorization` header.
 
 use llm_http::openai::ChatCompletions;
-use llm_http::{CallContext, ChatRequest, ChatResponse, Guest, LlmError, Provider, base_url};
+use llm_http::wire::Adapter;
+use llm_http::{LlmError, Provider, Settings};
 
 const PROVIDER: Provider = Provider {
     name: "OpenAI",
     key_env: "OPENAI_API_KEY",
 };
+const DEFAULT_MODEL: &str = "gpt-4o-mini";
 
-fn wire() -> ChatCompletions {
-    ChatCompletions {
-        provider: PROVIDER,
-        base_url: base_url("OPENAI_BASE_URL", "https://api.openai.com/v1"),
-        default_model: "gpt-4o-mini".into(),
-        extra_headers: Vec::new(),
-        max_tokens_field: "max_completion_tokens",
-    }
-}
-
-/// The exported `chat` implementation.
+/// The exported `translate` implementation.
 pub struct OpenAi;
 
-impl Guest for OpenAi {
-    fn complete(_context: CallContext, request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        llm_http::driver::run(&wire(), &request)
+impl Adapter for OpenAi {
+    type Wire = ChatCompletions;
+    const PROVIDER: Provider = PROVIDER;
+
+    fn wire(settings: &Settings) -> Result<ChatCompletions, LlmError> {
+        Ok(ChatCompletions {
+            provider: PROVIDER,
+            default_model: settings.text_or(&PROVIDER, "default_model", DEFAULT_MODEL)?,
+            extra_headers: Vec::new(),
+            max_tokens_field: "max_completion_tokens",
+        })
     }
 }
 
@@ -35,20 +37,25 @@ llm_http::bindings::export_adapter!(OpenAi);
 
 #[cfg(test)]
 mod tests {
+    use llm_http::fixtures::weather_request;
     use llm_http::wire::Wire;
 
     use super::*;
 
+    fn settings(text: &str) -> Settings {
+        Settings::parse(&PROVIDER, text).unwrap()
+    }
+
     #[test]
-    fn defaults_to_the_public_api() {
-        let wire = wire();
+    fn defaults_to_gpt_4o_mini_and_takes_the_model_from_settings() {
+        let wire = OpenAi::wire(&settings("{}")).unwrap();
+        assert_eq!(wire.path("gpt-4o-mini", true), "/chat/completions");
+        assert_eq!(wire.model(&weather_request()), "gpt-4o-mini");
+        let wire = OpenAi::wire(&settings(r#"{"default_model": "gpt-4.1"}"#)).unwrap();
+        assert_eq!(wire.model(&weather_request()), "gpt-4.1");
         assert_eq!(
-            wire.url("gpt-4o-mini", true),
-            "https://api.openai.com/v1/chat/completions"
-        );
-        assert_eq!(
-            wire.model(&llm_http::fixtures::weather_request()),
-            "gpt-4o-mini"
+            wire.body(&weather_request(), "m", true).unwrap()["max_completion_tokens"],
+            256
         );
     }
 }

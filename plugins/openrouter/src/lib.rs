@@ -1,43 +1,49 @@
-//! The OpenRouter adapter: Chat Completions at
-//! `{OPENROUTER_BASE_URL}/chat/completions` (default
-//! `https://openrouter.ai/api/v1`), model `openrouter/auto` unless the request
-//! names one. The host adds the `authorization` header.
+//! The OpenRouter adapter: Chat Completions at `/chat/completions` under the
+//! base URL of its manifest (`https://openrouter.ai/api/v1` unless the
+//! operator sets `OPENROUTER_BASE_URL`), model `openrouter/auto` unless the
+//! request or the `default_model` setting names another. The host adds the
+//! `authorization` header. The `referer` and `title` settings replace the
+//! attribution headers OpenRouter asks apps to send (blank turns one off).
 //!
 //! OpenRouter reports some failures inside a 200 response, as
 //! `{"error": {"code": 402, "message": ...}}` in the body or in a streamed
 //! chunk; the shared Chat Completions reader maps those by their code.
 
 use llm_http::openai::ChatCompletions;
-use llm_http::{CallContext, ChatRequest, ChatResponse, Guest, LlmError, Provider, base_url};
+use llm_http::wire::Adapter;
+use llm_http::{LlmError, Provider, Settings};
 
 const PROVIDER: Provider = Provider {
     name: "OpenRouter",
     key_env: "OPENROUTER_API_KEY",
 };
+const DEFAULT_MODEL: &str = "openrouter/auto";
+const DEFAULT_REFERER: &str = "https://github.com/opspawn/opspawn";
+const DEFAULT_TITLE: &str = "Opspawn";
 
-fn wire() -> ChatCompletions {
-    ChatCompletions {
-        provider: PROVIDER,
-        base_url: base_url("OPENROUTER_BASE_URL", "https://openrouter.ai/api/v1"),
-        default_model: "openrouter/auto".into(),
-        // Attribution OpenRouter asks apps to send.
-        extra_headers: vec![
-            (
-                "HTTP-Referer".into(),
-                "https://github.com/opspawn/opspawn".into(),
-            ),
-            ("X-Title".into(), "Opspawn".into()),
-        ],
-        max_tokens_field: "max_tokens",
-    }
-}
-
-/// The exported `chat` implementation.
+/// The exported `translate` implementation.
 pub struct OpenRouter;
 
-impl Guest for OpenRouter {
-    fn complete(_context: CallContext, request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        llm_http::driver::run(&wire(), &request)
+impl Adapter for OpenRouter {
+    type Wire = ChatCompletions;
+    const PROVIDER: Provider = PROVIDER;
+
+    fn wire(settings: &Settings) -> Result<ChatCompletions, LlmError> {
+        let header = |key: &str, name: &str, default: &str| {
+            let value = settings.text(&PROVIDER, key)?;
+            let value = value.unwrap_or_else(|| default.to_owned());
+            Ok::<_, LlmError>((!value.is_empty()).then(|| (name.to_owned(), value)))
+        };
+        let extra_headers = [
+            header("referer", "HTTP-Referer", DEFAULT_REFERER)?,
+            header("title", "X-Title", DEFAULT_TITLE)?,
+        ];
+        Ok(ChatCompletions {
+            provider: PROVIDER,
+            default_model: settings.text_or(&PROVIDER, "default_model", DEFAULT_MODEL)?,
+            extra_headers: extra_headers.into_iter().flatten().collect(),
+            max_tokens_field: "max_tokens",
+        })
     }
 }
 
@@ -48,10 +54,14 @@ llm_http::bindings::export_adapter!(OpenRouter);
 #[cfg(test)]
 mod tests {
     use llm_http::LlmErrorKind;
-    use llm_http::http::Headers;
+    use llm_http::headers::Headers;
     use llm_http::wire::{ReplyContext, Wire};
 
     use super::*;
+
+    fn wire() -> ChatCompletions {
+        OpenRouter::wire(&Settings::default()).unwrap()
+    }
 
     fn context() -> ReplyContext {
         ReplyContext {
@@ -63,10 +73,7 @@ mod tests {
     #[test]
     fn sends_attribution_headers_to_the_default_endpoint() {
         let wire = wire();
-        assert_eq!(
-            wire.url("openrouter/auto", true),
-            "https://openrouter.ai/api/v1/chat/completions"
-        );
+        assert_eq!(wire.path("openrouter/auto", true), "/chat/completions");
         let headers = wire.headers(false);
         for (name, value) in [
             ("HTTP-Referer", "https://github.com/opspawn/opspawn"),
@@ -87,6 +94,26 @@ mod tests {
             .unwrap();
         assert_eq!(body["model"], "openrouter/auto");
         assert_eq!(body["max_tokens"], 256);
+    }
+
+    #[test]
+    fn settings_replace_the_model_and_attribution() {
+        let settings = Settings::parse(
+            &PROVIDER,
+            r#"{"default_model": "anthropic/claude-sonnet-4.5", "referer": "https://example.com", "title": ""}"#,
+        )
+        .unwrap();
+        let wire = OpenRouter::wire(&settings).unwrap();
+        assert_eq!(
+            wire.model(&llm_http::fixtures::weather_request()),
+            "anthropic/claude-sonnet-4.5"
+        );
+        let headers = wire.headers(true);
+        assert!(headers.contains(&("HTTP-Referer".into(), "https://example.com".into())));
+        assert!(
+            !headers.iter().any(|(name, _)| name == "X-Title"),
+            "{headers:?}"
+        );
     }
 
     #[test]

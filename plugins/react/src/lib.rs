@@ -9,7 +9,7 @@ pub mod planner;
 
 wit_bindgen::generate!({
     world: "planner",
-    path: "../../wit",
+    path: "../../wit/v0.2.0",
     // Lets the unit tests compare whole actions.
     additional_derives: [PartialEq],
 });
@@ -24,7 +24,7 @@ impl Guest for React {
     }
 }
 
-// The exported symbols are named like `opspawn:plugin/planning@0.1.0#next-action`,
+// The exported symbols are named like `opspawn:plugin/planning@0.2.0#next-action`,
 // which a native linker refuses in a shared library: export them only when
 // building the component, so a host-target `cargo build` or `cargo test` works.
 #[cfg(target_arch = "wasm32")]

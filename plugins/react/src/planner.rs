@@ -2,6 +2,9 @@
 //!
 //! The conversation is rebuilt from the journaled steps on every call, so the
 //! planner keeps no state of its own and resumes correctly after a crash.
+//! Earlier tasks of the same thread come first, each as its question and
+//! answer. An LLM reply goes back whole, with the provider data it carries
+//! (a Gemini thought signature, say), which the provider needs again.
 //!
 //! Two ways of calling tools are understood:
 //!
@@ -16,8 +19,10 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::exports::opspawn::plugin::planning::{Action, Step, TaskState};
-use crate::opspawn::plugin::types::{ChatMessage, ChatRequest, Role, ToolCall, ToolSpec};
+use crate::exports::opspawn::plugin::planning::{Action, EarlierTask, Step, TaskState};
+use crate::opspawn::plugin::types::{
+    ChatMessage, ChatRequest, Role, ToolCall, ToolChoice, ToolSpec,
+};
 
 /// Ids of tool calls the planner parsed from the reply text.
 pub const TEXT_CALL_PREFIX: &str = "react-text-";
@@ -105,7 +110,11 @@ fn call_llm(state: &TaskState, options: &Options) -> Action {
         // Also offered natively, for providers with tool calling; the
         // prompt covers the others.
         tools: state.tools.clone(),
+        tool_choice: ToolChoice::Auto,
+        parallel_tool_calls: None,
+        response_format: None,
         temperature: None,
+        top_p: None,
         max_tokens: None,
         stop: vec![OBSERVATION.into()],
         provider_options: "{}".into(),
@@ -154,16 +163,17 @@ pub fn system_prompt(tools: &[ToolSpec]) -> String {
     prompt
 }
 
-/// The conversation so far: the question, then one message per step.
+/// The conversation so far: earlier tasks of the thread, the question, then
+/// one message per step.
 fn messages(state: &TaskState) -> Vec<ChatMessage> {
-    let mut messages = vec![message(Role::User, format!("Question: {}", state.goal))];
+    let mut messages: Vec<ChatMessage> = state.history.iter().flat_map(earlier).collect();
+    messages.push(message(Role::User, format!("Question: {}", state.goal)));
     for step in &state.steps {
         match step {
             Step::LlmReply(response) => messages.push(ChatMessage {
                 role: Role::Assistant,
-                content: response.message.content.clone(),
-                tool_calls: response.message.tool_calls.clone(),
                 tool_call_id: None,
+                ..response.message.clone()
             }),
             Step::ToolResult(outcome) => {
                 let result = &outcome.result;
@@ -176,10 +186,8 @@ fn messages(state: &TaskState) -> Vec<ChatMessage> {
                     messages.push(message(Role::User, format!("{OBSERVATION} {content}")));
                 } else {
                     messages.push(ChatMessage {
-                        role: Role::Tool,
-                        content,
-                        tool_calls: Vec::new(),
                         tool_call_id: Some(outcome.call.id.clone()),
+                        ..message(Role::Tool, content)
                     });
                 }
             }
@@ -191,12 +199,26 @@ fn messages(state: &TaskState) -> Vec<ChatMessage> {
     messages
 }
 
+/// An earlier task of the thread as its question and, if it found one, its
+/// answer. Its steps stay out: the answer is what the user saw, and tool
+/// calls left unanswered there (a task that failed) would make providers
+/// refuse the conversation.
+fn earlier(task: &EarlierTask) -> Vec<ChatMessage> {
+    let mut messages = vec![message(Role::User, format!("Question: {}", task.goal))];
+    if let Some(answer) = &task.answer {
+        messages.push(message(Role::Assistant, format!("{FINAL_ANSWER} {answer}")));
+    }
+    messages
+}
+
 fn message(role: Role, content: String) -> ChatMessage {
     ChatMessage {
         role,
         content,
+        images: Vec::new(),
         tool_calls: Vec::new(),
         tool_call_id: None,
+        provider_data: Vec::new(),
     }
 }
 
@@ -315,7 +337,7 @@ fn sole_required_string(schema: &str) -> Option<String> {
 mod tests {
     use super::*;
     use crate::exports::opspawn::plugin::planning::ToolCallOutcome;
-    use crate::opspawn::plugin::types::{ChatResponse, FinishReason, ToolResult};
+    use crate::opspawn::plugin::types::{ChatResponse, FinishReason, ProviderDatum, ToolResult};
 
     fn calculator() -> ToolSpec {
         ToolSpec {
@@ -338,6 +360,7 @@ mod tests {
             goal: "What is (2+3)*4?".into(),
             tools: vec![calculator(), search()],
             steps,
+            history: Vec::new(),
             max_steps: 10,
             options: "{}".into(),
         }
@@ -346,10 +369,8 @@ mod tests {
     fn reply(content: &str, tool_calls: Vec<ToolCall>) -> Step {
         Step::LlmReply(ChatResponse {
             message: ChatMessage {
-                role: Role::Assistant,
-                content: content.into(),
                 tool_calls,
-                tool_call_id: None,
+                ..message(Role::Assistant, content.into())
             },
             finish_reason: FinishReason::Stop,
             usage: None,
@@ -415,7 +436,55 @@ mod tests {
         assert_eq!(request.provider_options, "{}");
         assert_eq!(request.model, None);
         assert_eq!(request.temperature, None);
+        assert_eq!(request.top_p, None);
         assert_eq!(request.max_tokens, None);
+        assert_eq!(request.tool_choice, ToolChoice::Auto);
+        assert_eq!(request.parallel_tool_calls, None);
+        assert_eq!(request.response_format, None);
+    }
+
+    #[test]
+    fn a_reply_goes_back_whole_with_its_provider_data() {
+        let native = call("call_1", "calculator", r#"{"expression":"2+3"}"#);
+        let mut step = reply("Let me compute.", vec![native.clone()]);
+        let signature = ProviderDatum {
+            key: "thoughtSignature".into(),
+            value: "c2lnbmF0dXJl".into(),
+        };
+        if let Step::LlmReply(response) = &mut step {
+            response.message.provider_data = vec![signature.clone()];
+        }
+        let steps = vec![step, result(native, r#"{"result":5}"#, false)];
+        let request = request(decide(&task(steps)));
+        assert_eq!(request.messages[1].content, "Let me compute.");
+        assert_eq!(request.messages[1].provider_data, [signature]);
+        assert_eq!(request.messages[1].role, Role::Assistant);
+    }
+
+    #[test]
+    fn earlier_tasks_of_the_thread_come_first_as_questions_and_answers() {
+        let mut state = task(vec![]);
+        state.history = vec![
+            EarlierTask {
+                goal: "What is 2+2?".into(),
+                answer: Some("4".into()),
+                steps: vec![reply("Final Answer: 4", vec![])],
+            },
+            EarlierTask {
+                goal: "Divide by zero".into(),
+                answer: None,
+                steps: vec![Step::LlmFailed("overloaded".into())],
+            },
+        ];
+        assert_eq!(
+            request(decide(&state)).messages,
+            [
+                message(Role::User, "Question: What is 2+2?".into()),
+                message(Role::Assistant, "Final Answer: 4".into()),
+                message(Role::User, "Question: Divide by zero".into()),
+                message(Role::User, "Question: What is (2+3)*4?".into()),
+            ]
+        );
     }
 
     #[test]
@@ -569,16 +638,12 @@ mod tests {
             vec![
                 message(Role::User, "Question: What is (2+3)*4?".into()),
                 ChatMessage {
-                    role: Role::Assistant,
-                    content: String::new(),
                     tool_calls: vec![native],
-                    tool_call_id: None,
+                    ..message(Role::Assistant, String::new())
                 },
                 ChatMessage {
-                    role: Role::Tool,
-                    content: r#"{"expression":"(2+3)*4","result":20}"#.into(),
-                    tool_calls: vec![],
                     tool_call_id: Some("call_1".into()),
+                    ..message(Role::Tool, r#"{"expression":"(2+3)*4","result":20}"#.into())
                 },
             ]
         );

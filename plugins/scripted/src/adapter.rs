@@ -16,7 +16,8 @@
 //! }
 //! ```
 //!
-//! All fields are optional. The response replayed is the one whose index is
+//! All fields are optional. `delay_ms` is how long the host waits before
+//! handing the reply (or the error) over. The response replayed is the one whose index is
 //! the number of assistant messages already in the request: the first call
 //! gets response 0, the call after one reply gets response 1, and so on. A
 //! replay or a resumed task therefore gets the same answers as the first run.
@@ -31,18 +32,23 @@
 //! 2. Else, if a `calculator` tool is offered and the last user message holds
 //!    an arithmetic expression, it calls the calculator on it.
 //! 3. Else it answers that it has no script, and how to give it one.
-
-use std::time::Duration;
+//!
+//! # Settings
+//!
+//! `default_model` in the manifest's `[adapter.settings]` is the model named
+//! in responses when the request names none (default `scripted`).
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::exports::opspawn::plugin::translate::LocalReply;
 use crate::opspawn::plugin::types::{
     ChatMessage, ChatRequest, ChatResponse, FinishReason, LlmError, LlmErrorKind, Role, ToolCall,
     Usage,
 };
 
-/// The model named in responses when the request names none.
+/// The model named in responses when neither the request nor the settings
+/// name one.
 const DEFAULT_MODEL: &str = "scripted";
 
 /// The tool demo mode knows how to use.
@@ -61,7 +67,7 @@ struct ScriptedResponse {
     #[serde(default)]
     tool_calls: Vec<ScriptedCall>,
     #[serde(default)]
-    delay_ms: u64,
+    delay_ms: u32,
     usage: Option<ScriptedUsage>,
     error: Option<ScriptedError>,
 }
@@ -128,17 +134,27 @@ impl From<ScriptedErrorKind> for LlmErrorKind {
     }
 }
 
-/// Answers `request` from its script, or in demo mode when it has none.
-///
-/// Sleeps for the response's `delay_ms` before answering. Streaming the
-/// reply is left to the caller (see [`chunks`]).
-pub fn complete(request: &ChatRequest) -> Result<ChatResponse, LlmError> {
-    let index = request
-        .messages
-        .iter()
-        .filter(|message| message.role == Role::Assistant)
-        .count();
-    let scripted = match load_script(&request.provider_options)? {
+/// The local reply to `request`, from its script or in demo mode; a script
+/// that cannot be read, or has no response for this turn, is a reply that
+/// is an error. `settings` is the manifest's `[adapter.settings]`.
+pub fn answer(request: &ChatRequest, settings: &str) -> LocalReply {
+    let scripted = default_model(settings).and_then(|model| Ok((pick(request)?, model)));
+    match scripted {
+        Ok((scripted, default_model)) => LocalReply {
+            delay_ms: scripted.delay_ms,
+            reply: reply(request, scripted, &default_model),
+        },
+        Err(error) => LocalReply {
+            reply: Err(error),
+            delay_ms: 0,
+        },
+    }
+}
+
+/// The response the script (or the demo) has for this turn.
+fn pick(request: &ChatRequest) -> Result<ScriptedResponse, LlmError> {
+    let index = turn(request);
+    Ok(match load_script(&request.provider_options)? {
         Some(script) => {
             let count = script.len();
             script.into_iter().nth(index).ok_or_else(|| {
@@ -149,11 +165,47 @@ pub fn complete(request: &ChatRequest) -> Result<ChatResponse, LlmError> {
             })?
         }
         None => demo(request),
-    };
+    })
+}
 
-    if scripted.delay_ms > 0 {
-        std::thread::sleep(Duration::from_millis(scripted.delay_ms));
+/// How many replies the conversation already holds.
+fn turn(request: &ChatRequest) -> usize {
+    request
+        .messages
+        .iter()
+        .filter(|message| message.role == Role::Assistant)
+        .count()
+}
+
+/// `default_model` from the settings, else [`DEFAULT_MODEL`].
+fn default_model(settings: &str) -> Result<String, LlmError> {
+    let invalid = |why: String| LlmError {
+        kind: LlmErrorKind::Other,
+        message: format!("the scripted adapter's [adapter.settings] are invalid: {why}"),
+        status: None,
+        body: None,
+        retry_after_ms: None,
+    };
+    let settings = match settings.trim() {
+        "" => return Ok(DEFAULT_MODEL.into()),
+        text => serde_json::from_str::<Value>(text).map_err(|e| invalid(e.to_string()))?,
+    };
+    match settings.get("default_model") {
+        None | Some(Value::Null) => Ok(DEFAULT_MODEL.into()),
+        Some(Value::String(model)) if !model.trim().is_empty() => Ok(model.trim().into()),
+        Some(Value::String(_)) => Ok(DEFAULT_MODEL.into()),
+        Some(other) => Err(invalid(format!(
+            "default_model must be a string, not {other}"
+        ))),
     }
+}
+
+fn reply(
+    request: &ChatRequest,
+    scripted: ScriptedResponse,
+    default_model: &str,
+) -> Result<ChatResponse, LlmError> {
+    let index = turn(request);
     if let Some(error) = scripted.error {
         return Err(LlmError {
             kind: error.kind.into(),
@@ -180,8 +232,10 @@ pub fn complete(request: &ChatRequest) -> Result<ChatResponse, LlmError> {
     let message = ChatMessage {
         role: Role::Assistant,
         content: scripted.content,
+        images: Vec::new(),
         tool_calls,
         tool_call_id: None,
+        provider_data: Vec::new(),
     };
     let usage = match scripted.usage {
         Some(usage) => Usage {
@@ -204,7 +258,7 @@ pub fn complete(request: &ChatRequest) -> Result<ChatResponse, LlmError> {
         model: request
             .model
             .clone()
-            .unwrap_or_else(|| DEFAULT_MODEL.into()),
+            .unwrap_or_else(|| default_model.into()),
     })
 }
 
@@ -385,58 +439,24 @@ fn message_text(message: &ChatMessage) -> usize {
     message.content.chars().count() + calls
 }
 
-/// Splits `text` into a few chunks for streaming, on word boundaries. Each
-/// word keeps the whitespace after it, so the chunks join back into `text`.
-pub fn chunks(text: &str) -> Vec<&str> {
-    const MAX_CHUNKS: usize = 4;
-
-    // A word ends where the next one starts: at a non-space after a space.
-    // Leading whitespace belongs to the first word.
-    let mut ends = Vec::new();
-    let mut previous_is_space = false;
-    let mut seen_a_word = false;
-    for (at, c) in text.char_indices() {
-        let is_space = c.is_whitespace();
-        if previous_is_space && !is_space && seen_a_word {
-            ends.push(at);
-        }
-        seen_a_word |= !is_space;
-        previous_is_space = is_space;
-    }
-    if !text.is_empty() {
-        ends.push(text.len());
-    }
-
-    let words_per_chunk = ends.len().div_ceil(MAX_CHUNKS).max(1);
-    let mut chunks = Vec::new();
-    let mut start = 0;
-    for end in ends
-        .into_iter()
-        .skip(words_per_chunk - 1)
-        .step_by(words_per_chunk)
-    {
-        chunks.push(&text[start..end]);
-        start = end;
-    }
-    if start < text.len() {
-        chunks.push(&text[start..]);
-    }
-    chunks
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
-    use crate::opspawn::plugin::types::ToolSpec;
+    use crate::opspawn::plugin::types::{ToolChoice, ToolSpec};
+
+    /// What `prepare` would answer, with no settings.
+    fn complete(request: &ChatRequest) -> Result<ChatResponse, LlmError> {
+        answer(request, "").reply
+    }
 
     fn message(role: Role, content: &str) -> ChatMessage {
         ChatMessage {
             role,
             content: content.into(),
+            images: Vec::new(),
             tool_calls: Vec::new(),
             tool_call_id: None,
+            provider_data: Vec::new(),
         }
     }
 
@@ -446,7 +466,11 @@ mod tests {
             system: None,
             messages,
             tools: Vec::new(),
+            tool_choice: ToolChoice::Auto,
+            parallel_tool_calls: None,
+            response_format: None,
             temperature: None,
+            top_p: None,
             max_tokens: None,
             stop: Vec::new(),
             provider_options: provider_options.to_string(),
@@ -610,11 +634,40 @@ mod tests {
     }
 
     #[test]
-    fn waits_for_the_delay() {
-        let options = json!({"script": [{"content": "slow", "delay_ms": 50}]});
-        let started = Instant::now();
-        complete_ok(&request(conversation(0), options));
-        assert!(started.elapsed() >= Duration::from_millis(50));
+    fn the_delay_is_left_to_the_host() {
+        let options = json!({"script": [
+            {"content": "slow", "delay_ms": 50},
+            {"error": {"kind": "timeout", "message": "late"}, "delay_ms": 70},
+        ]});
+        let reply = answer(&request(conversation(0), options.clone()), "");
+        assert_eq!(reply.delay_ms, 50);
+        assert_eq!(reply.reply.unwrap().message.content, "slow");
+        let reply = answer(&request(conversation(1), options), "{}");
+        assert_eq!(reply.delay_ms, 70);
+        assert_eq!(reply.reply.unwrap_err().kind, LlmErrorKind::Timeout);
+
+        let invalid = answer(&request(conversation(0), json!({"script": 3})), "");
+        assert_eq!(invalid.delay_ms, 0);
+        assert_eq!(
+            invalid.reply.unwrap_err().kind,
+            LlmErrorKind::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn settings_name_the_default_model() {
+        let script = json!({"script": [{"content": "hi"}]});
+        let reply = answer(
+            &request(conversation(0), script.clone()),
+            r#"{"default_model": "replayer"}"#,
+        );
+        assert_eq!(reply.reply.unwrap().model, "replayer");
+        let mut named = request(conversation(0), script.clone());
+        named.model = Some("gpt-test".into());
+        let reply = answer(&named, r#"{"default_model": "replayer"}"#);
+        assert_eq!(reply.reply.unwrap().model, "gpt-test");
+        let reply = answer(&request(conversation(0), script), r#"{"default_model": 1}"#);
+        assert_eq!(reply.reply.unwrap_err().kind, LlmErrorKind::Other);
     }
 
     #[test]
@@ -702,25 +755,5 @@ mod tests {
         for (text, expected) in cases {
             assert_eq!(find_expression(text).as_deref(), expected, "{text}");
         }
-    }
-
-    #[test]
-    fn chunks_join_back_into_the_text() {
-        for text in [
-            "",
-            "one",
-            "Final Answer: 20",
-            "  leading and trailing  ",
-            "a b c d e f g h i j k l m n o p q r s t u v w x y z",
-            "line one\nline two\n\n  indented\ttabbed ünïcödé words",
-        ] {
-            let chunks = chunks(text);
-            assert_eq!(chunks.concat(), text);
-            assert!(chunks.len() <= 4, "{chunks:?}");
-            assert!(chunks.iter().all(|chunk| !chunk.is_empty()));
-        }
-        assert_eq!(chunks("Final Answer: 20"), ["Final ", "Answer: ", "20"]);
-        assert_eq!(chunks("a b c d e f g h"), ["a b ", "c d ", "e f ", "g h"]);
-        assert_eq!(chunks("  lead  trail "), ["  lead  ", "trail "]);
     }
 }

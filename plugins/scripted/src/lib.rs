@@ -5,30 +5,56 @@
 //! (`{"script": [...]}`) or as a file (`{"script_file": "path.json"}`). Without
 //! one the adapter runs a small demo that can do arithmetic with the
 //! `calculator` tool. See [`adapter`] for the details.
+//!
+//! It needs no network: `prepare` answers with a local reply, and the host
+//! waits out the scripted delay holding no instance. Nothing is left to read,
+//! so `read-response` and `read-stream` only say so.
 
 pub mod adapter;
 
-wit_bindgen::generate!({ world: "llm-adapter", path: "../../wit" });
+wit_bindgen::generate!({ world: "llm-adapter", path: "../../wit/v0.2.0" });
 
-use exports::opspawn::plugin::chat::Guest;
-use opspawn::plugin::llm_stream::emit_delta;
-use opspawn::plugin::types::{CallContext, ChatRequest, ChatResponse, LlmError};
+use exports::opspawn::plugin::translate::{
+    Exchange, Guest, HttpResponse, Prepared, SseEvent, StreamPart,
+};
+use opspawn::plugin::types::{CallContext, ChatRequest, ChatResponse, LlmError, LlmErrorKind};
 
 struct Scripted;
 
 impl Guest for Scripted {
-    fn complete(_context: CallContext, request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        let response = adapter::complete(&request)?;
-        // Stream the reply as a provider would, so the event stream and its
-        // consumers see deltas before the step completes.
-        for chunk in adapter::chunks(&response.message.content) {
-            emit_delta(chunk);
-        }
-        Ok(response)
+    fn prepare(
+        _context: CallContext,
+        request: ChatRequest,
+        settings: String,
+    ) -> Result<Prepared, LlmError> {
+        Ok(Prepared {
+            exchange: Exchange::Local(adapter::answer(&request, &settings)),
+            reply_context: String::new(),
+        })
+    }
+
+    fn read_response(_context: String, _response: HttpResponse) -> Result<ChatResponse, LlmError> {
+        Err(answers_locally())
+    }
+
+    fn read_stream(_context: String, _events: Vec<SseEvent>) -> Result<Vec<StreamPart>, LlmError> {
+        Err(answers_locally())
     }
 }
 
-// The exported symbols are named like `opspawn:plugin/chat@0.1.0#complete`,
+fn answers_locally() -> LlmError {
+    LlmError {
+        kind: LlmErrorKind::Other,
+        message: "the scripted adapter answers locally, from prepare: it has no HTTP response \
+                  to read"
+            .into(),
+        status: None,
+        body: None,
+        retry_after_ms: None,
+    }
+}
+
+// The exported symbols are named like `opspawn:plugin/translate@0.2.0#prepare`,
 // which a native linker refuses in a shared library: export them only when
 // building the component, so a host-target `cargo build` or `cargo test` works.
 #[cfg(target_arch = "wasm32")]

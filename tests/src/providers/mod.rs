@@ -165,10 +165,29 @@ impl Provider {
         }
     }
 
-    /// A manifest granting the adapter `outbound_host` (such as
-    /// `http://127.0.0.1:*`), its base-URL variable, and the key as a
-    /// credential header the host adds for that host.
-    pub fn manifest(self, outbound_host: &str) -> String {
+    /// A manifest in the shape the shipped ones have: the base URL from the
+    /// adapter's variable (which the tests set to a mock), the key as a
+    /// credential the host adds from the server's environment.
+    pub fn manifest(self) -> String {
+        format!(
+            r#"[adapter]
+base_url = "${{{base_url_var}:-{default}}}"
+
+[adapter.credential]
+header = "{header}"
+value = "{value}"
+"#,
+            base_url_var = self.base_url_var(),
+            default = self.default_base_url(),
+            header = self.auth_header(),
+            value = self.auth_value(&format!("${{{}}}", self.key_var())),
+        )
+    }
+
+    /// The 0.1.0 manifest shape, for adapters built against `wit/v0.1.0`
+    /// that call their provider themselves: `outbound_host` granted, the
+    /// base-URL variable readable, the key as a credential for that host.
+    pub fn legacy_manifest(self, outbound_host: &str) -> String {
         format!(
             r#"[capabilities]
 env = ["{base_url_var}"]
@@ -183,11 +202,6 @@ value = "{value}"
             header = self.auth_header(),
             value = self.auth_value(&format!("${{{}}}", self.key_var())),
         )
-    }
-
-    /// The test manifest: loopback on any port.
-    pub fn loopback_manifest(self) -> String {
-        self.manifest("http://127.0.0.1:*")
     }
 }
 
@@ -313,6 +327,17 @@ impl MockProviders {
     pub fn set_latency(&self, latency: Duration) {
         self.shared.state().latency = latency;
     }
+
+    /// Stops keeping every request (a benchmark's tens of thousands would
+    /// cost memory and time); counts and the in-flight gauge go on.
+    pub fn stop_recording(&self) {
+        self.shared.state().recording = false;
+    }
+
+    /// The most requests the mock was answering at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.state().max_in_flight
+    }
 }
 
 impl Drop for MockProviders {
@@ -326,12 +351,46 @@ struct Shared {
     state: Mutex<MockState>,
 }
 
-#[derive(Default)]
 struct MockState {
     requests: Vec<ProviderRequest>,
+    recording: bool,
     calls: HashMap<(Provider, String), usize>,
     latency: Duration,
     next_id: u64,
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+impl Default for MockState {
+    fn default() -> Self {
+        Self {
+            requests: Vec::new(),
+            recording: true,
+            calls: HashMap::new(),
+            latency: Duration::ZERO,
+            next_id: 0,
+            in_flight: 0,
+            max_in_flight: 0,
+        }
+    }
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn start(shared: &Arc<Shared>) -> Self {
+        let mut state = shared.state();
+        state.in_flight += 1;
+        state.max_in_flight = state.max_in_flight.max(state.in_flight);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.state().in_flight -= 1;
+    }
 }
 
 impl Shared {
@@ -684,6 +743,7 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let at = Instant::now();
+    let _in_flight = InFlight::start(&shared);
     let latency = shared.state().latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -726,6 +786,9 @@ async fn handle(
         }
     };
 
+    if !shared.state().recording {
+        return outcome.reply.into_response();
+    }
     let mut recorded_headers = BTreeMap::<String, String>::new();
     for (name, value) in &headers {
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();

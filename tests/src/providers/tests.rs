@@ -1083,10 +1083,10 @@ async fn the_failing_models_fail_as_the_providers_do() {
 }
 
 #[test]
-fn manifests_grant_the_base_url_variable_and_the_key_as_a_credential() {
-    let manifest = Provider::Anthropic.loopback_manifest();
+fn manifests_take_the_base_url_from_its_variable_and_the_key_as_a_credential() {
+    let manifest = Provider::Anthropic.manifest();
     assert!(
-        manifest.contains(r#"env = ["ANTHROPIC_BASE_URL"]"#),
+        manifest.contains(r#"base_url = "${ANTHROPIC_BASE_URL:-https://api.anthropic.com}""#),
         "{manifest}"
     );
     assert!(manifest.contains(r#"header = "x-api-key""#), "{manifest}");
@@ -1094,9 +1094,9 @@ fn manifests_grant_the_base_url_variable_and_the_key_as_a_credential() {
         manifest.contains(r#"value = "${ANTHROPIC_API_KEY}""#),
         "{manifest}"
     );
-    let manifest = Provider::OpenAiCompatible.manifest("http://127.0.0.1:9");
+    let manifest = Provider::OpenAi.legacy_manifest("http://127.0.0.1:9");
     assert!(
-        manifest.contains(r#"value = "Bearer ${OPENAI_COMPATIBLE_API_KEY}""#),
+        manifest.contains(r#"value = "Bearer ${OPENAI_API_KEY}""#),
         "{manifest}"
     );
     assert!(

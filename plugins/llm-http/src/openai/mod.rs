@@ -11,16 +11,16 @@ use serde_json::Value;
 
 pub use request::build;
 pub use response::{body_error, finish_reason, parse};
-pub use stream::OpenAiStream;
+pub use stream::decode;
 
 use crate::wire::{ReplyContext, Wire};
-use crate::{ChatRequest, ChatResponse, LlmError, Provider, model_or};
+use crate::{ChatRequest, ChatResponse, LlmError, Provider, SseEvent, StreamPart, model_or};
 
-/// One service speaking Chat Completions at `{base_url}/chat/completions`.
+/// One service speaking Chat Completions at `/chat/completions` under the
+/// base URL the operator configured.
 #[derive(Debug, Clone)]
 pub struct ChatCompletions {
     pub provider: Provider,
-    pub base_url: String,
     pub default_model: String,
     /// Sent with every request besides the content type (OpenRouter's
     /// attribution headers).
@@ -31,8 +31,6 @@ pub struct ChatCompletions {
 }
 
 impl Wire for ChatCompletions {
-    type Decoder = OpenAiStream;
-
     fn provider(&self) -> Provider {
         self.provider
     }
@@ -41,8 +39,8 @@ impl Wire for ChatCompletions {
         model_or(request, &self.default_model)
     }
 
-    fn url(&self, _model: &str, _stream: bool) -> String {
-        format!("{}/chat/completions", self.base_url)
+    fn path(&self, _model: &str, _stream: bool) -> String {
+        "/chat/completions".into()
     }
 
     fn headers(&self, stream: bool) -> Vec<(String, String)> {
@@ -73,7 +71,12 @@ impl Wire for ChatCompletions {
         parse(&self.provider, body, context.clone())
     }
 
-    fn decoder(&self, context: ReplyContext) -> OpenAiStream {
-        OpenAiStream::new(self.provider, context)
+    fn decode(
+        &self,
+        event: &SseEvent,
+        context: &ReplyContext,
+        parts: &mut Vec<StreamPart>,
+    ) -> Result<(), LlmError> {
+        decode(&self.provider, event, context, parts)
     }
 }

@@ -2,8 +2,8 @@
 
 use serde_json::{Value, json};
 
-use crate::json::{input_schema, number};
-use crate::{ChatMessage, ChatRequest, LlmError, Provider, Role};
+use crate::json::{input_schema, number, schema};
+use crate::{ChatMessage, ChatRequest, LlmError, Provider, Role, ToolChoice};
 
 /// The request body for `POST /chat/completions`.
 pub fn build(
@@ -40,9 +40,31 @@ pub fn build(
             })
             .collect::<Result<Vec<_>, LlmError>>()?;
         body["tools"] = Value::Array(tools);
+        // Both are refused in a request without tools.
+        if let Some(choice) = tool_choice(&request.tool_choice) {
+            body["tool_choice"] = choice;
+        }
+        if let Some(parallel) = request.parallel_tool_calls {
+            body["parallel_tool_calls"] = json!(parallel);
+        }
+    } else {
+        crate::wire::no_tools_to_choose(provider, &request.tool_choice)?;
+    }
+    if let Some(format) = &request.response_format {
+        body["response_format"] = json!({
+            "type": "json_schema",
+            "json_schema": {
+                "name": format.name,
+                "schema": schema(provider, &format.name, &format.schema)?,
+                "strict": format.strict,
+            },
+        });
     }
     if let Some(temperature) = request.temperature {
         body["temperature"] = number(temperature);
+    }
+    if let Some(top_p) = request.top_p {
+        body["top_p"] = number(top_p);
     }
     if let Some(max_tokens) = request.max_tokens {
         body[max_tokens_field] = json!(max_tokens);
@@ -51,6 +73,16 @@ pub fn build(
         body["stop"] = json!(request.stop);
     }
     Ok(body)
+}
+
+/// `tool_choice`, left out for `auto`, the default.
+fn tool_choice(choice: &ToolChoice) -> Option<Value> {
+    match choice {
+        ToolChoice::Auto => None,
+        ToolChoice::None => Some(json!("none")),
+        ToolChoice::Required => Some(json!("required")),
+        ToolChoice::Named(name) => Some(json!({"type": "function", "function": {"name": name}})),
+    }
 }
 
 fn message(provider: &Provider, message: &ChatMessage) -> Result<Value, LlmError> {

@@ -2,8 +2,12 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::fixtures::{decode_stream, weather_request};
-use crate::http::Headers;
-use crate::{FinishReason, LlmErrorKind, ToolCall, Usage};
+use crate::headers::Headers;
+use crate::wire::{prepare, read_response, read_stream};
+use crate::{
+    Exchange, FinishReason, HttpResponse, LlmErrorKind, ResponseFormat, SseEvent, ToolCall,
+    ToolCallPart, ToolChoice, Usage,
+};
 
 const OPENAI: Provider = Provider {
     name: "OpenAI",
@@ -13,7 +17,6 @@ const OPENAI: Provider = Provider {
 fn wire() -> ChatCompletions {
     ChatCompletions {
         provider: OPENAI,
-        base_url: "https://api.openai.com/v1".into(),
         default_model: "gpt-4o-mini".into(),
         extra_headers: vec![("x-title".into(), "Opspawn".into())],
         max_tokens_field: "max_completion_tokens",
@@ -112,10 +115,7 @@ fn tool_messages_need_their_call_id() {
 #[test]
 fn the_endpoint_model_and_headers() {
     let wire = wire();
-    assert_eq!(
-        wire.url("m", true),
-        "https://api.openai.com/v1/chat/completions"
-    );
+    assert_eq!(wire.path("m", true), "/chat/completions");
     assert_eq!(wire.model(&weather_request()), "gpt-4o-mini");
     let mut request = weather_request();
     request.model = Some("gpt-4.1".into());
@@ -244,7 +244,7 @@ const TOOL_STREAM: &str = concat!(
 #[test]
 fn streams_assemble_tool_call_fragments() {
     for size in [1, 7, 64, TOOL_STREAM.len()] {
-        let (response, emitted) = decode_stream(wire().decoder(context()), TOOL_STREAM, size);
+        let (response, emitted) = decode_stream(&wire(), &context(), TOOL_STREAM, size);
         let response = response.unwrap();
         assert!(emitted.is_empty());
         assert_eq!(
@@ -277,7 +277,7 @@ const TEXT_STREAM: &str = concat!(
 
 #[test]
 fn streams_emit_text_as_it_arrives() {
-    let (response, emitted) = decode_stream(wire().decoder(context()), TEXT_STREAM, 5);
+    let (response, emitted) = decode_stream(&wire(), &context(), TEXT_STREAM, 5);
     let response = response.unwrap();
     assert_eq!(emitted, ["Hel", "lo é"]);
     assert_eq!(response.message.content, "Hello é");
@@ -291,10 +291,10 @@ fn streams_cut_short_are_unavailable() {
     let cut = &TEXT_STREAM[..TEXT_STREAM
         .find("data: {\"model\":\"openai/gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{},")
         .unwrap()];
-    let (response, emitted) = decode_stream(wire().decoder(context()), cut, 16);
+    let (response, emitted) = decode_stream(&wire(), &context(), cut, 16);
     assert_eq!(emitted, ["Hel", "lo é"]);
     assert_eq!(response.unwrap_err().kind, LlmErrorKind::Unavailable);
-    let (response, _) = decode_stream(wire().decoder(context()), "data: {oops\n\n", 16);
+    let (response, _) = decode_stream(&wire(), &context(), "data: {oops\n\n", 16);
     assert_eq!(response.unwrap_err().kind, LlmErrorKind::BadResponse);
 }
 
@@ -304,7 +304,7 @@ fn errors_inside_a_stream_end_it() {
         "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
         "data: {\"id\":\"gen-1\",\"object\":\"chat.completion.chunk\",\"error\":{\"code\":502,\"message\":\"Provider returned error\"},\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":\"error\"}]}\n\n",
     );
-    let (response, emitted) = decode_stream(wire().decoder(context()), stream, 9);
+    let (response, emitted) = decode_stream(&wire(), &context(), stream, 9);
     let error = response.unwrap_err();
     assert_eq!(emitted, ["Hi"]);
     assert_eq!(error.kind, LlmErrorKind::Unavailable);
@@ -339,5 +339,173 @@ fn failure_statuses_use_the_generic_mapping() {
     assert_eq!(
         error.message,
         "OpenAI rejected the request as invalid (404)"
+    );
+}
+
+#[test]
+fn new_request_fields_map_to_their_chat_completions_keys() {
+    let mut request = weather_request();
+    request.top_p = Some(0.9);
+    request.parallel_tool_calls = Some(false);
+    request.response_format = Some(ResponseFormat {
+        name: "weather".into(),
+        schema: r#"{"type":"object","properties":{"temp_c":{"type":"number"}}}"#.into(),
+        strict: true,
+    });
+    for (choice, expected) in [
+        (ToolChoice::Auto, None),
+        (ToolChoice::None, Some(json!("none"))),
+        (ToolChoice::Required, Some(json!("required"))),
+        (
+            ToolChoice::Named("get_weather".into()),
+            Some(json!({"type": "function", "function": {"name": "get_weather"}})),
+        ),
+    ] {
+        request.tool_choice = choice;
+        let body = wire().body(&request, "m", false).unwrap();
+        assert_eq!(body.get("tool_choice"), expected.as_ref());
+        assert_eq!(body["top_p"], json!(0.9));
+        assert_eq!(body["parallel_tool_calls"], false);
+        assert_eq!(
+            body["response_format"],
+            json!({"type": "json_schema", "json_schema": {
+                "name": "weather",
+                "schema": {"type": "object", "properties": {"temp_c": {"type": "number"}}},
+                "strict": true,
+            }})
+        );
+    }
+}
+
+#[test]
+fn tool_options_need_tools() {
+    let mut request = weather_request();
+    request.tools.clear();
+    request.parallel_tool_calls = Some(true);
+    let body = wire().body(&request, "m", false).unwrap();
+    assert!(body.get("parallel_tool_calls").is_none());
+    assert!(body.get("tool_choice").is_none());
+    request.tool_choice = ToolChoice::Required;
+    let error = wire().body(&request, "m", false).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
+
+    let mut request = weather_request();
+    request.response_format = Some(ResponseFormat {
+        name: "r".into(),
+        schema: "{".into(),
+        strict: false,
+    });
+    let error = wire().body(&request, "m", false).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
+}
+
+#[test]
+fn prepare_builds_the_http_request_and_its_reply_context() {
+    let mut request = weather_request();
+    request.provider_options = r#"{"stream": false, "seed": 7, "script": []}"#.into();
+    let prepared = prepare(&wire(), &request).unwrap();
+    let Exchange::Http(http) = prepared.exchange else {
+        panic!("expected an HTTP exchange");
+    };
+    assert_eq!(http.method, "POST");
+    assert_eq!(http.path, "/chat/completions");
+    assert!(!http.stream);
+    assert!(
+        http.headers
+            .contains(&("accept".into(), "application/json".into()))
+    );
+    let body: Value = serde_json::from_slice(&http.body).unwrap();
+    assert_eq!(body["model"], "gpt-4o-mini");
+    assert_eq!(body["stream"], false);
+    assert_eq!(body["seed"], 7);
+    assert!(body.get("script").is_none());
+    // Two calls are already in the conversation: a minted id would be call-3.
+    assert_eq!(
+        ReplyContext::decode(&OPENAI, &prepared.reply_context).unwrap(),
+        context()
+    );
+
+    request.provider_options = String::new();
+    let Exchange::Http(http) = prepare(&wire(), &request).unwrap().exchange else {
+        panic!("expected an HTTP exchange");
+    };
+    assert!(http.stream, "streaming is the default");
+}
+
+#[test]
+fn read_response_maps_statuses_and_reads_successes() {
+    let response = |status: u16, headers: Vec<(String, String)>, body: &str| HttpResponse {
+        status,
+        headers,
+        body: body.as_bytes().to_vec(),
+    };
+    let reply_context = context().encode();
+    let reply = read_response(&wire(), &reply_context, &response(200, vec![], COMPLETION)).unwrap();
+    assert_eq!(reply.message.tool_calls.len(), 2);
+
+    let limited = response(
+        429,
+        vec![("Retry-After".into(), "2".into())],
+        r#"{"error":{"message":"Rate limit reached"}}"#,
+    );
+    let error = read_response(&wire(), &reply_context, &limited).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::RateLimited);
+    assert_eq!(error.retry_after_ms, Some(2000));
+    assert_eq!(error.status, Some(429));
+
+    // A body that cannot be read keeps the status it came with.
+    let error =
+        read_response(&wire(), &reply_context, &response(200, vec![], "<html>")).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::BadResponse);
+    assert_eq!(error.status, Some(200));
+
+    let error = read_response(&wire(), "garbage", &response(200, vec![], COMPLETION)).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::Other);
+}
+
+#[test]
+fn stream_batches_are_translated_without_memory_of_earlier_ones() {
+    let event = |data: &str| SseEvent {
+        event: None,
+        data: data.into(),
+    };
+    let reply_context = context().encode();
+    // A compatible server that gives no id: the first piece gets a minted one.
+    let first = event(
+        r#"{"choices":[{"index":0,"delta":{"role":"assistant","tool_calls":[{"index":1,"function":{"name":"get_weather","arguments":"{\"ci"}}]}}]}"#,
+    );
+    let parts = read_stream(&wire(), &reply_context, &[first]).unwrap();
+    assert_eq!(
+        parts,
+        [
+            StreamPart::Model("gpt-4o-mini".into()),
+            StreamPart::ToolCall(ToolCallPart {
+                index: 1,
+                id: Some("call-4".into()),
+                name: Some("get_weather".into()),
+                arguments: "{\"ci".into(),
+            }),
+        ]
+    );
+    let rest = [
+        event(
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"ty\":\"Oslo\"}"}}]},"finish_reason":"stop"}]}"#,
+        ),
+        event("[DONE]"),
+        event(r#"{"choices":[{"index":0,"delta":{"content":"after the end"}}]}"#),
+    ];
+    let parts = read_stream(&wire(), &reply_context, &rest).unwrap();
+    assert_eq!(
+        parts,
+        [
+            StreamPart::ToolCall(ToolCallPart {
+                index: 1,
+                id: None,
+                name: None,
+                arguments: "ty\":\"Oslo\"}".into(),
+            }),
+            StreamPart::Finish(FinishReason::Stop),
+            StreamPart::Done,
+        ]
     );
 }
