@@ -23,7 +23,7 @@
 //!    Each run gets a fresh schema (`opspawn_schema=`), dropped afterwards.
 //!    The clients spread their submissions round-robin over the hosts' APIs;
 //!    a task runs on whichever host claims it first.
-//! 4. **Failover time.** Host A (4 workers) claims 4 slow tasks (scripted
+//! 4. **Failover time.** Host A (at most 4 running tasks) claims 4 slow tasks (scripted
 //!    LLM replies that take [`SLOW_REPLY_MS`] each); host B starts once A
 //!    holds them all; A is killed with SIGKILL. The time measured is from the
 //!    kill to each task's `task.started` event with attempt 2, which B
@@ -89,7 +89,7 @@ const SERVER_LOG: (&str, &str) = ("OPSPAWN_LOG", "warn,opspawn=info");
 const HOST_COUNTS: [usize; 2] = [1, 3];
 /// How many times the failover is measured.
 const FAILOVER_RUNS: usize = 3;
-/// The slow tasks host A runs when it is killed: as many as its workers.
+/// The slow tasks host A runs when it is killed: as many as it may run at once.
 const FAILOVER_TASKS: usize = 4;
 /// The lease of the hosts in the failover runs.
 const FAILOVER_LEASE: &str = "2s";
@@ -868,7 +868,7 @@ async fn failover(url: &str) -> anyhow::Result<()> {
     row(
         "hosts",
         format!(
-            "A: OPSPAWN_WORKERS={FAILOVER_TASKS}; B: default workers, started once A holds the tasks"
+            "A: OPSPAWN_MAX_RUNNING_TASKS={FAILOVER_TASKS}; B: default limit, started once A holds the tasks"
         ),
     );
     row(
@@ -943,13 +943,13 @@ async fn failover_once(
     wait: Duration,
 ) -> anyhow::Result<Failover> {
     let lease = ("OPSPAWN_LEASE", FAILOVER_LEASE);
-    let workers = FAILOVER_TASKS.to_string();
+    let max_running = FAILOVER_TASKS.to_string();
     let mut cluster = Cluster::start(
         binary,
         plugins,
         schema,
         1,
-        &[lease, ("OPSPAWN_WORKERS", workers.as_str())],
+        &[lease, ("OPSPAWN_MAX_RUNNING_TASKS", max_running.as_str())],
     )?;
     let host_a = cluster.servers[0].client();
     let mut tasks = Vec::new();

@@ -74,9 +74,9 @@ struct ServeArgs {
     /// Database URL, such as sqlite://opspawn.db [env: OPSPAWN_DATABASE_URL]
     #[arg(long)]
     database_url: Option<String>,
-    /// How many tasks run at once [env: OPSPAWN_WORKERS]
-    #[arg(long)]
-    workers: Option<usize>,
+    /// How many tasks run at once on this host [env: OPSPAWN_MAX_RUNNING_TASKS]
+    #[arg(long, alias = "workers")]
+    max_running_tasks: Option<usize>,
 }
 
 impl ServeArgs {
@@ -91,7 +91,10 @@ impl ServeArgs {
         set("data_dir", self.data_dir.as_ref().map(|v| json!(v)));
         set("plugin_dir", self.plugin_dir.as_ref().map(|v| json!(v)));
         set("database_url", self.database_url.as_ref().map(|v| json!(v)));
-        set("workers", self.workers.map(|v| json!(v)));
+        set(
+            "max_running_tasks",
+            self.max_running_tasks.map(|v| json!(v)),
+        );
         Config::load(
             self.config.as_deref(),
             figment::Figment::from(Serialized::globals(Value::Object(flags))),
@@ -198,7 +201,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Config(args) => {
-            println!("{}", toml::to_string_pretty(&args.load()?)?);
+            let config = args.load()?;
+            for warning in config.deprecations() {
+                eprintln!("warning: {warning}");
+            }
+            println!("{}", toml::to_string_pretty(&config)?);
             Ok(0)
         }
         Command::Run(args) => run(args).await,

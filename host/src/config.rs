@@ -9,6 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::api::QueueLimits;
 use crate::api::auth::AuthConfig;
 use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
@@ -27,8 +28,22 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     /// `sqlite://PATH`; `sqlite://<data_dir>/opspawn.db` if unset.
     pub database_url: Option<String>,
-    /// How many tasks run at once.
-    pub workers: usize,
+    /// How many tasks run at once on this host, those waiting on a provider,
+    /// a timer or a retry included. A running task is a parked future, not a
+    /// thread, so this can be in the thousands; at the limit, tasks wait in
+    /// the queue.
+    pub max_running_tasks: usize,
+    /// Deprecated: the old name of `max_running_tasks`, which it sets when
+    /// that is left at its default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// Submissions are refused (`429 queue_full`) while this many tasks are
+    /// queued in the store, as this host last counted (at most 100 ms ago).
+    pub max_queued_tasks: u64,
+    /// Submissions of a tenant are refused (`429 queue_full`) while it has
+    /// this many tasks queued; no cap if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued_per_tenant: Option<u64>,
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
     /// The largest request body accepted, in bytes.
@@ -87,6 +102,9 @@ pub struct PluginDefaults {
     pub concurrent_calls: usize,
 }
 
+/// The default limit on tasks running at once on a host.
+const DEFAULT_MAX_RUNNING_TASKS: usize = 10_000;
+
 /// The top-level keys, as environment variables may set them.
 const KEYS: &[&str] = &[
     "addr",
@@ -94,7 +112,10 @@ const KEYS: &[&str] = &[
     "plugin_dir",
     "cache_dir",
     "database_url",
+    "max_running_tasks",
     "workers",
+    "max_queued_tasks",
+    "max_queued_per_tenant",
     "lease",
     "max_body_bytes",
     "watch_plugins",
@@ -125,7 +146,10 @@ impl Default for Config {
             plugin_dir: None,
             cache_dir: None,
             database_url: None,
-            workers: 8,
+            max_running_tasks: DEFAULT_MAX_RUNNING_TASKS,
+            workers: None,
+            max_queued_tasks: 100_000,
+            max_queued_per_tenant: None,
             lease: Duration::from_secs(30),
             max_body_bytes: 1 << 20,
             watch_plugins: true,
@@ -173,11 +197,38 @@ impl Config {
         let env = Env::prefixed("OPSPAWN_")
             .split("__")
             .filter(|key| is_config_key(key.as_str()));
-        figment
+        let mut config: Self = figment
             .merge(env)
             .merge(overrides)
             .extract()
-            .map_err(Box::new)
+            .map_err(Box::new)?;
+        if let Some(workers) = config.workers
+            && config.max_running_tasks == DEFAULT_MAX_RUNNING_TASKS
+        {
+            config.max_running_tasks = workers;
+        }
+        Ok(config)
+    }
+
+    /// Warnings about settings that still work but will not for long.
+    pub fn deprecations(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.workers.is_some() {
+            warnings.push(
+                "`workers` (OPSPAWN_WORKERS, --workers) is deprecated: tasks no longer hold a \
+                 worker while they run; set `max_running_tasks` \
+                 (OPSPAWN_MAX_RUNNING_TASKS, --max-running-tasks) instead"
+                    .to_owned(),
+            );
+        }
+        warnings
+    }
+
+    pub fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            max_queued_tasks: self.max_queued_tasks,
+            max_queued_per_tenant: self.max_queued_per_tenant,
+        }
     }
 
     pub fn plugin_dir(&self) -> PathBuf {
@@ -217,9 +268,41 @@ impl Config {
 
     pub fn scheduler_config(&self) -> SchedulerConfig {
         SchedulerConfig {
-            workers: self.workers,
+            max_running_tasks: self.max_running_tasks,
             lease: self.lease,
             ..SchedulerConfig::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(flags: serde_json::Value) -> Config {
+        Config::load(None, Figment::from(Serialized::globals(flags))).unwrap()
+    }
+
+    #[test]
+    fn workers_is_a_deprecated_alias_of_max_running_tasks() {
+        let defaults = load(serde_json::json!({}));
+        assert_eq!(defaults.max_running_tasks, DEFAULT_MAX_RUNNING_TASKS);
+        assert!(defaults.deprecations().is_empty());
+
+        let old = load(serde_json::json!({"workers": 3}));
+        assert_eq!(old.max_running_tasks, 3);
+        assert_eq!(old.deprecations().len(), 1);
+
+        let both = load(serde_json::json!({"workers": 3, "max_running_tasks": 50}));
+        assert_eq!(both.max_running_tasks, 50, "the new name wins");
+    }
+
+    #[test]
+    fn the_printed_configuration_shows_the_limits() {
+        let printed = toml::to_string_pretty(&Config::default()).unwrap();
+        for line in ["max_running_tasks = 10000", "max_queued_tasks = 100000"] {
+            assert!(printed.contains(line), "{printed}");
+        }
+        assert!(!printed.contains("workers"), "{printed}");
     }
 }

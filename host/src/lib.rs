@@ -6,7 +6,7 @@
 //! - [`protocol`]: the neutral types every part speaks;
 //! - [`plugins`]: the plugin runtime (wasmtime), knows nothing of the store;
 //! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
-//! - [`scheduler`]: workers, leases and the agent loop, joining the two;
+//! - [`scheduler`]: the dispatcher, leases and the agent loop, joining the two;
 //! - [`api`]: the REST API (axum) over the scheduler and store;
 //! - [`cli`] and [`config`]: the `opspawn` command.
 

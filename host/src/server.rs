@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::api::auth::Gate;
-use crate::api::{self, AppState};
+use crate::api::{self, Admission, AppState};
 use crate::config::Config;
 use crate::events::EventBus;
 use crate::plugins::PluginRuntime;
@@ -16,6 +16,9 @@ use crate::store;
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     raise_open_file_limit();
+    for warning in config.deprecations() {
+        tracing::warn!("{warning}");
+    }
     let plugin_dir = config.plugin_dir();
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
@@ -97,6 +100,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         events,
         defaults: Arc::new(config.defaults.clone()),
         gate: Arc::new(Gate::new(config.auth.clone())),
+        admission: Arc::new(Admission::new(config.queue_limits())),
     };
     let auth_enabled = state.gate.enabled();
     let listener = tokio::net::TcpListener::bind(config.addr)

@@ -395,7 +395,7 @@ async fn cancel_stops_a_running_task_at_the_next_step_boundary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_of_a_queued_task_takes_effect_at_once() {
-    let harness = Harness::start_with(&[("OPSPAWN_WORKERS", "1")]);
+    let harness = Harness::start_with(&[("OPSPAWN_MAX_RUNNING_TASKS", "1")]);
     let client = harness.client();
     let busy = client
         .submit(&crate::misbehaving_task("sleep", json!({"ms": 800})))

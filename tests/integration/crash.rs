@@ -12,6 +12,8 @@ use crate::Harness;
 
 const TASKS: usize = 300;
 const KILLS: usize = 4;
+/// Tasks running at once: a bound on the steps in flight at a kill.
+const MAX_RUNNING: usize = 8;
 
 /// Three calls of the counting tool, then an answer: seven steps.
 pub fn counting_task(n: usize) -> Value {
@@ -30,7 +32,8 @@ pub fn counting_task(n: usize) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_survive_repeated_kill_9_without_repeating_journaled_steps() {
-    let mut harness = Harness::start();
+    let max_running = MAX_RUNNING.to_string();
+    let mut harness = Harness::start_with(&[("OPSPAWN_MAX_RUNNING_TASKS", &max_running)]);
     let client = harness.client();
     let submitted = futures::future::join_all((0..TASKS).map(|n| {
         let client = client.clone();
@@ -95,11 +98,10 @@ async fn tasks_survive_repeated_kill_9_without_repeating_journaled_steps() {
             }
         }
     }
-    let workers = 8;
     assert!(
-        repeated <= KILLS * workers,
+        repeated <= KILLS * MAX_RUNNING,
         "{repeated} steps ran twice; at most {} can be in flight at {KILLS} kills",
-        KILLS * workers
+        KILLS * MAX_RUNNING
     );
     let restarted = tasks
         .values()

@@ -3,6 +3,7 @@
 //! over HTTP.
 
 mod api;
+mod capacity;
 mod crash;
 mod durability;
 mod network;

@@ -163,17 +163,18 @@ impl OwnerWatch {
 const TASKS: usize = 500;
 const KILLS: usize = 6;
 const HOSTS: usize = 3;
-const WORKERS: usize = 8;
+/// Tasks running at once per host: a bound on the steps in flight at a kill.
+const MAX_RUNNING: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_on_one_database_survive_repeated_kill_9() {
     if !on_postgres() {
         return;
     }
-    let workers = WORKERS.to_string();
+    let max_running = MAX_RUNNING.to_string();
     let env = [
         ("OPSPAWN_LEASE", "2s"),
-        ("OPSPAWN_WORKERS", workers.as_str()),
+        ("OPSPAWN_MAX_RUNNING_TASKS", max_running.as_str()),
     ];
     let mut cluster = Cluster::start(HOSTS, &env);
     let (url, schema) = cluster.postgres();
@@ -275,9 +276,9 @@ async fn three_hosts_on_one_database_survive_repeated_kill_9() {
         "tool calls that no step records: {unjournaled:?}"
     );
     assert!(
-        repeated <= KILLS * WORKERS,
+        repeated <= KILLS * MAX_RUNNING,
         "{repeated} re-runs; at most {} steps can be in flight at {KILLS} kills",
-        KILLS * WORKERS
+        KILLS * MAX_RUNNING
     );
 
     let resumed: Vec<&String> = tasks
@@ -357,7 +358,7 @@ async fn a_stalled_host_cannot_write_over_the_host_that_took_its_task() {
     if !on_postgres() {
         return;
     }
-    let env = [("OPSPAWN_LEASE", "2s"), ("OPSPAWN_WORKERS", "1")];
+    let env = [("OPSPAWN_LEASE", "2s"), ("OPSPAWN_MAX_RUNNING_TASKS", "1")];
     let mut cluster = Cluster::start(1, &env);
     let a = cluster.client(0);
     let id = a.submit(&slow_task()).await.unwrap();
@@ -493,5 +494,94 @@ async fn a_cancel_on_one_host_stops_the_task_running_on_another_at_once() {
     assert!(
         took < Duration::from_secs(5),
         "stopped after {took:?}, not at a lease renewal"
+    );
+}
+
+/// A task of one LLM reply that takes `delay_ms`.
+fn reply_task(goal: &str, delay_ms: u64, priority: i32) -> Value {
+    json!({
+        "goal": goal,
+        "tools": [],
+        "priority": priority,
+        "options": {"llm": {"script": [
+            {"delay_ms": delay_ms, "content": "Final Answer: replied"}
+        ]}}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_hosts_tasks_move_ahead_of_fresh_work_on_a_saturated_host() {
+    if !on_postgres() {
+        return;
+    }
+    const LEASE: Duration = Duration::from_secs(3);
+    const ORPHANS: usize = 4;
+    const FRESH: usize = 150;
+    const SLOTS: &str = "4";
+    let env = [
+        ("OPSPAWN_LEASE", "3s"),
+        ("OPSPAWN_MAX_RUNNING_TASKS", SLOTS),
+    ];
+    let mut cluster = Cluster::start(1, &env);
+    let a = cluster.client(0);
+    // A runs tasks that outlast the test: six LLM replies of 5 s each.
+    let calculate = json!({"name": "calculator", "arguments": {"expression": "1+1"}});
+    let script: Vec<Value> = (0..6)
+        .map(|_| json!({"delay_ms": 5000, "tool_calls": [calculate]}))
+        .collect();
+    let mut orphans = Vec::new();
+    for n in 0..ORPHANS {
+        let task = json!({
+            "goal": format!("orphan {n}"),
+            "tools": ["calculator"],
+            "options": {"llm": {"script": script}}
+        });
+        orphans.push(a.submit(&task).await.unwrap());
+    }
+    for id in &orphans {
+        a.wait_for(id, FINISH, |t| t["status"] == "running")
+            .await
+            .unwrap();
+    }
+
+    // B starts only now, and is kept saturated: its slots busy with short
+    // tasks and its queue full of more, all more urgent than A's tasks, so
+    // only the expired-leases-first rule puts A's tasks ahead of them.
+    let b = cluster.add(&env).client();
+    futures::future::join_all((0..FRESH).map(|n| {
+        let b = b.clone();
+        async move {
+            b.submit(&reply_task(&format!("fresh {n}"), 250, 10))
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    let (_, running) = b.get("/v1/tasks?status=running&limit=500").await.unwrap();
+    let running = running["tasks"].as_array().unwrap().len();
+    assert!(running >= ORPHANS + 2, "B is busy: {running} running");
+
+    cluster.host(0).kill9();
+    let killed = Instant::now();
+    let mut taken_over = Vec::new();
+    for id in &orphans {
+        b.wait_for(id, FINISH, |t| t["attempt"] == 2).await.unwrap();
+        taken_over.push(killed.elapsed());
+    }
+    let (_, queued) = b.get("/v1/tasks?status=queued&limit=500").await.unwrap();
+    let still_queued = queued["tasks"].as_array().unwrap().len();
+
+    let slowest = taken_over.iter().max().copied().unwrap_or_default();
+    assert!(
+        slowest <= LEASE + Duration::from_secs(1),
+        "A's tasks moved to B {taken_over:?} after the kill; the lease is {LEASE:?}"
+    );
+    assert!(
+        still_queued > 0,
+        "fresh work was still waiting when A's tasks moved, so they went ahead of it"
+    );
+    println!(
+        "A's {ORPHANS} tasks moved to saturated B {taken_over:.1?} after kill -9 \
+         (lease {LEASE:?}); {still_queued} fresh tasks still queued"
     );
 }

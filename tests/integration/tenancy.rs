@@ -203,9 +203,9 @@ fn rfc3339(offset: Duration, future: bool) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priorities_start_times_and_deadlines_are_honoured() {
-    let harness = Harness::start_with(&[("OPSPAWN_WORKERS", "1")]);
+    let harness = Harness::start_with(&[("OPSPAWN_MAX_RUNNING_TASKS", "1")]);
     let client = harness.client();
-    // Hold the only worker while the others queue up.
+    // Hold the only running slot while the others queue up.
     let blocker = client
         .submit(&misbehaving_task("sleep", json!({"ms": 700})))
         .await

@@ -4,6 +4,7 @@
 //! Every error is `{"error": {"code", "message"}}` with a stable code (see
 //! `docs/api.md`); malformed requests are 4xx, never 500.
 
+mod admission;
 pub mod auth;
 mod error;
 mod events;
@@ -21,6 +22,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+pub use admission::{Admission, QueueLimits};
 use auth::Tenant;
 pub use error::ApiError;
 pub use views::timestamp;
@@ -46,6 +48,7 @@ pub struct AppState {
     pub events: EventBus,
     pub defaults: Arc<TaskDefaults>,
     pub gate: Arc<auth::Gate>,
+    pub admission: Arc<Admission>,
 }
 
 /// The whole API as one router.
@@ -166,7 +169,18 @@ async fn create_task(
             ),
         ));
     }
-    let (record, event) = state.store.create_task(task).await?;
+    let reservation = state
+        .admission
+        .reserve(state.store.as_ref(), &tenant.0)
+        .await?;
+    let created = state.store.create_task(task).await;
+    let (record, event) = match created {
+        Ok(created) => created,
+        Err(error) => {
+            state.admission.release(reservation).await;
+            return Err(error.into());
+        }
+    };
     let status = match event {
         Some(event) => {
             state.events.journaled(event);
@@ -174,7 +188,10 @@ async fn create_task(
             StatusCode::CREATED
         }
         // The idempotency key named an existing task: the same answer again.
-        None => StatusCode::OK,
+        None => {
+            state.admission.release(reservation).await;
+            StatusCode::OK
+        }
     };
     let location = format!("/v1/tasks/{}", record.id);
     Ok((

@@ -346,10 +346,20 @@ pub struct Claim {
     pub event: EventRecord,
 }
 
-/// The state of a claim as seen when renewing its lease.
+/// The state of a claim as seen by a fenced write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseState {
     pub cancel_requested: bool,
+}
+
+/// What renewing one lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// The claim still holds, for another lease.
+    Renewed { cancel_requested: bool },
+    /// The task is no longer claimed under this fence: another worker took
+    /// it over after the lease expired, or it ended. Nothing was written.
+    Lost,
 }
 
 #[async_trait]
@@ -365,6 +375,12 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_finished(&self, before: Millis) -> Result<u64>;
     /// How many of a tenant's tasks are queued or running.
     async fn count_active(&self, tenant: &str) -> Result<u64>;
+    /// How many tasks are queued, of one tenant or of all, counting no
+    /// further than `at_most`: a cap only needs to know whether it is
+    /// reached, and the count then costs no more than the cap however long
+    /// the queue. Index-backed: it reads queued rows only, however many tasks
+    /// are running or finished.
+    async fn count_queued(&self, tenant: Option<&str>, at_most: u64) -> Result<u64>;
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>>;
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage>;
     async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>>;
@@ -372,11 +388,25 @@ pub trait Store: Send + Sync + 'static {
     async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>>;
     async fn request_cancel(&self, id: &str) -> Result<CancelOutcome>;
 
-    /// Claims the most urgent runnable task: a queued one, or a running one
-    /// whose lease expired (its worker died). Bumps the attempt number.
-    async fn claim_next(&self, worker: &str, lease: Duration) -> Result<Option<Claim>>;
-    /// Extends a lease; fails with `Fenced` when the claim was superseded.
-    async fn renew_lease(&self, fence: &Fence, lease: Duration) -> Result<LeaseState>;
+    /// Claims up to `max` runnable tasks for `worker`, bumping each one's
+    /// attempt number, and loads their journals. Running tasks whose lease
+    /// expired (their host died) come first (the longest expired, when there
+    /// are more than `max`), so a dead host's work moves ahead of fresh
+    /// work; then queued tasks whose `run_at` has come, by priority (higher
+    /// first) and then age. The answer lists the expired ones first, then
+    /// the queued ones, each by priority and age.
+    async fn claim_batch(&self, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>>;
+    /// Claims the single most urgent runnable task ([`Store::claim_batch`]
+    /// with a batch of one).
+    async fn claim_next(&self, worker: &str, lease: Duration) -> Result<Option<Claim>> {
+        Ok(self.claim_batch(worker, lease, 1).await?.into_iter().next())
+    }
+    /// Extends the leases of every claim in `fences` by `lease` from now, in
+    /// one statement, and says for each (in the same order) whether it still
+    /// holds and whether its cancellation was requested. A fence that no
+    /// longer matches its task's claim is [`Renewal::Lost`] and nothing is
+    /// written for it.
+    async fn renew_leases(&self, fences: &[Fence], lease: Duration) -> Result<Vec<Renewal>>;
     /// Makes every lease claimable at once. Only for an engine that a single
     /// host owns exclusively (SQLite), after that host restarts.
     async fn expire_all_leases(&self) -> Result<u64>;
@@ -401,6 +431,36 @@ pub trait Store: Send + Sync + 'static {
     fn cancellations(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         None
     }
+}
+
+/// Puts the claims of a batch in claim order: the tasks whose leases had
+/// expired first, then the rest by priority (higher first) and age (ids sort
+/// by creation time). `RETURNING` gives rows in no particular order.
+fn in_claim_order(mut expired: Vec<TaskRecord>, mut queued: Vec<TaskRecord>) -> Vec<TaskRecord> {
+    let urgency =
+        |a: &TaskRecord, b: &TaskRecord| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id));
+    expired.sort_by(urgency);
+    queued.sort_by(urgency);
+    expired.extend(queued);
+    expired
+}
+
+/// The answer to a batch renewal: for each fence, in order, whether one of
+/// the `renewed` rows (task id, attempt, cancel requested) is its claim.
+fn renewals(fences: &[Fence], renewed: Vec<(String, i64, bool)>) -> Vec<Renewal> {
+    let renewed: std::collections::HashMap<(String, i64), bool> = renewed
+        .into_iter()
+        .map(|(id, attempt, cancel_requested)| ((id, attempt), cancel_requested))
+        .collect();
+    fences
+        .iter()
+        .map(
+            |fence| match renewed.get(&(fence.task_id.clone(), fence.attempt)) {
+                Some(&cancel_requested) => Renewal::Renewed { cancel_requested },
+                None => Renewal::Lost,
+            },
+        )
+        .collect()
 }
 
 /// Opens the store a database URL names, creating and migrating it.
@@ -441,4 +501,168 @@ fn step_event_data(step: &StepRecord) -> Value {
 
 fn parse_json(text: &str, what: &'static str) -> Result<Value> {
     serde_json::from_str(text).map_err(|source| StoreError::Corrupt { what, source })
+}
+
+/// Behaviour both engines must show, run by each engine's tests.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+
+    pub fn new_task(goal: &str, priority: i32, run_at: Option<Millis>) -> NewTask {
+        NewTask {
+            tenant: "default".into(),
+            idempotency_key: None,
+            priority,
+            run_at,
+            deadline_at: None,
+            goal: goal.to_owned(),
+            planner: "react".into(),
+            llm: "scripted".into(),
+            model: None,
+            tools: vec!["calculator".into()],
+            options: serde_json::json!({}),
+            max_steps: 20,
+            max_retries: 0,
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// A running task whose lease expired is claimed before a queued task
+    /// that is older and more urgent; queued tasks then go by priority and
+    /// age, and not before their `run_at`. The dead claim is fenced off, and
+    /// a batch renewal tells a held claim from a lost one.
+    pub async fn claims_take_expired_leases_first(store: &dyn Store) {
+        let lease = Duration::from_secs(30);
+        // Held back until the orphan below is running, so it is older than
+        // the orphan, and more urgent.
+        let soon = now_millis() + 300;
+        let (older, _) = store
+            .create_task(new_task("older", 5, Some(soon)))
+            .await
+            .unwrap();
+        let (orphan, _) = store
+            .create_task(new_task("orphan", 0, None))
+            .await
+            .unwrap();
+        let (urgent, _) = store
+            .create_task(new_task("urgent", 9, Some(soon)))
+            .await
+            .unwrap();
+        let (later, _) = store
+            .create_task(new_task("later", 9, Some(now_millis() + 3_600_000)))
+            .await
+            .unwrap();
+
+        // The orphan is the only runnable task; its host then dies.
+        let dead = store
+            .claim_batch("dead-host", Duration::ZERO, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            dead.iter().map(|c| &c.task.id).collect::<Vec<_>>(),
+            [&orphan.id]
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+
+        let first = store.claim_batch("host-b", lease, 1).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            (first[0].task.id.as_str(), first[0].task.attempt),
+            (orphan.id.as_str(), 2),
+            "the expired lease goes before the older, more urgent queued tasks"
+        );
+        assert_eq!(first[0].event.kind, event_kind::TASK_STARTED);
+        assert_eq!(first[0].event.data["attempt"], 2);
+
+        let rest = store.claim_batch("host-b", lease, 10).await.unwrap();
+        assert_eq!(
+            rest.iter().map(|c| &c.task.id).collect::<Vec<_>>(),
+            [&urgent.id, &older.id],
+            "then by priority; a task whose run_at is to come waits"
+        );
+        assert!(rest.iter().all(|c| c.task.status == TaskStatus::Running));
+        assert_eq!(
+            store.get_task(&later.id).await.unwrap().unwrap().status,
+            TaskStatus::Queued
+        );
+        assert_eq!(store.count_queued(None, 100).await.unwrap(), 1);
+        assert_eq!(store.count_queued(Some("default"), 100).await.unwrap(), 1);
+        assert_eq!(store.count_queued(Some("nobody"), 100).await.unwrap(), 0);
+        assert_eq!(
+            store.count_queued(None, 0).await.unwrap(),
+            0,
+            "counts stop at the cap"
+        );
+
+        // The dead host's claim is fenced; the batch renewal says so.
+        let end = TaskEnd::Succeeded {
+            result: "late".into(),
+        };
+        assert!(matches!(
+            store.finish_task(&dead[0].fence, end).await,
+            Err(StoreError::Fenced { attempt: 1, .. })
+        ));
+        store.request_cancel(&urgent.id).await.unwrap();
+        let fences = [
+            dead[0].fence.clone(),
+            first[0].fence.clone(),
+            rest[0].fence.clone(),
+        ];
+        assert_eq!(
+            store.renew_leases(&fences, lease).await.unwrap(),
+            [
+                Renewal::Lost,
+                Renewal::Renewed {
+                    cancel_requested: false
+                },
+                Renewal::Renewed {
+                    cancel_requested: true
+                },
+            ]
+        );
+    }
+
+    /// A claim resumes from the whole journal, loaded for the batch at once.
+    pub async fn a_batch_claim_loads_each_journal(store: &dyn Store) {
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let (task, _) = store
+                .create_task(new_task(&format!("t{n}"), 0, None))
+                .await
+                .unwrap();
+            ids.push(task.id);
+        }
+        let claims = store
+            .claim_batch("dead-host", Duration::ZERO, 3)
+            .await
+            .unwrap();
+        assert_eq!(claims.len(), 3);
+        // Task n journals n steps before its host dies.
+        for (n, claim) in claims.iter().enumerate() {
+            for seq in 1..=n as u32 {
+                let step = StepStart {
+                    seq,
+                    kind: StepKind::Tool,
+                    plugin: "calculator".into(),
+                    input: serde_json::json!({"n": n, "seq": seq}),
+                };
+                store.start_step(&claim.fence, step).await.unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let resumed = store
+            .claim_batch("host-b", Duration::from_secs(30), 10)
+            .await
+            .unwrap();
+        assert_eq!(resumed.len(), 3);
+        for claim in &resumed {
+            let n = ids.iter().position(|id| *id == claim.task.id).unwrap();
+            let inputs: Vec<&Value> = claim.steps.iter().map(|s| &s.input).collect();
+            let expected: Vec<Value> = (1..=n)
+                .map(|seq| serde_json::json!({"n": n, "seq": seq}))
+                .collect();
+            assert_eq!(inputs, expected.iter().collect::<Vec<_>>(), "task {n}");
+            assert_eq!(claim.event.data["resumed_steps"], n);
+        }
+    }
 }

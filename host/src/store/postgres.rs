@@ -17,6 +17,7 @@
 //! (re)connect every idle worker looks once, and the scheduler's poll still
 //! finds expired leases and tasks whose start time has come.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,9 +30,10 @@ use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Notify;
 
 use super::{
-    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, Result,
-    StepEnd, StepKind, StepRecord, StepStart, StepStatus, Store, StoreError, TaskEnd, TaskPage,
-    TaskQuery, TaskRecord, TaskStatus, event_kind, now_millis, parse_json, step_event_data,
+    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, Renewal,
+    Result, StepEnd, StepKind, StepRecord, StepStart, StepStatus, Store, StoreError, TaskEnd,
+    TaskPage, TaskQuery, TaskRecord, TaskStatus, event_kind, in_claim_order, now_millis,
+    parse_json, renewals, step_event_data,
 };
 use crate::protocol::Usage;
 
@@ -328,49 +330,139 @@ async fn create_task(
     Ok((record, Some(event)))
 }
 
-async fn claim(conn: &mut PgConnection, worker: &str, lease: Duration) -> Result<Option<Claim>> {
+/// Claims the running tasks whose lease expired, longest expired first: a
+/// range scan of the partial index `tasks_by_lease`, which holds running
+/// tasks only. SKIP LOCKED: hosts claiming at once take different tasks
+/// instead of queueing on the same rows, and a task whose row a writer holds
+/// (a cancel, a step of the host that still has it) is left for next time.
+const CLAIM_EXPIRED: &str = "UPDATE tasks
+    SET attempt = attempt + 1, lease_owner = $1, lease_expires_at = $2,
+        started_at = COALESCE(started_at, $3)
+  WHERE id IN (SELECT id FROM tasks
+                WHERE status = 'running' AND lease_expires_at < $3
+                ORDER BY lease_expires_at
+                LIMIT $4
+                FOR UPDATE SKIP LOCKED)
+ RETURNING *";
+
+/// Claims queued tasks whose start time has come, walking the partial index
+/// `tasks_queued` in claim order (priority, then age) and stopping after
+/// `LIMIT` rows: no sort, and a cost that does not grow with the queue.
+const CLAIM_QUEUED: &str = "UPDATE tasks
+    SET status = 'running', attempt = attempt + 1, lease_owner = $1, lease_expires_at = $2,
+        started_at = COALESCE(started_at, $3)
+  WHERE id IN (SELECT id FROM tasks
+                WHERE status = 'queued' AND (run_at IS NULL OR run_at <= $3)
+                ORDER BY priority DESC, id
+                LIMIT $4
+                FOR UPDATE SKIP LOCKED)
+ RETURNING *";
+
+/// Appends `task.started` to each claimed task's history in one statement.
+/// The claim holds every one of these rows locked until it commits, so no
+/// other writer can number an event of these tasks meanwhile.
+const APPEND_STARTED: &str = "INSERT INTO events (task_id, seq, kind, data, at)
+ SELECT started.id,
+        COALESCE((SELECT MAX(seq) FROM events WHERE events.task_id = started.id), 0) + 1,
+        $3, started.data::json, $4
+   FROM unnest($1::text[], $2::text[]) AS started(id, data)
+ RETURNING task_id, seq";
+
+async fn claim_batch(
+    conn: &mut PgConnection,
+    worker: &str,
+    lease: Duration,
+    max: usize,
+) -> Result<Vec<Claim>> {
     let now = now_millis();
-    // SKIP LOCKED: workers claiming at once take different tasks instead of
-    // queueing on the same row, and a task whose row a writer holds (a
-    // cancel, a renewal) is left for the next round.
-    let row = sqlx::query(
-        "UPDATE tasks
-            SET status = 'running', attempt = attempt + 1, lease_owner = $1,
-                lease_expires_at = $2, started_at = COALESCE(started_at, $3)
-          WHERE id = (SELECT id FROM tasks
-                       WHERE (status = 'queued' AND (run_at IS NULL OR run_at <= $3))
-                          OR (status = 'running' AND lease_expires_at < $3)
-                       ORDER BY priority DESC, id
-                       LIMIT 1
-                       FOR UPDATE SKIP LOCKED)
-         RETURNING *",
-    )
-    .bind(worker)
-    .bind(now + lease.as_millis() as i64)
-    .bind(now)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    let task = task_from_row(&row)?;
-    let fence = Fence {
-        task_id: task.id.clone(),
-        attempt: task.attempt,
-        worker: worker.to_owned(),
+    let expires = now + lease.as_millis() as i64;
+    let claim = |query: &'static str, limit: usize| {
+        sqlx::query(query)
+            .bind(worker)
+            .bind(expires)
+            .bind(now)
+            .bind(limit as i64)
     };
-    let steps = load_steps(&mut *conn, &task.id).await?;
-    let event = append_event(
-        conn,
-        &task.id,
-        event_kind::TASK_STARTED,
-        json!({"attempt": task.attempt, "resumed_steps": steps.len()}),
-    )
+    let expired = claim(CLAIM_EXPIRED, max).fetch_all(&mut *conn).await?;
+    let queued = match max - expired.len() {
+        0 => Vec::new(),
+        room => claim(CLAIM_QUEUED, room).fetch_all(&mut *conn).await?,
+    };
+    let tasks = in_claim_order(
+        expired.iter().map(task_from_row).collect::<Result<_>>()?,
+        queued.iter().map(task_from_row).collect::<Result<_>>()?,
+    );
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+
+    let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+    let rows = sqlx::query(concat!(
+        steps_with_payloads!(),
+        " WHERE s.task_id = ANY($1) ORDER BY s.task_id, s.seq"
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(Some(Claim {
-        task,
-        fence,
-        steps,
-        event,
-    }))
+    let mut journals: HashMap<String, Vec<StepRecord>> = HashMap::new();
+    for row in &rows {
+        let task_id: String = row.try_get("task_id")?;
+        journals
+            .entry(task_id)
+            .or_default()
+            .push(step_from_row(row)?);
+    }
+
+    let at = now_millis();
+    let started: Vec<(TaskRecord, Vec<StepRecord>, Value)> = tasks
+        .into_iter()
+        .map(|task| {
+            let steps = journals.remove(&task.id).unwrap_or_default();
+            let data = json!({"attempt": task.attempt, "resumed_steps": steps.len()});
+            (task, steps, data)
+        })
+        .collect();
+    let texts: Vec<String> = started
+        .iter()
+        .map(|(_, _, data)| data.to_string())
+        .collect();
+    let numbered: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(APPEND_STARTED)
+        .bind(&ids)
+        .bind(&texts)
+        .bind(event_kind::TASK_STARTED)
+        .bind(at)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+
+    started
+        .into_iter()
+        .map(|(task, steps, data)| {
+            let seq = *numbered.get(&task.id).ok_or_else(|| {
+                StoreError::Config(format!(
+                    "no task.started event was numbered for {}",
+                    task.id
+                ))
+            })?;
+            Ok(Claim {
+                fence: Fence {
+                    task_id: task.id.clone(),
+                    attempt: task.attempt,
+                    worker: worker.to_owned(),
+                },
+                event: EventRecord {
+                    task_id: task.id.clone(),
+                    seq,
+                    kind: event_kind::TASK_STARTED.to_owned(),
+                    data,
+                    at,
+                },
+                task,
+                steps,
+            })
+        })
+        .collect()
 }
 
 /// Locks the task's row and fails with `Fenced` unless `fence` is its
@@ -398,14 +490,32 @@ async fn check_fence(conn: &mut PgConnection, fence: &Fence) -> Result<LeaseStat
     }
 }
 
-async fn renew(conn: &mut PgConnection, fence: &Fence, lease: Duration) -> Result<LeaseState> {
-    let state = check_fence(conn, fence).await?;
-    sqlx::query("UPDATE tasks SET lease_expires_at = $1 WHERE id = $2")
-        .bind(now_millis() + lease.as_millis() as i64)
-        .bind(&fence.task_id)
-        .execute(&mut *conn)
-        .await?;
-    Ok(state)
+/// Extends the leases of the claims in `fences` in one statement: the
+/// fences go in as three arrays, joined to `tasks` by primary key, so the
+/// statement is the same whatever their number. A row a writer holds makes
+/// the renewal wait for that write (a few statements), never skip the row.
+async fn renew_leases(
+    conn: &mut PgConnection,
+    fences: &[Fence],
+    lease: Duration,
+) -> Result<Vec<Renewal>> {
+    let ids: Vec<&str> = fences.iter().map(|f| f.task_id.as_str()).collect();
+    let attempts: Vec<i64> = fences.iter().map(|f| f.attempt).collect();
+    let workers: Vec<&str> = fences.iter().map(|f| f.worker.as_str()).collect();
+    let renewed: Vec<(String, i64, bool)> = sqlx::query_as(
+        "UPDATE tasks SET lease_expires_at = $1
+           FROM unnest($2::text[], $3::bigint[], $4::text[]) AS held(id, attempt, worker)
+          WHERE tasks.id = held.id AND tasks.attempt = held.attempt
+            AND tasks.lease_owner = held.worker AND tasks.status = 'running'
+         RETURNING tasks.id, tasks.attempt, tasks.cancel_requested",
+    )
+    .bind(now_millis() + lease.as_millis() as i64)
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&workers)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(renewals(fences, renewed))
 }
 
 async fn start_step(
@@ -814,6 +924,34 @@ impl Store for PgStore {
         Ok(count as u64)
     }
 
+    async fn count_queued(&self, tenant: Option<&str>, at_most: u64) -> Result<u64> {
+        let at_most = at_most.min(i64::MAX as u64) as i64;
+        // Two static statements, so each is planned on its own partial index.
+        let count: i64 = match tenant {
+            Some(tenant) => {
+                sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
+                                            WHERE status = 'queued' AND tenant = $1
+                                            LIMIT $2) AS queued",
+                )
+                .bind(tenant)
+                .bind(at_most)
+                .fetch_one(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE status = 'queued'
+                                            LIMIT $1) AS queued",
+                )
+                .bind(at_most)
+                .fetch_one(&self.pool)
+                .await?
+            }
+        };
+        Ok(count as u64)
+    }
+
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
         let row = sqlx::query("SELECT * FROM tasks WHERE id = $1")
             .bind(id)
@@ -875,18 +1013,23 @@ impl Store for PgStore {
         Ok(outcome)
     }
 
-    async fn claim_next(&self, worker: &str, lease: Duration) -> Result<Option<Claim>> {
+    async fn claim_batch(&self, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         let mut tx = self.pool.begin().await?;
-        let claimed = claim(&mut tx, worker, lease).await?;
+        let claims = claim_batch(&mut tx, worker, lease, max).await?;
         tx.commit().await?;
-        Ok(claimed)
+        Ok(claims)
     }
 
-    async fn renew_lease(&self, fence: &Fence, lease: Duration) -> Result<LeaseState> {
-        let mut tx = self.pool.begin().await?;
-        let state = renew(&mut tx, fence, lease).await?;
-        tx.commit().await?;
-        Ok(state)
+    async fn renew_leases(&self, fences: &[Fence], lease: Duration) -> Result<Vec<Renewal>> {
+        if fences.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One statement is its own transaction.
+        let mut conn = self.pool.acquire().await?;
+        renew_leases(&mut conn, fences, lease).await
     }
 
     /// Does nothing: hosts share the database, and the claims of one that
@@ -1043,6 +1186,93 @@ mod tests {
         drop_schema(&c, &other).await;
     }
 
+    /// A store in a schema of its own, or `None` off Postgres.
+    async fn temporary_store() -> Option<(PgStore, String)> {
+        let base = test_url()?;
+        let schema = format!("t_unit_{}", uuid::Uuid::now_v7().simple());
+        let store = PgStore::open(&format!("{base}?opspawn_schema={schema}"))
+            .await
+            .unwrap();
+        Some((store, schema))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claims_take_expired_leases_first() {
+        let Some((store, schema)) = temporary_store().await else {
+            return;
+        };
+        crate::store::conformance::claims_take_expired_leases_first(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_claim_loads_each_journal() {
+        let Some((store, schema)) = temporary_store().await else {
+            return;
+        };
+        crate::store::conformance::a_batch_claim_loads_each_journal(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    /// With 100,000 queued tasks (and running and finished ones beside
+    /// them), each claim query walks its partial index and stops after the
+    /// batch: no sequential scan, no sort. Prints the plans
+    /// (`--nocapture`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_claim_walks_an_index_on_100000_queued_tasks() {
+        let Some((store, schema)) = temporary_store().await else {
+            return;
+        };
+        let now = now_millis();
+        // Ids in the UUIDv7 text shape, so they sort by creation as real ones do.
+        sqlx::query(
+            "INSERT INTO tasks (id, status, goal, planner, llm, tools, options, max_steps,
+                                timeout_ms, created_at, priority, lease_owner,
+                                lease_expires_at, finished_at)
+             SELECT lpad(to_hex(n), 32, '0'),
+                    CASE WHEN n <= 100000 THEN 'queued'
+                         WHEN n <= 110000 THEN 'running'
+                         ELSE 'succeeded' END,
+                    'g', 'react', 'scripted', '[]', '{}', 20, 60000, $1, n % 7,
+                    CASE WHEN n > 100000 AND n <= 110000 THEN 'host-a' END,
+                    CASE WHEN n > 100000 AND n <= 110000 THEN $1 + n END,
+                    CASE WHEN n > 110000 THEN $1 END
+               FROM generate_series(1, 200000) AS n",
+        )
+        .bind(now)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE tasks")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+
+        let mut tx = store.pool.begin().await.unwrap();
+        for (query, index) in [
+            (CLAIM_EXPIRED, "tasks_by_lease"),
+            (CLAIM_QUEUED, "tasks_queued"),
+        ] {
+            let explain = format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {query}");
+            let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(explain))
+                .bind("host-b")
+                .bind(now + 30_000)
+                // Ten leases expired (ids 100001 to 100010).
+                .bind(now + 100_011)
+                .bind(100_i64)
+                .fetch_all(&mut *tx)
+                .await
+                .unwrap();
+            let plan = lines.join("\n");
+            println!("{plan}\n");
+            assert!(plan.contains(index), "{plan}");
+            assert!(!plan.contains("Seq Scan on tasks"), "{plan}");
+            assert!(!plan.contains("Sort"), "{plan}");
+        }
+        tx.rollback().await.unwrap();
+        drop_schema(&store, &schema).await;
+    }
+
     /// Runs only with `OPSPAWN_TEST_DATABASE=postgres`, against
     /// `OPSPAWN_TEST_POSTGRES_URL` (default: the local `test` database), in a
     /// schema of its own that it drops at the end.
@@ -1103,12 +1333,14 @@ mod tests {
         let events = store.events_after(&fence.task_id, 0).await.unwrap();
         let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, (1..=17).collect::<Vec<_>>());
-        assert!(
+        assert_eq!(
             store
-                .renew_lease(fence, lease)
+                .renew_leases(std::slice::from_ref(fence), lease)
                 .await
-                .unwrap()
-                .cancel_requested
+                .unwrap(),
+            [Renewal::Renewed {
+                cancel_requested: true
+            }]
         );
 
         // A claim whose lease expired is taken over, and the old one is fenced.
@@ -1133,10 +1365,19 @@ mod tests {
             store.finish_task(&first.fence, end).await,
             Err(StoreError::Fenced { attempt: 1, .. })
         ));
-        assert!(matches!(
-            store.renew_lease(&first.fence, lease).await,
-            Err(StoreError::Fenced { .. })
-        ));
+        assert_eq!(
+            store
+                .renew_leases(&[first.fence.clone(), second.fence.clone()], lease)
+                .await
+                .unwrap(),
+            [
+                Renewal::Lost,
+                Renewal::Renewed {
+                    cancel_requested: false
+                }
+            ],
+            "the superseded claim is lost, the current one renewed"
+        );
         let end = TaskEnd::Succeeded {
             result: "fresh".into(),
         };

@@ -7,6 +7,7 @@
 //! a separate pool of read-only connections, which WAL lets run alongside the
 //! writer.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -20,9 +21,10 @@ use sqlx::{Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, Result,
-    StepEnd, StepKind, StepRecord, StepStart, StepStatus, Store, StoreError, TaskEnd, TaskPage,
-    TaskQuery, TaskRecord, TaskStatus, event_kind, now_millis, parse_json, step_event_data,
+    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, Renewal,
+    Result, StepEnd, StepKind, StepRecord, StepStart, StepStatus, Store, StoreError, TaskEnd,
+    TaskPage, TaskQuery, TaskRecord, TaskStatus, event_kind, in_claim_order, now_millis,
+    parse_json, renewals, step_event_data,
 };
 use crate::protocol::Usage;
 
@@ -82,20 +84,40 @@ impl SqliteStore {
 
 enum WriteOp {
     CreateTask(NewTask),
-    Claim { worker: String, lease: Duration },
-    Renew { fence: Fence, lease: Duration },
+    Claim {
+        worker: String,
+        lease: Duration,
+        max: usize,
+    },
+    Renew {
+        fences: Vec<Fence>,
+        lease: Duration,
+    },
     ExpireAllLeases,
-    PruneFinished { before: Millis },
-    StartStep { fence: Fence, step: StepStart },
-    FinishStep { fence: Fence, end: StepEnd },
-    FinishTask { fence: Fence, end: TaskEnd },
-    Cancel { id: String },
+    PruneFinished {
+        before: Millis,
+    },
+    StartStep {
+        fence: Fence,
+        step: StepStart,
+    },
+    FinishStep {
+        fence: Fence,
+        end: StepEnd,
+    },
+    FinishTask {
+        fence: Fence,
+        end: TaskEnd,
+    },
+    Cancel {
+        id: String,
+    },
 }
 
 enum Reply {
     Created(TaskRecord, Option<EventRecord>),
-    Claimed(Option<Claim>),
-    Lease(LeaseState),
+    Claimed(Vec<Claim>),
+    Renewed(Vec<Renewal>),
     Count(u64),
     Event(EventRecord),
     Step(StepRecord, EventRecord),
@@ -153,8 +175,12 @@ fn clone_error(error: &sqlx::Error) -> StoreError {
 async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<Reply> {
     match op {
         WriteOp::CreateTask(task) => create_task(conn, task).await,
-        WriteOp::Claim { worker, lease } => claim(conn, worker, *lease).await.map(Reply::Claimed),
-        WriteOp::Renew { fence, lease } => renew(conn, fence, *lease).await.map(Reply::Lease),
+        WriteOp::Claim { worker, lease, max } => claim_batch(conn, worker, *lease, *max)
+            .await
+            .map(Reply::Claimed),
+        WriteOp::Renew { fences, lease } => {
+            renew_leases(conn, fences, *lease).await.map(Reply::Renewed)
+        }
         WriteOp::ExpireAllLeases => {
             let done = sqlx::query(
                 "UPDATE tasks SET lease_expires_at = 0, lease_owner = NULL WHERE status = 'running'",
@@ -234,49 +260,102 @@ async fn create_task(conn: &mut SqliteConnection, task: &NewTask) -> Result<Repl
     Ok(Reply::Created(record, Some(event)))
 }
 
-async fn claim(
+/// Claims the running tasks whose lease expired, longest expired first
+/// (`tasks_by_lease`), and bumps their attempt.
+///
+/// `INDEXED BY` in these statements: without statistics, SQLite's planner
+/// rates the older `tasks_by_status` as good as the partial indexes, and
+/// would then sort every queued or running task to find the first few. With
+/// it, a statement whose index is missing fails rather than scans.
+const CLAIM_EXPIRED: &str = "UPDATE tasks
+    SET attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2,
+        started_at = COALESCE(started_at, ?3)
+  WHERE id IN (SELECT id FROM tasks
+                  INDEXED BY tasks_by_lease
+                WHERE status = 'running' AND lease_expires_at < ?3
+                ORDER BY lease_expires_at
+                LIMIT ?4)
+ RETURNING *";
+
+/// Claims queued tasks whose start time has come, in the order of
+/// `tasks_queued`: the scan stops after `LIMIT` rows, however long the queue.
+const CLAIM_QUEUED: &str = "UPDATE tasks
+    SET status = 'running', attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2,
+        started_at = COALESCE(started_at, ?3)
+  WHERE id IN (SELECT id FROM tasks
+                  INDEXED BY tasks_queued
+                WHERE status = 'queued' AND (run_at IS NULL OR run_at <= ?3)
+                ORDER BY priority DESC, id
+                LIMIT ?4)
+ RETURNING *";
+
+async fn claim_batch(
     conn: &mut SqliteConnection,
     worker: &str,
     lease: Duration,
-) -> Result<Option<Claim>> {
+    max: usize,
+) -> Result<Vec<Claim>> {
     let now = now_millis();
-    let row = sqlx::query(
-        "UPDATE tasks
-            SET status = 'running', attempt = attempt + 1, lease_owner = ?1,
-                lease_expires_at = ?2, started_at = COALESCE(started_at, ?3)
-          WHERE id = (SELECT id FROM tasks
-                       WHERE (status = 'queued' AND (run_at IS NULL OR run_at <= ?3))
-                          OR (status = 'running' AND lease_expires_at < ?3)
-                       ORDER BY priority DESC, id
-                       LIMIT 1)
-         RETURNING *",
-    )
-    .bind(worker)
-    .bind(now + lease.as_millis() as i64)
-    .bind(now)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    let task = task_from_row(&row)?;
-    let fence = Fence {
-        task_id: task.id.clone(),
-        attempt: task.attempt,
-        worker: worker.to_owned(),
+    let expires = now + lease.as_millis() as i64;
+    let claim = |query: &'static str, limit: usize| {
+        sqlx::query(query)
+            .bind(worker)
+            .bind(expires)
+            .bind(now)
+            .bind(limit as i64)
     };
-    let steps = load_steps(&mut *conn, &task.id).await?;
-    let event = append_event(
-        conn,
-        &task.id,
-        event_kind::TASK_STARTED,
-        json!({"attempt": task.attempt, "resumed_steps": steps.len()}),
-    )
+    let expired = claim(CLAIM_EXPIRED, max).fetch_all(&mut *conn).await?;
+    let queued = match max - expired.len() {
+        0 => Vec::new(),
+        room => claim(CLAIM_QUEUED, room).fetch_all(&mut *conn).await?,
+    };
+    let tasks = in_claim_order(
+        expired.iter().map(task_from_row).collect::<Result<_>>()?,
+        queued.iter().map(task_from_row).collect::<Result<_>>()?,
+    );
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+
+    let ids = json!(tasks.iter().map(|t| &t.id).collect::<Vec<_>>()).to_string();
+    let rows = sqlx::query(concat!(
+        steps_with_payloads!(),
+        " WHERE s.task_id IN (SELECT value FROM json_each(?)) ORDER BY s.task_id, s.seq"
+    ))
+    .bind(ids)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(Some(Claim {
-        task,
-        fence,
-        steps,
-        event,
-    }))
+    let mut journals: HashMap<String, Vec<StepRecord>> = HashMap::new();
+    for row in &rows {
+        let task_id: String = row.try_get("task_id")?;
+        journals
+            .entry(task_id)
+            .or_default()
+            .push(step_from_row(row)?);
+    }
+
+    let mut claims = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let steps = journals.remove(&task.id).unwrap_or_default();
+        let event = append_event(
+            conn,
+            &task.id,
+            event_kind::TASK_STARTED,
+            json!({"attempt": task.attempt, "resumed_steps": steps.len()}),
+        )
+        .await?;
+        claims.push(Claim {
+            fence: Fence {
+                task_id: task.id.clone(),
+                attempt: task.attempt,
+                worker: worker.to_owned(),
+            },
+            task,
+            steps,
+            event,
+        });
+    }
+    Ok(claims)
 }
 
 /// Fails with `Fenced` unless `fence` is the task's current, running claim.
@@ -305,14 +384,34 @@ fn fenced(fence: &Fence) -> StoreError {
     }
 }
 
-async fn renew(conn: &mut SqliteConnection, fence: &Fence, lease: Duration) -> Result<LeaseState> {
-    let state = check_fence(conn, fence).await?;
-    sqlx::query("UPDATE tasks SET lease_expires_at = ? WHERE id = ?")
+/// The fences are one JSON array of `[task id, attempt, worker]`. The
+/// row-value `IN` makes SQLite build the list once and look each task up by
+/// id, rather than join every running task against every fence.
+const RENEW_LEASES: &str = "UPDATE tasks SET lease_expires_at = ?1
+  WHERE status = 'running'
+    AND (id, attempt, lease_owner) IN
+        (SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?2))
+ RETURNING id, attempt, cancel_requested";
+
+/// Extends the leases of the claims in `fences` in one statement, the same
+/// whatever their number.
+async fn renew_leases(
+    conn: &mut SqliteConnection,
+    fences: &[Fence],
+    lease: Duration,
+) -> Result<Vec<Renewal>> {
+    let held = json!(
+        fences
+            .iter()
+            .map(|f| json!([f.task_id, f.attempt, f.worker]))
+            .collect::<Vec<_>>()
+    );
+    let renewed: Vec<(String, i64, bool)> = sqlx::query_as(RENEW_LEASES)
         .bind(now_millis() + lease.as_millis() as i64)
-        .bind(&fence.task_id)
-        .execute(&mut *conn)
+        .bind(held.to_string())
+        .fetch_all(&mut *conn)
         .await?;
-    Ok(state)
+    Ok(renewals(fences, renewed))
 }
 
 async fn start_step(conn: &mut SqliteConnection, fence: &Fence, step: &StepStart) -> Result<Reply> {
@@ -713,6 +812,32 @@ impl Store for SqliteStore {
         Ok(count as u64)
     }
 
+    async fn count_queued(&self, tenant: Option<&str>, at_most: u64) -> Result<u64> {
+        let at_most = at_most.min(i64::MAX as u64) as i64;
+        // Static statements, each on the partial index of queued tasks.
+        let count: i64 =
+            match tenant {
+                Some(tenant) => sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queued_by_tenant
+                                            WHERE status = 'queued' AND tenant = ?1
+                                            LIMIT ?2)",
+                )
+                .bind(tenant)
+                .bind(at_most)
+                .fetch_one(&self.reads)
+                .await?,
+                None => sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queued_by_tenant
+                                            WHERE status = 'queued'
+                                            LIMIT ?1)",
+                )
+                .bind(at_most)
+                .fetch_one(&self.reads)
+                .await?,
+            };
+        Ok(count as u64)
+    }
+
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
         let limit = query.limit.clamp(1, 500);
         let rows = sqlx::query(
@@ -758,25 +883,32 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn claim_next(&self, worker: &str, lease: Duration) -> Result<Option<Claim>> {
+    async fn claim_batch(&self, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         let op = WriteOp::Claim {
             worker: worker.to_owned(),
             lease,
+            max,
         };
         match self.write(op).await? {
-            Reply::Claimed(claim) => Ok(claim),
+            Reply::Claimed(claims) => Ok(claims),
             _ => unreachable!("claim answers Claimed"),
         }
     }
 
-    async fn renew_lease(&self, fence: &Fence, lease: Duration) -> Result<LeaseState> {
+    async fn renew_leases(&self, fences: &[Fence], lease: Duration) -> Result<Vec<Renewal>> {
+        if fences.is_empty() {
+            return Ok(Vec::new());
+        }
         let op = WriteOp::Renew {
-            fence: fence.clone(),
+            fences: fences.to_vec(),
             lease,
         };
         match self.write(op).await? {
-            Reply::Lease(state) => Ok(state),
-            _ => unreachable!("renew answers Lease"),
+            Reply::Renewed(renewals) => Ok(renewals),
+            _ => unreachable!("renew answers Renewed"),
         }
     }
 
@@ -821,6 +953,65 @@ impl Store for SqliteStore {
         match self.write(op).await? {
             Reply::Event(event) => Ok(event),
             _ => unreachable!("finish_task answers Event"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance;
+
+    async fn open_temporary() -> (SqliteStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("opspawn.db").display());
+        (SqliteStore::open(&url).await.unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn claims_take_expired_leases_first() {
+        let (store, _dir) = open_temporary().await;
+        conformance::claims_take_expired_leases_first(&store).await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_claim_loads_each_journal() {
+        let (store, _dir) = open_temporary().await;
+        conformance::a_batch_claim_loads_each_journal(&store).await;
+    }
+
+    /// The claim and the renewal look rows up through indexes, never by
+    /// scanning the table or sorting it.
+    #[tokio::test]
+    async fn claims_and_renewals_use_indexes() {
+        let (store, dir) = open_temporary().await;
+        drop(store);
+        let url = format!("sqlite://{}", dir.path().join("opspawn.db").display());
+        let mut conn = SqliteConnection::connect(&url).await.unwrap();
+        let cases = [
+            (CLAIM_EXPIRED, "tasks_by_lease"),
+            (CLAIM_QUEUED, "tasks_queued"),
+            (RENEW_LEASES, "id=?"),
+        ];
+        for (query, index) in cases {
+            let explain =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {query}")));
+            let explain = if query == RENEW_LEASES {
+                explain.bind(0_i64).bind(r#"[["id", 1, "w"]]"#)
+            } else {
+                explain.bind("w").bind(0_i64).bind(0_i64).bind(10_i64)
+            };
+            let rows: Vec<(i64, i64, i64, String)> = explain.fetch_all(&mut conn).await.unwrap();
+            let plan: Vec<&str> = rows.iter().map(|row| row.3.as_str()).collect();
+            assert!(
+                plan.iter()
+                    .all(|step| step.trim() != "SCAN tasks" && !step.contains("TEMP B-TREE")),
+                "{query}\n{plan:#?}"
+            );
+            assert!(
+                plan.iter().any(|step| step.contains(index)),
+                "{query} does not use {index}: {plan:#?}"
+            );
         }
     }
 }
