@@ -876,3 +876,37 @@ async fn the_policy_decides_which_endpoints_adapters_reach() {
     );
     assert!(!listing.to_string().contains(&provider.test_key()));
 }
+
+/// A provider that never answers is cut at the adapter's `call_timeout_ms`,
+/// retries included: the step fails with `llm_timeout` then, not after a
+/// first-byte timeout per try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_provider_is_cut_at_call_timeout_ms() {
+    let provider = Provider::OpenAi;
+    let mock = MockProviders::start().await;
+    mock.set_latency(Duration::from_secs(120));
+    let manifest = format!("[limits]\ncall_timeout_ms = 1500\n{}", provider.manifest());
+    let harness = start_server(
+        provider,
+        &manifest,
+        &mock.base_url_for(provider),
+        &provider.test_key(),
+    );
+    expect_loaded(&harness, provider).await;
+    let client = harness.client();
+    let started = std::time::Instant::now();
+    let id = client
+        .submit(&react_task(provider, models::REACT, Some(true)))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(task["status"], "failed", "task: {task:#}");
+    assert_eq!(task["error"]["code"], "llm_timeout", "task: {task:#}");
+    assert!(
+        took < Duration::from_secs(5),
+        "cut at 1.5 s, retries included, but the task took {took:?}"
+    );
+    let message = task["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("call_timeout_ms"), "{message}");
+}
