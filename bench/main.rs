@@ -97,9 +97,25 @@ const FAILOVER_LEASE: &str = "2s";
 /// two, so it runs for twice this on A: long enough for B to start.
 const SLOW_REPLY_MS: u64 = 3000;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    match run().await {
+fn main() -> ExitCode {
+    // As the server does (see its main): wasmtime makes an error value per
+    // dropped store, and a captured backtrace each would dominate the
+    // per-call figures when RUST_BACKTRACE is set.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

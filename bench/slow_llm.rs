@@ -60,6 +60,7 @@ pub async fn run(tasks: usize) -> anyhow::Result<usize> {
         bail!("the warm-up task did not succeed: {task:#}");
     }
     mock.set_latency(LLM_LATENCY);
+    let succeeded_before = count(&client, "succeeded").await?;
     let cpu_before = process_cpu(server.pid())?;
 
     let started = Instant::now();
@@ -77,7 +78,7 @@ pub async fn run(tasks: usize) -> anyhow::Result<usize> {
     wait_until_idle(&client, started + BATCH_TIMEOUT).await?;
     let wall = started.elapsed();
     let cpu = process_cpu(server.pid())? - cpu_before;
-    let succeeded = count(&client, "succeeded").await?;
+    let succeeded = count(&client, "succeeded").await? - succeeded_before;
     let peak_rss = peak_rss_bytes(server.pid())?;
 
     let ideal = LLM_LATENCY * 2;

@@ -1,8 +1,25 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // wasmtime builds an error value every time a plugin's store is dropped,
+    // which is once per plugin call. With RUST_BACKTRACE=1 in the
+    // environment, each of those captured a backtrace, costing more than the
+    // call itself. Error values here are never printed with backtraces, so
+    // they capture one only when RUST_LIB_BACKTRACE asks; panics still
+    // follow RUST_BACKTRACE.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the async runtime");
+    std::process::exit(runtime.block_on(run()));
+}
+
+async fn run() -> i32 {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("OPSPAWN_LOG")
@@ -13,10 +30,10 @@ async fn main() {
         .init();
     let cli = opspawn::cli::Cli::parse();
     match opspawn::cli::main(cli).await {
-        Ok(code) => std::process::exit(code),
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
-            std::process::exit(2);
+            2
         }
     }
 }

@@ -29,7 +29,7 @@ impl Default for EngineOptions {
         Self {
             pooling: true,
             max_memory_bytes: 1 << 30,
-            max_instances: 1000,
+            max_instances: 256,
         }
     }
 }

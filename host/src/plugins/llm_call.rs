@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use eventsource_stream::Eventsource;
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{Stream, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use tokio::sync::mpsc;
@@ -36,6 +36,8 @@ const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_RESPONSE_BYTES: usize = 16 << 20;
 /// What an adapter without an `[adapter]` section is given as settings.
 const NO_SETTINGS: &str = "{}";
+/// How long the host gathers stream events into one batch for the adapter.
+const STREAM_BATCH_WINDOW: Duration = Duration::from_millis(10);
 /// The most server-sent events handed to the adapter in one batch.
 const MAX_EVENTS_PER_BATCH: usize = 256;
 
@@ -246,8 +248,10 @@ impl TranslatedCall<'_> {
                 }
                 Ok(Some(event)) => event,
             };
-            // Whatever else has already arrived goes in the same batch, so a
-            // fast stream costs one instance per batch, not one per event.
+            // What else arrives within a short window goes in the same batch,
+            // so a stream costs one instance per batch, not one per event,
+            // for at most that much delay to its text.
+            let window = tokio::time::Instant::now() + STREAM_BATCH_WINDOW;
             let mut batch = Vec::new();
             let mut next = Some(first);
             while let Some(event) = next.take() {
@@ -257,7 +261,10 @@ impl TranslatedCall<'_> {
                     data: event.data,
                 });
                 if batch.len() < MAX_EVENTS_PER_BATCH {
-                    next = events.next().now_or_never().flatten();
+                    next = tokio::time::timeout_at(window, events.next())
+                        .await
+                        .ok()
+                        .flatten();
                 }
             }
             let parts = self
