@@ -18,4 +18,6 @@ cargo test --release --workspace
 
 echo "==> end-to-end tests on Postgres"
 ensure_postgres
+# The store's own tests (claim order, fencing, batch renewal) on Postgres too.
+OPSPAWN_TEST_DATABASE=postgres cargo test --release -p opspawn --lib
 OPSPAWN_TEST_DATABASE=postgres cargo test --release -p opspawn --test integration

@@ -1,6 +1,12 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+// Thousands of tasks allocate small, short-lived buffers (JSON, HTTP, plugin
+// stores) on every thread; glibc's allocator spent a fifth of the server's
+// CPU on them in the slow-LLM benchmark.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     // wasmtime builds an error value every time a plugin's store is dropped,
     // which is once per plugin call. With RUST_BACKTRACE=1 in the
