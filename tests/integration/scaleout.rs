@@ -557,9 +557,17 @@ async fn a_dead_hosts_tasks_move_ahead_of_fresh_work_on_a_saturated_host() {
         }
     }))
     .await;
-    let (_, running) = b.get("/v1/tasks?status=running&limit=500").await.unwrap();
-    let running = running["tasks"].as_array().unwrap().len();
-    assert!(running >= ORPHANS + 2, "B is busy: {running} running");
+    // B claims its first batch within a moment of starting; wait for it.
+    let busy_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, running) = b.get("/v1/tasks?status=running&limit=500").await.unwrap();
+        let running = running["tasks"].as_array().unwrap().len();
+        if running >= ORPHANS + 2 {
+            break;
+        }
+        assert!(Instant::now() < busy_by, "B is busy: {running} running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     cluster.host(0).kill9();
     let killed = Instant::now();
