@@ -389,3 +389,69 @@ impl Manifest {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variables_expand_with_defaults() {
+        // SAFETY: no other test reads these variables.
+        unsafe {
+            std::env::set_var("OPSPAWN_TEST_MANIFEST_SET", "https://proxy.example/v1 ");
+            std::env::remove_var("OPSPAWN_TEST_MANIFEST_UNSET");
+        }
+        assert_eq!(
+            expand_with_defaults("${OPSPAWN_TEST_MANIFEST_SET:-https://api.example}").unwrap(),
+            "https://proxy.example/v1"
+        );
+        assert_eq!(
+            expand_with_defaults("${OPSPAWN_TEST_MANIFEST_UNSET:-https://api.example}/v1").unwrap(),
+            "https://api.example/v1"
+        );
+        let missing = expand_with_defaults("${OPSPAWN_TEST_MANIFEST_UNSET}").unwrap_err();
+        assert!(missing.contains("OPSPAWN_TEST_MANIFEST_UNSET"), "{missing}");
+        assert!(expand_with_defaults("${OPEN").is_err());
+    }
+
+    #[test]
+    fn an_adapter_endpoint_grants_its_origin_and_credential_only() {
+        let manifest: Manifest = toml::from_str(
+            r#"
+            [adapter]
+            base_url = "http://127.0.0.1:9/openai/v1/"
+
+            [adapter.credential]
+            header = "Authorization"
+            value = "Bearer ${OPSPAWN_TEST_KEY}"
+
+            [adapter.settings]
+            default_model = "m"
+            "#,
+        )
+        .unwrap();
+        let grants = manifest.grants(Path::new("/nonexistent")).unwrap();
+        let endpoint = grants.adapter.expect("an endpoint");
+        assert_eq!(endpoint.base_url, "http://127.0.0.1:9/openai/v1");
+        assert_eq!(endpoint.origin(), "http://127.0.0.1:9");
+        assert_eq!(&*endpoint.settings_json, r#"{"default_model":"m"}"#);
+        let credential = endpoint.credential.expect("a credential");
+        assert_eq!(credential.variables, ["OPSPAWN_TEST_KEY"]);
+        assert!(!endpoint.credential_optional);
+        // The endpoint is the host's to call: the plugin itself gets no
+        // network from it.
+        assert!(grants.outbound_hosts.is_empty());
+        assert!(grants.outbound.grants.is_empty());
+    }
+
+    #[test]
+    fn base_urls_must_be_plain_http_urls() {
+        for bad in ["ftp://x", "api.openai.com/v1", "https://user:pw@host/v1"] {
+            let section = AdapterSection {
+                base_url: Some(bad.into()),
+                ..AdapterSection::default()
+            };
+            assert!(AdapterEndpoint::from_section(&section).is_err(), "{bad}");
+        }
+    }
+}
