@@ -51,6 +51,9 @@ pub(super) struct Run {
     task: TaskRecord,
     fence: Fence,
     steps: Vec<StepRecord>,
+    /// What the planner sees of each finished step, by sequence number, kept
+    /// as steps finish so no step's JSON is decoded again on later steps.
+    planner_steps: std::collections::BTreeMap<u32, PlannerStep>,
     cancel: CancellationToken,
     lost: CancellationToken,
     /// Retries spent in this claim, against the task's `max_retries`.
@@ -68,6 +71,11 @@ impl Run {
             shared,
             task: claim.task,
             fence: claim.fence,
+            planner_steps: claim
+                .steps
+                .iter()
+                .filter_map(|step| Some((step.seq, planner_view(step)?)))
+                .collect(),
             steps: claim.steps,
             cancel,
             lost,
@@ -142,7 +150,7 @@ impl Run {
             let state = TaskState {
                 goal: self.task.goal.clone(),
                 tools: tools.clone(),
-                steps: self.steps.iter().filter_map(planner_view).collect(),
+                steps: self.planner_steps.values().cloned().collect(),
                 history: Vec::new(),
                 max_steps: self.task.max_steps,
                 options: option_section(&self.task.options, "planner"),
@@ -363,6 +371,10 @@ impl Run {
     }
 
     fn remember(&mut self, record: StepRecord) {
+        match planner_view(&record) {
+            Some(view) => self.planner_steps.insert(record.seq, view),
+            None => self.planner_steps.remove(&record.seq),
+        };
         match self.steps.iter_mut().find(|s| s.seq == record.seq) {
             Some(existing) => *existing = record,
             None => self.steps.push(record),
