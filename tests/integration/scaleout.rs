@@ -4,7 +4,8 @@
 //! tasks are taken over by the others once their leases expire, no journaled
 //! step runs twice, and a stalled host's late writes are fenced off.
 //!
-//! These run only with `OPSPAWN_TEST_DATABASE=postgres`.
+//! These need Postgres, so they are ignored by default; `scripts/test.sh`
+//! runs them with `OPSPAWN_TEST_DATABASE=postgres` and `--include-ignored`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,13 +17,16 @@ use serde_json::{Value, json};
 
 use crate::{FINISH, Harness, binary, steps};
 
-/// True on Postgres; otherwise says why the test does nothing.
-fn on_postgres() -> bool {
-    let postgres = std::env::var("OPSPAWN_TEST_DATABASE").as_deref() == Ok("postgres");
-    if !postgres {
-        println!("skipped: set OPSPAWN_TEST_DATABASE=postgres");
-    }
-    postgres
+/// Why these tests are ignored unless asked for.
+const NEEDS_POSTGRES: &str = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres";
+
+/// Fails a test asked for without Postgres, rather than passing it unrun.
+fn require_postgres() {
+    assert_eq!(
+        std::env::var("OPSPAWN_TEST_DATABASE").as_deref(),
+        Ok("postgres"),
+        "{NEEDS_POSTGRES}"
+    );
 }
 
 /// Hosts sharing the harness's database and schema: host 0 is the harness's
@@ -167,10 +171,9 @@ const HOSTS: usize = 3;
 const MAX_RUNNING: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
 async fn three_hosts_on_one_database_survive_repeated_kill_9() {
-    if !on_postgres() {
-        return;
-    }
+    require_postgres();
     let max_running = MAX_RUNNING.to_string();
     let env = [
         ("OPSPAWN_LEASE", "2s"),
@@ -354,10 +357,9 @@ fn signal(server: &Server, signal: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
 async fn a_stalled_host_cannot_write_over_the_host_that_took_its_task() {
-    if !on_postgres() {
-        return;
-    }
+    require_postgres();
     let env = [("OPSPAWN_LEASE", "2s"), ("OPSPAWN_MAX_RUNNING_TASKS", "1")];
     let mut cluster = Cluster::start(1, &env);
     let a = cluster.client(0);
@@ -467,10 +469,9 @@ async fn a_stalled_host_cannot_write_over_the_host_that_took_its_task() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
 async fn a_cancel_on_one_host_stops_the_task_running_on_another_at_once() {
-    if !on_postgres() {
-        return;
-    }
+    require_postgres();
     // A long lease: renewal alone would notice the cancel only after 10 s.
     let env = [("OPSPAWN_LEASE", "30s")];
     let mut cluster = Cluster::start(1, &env);
@@ -510,10 +511,9 @@ fn reply_task(goal: &str, delay_ms: u64, priority: i32) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
 async fn a_dead_hosts_tasks_move_ahead_of_fresh_work_on_a_saturated_host() {
-    if !on_postgres() {
-        return;
-    }
+    require_postgres();
     const LEASE: Duration = Duration::from_secs(3);
     const ORPHANS: usize = 4;
     const FRESH: usize = 150;

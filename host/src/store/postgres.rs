@@ -1124,16 +1124,19 @@ mod tests {
         }
     }
 
-    /// The Postgres URL of the tests, or `None` unless
-    /// `OPSPAWN_TEST_DATABASE=postgres`.
-    fn test_url() -> Option<String> {
-        if std::env::var("OPSPAWN_TEST_DATABASE").as_deref() != Ok("postgres") {
-            return None;
-        }
-        Some(
-            std::env::var("OPSPAWN_TEST_POSTGRES_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
-        )
+    /// Why the tests that need a server are ignored unless asked for.
+    const NEEDS_POSTGRES: &str = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres";
+
+    /// The Postgres URL of the tests; a test asked for without Postgres
+    /// fails rather than passing unrun.
+    fn test_url() -> String {
+        assert_eq!(
+            std::env::var("OPSPAWN_TEST_DATABASE").as_deref(),
+            Ok("postgres"),
+            "{NEEDS_POSTGRES}"
+        );
+        std::env::var("OPSPAWN_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
     }
 
     async fn drop_schema(store: &PgStore, schema: &str) {
@@ -1155,8 +1158,9 @@ mod tests {
     /// A task created through one store wakes the other stores on the same
     /// schema, and only those.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
     async fn a_new_task_wakes_the_hosts_sharing_its_schema() {
-        let Some(base) = test_url() else { return };
+        let base = test_url();
         let shared = format!("t_unit_{}", uuid::Uuid::now_v7().simple());
         let other = format!("t_unit_{}", uuid::Uuid::now_v7().simple());
         let url = |schema: &str| format!("{base}?opspawn_schema={schema}");
@@ -1186,30 +1190,28 @@ mod tests {
         drop_schema(&c, &other).await;
     }
 
-    /// A store in a schema of its own, or `None` off Postgres.
-    async fn temporary_store() -> Option<(PgStore, String)> {
-        let base = test_url()?;
+    /// A store in a schema of its own.
+    async fn temporary_store() -> (PgStore, String) {
+        let base = test_url();
         let schema = format!("t_unit_{}", uuid::Uuid::now_v7().simple());
         let store = PgStore::open(&format!("{base}?opspawn_schema={schema}"))
             .await
             .unwrap();
-        Some((store, schema))
+        (store, schema)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
     async fn claims_take_expired_leases_first() {
-        let Some((store, schema)) = temporary_store().await else {
-            return;
-        };
+        let (store, schema) = temporary_store().await;
         crate::store::conformance::claims_take_expired_leases_first(&store).await;
         drop_schema(&store, &schema).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
     async fn a_batch_claim_loads_each_journal() {
-        let Some((store, schema)) = temporary_store().await else {
-            return;
-        };
+        let (store, schema) = temporary_store().await;
         crate::store::conformance::a_batch_claim_loads_each_journal(&store).await;
         drop_schema(&store, &schema).await;
     }
@@ -1219,10 +1221,9 @@ mod tests {
     /// batch: no sequential scan, no sort. Prints the plans
     /// (`--nocapture`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
     async fn the_claim_walks_an_index_on_100000_queued_tasks() {
-        let Some((store, schema)) = temporary_store().await else {
-            return;
-        };
+        let (store, schema) = temporary_store().await;
         let now = now_millis();
         // Ids in the UUIDv7 text shape, so they sort by creation as real ones do.
         sqlx::query(
@@ -1277,8 +1278,9 @@ mod tests {
     /// `OPSPAWN_TEST_POSTGRES_URL` (default: the local `test` database), in a
     /// schema of its own that it drops at the end.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
     async fn concurrent_writers_claim_fence_and_number_events_correctly() {
-        let Some(base) = test_url() else { return };
+        let base = test_url();
         let schema = format!("t_unit_{}", uuid::Uuid::now_v7().simple());
         let store = PgStore::open(&format!("{base}?opspawn_schema={schema}"))
             .await
