@@ -29,7 +29,9 @@ fn json_text(value: &Value) -> String {
 }
 
 /// Conversions for the types every WIT version shares, against the `wit`
-/// module (that version's `types` interface) in scope where it is expanded.
+/// and `wit_planning` modules (that version's `types` and `planning`) in
+/// scope where it is expanded, and its own `message_to_wit`,
+/// `message_from_wit` and `request_from_wit`, which differ by version.
 macro_rules! shared_conversions {
     () => {
         use crate::protocol::{
@@ -157,6 +159,56 @@ macro_rules! shared_conversions {
             Usage {
                 input_tokens: usage.input_tokens.into(),
                 output_tokens: usage.output_tokens.into(),
+            }
+        }
+
+        fn response_to_wit(response: &crate::protocol::ChatResponse) -> wit::ChatResponse {
+            wit::ChatResponse {
+                message: message_to_wit(&response.message),
+                finish_reason: finish_reason_to_wit(response.finish_reason),
+                usage: response.usage.map(usage_to_wit),
+                model: response.model.clone(),
+            }
+        }
+
+        pub fn response_from_wit(response: wit::ChatResponse) -> crate::protocol::ChatResponse {
+            crate::protocol::ChatResponse {
+                message: message_from_wit(response.message),
+                finish_reason: finish_reason_from_wit(response.finish_reason),
+                usage: response.usage.map(usage_from_wit),
+                model: response.model,
+            }
+        }
+
+        fn step_to_wit(step: &crate::protocol::PlannerStep) -> wit_planning::Step {
+            use crate::protocol::PlannerStep;
+            match step {
+                PlannerStep::LlmReply { response } => {
+                    wit_planning::Step::LlmReply(response_to_wit(response))
+                }
+                PlannerStep::ToolResult { call, result } => {
+                    wit_planning::Step::ToolResult(wit_planning::ToolCallOutcome {
+                        call: tool_call_to_wit(call),
+                        result: tool_result_to_wit(result),
+                    })
+                }
+                PlannerStep::LlmFailed { message } => {
+                    wit_planning::Step::LlmFailed(message.clone())
+                }
+            }
+        }
+
+        pub fn action_from_wit(action: wit_planning::Action) -> crate::protocol::PlannerAction {
+            use crate::protocol::PlannerAction;
+            match action {
+                wit_planning::Action::CallLlm(request) => PlannerAction::CallLlm {
+                    request: Box::new(request_from_wit(request)),
+                },
+                wit_planning::Action::CallTools(calls) => PlannerAction::CallTools {
+                    calls: calls.into_iter().map(tool_call_from_wit).collect(),
+                },
+                wit_planning::Action::Finish(answer) => PlannerAction::Finish { answer },
+                wit_planning::Action::Fail(reason) => PlannerAction::Fail { reason },
             }
         }
 

@@ -3,9 +3,7 @@
 //! thread history) are left out of what such a component is given.
 
 use crate::plugins::bindings::v0_1::{planning as wit_planning, types as wit};
-use crate::protocol::{
-    ChatMessage, ChatRequest, ChatResponse, PlannerAction, PlannerStep, TaskState,
-};
+use crate::protocol::{ChatMessage, ChatRequest, TaskState};
 
 super::shared_conversions!();
 
@@ -67,24 +65,6 @@ fn request_from_wit(request: wit::ChatRequest) -> ChatRequest {
     }
 }
 
-fn response_to_wit(response: &ChatResponse) -> wit::ChatResponse {
-    wit::ChatResponse {
-        message: message_to_wit(&response.message),
-        finish_reason: finish_reason_to_wit(response.finish_reason),
-        usage: response.usage.map(usage_to_wit),
-        model: response.model.clone(),
-    }
-}
-
-pub fn response_from_wit(response: wit::ChatResponse) -> ChatResponse {
-    ChatResponse {
-        message: message_from_wit(response.message),
-        finish_reason: finish_reason_from_wit(response.finish_reason),
-        usage: response.usage.map(usage_from_wit),
-        model: response.model,
-    }
-}
-
 pub fn state_to_wit(state: &TaskState) -> wit_planning::TaskState {
     wit_planning::TaskState {
         goal: state.goal.clone(),
@@ -92,33 +72,5 @@ pub fn state_to_wit(state: &TaskState) -> wit_planning::TaskState {
         steps: state.steps.iter().map(step_to_wit).collect(),
         max_steps: state.max_steps,
         options: state.options.to_string(),
-    }
-}
-
-fn step_to_wit(step: &PlannerStep) -> wit_planning::Step {
-    match step {
-        PlannerStep::LlmReply { response } => {
-            wit_planning::Step::LlmReply(response_to_wit(response))
-        }
-        PlannerStep::ToolResult { call, result } => {
-            wit_planning::Step::ToolResult(wit_planning::ToolCallOutcome {
-                call: tool_call_to_wit(call),
-                result: tool_result_to_wit(result),
-            })
-        }
-        PlannerStep::LlmFailed { message } => wit_planning::Step::LlmFailed(message.clone()),
-    }
-}
-
-pub fn action_from_wit(action: wit_planning::Action) -> PlannerAction {
-    match action {
-        wit_planning::Action::CallLlm(request) => PlannerAction::CallLlm {
-            request: Box::new(request_from_wit(request)),
-        },
-        wit_planning::Action::CallTools(calls) => PlannerAction::CallTools {
-            calls: calls.into_iter().map(tool_call_from_wit).collect(),
-        },
-        wit_planning::Action::Finish(answer) => PlannerAction::Finish { answer },
-        wit_planning::Action::Fail(reason) => PlannerAction::Fail { reason },
     }
 }

@@ -2,8 +2,8 @@
 
 use crate::plugins::bindings::v0_2::{planning as wit_planning, types as wit};
 use crate::protocol::{
-    ChatMessage, ChatRequest, ChatResponse, EarlierTask, Image, PlannerAction, PlannerStep,
-    ProviderDatum, ResponseFormat, TaskState, ToolChoice,
+    ChatMessage, ChatRequest, EarlierTask, Image, ProviderDatum, ResponseFormat, TaskState,
+    ToolChoice,
 };
 
 super::shared_conversions!();
@@ -135,24 +135,6 @@ fn request_from_wit(request: wit::ChatRequest) -> ChatRequest {
     }
 }
 
-fn response_to_wit(response: &ChatResponse) -> wit::ChatResponse {
-    wit::ChatResponse {
-        message: message_to_wit(&response.message),
-        finish_reason: finish_reason_to_wit(response.finish_reason),
-        usage: response.usage.map(usage_to_wit),
-        model: response.model.clone(),
-    }
-}
-
-pub fn response_from_wit(response: wit::ChatResponse) -> ChatResponse {
-    ChatResponse {
-        message: message_from_wit(response.message),
-        finish_reason: finish_reason_from_wit(response.finish_reason),
-        usage: response.usage.map(usage_from_wit),
-        model: response.model,
-    }
-}
-
 pub fn state_to_wit(state: &TaskState) -> wit_planning::TaskState {
     wit_planning::TaskState {
         goal: state.goal.clone(),
@@ -169,33 +151,5 @@ fn earlier_task_to_wit(task: &EarlierTask) -> wit_planning::EarlierTask {
         goal: task.goal.clone(),
         answer: task.answer.clone(),
         steps: task.steps.iter().map(step_to_wit).collect(),
-    }
-}
-
-fn step_to_wit(step: &PlannerStep) -> wit_planning::Step {
-    match step {
-        PlannerStep::LlmReply { response } => {
-            wit_planning::Step::LlmReply(response_to_wit(response))
-        }
-        PlannerStep::ToolResult { call, result } => {
-            wit_planning::Step::ToolResult(wit_planning::ToolCallOutcome {
-                call: tool_call_to_wit(call),
-                result: tool_result_to_wit(result),
-            })
-        }
-        PlannerStep::LlmFailed { message } => wit_planning::Step::LlmFailed(message.clone()),
-    }
-}
-
-pub fn action_from_wit(action: wit_planning::Action) -> PlannerAction {
-    match action {
-        wit_planning::Action::CallLlm(request) => PlannerAction::CallLlm {
-            request: Box::new(request_from_wit(request)),
-        },
-        wit_planning::Action::CallTools(calls) => PlannerAction::CallTools {
-            calls: calls.into_iter().map(tool_call_from_wit).collect(),
-        },
-        wit_planning::Action::Finish(answer) => PlannerAction::Finish { answer },
-        wit_planning::Action::Fail(reason) => PlannerAction::Fail { reason },
     }
 }
