@@ -268,7 +268,9 @@ async fn end_to_end(args: &Args) -> anyhow::Result<usize> {
         wall,
         latencies,
         failures,
-    } = throughput(&[server.client()], args).await?;
+        server_cpu,
+        postgres_cpu: _,
+    } = throughput(&[(server.client(), server.pid())], args).await?;
 
     println!("End to end: 3-step calculator tasks on SQLite, over REST");
     row("tasks", args.tasks.to_string());
@@ -281,6 +283,7 @@ async fn end_to_end(args: &Args) -> anyhow::Result<usize> {
         "throughput",
         format!("{:.1} tasks/s", args.tasks as f64 / wall.as_secs_f64()),
     );
+    row("server CPU per task", cpu_per_task(server_cpu, args.tasks));
     if !latencies.is_empty() {
         row("latency p50", millis(latencies.percentile(0.50)));
         row("latency p95", millis(latencies.percentile(0.95)));
@@ -296,18 +299,34 @@ struct Throughput {
     /// Of the tasks that succeeded.
     latencies: Samples,
     failures: Vec<String>,
+    /// CPU time the servers used during the timed run, all hosts together.
+    server_cpu: Duration,
+    /// CPU time this machine's Postgres processes used meanwhile.
+    postgres_cpu: Duration,
 }
 
 /// Warms up every host, then runs `args.tasks` tasks from
-/// `args.concurrency` clients, submitting them round-robin to the hosts.
-async fn throughput(hosts: &[Client], args: &Args) -> anyhow::Result<Throughput> {
-    for client in hosts {
+/// `args.concurrency` clients, submitting them round-robin to the hosts
+/// (each given with its server's process id).
+async fn throughput(hosts: &[(Client, u32)], args: &Args) -> anyhow::Result<Throughput> {
+    for (client, _) in hosts {
         warm_up(client).await?;
     }
+    let servers_cpu = || -> anyhow::Result<Duration> {
+        hosts
+            .iter()
+            .map(|(_, pid)| slow_llm::process_cpu(*pid))
+            .sum()
+    };
+    let clients: Vec<Client> = hosts.iter().map(|(client, _)| client.clone()).collect();
 
+    let (server_before, postgres_before) = (servers_cpu()?, postgres_cpu());
     let started = Instant::now();
-    let submitted = run_clients(hosts, args.tasks, args.concurrency).await?;
+    let submitted = run_clients(&clients, args.tasks, args.concurrency).await?;
     let wall = started.elapsed();
+    let server_cpu = servers_cpu()? - server_before;
+    let postgres_cpu = postgres_cpu().saturating_sub(postgres_before);
+    let hosts = clients;
 
     let mut latencies = Vec::new();
     let mut failures = Vec::new();
@@ -321,7 +340,31 @@ async fn throughput(hosts: &[Client], args: &Args) -> anyhow::Result<Throughput>
         wall,
         latencies: Samples::new(latencies),
         failures,
+        server_cpu,
+        postgres_cpu,
     })
+}
+
+/// CPU time used by every `postgres` process on this machine (the server
+/// and its backends), as far as `/proc` shows them.
+fn postgres_cpu() -> Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|name| name.trim() == "postgres")
+        })
+        .filter_map(|pid| slow_llm::process_cpu(pid).ok())
+        .sum()
+}
+
+/// CPU time per task, in milliseconds with two decimals.
+fn cpu_per_task(cpu: Duration, tasks: usize) -> String {
+    format!("{:.2} ms", cpu.as_secs_f64() * 1000.0 / tasks.max(1) as f64)
 }
 
 /// The server binary built beside this one.
@@ -718,15 +761,22 @@ async fn postgres_throughput(args: &Args, url: &str) -> anyhow::Result<usize> {
         format!("{} tasks in flight", args.concurrency),
     );
     println!(
-        "  {:<8}{:>12}{:>16}{:>12}{:>12}{:>8}",
-        "hosts", "wall time", "throughput", "p50", "p95", "failed"
+        "  {:<8}{:>12}{:>16}{:>16}{:>16}{:>12}{:>12}{:>8}",
+        "hosts",
+        "wall time",
+        "throughput",
+        "server CPU/task",
+        "Postgres CPU/task",
+        "p50",
+        "p95",
+        "failed"
     );
     let mut failed = 0;
     for hosts in HOST_COUNTS {
         let schema = Schema::new(url, &format!("throughput_{hosts}h"));
         let measured = async {
             let cluster = Cluster::start(&binary, plugins.path(), &schema, hosts, &[])?;
-            throughput(&cluster.clients(), args).await
+            throughput(&cluster.clients_with_pids(), args).await
         }
         .await;
         let dropped = schema.drop_schema().await;
@@ -734,6 +784,8 @@ async fn postgres_throughput(args: &Args, url: &str) -> anyhow::Result<usize> {
             wall,
             latencies,
             failures,
+            server_cpu,
+            postgres_cpu,
         } = measured.with_context(|| format!("the run with {hosts} hosts"))?;
         dropped?;
         let (p50, p95) = if latencies.is_empty() {
@@ -745,9 +797,11 @@ async fn postgres_throughput(args: &Args, url: &str) -> anyhow::Result<usize> {
             )
         };
         println!(
-            "  {hosts:<8}{:>12}{:>16}{p50:>12}{p95:>12}{:>8}",
+            "  {hosts:<8}{:>12}{:>16}{:>16}{:>16}{p50:>12}{p95:>12}{:>8}",
             format!("{:.2} s", wall.as_secs_f64()),
             format!("{:.1} tasks/s", args.tasks as f64 / wall.as_secs_f64()),
+            cpu_per_task(server_cpu, args.tasks),
+            cpu_per_task(postgres_cpu, args.tasks),
             failures.len()
         );
         report_failures(&failures);
@@ -858,8 +912,9 @@ impl Cluster {
         Ok(self.servers.last_mut().expect("just pushed"))
     }
 
-    fn clients(&self) -> Vec<Client> {
-        self.servers.iter().map(Server::client).collect()
+    /// Each host's client, with its server's process id.
+    fn clients_with_pids(&self) -> Vec<(Client, u32)> {
+        self.servers.iter().map(|s| (s.client(), s.pid())).collect()
     }
 }
 

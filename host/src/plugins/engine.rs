@@ -14,6 +14,9 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// often a running plugin yields to the async runtime.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// How much of each pooled memory and table is kept mapped between instances.
+const KEEP_RESIDENT_BYTES: usize = 64 << 10;
+
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Use the pooling allocator (fast instantiation, reserved address space).
@@ -53,6 +56,12 @@ pub fn build_engine(options: &EngineOptions) -> wasmtime::Result<Engine> {
             .max_memory_size(usize::try_from(options.max_memory_bytes).unwrap_or(usize::MAX))
             .max_core_instance_size(4 << 20)
             .table_elements(1 << 16);
+        // Reset by memset rather than madvise: the pages a call touches at
+        // the start of memory stay mapped for the next instance, with no
+        // page faults and no TLB shootdowns. (1 MiB measured slower: the
+        // memset then costs more than it saves.)
+        pool.linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
+            .table_keep_resident(KEEP_RESIDENT_BYTES);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     Engine::new(&config)

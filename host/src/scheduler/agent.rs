@@ -363,11 +363,27 @@ impl Run {
             )),
             _ => None,
         };
-        let end = StepEnd { seq, output, usage };
+        let started = self.take_step(seq);
+        let end = StepEnd {
+            started,
+            output,
+            usage,
+        };
         let (record, event) = self.shared.store.finish_step(&self.fence, end).await?;
         self.shared.events.journaled(event);
         self.remember(record);
         Ok(task_end)
+    }
+
+    /// Takes the journaled record of step `seq` out of the run, to be put
+    /// back (by [`Run::remember`]) once its end is journaled.
+    fn take_step(&mut self, seq: u32) -> StepRecord {
+        let at = self
+            .steps
+            .iter()
+            .position(|s| s.seq == seq)
+            .expect("a step is journaled before it runs");
+        self.steps.remove(at)
     }
 
     fn remember(&mut self, record: StepRecord) {

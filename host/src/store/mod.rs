@@ -47,6 +47,9 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// From the SQLite writer, which drives SQLite directly (`sqlite/writer.rs`).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the store's writer has stopped")]
@@ -128,6 +131,14 @@ pub enum StepStatus {
 }
 
 impl StepStatus {
+    /// How a step whose effect gave `output` ended.
+    pub fn of(output: &Result<Value, ErrorInfo>) -> Self {
+        match output {
+            Ok(_) => Self::Succeeded,
+            Err(_) => Self::Failed,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",
@@ -256,9 +267,30 @@ pub struct StepStart {
 /// How a step ended.
 #[derive(Debug, Clone)]
 pub struct StepEnd {
-    pub seq: u32,
+    /// The step as it was journaled when it started: the store writes only
+    /// what changed and reads nothing back.
+    pub started: StepRecord,
     pub output: Result<Value, ErrorInfo>,
     pub usage: Option<Usage>,
+}
+
+impl StepEnd {
+    /// The finished step's record, as journaled at `finished_at`.
+    fn into_record(self, finished_at: Millis) -> StepRecord {
+        let status = StepStatus::of(&self.output);
+        let (output, error) = match self.output {
+            Ok(output) => (Some(output), None),
+            Err(error) => (None, Some(error)),
+        };
+        StepRecord {
+            status,
+            output,
+            error,
+            usage: self.usage,
+            finished_at: Some(finished_at),
+            ..self.started
+        }
+    }
 }
 
 /// How a task ended.
@@ -486,15 +518,34 @@ fn out_of_line_key(text: &str) -> Option<String> {
     (text.len() > INLINE_PAYLOAD_BYTES).then(|| hex::encode(sha2::Sha256::digest(text.as_bytes())))
 }
 
-/// A step as its events carry it: a payload stored out of line is replaced by
-/// a note of its size (`GET /v1/tasks/{id}` has it whole).
-fn step_event_data(step: &StepRecord) -> Value {
-    let mut data = serde_json::json!(step);
-    for field in ["input", "output"] {
-        let size = data[field].to_string().len();
-        if size > INLINE_PAYLOAD_BYTES {
-            data[field] = serde_json::json!({"out_of_line": true, "bytes": size});
-        }
+/// A step as its events carry it. `step.started` carries the input and
+/// `step.finished` how the step ended (output or error, usage): each payload
+/// once, never both in one event. A payload stored out of line is replaced
+/// by a note of its size (`GET /v1/tasks/{id}` has it whole);
+/// `payload_bytes` is the length of its JSON, which the caller has encoded.
+fn step_event_data(step: &StepRecord, payload_bytes: usize) -> Value {
+    let out_of_line = payload_bytes > INLINE_PAYLOAD_BYTES;
+    let mut data = serde_json::json!({
+        "seq": step.seq,
+        "kind": step.kind,
+        "plugin": step.plugin,
+        "status": step.status,
+        "attempt": step.attempt,
+        "started_at": step.started_at,
+    });
+    if step.status == StepStatus::Running {
+        data["input"] = match out_of_line {
+            true => serde_json::json!({"out_of_line": true, "bytes": payload_bytes}),
+            false => step.input.clone(),
+        };
+    } else {
+        data["output"] = match (&step.output, out_of_line) {
+            (Some(_), true) => serde_json::json!({"out_of_line": true, "bytes": payload_bytes}),
+            (output, _) => serde_json::json!(output),
+        };
+        data["error"] = serde_json::json!(step.error);
+        data["usage"] = serde_json::json!(step.usage);
+        data["finished_at"] = serde_json::json!(step.finished_at);
     }
     data
 }

@@ -562,35 +562,29 @@ async fn start_step(
     };
     let mut record = step_from_row(&row)?;
     record.input = step.input.clone();
-    let event = append_event(
-        conn,
-        &fence.task_id,
-        event_kind::STEP_STARTED,
-        step_event_data(&record),
-    )
-    .await?;
+    let data = step_event_data(&record, input_text.len());
+    let event = append_event(conn, &fence.task_id, event_kind::STEP_STARTED, data).await?;
     Ok((record, event))
 }
 
 async fn finish_step(
     conn: &mut PgConnection,
     fence: &Fence,
-    end: &StepEnd,
+    end: StepEnd,
 ) -> Result<(StepRecord, EventRecord)> {
     check_fence(conn, fence).await?;
-    let (status, output, error) = match &end.output {
-        Ok(output) => (StepStatus::Succeeded, Some(output.to_string()), None),
-        Err(error) => (StepStatus::Failed, None, Some(error)),
-    };
+    let seq = end.started.seq;
+    let output = end.output.as_ref().ok().map(Value::to_string);
+    let error = end.output.as_ref().err();
     let output_ref = match &output {
         Some(text) => spill(conn, text).await?,
         None => None,
     };
-    let stored_output = if output_ref.is_some() {
-        Some("null".to_owned())
-    } else {
-        output
+    let stored_output = match (&output_ref, &output) {
+        (Some(_), _) => Some("null"),
+        (None, text) => text.as_deref(),
     };
+    let finished_at = now_millis();
     let row = sqlx::query(
         "UPDATE steps
             SET status = $1, output = $2::json, error_code = $3, error_message = $4,
@@ -598,22 +592,22 @@ async fn finish_step(
           WHERE task_id = $8 AND seq = $9 AND status = 'running'
          RETURNING seq",
     )
-    .bind(status.as_str())
+    .bind(StepStatus::of(&end.output).as_str())
     .bind(stored_output)
     .bind(error.map(|e| &e.code))
     .bind(error.map(|e| &e.message))
     .bind(end.usage.map(|u| u.input_tokens as i64))
     .bind(end.usage.map(|u| u.output_tokens as i64))
-    .bind(now_millis())
+    .bind(finished_at)
     .bind(&fence.task_id)
-    .bind(end.seq as i64)
+    .bind(seq as i64)
     .bind(&output_ref)
     .fetch_optional(&mut *conn)
     .await?;
     if row.is_none() {
         return Err(StoreError::Config(format!(
-            "step {} of task {} is not running",
-            end.seq, fence.task_id
+            "step {seq} of task {} is not running",
+            fence.task_id
         )));
     }
     if let Some(usage) = end.usage {
@@ -627,14 +621,11 @@ async fn finish_step(
         .execute(&mut *conn)
         .await?;
     }
-    let record = load_step(&mut *conn, &fence.task_id, end.seq).await?;
-    let event = append_event(
-        conn,
-        &fence.task_id,
-        event_kind::STEP_FINISHED,
-        step_event_data(&record),
-    )
-    .await?;
+    let output_bytes = output.as_ref().map_or(0, String::len);
+    // The rest of the row is what the step started with: nothing is read back.
+    let record = end.into_record(finished_at);
+    let data = step_event_data(&record, output_bytes);
+    let event = append_event(conn, &fence.task_id, event_kind::STEP_FINISHED, data).await?;
     Ok((record, event))
 }
 
@@ -765,18 +756,6 @@ where
 const PRUNE_ORPHAN_PAYLOADS: &str = "DELETE FROM payloads
       WHERE NOT EXISTS (SELECT 1 FROM steps WHERE input_ref = payloads.sha256)
         AND NOT EXISTS (SELECT 1 FROM steps WHERE output_ref = payloads.sha256)";
-
-async fn load_step(conn: &mut PgConnection, task_id: &str, seq: u32) -> Result<StepRecord> {
-    let row = sqlx::query(concat!(
-        steps_with_payloads!(),
-        " WHERE s.task_id = $1 AND s.seq = $2"
-    ))
-    .bind(task_id)
-    .bind(seq as i64)
-    .fetch_one(&mut *conn)
-    .await?;
-    step_from_row(&row)
-}
 
 /// Stores a payload too big to keep inline; returns the key it is under.
 async fn spill(conn: &mut PgConnection, text: &str) -> Result<Option<String>> {
@@ -1052,7 +1031,7 @@ impl Store for PgStore {
 
     async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<(StepRecord, EventRecord)> {
         let mut tx = self.pool.begin().await?;
-        let finished = finish_step(&mut tx, fence, &end).await?;
+        let finished = finish_step(&mut tx, fence, end).await?;
         tx.commit().await?;
         Ok(finished)
     }

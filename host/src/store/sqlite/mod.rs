@@ -1,0 +1,338 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! SQLite admits one writer at a time, so all writes go through a single
+//! writer (`writer.rs`) that groups whatever is waiting into one transaction
+//! (group commit). Reads use a separate pool of read-only connections, which
+//! WAL lets run alongside the writer.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Connection;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+
+use super::{
+    CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, Renewal, Result, StepEnd,
+    StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStatus,
+};
+
+/// Steps with their out-of-line payloads joined in (a macro, so queries
+/// built from it stay static strings).
+macro_rules! steps_with_payloads {
+    () => {
+        "SELECT s.*, pi.body AS input_body, po.body AS output_body
+           FROM steps s
+           LEFT JOIN payloads pi ON pi.sha256 = s.input_ref
+           LEFT JOIN payloads po ON po.sha256 = s.output_ref"
+    };
+}
+
+mod rows;
+mod writer;
+
+use rows::{event_from_row, step_from_row, task_from_row};
+use writer::{Reply, WriteOp, Writer};
+
+/// How much of the database file readers map into memory.
+const MMAP_BYTES: u64 = 1 << 30;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+pub struct SqliteStore {
+    reads: SqlitePool,
+    writer: Writer,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) and migrates the database at `url`.
+    pub async fn open(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+
+        let mut migrating = SqliteConnection::connect_with(&options).await?;
+        MIGRATOR.run(&mut migrating).await?;
+        migrating.close().await?;
+        let writer = Writer::start(options.get_filename())?;
+
+        // Readers map the file rather than copy each page they read: the
+        // writer's commits empty their page caches over and over.
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(
+                options
+                    .read_only(true)
+                    .pragma("mmap_size", MMAP_BYTES.to_string()),
+            )
+            .await?;
+        Ok(Self { reads, writer })
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<Reply> {
+        self.writer.write(op).await
+    }
+}
+
+async fn load_steps<'c, E>(executor: E, task_id: &str) -> Result<Vec<StepRecord>>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    let rows = sqlx::query(concat!(
+        steps_with_payloads!(),
+        " WHERE s.task_id = ? ORDER BY s.seq"
+    ))
+    .bind(task_id)
+    .fetch_all(executor)
+    .await?;
+    rows.iter().map(step_from_row).collect()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn engine(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, Option<EventRecord>)> {
+        match self.write(WriteOp::CreateTask(task)).await? {
+            Reply::Created(task, event) => Ok((task, event)),
+            _ => unreachable!("create_task answers Created"),
+        }
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
+        let row = sqlx::query("SELECT * FROM tasks WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reads)
+            .await?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn prune_finished(&self, before: Millis) -> Result<u64> {
+        match self.write(WriteOp::PruneFinished { before }).await? {
+            Reply::Count(n) => Ok(n),
+            _ => unreachable!("prune answers Count"),
+        }
+    }
+
+    async fn count_active(&self, tenant: &str) -> Result<u64> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM tasks WHERE tenant = ? AND status IN ('queued', 'running')",
+        )
+        .bind(tenant)
+        .fetch_one(&self.reads)
+        .await?;
+        Ok(count as u64)
+    }
+
+    async fn count_queued(&self, tenant: Option<&str>, at_most: u64) -> Result<u64> {
+        let at_most = at_most.min(i64::MAX as u64) as i64;
+        // Static statements, each on the partial index of queued tasks.
+        let count: i64 =
+            match tenant {
+                Some(tenant) => sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queued_by_tenant
+                                            WHERE status = 'queued' AND tenant = ?1
+                                            LIMIT ?2)",
+                )
+                .bind(tenant)
+                .bind(at_most)
+                .fetch_one(&self.reads)
+                .await?,
+                None => sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queued_by_tenant
+                                            WHERE status = 'queued'
+                                            LIMIT ?1)",
+                )
+                .bind(at_most)
+                .fetch_one(&self.reads)
+                .await?,
+            };
+        Ok(count as u64)
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
+        let limit = query.limit.clamp(1, 500);
+        let rows = sqlx::query(
+            "SELECT * FROM tasks
+              WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2)
+                AND (?4 IS NULL OR tenant = ?4)
+              ORDER BY id DESC
+              LIMIT ?3",
+        )
+        .bind(query.status.map(TaskStatus::as_str))
+        .bind(&query.before)
+        .bind(limit as i64 + 1)
+        .bind(&query.tenant)
+        .fetch_all(&self.reads)
+        .await?;
+        let mut tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>>>()?;
+        let next_cursor = if tasks.len() > limit as usize {
+            tasks.truncate(limit as usize);
+            tasks.last().map(|t| t.id.clone())
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next_cursor })
+    }
+
+    async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>> {
+        load_steps(&self.reads, task_id).await
+    }
+
+    async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>> {
+        let rows = sqlx::query("SELECT * FROM events WHERE task_id = ? AND seq > ? ORDER BY seq")
+            .bind(task_id)
+            .bind(after)
+            .fetch_all(&self.reads)
+            .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<CancelOutcome> {
+        match self.write(WriteOp::Cancel { id: id.to_owned() }).await? {
+            Reply::Cancel(outcome) => Ok(outcome),
+            _ => unreachable!("cancel answers Cancel"),
+        }
+    }
+
+    async fn claim_batch(&self, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let op = WriteOp::Claim {
+            worker: worker.to_owned(),
+            lease,
+            max,
+        };
+        match self.write(op).await? {
+            Reply::Claimed(claims) => Ok(claims),
+            _ => unreachable!("claim answers Claimed"),
+        }
+    }
+
+    async fn renew_leases(&self, fences: &[Fence], lease: Duration) -> Result<Vec<Renewal>> {
+        if fences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let op = WriteOp::Renew {
+            fences: fences.to_vec(),
+            lease,
+        };
+        match self.write(op).await? {
+            Reply::Renewed(renewals) => Ok(renewals),
+            _ => unreachable!("renew answers Renewed"),
+        }
+    }
+
+    async fn expire_all_leases(&self) -> Result<u64> {
+        match self.write(WriteOp::ExpireAllLeases).await? {
+            Reply::Count(n) => Ok(n),
+            _ => unreachable!("expire answers Count"),
+        }
+    }
+
+    async fn start_step(
+        &self,
+        fence: &Fence,
+        step: StepStart,
+    ) -> Result<(StepRecord, EventRecord)> {
+        let op = WriteOp::StartStep {
+            fence: fence.clone(),
+            step,
+        };
+        match self.write(op).await? {
+            Reply::Step(step, event) => Ok((step, event)),
+            _ => unreachable!("start_step answers Event"),
+        }
+    }
+
+    async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<(StepRecord, EventRecord)> {
+        let op = WriteOp::FinishStep {
+            fence: fence.clone(),
+            end,
+        };
+        match self.write(op).await? {
+            Reply::Step(step, event) => Ok((step, event)),
+            _ => unreachable!("finish_step answers Event"),
+        }
+    }
+
+    async fn finish_task(&self, fence: &Fence, end: TaskEnd) -> Result<EventRecord> {
+        let op = WriteOp::FinishTask {
+            fence: fence.clone(),
+            end,
+        };
+        match self.write(op).await? {
+            Reply::Event(event) => Ok(event),
+            _ => unreachable!("finish_task answers Event"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::writer::{CLAIM_EXPIRED, CLAIM_QUEUED, RENEW_LEASES};
+    use super::*;
+    use crate::store::conformance;
+
+    async fn open_temporary() -> (SqliteStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("opspawn.db").display());
+        (SqliteStore::open(&url).await.unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn claims_take_expired_leases_first() {
+        let (store, _dir) = open_temporary().await;
+        conformance::claims_take_expired_leases_first(&store).await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_claim_loads_each_journal() {
+        let (store, _dir) = open_temporary().await;
+        conformance::a_batch_claim_loads_each_journal(&store).await;
+    }
+
+    /// The claim and the renewal look rows up through indexes, never by
+    /// scanning the table or sorting it.
+    #[tokio::test]
+    async fn claims_and_renewals_use_indexes() {
+        let (store, dir) = open_temporary().await;
+        drop(store);
+        let url = format!("sqlite://{}", dir.path().join("opspawn.db").display());
+        let mut conn = SqliteConnection::connect(&url).await.unwrap();
+        let cases = [
+            (CLAIM_EXPIRED, "tasks_by_lease"),
+            (CLAIM_QUEUED, "tasks_queued"),
+            (RENEW_LEASES, "id=?"),
+        ];
+        for (query, index) in cases {
+            let explain =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {query}")));
+            let explain = if query == RENEW_LEASES {
+                explain.bind(0_i64).bind(r#"[["id", 1, "w"]]"#)
+            } else {
+                explain.bind("w").bind(0_i64).bind(0_i64).bind(10_i64)
+            };
+            let rows: Vec<(i64, i64, i64, String)> = explain.fetch_all(&mut conn).await.unwrap();
+            let plan: Vec<&str> = rows.iter().map(|row| row.3.as_str()).collect();
+            assert!(
+                plan.iter()
+                    .all(|step| step.trim() != "SCAN tasks" && !step.contains("TEMP B-TREE")),
+                "{query}\n{plan:#?}"
+            );
+            assert!(
+                plan.iter().any(|step| step.contains(index)),
+                "{query} does not use {index}: {plan:#?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Rows into records, the same way whichever driver fetched them: sqlx for
+//! the pooled readers, rusqlite for the writer.
+
+use sqlx::Row as _;
+use sqlx::sqlite::SqliteRow;
+
+use crate::protocol::Usage;
+use crate::store::{
+    ErrorInfo, EventRecord, Millis, Result, StepKind, StepRecord, StepStatus, StoreError,
+    TaskRecord, TaskStatus, parse_json,
+};
+
+/// Named columns of a row, as both drivers give them.
+pub(super) trait Columns {
+    fn text(&self, column: &str) -> Result<String>;
+    fn optional_text(&self, column: &str) -> Result<Option<String>>;
+    fn integer(&self, column: &str) -> Result<i64>;
+    fn optional_integer(&self, column: &str) -> Result<Option<i64>>;
+    /// A column only some queries select (a joined payload): `None` where
+    /// the query has no such column.
+    fn joined_text(&self, column: &str) -> Option<String>;
+}
+
+impl Columns for SqliteRow {
+    fn text(&self, column: &str) -> Result<String> {
+        Ok(self.try_get(column)?)
+    }
+    fn optional_text(&self, column: &str) -> Result<Option<String>> {
+        Ok(self.try_get(column)?)
+    }
+    fn integer(&self, column: &str) -> Result<i64> {
+        Ok(self.try_get(column)?)
+    }
+    fn optional_integer(&self, column: &str) -> Result<Option<i64>> {
+        Ok(self.try_get(column)?)
+    }
+    fn joined_text(&self, column: &str) -> Option<String> {
+        self.try_get::<Option<String>, _>(column).ok().flatten()
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn text(&self, column: &str) -> Result<String> {
+        Ok(self.get(column)?)
+    }
+    fn optional_text(&self, column: &str) -> Result<Option<String>> {
+        Ok(self.get(column)?)
+    }
+    fn integer(&self, column: &str) -> Result<i64> {
+        Ok(self.get(column)?)
+    }
+    fn optional_integer(&self, column: &str) -> Result<Option<i64>> {
+        Ok(self.get(column)?)
+    }
+    fn joined_text(&self, column: &str) -> Option<String> {
+        self.get::<_, Option<String>>(column).ok().flatten()
+    }
+}
+
+/// The records of a rusqlite query whose rows each decode to a `Result`.
+pub(super) fn collect<T>(
+    rows: impl Iterator<Item = rusqlite::Result<Result<T>>>,
+) -> Result<Vec<T>> {
+    rows.map(|row| row?).collect()
+}
+
+pub(super) fn task_from_row(row: &impl Columns) -> Result<TaskRecord> {
+    let status = row.text("status")?;
+    let tools = row.text("tools")?;
+    Ok(TaskRecord {
+        id: row.text("id")?,
+        tenant: row.text("tenant")?,
+        idempotency_key: row.optional_text("idempotency_key")?,
+        priority: row.integer("priority")? as i32,
+        run_at: row.optional_integer("run_at")?,
+        deadline_at: row.optional_integer("deadline_at")?,
+        status: TaskStatus::parse(&status).ok_or_else(|| corrupt_enum("task status", &status))?,
+        goal: row.text("goal")?,
+        planner: row.text("planner")?,
+        llm: row.text("llm")?,
+        model: row.optional_text("model")?,
+        tools: serde_json::from_str(&tools).map_err(|source| StoreError::Corrupt {
+            what: "task tools",
+            source,
+        })?,
+        options: parse_json(&row.text("options")?, "task options")?,
+        max_steps: row.integer("max_steps")? as u32,
+        max_retries: row.integer("max_retries")? as u32,
+        timeout_ms: row.integer("timeout_ms")?,
+        result: row.optional_text("result")?,
+        error: error_from_row(row)?,
+        attempt: row.integer("attempt")?,
+        cancel_requested: row.integer("cancel_requested")? != 0,
+        usage: Usage {
+            input_tokens: row.integer("input_tokens")? as u64,
+            output_tokens: row.integer("output_tokens")? as u64,
+        },
+        created_at: row.integer("created_at")?,
+        started_at: row.optional_integer("started_at")?,
+        finished_at: row.optional_integer("finished_at")?,
+    })
+}
+
+/// A step, with its payloads from `payloads` where they were stored out of
+/// line (the `steps_with_payloads!` join).
+pub(super) fn step_from_row(row: &impl Columns) -> Result<StepRecord> {
+    let kind = row.text("kind")?;
+    let status = row.text("status")?;
+    let input = match row.joined_text("input_body") {
+        Some(body) => body,
+        None => row.text("input")?,
+    };
+    let output = match row.joined_text("output_body") {
+        Some(body) => Some(body),
+        None => row.optional_text("output")?,
+    };
+    let input_tokens = row.optional_integer("input_tokens")?;
+    let output_tokens = row.optional_integer("output_tokens")?;
+    Ok(StepRecord {
+        seq: row.integer("seq")? as u32,
+        kind: StepKind::parse(&kind).ok_or_else(|| corrupt_enum("step kind", &kind))?,
+        plugin: row.text("plugin")?,
+        status: StepStatus::parse(&status).ok_or_else(|| corrupt_enum("step status", &status))?,
+        input: parse_json(&input, "step input")?,
+        output: output.map(|o| parse_json(&o, "step output")).transpose()?,
+        error: error_from_row(row)?,
+        usage: match (input_tokens, output_tokens) {
+            (None, None) => None,
+            (i, o) => Some(Usage {
+                input_tokens: i.unwrap_or(0) as u64,
+                output_tokens: o.unwrap_or(0) as u64,
+            }),
+        },
+        attempt: row.integer("attempt")?,
+        started_at: row.integer("started_at")?,
+        finished_at: row.optional_integer("finished_at")?,
+    })
+}
+
+fn error_from_row(row: &impl Columns) -> Result<Option<ErrorInfo>> {
+    let message = row.optional_text("error_message")?;
+    Ok(row.optional_text("error_code")?.map(|code| ErrorInfo {
+        code,
+        message: message.unwrap_or_default(),
+    }))
+}
+
+pub(super) fn event_from_row(row: &impl Columns) -> Result<EventRecord> {
+    Ok(EventRecord {
+        task_id: row.text("task_id")?,
+        seq: row.integer("seq")?,
+        kind: row.text("kind")?,
+        data: parse_json(&row.text("data")?, "event data")?,
+        at: row.integer("at")? as Millis,
+    })
+}
+
+fn corrupt_enum(what: &str, value: &str) -> StoreError {
+    StoreError::Config(format!("unknown {what} {value:?} in the database"))
+}

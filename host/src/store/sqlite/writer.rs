@@ -1,0 +1,653 @@
+//! The single writer: a thread of its own with a direct SQLite connection,
+//! applying whatever writes are waiting in one transaction (group commit).
+//!
+//! Why below sqlx here: sqlx's SQLite driver runs each connection on a
+//! worker thread and hands every statement to it, and the answer back: two
+//! thread wake-ups per statement, and a step costs about a dozen statements.
+//! In profiles of the end-to-end benchmark those hand-offs were the largest
+//! single cost of the hot path, far above SQLite's own work. So the writer
+//! drives SQLite through rusqlite (the same `libsqlite3` sqlx links) on its
+//! own thread: a whole batch costs one wake-up to start it and one answer per
+//! write, and its statements are prepared once and kept. Migrations and the
+//! pooled readers stay on sqlx.
+//!
+//! Each write is acknowledged only after its transaction commits, so no
+//! caller ever sees a step as journaled before it is durable.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use super::rows::{collect, step_from_row, task_from_row};
+use crate::store::{
+    CancelOutcome, Claim, EventRecord, Fence, LeaseState, Millis, NewTask, Renewal, Result,
+    StepEnd, StepRecord, StepStart, StepStatus, StoreError, TaskEnd, TaskRecord, TaskStatus,
+    event_kind, in_claim_order, now_millis, out_of_line_key, renewals, step_event_data,
+};
+
+/// The most writes one transaction carries.
+const MAX_BATCH: usize = 512;
+
+/// How long the writer waits on a lock another process holds (a CLI
+/// reading the same file never takes one in WAL mode; a second server would).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Statements the writer keeps prepared: every one it runs, with room.
+const STATEMENT_CACHE: usize = 64;
+
+pub(super) enum WriteOp {
+    CreateTask(NewTask),
+    Claim {
+        worker: String,
+        lease: Duration,
+        max: usize,
+    },
+    Renew {
+        fences: Vec<Fence>,
+        lease: Duration,
+    },
+    ExpireAllLeases,
+    PruneFinished {
+        before: Millis,
+    },
+    StartStep {
+        fence: Fence,
+        step: StepStart,
+    },
+    FinishStep {
+        fence: Fence,
+        end: StepEnd,
+    },
+    FinishTask {
+        fence: Fence,
+        end: TaskEnd,
+    },
+    Cancel {
+        id: String,
+    },
+}
+
+pub(super) enum Reply {
+    Created(TaskRecord, Option<EventRecord>),
+    Claimed(Vec<Claim>),
+    Renewed(Vec<Renewal>),
+    Count(u64),
+    Event(EventRecord),
+    Step(StepRecord, EventRecord),
+    Cancel(CancelOutcome),
+}
+
+struct Job {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<Reply>>,
+}
+
+/// The handle the store writes through; the thread stops when it is dropped.
+pub(super) struct Writer {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Opens a connection to the (already migrated) database file and
+    /// starts the writer thread on it.
+    pub fn start(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // WAL is a property of the file (set when it was migrated); the rest
+        // belong to the connection. The page cache (16 MiB) keeps the pages
+        // writes touch, the tables' and indexes' latest, from being read again.
+        conn.execute_batch(
+            "PRAGMA synchronous = NORMAL;
+             PRAGMA foreign_keys = ON;
+             PRAGMA cache_size = -16384;",
+        )?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || run(conn, queue))
+            .map_err(|e| StoreError::Config(format!("starting the SQLite writer thread: {e}")))?;
+        Ok(Self { jobs })
+    }
+
+    pub async fn write(&self, op: WriteOp) -> Result<Reply> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+fn run(mut conn: Connection, mut queue: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    // Sleeps only when nothing waits; while a batch commits, the next one
+    // gathers in the queue.
+    while let Some(first) = queue.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&mut conn, &mut batch);
+    }
+}
+
+/// Applies every job in one transaction, then answers each.
+///
+/// Every write checks what it must (its fence, the step's state) before it
+/// changes anything, so a job that fails a check has written nothing and
+/// needs no savepoint of its own (savepoints copy each page they touch).
+/// A job that fails after writing, which only a failing database does,
+/// rolls the whole batch back, and every job in it gets the error.
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
+    let run = |conn: &Connection, sql: &str| conn.prepare_cached(sql)?.execute([]);
+    if let Err(error) = run(conn, "BEGIN IMMEDIATE") {
+        for job in batch.drain(..) {
+            let _ = job.reply.send(Err(copy_error(&error)));
+        }
+        return;
+    }
+    let mut done = Vec::with_capacity(batch.len());
+    let mut broken = None;
+    for Job { op, reply } in batch.drain(..) {
+        if broken.is_some() {
+            done.push((reply, Err(StoreError::WriterGone)));
+            continue;
+        }
+        let changes_before = conn.total_changes();
+        let result = apply(conn, op);
+        if let Err(error) = &result
+            && conn.total_changes() != changes_before
+        {
+            tracing::error!(%error, "a write failed halfway; rolling back its batch");
+            broken = Some(error.to_string());
+        }
+        done.push((reply, result));
+    }
+    let committed = match broken {
+        Some(error) => Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+            Some(format!(
+                "the batch was rolled back: a write in it failed halfway: {error}"
+            )),
+        )),
+        None => run(conn, "COMMIT").map(drop),
+    };
+    if let Err(error) = committed {
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        tracing::error!(%error, "a batch of writes was not committed");
+        for (reply, _) in done {
+            let _ = reply.send(Err(copy_error(&error)));
+        }
+        return;
+    }
+    for (reply, result) in done {
+        // The caller may have given up waiting; its write stands regardless.
+        let _ = reply.send(result);
+    }
+}
+
+/// The same failure, for each job of a batch that failed as a whole.
+fn copy_error(error: &rusqlite::Error) -> StoreError {
+    let code = match error {
+        rusqlite::Error::SqliteFailure(code, _) => *code,
+        _ => rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+    };
+    StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+        code,
+        Some(error.to_string()),
+    ))
+}
+
+fn apply(conn: &Connection, op: WriteOp) -> Result<Reply> {
+    match op {
+        WriteOp::CreateTask(task) => create_task(conn, &task),
+        WriteOp::Claim { worker, lease, max } => {
+            claim_batch(conn, &worker, lease, max).map(Reply::Claimed)
+        }
+        WriteOp::Renew { fences, lease } => renew_leases(conn, &fences, lease).map(Reply::Renewed),
+        WriteOp::ExpireAllLeases => {
+            let expired = conn
+                .prepare_cached(
+                    "UPDATE tasks SET lease_expires_at = 0, lease_owner = NULL
+                      WHERE status = 'running'",
+                )?
+                .execute([])?;
+            Ok(Reply::Count(expired as u64))
+        }
+        WriteOp::PruneFinished { before } => {
+            // Steps and events go with their task (ON DELETE CASCADE).
+            let pruned = conn
+                .prepare_cached(
+                    "DELETE FROM tasks
+                      WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?1",
+                )?
+                .execute([before])?;
+            conn.prepare_cached(PRUNE_ORPHAN_PAYLOADS)?.execute([])?;
+            Ok(Reply::Count(pruned as u64))
+        }
+        WriteOp::StartStep { fence, step } => start_step(conn, &fence, step),
+        WriteOp::FinishStep { fence, end } => finish_step(conn, &fence, end),
+        WriteOp::FinishTask { fence, end } => finish_task(conn, &fence, &end).map(Reply::Event),
+        WriteOp::Cancel { id } => cancel(conn, &id).map(Reply::Cancel),
+    }
+}
+
+/// Payloads no step refers to any more (their tasks were pruned).
+const PRUNE_ORPHAN_PAYLOADS: &str = "DELETE FROM payloads
+      WHERE NOT EXISTS (SELECT 1 FROM steps WHERE input_ref = payloads.sha256)
+        AND NOT EXISTS (SELECT 1 FROM steps WHERE output_ref = payloads.sha256)";
+
+fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
+    // The writer applies one write at a time, so look-then-insert cannot race.
+    if let Some(key) = &task.idempotency_key {
+        let existing = conn
+            .prepare_cached("SELECT * FROM tasks WHERE tenant = ?1 AND idempotency_key = ?2")?
+            .query_row((&task.tenant, key), |row| Ok(task_from_row(row)))
+            .optional()?;
+        if let Some(record) = existing {
+            return Ok(Reply::Created(record?, None));
+        }
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    let record = conn
+        .prepare_cached(
+            "INSERT INTO tasks (id, tenant, idempotency_key, priority, run_at, deadline_at, status,
+                                goal, planner, llm, model, tools, options, max_steps, timeout_ms,
+                                created_at, max_retries)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+             RETURNING *",
+        )?
+        .query_row(
+            params![
+                id,
+                task.tenant,
+                task.idempotency_key,
+                task.priority,
+                task.run_at,
+                task.deadline_at,
+                task.goal,
+                task.planner,
+                task.llm,
+                task.model,
+                json!(task.tools).to_string(),
+                task.options.to_string(),
+                task.max_steps,
+                task.timeout.as_millis() as i64,
+                now_millis(),
+                task.max_retries,
+            ],
+            |row| Ok(task_from_row(row)),
+        )??;
+    let event = append_event(
+        conn,
+        &id,
+        event_kind::TASK_QUEUED,
+        json!({"status": "queued"}),
+    )?;
+    Ok(Reply::Created(record, Some(event)))
+}
+
+/// Claims the running tasks whose lease expired, longest expired first
+/// (`tasks_by_lease`), and bumps their attempt.
+///
+/// `INDEXED BY` in these statements: without statistics, SQLite's planner
+/// rates the older `tasks_by_status` as good as the partial indexes, and
+/// would then sort every queued or running task to find the first few. With
+/// it, a statement whose index is missing fails rather than scans.
+pub(super) const CLAIM_EXPIRED: &str = "UPDATE tasks
+    SET attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2,
+        started_at = COALESCE(started_at, ?3)
+  WHERE id IN (SELECT id FROM tasks
+                  INDEXED BY tasks_by_lease
+                WHERE status = 'running' AND lease_expires_at < ?3
+                ORDER BY lease_expires_at
+                LIMIT ?4)
+ RETURNING *";
+
+/// Claims queued tasks whose start time has come, in the order of
+/// `tasks_queued`: the scan stops after `LIMIT` rows, however long the queue.
+pub(super) const CLAIM_QUEUED: &str = "UPDATE tasks
+    SET status = 'running', attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2,
+        started_at = COALESCE(started_at, ?3)
+  WHERE id IN (SELECT id FROM tasks
+                  INDEXED BY tasks_queued
+                WHERE status = 'queued' AND (run_at IS NULL OR run_at <= ?3)
+                ORDER BY priority DESC, id
+                LIMIT ?4)
+ RETURNING *";
+
+fn claim_batch(conn: &Connection, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>> {
+    let now = now_millis();
+    let expires = now + lease.as_millis() as i64;
+    let claim = |query: &str, limit: usize| -> Result<Vec<TaskRecord>> {
+        let mut statement = conn.prepare_cached(query)?;
+        collect(
+            statement.query_map(params![worker, expires, now, limit as i64], |row| {
+                Ok(task_from_row(row))
+            })?,
+        )
+    };
+    let expired = claim(CLAIM_EXPIRED, max)?;
+    let queued = match max - expired.len() {
+        0 => Vec::new(),
+        room => claim(CLAIM_QUEUED, room)?,
+    };
+    let tasks = in_claim_order(expired, queued);
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+
+    // A fresh task has no journal: only resumed ones need the lookup.
+    let mut journals: HashMap<String, Vec<StepRecord>> = HashMap::new();
+    let resumed: Vec<&str> = tasks
+        .iter()
+        .filter(|t| t.attempt > 1)
+        .map(|t| t.id.as_str())
+        .collect();
+    if !resumed.is_empty() {
+        let mut statement = conn.prepare_cached(concat!(
+            steps_with_payloads!(),
+            " WHERE s.task_id IN (SELECT value FROM json_each(?1)) ORDER BY s.task_id, s.seq"
+        ))?;
+        let mut rows = statement.query([json!(resumed).to_string()])?;
+        while let Some(row) = rows.next()? {
+            let task_id: String = row.get("task_id")?;
+            journals
+                .entry(task_id)
+                .or_default()
+                .push(step_from_row(row)?);
+        }
+    }
+
+    let mut claims = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let steps = journals.remove(&task.id).unwrap_or_default();
+        let event = append_event(
+            conn,
+            &task.id,
+            event_kind::TASK_STARTED,
+            json!({"attempt": task.attempt, "resumed_steps": steps.len()}),
+        )?;
+        claims.push(Claim {
+            fence: Fence {
+                task_id: task.id.clone(),
+                attempt: task.attempt,
+                worker: worker.to_owned(),
+            },
+            task,
+            steps,
+            event,
+        });
+    }
+    Ok(claims)
+}
+
+/// Fails with `Fenced` unless `fence` is the task's current, running claim.
+fn check_fence(conn: &Connection, fence: &Fence) -> Result<LeaseState> {
+    let cancel_requested: Option<bool> = conn
+        .prepare_cached(
+            "SELECT cancel_requested FROM tasks
+              WHERE id = ?1 AND attempt = ?2 AND lease_owner = ?3 AND status = 'running'",
+        )?
+        .query_row(params![fence.task_id, fence.attempt, fence.worker], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    match cancel_requested {
+        Some(cancel_requested) => Ok(LeaseState { cancel_requested }),
+        None => Err(StoreError::Fenced {
+            task_id: fence.task_id.clone(),
+            attempt: fence.attempt,
+        }),
+    }
+}
+
+/// The fences are one JSON array of `[task id, attempt, worker]`. The
+/// row-value `IN` makes SQLite build the list once and look each task up by
+/// id, rather than join every running task against every fence.
+pub(super) const RENEW_LEASES: &str = "UPDATE tasks SET lease_expires_at = ?1
+  WHERE status = 'running'
+    AND (id, attempt, lease_owner) IN
+        (SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?2))
+ RETURNING id, attempt, cancel_requested";
+
+/// Extends the leases of the claims in `fences` in one statement, the same
+/// whatever their number.
+fn renew_leases(conn: &Connection, fences: &[Fence], lease: Duration) -> Result<Vec<Renewal>> {
+    let held = json!(
+        fences
+            .iter()
+            .map(|f| json!([f.task_id, f.attempt, f.worker]))
+            .collect::<Vec<_>>()
+    );
+    let mut statement = conn.prepare_cached(RENEW_LEASES)?;
+    let renewed = statement
+        .query_map(
+            params![now_millis() + lease.as_millis() as i64, held.to_string()],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )?
+        .collect::<rusqlite::Result<Vec<(String, i64, bool)>>>()?;
+    Ok(renewals(fences, renewed))
+}
+
+fn start_step(conn: &Connection, fence: &Fence, step: StepStart) -> Result<Reply> {
+    check_fence(conn, fence)?;
+    let input_text = step.input.to_string();
+    let input_ref = out_of_line_key(&input_text);
+    let stored_input = if input_ref.is_some() {
+        "null"
+    } else {
+        &input_text
+    };
+    let started_at = now_millis();
+    // A step still marked running was in flight when an earlier claim died:
+    // it runs again under the same sequence number (and idempotency key).
+    let written = conn
+        .prepare_cached(
+            "INSERT INTO steps (task_id, seq, kind, plugin, status, input, input_ref, attempt,
+                                started_at)
+             VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8)
+             ON CONFLICT (task_id, seq) DO UPDATE
+                SET kind = excluded.kind, plugin = excluded.plugin, input = excluded.input,
+                    input_ref = excluded.input_ref, attempt = excluded.attempt,
+                    started_at = excluded.started_at
+              WHERE steps.status = 'running'",
+        )?
+        .execute(params![
+            fence.task_id,
+            step.seq,
+            step.kind.as_str(),
+            step.plugin,
+            stored_input,
+            input_ref,
+            fence.attempt,
+            started_at,
+        ])?;
+    if written == 0 {
+        return Err(StoreError::Config(format!(
+            "step {} of task {} has already finished and cannot start again",
+            step.seq, fence.task_id
+        )));
+    }
+    if let Some(key) = &input_ref {
+        spill(conn, key, &input_text)?;
+    }
+    // Everything in the row is known here: nothing is read back.
+    let record = StepRecord {
+        seq: step.seq,
+        kind: step.kind,
+        plugin: step.plugin,
+        status: StepStatus::Running,
+        input: step.input,
+        output: None,
+        error: None,
+        usage: None,
+        attempt: fence.attempt,
+        started_at,
+        finished_at: None,
+    };
+    let data = step_event_data(&record, input_text.len());
+    let event = append_event(conn, &fence.task_id, event_kind::STEP_STARTED, data)?;
+    Ok(Reply::Step(record, event))
+}
+
+fn finish_step(conn: &Connection, fence: &Fence, end: StepEnd) -> Result<Reply> {
+    check_fence(conn, fence)?;
+    let seq = end.started.seq;
+    let output_text = end.output.as_ref().ok().map(Value::to_string);
+    let output_ref = output_text.as_deref().and_then(out_of_line_key);
+    let stored_output = match (&output_ref, &output_text) {
+        (Some(_), _) => Some("null"),
+        (None, text) => text.as_deref(),
+    };
+    let error = end.output.as_ref().err();
+    let finished_at = now_millis();
+    let written = conn
+        .prepare_cached(
+            "UPDATE steps
+                SET status = ?1, output = ?2, output_ref = ?3, error_code = ?4, error_message = ?5,
+                    input_tokens = ?6, output_tokens = ?7, finished_at = ?8
+              WHERE task_id = ?9 AND seq = ?10 AND status = 'running'",
+        )?
+        .execute(params![
+            StepStatus::of(&end.output).as_str(),
+            stored_output,
+            output_ref,
+            error.map(|e| &e.code),
+            error.map(|e| &e.message),
+            end.usage.map(|u| u.input_tokens as i64),
+            end.usage.map(|u| u.output_tokens as i64),
+            finished_at,
+            fence.task_id,
+            seq,
+        ])?;
+    if written == 0 {
+        return Err(StoreError::Config(format!(
+            "step {seq} of task {} is not running",
+            fence.task_id
+        )));
+    }
+    if let (Some(key), Some(text)) = (&output_ref, &output_text) {
+        spill(conn, key, text)?;
+    }
+    if let Some(usage) = end.usage {
+        conn.prepare_cached(
+            "UPDATE tasks SET input_tokens = input_tokens + ?1, output_tokens = output_tokens + ?2
+              WHERE id = ?3",
+        )?
+        .execute(params![
+            usage.input_tokens as i64,
+            usage.output_tokens as i64,
+            fence.task_id
+        ])?;
+    }
+    let output_bytes = output_text.as_ref().map_or(0, String::len);
+    // The rest of the row is what the step started with: nothing is read back.
+    let record = end.into_record(finished_at);
+    let data = step_event_data(&record, output_bytes);
+    let event = append_event(conn, &fence.task_id, event_kind::STEP_FINISHED, data)?;
+    Ok(Reply::Step(record, event))
+}
+
+fn finish_task(conn: &Connection, fence: &Fence, end: &TaskEnd) -> Result<EventRecord> {
+    check_fence(conn, fence)?;
+    let (result, error) = match end {
+        TaskEnd::Succeeded { result } => (Some(result.as_str()), None),
+        TaskEnd::Failed { error } => (None, Some(error)),
+        TaskEnd::Cancelled => (None, None),
+    };
+    let status = end.status();
+    conn.prepare_cached(
+        "UPDATE tasks
+            SET status = ?1, result = ?2, error_code = ?3, error_message = ?4, finished_at = ?5,
+                lease_owner = NULL, lease_expires_at = NULL
+          WHERE id = ?6",
+    )?
+    .execute(params![
+        status.as_str(),
+        result,
+        error.map(|e| &e.code),
+        error.map(|e| &e.message),
+        now_millis(),
+        fence.task_id,
+    ])?;
+    append_event(
+        conn,
+        &fence.task_id,
+        event_kind::TASK_FINISHED,
+        json!({"status": status, "result": result, "error": error}),
+    )
+}
+
+fn cancel(conn: &Connection, id: &str) -> Result<CancelOutcome> {
+    let task = conn
+        .prepare_cached("SELECT * FROM tasks WHERE id = ?1")?
+        .query_row([id], |row| Ok(task_from_row(row)))
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))??;
+    match task.status {
+        TaskStatus::Queued => {
+            let task = conn
+                .prepare_cached(
+                    "UPDATE tasks SET status = 'cancelled', cancel_requested = 1, finished_at = ?1
+                      WHERE id = ?2 RETURNING *",
+                )?
+                .query_row(params![now_millis(), id], |row| Ok(task_from_row(row)))??;
+            let event = append_event(
+                conn,
+                id,
+                event_kind::TASK_FINISHED,
+                json!({"status": "cancelled", "result": null, "error": null}),
+            )?;
+            Ok(CancelOutcome::Cancelled(task, event))
+        }
+        TaskStatus::Running => {
+            let task = conn
+                .prepare_cached("UPDATE tasks SET cancel_requested = 1 WHERE id = ?1 RETURNING *")?
+                .query_row([id], |row| Ok(task_from_row(row)))??;
+            let event = append_event(conn, id, event_kind::TASK_CANCEL_REQUESTED, json!({}))?;
+            Ok(CancelOutcome::Requested(task, event))
+        }
+        _ => Ok(CancelOutcome::AlreadyFinished(task)),
+    }
+}
+
+fn append_event(conn: &Connection, task_id: &str, kind: &str, data: Value) -> Result<EventRecord> {
+    let at = now_millis();
+    let seq: i64 = conn
+        .prepare_cached(
+            "INSERT INTO events (task_id, seq, kind, data, at)
+             SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4 FROM events WHERE task_id = ?1
+             RETURNING seq",
+        )?
+        .query_row(params![task_id, kind, data.to_string(), at], |row| {
+            row.get(0)
+        })?;
+    Ok(EventRecord {
+        task_id: task_id.to_owned(),
+        seq,
+        kind: kind.to_owned(),
+        data,
+        at,
+    })
+}
+
+/// Stores a payload too big to keep inline under its key (`out_of_line_key`).
+fn spill(conn: &Connection, key: &str, text: &str) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO payloads (sha256, body) VALUES (?1, ?2) ON CONFLICT (sha256) DO NOTHING",
+    )?
+    .execute(params![key, text])?;
+    Ok(())
+}
