@@ -761,7 +761,7 @@ async fn postgres_throughput(args: &Args, url: &str) -> anyhow::Result<usize> {
         format!("{} tasks in flight", args.concurrency),
     );
     println!(
-        "  {:<8}{:>12}{:>16}{:>16}{:>16}{:>12}{:>12}{:>8}",
+        "  {:<8}{:>12}{:>16}{:>18}{:>20}{:>10}{:>10}{:>8}",
         "hosts",
         "wall time",
         "throughput",
@@ -797,7 +797,7 @@ async fn postgres_throughput(args: &Args, url: &str) -> anyhow::Result<usize> {
             )
         };
         println!(
-            "  {hosts:<8}{:>12}{:>16}{:>16}{:>16}{p50:>12}{p95:>12}{:>8}",
+            "  {hosts:<8}{:>12}{:>16}{:>18}{:>20}{p50:>10}{p95:>10}{:>8}",
             format!("{:.2} s", wall.as_secs_f64()),
             format!("{:.1} tasks/s", args.tasks as f64 / wall.as_secs_f64()),
             cpu_per_task(server_cpu, args.tasks),

@@ -518,54 +518,123 @@ async fn renew_leases(
     Ok(renewals(fences, renewed))
 }
 
+/// The end of a statement that appends an event, numbered after the task's
+/// last, for each row of `$source` (a CTE of the statement). `$1` is the
+/// task id; the other arguments name the parameters holding the event's
+/// kind, data and time. As for [`append_event`], the caller holds the task's
+/// row lock from an earlier statement, so the number is free.
+macro_rules! append_event_from {
+    ($source:literal, $kind:literal, $data:literal, $at:literal) => {
+        concat!(
+            "INSERT INTO events (task_id, seq, kind, data, at)
+             SELECT $1, COALESCE((SELECT MAX(seq) FROM events WHERE task_id = $1), 0) + 1, ",
+            $kind,
+            ", ",
+            $data,
+            "::json, ",
+            $at,
+            " FROM ",
+            $source,
+            " RETURNING seq"
+        )
+    };
+}
+
+/// Journals a step's start and its event in one statement.
+const START_STEP: &str = concat!(
+    "WITH step AS (
+        INSERT INTO steps (task_id, seq, kind, plugin, status, input, attempt, started_at,
+                           input_ref)
+        VALUES ($1, $2, $3, $4, 'running', $5::json, $6, $7, $8)
+        ON CONFLICT (task_id, seq) DO UPDATE
+           SET kind = excluded.kind, plugin = excluded.plugin, input = excluded.input,
+               input_ref = excluded.input_ref, attempt = excluded.attempt,
+               started_at = excluded.started_at
+         WHERE steps.status = 'running'
+        RETURNING seq
+     ) ",
+    append_event_from!("step", "$9", "$10", "$7")
+);
+
 async fn start_step(
     conn: &mut PgConnection,
     fence: &Fence,
-    step: &StepStart,
+    step: StepStart,
 ) -> Result<(StepRecord, EventRecord)> {
     check_fence(conn, fence).await?;
     let input_text = step.input.to_string();
-    let input_ref = spill(conn, &input_text).await?;
+    let input_ref = super::out_of_line_key(&input_text);
     let stored_input = if input_ref.is_some() {
         "null"
     } else {
         &input_text
     };
+    let started_at = now_millis();
+    // Everything in the row is known here: nothing is read back.
+    let record = StepRecord {
+        seq: step.seq,
+        kind: step.kind,
+        plugin: step.plugin,
+        status: StepStatus::Running,
+        input: step.input,
+        output: None,
+        error: None,
+        usage: None,
+        attempt: fence.attempt,
+        started_at,
+        finished_at: None,
+    };
+    let data = step_event_data(&record, input_text.len());
     // A step still marked running was in flight when an earlier claim died:
     // it runs again under the same sequence number (and idempotency key).
-    let row = sqlx::query(
-        "INSERT INTO steps (task_id, seq, kind, plugin, status, input, attempt, started_at,
-                            input_ref)
-         VALUES ($1, $2, $3, $4, 'running', $5::json, $6, $7, $8)
-         ON CONFLICT (task_id, seq) DO UPDATE
-            SET kind = excluded.kind, plugin = excluded.plugin, input = excluded.input,
-                input_ref = excluded.input_ref, attempt = excluded.attempt,
-                started_at = excluded.started_at
-          WHERE steps.status = 'running'
-         RETURNING *",
-    )
-    .bind(&fence.task_id)
-    .bind(step.seq as i64)
-    .bind(step.kind.as_str())
-    .bind(&step.plugin)
-    .bind(stored_input)
-    .bind(fence.attempt)
-    .bind(now_millis())
-    .bind(&input_ref)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else {
+    let event_seq: Option<i64> = sqlx::query_scalar(START_STEP)
+        .bind(&fence.task_id)
+        .bind(record.seq as i64)
+        .bind(record.kind.as_str())
+        .bind(&record.plugin)
+        .bind(stored_input)
+        .bind(fence.attempt)
+        .bind(started_at)
+        .bind(&input_ref)
+        .bind(event_kind::STEP_STARTED)
+        .bind(data.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(event_seq) = event_seq else {
         return Err(StoreError::Config(format!(
             "step {} of task {} has already finished and cannot start again",
-            step.seq, fence.task_id
+            record.seq, fence.task_id
         )));
     };
-    let mut record = step_from_row(&row)?;
-    record.input = step.input.clone();
-    let data = step_event_data(&record, input_text.len());
-    let event = append_event(conn, &fence.task_id, event_kind::STEP_STARTED, data).await?;
+    if let Some(key) = &input_ref {
+        spill(conn, key, &input_text).await?;
+    }
+    let event = event_record(
+        &fence.task_id,
+        event_seq,
+        event_kind::STEP_STARTED,
+        data,
+        started_at,
+    );
     Ok((record, event))
 }
+
+/// Journals a step's end, the task's token count and the event in one
+/// statement.
+const FINISH_STEP: &str = concat!(
+    "WITH step AS (
+        UPDATE steps
+           SET status = $2, output = $3::json, error_code = $4, error_message = $5,
+               input_tokens = $6, output_tokens = $7, finished_at = $8, output_ref = $10
+         WHERE task_id = $1 AND seq = $9 AND status = 'running'
+        RETURNING seq
+     ), tokens AS (
+        UPDATE tasks
+           SET input_tokens = input_tokens + $6, output_tokens = output_tokens + $7
+         WHERE id = $1 AND $6 IS NOT NULL AND EXISTS (SELECT 1 FROM step)
+     ) ",
+    append_event_from!("step", "$11", "$12", "$8")
+);
 
 async fn finish_step(
     conn: &mut PgConnection,
@@ -576,56 +645,53 @@ async fn finish_step(
     let seq = end.started.seq;
     let output = end.output.as_ref().ok().map(Value::to_string);
     let error = end.output.as_ref().err();
-    let output_ref = match &output {
-        Some(text) => spill(conn, text).await?,
-        None => None,
-    };
+    let output_ref = output.as_deref().and_then(super::out_of_line_key);
     let stored_output = match (&output_ref, &output) {
         (Some(_), _) => Some("null"),
         (None, text) => text.as_deref(),
     };
     let finished_at = now_millis();
-    let row = sqlx::query(
-        "UPDATE steps
-            SET status = $1, output = $2::json, error_code = $3, error_message = $4,
-                input_tokens = $5, output_tokens = $6, finished_at = $7, output_ref = $10
-          WHERE task_id = $8 AND seq = $9 AND status = 'running'
-         RETURNING seq",
-    )
-    .bind(StepStatus::of(&end.output).as_str())
-    .bind(stored_output)
-    .bind(error.map(|e| &e.code))
-    .bind(error.map(|e| &e.message))
-    .bind(end.usage.map(|u| u.input_tokens as i64))
-    .bind(end.usage.map(|u| u.output_tokens as i64))
-    .bind(finished_at)
-    .bind(&fence.task_id)
-    .bind(seq as i64)
-    .bind(&output_ref)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if row.is_none() {
-        return Err(StoreError::Config(format!(
-            "step {seq} of task {} is not running",
-            fence.task_id
-        )));
-    }
-    if let Some(usage) = end.usage {
-        sqlx::query(
-            "UPDATE tasks SET input_tokens = input_tokens + $1, output_tokens = output_tokens + $2
-              WHERE id = $3",
-        )
-        .bind(usage.input_tokens as i64)
-        .bind(usage.output_tokens as i64)
-        .bind(&fence.task_id)
-        .execute(&mut *conn)
-        .await?;
-    }
+    let status = StepStatus::of(&end.output);
+    let (error_code, error_message) = (
+        error.map(|e| e.code.clone()),
+        error.map(|e| e.message.clone()),
+    );
+    let usage = end.usage;
     let output_bytes = output.as_ref().map_or(0, String::len);
     // The rest of the row is what the step started with: nothing is read back.
     let record = end.into_record(finished_at);
     let data = step_event_data(&record, output_bytes);
-    let event = append_event(conn, &fence.task_id, event_kind::STEP_FINISHED, data).await?;
+    let event_seq: Option<i64> = sqlx::query_scalar(FINISH_STEP)
+        .bind(&fence.task_id)
+        .bind(status.as_str())
+        .bind(stored_output)
+        .bind(error_code)
+        .bind(error_message)
+        .bind(usage.map(|u| u.input_tokens as i64))
+        .bind(usage.map(|u| u.output_tokens as i64))
+        .bind(finished_at)
+        .bind(seq as i64)
+        .bind(&output_ref)
+        .bind(event_kind::STEP_FINISHED)
+        .bind(data.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(event_seq) = event_seq else {
+        return Err(StoreError::Config(format!(
+            "step {seq} of task {} is not running",
+            fence.task_id
+        )));
+    };
+    if let (Some(key), Some(text)) = (&output_ref, &output) {
+        spill(conn, key, text).await?;
+    }
+    let event = event_record(
+        &fence.task_id,
+        event_seq,
+        event_kind::STEP_FINISHED,
+        data,
+        finished_at,
+    );
     Ok((record, event))
 }
 
@@ -702,21 +768,17 @@ async fn cancel(conn: &mut PgConnection, id: &str) -> Result<CancelOutcome> {
     }
 }
 
+/// Appends an event to a task's history. The caller holds the task's row
+/// lock (it fenced, claimed or cancelled the task, or inserted it in this
+/// transaction): two transactions appending to one task would otherwise both
+/// read the same `MAX(seq)`. This statement, newer than the lock, sees every
+/// event committed before it.
 async fn append_event(
     conn: &mut PgConnection,
     task_id: &str,
     kind: &str,
     data: Value,
 ) -> Result<EventRecord> {
-    // Two transactions appending to one task would both read the same
-    // MAX(seq). Holding the task's row lock (already held when the caller
-    // fenced or claimed; taking it again is free) makes the second wait for
-    // the first to commit, and the INSERT below, a new statement with a new
-    // snapshot, then sees the first one's event.
-    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
-        .bind(task_id)
-        .execute(&mut *conn)
-        .await?;
     let at = now_millis();
     let seq: i64 = sqlx::query_scalar(
         "INSERT INTO events (task_id, seq, kind, data, at)
@@ -729,13 +791,17 @@ async fn append_event(
     .bind(at)
     .fetch_one(&mut *conn)
     .await?;
-    Ok(EventRecord {
+    Ok(event_record(task_id, seq, kind, data, at))
+}
+
+fn event_record(task_id: &str, seq: i64, kind: &str, data: Value, at: Millis) -> EventRecord {
+    EventRecord {
         task_id: task_id.to_owned(),
         seq,
         kind: kind.to_owned(),
         data,
         at,
-    })
+    }
 }
 
 async fn load_steps<'c, E>(executor: E, task_id: &str) -> Result<Vec<StepRecord>>
@@ -758,18 +824,16 @@ const PRUNE_ORPHAN_PAYLOADS: &str = "DELETE FROM payloads
         AND NOT EXISTS (SELECT 1 FROM steps WHERE output_ref = payloads.sha256)";
 
 /// Stores a payload too big to keep inline; returns the key it is under.
-async fn spill(conn: &mut PgConnection, text: &str) -> Result<Option<String>> {
-    let Some(key) = super::out_of_line_key(text) else {
-        return Ok(None);
-    };
+/// Stores a payload too big to keep inline under its key (`out_of_line_key`).
+async fn spill(conn: &mut PgConnection, key: &str, text: &str) -> Result<()> {
     sqlx::query(
         "INSERT INTO payloads (sha256, body) VALUES ($1, $2) ON CONFLICT (sha256) DO NOTHING",
     )
-    .bind(&key)
+    .bind(key)
     .bind(text)
     .execute(&mut *conn)
     .await?;
-    Ok(Some(key))
+    Ok(())
 }
 
 fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
@@ -1024,7 +1088,7 @@ impl Store for PgStore {
         step: StepStart,
     ) -> Result<(StepRecord, EventRecord)> {
         let mut tx = self.pool.begin().await?;
-        let started = start_step(&mut tx, fence, &step).await?;
+        let started = start_step(&mut tx, fence, step).await?;
         tx.commit().await?;
         Ok(started)
     }
