@@ -37,9 +37,6 @@ mod writer;
 use rows::{event_from_row, step_from_row, task_from_row};
 use writer::{Reply, WriteOp, Writer};
 
-/// How much of the database file readers map into memory.
-const MMAP_BYTES: u64 = 1 << 30;
-
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
 pub struct SqliteStore {
@@ -62,15 +59,9 @@ impl SqliteStore {
         migrating.close().await?;
         let writer = Writer::start(options.get_filename())?;
 
-        // Readers map the file rather than copy each page they read: the
-        // writer's commits empty their page caches over and over.
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(
-                options
-                    .read_only(true)
-                    .pragma("mmap_size", MMAP_BYTES.to_string()),
-            )
+            .connect_with(options.read_only(true))
             .await?;
         Ok(Self { reads, writer })
     }
