@@ -85,6 +85,24 @@ async fn a_late_subscriber_gets_the_whole_history_and_can_resume() {
     );
     assert_eq!(kinds.first(), Some(&"task.queued"));
     assert_eq!(kinds.last(), Some(&"task.finished"));
+    // Replayed from the store, each step.started has its input (the store
+    // keeps it once, in the step) and each step.finished its output only.
+    let task = client.task(&id).await.unwrap();
+    for (event, step) in replay
+        .iter()
+        .filter(|e| e.event == "step.started")
+        .zip(task["steps"].as_array().unwrap())
+    {
+        assert_eq!(event.data["data"]["input"], step["input"], "{event:?}");
+    }
+    for (event, step) in replay
+        .iter()
+        .filter(|e| e.event == "step.finished")
+        .zip(task["steps"].as_array().unwrap())
+    {
+        assert_eq!(event.data["data"]["output"], step["output"], "{event:?}");
+        assert!(event.data["data"].get("input").is_none(), "{event:?}");
+    }
 
     let resumed = client
         .events(&id, Some(6), Duration::from_secs(10))

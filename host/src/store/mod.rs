@@ -524,30 +524,77 @@ fn out_of_line_key(text: &str) -> Option<String> {
 /// by a note of its size (`GET /v1/tasks/{id}` has it whole);
 /// `payload_bytes` is the length of its JSON, which the caller has encoded.
 fn step_event_data(step: &StepRecord, payload_bytes: usize) -> Value {
-    let out_of_line = payload_bytes > INLINE_PAYLOAD_BYTES;
-    let mut data = serde_json::json!({
-        "seq": step.seq,
-        "kind": step.kind,
-        "plugin": step.plugin,
-        "status": step.status,
-        "attempt": step.attempt,
-        "started_at": step.started_at,
-    });
+    let mut data = step_event_base(step);
     if step.status == StepStatus::Running {
-        data["input"] = match out_of_line {
-            true => serde_json::json!({"out_of_line": true, "bytes": payload_bytes}),
-            false => step.input.clone(),
-        };
+        data["input"] = payload_or_note(&step.input, payload_bytes);
     } else {
-        data["output"] = match (&step.output, out_of_line) {
-            (Some(_), true) => serde_json::json!({"out_of_line": true, "bytes": payload_bytes}),
-            (output, _) => serde_json::json!(output),
+        data["output"] = match &step.output {
+            Some(output) => payload_or_note(output, payload_bytes),
+            None => Value::Null,
         };
         data["error"] = serde_json::json!(step.error);
         data["usage"] = serde_json::json!(step.usage);
         data["finished_at"] = serde_json::json!(step.finished_at);
     }
     data
+}
+
+/// The fields every step event has.
+fn step_event_base(step: &StepRecord) -> Value {
+    serde_json::json!({
+        "seq": step.seq,
+        "kind": step.kind,
+        "plugin": step.plugin,
+        "status": step.status,
+        "attempt": step.attempt,
+        "started_at": step.started_at,
+    })
+}
+
+fn payload_or_note(payload: &Value, bytes: usize) -> Value {
+    if bytes > INLINE_PAYLOAD_BYTES {
+        serde_json::json!({"out_of_line": true, "bytes": bytes})
+    } else {
+        payload.clone()
+    }
+}
+
+/// A `step.started` event as it is stored, and as it is published. The
+/// stored one leaves the input out: the step's own row holds it, and the
+/// input of an LLM step is the whole conversation so far, which the journal
+/// would otherwise write twice. [`restore_step_inputs`] puts it back when
+/// events are read.
+fn step_started_event(step: &StepRecord, input_bytes: usize) -> (String, Value) {
+    let mut data = step_event_base(step);
+    let stored = data.to_string();
+    data["input"] = payload_or_note(&step.input, input_bytes);
+    (stored, data)
+}
+
+/// Puts each stored `step.started` event's input back, from the task's
+/// steps, as [`step_started_event`] published it.
+fn restore_step_inputs(events: &mut [EventRecord], steps: &[StepRecord]) {
+    for event in events {
+        if event.kind != event_kind::STEP_STARTED || event.data.get("input").is_some() {
+            continue;
+        }
+        let seq = event.data["seq"].as_u64();
+        if let Some(step) = steps.iter().find(|s| Some(u64::from(s.seq)) == seq) {
+            let bytes = if step.input.is_null() {
+                0
+            } else {
+                step.input.to_string().len()
+            };
+            event.data["input"] = payload_or_note(&step.input, bytes);
+        }
+    }
+}
+
+/// Whether any of `events` was stored without its step's input.
+fn lack_step_inputs(events: &[EventRecord]) -> bool {
+    events
+        .iter()
+        .any(|e| e.kind == event_kind::STEP_STARTED && e.data.get("input").is_none())
 }
 
 fn parse_json(text: &str, what: &'static str) -> Result<Value> {

@@ -32,8 +32,8 @@ use tokio::sync::Notify;
 use super::{
     CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, Renewal,
     Result, StepEnd, StepKind, StepRecord, StepStart, StepStatus, Store, StoreError, TaskEnd,
-    TaskPage, TaskQuery, TaskRecord, TaskStatus, event_kind, in_claim_order, now_millis,
-    parse_json, renewals, step_event_data,
+    TaskPage, TaskQuery, TaskRecord, TaskStatus, event_kind, in_claim_order, lack_step_inputs,
+    now_millis, parse_json, renewals, restore_step_inputs, step_event_data, step_started_event,
 };
 use crate::protocol::Usage;
 
@@ -584,7 +584,7 @@ async fn start_step(
         started_at,
         finished_at: None,
     };
-    let data = step_event_data(&record, input_text.len());
+    let (stored, data) = step_started_event(&record, input_text.len());
     // A step still marked running was in flight when an earlier claim died:
     // it runs again under the same sequence number (and idempotency key).
     let event_seq: Option<i64> = sqlx::query_scalar(START_STEP)
@@ -597,7 +597,7 @@ async fn start_step(
         .bind(started_at)
         .bind(&input_ref)
         .bind(event_kind::STEP_STARTED)
-        .bind(data.to_string())
+        .bind(stored)
         .fetch_optional(&mut *conn)
         .await?;
     let Some(event_seq) = event_seq else {
@@ -1038,7 +1038,14 @@ impl Store for PgStore {
             .bind(after)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(event_from_row).collect()
+        let mut events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        if lack_step_inputs(&events) {
+            restore_step_inputs(&mut events, &load_steps(&self.pool, task_id).await?);
+        }
+        Ok(events)
     }
 
     async fn request_cancel(&self, id: &str) -> Result<CancelOutcome> {

@@ -18,6 +18,7 @@ use sqlx::sqlite::{
 use super::{
     CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, Renewal, Result, StepEnd,
     StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStatus,
+    lack_step_inputs, restore_step_inputs,
 };
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
@@ -184,7 +185,14 @@ impl Store for SqliteStore {
             .bind(after)
             .fetch_all(&self.reads)
             .await?;
-        rows.iter().map(event_from_row).collect()
+        let mut events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        if lack_step_inputs(&events) {
+            restore_step_inputs(&mut events, &load_steps(&self.reads, task_id).await?);
+        }
+        Ok(events)
     }
 
     async fn request_cancel(&self, id: &str) -> Result<CancelOutcome> {

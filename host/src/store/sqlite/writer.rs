@@ -27,6 +27,7 @@ use crate::store::{
     CancelOutcome, Claim, EventRecord, Fence, LeaseState, Millis, NewTask, Renewal, Result,
     StepEnd, StepRecord, StepStart, StepStatus, StoreError, TaskEnd, TaskRecord, TaskStatus,
     event_kind, in_claim_order, now_millis, out_of_line_key, renewals, step_event_data,
+    step_started_event,
 };
 
 /// The most writes one transaction carries.
@@ -497,8 +498,14 @@ fn start_step(conn: &Connection, fence: &Fence, step: StepStart) -> Result<Reply
         started_at,
         finished_at: None,
     };
-    let data = step_event_data(&record, input_text.len());
-    let event = append_event(conn, &fence.task_id, event_kind::STEP_STARTED, data)?;
+    let (stored, data) = step_started_event(&record, input_text.len());
+    let event = append_event_stored(
+        conn,
+        &fence.task_id,
+        event_kind::STEP_STARTED,
+        &stored,
+        data,
+    )?;
     Ok(Reply::Step(record, event))
 }
 
@@ -624,6 +631,17 @@ fn cancel(conn: &Connection, id: &str) -> Result<CancelOutcome> {
 }
 
 fn append_event(conn: &Connection, task_id: &str, kind: &str, data: Value) -> Result<EventRecord> {
+    append_event_stored(conn, task_id, kind, &data.to_string(), data)
+}
+
+/// Appends an event stored as `stored` and published as `data`.
+fn append_event_stored(
+    conn: &Connection,
+    task_id: &str,
+    kind: &str,
+    stored: &str,
+    data: Value,
+) -> Result<EventRecord> {
     let at = now_millis();
     let seq: i64 = conn
         .prepare_cached(
@@ -631,9 +649,7 @@ fn append_event(conn: &Connection, task_id: &str, kind: &str, data: Value) -> Re
              SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4 FROM events WHERE task_id = ?1
              RETURNING seq",
         )?
-        .query_row(params![task_id, kind, data.to_string(), at], |row| {
-            row.get(0)
-        })?;
+        .query_row(params![task_id, kind, stored, at], |row| row.get(0))?;
     Ok(EventRecord {
         task_id: task_id.to_owned(),
         seq,
