@@ -598,6 +598,8 @@ async fn time_host(calls: usize) -> anyhow::Result<Samples> {
         policy: OperatorPolicy::default(),
         engine: EngineOptions::default(),
         concurrent_calls: opspawn::plugins::default_concurrent_calls(),
+        server_env: Vec::new(),
+        server_dirs: Vec::new(),
     })?;
     runtime.scan().await?;
     if let Some(failure) = runtime.catalog().failures().first() {

@@ -263,6 +263,14 @@ impl Config {
                 max_instances: self.plugins.instances.max(1),
             },
             concurrent_calls: self.plugins.concurrent_calls,
+            server_env: std::env::vars_os()
+                .filter_map(|(key, _)| key.into_string().ok())
+                .filter(|key| key.strip_prefix("OPSPAWN_").is_some_and(is_config_key))
+                .collect(),
+            server_dirs: [Some(self.data_dir.clone()), self.cache_dir.clone()]
+                .into_iter()
+                .flatten()
+                .collect(),
         }
     }
 

@@ -55,6 +55,12 @@ pub struct RuntimeOptions {
     /// How many plugin calls may compute at once (run wasm rather than wait
     /// on the network); more wait their turn.
     pub concurrent_calls: usize,
+    /// Environment variables that configure the server itself (its
+    /// database URL, say): never granted to a plugin.
+    pub server_env: Vec<String>,
+    /// The server's own folders (data, compile cache): no folder grant may
+    /// contain them or lead into them.
+    pub server_dirs: Vec<PathBuf>,
 }
 
 /// The default for [`RuntimeOptions::concurrent_calls`]: two per core, so

@@ -6,7 +6,7 @@
 //! half-loaded folder. A file that is unchanged (same bytes, same manifest)
 //! keeps its already-loaded plugin.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, InstancePre};
 
 use super::bindings::{self, WitVersion, v0_1, v0_2};
-use super::manifest::{Grants, Limits, Manifest};
+use super::manifest::{FolderScope, Grants, Limits, Manifest};
 use super::state::CallState;
 use super::{PluginRuntime, SlotKind, convert};
 use crate::protocol::ToolSpec;
@@ -117,6 +117,9 @@ pub(super) struct Plugin {
     pub validators: BTreeMap<String, Arc<jsonschema::Validator>>,
     /// Hash of the manifest's bytes, to notice when only the manifest changed.
     manifest_sha256: Option<String>,
+    /// The variables the manifest asked for that were withheld as secrets,
+    /// to notice when another plugin's credential starts drawing on one.
+    withheld_env: BTreeSet<String>,
 }
 
 /// Everything loaded from the plugin folder at one moment.
@@ -162,6 +165,14 @@ impl Catalog {
     pub(super) fn tool_plugin(&self, tool: &str) -> Option<Arc<Plugin>> {
         self.tools.get(tool).cloned()
     }
+
+    /// The plugin loaded from `file`, if one is.
+    fn plugin_from(&self, file: &Path) -> Option<Arc<Plugin>> {
+        self.plugins
+            .values()
+            .find(|plugin| plugin.info.file == file)
+            .cloned()
+    }
 }
 
 /// What one scan of the folder changed.
@@ -173,37 +184,77 @@ pub struct ScanReport {
     pub failed: usize,
 }
 
+/// A `.wasm` file of the plugin folder as one scan found it.
+struct Candidate {
+    /// Its path in the folder, as users name it.
+    file: PathBuf,
+    /// The manifest beside it, if any, with the SHA-256 of its bytes.
+    manifest: Result<Option<(Manifest, String)>, String>,
+}
+
 impl PluginRuntime {
     /// Loads every `.wasm` in the plugin folder, reusing plugins whose files
     /// did not change, and swaps the result in. A file that fails to load is
     /// recorded with the reason and skipped; the rest still load.
     pub async fn scan(&self) -> std::io::Result<ScanReport> {
-        let dir = self.options.plugin_dir.clone();
-        let mut files = Vec::new();
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            let hidden = path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if !hidden && path.extension().is_some_and(|ext| ext == "wasm") && path.is_file() {
-                files.push(path);
+        let previous = self.catalog();
+        let mut candidates = Vec::new();
+        for entry in std::fs::read_dir(&self.options.plugin_dir)? {
+            let file = entry?.path();
+            if !is_plugin_file(&file, "wasm") || !file.is_file() {
+                continue;
+            }
+            let manifest_path = file.with_extension("toml");
+            let manifest = read_manifest(&manifest_path).and_then(|bytes| {
+                bytes
+                    .map(|bytes| {
+                        let manifest = Manifest::parse(&bytes, &manifest_path)?;
+                        Ok((manifest, hex::encode(Sha256::digest(&bytes))))
+                    })
+                    .transpose()
+            });
+            candidates.push(Candidate { file, manifest });
+        }
+        candidates.sort_by(|a, b| a.file.cmp(&b.file));
+        // Every variable a credential draws on, in any manifest here, or
+        // that the operator names as a secret, or that configures the
+        // server: none is ever handed to a plugin as plain environment.
+        let mut secrets: BTreeSet<String> = self
+            .options
+            .policy
+            .secret_names()
+            .map(str::to_owned)
+            .chain(self.options.server_env.iter().cloned())
+            .collect();
+        for candidate in &candidates {
+            if let Ok(Some((manifest, _))) = &candidate.manifest {
+                secrets.extend(manifest.credential_variables());
             }
         }
-        files.sort();
 
-        let previous = self.catalog();
         let mut next = Catalog::default();
         let mut report = ScanReport::default();
-        for file in files {
-            match self.load_or_reuse(&file, &previous).await {
-                Ok((plugin, reused)) => {
-                    if let Err(error) = insert(&mut next, plugin.clone()) {
-                        tracing::warn!(file = %file.display(), %error, "plugin skipped");
-                        next.failures.push(LoadFailure { file, error });
-                        report.failed += 1;
-                    } else if reused {
+        for candidate in candidates {
+            let file = candidate.file;
+            let wasm = tokio::fs::read(&file)
+                .await
+                .map_err(|e| format!("cannot read: {e}"));
+            let sha256 = wasm.as_ref().ok().map(|w| hex::encode(Sha256::digest(w)));
+            let loaded = match (wasm, candidate.manifest) {
+                (Ok(wasm), Ok(manifest)) => {
+                    let sha256 = sha256.clone().unwrap_or_default();
+                    self.load_or_reuse(&file, wasm, sha256, manifest, &previous, &secrets)
+                        .await
+                }
+                (Err(error), _) | (_, Err(error)) => Err(error),
+            };
+            let refusal = match loaded {
+                Ok((plugin, reused)) => match insert(&mut next, plugin.clone()) {
+                    Ok(()) if reused => {
                         report.unchanged += 1;
-                    } else {
+                        None
+                    }
+                    Ok(()) => {
                         tracing::info!(
                             plugin = %plugin.info.name,
                             kind = %plugin.info.kind,
@@ -211,14 +262,18 @@ impl PluginRuntime {
                             "plugin loaded"
                         );
                         report.loaded.push(plugin.info.name.clone());
+                        None
                     }
-                }
-                Err(error) => {
-                    tracing::warn!(file = %file.display(), %error, "plugin skipped");
-                    next.failures.push(LoadFailure { file, error });
-                    report.failed += 1;
-                }
-            }
+                    Err(error) => Some(error),
+                },
+                Err(error) => Some(error),
+            };
+            let Some(error) = refusal else {
+                continue;
+            };
+            tracing::warn!(file = %file.display(), %error, "plugin skipped");
+            next.failures.push(LoadFailure { file, error });
+            report.failed += 1;
         }
         report.removed = previous
             .plugins
@@ -236,27 +291,25 @@ impl PluginRuntime {
     async fn load_or_reuse(
         &self,
         file: &Path,
+        wasm: Vec<u8>,
+        sha256: String,
+        manifest: Option<(Manifest, String)>,
         previous: &Catalog,
+        secrets: &BTreeSet<String>,
     ) -> Result<(Arc<Plugin>, bool), String> {
-        let wasm = tokio::fs::read(file)
-            .await
-            .map_err(|e| format!("cannot read: {e}"))?;
-        let sha256 = hex::encode(Sha256::digest(&wasm));
-        let manifest = Manifest::load_beside(file)?;
-        let manifest_sha256 = manifest
-            .as_ref()
-            .map(|(_, bytes)| hex::encode(Sha256::digest(bytes)));
-        let unchanged = previous.plugins.values().find(|plugin| {
-            plugin.info.file == file
-                && plugin.info.sha256 == sha256
+        let manifest_sha256 = manifest.as_ref().map(|(_, sha)| sha.clone());
+        let manifest = manifest.map(|(manifest, _)| manifest).unwrap_or_default();
+        let withheld_env = withheld(&manifest, secrets);
+        let unchanged = previous.plugin_from(file).filter(|plugin| {
+            plugin.info.sha256 == sha256
                 && plugin.manifest_sha256 == manifest_sha256
+                && plugin.withheld_env == withheld_env
         });
         if let Some(plugin) = unchanged {
-            return Ok((plugin.clone(), true));
+            return Ok((plugin, true));
         }
-        let manifest = manifest.map(|(manifest, _)| manifest).unwrap_or_default();
         let plugin = self
-            .load(file, wasm, sha256, &manifest, manifest_sha256)
+            .load(file, wasm, sha256, &manifest, manifest_sha256, secrets)
             .await?;
         Ok((Arc::new(plugin), false))
     }
@@ -268,6 +321,7 @@ impl PluginRuntime {
         sha256: String,
         manifest: &Manifest,
         manifest_sha256: Option<String>,
+        secrets: &BTreeSet<String>,
     ) -> Result<Plugin, String> {
         let name = match &manifest.plugin.name {
             Some(name) => name.clone(),
@@ -282,11 +336,27 @@ impl PluginRuntime {
             return Err(format!("the operator's policy disables plugin {name:?}"));
         }
         let requested = self.options.default_limits.with_requested(&manifest.limits);
-        let (manifest, limits, refused) = policy.narrow(&name, manifest, requested);
+        let withheld_env = withheld(manifest, secrets);
+        let (manifest, limits, mut refused) = policy.narrow(&name, manifest, requested, secrets);
+        let scope = FolderScope {
+            plugin_dir: canonical(&self.options.plugin_dir),
+            roots: policy
+                .dir_roots(&name)
+                .iter()
+                .map(|r| canonical(r))
+                .collect(),
+            server_dirs: self
+                .options
+                .server_dirs
+                .iter()
+                .map(|d| canonical(d))
+                .collect(),
+        };
+        let (grants, refused_dirs) = manifest.grants(&scope)?;
+        refused.extend(refused_dirs);
         for refusal in &refused {
             tracing::warn!(plugin = %name, "policy refused {refusal}");
         }
-        let grants = manifest.grants(&self.options.plugin_dir)?;
         if let Some(endpoint) = &grants.adapter {
             let secrets = endpoint
                 .credential
@@ -372,6 +442,7 @@ impl PluginRuntime {
             entry,
             validators: BTreeMap::new(),
             manifest_sha256,
+            withheld_env,
         };
         if kind == PluginKind::Tool {
             plugin.info.tools = self.describe(&plugin).await?;
@@ -499,6 +570,40 @@ fn insert(catalog: &mut Catalog, plugin: Arc<Plugin>) -> Result<(), String> {
     }
     catalog.plugins.insert(name.clone(), plugin);
     Ok(())
+}
+
+/// Whether `path` is a file of the plugin folder of this extension: hidden
+/// files (`.name`) are not, so copy-then-rename makes a drop-in atomic.
+fn is_plugin_file(path: &Path, extension: &str) -> bool {
+    let hidden = path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+    !hidden && path.extension().is_some_and(|ext| ext == extension)
+}
+
+/// The variables `manifest` asks for that are `secrets`.
+fn withheld(manifest: &Manifest, secrets: &BTreeSet<String>) -> BTreeSet<String> {
+    manifest
+        .capabilities
+        .env
+        .iter()
+        .filter(|name| secrets.contains(*name))
+        .cloned()
+        .collect()
+}
+
+/// `path` with links resolved, or as given when it cannot be.
+fn canonical(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_owned())
+}
+
+/// Reads a manifest, or `None` if there is none.
+fn read_manifest(path: &Path) -> Result<Option<Vec<u8>>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
 }
 
 /// Names are `[A-Za-z0-9_-]{1,64}`: safe in URLs, logs and tool calls.
