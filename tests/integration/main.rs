@@ -6,6 +6,7 @@ mod api;
 mod capacity;
 mod crash;
 mod durability;
+mod folder;
 mod network;
 mod plugins;
 mod providers;

@@ -8,6 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -197,6 +199,7 @@ impl PluginRuntime {
     /// did not change, and swaps the result in. A file that fails to load is
     /// recorded with the reason and skipped; the rest still load.
     pub async fn scan(&self) -> std::io::Result<ScanReport> {
+        let folder = self.options.plugin_dir.canonicalize()?;
         let previous = self.catalog();
         let mut candidates = Vec::new();
         for entry in std::fs::read_dir(&self.options.plugin_dir)? {
@@ -205,7 +208,7 @@ impl PluginRuntime {
                 continue;
             }
             let manifest_path = file.with_extension("toml");
-            let manifest = read_manifest(&manifest_path).and_then(|bytes| {
+            let manifest = read_in_folder(&manifest_path, &folder).and_then(|bytes| {
                 bytes
                     .map(|bytes| {
                         let manifest = Manifest::parse(&bytes, &manifest_path)?;
@@ -236,9 +239,17 @@ impl PluginRuntime {
         let mut report = ScanReport::default();
         for candidate in candidates {
             let file = candidate.file;
-            let wasm = tokio::fs::read(&file)
-                .await
-                .map_err(|e| format!("cannot read: {e}"));
+            let read = {
+                let (file, folder) = (file.clone(), folder.clone());
+                tokio::task::spawn_blocking(move || read_in_folder(&file, &folder))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("reading panicked: {e}")))
+            };
+            let wasm = match read {
+                Ok(Some(wasm)) => Ok(wasm),
+                Ok(None) => Err("it disappeared while the folder was read".to_owned()),
+                Err(error) => Err(error),
+            };
             let sha256 = wasm.as_ref().ok().map(|w| hex::encode(Sha256::digest(w)));
             let loaded = match (wasm, candidate.manifest) {
                 (Ok(wasm), Ok(manifest)) => {
@@ -381,6 +392,13 @@ impl PluginRuntime {
             ));
         }
 
+        // Only a WebAssembly binary goes further: wasmtime would read text as
+        // the WebAssembly text format and quote it in its error, and a
+        // file's contents must never reach a load error.
+        if !wasm.starts_with(b"\0asm") {
+            let reason = "it is not a WebAssembly binary (those start with the bytes \\0asm)";
+            return Err(format!("not a valid WebAssembly component: {reason}"));
+        }
         let size_bytes = wasm.len() as u64;
         let component = {
             let engine = self.engine.clone();
@@ -597,13 +615,41 @@ fn canonical(path: &Path) -> PathBuf {
     path.canonicalize().unwrap_or_else(|_| path.to_owned())
 }
 
-/// Reads a manifest, or `None` if there is none.
-fn read_manifest(path: &Path) -> Result<Option<Vec<u8>>, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+/// Reads a file of the plugin folder (`folder` is canonical), or `None` if
+/// there is none. A file that resolves outside the folder (a link to
+/// another folder, to `/proc/self/environ`) is refused without being read,
+/// and no error quotes what a file holds.
+fn read_in_folder(path: &Path, folder: &Path) -> Result<Option<Vec<u8>>, String> {
+    let name = path.file_name().map(Path::new).unwrap_or(path).display();
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {name}: {e}")),
+        Ok(_) => {}
     }
+    let resolved = path
+        .canonicalize()
+        .map_err(|e| format!("cannot read {name}: it is a link that leads nowhere ({e})"))?;
+    if !resolved.starts_with(folder) {
+        return Err(format!(
+            "refused: {name} resolves to {}, outside the plugin folder; copy the file into \
+             the folder instead of linking to it",
+            resolved.display()
+        ));
+    }
+    // Opened without following a link, so one swapped in since the check
+    // above is not followed out of the folder.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&resolved)
+        .map_err(|e| format!("cannot read {name}: {e}"))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(format!("refused: {name} is not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {name}: {e}"))?;
+    Ok(Some(bytes))
 }
 
 /// Names are `[A-Za-z0-9_-]{1,64}`: safe in URLs, logs and tool calls.
