@@ -112,6 +112,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
+    // Plugins may not call the API that runs them (unless allowed).
+    state.runtime.set_server_addresses(vec![addr]);
     if !auth_enabled && !addr.ip().is_loopback() {
         eprintln!(
             "WARNING: listening on {addr}, reachable from other machines, with authentication \

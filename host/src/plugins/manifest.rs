@@ -9,7 +9,7 @@ use std::time::Duration;
 use hyper::http::HeaderName;
 use serde::{Deserialize, Serialize};
 
-use super::outbound::{Credential, HostGrant, OutboundPolicy, template_variables};
+use super::outbound::{Credential, HostGrant, OutboundPolicy, ServerAddresses, template_variables};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,8 +179,12 @@ pub struct AdapterEndpoint {
 
 impl AdapterEndpoint {
     /// Builds the endpoint from a manifest's `[adapter]` section, expanding
-    /// variables in the base URL from the server's environment.
-    pub fn from_section(section: &AdapterSection) -> Result<Option<Self>, String> {
+    /// variables in the base URL from the server's environment. `own_server`
+    /// are the server's addresses, refused as the endpoint's destination.
+    pub fn from_section(
+        section: &AdapterSection,
+        own_server: Option<Arc<ServerAddresses>>,
+    ) -> Result<Option<Self>, String> {
         let Some(template) = &section.base_url else {
             return Ok(None);
         };
@@ -218,6 +222,7 @@ impl AdapterEndpoint {
             policy: Arc::new(OutboundPolicy {
                 grants: vec![grant],
                 credentials: credential.into_iter().collect(),
+                own_server,
             }),
             base_url,
         }))
@@ -360,8 +365,13 @@ impl Manifest {
     }
 
     /// Resolves the requested capabilities: folders against `scope` (a
-    /// folder it refuses is left out, with a note in the returned list).
-    pub fn grants(&self, scope: &FolderScope) -> Result<(Grants, Vec<String>), String> {
+    /// folder it refuses is left out, with a note in the returned list),
+    /// outbound requests refused to `own_server`'s addresses.
+    pub fn grants(
+        &self,
+        scope: &FolderScope,
+        own_server: Option<Arc<ServerAddresses>>,
+    ) -> Result<(Grants, Vec<String>), String> {
         let mut refused = Vec::new();
         let mut dirs = Vec::new();
         for dir in &self.capabilities.dirs {
@@ -418,7 +428,7 @@ impl Manifest {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let adapter = match &self.adapter {
-            Some(section) => AdapterEndpoint::from_section(section)?,
+            Some(section) => AdapterEndpoint::from_section(section, own_server.clone())?,
             None => None,
         };
         let grants = Grants {
@@ -438,6 +448,7 @@ impl Manifest {
             outbound: Arc::new(OutboundPolicy {
                 grants,
                 credentials,
+                own_server,
             }),
         };
         Ok((grants, refused))
@@ -484,7 +495,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let (grants, _) = manifest.grants(&FolderScope::default()).unwrap();
+        let (grants, _) = manifest.grants(&FolderScope::default(), None).unwrap();
         let endpoint = grants.adapter.expect("an endpoint");
         assert_eq!(endpoint.base_url, "http://127.0.0.1:9/openai/v1");
         assert_eq!(endpoint.origin(), "http://127.0.0.1:9");
@@ -505,7 +516,10 @@ mod tests {
                 base_url: Some(bad.into()),
                 ..AdapterSection::default()
             };
-            assert!(AdapterEndpoint::from_section(&section).is_err(), "{bad}");
+            assert!(
+                AdapterEndpoint::from_section(&section, None).is_err(),
+                "{bad}"
+            );
         }
     }
 
@@ -541,7 +555,7 @@ mod tests {
                 },
                 ..Manifest::default()
             };
-            let (grants, refused) = manifest.grants(scope).unwrap();
+            let (grants, refused) = manifest.grants(scope, None).unwrap();
             let granted: Vec<PathBuf> = grants.dirs.into_iter().map(|d| d.host_path).collect();
             (granted, refused)
         };

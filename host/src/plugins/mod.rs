@@ -140,6 +140,9 @@ pub struct PluginRuntime {
     slots: CallSlots,
     /// Connections for the requests the host sends for translating adapters.
     http: host_http::ConnectionPool,
+    /// Where this server listens: refused as an outbound destination unless
+    /// the operator allows a plugin to reach it.
+    server_addresses: Arc<outbound::ServerAddresses>,
     _epoch: EpochTicker,
 }
 
@@ -220,11 +223,18 @@ impl PluginRuntime {
             catalog: RwLock::new(Arc::new(Catalog::default())),
             slots,
             http: host_http::ConnectionPool::default(),
+            server_addresses: Arc::default(),
         }))
     }
 
     pub fn plugin_dir(&self) -> &Path {
         &self.options.plugin_dir
+    }
+
+    /// Tells the runtime where this server listens, so that plugins cannot
+    /// send requests to it (unless the operator's policy allows them).
+    pub fn set_server_addresses(&self, addresses: Vec<std::net::SocketAddr>) {
+        self.server_addresses.set(addresses);
     }
 
     /// What is loaded now, and what failed to load.

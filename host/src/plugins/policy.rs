@@ -40,6 +40,10 @@ pub struct Allowances {
     /// grants stay inside the plugin folder. `/proc`, `/sys`, `/dev` and the
     /// server's own folders are never granted, whatever is named here.
     pub dir_roots: Option<Vec<PathBuf>>,
+    /// Whether plugins may send requests to this server's own listen
+    /// addresses (its API). Refused unless set to `true`, globally or for
+    /// the plugin, and not `false` at the other level.
+    pub allow_own_server: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -79,6 +83,16 @@ impl OperatorPolicy {
             .chain(scoped)
             .flat_map(|rules| rules.dir_roots.iter().flatten().cloned())
             .collect()
+    }
+
+    /// Whether `plugin` may reach this server's own listen addresses.
+    pub fn allows_own_server(&self, plugin: &str) -> bool {
+        let scoped = self.plugins.get(plugin).map(|p| &p.allow);
+        let levels: Vec<Option<bool>> = std::iter::once(&self.all)
+            .chain(scoped)
+            .map(|rules| rules.allow_own_server)
+            .collect();
+        levels.contains(&Some(true)) && !levels.contains(&Some(false))
     }
 
     /// The variables the operator names as secrets, globally or for any
@@ -296,7 +310,7 @@ mod tests {
     }
 
     #[test]
-    fn the_operators_secrets_and_folder_roots() {
+    fn the_operators_secrets_roots_and_own_server_rule() {
         let policy: OperatorPolicy = toml::from_str(
             r#"
             secrets = ["OPENAI_API_KEY", "*"]
@@ -305,6 +319,10 @@ mod tests {
             [plugins.p]
             secrets = ["GEMINI_API_KEY"]
             dir_roots = ["/srv/p"]
+            allow_own_server = true
+
+            [plugins.q]
+            allow_own_server = false
             "#,
         )
         .unwrap();
@@ -315,6 +333,10 @@ mod tests {
             [PathBuf::from("/srv/shared"), PathBuf::from("/srv/p")]
         );
         assert_eq!(policy.dir_roots("q"), [PathBuf::from("/srv/shared")]);
+        assert!(policy.allows_own_server("p"));
+        assert!(!policy.allows_own_server("q"));
+        assert!(!policy.allows_own_server("r"), "refused unless allowed");
+        assert!(!OperatorPolicy::default().allows_own_server("p"));
     }
 
     #[test]

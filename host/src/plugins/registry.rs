@@ -363,7 +363,8 @@ impl PluginRuntime {
                 .map(|d| canonical(d))
                 .collect(),
         };
-        let (grants, refused_dirs) = manifest.grants(&scope)?;
+        let own_server = (!policy.allows_own_server(&name)).then(|| self.server_addresses.clone());
+        let (grants, refused_dirs) = manifest.grants(&scope, own_server)?;
         refused.extend(refused_dirs);
         for refusal in &refused {
             tracing::warn!(plugin = %name, "policy refused {refusal}");
