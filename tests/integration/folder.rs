@@ -1,4 +1,7 @@
-//! The plugin folder under attack: links that lead out of it.
+//! The plugin folder under attack: links that lead out of it, and files
+//! dropped in to take over a name.
+
+use std::time::{Duration, Instant};
 
 use opspawn_testkit::{Client, PluginFolder, Server};
 use serde_json::Value;
@@ -25,6 +28,27 @@ fn plugin<'a>(listing: &'a Value, name: &str) -> Option<&'a Value> {
         .unwrap()
         .iter()
         .find(|p| p["name"] == name)
+}
+
+/// Polls the listing until `check` holds.
+async fn wait_for_listing(client: &Client, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, listing) = client.get("/v1/plugins").await.unwrap();
+        if check(&listing) {
+            return listing;
+        }
+        assert!(Instant::now() < deadline, "{what}: {listing:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Copies a component in under a hidden name, then renames it: the folder
+/// sees one complete file.
+fn drop_in(plugins: &PluginFolder, as_name: &str, wasm: &std::path::Path) {
+    let hidden = plugins.path().join(format!(".{as_name}.partial"));
+    std::fs::copy(wasm, &hidden).unwrap();
+    std::fs::rename(&hidden, plugins.path().join(format!("{as_name}.wasm"))).unwrap();
 }
 
 async fn calculator_succeeds(client: &Client) {
@@ -103,4 +127,59 @@ async fn files_that_lead_out_of_the_plugin_folder_are_refused_unread() {
         !server.log().contains(SECRET),
         "the server's environment reached the log"
     );
+}
+
+/// A file dropped in later cannot take a name already held: not a tool name
+/// (a copy of the calculator under a name that sorts first), not a plugin
+/// name (a planner whose manifest calls itself `calculator`). Each is
+/// refused with the holder named, and the holder keeps serving, also after
+/// a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_dropped_in_later_cannot_take_over_a_name() {
+    let plugins = PluginFolder::with_examples();
+    let data = tempfile::tempdir().unwrap();
+    let mut server = Server::start(binary(), data.path(), plugins.path(), &[]).unwrap();
+    let client = server.client();
+    let (_, before) = client.get("/v1/plugins").await.unwrap();
+    let calculator_sha = plugin(&before, "calculator").unwrap()["sha256"].clone();
+
+    std::fs::write(
+        plugins.path().join("0-impostor.toml"),
+        "[plugin]\nname = \"calculator\"\n",
+    )
+    .unwrap();
+    drop_in(&plugins, "0-impostor", &opspawn_testkit::wasm("react"));
+    drop_in(&plugins, "aaa", &opspawn_testkit::wasm("calculator"));
+
+    let check = |listing: &Value| {
+        let tool = failure(listing, "aaa.wasm").unwrap_or_else(|| panic!("{listing:#}"));
+        assert!(
+            tool.contains("tool \"calculator\" is already offered by plugin \"calculator\""),
+            "{tool}"
+        );
+        let name = failure(listing, "0-impostor.wasm").unwrap_or_else(|| panic!("{listing:#}"));
+        assert!(
+            name.contains("plugin name \"calculator\" is already held by")
+                && name.contains("calculator.wasm"),
+            "{name}"
+        );
+        let calculator = plugin(listing, "calculator").expect("the calculator stays");
+        assert_eq!(calculator["sha256"], calculator_sha);
+        assert_eq!(calculator["kind"], "tool");
+        assert_eq!(calculator["tools"][0]["name"], "calculator");
+        assert!(plugin(listing, "aaa").is_none(), "{listing:#}");
+    };
+    let listing = wait_for_listing(&client, "both drop-ins are refused", |listing| {
+        failure(listing, "aaa.wasm").is_some() && failure(listing, "0-impostor.wasm").is_some()
+    })
+    .await;
+    check(&listing);
+    calculator_succeeds(&client).await;
+
+    // After a restart the holder still wins: the older file goes first.
+    server.restart().unwrap();
+    let client = server.client();
+    let (_, listing) = client.get("/v1/plugins").await.unwrap();
+    check(&listing);
+    calculator_succeeds(&client).await;
 }

@@ -12,7 +12,7 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -190,6 +190,7 @@ pub struct ScanReport {
 struct Candidate {
     /// Its path in the folder, as users name it.
     file: PathBuf,
+    modified: SystemTime,
     /// The manifest beside it, if any, with the SHA-256 of its bytes.
     manifest: Result<Option<(Manifest, String)>, String>,
 }
@@ -198,6 +199,10 @@ impl PluginRuntime {
     /// Loads every `.wasm` in the plugin folder, reusing plugins whose files
     /// did not change, and swaps the result in. A file that fails to load is
     /// recorded with the reason and skipped; the rest still load.
+    ///
+    /// Plugins already loaded go first, so a file dropped in later cannot
+    /// take over a plugin or tool name that one of them holds, whatever the
+    /// file names; at start-up, older files (by modification time) go first.
     pub async fn scan(&self) -> std::io::Result<ScanReport> {
         let folder = self.options.plugin_dir.canonicalize()?;
         let previous = self.catalog();
@@ -207,6 +212,9 @@ impl PluginRuntime {
             if !is_plugin_file(&file, "wasm") || !file.is_file() {
                 continue;
             }
+            let modified = std::fs::metadata(&file)
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
             let manifest_path = file.with_extension("toml");
             let manifest = read_in_folder(&manifest_path, &folder).and_then(|bytes| {
                 bytes
@@ -216,9 +224,16 @@ impl PluginRuntime {
                     })
                     .transpose()
             });
-            candidates.push(Candidate { file, manifest });
+            candidates.push(Candidate {
+                file,
+                modified,
+                manifest,
+            });
         }
-        candidates.sort_by(|a, b| a.file.cmp(&b.file));
+        candidates.sort_by(|a, b| {
+            let newcomer = |c: &Candidate| previous.plugin_from(&c.file).is_none();
+            (newcomer(a), a.modified, &a.file).cmp(&(newcomer(b), b.modified, &b.file))
+        });
         // Every variable a credential draws on, in any manifest here, or
         // that the operator names as a secret, or that configures the
         // server: none is ever handed to a plugin as plain environment.
@@ -571,16 +586,25 @@ impl Drop for PluginWatcher {
     }
 }
 
+/// Adds a plugin unless its name or one of its tools' names is taken; the
+/// plugin holding it keeps it.
 fn insert(catalog: &mut Catalog, plugin: Arc<Plugin>) -> Result<(), String> {
     let name = &plugin.info.name;
-    if catalog.plugins.contains_key(name) {
-        return Err(format!("another plugin is already named {name:?}"));
+    if let Some(holder) = catalog.plugins.get(name) {
+        return Err(format!(
+            "refused: plugin name {name:?} is already held by {}; a plugin keeps its name \
+             until its own file is removed",
+            holder.info.file.display()
+        ));
     }
     for spec in &plugin.info.tools {
         if let Some(owner) = catalog.tools.get(&spec.name) {
             return Err(format!(
-                "tool {:?} is already offered by plugin {:?}",
-                spec.name, owner.info.name
+                "refused: tool {:?} is already offered by plugin {:?} ({}); a tool name \
+                 belongs to the plugin that offered it first",
+                spec.name,
+                owner.info.name,
+                owner.info.file.display()
             ));
         }
     }
