@@ -1,5 +1,5 @@
-//! The plugin folder under attack: links that lead out of it, and files
-//! dropped in to take over a name.
+//! The plugin folder under attack: links that lead out of it, files dropped
+//! in to take over a name, and a watcher that wakes itself.
 
 use std::time::{Duration, Instant};
 
@@ -182,4 +182,71 @@ async fn a_file_dropped_in_later_cannot_take_over_a_name() {
     let (_, listing) = client.get("/v1/plugins").await.unwrap();
     check(&listing);
     calculator_succeeds(&client).await;
+}
+
+/// CPU time (user and system) the process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a setting.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// The watcher rescans when a plugin file's contents change, not when a
+/// scan opens and reads the files (which once woke it every 80 ms, for
+/// ever), and a broken file is warned about once per version of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_rescans_on_changes_only_and_warns_once_per_version() {
+    let plugins = PluginFolder::with_examples();
+    std::fs::write(plugins.path().join("broken.wasm"), b"not a component").unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(binary(), data.path(), plugins.path(), &[]).unwrap();
+    let client = server.client();
+    let count = |log: &str, what: &str| log.lines().filter(|l| l.contains(what)).count();
+    let broken_warnings = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("plugin skipped") && l.contains("broken.wasm"))
+            .count()
+    };
+
+    // A change: a new plugin is picked up.
+    drop_in(&plugins, "planner2", &opspawn_testkit::wasm("react"));
+    wait_for_listing(&client, "the new file loads", |listing| {
+        plugin(listing, "planner2").is_some()
+    })
+    .await;
+    // Then the folder is left alone: nothing should happen.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu_before = cpu_time(server.pid());
+    let scans_before = count(&server.log(), "rescanning the plugin folder");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_cpu = cpu_time(server.pid()) - cpu_before;
+    let log = server.log();
+    let idle_scans = count(&log, "rescanning the plugin folder") - scans_before;
+    assert_eq!(idle_scans, 0, "the watcher rescanned an unchanged folder");
+    assert!(
+        idle_cpu < Duration::from_millis(300),
+        "an idle server used {idle_cpu:?} of CPU in 3 s"
+    );
+    assert_eq!(
+        broken_warnings(&log),
+        1,
+        "the broken file is warned about once, however often the folder is scanned"
+    );
+
+    // A new version of the broken file is warned about again, once.
+    std::fs::write(plugins.path().join("broken.wasm"), b"still not a component").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broken_warnings(&server.log()) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the new version was not warned about"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(broken_warnings(&server.log()), 2);
 }

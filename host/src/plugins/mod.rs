@@ -143,6 +143,11 @@ pub struct PluginRuntime {
     /// Where this server listens: refused as an outbound destination unless
     /// the operator allows a plugin to reach it.
     server_addresses: Arc<outbound::ServerAddresses>,
+    /// One scan of the folder at a time.
+    scan_lock: tokio::sync::Mutex<()>,
+    /// The files whose failure was logged, with the version that failed, so
+    /// a broken file is reported once, not at every scan.
+    warned: std::sync::Mutex<std::collections::BTreeMap<PathBuf, String>>,
     _epoch: EpochTicker,
 }
 
@@ -224,6 +229,8 @@ impl PluginRuntime {
             slots,
             http: host_http::ConnectionPool::default(),
             server_addresses: Arc::default(),
+            scan_lock: tokio::sync::Mutex::new(()),
+            warned: std::sync::Mutex::default(),
         }))
     }
 

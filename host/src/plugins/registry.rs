@@ -204,6 +204,7 @@ impl PluginRuntime {
     /// take over a plugin or tool name that one of them holds, whatever the
     /// file names; at start-up, older files (by modification time) go first.
     pub async fn scan(&self) -> std::io::Result<ScanReport> {
+        let _one_at_a_time = self.scan_lock.lock().await;
         let folder = self.options.plugin_dir.canonicalize()?;
         let previous = self.catalog();
         let mut candidates = Vec::new();
@@ -252,6 +253,7 @@ impl PluginRuntime {
 
         let mut next = Catalog::default();
         let mut report = ScanReport::default();
+        let mut warnings = Warnings::default();
         for candidate in candidates {
             let file = candidate.file;
             let read = {
@@ -266,6 +268,15 @@ impl PluginRuntime {
                 Err(error) => Err(error),
             };
             let sha256 = wasm.as_ref().ok().map(|w| hex::encode(Sha256::digest(w)));
+            let manifest_sha256 = match &candidate.manifest {
+                Ok(manifest) => manifest.as_ref().map(|(_, sha)| sha.clone()),
+                Err(_) => None,
+            };
+            let version = format!(
+                "{} {}",
+                sha256.as_deref().unwrap_or("-"),
+                manifest_sha256.as_deref().unwrap_or("-")
+            );
             let loaded = match (wasm, candidate.manifest) {
                 (Ok(wasm), Ok(manifest)) => {
                     let sha256 = sha256.clone().unwrap_or_default();
@@ -297,7 +308,7 @@ impl PluginRuntime {
             let Some(error) = refusal else {
                 continue;
             };
-            tracing::warn!(file = %file.display(), %error, "plugin skipped");
+            warnings.note(&file, &version, &error);
             next.failures.push(LoadFailure { file, error });
             report.failed += 1;
         }
@@ -310,8 +321,25 @@ impl PluginRuntime {
         for name in &report.removed {
             tracing::info!(plugin = %name, "plugin unloaded");
         }
+        self.warn_once(warnings);
         *self.catalog.write().expect("catalog lock") = Arc::new(next);
         Ok(report)
+    }
+
+    /// Logs the failures of this scan that were not logged for the same
+    /// file version before, and forgets files that no longer fail.
+    fn warn_once(&self, warnings: Warnings) {
+        let mut warned = self.warned.lock().expect("warnings lock");
+        for (file, (version, error)) in &warnings.0 {
+            if warned.get(file).is_none_or(|seen| seen != version) {
+                tracing::warn!(file = %file.display(), %error, "plugin skipped");
+            }
+        }
+        *warned = warnings
+            .0
+            .into_iter()
+            .map(|(file, (version, _))| (file, version))
+            .collect();
     }
 
     async fn load_or_reuse(
@@ -532,8 +560,10 @@ impl PluginRuntime {
             .collect()
     }
 
-    /// Rescans the folder whenever its contents change, until the returned
-    /// watcher is dropped.
+    /// Rescans the folder whenever the contents of its plugin files change,
+    /// until the returned watcher is dropped. Opening, reading and closing
+    /// a file (as a scan does) is not a change, so scans never wake the
+    /// watcher themselves.
     pub fn watch(self: &Arc<Self>) -> notify::Result<PluginWatcher> {
         use notify_debouncer_full::{DebounceEventResult, new_debouncer, notify::RecursiveMode};
 
@@ -542,7 +572,9 @@ impl PluginRuntime {
             Duration::from_millis(300),
             None,
             move |result: DebounceEventResult| {
-                if result.is_ok() {
+                if let Ok(events) = result
+                    && events.iter().any(|e| changes_content(&e.event))
+                {
                     let _ = changed.send(());
                 }
             },
@@ -555,6 +587,7 @@ impl PluginRuntime {
                 let Some(runtime) = runtime.upgrade() else {
                     break;
                 };
+                tracing::debug!("rescanning the plugin folder");
                 match runtime.scan().await {
                     Ok(report) if report.loaded.is_empty() && report.removed.is_empty() => {}
                     Ok(report) => tracing::info!(
@@ -572,6 +605,24 @@ impl PluginRuntime {
             task,
         })
     }
+}
+
+/// Whether a file event may have changed what a plugin file holds: created,
+/// written, closed after writing, renamed or removed. Opening, reading,
+/// closing unwritten and metadata changes are not.
+fn changes_content(event: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    let kind = match event.kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
+    };
+    kind && event
+        .paths
+        .iter()
+        .any(|path| is_plugin_file(path, "wasm") || is_plugin_file(path, "toml"))
 }
 
 /// Keeps the plugin folder watched while alive.
@@ -613,6 +664,18 @@ fn insert(catalog: &mut Catalog, plugin: Arc<Plugin>) -> Result<(), String> {
     }
     catalog.plugins.insert(name.clone(), plugin);
     Ok(())
+}
+
+/// The failures of one scan, by file: the file's version (hashes of its
+/// component and manifest) and the error.
+#[derive(Default)]
+struct Warnings(BTreeMap<PathBuf, (String, String)>);
+
+impl Warnings {
+    fn note(&mut self, file: &Path, version: &str, error: &str) {
+        self.0
+            .insert(file.to_owned(), (version.to_owned(), error.to_owned()));
+    }
 }
 
 /// Whether `path` is a file of the plugin folder of this extension: hidden
