@@ -1,9 +1,11 @@
 //! The plugin folder under attack: links that lead out of it, files dropped
-//! in to take over a name, and a watcher that wakes itself.
+//! in to take over a name, a watcher that wakes itself, and a component
+//! replaced by a copy that is still being written.
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
-use opspawn_testkit::{Client, PluginFolder, Server};
+use opspawn_testkit::{Client, PluginFolder, Server, StatusCode};
 use serde_json::Value;
 
 use crate::{FINISH, SECRET, binary, calculator_task};
@@ -249,4 +251,67 @@ async fn the_watcher_rescans_on_changes_only_and_warns_once_per_version() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(broken_warnings(&server.log()), 2);
+}
+
+/// A component overwritten in place (`cp new.wasm plugins/tool.wasm`) is
+/// read half-written by a scan: the working version keeps serving, tasks
+/// submitted meanwhile find their tool, and the new version replaces it
+/// once complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_file_never_unloads_the_working_version() {
+    let plugins = PluginFolder::with_examples();
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(binary(), data.path(), plugins.path(), &[]).unwrap();
+    let client = server.client();
+    let (_, listing) = client.get("/v1/plugins").await.unwrap();
+    let working = plugin(&listing, "calculator").unwrap()["sha256"].clone();
+
+    // The new version: the same tool built against WIT 0.1.0.
+    let new = std::fs::read(opspawn_testkit::legacy_wasm("calculator")).unwrap();
+    let path = plugins.path().join("calculator.wasm");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.write_all(&new[..new.len() / 2]).unwrap();
+    file.flush().unwrap();
+
+    // Well past the watcher's debounce, so the half file is scanned.
+    let mut submitted = Vec::new();
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let (status, task) = client
+            .post("/v1/tasks", &calculator_task("6*7", "42"))
+            .await
+            .unwrap();
+        assert_eq!(
+            status,
+            StatusCode::CREATED,
+            "the calculator went away while its file was half-written: {task}"
+        );
+        submitted.push(task["id"].as_str().unwrap().to_owned());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, listing) = client.get("/v1/plugins").await.unwrap();
+    assert_eq!(plugin(&listing, "calculator").unwrap()["sha256"], working);
+    let reason = failure(&listing, "calculator.wasm")
+        .unwrap_or_else(|| panic!("the half file was scanned and reported: {listing:#}"));
+    assert!(reason.contains("keeps serving"), "{reason}");
+
+    file.write_all(&new[new.len() / 2..]).unwrap();
+    drop(file);
+    let listing = wait_for_listing(&client, "the new version replaces the old", |listing| {
+        plugin(listing, "calculator").is_some_and(|p| p["wit_version"] == "0.1.0")
+    })
+    .await;
+    assert!(
+        failure(&listing, "calculator.wasm").is_none(),
+        "{listing:#}"
+    );
+    for id in submitted {
+        let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+        assert_eq!(task["status"], "succeeded", "{task:#}");
+    }
+    calculator_succeeds(&client).await;
 }

@@ -203,6 +203,9 @@ impl PluginRuntime {
     /// Plugins already loaded go first, so a file dropped in later cannot
     /// take over a plugin or tool name that one of them holds, whatever the
     /// file names; at start-up, older files (by modification time) go first.
+    /// A file that fails to load (unreadable, half-written, refused) never
+    /// unloads the version of it that was working: that version keeps
+    /// serving until a new one loads.
     pub async fn scan(&self) -> std::io::Result<ScanReport> {
         let _one_at_a_time = self.scan_lock.lock().await;
         let folder = self.options.plugin_dir.canonicalize()?;
@@ -256,6 +259,7 @@ impl PluginRuntime {
         let mut warnings = Warnings::default();
         for candidate in candidates {
             let file = candidate.file;
+            let incumbent = previous.plugin_from(&file);
             let read = {
                 let (file, folder) = (file.clone(), folder.clone());
                 tokio::task::spawn_blocking(move || read_in_folder(&file, &folder))
@@ -305,9 +309,17 @@ impl PluginRuntime {
                 },
                 Err(error) => Some(error),
             };
-            let Some(error) = refusal else {
+            let Some(mut error) = refusal else {
                 continue;
             };
+            if let Some(incumbent) = incumbent
+                && insert(&mut next, incumbent.clone()).is_ok()
+            {
+                error.push_str(&format!(
+                    "; the version loaded before (sha256 {}) keeps serving",
+                    &incumbent.info.sha256[..12]
+                ));
+            }
             warnings.note(&file, &version, &error);
             next.failures.push(LoadFailure { file, error });
             report.failed += 1;
