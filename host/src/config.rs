@@ -9,8 +9,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::api::QueueLimits;
 use crate::api::auth::AuthConfig;
+use crate::api::{HttpLimits, QueueLimits};
 use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
 use crate::scheduler::SchedulerConfig;
@@ -48,6 +48,8 @@ pub struct Config {
     pub lease: Duration,
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Time limits on clients and the cap on open connections.
+    pub http: HttpLimits,
     /// Watch the plugin folder and load changes without a restart.
     pub watch_plugins: bool,
     /// Finished tasks, their journals and events are deleted this long
@@ -118,6 +120,7 @@ const KEYS: &[&str] = &[
     "max_queued_per_tenant",
     "lease",
     "max_body_bytes",
+    "http",
     "watch_plugins",
     "retention",
     "prune_interval",
@@ -152,6 +155,7 @@ impl Default for Config {
             max_queued_per_tenant: None,
             lease: Duration::from_secs(30),
             max_body_bytes: 1 << 20,
+            http: HttpLimits::default(),
             watch_plugins: true,
             retention: Duration::from_secs(30 * 24 * 3600),
             prune_interval: Duration::from_secs(3600),

@@ -14,6 +14,9 @@ use crate::plugins::PluginRuntime;
 use crate::scheduler::Scheduler;
 use crate::store;
 
+/// How long open requests may take to finish once a shutdown was asked for.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     raise_open_file_limit();
     for warning in config.deprecations() {
@@ -128,9 +131,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
     println!("opspawn listening on http://{addr}");
 
-    axum::serve(listener, api::app(state, config.max_body_bytes))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let app = api::app(state, config.max_body_bytes, &config.http);
+    api::connections::serve(
+        listener,
+        app,
+        &config.http,
+        shutdown_signal(),
+        SHUTDOWN_DRAIN,
+    )
+    .await?;
     println!("shutting down: waiting for running steps to finish");
     scheduler.shutdown().await;
     pruner.abort();

@@ -4,6 +4,7 @@
 
 mod api;
 mod capacity;
+mod connections;
 mod crash;
 mod durability;
 mod folder;

@@ -6,6 +6,7 @@
 
 mod admission;
 pub mod auth;
+pub mod connections;
 mod error;
 mod events;
 mod views;
@@ -24,6 +25,7 @@ use serde_json::{Value, json};
 
 pub use admission::{Admission, QueueLimits};
 use auth::Tenant;
+pub use connections::HttpLimits;
 pub use error::ApiError;
 pub use views::timestamp;
 use views::{TaskView, plugin_view};
@@ -51,20 +53,36 @@ pub struct AppState {
     pub admission: Arc<Admission>,
 }
 
-/// The whole API as one router.
-pub fn app(state: AppState, max_body_bytes: usize) -> Router {
-    let authenticated = Router::new()
+/// The whole API as one router. Every route but the event stream answers
+/// within `limits.request_timeout`; every body must arrive within
+/// `limits.body_read_timeout`.
+pub fn app(state: AppState, max_body_bytes: usize, limits: &HttpLimits) -> Router {
+    let limits = Arc::new(limits.clone());
+    let answering = Router::new()
         .route("/v1/plugins", get(list_plugins))
         .route("/v1/tasks", post(create_task).get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task))
-        .route("/v1/tasks/{id}/events", get(events::task_events))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route_layer(middleware::from_fn_with_state(
+            limits.clone(),
+            connections::answer_in_time,
+        ));
+    let authenticated = Router::new()
+        .route("/v1/tasks/{id}/events", get(events::task_events))
+        .merge(answering)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
         ));
+    let health =
+        Router::new()
+            .route("/healthz", get(healthz))
+            .route_layer(middleware::from_fn_with_state(
+                limits.clone(),
+                connections::answer_in_time,
+            ));
     Router::new()
-        .route("/healthz", get(healthz))
+        .merge(health)
         .merge(authenticated)
         .fallback(|| async {
             ApiError::new(
@@ -81,6 +99,10 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            (limits, max_body_bytes),
+            connections::read_body_in_time,
+        ))
         .with_state(state)
 }
 
