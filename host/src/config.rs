@@ -102,6 +102,10 @@ pub struct PluginDefaults {
     /// How many plugin calls may compute at once; by default two per core.
     /// Calls beyond it wait their turn.
     pub concurrent_calls: usize,
+    /// The longest a plugin may take to load (compile and describe itself),
+    /// whatever its manifest asks; loads run in the background meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub max_load_time: Duration,
 }
 
 /// The default limit on tasks running at once on a host.
@@ -176,6 +180,7 @@ impl Default for Config {
                 pooling: true,
                 instances: EngineOptions::default().max_instances,
                 concurrent_calls: crate::plugins::default_concurrent_calls(),
+                max_load_time: Duration::from_secs(120),
             },
             policy: OperatorPolicy::default(),
             auth: AuthConfig::default(),
@@ -275,6 +280,7 @@ impl Config {
                 .into_iter()
                 .flatten()
                 .collect(),
+            max_load_time: self.plugins.max_load_time,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The plugin folder under attack: links that lead out of it, files dropped
-//! in to take over a name, a watcher that wakes itself, and a component
-//! replaced by a copy that is still being written.
+//! in to take over a name, a watcher that wakes itself, a component
+//! replaced by a copy that is still being written, and a component that
+//! never finishes loading.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -314,4 +315,131 @@ async fn a_half_written_file_never_unloads_the_working_version() {
         assert_eq!(task["status"], "succeeded", "{task:#}");
     }
     calculator_succeeds(&client).await;
+}
+
+/// The misbehaving fixture made to hang in `describe`, asking for an hour
+/// per call.
+const HANGING_MANIFEST: &str = r#"
+[plugin]
+name = "hanging"
+
+[limits]
+call_timeout_ms = 3600000
+
+[capabilities]
+env = ["MISBEHAVING_DESCRIBE_SLEEP_MS"]
+"#;
+
+fn loading(listing: &Value) -> Vec<String> {
+    listing["loading"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the listing shows what is loading: {listing:#}"))
+        .iter()
+        .map(|l| l["file"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Plugins load in the background: the server listens at once; a component
+/// whose `describe` never returns (its manifest asks for an hour per call)
+/// is listed as loading, then refused at the operator's `max_load_time`;
+/// meanwhile the other plugins load, a file dropped in loads, a task runs
+/// and `/healthz` stays quick. Compiling is logged, with how long it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_load_in_the_background_and_a_hung_load_delays_no_other() {
+    let plugins = PluginFolder::with_examples();
+    plugins.add("hanging", "misbehaving", Some(HANGING_MANIFEST));
+    let data = tempfile::tempdir().unwrap();
+    // A cache of its own, so the components are compiled (and that logged).
+    let cache = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let server = Server::start_listening(
+        binary(),
+        data.path(),
+        plugins.path(),
+        &[
+            ("MISBEHAVING_DESCRIBE_SLEEP_MS", "3600000"),
+            ("OPSPAWN_PLUGINS__MAX_LOAD_TIME", "20s"),
+            ("OPSPAWN_CACHE_DIR", cache.path().to_str().unwrap()),
+        ],
+    )
+    .unwrap();
+    let listening = started.elapsed();
+    assert!(
+        listening < Duration::from_secs(10),
+        "listening took {listening:?}"
+    );
+    let client = server.client();
+    let started = Instant::now();
+    let (status, health) = client.get("/healthz").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(health["loading"].as_u64().is_some(), "{health}");
+
+    let listing = wait_for_listing(&client, "the other plugins load", |listing| {
+        ["calculator", "react", "scripted"]
+            .iter()
+            .all(|name| plugin(listing, name).is_some())
+    })
+    .await;
+    let hanging = plugins.path().join("hanging.wasm");
+    let hanging = hanging.to_str().unwrap();
+    assert_eq!(
+        loading(&listing),
+        [hanging],
+        "the hung load is still running, and delayed nothing: {listing:#}"
+    );
+    calculator_succeeds(&client).await;
+    // A tool nobody offers may still come from the hung load: not 422, but
+    // "try again".
+    let (status, refusal) = client
+        .post(
+            "/v1/tasks",
+            &serde_json::json!({"goal": "g", "tools": ["nope"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{refusal}");
+    assert_eq!(refusal["error"]["code"], "plugins_loading", "{refusal}");
+    drop_in(&plugins, "planner2", &opspawn_testkit::wasm("react"));
+    let listing = wait_for_listing(&client, "a drop-in loads", |listing| {
+        plugin(listing, "planner2").is_some()
+    })
+    .await;
+    assert_eq!(loading(&listing), [hanging], "{listing:#}");
+
+    let listing = wait_for_listing(&client, "the hung load is cut off", |listing| {
+        failure(listing, "hanging.wasm").is_some()
+    })
+    .await;
+    let reason = failure(&listing, "hanging.wasm").unwrap();
+    assert!(reason.contains("max_load_time"), "{reason}");
+    assert!(loading(&listing).is_empty(), "{listing:#}");
+    assert!(plugin(&listing, "hanging").is_none());
+    let (status, _) = client
+        .post(
+            "/v1/tasks",
+            &serde_json::json!({"goal": "g", "tools": ["nope"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "nothing is loading now"
+    );
+
+    let log = server.log();
+    let calculator_compiles: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("calculator.wasm") && l.contains("compiling a component"))
+        .collect();
+    assert_eq!(
+        calculator_compiles.len(),
+        2,
+        "compiling is logged when it starts and when it finishes: {calculator_compiles:#?}"
+    );
+    assert!(
+        calculator_compiles[1].contains("took_ms"),
+        "{calculator_compiles:#?}"
+    );
 }

@@ -32,7 +32,7 @@ use views::{TaskView, plugin_view};
 
 use crate::config::TaskDefaults;
 use crate::events::EventBus;
-use crate::plugins::{PluginKind, PluginRuntime};
+use crate::plugins::{Catalog, PluginKind, PluginRuntime};
 use crate::scheduler::Scheduler;
 use crate::store::{CancelOutcome, Millis, NewTask, Store, TaskQuery, TaskRecord, TaskStatus};
 
@@ -106,6 +106,22 @@ pub fn app(state: AppState, max_body_bytes: usize, limits: &HttpLimits) -> Route
         .with_state(state)
 }
 
+/// A reference to a plugin that is not loaded: `422 code`, or, while
+/// plugins are still loading, `503 plugins_loading` with `Retry-After`,
+/// since the plugin may be among them.
+fn not_loaded(catalog: &Catalog, code: &'static str, message: String) -> ApiError {
+    let loading = catalog.loading().len();
+    if loading == 0 {
+        return ApiError::unprocessable(code, message);
+    }
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "plugins_loading",
+        format!("{message}; {loading} plugin file(s) are still loading: try again shortly"),
+    )
+    .with_retry_after(Duration::from_secs(1))
+}
+
 /// `axum::Json`, with rejections in the API's error shape.
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
@@ -122,6 +138,7 @@ async fn healthz(State(state): State<AppState>) -> Json<Value> {
         "status": "ok",
         "store": state.store.engine(),
         "plugins": catalog.plugins().count(),
+        "loading": catalog.loading().len(),
     }))
 }
 
@@ -130,6 +147,7 @@ async fn list_plugins(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "plugins": catalog.plugins().map(plugin_view).collect::<Vec<_>>(),
         "failures": catalog.failures(),
+        "loading": catalog.loading(),
     }))
 }
 
@@ -265,14 +283,16 @@ fn validate(
     let catalog = state.runtime.catalog();
     let planner = request.planner.unwrap_or_else(|| defaults.planner.clone());
     if catalog.kind_of(&planner) != Some(PluginKind::Planner) {
-        return Err(ApiError::unprocessable(
+        return Err(not_loaded(
+            &catalog,
             "unknown_planner",
             format!("no planner plugin named {planner:?} is loaded; GET /v1/plugins lists them"),
         ));
     }
     let llm = request.llm.unwrap_or_else(|| defaults.llm.clone());
     if catalog.kind_of(&llm) != Some(PluginKind::LlmAdapter) {
-        return Err(ApiError::unprocessable(
+        return Err(not_loaded(
+            &catalog,
             "unknown_llm",
             format!("no llm-adapter plugin named {llm:?} is loaded; GET /v1/plugins lists them"),
         ));
@@ -282,7 +302,8 @@ fn validate(
         None => catalog.tool_names().map(str::to_owned).collect(),
     };
     if let Some(unknown) = tools.iter().find(|tool| catalog.tool_spec(tool).is_none()) {
-        return Err(ApiError::unprocessable(
+        return Err(not_loaded(
+            &catalog,
             "unknown_tool",
             format!("no loaded plugin offers a tool named {unknown:?}; GET /v1/plugins lists them"),
         ));

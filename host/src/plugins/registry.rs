@@ -1,10 +1,11 @@
 //! The registry: which components are loaded from the plugin folder, what
 //! each offers, and what failed to load and why.
 //!
-//! Loading a folder builds a new [`Catalog`] and swaps it in whole, so a
-//! call in flight keeps the plugin it started with and never sees a
-//! half-loaded folder. A file that is unchanged (same bytes, same manifest)
-//! keeps its already-loaded plugin.
+//! A scan of the folder starts a background load for each new file or new
+//! version; each plugin joins the [`Catalog`] as soon as it has loaded. Every
+//! change builds a new catalog and swaps it in whole, so a call in flight
+//! keeps the plugin it started with. A file that is unchanged (same bytes,
+//! same manifest) keeps its already-loaded plugin.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -122,6 +123,8 @@ pub(super) struct Plugin {
     /// The variables the manifest asked for that were withheld as secrets,
     /// to notice when another plugin's credential starts drawing on one.
     withheld_env: BTreeSet<String>,
+    /// How long its file has held its names.
+    standing: Standing,
 }
 
 /// Everything loaded from the plugin folder at one moment.
@@ -131,6 +134,7 @@ pub struct Catalog {
     /// Tool name to the plugin offering it.
     tools: BTreeMap<String, Arc<Plugin>>,
     failures: Vec<LoadFailure>,
+    loading: Vec<LoadingFile>,
 }
 
 impl Catalog {
@@ -140,6 +144,11 @@ impl Catalog {
 
     pub fn failures(&self) -> &[LoadFailure] {
         &self.failures
+    }
+
+    /// Files whose plugin is being loaded in the background.
+    pub fn loading(&self) -> &[LoadingFile] {
+        &self.loading
     }
 
     pub fn kind_of(&self, name: &str) -> Option<PluginKind> {
@@ -175,15 +184,133 @@ impl Catalog {
             .find(|plugin| plugin.info.file == file)
             .cloned()
     }
+
+    /// A copy to change: the same plugins, shared.
+    fn shallow_clone(&self) -> Self {
+        Self {
+            plugins: self.plugins.clone(),
+            tools: self.tools.clone(),
+            failures: self.failures.clone(),
+            loading: self.loading.clone(),
+        }
+    }
+
+    /// Takes out the plugin loaded from `file`, with its tools.
+    fn remove_file(&mut self, file: &Path) -> Option<Arc<Plugin>> {
+        let plugin = self.plugin_from(file)?;
+        self.plugins.remove(&plugin.info.name);
+        self.tools.retain(|_, owner| !Arc::ptr_eq(owner, &plugin));
+        Some(plugin)
+    }
+
+    /// Adds a plugin unless a plugin of longer standing holds its name or
+    /// one of its tools' names. Plugins of shorter standing holding them
+    /// (found by the same scan, but newer) are taken out and returned, each
+    /// with the reason.
+    fn admit(&mut self, plugin: Arc<Plugin>) -> Result<Vec<(Arc<Plugin>, String)>, String> {
+        let name = &plugin.info.name;
+        let rank = |p: &Plugin| (p.standing, p.info.file.clone());
+        let mut rivals: Vec<(Arc<Plugin>, String)> = Vec::new();
+        if let Some(holder) = self.plugins.get(name) {
+            rivals.push((holder.clone(), format!("plugin name {name:?}")));
+        }
+        for spec in &plugin.info.tools {
+            if let Some(owner) = self.tools.get(&spec.name) {
+                rivals.push((owner.clone(), format!("tool {:?}", spec.name)));
+            }
+        }
+        if let Some((holder, what)) = rivals
+            .iter()
+            .find(|(holder, _)| rank(holder) < rank(&plugin))
+        {
+            return Err(taken(what, holder));
+        }
+        let mut displaced = Vec::new();
+        for (rival, what) in rivals {
+            if self.remove_file(&rival.info.file).is_some() {
+                let reason = taken(&what, &plugin);
+                displaced.push((rival, reason));
+            }
+        }
+        for spec in &plugin.info.tools {
+            self.tools.insert(spec.name.clone(), plugin.clone());
+        }
+        self.plugins.insert(name.clone(), plugin);
+        Ok(displaced)
+    }
 }
 
-/// What one scan of the folder changed.
+/// Why a plugin was refused: `what` (a plugin or tool name) is `holder`'s.
+fn taken(what: &str, holder: &Plugin) -> String {
+    let verb = if what.starts_with("tool") {
+        "offered"
+    } else {
+        "held"
+    };
+    format!(
+        "refused: {what} is already {verb} by plugin {:?} ({}); a name belongs to the plugin \
+         whose file held it first, until that file is removed",
+        holder.info.name,
+        holder.info.file.display()
+    )
+}
+
+/// `error`, noting that the version loaded before keeps serving, if one does.
+fn keeps_serving(error: String, kept: Option<&Plugin>) -> String {
+    match kept {
+        Some(plugin) => format!(
+            "{error}; the version loaded before (sha256 {}) keeps serving",
+            &plugin.info.sha256[..12]
+        ),
+        None => error,
+    }
+}
+
+/// What one scan of the folder found; loads it started finish later.
 #[derive(Debug, Default)]
 pub struct ScanReport {
-    pub loaded: Vec<String>,
+    /// Files whose loading started (a new file or a new version).
+    pub loading: Vec<PathBuf>,
     pub unchanged: usize,
     pub removed: Vec<String>,
+    /// Files that could not even be read.
     pub failed: usize,
+}
+
+/// A file whose plugin is being loaded, as `GET /v1/plugins` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadingFile {
+    pub file: PathBuf,
+    /// RFC 3339.
+    pub started_at: String,
+}
+
+/// How long a file has held its names: when two plugins claim one name,
+/// the one with the earlier standing keeps it. A new version of a file
+/// inherits the standing of the version it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Standing {
+    /// The scan that first found the file.
+    since: u64,
+    /// Its modification time then: among files found by one scan (at
+    /// start-up), older files go first.
+    modified: SystemTime,
+}
+
+/// The loads in flight, and the scans so far. Changed only together with
+/// the catalog, under the runtime's `loads` lock.
+#[derive(Default)]
+pub(super) struct Loads {
+    scans: u64,
+    in_flight: BTreeMap<PathBuf, InFlight>,
+}
+
+struct InFlight {
+    /// The hashes of the component and manifest being loaded: a result for
+    /// another version of the file is stale.
+    version: String,
+    started_at: String,
+    task: tokio::task::AbortHandle,
 }
 
 /// A `.wasm` file of the plugin folder as one scan found it.
@@ -195,21 +322,57 @@ struct Candidate {
     manifest: Result<Option<(Manifest, String)>, String>,
 }
 
+/// What loading one file needs.
+struct LoadJob {
+    file: PathBuf,
+    version: String,
+    standing: Standing,
+    wasm: Vec<u8>,
+    sha256: String,
+    manifest: Manifest,
+    manifest_sha256: Option<String>,
+    secrets: Arc<BTreeSet<String>>,
+}
+
+/// A candidate once its component was read.
+struct Found {
+    candidate: Candidate,
+    wasm: Result<Vec<u8>, String>,
+    sha256: String,
+    version: String,
+}
+
 impl PluginRuntime {
-    /// Loads every `.wasm` in the plugin folder, reusing plugins whose files
-    /// did not change, and swaps the result in. A file that fails to load is
-    /// recorded with the reason and skipped; the rest still load.
+    /// Scans the plugin folder and waits until every load it started has
+    /// finished (or failed, or run out of time).
+    pub async fn scan(self: &Arc<Self>) -> std::io::Result<ScanReport> {
+        let report = self.rescan().await?;
+        self.loaded().await;
+        Ok(report)
+    }
+
+    /// Waits until no plugin is loading.
+    pub async fn loaded(&self) {
+        let mut loading = self.loading_count.subscribe();
+        let _ = loading.wait_for(|count| *count == 0).await;
+    }
+
+    /// Scans the plugin folder: files that did not change keep their
+    /// plugin, files that disappeared are unloaded at once, and each new
+    /// file or new version is loaded in the background, in a task of its
+    /// own, under the operator's `max_load_time`; each joins the catalog as
+    /// soon as it has loaded, so a slow or failing load delays no other.
+    /// `GET /v1/plugins` lists the files still loading.
     ///
-    /// Plugins already loaded go first, so a file dropped in later cannot
-    /// take over a plugin or tool name that one of them holds, whatever the
-    /// file names; at start-up, older files (by modification time) go first.
-    /// A file that fails to load (unreadable, half-written, refused) never
+    /// A name belongs to the file that has held it longest: a file dropped
+    /// in later cannot take over a plugin or tool name, whatever the file
+    /// names; at start-up, older files (by modification time) go first. A
+    /// file that fails to load (unreadable, half-written, refused) never
     /// unloads the version of it that was working: that version keeps
     /// serving until a new one loads.
-    pub async fn scan(&self) -> std::io::Result<ScanReport> {
+    pub async fn rescan(self: &Arc<Self>) -> std::io::Result<ScanReport> {
         let _one_at_a_time = self.scan_lock.lock().await;
         let folder = self.options.plugin_dir.canonicalize()?;
-        let previous = self.catalog();
         let mut candidates = Vec::new();
         for entry in std::fs::read_dir(&self.options.plugin_dir)? {
             let file = entry?.path();
@@ -234,10 +397,7 @@ impl PluginRuntime {
                 manifest,
             });
         }
-        candidates.sort_by(|a, b| {
-            let newcomer = |c: &Candidate| previous.plugin_from(&c.file).is_none();
-            (newcomer(a), a.modified, &a.file).cmp(&(newcomer(b), b.modified, &b.file))
-        });
+        candidates.sort_by(|a, b| a.file.cmp(&b.file));
         // Every variable a credential draws on, in any manifest here, or
         // that the operator names as a secret, or that configures the
         // server: none is ever handed to a plugin as plain environment.
@@ -253,15 +413,12 @@ impl PluginRuntime {
                 secrets.extend(manifest.credential_variables());
             }
         }
+        let secrets = Arc::new(secrets);
 
-        let mut next = Catalog::default();
-        let mut report = ScanReport::default();
-        let mut warnings = Warnings::default();
+        let mut found = Vec::new();
         for candidate in candidates {
-            let file = candidate.file;
-            let incumbent = previous.plugin_from(&file);
             let read = {
-                let (file, folder) = (file.clone(), folder.clone());
+                let (file, folder) = (candidate.file.clone(), folder.clone());
                 tokio::task::spawn_blocking(move || read_in_folder(&file, &folder))
                     .await
                     .unwrap_or_else(|e| Err(format!("reading panicked: {e}")))
@@ -271,113 +428,261 @@ impl PluginRuntime {
                 Ok(None) => Err("it disappeared while the folder was read".to_owned()),
                 Err(error) => Err(error),
             };
-            let sha256 = wasm.as_ref().ok().map(|w| hex::encode(Sha256::digest(w)));
+            let sha256 = match &wasm {
+                Ok(wasm) => hex::encode(Sha256::digest(wasm)),
+                Err(_) => String::new(),
+            };
             let manifest_sha256 = match &candidate.manifest {
-                Ok(manifest) => manifest.as_ref().map(|(_, sha)| sha.clone()),
-                Err(_) => None,
+                Ok(Some((_, sha))) => sha.as_str(),
+                _ => "-",
             };
-            let version = format!(
-                "{} {}",
-                sha256.as_deref().unwrap_or("-"),
-                manifest_sha256.as_deref().unwrap_or("-")
-            );
-            let loaded = match (wasm, candidate.manifest) {
-                (Ok(wasm), Ok(manifest)) => {
-                    let sha256 = sha256.clone().unwrap_or_default();
-                    self.load_or_reuse(&file, wasm, sha256, manifest, &previous, &secrets)
-                        .await
-                }
-                (Err(error), _) | (_, Err(error)) => Err(error),
-            };
-            let refusal = match loaded {
-                Ok((plugin, reused)) => match insert(&mut next, plugin.clone()) {
-                    Ok(()) if reused => {
-                        report.unchanged += 1;
-                        None
+            let version = format!("{sha256} {manifest_sha256}");
+            found.push(Found {
+                candidate,
+                wasm,
+                sha256,
+                version,
+            });
+        }
+
+        let mut loads = self.loads.lock().expect("loads lock");
+        loads.scans += 1;
+        let scan = loads.scans;
+        let current = self.catalog();
+        let mut next = current.shallow_clone();
+        next.failures.clear();
+        let mut report = ScanReport::default();
+        let present: BTreeSet<&Path> = found.iter().map(|f| f.candidate.file.as_path()).collect();
+        let gone: Vec<PathBuf> = loads
+            .in_flight
+            .keys()
+            .filter(|file| !present.contains(file.as_path()))
+            .cloned()
+            .collect();
+        for file in gone {
+            if let Some(load) = loads.in_flight.remove(&file) {
+                load.task.abort();
+            }
+        }
+        let removed: Vec<Arc<Plugin>> = current
+            .plugins
+            .values()
+            .filter(|plugin| !present.contains(plugin.info.file.as_path()))
+            .cloned()
+            .collect();
+        for plugin in removed {
+            next.remove_file(&plugin.info.file);
+            self.forget_warning(&plugin.info.file);
+            tracing::info!(plugin = %plugin.info.name, "plugin unloaded");
+            report.removed.push(plugin.info.name.clone());
+        }
+        for Found {
+            candidate,
+            wasm,
+            sha256,
+            version,
+        } in found
+        {
+            let file = candidate.file;
+            let incumbent = current.plugin_from(&file);
+            let (wasm, manifest) = match (wasm, candidate.manifest) {
+                (Ok(wasm), Ok(manifest)) => (wasm, manifest),
+                (Err(error), _) | (_, Err(error)) => {
+                    // Broken now: a load of an earlier version is moot.
+                    if let Some(load) = loads.in_flight.remove(&file) {
+                        load.task.abort();
                     }
-                    Ok(()) => {
+                    let error = keeps_serving(error, incumbent.as_deref());
+                    self.warn_once(&file, &version, &error);
+                    next.failures.push(LoadFailure { file, error });
+                    report.failed += 1;
+                    continue;
+                }
+            };
+            let manifest_sha256 = manifest.as_ref().map(|(_, sha)| sha.clone());
+            let manifest = manifest.map(|(manifest, _)| manifest).unwrap_or_default();
+            let unchanged = incumbent.as_ref().is_some_and(|plugin| {
+                plugin.info.sha256 == sha256
+                    && plugin.manifest_sha256 == manifest_sha256
+                    && plugin.withheld_env == withheld(&manifest, &secrets)
+            });
+            if unchanged {
+                if let Some(load) = loads.in_flight.remove(&file) {
+                    load.task.abort();
+                }
+                report.unchanged += 1;
+                continue;
+            }
+            if loads
+                .in_flight
+                .get(&file)
+                .is_some_and(|load| load.version == version)
+            {
+                continue;
+            }
+            let standing = incumbent.map_or(
+                Standing {
+                    since: scan,
+                    modified: candidate.modified,
+                },
+                |plugin| plugin.standing,
+            );
+            let task = self.start_load(LoadJob {
+                file: file.clone(),
+                version: version.clone(),
+                standing,
+                wasm,
+                sha256,
+                manifest,
+                manifest_sha256,
+                secrets: secrets.clone(),
+            });
+            let started_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+            if let Some(earlier) = loads.in_flight.insert(
+                file.clone(),
+                InFlight {
+                    version,
+                    started_at,
+                    task,
+                },
+            ) {
+                earlier.task.abort();
+            }
+            report.loading.push(file);
+        }
+        self.publish(&loads, next);
+        Ok(report)
+    }
+
+    /// Loads one file in a task of its own, under `max_load_time`, then
+    /// hands the outcome to [`install`](Self::install).
+    fn start_load(self: &Arc<Self>, job: LoadJob) -> tokio::task::AbortHandle {
+        let runtime = Arc::clone(self);
+        let limit = self.options.max_load_time;
+        let task = tokio::spawn(async move {
+            let LoadJob {
+                file,
+                version,
+                standing,
+                wasm,
+                sha256,
+                manifest,
+                manifest_sha256,
+                secrets,
+            } = job;
+            // A task of its own, so that a panic fails this load alone.
+            let loading = {
+                let runtime = runtime.clone();
+                let file = file.clone();
+                tokio::spawn(async move {
+                    runtime
+                        .load(&file, wasm, sha256, &manifest, manifest_sha256, &secrets)
+                        .await
+                })
+            };
+            let abort = loading.abort_handle();
+            let outcome = match tokio::time::timeout(limit, loading).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(error)) => Err(format!("loading it failed: {error}")),
+                Err(_) => {
+                    abort.abort();
+                    Err(format!(
+                        "it did not finish loading within {} (the operator's \
+                         plugins.max_load_time): its describe call, or compiling it, took too long",
+                        humantime::format_duration(limit)
+                    ))
+                }
+            };
+            runtime.install(&file, &version, standing, outcome);
+        });
+        task.abort_handle()
+    }
+
+    /// Puts the outcome of a load into the catalog, unless the file changed
+    /// or went away meanwhile.
+    fn install(
+        &self,
+        file: &Path,
+        version: &str,
+        standing: Standing,
+        outcome: Result<Plugin, String>,
+    ) {
+        let mut loads = self.loads.lock().expect("loads lock");
+        if loads
+            .in_flight
+            .get(file)
+            .is_none_or(|load| load.version != version)
+        {
+            return;
+        }
+        loads.in_flight.remove(file);
+        let mut next = self.catalog().shallow_clone();
+        next.failures.retain(|failure| failure.file != file);
+        let previous = next.remove_file(file);
+        let refusal = match outcome {
+            Ok(mut plugin) => {
+                plugin.standing = standing;
+                let plugin = Arc::new(plugin);
+                match next.admit(plugin.clone()) {
+                    Ok(displaced) => {
                         tracing::info!(
                             plugin = %plugin.info.name,
                             kind = %plugin.info.kind,
                             sha256 = %&plugin.info.sha256[..12],
                             "plugin loaded"
                         );
-                        report.loaded.push(plugin.info.name.clone());
+                        self.forget_warning(file);
+                        for (loser, error) in displaced {
+                            self.warn_once(&loser.info.file, &loser.info.sha256, &error);
+                            next.failures.push(LoadFailure {
+                                file: loser.info.file.clone(),
+                                error,
+                            });
+                        }
                         None
                     }
                     Err(error) => Some(error),
-                },
-                Err(error) => Some(error),
-            };
-            let Some(mut error) = refusal else {
-                continue;
-            };
-            if let Some(incumbent) = incumbent
-                && insert(&mut next, incumbent.clone()).is_ok()
-            {
-                error.push_str(&format!(
-                    "; the version loaded before (sha256 {}) keeps serving",
-                    &incumbent.info.sha256[..12]
-                ));
+                }
             }
-            warnings.note(&file, &version, &error);
-            next.failures.push(LoadFailure { file, error });
-            report.failed += 1;
+            Err(error) => Some(error),
+        };
+        if let Some(error) = refusal {
+            let kept = previous.filter(|plugin| next.admit(plugin.clone()).is_ok());
+            let error = keeps_serving(error, kept.as_deref());
+            self.warn_once(file, version, &error);
+            next.failures.push(LoadFailure {
+                file: file.to_owned(),
+                error,
+            });
         }
-        report.removed = previous
-            .plugins
-            .keys()
-            .filter(|name| !next.plugins.contains_key(*name))
-            .cloned()
+        self.publish(&loads, next);
+    }
+
+    /// Swaps `next` in, with the files still loading.
+    fn publish(&self, loads: &Loads, mut next: Catalog) {
+        next.loading = loads
+            .in_flight
+            .iter()
+            .map(|(file, load)| LoadingFile {
+                file: file.clone(),
+                started_at: load.started_at.clone(),
+            })
             .collect();
-        for name in &report.removed {
-            tracing::info!(plugin = %name, "plugin unloaded");
-        }
-        self.warn_once(warnings);
         *self.catalog.write().expect("catalog lock") = Arc::new(next);
-        Ok(report)
+        self.loading_count.send_replace(loads.in_flight.len());
     }
 
-    /// Logs the failures of this scan that were not logged for the same
-    /// file version before, and forgets files that no longer fail.
-    fn warn_once(&self, warnings: Warnings) {
+    /// Logs a failure unless the same version of the file failed before.
+    fn warn_once(&self, file: &Path, version: &str, error: &str) {
         let mut warned = self.warned.lock().expect("warnings lock");
-        for (file, (version, error)) in &warnings.0 {
-            if warned.get(file).is_none_or(|seen| seen != version) {
-                tracing::warn!(file = %file.display(), %error, "plugin skipped");
-            }
+        if warned.get(file).is_none_or(|seen| seen != version) {
+            tracing::warn!(file = %file.display(), %error, "plugin skipped");
+            warned.insert(file.to_owned(), version.to_owned());
         }
-        *warned = warnings
-            .0
-            .into_iter()
-            .map(|(file, (version, _))| (file, version))
-            .collect();
     }
 
-    async fn load_or_reuse(
-        &self,
-        file: &Path,
-        wasm: Vec<u8>,
-        sha256: String,
-        manifest: Option<(Manifest, String)>,
-        previous: &Catalog,
-        secrets: &BTreeSet<String>,
-    ) -> Result<(Arc<Plugin>, bool), String> {
-        let manifest_sha256 = manifest.as_ref().map(|(_, sha)| sha.clone());
-        let manifest = manifest.map(|(manifest, _)| manifest).unwrap_or_default();
-        let withheld_env = withheld(&manifest, secrets);
-        let unchanged = previous.plugin_from(file).filter(|plugin| {
-            plugin.info.sha256 == sha256
-                && plugin.manifest_sha256 == manifest_sha256
-                && plugin.withheld_env == withheld_env
-        });
-        if let Some(plugin) = unchanged {
-            return Ok((plugin, true));
-        }
-        let plugin = self
-            .load(file, wasm, sha256, &manifest, manifest_sha256, secrets)
-            .await?;
-        Ok((Arc::new(plugin), false))
+    fn forget_warning(&self, file: &Path) {
+        self.warned.lock().expect("warnings lock").remove(file);
     }
 
     async fn load(
@@ -460,7 +765,8 @@ impl PluginRuntime {
             let engine = self.engine.clone();
             let cache = self.cache.clone();
             let sha256 = sha256.clone();
-            tokio::task::spawn_blocking(move || cache.load(&engine, &wasm, &sha256))
+            let label = file.display().to_string();
+            tokio::task::spawn_blocking(move || cache.load(&engine, &wasm, &sha256, &label))
                 .await
                 .map_err(|e| format!("compiling panicked: {e}"))?
                 .map_err(|e| format!("not a valid WebAssembly component: {e:#}"))?
@@ -517,6 +823,10 @@ impl PluginRuntime {
             validators: BTreeMap::new(),
             manifest_sha256,
             withheld_env,
+            standing: Standing {
+                since: 0,
+                modified: SystemTime::UNIX_EPOCH,
+            },
         };
         if kind == PluginKind::Tool {
             plugin.info.tools = self.describe(&plugin).await?;
@@ -600,10 +910,10 @@ impl PluginRuntime {
                     break;
                 };
                 tracing::debug!("rescanning the plugin folder");
-                match runtime.scan().await {
-                    Ok(report) if report.loaded.is_empty() && report.removed.is_empty() => {}
+                match runtime.rescan().await {
+                    Ok(report) if report.loading.is_empty() && report.removed.is_empty() => {}
                     Ok(report) => tracing::info!(
-                        loaded = ?report.loaded,
+                        loading = ?report.loading,
                         removed = ?report.removed,
                         failed = report.failed,
                         "plugin folder changed"
@@ -646,47 +956,6 @@ pub struct PluginWatcher {
 impl Drop for PluginWatcher {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-/// Adds a plugin unless its name or one of its tools' names is taken; the
-/// plugin holding it keeps it.
-fn insert(catalog: &mut Catalog, plugin: Arc<Plugin>) -> Result<(), String> {
-    let name = &plugin.info.name;
-    if let Some(holder) = catalog.plugins.get(name) {
-        return Err(format!(
-            "refused: plugin name {name:?} is already held by {}; a plugin keeps its name \
-             until its own file is removed",
-            holder.info.file.display()
-        ));
-    }
-    for spec in &plugin.info.tools {
-        if let Some(owner) = catalog.tools.get(&spec.name) {
-            return Err(format!(
-                "refused: tool {:?} is already offered by plugin {:?} ({}); a tool name \
-                 belongs to the plugin that offered it first",
-                spec.name,
-                owner.info.name,
-                owner.info.file.display()
-            ));
-        }
-    }
-    for spec in &plugin.info.tools {
-        catalog.tools.insert(spec.name.clone(), plugin.clone());
-    }
-    catalog.plugins.insert(name.clone(), plugin);
-    Ok(())
-}
-
-/// The failures of one scan, by file: the file's version (hashes of its
-/// component and manifest) and the error.
-#[derive(Default)]
-struct Warnings(BTreeMap<PathBuf, (String, String)>);
-
-impl Warnings {
-    fn note(&mut self, file: &Path, version: &str, error: &str) {
-        self.0
-            .insert(file.to_owned(), (version.to_owned(), error.to_owned()));
     }
 }
 
