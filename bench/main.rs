@@ -641,6 +641,9 @@ async fn time_host(calls: usize) -> anyhow::Result<Samples> {
         policy: OperatorPolicy::default(),
         engine: EngineOptions::default(),
         concurrent_calls: opspawn::plugins::default_concurrent_calls(),
+        server_env: Vec::new(),
+        server_dirs: Vec::new(),
+        max_load_time: std::time::Duration::from_secs(120),
     })?;
     runtime.scan().await?;
     if let Some(failure) = runtime.catalog().failures().first() {

@@ -9,8 +9,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::api::QueueLimits;
 use crate::api::auth::AuthConfig;
+use crate::api::{HttpLimits, QueueLimits};
 use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
 use crate::scheduler::SchedulerConfig;
@@ -48,6 +48,8 @@ pub struct Config {
     pub lease: Duration,
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Time limits on clients and the cap on open connections.
+    pub http: HttpLimits,
     /// Watch the plugin folder and load changes without a restart.
     pub watch_plugins: bool,
     /// Finished tasks, their journals and events are deleted this long
@@ -100,6 +102,10 @@ pub struct PluginDefaults {
     /// How many plugin calls may compute at once; by default two per core.
     /// Calls beyond it wait their turn.
     pub concurrent_calls: usize,
+    /// The longest a plugin may take to load (compile and describe itself),
+    /// whatever its manifest asks; loads run in the background meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub max_load_time: Duration,
 }
 
 /// The default limit on tasks running at once on a host.
@@ -118,6 +124,7 @@ const KEYS: &[&str] = &[
     "max_queued_per_tenant",
     "lease",
     "max_body_bytes",
+    "http",
     "watch_plugins",
     "retention",
     "prune_interval",
@@ -152,6 +159,7 @@ impl Default for Config {
             max_queued_per_tenant: None,
             lease: Duration::from_secs(30),
             max_body_bytes: 1 << 20,
+            http: HttpLimits::default(),
             watch_plugins: true,
             retention: Duration::from_secs(30 * 24 * 3600),
             prune_interval: Duration::from_secs(3600),
@@ -172,6 +180,7 @@ impl Default for Config {
                 pooling: true,
                 instances: EngineOptions::default().max_instances,
                 concurrent_calls: crate::plugins::default_concurrent_calls(),
+                max_load_time: Duration::from_secs(120),
             },
             policy: OperatorPolicy::default(),
             auth: AuthConfig::default(),
@@ -263,6 +272,15 @@ impl Config {
                 max_instances: self.plugins.instances.max(1),
             },
             concurrent_calls: self.plugins.concurrent_calls,
+            server_env: std::env::vars_os()
+                .filter_map(|(key, _)| key.into_string().ok())
+                .filter(|key| key.strip_prefix("OPSPAWN_").is_some_and(is_config_key))
+                .collect(),
+            server_dirs: [Some(self.data_dir.clone()), self.cache_dir.clone()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            max_load_time: self.plugins.max_load_time,
         }
     }
 

@@ -14,6 +14,9 @@ use crate::plugins::PluginRuntime;
 use crate::scheduler::Scheduler;
 use crate::store;
 
+/// How long open requests may take to finish once a shutdown was asked for.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     raise_open_file_limit();
     for warning in config.deprecations() {
@@ -49,32 +52,33 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let runtime = PluginRuntime::new(config.runtime_options())
         .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))?;
-    runtime
-        .scan()
+    // Listen at once; plugins load in the background meanwhile.
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; is another server using it?",
+                config.addr
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    // Plugins may not call the API that runs them (unless allowed).
+    runtime.set_server_addresses(vec![addr]);
+    let started = runtime
+        .rescan()
         .await
         .with_context(|| format!("cannot read the plugin folder {}", plugin_dir.display()))?;
-    let catalog = runtime.catalog();
-    println!("plugins from {}:", plugin_dir.display());
-    for plugin in catalog.plugins() {
-        let tools: Vec<&str> = plugin.tools.iter().map(|t| t.name.as_str()).collect();
-        let offers = if tools.is_empty() {
-            String::new()
-        } else {
-            format!(" (tools: {})", tools.join(", "))
-        };
+    if !started.loading.is_empty() {
         println!(
-            "  loaded  {:<18} {:<11} {}{offers}",
-            plugin.name,
-            plugin.kind,
-            &plugin.sha256[..12]
+            "loading {} plugin(s) from {} in the background",
+            started.loading.len(),
+            plugin_dir.display()
         );
     }
-    for failure in catalog.failures() {
-        println!("  skipped {}: {}", failure.file.display(), failure.error);
-    }
-    if catalog.plugins().next().is_none() {
-        println!("  (none: drop .wasm components into the folder; they load without a restart)");
-    }
+    tokio::spawn(report_plugins_once_loaded(
+        runtime.clone(),
+        plugin_dir.clone(),
+    ));
     let _watcher = if config.watch_plugins {
         Some(runtime.watch().context("cannot watch the plugin folder")?)
     } else {
@@ -103,15 +107,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         admission: Arc::new(Admission::new(config.queue_limits())),
     };
     let auth_enabled = state.gate.enabled();
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}; is another server using it?",
-                config.addr
-            )
-        })?;
-    let addr = listener.local_addr()?;
     if !auth_enabled && !addr.ip().is_loopback() {
         eprintln!(
             "WARNING: listening on {addr}, reachable from other machines, with authentication \
@@ -126,13 +121,48 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
     println!("opspawn listening on http://{addr}");
 
-    axum::serve(listener, api::app(state, config.max_body_bytes))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let app = api::app(state, config.max_body_bytes, &config.http);
+    api::connections::serve(
+        listener,
+        app,
+        &config.http,
+        shutdown_signal(),
+        SHUTDOWN_DRAIN,
+    )
+    .await?;
     println!("shutting down: waiting for running steps to finish");
     scheduler.shutdown().await;
     pruner.abort();
     Ok(())
+}
+
+/// Prints what loaded from the plugin folder once the loads that started
+/// with the server have finished, then `plugins ready`.
+async fn report_plugins_once_loaded(runtime: Arc<PluginRuntime>, plugin_dir: std::path::PathBuf) {
+    runtime.loaded().await;
+    let catalog = runtime.catalog();
+    println!("plugins from {}:", plugin_dir.display());
+    for plugin in catalog.plugins() {
+        let tools: Vec<&str> = plugin.tools.iter().map(|t| t.name.as_str()).collect();
+        let offers = if tools.is_empty() {
+            String::new()
+        } else {
+            format!(" (tools: {})", tools.join(", "))
+        };
+        println!(
+            "  loaded  {:<18} {:<11} {}{offers}",
+            plugin.name,
+            plugin.kind,
+            &plugin.sha256[..12]
+        );
+    }
+    for failure in catalog.failures() {
+        println!("  skipped {}: {}", failure.file.display(), failure.error);
+    }
+    if catalog.plugins().next().is_none() {
+        println!("  (none: drop .wasm components into the folder; they load without a restart)");
+    }
+    println!("plugins ready");
 }
 
 /// Deletes finished tasks older than the retention period, now and then.

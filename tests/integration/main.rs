@@ -4,8 +4,10 @@
 
 mod api;
 mod capacity;
+mod connections;
 mod crash;
 mod durability;
+mod folder;
 mod network;
 mod plugins;
 mod providers;

@@ -502,3 +502,96 @@ async fn without_a_grant_nothing_is_reachable() {
     }
     target.assert_untouched();
 }
+
+/// A plugin cannot use the API of the server that runs it, whatever its
+/// grant names (the address itself, `localhost`), and an LLM adapter whose
+/// base URL is the server's own address fails as misconfigured (a
+/// permanent error). The operator's `[policy] allow_own_server = true` lets both
+/// through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_cannot_call_its_own_server_unless_the_operator_allows_it() {
+    use opspawn_testkit::Provider;
+
+    let other = Target::start("other").await;
+    let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let own = format!("127.0.0.1:{port}");
+    let base_url = format!("http://{own}/v1");
+    let grants = [
+        "http://127.0.0.1:*".to_owned(),
+        "http://localhost:*".to_owned(),
+    ];
+    let start_own = |config: &std::path::Path| {
+        Harness::start_with_plugins(
+            &[
+                ("OPSPAWN_ADDR", &own),
+                ("OPSPAWN_CONFIG", config.to_str().unwrap()),
+                ("OPENAI_BASE_URL", &base_url),
+                ("OPENAI_API_KEY", KEY),
+            ],
+            |plugins| {
+                std::fs::write(
+                    plugins.path().join("misbehaving.toml"),
+                    manifest(&grants, ""),
+                )
+                .unwrap();
+                let openai = Provider::OpenAi;
+                plugins.add(openai.plugin(), openai.wasm(), Some(&openai.manifest()));
+            },
+        )
+    };
+    let adapter_task = json!({
+        "goal": "What is 6 times 7?",
+        "tools": ["calculator"],
+        "llm": "openai",
+        "model": "gpt-test",
+    });
+
+    let config = tempfile::NamedTempFile::new().unwrap();
+    let harness = start_own(config.path());
+    assert_eq!(harness.server.base_url, format!("http://{own}"));
+    for url in [
+        format!("http://{own}/v1/tasks"),
+        format!("http://localhost:{port}/healthz"),
+    ] {
+        let step = get(&harness, &url).await;
+        expect_denied(&step, "HTTP-request-denied");
+    }
+    // The same grant reaches another loopback server.
+    let step = get(&harness, &format!("{}/", other.origin())).await;
+    expect_status(&step, 200);
+
+    let client = harness.client();
+    let id = client.submit(&adapter_task).await.unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "failed", "{task:#}");
+    assert_eq!(
+        task["error"]["code"], "llm_adapter_misconfigured",
+        "{task:#}"
+    );
+    let message = task["error"]["message"].as_str().unwrap();
+    assert!(message.contains("own address"), "{message}");
+    drop(harness);
+
+    std::fs::write(config.path(), "[policy]\nallow_own_server = true\n").unwrap();
+    let harness = start_own(config.path());
+    let step = get(&harness, &format!("http://{own}/healthz")).await;
+    let output = expect_status(&step, 200);
+    assert!(
+        output["body"]
+            .as_str()
+            .unwrap()
+            .contains("\"status\":\"ok\""),
+        "{output:#}"
+    );
+    let client = harness.client();
+    let id = client.submit(&adapter_task).await.unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_ne!(
+        task["error"]["code"], "llm_adapter_misconfigured",
+        "allowed, the adapter reaches the server (which has no chat endpoint): {task:#}"
+    );
+}

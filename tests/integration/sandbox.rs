@@ -220,3 +220,163 @@ async fn the_operator_policy_narrows_what_a_manifest_asks_for() {
         "the operator's shorter limit applies: {spin:#}"
     );
 }
+
+/// No plugin reads a secret or the server's own environment: not a variable
+/// that another plugin's credential draws on, not a variable that
+/// configures the server, not `/proc/self/environ` through a folder grant
+/// of `/proc`, `/` or a link, and no folder outside the plugin folder
+/// unless the operator names a root holding it. Each refusal is listed with
+/// the plugin's grants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_and_the_servers_environment_are_out_of_every_plugins_reach() {
+    // A folder beside the plugin folder, holding a secret, and one the
+    // operator opens to plugins as a root.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret.txt"), SECRET).unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::write(shared.path().join("shared.txt"), "shared content").unwrap();
+    let shared_path = shared.path().canonicalize().unwrap();
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        format!("[policy]\ndir_roots = [{:?}]\n", shared_path.display()),
+    )
+    .unwrap();
+    let config_path = config.path().to_str().unwrap().to_owned();
+    let manifest = format!(
+        r#"
+[limits]
+call_timeout_ms = 1000
+
+[capabilities]
+env = ["OPENAI_API_KEY", "OPSPAWN_DATA_DIR", "OPSPAWN_TEST_GRANTED"]
+
+[[capabilities.dirs]]
+path = "readonly"
+guest_path = "/readonly"
+
+[[capabilities.dirs]]
+path = {shared:?}
+guest_path = "/shared"
+
+[[capabilities.dirs]]
+path = "/proc"
+guest_path = "/proc"
+
+[[capabilities.dirs]]
+path = "/"
+guest_path = "/root"
+
+[[capabilities.dirs]]
+path = "proc-link"
+guest_path = "/self"
+
+[[capabilities.dirs]]
+path = {outside:?}
+guest_path = "/outside"
+
+[[capabilities.dirs]]
+path = ".."
+guest_path = "/up"
+
+[[capabilities.dirs]]
+path = "."
+guest_path = "/plugins"
+"#,
+        shared = shared_path.display().to_string(),
+        outside = outside.path().display().to_string(),
+    );
+    let harness = Harness::start_with_plugins(
+        &[
+            ("OPSPAWN_CONFIG", &config_path),
+            ("OPENAI_API_KEY", SECRET),
+            ("OPSPAWN_TEST_GRANTED", "visible"),
+        ],
+        |plugins| {
+            // The OpenAI adapter, whose credential draws on OPENAI_API_KEY.
+            let openai = opspawn_testkit::plugin_sources().join("openai/openai.toml");
+            let openai = std::fs::read_to_string(openai).unwrap();
+            plugins.add("openai", "openai", Some(&openai));
+            std::os::unix::fs::symlink("/proc/self", plugins.path().join("proc-link")).unwrap();
+            std::fs::write(plugins.path().join("misbehaving.toml"), &manifest).unwrap();
+        },
+    );
+    let client = harness.client();
+
+    let (_, listing) = client.get("/v1/plugins").await.unwrap();
+    assert!(
+        !listing.to_string().contains(SECRET),
+        "the listing shows a secret: {listing:#}"
+    );
+    let misbehaving = listing["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "misbehaving")
+        .unwrap_or_else(|| panic!("the fixture loads: {listing:#}"));
+    assert_eq!(
+        misbehaving["grants"]["env"],
+        json!(["OPSPAWN_TEST_GRANTED"]),
+        "{misbehaving:#}"
+    );
+    let granted: Vec<&str> = misbehaving["grants"]["dirs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["guest_path"].as_str().unwrap())
+        .collect();
+    assert_eq!(granted, ["/readonly", "/shared"], "{misbehaving:#}");
+    let refused: Vec<&str> = misbehaving["refused"]
+        .as_array()
+        .unwrap_or_else(|| panic!("refusals are listed: {misbehaving:#}"))
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for expected in [
+        "environment variable OPENAI_API_KEY ",
+        "environment variable OPSPAWN_DATA_DIR ",
+        "folder /proc ",
+        "folder / ",
+        "folder proc-link ",
+        &format!("folder {} ", outside.path().display()),
+        "folder .. ",
+        "folder . ",
+    ] {
+        assert!(
+            refused.iter().any(|r| r.starts_with(expected)),
+            "{expected:?} is listed as refused: {refused:#?}"
+        );
+    }
+
+    for (name, visible) in [
+        ("OPENAI_API_KEY", Value::Null),
+        ("OPSPAWN_DATA_DIR", Value::Null),
+        ("OPSPAWN_TEST_GRANTED", json!("visible")),
+    ] {
+        let step = tool_step(&harness, "env", json!({"name": name})).await;
+        assert_eq!(step["output"]["value"], visible, "{name}: {step:#}");
+    }
+
+    let plugin_folder = harness.plugins.path().file_name().unwrap();
+    let through_parent = format!("/up/{}/secret.txt", plugin_folder.to_string_lossy());
+    for path in [
+        "/proc/self/environ",
+        "/root/proc/self/environ",
+        "/self/environ",
+        "/outside/secret.txt",
+        through_parent.as_str(),
+        "/plugins/secret.txt",
+        "/plugins/misbehaving.toml",
+    ] {
+        let step = tool_step(&harness, "read_file", json!({"path": path})).await;
+        assert_eq!(step["status"], "failed", "{path} was readable: {step:#}");
+    }
+    let shared_read = tool_step(&harness, "read_file", json!({"path": "/shared/shared.txt"})).await;
+    assert_eq!(
+        shared_read["output"]["content"], "shared content",
+        "a root the operator names is granted: {shared_read:#}"
+    );
+
+    let log = harness.server.log();
+    assert!(!log.contains(SECRET), "the log shows a secret");
+}

@@ -104,23 +104,48 @@ pub struct Server {
     pub plugin_dir: PathBuf,
     env: Vec<(String, String)>,
     log: PathBuf,
+    /// Whether starting waits for the plugins to load, not just for the
+    /// server to listen.
+    wait_for_plugins: bool,
 }
 
 impl Server {
     /// Starts a server whose data lives in `data_dir`, loading plugins from
-    /// `plugin_dir`. `env` adds or overrides environment variables.
+    /// `plugin_dir`, and waits until it listens and the plugins there have
+    /// loaded (or failed to). `env` adds or overrides environment variables.
     pub fn start(
         binary: &Path,
         data_dir: &Path,
         plugin_dir: &Path,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::start_with(binary, data_dir, plugin_dir, env, true)
+    }
+
+    /// Like [`Server::start`], but returns as soon as the server listens,
+    /// while its plugins may still be loading.
+    pub fn start_listening(
+        binary: &Path,
+        data_dir: &Path,
+        plugin_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::start_with(binary, data_dir, plugin_dir, env, false)
+    }
+
+    fn start_with(
+        binary: &Path,
+        data_dir: &Path,
+        plugin_dir: &Path,
+        env: &[(&str, &str)],
+        wait_for_plugins: bool,
+    ) -> anyhow::Result<Self> {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let log = data_dir.join("server.log");
-        let (child, base_url) = spawn(binary, data_dir, plugin_dir, &env, &log)?;
+        let (child, base_url) = spawn(binary, data_dir, plugin_dir, &env, &log, wait_for_plugins)?;
         Ok(Self {
             binary: binary.to_owned(),
             child,
@@ -129,6 +154,7 @@ impl Server {
             plugin_dir: plugin_dir.to_owned(),
             env,
             log,
+            wait_for_plugins,
         })
     }
 
@@ -155,6 +181,7 @@ impl Server {
             &self.plugin_dir,
             &self.env,
             &self.log,
+            self.wait_for_plugins,
         )?;
         self.child = child;
         self.base_url = base_url;
@@ -179,6 +206,7 @@ fn spawn(
     plugin_dir: &Path,
     env: &[(String, String)],
     log: &Path,
+    wait_for_plugins: bool,
 ) -> anyhow::Result<(Child, String)> {
     std::fs::create_dir_all(data_dir)?;
     let log_file = std::fs::OpenOptions::new()
@@ -204,27 +232,40 @@ fn spawn(
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
 
-    // Read stdout on a thread for the listening line, then keep draining it
-    // so the server never blocks on a full pipe.
+    // Read stdout on a thread for the listening line (and, if asked, the
+    // line saying the plugins have loaded), then keep draining it so the
+    // server never blocks on a full pipe.
     let stdout = child.stdout.take().expect("piped stdout");
-    let (found, listening) = mpsc::channel();
+    let (found, ready) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut url = None;
+        let mut plugins_ready = !wait_for_plugins;
         let mut found = Some(found);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(url) = line.strip_prefix("opspawn listening on ")
+            if let Some(listening) = line.strip_prefix("opspawn listening on ") {
+                url = Some(listening.trim().to_owned());
+            }
+            if line == "plugins ready" {
+                plugins_ready = true;
+            }
+            if plugins_ready
+                && let Some(url) = &url
                 && let Some(found) = found.take()
             {
-                let _ = found.send(url.trim().to_owned());
+                let _ = found.send(url.clone());
             }
         }
     });
-    match listening.recv_timeout(Duration::from_secs(120)) {
+    match ready.recv_timeout(Duration::from_secs(120)) {
         Ok(url) => Ok((child, url)),
         Err(_) => {
             let _ = child.kill();
             let log = std::fs::read_to_string(log).unwrap_or_default();
-            bail!("the server did not start listening within 120 s; its log:\n{log}")
+            bail!(
+                "the server did not start listening (and load its plugins) within 120 s; \
+                 its log:\n{log}"
+            )
         }
     }
 }

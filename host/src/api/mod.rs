@@ -6,6 +6,7 @@
 
 mod admission;
 pub mod auth;
+pub mod connections;
 mod error;
 mod events;
 mod views;
@@ -24,13 +25,14 @@ use serde_json::{Value, json};
 
 pub use admission::{Admission, QueueLimits};
 use auth::Tenant;
+pub use connections::HttpLimits;
 pub use error::ApiError;
 pub use views::timestamp;
 use views::{TaskView, plugin_view};
 
 use crate::config::TaskDefaults;
 use crate::events::EventBus;
-use crate::plugins::{PluginKind, PluginRuntime};
+use crate::plugins::{Catalog, PluginKind, PluginRuntime};
 use crate::scheduler::Scheduler;
 use crate::store::{CancelOutcome, Millis, NewTask, Store, TaskQuery, TaskRecord, TaskStatus};
 
@@ -51,20 +53,36 @@ pub struct AppState {
     pub admission: Arc<Admission>,
 }
 
-/// The whole API as one router.
-pub fn app(state: AppState, max_body_bytes: usize) -> Router {
-    let authenticated = Router::new()
+/// The whole API as one router. Every route but the event stream answers
+/// within `limits.request_timeout`; every body must arrive within
+/// `limits.body_read_timeout`.
+pub fn app(state: AppState, max_body_bytes: usize, limits: &HttpLimits) -> Router {
+    let limits = Arc::new(limits.clone());
+    let answering = Router::new()
         .route("/v1/plugins", get(list_plugins))
         .route("/v1/tasks", post(create_task).get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task))
-        .route("/v1/tasks/{id}/events", get(events::task_events))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route_layer(middleware::from_fn_with_state(
+            limits.clone(),
+            connections::answer_in_time,
+        ));
+    let authenticated = Router::new()
+        .route("/v1/tasks/{id}/events", get(events::task_events))
+        .merge(answering)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
         ));
+    let health =
+        Router::new()
+            .route("/healthz", get(healthz))
+            .route_layer(middleware::from_fn_with_state(
+                limits.clone(),
+                connections::answer_in_time,
+            ));
     Router::new()
-        .route("/healthz", get(healthz))
+        .merge(health)
         .merge(authenticated)
         .fallback(|| async {
             ApiError::new(
@@ -81,7 +99,27 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            (limits, max_body_bytes),
+            connections::read_body_in_time,
+        ))
         .with_state(state)
+}
+
+/// A reference to a plugin that is not loaded: `422 code`, or, while
+/// plugins are still loading, `503 plugins_loading` with `Retry-After`,
+/// since the plugin may be among them.
+fn not_loaded(catalog: &Catalog, code: &'static str, message: String) -> ApiError {
+    let loading = catalog.loading().len();
+    if loading == 0 {
+        return ApiError::unprocessable(code, message);
+    }
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "plugins_loading",
+        format!("{message}; {loading} plugin file(s) are still loading: try again shortly"),
+    )
+    .with_retry_after(Duration::from_secs(1))
 }
 
 /// `axum::Json`, with rejections in the API's error shape.
@@ -100,6 +138,7 @@ async fn healthz(State(state): State<AppState>) -> Json<Value> {
         "status": "ok",
         "store": state.store.engine(),
         "plugins": catalog.plugins().count(),
+        "loading": catalog.loading().len(),
     }))
 }
 
@@ -108,6 +147,7 @@ async fn list_plugins(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "plugins": catalog.plugins().map(plugin_view).collect::<Vec<_>>(),
         "failures": catalog.failures(),
+        "loading": catalog.loading(),
     }))
 }
 
@@ -243,14 +283,16 @@ fn validate(
     let catalog = state.runtime.catalog();
     let planner = request.planner.unwrap_or_else(|| defaults.planner.clone());
     if catalog.kind_of(&planner) != Some(PluginKind::Planner) {
-        return Err(ApiError::unprocessable(
+        return Err(not_loaded(
+            &catalog,
             "unknown_planner",
             format!("no planner plugin named {planner:?} is loaded; GET /v1/plugins lists them"),
         ));
     }
     let llm = request.llm.unwrap_or_else(|| defaults.llm.clone());
     if catalog.kind_of(&llm) != Some(PluginKind::LlmAdapter) {
-        return Err(ApiError::unprocessable(
+        return Err(not_loaded(
+            &catalog,
             "unknown_llm",
             format!("no llm-adapter plugin named {llm:?} is loaded; GET /v1/plugins lists them"),
         ));
@@ -260,7 +302,8 @@ fn validate(
         None => catalog.tool_names().map(str::to_owned).collect(),
     };
     if let Some(unknown) = tools.iter().find(|tool| catalog.tool_spec(tool).is_none()) {
-        return Err(ApiError::unprocessable(
+        return Err(not_loaded(
+            &catalog,
             "unknown_tool",
             format!("no loaded plugin offers a tool named {unknown:?}; GET /v1/plugins lists them"),
         ));

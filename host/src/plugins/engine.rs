@@ -117,9 +117,16 @@ impl CompileCache {
     /// Loads the compiled form of `wasm` (whose SHA-256 is `sha256`) from the
     /// cache, compiling and caching it on a miss. Blocking: call from a
     /// blocking thread.
-    pub fn load(&self, engine: &Engine, wasm: &[u8], sha256: &str) -> wasmtime::Result<Component> {
+    /// `label` names the component in the log.
+    pub fn load(
+        &self,
+        engine: &Engine,
+        wasm: &[u8],
+        sha256: &str,
+        label: &str,
+    ) -> wasmtime::Result<Component> {
         let Some(dir) = &self.dir else {
-            return Component::new(engine, wasm);
+            return compile_logged(label, wasm.len(), || Component::new(engine, wasm));
         };
         let path = dir.join(format!("{sha256}-{}.cwasm", self.engine_key));
         if path.exists() {
@@ -133,13 +140,32 @@ impl CompileCache {
                 }
             }
         }
-        let compiled = engine.precompile_component(wasm)?;
+        let compiled = compile_logged(label, wasm.len(), || engine.precompile_component(wasm))?;
         if let Err(error) = store_atomically(dir, &path, &compiled) {
             tracing::warn!(path = %path.display(), %error, "could not cache a compiled component");
         }
         // SAFETY: `compiled` was produced just above by this engine.
         unsafe { Component::deserialize(engine, &compiled) }
     }
+}
+
+/// Compiles, saying in the log that it started and how long it took: a
+/// large component (an interpreter built in) takes many seconds.
+fn compile_logged<T>(
+    label: &str,
+    bytes: usize,
+    compile: impl FnOnce() -> wasmtime::Result<T>,
+) -> wasmtime::Result<T> {
+    let started = std::time::Instant::now();
+    tracing::info!(component = label, bytes, "compiling a component");
+    let compiled = compile();
+    tracing::info!(
+        component = label,
+        took_ms = started.elapsed().as_millis() as u64,
+        ok = compiled.is_ok(),
+        "compiling a component finished"
+    );
+    compiled
 }
 
 fn store_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {

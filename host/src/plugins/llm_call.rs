@@ -220,7 +220,18 @@ impl TranslatedCall<'_> {
             .http
             .send(&endpoint.policy, request, CONNECT_TIMEOUT)
             .await
-            .map_err(|e| self.transport_error(describe_http_error(&e, &endpoint.base_url)))
+            .map_err(|e| match e {
+                // The endpoint's host is always granted, so a denial is the
+                // one rule past the grant: the server's own address. It is
+                // permanent: fix the base URL or the policy.
+                wasmtime_wasi_http::Error::HttpRequestDenied => misconfigured(format!(
+                    "its base URL {} is this server's own address: adapters may not send \
+                     requests to the API that runs them unless the operator's [policy] sets \
+                     allow_own_server = true",
+                    endpoint.base_url
+                )),
+                e => self.transport_error(describe_http_error(&e, &endpoint.base_url)),
+            })
     }
 
     async fn read_stream(

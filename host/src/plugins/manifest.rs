@@ -9,7 +9,7 @@ use std::time::Duration;
 use hyper::http::HeaderName;
 use serde::{Deserialize, Serialize};
 
-use super::outbound::{Credential, HostGrant, OutboundPolicy};
+use super::outbound::{Credential, HostGrant, OutboundPolicy, ServerAddresses, template_variables};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,8 +179,12 @@ pub struct AdapterEndpoint {
 
 impl AdapterEndpoint {
     /// Builds the endpoint from a manifest's `[adapter]` section, expanding
-    /// variables in the base URL from the server's environment.
-    pub fn from_section(section: &AdapterSection) -> Result<Option<Self>, String> {
+    /// variables in the base URL from the server's environment. `own_server`
+    /// are the server's addresses, refused as the endpoint's destination.
+    pub fn from_section(
+        section: &AdapterSection,
+        own_server: Option<Arc<ServerAddresses>>,
+    ) -> Result<Option<Self>, String> {
         let Some(template) = &section.base_url else {
             return Ok(None);
         };
@@ -218,6 +222,7 @@ impl AdapterEndpoint {
             policy: Arc::new(OutboundPolicy {
                 grants: vec![grant],
                 credentials: credential.into_iter().collect(),
+                own_server,
             }),
             base_url,
         }))
@@ -296,47 +301,105 @@ pub struct DirGrant {
     pub writable: bool,
 }
 
+/// Where a plugin's folder grants may lead, all paths canonical.
+#[derive(Debug, Clone, Default)]
+pub struct FolderScope {
+    /// The plugin folder: folders inside it may be granted, not the folder
+    /// itself (a plugin writing there could install plugins).
+    pub plugin_dir: PathBuf,
+    /// Folders the operator's policy opens to this plugin.
+    pub roots: Vec<PathBuf>,
+    /// The server's own folders (data, compile cache): never granted, nor
+    /// any folder that contains one.
+    pub server_dirs: Vec<PathBuf>,
+}
+
+/// Parts of the system no plugin is ever granted: they expose the server's
+/// own process (`/proc/self/environ`), the kernel and devices.
+const SYSTEM_DIRS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+impl FolderScope {
+    /// Why `path` (canonical) may not be granted, if it may not.
+    fn refusal(&self, path: &Path) -> Option<&'static str> {
+        let overlaps = |dir: &Path| path.starts_with(dir) || dir.starts_with(path);
+        if SYSTEM_DIRS.iter().any(|dir| overlaps(Path::new(dir))) {
+            return Some("/proc, /sys and /dev are never granted");
+        }
+        if self.plugin_dir.starts_with(path) {
+            return Some("it is or contains the plugin folder");
+        }
+        if self.server_dirs.iter().any(|dir| {
+            dir.starts_with(path) || (path.starts_with(dir) && !path.starts_with(&self.plugin_dir))
+        }) {
+            return Some("it is or overlaps the server's own data");
+        }
+        if path.starts_with(&self.plugin_dir) || self.roots.iter().any(|r| path.starts_with(r)) {
+            return None;
+        }
+        Some(
+            "it is outside the plugin folder and every root the operator's [policy] dir_roots names",
+        )
+    }
+}
+
 impl Manifest {
-    /// Reads the manifest beside `wasm`, if there is one.
-    pub fn load_beside(wasm: &Path) -> Result<Option<(Self, Vec<u8>)>, String> {
-        let path = wasm.with_extension("toml");
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-        };
+    /// Parses a manifest's bytes; `path` names it in errors.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, String> {
         let text =
-            std::str::from_utf8(&bytes).map_err(|_| format!("{} is not UTF-8", path.display()))?;
-        let manifest = toml::from_str(text)
-            .map_err(|e| format!("invalid manifest {}: {}", path.display(), e.message()))?;
-        Ok(Some((manifest, bytes)))
+            std::str::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", path.display()))?;
+        toml::from_str(text)
+            .map_err(|e| format!("invalid manifest {}: {}", path.display(), e.message()))
     }
 
-    /// Resolves the requested capabilities against the plugin folder.
-    pub fn grants(&self, plugin_dir: &Path) -> Result<Grants, String> {
-        let dirs = self
-            .capabilities
-            .dirs
+    /// The environment variables this manifest's credentials draw on, for
+    /// outbound hosts or an adapter's endpoint.
+    pub fn credential_variables(&self) -> Vec<String> {
+        let adapter = self.adapter.as_ref().and_then(|a| a.credential.as_ref());
+        self.capabilities
+            .credentials
             .iter()
-            .map(|dir| {
-                let host_path = plugin_dir.join(&dir.path);
-                let host_path = host_path
-                    .canonicalize()
-                    .map_err(|e| format!("cannot preopen {}: {e}", host_path.display()))?;
-                let guest_path = dir.guest_path.clone().unwrap_or_else(|| {
-                    let last = host_path
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    format!("/{last}")
-                });
-                Ok(DirGrant {
-                    host_path,
-                    guest_path,
-                    writable: dir.writable,
-                })
-            })
-            .collect::<Result<_, String>>()?;
+            .map(|c| c.value.as_str())
+            .chain(adapter.map(|c| c.value.as_str()))
+            .flat_map(template_variables)
+            .collect()
+    }
+
+    /// Resolves the requested capabilities: folders against `scope` (a
+    /// folder it refuses is left out, with a note in the returned list),
+    /// outbound requests refused to `own_server`'s addresses.
+    pub fn grants(
+        &self,
+        scope: &FolderScope,
+        own_server: Option<Arc<ServerAddresses>>,
+    ) -> Result<(Grants, Vec<String>), String> {
+        let mut refused = Vec::new();
+        let mut dirs = Vec::new();
+        for dir in &self.capabilities.dirs {
+            let requested = scope.plugin_dir.join(&dir.path);
+            let host_path = requested
+                .canonicalize()
+                .map_err(|e| format!("cannot preopen {}: {e}", requested.display()))?;
+            if let Some(reason) = scope.refusal(&host_path) {
+                refused.push(format!(
+                    "folder {} (resolves to {}: {reason})",
+                    dir.path.display(),
+                    host_path.display()
+                ));
+                continue;
+            }
+            let guest_path = dir.guest_path.clone().unwrap_or_else(|| {
+                let last = host_path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("/{last}")
+            });
+            dirs.push(DirGrant {
+                host_path,
+                guest_path,
+                writable: dir.writable,
+            });
+        }
         let grants = self
             .capabilities
             .outbound_hosts
@@ -365,10 +428,10 @@ impl Manifest {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let adapter = match &self.adapter {
-            Some(section) => AdapterEndpoint::from_section(section)?,
+            Some(section) => AdapterEndpoint::from_section(section, own_server.clone())?,
             None => None,
         };
-        Ok(Grants {
+        let grants = Grants {
             adapter,
             env: self.capabilities.env.clone(),
             dirs,
@@ -385,8 +448,10 @@ impl Manifest {
             outbound: Arc::new(OutboundPolicy {
                 grants,
                 credentials,
+                own_server,
             }),
-        })
+        };
+        Ok((grants, refused))
     }
 }
 
@@ -430,7 +495,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let grants = manifest.grants(Path::new("/nonexistent")).unwrap();
+        let (grants, _) = manifest.grants(&FolderScope::default(), None).unwrap();
         let endpoint = grants.adapter.expect("an endpoint");
         assert_eq!(endpoint.base_url, "http://127.0.0.1:9/openai/v1");
         assert_eq!(endpoint.origin(), "http://127.0.0.1:9");
@@ -451,7 +516,90 @@ mod tests {
                 base_url: Some(bad.into()),
                 ..AdapterSection::default()
             };
-            assert!(AdapterEndpoint::from_section(&section).is_err(), "{bad}");
+            assert!(
+                AdapterEndpoint::from_section(&section, None).is_err(),
+                "{bad}"
+            );
         }
+    }
+
+    #[test]
+    fn folder_grants_stay_inside_the_plugin_folder_and_the_operators_roots() {
+        let base = tempfile::tempdir().unwrap();
+        let base = base.path().canonicalize().unwrap();
+        let plugins = base.join("plugins");
+        let shared = base.join("shared");
+        let cache = base.join("cache");
+        for dir in [&plugins.join("data"), &shared.join("docs"), &cache] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::os::unix::fs::symlink("/proc/self", plugins.join("self")).unwrap();
+        std::os::unix::fs::symlink(&shared, plugins.join("outside")).unwrap();
+        let scope = |roots: Vec<PathBuf>| FolderScope {
+            plugin_dir: plugins.clone(),
+            roots,
+            server_dirs: vec![cache.clone()],
+        };
+        let ask = |scope: &FolderScope, paths: &[&str]| {
+            let manifest = Manifest {
+                capabilities: Capabilities {
+                    dirs: paths
+                        .iter()
+                        .map(|path| DirRequest {
+                            path: path.into(),
+                            guest_path: None,
+                            writable: false,
+                        })
+                        .collect(),
+                    ..Capabilities::default()
+                },
+                ..Manifest::default()
+            };
+            let (grants, refused) = manifest.grants(scope, None).unwrap();
+            let granted: Vec<PathBuf> = grants.dirs.into_iter().map(|d| d.host_path).collect();
+            (granted, refused)
+        };
+
+        let shared_docs = shared.join("docs");
+        let shared_docs = shared_docs.to_str().unwrap();
+        let cache_path = cache.to_str().unwrap();
+        let asked = [
+            "data",
+            ".",
+            "..",
+            "/",
+            "/proc",
+            "/proc/self",
+            "self",
+            "/sys",
+            "/dev",
+            "outside",
+            shared_docs,
+            cache_path,
+        ];
+        let (granted, refused) = ask(&scope(Vec::new()), &asked);
+        assert_eq!(granted, [plugins.join("data")], "{refused:#?}");
+        assert_eq!(refused.len(), asked.len() - 1, "{refused:#?}");
+        assert!(
+            refused.iter().any(|r| r.starts_with("folder /proc ")),
+            "{refused:#?}"
+        );
+        assert!(
+            refused.iter().any(|r| r.starts_with("folder self ")),
+            "{refused:#?}"
+        );
+
+        // A root the operator names opens what is under it, and nothing
+        // the rules above refuse.
+        let (granted, refused) = ask(&scope(vec![shared.clone(), "/".into()]), &asked);
+        assert_eq!(
+            granted,
+            [plugins.join("data"), shared.clone(), shared.join("docs")],
+            "{refused:#?}"
+        );
+        assert!(
+            refused.iter().any(|r| r.contains("/proc, /sys and /dev")),
+            "{refused:#?}"
+        );
     }
 }

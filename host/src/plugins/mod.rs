@@ -30,7 +30,7 @@ use engine::{CompileCache, EpochTicker};
 pub use engine::{EngineOptions, build_engine};
 pub use manifest::{Grants, Limits};
 use registry::{AdapterEntry, Entry, PlannerEntry, Plugin, ToolEntry};
-pub use registry::{Catalog, LoadFailure, PluginInfo, PluginKind};
+pub use registry::{Catalog, LoadFailure, LoadingFile, PluginInfo, PluginKind};
 use state::CallState;
 
 use crate::protocol::{
@@ -55,6 +55,15 @@ pub struct RuntimeOptions {
     /// How many plugin calls may compute at once (run wasm rather than wait
     /// on the network); more wait their turn.
     pub concurrent_calls: usize,
+    /// Environment variables that configure the server itself (its
+    /// database URL, say): never granted to a plugin.
+    pub server_env: Vec<String>,
+    /// The server's own folders (data, compile cache): no folder grant may
+    /// contain them or lead into them.
+    pub server_dirs: Vec<PathBuf>,
+    /// The longest a plugin may take to load (compiling it and its
+    /// `describe` call), whatever its manifest asks.
+    pub max_load_time: Duration,
 }
 
 /// The default for [`RuntimeOptions::concurrent_calls`]: two per core, so
@@ -134,6 +143,18 @@ pub struct PluginRuntime {
     slots: CallSlots,
     /// Connections for the requests the host sends for translating adapters.
     http: host_http::ConnectionPool,
+    /// Where this server listens: refused as an outbound destination unless
+    /// the operator allows a plugin to reach it.
+    server_addresses: Arc<outbound::ServerAddresses>,
+    /// One scan of the folder at a time.
+    scan_lock: tokio::sync::Mutex<()>,
+    /// The loads in flight; held while the catalog is changed.
+    loads: std::sync::Mutex<registry::Loads>,
+    /// How many files are loading.
+    loading_count: tokio::sync::watch::Sender<usize>,
+    /// The files whose failure was logged, with the version that failed, so
+    /// a broken file is reported once, not at every scan.
+    warned: std::sync::Mutex<std::collections::BTreeMap<PathBuf, String>>,
     _epoch: EpochTicker,
 }
 
@@ -214,11 +235,22 @@ impl PluginRuntime {
             catalog: RwLock::new(Arc::new(Catalog::default())),
             slots,
             http: host_http::ConnectionPool::default(),
+            server_addresses: Arc::default(),
+            scan_lock: tokio::sync::Mutex::new(()),
+            loads: std::sync::Mutex::default(),
+            loading_count: tokio::sync::watch::Sender::new(0),
+            warned: std::sync::Mutex::default(),
         }))
     }
 
     pub fn plugin_dir(&self) -> &Path {
         &self.options.plugin_dir
+    }
+
+    /// Tells the runtime where this server listens, so that plugins cannot
+    /// send requests to it (unless the operator's policy allows them).
+    pub fn set_server_addresses(&self, addresses: Vec<std::net::SocketAddr>) {
+        self.server_addresses.set(addresses);
     }
 
     /// What is loaded now, and what failed to load.
@@ -245,6 +277,37 @@ impl PluginRuntime {
                     .ok_or_else(|| CallError::UnknownTool(name.clone()))
             })
             .collect()
+    }
+
+    /// Like [`tool_specs`](Self::tool_specs), but while plugins are still
+    /// loading (after a start or a drop-in), waits for them before calling
+    /// a tool unknown: a task resumed at start-up must not fail because its
+    /// tool had not loaded yet.
+    pub async fn tool_specs_when_loaded(
+        &self,
+        names: &[String],
+    ) -> Result<Vec<ToolSpec>, CallError> {
+        self.when_loaded(|| self.tool_specs(names)).await
+    }
+
+    /// Retries `lookup` each time a load finishes, until it succeeds or
+    /// nothing is loading any more.
+    async fn when_loaded<T>(
+        &self,
+        lookup: impl Fn() -> Result<T, CallError>,
+    ) -> Result<T, CallError> {
+        let mut loading = self.loading_count.subscribe();
+        loop {
+            // Read before looking: the count drops only after the catalog
+            // holds what the finished load brought.
+            let still_loading = *loading.borrow_and_update() > 0;
+            match lookup() {
+                Err(_) if still_loading => {
+                    let _ = loading.changed().await;
+                }
+                found => return found,
+            }
+        }
     }
 
     /// Runs a tool with a JSON object as input.
@@ -332,7 +395,9 @@ impl PluginRuntime {
         planner: &str,
         state: &TaskState,
     ) -> Result<PlannerAction, CallError> {
-        let plugin = self.plugin_of_kind(planner, PluginKind::Planner)?;
+        let plugin = self
+            .when_loaded(|| self.plugin_of_kind(planner, PluginKind::Planner))
+            .await?;
         let Entry::Planner(entry) = &plugin.entry else {
             unreachable!("kind checked above")
         };
@@ -378,7 +443,9 @@ impl PluginRuntime {
         deltas: Option<mpsc::UnboundedSender<String>>,
         deadline: Instant,
     ) -> Result<ChatResponse, CallError> {
-        let plugin = self.plugin_of_kind(adapter, PluginKind::LlmAdapter)?;
+        let plugin = self
+            .when_loaded(|| self.plugin_of_kind(adapter, PluginKind::LlmAdapter))
+            .await?;
         let Entry::LlmAdapter(entry) = &plugin.entry else {
             unreachable!("kind checked above")
         };

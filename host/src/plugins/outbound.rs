@@ -14,9 +14,13 @@
 //!
 //! Credentials are added here, to requests bound for the host they are
 //! granted for, so a plugin never holds a key and cannot send one elsewhere.
+//!
+//! The server's own listen addresses are refused too, whatever the grant, so
+//! a plugin cannot drive the API that runs it (create tasks, read others'),
+//! unless the operator's policy says it may.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
@@ -146,6 +150,54 @@ pub fn template_variables(template: &str) -> Vec<String> {
 pub struct OutboundPolicy {
     pub grants: Vec<HostGrant>,
     pub credentials: Vec<Credential>,
+    /// The server's own listen addresses, refused whatever the grants say;
+    /// `None` when the operator lets this plugin reach its own server.
+    pub own_server: Option<Arc<ServerAddresses>>,
+}
+
+/// Where this server listens, known once it has bound its socket.
+#[derive(Debug, Default)]
+pub struct ServerAddresses(RwLock<Vec<SocketAddr>>);
+
+impl ServerAddresses {
+    pub fn set(&self, addresses: Vec<SocketAddr>) {
+        *self.0.write().expect("server addresses lock") = addresses;
+    }
+
+    /// Whether a connection to `target` would reach this server: the same
+    /// address and port, or any address of this machine when the server
+    /// listens on all of them (`0.0.0.0`, `[::]`). Connecting to `0.0.0.0`
+    /// reaches the local machine, so it counts as loopback.
+    pub fn includes(&self, target: SocketAddr) -> bool {
+        let target_ip = canonical_ip(target.ip());
+        self.0
+            .read()
+            .expect("server addresses lock")
+            .iter()
+            .filter(|listen| listen.port() == target.port())
+            .any(|listen| {
+                let listen_ip = canonical_ip(listen.ip());
+                listen_ip == target_ip
+                    || (listen_ip.is_unspecified() && is_local_address(target_ip))
+                    || (target_ip.is_unspecified() && listen_ip.is_loopback())
+            })
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether `ip` belongs to this machine: the kernel lets a socket bind to
+/// exactly the local addresses (loopback and every interface's).
+fn is_local_address(ip: IpAddr) -> bool {
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 impl OutboundPolicy {
@@ -182,6 +234,16 @@ impl OutboundPolicy {
         let allowed = |addr: &SocketAddr| {
             is_public(addr.ip()) || matching.iter().any(|grant| grant.names_address(addr.ip()))
         };
+        if let Some(own) = &self.own_server
+            && addresses.iter().any(|address| own.includes(*address))
+        {
+            tracing::warn!(
+                %host,
+                port,
+                "outbound request denied: it is this server's own address ([policy] allow_own_server)"
+            );
+            return Err(HttpError::HttpRequestDenied);
+        }
         match addresses.first() {
             Some(first) if addresses.iter().all(allowed) => Ok(*first),
             Some(_) => {
@@ -446,6 +508,54 @@ mod tests {
         for public in ["1.1.1.1", "93.184.216.34", "2606:4700:4700::1111"] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
+    }
+
+    #[test]
+    fn the_servers_own_addresses_are_recognised() {
+        let addr = |text: &str| text.parse::<SocketAddr>().unwrap();
+        let own = ServerAddresses::default();
+        assert!(!own.includes(addr("127.0.0.1:8080")), "not known yet");
+        own.set(vec![addr("127.0.0.1:8080")]);
+        assert!(own.includes(addr("127.0.0.1:8080")));
+        assert!(own.includes(addr("[::ffff:127.0.0.1]:8080")));
+        assert!(
+            own.includes(addr("0.0.0.0:8080")),
+            "0.0.0.0 connects locally"
+        );
+        assert!(!own.includes(addr("127.0.0.1:8081")), "another port");
+        assert!(!own.includes(addr("127.0.0.2:8080")), "another address");
+
+        own.set(vec![addr("0.0.0.0:9090")]);
+        assert!(own.includes(addr("127.0.0.1:9090")));
+        assert!(own.includes(addr("127.3.2.1:9090")));
+        assert!(own.includes(addr("[::1]:9090")));
+        assert!(!own.includes(addr("1.1.1.1:9090")), "not this machine");
+        assert!(!own.includes(addr("127.0.0.1:9091")));
+    }
+
+    #[tokio::test]
+    async fn requests_to_the_servers_own_address_are_denied() {
+        let own = Arc::new(ServerAddresses::default());
+        own.set(vec!["127.0.0.1:4321".parse().unwrap()]);
+        let policy = |own_server| OutboundPolicy {
+            grants: vec![grant("http://127.0.0.1:*")],
+            credentials: Vec::new(),
+            own_server,
+        };
+        let guarded = policy(Some(own));
+        let uri = |text: &str| text.parse::<Uri>().unwrap();
+        assert!(matches!(
+            guarded.check(&uri("http://127.0.0.1:4321/v1/tasks")).await,
+            Err(HttpError::HttpRequestDenied)
+        ));
+        assert!(guarded.check(&uri("http://127.0.0.1:4322/")).await.is_ok());
+        let allowed = policy(None);
+        assert!(
+            allowed
+                .check(&uri("http://127.0.0.1:4321/v1/tasks"))
+                .await
+                .is_ok()
+        );
     }
 
     #[test]

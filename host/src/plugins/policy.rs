@@ -3,7 +3,8 @@
 //! Anything refused is recorded, so `GET /v1/plugins` shows what a plugin
 //! asked for and did not get.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,16 @@ pub struct Allowances {
     /// Whether folders may be preopened at all, and read-write.
     pub dirs: Option<bool>,
     pub writable_dirs: Option<bool>,
+    /// Folders outside the plugin folder that manifests may grant, with
+    /// everything below them. Unlike the other lists these add up: a root
+    /// named globally or for the plugin is open to it. Without any, folder
+    /// grants stay inside the plugin folder. `/proc`, `/sys`, `/dev` and the
+    /// server's own folders are never granted, whatever is named here.
+    pub dir_roots: Option<Vec<PathBuf>>,
+    /// Whether plugins may send requests to this server's own listen
+    /// addresses (its API). Refused unless set to `true`, globally or for
+    /// the plugin, and not `false` at the other level.
+    pub allow_own_server: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -65,6 +76,36 @@ impl OperatorPolicy {
         })
     }
 
+    /// The folders outside the plugin folder that `plugin` may be granted.
+    pub fn dir_roots(&self, plugin: &str) -> Vec<PathBuf> {
+        let scoped = self.plugins.get(plugin).map(|p| &p.allow);
+        std::iter::once(&self.all)
+            .chain(scoped)
+            .flat_map(|rules| rules.dir_roots.iter().flatten().cloned())
+            .collect()
+    }
+
+    /// Whether `plugin` may reach this server's own listen addresses.
+    pub fn allows_own_server(&self, plugin: &str) -> bool {
+        let scoped = self.plugins.get(plugin).map(|p| &p.allow);
+        let levels: Vec<Option<bool>> = std::iter::once(&self.all)
+            .chain(scoped)
+            .map(|rules| rules.allow_own_server)
+            .collect();
+        levels.contains(&Some(true)) && !levels.contains(&Some(false))
+    }
+
+    /// The variables the operator names as secrets, globally or for any
+    /// plugin: credentials draw on them, so no plugin reads them as plain
+    /// environment.
+    pub fn secret_names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(&self.all)
+            .chain(self.plugins.values().map(|p| &p.allow))
+            .flat_map(|rules| rules.secrets.iter().flatten())
+            .map(String::as_str)
+            .filter(|name| *name != "*")
+    }
+
     /// Whether the operator lets the plugin load at all.
     pub fn enabled(&self, plugin: &str) -> bool {
         self.plugins
@@ -74,12 +115,15 @@ impl OperatorPolicy {
     }
 
     /// The manifest with everything the policy refuses taken out, the limits
-    /// capped, and a note for each refusal.
+    /// capped, and a note for each refusal. `secrets` are the variables that
+    /// any plugin's credential draws on (or that configure the server): none
+    /// is granted as plain environment, whatever the manifest asks.
     pub fn narrow(
         &self,
         plugin: &str,
         manifest: &Manifest,
         limits: Limits,
+        secrets: &BTreeSet<String>,
     ) -> (Manifest, Limits, Vec<String>) {
         let scoped = self.plugins.get(plugin);
         let rules: Vec<&Allowances> = std::iter::once(&self.all)
@@ -119,24 +163,15 @@ impl OperatorPolicy {
             }
             keep
         });
-        // A secret never becomes readable: a variable a credential draws
-        // from is not granted as plain environment, whatever the manifest says.
-        let adapter_credential = manifest
-            .adapter
-            .as_ref()
-            .and_then(|a| a.credential.as_ref());
-        let secrets: Vec<String> = capabilities
-            .credentials
-            .iter()
-            .map(|c| c.value.as_str())
-            .chain(adapter_credential.map(|c| c.value.as_str()))
-            .flat_map(super::outbound::template_variables)
-            .collect();
+        // A secret never becomes readable: a variable that this or any other
+        // plugin's credential draws from is not granted as plain environment,
+        // whatever the manifest says.
+        let own_secrets = manifest.credential_variables();
         capabilities.env.retain(|name| {
-            let keep = !secrets.contains(name);
+            let keep = !secrets.contains(name) && !own_secrets.contains(name);
             if !keep {
                 refused.push(format!(
-                    "environment variable {name} (it holds a credential)"
+                    "environment variable {name} (it holds a credential or a server setting)"
                 ));
             }
             keep
@@ -204,10 +239,14 @@ mod tests {
         .unwrap()
     }
 
+    fn none() -> BTreeSet<String> {
+        BTreeSet::new()
+    }
+
     #[test]
     fn without_a_policy_everything_asked_for_is_granted() {
         let (narrowed, _, refused) =
-            OperatorPolicy::default().narrow("p", &manifest(), Limits::default());
+            OperatorPolicy::default().narrow("p", &manifest(), Limits::default(), &none());
         assert_eq!(narrowed, manifest());
         assert!(refused.is_empty());
     }
@@ -226,7 +265,8 @@ mod tests {
             "#,
         )
         .unwrap();
-        let (narrowed, limits, refused) = policy.narrow("p", &manifest(), Limits::default());
+        let (narrowed, limits, refused) =
+            policy.narrow("p", &manifest(), Limits::default(), &none());
         let caps = &narrowed.capabilities;
         assert_eq!(caps.outbound_hosts, ["https://api.openai.com"]);
         assert_eq!(caps.env, ["A"]);
@@ -235,7 +275,7 @@ mod tests {
         assert_eq!(limits.memory_bytes, 8 << 20);
         assert_eq!(refused.len(), 5, "{refused:?}");
 
-        let (other, _, _) = policy.narrow("q", &manifest(), Limits::default());
+        let (other, _, _) = policy.narrow("q", &manifest(), Limits::default(), &none());
         assert_eq!(
             other.capabilities.env,
             ["A", "B"],
@@ -248,7 +288,7 @@ mod tests {
         let mut manifest = manifest();
         manifest.capabilities.env.push("OPENAI_API_KEY".into());
         let (narrowed, _, refused) =
-            OperatorPolicy::default().narrow("p", &manifest, Limits::default());
+            OperatorPolicy::default().narrow("p", &manifest, Limits::default(), &none());
         assert_eq!(narrowed.capabilities.env, ["A", "B"]);
         assert_eq!(
             narrowed.capabilities.credentials.len(),
@@ -256,6 +296,47 @@ mod tests {
             "the credential stays"
         );
         assert!(refused[0].contains("OPENAI_API_KEY"), "{refused:?}");
+    }
+
+    #[test]
+    fn another_plugins_credential_variable_is_never_plain_environment() {
+        let mut manifest = manifest();
+        manifest.capabilities.env.push("ANTHROPIC_API_KEY".into());
+        let secrets = BTreeSet::from(["ANTHROPIC_API_KEY".to_owned()]);
+        let (narrowed, _, refused) =
+            OperatorPolicy::default().narrow("p", &manifest, Limits::default(), &secrets);
+        assert_eq!(narrowed.capabilities.env, ["A", "B"]);
+        assert!(refused[0].contains("ANTHROPIC_API_KEY"), "{refused:?}");
+    }
+
+    #[test]
+    fn the_operators_secrets_roots_and_own_server_rule() {
+        let policy: OperatorPolicy = toml::from_str(
+            r#"
+            secrets = ["OPENAI_API_KEY", "*"]
+            dir_roots = ["/srv/shared"]
+
+            [plugins.p]
+            secrets = ["GEMINI_API_KEY"]
+            dir_roots = ["/srv/p"]
+            allow_own_server = true
+
+            [plugins.q]
+            allow_own_server = false
+            "#,
+        )
+        .unwrap();
+        let secrets: Vec<&str> = policy.secret_names().collect();
+        assert_eq!(secrets, ["OPENAI_API_KEY", "GEMINI_API_KEY"]);
+        assert_eq!(
+            policy.dir_roots("p"),
+            [PathBuf::from("/srv/shared"), PathBuf::from("/srv/p")]
+        );
+        assert_eq!(policy.dir_roots("q"), [PathBuf::from("/srv/shared")]);
+        assert!(policy.allows_own_server("p"));
+        assert!(!policy.allows_own_server("q"));
+        assert!(!policy.allows_own_server("r"), "refused unless allowed");
+        assert!(!OperatorPolicy::default().allows_own_server("p"));
     }
 
     #[test]

@@ -1,16 +1,19 @@
 //! The registry: which components are loaded from the plugin folder, what
 //! each offers, and what failed to load and why.
 //!
-//! Loading a folder builds a new [`Catalog`] and swaps it in whole, so a
-//! call in flight keeps the plugin it started with and never sees a
-//! half-loaded folder. A file that is unchanged (same bytes, same manifest)
-//! keeps its already-loaded plugin.
+//! A scan of the folder starts a background load for each new file or new
+//! version; each plugin joins the [`Catalog`] as soon as it has loaded. Every
+//! change builds a new catalog and swaps it in whole, so a call in flight
+//! keeps the plugin it started with. A file that is unchanged (same bytes,
+//! same manifest) keeps its already-loaded plugin.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -18,7 +21,7 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, InstancePre};
 
 use super::bindings::{self, WitVersion, v0_1, v0_2};
-use super::manifest::{Grants, Limits, Manifest};
+use super::manifest::{FolderScope, Grants, Limits, Manifest};
 use super::state::CallState;
 use super::{PluginRuntime, SlotKind, convert};
 use crate::protocol::ToolSpec;
@@ -117,6 +120,11 @@ pub(super) struct Plugin {
     pub validators: BTreeMap<String, Arc<jsonschema::Validator>>,
     /// Hash of the manifest's bytes, to notice when only the manifest changed.
     manifest_sha256: Option<String>,
+    /// The variables the manifest asked for that were withheld as secrets,
+    /// to notice when another plugin's credential starts drawing on one.
+    withheld_env: BTreeSet<String>,
+    /// How long its file has held its names.
+    standing: Standing,
 }
 
 /// Everything loaded from the plugin folder at one moment.
@@ -126,6 +134,7 @@ pub struct Catalog {
     /// Tool name to the plugin offering it.
     tools: BTreeMap<String, Arc<Plugin>>,
     failures: Vec<LoadFailure>,
+    loading: Vec<LoadingFile>,
 }
 
 impl Catalog {
@@ -135,6 +144,11 @@ impl Catalog {
 
     pub fn failures(&self) -> &[LoadFailure] {
         &self.failures
+    }
+
+    /// Files whose plugin is being loaded in the background.
+    pub fn loading(&self) -> &[LoadingFile] {
+        &self.loading
     }
 
     pub fn kind_of(&self, name: &str) -> Option<PluginKind> {
@@ -162,103 +176,513 @@ impl Catalog {
     pub(super) fn tool_plugin(&self, tool: &str) -> Option<Arc<Plugin>> {
         self.tools.get(tool).cloned()
     }
+
+    /// The plugin loaded from `file`, if one is.
+    fn plugin_from(&self, file: &Path) -> Option<Arc<Plugin>> {
+        self.plugins
+            .values()
+            .find(|plugin| plugin.info.file == file)
+            .cloned()
+    }
+
+    /// A copy to change: the same plugins, shared.
+    fn shallow_clone(&self) -> Self {
+        Self {
+            plugins: self.plugins.clone(),
+            tools: self.tools.clone(),
+            failures: self.failures.clone(),
+            loading: self.loading.clone(),
+        }
+    }
+
+    /// Takes out the plugin loaded from `file`, with its tools.
+    fn remove_file(&mut self, file: &Path) -> Option<Arc<Plugin>> {
+        let plugin = self.plugin_from(file)?;
+        self.plugins.remove(&plugin.info.name);
+        self.tools.retain(|_, owner| !Arc::ptr_eq(owner, &plugin));
+        Some(plugin)
+    }
+
+    /// Adds a plugin unless a plugin of longer standing holds its name or
+    /// one of its tools' names. Plugins of shorter standing holding them
+    /// (found by the same scan, but newer) are taken out and returned, each
+    /// with the reason.
+    fn admit(&mut self, plugin: Arc<Plugin>) -> Result<Vec<(Arc<Plugin>, String)>, String> {
+        let name = &plugin.info.name;
+        let rank = |p: &Plugin| (p.standing, p.info.file.clone());
+        let mut rivals: Vec<(Arc<Plugin>, String)> = Vec::new();
+        if let Some(holder) = self.plugins.get(name) {
+            rivals.push((holder.clone(), format!("plugin name {name:?}")));
+        }
+        for spec in &plugin.info.tools {
+            if let Some(owner) = self.tools.get(&spec.name) {
+                rivals.push((owner.clone(), format!("tool {:?}", spec.name)));
+            }
+        }
+        if let Some((holder, what)) = rivals
+            .iter()
+            .find(|(holder, _)| rank(holder) < rank(&plugin))
+        {
+            return Err(taken(what, holder));
+        }
+        let mut displaced = Vec::new();
+        for (rival, what) in rivals {
+            if self.remove_file(&rival.info.file).is_some() {
+                let reason = taken(&what, &plugin);
+                displaced.push((rival, reason));
+            }
+        }
+        for spec in &plugin.info.tools {
+            self.tools.insert(spec.name.clone(), plugin.clone());
+        }
+        self.plugins.insert(name.clone(), plugin);
+        Ok(displaced)
+    }
 }
 
-/// What one scan of the folder changed.
+/// Why a plugin was refused: `what` (a plugin or tool name) is `holder`'s.
+fn taken(what: &str, holder: &Plugin) -> String {
+    let verb = if what.starts_with("tool") {
+        "offered"
+    } else {
+        "held"
+    };
+    format!(
+        "refused: {what} is already {verb} by plugin {:?} ({}); a name belongs to the plugin \
+         whose file held it first, until that file is removed",
+        holder.info.name,
+        holder.info.file.display()
+    )
+}
+
+/// `error`, noting that the version loaded before keeps serving, if one does.
+fn keeps_serving(error: String, kept: Option<&Plugin>) -> String {
+    match kept {
+        Some(plugin) => format!(
+            "{error}; the version loaded before (sha256 {}) keeps serving",
+            &plugin.info.sha256[..12]
+        ),
+        None => error,
+    }
+}
+
+/// What one scan of the folder found; loads it started finish later.
 #[derive(Debug, Default)]
 pub struct ScanReport {
-    pub loaded: Vec<String>,
+    /// Files whose loading started (a new file or a new version).
+    pub loading: Vec<PathBuf>,
     pub unchanged: usize,
     pub removed: Vec<String>,
+    /// Files that could not even be read.
     pub failed: usize,
 }
 
+/// A file whose plugin is being loaded, as `GET /v1/plugins` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadingFile {
+    pub file: PathBuf,
+    /// RFC 3339.
+    pub started_at: String,
+}
+
+/// How long a file has held its names: when two plugins claim one name,
+/// the one with the earlier standing keeps it. A new version of a file
+/// inherits the standing of the version it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Standing {
+    /// The scan that first found the file.
+    since: u64,
+    /// Its modification time then: among files found by one scan (at
+    /// start-up), older files go first.
+    modified: SystemTime,
+}
+
+/// The loads in flight, and the scans so far. Changed only together with
+/// the catalog, under the runtime's `loads` lock.
+#[derive(Default)]
+pub(super) struct Loads {
+    scans: u64,
+    in_flight: BTreeMap<PathBuf, InFlight>,
+}
+
+struct InFlight {
+    /// The hashes of the component and manifest being loaded: a result for
+    /// another version of the file is stale.
+    version: String,
+    started_at: String,
+    task: tokio::task::AbortHandle,
+}
+
+/// A `.wasm` file of the plugin folder as one scan found it.
+struct Candidate {
+    /// Its path in the folder, as users name it.
+    file: PathBuf,
+    modified: SystemTime,
+    /// The manifest beside it, if any, with the SHA-256 of its bytes.
+    manifest: Result<Option<(Manifest, String)>, String>,
+}
+
+/// What loading one file needs.
+struct LoadJob {
+    file: PathBuf,
+    version: String,
+    standing: Standing,
+    wasm: Vec<u8>,
+    sha256: String,
+    manifest: Manifest,
+    manifest_sha256: Option<String>,
+    secrets: Arc<BTreeSet<String>>,
+}
+
+/// A candidate once its component was read.
+struct Found {
+    candidate: Candidate,
+    wasm: Result<Vec<u8>, String>,
+    sha256: String,
+    version: String,
+}
+
 impl PluginRuntime {
-    /// Loads every `.wasm` in the plugin folder, reusing plugins whose files
-    /// did not change, and swaps the result in. A file that fails to load is
-    /// recorded with the reason and skipped; the rest still load.
-    pub async fn scan(&self) -> std::io::Result<ScanReport> {
-        let dir = self.options.plugin_dir.clone();
-        let mut files = Vec::new();
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            let hidden = path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if !hidden && path.extension().is_some_and(|ext| ext == "wasm") && path.is_file() {
-                files.push(path);
+    /// Scans the plugin folder and waits until every load it started has
+    /// finished (or failed, or run out of time).
+    pub async fn scan(self: &Arc<Self>) -> std::io::Result<ScanReport> {
+        let report = self.rescan().await?;
+        self.loaded().await;
+        Ok(report)
+    }
+
+    /// Waits until no plugin is loading.
+    pub async fn loaded(&self) {
+        let mut loading = self.loading_count.subscribe();
+        let _ = loading.wait_for(|count| *count == 0).await;
+    }
+
+    /// Scans the plugin folder: files that did not change keep their
+    /// plugin, files that disappeared are unloaded at once, and each new
+    /// file or new version is loaded in the background, in a task of its
+    /// own, under the operator's `max_load_time`; each joins the catalog as
+    /// soon as it has loaded, so a slow or failing load delays no other.
+    /// `GET /v1/plugins` lists the files still loading.
+    ///
+    /// A name belongs to the file that has held it longest: a file dropped
+    /// in later cannot take over a plugin or tool name, whatever the file
+    /// names; at start-up, older files (by modification time) go first. A
+    /// file that fails to load (unreadable, half-written, refused) never
+    /// unloads the version of it that was working: that version keeps
+    /// serving until a new one loads.
+    pub async fn rescan(self: &Arc<Self>) -> std::io::Result<ScanReport> {
+        let _one_at_a_time = self.scan_lock.lock().await;
+        let folder = self.options.plugin_dir.canonicalize()?;
+        let mut candidates = Vec::new();
+        for entry in std::fs::read_dir(&self.options.plugin_dir)? {
+            let file = entry?.path();
+            if !is_plugin_file(&file, "wasm") || !file.is_file() {
+                continue;
+            }
+            let modified = std::fs::metadata(&file)
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let manifest_path = file.with_extension("toml");
+            let manifest = read_in_folder(&manifest_path, &folder).and_then(|bytes| {
+                bytes
+                    .map(|bytes| {
+                        let manifest = Manifest::parse(&bytes, &manifest_path)?;
+                        Ok((manifest, hex::encode(Sha256::digest(&bytes))))
+                    })
+                    .transpose()
+            });
+            candidates.push(Candidate {
+                file,
+                modified,
+                manifest,
+            });
+        }
+        candidates.sort_by(|a, b| a.file.cmp(&b.file));
+        // Every variable a credential draws on, in any manifest here, or
+        // that the operator names as a secret, or that configures the
+        // server: none is ever handed to a plugin as plain environment.
+        let mut secrets: BTreeSet<String> = self
+            .options
+            .policy
+            .secret_names()
+            .map(str::to_owned)
+            .chain(self.options.server_env.iter().cloned())
+            .collect();
+        for candidate in &candidates {
+            if let Ok(Some((manifest, _))) = &candidate.manifest {
+                secrets.extend(manifest.credential_variables());
             }
         }
-        files.sort();
+        let secrets = Arc::new(secrets);
 
-        let previous = self.catalog();
-        let mut next = Catalog::default();
+        let mut found = Vec::new();
+        for candidate in candidates {
+            let read = {
+                let (file, folder) = (candidate.file.clone(), folder.clone());
+                tokio::task::spawn_blocking(move || read_in_folder(&file, &folder))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("reading panicked: {e}")))
+            };
+            let wasm = match read {
+                Ok(Some(wasm)) => Ok(wasm),
+                Ok(None) => Err("it disappeared while the folder was read".to_owned()),
+                Err(error) => Err(error),
+            };
+            let sha256 = match &wasm {
+                Ok(wasm) => hex::encode(Sha256::digest(wasm)),
+                Err(_) => String::new(),
+            };
+            let manifest_sha256 = match &candidate.manifest {
+                Ok(Some((_, sha))) => sha.as_str(),
+                _ => "-",
+            };
+            let version = format!("{sha256} {manifest_sha256}");
+            found.push(Found {
+                candidate,
+                wasm,
+                sha256,
+                version,
+            });
+        }
+
+        let mut loads = self.loads.lock().expect("loads lock");
+        loads.scans += 1;
+        let scan = loads.scans;
+        let current = self.catalog();
+        let mut next = current.shallow_clone();
+        next.failures.clear();
         let mut report = ScanReport::default();
-        for file in files {
-            match self.load_or_reuse(&file, &previous).await {
-                Ok((plugin, reused)) => {
-                    if let Err(error) = insert(&mut next, plugin.clone()) {
-                        tracing::warn!(file = %file.display(), %error, "plugin skipped");
-                        next.failures.push(LoadFailure { file, error });
-                        report.failed += 1;
-                    } else if reused {
-                        report.unchanged += 1;
-                    } else {
+        let present: BTreeSet<&Path> = found.iter().map(|f| f.candidate.file.as_path()).collect();
+        let gone: Vec<PathBuf> = loads
+            .in_flight
+            .keys()
+            .filter(|file| !present.contains(file.as_path()))
+            .cloned()
+            .collect();
+        for file in gone {
+            if let Some(load) = loads.in_flight.remove(&file) {
+                load.task.abort();
+            }
+        }
+        let removed: Vec<Arc<Plugin>> = current
+            .plugins
+            .values()
+            .filter(|plugin| !present.contains(plugin.info.file.as_path()))
+            .cloned()
+            .collect();
+        for plugin in removed {
+            next.remove_file(&plugin.info.file);
+            self.forget_warning(&plugin.info.file);
+            tracing::info!(plugin = %plugin.info.name, "plugin unloaded");
+            report.removed.push(plugin.info.name.clone());
+        }
+        for Found {
+            candidate,
+            wasm,
+            sha256,
+            version,
+        } in found
+        {
+            let file = candidate.file;
+            let incumbent = current.plugin_from(&file);
+            let (wasm, manifest) = match (wasm, candidate.manifest) {
+                (Ok(wasm), Ok(manifest)) => (wasm, manifest),
+                (Err(error), _) | (_, Err(error)) => {
+                    // Broken now: a load of an earlier version is moot.
+                    if let Some(load) = loads.in_flight.remove(&file) {
+                        load.task.abort();
+                    }
+                    let error = keeps_serving(error, incumbent.as_deref());
+                    self.warn_once(&file, &version, &error);
+                    next.failures.push(LoadFailure { file, error });
+                    report.failed += 1;
+                    continue;
+                }
+            };
+            let manifest_sha256 = manifest.as_ref().map(|(_, sha)| sha.clone());
+            let manifest = manifest.map(|(manifest, _)| manifest).unwrap_or_default();
+            let unchanged = incumbent.as_ref().is_some_and(|plugin| {
+                plugin.info.sha256 == sha256
+                    && plugin.manifest_sha256 == manifest_sha256
+                    && plugin.withheld_env == withheld(&manifest, &secrets)
+            });
+            if unchanged {
+                if let Some(load) = loads.in_flight.remove(&file) {
+                    load.task.abort();
+                }
+                report.unchanged += 1;
+                continue;
+            }
+            if loads
+                .in_flight
+                .get(&file)
+                .is_some_and(|load| load.version == version)
+            {
+                continue;
+            }
+            let standing = incumbent.map_or(
+                Standing {
+                    since: scan,
+                    modified: candidate.modified,
+                },
+                |plugin| plugin.standing,
+            );
+            let task = self.start_load(LoadJob {
+                file: file.clone(),
+                version: version.clone(),
+                standing,
+                wasm,
+                sha256,
+                manifest,
+                manifest_sha256,
+                secrets: secrets.clone(),
+            });
+            let started_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+            if let Some(earlier) = loads.in_flight.insert(
+                file.clone(),
+                InFlight {
+                    version,
+                    started_at,
+                    task,
+                },
+            ) {
+                earlier.task.abort();
+            }
+            report.loading.push(file);
+        }
+        self.publish(&loads, next);
+        Ok(report)
+    }
+
+    /// Loads one file in a task of its own, under `max_load_time`, then
+    /// hands the outcome to [`install`](Self::install).
+    fn start_load(self: &Arc<Self>, job: LoadJob) -> tokio::task::AbortHandle {
+        let runtime = Arc::clone(self);
+        let limit = self.options.max_load_time;
+        let task = tokio::spawn(async move {
+            let LoadJob {
+                file,
+                version,
+                standing,
+                wasm,
+                sha256,
+                manifest,
+                manifest_sha256,
+                secrets,
+            } = job;
+            // A task of its own, so that a panic fails this load alone.
+            let loading = {
+                let runtime = runtime.clone();
+                let file = file.clone();
+                tokio::spawn(async move {
+                    runtime
+                        .load(&file, wasm, sha256, &manifest, manifest_sha256, &secrets)
+                        .await
+                })
+            };
+            let abort = loading.abort_handle();
+            let outcome = match tokio::time::timeout(limit, loading).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(error)) => Err(format!("loading it failed: {error}")),
+                Err(_) => {
+                    abort.abort();
+                    Err(format!(
+                        "it did not finish loading within {} (the operator's \
+                         plugins.max_load_time): its describe call, or compiling it, took too long",
+                        humantime::format_duration(limit)
+                    ))
+                }
+            };
+            runtime.install(&file, &version, standing, outcome);
+        });
+        task.abort_handle()
+    }
+
+    /// Puts the outcome of a load into the catalog, unless the file changed
+    /// or went away meanwhile.
+    fn install(
+        &self,
+        file: &Path,
+        version: &str,
+        standing: Standing,
+        outcome: Result<Plugin, String>,
+    ) {
+        let mut loads = self.loads.lock().expect("loads lock");
+        if loads
+            .in_flight
+            .get(file)
+            .is_none_or(|load| load.version != version)
+        {
+            return;
+        }
+        loads.in_flight.remove(file);
+        let mut next = self.catalog().shallow_clone();
+        next.failures.retain(|failure| failure.file != file);
+        let previous = next.remove_file(file);
+        let refusal = match outcome {
+            Ok(mut plugin) => {
+                plugin.standing = standing;
+                let plugin = Arc::new(plugin);
+                match next.admit(plugin.clone()) {
+                    Ok(displaced) => {
                         tracing::info!(
                             plugin = %plugin.info.name,
                             kind = %plugin.info.kind,
                             sha256 = %&plugin.info.sha256[..12],
                             "plugin loaded"
                         );
-                        report.loaded.push(plugin.info.name.clone());
+                        self.forget_warning(file);
+                        for (loser, error) in displaced {
+                            self.warn_once(&loser.info.file, &loser.info.sha256, &error);
+                            next.failures.push(LoadFailure {
+                                file: loser.info.file.clone(),
+                                error,
+                            });
+                        }
+                        None
                     }
-                }
-                Err(error) => {
-                    tracing::warn!(file = %file.display(), %error, "plugin skipped");
-                    next.failures.push(LoadFailure { file, error });
-                    report.failed += 1;
+                    Err(error) => Some(error),
                 }
             }
+            Err(error) => Some(error),
+        };
+        if let Some(error) = refusal {
+            let kept = previous.filter(|plugin| next.admit(plugin.clone()).is_ok());
+            let error = keeps_serving(error, kept.as_deref());
+            self.warn_once(file, version, &error);
+            next.failures.push(LoadFailure {
+                file: file.to_owned(),
+                error,
+            });
         }
-        report.removed = previous
-            .plugins
-            .keys()
-            .filter(|name| !next.plugins.contains_key(*name))
-            .cloned()
-            .collect();
-        for name in &report.removed {
-            tracing::info!(plugin = %name, "plugin unloaded");
-        }
-        *self.catalog.write().expect("catalog lock") = Arc::new(next);
-        Ok(report)
+        self.publish(&loads, next);
     }
 
-    async fn load_or_reuse(
-        &self,
-        file: &Path,
-        previous: &Catalog,
-    ) -> Result<(Arc<Plugin>, bool), String> {
-        let wasm = tokio::fs::read(file)
-            .await
-            .map_err(|e| format!("cannot read: {e}"))?;
-        let sha256 = hex::encode(Sha256::digest(&wasm));
-        let manifest = Manifest::load_beside(file)?;
-        let manifest_sha256 = manifest
-            .as_ref()
-            .map(|(_, bytes)| hex::encode(Sha256::digest(bytes)));
-        let unchanged = previous.plugins.values().find(|plugin| {
-            plugin.info.file == file
-                && plugin.info.sha256 == sha256
-                && plugin.manifest_sha256 == manifest_sha256
-        });
-        if let Some(plugin) = unchanged {
-            return Ok((plugin.clone(), true));
+    /// Swaps `next` in, with the files still loading.
+    fn publish(&self, loads: &Loads, mut next: Catalog) {
+        next.loading = loads
+            .in_flight
+            .iter()
+            .map(|(file, load)| LoadingFile {
+                file: file.clone(),
+                started_at: load.started_at.clone(),
+            })
+            .collect();
+        *self.catalog.write().expect("catalog lock") = Arc::new(next);
+        self.loading_count.send_replace(loads.in_flight.len());
+    }
+
+    /// Logs a failure unless the same version of the file failed before.
+    fn warn_once(&self, file: &Path, version: &str, error: &str) {
+        let mut warned = self.warned.lock().expect("warnings lock");
+        if warned.get(file).is_none_or(|seen| seen != version) {
+            tracing::warn!(file = %file.display(), %error, "plugin skipped");
+            warned.insert(file.to_owned(), version.to_owned());
         }
-        let manifest = manifest.map(|(manifest, _)| manifest).unwrap_or_default();
-        let plugin = self
-            .load(file, wasm, sha256, &manifest, manifest_sha256)
-            .await?;
-        Ok((Arc::new(plugin), false))
+    }
+
+    fn forget_warning(&self, file: &Path) {
+        self.warned.lock().expect("warnings lock").remove(file);
     }
 
     async fn load(
@@ -268,6 +692,7 @@ impl PluginRuntime {
         sha256: String,
         manifest: &Manifest,
         manifest_sha256: Option<String>,
+        secrets: &BTreeSet<String>,
     ) -> Result<Plugin, String> {
         let name = match &manifest.plugin.name {
             Some(name) => name.clone(),
@@ -282,11 +707,28 @@ impl PluginRuntime {
             return Err(format!("the operator's policy disables plugin {name:?}"));
         }
         let requested = self.options.default_limits.with_requested(&manifest.limits);
-        let (manifest, limits, refused) = policy.narrow(&name, manifest, requested);
+        let withheld_env = withheld(manifest, secrets);
+        let (manifest, limits, mut refused) = policy.narrow(&name, manifest, requested, secrets);
+        let scope = FolderScope {
+            plugin_dir: canonical(&self.options.plugin_dir),
+            roots: policy
+                .dir_roots(&name)
+                .iter()
+                .map(|r| canonical(r))
+                .collect(),
+            server_dirs: self
+                .options
+                .server_dirs
+                .iter()
+                .map(|d| canonical(d))
+                .collect(),
+        };
+        let own_server = (!policy.allows_own_server(&name)).then(|| self.server_addresses.clone());
+        let (grants, refused_dirs) = manifest.grants(&scope, own_server)?;
+        refused.extend(refused_dirs);
         for refusal in &refused {
             tracing::warn!(plugin = %name, "policy refused {refusal}");
         }
-        let grants = manifest.grants(&self.options.plugin_dir)?;
         if let Some(endpoint) = &grants.adapter {
             let secrets = endpoint
                 .credential
@@ -311,12 +753,20 @@ impl PluginRuntime {
             ));
         }
 
+        // Only a WebAssembly binary goes further: wasmtime would read text as
+        // the WebAssembly text format and quote it in its error, and a
+        // file's contents must never reach a load error.
+        if !wasm.starts_with(b"\0asm") {
+            let reason = "it is not a WebAssembly binary (those start with the bytes \\0asm)";
+            return Err(format!("not a valid WebAssembly component: {reason}"));
+        }
         let size_bytes = wasm.len() as u64;
         let component = {
             let engine = self.engine.clone();
             let cache = self.cache.clone();
             let sha256 = sha256.clone();
-            tokio::task::spawn_blocking(move || cache.load(&engine, &wasm, &sha256))
+            let label = file.display().to_string();
+            tokio::task::spawn_blocking(move || cache.load(&engine, &wasm, &sha256, &label))
                 .await
                 .map_err(|e| format!("compiling panicked: {e}"))?
                 .map_err(|e| format!("not a valid WebAssembly component: {e:#}"))?
@@ -372,6 +822,11 @@ impl PluginRuntime {
             entry,
             validators: BTreeMap::new(),
             manifest_sha256,
+            withheld_env,
+            standing: Standing {
+                since: 0,
+                modified: SystemTime::UNIX_EPOCH,
+            },
         };
         if kind == PluginKind::Tool {
             plugin.info.tools = self.describe(&plugin).await?;
@@ -427,8 +882,10 @@ impl PluginRuntime {
             .collect()
     }
 
-    /// Rescans the folder whenever its contents change, until the returned
-    /// watcher is dropped.
+    /// Rescans the folder whenever the contents of its plugin files change,
+    /// until the returned watcher is dropped. Opening, reading and closing
+    /// a file (as a scan does) is not a change, so scans never wake the
+    /// watcher themselves.
     pub fn watch(self: &Arc<Self>) -> notify::Result<PluginWatcher> {
         use notify_debouncer_full::{DebounceEventResult, new_debouncer, notify::RecursiveMode};
 
@@ -437,7 +894,9 @@ impl PluginRuntime {
             Duration::from_millis(300),
             None,
             move |result: DebounceEventResult| {
-                if result.is_ok() {
+                if let Ok(events) = result
+                    && events.iter().any(|e| changes_content(&e.event))
+                {
                     let _ = changed.send(());
                 }
             },
@@ -450,10 +909,11 @@ impl PluginRuntime {
                 let Some(runtime) = runtime.upgrade() else {
                     break;
                 };
-                match runtime.scan().await {
-                    Ok(report) if report.loaded.is_empty() && report.removed.is_empty() => {}
+                tracing::debug!("rescanning the plugin folder");
+                match runtime.rescan().await {
+                    Ok(report) if report.loading.is_empty() && report.removed.is_empty() => {}
                     Ok(report) => tracing::info!(
-                        loaded = ?report.loaded,
+                        loading = ?report.loading,
                         removed = ?report.removed,
                         failed = report.failed,
                         "plugin folder changed"
@@ -469,6 +929,24 @@ impl PluginRuntime {
     }
 }
 
+/// Whether a file event may have changed what a plugin file holds: created,
+/// written, closed after writing, renamed or removed. Opening, reading,
+/// closing unwritten and metadata changes are not.
+fn changes_content(event: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    let kind = match event.kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
+    };
+    kind && event
+        .paths
+        .iter()
+        .any(|path| is_plugin_file(path, "wasm") || is_plugin_file(path, "toml"))
+}
+
 /// Keeps the plugin folder watched while alive.
 pub struct PluginWatcher {
     _debouncer: Box<dyn std::any::Any + Send>,
@@ -481,24 +959,66 @@ impl Drop for PluginWatcher {
     }
 }
 
-fn insert(catalog: &mut Catalog, plugin: Arc<Plugin>) -> Result<(), String> {
-    let name = &plugin.info.name;
-    if catalog.plugins.contains_key(name) {
-        return Err(format!("another plugin is already named {name:?}"));
+/// Whether `path` is a file of the plugin folder of this extension: hidden
+/// files (`.name`) are not, so copy-then-rename makes a drop-in atomic.
+fn is_plugin_file(path: &Path, extension: &str) -> bool {
+    let hidden = path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+    !hidden && path.extension().is_some_and(|ext| ext == extension)
+}
+
+/// The variables `manifest` asks for that are `secrets`.
+fn withheld(manifest: &Manifest, secrets: &BTreeSet<String>) -> BTreeSet<String> {
+    manifest
+        .capabilities
+        .env
+        .iter()
+        .filter(|name| secrets.contains(*name))
+        .cloned()
+        .collect()
+}
+
+/// `path` with links resolved, or as given when it cannot be.
+fn canonical(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_owned())
+}
+
+/// Reads a file of the plugin folder (`folder` is canonical), or `None` if
+/// there is none. A file that resolves outside the folder (a link to
+/// another folder, to `/proc/self/environ`) is refused without being read,
+/// and no error quotes what a file holds.
+fn read_in_folder(path: &Path, folder: &Path) -> Result<Option<Vec<u8>>, String> {
+    let name = path.file_name().map(Path::new).unwrap_or(path).display();
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {name}: {e}")),
+        Ok(_) => {}
     }
-    for spec in &plugin.info.tools {
-        if let Some(owner) = catalog.tools.get(&spec.name) {
-            return Err(format!(
-                "tool {:?} is already offered by plugin {:?}",
-                spec.name, owner.info.name
-            ));
-        }
+    let resolved = path
+        .canonicalize()
+        .map_err(|e| format!("cannot read {name}: it is a link that leads nowhere ({e})"))?;
+    if !resolved.starts_with(folder) {
+        return Err(format!(
+            "refused: {name} resolves to {}, outside the plugin folder; copy the file into \
+             the folder instead of linking to it",
+            resolved.display()
+        ));
     }
-    for spec in &plugin.info.tools {
-        catalog.tools.insert(spec.name.clone(), plugin.clone());
+    // Opened without following a link, so one swapped in since the check
+    // above is not followed out of the folder.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&resolved)
+        .map_err(|e| format!("cannot read {name}: {e}"))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(format!("refused: {name} is not a regular file"));
     }
-    catalog.plugins.insert(name.clone(), plugin);
-    Ok(())
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {name}: {e}"))?;
+    Ok(Some(bytes))
 }
 
 /// Names are `[A-Za-z0-9_-]{1,64}`: safe in URLs, logs and tool calls.

@@ -121,7 +121,12 @@ impl Run {
     }
 
     async fn drive(&mut self) -> Result<TaskEnd, Interrupted> {
-        let tools = match self.shared.runtime.tool_specs(&self.task.tools) {
+        let tools = match self
+            .shared
+            .runtime
+            .tool_specs_when_loaded(&self.task.tools)
+            .await
+        {
             Ok(tools) => tools,
             Err(error) => return Ok(failed(error.code(), error.to_string())),
         };
