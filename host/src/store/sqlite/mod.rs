@@ -281,11 +281,124 @@ mod tests {
     use super::writer::{CLAIM_EXPIRED, CLAIM_QUEUED, RENEW_LEASES};
     use super::*;
     use crate::store::conformance;
+    use crate::store::event_kind;
 
     async fn open_temporary() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("opspawn.db").display());
         (SqliteStore::open(&url).await.unwrap(), dir)
+    }
+
+    fn step(seq: u32) -> StepStart {
+        StepStart {
+            seq,
+            kind: crate::store::StepKind::Tool,
+            plugin: "calculator".into(),
+            input: serde_json::json!({"name": "calculator", "seq": seq}),
+        }
+    }
+
+    /// Writes waiting together commit together, and one that fails its
+    /// check (a stale fence) fails alone, having written nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_writes_share_a_transaction_and_a_failed_check_fails_alone() {
+        let (store, _dir) = open_temporary().await;
+        let store = std::sync::Arc::new(store);
+        let (task, _) = store
+            .create_task(conformance::new_task("batch", 0, None))
+            .await
+            .unwrap();
+        let claim = store
+            .claim_next("host-a", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        let stale = crate::store::Fence {
+            attempt: claim.fence.attempt + 1,
+            ..claim.fence.clone()
+        };
+        let before = store.writer.batches();
+        let writes: Vec<_> = (1..=200)
+            .map(|seq| {
+                let store = store.clone();
+                let fence = if seq == 100 {
+                    stale.clone()
+                } else {
+                    claim.fence.clone()
+                };
+                tokio::spawn(async move { store.start_step(&fence, step(seq)).await })
+            })
+            .collect();
+        let mut failed = Vec::new();
+        for (seq, write) in (1..=200).zip(writes) {
+            if let Err(error) = write.await.unwrap() {
+                failed.push((seq, error.to_string()));
+            }
+        }
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, 100);
+        let batches = store.writer.batches() - before;
+        assert!(
+            batches < 100,
+            "200 waiting writes took {batches} transactions"
+        );
+
+        let steps = store.steps(&task.id).await.unwrap();
+        assert_eq!(steps.len(), 199, "the fenced write wrote nothing");
+        assert!(steps.iter().all(|s| s.seq != 100));
+        // Every event numbered once, with no gap where the fenced write was.
+        let events = store.events_after(&task.id, 0).await.unwrap();
+        let numbers: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(numbers, (1..=numbers.len() as i64).collect::<Vec<_>>());
+        assert_eq!(events.len(), 2 + 199);
+        // Stored without their inputs, read back with them.
+        for event in events.iter().filter(|e| e.kind == event_kind::STEP_STARTED) {
+            assert_eq!(event.data["input"]["seq"], event.data["seq"], "{event:?}");
+        }
+    }
+
+    /// A write that fails after it has written (the database refusing the
+    /// second statement) takes its whole batch back; the writer goes on.
+    #[tokio::test]
+    async fn a_write_failing_halfway_rolls_back_and_the_writer_goes_on() {
+        let (store, dir) = open_temporary().await;
+        let (task, _) = store
+            .create_task(conformance::new_task("halfway", 0, None))
+            .await
+            .unwrap();
+        let claim = store
+            .claim_next("host-a", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        // The step's row goes in, then its event is refused.
+        let url = format!("sqlite://{}", dir.path().join("opspawn.db").display());
+        let mut conn = SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse_step_events BEFORE INSERT ON events
+              WHEN NEW.kind = 'step.started'
+             BEGIN SELECT RAISE(ABORT, 'refused for the test'); END",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let error = store.start_step(&claim.fence, step(1)).await.unwrap_err();
+        assert!(
+            error.to_string().contains("refused for the test"),
+            "{error}"
+        );
+        assert!(
+            store.steps(&task.id).await.unwrap().is_empty(),
+            "the step's row was rolled back with its batch"
+        );
+
+        sqlx::query("DROP TRIGGER refuse_step_events")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let (started, _) = store.start_step(&claim.fence, step(1)).await.unwrap();
+        assert_eq!(started.seq, 1);
+        assert_eq!(store.steps(&task.id).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

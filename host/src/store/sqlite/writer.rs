@@ -16,6 +16,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -90,6 +92,8 @@ struct Job {
 /// The handle the store writes through; the thread stops when it is dropped.
 pub(super) struct Writer {
     jobs: mpsc::Sender<Job>,
+    /// Transactions the writer has finished, committed or not.
+    batches: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -108,11 +112,18 @@ impl Writer {
         )?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
+        let batches = Arc::new(AtomicU64::new(0));
+        let counted = batches.clone();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run(conn, queue))
+            .spawn(move || run(conn, queue, &counted))
             .map_err(|e| StoreError::Config(format!("starting the SQLite writer thread: {e}")))?;
-        Ok(Self { jobs })
+        Ok(Self { jobs, batches })
+    }
+
+    /// How many transactions the writer has finished so far.
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
     }
 
     pub async fn write(&self, op: WriteOp) -> Result<Reply> {
@@ -125,7 +136,7 @@ impl Writer {
     }
 }
 
-fn run(mut conn: Connection, mut queue: mpsc::Receiver<Job>) {
+fn run(mut conn: Connection, mut queue: mpsc::Receiver<Job>, batches: &AtomicU64) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // Sleeps only when nothing waits; while a batch commits, the next one
     // gathers in the queue.
@@ -138,6 +149,7 @@ fn run(mut conn: Connection, mut queue: mpsc::Receiver<Job>) {
             }
         }
         commit_batch(&mut conn, &mut batch);
+        batches.fetch_add(1, Ordering::Relaxed);
     }
 }
 
