@@ -70,6 +70,12 @@ impl SqliteStore {
     async fn write(&self, op: WriteOp) -> Result<Reply> {
         self.writer.write(op).await
     }
+
+    /// How many transactions (group commits) the writer has finished: with
+    /// the number of writes, how well they are being grouped.
+    pub fn write_batches(&self) -> u64 {
+        self.writer.batches()
+    }
 }
 
 async fn load_steps<'c, E>(executor: E, task_id: &str) -> Result<Vec<StepRecord>>
@@ -317,7 +323,7 @@ mod tests {
             attempt: claim.fence.attempt + 1,
             ..claim.fence.clone()
         };
-        let before = store.writer.batches();
+        let before = store.write_batches();
         let writes: Vec<_> = (1..=200)
             .map(|seq| {
                 let store = store.clone();
@@ -337,7 +343,7 @@ mod tests {
         }
         assert_eq!(failed.len(), 1, "{failed:?}");
         assert_eq!(failed[0].0, 100);
-        let batches = store.writer.batches() - before;
+        let batches = store.write_batches() - before;
         assert!(
             batches < 100,
             "200 waiting writes took {batches} transactions"
