@@ -67,6 +67,11 @@ pub struct RequestedLimits {
     pub memory_mib: Option<u64>,
     pub call_timeout_ms: Option<u64>,
     pub max_output_bytes: Option<u64>,
+    /// For tools: the most tools `describe` may return.
+    pub max_tools: Option<u64>,
+    /// For tools: the most bytes `describe` may return (names,
+    /// descriptions and input schemas together).
+    pub max_describe_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -116,6 +121,10 @@ pub struct Limits {
     #[serde(with = "humantime_serde")]
     pub call_timeout: Duration,
     pub max_output_bytes: u64,
+    /// The most tools a tool plugin's `describe` may return.
+    pub max_tools: u64,
+    /// The most bytes its `describe` may return.
+    pub max_describe_bytes: u64,
 }
 
 impl Default for Limits {
@@ -124,6 +133,8 @@ impl Default for Limits {
             memory_bytes: 64 << 20,
             call_timeout: Duration::from_secs(10),
             max_output_bytes: 1 << 20,
+            max_tools: 256,
+            max_describe_bytes: 1 << 20,
         }
     }
 }
@@ -139,6 +150,10 @@ impl Limits {
                 .call_timeout_ms
                 .map_or(self.call_timeout, Duration::from_millis),
             max_output_bytes: requested.max_output_bytes.unwrap_or(self.max_output_bytes),
+            max_tools: requested.max_tools.unwrap_or(self.max_tools),
+            max_describe_bytes: requested
+                .max_describe_bytes
+                .unwrap_or(self.max_describe_bytes),
         }
     }
 }

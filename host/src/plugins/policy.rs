@@ -57,6 +57,8 @@ pub struct PluginPolicy {
     #[serde(with = "humantime_serde")]
     pub max_call_timeout: Option<Duration>,
     pub max_output_bytes: Option<u64>,
+    pub max_tools: Option<u64>,
+    pub max_describe_bytes: Option<u64>,
 }
 
 fn allows(list: &Option<Vec<String>>, item: &str) -> bool {
@@ -209,6 +211,18 @@ impl OperatorPolicy {
             {
                 refused.push(format!("output above {max} bytes"));
                 limits.max_output_bytes = max;
+            }
+            if let Some(max) = policy.max_tools
+                && limits.max_tools > max
+            {
+                refused.push(format!("more than {max} tools"));
+                limits.max_tools = max;
+            }
+            if let Some(max) = policy.max_describe_bytes
+                && limits.max_describe_bytes > max
+            {
+                refused.push(format!("describe output above {max} bytes"));
+                limits.max_describe_bytes = max;
             }
         }
         (narrowed, limits, refused)

@@ -1,0 +1,125 @@
+//! What a plugin can make the host hold or store is bounded, starting with
+//! its `describe` answer. Each bound comes
+//! from the manifest's `[limits]` (with a default), capped by the operator's
+//! policy; crossing it fails that load or call with a clear reason, while
+//! the server stays small and quick and a benign task succeeds.
+
+use std::time::{Duration, Instant};
+
+use opspawn_testkit::StatusCode;
+use serde_json::Value;
+
+use crate::{FINISH, Harness, calculator_task};
+
+/// The server's peak resident memory so far (`VmHWM`), in bytes.
+fn peak_rss(harness: &Harness) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", harness.server.pid()))
+        .expect("reading the server's /proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a VmHWM line");
+    kib << 10
+}
+
+/// What must hold throughout every attack: the server's peak RSS stayed
+/// under 1 GiB, `/healthz` answers within a second, and a benign task
+/// succeeds.
+async fn still_serving(harness: &Harness) {
+    let client = harness.client();
+    let benign = client.submit(&calculator_task("6*7", "42")).await.unwrap();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (status, _) = client.get("/healthz").await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "healthz took {took:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let task = client.wait_until_finished(&benign, FINISH).await.unwrap();
+    assert_eq!(task["status"], "succeeded", "the benign task: {task:#}");
+    assert_eq!(task["result"], "42");
+    let peak = peak_rss(harness);
+    assert!(
+        peak < 1 << 30,
+        "the server's RSS peaked at {} MiB",
+        peak >> 20
+    );
+}
+
+/// The failure `GET /v1/plugins` lists for `file`.
+fn failure<'a>(list: &'a Value, file: &str) -> &'a str {
+    list["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["file"].as_str().is_some_and(|p| p.ends_with(file)))
+        .unwrap_or_else(|| panic!("{file} is not among the failures: {list:#}"))["error"]
+        .as_str()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_answers_past_their_limits_are_refused_at_load() {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "[policy.plugins.capped_tools]\nmax_tools = 100\n",
+    )
+    .unwrap();
+    let config_path = config.path().to_str().unwrap().to_owned();
+    let harness = Harness::start_with_plugins(
+        &[
+            ("OPSPAWN_CONFIG", &config_path),
+            ("MISBEHAVING_DESCRIBE_TOOLS", "20000"),
+            ("MISBEHAVING_DESCRIBE_SCHEMA_BYTES", "50000000"),
+        ],
+        |plugins| {
+            // Copies of the fixture, each granted the variable that makes
+            // its describe misbehave, with room to build the answer.
+            let manifest = |var: &str, limits: &str| {
+                format!(
+                    "[limits]\nmemory_mib = 256\ncall_timeout_ms = 10000\n{limits}\n\
+                     [capabilities]\nenv = [\"{var}\"]\n"
+                )
+            };
+            let tools = manifest("MISBEHAVING_DESCRIBE_TOOLS", "");
+            plugins.add("many_tools", "misbehaving", Some(&tools));
+            let schema = manifest("MISBEHAVING_DESCRIBE_SCHEMA_BYTES", "");
+            plugins.add("huge_schema", "misbehaving", Some(&schema));
+            // Asks for room for its tools; the operator caps it at 100.
+            let capped = manifest("MISBEHAVING_DESCRIBE_TOOLS", "max_tools = 1000000");
+            plugins.add("capped_tools", "misbehaving", Some(&capped));
+        },
+    );
+
+    let (_, list) = harness.client().get("/v1/plugins").await.unwrap();
+    let many = failure(&list, "many_tools.wasm");
+    assert!(
+        many.contains("describes 20000 tools, over its limit of 256") && many.contains("max_tools"),
+        "{many}"
+    );
+    let huge = failure(&list, "huge_schema.wasm");
+    assert!(
+        huge.contains("over its limit of 1048576") && huge.contains("max_describe_bytes"),
+        "{huge}"
+    );
+    let capped = failure(&list, "capped_tools.wasm");
+    assert!(
+        capped.contains("describes 20000 tools, over its limit of 100"),
+        "the operator's cap applies: {capped}"
+    );
+    let names: Vec<&str> = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for refused in ["many_tools", "huge_schema", "capped_tools"] {
+        assert!(!names.contains(&refused), "{refused} loaded: {names:?}");
+    }
+    assert!(names.contains(&"misbehaving"), "{names:?}");
+
+    still_serving(&harness).await;
+}
