@@ -1,5 +1,5 @@
-//! What a plugin can make the host hold or store is bounded, starting with
-//! its `describe` answer. Each bound comes
+//! What a plugin can make the host hold or store is bounded: its
+//! `describe` answer, its planner actions, its log lines. Each bound comes
 //! from the manifest's `[limits]` (with a default), capped by the operator's
 //! policy; crossing it fails that load or call with a clear reason, while
 //! the server stays small and quick and a benign task succeeds.
@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use opspawn_testkit::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::{FINISH, Harness, calculator_task};
+use crate::{FINISH, Harness, calculator_task, steps};
 
 /// The server's peak resident memory so far (`VmHWM`), in bytes.
 fn peak_rss(harness: &Harness) -> u64 {
@@ -120,6 +120,90 @@ async fn describe_answers_past_their_limits_are_refused_at_load() {
         assert!(!names.contains(&refused), "{refused} loaded: {names:?}");
     }
     assert!(names.contains(&"misbehaving"), "{names:?}");
+
+    still_serving(&harness).await;
+}
+
+/// A task whose scripted LLM asks for `calls` in one reply, which the
+/// `react` planner turns into one action.
+fn tool_calls_task(calls: Vec<Value>) -> Value {
+    json!({
+        "goal": "Call many tools",
+        "tools": ["echo"],
+        "max_retries": 0,
+        "options": {"llm": {"script": [
+            {"tool_calls": calls},
+            {"content": "Final Answer: carried on"}
+        ]}}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planner_actions_past_their_limits_fail_with_a_clear_code() {
+    // The react planner as shipped, with a smaller output limit: its
+    // actions may hold 16 KiB.
+    let react = std::fs::read_to_string(opspawn_testkit::plugin_sources().join("react/react.toml"))
+        .unwrap()
+        + "max_output_bytes = 16384\n";
+    assert!(react.contains("[limits]"), "{react}");
+    let harness = Harness::start_with_plugins(&[], |plugins| {
+        plugins.add("react", "react", Some(&react));
+    });
+    let client = harness.client();
+    let echo = |n: usize, text: &str| {
+        (0..n)
+            .map(|_| json!({"name": "echo", "arguments": {"text": text}}))
+            .collect::<Vec<_>>()
+    };
+
+    // 64 calls (the default limit) are fine; 65, or 10,000, are not.
+    for (calls, outcome) in [
+        (64, None),
+        (65, Some("65 tool calls")),
+        (10_000, Some("10000 tool calls")),
+    ] {
+        let id = client
+            .submit(&tool_calls_task(echo(calls, "x")))
+            .await
+            .unwrap();
+        let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+        match outcome {
+            None => {
+                // It runs its calls until the task's 20 steps are used up.
+                assert_eq!(task["error"]["code"], "step_limit_exceeded", "{task:#}");
+            }
+            Some(expected) => {
+                assert_eq!(task["status"], "failed", "{task:#}");
+                assert_eq!(task["error"]["code"], "plugin_output_too_large");
+                let message = task["error"]["message"].as_str().unwrap();
+                assert!(
+                    message.contains(expected)
+                        && message.contains("over its limit of 64")
+                        && message.contains("max_tool_calls"),
+                    "{message}"
+                );
+                assert_eq!(
+                    steps(&task).len(),
+                    1,
+                    "no tool call of the action ran: {task:#}"
+                );
+            }
+        }
+    }
+
+    // One call of 20 KB: over the planner's 16 KiB of output.
+    let id = client
+        .submit(&tool_calls_task(echo(1, &"y".repeat(20_000))))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["error"]["code"], "plugin_output_too_large", "{task:#}");
+    let message = task["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("over its output limit of 16384 bytes"),
+        "{message}"
+    );
+    assert_eq!(steps(&task).len(), 1, "the call did not run: {task:#}");
 
     still_serving(&harness).await;
 }

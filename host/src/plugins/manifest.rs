@@ -72,6 +72,8 @@ pub struct RequestedLimits {
     /// For tools: the most bytes `describe` may return (names,
     /// descriptions and input schemas together).
     pub max_describe_bytes: Option<u64>,
+    /// For planners: the most tool calls in one action.
+    pub max_tool_calls: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -120,11 +122,14 @@ pub struct Limits {
     pub memory_bytes: u64,
     #[serde(with = "humantime_serde")]
     pub call_timeout: Duration,
+    /// Also bounds the bytes of a planner's action.
     pub max_output_bytes: u64,
     /// The most tools a tool plugin's `describe` may return.
     pub max_tools: u64,
     /// The most bytes its `describe` may return.
     pub max_describe_bytes: u64,
+    /// The most tool calls in one action of a planner.
+    pub max_tool_calls: u64,
 }
 
 impl Default for Limits {
@@ -135,6 +140,7 @@ impl Default for Limits {
             max_output_bytes: 1 << 20,
             max_tools: 256,
             max_describe_bytes: 1 << 20,
+            max_tool_calls: 64,
         }
     }
 }
@@ -154,6 +160,7 @@ impl Limits {
             max_describe_bytes: requested
                 .max_describe_bytes
                 .unwrap_or(self.max_describe_bytes),
+            max_tool_calls: requested.max_tool_calls.unwrap_or(self.max_tool_calls),
         }
     }
 }

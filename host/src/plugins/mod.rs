@@ -93,6 +93,15 @@ pub enum CallError {
         size: u64,
         limit: u64,
     },
+    #[error(
+        "planner {plugin} asked for {count} tool calls in one action, over its limit of {limit} \
+         (the manifest's [limits] max_tool_calls)"
+    )]
+    TooManyToolCalls {
+        plugin: String,
+        count: u64,
+        limit: u64,
+    },
     #[error("plugin {plugin} returned an invalid result: {detail}")]
     BadOutput { plugin: String, detail: String },
     #[error("could not start plugin {plugin}: {detail}")]
@@ -122,7 +131,9 @@ impl CallError {
             Self::MemoryLimit { .. } => "plugin_memory_limit",
             Self::StackOverflow { .. } => "plugin_stack_overflow",
             Self::Trap { .. } => "plugin_trap",
-            Self::OutputTooLarge { .. } => "plugin_output_too_large",
+            Self::OutputTooLarge { .. } | Self::TooManyToolCalls { .. } => {
+                "plugin_output_too_large"
+            }
             Self::BadOutput { .. } => "plugin_bad_output",
             Self::Instantiate { .. } => "plugin_instantiate_failed",
             Self::InvalidInput { .. } => "invalid_tool_input",
@@ -401,6 +412,7 @@ impl PluginRuntime {
         let Entry::Planner(entry) = &plugin.entry else {
             unreachable!("kind checked above")
         };
+        let max_calls = plugin.info.limits.max_tool_calls;
         let outcome = match entry {
             PlannerEntry::V0_1(pre) => {
                 let state = convert::v0_1::state_to_wit(state);
@@ -408,7 +420,7 @@ impl PluginRuntime {
                     let instance = pre.instantiate_async(&mut *store).await?;
                     let planning = instance.opspawn_plugin_planning();
                     let action = planning.call_next_action(store, &state).await?;
-                    Ok(action.map(convert::v0_1::action_from_wit))
+                    Ok(action.map(|a| convert::v0_1::action_from_wit_bounded(a, max_calls)))
                 })
                 .await?
             }
@@ -418,15 +430,25 @@ impl PluginRuntime {
                     let instance = pre.instantiate_async(&mut *store).await?;
                     let planning = instance.opspawn_plugin_planning();
                     let action = planning.call_next_action(store, &state).await?;
-                    Ok(action.map(convert::v0_2::action_from_wit))
+                    Ok(action.map(|a| convert::v0_2::action_from_wit_bounded(a, max_calls)))
                 })
                 .await?
             }
         };
-        outcome.map_err(|message| CallError::Planner {
-            plugin: plugin.info.name.clone(),
-            message,
-        })
+        let action = outcome
+            .map_err(|message| CallError::Planner {
+                plugin: plugin.info.name.clone(),
+                message,
+            })?
+            .map_err(|count| CallError::TooManyToolCalls {
+                plugin: plugin.info.name.clone(),
+                count: count as u64,
+                limit: max_calls,
+            })?;
+        // The action goes into the journal (an LLM request as a step's
+        // input, each tool call as one), so it is output like any other.
+        check_output_size(&plugin, convert::json_size(&action))?;
+        Ok(action)
     }
 
     /// Sends a chat request through an LLM adapter, giving up at `deadline`.

@@ -59,6 +59,7 @@ pub struct PluginPolicy {
     pub max_output_bytes: Option<u64>,
     pub max_tools: Option<u64>,
     pub max_describe_bytes: Option<u64>,
+    pub max_tool_calls: Option<u64>,
 }
 
 fn allows(list: &Option<Vec<String>>, item: &str) -> bool {
@@ -223,6 +224,12 @@ impl OperatorPolicy {
             {
                 refused.push(format!("describe output above {max} bytes"));
                 limits.max_describe_bytes = max;
+            }
+            if let Some(max) = policy.max_tool_calls
+                && limits.max_tool_calls > max
+            {
+                refused.push(format!("more than {max} tool calls per action"));
+                limits.max_tool_calls = max;
             }
         }
         (narrowed, limits, refused)
