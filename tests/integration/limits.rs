@@ -207,3 +207,48 @@ async fn planner_actions_past_their_limits_fail_with_a_clear_code() {
 
     still_serving(&harness).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_past_a_calls_limits_are_dropped_with_one_note() {
+    let harness = Harness::start();
+    let log_size = || {
+        std::fs::metadata(harness.server.data_dir.join("server.log"))
+            .unwrap()
+            .len()
+    };
+    let before = log_size();
+    // 100,000 lines of 1,000 bytes: 100 MB, were they all written.
+    let id = harness
+        .client()
+        .submit(&crate::misbehaving_task(
+            "log_spam",
+            json!({"lines": 100_000, "bytes": 1000}),
+        ))
+        .await
+        .unwrap();
+    let task = harness
+        .client()
+        .wait_until_finished(&id, FINISH)
+        .await
+        .unwrap();
+    let step = &steps(&task)[1];
+    assert_eq!(step["status"], "succeeded", "{step:#}");
+    still_serving(&harness).await;
+
+    let grown = log_size() - before;
+    // The default allows 256 KiB of lines per call, written with a prefix.
+    assert!(grown < 1 << 20, "the log grew by {grown} bytes");
+    let log = harness.server.log();
+    let notes: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("log lines") && line.contains("dropped"))
+        .collect();
+    assert_eq!(notes.len(), 1, "one note: {notes:#?}");
+    // 262 lines of 1,000 bytes fit in 256 KiB.
+    assert!(
+        notes[0].contains("dropped 99738 log lines (99738000 bytes)")
+            && notes[0].contains("max_log_bytes"),
+        "{}",
+        notes[0]
+    );
+}

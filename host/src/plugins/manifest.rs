@@ -74,6 +74,11 @@ pub struct RequestedLimits {
     pub max_describe_bytes: Option<u64>,
     /// For planners: the most tool calls in one action.
     pub max_tool_calls: Option<u64>,
+    /// The most log lines one call may write, and their bytes.
+    pub max_log_lines: Option<u64>,
+    pub max_log_bytes: Option<u64>,
+    /// For LLM adapters: the most streamed text deltas one call may send.
+    pub max_deltas: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -130,6 +135,13 @@ pub struct Limits {
     pub max_describe_bytes: u64,
     /// The most tool calls in one action of a planner.
     pub max_tool_calls: u64,
+    /// The most log lines one call may write; more are dropped, with a note.
+    pub max_log_lines: u64,
+    /// The most bytes of log lines one call may write.
+    pub max_log_bytes: u64,
+    /// The most text deltas one LLM call may stream; their bytes are bounded
+    /// by `max_output_bytes`. More are dropped, with a note.
+    pub max_deltas: u64,
 }
 
 impl Default for Limits {
@@ -141,6 +153,9 @@ impl Default for Limits {
             max_tools: 256,
             max_describe_bytes: 1 << 20,
             max_tool_calls: 64,
+            max_log_lines: 1000,
+            max_log_bytes: 256 << 10,
+            max_deltas: 10_000,
         }
     }
 }
@@ -161,6 +176,9 @@ impl Limits {
                 .max_describe_bytes
                 .unwrap_or(self.max_describe_bytes),
             max_tool_calls: requested.max_tool_calls.unwrap_or(self.max_tool_calls),
+            max_log_lines: requested.max_log_lines.unwrap_or(self.max_log_lines),
+            max_log_bytes: requested.max_log_bytes.unwrap_or(self.max_log_bytes),
+            max_deltas: requested.max_deltas.unwrap_or(self.max_deltas),
         }
     }
 }

@@ -479,6 +479,10 @@ impl PluginRuntime {
                     pre,
                     deltas: deltas.as_ref(),
                     deadline,
+                    delta_budget: std::sync::Mutex::new(state::Budget::new(
+                        plugin.info.limits.max_deltas,
+                        plugin.info.limits.max_output_bytes,
+                    )),
                 };
                 call.run(context, request).await?
             }

@@ -60,6 +60,9 @@ pub struct PluginPolicy {
     pub max_tools: Option<u64>,
     pub max_describe_bytes: Option<u64>,
     pub max_tool_calls: Option<u64>,
+    pub max_log_lines: Option<u64>,
+    pub max_log_bytes: Option<u64>,
+    pub max_deltas: Option<u64>,
 }
 
 fn allows(list: &Option<Vec<String>>, item: &str) -> bool {
@@ -230,6 +233,24 @@ impl OperatorPolicy {
             {
                 refused.push(format!("more than {max} tool calls per action"));
                 limits.max_tool_calls = max;
+            }
+            if let Some(max) = policy.max_log_lines
+                && limits.max_log_lines > max
+            {
+                refused.push(format!("more than {max} log lines per call"));
+                limits.max_log_lines = max;
+            }
+            if let Some(max) = policy.max_log_bytes
+                && limits.max_log_bytes > max
+            {
+                refused.push(format!("log lines above {max} bytes per call"));
+                limits.max_log_bytes = max;
+            }
+            if let Some(max) = policy.max_deltas
+                && limits.max_deltas > max
+            {
+                refused.push(format!("more than {max} streamed deltas per call"));
+                limits.max_deltas = max;
             }
         }
         (narrowed, limits, refused)
