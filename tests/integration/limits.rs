@@ -252,3 +252,58 @@ async fn log_lines_past_a_calls_limits_are_dropped_with_one_note() {
         notes[0]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_fields_and_held_resources_are_bounded_per_call() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let step_of = async |tool: &str, arguments: Value| {
+        let id = client
+            .submit(&crate::misbehaving_task(tool, arguments))
+            .await
+            .unwrap();
+        let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+        steps(&task)[1].clone()
+    };
+
+    // 10,000 sets of header fields held at once, each with seven 16 KiB
+    // values: 1.1 GB, were a set not capped at 32 KiB.
+    let sets = client
+        .submit(&crate::misbehaving_task(
+            "header_bomb",
+            json!({"fields": 10_000, "values": 7, "bytes": 16_384}),
+        ))
+        .await
+        .unwrap();
+    still_serving(&harness).await;
+    let task = client.wait_until_finished(&sets, FINISH).await.unwrap();
+    let step = &steps(&task)[1];
+    assert_eq!(step["error"]["code"], "plugin_resource_limit", "{step:#}");
+    let message = step["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("limit of 32768 bytes") && message.contains("max_http_fields_bytes"),
+        "{message}"
+    );
+
+    // 10,000 small sets: more than a call may hold at once.
+    let step = step_of(
+        "header_bomb",
+        json!({"fields": 10_000, "values": 1, "bytes": 1024}),
+    )
+    .await;
+    assert_eq!(step["error"]["code"], "plugin_resource_limit", "{step:#}");
+    let message = step["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("more than 2048 resources") && message.contains("max_resources"),
+        "{message}"
+    );
+
+    // A request with one 40 KB header cannot even be built.
+    let step = step_of(
+        "http_get",
+        json!({"url": "http://127.0.0.1:9/", "headers": {"x-big": "b".repeat(40_000)}}),
+    )
+    .await;
+    assert_eq!(step["error"]["code"], "plugin_resource_limit", "{step:#}");
+    still_serving(&harness).await;
+}

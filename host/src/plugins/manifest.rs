@@ -79,6 +79,11 @@ pub struct RequestedLimits {
     pub max_log_bytes: Option<u64>,
     /// For LLM adapters: the most streamed text deltas one call may send.
     pub max_deltas: Option<u64>,
+    /// The most resources (files, streams, HTTP fields and requests...) one
+    /// call may hold at once.
+    pub max_resources: Option<u64>,
+    /// The most bytes one set of `wasi:http` header fields may hold.
+    pub max_http_fields_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -142,6 +147,11 @@ pub struct Limits {
     /// The most text deltas one LLM call may stream; their bytes are bounded
     /// by `max_output_bytes`. More are dropped, with a note.
     pub max_deltas: u64,
+    /// The most entries the call's resource table may hold at once.
+    pub max_resources: u64,
+    /// The most bytes (as `wasi:http` counts them in memory) one set of
+    /// HTTP header fields may hold.
+    pub max_http_fields_bytes: u64,
 }
 
 impl Default for Limits {
@@ -156,6 +166,8 @@ impl Default for Limits {
             max_log_lines: 1000,
             max_log_bytes: 256 << 10,
             max_deltas: 10_000,
+            max_resources: 2048,
+            max_http_fields_bytes: 32 << 10,
         }
     }
 }
@@ -179,6 +191,10 @@ impl Limits {
             max_log_lines: requested.max_log_lines.unwrap_or(self.max_log_lines),
             max_log_bytes: requested.max_log_bytes.unwrap_or(self.max_log_bytes),
             max_deltas: requested.max_deltas.unwrap_or(self.max_deltas),
+            max_resources: requested.max_resources.unwrap_or(self.max_resources),
+            max_http_fields_bytes: requested
+                .max_http_fields_bytes
+                .unwrap_or(self.max_http_fields_bytes),
         }
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use wasmtime::component::Linker;
+use wasmtime::component::{Linker, ResourceTableError};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use engine::{CompileCache, EpochTicker};
@@ -102,6 +102,16 @@ pub enum CallError {
         count: u64,
         limit: u64,
     },
+    #[error(
+        "plugin {plugin} held more than {limit} resources at once (files, streams, HTTP \
+         fields and requests; the manifest's [limits] max_resources)"
+    )]
+    ResourceLimit { plugin: String, limit: u64 },
+    #[error(
+        "plugin {plugin} put more into one set of HTTP header fields than its limit of {limit} \
+         bytes (the manifest's [limits] max_http_fields_bytes)"
+    )]
+    HttpFieldsLimit { plugin: String, limit: u64 },
     #[error("plugin {plugin} returned an invalid result: {detail}")]
     BadOutput { plugin: String, detail: String },
     #[error("could not start plugin {plugin}: {detail}")]
@@ -134,6 +144,7 @@ impl CallError {
             Self::OutputTooLarge { .. } | Self::TooManyToolCalls { .. } => {
                 "plugin_output_too_large"
             }
+            Self::ResourceLimit { .. } | Self::HttpFieldsLimit { .. } => "plugin_resource_limit",
             Self::BadOutput { .. } => "plugin_bad_output",
             Self::Instantiate { .. } => "plugin_instantiate_failed",
             Self::InvalidInput { .. } => "invalid_tool_input",
@@ -627,6 +638,27 @@ fn settle<T>(
         return Err(CallError::MemoryLimit {
             plugin: name,
             limit_mib: plugin.info.limits.memory_bytes >> 20,
+        });
+    }
+    if matches!(
+        error.downcast_ref::<ResourceTableError>(),
+        Some(ResourceTableError::Full)
+    ) {
+        return Err(CallError::ResourceLimit {
+            plugin: name,
+            limit: plugin.info.limits.max_resources,
+        });
+    }
+    if matches!(
+        error.downcast_ref::<wasmtime_wasi_http::FieldMapError>(),
+        Some(
+            wasmtime_wasi_http::FieldMapError::TotalSizeTooBig
+                | wasmtime_wasi_http::FieldMapError::TooManyFields
+        )
+    ) {
+        return Err(CallError::HttpFieldsLimit {
+            plugin: name,
+            limit: plugin.info.limits.max_http_fields_bytes,
         });
     }
     match error.downcast_ref::<Trap>() {

@@ -58,11 +58,19 @@ impl CallState {
             };
             wasi.preopened_dir(&dir.host_path, &dir.guest_path, perms)?;
         }
+        // Every resource the plugin holds (a stream, a set of HTTP fields)
+        // is host memory: both their number and the fields' size are capped.
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(usize::try_from(limits.max_resources).unwrap_or(usize::MAX));
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(
+            usize::try_from(limits.max_http_fields_bytes).unwrap_or(usize::MAX),
+        );
         Ok(Self {
             plugin,
             wasi: wasi.build(),
-            table: ResourceTable::new(),
-            http: WasiHttpCtx::new(),
+            table,
+            http,
             http_hooks: PolicyHooks {
                 policy: grants.outbound.clone(),
             },
