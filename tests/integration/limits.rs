@@ -307,3 +307,59 @@ async fn http_fields_and_held_resources_are_bounded_per_call() {
     assert_eq!(step["error"]["code"], "plugin_resource_limit", "{step:#}");
     still_serving(&harness).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_replies_and_tool_errors_reaching_the_journal_are_bounded() {
+    // The scripted adapter as shipped, with 16 KiB of output.
+    let scripted =
+        std::fs::read_to_string(opspawn_testkit::plugin_sources().join("scripted/scripted.toml"))
+            .unwrap()
+            + "max_output_bytes = 16384\n";
+    assert!(scripted.contains("[limits]"), "{scripted}");
+    let harness = Harness::start_with_plugins(&[], |plugins| {
+        plugins.add("scripted", "scripted", Some(&scripted));
+    });
+    let client = harness.client();
+
+    // A reply whose text is small but whose tool call's id is 20 KB: all of
+    // the reply is journaled, so all of it counts.
+    let task = json!({
+        "goal": "Call echo",
+        "tools": ["echo"],
+        "max_retries": 0,
+        "options": {"llm": {"script": [
+            {"tool_calls": [{"id": "i".repeat(20_000), "name": "echo", "arguments": {}}]},
+            {"content": "Final Answer: carried on"}
+        ]}}
+    });
+    let id = client.submit(&task).await.unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["error"]["code"], "plugin_output_too_large", "{task:#}");
+    let step = &steps(&task)[0];
+    assert_eq!(step["error"]["code"], "plugin_output_too_large", "{step:#}");
+    assert_eq!(steps(&task).len(), 1, "no tool ran: {task:#}");
+
+    still_serving(&harness).await;
+    drop(harness);
+
+    // A tool error whose message (it quotes the path) is over the tool's
+    // 64 KiB of output.
+    let harness = Harness::start();
+    let client = harness.client();
+    let id = client
+        .submit(&crate::misbehaving_task(
+            "read_file",
+            json!({"path": "p".repeat(70_000)}),
+        ))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    let step = &steps(&task)[1];
+    assert_eq!(step["error"]["code"], "plugin_output_too_large", "{step:#}");
+    let message = step["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("over its output limit of 65536 bytes") && message.len() < 1000,
+        "{message}"
+    );
+    still_serving(&harness).await;
+}

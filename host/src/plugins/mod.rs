@@ -407,7 +407,11 @@ impl PluginRuntime {
                     detail: format!("tool {tool} returned text that is not JSON: {e}"),
                 })
             }
-            Err((code, message)) => Err(CallError::Tool { code, message }),
+            Err((code, message)) => {
+                // A tool's error goes into the journal as its output would.
+                check_output_size(&plugin, code.len() + message.len())?;
+                Err(CallError::Tool { code, message })
+            }
         }
     }
 
@@ -449,7 +453,7 @@ impl PluginRuntime {
         let action = outcome
             .map_err(|message| CallError::Planner {
                 plugin: plugin.info.name.clone(),
-                message,
+                message: bounded_text(message, plugin.info.limits.max_output_bytes),
             })?
             .map_err(|count| CallError::TooManyToolCalls {
                 plugin: plugin.info.name.clone(),
@@ -482,46 +486,53 @@ impl PluginRuntime {
         let Entry::LlmAdapter(entry) = &plugin.entry else {
             unreachable!("kind checked above")
         };
-        let response = match entry {
-            AdapterEntry::Translating(pre) => {
-                let call = llm_call::TranslatedCall {
-                    runtime: self,
-                    plugin: &plugin,
-                    pre,
-                    deltas: deltas.as_ref(),
-                    deadline,
-                    delta_budget: std::sync::Mutex::new(state::Budget::new(
-                        plugin.info.limits.max_deltas,
-                        plugin.info.limits.max_output_bytes,
-                    )),
-                };
-                call.run(context, request).await?
-            }
-            AdapterEntry::Calling(pre) => {
-                let context = convert::v0_1::context_to_wit(context);
-                let request = convert::v0_1::request_to_wit(request);
-                let call = self.call(&plugin, SlotKind::NetworkBound, deltas, async |store| {
-                    let instance = pre.instantiate_async(&mut *store).await?;
-                    let chat = instance.opspawn_plugin_chat();
-                    let response = chat.call_complete(store, &context, &request).await?;
-                    Ok(response
-                        .map(convert::v0_1::response_from_wit)
-                        .map_err(convert::v0_1::llm_error_from_wit))
-                });
-                match tokio::time::timeout_at(deadline.into(), call).await {
-                    Ok(result) => result?.map_err(CallError::Llm)?,
-                    Err(_) => return Err(llm_timeout(&plugin)),
+        let outcome = async {
+            Ok(match entry {
+                AdapterEntry::Translating(pre) => {
+                    let call = llm_call::TranslatedCall {
+                        runtime: self,
+                        plugin: &plugin,
+                        pre,
+                        deltas: deltas.as_ref(),
+                        deadline,
+                        delta_budget: std::sync::Mutex::new(state::Budget::new(
+                            plugin.info.limits.max_deltas,
+                            plugin.info.limits.max_output_bytes,
+                        )),
+                    };
+                    call.run(context, request).await?
                 }
+                AdapterEntry::Calling(pre) => {
+                    let context = convert::v0_1::context_to_wit(context);
+                    let request = convert::v0_1::request_to_wit(request);
+                    let call = self.call(&plugin, SlotKind::NetworkBound, deltas, async |store| {
+                        let instance = pre.instantiate_async(&mut *store).await?;
+                        let chat = instance.opspawn_plugin_chat();
+                        let response = chat.call_complete(store, &context, &request).await?;
+                        Ok(response
+                            .map(convert::v0_1::response_from_wit)
+                            .map_err(convert::v0_1::llm_error_from_wit))
+                    });
+                    match tokio::time::timeout_at(deadline.into(), call).await {
+                        Ok(result) => result?.map_err(CallError::Llm)?,
+                        Err(_) => return Err(llm_timeout(&plugin)),
+                    }
+                }
+            })
+        }
+        .await;
+        let response = outcome.map_err(|error| match error {
+            // The provider's answer goes into the journal with the error.
+            CallError::Llm(mut error) => {
+                let limit = plugin.info.limits.max_output_bytes;
+                error.message = bounded_text(error.message, limit);
+                error.body = error.body.map(|body| bounded_text(body, limit));
+                CallError::Llm(error)
             }
-        };
-        let size = response.message.content.len()
-            + response
-                .message
-                .tool_calls
-                .iter()
-                .map(|c| c.arguments.to_string().len())
-                .sum::<usize>();
-        check_output_size(&plugin, size)?;
+            other => other,
+        })?;
+        // The whole reply goes into the journal: ids and names count too.
+        check_output_size(&plugin, convert::json_size(&response))?;
         Ok(response)
     }
 
@@ -680,6 +691,25 @@ fn settle<T>(
             })
         }
     }
+}
+
+/// `text`, cut to at most `limit` bytes (at a character boundary) with a
+/// note of how much was cut: for a plugin's or a provider's words that
+/// explain a failure, which are kept, but only so much of them.
+fn bounded_text(text: String, limit: u64) -> String {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if text.len() <= limit {
+        return text;
+    }
+    let end = (0..=limit)
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    format!(
+        "{}… ({} more bytes cut: over the plugin's output limit)",
+        &text[..end],
+        text.len() - end
+    )
 }
 
 fn check_output_size(plugin: &Plugin, size: usize) -> Result<(), CallError> {
