@@ -363,3 +363,34 @@ async fn llm_replies_and_tool_errors_reaching_the_journal_are_bounded() {
     );
     still_serving(&harness).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_a_plugin_writes_are_buffered_only_so_much() {
+    let harness = Harness::start();
+    let client = harness.client();
+    // 650 requests whose bodies are written to as far as the host takes,
+    // never sent: wasmtime buffers up to two 1 MiB writes of each, over
+    // 650 MB, unless the writes are capped (64 KiB by default).
+    let id = client
+        .submit(&crate::misbehaving_task(
+            "body_bomb",
+            json!({"requests": 650}),
+        ))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    let step = &steps(&task)[1];
+    assert_eq!(step["status"], "succeeded", "{step:#}");
+    let buffered = step["output"]["buffered"].as_u64().unwrap();
+    assert!(
+        buffered <= 650 * (128 << 10),
+        "the host took {buffered} bytes of bodies"
+    );
+    still_serving(&harness).await;
+    let peak = peak_rss(&harness);
+    assert!(
+        peak < 400 << 20,
+        "the server's RSS peaked at {} MiB",
+        peak >> 20
+    );
+}

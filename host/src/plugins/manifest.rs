@@ -84,6 +84,8 @@ pub struct RequestedLimits {
     pub max_resources: Option<u64>,
     /// The most bytes one set of `wasi:http` header fields may hold.
     pub max_http_fields_bytes: Option<u64>,
+    /// The most bytes of one `wasi:http` write to a request body.
+    pub max_http_body_chunk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -152,6 +154,9 @@ pub struct Limits {
     /// The most bytes (as `wasi:http` counts them in memory) one set of
     /// HTTP header fields may hold.
     pub max_http_fields_bytes: u64,
+    /// The most bytes of one write to a `wasi:http` request body; the host
+    /// buffers at most two such writes per body until the request is sent.
+    pub max_http_body_chunk_bytes: u64,
 }
 
 impl Default for Limits {
@@ -168,6 +173,7 @@ impl Default for Limits {
             max_deltas: 10_000,
             max_resources: 2048,
             max_http_fields_bytes: 32 << 10,
+            max_http_body_chunk_bytes: 64 << 10,
         }
     }
 }
@@ -195,6 +201,9 @@ impl Limits {
             max_http_fields_bytes: requested
                 .max_http_fields_bytes
                 .unwrap_or(self.max_http_fields_bytes),
+            max_http_body_chunk_bytes: requested
+                .max_http_body_chunk_bytes
+                .unwrap_or(self.max_http_body_chunk_bytes),
         }
     }
 }

@@ -65,6 +65,7 @@ pub struct PluginPolicy {
     pub max_deltas: Option<u64>,
     pub max_resources: Option<u64>,
     pub max_http_fields_bytes: Option<u64>,
+    pub max_http_body_chunk_bytes: Option<u64>,
 }
 
 fn allows(list: &Option<Vec<String>>, item: &str) -> bool {
@@ -266,6 +267,12 @@ impl OperatorPolicy {
                 refused.push(format!("HTTP header fields above {max} bytes"));
                 limits.max_http_fields_bytes = max;
             }
+            if let Some(max) = policy.max_http_body_chunk_bytes
+                && limits.max_http_body_chunk_bytes > max
+            {
+                refused.push(format!("HTTP body writes above {max} bytes"));
+                limits.max_http_body_chunk_bytes = max;
+            }
         }
         (narrowed, limits, refused)
     }
@@ -406,6 +413,7 @@ mod tests {
             max_log_lines = 5
             max_log_bytes = 500
             max_deltas = 6
+            max_http_body_chunk_bytes = 4096
             "#,
         )
         .unwrap();
@@ -430,7 +438,8 @@ mod tests {
         assert_eq!(limits.max_log_lines, 5);
         assert_eq!(limits.max_log_bytes, 500);
         assert_eq!(limits.max_deltas, 3);
-        assert_eq!(refused.len(), 4, "{refused:?}");
+        assert_eq!(limits.max_http_body_chunk_bytes, 4096);
+        assert_eq!(refused.len(), 5, "{refused:?}");
         let (_, defaults, _) =
             OperatorPolicy::default().narrow("p", &Manifest::default(), Limits::default(), &none());
         assert_eq!(

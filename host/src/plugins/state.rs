@@ -73,6 +73,9 @@ impl CallState {
             http,
             http_hooks: PolicyHooks {
                 policy: grants.outbound.clone(),
+                body_chunk_bytes: usize::try_from(limits.max_http_body_chunk_bytes)
+                    .unwrap_or(usize::MAX)
+                    .max(1),
             },
             limiter: MemoryLimiter::new(limits.memory_bytes),
             output,
