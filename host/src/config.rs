@@ -264,6 +264,7 @@ impl Config {
                 memory_bytes: self.plugins.memory_mib << 20,
                 call_timeout: self.plugins.call_timeout,
                 max_output_bytes: self.plugins.max_output_bytes,
+                ..Limits::default()
             },
             policy: self.policy.clone(),
             engine: EngineOptions {

@@ -8,6 +8,7 @@ mod connections;
 mod crash;
 mod durability;
 mod folder;
+mod limits;
 mod network;
 mod plugins;
 mod providers;

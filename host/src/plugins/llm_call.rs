@@ -21,7 +21,7 @@ use super::bindings::v0_2::translate as wit;
 use super::convert::v0_2 as convert;
 use super::host_http::PooledResponse;
 use super::registry::Plugin;
-use super::state::CallState;
+use super::state::{Budget, CallState};
 use super::{CallError, PluginRuntime, SlotKind, llm_timeout};
 use crate::protocol::{
     CallContext, ChatMessage, ChatRequest, ChatResponse, FinishReason, LlmError, LlmErrorKind,
@@ -48,6 +48,8 @@ pub(super) struct TranslatedCall<'a> {
     pub deltas: Option<&'a mpsc::UnboundedSender<String>>,
     /// When the whole call, retries included, must be over.
     pub deadline: Instant,
+    /// How many deltas, and bytes of them, the call may still stream.
+    pub delta_budget: std::sync::Mutex<Budget>,
 }
 
 impl TranslatedCall<'_> {
@@ -56,10 +58,18 @@ impl TranslatedCall<'_> {
         context: &CallContext,
         request: &ChatRequest,
     ) -> Result<ChatResponse, CallError> {
-        match tokio::time::timeout_at(self.deadline.into(), self.exchange(context, request)).await {
-            Ok(result) => result,
-            Err(_) => Err(llm_timeout(self.plugin)),
+        let result =
+            match tokio::time::timeout_at(self.deadline.into(), self.exchange(context, request))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(llm_timeout(self.plugin)),
+            };
+        let budget = self.delta_budget.lock().expect("delta budget lock");
+        if let Some(dropped) = budget.dropped("streamed deltas", "max_deltas", "max_output_bytes") {
+            tracing::warn!(plugin = %self.plugin.info.name, "{dropped}");
         }
+        result
     }
 
     async fn exchange(
@@ -319,6 +329,11 @@ impl TranslatedCall<'_> {
     fn emit(&self, text: &str) {
         if let Some(deltas) = self.deltas
             && !text.is_empty()
+            && self
+                .delta_budget
+                .lock()
+                .expect("delta budget lock")
+                .admit(text.len())
         {
             let _ = deltas.send(text.to_owned());
         }

@@ -67,6 +67,25 @@ pub struct RequestedLimits {
     pub memory_mib: Option<u64>,
     pub call_timeout_ms: Option<u64>,
     pub max_output_bytes: Option<u64>,
+    /// For tools: the most tools `describe` may return.
+    pub max_tools: Option<u64>,
+    /// For tools: the most bytes `describe` may return (names,
+    /// descriptions and input schemas together).
+    pub max_describe_bytes: Option<u64>,
+    /// For planners: the most tool calls in one action.
+    pub max_tool_calls: Option<u64>,
+    /// The most log lines one call may write, and their bytes.
+    pub max_log_lines: Option<u64>,
+    pub max_log_bytes: Option<u64>,
+    /// For LLM adapters: the most streamed text deltas one call may send.
+    pub max_deltas: Option<u64>,
+    /// The most resources (files, streams, HTTP fields and requests...) one
+    /// call may hold at once.
+    pub max_resources: Option<u64>,
+    /// The most bytes one set of `wasi:http` header fields may hold.
+    pub max_http_fields_bytes: Option<u64>,
+    /// The most bytes of one `wasi:http` write to a request body.
+    pub max_http_body_chunk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -115,7 +134,29 @@ pub struct Limits {
     pub memory_bytes: u64,
     #[serde(with = "humantime_serde")]
     pub call_timeout: Duration,
+    /// Also bounds the bytes of a planner's action.
     pub max_output_bytes: u64,
+    /// The most tools a tool plugin's `describe` may return.
+    pub max_tools: u64,
+    /// The most bytes its `describe` may return.
+    pub max_describe_bytes: u64,
+    /// The most tool calls in one action of a planner.
+    pub max_tool_calls: u64,
+    /// The most log lines one call may write; more are dropped, with a note.
+    pub max_log_lines: u64,
+    /// The most bytes of log lines one call may write.
+    pub max_log_bytes: u64,
+    /// The most text deltas one LLM call may stream; their bytes are bounded
+    /// by `max_output_bytes`. More are dropped, with a note.
+    pub max_deltas: u64,
+    /// The most entries the call's resource table may hold at once.
+    pub max_resources: u64,
+    /// The most bytes (as `wasi:http` counts them in memory) one set of
+    /// HTTP header fields may hold.
+    pub max_http_fields_bytes: u64,
+    /// The most bytes of one write to a `wasi:http` request body; the host
+    /// buffers at most two such writes per body until the request is sent.
+    pub max_http_body_chunk_bytes: u64,
 }
 
 impl Default for Limits {
@@ -124,6 +165,15 @@ impl Default for Limits {
             memory_bytes: 64 << 20,
             call_timeout: Duration::from_secs(10),
             max_output_bytes: 1 << 20,
+            max_tools: 256,
+            max_describe_bytes: 1 << 20,
+            max_tool_calls: 64,
+            max_log_lines: 1000,
+            max_log_bytes: 256 << 10,
+            max_deltas: 10_000,
+            max_resources: 2048,
+            max_http_fields_bytes: 32 << 10,
+            max_http_body_chunk_bytes: 64 << 10,
         }
     }
 }
@@ -139,6 +189,21 @@ impl Limits {
                 .call_timeout_ms
                 .map_or(self.call_timeout, Duration::from_millis),
             max_output_bytes: requested.max_output_bytes.unwrap_or(self.max_output_bytes),
+            max_tools: requested.max_tools.unwrap_or(self.max_tools),
+            max_describe_bytes: requested
+                .max_describe_bytes
+                .unwrap_or(self.max_describe_bytes),
+            max_tool_calls: requested.max_tool_calls.unwrap_or(self.max_tool_calls),
+            max_log_lines: requested.max_log_lines.unwrap_or(self.max_log_lines),
+            max_log_bytes: requested.max_log_bytes.unwrap_or(self.max_log_bytes),
+            max_deltas: requested.max_deltas.unwrap_or(self.max_deltas),
+            max_resources: requested.max_resources.unwrap_or(self.max_resources),
+            max_http_fields_bytes: requested
+                .max_http_fields_bytes
+                .unwrap_or(self.max_http_fields_bytes),
+            max_http_body_chunk_bytes: requested
+                .max_http_body_chunk_bytes
+                .unwrap_or(self.max_http_body_chunk_bytes),
         }
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use wasmtime::component::Linker;
+use wasmtime::component::{Linker, ResourceTableError};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use engine::{CompileCache, EpochTicker};
@@ -93,6 +93,25 @@ pub enum CallError {
         size: u64,
         limit: u64,
     },
+    #[error(
+        "planner {plugin} asked for {count} tool calls in one action, over its limit of {limit} \
+         (the manifest's [limits] max_tool_calls)"
+    )]
+    TooManyToolCalls {
+        plugin: String,
+        count: u64,
+        limit: u64,
+    },
+    #[error(
+        "plugin {plugin} held more than {limit} resources at once (files, streams, HTTP \
+         fields and requests; the manifest's [limits] max_resources)"
+    )]
+    ResourceLimit { plugin: String, limit: u64 },
+    #[error(
+        "plugin {plugin} put more into one set of HTTP header fields than its limit of {limit} \
+         bytes (the manifest's [limits] max_http_fields_bytes)"
+    )]
+    HttpFieldsLimit { plugin: String, limit: u64 },
     #[error("plugin {plugin} returned an invalid result: {detail}")]
     BadOutput { plugin: String, detail: String },
     #[error("could not start plugin {plugin}: {detail}")]
@@ -122,7 +141,10 @@ impl CallError {
             Self::MemoryLimit { .. } => "plugin_memory_limit",
             Self::StackOverflow { .. } => "plugin_stack_overflow",
             Self::Trap { .. } => "plugin_trap",
-            Self::OutputTooLarge { .. } => "plugin_output_too_large",
+            Self::OutputTooLarge { .. } | Self::TooManyToolCalls { .. } => {
+                "plugin_output_too_large"
+            }
+            Self::ResourceLimit { .. } | Self::HttpFieldsLimit { .. } => "plugin_resource_limit",
             Self::BadOutput { .. } => "plugin_bad_output",
             Self::Instantiate { .. } => "plugin_instantiate_failed",
             Self::InvalidInput { .. } => "invalid_tool_input",
@@ -385,7 +407,11 @@ impl PluginRuntime {
                     detail: format!("tool {tool} returned text that is not JSON: {e}"),
                 })
             }
-            Err((code, message)) => Err(CallError::Tool { code, message }),
+            Err((code, message)) => {
+                // A tool's error goes into the journal as its output would.
+                check_output_size(&plugin, code.len() + message.len())?;
+                Err(CallError::Tool { code, message })
+            }
         }
     }
 
@@ -401,6 +427,7 @@ impl PluginRuntime {
         let Entry::Planner(entry) = &plugin.entry else {
             unreachable!("kind checked above")
         };
+        let max_calls = plugin.info.limits.max_tool_calls;
         let outcome = match entry {
             PlannerEntry::V0_1(pre) => {
                 let state = convert::v0_1::state_to_wit(state);
@@ -408,7 +435,7 @@ impl PluginRuntime {
                     let instance = pre.instantiate_async(&mut *store).await?;
                     let planning = instance.opspawn_plugin_planning();
                     let action = planning.call_next_action(store, &state).await?;
-                    Ok(action.map(convert::v0_1::action_from_wit))
+                    Ok(action.map(|a| convert::v0_1::action_from_wit_bounded(a, max_calls)))
                 })
                 .await?
             }
@@ -418,15 +445,25 @@ impl PluginRuntime {
                     let instance = pre.instantiate_async(&mut *store).await?;
                     let planning = instance.opspawn_plugin_planning();
                     let action = planning.call_next_action(store, &state).await?;
-                    Ok(action.map(convert::v0_2::action_from_wit))
+                    Ok(action.map(|a| convert::v0_2::action_from_wit_bounded(a, max_calls)))
                 })
                 .await?
             }
         };
-        outcome.map_err(|message| CallError::Planner {
-            plugin: plugin.info.name.clone(),
-            message,
-        })
+        let action = outcome
+            .map_err(|message| CallError::Planner {
+                plugin: plugin.info.name.clone(),
+                message: bounded_text(message, plugin.info.limits.max_output_bytes),
+            })?
+            .map_err(|count| CallError::TooManyToolCalls {
+                plugin: plugin.info.name.clone(),
+                count: count as u64,
+                limit: max_calls,
+            })?;
+        // The action goes into the journal (an LLM request as a step's
+        // input, each tool call as one), so it is output like any other.
+        check_output_size(&plugin, convert::json_size(&action))?;
+        Ok(action)
     }
 
     /// Sends a chat request through an LLM adapter, giving up at `deadline`.
@@ -449,42 +486,53 @@ impl PluginRuntime {
         let Entry::LlmAdapter(entry) = &plugin.entry else {
             unreachable!("kind checked above")
         };
-        let response = match entry {
-            AdapterEntry::Translating(pre) => {
-                let call = llm_call::TranslatedCall {
-                    runtime: self,
-                    plugin: &plugin,
-                    pre,
-                    deltas: deltas.as_ref(),
-                    deadline,
-                };
-                call.run(context, request).await?
-            }
-            AdapterEntry::Calling(pre) => {
-                let context = convert::v0_1::context_to_wit(context);
-                let request = convert::v0_1::request_to_wit(request);
-                let call = self.call(&plugin, SlotKind::NetworkBound, deltas, async |store| {
-                    let instance = pre.instantiate_async(&mut *store).await?;
-                    let chat = instance.opspawn_plugin_chat();
-                    let response = chat.call_complete(store, &context, &request).await?;
-                    Ok(response
-                        .map(convert::v0_1::response_from_wit)
-                        .map_err(convert::v0_1::llm_error_from_wit))
-                });
-                match tokio::time::timeout_at(deadline.into(), call).await {
-                    Ok(result) => result?.map_err(CallError::Llm)?,
-                    Err(_) => return Err(llm_timeout(&plugin)),
+        let outcome = async {
+            Ok(match entry {
+                AdapterEntry::Translating(pre) => {
+                    let call = llm_call::TranslatedCall {
+                        runtime: self,
+                        plugin: &plugin,
+                        pre,
+                        deltas: deltas.as_ref(),
+                        deadline,
+                        delta_budget: std::sync::Mutex::new(state::Budget::new(
+                            plugin.info.limits.max_deltas,
+                            plugin.info.limits.max_output_bytes,
+                        )),
+                    };
+                    call.run(context, request).await?
                 }
+                AdapterEntry::Calling(pre) => {
+                    let context = convert::v0_1::context_to_wit(context);
+                    let request = convert::v0_1::request_to_wit(request);
+                    let call = self.call(&plugin, SlotKind::NetworkBound, deltas, async |store| {
+                        let instance = pre.instantiate_async(&mut *store).await?;
+                        let chat = instance.opspawn_plugin_chat();
+                        let response = chat.call_complete(store, &context, &request).await?;
+                        Ok(response
+                            .map(convert::v0_1::response_from_wit)
+                            .map_err(convert::v0_1::llm_error_from_wit))
+                    });
+                    match tokio::time::timeout_at(deadline.into(), call).await {
+                        Ok(result) => result?.map_err(CallError::Llm)?,
+                        Err(_) => return Err(llm_timeout(&plugin)),
+                    }
+                }
+            })
+        }
+        .await;
+        let response = outcome.map_err(|error| match error {
+            // The provider's answer goes into the journal with the error.
+            CallError::Llm(mut error) => {
+                let limit = plugin.info.limits.max_output_bytes;
+                error.message = bounded_text(error.message, limit);
+                error.body = error.body.map(|body| bounded_text(body, limit));
+                CallError::Llm(error)
             }
-        };
-        let size = response.message.content.len()
-            + response
-                .message
-                .tool_calls
-                .iter()
-                .map(|c| c.arguments.to_string().len())
-                .sum::<usize>();
-        check_output_size(&plugin, size)?;
+            other => other,
+        })?;
+        // The whole reply goes into the journal: ids and names count too.
+        check_output_size(&plugin, convert::json_size(&response))?;
         Ok(response)
     }
 
@@ -603,6 +651,27 @@ fn settle<T>(
             limit_mib: plugin.info.limits.memory_bytes >> 20,
         });
     }
+    if matches!(
+        error.downcast_ref::<ResourceTableError>(),
+        Some(ResourceTableError::Full)
+    ) {
+        return Err(CallError::ResourceLimit {
+            plugin: name,
+            limit: plugin.info.limits.max_resources,
+        });
+    }
+    if matches!(
+        error.downcast_ref::<wasmtime_wasi_http::FieldMapError>(),
+        Some(
+            wasmtime_wasi_http::FieldMapError::TotalSizeTooBig
+                | wasmtime_wasi_http::FieldMapError::TooManyFields
+        )
+    ) {
+        return Err(CallError::HttpFieldsLimit {
+            plugin: name,
+            limit: plugin.info.limits.max_http_fields_bytes,
+        });
+    }
     match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => Err(CallError::Timeout {
             plugin: name,
@@ -622,6 +691,25 @@ fn settle<T>(
             })
         }
     }
+}
+
+/// `text`, cut to at most `limit` bytes (at a character boundary) with a
+/// note of how much was cut: for a plugin's or a provider's words that
+/// explain a failure, which are kept, but only so much of them.
+fn bounded_text(text: String, limit: u64) -> String {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if text.len() <= limit {
+        return text;
+    }
+    let end = (0..=limit)
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    format!(
+        "{}… ({} more bytes cut: over the plugin's output limit)",
+        &text[..end],
+        text.len() - end
+    )
 }
 
 fn check_output_size(plugin: &Plugin, size: usize) -> Result<(), CallError> {

@@ -280,9 +280,16 @@ impl OutboundPolicy {
 /// outgoing request.
 pub struct PolicyHooks {
     pub policy: Arc<OutboundPolicy>,
+    /// The most bytes of one write to a request body: the host buffers at
+    /// most two per body until the request is sent.
+    pub body_chunk_bytes: usize,
 }
 
 impl WasiHttpHooks for PolicyHooks {
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        self.body_chunk_bytes
+    }
+
     fn send_request(
         &mut self,
         mut request: hyper::Request<WasiBody>,

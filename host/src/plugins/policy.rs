@@ -57,6 +57,15 @@ pub struct PluginPolicy {
     #[serde(with = "humantime_serde")]
     pub max_call_timeout: Option<Duration>,
     pub max_output_bytes: Option<u64>,
+    pub max_tools: Option<u64>,
+    pub max_describe_bytes: Option<u64>,
+    pub max_tool_calls: Option<u64>,
+    pub max_log_lines: Option<u64>,
+    pub max_log_bytes: Option<u64>,
+    pub max_deltas: Option<u64>,
+    pub max_resources: Option<u64>,
+    pub max_http_fields_bytes: Option<u64>,
+    pub max_http_body_chunk_bytes: Option<u64>,
 }
 
 fn allows(list: &Option<Vec<String>>, item: &str) -> bool {
@@ -210,6 +219,60 @@ impl OperatorPolicy {
                 refused.push(format!("output above {max} bytes"));
                 limits.max_output_bytes = max;
             }
+            if let Some(max) = policy.max_tools
+                && limits.max_tools > max
+            {
+                refused.push(format!("more than {max} tools"));
+                limits.max_tools = max;
+            }
+            if let Some(max) = policy.max_describe_bytes
+                && limits.max_describe_bytes > max
+            {
+                refused.push(format!("describe output above {max} bytes"));
+                limits.max_describe_bytes = max;
+            }
+            if let Some(max) = policy.max_tool_calls
+                && limits.max_tool_calls > max
+            {
+                refused.push(format!("more than {max} tool calls per action"));
+                limits.max_tool_calls = max;
+            }
+            if let Some(max) = policy.max_log_lines
+                && limits.max_log_lines > max
+            {
+                refused.push(format!("more than {max} log lines per call"));
+                limits.max_log_lines = max;
+            }
+            if let Some(max) = policy.max_log_bytes
+                && limits.max_log_bytes > max
+            {
+                refused.push(format!("log lines above {max} bytes per call"));
+                limits.max_log_bytes = max;
+            }
+            if let Some(max) = policy.max_deltas
+                && limits.max_deltas > max
+            {
+                refused.push(format!("more than {max} streamed deltas per call"));
+                limits.max_deltas = max;
+            }
+            if let Some(max) = policy.max_resources
+                && limits.max_resources > max
+            {
+                refused.push(format!("more than {max} resources per call"));
+                limits.max_resources = max;
+            }
+            if let Some(max) = policy.max_http_fields_bytes
+                && limits.max_http_fields_bytes > max
+            {
+                refused.push(format!("HTTP header fields above {max} bytes"));
+                limits.max_http_fields_bytes = max;
+            }
+            if let Some(max) = policy.max_http_body_chunk_bytes
+                && limits.max_http_body_chunk_bytes > max
+            {
+                refused.push(format!("HTTP body writes above {max} bytes"));
+                limits.max_http_body_chunk_bytes = max;
+            }
         }
         (narrowed, limits, refused)
     }
@@ -337,6 +400,64 @@ mod tests {
         assert!(!policy.allows_own_server("q"));
         assert!(!policy.allows_own_server("r"), "refused unless allowed");
         assert!(!OperatorPolicy::default().allows_own_server("p"));
+    }
+
+    #[test]
+    fn the_policy_caps_what_plugins_make_the_host_hold() {
+        let policy: OperatorPolicy = toml::from_str(
+            r#"
+            [plugins.p]
+            max_tools = 10
+            max_describe_bytes = 1000
+            max_tool_calls = 4
+            max_log_lines = 5
+            max_log_bytes = 500
+            max_deltas = 6
+            max_http_body_chunk_bytes = 4096
+            "#,
+        )
+        .unwrap();
+        let manifest: Manifest = toml::from_str(
+            r#"
+            [limits]
+            max_tools = 1000
+            max_describe_bytes = 100
+            max_tool_calls = 100
+            max_log_lines = 100
+            max_log_bytes = 100000
+            max_deltas = 3
+            "#,
+        )
+        .unwrap();
+        let requested = Limits::default().with_requested(&manifest.limits);
+        assert_eq!(requested.max_tools, 1000, "the manifest raises a default");
+        let (_, limits, refused) = policy.narrow("p", &manifest, requested, &none());
+        assert_eq!(limits.max_tools, 10);
+        assert_eq!(limits.max_describe_bytes, 100, "under the cap: as asked");
+        assert_eq!(limits.max_tool_calls, 4);
+        assert_eq!(limits.max_log_lines, 5);
+        assert_eq!(limits.max_log_bytes, 500);
+        assert_eq!(limits.max_deltas, 3);
+        assert_eq!(limits.max_http_body_chunk_bytes, 4096);
+        assert_eq!(refused.len(), 5, "{refused:?}");
+        let (_, defaults, _) =
+            OperatorPolicy::default().narrow("p", &Manifest::default(), Limits::default(), &none());
+        assert_eq!(
+            (
+                defaults.max_tools,
+                defaults.max_describe_bytes,
+                defaults.max_tool_calls
+            ),
+            (256, 1 << 20, 64)
+        );
+        assert_eq!(
+            (
+                defaults.max_log_lines,
+                defaults.max_log_bytes,
+                defaults.max_deltas
+            ),
+            (1000, 256 << 10, 10_000)
+        );
     }
 
     #[test]

@@ -849,26 +849,46 @@ impl PluginRuntime {
         };
         let failed = |e: super::CallError| format!("describing its tools failed: {e}");
         let specs: Vec<(String, Result<ToolSpec, String>)> = match entry {
-            ToolEntry::V0_1(pre) => self
-                .call(plugin, SlotKind::Compute, None, async |store| {
-                    let instance = pre.instantiate_async(&mut *store).await?;
-                    instance.opspawn_plugin_tools().call_describe(store).await
-                })
-                .await
-                .map_err(failed)?
-                .into_iter()
-                .map(|spec| (spec.name.clone(), convert::v0_1::tool_spec_from_wit(spec)))
-                .collect(),
-            ToolEntry::V0_2(pre) => self
-                .call(plugin, SlotKind::Compute, None, async |store| {
-                    let instance = pre.instantiate_async(&mut *store).await?;
-                    instance.opspawn_plugin_tools().call_describe(store).await
-                })
-                .await
-                .map_err(failed)?
-                .into_iter()
-                .map(|spec| (spec.name.clone(), convert::v0_2::tool_spec_from_wit(spec)))
-                .collect(),
+            ToolEntry::V0_1(pre) => {
+                let specs = self
+                    .call(plugin, SlotKind::Compute, None, async |store| {
+                        let instance = pre.instantiate_async(&mut *store).await?;
+                        instance.opspawn_plugin_tools().call_describe(store).await
+                    })
+                    .await
+                    .map_err(failed)?;
+                check_described(
+                    &plugin.info.limits,
+                    specs.len(),
+                    specs
+                        .iter()
+                        .map(|s| s.name.len() + s.description.len() + s.input_schema.len()),
+                )?;
+                specs
+                    .into_iter()
+                    .map(|spec| (spec.name.clone(), convert::v0_1::tool_spec_from_wit(spec)))
+                    .collect()
+            }
+            ToolEntry::V0_2(pre) => {
+                let specs = self
+                    .call(plugin, SlotKind::Compute, None, async |store| {
+                        let instance = pre.instantiate_async(&mut *store).await?;
+                        instance.opspawn_plugin_tools().call_describe(store).await
+                    })
+                    .await
+                    .map_err(failed)?;
+                check_described(
+                    &plugin.info.limits,
+                    specs.len(),
+                    specs
+                        .iter()
+                        .map(|s| s.name.len() + s.description.len() + s.input_schema.len()),
+                )?;
+                specs
+                    .into_iter()
+                    .map(|spec| (spec.name.clone(), convert::v0_2::tool_spec_from_wit(spec)))
+                    .collect()
+            }
         };
         if specs.is_empty() {
             return Err("it describes no tools".into());
@@ -1021,6 +1041,33 @@ fn read_in_folder(path: &Path, folder: &Path) -> Result<Option<Vec<u8>>, String>
     Ok(Some(bytes))
 }
 
+/// Refuses a `describe` answer of more tools, or more bytes (names,
+/// descriptions and schemas together), than the plugin's limits allow:
+/// checked before any schema is parsed or compiled, so an oversized answer
+/// costs the host no more than the copy out of the plugin's memory.
+fn check_described(
+    limits: &Limits,
+    count: usize,
+    sizes: impl Iterator<Item = usize>,
+) -> Result<(), String> {
+    if count as u64 > limits.max_tools {
+        return Err(format!(
+            "refused: it describes {count} tools, over its limit of {} (the manifest's \
+             [limits] max_tools, capped by the operator's policy)",
+            limits.max_tools
+        ));
+    }
+    let bytes: u64 = sizes.map(|size| size as u64).sum();
+    if bytes > limits.max_describe_bytes {
+        return Err(format!(
+            "refused: its describe output is {bytes} bytes, over its limit of {} (the \
+             manifest's [limits] max_describe_bytes, capped by the operator's policy)",
+            limits.max_describe_bytes
+        ));
+    }
+    Ok(())
+}
+
 /// Names are `[A-Za-z0-9_-]{1,64}`: safe in URLs, logs and tool calls.
 fn validate_name(name: &str) -> Result<(), &'static str> {
     let valid = !name.is_empty()
@@ -1129,6 +1176,20 @@ mod tests {
         let message = unknown_version("0.0.9");
         assert!(!message.contains("upgrade Opspawn"), "{message}");
         assert!(message.contains("wit/v0.2.0"), "{message}");
+    }
+
+    #[test]
+    fn describe_answers_are_bounded_in_tools_and_bytes() {
+        let limits = Limits {
+            max_tools: 2,
+            max_describe_bytes: 10,
+            ..Limits::default()
+        };
+        assert!(check_described(&limits, 2, [4, 6].into_iter()).is_ok());
+        let many = check_described(&limits, 3, [1, 1, 1].into_iter()).unwrap_err();
+        assert!(many.contains("3 tools, over its limit of 2"), "{many}");
+        let large = check_described(&limits, 1, [11].into_iter()).unwrap_err();
+        assert!(large.contains("11 bytes, over its limit of 10"), "{large}");
     }
 
     #[test]

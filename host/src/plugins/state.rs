@@ -26,6 +26,9 @@ pub struct CallState {
     pub(super) limiter: MemoryLimiter,
     pub(super) output: MemoryOutputPipe,
     deltas: Option<mpsc::UnboundedSender<String>>,
+    /// What this call may still log, and stream.
+    log_budget: Budget,
+    delta_budget: Budget,
 }
 
 impl CallState {
@@ -55,17 +58,30 @@ impl CallState {
             };
             wasi.preopened_dir(&dir.host_path, &dir.guest_path, perms)?;
         }
+        // Every resource the plugin holds (a stream, a set of HTTP fields)
+        // is host memory: both their number and the fields' size are capped.
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(usize::try_from(limits.max_resources).unwrap_or(usize::MAX));
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(
+            usize::try_from(limits.max_http_fields_bytes).unwrap_or(usize::MAX),
+        );
         Ok(Self {
             plugin,
             wasi: wasi.build(),
-            table: ResourceTable::new(),
-            http: WasiHttpCtx::new(),
+            table,
+            http,
             http_hooks: PolicyHooks {
                 policy: grants.outbound.clone(),
+                body_chunk_bytes: usize::try_from(limits.max_http_body_chunk_bytes)
+                    .unwrap_or(usize::MAX)
+                    .max(1),
             },
             limiter: MemoryLimiter::new(limits.memory_bytes),
             output,
             deltas,
+            log_budget: Budget::new(limits.max_log_lines, limits.max_log_bytes),
+            delta_budget: Budget::new(limits.max_deltas, limits.max_output_bytes),
         })
     }
 
@@ -101,8 +117,81 @@ impl WasiHttpView for CallState {
     }
 }
 
+impl Drop for CallState {
+    /// One note per call for what it logged or streamed past its limits.
+    fn drop(&mut self) {
+        let plugin = &*self.plugin;
+        if let Some(dropped) =
+            self.log_budget
+                .dropped("log lines", "max_log_lines", "max_log_bytes")
+        {
+            tracing::warn!(plugin, "{dropped}");
+        }
+        if let Some(dropped) =
+            self.delta_budget
+                .dropped("streamed deltas", "max_deltas", "max_output_bytes")
+        {
+            tracing::warn!(plugin, "{dropped}");
+        }
+    }
+}
+
+/// How many items (log lines, deltas) and bytes one call may still send
+/// the host, and how many it sent past that, which were dropped.
+#[derive(Debug)]
+pub(super) struct Budget {
+    max_items: u64,
+    max_bytes: u64,
+    items: u64,
+    bytes: u64,
+    dropped_items: u64,
+    dropped_bytes: u64,
+}
+
+impl Budget {
+    pub(super) fn new(max_items: u64, max_bytes: u64) -> Self {
+        Self {
+            max_items,
+            max_bytes,
+            items: 0,
+            bytes: 0,
+            dropped_items: 0,
+            dropped_bytes: 0,
+        }
+    }
+
+    /// Whether an item of `len` bytes fits; if not, it is counted as dropped.
+    pub(super) fn admit(&mut self, len: usize) -> bool {
+        let len = len as u64;
+        if self.items < self.max_items && self.bytes.saturating_add(len) <= self.max_bytes {
+            self.items += 1;
+            self.bytes += len;
+            true
+        } else {
+            self.dropped_items += 1;
+            self.dropped_bytes = self.dropped_bytes.saturating_add(len);
+            false
+        }
+    }
+
+    /// A note of what was dropped, if anything was: `what` names the items,
+    /// `items_key` and `bytes_key` the limits in the manifest.
+    pub(super) fn dropped(&self, what: &str, items_key: &str, bytes_key: &str) -> Option<String> {
+        (self.dropped_items > 0).then(|| {
+            format!(
+                "dropped {} {what} ({} bytes) of one call, past its limits of {} {what} and {} \
+                 bytes (the manifest's [limits] {items_key} and {bytes_key})",
+                self.dropped_items, self.dropped_bytes, self.max_items, self.max_bytes
+            )
+        })
+    }
+}
+
 impl CallState {
-    fn log(&self, level: tracing::Level, message: &str) {
+    fn log(&mut self, level: tracing::Level, message: &str) {
+        if !self.log_budget.admit(message.len()) {
+            return;
+        }
         let plugin = &*self.plugin;
         match level {
             tracing::Level::TRACE => tracing::trace!(plugin, "{message}"),
@@ -146,7 +235,9 @@ mod logging_v0_2 {
 
 impl v0_1::llm_stream::Host for CallState {
     fn emit_delta(&mut self, text: String) {
-        if let Some(deltas) = &self.deltas {
+        if let Some(deltas) = &self.deltas
+            && self.delta_budget.admit(text.len())
+        {
             // Nobody listening is fine: streaming is a courtesy.
             let _ = deltas.send(text);
         }
@@ -204,5 +295,42 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 
     fn tables(&self) -> usize {
         64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_admits_up_to_its_limits_and_counts_the_rest() {
+        let mut budget = Budget::new(3, 10);
+        assert!(budget.admit(4));
+        assert!(budget.admit(6));
+        assert!(!budget.admit(1), "the bytes are used up");
+        assert_eq!(
+            budget
+                .dropped("x", "a", "b")
+                .as_deref()
+                .map(|n| n.starts_with("dropped 1 x (1 bytes)")),
+            Some(true)
+        );
+
+        let mut budget = Budget::new(2, 100);
+        assert!(
+            budget.dropped("log lines", "a", "b").is_none(),
+            "nothing dropped yet"
+        );
+        assert!(budget.admit(1) && budget.admit(1));
+        assert!(!budget.admit(1), "the items are used up");
+        assert!(!budget.admit(0));
+        let note = budget
+            .dropped("log lines", "max_log_lines", "max_log_bytes")
+            .unwrap();
+        assert!(note.starts_with("dropped 2 log lines (1 bytes)"), "{note}");
+        assert!(
+            note.contains("limits of 2 log lines and 100 bytes"),
+            "{note}"
+        );
     }
 }

@@ -19,6 +19,24 @@ pub fn lenient_json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
 }
 
+/// How many bytes `value` takes as JSON, counted without writing it out.
+pub fn json_size(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail, nor can serializing protocol types.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 /// A JSON value as text, where a string that holds unparseable arguments
 /// goes back out verbatim.
 fn json_text(value: &Value) -> String {
@@ -209,6 +227,20 @@ macro_rules! shared_conversions {
                 },
                 wit_planning::Action::Finish(answer) => PlannerAction::Finish { answer },
                 wit_planning::Action::Fail(reason) => PlannerAction::Fail { reason },
+            }
+        }
+
+        /// The action, unless it asks for more than `max_calls` tool calls:
+        /// then how many it asks for, counted before anything is converted.
+        pub fn action_from_wit_bounded(
+            action: wit_planning::Action,
+            max_calls: u64,
+        ) -> Result<crate::protocol::PlannerAction, usize> {
+            match &action {
+                wit_planning::Action::CallTools(calls) if calls.len() as u64 > max_calls => {
+                    Err(calls.len())
+                }
+                _ => Ok(action_from_wit(action)),
             }
         }
 
