@@ -264,6 +264,25 @@ pub struct StepStart {
     pub input: Value,
 }
 
+impl StepStart {
+    /// The step's record once journaled as running under claim `attempt`.
+    fn into_record(self, attempt: i64, started_at: Millis) -> StepRecord {
+        StepRecord {
+            seq: self.seq,
+            kind: self.kind,
+            plugin: self.plugin,
+            status: StepStatus::Running,
+            input: self.input,
+            output: None,
+            error: None,
+            usage: None,
+            attempt,
+            started_at,
+            finished_at: None,
+        }
+    }
+}
+
 /// How a step ended.
 #[derive(Debug, Clone)]
 pub struct StepEnd {

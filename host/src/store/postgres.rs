@@ -571,19 +571,7 @@ async fn start_step(
     };
     let started_at = now_millis();
     // Everything in the row is known here: nothing is read back.
-    let record = StepRecord {
-        seq: step.seq,
-        kind: step.kind,
-        plugin: step.plugin,
-        status: StepStatus::Running,
-        input: step.input,
-        output: None,
-        error: None,
-        usage: None,
-        attempt: fence.attempt,
-        started_at,
-        finished_at: None,
-    };
+    let record = step.into_record(fence.attempt, started_at);
     let (stored, data) = step_started_event(&record, input_text.len());
     // A step still marked running was in flight when an earlier claim died:
     // it runs again under the same sequence number (and idempotency key).

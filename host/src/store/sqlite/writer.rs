@@ -497,19 +497,7 @@ fn start_step(conn: &Connection, fence: &Fence, step: StepStart) -> Result<Reply
         spill(conn, key, &input_text)?;
     }
     // Everything in the row is known here: nothing is read back.
-    let record = StepRecord {
-        seq: step.seq,
-        kind: step.kind,
-        plugin: step.plugin,
-        status: StepStatus::Running,
-        input: step.input,
-        output: None,
-        error: None,
-        usage: None,
-        attempt: fence.attempt,
-        started_at,
-        finished_at: None,
-    };
+    let record = step.into_record(fence.attempt, started_at);
     let (stored, data) = step_started_event(&record, input_text.len());
     let event = append_event_stored(
         conn,
