@@ -242,16 +242,17 @@ pub struct EarlierTask {
     pub steps: Vec<PlannerStep>,
 }
 
-/// Everything a planner is given to decide the next action.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskState {
-    pub goal: String,
-    pub tools: Vec<ToolSpec>,
-    pub steps: Vec<PlannerStep>,
-    #[serde(default)]
-    pub history: Vec<EarlierTask>,
+/// Everything a planner is given to decide the next action. It borrows
+/// from the task's run, so asking a planner copies only what crosses into
+/// the plugin, not the journal or the tools' schemas.
+#[derive(Debug, Clone)]
+pub struct TaskState<'a> {
+    pub goal: &'a str,
+    pub tools: &'a [ToolSpec],
+    pub steps: Vec<&'a PlannerStep>,
+    pub history: &'a [EarlierTask],
     pub max_steps: u32,
-    pub options: Value,
+    pub options: &'a Value,
 }
 
 /// What a planner decided.

@@ -419,7 +419,7 @@ impl PluginRuntime {
     pub async fn next_action(
         &self,
         planner: &str,
-        state: &TaskState,
+        state: &TaskState<'_>,
     ) -> Result<PlannerAction, CallError> {
         let plugin = self
             .when_loaded(|| self.plugin_of_kind(planner, PluginKind::Planner))

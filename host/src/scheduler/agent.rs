@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -143,27 +144,30 @@ impl Run {
                 step = step.seq,
                 "re-running a step that was in flight when the last claim ended"
             );
-            if let Some(end) = self.perform(step.seq, step.kind, step.input).await? {
+            let effect = Effect::from_journal(step.kind, &step.input);
+            if let Some(end) = self.perform(step.seq, step.input, effect).await? {
                 return Ok(end);
             }
         }
 
+        let planner_options = option_section(&self.task.options, "planner");
         loop {
             if let Some(end) = self.boundary_check()? {
                 return Ok(end);
             }
             let state = TaskState {
-                goal: self.task.goal.clone(),
-                tools: tools.clone(),
-                steps: self.planner_steps.values().cloned().collect(),
-                history: Vec::new(),
+                goal: &self.task.goal,
+                tools: &tools,
+                steps: self.planner_steps.values().collect(),
+                history: &[],
                 max_steps: self.task.max_steps,
-                options: option_section(&self.task.options, "planner"),
+                options: &planner_options,
             };
-            let action = match self
+            let action = self
                 .bounded(self.shared.runtime.next_action(&self.task.planner, &state))
-                .await
-            {
+                .await;
+            drop(state);
+            let action = match action {
                 Ok(action) => action,
                 Err(error) => return Ok(TaskEnd::Failed { error }),
             };
@@ -183,8 +187,9 @@ impl Run {
                     {
                         request.provider_options = option_section(&self.task.options, "llm");
                     }
-                    let input = json!(request);
-                    if let Some(end) = self.perform(self.next_seq(), StepKind::Llm, input).await? {
+                    let effect = Effect::Llm(request);
+                    let input = effect.journal_input();
+                    if let Some(end) = self.perform(self.next_seq(), input, Ok(effect)).await? {
                         return Ok(end);
                     }
                 }
@@ -199,10 +204,9 @@ impl Run {
                         if let Some(end) = self.boundary_check()? {
                             return Ok(end);
                         }
-                        let input = json!(call);
-                        if let Some(end) =
-                            self.perform(self.next_seq(), StepKind::Tool, input).await?
-                        {
+                        let effect = Effect::Tool(call);
+                        let input = effect.journal_input();
+                        if let Some(end) = self.perform(self.next_seq(), input, Ok(effect)).await? {
                             return Ok(end);
                         }
                     }
@@ -272,12 +276,19 @@ impl Run {
 
     /// Journals a step, performs it, and journals how it ended. Returns the
     /// task's end when the step ends the task (an LLM failure, a timeout).
+    ///
+    /// `input` is the step's input as journaled; `effect` the same, typed
+    /// (or why the journaled input could not be read).
     async fn perform(
         &mut self,
         seq: u32,
-        kind: StepKind,
         input: Value,
+        effect: Result<Effect, (StepKind, ErrorInfo)>,
     ) -> Result<Option<TaskEnd>, Interrupted> {
+        let kind = match &effect {
+            Ok(effect) => effect.kind(),
+            Err((kind, _)) => *kind,
+        };
         let plugin = match kind {
             StepKind::Llm => self.task.llm.clone(),
             StepKind::Tool => {
@@ -294,7 +305,7 @@ impl Run {
             seq,
             kind,
             plugin,
-            input: input.clone(),
+            input,
         };
         let (record, event) = self.shared.store.start_step(&self.fence, start).await?;
         self.shared.events.journaled(event);
@@ -314,18 +325,19 @@ impl Run {
             Instant::now() + limit
         });
         let mut tries = 0;
-        let (output, usage) = loop {
-            let attempt = match kind {
-                StepKind::Llm => {
+        let (output, usage, reply) = loop {
+            let attempt = match &effect {
+                Ok(Effect::Llm(request)) => {
                     let deadline = llm_deadline
                         .unwrap_or_else(Instant::now)
                         .min(Instant::now() + self.remaining());
-                    self.call_llm(&context, input.clone(), deadline).await
+                    self.call_llm(&context, request, deadline).await
                 }
-                StepKind::Tool => Attempt::from(self.call_tool(&context, input.clone()).await),
+                Ok(Effect::Tool(call)) => Attempt::from(self.call_tool(&context, call).await),
+                Err((_, unreadable)) => Attempt::from(Err(unreadable.clone())),
             };
             let Err(error) = &attempt.output else {
-                break (attempt.output, attempt.usage);
+                break (attempt.output, attempt.usage, attempt.reply);
             };
             let delay = self.shared.config.retry.delay(tries, attempt.retry_after);
             let time_left = llm_deadline.map_or_else(
@@ -342,7 +354,7 @@ impl Run {
                 && !self.lost.is_cancelled()
                 && !self.shared.shutdown.is_cancelled();
             if !may_retry {
-                break (attempt.output, attempt.usage);
+                break (attempt.output, attempt.usage, attempt.reply);
             }
             tries += 1;
             self.retries_used += 1;
@@ -368,6 +380,15 @@ impl Run {
             )),
             _ => None,
         };
+        // What the planner will see of this step, from the typed values in
+        // hand rather than decoded again from the journal.
+        let view = match (effect, reply) {
+            (_, Some(response)) => Some(PlannerStep::LlmReply { response }),
+            (Ok(Effect::Tool(call)), None) => {
+                Some(tool_view(call, output.as_ref().ok(), output.as_ref().err()))
+            }
+            _ => None,
+        };
         let started = self.take_step(seq);
         let end = StepEnd {
             started,
@@ -376,7 +397,10 @@ impl Run {
         };
         let (record, event) = self.shared.store.finish_step(&self.fence, end).await?;
         self.shared.events.journaled(event);
-        self.remember(record);
+        match view {
+            Some(view) => self.remember_with_view(record, view),
+            None => self.remember(record),
+        }
         Ok(task_end)
     }
 
@@ -396,19 +420,29 @@ impl Run {
             Some(view) => self.planner_steps.insert(record.seq, view),
             None => self.planner_steps.remove(&record.seq),
         };
+        self.keep(record);
+    }
+
+    /// Like [`Run::remember`] for a finished step whose planner view is
+    /// already known.
+    fn remember_with_view(&mut self, record: StepRecord, view: PlannerStep) {
+        self.planner_steps.insert(record.seq, view);
+        self.keep(record);
+    }
+
+    fn keep(&mut self, record: StepRecord) {
         match self.steps.iter_mut().find(|s| s.seq == record.seq) {
             Some(existing) => *existing = record,
             None => self.steps.push(record),
         }
     }
 
-    async fn call_llm(&self, context: &CallContext, input: Value, deadline: Instant) -> Attempt {
-        let request: ChatRequest = match serde_json::from_value(input) {
-            Ok(request) => request,
-            Err(e) => {
-                return Attempt::from(Err(ErrorInfo::new("invalid_step_input", e.to_string())));
-            }
-        };
+    async fn call_llm(
+        &self,
+        context: &CallContext,
+        request: &ChatRequest,
+        deadline: Instant,
+    ) -> Attempt {
         let (deltas, mut streamed) = mpsc::unbounded_channel::<String>();
         let events = self.shared.events.clone();
         let task_id: Arc<str> = self.task.id.as_str().into();
@@ -425,7 +459,7 @@ impl Run {
         let result = self
             .shared
             .runtime
-            .complete(&self.task.llm, context, &request, Some(deltas), deadline)
+            .complete(&self.task.llm, context, request, Some(deltas), deadline)
             .await;
         let _ = forward.await;
         match result {
@@ -433,6 +467,7 @@ impl Run {
                 usage: response.usage,
                 output: Ok(json!(response)),
                 retry_after: None,
+                reply: Some(response),
             },
             // The task's own time ran out first.
             Err(_) if self.remaining().is_zero() => Attempt::from(Err(timed_out_error(&self.task))),
@@ -440,14 +475,13 @@ impl Run {
                 output: Err(llm_error_info(&error)),
                 usage: None,
                 retry_after: error.retry_after_ms.map(Duration::from_millis),
+                reply: None,
             },
             Err(error) => Attempt::from(Err(ErrorInfo::new(error.code(), error.to_string()))),
         }
     }
 
-    async fn call_tool(&self, context: &CallContext, input: Value) -> Result<Value, ErrorInfo> {
-        let call: ToolCall = serde_json::from_value(input)
-            .map_err(|e| ErrorInfo::new("invalid_step_input", e.to_string()))?;
+    async fn call_tool(&self, context: &CallContext, call: &ToolCall) -> Result<Value, ErrorInfo> {
         if !self.task.tools.contains(&call.name) {
             return Err(ErrorInfo::new(
                 "tool_not_allowed",
@@ -467,12 +501,52 @@ impl Run {
     }
 }
 
+/// What a step performs: its journaled input, typed.
+enum Effect {
+    Llm(Box<ChatRequest>),
+    Tool(ToolCall),
+}
+
+impl Effect {
+    fn kind(&self) -> StepKind {
+        match self {
+            Self::Llm(_) => StepKind::Llm,
+            Self::Tool(_) => StepKind::Tool,
+        }
+    }
+
+    /// The step's input as the journal keeps it.
+    fn journal_input(&self) -> Value {
+        match self {
+            Self::Llm(request) => json!(request),
+            Self::Tool(call) => json!(call),
+        }
+    }
+
+    /// The effect a journaled step asked for, or why it cannot be read (the
+    /// step then fails with `invalid_step_input`).
+    fn from_journal(kind: StepKind, input: &Value) -> Result<Self, (StepKind, ErrorInfo)> {
+        let unreadable =
+            |e: serde_json::Error| (kind, ErrorInfo::new("invalid_step_input", e.to_string()));
+        match kind {
+            StepKind::Llm => ChatRequest::deserialize(input)
+                .map(|request| Self::Llm(Box::new(request)))
+                .map_err(unreadable),
+            StepKind::Tool => ToolCall::deserialize(input)
+                .map(Self::Tool)
+                .map_err(unreadable),
+        }
+    }
+}
+
 /// One try of a step.
 struct Attempt {
     output: Result<Value, ErrorInfo>,
     usage: Option<Usage>,
     /// How long the provider asked us to wait before trying again.
     retry_after: Option<Duration>,
+    /// An LLM's reply, typed (its JSON is `output`).
+    reply: Option<ChatResponse>,
 }
 
 impl From<Result<Value, ErrorInfo>> for Attempt {
@@ -481,6 +555,7 @@ impl From<Result<Value, ErrorInfo>> for Attempt {
             output,
             usage: None,
             retry_after: None,
+            reply: None,
         }
     }
 }
@@ -555,7 +630,7 @@ fn planner_view(step: &StepRecord) -> Option<PlannerStep> {
     }
     match step.kind {
         StepKind::Llm => Some(match (&step.output, &step.error) {
-            (Some(output), _) => match serde_json::from_value::<ChatResponse>(output.clone()) {
+            (Some(output), _) => match ChatResponse::deserialize(output) {
                 Ok(response) => PlannerStep::LlmReply { response },
                 Err(e) => PlannerStep::LlmFailed {
                     message: format!("the journaled reply is unreadable: {e}"),
@@ -568,22 +643,27 @@ fn planner_view(step: &StepRecord) -> Option<PlannerStep> {
             },
         }),
         StepKind::Tool => {
-            let call: ToolCall = serde_json::from_value(step.input.clone()).ok()?;
-            let (content, is_error) = match (&step.output, &step.error) {
-                (Some(Value::String(text)), _) => (text.clone(), false),
-                (Some(output), _) => (output.to_string(), false),
-                (None, Some(error)) => (format!("{}: {}", error.code, error.message), true),
-                (None, None) => ("the tool returned nothing".to_owned(), true),
-            };
-            Some(PlannerStep::ToolResult {
-                result: ToolResult {
-                    call_id: call.id.clone(),
-                    name: call.name.clone(),
-                    content,
-                    is_error,
-                },
-                call,
-            })
+            let call = ToolCall::deserialize(&step.input).ok()?;
+            Some(tool_view(call, step.output.as_ref(), step.error.as_ref()))
         }
+    }
+}
+
+/// A finished tool step as the planner sees it.
+fn tool_view(call: ToolCall, output: Option<&Value>, error: Option<&ErrorInfo>) -> PlannerStep {
+    let (content, is_error) = match (output, error) {
+        (Some(Value::String(text)), _) => (text.clone(), false),
+        (Some(output), _) => (output.to_string(), false),
+        (None, Some(error)) => (format!("{}: {}", error.code, error.message), true),
+        (None, None) => ("the tool returned nothing".to_owned(), true),
+    };
+    PlannerStep::ToolResult {
+        result: ToolResult {
+            call_id: call.id.clone(),
+            name: call.name.clone(),
+            content,
+            is_error,
+        },
+        call,
     }
 }
