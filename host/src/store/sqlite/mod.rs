@@ -48,6 +48,7 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) and migrates the database at `url`.
     pub async fn open(url: &str) -> Result<Self> {
+        skip_memory_statistics();
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -280,6 +281,24 @@ impl Store for SqliteStore {
             _ => unreachable!("finish_task answers Event"),
         }
     }
+}
+
+/// Tells SQLite not to keep memory statistics, which nothing here reads:
+/// kept, every allocation SQLite makes, on every connection, takes one
+/// process-wide mutex. It must be said before SQLite's first use in the
+/// process; said later (a second store in the same process) SQLite refuses
+/// it harmlessly and keeps counting.
+fn skip_memory_statistics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: SQLITE_CONFIG_MEMSTATUS takes one int. sqlite3_config must
+        // not run while another thread uses SQLite: in the server this is
+        // the first SQLite call of the process, and once SQLite is
+        // initialised it returns SQLITE_MISUSE having touched nothing.
+        unsafe {
+            rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0);
+        }
+    });
 }
 
 #[cfg(test)]
