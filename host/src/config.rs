@@ -282,6 +282,7 @@ impl Config {
                 .flatten()
                 .collect(),
             max_load_time: self.plugins.max_load_time,
+            separate_tenants: !self.auth.tokens.is_empty(),
         }
     }
 

@@ -213,6 +213,10 @@ pub struct CallContext {
     pub task_id: String,
     pub step: u32,
     pub idempotency_key: String,
+    /// The tenant whose task this is. Never shown to the plugin: the host
+    /// uses it to give each tenant writable folders of its own.
+    #[serde(skip)]
+    pub tenant: Option<String>,
 }
 
 impl CallContext {
@@ -221,7 +225,14 @@ impl CallContext {
             task_id: task_id.to_owned(),
             step,
             idempotency_key: format!("{task_id}:{step}"),
+            tenant: None,
         }
+    }
+
+    /// The same context, for a task of `tenant`.
+    pub fn for_tenant(mut self, tenant: &str) -> Self {
+        self.tenant = Some(tenant.to_owned());
+        self
     }
 }
 
@@ -253,6 +264,8 @@ pub struct TaskState<'a> {
     pub history: &'a [EarlierTask],
     pub max_steps: u32,
     pub options: &'a Value,
+    /// The tenant whose task this is (see [`CallContext::tenant`]).
+    pub tenant: Option<&'a str>,
 }
 
 /// What a planner decided.

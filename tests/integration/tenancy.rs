@@ -109,6 +109,94 @@ async fn tokens_are_required_and_tenants_see_only_their_own_tasks() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// Runs one tool of the misbehaving fixture as `token`'s tenant and returns
+/// its step.
+async fn tool_step_as(client: &Client, token: &str, tool: &str, arguments: Value) -> Value {
+    let (status, task) = send(
+        client,
+        "POST",
+        "/v1/tasks",
+        Some(token),
+        Some(&misbehaving_task(tool, arguments)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let path = format!("/v1/tasks/{}", task["id"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + FINISH;
+    loop {
+        let (_, task) = send(client, "GET", &path, Some(token), None).await;
+        if ["succeeded", "failed", "cancelled"].contains(&task["status"].as_str().unwrap_or("")) {
+            let step = task["steps"][1].clone();
+            assert_eq!(step["kind"], "tool", "{task:#}");
+            return step;
+        }
+        assert!(std::time::Instant::now() < deadline, "unfinished: {task:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_tenants_task_writes_no_other_tenants_task_can_read() {
+    let (harness, _config) = authenticated("");
+    let client = harness.client();
+    let counts = harness.plugins.path().join("counts");
+
+    let written = tool_step_as(
+        &client,
+        "acme-token",
+        "write_file",
+        json!({"path": "/counts/notes.txt", "content": "acme's notes"}),
+    )
+    .await;
+    assert_eq!(written["status"], "succeeded", "{written:#}");
+    assert!(counts.join("tenants/acme/notes.txt").is_file());
+    assert!(
+        !counts.join("notes.txt").exists(),
+        "written to the shared folder"
+    );
+
+    let theirs = tool_step_as(
+        &client,
+        "globex-token",
+        "read_file",
+        json!({"path": "/counts/notes.txt"}),
+    )
+    .await;
+    assert_eq!(
+        theirs["status"], "failed",
+        "another tenant read it: {theirs:#}"
+    );
+    assert_eq!(theirs["error"]["code"], "io_error", "{theirs:#}");
+    let mine = tool_step_as(
+        &client,
+        "acme-token",
+        "read_file",
+        json!({"path": "/counts/notes.txt"}),
+    )
+    .await;
+    assert_eq!(mine["output"]["content"], "acme's notes", "{mine:#}");
+
+    // A link put where a tenant's folder goes is refused, not followed.
+    std::fs::remove_dir_all(counts.join("tenants/globex")).ok();
+    std::os::unix::fs::symlink(counts.join("tenants/acme"), counts.join("tenants/globex")).unwrap();
+    let through_link = tool_step_as(
+        &client,
+        "globex-token",
+        "read_file",
+        json!({"path": "/counts/notes.txt"}),
+    )
+    .await;
+    assert_eq!(through_link["status"], "failed", "{through_link:#}");
+    assert_eq!(
+        through_link["error"]["code"], "plugin_instantiate_failed",
+        "{through_link:#}"
+    );
+    assert!(
+        !through_link.to_string().contains("acme's notes"),
+        "{through_link:#}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_is_rate_limited_and_a_tenant_capped() {
     let (harness, _config) = authenticated("requests_per_minute = 5\nmax_active_tasks = 1");

@@ -45,6 +45,8 @@ pub(super) struct TranslatedCall<'a> {
     pub runtime: &'a PluginRuntime,
     pub plugin: &'a Plugin,
     pub pre: &'a LlmAdapterPre<CallState>,
+    /// Whose task the call is for (see [`CallContext::tenant`]).
+    pub tenant: Option<&'a str>,
     pub deltas: Option<&'a mpsc::UnboundedSender<String>>,
     /// When the whole call, retries included, must be over.
     pub deadline: Instant,
@@ -164,10 +166,16 @@ impl TranslatedCall<'_> {
         ) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
         self.runtime
-            .call(self.plugin, SlotKind::Compute, None, async |store| {
-                let instance = self.pre.instantiate_async(&mut *store).await?;
-                call(store, &instance).await
-            })
+            .call(
+                self.plugin,
+                SlotKind::Compute,
+                self.tenant,
+                None,
+                async |store| {
+                    let instance = self.pre.instantiate_async(&mut *store).await?;
+                    call(store, &instance).await
+                },
+            )
             .await
     }
 

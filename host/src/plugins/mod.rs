@@ -64,6 +64,10 @@ pub struct RuntimeOptions {
     /// The longest a plugin may take to load (compiling it and its
     /// `describe` call), whatever its manifest asks.
     pub max_load_time: Duration,
+    /// Whether each tenant's calls get writable folders of their own
+    /// (`<folder>/tenants/<tenant>`): on when authentication is, so that
+    /// nothing one tenant's task writes is seen by another's.
+    pub separate_tenants: bool,
 }
 
 /// The default for [`RuntimeOptions::concurrent_calls`]: two per core, so
@@ -280,11 +284,17 @@ impl PluginRuntime {
         self.catalog.read().expect("catalog lock").clone()
     }
 
-    /// The per-call time limit of a loaded plugin.
-    pub fn call_timeout(&self, plugin: &str) -> Option<Duration> {
-        self.catalog()
-            .plugin(plugin)
-            .map(|plugin| plugin.info.limits.call_timeout)
+    /// The per-call time limit of a plugin, once plugins being loaded (at
+    /// a start, say) have loaded; `None` if no plugin has the name.
+    pub async fn call_timeout(&self, plugin: &str) -> Option<Duration> {
+        self.when_loaded(|| {
+            self.catalog()
+                .plugin(plugin)
+                .map(|plugin| plugin.info.limits.call_timeout)
+                .ok_or_else(|| CallError::UnknownTool(plugin.to_owned()))
+        })
+        .await
+        .ok()
     }
 
     /// Specs of the named tools, or the first name that no plugin offers.
@@ -332,6 +342,12 @@ impl PluginRuntime {
         }
     }
 
+    /// The tenant whose writable folders a call sees, when tenants are
+    /// separated.
+    fn tenant_of<'a>(&self, tenant: Option<&'a str>) -> Option<&'a str> {
+        tenant.filter(|_| self.options.separate_tenants)
+    }
+
     /// Runs a tool with a JSON object as input.
     pub async fn invoke_tool(
         &self,
@@ -371,6 +387,7 @@ impl PluginRuntime {
             }
         }
         let input = input.to_string();
+        let tenant = context.tenant.as_deref();
         // A tool granted the network may spend its call waiting on it.
         let kind = if plugin.info.grants.outbound_hosts.is_empty() {
             SlotKind::Compute
@@ -380,7 +397,7 @@ impl PluginRuntime {
         let outcome = match entry {
             ToolEntry::V0_1(pre) => {
                 let context = convert::v0_1::context_to_wit(context);
-                self.call(&plugin, kind, None, async |store| {
+                self.call(&plugin, kind, tenant, None, async |store| {
                     let instance = pre.instantiate_async(&mut *store).await?;
                     let tools = instance.opspawn_plugin_tools();
                     let result = tools.call_invoke(store, &context, tool, &input).await?;
@@ -390,7 +407,7 @@ impl PluginRuntime {
             }
             ToolEntry::V0_2(pre) => {
                 let context = convert::v0_2::context_to_wit(context);
-                self.call(&plugin, kind, None, async |store| {
+                self.call(&plugin, kind, tenant, None, async |store| {
                     let instance = pre.instantiate_async(&mut *store).await?;
                     let tools = instance.opspawn_plugin_tools();
                     let result = tools.call_invoke(store, &context, tool, &input).await?;
@@ -428,25 +445,38 @@ impl PluginRuntime {
             unreachable!("kind checked above")
         };
         let max_calls = plugin.info.limits.max_tool_calls;
+        let tenant = state.tenant;
         let outcome = match entry {
             PlannerEntry::V0_1(pre) => {
                 let state = convert::v0_1::state_to_wit(state);
-                self.call(&plugin, SlotKind::Compute, None, async |store| {
-                    let instance = pre.instantiate_async(&mut *store).await?;
-                    let planning = instance.opspawn_plugin_planning();
-                    let action = planning.call_next_action(store, &state).await?;
-                    Ok(action.map(|a| convert::v0_1::action_from_wit_bounded(a, max_calls)))
-                })
+                self.call(
+                    &plugin,
+                    SlotKind::Compute,
+                    tenant,
+                    None,
+                    async |store| {
+                        let instance = pre.instantiate_async(&mut *store).await?;
+                        let planning = instance.opspawn_plugin_planning();
+                        let action = planning.call_next_action(store, &state).await?;
+                        Ok(action.map(|a| convert::v0_1::action_from_wit_bounded(a, max_calls)))
+                    },
+                )
                 .await?
             }
             PlannerEntry::V0_2(pre) => {
                 let state = convert::v0_2::state_to_wit(state);
-                self.call(&plugin, SlotKind::Compute, None, async |store| {
-                    let instance = pre.instantiate_async(&mut *store).await?;
-                    let planning = instance.opspawn_plugin_planning();
-                    let action = planning.call_next_action(store, &state).await?;
-                    Ok(action.map(|a| convert::v0_2::action_from_wit_bounded(a, max_calls)))
-                })
+                self.call(
+                    &plugin,
+                    SlotKind::Compute,
+                    tenant,
+                    None,
+                    async |store| {
+                        let instance = pre.instantiate_async(&mut *store).await?;
+                        let planning = instance.opspawn_plugin_planning();
+                        let action = planning.call_next_action(store, &state).await?;
+                        Ok(action.map(|a| convert::v0_2::action_from_wit_bounded(a, max_calls)))
+                    },
+                )
                 .await?
             }
         };
@@ -486,6 +516,7 @@ impl PluginRuntime {
         let Entry::LlmAdapter(entry) = &plugin.entry else {
             unreachable!("kind checked above")
         };
+        let tenant = context.tenant.as_deref();
         let outcome = async {
             Ok(match entry {
                 AdapterEntry::Translating(pre) => {
@@ -493,6 +524,7 @@ impl PluginRuntime {
                         runtime: self,
                         plugin: &plugin,
                         pre,
+                        tenant,
                         deltas: deltas.as_ref(),
                         deadline,
                         delta_budget: std::sync::Mutex::new(state::Budget::new(
@@ -505,14 +537,20 @@ impl PluginRuntime {
                 AdapterEntry::Calling(pre) => {
                     let context = convert::v0_1::context_to_wit(context);
                     let request = convert::v0_1::request_to_wit(request);
-                    let call = self.call(&plugin, SlotKind::NetworkBound, deltas, async |store| {
-                        let instance = pre.instantiate_async(&mut *store).await?;
-                        let chat = instance.opspawn_plugin_chat();
-                        let response = chat.call_complete(store, &context, &request).await?;
-                        Ok(response
-                            .map(convert::v0_1::response_from_wit)
-                            .map_err(convert::v0_1::llm_error_from_wit))
-                    });
+                    let call = self.call(
+                        &plugin,
+                        SlotKind::NetworkBound,
+                        tenant,
+                        deltas,
+                        async |store| {
+                            let instance = pre.instantiate_async(&mut *store).await?;
+                            let chat = instance.opspawn_plugin_chat();
+                            let response = chat.call_complete(store, &context, &request).await?;
+                            Ok(response
+                                .map(convert::v0_1::response_from_wit)
+                                .map_err(convert::v0_1::llm_error_from_wit))
+                        },
+                    );
                     match tokio::time::timeout_at(deadline.into(), call).await {
                         Ok(result) => result?.map_err(CallError::Llm)?,
                         Err(_) => return Err(llm_timeout(&plugin)),
@@ -552,11 +590,12 @@ impl PluginRuntime {
         &self,
         plugin: &Plugin,
         kind: SlotKind,
+        tenant: Option<&str>,
         deltas: Option<mpsc::UnboundedSender<String>>,
         call: impl AsyncFnOnce(&mut Store<CallState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
         let _slots = self.slots.acquire(kind).await;
-        let mut store = self.new_store(plugin, deltas)?;
+        let mut store = self.new_store(plugin, self.tenant_of(tenant), deltas)?;
         let outcome = guarded(plugin, call(&mut store)).await;
         settle(plugin, &store, outcome)
     }
@@ -565,12 +604,14 @@ impl PluginRuntime {
     fn new_store(
         &self,
         plugin: &Plugin,
+        tenant: Option<&str>,
         deltas: Option<mpsc::UnboundedSender<String>>,
     ) -> Result<Store<CallState>, CallError> {
         let state = CallState::new(
             plugin.info.name.as_str().into(),
             &plugin.info.grants,
             &plugin.info.limits,
+            tenant,
             deltas,
         )
         .map_err(|e| CallError::Instantiate {

@@ -851,7 +851,7 @@ impl PluginRuntime {
         let specs: Vec<(String, Result<ToolSpec, String>)> = match entry {
             ToolEntry::V0_1(pre) => {
                 let specs = self
-                    .call(plugin, SlotKind::Compute, None, async |store| {
+                    .call(plugin, SlotKind::Compute, None, None, async |store| {
                         let instance = pre.instantiate_async(&mut *store).await?;
                         instance.opspawn_plugin_tools().call_describe(store).await
                     })
@@ -871,7 +871,7 @@ impl PluginRuntime {
             }
             ToolEntry::V0_2(pre) => {
                 let specs = self
-                    .call(plugin, SlotKind::Compute, None, async |store| {
+                    .call(plugin, SlotKind::Compute, None, None, async |store| {
                         let instance = pre.instantiate_async(&mut *store).await?;
                         instance.opspawn_plugin_tools().call_describe(store).await
                     })

@@ -2,6 +2,7 @@
 //! context (built from its grants alone), its resource table, its memory
 //! limiter and the channel its streamed text goes to.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -36,6 +37,7 @@ impl CallState {
         plugin: Arc<str>,
         grants: &Grants,
         limits: &Limits,
+        tenant: Option<&str>,
         deltas: Option<mpsc::UnboundedSender<String>>,
     ) -> wasmtime::Result<Self> {
         let output = MemoryOutputPipe::new(OUTPUT_CAPTURE_BYTES);
@@ -51,12 +53,17 @@ impl CallState {
             }
         }
         for dir in &grants.dirs {
-            let perms = if dir.writable {
-                FsPerms::ReadWrite
-            } else {
-                FsPerms::ReadOnly
+            if !dir.writable {
+                wasi.preopened_dir(&dir.host_path, &dir.guest_path, FsPerms::ReadOnly)?;
+                continue;
+            }
+            // What a plugin writes for one tenant's task, no other tenant's
+            // task can read: each sees only a folder of its own.
+            let host_path = match tenant {
+                Some(tenant) => tenant_folder(&dir.host_path, tenant)?,
+                None => dir.host_path.clone(),
             };
-            wasi.preopened_dir(&dir.host_path, &dir.guest_path, perms)?;
+            wasi.preopened_dir(&host_path, &dir.guest_path, FsPerms::ReadWrite)?;
         }
         // Every resource the plugin holds (a stream, a set of HTTP fields)
         // is host memory: both their number and the fields' size are capped.
@@ -96,6 +103,46 @@ impl CallState {
             .unwrap_or(text.len());
         text[start..].to_owned()
     }
+}
+
+/// `<root>/tenants/<tenant>`, made if missing: the part of a writable folder
+/// grant that one tenant's calls see. The tenant's name is used as it is
+/// when it is a plain file name, and hashed otherwise. Refused when either
+/// level is anything but a real folder: a link planted there (by a plugin
+/// that saw the whole folder before tenants were separated, say) would
+/// lead the call elsewhere.
+pub fn tenant_folder(root: &Path, tenant: &str) -> std::io::Result<PathBuf> {
+    let plain = !tenant.is_empty()
+        && tenant.len() <= 64
+        && !tenant.starts_with('.')
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    let name = if plain {
+        tenant.to_owned()
+    } else {
+        use sha2::Digest;
+        format!(
+            "sha256-{}",
+            &hex::encode(sha2::Sha256::digest(tenant))[..32]
+        )
+    };
+    let tenants = root.join("tenants");
+    let folder = tenants.join(name);
+    for level in [&tenants, &folder] {
+        match std::fs::create_dir(level) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if !std::fs::symlink_metadata(level)?.file_type().is_dir() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a folder (a link?); remove it so the tenant's folder can be made",
+                level.display()
+            )));
+        }
+    }
+    Ok(folder)
 }
 
 impl WasiView for CallState {
@@ -301,6 +348,30 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_tenant_gets_a_real_folder_of_its_own() {
+        let root = tempfile::tempdir().unwrap();
+        let acme = tenant_folder(root.path(), "acme").unwrap();
+        assert_eq!(acme, root.path().join("tenants/acme"));
+        assert!(acme.is_dir());
+        // Names that are not plain file names are hashed, never joined.
+        for odd in ["../globex", "..", "", "a/b", "ünïcode"] {
+            let folder = tenant_folder(root.path(), odd).unwrap();
+            assert_eq!(folder.parent().unwrap(), root.path().join("tenants"));
+            let name = folder.file_name().unwrap().to_str().unwrap();
+            assert!(name.starts_with("sha256-"), "{odd:?} became {name:?}");
+        }
+        assert_ne!(
+            tenant_folder(root.path(), "a/b").unwrap(),
+            tenant_folder(root.path(), "a/c").unwrap()
+        );
+        // A link in the tenant's place is refused, not followed.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), root.path().join("tenants/globex")).unwrap();
+        let error = tenant_folder(root.path(), "globex").unwrap_err();
+        assert!(error.to_string().contains("not a folder"), "{error}");
+    }
 
     #[test]
     fn a_budget_admits_up_to_its_limits_and_counts_the_rest() {

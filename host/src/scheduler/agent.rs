@@ -162,6 +162,7 @@ impl Run {
                 history: &[],
                 max_steps: self.task.max_steps,
                 options: &planner_options,
+                tenant: Some(&self.task.tenant),
             };
             let action = self
                 .bounded(self.shared.runtime.next_action(&self.task.planner, &state))
@@ -313,17 +314,19 @@ impl Run {
 
         // Every try of a step runs under the same number, so the same
         // idempotency key: a tool with side effects can tell a retry.
-        let context = CallContext::new(&self.task.id, seq);
+        let context = CallContext::new(&self.task.id, seq).for_tenant(&self.task.tenant);
         // An LLM call, retries included, lasts no longer than its adapter's
         // call_timeout_ms: a hung provider is cut there, not retried past it.
-        let llm_deadline = (kind == StepKind::Llm).then(|| {
-            let limit = self
-                .shared
-                .runtime
-                .call_timeout(&self.task.llm)
-                .unwrap_or(Duration::ZERO);
-            Instant::now() + limit
-        });
+        // The limit is read once the adapter has loaded: a task resumed at a
+        // start must not find it missing and get no time at all.
+        let llm_deadline = match kind {
+            StepKind::Llm => {
+                let runtime = &self.shared.runtime;
+                let limit = runtime.call_timeout(&self.task.llm).await;
+                Some(Instant::now() + limit.unwrap_or_else(|| self.remaining()))
+            }
+            StepKind::Tool => None,
+        };
         let mut tries = 0;
         let (output, usage, reply) = loop {
             let attempt = match &effect {
