@@ -216,7 +216,7 @@ fn copy_error(error: &rusqlite::Error) -> StoreError {
         rusqlite::Error::SqliteFailure(code, _) => *code,
         _ => rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
     };
-    StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+    StoreError::from(rusqlite::Error::SqliteFailure(
         code,
         Some(error.to_string()),
     ))
