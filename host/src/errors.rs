@@ -1,6 +1,6 @@
 //! Every stable error code Opspawn sends, in one table: the API's request
-//! errors (with their HTTP status) and the codes a failed task or step
-//! carries in `error.code`. `docs/api.md` documents each one; a test below
+//! errors (with their HTTP status), the codes a failed task or step
+//! carries in `error.code`, and why a plugin file did not load. `docs/api.md` documents each one; a test below
 //! fails when a code is missing there or when an entry is used nowhere.
 //!
 //! A tool's own codes (`invalid_expression` from the calculator, say) are
@@ -42,11 +42,22 @@ macro_rules! codes {
                     $( Code::$variant => codes!(@on $on), )*
                 }
             }
+
+            /// Whether a plugin file that failed to load may carry this
+            /// code (`GET /v1/plugins`, `failures`).
+            pub const fn on_loads(self) -> bool {
+                match self {
+                    $( Code::$variant => codes!(@loads $on), )*
+                }
+            }
         }
     };
     (@on request) => { false };
     (@on step) => { true };
     (@on both) => { true };
+    (@on load) => { false };
+    (@loads load) => { true };
+    (@loads $other:ident) => { false };
 }
 
 codes! {
@@ -111,6 +122,11 @@ codes! {
     LlmBadResponse = "llm_bad_response", status None, step;
     LlmError = "llm_error", status None, step;
     LlmAdapterMisconfigured = "llm_adapter_misconfigured", status None, step;
+    // Why a plugin file did not load.
+    PluginUnreadable = "plugin_unreadable", status None, load;
+    PluginInvalidManifest = "plugin_invalid_manifest", status None, load;
+    PluginLoadFailed = "plugin_load_failed", status None, load;
+    PluginNameTaken = "plugin_name_taken", status None, load;
 }
 
 impl Code {
@@ -139,6 +155,12 @@ pub fn is_transient(code: &str) -> bool {
 impl std::fmt::Display for Code {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Code {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -211,6 +233,7 @@ mod tests {
     fn every_code_is_documented_with_its_status_and_nothing_else_is() {
         let requests = documented("Request errors:");
         let steps = documented("Task and step errors");
+        let loads = documented("Plugin load failures");
         for code in Code::ALL {
             if let Some(status) = code.status() {
                 assert_eq!(
@@ -225,9 +248,15 @@ mod tests {
                     "docs/api.md's task and step errors must list `{code}`"
                 );
             }
+            if code.on_loads() {
+                assert!(
+                    loads.contains_key(code.as_str()),
+                    "docs/api.md's plugin load failures must list `{code}`"
+                );
+            }
         }
         let known: BTreeSet<&str> = Code::ALL.iter().map(|c| c.as_str()).collect();
-        for documented in requests.keys().chain(steps.keys()) {
+        for documented in requests.keys().chain(steps.keys()).chain(loads.keys()) {
             assert!(
                 known.contains(documented.as_str()),
                 "docs/api.md documents `{documented}`, which errors::Code does not have"

@@ -59,8 +59,8 @@ pub struct TestHost {
     pub config: crate::config::Config,
     pub store: std::sync::Arc<dyn crate::store::Store>,
     pub runtime: std::sync::Arc<crate::plugins::PluginRuntime>,
+    pub plugins: opspawn_testkit::PluginFolder,
     _data: tempfile::TempDir,
-    _plugins: opspawn_testkit::PluginFolder,
 }
 
 impl TestHost {
@@ -101,8 +101,8 @@ impl TestHost {
             config,
             store,
             runtime,
+            plugins,
             _data: data,
-            _plugins: plugins,
         }
     }
 }

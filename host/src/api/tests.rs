@@ -30,7 +30,7 @@ const FAR_FUTURE: store::Millis = 4_102_444_800_000;
 struct Api {
     app: Router,
     store: Arc<dyn Store>,
-    _host: TestHost,
+    host: TestHost,
 }
 
 /// What an API under test is given.
@@ -74,7 +74,7 @@ impl Setup {
         Api {
             app: app(state, MAX_BODY_BYTES, &HttpLimits::default()),
             store: host.store.clone(),
-            _host: host,
+            host,
         }
     }
 }
@@ -366,6 +366,63 @@ async fn the_list_checks_its_query_and_cursor() {
         "{}",
         second.body
     );
+}
+
+#[tokio::test]
+async fn plugin_files_that_do_not_load_say_why_with_a_code() {
+    let api = Setup::default().start().await;
+    let folder = api.host.plugins.path();
+    std::fs::write(folder.join("text.wasm"), "not a component").unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", folder.join("outside.wasm")).unwrap();
+    api.host
+        .plugins
+        .add("manifest", "calculator", Some("[[[ not TOML"));
+    api.host.plugins.add("first", "calculator", None);
+    api.host.plugins.add("second", "calculator", None);
+    api.host.runtime.rescan().await.unwrap();
+    api.host.runtime.loaded().await;
+
+    let listed = api.get("/v1/plugins").await;
+    let failures: std::collections::BTreeMap<String, String> = listed.body["failures"]
+        .as_array()
+        .expect("failures")
+        .iter()
+        .map(|failure| {
+            let file = failure["file"].as_str().unwrap();
+            let name = file.rsplit('/').next().unwrap().to_owned();
+            (
+                name,
+                failure["code"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let code = |file: &str| failures.get(file).map(String::as_str);
+    assert_eq!(
+        code("text.wasm"),
+        Some("plugin_load_failed"),
+        "{failures:?}"
+    );
+    assert_eq!(
+        code("outside.wasm"),
+        Some("plugin_unreadable"),
+        "{failures:?}"
+    );
+    assert_eq!(
+        code("manifest.wasm"),
+        Some("plugin_invalid_manifest"),
+        "{failures:?}"
+    );
+    let taken: Vec<_> = ["first.wasm", "second.wasm"]
+        .map(code)
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(
+        taken,
+        ["plugin_name_taken"],
+        "one calculator loads: {failures:?}"
+    );
+    assert_eq!(listed.body["plugins"].as_array().unwrap().len(), 1);
 }
 
 #[tokio::test]
