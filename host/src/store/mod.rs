@@ -637,7 +637,7 @@ fn parse_json(text: &str, what: &'static str) -> Result<Value> {
 
 /// What a real SQLite database answers when it has no room left (one
 /// capped with `max_page_count`, as a full disk would refuse it), as the
-/// SQLite writer reports it.
+/// SQLite writer's driver (rusqlite) reports it.
 #[cfg(test)]
 pub(crate) fn full_sqlite_error() -> StoreError {
     let conn = rusqlite::Connection::open_in_memory().expect("an in-memory database");
@@ -656,7 +656,7 @@ mod full_tests {
     use super::*;
 
     #[test]
-    fn sqlite_out_of_room_through_the_writer_is_full() {
+    fn sqlite_out_of_room_through_rusqlite_is_full() {
         let error = full_sqlite_error();
         assert!(matches!(error, StoreError::Full(_)), "{error:?}");
     }
