@@ -15,7 +15,9 @@ use opspawn_testkit::providers::models;
 use opspawn_testkit::{Client, MockProviders, PluginFolder, Provider, Server};
 use serde_json::{Value, json};
 
-use crate::{SERVER_LOG, ScratchDir, millis, row, server_binary};
+use crate::SERVER_LOG;
+use crate::end_to_end::{ScratchDir, server_binary};
+use crate::stats::{millis, row};
 
 /// How long every answer of the mock provider takes.
 pub const LLM_LATENCY: Duration = Duration::from_secs(2);

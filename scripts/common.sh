@@ -6,7 +6,13 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo_root/target}"
 # The guest plugins are their own workspace with their own target folder
 # (the same one the tests' build script uses), so builds never wait on each other.
 plugin_target_dir="$CARGO_TARGET_DIR/wasm32-plugins"
-example_plugins=(calculator react scripted openai anthropic gemini openrouter openai-compatible)
+# The examples a server is given: the guest workspace's members (its
+# Cargo.toml is the one list of the plugins) that ship a manifest beside them.
+example_plugins=()
+while read -r member; do
+    name="${member##*/}"
+    [[ -f "$repo_root/plugins/$member/$name.toml" ]] && example_plugins+=("$name")
+done < <(sed -n '/^members = \[/,/\]/p' "$repo_root/plugins/Cargo.toml" | grep -o '"[^"]*"' | tr -d '"')
 
 ensure_wasm_target() {
     if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx wasm32-wasip2; then

@@ -12,20 +12,17 @@ fn main() {
         .parent()
         .expect("tests/ sits in the workspace root");
     let plugins = root.join("plugins");
-    for watched in [
-        "Cargo.toml",
-        "Cargo.lock",
-        "calculator",
-        "react",
-        "scripted",
-        "fixtures",
-        "llm-http",
-        "openai",
-        "openrouter",
-        "openai-compatible",
-        "anthropic",
-        "gemini",
-    ] {
+    // The guest workspace's member list is the one list of the plugins: what
+    // to watch, and which components the build must produce.
+    let manifest = plugins.join("Cargo.toml");
+    let members = workspace_members(
+        &std::fs::read_to_string(&manifest)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", manifest.display())),
+    );
+    for watched in ["Cargo.toml", "Cargo.lock"]
+        .into_iter()
+        .chain(members.iter().map(String::as_str))
+    {
         println!("cargo:rerun-if-changed={}", plugins.join(watched).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
@@ -63,20 +60,11 @@ fn main() {
         plugins.display()
     );
     let wasm_dir = wasm_target.join("wasm32-wasip2").join("release");
-    check_built(
-        &wasm_dir,
-        &[
-            "calculator",
-            "react",
-            "scripted",
-            "misbehaving",
-            "openai",
-            "openrouter",
-            "openai_compatible",
-            "anthropic",
-            "gemini",
-        ],
-    );
+    let components: Vec<String> = members
+        .iter()
+        .filter_map(|member| component_name(&plugins.join(member)))
+        .collect();
+    check_built(&wasm_dir, &components);
     println!(
         "cargo:rustc-env=OPSPAWN_TEST_WASM_DIR={}",
         wasm_dir.display()
@@ -87,7 +75,40 @@ fn main() {
     );
 }
 
-fn check_built(dir: &Path, names: &[&str]) {
+/// The `members = [...]` of a workspace manifest.
+fn workspace_members(manifest: &str) -> Vec<String> {
+    let list = manifest
+        .split_once("members = [")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .expect("plugins/Cargo.toml lists its members")
+        .0;
+    list.lines()
+        .map(|line| line.split('#').next().unwrap_or_default())
+        .flat_map(|line| line.split(','))
+        .map(|member| member.trim().trim_matches('"'))
+        .filter(|member| !member.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The file name (without `.wasm`) of the component a member builds, if
+/// it builds one (a `cdylib`; `llm-http` is a library). Cargo names the
+/// file after the package, dashes turned to underscores.
+fn component_name(member: &Path) -> Option<String> {
+    let manifest = std::fs::read_to_string(member.join("Cargo.toml"))
+        .unwrap_or_else(|e| panic!("reading {}/Cargo.toml: {e}", member.display()));
+    if !manifest.contains("cdylib") {
+        return None;
+    }
+    let name = manifest
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("name = "))
+        .expect("a package name")
+        .trim_matches('"');
+    Some(name.replace('-', "_"))
+}
+
+fn check_built(dir: &Path, names: &[String]) {
     for name in names {
         let path = dir.join(format!("{name}.wasm"));
         assert!(

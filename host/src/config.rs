@@ -10,7 +10,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::api::auth::AuthConfig;
-use crate::api::{HttpLimits, QueueLimits};
+use crate::api::{HttpLimits, QueueLimits, TaskDefaults};
 use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
 use crate::scheduler::SchedulerConfig;
@@ -66,22 +66,6 @@ pub struct Config {
     /// API tokens (by hash), rate limits and per-tenant caps; off when no
     /// tokens are configured.
     pub auth: AuthConfig,
-}
-
-/// What a task gets for whatever its request leaves out.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TaskDefaults {
-    pub planner: String,
-    pub llm: String,
-    pub model: Option<String>,
-    /// Tool names; when unset, every loaded tool.
-    pub tools: Option<Vec<String>>,
-    pub max_steps: u32,
-    /// Retries of steps that fail with a transient error, over a task.
-    pub max_retries: u32,
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
 }
 
 /// Limits for plugins whose manifests do not ask for others.

@@ -3,19 +3,110 @@
 //! sandboxed WebAssembly components loaded at runtime.
 //!
 //! The modules follow the architecture (see `docs/architecture.md`):
-//! - [`protocol`]: the neutral types every part speaks;
+//! - [`protocol`]: the neutral types every part speaks; [`errors`]: every
+//!   stable error code, in one table; [`rfc3339`]: times on the wire;
 //! - [`plugins`]: the plugin runtime (wasmtime), knows nothing of the store;
 //! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
 //! - [`scheduler`]: the dispatcher, leases and the agent loop, joining the two;
 //! - [`api`]: the REST API (axum) over the scheduler and store;
-//! - [`cli`] and [`config`]: the `opspawn` command.
+//! - [`cli`], [`config`] and [`server`]: the `opspawn` command, its
+//!   settings and the wiring of `opspawn serve`.
+//!
+//! The core (`protocol`, `errors`, `rfc3339`, `events`, `store`, `plugins`,
+//! `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
+//! `server`): the edges turn configuration and requests into the core's own
+//! option types. A test below scans the sources to keep it so.
 
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod errors;
 pub mod events;
 pub mod plugins;
 pub mod protocol;
+pub mod rfc3339;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+
+#[cfg(test)]
+mod test_support;
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::{repo_root, rust_files};
+
+    /// The modules the core is made of, and the edge modules it must not
+    /// import (see the module comment).
+    const CORE: &[&str] = &[
+        "protocol.rs",
+        "errors.rs",
+        "rfc3339.rs",
+        "events.rs",
+        "store",
+        "plugins",
+        "scheduler",
+    ];
+    const EDGES: &[&str] = &["api", "cli", "config", "server"];
+
+    /// The edge modules `text` names through `crate::`, plain or grouped
+    /// (`crate::api::x`, `crate::{api, store}`).
+    fn edge_imports(text: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for (at, _) in text.match_indices("crate::") {
+            let rest = &text[at + "crate::".len()..];
+            let names: Vec<&str> = match rest.strip_prefix('{') {
+                Some(group) => group
+                    .split('}')
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .collect(),
+                None => vec![rest],
+            };
+            for name in names {
+                let name = name
+                    .trim_start()
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .next()
+                    .unwrap_or_default();
+                if EDGES.contains(&name) {
+                    found.push(format!("crate::{name}"));
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_core_imports_nothing_from_the_edges() {
+        let src = repo_root().join("host/src");
+        let mut offenders = Vec::new();
+        for part in CORE {
+            let files = rust_files(&src.join(part));
+            assert!(!files.is_empty(), "host/src/{part} has no Rust sources");
+            for (path, text) in files {
+                for import in edge_imports(&text) {
+                    offenders.push(format!("{} uses {import}", path.display()));
+                }
+            }
+        }
+        assert!(
+            offenders.is_empty(),
+            "the core must not depend on the API, CLI, configuration or server \
+             (move the item into the core, or pass it in):\n{}",
+            offenders.join("\n")
+        );
+    }
+
+    #[test]
+    fn the_scan_sees_plain_and_grouped_imports() {
+        assert_eq!(edge_imports("use crate::api::timestamp;"), ["crate::api"]);
+        assert_eq!(
+            edge_imports("use crate::{store::Store, config::Config};"),
+            ["crate::config"]
+        );
+        assert_eq!(edge_imports("crate::cli::run(x)"), ["crate::cli"]);
+        assert!(edge_imports("use crate::store::api_key; crate::apis").is_empty());
+    }
+}

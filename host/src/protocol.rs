@@ -9,6 +9,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::errors::Code;
+
 /// A tool as offered to planners and LLMs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolSpec {
@@ -180,15 +182,15 @@ pub enum LlmErrorKind {
 
 impl LlmErrorKind {
     /// The stable error code a failed LLM step carries.
-    pub fn code(self) -> &'static str {
+    pub fn code(self) -> Code {
         match self {
-            Self::Auth => "llm_auth",
-            Self::InvalidRequest => "llm_invalid_request",
-            Self::RateLimited => "llm_rate_limited",
-            Self::Unavailable => "llm_unavailable",
-            Self::Timeout => "llm_timeout",
-            Self::BadResponse => "llm_bad_response",
-            Self::Other => "llm_error",
+            Self::Auth => Code::LlmAuth,
+            Self::InvalidRequest => Code::LlmInvalidRequest,
+            Self::RateLimited => Code::LlmRateLimited,
+            Self::Unavailable => Code::LlmUnavailable,
+            Self::Timeout => Code::LlmTimeout,
+            Self::BadResponse => Code::LlmBadResponse,
+            Self::Other => Code::LlmError,
         }
     }
 }

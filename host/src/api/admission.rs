@@ -14,10 +14,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
+use crate::errors::Code;
 use crate::store::{Store, StoreError};
 
 /// How stale a queue count may be.
@@ -101,12 +101,7 @@ impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
         match refusal {
             Refusal::Store(error) => error.into(),
-            full => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "queue_full",
-                full.to_string(),
-            )
-            .with_retry_after(RETRY_AFTER),
+            full => ApiError::new(Code::QueueFull, full.to_string()).with_retry_after(RETRY_AFTER),
         }
     }
 }

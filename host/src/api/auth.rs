@@ -10,13 +10,14 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
+use crate::errors::Code;
 
 /// The tenant a request acts for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,23 +99,20 @@ impl Gate {
     ) -> Result<(Tenant, String), ApiError> {
         let Some(value) = authorization else {
             return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                Code::Unauthorized,
                 "this server requires a token: send `Authorization: Bearer <token>`",
             ));
         };
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer_token)
             .unwrap_or_default();
         let hash = token_hash(token);
         match self.tenants_by_hash.get(&hash) {
             Some(tenant) => Ok((Tenant(tenant.clone()), hash)),
             None => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_token",
+                Code::InvalidToken,
                 "the token is not valid for this server",
             )),
         }
@@ -145,6 +143,15 @@ impl Gate {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive (RFC 7235 section 2.1), so `bearer` is `Bearer`.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
 /// Middleware: resolves the tenant (401 without a valid token when tokens
 /// are configured) and applies the per-token rate limit (429).
 pub async fn require_token(
@@ -164,8 +171,7 @@ pub async fn require_token(
     if let Err(wait) = gate.take(&key) {
         let seconds = wait.ceil().max(1.0) as u64;
         let mut response = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            Code::RateLimited,
             format!("too many requests for this token; retry in {seconds} s"),
         )
         .into_response();
@@ -205,9 +211,28 @@ mod tests {
         let bad = HeaderValue::from_static("Bearer guess");
         assert_eq!(
             gate.authenticate(Some(&bad)).unwrap_err().code,
-            "invalid_token"
+            Code::InvalidToken
         );
-        assert_eq!(gate.authenticate(None).unwrap_err().code, "unauthorized");
+        assert_eq!(
+            gate.authenticate(None).unwrap_err().code,
+            Code::Unauthorized
+        );
+        for scheme in ["bearer", "BEARER", "bEaReR"] {
+            let value = HeaderValue::from_str(&format!("{scheme} secret")).unwrap();
+            assert_eq!(
+                gate.authenticate(Some(&value)).unwrap().0,
+                Tenant("acme".into()),
+                "the scheme {scheme:?} is Bearer in another case"
+            );
+        }
+        for wrong in ["Basic secret", "Bearersecret", "secret"] {
+            let value = HeaderValue::from_static(wrong);
+            assert_eq!(
+                gate.authenticate(Some(&value)).unwrap_err().code,
+                Code::InvalidToken,
+                "{wrong:?}"
+            );
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -27,6 +27,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use super::ApiError;
+use crate::errors::Code;
 
 /// `[http]`: how long the API waits on a client, and how many connections
 /// it keeps open.
@@ -69,11 +70,24 @@ impl Default for HttpLimits {
 /// Middleware: reads the whole body within `body_read_timeout` (and the
 /// body limit) before the handler sees the request, so a client that
 /// trickles its body is answered `408` instead of holding the request.
+/// A body with a `Content-Encoding` (gzip, say) is refused with `415`: the
+/// server decodes none, and would otherwise read the encoded bytes as JSON.
 pub async fn read_body_in_time(
     State((limits, max_body_bytes)): State<(Arc<HttpLimits>, usize)>,
     request: Request,
     next: Next,
 ) -> Response {
+    if let Some(encoding) = request.headers().get(header::CONTENT_ENCODING)
+        && !encoding
+            .to_str()
+            .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))
+    {
+        return ApiError::new(
+            Code::UnsupportedMediaType,
+            "this server decodes no Content-Encoding: send the body as plain JSON",
+        )
+        .into_response();
+    }
     let has_body = request.headers().contains_key(header::CONTENT_LENGTH)
         || request.headers().contains_key(header::TRANSFER_ENCODING);
     if !has_body {
@@ -88,16 +102,14 @@ pub async fn read_body_in_time(
         Ok(Ok(bytes)) => bytes,
         Ok(Err(_)) => {
             return ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                Code::PayloadTooLarge,
                 "the request body is larger than this server accepts",
             )
             .into_response();
         }
         Err(_) => {
             let mut response = ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
+                Code::RequestTimeout,
                 format!(
                     "the request body did not arrive within {}",
                     humantime::format_duration(timeout)
@@ -128,8 +140,7 @@ pub async fn answer_in_time(
         Err(_) => {
             tracing::warn!(?timeout, "a request ran past request_timeout");
             ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "response_timeout",
+                Code::ResponseTimeout,
                 format!(
                     "the server did not answer within {}; the request may or may not have \
                      taken effect (a task submitted with an Idempotency-Key can be submitted \
@@ -338,6 +349,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::StatusCode;
     use axum::middleware;
     use axum::routing::get;
 

@@ -10,12 +10,13 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::errors::Code;
 use crate::store::StoreError;
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
     /// Sent as `Retry-After` (seconds): when a refused request may be tried
     /// again.
@@ -23,7 +24,13 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// A refusal with `code`, whose status comes from the one table
+    /// ([`Code::status`]).
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        let status = code
+            .status()
+            .and_then(|status| StatusCode::from_u16(status).ok())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         Self {
             status,
             code,
@@ -39,26 +46,14 @@ impl ApiError {
         self
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
-    }
-
     pub fn task_not_found(id: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "task_not_found",
-            format!("no task has the id {id:?}"),
-        )
+        Self::new(Code::TaskNotFound, format!("no task has the id {id:?}"))
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = json!({"error": {"code": self.code.as_str(), "message": self.message}});
         let mut response = (self.status, Json(body)).into_response();
         if let Some(wait) = self.retry_after {
             let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -74,11 +69,18 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound(id) => Self::task_not_found(&id),
+            StoreError::Full(detail) => {
+                tracing::error!(%detail, "the store is full; refusing writes until room is made");
+                Self::new(
+                    Code::StoreFull,
+                    "the server's database is full; nothing was written: try again once an \
+                     operator has made room",
+                )
+            }
             other => {
                 tracing::error!(error = %other, "store error while serving a request");
                 Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal_error",
+                    Code::InternalError,
                     "the server failed to handle the request; details are in its log",
                 )
             }
@@ -89,34 +91,32 @@ impl From<StoreError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         match rejection {
-            JsonRejection::JsonSyntaxError(e) => Self::bad_request(
-                "invalid_json",
+            JsonRejection::JsonSyntaxError(e) => Self::new(
+                Code::InvalidJson,
                 format!("the body is not valid JSON: {}", e.body_text()),
             ),
-            JsonRejection::JsonDataError(e) => Self::bad_request(
-                "invalid_request",
+            JsonRejection::JsonDataError(e) => Self::new(
+                Code::InvalidRequest,
                 format!(
                     "the body does not have the expected fields: {}",
                     e.body_text()
                 ),
             ),
             JsonRejection::MissingJsonContentType(_) => Self::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                Code::UnsupportedMediaType,
                 "send the body as JSON with `Content-Type: application/json`",
             ),
             other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                Code::PayloadTooLarge,
                 "the request body is larger than this server accepts",
             ),
-            other => Self::bad_request("invalid_request", other.body_text()),
+            other => Self::new(Code::InvalidRequest, other.body_text()),
         }
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
-        Self::bad_request("invalid_query", rejection.body_text())
+        Self::new(Code::InvalidQuery, rejection.body_text())
     }
 }

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::Tenant;
 use super::{ApiError, AppState};
+use crate::errors::Code;
 use crate::events::LiveEvent;
 use crate::store::{EventRecord, Store};
 
@@ -38,8 +39,8 @@ pub async fn task_events(
             .ok()
             .and_then(|v| v.trim().parse::<i64>().ok())
             .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_last_event_id",
+                ApiError::new(
+                    Code::InvalidLastEventId,
                     "Last-Event-ID must be an event number",
                 )
             })?,

@@ -9,6 +9,8 @@ pub mod auth;
 pub mod connections;
 mod error;
 mod events;
+#[cfg(test)]
+mod tests;
 mod views;
 
 use std::sync::Arc;
@@ -20,17 +22,16 @@ use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Number, Value, json};
 
 pub use admission::{Admission, QueueLimits};
 use auth::Tenant;
 pub use connections::HttpLimits;
 pub use error::ApiError;
-pub use views::timestamp;
 use views::{TaskView, plugin_view};
 
-use crate::config::TaskDefaults;
+use crate::errors::Code;
 use crate::events::EventBus;
 use crate::plugins::{Catalog, PluginKind, PluginRuntime};
 use crate::scheduler::Scheduler;
@@ -38,9 +39,28 @@ use crate::store::{CancelOutcome, Millis, NewTask, Store, TaskQuery, TaskRecord,
 
 /// The longest goal accepted, in bytes.
 const MAX_GOAL_BYTES: usize = 64 * 1024;
-const MAX_STEPS_CEILING: u32 = 1000;
-const MAX_RETRIES_CEILING: u32 = 100;
-const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+/// The longest model name accepted, in bytes.
+const MAX_MODEL_BYTES: usize = 256;
+const MAX_STEPS_CEILING: i64 = 1000;
+const MAX_RETRIES_CEILING: i64 = 100;
+const MAX_TIMEOUT_SECS: i64 = 7 * 24 * 3600;
+const PRIORITY_RANGE: std::ops::RangeInclusive<i64> = -1000..=1000;
+
+/// What a task gets for whatever its request leaves out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskDefaults {
+    pub planner: String,
+    pub llm: String,
+    pub model: Option<String>,
+    /// Tool names; when unset, every loaded tool.
+    pub tools: Option<Vec<String>>,
+    pub max_steps: u32,
+    /// Retries of steps that fail with a transient error, over a task.
+    pub max_retries: u32,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
 
 #[derive(Clone)]
 pub struct AppState {
@@ -85,16 +105,11 @@ pub fn app(state: AppState, max_body_bytes: usize, limits: &HttpLimits) -> Route
         .merge(health)
         .merge(authenticated)
         .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "route_not_found",
-                "no such endpoint; see docs/api.md",
-            )
+            ApiError::new(Code::RouteNotFound, "no such endpoint; see docs/api.md")
         })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                Code::MethodNotAllowed,
                 "this endpoint does not accept that method",
             )
         })
@@ -109,14 +124,13 @@ pub fn app(state: AppState, max_body_bytes: usize, limits: &HttpLimits) -> Route
 /// A reference to a plugin that is not loaded: `422 code`, or, while
 /// plugins are still loading, `503 plugins_loading` with `Retry-After`,
 /// since the plugin may be among them.
-fn not_loaded(catalog: &Catalog, code: &'static str, message: String) -> ApiError {
+fn not_loaded(catalog: &Catalog, code: Code, message: String) -> ApiError {
     let loading = catalog.loading().len();
     if loading == 0 {
-        return ApiError::unprocessable(code, message);
+        return ApiError::new(code, message);
     }
     ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "plugins_loading",
+        Code::PluginsLoading,
         format!("{message}; {loading} plugin file(s) are still loading: try again shortly"),
     )
     .with_retry_after(Duration::from_secs(1))
@@ -161,12 +175,14 @@ struct CreateTask {
     tools: Option<Vec<String>>,
     /// `{"planner": {...}, "llm": {...}}`: handed to the plugins.
     options: Option<Value>,
-    max_steps: Option<u32>,
+    // Numbers are read as any JSON number and range-checked here, so one
+    // out of range is refused with the field's own code, however large.
+    max_steps: Option<Number>,
     /// Retries of steps that fail with a transient error, over the task.
-    max_retries: Option<u32>,
-    timeout_secs: Option<u64>,
+    max_retries: Option<Number>,
+    timeout_secs: Option<Number>,
     /// Higher runs first; -1000 to 1000, default 0.
-    priority: Option<i32>,
+    priority: Option<Number>,
     /// Not before this time (RFC 3339).
     run_at: Option<String>,
     /// Fail with `deadline_exceeded` unless finished by this time (RFC 3339).
@@ -187,8 +203,8 @@ async fn create_task(
         Some(value) => {
             let key = value.to_str().ok().map(str::trim).unwrap_or_default();
             if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
-                return Err(ApiError::bad_request(
-                    "invalid_idempotency_key",
+                return Err(ApiError::new(
+                    Code::InvalidIdempotencyKey,
                     format!(
                         "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
                     ),
@@ -202,8 +218,7 @@ async fn create_task(
         && state.store.count_active(&tenant.0).await? >= cap
     {
         return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_active_tasks",
+            Code::TooManyActiveTasks,
             format!(
                 "this tenant already has {cap} queued or running tasks; wait for some to finish"
             ),
@@ -243,20 +258,43 @@ async fn create_task(
 
 fn parse_time(field: &str, text: Option<&str>) -> Result<Option<Millis>, ApiError> {
     let Some(text) = text else { return Ok(None) };
-    let time = humantime::parse_rfc3339_weak(text).map_err(|_| {
-        ApiError::unprocessable(
-            "invalid_time",
-            format!("{field} must be an RFC 3339 time such as 2026-01-31T12:00:00Z"),
+    crate::rfc3339::parse(text).map(Some).ok_or_else(|| {
+        ApiError::new(
+            Code::InvalidTime,
+            format!(
+                "{field} must be an RFC 3339 time after 1970, such as 2026-01-31T12:00:00Z or \
+                 2026-01-31T13:00:00+01:00"
+            ),
         )
-    })?;
-    let millis = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| ApiError::unprocessable("invalid_time", format!("{field} is before 1970")))?
-        .as_millis();
-    Ok(Some(millis as Millis))
+    })
 }
 
-/// Applies defaults and checks every reference against what is loaded.
+/// `number` if it is a whole number in `range`; else `code`, whatever its
+/// size or kind.
+fn integer_in(
+    field: &str,
+    number: Option<&Number>,
+    range: std::ops::RangeInclusive<i64>,
+    code: Code,
+) -> Result<Option<i64>, ApiError> {
+    let Some(number) = number else {
+        return Ok(None);
+    };
+    match number.as_i64() {
+        Some(value) if range.contains(&value) => Ok(Some(value)),
+        _ => Err(ApiError::new(
+            code,
+            format!(
+                "{field} must be a whole number from {} to {}, not {number}",
+                range.start(),
+                range.end()
+            ),
+        )),
+    }
+}
+
+/// Checks what the request says by itself, then applies defaults and
+/// checks every reference against what is loaded.
 fn validate(
     state: &AppState,
     request: CreateTask,
@@ -265,27 +303,76 @@ fn validate(
 ) -> Result<NewTask, ApiError> {
     let goal = request.goal.trim();
     if goal.is_empty() {
-        return Err(ApiError::unprocessable("invalid_goal", "the goal is empty"));
+        return Err(ApiError::new(Code::InvalidGoal, "the goal is empty"));
     }
     if goal.contains('\0') {
-        return Err(ApiError::unprocessable(
-            "invalid_goal",
+        return Err(ApiError::new(
+            Code::InvalidGoal,
             "the goal contains a NUL character",
         ));
     }
     if goal.len() > MAX_GOAL_BYTES {
-        return Err(ApiError::unprocessable(
-            "invalid_goal",
+        return Err(ApiError::new(
+            Code::InvalidGoal,
             format!("the goal is longer than {MAX_GOAL_BYTES} bytes"),
         ));
     }
+    if let Some(model) = &request.model
+        && (model.is_empty() || model.len() > MAX_MODEL_BYTES || model.contains('\0'))
+    {
+        return Err(ApiError::new(
+            Code::InvalidModel,
+            format!("model must be 1 to {MAX_MODEL_BYTES} bytes, without NUL characters"),
+        ));
+    }
+    let options = request.options.unwrap_or_else(|| json!({}));
+    check_options(&options)?;
     let defaults = &state.defaults;
+    let max_steps = integer_in(
+        "max_steps",
+        request.max_steps.as_ref(),
+        1..=MAX_STEPS_CEILING,
+        Code::InvalidMaxSteps,
+    )?
+    .map_or(defaults.max_steps, |n| n as u32);
+    let max_retries = integer_in(
+        "max_retries",
+        request.max_retries.as_ref(),
+        0..=MAX_RETRIES_CEILING,
+        Code::InvalidMaxRetries,
+    )?
+    .map_or(defaults.max_retries, |n| n as u32);
+    let timeout = integer_in(
+        "timeout_secs",
+        request.timeout_secs.as_ref(),
+        1..=MAX_TIMEOUT_SECS,
+        Code::InvalidTimeout,
+    )?
+    .map_or(defaults.timeout, |secs| Duration::from_secs(secs as u64));
+    let priority = integer_in(
+        "priority",
+        request.priority.as_ref(),
+        PRIORITY_RANGE,
+        Code::InvalidPriority,
+    )?
+    .unwrap_or(0) as i32;
+    let run_at = parse_time("run_at", request.run_at.as_deref())?;
+    let deadline_at = parse_time("deadline", request.deadline.as_deref())?;
+    if let (Some(run_at), Some(deadline)) = (run_at, deadline_at)
+        && deadline <= run_at
+    {
+        return Err(ApiError::new(
+            Code::InvalidTime,
+            "deadline must be after run_at: the task could never finish in time",
+        ));
+    }
+
     let catalog = state.runtime.catalog();
     let planner = request.planner.unwrap_or_else(|| defaults.planner.clone());
     if catalog.kind_of(&planner) != Some(PluginKind::Planner) {
         return Err(not_loaded(
             &catalog,
-            "unknown_planner",
+            Code::UnknownPlanner,
             format!("no planner plugin named {planner:?} is loaded; GET /v1/plugins lists them"),
         ));
     }
@@ -293,7 +380,7 @@ fn validate(
     if catalog.kind_of(&llm) != Some(PluginKind::LlmAdapter) {
         return Err(not_loaded(
             &catalog,
-            "unknown_llm",
+            Code::UnknownLlm,
             format!("no llm-adapter plugin named {llm:?} is loaded; GET /v1/plugins lists them"),
         ));
     }
@@ -304,53 +391,10 @@ fn validate(
     if let Some(unknown) = tools.iter().find(|tool| catalog.tool_spec(tool).is_none()) {
         return Err(not_loaded(
             &catalog,
-            "unknown_tool",
+            Code::UnknownTool,
             format!("no loaded plugin offers a tool named {unknown:?}; GET /v1/plugins lists them"),
         ));
     }
-    let options = request.options.unwrap_or_else(|| json!({}));
-    let sections_are_objects = options
-        .as_object()
-        .is_some_and(|o| o.values().all(Value::is_object));
-    if !sections_are_objects {
-        return Err(ApiError::unprocessable(
-            "invalid_options",
-            "options must be an object of objects, such as {\"planner\": {...}, \"llm\": {...}}",
-        ));
-    }
-    let max_steps = request.max_steps.unwrap_or(defaults.max_steps);
-    if !(1..=MAX_STEPS_CEILING).contains(&max_steps) {
-        return Err(ApiError::unprocessable(
-            "invalid_max_steps",
-            format!("max_steps must be between 1 and {MAX_STEPS_CEILING}"),
-        ));
-    }
-    let timeout = match request.timeout_secs {
-        Some(secs) if (1..=MAX_TIMEOUT_SECS).contains(&secs) => Duration::from_secs(secs),
-        Some(_) => {
-            return Err(ApiError::unprocessable(
-                "invalid_timeout",
-                format!("timeout_secs must be between 1 and {MAX_TIMEOUT_SECS}"),
-            ));
-        }
-        None => defaults.timeout,
-    };
-    let max_retries = request.max_retries.unwrap_or(defaults.max_retries);
-    if max_retries > MAX_RETRIES_CEILING {
-        return Err(ApiError::unprocessable(
-            "invalid_max_retries",
-            format!("max_retries must be at most {MAX_RETRIES_CEILING}"),
-        ));
-    }
-    let priority = request.priority.unwrap_or(0);
-    if !(-1000..=1000).contains(&priority) {
-        return Err(ApiError::unprocessable(
-            "invalid_priority",
-            "priority must be between -1000 and 1000",
-        ));
-    }
-    let run_at = parse_time("run_at", request.run_at.as_deref())?;
-    let deadline_at = parse_time("deadline", request.deadline.as_deref())?;
     Ok(NewTask {
         tenant,
         idempotency_key,
@@ -369,6 +413,36 @@ fn validate(
     })
 }
 
+/// `options` is an object of objects (`{"planner": {...}, "llm": {...}}`),
+/// and `options.planner.max_steps`, the one option the host documents for
+/// every planner (it lowers the task's step limit), is in range.
+fn check_options(options: &Value) -> Result<(), ApiError> {
+    let sections_are_objects = options
+        .as_object()
+        .is_some_and(|o| o.values().all(Value::is_object));
+    if !sections_are_objects {
+        return Err(ApiError::new(
+            Code::InvalidOptions,
+            "options must be an object of objects, such as {\"planner\": {...}, \"llm\": {...}}",
+        ));
+    }
+    if let Some(max_steps) = options.pointer("/planner/max_steps") {
+        let in_range = max_steps
+            .as_i64()
+            .is_some_and(|n| (1..=MAX_STEPS_CEILING).contains(&n));
+        if !in_range {
+            return Err(ApiError::new(
+                Code::InvalidOptions,
+                format!(
+                    "options.planner.max_steps must be a whole number from 1 to \
+                     {MAX_STEPS_CEILING}, not {max_steps}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListTasks {
@@ -385,8 +459,8 @@ async fn list_tasks(
     let status = match query.status.as_deref() {
         None => None,
         Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
+            ApiError::new(
+                Code::InvalidQuery,
                 format!(
                     "unknown status {s:?}: use queued, running, succeeded, failed or cancelled"
                 ),
@@ -395,9 +469,17 @@ async fn list_tasks(
     };
     let limit = query.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
+        return Err(ApiError::new(
+            Code::InvalidQuery,
             "limit must be between 1 and 500",
+        ));
+    }
+    if let Some(cursor) = &query.cursor
+        && uuid::Uuid::try_parse(cursor).is_err()
+    {
+        return Err(ApiError::new(
+            Code::InvalidQuery,
+            "cursor must be a next_cursor from an earlier page",
         ));
     }
     let page = state
@@ -428,8 +510,7 @@ pub(crate) async fn owned_task(
         .ok_or_else(|| ApiError::task_not_found(id))?;
     if task.tenant != tenant.0 {
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+            Code::Forbidden,
             format!("task {id} belongs to another tenant"),
         ));
     }
@@ -463,8 +544,7 @@ async fn cancel_task(
             Ok((StatusCode::ACCEPTED, Json(TaskView::new(task, None))))
         }
         CancelOutcome::AlreadyFinished(task) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "task_already_finished",
+            Code::TaskAlreadyFinished,
             format!("task {id} already {}", task.status.as_str()),
         )),
     }

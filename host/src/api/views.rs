@@ -1,19 +1,13 @@
 //! How tasks, steps and plugins look in API responses.
 
-use std::time::{Duration, UNIX_EPOCH};
-
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::plugins::PluginInfo;
 use crate::protocol::Usage;
-use crate::store::{ErrorInfo, Millis, StepKind, StepRecord, StepStatus, TaskRecord, TaskStatus};
+use crate::store::{ErrorInfo, StepKind, StepRecord, StepStatus, TaskRecord, TaskStatus};
 
-/// RFC 3339 with milliseconds, in UTC.
-pub fn timestamp(millis: Millis) -> String {
-    let time = UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64);
-    humantime::format_rfc3339_millis(time).to_string()
-}
+pub use crate::rfc3339::format as timestamp;
 
 #[derive(Debug, Serialize)]
 pub struct TaskView {

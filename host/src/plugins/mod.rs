@@ -33,6 +33,7 @@ use registry::{AdapterEntry, Entry, PlannerEntry, Plugin, ToolEntry};
 pub use registry::{Catalog, LoadFailure, LoadingFile, PluginInfo, PluginKind};
 use state::CallState;
 
+use crate::errors::Code;
 use crate::protocol::{
     CallContext, ChatRequest, ChatResponse, LlmError, PlannerAction, TaskState, ToolSpec,
 };
@@ -138,25 +139,26 @@ pub enum CallError {
 impl CallError {
     /// A stable, documented code for clients and the step journal.
     pub fn code(&self) -> &str {
-        match self {
-            Self::NotLoaded { .. } => "plugin_not_loaded",
-            Self::UnknownTool(_) => "unknown_tool",
-            Self::Timeout { .. } => "plugin_timeout",
-            Self::MemoryLimit { .. } => "plugin_memory_limit",
-            Self::StackOverflow { .. } => "plugin_stack_overflow",
-            Self::Trap { .. } => "plugin_trap",
+        let code = match self {
+            Self::NotLoaded { .. } => Code::PluginNotLoaded,
+            Self::UnknownTool(_) => Code::UnknownTool,
+            Self::Timeout { .. } => Code::PluginTimeout,
+            Self::MemoryLimit { .. } => Code::PluginMemoryLimit,
+            Self::StackOverflow { .. } => Code::PluginStackOverflow,
+            Self::Trap { .. } => Code::PluginTrap,
             Self::OutputTooLarge { .. } | Self::TooManyToolCalls { .. } => {
-                "plugin_output_too_large"
+                Code::PluginOutputTooLarge
             }
-            Self::ResourceLimit { .. } | Self::HttpFieldsLimit { .. } => "plugin_resource_limit",
-            Self::BadOutput { .. } => "plugin_bad_output",
-            Self::Instantiate { .. } => "plugin_instantiate_failed",
-            Self::InvalidInput { .. } => "invalid_tool_input",
-            Self::Tool { code, .. } => code,
+            Self::ResourceLimit { .. } | Self::HttpFieldsLimit { .. } => Code::PluginResourceLimit,
+            Self::BadOutput { .. } => Code::PluginBadOutput,
+            Self::Instantiate { .. } => Code::PluginInstantiateFailed,
+            Self::InvalidInput { .. } => Code::InvalidToolInput,
+            Self::Tool { code, .. } => return code,
             Self::Llm(error) => error.kind.code(),
-            Self::Planner { .. } => "planner_error",
-            Self::AdapterConfig { .. } => "llm_adapter_misconfigured",
-        }
+            Self::Planner { .. } => Code::PlannerError,
+            Self::AdapterConfig { .. } => Code::LlmAdapterMisconfigured,
+        };
+        code.as_str()
     }
 }
 

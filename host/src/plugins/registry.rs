@@ -24,6 +24,7 @@ use super::bindings::{self, WitVersion, v0_1, v0_2};
 use super::manifest::{FolderScope, Grants, Limits, Manifest};
 use super::state::CallState;
 use super::{PluginRuntime, SlotKind, convert};
+use crate::errors::Code;
 use crate::protocol::ToolSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,10 +82,12 @@ pub struct PluginInfo {
     pub refused: Vec<String>,
 }
 
-/// A file in the plugin folder that could not be loaded, and why.
+/// A file in the plugin folder that could not be loaded, and why: a stable
+/// code (see `docs/api.md`) and a message.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadFailure {
     pub file: PathBuf,
+    pub code: Code,
     pub error: String,
 }
 
@@ -487,14 +490,19 @@ impl PluginRuntime {
             let incumbent = current.plugin_from(&file);
             let (wasm, manifest) = match (wasm, candidate.manifest) {
                 (Ok(wasm), Ok(manifest)) => (wasm, manifest),
-                (Err(error), _) | (_, Err(error)) => {
+                (wasm, manifest) => {
+                    let (code, error) = match (wasm, manifest) {
+                        (Err(error), _) => (Code::PluginUnreadable, error),
+                        (_, Err(error)) => (Code::PluginInvalidManifest, error),
+                        (Ok(_), Ok(_)) => unreachable!("both read: matched above"),
+                    };
                     // Broken now: a load of an earlier version is moot.
                     if let Some(load) = loads.in_flight.remove(&file) {
                         load.task.abort();
                     }
                     let error = keeps_serving(error, incumbent.as_deref());
                     self.warn_once(&file, &version, &error);
-                    next.failures.push(LoadFailure { file, error });
+                    next.failures.push(LoadFailure { file, code, error });
                     report.failed += 1;
                     continue;
                 }
@@ -636,22 +644,24 @@ impl PluginRuntime {
                             self.warn_once(&loser.info.file, &loser.info.sha256, &error);
                             next.failures.push(LoadFailure {
                                 file: loser.info.file.clone(),
+                                code: Code::PluginNameTaken,
                                 error,
                             });
                         }
                         None
                     }
-                    Err(error) => Some(error),
+                    Err(error) => Some((Code::PluginNameTaken, error)),
                 }
             }
-            Err(error) => Some(error),
+            Err(error) => Some((Code::PluginLoadFailed, error)),
         };
-        if let Some(error) = refusal {
+        if let Some((code, error)) = refusal {
             let kept = previous.filter(|plugin| next.admit(plugin.clone()).is_ok());
             let error = keeps_serving(error, kept.as_deref());
             self.warn_once(file, version, &error);
             next.failures.push(LoadFailure {
                 file: file.to_owned(),
+                code,
                 error,
             });
         }

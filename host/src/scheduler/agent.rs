@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Shared;
+use crate::errors::{Code, is_transient};
 use crate::events::LiveEvent;
 use crate::plugins::CallError;
 use crate::protocol::{
@@ -176,7 +177,7 @@ impl Run {
                 PlannerAction::Finish { answer } => {
                     return Ok(TaskEnd::Succeeded { result: answer });
                 }
-                PlannerAction::Fail { reason } => return Ok(failed("planner_gave_up", reason)),
+                PlannerAction::Fail { reason } => return Ok(failed(Code::PlannerGaveUp, reason)),
                 PlannerAction::CallLlm { mut request } => {
                     if request.model.is_none() {
                         request.model = self.task.model.clone();
@@ -197,7 +198,7 @@ impl Run {
                 PlannerAction::CallTools { calls } => {
                     if calls.is_empty() {
                         return Ok(failed(
-                            "planner_error",
+                            Code::PlannerError,
                             "the planner asked to call no tools",
                         ));
                     }
@@ -237,7 +238,7 @@ impl Run {
         let finished = self.steps.len() as u32;
         if finished >= self.task.max_steps {
             return Ok(Some(failed(
-                "step_limit_exceeded",
+                Code::StepLimitExceeded,
                 format!(
                     "the task used all of its {} steps without finishing; raise max_steps if it needs more",
                     self.task.max_steps
@@ -376,7 +377,7 @@ impl Run {
             }
         };
         let task_end = match &output {
-            Err(error) if error.code == "task_timeout" => Some(self.timed_out()),
+            Err(error) if error.code == Code::TaskTimeout.as_str() => Some(self.timed_out()),
             Err(error) if kind == StepKind::Llm => Some(failed(
                 error.code.clone(),
                 format!("the LLM step failed: {}", error.message),
@@ -487,7 +488,7 @@ impl Run {
     async fn call_tool(&self, context: &CallContext, call: &ToolCall) -> Result<Value, ErrorInfo> {
         if !self.task.tools.contains(&call.name) {
             return Err(ErrorInfo::new(
-                "tool_not_allowed",
+                Code::ToolNotAllowed,
                 format!(
                     "tool {:?} is not one of this task's tools ({})",
                     call.name,
@@ -530,7 +531,7 @@ impl Effect {
     /// step then fails with `invalid_step_input`).
     fn from_journal(kind: StepKind, input: &Value) -> Result<Self, (StepKind, ErrorInfo)> {
         let unreadable =
-            |e: serde_json::Error| (kind, ErrorInfo::new("invalid_step_input", e.to_string()));
+            |e: serde_json::Error| (kind, ErrorInfo::new(Code::InvalidStepInput, e.to_string()));
         match kind {
             StepKind::Llm => ChatRequest::deserialize(input)
                 .map(|request| Self::Llm(Box::new(request)))
@@ -563,24 +564,6 @@ impl From<Result<Value, ErrorInfo>> for Attempt {
     }
 }
 
-/// Errors that may go away if the step is tried again. Everything else
-/// (bad input, a policy denial, an unknown tool, a crash) is permanent.
-/// Tools can mark their own errors transient with these codes too.
-fn is_transient(code: &str) -> bool {
-    matches!(
-        code,
-        "llm_rate_limited"
-            | "llm_unavailable"
-            | "llm_timeout"
-            | "plugin_timeout"
-            | "plugin_instantiate_failed"
-            | "plugin_not_loaded"
-            | "unavailable"
-            | "timeout"
-            | "rate_limited"
-    )
-}
-
 /// An LLM error for the journal, with the provider's answer kept.
 fn llm_error_info(error: &LlmError) -> ErrorInfo {
     let mut message = error.message.clone();
@@ -596,15 +579,15 @@ fn timed_out_error(task: &TaskRecord) -> ErrorInfo {
         && now_millis() >= deadline
     {
         return ErrorInfo::new(
-            "deadline_exceeded",
+            Code::DeadlineExceeded,
             format!(
                 "the task did not finish by its deadline, {}",
-                crate::api::timestamp(deadline)
+                crate::rfc3339::format(deadline)
             ),
         );
     }
     ErrorInfo::new(
-        "task_timeout",
+        Code::TaskTimeout,
         format!(
             "the task ran past its time limit of {}",
             humantime::format_duration(Duration::from_millis(task.timeout_ms as u64))

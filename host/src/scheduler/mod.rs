@@ -10,6 +10,8 @@
 //! store and never fails for want of room.
 
 mod agent;
+#[cfg(test)]
+mod agent_tests;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -20,6 +20,7 @@ use serde_json::Value;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
+pub use crate::errors::ErrorInfo;
 use crate::protocol::Usage;
 
 /// Milliseconds since the Unix epoch: the store's one clock unit.
@@ -46,10 +47,14 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     /// From the SQLite writer, which drives SQLite directly (`sqlite/writer.rs`).
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+    /// The database has no room left (its disk, or a size limit); nothing
+    /// was written. Reads still work, and writes once room is made.
+    #[error("the database is full: {0}")]
+    Full(String),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the store's writer has stopped")]
@@ -59,6 +64,34 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// SQLite's `SQLITE_FULL`, as sqlx reports a database error's code.
+const SQLITE_FULL: &str = "13";
+/// Postgres's `disk_full` SQLSTATE.
+const PG_DISK_FULL: &str = "53100";
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        let full = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| code == SQLITE_FULL || code == PG_DISK_FULL);
+        if full {
+            Self::Full(error.to_string())
+        } else {
+            Self::Database(error)
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        match error.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Self::Full(error.to_string()),
+            _ => Self::Sqlite(error),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -153,24 +186,6 @@ impl StepStatus {
             "succeeded" => Some(Self::Succeeded),
             "failed" => Some(Self::Failed),
             _ => None,
-        }
-    }
-}
-
-/// A failure with a stable, documented code and a human message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorInfo {
-    pub code: String,
-    pub message: String,
-}
-
-impl ErrorInfo {
-    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        // Postgres text cannot hold NUL, and a plugin's message may contain one.
-        let message: String = message.into();
-        Self {
-            code: code.into(),
-            message: message.replace('\0', "\u{fffd}"),
         }
     }
 }
@@ -618,6 +633,53 @@ fn lack_step_inputs(events: &[EventRecord]) -> bool {
 
 fn parse_json(text: &str, what: &'static str) -> Result<Value> {
     serde_json::from_str(text).map_err(|source| StoreError::Corrupt { what, source })
+}
+
+/// What a real SQLite database answers when it has no room left (one
+/// capped with `max_page_count`, as a full disk would refuse it), as the
+/// SQLite writer's driver (rusqlite) reports it.
+#[cfg(test)]
+pub(crate) fn full_sqlite_error() -> StoreError {
+    let conn = rusqlite::Connection::open_in_memory().expect("an in-memory database");
+    conn.execute_batch("CREATE TABLE t (b BLOB); PRAGMA max_page_count = 2;")
+        .expect("capping the database");
+    let refused = conn
+        .execute("INSERT INTO t VALUES (zeroblob(100000))", [])
+        .expect_err("a row larger than the cap is refused");
+    StoreError::from(refused)
+}
+
+#[cfg(test)]
+mod full_tests {
+    use sqlx::Connection;
+
+    use super::*;
+
+    #[test]
+    fn sqlite_out_of_room_through_rusqlite_is_full() {
+        let error = full_sqlite_error();
+        assert!(matches!(error, StoreError::Full(_)), "{error:?}");
+    }
+
+    /// The same refusal through sqlx (migrations and reads).
+    #[tokio::test]
+    async fn sqlite_out_of_room_through_sqlx_is_full() {
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::raw_sql("CREATE TABLE t (b BLOB); PRAGMA max_page_count = 2;")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let refused = sqlx::query("INSERT INTO t VALUES (zeroblob(100000))")
+            .execute(&mut conn)
+            .await
+            .expect_err("a row larger than the cap is refused");
+        let error = StoreError::from(refused);
+        assert!(matches!(error, StoreError::Full(_)), "{error:?}");
+        let other = StoreError::from(sqlx::Error::RowNotFound);
+        assert!(matches!(other, StoreError::Database(_)), "{other:?}");
+    }
 }
 
 /// Behaviour both engines must show, run by each engine's tests.

@@ -382,13 +382,14 @@ mod tests {
         }
     }
 
-    /// A write that fails after it has written (the database refusing the
-    /// second statement) takes its whole batch back; the writer goes on.
-    #[tokio::test]
-    async fn a_write_failing_halfway_rolls_back_and_the_writer_goes_on() {
+    /// Makes the writer's batches fail (`refuse`, SQL run on a connection
+    /// of its own), starts a step, and checks that the write fails with an
+    /// error containing `expected` and that nothing of it was kept; then
+    /// undoes that (`allow`) and checks that the writer goes on.
+    async fn a_failed_batch_keeps_nothing(refuse: &str, allow: &str, expected: &str) {
         let (store, dir) = open_temporary().await;
         let (task, _) = store
-            .create_task(conformance::new_task("halfway", 0, None))
+            .create_task(conformance::new_task("refused", 0, None))
             .await
             .unwrap();
         let claim = store
@@ -396,34 +397,60 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        // The step's row goes in, then its event is refused.
         let url = format!("sqlite://{}", dir.path().join("opspawn.db").display());
         let mut conn = SqliteConnection::connect(&url).await.unwrap();
-        sqlx::query(
-            "CREATE TRIGGER refuse_step_events BEFORE INSERT ON events
-              WHEN NEW.kind = 'step.started'
-             BEGIN SELECT RAISE(ABORT, 'refused for the test'); END",
-        )
-        .execute(&mut conn)
-        .await
-        .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(refuse))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         let error = store.start_step(&claim.fence, step(1)).await.unwrap_err();
         assert!(
-            error.to_string().contains("refused for the test"),
-            "{error}"
+            error.to_string().to_lowercase().contains(expected),
+            "the failure reaches the caller: {error}"
         );
         assert!(
             store.steps(&task.id).await.unwrap().is_empty(),
             "the step's row was rolled back with its batch"
         );
 
-        sqlx::query("DROP TRIGGER refuse_step_events")
+        sqlx::raw_sql(sqlx::AssertSqlSafe(allow))
             .execute(&mut conn)
             .await
             .unwrap();
         let (started, _) = store.start_step(&claim.fence, step(1)).await.unwrap();
         assert_eq!(started.seq, 1);
         assert_eq!(store.steps(&task.id).await.unwrap().len(), 1);
+    }
+
+    /// A write that fails after it has written (the database refusing the
+    /// second statement: the step's row goes in, then its event is refused)
+    /// takes its whole batch back; the writer goes on.
+    #[tokio::test]
+    async fn a_write_failing_halfway_rolls_back_and_the_writer_goes_on() {
+        a_failed_batch_keeps_nothing(
+            "CREATE TRIGGER refuse_step_events BEFORE INSERT ON events
+              WHEN NEW.kind = 'step.started'
+             BEGIN SELECT RAISE(ABORT, 'refused for the test'); END",
+            "DROP TRIGGER refuse_step_events",
+            "refused for the test",
+        )
+        .await;
+    }
+
+    /// A batch whose every write succeeded but whose COMMIT fails (here a
+    /// deferred foreign key, checked only at commit) answers every write
+    /// with the error, keeps none of them, and the writer goes on.
+    #[tokio::test]
+    async fn a_failed_commit_fails_every_write_in_it_and_keeps_none() {
+        a_failed_batch_keeps_nothing(
+            "CREATE TABLE refuse_at_commit (
+                task_id TEXT REFERENCES tasks(id) DEFERRABLE INITIALLY DEFERRED);
+             CREATE TRIGGER refuse_step_commits AFTER INSERT ON steps
+             BEGIN INSERT INTO refuse_at_commit VALUES ('no such task'); END",
+            "DROP TRIGGER refuse_step_commits",
+            "foreign key",
+        )
+        .await;
     }
 
     #[tokio::test]

@@ -181,13 +181,19 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
             && conn.total_changes() != changes_before
         {
             tracing::error!(%error, "a write failed halfway; rolling back its batch");
-            broken = Some(error.to_string());
+            // A full database stays `Full` for every write of the batch
+            // (clients are told `store_full`, not a server fault).
+            let code = match error {
+                StoreError::Full(_) => rusqlite::ffi::SQLITE_FULL,
+                _ => rusqlite::ffi::SQLITE_ABORT,
+            };
+            broken = Some((code, error.to_string()));
         }
         done.push((reply, result));
     }
     let committed = match broken {
-        Some(error) => Err(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+        Some((code, error)) => Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
             Some(format!(
                 "the batch was rolled back: a write in it failed halfway: {error}"
             )),
@@ -216,7 +222,7 @@ fn copy_error(error: &rusqlite::Error) -> StoreError {
         rusqlite::Error::SqliteFailure(code, _) => *code,
         _ => rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
     };
-    StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+    StoreError::from(rusqlite::Error::SqliteFailure(
         code,
         Some(error.to_string()),
     ))

@@ -1,0 +1,628 @@
+//! The API in process: `app(...)` over a real SQLite store in a temporary
+//! folder and a real plugin runtime, driven with `tower::ServiceExt::oneshot`
+//! (no socket, no server process). Request validation and error mapping
+//! are tested here, in milliseconds each; what needs a process (crashes,
+//! signals, the CLI, connections) stays in `tests/integration`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::auth::{AuthConfig, Gate, TokenConfig, token_hash};
+use super::{Admission, AppState, HttpLimits, QueueLimits, TaskDefaults, app};
+use crate::config::Config;
+use crate::errors::Code;
+use crate::events::EventBus;
+use crate::scheduler::Scheduler;
+use crate::store::{self, Store, StoreError};
+use crate::test_support::TestHost;
+
+const MAX_BODY_BYTES: usize = 1 << 20;
+/// 2100-01-01: tasks created to run then stay queued through a test.
+const FAR_FUTURE: store::Millis = 4_102_444_800_000;
+
+/// One API over its own store and plugin folder.
+struct Api {
+    app: Router,
+    store: Arc<dyn Store>,
+    host: TestHost,
+}
+
+/// What an API under test is given.
+#[derive(Default)]
+struct Setup {
+    /// Load the example plugins (calculator, react, scripted); without
+    /// them, only what is checked before plugins are looked up passes.
+    examples: bool,
+    auth: AuthConfig,
+    queue: Option<QueueLimits>,
+}
+
+impl Setup {
+    fn examples() -> Self {
+        Self {
+            examples: true,
+            ..Self::default()
+        }
+    }
+
+    async fn start(self) -> Api {
+        let host = TestHost::start(self.examples).await;
+        let events = EventBus::default();
+        let scheduler = Arc::new(Scheduler::start(
+            host.store.clone(),
+            host.runtime.clone(),
+            events.clone(),
+            host.config.scheduler_config(),
+        ));
+        let state = AppState {
+            store: host.store.clone(),
+            runtime: host.runtime.clone(),
+            scheduler,
+            events,
+            defaults: Arc::new(host.config.defaults.clone()),
+            gate: Arc::new(Gate::new(self.auth)),
+            admission: Arc::new(Admission::new(
+                self.queue.unwrap_or_else(|| host.config.queue_limits()),
+            )),
+        };
+        Api {
+            app: app(state, MAX_BODY_BYTES, &HttpLimits::default()),
+            store: host.store.clone(),
+            host,
+        }
+    }
+}
+
+/// An answer: status, headers and the JSON body (`null` if not JSON).
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Api {
+    async fn send(&self, request: Request<Body>) -> Answer {
+        let response = self
+            .app
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("the router answers");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("the body")
+            .to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn get(&self, uri: &str) -> Answer {
+        self.send(request(Method::GET, uri).body(Body::empty()).unwrap())
+            .await
+    }
+
+    async fn submit(&self, body: &Value) -> Answer {
+        self.send(json_post("/v1/tasks", &body.to_string())).await
+    }
+
+    /// Submits `body` and expects it refused with `code` (and its status).
+    async fn refused(&self, body: &Value, code: Code) {
+        let answer = self.submit(body).await;
+        answer.is_error(code, &body.to_string());
+    }
+}
+
+impl Answer {
+    /// The answer is the error `code`, with its status from the table and
+    /// a message.
+    fn is_error(&self, code: Code, request: &str) {
+        let status = code.status().expect("a request error has a status");
+        assert_eq!(
+            (self.status.as_u16(), self.body["error"]["code"].as_str()),
+            (status, Some(code.as_str())),
+            "for {request}: {}",
+            self.body
+        );
+        assert!(
+            self.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "every error explains itself: {}",
+            self.body
+        );
+    }
+}
+
+fn request(method: Method, uri: &str) -> axum::http::request::Builder {
+    Request::builder().method(method).uri(uri)
+}
+
+fn json_post(uri: &str, body: &str) -> Request<Body> {
+    request(Method::POST, uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bodies_that_are_not_a_task_request_are_refused() {
+    let api = Setup::default().start().await;
+    let cases = [
+        ("{\"goal\": ", Code::InvalidJson),
+        ("{}", Code::InvalidRequest),
+        (r#"{"goal": 5}"#, Code::InvalidRequest),
+        (r#"{"goal": "x", "colour": "red"}"#, Code::InvalidRequest),
+        (r#"{"goal": "x", "max_steps": "5"}"#, Code::InvalidRequest),
+        (r#"{"goal": "   "}"#, Code::InvalidGoal),
+        (r#"{"goal": "a\u0000b"}"#, Code::InvalidGoal),
+    ];
+    for (body, code) in cases {
+        api.send(json_post("/v1/tasks", body))
+            .await
+            .is_error(code, body);
+    }
+    let long_goal = json!({"goal": "x".repeat(64 * 1024 + 1)}).to_string();
+    api.send(json_post("/v1/tasks", &long_goal))
+        .await
+        .is_error(Code::InvalidGoal, "a goal over 64 KiB");
+    let oversize = json!({"goal": "x".repeat(MAX_BODY_BYTES)}).to_string();
+    api.send(json_post("/v1/tasks", &oversize))
+        .await
+        .is_error(Code::PayloadTooLarge, "a body over the limit");
+
+    let no_type = request(Method::POST, "/v1/tasks")
+        .body(Body::from(r#"{"goal": "x"}"#))
+        .unwrap();
+    api.send(no_type)
+        .await
+        .is_error(Code::UnsupportedMediaType, "no Content-Type");
+    for encoding in ["gzip", "br", "GZIP", "deflate, gzip"] {
+        let body = r#"{"goal": "x"}"#;
+        let encoded = request(Method::POST, "/v1/tasks")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_ENCODING, encoding)
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(Body::from(body))
+            .unwrap();
+        api.send(encoded)
+            .await
+            .is_error(Code::UnsupportedMediaType, encoding);
+    }
+    let listed = api.get("/v1/tasks").await;
+    assert_eq!(
+        listed.body["tasks"],
+        json!([]),
+        "nothing refused was created"
+    );
+}
+
+#[tokio::test]
+async fn numbers_out_of_range_get_the_fields_own_code_however_large() {
+    let api = Setup::default().start().await;
+    let two_to_53 = 9_007_199_254_740_992_u64;
+    let cases = [
+        ("max_steps", json!(0), Code::InvalidMaxSteps),
+        ("max_steps", json!(1001), Code::InvalidMaxSteps),
+        ("max_steps", json!(two_to_53), Code::InvalidMaxSteps),
+        ("max_steps", json!(u64::MAX), Code::InvalidMaxSteps),
+        ("max_steps", json!(-1), Code::InvalidMaxSteps),
+        ("max_steps", json!(2.5), Code::InvalidMaxSteps),
+        ("max_steps", json!(1e300), Code::InvalidMaxSteps),
+        ("max_retries", json!(101), Code::InvalidMaxRetries),
+        ("max_retries", json!(-1), Code::InvalidMaxRetries),
+        ("max_retries", json!(two_to_53), Code::InvalidMaxRetries),
+        ("timeout_secs", json!(0), Code::InvalidTimeout),
+        (
+            "timeout_secs",
+            json!(7 * 24 * 3600 + 1),
+            Code::InvalidTimeout,
+        ),
+        ("timeout_secs", json!(u64::MAX), Code::InvalidTimeout),
+        ("priority", json!(1001), Code::InvalidPriority),
+        ("priority", json!(-1001), Code::InvalidPriority),
+        ("priority", json!(1_i64 << 40), Code::InvalidPriority),
+        ("priority", json!(i64::MIN), Code::InvalidPriority),
+        ("priority", json!(two_to_53), Code::InvalidPriority),
+    ];
+    for (field, value, code) in cases {
+        let mut body = json!({"goal": "x"});
+        body[field] = value;
+        api.refused(&body, code).await;
+    }
+}
+
+#[tokio::test]
+async fn model_options_and_times_are_checked() {
+    let api = Setup::default().start().await;
+    let cases = [
+        (json!({"model": ""}), Code::InvalidModel),
+        (json!({"model": "m".repeat(257)}), Code::InvalidModel),
+        (json!({"options": [1]}), Code::InvalidOptions),
+        (json!({"options": {"planner": 1}}), Code::InvalidOptions),
+        (
+            json!({"options": {"planner": {"max_steps": -1}}}),
+            Code::InvalidOptions,
+        ),
+        (
+            json!({"options": {"planner": {"max_steps": 0}}}),
+            Code::InvalidOptions,
+        ),
+        (
+            json!({"options": {"planner": {"max_steps": "3"}}}),
+            Code::InvalidOptions,
+        ),
+        (json!({"run_at": "tomorrow"}), Code::InvalidTime),
+        (json!({"run_at": "2026-01-31T12:00:00"}), Code::InvalidTime),
+        (
+            json!({"deadline": "1969-12-31T23:00:00Z"}),
+            Code::InvalidTime,
+        ),
+        (
+            json!({"run_at": "2026-01-31T12:00:00Z", "deadline": "2026-01-31T11:00:00Z"}),
+            Code::InvalidTime,
+        ),
+        (
+            // The same instant: a deadline must come after the start.
+            json!({"run_at": "2026-01-31T12:00:00Z", "deadline": "2026-01-31T13:00:00+01:00"}),
+            Code::InvalidTime,
+        ),
+    ];
+    for (mut body, code) in cases {
+        body["goal"] = json!("x");
+        api.refused(&body, code).await;
+    }
+}
+
+#[tokio::test]
+async fn times_with_offsets_or_in_lower_case_are_accepted_as_utc() {
+    let api = Setup::examples().start().await;
+    let answer = api
+        .submit(&json!({
+            "goal": "later",
+            "run_at": "2099-01-31t13:00:00+01:00",
+            "deadline": "2099-01-31t12:30:00z",
+            "model": "m".repeat(256),
+            "options": {"planner": {"max_steps": 3}},
+            "max_steps": 1000,
+            "priority": -1000,
+        }))
+        .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    assert_eq!(answer.body["run_at"], "2099-01-31T12:00:00.000Z");
+    assert_eq!(answer.body["deadline"], "2099-01-31T12:30:00.000Z");
+    assert_eq!(answer.body["priority"], -1000);
+    let location = answer.headers[header::LOCATION].to_str().unwrap();
+    assert_eq!(
+        location,
+        format!("/v1/tasks/{}", answer.body["id"].as_str().unwrap())
+    );
+}
+
+#[tokio::test]
+async fn references_must_name_loaded_plugins_of_the_right_kind() {
+    let api = Setup::examples().start().await;
+    let cases = [
+        (json!({"planner": "nope"}), Code::UnknownPlanner),
+        (json!({"planner": "calculator"}), Code::UnknownPlanner),
+        (json!({"llm": "nope"}), Code::UnknownLlm),
+        (json!({"llm": "react"}), Code::UnknownLlm),
+        (json!({"tools": ["calculator", "nope"]}), Code::UnknownTool),
+    ];
+    for (mut body, code) in cases {
+        body["goal"] = json!("x");
+        api.refused(&body, code).await;
+    }
+}
+
+#[tokio::test]
+async fn the_list_checks_its_query_and_cursor() {
+    let api = Setup::default().start().await;
+    for query in [
+        "status=done",
+        "limit=lots",
+        "limit=0",
+        "limit=501",
+        "cursor=bad",
+        "cursor=",
+        "colour=red",
+    ] {
+        api.get(&format!("/v1/tasks?{query}"))
+            .await
+            .is_error(Code::InvalidQuery, query);
+    }
+    let (a, _) = api
+        .store
+        .create_task(store::conformance::new_task("a", 0, Some(FAR_FUTURE)))
+        .await
+        .unwrap();
+    let (b, _) = api
+        .store
+        .create_task(store::conformance::new_task("b", 0, Some(FAR_FUTURE)))
+        .await
+        .unwrap();
+    let first = api.get("/v1/tasks?limit=1").await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(first.body["tasks"][0]["id"], b.id.as_str());
+    let cursor = first.body["next_cursor"].as_str().expect("a next page");
+    let second = api.get(&format!("/v1/tasks?limit=1&cursor={cursor}")).await;
+    assert_eq!(
+        second.body["tasks"][0]["id"],
+        a.id.as_str(),
+        "{}",
+        second.body
+    );
+}
+
+#[tokio::test]
+async fn plugin_files_that_do_not_load_say_why_with_a_code() {
+    let api = Setup::default().start().await;
+    let folder = api.host.plugins.path();
+    std::fs::write(folder.join("text.wasm"), "not a component").unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", folder.join("outside.wasm")).unwrap();
+    api.host
+        .plugins
+        .add("manifest", "calculator", Some("[[[ not TOML"));
+    api.host.plugins.add("first", "calculator", None);
+    api.host.plugins.add("second", "calculator", None);
+    api.host.runtime.rescan().await.unwrap();
+    api.host.runtime.loaded().await;
+
+    let listed = api.get("/v1/plugins").await;
+    let failures: std::collections::BTreeMap<String, String> = listed.body["failures"]
+        .as_array()
+        .expect("failures")
+        .iter()
+        .map(|failure| {
+            let file = failure["file"].as_str().unwrap();
+            let name = file.rsplit('/').next().unwrap().to_owned();
+            (
+                name,
+                failure["code"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let code = |file: &str| failures.get(file).map(String::as_str);
+    assert_eq!(
+        code("text.wasm"),
+        Some("plugin_load_failed"),
+        "{failures:?}"
+    );
+    assert_eq!(
+        code("outside.wasm"),
+        Some("plugin_unreadable"),
+        "{failures:?}"
+    );
+    assert_eq!(
+        code("manifest.wasm"),
+        Some("plugin_invalid_manifest"),
+        "{failures:?}"
+    );
+    let taken: Vec<_> = ["first.wasm", "second.wasm"]
+        .map(code)
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(
+        taken,
+        ["plugin_name_taken"],
+        "one calculator loads: {failures:?}"
+    );
+    assert_eq!(listed.body["plugins"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn unknown_tasks_routes_and_methods_have_their_codes() {
+    let api = Setup::default().start().await;
+    let missing = "01890000-0000-7000-8000-000000000000";
+    api.get(&format!("/v1/tasks/{missing}"))
+        .await
+        .is_error(Code::TaskNotFound, "GET a missing task");
+    api.get("/v1/tasks/not-even-an-id/events")
+        .await
+        .is_error(Code::TaskNotFound, "events of a missing task");
+    api.send(json_post(&format!("/v1/tasks/{missing}/cancel"), ""))
+        .await
+        .is_error(Code::TaskNotFound, "cancelling a missing task");
+    api.get("/v2/everything")
+        .await
+        .is_error(Code::RouteNotFound, "/v2");
+    api.send(
+        request(Method::DELETE, "/v1/tasks")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await
+    .is_error(Code::MethodNotAllowed, "DELETE /v1/tasks");
+
+    let (task, _) = api
+        .store
+        .create_task(store::conformance::new_task(
+            "followed",
+            0,
+            Some(FAR_FUTURE),
+        ))
+        .await
+        .unwrap();
+    let bad_last_id = request(Method::GET, &format!("/v1/tasks/{}/events", task.id))
+        .header("last-event-id", "seven")
+        .body(Body::empty())
+        .unwrap();
+    api.send(bad_last_id)
+        .await
+        .is_error(Code::InvalidLastEventId, "Last-Event-ID: seven");
+    let cancelled = api
+        .send(json_post(&format!("/v1/tasks/{}/cancel", task.id), ""))
+        .await;
+    assert_eq!(cancelled.status, StatusCode::OK, "{}", cancelled.body);
+    api.send(json_post(&format!("/v1/tasks/{}/cancel", task.id), ""))
+        .await
+        .is_error(Code::TaskAlreadyFinished, "cancelling twice");
+}
+
+#[tokio::test]
+async fn idempotency_keys_are_checked_and_name_one_task() {
+    let api = Setup::examples().start().await;
+    let with_key = |key: &str| {
+        request(Method::POST, "/v1/tasks")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("idempotency-key", key)
+            .body(Body::from(r#"{"goal": "once"}"#))
+            .unwrap()
+    };
+    for key in ["", "   ", &"k".repeat(256)] {
+        api.send(with_key(key))
+            .await
+            .is_error(Code::InvalidIdempotencyKey, &format!("key {key:?}"));
+    }
+    let first = api.send(with_key("k-1")).await;
+    let again = api.send(with_key("k-1")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    assert_eq!(first.body["id"], again.body["id"]);
+}
+
+fn tokens(requests_per_minute: Option<u32>, max_active_tasks: Option<u64>) -> AuthConfig {
+    let token = |tenant: &str, secret: &str| TokenConfig {
+        tenant: tenant.into(),
+        sha256: token_hash(secret),
+        name: None,
+    };
+    AuthConfig {
+        tokens: vec![token("acme", "acme-secret"), token("other", "other-secret")],
+        requests_per_minute,
+        max_active_tasks,
+    }
+}
+
+fn as_token(method: Method, uri: &str, authorization: &str) -> Request<Body> {
+    request(method, uri)
+        .header(header::AUTHORIZATION, authorization)
+        .body(Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tokens_are_required_any_case_of_bearer_works_and_tenants_are_apart() {
+    let api = Setup {
+        auth: tokens(None, None),
+        ..Setup::default()
+    }
+    .start()
+    .await;
+    api.get("/v1/tasks")
+        .await
+        .is_error(Code::Unauthorized, "no token");
+    api.send(as_token(Method::GET, "/v1/tasks", "Bearer guess"))
+        .await
+        .is_error(Code::InvalidToken, "a wrong token");
+    api.send(as_token(Method::GET, "/v1/tasks", "Basic acme-secret"))
+        .await
+        .is_error(Code::InvalidToken, "another scheme");
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let answer = api
+            .send(as_token(
+                Method::GET,
+                "/v1/tasks",
+                &format!("{scheme} acme-secret"),
+            ))
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{scheme}: {}", answer.body);
+    }
+    let health = api.get("/healthz").await;
+    assert_eq!(health.status, StatusCode::OK, "/healthz needs no token");
+
+    let mut theirs = store::conformance::new_task("theirs", 0, Some(FAR_FUTURE));
+    theirs.tenant = "other".into();
+    let (theirs, _) = api.store.create_task(theirs).await.unwrap();
+    let uri = format!("/v1/tasks/{}", theirs.id);
+    api.send(as_token(Method::GET, &uri, "Bearer acme-secret"))
+        .await
+        .is_error(Code::Forbidden, "another tenant's task");
+    let own = api
+        .send(as_token(Method::GET, &uri, "bearer other-secret"))
+        .await;
+    assert_eq!(own.status, StatusCode::OK, "{}", own.body);
+}
+
+#[tokio::test]
+async fn rate_limits_and_caps_refuse_with_retry_after() {
+    let api = Setup {
+        auth: tokens(Some(2), Some(1)),
+        queue: Some(QueueLimits {
+            max_queued_tasks: 100,
+            max_queued_per_tenant: None,
+        }),
+        ..Setup::examples()
+    }
+    .start()
+    .await;
+    let submit = |secret: &str| {
+        let mut request = json_post(
+            "/v1/tasks",
+            r#"{"goal": "x", "run_at": "2099-01-01T00:00:00Z"}"#,
+        );
+        request.headers_mut().insert(
+            header::AUTHORIZATION,
+            format!("Bearer {secret}").parse().unwrap(),
+        );
+        request
+    };
+    let first = api.send(submit("acme-secret")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    api.send(submit("acme-secret"))
+        .await
+        .is_error(Code::TooManyActiveTasks, "a second task over the cap");
+    let limited = api.send(submit("acme-secret")).await;
+    limited.is_error(Code::RateLimited, "a third request in a minute");
+    assert!(limited.headers.contains_key(header::RETRY_AFTER));
+
+    let queue = Setup {
+        queue: Some(QueueLimits {
+            max_queued_tasks: 1,
+            max_queued_per_tenant: None,
+        }),
+        ..Setup::examples()
+    }
+    .start()
+    .await;
+    let later = json!({"goal": "x", "run_at": "2099-01-01T00:00:00Z"});
+    let first = queue.submit(&later).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let full = queue.submit(&later).await;
+    full.is_error(Code::QueueFull, "a second task past max_queued_tasks");
+    assert!(full.headers.contains_key(header::RETRY_AFTER));
+}
+
+/// A full database refuses with `507 store_full`, not `500`: the error
+/// SQLite gives when it has no room, read from a real database capped with
+/// `max_page_count`, is the store's `Full`, and the API answers it so.
+#[test]
+fn a_full_store_is_answered_store_full() {
+    let error = store::full_sqlite_error();
+    assert!(matches!(error, StoreError::Full(_)), "{error:?}");
+    let answer = super::ApiError::from(error);
+    assert_eq!(answer.code, Code::StoreFull);
+    assert_eq!(answer.status, StatusCode::INSUFFICIENT_STORAGE);
+}
+
+#[test]
+fn task_defaults_are_within_what_a_request_may_ask() {
+    let defaults: TaskDefaults = Config::default().defaults;
+    assert!((1..=super::MAX_STEPS_CEILING).contains(&i64::from(defaults.max_steps)));
+    assert!(i64::from(defaults.max_retries) <= super::MAX_RETRIES_CEILING);
+}

@@ -1,0 +1,256 @@
+//! The agent loop (`agent.rs`) on its own, against a real SQLite store and
+//! the real plugin runtime with the example components (calculator, react,
+//! scripted): a task is created and claimed in the store, one run is
+//! driven to its end, and the journal is read back. No dispatcher, no
+//! lease renewer, no server.
+//!
+//! The runtime is a concrete type, not a trait: these tests use it as the
+//! server does rather than a fake that could drift from it, and the
+//! scripted adapter makes the LLM's answers exact.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::agent::Run;
+use super::{SchedulerConfig, Shared};
+use crate::errors::Code;
+use crate::events::EventBus;
+use crate::protocol::{ChatMessage, ChatResponse, FinishReason, Role, ToolCall};
+use crate::store::{
+    Claim, NewTask, StepEnd, StepKind, StepRecord, StepStart, StepStatus, TaskRecord, TaskStatus,
+    conformance,
+};
+use crate::test_support::TestHost;
+
+const WORKER: &str = "host-under-test";
+
+struct Loop {
+    host: TestHost,
+    shared: Arc<Shared>,
+}
+
+impl Loop {
+    async fn start() -> Self {
+        let host = TestHost::start(true).await;
+        let config = SchedulerConfig::default();
+        let shared = Arc::new(Shared {
+            store: host.store.clone(),
+            runtime: host.runtime.clone(),
+            events: EventBus::default(),
+            host_id: WORKER.to_owned(),
+            wake: Notify::new(),
+            shutdown: CancellationToken::new(),
+            slots: Arc::new(Semaphore::new(config.max_running_tasks)),
+            config,
+            running: Mutex::new(HashMap::new()),
+        });
+        Self { host, shared }
+    }
+
+    /// Creates a task with a scripted LLM and claims it.
+    async fn claim(&self, change: impl FnOnce(&mut NewTask)) -> Claim {
+        let mut task = conformance::new_task("What is (2+3)*4?", 0, None);
+        task.options = json!({"llm": {"script": [
+            {"tool_calls": [{"name": "calculator", "arguments": {"expression": "(2+3)*4"}}]},
+            {"content": "Thought: the calculator answered.\nFinal Answer: 20"}
+        ]}});
+        change(&mut task);
+        self.host.store.create_task(task).await.unwrap();
+        self.claim_again().await
+    }
+
+    async fn claim_again(&self) -> Claim {
+        self.host
+            .store
+            .claim_next(WORKER, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .expect("a task to claim")
+    }
+
+    /// Runs the claim to its end (or interruption, per the tokens); the
+    /// task and its journal as stored then.
+    async fn run(
+        &self,
+        claim: Claim,
+        cancel: CancellationToken,
+        lost: CancellationToken,
+    ) -> (TaskRecord, Vec<StepRecord>) {
+        let id = claim.task.id.clone();
+        let run = Run::new(self.shared.clone(), claim, cancel, lost);
+        tokio::time::timeout(Duration::from_secs(30), run.run())
+            .await
+            .expect("the run ends within 30 s");
+        let task = self.host.store.get_task(&id).await.unwrap().unwrap();
+        let steps = self.host.store.steps(&id).await.unwrap();
+        (task, steps)
+    }
+
+    async fn run_to_end(&self, claim: Claim) -> (TaskRecord, Vec<StepRecord>) {
+        self.run(claim, CancellationToken::new(), CancellationToken::new())
+            .await
+    }
+}
+
+fn kinds(steps: &[StepRecord]) -> Vec<StepKind> {
+    steps.iter().map(|s| s.kind).collect()
+}
+
+#[tokio::test]
+async fn each_effect_is_a_journaled_step_and_the_answer_is_the_result() {
+    let agent = Loop::start().await;
+    let claim = agent.claim(|_| {}).await;
+    let (task, steps) = agent.run_to_end(claim).await;
+    assert_eq!(task.status, TaskStatus::Succeeded, "{task:?}");
+    assert_eq!(task.result.as_deref(), Some("20"));
+    assert_eq!(
+        kinds(&steps),
+        [StepKind::Llm, StepKind::Tool, StepKind::Llm]
+    );
+    assert!(steps.iter().all(|s| s.status == StepStatus::Succeeded));
+    assert_eq!(steps[1].plugin, "calculator");
+    assert_eq!(steps[1].output.as_ref().unwrap()["result"], 20);
+    assert_eq!(
+        steps.iter().map(|s| s.seq).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "numbered in order"
+    );
+}
+
+#[tokio::test]
+async fn a_tool_outside_the_tasks_list_fails_its_step_and_the_planner_goes_on() {
+    let agent = Loop::start().await;
+    let claim = agent
+        .claim(|task| {
+            task.options = json!({"llm": {"script": [
+                {"tool_calls": [{"name": "shell", "arguments": {"command": "rm -rf /"}}]},
+                {"content": "Final Answer: could not"}
+            ]}});
+        })
+        .await;
+    let (task, steps) = agent.run_to_end(claim).await;
+    assert_eq!(task.status, TaskStatus::Succeeded, "{task:?}");
+    assert_eq!(steps[1].status, StepStatus::Failed);
+    let error = steps[1].error.as_ref().expect("the step's error");
+    assert_eq!(error.code, Code::ToolNotAllowed.as_str(), "{error:?}");
+    assert!(error.message.contains("calculator"), "{error:?}");
+}
+
+#[tokio::test]
+async fn the_step_limit_ends_the_task_with_its_code() {
+    let agent = Loop::start().await;
+    let claim = agent.claim(|task| task.max_steps = 2).await;
+    let (task, steps) = agent.run_to_end(claim).await;
+    assert_eq!(task.status, TaskStatus::Failed);
+    let error = task.error.expect("the task's error");
+    assert_eq!(error.code, Code::StepLimitExceeded.as_str(), "{error:?}");
+    assert_eq!(steps.len(), 2);
+}
+
+#[tokio::test]
+async fn a_planner_that_gives_up_fails_the_task_with_its_reason() {
+    let agent = Loop::start().await;
+    let claim = agent
+        .claim(|task| task.options = json!({"llm": {"script": [{"content": ""}]}}))
+        .await;
+    let (task, _) = agent.run_to_end(claim).await;
+    assert_eq!(task.status, TaskStatus::Failed);
+    let error = task.error.expect("the task's error");
+    assert_eq!(error.code, Code::PlannerGaveUp.as_str(), "{error:?}");
+    assert!(error.message.contains("empty"), "{error:?}");
+}
+
+/// After a crash the next claim hands the planner the finished steps as
+/// they were journaled and never performs them again.
+#[tokio::test]
+async fn a_finished_step_in_the_journal_is_not_performed_again() {
+    let agent = Loop::start().await;
+    let first = agent.claim(|_| {}).await;
+    // The dead claim's LLM step: a reply the script would never give.
+    let reply = ChatResponse {
+        message: ChatMessage {
+            role: Role::Assistant,
+            content: String::new(),
+            images: Vec::new(),
+            tool_calls: vec![ToolCall {
+                id: "call-1".into(),
+                name: "calculator".into(),
+                arguments: json!({"expression": "6*7"}),
+            }],
+            tool_call_id: None,
+            provider_data: Vec::new(),
+        },
+        finish_reason: FinishReason::ToolCalls,
+        usage: None,
+        model: "journaled".into(),
+    };
+    let (started, _) = agent
+        .host
+        .store
+        .start_step(
+            &first.fence,
+            StepStart {
+                seq: 1,
+                kind: StepKind::Llm,
+                plugin: "scripted".into(),
+                input: json!({"messages": []}),
+            },
+        )
+        .await
+        .unwrap();
+    agent
+        .host
+        .store
+        .finish_step(
+            &first.fence,
+            StepEnd {
+                started,
+                output: Ok(json!(reply)),
+                usage: None,
+            },
+        )
+        .await
+        .unwrap();
+    // The host died; its lease is gone.
+    assert_eq!(agent.host.store.expire_all_leases().await.unwrap(), 1);
+    let second = agent.claim_again().await;
+    assert_eq!(second.steps.len(), 1, "the claim carries the journal");
+
+    let (task, steps) = agent.run_to_end(second).await;
+    assert_eq!(task.status, TaskStatus::Succeeded, "{task:?}");
+    assert_eq!(steps.len(), 3, "{steps:#?}");
+    assert_eq!(steps[0].output.as_ref().unwrap()["model"], "journaled");
+    assert_eq!(
+        steps[0].attempt, first.fence.attempt,
+        "step 1 was not redone"
+    );
+    assert_eq!(steps[1].input["arguments"]["expression"], "6*7");
+    assert_eq!(steps[1].output.as_ref().unwrap()["result"], 42);
+}
+
+#[tokio::test]
+async fn a_cancelled_run_ends_cancelled_before_its_next_step() {
+    let agent = Loop::start().await;
+    let claim = agent.claim(|_| {}).await;
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let (task, steps) = agent.run(claim, cancel, CancellationToken::new()).await;
+    assert_eq!(task.status, TaskStatus::Cancelled);
+    assert!(steps.is_empty(), "{steps:#?}");
+}
+
+#[tokio::test]
+async fn a_run_whose_claim_is_lost_writes_nothing_more() {
+    let agent = Loop::start().await;
+    let claim = agent.claim(|_| {}).await;
+    let lost = CancellationToken::new();
+    lost.cancel();
+    let (task, steps) = agent.run(claim, CancellationToken::new(), lost).await;
+    assert_eq!(task.status, TaskStatus::Running, "left to the new owner");
+    assert!(steps.is_empty(), "{steps:#?}");
+}
