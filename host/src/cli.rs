@@ -277,6 +277,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             for plugin in list["plugins"].as_array().into_iter().flatten() {
                 print_plugin(plugin);
             }
+            for server in list["mcp_servers"].as_array().into_iter().flatten() {
+                print_mcp_server(server);
+            }
             for failure in list["failures"].as_array().into_iter().flatten() {
                 println!(
                     "failed to load {}: {}",
@@ -357,6 +360,36 @@ fn print_plugin(plugin: &Value) {
     let refused = names(&plugin["refused"], "");
     if !refused.is_empty() {
         println!("    refused:  {}", refused.join("; "));
+    }
+}
+
+/// One MCP server: how it is doing and the tools it offers.
+fn print_mcp_server(server: &Value) {
+    let transport = &server["transport"];
+    let reached = match transport["type"].as_str() {
+        Some("stdio") => format!(
+            "stdio {}",
+            transport["command"].as_str().unwrap_or_default()
+        ),
+        _ => transport["url"].as_str().unwrap_or_default().to_owned(),
+    };
+    println!(
+        "{:<18} {:<11} {}  {reached}",
+        server["name"].as_str().unwrap_or_default(),
+        "mcp-server",
+        server["status"].as_str().unwrap_or_default(),
+    );
+    if let Some(error) = server["error"].as_str() {
+        println!("    error:    {error}");
+    }
+    let tools: Vec<&str> = server["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|tool| tool["name"].as_str())
+        .collect();
+    if !tools.is_empty() {
+        println!("    tools:    {}", tools.join(", "));
     }
 }
 

@@ -8,12 +8,14 @@
 //! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
 //! - [`scheduler`]: the dispatcher, leases and the agent loop, joining the two;
 //! - [`api`]: the REST API (axum) over the scheduler and store;
+//! - [`mcp`]: MCP through `rmcp`: external MCP servers' tools in the registry;
 //! - [`cli`] and [`config`]: the `opspawn` command.
 
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod events;
+pub mod mcp;
 pub mod plugins;
 pub mod protocol;
 pub mod scheduler;

@@ -9,6 +9,7 @@ mod crash;
 mod durability;
 mod folder;
 mod limits;
+mod mcp;
 mod network;
 mod plugins;
 mod providers;

@@ -8,6 +8,7 @@
 pub mod bindings;
 mod convert;
 mod engine;
+pub mod external;
 mod host_http;
 mod llm_call;
 pub mod manifest;
@@ -30,7 +31,7 @@ use engine::{CompileCache, EpochTicker};
 pub use engine::{EngineOptions, build_engine};
 pub use manifest::{Grants, Limits};
 use registry::{AdapterEntry, Entry, PlannerEntry, Plugin, ToolEntry};
-pub use registry::{Catalog, LoadFailure, LoadingFile, PluginInfo, PluginKind};
+pub use registry::{Catalog, EXTERNAL_SEPARATOR, LoadFailure, LoadingFile, PluginInfo, PluginKind};
 use state::CallState;
 
 use crate::protocol::{
@@ -339,10 +340,14 @@ impl PluginRuntime {
         context: &CallContext,
         input: &Value,
     ) -> Result<Value, CallError> {
-        let plugin = self
-            .catalog()
-            .tool_plugin(tool)
-            .ok_or_else(|| CallError::UnknownTool(tool.to_owned()))?;
+        let catalog = self.catalog();
+        let Some(plugin) = catalog.tool_plugin(tool) else {
+            // An MCP server's tool: its source runs it (and checks its input).
+            return match catalog.external_tool(tool) {
+                Some(external) => external.invoker.invoke(tool, context, input).await,
+                None => Err(CallError::UnknownTool(tool.to_owned())),
+            };
+        };
         let Entry::Tool(entry) = &plugin.entry else {
             unreachable!("the catalog maps tools to tool plugins")
         };

@@ -497,6 +497,8 @@ fn is_transient(code: &str) -> bool {
             | "plugin_timeout"
             | "plugin_instantiate_failed"
             | "plugin_not_loaded"
+            | "mcp_unavailable"
+            | "mcp_timeout"
             | "unavailable"
             | "timeout"
             | "rate_limited"
