@@ -42,6 +42,9 @@ enum Command {
     /// Make API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Serve MCP over stdio for a running server (for MCP desktop clients):
+    /// its tools, run_task, get_task and cancel_task. Sends OPSPAWN_TOKEN.
+    Mcp(ClientArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +212,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Run(args) => run(args).await,
+        Command::Mcp(client) => {
+            let token = std::env::var("OPSPAWN_TOKEN").ok();
+            crate::mcp::server::serve_stdio(client.base_url(), token).await?;
+            Ok(0)
+        }
         Command::Token(TokenCommand::New { tenant, name }) => {
             let token = crate::api::auth::new_token();
             let hash = crate::api::auth::token_hash(&token);

@@ -125,7 +125,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
     println!("opspawn listening on http://{addr}");
 
-    let app = api::app(state, config.max_body_bytes, &config.http);
+    let mcp_shutdown = tokio_util::sync::CancellationToken::new();
+    let app = mount_mcp(
+        api::app(state.clone(), config.max_body_bytes, &config.http),
+        state,
+        mcp_shutdown.clone(),
+        config.max_body_bytes,
+    );
     api::connections::serve(
         listener,
         app,
@@ -134,11 +140,30 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         SHUTDOWN_DRAIN,
     )
     .await?;
+    mcp_shutdown.cancel();
     println!("shutting down: waiting for running steps to finish");
     scheduler.shutdown().await;
     mcp.shutdown().await;
     pruner.abort();
     Ok(())
+}
+
+/// Adds `/mcp` (MCP over streamable HTTP) to the REST API, behind the same
+/// bearer tokens; it calls the REST API in-process.
+fn mount_mcp(
+    rest: axum::Router,
+    state: AppState,
+    shutdown: tokio_util::sync::CancellationToken,
+    max_body_bytes: usize,
+) -> axum::Router {
+    let service = crate::mcp::server::http_service(rest.clone(), shutdown, max_body_bytes);
+    let mcp = axum::Router::new()
+        .route_service("/mcp", service)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            api::auth::require_token,
+        ));
+    rest.merge(mcp)
 }
 
 /// Prints what loaded from the plugin folder once the loads that started

@@ -10,6 +10,7 @@ mod durability;
 mod folder;
 mod limits;
 mod mcp;
+mod mcp_server;
 mod network;
 mod plugins;
 mod providers;

@@ -451,6 +451,11 @@ pub mod mcp {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mcp/server.py")
     }
 
+    /// `tests/fixtures/mcp/client.py`: a client (official Python SDK).
+    pub fn client_script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mcp/client.py")
+    }
+
     /// The entry point of `@modelcontextprotocol/server-everything` (run with
     /// `node`, and `stdio` or `streamableHttp`).
     pub fn everything() -> PathBuf {

@@ -4,8 +4,12 @@
 //! servers under `[[mcp.servers]]`; their tools join the plugin runtime's
 //! catalog under namespaced names (`github__create_issue`) and run as
 //! journaled steps like a component's.
+//!
+//! [`server`]: Opspawn as an MCP server, over the REST API: `/mcp`
+//! (streamable HTTP) and `opspawn mcp` (stdio).
 
 pub mod client;
+pub mod server;
 
 use std::path::PathBuf;
 use std::time::Duration;
