@@ -615,3 +615,33 @@ async fn a_stdio_server_gets_only_the_variables_named() {
         cwd.path().canonicalize().unwrap().to_str().unwrap()
     );
 }
+
+/// A task that uses an MCP tool, resumed after the host was killed, waits
+/// for the server's first start instead of failing with `unknown_tool`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_task_waits_for_its_mcp_server_to_start() {
+    let setup = Setup::new(FIXTURE);
+    let mut harness = setup.start(&[]);
+    let client = harness.client();
+    let mut body = script_task(
+        &["fixture__echo"],
+        &[("fixture__echo", json!({"text": "after"}))],
+        "done",
+    );
+    body["options"]["llm"]["script"][0]["delay_ms"] = json!(3000);
+    let id = client.submit(&body).await.unwrap();
+    client
+        .wait_for(&id, FINISH, |task| {
+            task["steps"].as_array().is_some_and(|s| !s.is_empty())
+        })
+        .await
+        .unwrap();
+    harness.server.restart().unwrap();
+    let task = harness
+        .client()
+        .wait_until_finished(&id, FINISH)
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    assert_eq!(tool_steps(&task)[0]["output"], json!({"echoed": "after"}));
+}

@@ -168,6 +168,7 @@ impl McpClients {
         {
             self.starting
                 .send_modify(|count| *count = count.saturating_sub(1));
+            self.publish();
         }
     }
 
@@ -214,8 +215,9 @@ impl McpClients {
                 });
             }
         }
+        let starting = *self.starting.borrow() > 0;
         self.runtime
-            .set_external_tools(ExternalTools::new(tools, self.views()));
+            .set_external_tools(ExternalTools::new(tools, self.views()).with_starting(starting));
     }
 
     /// Keeps one server up: starts it, lists its tools, lists them again

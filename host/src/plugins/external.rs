@@ -43,6 +43,9 @@ pub struct ExternalTools {
     tools: BTreeMap<String, ExternalTool>,
     /// What `GET /v1/plugins` shows of each source (its own view).
     sources: Vec<Value>,
+    /// Whether a source is still making its first start: until it has,
+    /// a tool no one offers yet may be one of its.
+    starting: bool,
 }
 
 impl ExternalTools {
@@ -53,7 +56,18 @@ impl ExternalTools {
                 .map(|tool| (tool.spec.name.clone(), tool))
                 .collect(),
             sources,
+            starting: false,
         }
+    }
+
+    /// Marks whether a source is still making its first start.
+    pub fn with_starting(mut self, starting: bool) -> Self {
+        self.starting = starting;
+        self
+    }
+
+    pub fn starting(&self) -> bool {
+        self.starting
     }
 
     pub fn get(&self, name: &str) -> Option<&ExternalTool> {

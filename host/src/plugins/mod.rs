@@ -323,7 +323,8 @@ impl PluginRuntime {
         loop {
             // Read before looking: the count drops only after the catalog
             // holds what the finished load brought.
-            let still_loading = *loading.borrow_and_update() > 0;
+            let still_loading =
+                *loading.borrow_and_update() > 0 || self.catalog().external_starting();
             match lookup() {
                 Err(_) if still_loading => {
                     let _ = loading.changed().await;

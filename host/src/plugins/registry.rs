@@ -181,6 +181,12 @@ impl Catalog {
         plugin.info.tools.iter().find(|spec| spec.name == name)
     }
 
+    /// Whether an external source (an MCP server) is still making its first
+    /// start, so a tool no one offers yet may still come.
+    pub fn external_starting(&self) -> bool {
+        self.external.starting()
+    }
+
     /// The external tool of that name, if no component offers it.
     pub fn external_tool(&self, name: &str) -> Option<&ExternalTool> {
         self.external.get(name)
