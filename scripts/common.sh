@@ -38,6 +38,29 @@ install_plugins() {
     done
 }
 
+# The MCP peers the end-to-end tests run against, installed from their
+# registries into "$CARGO_TARGET_DIR/mcp-peers" (outside the clone, reused by
+# later runs): the official Python SDK (`mcp` on PyPI, for the fixture server
+# and the test clients) in a virtualenv, and the reference server
+# `@modelcontextprotocol/server-everything` from npm. Versions are pinned in
+# tests/fixtures/mcp/ (requirements.txt, package.json and package-lock.json).
+ensure_mcp_peers() {
+    local peers="$CARGO_TARGET_DIR/mcp-peers" fixtures="$repo_root/tests/fixtures/mcp"
+    mkdir -p "$peers/node"
+    if ! cmp -s "$fixtures/requirements.txt" "$peers/venv/requirements.txt"; then
+        echo "==> installing the MCP Python SDK (tests/fixtures/mcp/requirements.txt)"
+        python3 -m venv "$peers/venv"
+        "$peers/venv/bin/pip" install --quiet --disable-pip-version-check \
+            -r "$fixtures/requirements.txt"
+        cp "$fixtures/requirements.txt" "$peers/venv/requirements.txt"
+    fi
+    if ! cmp -s "$fixtures/package-lock.json" "$peers/node/package-lock.json"; then
+        echo "==> installing the MCP reference server (tests/fixtures/mcp/package.json)"
+        cp "$fixtures/package.json" "$fixtures/package-lock.json" "$peers/node/"
+        (cd "$peers/node" && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+}
+
 # Starts the machine's Postgres cluster if nothing answers on 127.0.0.1:5432.
 ensure_postgres() {
     if (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then

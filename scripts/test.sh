@@ -9,6 +9,7 @@ source "$(dirname "$0")/common.sh"
 cd "$repo_root"
 
 ensure_wasm_target
+ensure_mcp_peers
 
 echo "==> plugin unit tests (native)"
 cargo test --release --manifest-path plugins/Cargo.toml --target-dir "$plugin_target_dir/native"

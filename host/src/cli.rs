@@ -42,6 +42,9 @@ enum Command {
     /// Make API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Serve MCP over stdio for a running server (for MCP desktop clients):
+    /// its tools, run_task, get_task and cancel_task. Sends OPSPAWN_TOKEN.
+    Mcp(ClientArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +212,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Run(args) => run(args).await,
+        Command::Mcp(client) => {
+            let token = std::env::var("OPSPAWN_TOKEN").ok();
+            crate::mcp::server::serve_stdio(client.base_url(), token).await?;
+            Ok(0)
+        }
         Command::Token(TokenCommand::New { tenant, name }) => {
             let token = crate::api::auth::new_token();
             let hash = crate::api::auth::token_hash(&token);
@@ -276,6 +284,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             let list = send(http().get(format!("{}/v1/plugins", client.base_url()))).await?;
             for plugin in list["plugins"].as_array().into_iter().flatten() {
                 print_plugin(plugin);
+            }
+            for server in list["mcp_servers"].as_array().into_iter().flatten() {
+                print_mcp_server(server);
             }
             for failure in list["failures"].as_array().into_iter().flatten() {
                 println!(
@@ -357,6 +368,36 @@ fn print_plugin(plugin: &Value) {
     let refused = names(&plugin["refused"], "");
     if !refused.is_empty() {
         println!("    refused:  {}", refused.join("; "));
+    }
+}
+
+/// One MCP server: how it is doing and the tools it offers.
+fn print_mcp_server(server: &Value) {
+    let transport = &server["transport"];
+    let reached = match transport["type"].as_str() {
+        Some("stdio") => format!(
+            "stdio {}",
+            transport["command"].as_str().unwrap_or_default()
+        ),
+        _ => transport["url"].as_str().unwrap_or_default().to_owned(),
+    };
+    println!(
+        "{:<18} {:<11} {}  {reached}",
+        server["name"].as_str().unwrap_or_default(),
+        "mcp-server",
+        server["status"].as_str().unwrap_or_default(),
+    );
+    if let Some(error) = server["error"].as_str() {
+        println!("    error:    {error}");
+    }
+    let tools: Vec<&str> = server["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|tool| tool["name"].as_str())
+        .collect();
+    if !tools.is_empty() {
+        println!("    tools:    {}", tools.join(", "));
     }
 }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::auth::AuthConfig;
 use crate::api::{HttpLimits, QueueLimits, TaskDefaults};
+use crate::mcp::McpConfig;
 use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
 use crate::scheduler::SchedulerConfig;
@@ -66,6 +67,9 @@ pub struct Config {
     /// API tokens (by hash), rate limits and per-tenant caps; off when no
     /// tokens are configured.
     pub auth: AuthConfig,
+    /// External MCP servers whose tools join the registry (`[[mcp.servers]]`).
+    #[serde(default)]
+    pub mcp: McpConfig,
 }
 
 /// Limits for plugins whose manifests do not ask for others.
@@ -116,6 +120,7 @@ const KEYS: &[&str] = &[
     "plugins",
     "policy",
     "auth",
+    "mcp",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -168,6 +173,7 @@ impl Default for Config {
             },
             policy: OperatorPolicy::default(),
             auth: AuthConfig::default(),
+            mcp: McpConfig::default(),
         }
     }
 }
@@ -260,6 +266,9 @@ impl Config {
             server_env: std::env::vars_os()
                 .filter_map(|(key, _)| key.into_string().ok())
                 .filter(|key| key.strip_prefix("OPSPAWN_").is_some_and(is_config_key))
+                // What MCP servers are given or draw credentials from is
+                // theirs alone: no plugin reads it.
+                .chain(self.mcp.secret_variables())
                 .collect(),
             server_dirs: [Some(self.data_dir.clone()), self.cache_dir.clone()]
                 .into_iter()

@@ -122,6 +122,10 @@ codes! {
     LlmBadResponse = "llm_bad_response", status None, step;
     LlmError = "llm_error", status None, step;
     LlmAdapterMisconfigured = "llm_adapter_misconfigured", status None, step;
+    McpUnavailable = "mcp_unavailable", status None, step;
+    McpTimeout = "mcp_timeout", status None, step;
+    McpToolError = "mcp_tool_error", status None, step;
+    McpError = "mcp_error", status None, step;
     // Why a plugin file did not load.
     PluginUnreadable = "plugin_unreadable", status None, load;
     PluginInvalidManifest = "plugin_invalid_manifest", status None, load;
@@ -140,6 +144,8 @@ impl Code {
         Code::PluginTimeout,
         Code::PluginInstantiateFailed,
         Code::PluginNotLoaded,
+        Code::McpUnavailable,
+        Code::McpTimeout,
     ];
 }
 

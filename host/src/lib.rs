@@ -9,6 +9,8 @@
 //! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
 //! - [`scheduler`]: the dispatcher, leases and the agent loop, joining the two;
 //! - [`api`]: the REST API (axum) over the scheduler and store;
+//! - [`mcp`]: MCP through `rmcp`: external MCP servers' tools in the registry,
+//!   and Opspawn served to MCP clients;
 //! - [`cli`], [`config`] and [`server`]: the `opspawn` command, its
 //!   settings and the wiring of `opspawn serve`.
 //!
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod errors;
 pub mod events;
+pub mod mcp;
 pub mod plugins;
 pub mod protocol;
 pub mod rfc3339;

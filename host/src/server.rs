@@ -75,8 +75,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             plugin_dir.display()
         );
     }
+    // MCP servers start in the background too; the host serves whatever
+    // they do.
+    let mcp = crate::mcp::McpClients::start(runtime.clone(), &config.mcp.servers);
     tokio::spawn(report_plugins_once_loaded(
         runtime.clone(),
+        mcp.clone(),
         plugin_dir.clone(),
     ));
     let _watcher = if config.watch_plugins {
@@ -121,7 +125,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
     println!("opspawn listening on http://{addr}");
 
-    let app = api::app(state, config.max_body_bytes, &config.http);
+    let mcp_shutdown = tokio_util::sync::CancellationToken::new();
+    let app = mount_mcp(
+        api::app(state.clone(), config.max_body_bytes, &config.http),
+        state,
+        mcp_shutdown.clone(),
+        config.max_body_bytes,
+    );
     api::connections::serve(
         listener,
         app,
@@ -130,16 +140,41 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         SHUTDOWN_DRAIN,
     )
     .await?;
+    mcp_shutdown.cancel();
     println!("shutting down: waiting for running steps to finish");
     scheduler.shutdown().await;
+    mcp.shutdown().await;
     pruner.abort();
     Ok(())
 }
 
+/// Adds `/mcp` (MCP over streamable HTTP) to the REST API, behind the same
+/// bearer tokens; it calls the REST API in-process.
+fn mount_mcp(
+    rest: axum::Router,
+    state: AppState,
+    shutdown: tokio_util::sync::CancellationToken,
+    max_body_bytes: usize,
+) -> axum::Router {
+    let service = crate::mcp::server::http_service(rest.clone(), shutdown, max_body_bytes);
+    let mcp = axum::Router::new()
+        .route_service("/mcp", service)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            api::auth::require_token,
+        ));
+    rest.merge(mcp)
+}
+
 /// Prints what loaded from the plugin folder once the loads that started
 /// with the server have finished, then `plugins ready`.
-async fn report_plugins_once_loaded(runtime: Arc<PluginRuntime>, plugin_dir: std::path::PathBuf) {
+async fn report_plugins_once_loaded(
+    runtime: Arc<PluginRuntime>,
+    mcp: Arc<crate::mcp::McpClients>,
+    plugin_dir: std::path::PathBuf,
+) {
     runtime.loaded().await;
+    mcp.started().await;
     let catalog = runtime.catalog();
     println!("plugins from {}:", plugin_dir.display());
     for plugin in catalog.plugins() {
@@ -161,6 +196,26 @@ async fn report_plugins_once_loaded(runtime: Arc<PluginRuntime>, plugin_dir: std
     }
     if catalog.plugins().next().is_none() {
         println!("  (none: drop .wasm components into the folder; they load without a restart)");
+    }
+    for server in mcp.views() {
+        let tools: Vec<&str> = server["tools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        let name = server["name"].as_str().unwrap_or_default();
+        match server["status"].as_str() {
+            Some("ready") => println!(
+                "  mcp     {name:<18} ready       (tools: {})",
+                tools.join(", ")
+            ),
+            status => println!(
+                "  mcp     {name:<18} {:<11} {}",
+                status.unwrap_or_default(),
+                server["error"].as_str().unwrap_or_default()
+            ),
+        }
     }
     println!("plugins ready");
 }

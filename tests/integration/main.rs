@@ -9,6 +9,8 @@ mod crash;
 mod durability;
 mod folder;
 mod limits;
+mod mcp;
+mod mcp_server;
 mod network;
 mod plugins;
 mod providers;

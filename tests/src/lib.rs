@@ -410,3 +410,80 @@ pub struct SseEvent {
     pub id: String,
     pub data: Value,
 }
+
+/// The MCP peers the tests run against, installed by `scripts/common.sh`
+/// (`ensure_mcp_peers`, run by `scripts/test.sh`) into `mcp-peers/` of the
+/// cargo target folder, or wherever `OPSPAWN_MCP_PEERS` says.
+pub mod mcp {
+    use std::path::{Path, PathBuf};
+
+    fn peers() -> PathBuf {
+        if let Some(dir) = std::env::var_os("OPSPAWN_MCP_PEERS") {
+            return PathBuf::from(dir);
+        }
+        // <target>/release/deps/<test binary>
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let target = exe
+            .ancestors()
+            .nth(3)
+            .expect("the test binary lives in <target>/<profile>/deps");
+        target.join("mcp-peers")
+    }
+
+    fn installed(path: PathBuf) -> PathBuf {
+        assert!(
+            path.exists(),
+            "{} is missing: the MCP peers are not installed. Run scripts/test.sh, or \
+             `source scripts/common.sh && ensure_mcp_peers` with the same CARGO_TARGET_DIR \
+             (or point OPSPAWN_MCP_PEERS at them)",
+            path.display()
+        );
+        path
+    }
+
+    /// The Python of the virtualenv holding the official Python SDK (`mcp`).
+    pub fn python() -> PathBuf {
+        installed(peers().join("venv/bin/python"))
+    }
+
+    /// `tests/fixtures/mcp/server.py`: the fixture server (official Python SDK).
+    pub fn fixture_server() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mcp/server.py")
+    }
+
+    /// `tests/fixtures/mcp/client.py`: a client (official Python SDK).
+    pub fn client_script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mcp/client.py")
+    }
+
+    /// The entry point of `@modelcontextprotocol/server-everything` (run with
+    /// `node`, and `stdio` or `streamableHttp`).
+    pub fn everything() -> PathBuf {
+        installed(
+            peers().join("node/node_modules/@modelcontextprotocol/server-everything/dist/index.js"),
+        )
+    }
+
+    /// A loopback port nothing listens on (for a server started next).
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("binding a loopback port")
+            .port()
+    }
+
+    /// Waits until something accepts connections on the loopback port.
+    pub async fn wait_for_port(port: u16) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing listens on 127.0.0.1:{port} after 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -162,6 +162,7 @@ async fn list_plugins(State(state): State<AppState>) -> Json<Value> {
         "plugins": catalog.plugins().map(plugin_view).collect::<Vec<_>>(),
         "failures": catalog.failures(),
         "loading": catalog.loading(),
+        "mcp_servers": catalog.external_sources(),
     }))
 }
 

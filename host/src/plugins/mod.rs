@@ -8,6 +8,7 @@
 pub mod bindings;
 mod convert;
 mod engine;
+pub mod external;
 mod host_http;
 mod llm_call;
 pub mod manifest;
@@ -30,7 +31,7 @@ use engine::{CompileCache, EpochTicker};
 pub use engine::{EngineOptions, build_engine};
 pub use manifest::{Grants, Limits};
 use registry::{AdapterEntry, Entry, PlannerEntry, Plugin, ToolEntry};
-pub use registry::{Catalog, LoadFailure, LoadingFile, PluginInfo, PluginKind};
+pub use registry::{Catalog, EXTERNAL_SEPARATOR, LoadFailure, LoadingFile, PluginInfo, PluginKind};
 use state::CallState;
 
 use crate::errors::Code;
@@ -334,7 +335,8 @@ impl PluginRuntime {
         loop {
             // Read before looking: the count drops only after the catalog
             // holds what the finished load brought.
-            let still_loading = *loading.borrow_and_update() > 0;
+            let still_loading =
+                *loading.borrow_and_update() > 0 || self.catalog().external_starting();
             match lookup() {
                 Err(_) if still_loading => {
                     let _ = loading.changed().await;
@@ -357,10 +359,14 @@ impl PluginRuntime {
         context: &CallContext,
         input: &Value,
     ) -> Result<Value, CallError> {
-        let plugin = self
-            .catalog()
-            .tool_plugin(tool)
-            .ok_or_else(|| CallError::UnknownTool(tool.to_owned()))?;
+        let catalog = self.catalog();
+        let Some(plugin) = catalog.tool_plugin(tool) else {
+            // An MCP server's tool: its source runs it (and checks its input).
+            return match catalog.external_tool(tool) {
+                Some(external) => external.invoker.invoke(tool, context, input).await,
+                None => Err(CallError::UnknownTool(tool.to_owned())),
+            };
+        };
         let Entry::Tool(entry) = &plugin.entry else {
             unreachable!("the catalog maps tools to tool plugins")
         };
@@ -451,34 +457,22 @@ impl PluginRuntime {
         let outcome = match entry {
             PlannerEntry::V0_1(pre) => {
                 let state = convert::v0_1::state_to_wit(state);
-                self.call(
-                    &plugin,
-                    SlotKind::Compute,
-                    tenant,
-                    None,
-                    async |store| {
-                        let instance = pre.instantiate_async(&mut *store).await?;
-                        let planning = instance.opspawn_plugin_planning();
-                        let action = planning.call_next_action(store, &state).await?;
-                        Ok(action.map(|a| convert::v0_1::action_from_wit_bounded(a, max_calls)))
-                    },
-                )
+                self.call(&plugin, SlotKind::Compute, tenant, None, async |store| {
+                    let instance = pre.instantiate_async(&mut *store).await?;
+                    let planning = instance.opspawn_plugin_planning();
+                    let action = planning.call_next_action(store, &state).await?;
+                    Ok(action.map(|a| convert::v0_1::action_from_wit_bounded(a, max_calls)))
+                })
                 .await?
             }
             PlannerEntry::V0_2(pre) => {
                 let state = convert::v0_2::state_to_wit(state);
-                self.call(
-                    &plugin,
-                    SlotKind::Compute,
-                    tenant,
-                    None,
-                    async |store| {
-                        let instance = pre.instantiate_async(&mut *store).await?;
-                        let planning = instance.opspawn_plugin_planning();
-                        let action = planning.call_next_action(store, &state).await?;
-                        Ok(action.map(|a| convert::v0_2::action_from_wit_bounded(a, max_calls)))
-                    },
-                )
+                self.call(&plugin, SlotKind::Compute, tenant, None, async |store| {
+                    let instance = pre.instantiate_async(&mut *store).await?;
+                    let planning = instance.opspawn_plugin_planning();
+                    let action = planning.call_next_action(store, &state).await?;
+                    Ok(action.map(|a| convert::v0_2::action_from_wit_bounded(a, max_calls)))
+                })
                 .await?
             }
         };

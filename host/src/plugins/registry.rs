@@ -21,6 +21,7 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, InstancePre};
 
 use super::bindings::{self, WitVersion, v0_1, v0_2};
+use super::external::{ExternalTool, ExternalTools};
 use super::manifest::{FolderScope, Grants, Limits, Manifest};
 use super::state::CallState;
 use super::{PluginRuntime, SlotKind, convert};
@@ -138,6 +139,8 @@ pub struct Catalog {
     tools: BTreeMap<String, Arc<Plugin>>,
     failures: Vec<LoadFailure>,
     loading: Vec<LoadingFile>,
+    /// Tools of external MCP servers, under names no component can take.
+    external: Arc<ExternalTools>,
 }
 
 impl Catalog {
@@ -159,17 +162,43 @@ impl Catalog {
     }
 
     pub fn tool_names(&self) -> impl Iterator<Item = &str> {
-        self.tools.keys().map(String::as_str)
+        self.tools
+            .keys()
+            .map(String::as_str)
+            .chain(self.external.names())
     }
 
-    /// The name of the plugin that offers a tool.
+    /// The name of the plugin (or external source, `mcp:<server>`) that
+    /// offers a tool.
     pub fn tool_owner(&self, tool: &str) -> Option<&str> {
-        self.tools.get(tool).map(|plugin| plugin.info.name.as_str())
+        match self.tools.get(tool) {
+            Some(plugin) => Some(plugin.info.name.as_str()),
+            None => self.external.get(tool).map(|t| t.source.as_str()),
+        }
     }
 
     pub fn tool_spec(&self, name: &str) -> Option<&ToolSpec> {
-        let plugin = self.tools.get(name)?;
+        let Some(plugin) = self.tools.get(name) else {
+            return self.external.get(name).map(|tool| &tool.spec);
+        };
         plugin.info.tools.iter().find(|spec| spec.name == name)
+    }
+
+    /// Whether an external source (an MCP server) is still making its first
+    /// start, so a tool no one offers yet may still come.
+    pub fn external_starting(&self) -> bool {
+        self.external.starting()
+    }
+
+    /// The external tool of that name, if no component offers it.
+    pub fn external_tool(&self, name: &str) -> Option<&ExternalTool> {
+        self.external.get(name)
+    }
+
+    /// How the external tool sources (MCP servers) are doing, each in its
+    /// own view.
+    pub fn external_sources(&self) -> &[serde_json::Value] {
+        self.external.sources()
     }
 
     pub(super) fn plugin(&self, name: &str) -> Option<Arc<Plugin>> {
@@ -195,6 +224,7 @@ impl Catalog {
             tools: self.tools.clone(),
             failures: self.failures.clone(),
             loading: self.loading.clone(),
+            external: self.external.clone(),
         }
     }
 
@@ -352,6 +382,14 @@ impl PluginRuntime {
         let report = self.rescan().await?;
         self.loaded().await;
         Ok(report)
+    }
+
+    /// Replaces the external tools (those of MCP servers) in the catalog.
+    pub fn set_external_tools(&self, external: ExternalTools) {
+        let loads = self.loads.lock().expect("loads lock");
+        let mut next = self.catalog().shallow_clone();
+        next.external = Arc::new(external);
+        self.publish(&loads, next);
     }
 
     /// Waits until no plugin is loading.
@@ -907,6 +945,13 @@ impl PluginRuntime {
             .into_iter()
             .map(|(name, spec)| {
                 validate_name(&name).map_err(|e| format!("tool name {name:?} {e}"))?;
+                if name.contains(EXTERNAL_SEPARATOR) {
+                    return Err(format!(
+                        "tool name {name:?} contains {EXTERNAL_SEPARATOR:?}, which is kept for the \
+                         tools of MCP servers (<server>__<tool>) so that they cannot collide with \
+                         a component's"
+                    ));
+                }
                 spec
             })
             .collect()
@@ -1077,6 +1122,10 @@ fn check_described(
     }
     Ok(())
 }
+
+/// What joins an MCP server's name to its tools' names; no component's tool
+/// name may contain it.
+pub const EXTERNAL_SEPARATOR: &str = "__";
 
 /// Names are `[A-Za-z0-9_-]{1,64}`: safe in URLs, logs and tool calls.
 fn validate_name(name: &str) -> Result<(), &'static str> {
