@@ -67,6 +67,7 @@ pub(crate) async fn time_host(calls: usize) -> anyhow::Result<Samples> {
         server_env: Vec::new(),
         server_dirs: Vec::new(),
         max_load_time: std::time::Duration::from_secs(120),
+        separate_tenants: false,
     })?;
     runtime.scan().await?;
     if let Some(failure) = runtime.catalog().failures().first() {
