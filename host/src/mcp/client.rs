@@ -420,28 +420,8 @@ impl ToolInvoker for Server {
         let Some(found) = found else {
             return Err(CallError::UnknownTool(tool.to_owned()));
         };
-        let Some(arguments) = input.as_object() else {
-            return Err(CallError::InvalidInput {
-                tool: tool.to_owned(),
-                detail: "the arguments must be a JSON object".into(),
-            });
-        };
-        if let Some(validator) = &found.validator {
-            let problems: Vec<String> = validator
-                .iter_errors(input)
-                .take(5)
-                .map(|e| match e.instance_path().to_string() {
-                    path if path.is_empty() => e.to_string(),
-                    path => format!("{path}: {e}"),
-                })
-                .collect();
-            if !problems.is_empty() {
-                return Err(CallError::InvalidInput {
-                    tool: tool.to_owned(),
-                    detail: problems.join("; "),
-                });
-            }
-        }
+        crate::plugins::check_tool_input(tool, found.validator.as_deref(), input)?;
+        let arguments = input.as_object().expect("checked to be an object");
         let Some(peer) = peer else {
             return Err(self.unavailable(why_down.unwrap_or_else(|| "it is starting".into())));
         };

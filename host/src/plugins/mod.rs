@@ -370,30 +370,7 @@ impl PluginRuntime {
         let Entry::Tool(entry) = &plugin.entry else {
             unreachable!("the catalog maps tools to tool plugins")
         };
-        if !input.is_object() {
-            return Err(CallError::InvalidInput {
-                tool: tool.to_owned(),
-                detail: "the arguments must be a JSON object".into(),
-            });
-        }
-        // Checked here, against the schema the tool published, so a tool
-        // never sees input its schema rules out.
-        if let Some(validator) = plugin.validators.get(tool) {
-            let problems: Vec<String> = validator
-                .iter_errors(input)
-                .take(5)
-                .map(|e| match e.instance_path().to_string() {
-                    path if path.is_empty() => e.to_string(),
-                    path => format!("{path}: {e}"),
-                })
-                .collect();
-            if !problems.is_empty() {
-                return Err(CallError::InvalidInput {
-                    tool: tool.to_owned(),
-                    detail: problems.join("; "),
-                });
-            }
-        }
+        check_tool_input(tool, plugin.validators.get(tool).map(|v| &**v), input)?;
         let input = input.to_string();
         let tenant = context.tenant.as_deref();
         // A tool granted the network may spend its call waiting on it.
@@ -727,6 +704,39 @@ fn settle<T>(
                 detail,
             })
         }
+    }
+}
+
+/// Checks a tool's input, here rather than in the tool, so a tool never
+/// sees input its published schema rules out: it must be a JSON object, and
+/// match the schema (the first five problems are named, with where).
+pub(crate) fn check_tool_input(
+    tool: &str,
+    schema: Option<&jsonschema::Validator>,
+    input: &Value,
+) -> Result<(), CallError> {
+    let invalid = |detail: String| CallError::InvalidInput {
+        tool: tool.to_owned(),
+        detail,
+    };
+    if !input.is_object() {
+        return Err(invalid("the arguments must be a JSON object".into()));
+    }
+    let Some(schema) = schema else {
+        return Ok(());
+    };
+    let problems: Vec<String> = schema
+        .iter_errors(input)
+        .take(5)
+        .map(|e| match e.instance_path().to_string() {
+            path if path.is_empty() => e.to_string(),
+            path => format!("{path}: {e}"),
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid(problems.join("; ")))
     }
 }
 
