@@ -287,17 +287,13 @@ impl PluginRuntime {
         self.catalog.read().expect("catalog lock").clone()
     }
 
-    /// The per-call time limit of a plugin, once plugins being loaded (at
-    /// a start, say) have loaded; `None` if no plugin has the name.
-    pub async fn call_timeout(&self, plugin: &str) -> Option<Duration> {
-        self.when_loaded(|| {
-            self.catalog()
-                .plugin(plugin)
-                .map(|plugin| plugin.info.limits.call_timeout)
-                .ok_or_else(|| CallError::UnknownTool(plugin.to_owned()))
-        })
-        .await
-        .ok()
+    /// An LLM adapter's per-call time limit, once plugins being loaded (at
+    /// a start, say) have loaded; `None` if no adapter has the name.
+    pub async fn llm_call_timeout(&self, adapter: &str) -> Option<Duration> {
+        self.when_loaded(|| self.plugin_of_kind(adapter, PluginKind::LlmAdapter))
+            .await
+            .ok()
+            .map(|plugin| plugin.info.limits.call_timeout)
     }
 
     /// Specs of the named tools, or the first name that no plugin offers.

@@ -323,7 +323,7 @@ impl Run {
         let llm_deadline = match kind {
             StepKind::Llm => {
                 let runtime = &self.shared.runtime;
-                let limit = runtime.call_timeout(&self.task.llm).await;
+                let limit = runtime.llm_call_timeout(&self.task.llm).await;
                 Some(Instant::now() + limit.unwrap_or_else(|| self.remaining()))
             }
             StepKind::Tool => None,

@@ -314,6 +314,20 @@ mod tests {
         (SqliteStore::open(&url).await.unwrap(), dir)
     }
 
+    /// A new task, claimed by `host-a`.
+    async fn claimed_task(store: &SqliteStore, goal: &str) -> (TaskRecord, Claim) {
+        let (task, _) = store
+            .create_task(conformance::new_task(goal, 0, None))
+            .await
+            .unwrap();
+        let claim = store
+            .claim_next("host-a", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        (task, claim)
+    }
+
     fn step(seq: u32) -> StepStart {
         StepStart {
             seq,
@@ -329,15 +343,7 @@ mod tests {
     async fn waiting_writes_share_a_transaction_and_a_failed_check_fails_alone() {
         let (store, _dir) = open_temporary().await;
         let store = std::sync::Arc::new(store);
-        let (task, _) = store
-            .create_task(conformance::new_task("batch", 0, None))
-            .await
-            .unwrap();
-        let claim = store
-            .claim_next("host-a", Duration::from_secs(30))
-            .await
-            .unwrap()
-            .unwrap();
+        let (task, claim) = claimed_task(&store, "batch").await;
         let stale = crate::store::Fence {
             attempt: claim.fence.attempt + 1,
             ..claim.fence.clone()
@@ -388,15 +394,7 @@ mod tests {
     /// undoes that (`allow`) and checks that the writer goes on.
     async fn a_failed_batch_keeps_nothing(refuse: &str, allow: &str, expected: &str) {
         let (store, dir) = open_temporary().await;
-        let (task, _) = store
-            .create_task(conformance::new_task("refused", 0, None))
-            .await
-            .unwrap();
-        let claim = store
-            .claim_next("host-a", Duration::from_secs(30))
-            .await
-            .unwrap()
-            .unwrap();
+        let (task, claim) = claimed_task(&store, "refused").await;
         let url = format!("sqlite://{}", dir.path().join("opspawn.db").display());
         let mut conn = SqliteConnection::connect(&url).await.unwrap();
         sqlx::raw_sql(sqlx::AssertSqlSafe(refuse))
