@@ -60,6 +60,10 @@ pub(super) struct Run {
     lost: CancellationToken,
     /// Retries spent in this claim, against the task's `max_retries`.
     retries_used: u32,
+    /// A finished step whose end is journaled together with what the
+    /// planner chooses next (`Store::finish_step_then_start`): one write
+    /// per step instead of two. Its planner view is in `planner_steps`.
+    unwritten_end: Option<StepEnd>,
 }
 
 impl Run {
@@ -82,6 +86,7 @@ impl Run {
             cancel,
             lost,
             retries_used: 0,
+            unwritten_end: None,
         }
     }
 
@@ -100,6 +105,8 @@ impl Run {
                 return;
             }
             Err(Interrupted::Shutdown) => {
+                // The step that finished last is not run again on resume.
+                self.write_unwritten_end().await;
                 tracing::info!(task = %self.task.id, "paused for shutdown; it resumes from its journal");
                 return;
             }
@@ -108,7 +115,18 @@ impl Run {
                 return;
             }
         };
-        match self.shared.store.finish_task(&self.fence, end).await {
+        let store = &self.shared.store;
+        let written = match self.unwritten_end.take() {
+            Some(step_end) => store
+                .finish_step_then_task(&self.fence, step_end, end)
+                .await
+                .map(|((_, step_event), event)| {
+                    self.shared.events.journaled(step_event);
+                    event
+                }),
+            None => store.finish_task(&self.fence, end).await,
+        };
+        match written {
             Ok(event) => {
                 tracing::info!(task = %self.task.id, status = %event.data["status"], "task finished");
                 self.shared.events.journaled(event);
@@ -218,7 +236,31 @@ impl Run {
     }
 
     fn next_seq(&self) -> u32 {
-        self.steps.iter().map(|s| s.seq).max().unwrap_or(0) + 1
+        let unwritten = self.unwritten_end.as_ref().map(|end| end.started.seq);
+        let journaled = self.steps.iter().map(|s| s.seq).max();
+        journaled.max(unwritten).unwrap_or(0) + 1
+    }
+
+    /// Steps run so far in this task, the unwritten end's included.
+    fn step_count(&self) -> u32 {
+        (self.steps.len() + usize::from(self.unwritten_end.is_some())) as u32
+    }
+
+    /// Journals the end held back for the next write, when the run stops
+    /// before there is one (a shutdown), so that the step is not run again.
+    async fn write_unwritten_end(&mut self) {
+        let Some(end) = self.unwritten_end.take() else {
+            return;
+        };
+        match self.shared.store.finish_step(&self.fence, end).await {
+            Ok((record, event)) => {
+                self.shared.events.journaled(event);
+                self.keep(record);
+            }
+            Err(error) => {
+                tracing::warn!(task = %self.task.id, %error, "the last step's end was not journaled; it runs again on resume")
+            }
+        }
     }
 
     /// Checks, between steps, whether the task must stop.
@@ -235,7 +277,7 @@ impl Run {
         if self.remaining().is_zero() {
             return Ok(Some(self.timed_out()));
         }
-        let finished = self.steps.len() as u32;
+        let finished = self.step_count();
         if finished >= self.task.max_steps {
             return Ok(Some(failed(
                 Code::StepLimitExceeded,
@@ -309,7 +351,18 @@ impl Run {
             plugin,
             input,
         };
-        let (record, event) = self.shared.store.start_step(&self.fence, start).await?;
+        let store = &self.shared.store;
+        let (record, event) = match self.unwritten_end.take() {
+            None => store.start_step(&self.fence, start).await?,
+            Some(end) => {
+                let [(finished, finished_event), started] = store
+                    .finish_step_then_start(&self.fence, end, start)
+                    .await?;
+                self.shared.events.journaled(finished_event);
+                self.keep(finished);
+                started
+            }
+        };
         self.shared.events.journaled(event);
         self.remember(record);
 
@@ -398,12 +451,19 @@ impl Run {
             started,
             output,
             usage,
+            finished_at: now_millis(),
         };
-        let (record, event) = self.shared.store.finish_step(&self.fence, end).await?;
-        self.shared.events.journaled(event);
         match view {
-            Some(view) => self.remember_with_view(record, view),
-            None => self.remember(record),
+            // Journaled with the next write, once the planner has chosen.
+            Some(view) => {
+                self.planner_steps.insert(seq, view);
+                self.unwritten_end = Some(end);
+            }
+            None => {
+                let (record, event) = self.shared.store.finish_step(&self.fence, end).await?;
+                self.shared.events.journaled(event);
+                self.remember(record);
+            }
         }
         Ok(task_end)
     }
@@ -424,13 +484,6 @@ impl Run {
             Some(view) => self.planner_steps.insert(record.seq, view),
             None => self.planner_steps.remove(&record.seq),
         };
-        self.keep(record);
-    }
-
-    /// Like [`Run::remember`] for a finished step whose planner view is
-    /// already known.
-    fn remember_with_view(&mut self, record: StepRecord, view: PlannerStep) {
-        self.planner_steps.insert(record.seq, view);
         self.keep(record);
     }
 

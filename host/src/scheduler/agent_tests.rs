@@ -212,6 +212,7 @@ async fn a_finished_step_in_the_journal_is_not_performed_again() {
                 started,
                 output: Ok(json!(reply)),
                 usage: None,
+                finished_at: crate::store::now_millis(),
             },
         )
         .await

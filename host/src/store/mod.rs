@@ -306,6 +306,9 @@ pub struct StepEnd {
     pub started: StepRecord,
     pub output: Result<Value, ErrorInfo>,
     pub usage: Option<Usage>,
+    /// When the step ended, which can be a little before its end is
+    /// written (`Store::finish_step_then_start`).
+    pub finished_at: Millis,
 }
 
 impl StepEnd {
@@ -383,6 +386,75 @@ pub struct TaskQuery {
     /// Return tasks older than this task id (ids sort by creation time).
     pub before: Option<String>,
     pub limit: u32,
+}
+
+impl TaskQuery {
+    /// The page size asked for, within what one page may hold.
+    pub fn page_size(&self) -> u32 {
+        self.limit.clamp(1, 500)
+    }
+
+    /// The statement listing this page, written with only the filters set,
+    /// so that each combination walks its own index (`tasks_by_status`,
+    /// `tasks_by_tenant`, `tasks_by_tenant_status`, or the primary key) and
+    /// stops after one page. One statement with `(? IS NULL OR ...)` for
+    /// every filter is planned once for all of them: it walks every task
+    /// newest first and filters, which reads the whole table whenever fewer
+    /// than a page match (the queued tasks among a million finished ones).
+    ///
+    /// `placeholder(n)` writes the engine's n-th parameter (`?n`, `$n`);
+    /// the values to bind, in order, are [`TaskQuery::list_parameters`]
+    /// and then one more than the page size.
+    pub fn list_statement(&self, placeholder: impl Fn(usize) -> String) -> String {
+        let mut conditions = Vec::new();
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            placeholder(n)
+        };
+        if self.tenant.is_some() {
+            conditions.push(format!("tenant = {}", next()));
+        }
+        if self.status.is_some() {
+            conditions.push(format!("status = {}", next()));
+        }
+        if self.before.is_some() {
+            conditions.push(format!("id < {}", next()));
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
+        format!(
+            "SELECT * FROM tasks{filter} ORDER BY id DESC LIMIT {}",
+            next()
+        )
+    }
+
+    /// The values of the filters [`TaskQuery::list_statement`] wrote, in
+    /// its order.
+    pub fn list_parameters(&self) -> impl Iterator<Item = &str> {
+        [
+            self.tenant.as_deref(),
+            self.status.map(TaskStatus::as_str),
+            self.before.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// Turns the rows of one more than a page into the page and its cursor.
+    pub fn page(&self, mut tasks: Vec<TaskRecord>) -> TaskPage {
+        let size = self.page_size() as usize;
+        let next_cursor = if tasks.len() > size {
+            tasks.truncate(size);
+            tasks.last().map(|t| t.id.clone())
+        } else {
+            None
+        };
+        TaskPage { tasks, next_cursor }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -481,6 +553,37 @@ pub trait Store: Send + Sync + 'static {
     -> Result<(StepRecord, EventRecord)>;
     async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<(StepRecord, EventRecord)>;
     async fn finish_task(&self, fence: &Fence, end: TaskEnd) -> Result<EventRecord>;
+
+    /// Journals a step's end and the start of the step the planner chose
+    /// from it, in one write (one transaction, one fence check): the agent
+    /// loop holds a finished step's end back while its planner decides, and
+    /// writes it with what comes next. Nothing the step did is lost by the
+    /// wait: until the pair commits the step is journaled as running, and a
+    /// claim that dies meanwhile leaves it to run again as in flight, under
+    /// the same number, as if the claim had died just before its end.
+    async fn finish_step_then_start(
+        &self,
+        fence: &Fence,
+        end: StepEnd,
+        next: StepStart,
+    ) -> Result<[(StepRecord, EventRecord); 2]> {
+        let finished = self.finish_step(fence, end).await?;
+        let started = self.start_step(fence, next).await?;
+        Ok([finished, started])
+    }
+
+    /// Journals a step's end and the task's end in one write, as
+    /// [`Store::finish_step_then_start`] does for a step that follows.
+    async fn finish_step_then_task(
+        &self,
+        fence: &Fence,
+        end: StepEnd,
+        task_end: TaskEnd,
+    ) -> Result<((StepRecord, EventRecord), EventRecord)> {
+        let finished = self.finish_step(fence, end).await?;
+        let event = self.finish_task(fence, task_end).await?;
+        Ok((finished, event))
+    }
 
     /// Signalled when other hosts sharing the store may have made work this
     /// host was not told of (a task submitted to another host). Idle workers
@@ -843,5 +946,169 @@ pub(crate) mod conformance {
             assert_eq!(inputs, expected.iter().collect::<Vec<_>>(), "task {n}");
             assert_eq!(claim.event.data["resumed_steps"], n);
         }
+    }
+
+    /// A step's end is written with the next step's start, or with the
+    /// task's end, in one write under one fence check: both land, in order,
+    /// or (under a stale fence) neither does.
+    pub async fn a_steps_end_is_written_with_what_follows(store: &dyn Store) {
+        let (task, _) = store.create_task(new_task("pairs", 0, None)).await.unwrap();
+        let claim = store
+            .claim_batch("host-a", Duration::from_secs(30), 1)
+            .await
+            .unwrap()
+            .remove(0);
+        let step = |seq: u32| StepStart {
+            seq,
+            kind: StepKind::Tool,
+            plugin: "calculator".into(),
+            input: serde_json::json!({"seq": seq}),
+        };
+        let end = |started: StepRecord, finished_at: Millis| StepEnd {
+            started,
+            output: Ok(serde_json::json!({"result": started_seq_answer(finished_at)})),
+            usage: None,
+            finished_at,
+        };
+        fn started_seq_answer(at: Millis) -> Millis {
+            at % 1000
+        }
+        let (first, first_started) = store.start_step(&claim.fence, step(1)).await.unwrap();
+        let ended_at = now_millis() - 50;
+        let [(first, first_finished), (second, second_started)] = store
+            .finish_step_then_start(&claim.fence, end(first, ended_at), step(2))
+            .await
+            .unwrap();
+        assert_eq!(
+            (first.status, first.finished_at),
+            (StepStatus::Succeeded, Some(ended_at)),
+            "the step ends when it ended, not when its end was written"
+        );
+        assert_eq!(second.status, StepStatus::Running);
+        let kinds = |events: &[&EventRecord]| {
+            events
+                .iter()
+                .map(|e| (e.seq, e.kind.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            kinds(&[&first_started, &first_finished, &second_started]),
+            [
+                (first_started.seq, event_kind::STEP_STARTED.to_owned()),
+                (first_started.seq + 1, event_kind::STEP_FINISHED.to_owned()),
+                (first_started.seq + 2, event_kind::STEP_STARTED.to_owned()),
+            ]
+        );
+
+        // Under a fence that no longer holds, neither half is written.
+        let stale = Fence {
+            attempt: claim.fence.attempt - 1,
+            ..claim.fence.clone()
+        };
+        let done = TaskEnd::Succeeded {
+            result: "42".into(),
+        };
+        assert!(matches!(
+            store
+                .finish_step_then_task(&stale, end(second.clone(), now_millis()), done.clone())
+                .await,
+            Err(StoreError::Fenced { .. })
+        ));
+        let steps = store.steps(&task.id).await.unwrap();
+        assert_eq!(
+            steps.iter().map(|s| s.status).collect::<Vec<_>>(),
+            [StepStatus::Succeeded, StepStatus::Running]
+        );
+        assert_eq!(
+            store.get_task(&task.id).await.unwrap().unwrap().status,
+            TaskStatus::Running
+        );
+
+        let ((second, second_finished), task_finished) = store
+            .finish_step_then_task(&claim.fence, end(second, now_millis()), done)
+            .await
+            .unwrap();
+        assert_eq!(second.status, StepStatus::Succeeded);
+        assert_eq!(
+            (second_finished.seq + 1, task_finished.kind.as_str()),
+            (task_finished.seq, event_kind::TASK_FINISHED)
+        );
+        let task = store.get_task(&task.id).await.unwrap().unwrap();
+        assert_eq!(
+            (task.status, task.result.as_deref()),
+            (TaskStatus::Succeeded, Some("42"))
+        );
+        let events = store.events_after(&task.id, 0).await.unwrap();
+        assert_eq!(events.last().unwrap().seq, task_finished.seq);
+    }
+
+    /// Each combination of list filters pages through its tasks newest
+    /// first, and the cursor continues where the page ended.
+    pub async fn the_task_list_filters_and_pages(store: &dyn Store) {
+        let mut made = Vec::new();
+        for (n, tenant) in ["a", "b", "a", "a", "b"].iter().enumerate() {
+            let mut task = new_task(&format!("t{n}"), 0, None);
+            task.tenant = (*tenant).into();
+            made.push(store.create_task(task).await.unwrap().0);
+        }
+        // The oldest task of tenant a runs; the rest stay queued.
+        let claimed = store
+            .claim_batch("host-a", Duration::from_secs(30), 1)
+            .await
+            .unwrap();
+        assert_eq!(claimed[0].task.id, made[0].id);
+        let list =
+            |tenant: Option<&str>, status: Option<TaskStatus>, before: Option<&str>| TaskQuery {
+                tenant: tenant.map(str::to_owned),
+                status,
+                before: before.map(str::to_owned),
+                limit: 2,
+            };
+        let goals = |page: &TaskPage| {
+            page.tasks
+                .iter()
+                .map(|t| t.goal.clone())
+                .collect::<Vec<_>>()
+        };
+        let everything = store.list_tasks(&list(None, None, None)).await.unwrap();
+        assert_eq!(goals(&everything), ["t4", "t3"]);
+        let rest = store
+            .list_tasks(&list(None, None, everything.next_cursor.as_deref()))
+            .await
+            .unwrap();
+        assert_eq!(goals(&rest), ["t2", "t1"]);
+        let queued = store
+            .list_tasks(&list(None, Some(TaskStatus::Queued), None))
+            .await
+            .unwrap();
+        assert_eq!(goals(&queued), ["t4", "t3"]);
+        let of_a = store
+            .list_tasks(&list(Some("a"), None, None))
+            .await
+            .unwrap();
+        assert_eq!(goals(&of_a), ["t3", "t2"]);
+        let queued_of_a = store
+            .list_tasks(&list(Some("a"), Some(TaskStatus::Queued), None))
+            .await
+            .unwrap();
+        assert_eq!(goals(&queued_of_a), ["t3", "t2"]);
+        assert_eq!(
+            queued_of_a.next_cursor, None,
+            "a's queued tasks fit one page"
+        );
+        let running_of_a = store
+            .list_tasks(&list(
+                Some("a"),
+                Some(TaskStatus::Running),
+                Some(&made[4].id),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(goals(&running_of_a), ["t0"]);
+        let running_of_b = store
+            .list_tasks(&list(Some("b"), Some(TaskStatus::Running), None))
+            .await
+            .unwrap();
+        assert!(running_of_b.tasks.is_empty());
     }
 }

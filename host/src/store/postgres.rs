@@ -561,7 +561,6 @@ async fn start_step(
     fence: &Fence,
     step: StepStart,
 ) -> Result<(StepRecord, EventRecord)> {
-    check_fence(conn, fence).await?;
     let input_text = step.input.to_string();
     let input_ref = super::out_of_line_key(&input_text);
     let stored_input = if input_ref.is_some() {
@@ -629,7 +628,6 @@ async fn finish_step(
     fence: &Fence,
     end: StepEnd,
 ) -> Result<(StepRecord, EventRecord)> {
-    check_fence(conn, fence).await?;
     let seq = end.started.seq;
     let output = end.output.as_ref().ok().map(Value::to_string);
     let error = end.output.as_ref().err();
@@ -638,7 +636,7 @@ async fn finish_step(
         (Some(_), _) => Some("null"),
         (None, text) => text.as_deref(),
     };
-    let finished_at = now_millis();
+    let finished_at = end.finished_at;
     let status = StepStatus::of(&end.output);
     let (error_code, error_message) = (
         error.map(|e| e.code.clone()),
@@ -684,7 +682,6 @@ async fn finish_step(
 }
 
 async fn finish_task(conn: &mut PgConnection, fence: &Fence, end: &TaskEnd) -> Result<EventRecord> {
-    check_fence(conn, fence).await?;
     let (result, error) = match end {
         TaskEnd::Succeeded { result } => (Some(result.as_str()), None),
         TaskEnd::Failed { error } => (None, Some(error)),
@@ -992,28 +989,18 @@ impl Store for PgStore {
     }
 
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
-        let limit = query.limit.clamp(1, 500);
-        let rows = sqlx::query(
-            "SELECT * FROM tasks
-              WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR id < $2)
-                AND ($4::text IS NULL OR tenant = $4)
-              ORDER BY id DESC
-              LIMIT $3",
-        )
-        .bind(query.status.map(TaskStatus::as_str))
-        .bind(&query.before)
-        .bind(limit as i64 + 1)
-        .bind(&query.tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>>>()?;
-        let next_cursor = if tasks.len() > limit as usize {
-            tasks.truncate(limit as usize);
-            tasks.last().map(|t| t.id.clone())
-        } else {
-            None
-        };
-        Ok(TaskPage { tasks, next_cursor })
+        let sql = query.list_statement(|n| format!("${n}"));
+        // Written from fixed fragments only; every value is bound.
+        let mut statement = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for value in query.list_parameters() {
+            statement = statement.bind(value);
+        }
+        let rows = statement
+            .bind(i64::from(query.page_size()) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>>>()?;
+        Ok(query.page(tasks))
     }
 
     async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>> {
@@ -1083,6 +1070,7 @@ impl Store for PgStore {
         step: StepStart,
     ) -> Result<(StepRecord, EventRecord)> {
         let mut tx = self.pool.begin().await?;
+        check_fence(&mut tx, fence).await?;
         let started = start_step(&mut tx, fence, step).await?;
         tx.commit().await?;
         Ok(started)
@@ -1090,6 +1078,7 @@ impl Store for PgStore {
 
     async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<(StepRecord, EventRecord)> {
         let mut tx = self.pool.begin().await?;
+        check_fence(&mut tx, fence).await?;
         let finished = finish_step(&mut tx, fence, end).await?;
         tx.commit().await?;
         Ok(finished)
@@ -1097,9 +1086,38 @@ impl Store for PgStore {
 
     async fn finish_task(&self, fence: &Fence, end: TaskEnd) -> Result<EventRecord> {
         let mut tx = self.pool.begin().await?;
+        check_fence(&mut tx, fence).await?;
         let event = finish_task(&mut tx, fence, &end).await?;
         tx.commit().await?;
         Ok(event)
+    }
+
+    async fn finish_step_then_start(
+        &self,
+        fence: &Fence,
+        end: StepEnd,
+        next: StepStart,
+    ) -> Result<[(StepRecord, EventRecord); 2]> {
+        let mut tx = self.pool.begin().await?;
+        check_fence(&mut tx, fence).await?;
+        let finished = finish_step(&mut tx, fence, end).await?;
+        let started = start_step(&mut tx, fence, next).await?;
+        tx.commit().await?;
+        Ok([finished, started])
+    }
+
+    async fn finish_step_then_task(
+        &self,
+        fence: &Fence,
+        end: StepEnd,
+        task_end: TaskEnd,
+    ) -> Result<((StepRecord, EventRecord), EventRecord)> {
+        let mut tx = self.pool.begin().await?;
+        check_fence(&mut tx, fence).await?;
+        let finished = finish_step(&mut tx, fence, end).await?;
+        let event = finish_task(&mut tx, fence, &task_end).await?;
+        tx.commit().await?;
+        Ok((finished, event))
     }
 
     fn wakeups(&self) -> Option<Arc<Notify>> {
@@ -1251,6 +1269,22 @@ mod tests {
     async fn a_batch_claim_loads_each_journal() {
         let (store, schema) = temporary_store().await;
         crate::store::conformance::a_batch_claim_loads_each_journal(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn a_steps_end_is_written_with_what_follows() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::a_steps_end_is_written_with_what_follows(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn the_task_list_filters_and_pages() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::the_task_list_filters_and_pages(&store).await;
         drop_schema(&store, &schema).await;
     }
 

@@ -17,8 +17,8 @@ use sqlx::sqlite::{
 
 use super::{
     CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, Renewal, Result, StepEnd,
-    StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStatus,
-    lack_step_inputs, restore_step_inputs,
+    StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord, lack_step_inputs,
+    restore_step_inputs,
 };
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
@@ -36,7 +36,7 @@ mod rows;
 mod writer;
 
 use rows::{event_from_row, step_from_row, task_from_row};
-use writer::{Reply, WriteOp, Writer};
+use writer::{Reply, Then, WriteOp, Writer};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
@@ -158,28 +158,18 @@ impl Store for SqliteStore {
     }
 
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
-        let limit = query.limit.clamp(1, 500);
-        let rows = sqlx::query(
-            "SELECT * FROM tasks
-              WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2)
-                AND (?4 IS NULL OR tenant = ?4)
-              ORDER BY id DESC
-              LIMIT ?3",
-        )
-        .bind(query.status.map(TaskStatus::as_str))
-        .bind(&query.before)
-        .bind(limit as i64 + 1)
-        .bind(&query.tenant)
-        .fetch_all(&self.reads)
-        .await?;
-        let mut tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>>>()?;
-        let next_cursor = if tasks.len() > limit as usize {
-            tasks.truncate(limit as usize);
-            tasks.last().map(|t| t.id.clone())
-        } else {
-            None
-        };
-        Ok(TaskPage { tasks, next_cursor })
+        let sql = query.list_statement(|n| format!("?{n}"));
+        // Written from fixed fragments only; every value is bound.
+        let mut statement = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for value in query.list_parameters() {
+            statement = statement.bind(value);
+        }
+        let rows = statement
+            .bind(i64::from(query.page_size()) + 1)
+            .fetch_all(&self.reads)
+            .await?;
+        let tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>>>()?;
+        Ok(query.page(tasks))
     }
 
     async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>> {
@@ -279,6 +269,40 @@ impl Store for SqliteStore {
         match self.write(op).await? {
             Reply::Event(event) => Ok(event),
             _ => unreachable!("finish_task answers Event"),
+        }
+    }
+
+    async fn finish_step_then_start(
+        &self,
+        fence: &Fence,
+        end: StepEnd,
+        next: StepStart,
+    ) -> Result<[(StepRecord, EventRecord); 2]> {
+        let op = WriteOp::FinishStepThen {
+            fence: fence.clone(),
+            end,
+            then: Then::StartStep(next),
+        };
+        match self.write(op).await? {
+            Reply::Steps(steps) => Ok(steps),
+            _ => unreachable!("finish_step_then_start answers Steps"),
+        }
+    }
+
+    async fn finish_step_then_task(
+        &self,
+        fence: &Fence,
+        end: StepEnd,
+        task_end: TaskEnd,
+    ) -> Result<((StepRecord, EventRecord), EventRecord)> {
+        let op = WriteOp::FinishStepThen {
+            fence: fence.clone(),
+            end,
+            then: Then::FinishTask(task_end),
+        };
+        match self.write(op).await? {
+            Reply::StepAndEvent(step, event) => Ok((step, event)),
+            _ => unreachable!("finish_step_then_task answers StepAndEvent"),
         }
     }
 }
@@ -463,6 +487,18 @@ mod tests {
         conformance::a_batch_claim_loads_each_journal(&store).await;
     }
 
+    #[tokio::test]
+    async fn a_steps_end_is_written_with_what_follows() {
+        let (store, _dir) = open_temporary().await;
+        conformance::a_steps_end_is_written_with_what_follows(&store).await;
+    }
+
+    #[tokio::test]
+    async fn the_task_list_filters_and_pages() {
+        let (store, _dir) = open_temporary().await;
+        conformance::the_task_list_filters_and_pages(&store).await;
+    }
+
     /// The claim and the renewal look rows up through indexes, never by
     /// scanning the table or sorting it.
     #[tokio::test]
@@ -494,6 +530,48 @@ mod tests {
             assert!(
                 plan.iter().any(|step| step.contains(index)),
                 "{query} does not use {index}: {plan:#?}"
+            );
+        }
+    }
+
+    /// Every filtered list walks an index that starts with its filters, so
+    /// it stops after one page: never a scan of every task, never a sort.
+    #[tokio::test]
+    async fn task_lists_walk_an_index_of_their_filters() {
+        let (store, dir) = open_temporary().await;
+        drop(store);
+        let url = format!("sqlite://{}", dir.path().join("opspawn.db").display());
+        let mut conn = SqliteConnection::connect(&url).await.unwrap();
+        let query = |tenant: bool, status: bool, before: bool| TaskQuery {
+            tenant: tenant.then(|| "a".to_owned()),
+            status: status.then_some(crate::store::TaskStatus::Queued),
+            before: before.then(|| "z".to_owned()),
+            limit: 10,
+        };
+        let cases = [
+            (query(false, true, false), "tasks_by_status"),
+            (query(false, true, true), "tasks_by_status"),
+            (query(true, false, false), "tasks_by_tenant"),
+            (query(true, true, false), "tasks_by_tenant_status"),
+            (query(true, true, true), "tasks_by_tenant_status"),
+        ];
+        for (query, index) in cases {
+            let sql = query.list_statement(|n| format!("?{n}"));
+            let mut explain =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
+            for value in query.list_parameters() {
+                explain = explain.bind(value);
+            }
+            let rows: Vec<(i64, i64, i64, String)> =
+                explain.bind(11_i64).fetch_all(&mut conn).await.unwrap();
+            let plan: Vec<&str> = rows.iter().map(|row| row.3.as_str()).collect();
+            assert!(
+                plan.iter().all(|step| !step.contains("TEMP B-TREE"))
+                    && plan
+                        .iter()
+                        .any(|step| step.starts_with("SEARCH tasks USING INDEX")
+                            && step.contains(&format!("{index} "))),
+                "{sql} does not search {index}: {plan:#?}"
             );
         }
     }

@@ -69,9 +69,22 @@ pub(super) enum WriteOp {
         fence: Fence,
         end: TaskEnd,
     },
+    /// A step's end and what the planner chose after it, under one fence
+    /// check (`Store::finish_step_then_start`).
+    FinishStepThen {
+        fence: Fence,
+        end: StepEnd,
+        then: Then,
+    },
     Cancel {
         id: String,
     },
+}
+
+/// What follows a step's end in [`WriteOp::FinishStepThen`].
+pub(super) enum Then {
+    StartStep(StepStart),
+    FinishTask(TaskEnd),
 }
 
 pub(super) enum Reply {
@@ -81,6 +94,8 @@ pub(super) enum Reply {
     Count(u64),
     Event(EventRecord),
     Step(StepRecord, EventRecord),
+    Steps([(StepRecord, EventRecord); 2]),
+    StepAndEvent((StepRecord, EventRecord), EventRecord),
     Cancel(CancelOutcome),
 }
 
@@ -255,9 +270,33 @@ fn apply(conn: &Connection, op: WriteOp) -> Result<Reply> {
             conn.prepare_cached(PRUNE_ORPHAN_PAYLOADS)?.execute([])?;
             Ok(Reply::Count(pruned as u64))
         }
-        WriteOp::StartStep { fence, step } => start_step(conn, &fence, step),
-        WriteOp::FinishStep { fence, end } => finish_step(conn, &fence, end),
-        WriteOp::FinishTask { fence, end } => finish_task(conn, &fence, &end).map(Reply::Event),
+        WriteOp::StartStep { fence, step } => {
+            check_fence(conn, &fence)?;
+            let (record, event) = start_step(conn, &fence, step)?;
+            Ok(Reply::Step(record, event))
+        }
+        WriteOp::FinishStep { fence, end } => {
+            check_fence(conn, &fence)?;
+            let (record, event) = finish_step(conn, &fence, end)?;
+            Ok(Reply::Step(record, event))
+        }
+        WriteOp::FinishTask { fence, end } => {
+            check_fence(conn, &fence)?;
+            finish_task(conn, &fence, &end).map(Reply::Event)
+        }
+        WriteOp::FinishStepThen { fence, end, then } => {
+            check_fence(conn, &fence)?;
+            let finished = finish_step(conn, &fence, end)?;
+            match then {
+                Then::StartStep(next) => {
+                    Ok(Reply::Steps([finished, start_step(conn, &fence, next)?]))
+                }
+                Then::FinishTask(task_end) => Ok(Reply::StepAndEvent(
+                    finished,
+                    finish_task(conn, &fence, &task_end)?,
+                )),
+            }
+        }
         WriteOp::Cancel { id } => cancel(conn, &id).map(Reply::Cancel),
     }
 }
@@ -460,8 +499,12 @@ fn renew_leases(conn: &Connection, fences: &[Fence], lease: Duration) -> Result<
     Ok(renewals(fences, renewed))
 }
 
-fn start_step(conn: &Connection, fence: &Fence, step: StepStart) -> Result<Reply> {
-    check_fence(conn, fence)?;
+/// Journals a step's start; the caller has checked the fence.
+fn start_step(
+    conn: &Connection,
+    fence: &Fence,
+    step: StepStart,
+) -> Result<(StepRecord, EventRecord)> {
     let input_text = step.input.to_string();
     let input_ref = out_of_line_key(&input_text);
     let stored_input = if input_ref.is_some() {
@@ -512,11 +555,15 @@ fn start_step(conn: &Connection, fence: &Fence, step: StepStart) -> Result<Reply
         &stored,
         data,
     )?;
-    Ok(Reply::Step(record, event))
+    Ok((record, event))
 }
 
-fn finish_step(conn: &Connection, fence: &Fence, end: StepEnd) -> Result<Reply> {
-    check_fence(conn, fence)?;
+/// Journals a step's end; the caller has checked the fence.
+fn finish_step(
+    conn: &Connection,
+    fence: &Fence,
+    end: StepEnd,
+) -> Result<(StepRecord, EventRecord)> {
     let seq = end.started.seq;
     let output_text = end.output.as_ref().ok().map(Value::to_string);
     let output_ref = output_text.as_deref().and_then(out_of_line_key);
@@ -525,7 +572,7 @@ fn finish_step(conn: &Connection, fence: &Fence, end: StepEnd) -> Result<Reply> 
         (None, text) => text.as_deref(),
     };
     let error = end.output.as_ref().err();
-    let finished_at = now_millis();
+    let finished_at = end.finished_at;
     let written = conn
         .prepare_cached(
             "UPDATE steps
@@ -570,11 +617,11 @@ fn finish_step(conn: &Connection, fence: &Fence, end: StepEnd) -> Result<Reply> 
     let record = end.into_record(finished_at);
     let data = step_event_data(&record, output_bytes);
     let event = append_event(conn, &fence.task_id, event_kind::STEP_FINISHED, data)?;
-    Ok(Reply::Step(record, event))
+    Ok((record, event))
 }
 
+/// Journals the task's end; the caller has checked the fence.
 fn finish_task(conn: &Connection, fence: &Fence, end: &TaskEnd) -> Result<EventRecord> {
-    check_fence(conn, fence)?;
     let (result, error) = match end {
         TaskEnd::Succeeded { result } => (Some(result.as_str()), None),
         TaskEnd::Failed { error } => (None, Some(error)),
