@@ -14,7 +14,7 @@
 //!
 //! | model | answer |
 //! |---|---|
-//! | `mock-react` | no tool result in the conversation yet: a native tool call to `calculator` with `{"expression": "6*7"}`; else the text `Final Answer: <the tool's result>` |
+//! | `mock-react` | tool calls forbidden by the request's tool choice: the text [`NO_TOOLS_ANSWER`]; no tool result in the conversation yet: a native tool call to `calculator` with `{"expression": "6*7"}`; else the text `Final Answer: <the tool's result>` |
 //! | `mock-401` | 401 in the provider's error shape |
 //! | `mock-429-once` | 429 with `Retry-After: 1` on its first call to this server, then as `mock-react` |
 //! | `mock-500-once` | 500 on its first call to this server, then as `mock-react` |
@@ -27,6 +27,8 @@
 
 mod anthropic;
 mod gemini;
+
+pub use anthropic::thinking_signature;
 mod openai;
 #[cfg(test)]
 mod tests;
@@ -53,6 +55,9 @@ pub mod models {
     pub const SERVER_ERROR_ONCE: &str = "mock-500-once";
     pub const MALFORMED: &str = "mock-malformed";
 }
+
+/// What `mock-react` answers when the request forbids tool calls.
+pub const NO_TOOLS_ANSWER: &str = "Final Answer: told to call no tool, I cannot compute";
 
 /// The tool `mock-react` calls, and with what.
 pub const CALCULATOR: &str = "calculator";
@@ -455,6 +460,9 @@ pub(crate) struct Conversation {
     tool_result: Option<String>,
     /// Whether `calculator` was offered as a tool.
     offers_calculator: bool,
+    /// Whether the request forbade tool calls (OpenAI's `"none"`,
+    /// Anthropic's `{"type": "none"}`, Gemini's mode `NONE`).
+    tools_forbidden: bool,
 }
 
 /// What a mock model does with a well-formed request.
@@ -476,6 +484,9 @@ pub(crate) enum Turn {
 }
 
 fn react(conversation: &Conversation) -> Turn {
+    if conversation.tools_forbidden {
+        return Turn::Text(NO_TOOLS_ANSWER.into());
+    }
     match &conversation.tool_result {
         Some(result) => {
             let value = result_value(result);

@@ -159,10 +159,22 @@ pub(super) fn handle(provider: Provider, incoming: &Incoming, shared: &Shared) -
                     frames: chunks(provider, &model, &turn, &ids, input_tokens, include_usage),
                 })
             } else {
+                let mut body = completion(provider, &model, &turn, &ids, input_tokens);
+                // `n` above 1 gets that many choices, as the API gives them
+                // (not streamed: the adapters never ask for more than one).
+                let n = body_n(&incoming.body);
+                let first = body["choices"][0].clone();
+                body["choices"] = (0..n)
+                    .map(|index| {
+                        let mut choice = first.clone();
+                        choice["index"] = json!(index);
+                        choice
+                    })
+                    .collect();
                 Outcome::new(Reply::Json {
                     status: 200,
                     headers: Vec::new(),
-                    body: completion(provider, &model, &turn, &ids, input_tokens),
+                    body,
                     pretty: provider == Provider::OpenAi,
                 })
             }
@@ -647,6 +659,39 @@ fn validate_tools(tools: &Value) -> Result<(), Invalid> {
 }
 
 fn validate_options(object: &Map<String, Value>) -> Result<(), Invalid> {
+    if let Some(choice) = object.get("tool_choice").filter(|c| !c.is_null()) {
+        let valid = match choice {
+            Value::String(mode) => matches!(mode.as_str(), "none" | "auto" | "required"),
+            Value::Object(_) => {
+                choice["type"] == "function" && choice["function"]["name"].is_string()
+            }
+            _ => false,
+        };
+        if !valid {
+            return Err(invalid(
+                "tool_choice",
+                format!(
+                    "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or a \
+                     named function, got {choice}."
+                ),
+            ));
+        }
+        if object.get("tools").is_none_or(Value::is_null) {
+            return Err(invalid(
+                "tool_choice",
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' \
+                 are specified.",
+            ));
+        }
+    }
+    if let Some(parallel) = object.get("parallel_tool_calls").filter(|p| !p.is_null())
+        && !parallel.is_boolean()
+    {
+        return Err(invalid(
+            "parallel_tool_calls",
+            "Invalid type for 'parallel_tool_calls': expected a boolean.",
+        ));
+    }
     let stream = match object.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(stream)) => *stream,
@@ -712,6 +757,14 @@ fn validate_options(object: &Map<String, Value>) -> Result<(), Invalid> {
             format!("Invalid 'temperature': expected a number between 0 and 2, got {temperature}."),
         ));
     }
+    if let Some(top_p) = object.get("top_p").filter(|p| !p.is_null())
+        && !top_p.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p))
+    {
+        return Err(invalid(
+            "top_p",
+            format!("Invalid 'top_p': expected a number between 0 and 1, got {top_p}."),
+        ));
+    }
     for field in ["max_tokens", "max_completion_tokens"] {
         if let Some(value) = object.get(field).filter(|v| !v.is_null())
             && value.as_u64().is_none_or(|n| n < 1)
@@ -751,6 +804,7 @@ fn conversation(body: &Value) -> Conversation {
     Conversation {
         tool_result,
         offers_calculator,
+        tools_forbidden: body["tool_choice"] == "none",
     }
 }
 
@@ -793,6 +847,15 @@ fn finish_reason(turn: &Turn) -> &'static str {
         Turn::Text(_) => "stop",
         Turn::CallTool { .. } => "tool_calls",
     }
+}
+
+/// The request's `n`: how many choices it asks for.
+fn body_n(body: &[u8]) -> u64 {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|body| body["n"].as_u64())
+        .unwrap_or(1)
+        .clamp(1, 8)
 }
 
 /// A `chat.completion` object.
