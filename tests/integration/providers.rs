@@ -1017,6 +1017,61 @@ async fn tool_choice_and_parallel_calls_reach_each_provider_in_its_shape() {
     }
 }
 
+/// Parallel tool calls: a model that calls two tools in one reply (the
+/// mock's `mock-parallel`, when the request allows it) gets both run, each
+/// its own step, and both results go back in the next request; with
+/// `parallel_tool_calls: false` the provider is told not to, and the model
+/// calls one (Gemini has no switch, so its model still calls two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_tool_calls_run_each_and_can_be_turned_off() {
+    for provider in Provider::ALL {
+        let setup = Setup::start(provider).await;
+        for (stream, parallel, expected) in [
+            (true, None, ["llm", "tool", "tool", "llm"].as_slice()),
+            (false, None, ["llm", "tool", "tool", "llm"].as_slice()),
+            (
+                false,
+                Some(false),
+                if provider == Provider::Gemini {
+                    ["llm", "tool", "tool", "llm"].as_slice()
+                } else {
+                    ["llm", "tool", "llm"].as_slice()
+                },
+            ),
+        ] {
+            let mut options = json!({"stream": stream});
+            if let Some(parallel) = parallel {
+                options["parallel_tool_calls"] = json!(parallel);
+            }
+            let mut task = react_task(provider, models::PARALLEL, None);
+            task["options"] = json!({ "llm": options });
+            let client = setup.client();
+            let id = client.submit(&task).await.unwrap();
+            let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+            let context = format!("{provider}, stream {stream}, parallel {parallel:?}");
+            assert_eq!(
+                task["status"],
+                "succeeded",
+                "{context}: {task:#}\n{}",
+                setup.diagnosis()
+            );
+            assert_eq!(task["result"], "42", "{context}");
+            assert_eq!(kinds(&task), expected, "{context}: {task:#}");
+            let ids: std::collections::BTreeSet<&str> = steps(&task)
+                .iter()
+                .filter(|step| step["kind"] == "tool")
+                .filter_map(|step| step["input"]["id"].as_str())
+                .collect();
+            assert_eq!(
+                ids.len(),
+                expected.len() - 2,
+                "each call has its own id: {task:#}"
+            );
+        }
+        setup.expect_no_rejections();
+    }
+}
+
 /// (e) An adapter built against WIT 0.1.0, which calls its provider itself
 /// over `wasi:http`, still loads and runs, and reaches only the hosts its
 /// manifest grants: granted one mock's port and pointed at another's, its

@@ -200,6 +200,16 @@ struct Ids {
     thinking: bool,
 }
 
+impl Ids {
+    /// The id of tool use `k` of a reply: the minted one, then with `k` added.
+    fn tool_use_id(&self, k: usize) -> String {
+        match k {
+            0 => self.tool_use.clone(),
+            k => format!("{}{k}", self.tool_use),
+        }
+    }
+}
+
 /// What Claude thinks before it answers, when thinking is on.
 const THINKING: &str = "The user wants 6 times 7; the calculator tool can do that.";
 
@@ -726,6 +736,7 @@ fn conversation(body: &Value) -> Conversation {
         tool_result,
         offers_calculator,
         tools_forbidden: body["tool_choice"]["type"] == "none",
+        parallel_allowed: body["tool_choice"]["disable_parallel_tool_use"] != true,
     }
 }
 
@@ -743,7 +754,9 @@ fn usage(input_tokens: u64, output_tokens: u64) -> Value {
 fn output_tokens(turn: &Turn) -> u64 {
     match turn {
         Turn::Text(text) => tokens(text),
-        Turn::CallTool { arguments, .. } => tokens(PREAMBLE) + tokens(&arguments.to_string()) + 30,
+        Turn::CallTool {
+            arguments, count, ..
+        } => tokens(PREAMBLE) + (tokens(&arguments.to_string()) + 30) * *count as u64,
     }
 }
 
@@ -758,10 +771,17 @@ fn stop_reason(turn: &Turn) -> &'static str {
 fn message(model: &str, turn: &Turn, ids: &Ids, input_tokens: u64) -> Value {
     let mut content = match turn {
         Turn::Text(text) => json!([{"type": "text", "text": text}]),
-        Turn::CallTool { name, arguments } => json!([
-            {"type": "text", "text": PREAMBLE},
-            {"type": "tool_use", "id": ids.tool_use, "name": name, "input": arguments}
-        ]),
+        Turn::CallTool {
+            name,
+            arguments,
+            count,
+        } => {
+            let mut blocks = vec![json!({"type": "text", "text": PREAMBLE})];
+            blocks.extend((0..*count).map(|k| {
+                json!({"type": "tool_use", "id": ids.tool_use_id(k), "name": name, "input": arguments})
+            }));
+            Value::Array(blocks)
+        }
     };
     if ids.thinking {
         let blocks = content.as_array_mut().expect("an array");
@@ -850,25 +870,32 @@ fn events(model: &str, turn: &Turn, ids: &Ids, input_tokens: u64) -> Vec<String>
     };
     match turn {
         Turn::Text(text) => text_block(&mut frames, text),
-        Turn::CallTool { name, arguments } => {
+        Turn::CallTool {
+            name,
+            arguments,
+            count,
+        } => {
             text_block(&mut frames, PREAMBLE);
-            frames.push(event(json!({
-                "type": "content_block_start",
-                "index": first + 1,
-                "content_block": {"type": "tool_use", "id": ids.tool_use, "name": name, "input": {}}
-            })));
-            let mut json_pieces = vec![String::new()];
-            json_pieces.extend(pieces(&arguments.to_string(), 5));
-            for piece in json_pieces {
+            for k in 0..*count {
+                let index = first + 1 + k;
                 frames.push(event(json!({
-                    "type": "content_block_delta",
-                    "index": first + 1,
-                    "delta": {"type": "input_json_delta", "partial_json": piece}
+                    "type": "content_block_start",
+                    "index": index,
+                    "content_block": {
+                        "type": "tool_use", "id": ids.tool_use_id(k), "name": name, "input": {}
+                    }
                 })));
+                let mut json_pieces = vec![String::new()];
+                json_pieces.extend(pieces(&arguments.to_string(), 5));
+                for piece in json_pieces {
+                    frames.push(event(json!({
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": "input_json_delta", "partial_json": piece}
+                    })));
+                }
+                frames.push(event(json!({"type": "content_block_stop", "index": index})));
             }
-            frames.push(event(
-                json!({"type": "content_block_stop", "index": first + 1}),
-            ));
         }
     }
     frames.push(event(json!({

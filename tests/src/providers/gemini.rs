@@ -859,6 +859,8 @@ fn conversation(body: &Value) -> Conversation {
         tool_result,
         offers_calculator,
         tools_forbidden: mode.is_some_and(|mode| mode == "NONE"),
+        // Gemini has no switch: the model calls in parallel as it likes.
+        parallel_allowed: true,
     }
 }
 
@@ -896,12 +898,23 @@ fn responses(
         })
     };
     match turn {
-        Turn::CallTool { name, arguments } => {
-            let parts = json!([{
-                "functionCall": {"name": name, "args": arguments},
-                "thoughtSignature": THOUGHT_SIGNATURE,
-            }]);
-            vec![response(parts, true, tokens(&arguments.to_string()) + 3)]
+        Turn::CallTool {
+            name,
+            arguments,
+            count,
+        } => {
+            // Of parallel calls, only the first carries the signature.
+            let parts: Vec<Value> = (0..*count)
+                .map(|k| {
+                    let mut part = json!({"functionCall": {"name": name, "args": arguments}});
+                    if k == 0 {
+                        part["thoughtSignature"] = json!(THOUGHT_SIGNATURE);
+                    }
+                    part
+                })
+                .collect();
+            let output = (tokens(&arguments.to_string()) + 3) * *count as u64;
+            vec![response(Value::Array(parts), true, output)]
         }
         Turn::Text(text) if !stream => vec![response(
             json!([{"text": text, "thoughtSignature": THOUGHT_SIGNATURE}]),

@@ -15,6 +15,7 @@
 //! | model | answer |
 //! |---|---|
 //! | `mock-react` | tool calls forbidden by the request's tool choice: the text [`NO_TOOLS_ANSWER`]; no tool result in the conversation yet: a native tool call to `calculator` with `{"expression": "6*7"}`; else the text `Final Answer: <the tool's result>` |
+//! | `mock-parallel` | as `mock-react`, but its tool call comes twice in one reply when the request allows parallel calls |
 //! | `mock-401` | 401 in the provider's error shape |
 //! | `mock-429-once` | 429 with `Retry-After: 1` on its first call to this server, then as `mock-react` |
 //! | `mock-500-once` | 500 on its first call to this server, then as `mock-react` |
@@ -54,6 +55,7 @@ pub mod models {
     pub const RATE_LIMITED_ONCE: &str = "mock-429-once";
     pub const SERVER_ERROR_ONCE: &str = "mock-500-once";
     pub const MALFORMED: &str = "mock-malformed";
+    pub const PARALLEL: &str = "mock-parallel";
 }
 
 /// What `mock-react` answers when the request forbids tool calls.
@@ -442,6 +444,16 @@ impl Shared {
         let call = self.count_call(provider, model);
         match model {
             models::REACT => Behaviour::Reply(react(conversation)),
+            models::PARALLEL => Behaviour::Reply(match react(conversation) {
+                Turn::CallTool {
+                    name, arguments, ..
+                } => Turn::CallTool {
+                    name,
+                    arguments,
+                    count: if conversation.parallel_allowed { 2 } else { 1 },
+                },
+                text => text,
+            }),
             models::UNAUTHORIZED => Behaviour::Unauthorized,
             models::MALFORMED => Behaviour::Malformed,
             models::RATE_LIMITED_ONCE if call == 1 => Behaviour::RateLimited,
@@ -460,6 +472,10 @@ pub(crate) struct Conversation {
     tool_result: Option<String>,
     /// Whether `calculator` was offered as a tool.
     offers_calculator: bool,
+    /// Whether the request lets the model make several tool calls at once
+    /// (OpenAI's `parallel_tool_calls`, Anthropic's
+    /// `disable_parallel_tool_use`; Gemini has no switch).
+    parallel_allowed: bool,
     /// Whether the request forbade tool calls (OpenAI's `"none"`,
     /// Anthropic's `{"type": "none"}`, Gemini's mode `NONE`).
     tools_forbidden: bool,
@@ -478,7 +494,13 @@ pub(crate) enum Behaviour {
 /// What the mock model says.
 pub(crate) enum Turn {
     /// A native tool call.
-    CallTool { name: String, arguments: Value },
+    /// A native tool call, `count` times in one reply (parallel calls when
+    /// more than one), each with its own id.
+    CallTool {
+        name: String,
+        arguments: Value,
+        count: usize,
+    },
     /// Text.
     Text(String),
 }
@@ -498,6 +520,7 @@ fn react(conversation: &Conversation) -> Turn {
         None if conversation.offers_calculator => Turn::CallTool {
             name: CALCULATOR.to_owned(),
             arguments: serde_json::json!({"expression": CALCULATOR_EXPRESSION}),
+            count: 1,
         },
         None => Turn::Text(
             "Final Answer: (the mock was offered no calculator tool, so it cannot compute)".into(),

@@ -252,6 +252,16 @@ struct Ids {
     call: String,
 }
 
+impl Ids {
+    /// The id of call `k` of a reply: the minted one, then with `k` added.
+    fn call_id(&self, k: usize) -> String {
+        match k {
+            0 => self.call.clone(),
+            k => format!("{}{k}", self.call),
+        }
+    }
+}
+
 /// An error in the provider's shape.
 fn error(provider: Provider, status: u16, kind: &str, code: Option<&str>, message: &str) -> Reply {
     let body = match provider {
@@ -805,6 +815,7 @@ fn conversation(body: &Value) -> Conversation {
         tool_result,
         offers_calculator,
         tools_forbidden: body["tool_choice"] == "none",
+        parallel_allowed: body["parallel_tool_calls"] != false,
     }
 }
 
@@ -838,7 +849,9 @@ fn usage(provider: Provider, input_tokens: u64, output_tokens: u64) -> Value {
 fn output_tokens(turn: &Turn) -> u64 {
     match turn {
         Turn::Text(text) => tokens(text),
-        Turn::CallTool { arguments, .. } => tokens(&arguments.to_string()) + 5,
+        Turn::CallTool {
+            arguments, count, ..
+        } => (tokens(&arguments.to_string()) + 5) * *count as u64,
     }
 }
 
@@ -867,14 +880,18 @@ fn completion(provider: Provider, model: &str, turn: &Turn, ids: &Ids, input_tok
             "refusal": null,
             "annotations": []
         }),
-        Turn::CallTool { name, arguments } => json!({
+        Turn::CallTool {
+            name,
+            arguments,
+            count,
+        } => json!({
             "role": "assistant",
             "content": null,
-            "tool_calls": [{
-                "id": ids.call,
+            "tool_calls": (0..*count).map(|k| json!({
+                "id": ids.call_id(k),
                 "type": "function",
                 "function": {"name": name, "arguments": arguments.to_string()}
-            }],
+            })).collect::<Vec<_>>(),
             "refusal": null,
             "annotations": []
         }),
@@ -970,26 +987,31 @@ fn chunks(
                 frames.push(chunk(json!({"content": piece}), None));
             }
         }
-        Turn::CallTool { name, arguments } => {
+        Turn::CallTool {
+            name,
+            arguments,
+            count,
+        } => {
             frames.push(chunk(
-                json!({
-                    "role": "assistant",
-                    "content": null,
-                    "tool_calls": [{
-                        "index": 0,
-                        "id": ids.call,
-                        "type": "function",
-                        "function": {"name": name, "arguments": ""}
-                    }],
-                    "refusal": null
-                }),
+                json!({"role": "assistant", "content": null, "refusal": null}),
                 None,
             ));
-            for piece in pieces(&arguments.to_string(), 4) {
+            for k in 0..*count {
                 frames.push(chunk(
-                    json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+                    json!({"tool_calls": [{
+                        "index": k,
+                        "id": ids.call_id(k),
+                        "type": "function",
+                        "function": {"name": name, "arguments": ""}
+                    }]}),
                     None,
                 ));
+                for piece in pieces(&arguments.to_string(), 4) {
+                    frames.push(chunk(
+                        json!({"tool_calls": [{"index": k, "function": {"arguments": piece}}]}),
+                        None,
+                    ));
+                }
             }
         }
     }
