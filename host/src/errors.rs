@@ -122,6 +122,7 @@ codes! {
     LlmBadResponse = "llm_bad_response", status None, step;
     LlmError = "llm_error", status None, step;
     LlmAdapterMisconfigured = "llm_adapter_misconfigured", status None, step;
+    InvalidLlmOptions = "invalid_llm_options", status None, step;
     McpUnavailable = "mcp_unavailable", status None, step;
     McpTimeout = "mcp_timeout", status None, step;
     McpToolError = "mcp_tool_error", status None, step;

@@ -686,6 +686,392 @@ provider_tests! {
     gemini => Provider::Gemini,
 }
 
+/// A missing key fails the step at once with `llm_auth`, naming the
+/// variable to set, before anything is sent: with the shipped manifest and
+/// its default endpoint (no network is needed to find out), and with the
+/// base URL pointed elsewhere (the credential follows the one setting, so
+/// the message names the same variable, and the mock hears nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_key_fails_at_once_naming_the_variable() {
+    let mock = MockProviders::start().await;
+    // The OpenAI-compatible adapter's key is optional: it is sent without.
+    for provider in Provider::ALL
+        .into_iter()
+        .filter(|p| *p != Provider::OpenAiCompatible)
+    {
+        let shipped = plugin_sources()
+            .join(provider.plugin())
+            .join(format!("{}.toml", provider.plugin()));
+        let manifest = std::fs::read_to_string(&shipped)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", shipped.display()));
+        for base_url in ["", &mock.base_url_for(provider)] {
+            let harness = start_server(provider, &manifest, base_url, "");
+            expect_loaded(&harness, provider).await;
+            let client = harness.client();
+            let started = std::time::Instant::now();
+            let id = client
+                .submit(&react_task(provider, models::REACT, None))
+                .await
+                .unwrap();
+            let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+            let context = format!("{provider}, base URL {base_url:?}: {task:#}");
+            assert_eq!(task["status"], "failed", "{context}");
+            assert_eq!(task["error"]["code"], "llm_auth", "{context}");
+            let message = task["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains(&format!("set {}", provider.key_var())),
+                "the message names the variable to set: {context}"
+            );
+            assert_eq!(kinds(&task), ["llm"], "not retried: {context}");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "failed at once, not after a network timeout: {context}"
+            );
+        }
+    }
+    assert!(
+        mock.requests().is_empty(),
+        "nothing was sent without a key: {:#?}",
+        mock.requests()
+    );
+}
+
+/// Submits the ReAct task with `llm_options` as its `options.llm` and waits
+/// for its end.
+async fn run_with_options(setup: &Setup, llm_options: Value) -> Value {
+    let mut task = react_task(setup.provider, models::REACT, None);
+    task["options"] = json!({ "llm": llm_options });
+    let client = setup.client();
+    let id = client.submit(&task).await.unwrap();
+    client.wait_until_finished(&id, FINISH).await.unwrap()
+}
+
+/// Fails unless `task` failed with `invalid_llm_options` at its first step,
+/// its message containing `expected`.
+fn expect_invalid_options(task: &Value, expected: &str, context: &str) {
+    assert_eq!(task["status"], "failed", "{context}: {task:#}");
+    assert_eq!(
+        task["error"]["code"], "invalid_llm_options",
+        "{context}: {task:#}"
+    );
+    let message = task["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(expected),
+        "{context}: the message says {expected:?}: {message}"
+    );
+    assert_eq!(kinds(task), ["llm"], "not retried: {context}: {task:#}");
+}
+
+/// Options are checked against the provider's ranges before anything is
+/// sent: out of range, the step fails with `invalid_llm_options` naming the
+/// range, and the provider hears nothing; so does asking for several
+/// replies (`n`, `candidateCount`), which a step could not keep. In range,
+/// options reach the provider where it wants them (Gemini's `topK` in its
+/// generation config).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_are_checked_against_the_providers_ranges_before_sending() {
+    for provider in Provider::ALL {
+        let setup = Setup::start(provider).await;
+        let mut refused = vec![
+            (json!({"top_p": 1.5}), "top_p 1.5 is outside".to_owned()),
+            (
+                json!({"max_tokens": 0}),
+                "max_tokens must be at least 1".to_owned(),
+            ),
+        ];
+        match provider {
+            Provider::Anthropic => refused.push((
+                json!({"temperature": 1.5}),
+                "temperature 1.5 is outside Anthropic's range, 0 to 1".to_owned(),
+            )),
+            _ => refused.push((json!({"temperature": 2.5}), "range, 0 to 2".to_owned())),
+        }
+        // A step takes one reply: asking for several is refused, where the
+        // provider could give them (the OpenAI mock answers `n` choices).
+        match provider {
+            Provider::Anthropic => {}
+            Provider::Gemini => refused.push((
+                json!({"generationConfig": {"candidateCount": 2}}),
+                "candidateCount 2 asks for 2 replies, and a step takes one".to_owned(),
+            )),
+            _ => refused.push((
+                json!({"n": 2, "stream": false}),
+                "n 2 asks for 2 replies, and a step takes one".to_owned(),
+            )),
+        }
+        match provider {
+            Provider::OpenAi => {
+                refused.push((json!({"top_k": 40}), "OpenAI has no top_k".to_owned()));
+            }
+            Provider::Gemini => refused.push((json!({"top_k": 0}), "range, 1 to".to_owned())),
+            _ => {}
+        }
+        for (options, expected) in &refused {
+            let task = run_with_options(&setup, options.clone()).await;
+            expect_invalid_options(&task, expected, &format!("{provider} with {options}"));
+        }
+        assert!(
+            setup.mock.requests().is_empty(),
+            "nothing out of range was sent: {}",
+            setup.diagnosis()
+        );
+
+        let accepted = match provider {
+            Provider::OpenAi => json!({"temperature": 1.5, "top_p": 0.9}),
+            _ => json!({"temperature": 0.5, "top_p": 0.9, "top_k": 40}),
+        };
+        let task = run_with_options(&setup, accepted.clone()).await;
+        setup.expect_no_rejections();
+        assert_eq!(
+            task["status"],
+            "succeeded",
+            "{provider} with {accepted}: {task:#}\n{}",
+            setup.diagnosis()
+        );
+        let body = &setup.mock.requests_for(provider)[0].body;
+        let sent = match provider {
+            Provider::Gemini => json!({
+                "temperature": body["generationConfig"]["temperature"],
+                "top_p": body["generationConfig"]["topP"],
+                "top_k": body["generationConfig"]["topK"],
+            }),
+            Provider::OpenAi => json!({"temperature": body["temperature"], "top_p": body["top_p"]}),
+            _ => json!({
+                "temperature": body["temperature"],
+                "top_p": body["top_p"],
+                "top_k": body["top_k"],
+            }),
+        };
+        assert_eq!(sent, accepted, "{provider}: {}", setup.diagnosis());
+    }
+}
+
+/// The Anthropic API version is a setting, and the request is shaped for
+/// it: version `2026-10-21` refuses sampling options outright, so a task
+/// asking for a temperature is refused before sending, naming the version,
+/// and one that does not runs with that version's header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_api_version_is_configurable_and_shapes_the_request() {
+    let provider = Provider::Anthropic;
+    let mock = MockProviders::start().await;
+    let manifest = format!(
+        "{}\n[adapter.settings]\napi_version = \"2026-10-21\"\n",
+        provider.manifest()
+    );
+    let harness = start_server(
+        provider,
+        &manifest,
+        &mock.base_url_for(provider),
+        &provider.test_key(),
+    );
+    expect_loaded(&harness, provider).await;
+    let setup = Setup {
+        provider,
+        mock,
+        harness,
+    };
+    for options in [json!({"temperature": 0.5}), json!({"top_k": 5})] {
+        let task = run_with_options(&setup, options.clone()).await;
+        expect_invalid_options(
+            &task,
+            "API version 2026-10-21 refuses temperature, top_p and top_k",
+            &format!("{options}"),
+        );
+    }
+    assert!(setup.mock.requests().is_empty(), "{}", setup.diagnosis());
+
+    let task = setup.run(models::REACT, None).await;
+    setup.expect_no_rejections();
+    assert_eq!(
+        task["status"],
+        "succeeded",
+        "{task:#}\n{}",
+        setup.diagnosis()
+    );
+    assert_eq!(task["result"], "42");
+    for request in setup.mock.requests() {
+        assert_eq!(request.header("anthropic-version"), Some("2026-10-21"));
+    }
+}
+
+/// Opaque provider data survives the round trip: Claude's signed thinking
+/// block, streamed or not, is journaled with the reply and given back first
+/// in the next request, unchanged (the mock checks its signature and
+/// refuses a tool use whose turn does not start with it). Gemini's thought
+/// signatures are checked the same way in every Gemini ReAct test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_thinking_blocks_go_back_unchanged() {
+    let setup = Setup::start(Provider::Anthropic).await;
+    for stream in [true, false] {
+        let task = run_with_options(
+            &setup,
+            json!({"thinking": {"type": "enabled", "budget_tokens": 1024}, "stream": stream}),
+        )
+        .await;
+        setup.expect_no_rejections();
+        assert_eq!(
+            task["status"],
+            "succeeded",
+            "stream {stream}: {task:#}\n{}",
+            setup.diagnosis()
+        );
+        assert_eq!(task["result"], "42");
+        let kept = &steps(&task)[0]["output"]["message"]["provider_data"];
+        let value = |key: &str| {
+            kept.as_array()
+                .into_iter()
+                .flatten()
+                .find(|datum| datum["key"] == key)
+                .and_then(|datum| datum["value"].as_str())
+                .map(str::to_owned)
+        };
+        let thinking = value("anthropic:thinking:0")
+            .unwrap_or_else(|| panic!("the thinking is journaled: {task:#}"));
+        assert_eq!(
+            value("anthropic:signature:0"),
+            Some(opspawn_testkit::providers::thinking_signature(&thinking)),
+            "with its signature, whole: {kept:#}"
+        );
+    }
+    let requests = setup.mock.requests_for(Provider::Anthropic);
+    assert_eq!(requests.len(), 4, "{}", setup.diagnosis());
+    for second in [&requests[1], &requests[3]] {
+        let assistant = &second.body["messages"][1];
+        assert_eq!(assistant["role"], "assistant");
+        assert_eq!(
+            assistant["content"][0]["type"],
+            "thinking",
+            "the thinking block goes back first: {}",
+            describe(second)
+        );
+    }
+}
+
+/// Tool choice and parallel calls, set per task in `options.llm` in one
+/// neutral form, reach each provider in its own shape: `"none"` keeps the
+/// model from calling tools (the mock then answers without the
+/// calculator), a named tool and `parallel_tool_calls: false` are sent as
+/// the provider spells them (Gemini has no parallel switch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_choice_and_parallel_calls_reach_each_provider_in_its_shape() {
+    for provider in Provider::ALL {
+        let setup = Setup::start(provider).await;
+        let task = run_with_options(&setup, json!({"tool_choice": "none"})).await;
+        assert_eq!(
+            task["status"],
+            "succeeded",
+            "{provider}: {task:#}\n{}",
+            setup.diagnosis()
+        );
+        assert_eq!(kinds(&task), ["llm"], "no tool was called: {task:#}");
+        assert!(
+            task["result"]
+                .as_str()
+                .is_some_and(|r| r.contains("told to call no tool")),
+            "{task:#}"
+        );
+        let task = run_with_options(
+            &setup,
+            json!({"tool_choice": {"name": "calculator"}, "parallel_tool_calls": false}),
+        )
+        .await;
+        assert_eq!(task["status"], "succeeded", "{provider}: {task:#}");
+        assert_eq!(task["result"], "42");
+        setup.expect_no_rejections();
+
+        let requests = setup.mock.requests_for(provider);
+        let (none, named) = (&requests[0].body, &requests[1].body);
+        let shapes = match provider {
+            Provider::Anthropic => (
+                none["tool_choice"].clone(),
+                named["tool_choice"].clone(),
+                json!({"type": "none"}),
+                json!({"type": "tool", "name": "calculator", "disable_parallel_tool_use": true}),
+            ),
+            Provider::Gemini => (
+                none["toolConfig"].clone(),
+                named["toolConfig"].clone(),
+                json!({"functionCallingConfig": {"mode": "NONE"}}),
+                json!({"functionCallingConfig": {
+                    "mode": "ANY", "allowedFunctionNames": ["calculator"]
+                }}),
+            ),
+            _ => (
+                none["tool_choice"].clone(),
+                json!({"choice": named["tool_choice"], "parallel": named["parallel_tool_calls"]}),
+                json!("none"),
+                json!({
+                    "choice": {"type": "function", "function": {"name": "calculator"}},
+                    "parallel": false
+                }),
+            ),
+        };
+        assert_eq!((shapes.0, shapes.1), (shapes.2, shapes.3), "{provider}");
+
+        let task = run_with_options(&setup, json!({"tool_choice": {"name": "weather"}})).await;
+        expect_invalid_options(
+            &task,
+            "tool_choice names \"weather\", which is not one of the request's tools",
+            &format!("{provider}"),
+        );
+    }
+}
+
+/// Parallel tool calls: a model that calls two tools in one reply (the
+/// mock's `mock-parallel`, when the request allows it) gets both run, each
+/// its own step, and both results go back in the next request; with
+/// `parallel_tool_calls: false` the provider is told not to, and the model
+/// calls one (Gemini has no switch, so its model still calls two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_tool_calls_run_each_and_can_be_turned_off() {
+    for provider in Provider::ALL {
+        let setup = Setup::start(provider).await;
+        for (stream, parallel, expected) in [
+            (true, None, ["llm", "tool", "tool", "llm"].as_slice()),
+            (false, None, ["llm", "tool", "tool", "llm"].as_slice()),
+            (
+                false,
+                Some(false),
+                if provider == Provider::Gemini {
+                    ["llm", "tool", "tool", "llm"].as_slice()
+                } else {
+                    ["llm", "tool", "llm"].as_slice()
+                },
+            ),
+        ] {
+            let mut options = json!({"stream": stream});
+            if let Some(parallel) = parallel {
+                options["parallel_tool_calls"] = json!(parallel);
+            }
+            let mut task = react_task(provider, models::PARALLEL, None);
+            task["options"] = json!({ "llm": options });
+            let client = setup.client();
+            let id = client.submit(&task).await.unwrap();
+            let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+            let context = format!("{provider}, stream {stream}, parallel {parallel:?}");
+            assert_eq!(
+                task["status"],
+                "succeeded",
+                "{context}: {task:#}\n{}",
+                setup.diagnosis()
+            );
+            assert_eq!(task["result"], "42", "{context}");
+            assert_eq!(kinds(&task), expected, "{context}: {task:#}");
+            let ids: std::collections::BTreeSet<&str> = steps(&task)
+                .iter()
+                .filter(|step| step["kind"] == "tool")
+                .filter_map(|step| step["input"]["id"].as_str())
+                .collect();
+            assert_eq!(
+                ids.len(),
+                expected.len() - 2,
+                "each call has its own id: {task:#}"
+            );
+        }
+        setup.expect_no_rejections();
+    }
+}
+
 /// (e) An adapter built against WIT 0.1.0, which calls its provider itself
 /// over `wasi:http`, still loads and runs, and reaches only the hosts its
 /// manifest grants: granted one mock's port and pointed at another's, its

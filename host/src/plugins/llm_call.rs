@@ -154,7 +154,16 @@ impl TranslatedCall<'_> {
                 .await
         })
         .await?
-        .map_err(|e| CallError::Llm(convert::llm_error_from_wit(e)))
+        .map_err(|e| {
+            let error = convert::llm_error_from_wit(e);
+            // Refused before anything was sent: the request, not the
+            // provider, is at fault, and trying again cannot help.
+            if error.kind == LlmErrorKind::InvalidRequest && error.status.is_none() {
+                CallError::LlmOptions(error)
+            } else {
+                CallError::Llm(error)
+            }
+        })
     }
 
     /// Runs one translation in a fresh instance.

@@ -130,6 +130,10 @@ pub enum CallError {
     /// The LLM adapter ran and reported an error from its provider.
     #[error("{}", .0.message)]
     Llm(LlmError),
+    /// The adapter refused the request before sending it: an option out of
+    /// the provider's range, or a request its format cannot express.
+    #[error("{}", .0.message)]
+    LlmOptions(LlmError),
     #[error("planner {plugin} reported an error: {message}")]
     Planner { plugin: String, message: String },
     /// An adapter asked for something its manifest does not provide.
@@ -156,6 +160,7 @@ impl CallError {
             Self::InvalidInput { .. } => Code::InvalidToolInput,
             Self::Tool { code, .. } => return code,
             Self::Llm(error) => error.kind.code(),
+            Self::LlmOptions(_) => Code::InvalidLlmOptions,
             Self::Planner { .. } => Code::PlannerError,
             Self::AdapterConfig { .. } => Code::LlmAdapterMisconfigured,
         };

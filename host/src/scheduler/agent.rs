@@ -663,7 +663,7 @@ fn option_section(options: &Value, section: &str) -> Value {
 }
 
 /// A finished step as the planner sees it; running steps are not shown.
-fn planner_view(step: &StepRecord) -> Option<PlannerStep> {
+pub(super) fn planner_view(step: &StepRecord) -> Option<PlannerStep> {
     if step.status == StepStatus::Running {
         return None;
     }

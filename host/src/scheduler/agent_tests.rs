@@ -20,7 +20,9 @@ use super::agent::Run;
 use super::{SchedulerConfig, Shared};
 use crate::errors::Code;
 use crate::events::EventBus;
-use crate::protocol::{ChatMessage, ChatResponse, FinishReason, Role, ToolCall};
+use crate::protocol::{
+    ChatMessage, ChatResponse, FinishReason, PlannerStep, ProviderDatum, Role, ToolCall,
+};
 use crate::store::{
     Claim, NewTask, StepEnd, StepKind, StepRecord, StepStart, StepStatus, TaskRecord, TaskStatus,
     conformance,
@@ -171,7 +173,8 @@ async fn a_planner_that_gives_up_fails_the_task_with_its_reason() {
 async fn a_finished_step_in_the_journal_is_not_performed_again() {
     let agent = Loop::start().await;
     let first = agent.claim(|_| {}).await;
-    // The dead claim's LLM step: a reply the script would never give.
+    // The dead claim's LLM step: a reply the script would never give, with
+    // opaque provider data that must reach the planner unchanged.
     let reply = ChatResponse {
         message: ChatMessage {
             role: Role::Assistant,
@@ -183,7 +186,16 @@ async fn a_finished_step_in_the_journal_is_not_performed_again() {
                 arguments: json!({"expression": "6*7"}),
             }],
             tool_call_id: None,
-            provider_data: Vec::new(),
+            provider_data: vec![
+                ProviderDatum {
+                    key: "gemini:thought_signature:call-1".into(),
+                    value: "CiQBcsjaf/+Mock==".into(),
+                },
+                ProviderDatum {
+                    key: "anthropic:thinking:0".into(),
+                    value: "Think — “6×7”,\nthen \"answer\".".into(),
+                },
+            ],
         },
         finish_reason: FinishReason::ToolCalls,
         usage: None,
@@ -210,7 +222,7 @@ async fn a_finished_step_in_the_journal_is_not_performed_again() {
             &first.fence,
             StepEnd {
                 started,
-                output: Ok(json!(reply)),
+                output: Ok(json!(&reply)),
                 usage: None,
                 finished_at: crate::store::now_millis(),
             },
@@ -221,6 +233,13 @@ async fn a_finished_step_in_the_journal_is_not_performed_again() {
     assert_eq!(agent.host.store.expire_all_leases().await.unwrap(), 1);
     let second = agent.claim_again().await;
     assert_eq!(second.steps.len(), 1, "the claim carries the journal");
+    assert_eq!(
+        super::agent::planner_view(&second.steps[0]),
+        Some(PlannerStep::LlmReply {
+            response: reply.clone()
+        }),
+        "the journaled reply reaches the planner whole, provider data included"
+    );
 
     let (task, steps) = agent.run_to_end(second).await;
     assert_eq!(task.status, TaskStatus::Succeeded, "{task:?}");

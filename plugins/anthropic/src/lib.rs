@@ -4,11 +4,16 @@
 //! `default_model` setting names another, API version `2023-06-01` unless
 //! the `api_version` setting names another. The host adds the `x-api-key`
 //! header.
+//!
+//! The request is shaped for the version in use: from `2026-10-21` on, the
+//! API refuses `temperature`, `top_p` and `top_k`, so a request that sets
+//! them is refused before it is sent, saying which version refuses them.
 
 mod request;
 mod response;
 mod stream;
 
+use llm_http::options::{Range, Ranges};
 use llm_http::wire::{Adapter, ReplyContext, Wire};
 use llm_http::{
     ChatRequest, ChatResponse, LlmError, Provider, Settings, SseEvent, StreamPart, model_or,
@@ -21,6 +26,8 @@ const PROVIDER: Provider = Provider {
 };
 const DEFAULT_MODEL: &str = "claude-sonnet-4-5";
 const DEFAULT_API_VERSION: &str = "2023-06-01";
+/// The first API version that refuses `temperature`, `top_p` and `top_k`.
+const NO_SAMPLING_VERSION: &str = "2026-10-21";
 
 pub struct Messages {
     default_model: String,
@@ -35,6 +42,28 @@ impl Wire for Messages {
 
     fn model(&self, request: &ChatRequest) -> String {
         model_or(request, &self.default_model)
+    }
+
+    fn ranges(&self) -> Ranges {
+        // Versions are dates, so they sort as text.
+        if self.api_version.as_str() >= NO_SAMPLING_VERSION {
+            let why = format!(
+                "Anthropic API version {} refuses temperature, top_p and top_k; leave them \
+                 out, or set api_version = \"{DEFAULT_API_VERSION}\" in the adapter's \
+                 [adapter.settings]",
+                self.api_version
+            );
+            return Ranges {
+                temperature: Range::Refused(why.clone()),
+                top_p: Range::Refused(why.clone()),
+                top_k: Range::Refused(why),
+            };
+        }
+        Ranges {
+            temperature: Range::Between(0.0, 1.0),
+            top_p: Range::Between(0.0, 1.0),
+            top_k: Range::Between(0.0, f64::from(u32::MAX)),
+        }
     }
 
     fn path(&self, _model: &str, _stream: bool) -> String {

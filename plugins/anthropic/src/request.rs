@@ -7,9 +7,12 @@
 use llm_http::json::{arguments_object, input_schema, number};
 use llm_http::wire::no_tools_to_choose;
 use llm_http::{ChatMessage, ChatRequest, LlmError, Role, ToolChoice};
+use std::collections::BTreeMap;
+
 use serde_json::{Value, json};
 
 use crate::PROVIDER;
+use crate::response::Thinking;
 
 /// What `max_tokens`, which Anthropic requires, is when the request leaves it out.
 const DEFAULT_MAX_TOKENS: u32 = 4096;
@@ -109,8 +112,29 @@ fn text_block(text: &str) -> Vec<Value> {
     }
 }
 
+/// An assistant turn as Claude sent it: its thinking blocks first, as they
+/// came (kept in the message's provider data), then its text and its tool
+/// uses. With thinking on, Anthropic refuses a tool use whose turn does not
+/// start with the thinking block that led to it.
 fn assistant_blocks(message: &ChatMessage) -> Vec<Value> {
-    let mut blocks = text_block(&message.content);
+    let mut thinking: BTreeMap<usize, Value> = BTreeMap::new();
+    for datum in &message.provider_data {
+        let Some((piece, index)) = Thinking::parse(&datum.key) else {
+            continue;
+        };
+        let block = thinking.entry(index).or_insert_with(|| match piece {
+            Thinking::Redacted => json!({"type": "redacted_thinking"}),
+            Thinking::Text | Thinking::Signature => json!({"type": "thinking"}),
+        });
+        let field = match piece {
+            Thinking::Text => "thinking",
+            Thinking::Signature => "signature",
+            Thinking::Redacted => "data",
+        };
+        block[field] = json!(datum.value);
+    }
+    let mut blocks: Vec<Value> = thinking.into_values().collect();
+    blocks.extend(text_block(&message.content));
     blocks.extend(message.tool_calls.iter().map(|call| {
         json!({
             "type": "tool_use",

@@ -18,7 +18,7 @@ pub fn parse(body: &[u8], context: ReplyContext) -> Result<ChatResponse, LlmErro
         .as_array()
         .ok_or_else(|| PROVIDER.bad_response("it has no content", body))?;
     let mut reply = Reply::new(context);
-    for block in blocks {
+    for (index, block) in blocks.iter().enumerate() {
         match block["type"].as_str() {
             Some("text") => reply
                 .content
@@ -33,7 +33,27 @@ pub fn parse(body: &[u8], context: ReplyContext) -> Result<ChatResponse, LlmErro
                 };
                 reply.push_call(block["id"].as_str(), name, input);
             }
-            _ => {} // thinking and other blocks are not part of the reply
+            Some("thinking") => {
+                let text = block["thinking"].as_str().unwrap_or_default();
+                reply.keep(Thinking::Text.key(index), text.to_owned());
+                let signature = block["signature"].as_str().unwrap_or_default();
+                reply.keep(Thinking::Signature.key(index), signature.to_owned());
+            }
+            Some("redacted_thinking") => {
+                let data = block["data"].as_str().unwrap_or_default();
+                reply.keep(Thinking::Redacted.key(index), data.to_owned());
+            }
+            // Server tools and the like: the adapter offers none, and the
+            // step could not keep them.
+            other => {
+                return Err(PROVIDER.bad_response(
+                    &format!(
+                        "it has a content block of type {}, which the adapter cannot keep",
+                        other.unwrap_or("(none)")
+                    ),
+                    body,
+                ));
+            }
         }
     }
     reply.finish_reason = json["stop_reason"].as_str().map(stop_reason);
@@ -44,6 +64,42 @@ pub fn parse(body: &[u8], context: ReplyContext) -> Result<ChatResponse, LlmErro
     });
     reply.set_model(json["model"].as_str());
     Ok(reply.into_response())
+}
+
+/// The pieces of a thinking block a message keeps in its provider data, by
+/// the block's index in the reply: Anthropic wants the blocks back
+/// unchanged, signatures and all, before the tool use they led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thinking {
+    /// `anthropic:thinking:<index>`: the block's text.
+    Text,
+    /// `anthropic:signature:<index>`: its signature.
+    Signature,
+    /// `anthropic:redacted_thinking:<index>`: a redacted block's data.
+    Redacted,
+}
+
+impl Thinking {
+    const PREFIXES: [(Thinking, &'static str); 3] = [
+        (Thinking::Text, "anthropic:thinking:"),
+        (Thinking::Signature, "anthropic:signature:"),
+        (Thinking::Redacted, "anthropic:redacted_thinking:"),
+    ];
+
+    pub fn key(self, index: usize) -> String {
+        let prefix = Self::PREFIXES
+            .iter()
+            .find(|(piece, _)| *piece == self)
+            .map_or("", |(_, prefix)| prefix);
+        format!("{prefix}{index}")
+    }
+
+    /// Which piece of which block `key` holds, if it is one of these.
+    pub fn parse(key: &str) -> Option<(Thinking, usize)> {
+        Self::PREFIXES
+            .iter()
+            .find_map(|(piece, prefix)| Some((*piece, key.strip_prefix(prefix)?.parse().ok()?)))
+    }
 }
 
 pub fn stop_reason(reason: &str) -> FinishReason {

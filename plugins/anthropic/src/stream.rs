@@ -10,7 +10,7 @@ use llm_http::{LlmError, SseEvent, StreamPart, UsagePart};
 use serde_json::Value;
 
 use crate::PROVIDER;
-use crate::response::{error_object, input_tokens, stop_reason};
+use crate::response::{Thinking, error_object, input_tokens, stop_reason};
 
 pub fn decode(
     event: &SseEvent,
@@ -23,6 +23,12 @@ pub fn decode(
     })?;
     let index = json["index"].as_u64().unwrap_or(0);
     let index = u32::try_from(index).unwrap_or(u32::MAX);
+    let keep = |parts: &mut Vec<StreamPart>, piece: Thinking, value: Option<&str>| {
+        parts.push(StreamPart::ProviderData((
+            piece.key(index as usize),
+            value.unwrap_or_default().to_owned(),
+        )));
+    };
     let text = |parts: &mut Vec<StreamPart>, text: Option<&str>| {
         if let Some(text) = text.filter(|text| !text.is_empty()) {
             parts.push(StreamPart::Text(text.to_owned()));
@@ -51,7 +57,24 @@ pub fn decode(
                     block["name"].as_str().unwrap_or_default(),
                     String::new(),
                 )),
-                _ => {}
+                // Kept even when empty, so that the block goes back whole.
+                Some("thinking") => {
+                    keep(parts, Thinking::Text, block["thinking"].as_str());
+                    keep(parts, Thinking::Signature, block["signature"].as_str());
+                }
+                Some("redacted_thinking") => {
+                    keep(parts, Thinking::Redacted, block["data"].as_str())
+                }
+                other => {
+                    return Err(PROVIDER.bad_response(
+                        &format!(
+                            "it streamed a content block of type {}, which the adapter cannot \
+                             keep",
+                            other.unwrap_or("(none)")
+                        ),
+                        data,
+                    ));
+                }
             }
         }
         Some("content_block_delta") => {
@@ -65,7 +88,11 @@ pub fn decode(
                         .unwrap_or_default()
                         .to_owned(),
                 )),
-                _ => {} // thinking and signature deltas
+                Some("thinking_delta") => keep(parts, Thinking::Text, delta["thinking"].as_str()),
+                Some("signature_delta") => {
+                    keep(parts, Thinking::Signature, delta["signature"].as_str());
+                }
+                _ => {} // deltas of blocks the adapter does not offer
             }
         }
         Some("message_delta") => {

@@ -350,3 +350,122 @@ fn tool_choice_parallelism_and_top_p() {
     let error = wire().body(&request, "m", false).unwrap_err();
     assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
 }
+
+fn prepare_body(
+    wire: &Messages,
+    request: &llm_http::ChatRequest,
+) -> Result<Value, llm_http::LlmError> {
+    let prepared = llm_http::wire::prepare(wire, request)?;
+    let llm_http::Exchange::Http(http) = prepared.exchange else {
+        panic!("an HTTP exchange");
+    };
+    Ok(serde_json::from_slice(&http.body).unwrap())
+}
+
+#[test]
+fn sampling_options_are_checked_against_anthropics_ranges() {
+    let mut request = weather_request();
+    request.provider_options = r#"{"temperature": 0.9, "top_k": 5}"#.into();
+    let body = prepare_body(&wire(), &request).unwrap();
+    assert_eq!(body["temperature"], json!(0.9));
+    assert_eq!(body["top_k"], 5);
+    for (options, expected) in [
+        (
+            r#"{"temperature": 1.5}"#,
+            "temperature 1.5 is outside Anthropic's range, 0 to 1",
+        ),
+        (
+            r#"{"top_p": -0.1}"#,
+            "top_p -0.1 is outside Anthropic's range, 0 to 1",
+        ),
+        (r#"{"top_k": -1}"#, "top_k must be a whole number"),
+        (r#"{"temperature": "hot"}"#, "temperature must be a number"),
+    ] {
+        request.provider_options = options.into();
+        let error = prepare_body(&wire(), &request).unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::InvalidRequest, "{options}");
+        assert!(
+            error.message.contains(expected),
+            "{options}: {}",
+            error.message
+        );
+    }
+}
+
+#[test]
+fn version_2026_10_21_refuses_sampling_options() {
+    let settings = Settings::parse(&PROVIDER, r#"{"api_version": "2026-10-21"}"#).unwrap();
+    let wire = Anthropic::wire(&settings).unwrap();
+    assert!(
+        wire.headers(false)
+            .contains(&("anthropic-version".into(), "2026-10-21".into()))
+    );
+    let mut request = weather_request();
+    let error = prepare_body(&wire, &request).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
+    assert!(
+        error
+            .message
+            .contains("API version 2026-10-21 refuses temperature, top_p and top_k"),
+        "{}",
+        error.message
+    );
+    request.temperature = None;
+    let body = prepare_body(&wire, &request).unwrap();
+    assert!(body.get("temperature").is_none() && body.get("top_p").is_none());
+}
+
+const THINKING_STREAM: &str = concat!(
+    "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"content\":[],\"usage\":{\"input_tokens\":50,\"output_tokens\":1}}}\n\n",
+    "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\",\"signature\":\"\"}}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"Paris first, \"}}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"then answer.\"}}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"signature_delta\",\"signature\":\"EqQBCkgIAR\"}}\n\n",
+    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+    "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"redacted_thinking\",\"data\":\"EmwKAhgBEgy3va\"}}\n\n",
+    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":1}\n\n",
+    "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":2,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"get_weather\",\"input\":{}}}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"city\\\":\\\"Paris\\\"}\"}}\n\n",
+    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":2}\n\n",
+    "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":30}}\n\n",
+    "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+);
+
+#[test]
+fn thinking_blocks_go_back_first_and_unchanged() {
+    let whole = json!({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [
+            {"type": "thinking", "thinking": "Paris first, then answer.", "signature": "EqQBCkgIAR"},
+            {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va"},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+        ],
+        "stop_reason": "tool_use",
+        "usage": {"input_tokens": 50, "output_tokens": 30}
+    });
+    let parsed = wire()
+        .parse(whole.to_string().as_bytes(), &context())
+        .unwrap();
+    for size in [1, 29, THINKING_STREAM.len()] {
+        let (streamed, _) = decode_stream(&wire(), &context(), THINKING_STREAM, size);
+        let streamed = streamed.unwrap();
+        assert_eq!(streamed.message.provider_data, parsed.message.provider_data);
+        assert_eq!(streamed.message.tool_calls, parsed.message.tool_calls);
+    }
+
+    let mut request = weather_request();
+    request.messages = vec![
+        message(Role::User, "Weather in Paris?"),
+        parsed.message,
+        tool_result("toolu_1", r#"{"temp_c":18}"#),
+    ];
+    let body = wire().body(&request, "claude-sonnet-4-5", false).unwrap();
+    assert_eq!(
+        body["messages"][1]["content"],
+        json!([
+            {"type": "thinking", "thinking": "Paris first, then answer.", "signature": "EqQBCkgIAR"},
+            {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va"},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+        ])
+    );
+}

@@ -11,6 +11,7 @@ mod schema;
 mod stream;
 
 use llm_http::headers::Headers;
+use llm_http::options::{Range, Ranges};
 use llm_http::wire::{Adapter, ReplyContext, Wire};
 use llm_http::{
     ChatRequest, ChatResponse, LlmError, Provider, Settings, SseEvent, StreamPart, model_or,
@@ -39,6 +40,25 @@ impl Wire for GenerateContent {
             Some(name) => name.to_owned(),
             None => model,
         }
+    }
+
+    fn ranges(&self) -> Ranges {
+        Ranges {
+            temperature: Range::Between(0.0, 2.0),
+            top_p: Range::Between(0.0, 1.0),
+            top_k: Range::Between(1.0, f64::from(u32::MAX)),
+        }
+    }
+
+    fn several_replies(&self, body: &Value) -> Option<(&'static str, u64)> {
+        body["generationConfig"]["candidateCount"]
+            .as_u64()
+            .filter(|n| *n > 1)
+            .map(|n| ("candidateCount", n))
+    }
+
+    fn set_top_k(&self, body: &mut Value, top_k: u64) {
+        body["generationConfig"]["topK"] = serde_json::json!(top_k);
     }
 
     fn path(&self, model: &str, stream: bool) -> String {

@@ -6,10 +6,11 @@
 
 use llm_http::json::{arguments_object, input_schema, number, schema};
 use llm_http::wire::no_tools_to_choose;
-use llm_http::{ChatMessage, ChatRequest, LlmError, Role, ToolChoice};
+use llm_http::{ChatMessage, ChatRequest, LlmError, Role, ToolChoice, provider_datum};
 use serde_json::{Map, Value, json};
 
 use crate::PROVIDER;
+use crate::response::{TEXT_SIGNATURE_KEY, call_signature_key};
 use crate::schema::{is_empty_object, sanitize};
 
 pub fn build(request: &ChatRequest) -> Result<Value, LlmError> {
@@ -109,10 +110,25 @@ fn text_part(text: &str) -> Vec<Value> {
     }
 }
 
+/// A model turn as Gemini sent it: its text, then its calls, each part with
+/// the thought signature it came with (kept in the message's provider
+/// data), since Gemini 3 refuses calls of the current turn without theirs.
 fn model_parts(message: &ChatMessage) -> Vec<Value> {
     let mut parts = text_part(&message.content);
+    if let (Some(part), Some(signature)) = (
+        parts.first_mut(),
+        provider_datum(message, TEXT_SIGNATURE_KEY),
+    ) {
+        part["thoughtSignature"] = json!(signature);
+    }
     parts.extend(message.tool_calls.iter().map(|call| {
-        json!({"functionCall": {"name": call.name, "args": arguments_object(&call.arguments)}})
+        let mut part = json!({
+            "functionCall": {"name": call.name, "args": arguments_object(&call.arguments)}
+        });
+        if let Some(signature) = provider_datum(message, &call_signature_key(&call.id)) {
+            part["thoughtSignature"] = json!(signature);
+        }
+        part
     }));
     parts
 }

@@ -26,13 +26,37 @@ fn read(reply: &mut Reply, json: &Value, body: &[u8]) -> Result<(), LlmError> {
     for piece in pieces(json, body)? {
         match piece {
             Piece::Text(text) => reply.content.push_str(text),
-            Piece::Call { id, name, args } => reply.push_call(id, name, args),
+            Piece::Call {
+                id,
+                name,
+                args,
+                signature,
+            } => {
+                let id = reply.push_call(id, name, args).to_owned();
+                if let Some(signature) = signature {
+                    reply.keep(call_signature_key(&id), signature.to_owned());
+                }
+            }
+            Piece::TextSignature(signature) => {
+                reply.keep(TEXT_SIGNATURE_KEY.to_owned(), signature.to_owned());
+            }
         }
     }
     reply.finish_reason = finish(json);
     reply.usage = usage(json);
     reply.set_model(json["modelVersion"].as_str());
     Ok(())
+}
+
+/// Where a message keeps the thought signature of its text (Gemini puts
+/// one on the last part of a reply without calls).
+pub const TEXT_SIGNATURE_KEY: &str = "gemini:thought_signature";
+
+/// Where a message keeps the thought signature of its call `id`. Gemini 3
+/// refuses a conversation whose current turn holds a call without the
+/// signature it came with.
+pub fn call_signature_key(id: &str) -> String {
+    format!("{TEXT_SIGNATURE_KEY}:{id}")
 }
 
 /// What one part of the answer says.
@@ -42,7 +66,11 @@ pub enum Piece<'a> {
         id: Option<&'a str>,
         name: &'a str,
         args: String,
+        /// The opaque `thoughtSignature` that came with the call.
+        signature: Option<&'a str>,
     },
+    /// The `thoughtSignature` of a part that is not a call.
+    TextSignature(&'a str),
 }
 
 /// The answer's parts in a response or a streamed chunk, or the error it
@@ -54,13 +82,30 @@ pub fn pieces<'a>(json: &'a Value, body: &[u8]) -> Result<Vec<Piece<'a>>, LlmErr
             .and_then(|code| u16::try_from(code).ok());
         return Err(api_error(status, error, None, body));
     }
+    // A step takes one reply: several candidates are refused, not cut short.
+    if let Some(count) = json["candidates"]
+        .as_array()
+        .map(Vec::len)
+        .filter(|n| *n > 1)
+    {
+        return Err(PROVIDER.bad_response(
+            &format!("it has {count} candidates, and a step takes one"),
+            body,
+        ));
+    }
     let mut pieces = Vec::new();
     let parts = json["candidates"][0]["content"]["parts"].as_array();
     for part in parts.into_iter().flatten() {
+        let signature = part["thoughtSignature"]
+            .as_str()
+            .filter(|signature| !signature.is_empty());
         if let Some(text) = part["text"].as_str() {
             // Thought summaries are not part of the answer.
             if part["thought"] != true && !text.is_empty() {
                 pieces.push(Piece::Text(text));
+            }
+            if let Some(signature) = signature {
+                pieces.push(Piece::TextSignature(signature));
             }
         } else if let Some(call) = part.get("functionCall") {
             let name = call["name"]
@@ -74,7 +119,20 @@ pub fn pieces<'a>(json: &'a Value, body: &[u8]) -> Result<Vec<Piece<'a>>, LlmErr
                 id: call["id"].as_str(),
                 name,
                 args,
+                signature,
             });
+        } else if let Some(kind) = part.as_object().and_then(|part| {
+            part.keys()
+                .find(|key| !matches!(key.as_str(), "thoughtSignature" | "thought"))
+        }) {
+            // Code execution, inline data, files: the adapter offers none of
+            // it, and the step could not keep it.
+            return Err(PROVIDER.bad_response(
+                &format!("a part holds {kind}, which the adapter cannot keep"),
+                body,
+            ));
+        } else if let Some(signature) = signature {
+            pieces.push(Piece::TextSignature(signature));
         }
     }
     Ok(pieces)

@@ -17,7 +17,7 @@ use llm_http::{LlmError, SseEvent, StreamPart, UsagePart};
 use serde_json::Value;
 
 use crate::PROVIDER;
-use crate::response::{Piece, finish, pieces, usage};
+use crate::response::{Piece, TEXT_SIGNATURE_KEY, call_signature_key, finish, pieces, usage};
 
 pub fn decode(
     event: &SseEvent,
@@ -30,13 +30,27 @@ pub fn decode(
     })?;
     let mut calls = 0;
     for piece in pieces(&json, data)? {
-        parts.push(match piece {
-            Piece::Text(text) => StreamPart::Text(text.to_owned()),
-            Piece::Call { id, name, args } => {
+        match piece {
+            Piece::Text(text) => parts.push(StreamPart::Text(text.to_owned())),
+            Piece::Call {
+                id,
+                name,
+                args,
+                signature,
+            } => {
+                let index = calls;
                 calls += 1;
-                context.first_piece(calls - 1, id, name, args)
+                if let Some(signature) = signature {
+                    let key = call_signature_key(&context.piece_id(index, id));
+                    parts.push(StreamPart::ProviderData((key, signature.to_owned())));
+                }
+                parts.push(context.first_piece(index, id, name, args));
             }
-        });
+            Piece::TextSignature(signature) => parts.push(StreamPart::ProviderData((
+                TEXT_SIGNATURE_KEY.to_owned(),
+                signature.to_owned(),
+            ))),
+        }
     }
     if let Some(model) = json["modelVersion"]
         .as_str()

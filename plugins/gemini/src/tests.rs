@@ -343,3 +343,89 @@ fn tool_config_top_p_and_response_schema() {
     let error = wire().body(&request, "m", false).unwrap_err();
     assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
 }
+
+const SIGNED_STREAM: &str = concat!(
+    "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"Checking.\"}],\"role\": \"model\"},\"index\": 0}],\"modelVersion\": \"gemini-3-pro\"}\r\n\r\n",
+    "data: {\"candidates\": [{\"content\": {\"parts\": [{\"functionCall\": {\"name\": \"get_weather\",\"args\": {\"city\": \"Paris\"}},\"thoughtSignature\": \"c2lnLXBhcmlz\"},{\"functionCall\": {\"name\": \"get_weather\",\"args\": {\"city\": \"Rome\"}}}],\"role\": \"model\"},\"finishReason\": \"STOP\",\"index\": 0}],\"modelVersion\": \"gemini-3-pro\"}\r\n\r\n",
+);
+
+#[test]
+fn thought_signatures_go_back_with_their_calls() {
+    let whole = r#"{"candidates":[{"content":{"role":"model","parts":[
+        {"text":"Checking."},
+        {"functionCall":{"name":"get_weather","args":{"city":"Paris"}},"thoughtSignature":"c2lnLXBhcmlz"},
+        {"functionCall":{"name":"get_weather","args":{"city":"Rome"}}}]},"finishReason":"STOP"}]}"#;
+    let parsed = wire().parse(whole.as_bytes(), &context()).unwrap();
+    for size in [1, 17, SIGNED_STREAM.len()] {
+        let (streamed, _) = decode_stream(&wire(), &context(), SIGNED_STREAM, size);
+        let streamed = streamed.unwrap();
+        assert_eq!(streamed.message.provider_data, parsed.message.provider_data);
+        assert_eq!(streamed.message.tool_calls, parsed.message.tool_calls);
+    }
+    assert_eq!(
+        parsed.message.provider_data,
+        [llm_http::ProviderDatum {
+            key: "gemini:thought_signature:call-3".into(),
+            value: "c2lnLXBhcmlz".into()
+        }]
+    );
+
+    // The reply goes back as the model turn, each signature on its part.
+    let mut request = weather_request();
+    request.messages.truncate(1);
+    request.messages.push(parsed.message);
+    request
+        .messages
+        .push(llm_http::fixtures::tool_result("call-3", "{}"));
+    request
+        .messages
+        .push(llm_http::fixtures::tool_result("call-4", "{}"));
+    let body = wire().body(&request, "gemini-3-pro", false).unwrap();
+    assert_eq!(
+        body["contents"][1]["parts"],
+        json!([
+            {"text": "Checking."},
+            {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+             "thoughtSignature": "c2lnLXBhcmlz"},
+            {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}},
+        ])
+    );
+
+    // A text reply's signature is kept too, and goes back on its text.
+    let text = r#"{"candidates":[{"content":{"role":"model","parts":[
+        {"text":"It is 18 C.","thoughtSignature":"dGV4dA=="}]},"finishReason":"STOP"}]}"#;
+    let parsed = wire().parse(text.as_bytes(), &context()).unwrap();
+    request.messages.push(parsed.message);
+    let body = wire().body(&request, "gemini-3-pro", false).unwrap();
+    assert_eq!(
+        body["contents"][3]["parts"],
+        json!([{"text": "It is 18 C.", "thoughtSignature": "dGV4dA=="}])
+    );
+}
+
+#[test]
+fn sampling_options_are_checked_and_top_k_goes_in_the_generation_config() {
+    let mut request = weather_request();
+    request.provider_options = r#"{"top_k": 40, "temperature": 1.5}"#.into();
+    let prepared = llm_http::wire::prepare(&wire(), &request).unwrap();
+    let llm_http::Exchange::Http(http) = prepared.exchange else {
+        panic!("an HTTP exchange");
+    };
+    let body: serde_json::Value = serde_json::from_slice(&http.body).unwrap();
+    assert_eq!(body["generationConfig"]["topK"], 40);
+    assert_eq!(body["generationConfig"]["temperature"], json!(1.5));
+    assert!(body.get("top_k").is_none() && body.get("temperature").is_none());
+
+    for (options, expected) in [
+        (
+            r#"{"temperature": 2.5}"#,
+            "temperature 2.5 is outside Gemini's range, 0 to 2",
+        ),
+        (r#"{"top_k": 0}"#, "top_k 0 is outside Gemini's range, 1 to"),
+    ] {
+        request.provider_options = options.into();
+        let error = llm_http::wire::prepare(&wire(), &request).unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
+        assert!(error.message.contains(expected), "{}", error.message);
+    }
+}

@@ -56,10 +56,19 @@ pub use bindings::exports::opspawn::plugin::translate::{
 };
 pub use bindings::opspawn::plugin::types::{
     CallContext, ChatMessage, ChatRequest, ChatResponse, FinishReason, LlmError, LlmErrorKind,
-    ResponseFormat, Role, ToolCall, ToolChoice, ToolSpec, Usage,
+    ProviderDatum, ResponseFormat, Role, ToolCall, ToolChoice, ToolSpec, Usage,
 };
 pub use errors::Provider;
 pub use settings::Settings;
+
+/// The opaque datum a message keeps under `key`, if any.
+pub fn provider_datum<'a>(message: &'a ChatMessage, key: &str) -> Option<&'a str> {
+    message
+        .provider_data
+        .iter()
+        .find(|datum| datum.key == key)
+        .map(|datum| datum.value.as_str())
+}
 
 /// The model the request names, else `default`.
 pub fn model_or(request: &ChatRequest, default: &str) -> String {

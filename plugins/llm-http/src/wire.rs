@@ -5,17 +5,28 @@
 use serde_json::{Value, json};
 
 use crate::headers::Headers;
-use crate::options::ProviderOptions;
+use crate::options::{ProviderOptions, Ranges};
 use crate::{
     CallContext, ChatMessage, ChatRequest, ChatResponse, Exchange, FinishReason, Guest,
-    HttpRequest, HttpResponse, LlmError, Prepared, Provider, Role, Settings, SseEvent, StreamPart,
-    ToolCall, ToolCallPart, ToolChoice, Usage, json,
+    HttpRequest, HttpResponse, LlmError, Prepared, Provider, ProviderDatum, Role, Settings,
+    SseEvent, StreamPart, ToolCall, ToolCallPart, ToolChoice, Usage, json,
 };
 
 pub trait Wire {
     fn provider(&self) -> Provider;
     /// The model to ask for: the request's, else the adapter's default.
     fn model(&self, request: &ChatRequest) -> String;
+    /// The sampling options the provider accepts, checked before sending.
+    fn ranges(&self) -> Ranges;
+    /// Puts `top_k` where the provider wants it (top level by default).
+    fn set_top_k(&self, body: &mut Value, top_k: u64) {
+        body["top_k"] = json!(top_k);
+    }
+    /// The option in a finished body that asks for several replies, with its
+    /// value, if it asks for more than one (`n` by default).
+    fn several_replies(&self, body: &Value) -> Option<(&'static str, u64)> {
+        body["n"].as_u64().filter(|n| *n > 1).map(|n| ("n", n))
+    }
     /// Path and query, relative to the base URL the operator configured.
     fn path(&self, model: &str, stream: bool) -> String;
     /// Every request header but the credential, which the host adds.
@@ -82,9 +93,42 @@ impl<A: Adapter> Guest for A {
 /// will need to know.
 pub fn prepare<W: Wire>(wire: &W, request: &ChatRequest) -> Result<Prepared, LlmError> {
     let options = ProviderOptions::parse(&wire.provider(), &request.provider_options)?;
+    let sampling = options.sampling(request);
+    wire.ranges().check(&wire.provider(), &sampling)?;
+    // The options' sampling keys win over the request's own fields.
+    let mut request = request.clone();
+    request.temperature = sampling.temperature.map(|t| t as f32);
+    request.top_p = sampling.top_p.map(|p| p as f32);
+    request.max_tokens = sampling
+        .max_tokens
+        .map(|m| u32::try_from(m).unwrap_or(u32::MAX));
+    if let Some(choice) = &options.tool_choice {
+        if let ToolChoice::Named(name) = choice
+            && !request.tools.is_empty()
+            && !request.tools.iter().any(|tool| &tool.name == name)
+        {
+            return Err(crate::options::options_error(format!(
+                "tool_choice names {name:?}, which is not one of the request's tools"
+            )));
+        }
+        request.tool_choice = choice.clone();
+    }
+    if options.parallel_tool_calls.is_some() {
+        request.parallel_tool_calls = options.parallel_tool_calls;
+    }
+    let request = &request;
     let model = wire.model(request);
     let mut body = wire.body(request, &model, options.stream)?;
+    if let Some(top_k) = sampling.top_k {
+        wire.set_top_k(&mut body, top_k);
+    }
     json::merge(&mut body, Value::Object(options.extra));
+    // A step takes one reply: asking for several is refused, not cut short.
+    if let Some((option, count)) = wire.several_replies(&body) {
+        return Err(crate::options::options_error(format!(
+            "{option} {count} asks for {count} replies, and a step takes one"
+        )));
+    }
     Ok(Prepared {
         exchange: Exchange::Http(HttpRequest {
             method: "POST".into(),
@@ -195,8 +239,16 @@ impl ReplyContext {
         format!("call-{}", self.first_call_number.saturating_add(position))
     }
 
+    /// The id of streamed call `index`: the provider's, else a minted one.
+    pub fn piece_id(&self, index: u32, id: Option<&str>) -> String {
+        match id.map(str::trim) {
+            Some(id) if !id.is_empty() => id.to_owned(),
+            _ => self.call_id(index as usize),
+        }
+    }
+
     /// The `tool-call` part for the first piece of call `index`: the
-    /// provider's id, else a minted one.
+    /// provider's id, else a minted one (see [`Self::piece_id`]).
     pub fn first_piece(
         &self,
         index: u32,
@@ -204,10 +256,7 @@ impl ReplyContext {
         name: &str,
         arguments: String,
     ) -> StreamPart {
-        let id = match id.map(str::trim) {
-            Some(id) if !id.is_empty() => id.to_owned(),
-            _ => self.call_id(index as usize),
-        };
+        let id = self.piece_id(index, id);
         StreamPart::ToolCall(ToolCallPart {
             index,
             id: Some(id),
@@ -236,6 +285,9 @@ pub struct Reply {
     pub usage: Option<Usage>,
     /// The model the provider reported, if it did.
     pub model: Option<String>,
+    /// What must go back to the provider with this reply (see
+    /// `chat-message.provider-data`).
+    pub provider_data: Vec<ProviderDatum>,
     context: ReplyContext,
 }
 
@@ -247,13 +299,19 @@ impl Reply {
             finish_reason: None,
             usage: None,
             model: None,
+            provider_data: Vec::new(),
             context,
         }
     }
 
+    /// Keeps an opaque datum of the provider's with the reply.
+    pub fn keep(&mut self, key: String, value: String) {
+        self.provider_data.push(ProviderDatum { key, value });
+    }
+
     /// Adds a tool call, minting an id when the provider gave none; empty
-    /// arguments become `{}`.
-    pub fn push_call(&mut self, id: Option<&str>, name: &str, arguments: String) {
+    /// arguments become `{}`. Returns the call's id.
+    pub fn push_call(&mut self, id: Option<&str>, name: &str, arguments: String) -> &str {
         let id = match id.map(str::trim) {
             Some(id) if !id.is_empty() => id.to_owned(),
             _ => self.context.call_id(self.tool_calls.len()),
@@ -268,6 +326,7 @@ impl Reply {
             name: name.to_owned(),
             arguments,
         });
+        &self.tool_calls.last().expect("just pushed").id
     }
 
     /// Records the model the provider reported, ignoring blanks.
@@ -286,7 +345,7 @@ impl Reply {
                 images: Vec::new(),
                 tool_calls: self.tool_calls,
                 tool_call_id: None,
-                provider_data: Vec::new(),
+                provider_data: self.provider_data,
             },
             usage: self.usage,
             model: self.model.unwrap_or(self.context.model),

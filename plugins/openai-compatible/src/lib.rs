@@ -7,6 +7,7 @@
 //! one when `OPENAI_COMPATIBLE_API_KEY` is set.
 
 use llm_http::openai::ChatCompletions;
+use llm_http::options::Ranges;
 use llm_http::wire::Adapter;
 use llm_http::{LlmError, Provider, Settings};
 
@@ -29,6 +30,7 @@ impl Adapter for OpenAiCompatible {
             default_model: settings.text_or(&PROVIDER, "default_model", DEFAULT_MODEL)?,
             extra_headers: Vec::new(),
             max_tokens_field: "max_tokens",
+            ranges: Ranges::openai_compatible(),
         })
     }
 }

@@ -5,6 +5,7 @@
 //! `authorization` header.
 
 use llm_http::openai::ChatCompletions;
+use llm_http::options::Ranges;
 use llm_http::wire::Adapter;
 use llm_http::{LlmError, Provider, Settings};
 
@@ -27,6 +28,7 @@ impl Adapter for OpenAi {
             default_model: settings.text_or(&PROVIDER, "default_model", DEFAULT_MODEL)?,
             extra_headers: Vec::new(),
             max_tokens_field: "max_completion_tokens",
+            ranges: Ranges::openai(&PROVIDER),
         })
     }
 }

@@ -10,6 +10,7 @@
 //! chunk; the shared Chat Completions reader maps those by their code.
 
 use llm_http::openai::ChatCompletions;
+use llm_http::options::Ranges;
 use llm_http::wire::Adapter;
 use llm_http::{LlmError, Provider, Settings};
 
@@ -43,6 +44,7 @@ impl Adapter for OpenRouter {
             default_model: settings.text_or(&PROVIDER, "default_model", DEFAULT_MODEL)?,
             extra_headers: extra_headers.into_iter().flatten().collect(),
             max_tokens_field: "max_tokens",
+            ranges: Ranges::openai_compatible(),
         })
     }
 }

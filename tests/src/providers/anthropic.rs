@@ -7,7 +7,15 @@
 //! user turn, non-empty text blocks, every `tool_use` answered by a
 //! `tool_result` (first) in the very next message and every `tool_result`
 //! answering a `tool_use` of the message before, tools with an object
-//! `input_schema`.
+//! `input_schema`, sampling options in their ranges (`temperature` and
+//! `top_p` from 0 to 1, `top_k` a whole number) and, from API version
+//! `2026-10-21` on, no sampling options at all.
+//!
+//! With extended thinking on (`thinking: {"type": "enabled", ...}`), every
+//! answer starts with a signed thinking block, and a conversation whose
+//! last assistant turn used a tool must give that turn's thinking block
+//! back first, unchanged (its signature checked against its text), as the
+//! API requires.
 
 use std::collections::HashSet;
 
@@ -38,7 +46,10 @@ const FIELDS: &[&str] = &[
     "context_management",
 ];
 
-const VERSIONS: &[&str] = &["2023-06-01", "2023-01-01"];
+const VERSIONS: &[&str] = &["2023-06-01", "2023-01-01", NO_SAMPLING_VERSION];
+
+/// The version that refuses `temperature`, `top_p` and `top_k` outright.
+pub const NO_SAMPLING_VERSION: &str = "2026-10-21";
 
 /// What Claude says before it calls a tool.
 const PREAMBLE: &str = "I'll use the calculator to work that out.";
@@ -77,7 +88,7 @@ pub(super) fn handle(incoming: &Incoming, shared: &Shared) -> Outcome {
         }
         Some(_) => {}
     }
-    match incoming.header("anthropic-version") {
+    let version = match incoming.header("anthropic-version") {
         None => {
             let message = "anthropic-version: header is required";
             return Outcome::rejected(error(400, "invalid_request_error", message), message);
@@ -86,8 +97,8 @@ pub(super) fn handle(incoming: &Incoming, shared: &Shared) -> Outcome {
             let message = format!("anthropic-version: invalid version {version:?}");
             return Outcome::rejected(error(400, "invalid_request_error", &message), message);
         }
-        Some(_) => {}
-    }
+        Some(version) => version.to_owned(),
+    };
     if !incoming.is_json() {
         let message = "Content-Type must be application/json";
         return Outcome::rejected(
@@ -102,7 +113,10 @@ pub(super) fn handle(incoming: &Incoming, shared: &Shared) -> Outcome {
             return Outcome::rejected(error(400, "invalid_request_error", &message), message);
         }
     };
-    if let Err(message) = validate(&body) {
+    if let Err(message) = validate(&body)
+        .and_then(|()| validate_for_version(&body, &version))
+        .and_then(|()| validate_thinking(&body))
+    {
         return Outcome::rejected(error(400, "invalid_request_error", &message), message);
     }
 
@@ -115,6 +129,7 @@ pub(super) fn handle(incoming: &Incoming, shared: &Shared) -> Outcome {
             let ids = Ids {
                 message: shared.id("msg_01"),
                 tool_use: shared.id("toolu_01"),
+                thinking: body["thinking"]["type"] == "enabled",
             };
             if stream {
                 Outcome::new(Reply::Sse {
@@ -181,6 +196,33 @@ pub(super) fn handle(incoming: &Incoming, shared: &Shared) -> Outcome {
 struct Ids {
     message: String,
     tool_use: String,
+    /// Whether the answer starts with a thinking block.
+    thinking: bool,
+}
+
+impl Ids {
+    /// The id of tool use `k` of a reply: the minted one, then with `k` added.
+    fn tool_use_id(&self, k: usize) -> String {
+        match k {
+            0 => self.tool_use.clone(),
+            k => format!("{}{k}", self.tool_use),
+        }
+    }
+}
+
+/// What Claude thinks before it answers, when thinking is on.
+const THINKING: &str = "The user wants 6 times 7; the calculator tool can do that.";
+
+/// The signature the mock gives a thinking block's text: any change to the
+/// text (or the signature) makes it fail the check.
+pub fn thinking_signature(text: &str) -> String {
+    // FNV-1a, twice over, shown as the long base64-like text Anthropic sends.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("EqQBCkgIBhABGAIqQMock{hash:016x}{:016x}Sig==", !hash)
 }
 
 /// An error in Anthropic's shape.
@@ -259,6 +301,98 @@ fn validate(body: &Value) -> Result<(), String> {
         validate_tools(tools)?;
     }
     validate_options(object)
+}
+
+/// Extended thinking: its settings, what it rules out, and that the last
+/// assistant turn that used a tool gives its thinking back first, unchanged.
+fn validate_thinking(body: &Value) -> Result<(), String> {
+    let thinking = &body["thinking"];
+    match thinking["type"].as_str() {
+        None if thinking.is_null() => return Ok(()),
+        Some("disabled") => return Ok(()),
+        Some("enabled") => {}
+        _ => {
+            return Err(format!(
+                "thinking: Input tag found using 'type' does not match any of the expected \
+                 tags: 'enabled', 'disabled', got {thinking}"
+            ));
+        }
+    }
+    let budget = thinking["budget_tokens"].as_u64().unwrap_or(0);
+    if budget < 1024 {
+        return Err(
+            "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024".into(),
+        );
+    }
+    if body["max_tokens"].as_u64().is_some_and(|max| budget >= max) {
+        return Err("`max_tokens` must be greater than `thinking.budget_tokens`".into());
+    }
+    if body
+        .get("temperature")
+        .is_some_and(|t| t.as_f64() != Some(1.0))
+    {
+        return Err("`temperature` may only be set to 1 when thinking is enabled".into());
+    }
+    if body.get("top_k").is_some() {
+        return Err("`top_k` is not supported when thinking is enabled".into());
+    }
+    if matches!(body["tool_choice"]["type"].as_str(), Some("any" | "tool")) {
+        return Err("Thinking may not be enabled when tool_choice forces tool use.".into());
+    }
+    let messages = body["messages"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for (i, message) in messages.iter().enumerate() {
+        for (j, block) in message["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if block["type"] == "thinking" {
+                let text = block["thinking"].as_str().unwrap_or_default();
+                if block["signature"].as_str() != Some(thinking_signature(text).as_str()) {
+                    return Err(format!(
+                        "messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+                    ));
+                }
+            }
+        }
+    }
+    let last_tool_use = messages.iter().enumerate().rev().find(|(_, message)| {
+        message["role"] == "assistant"
+            && message["content"]
+                .as_array()
+                .is_some_and(|blocks| blocks.iter().any(|b| b["type"] == "tool_use"))
+    });
+    if let Some((i, message)) = last_tool_use {
+        let first = &message["content"][0]["type"];
+        if first != "thinking" && first != "redacted_thinking" {
+            return Err(format!(
+                "messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but \
+                 found {first}. When `thinking` is enabled, a final `assistant` message must \
+                 start with a thinking block (preceeding the lastmost set of `tool_use` and \
+                 `tool_result` blocks). We recommend you include thinking blocks from \
+                 previous turns. To avoid this requirement, disable `thinking`."
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a version of the API refuses besides the rest.
+fn validate_for_version(body: &Value, version: &str) -> Result<(), String> {
+    if version == NO_SAMPLING_VERSION {
+        for field in ["temperature", "top_p", "top_k"] {
+            if body.get(field).is_some() {
+                return Err(format!(
+                    "{field}: this field is not supported in API version {version}"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate_messages(messages: &[Value]) -> Result<(), String> {
@@ -543,6 +677,20 @@ fn validate_options(object: &Map<String, Value>) -> Result<(), String> {
             "temperature: Input should be less than or equal to 1 and at least 0, got {temperature}"
         ));
     }
+    if let Some(top_p) = object.get("top_p")
+        && !top_p.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p))
+    {
+        return Err(format!(
+            "top_p: Input should be less than or equal to 1 and at least 0, got {top_p}"
+        ));
+    }
+    if let Some(top_k) = object.get("top_k")
+        && top_k.as_u64().is_none()
+    {
+        return Err(format!(
+            "top_k: Input should be a valid integer greater than or equal to 0, got {top_k}"
+        ));
+    }
     if let Some(choice) = object.get("tool_choice") {
         let ok = match choice["type"].as_str() {
             Some("auto" | "any" | "none") => true,
@@ -587,6 +735,8 @@ fn conversation(body: &Value) -> Conversation {
     Conversation {
         tool_result,
         offers_calculator,
+        tools_forbidden: body["tool_choice"]["type"] == "none",
+        parallel_allowed: body["tool_choice"]["disable_parallel_tool_use"] != true,
     }
 }
 
@@ -604,7 +754,9 @@ fn usage(input_tokens: u64, output_tokens: u64) -> Value {
 fn output_tokens(turn: &Turn) -> u64 {
     match turn {
         Turn::Text(text) => tokens(text),
-        Turn::CallTool { arguments, .. } => tokens(PREAMBLE) + tokens(&arguments.to_string()) + 30,
+        Turn::CallTool {
+            arguments, count, ..
+        } => tokens(PREAMBLE) + (tokens(&arguments.to_string()) + 30) * *count as u64,
     }
 }
 
@@ -617,13 +769,27 @@ fn stop_reason(turn: &Turn) -> &'static str {
 
 /// A `message` object.
 fn message(model: &str, turn: &Turn, ids: &Ids, input_tokens: u64) -> Value {
-    let content = match turn {
+    let mut content = match turn {
         Turn::Text(text) => json!([{"type": "text", "text": text}]),
-        Turn::CallTool { name, arguments } => json!([
-            {"type": "text", "text": PREAMBLE},
-            {"type": "tool_use", "id": ids.tool_use, "name": name, "input": arguments}
-        ]),
+        Turn::CallTool {
+            name,
+            arguments,
+            count,
+        } => {
+            let mut blocks = vec![json!({"type": "text", "text": PREAMBLE})];
+            blocks.extend((0..*count).map(|k| {
+                json!({"type": "tool_use", "id": ids.tool_use_id(k), "name": name, "input": arguments})
+            }));
+            Value::Array(blocks)
+        }
     };
+    if ids.thinking {
+        let blocks = content.as_array_mut().expect("an array");
+        blocks.insert(
+            0,
+            json!({"type": "thinking", "thinking": THINKING, "signature": thinking_signature(THINKING)}),
+        );
+    }
     json!({
         "id": ids.message,
         "type": "message",
@@ -658,40 +824,78 @@ fn events(model: &str, turn: &Turn, ids: &Ids, input_tokens: u64) -> Vec<String>
                 "usage": usage(input_tokens, 1),
             }
         })),
-        event(
-            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-        ),
         event(json!({"type": "ping"})),
     ];
-    let text_block = |frames: &mut Vec<String>, text: &str| {
-        for piece in pieces(text, 7) {
+    // With thinking on, the thinking block comes first, its text and its
+    // signature streamed as deltas, as Anthropic streams them.
+    let first = usize::from(ids.thinking);
+    if ids.thinking {
+        frames.push(event(json!({
+            "type": "content_block_start",
+            "index": 0,
+            "content_block": {"type": "thinking", "thinking": "", "signature": ""}
+        })));
+        for piece in pieces(THINKING, 11) {
             frames.push(event(json!({
                 "type": "content_block_delta",
                 "index": 0,
-                "delta": {"type": "text_delta", "text": piece}
+                "delta": {"type": "thinking_delta", "thinking": piece}
+            })));
+        }
+        let signature = thinking_signature(THINKING);
+        let (head, tail) = signature.split_at(signature.len() / 2);
+        for piece in [head, tail] {
+            frames.push(event(json!({
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "signature_delta", "signature": piece}
             })));
         }
         frames.push(event(json!({"type": "content_block_stop", "index": 0})));
+    }
+    let text_block = |frames: &mut Vec<String>, text: &str| {
+        frames.push(event(json!({
+            "type": "content_block_start",
+            "index": first,
+            "content_block": {"type": "text", "text": ""}
+        })));
+        for piece in pieces(text, 7) {
+            frames.push(event(json!({
+                "type": "content_block_delta",
+                "index": first,
+                "delta": {"type": "text_delta", "text": piece}
+            })));
+        }
+        frames.push(event(json!({"type": "content_block_stop", "index": first})));
     };
     match turn {
         Turn::Text(text) => text_block(&mut frames, text),
-        Turn::CallTool { name, arguments } => {
+        Turn::CallTool {
+            name,
+            arguments,
+            count,
+        } => {
             text_block(&mut frames, PREAMBLE);
-            frames.push(event(json!({
-                "type": "content_block_start",
-                "index": 1,
-                "content_block": {"type": "tool_use", "id": ids.tool_use, "name": name, "input": {}}
-            })));
-            let mut json_pieces = vec![String::new()];
-            json_pieces.extend(pieces(&arguments.to_string(), 5));
-            for piece in json_pieces {
+            for k in 0..*count {
+                let index = first + 1 + k;
                 frames.push(event(json!({
-                    "type": "content_block_delta",
-                    "index": 1,
-                    "delta": {"type": "input_json_delta", "partial_json": piece}
+                    "type": "content_block_start",
+                    "index": index,
+                    "content_block": {
+                        "type": "tool_use", "id": ids.tool_use_id(k), "name": name, "input": {}
+                    }
                 })));
+                let mut json_pieces = vec![String::new()];
+                json_pieces.extend(pieces(&arguments.to_string(), 5));
+                for piece in json_pieces {
+                    frames.push(event(json!({
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": "input_json_delta", "partial_json": piece}
+                    })));
+                }
+                frames.push(event(json!({"type": "content_block_stop", "index": index})));
             }
-            frames.push(event(json!({"type": "content_block_stop", "index": 1})));
         }
     }
     frames.push(event(json!({

@@ -12,6 +12,12 @@
 //! instruction. A bad key is answered 400 `API_KEY_INVALID`, and a missing
 //! one 403, as Google does. Stream chunks end with `\r\n\r\n`, as Google's
 //! do; without `alt=sse` the stream comes as one JSON array.
+//!
+//! Thought signatures as Gemini 3 has them: each function call the mock
+//! makes carries a `thoughtSignature`, and so does the last part of a text
+//! answer; a request whose current turn (since the last user text) holds a
+//! function call without the signature it came with is refused, as Gemini 3
+//! refuses it.
 
 use serde_json::{Map, Value, json};
 
@@ -132,7 +138,8 @@ const SCHEMA_TYPES: &[&str] = &[
     "NULL",
 ];
 
-const THOUGHT_SIGNATURE: &str = "CiQBcsjafMockThoughtSignatureOpaqueBytesAAAAAAAAAAAAAAAAAA==";
+pub(crate) const THOUGHT_SIGNATURE: &str =
+    "CiQBcsjafMockThoughtSignatureOpaqueBytesAAAAAAAAAAAAAAAAAA==";
 
 pub(super) fn handle(incoming: &Incoming, shared: &Shared) -> Outcome {
     let provider = Provider::Gemini;
@@ -349,6 +356,7 @@ fn validate(body: &Value) -> Result<(), String> {
         }
     };
     validate_contents(contents)?;
+    validate_thought_signatures(contents)?;
     if let Some(system) = field(object, "systemInstruction") {
         let Some(system) = system.as_object() else {
             return Err(format!(
@@ -401,6 +409,22 @@ fn validate(body: &Value) -> Result<(), String> {
         {
             return Err(format!(
                 "* GenerateContentRequest.generation_config.temperature: must be in [0, 2], got {temperature}"
+            ));
+        }
+    }
+    if let Some(config) = field(object, "generationConfig").and_then(Value::as_object) {
+        if let Some(top_p) = field(config, "topP")
+            && !top_p.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p))
+        {
+            return Err(format!(
+                "* GenerateContentRequest.generation_config.top_p: must be in [0, 1], got {top_p}"
+            ));
+        }
+        if let Some(top_k) = field(config, "topK")
+            && top_k.as_u64().is_none_or(|k| k < 1)
+        {
+            return Err(format!(
+                "* GenerateContentRequest.generation_config.top_k: must be positive, got {top_k}"
             ));
         }
     }
@@ -513,6 +537,60 @@ fn validate_contents(contents: &[Value]) -> Result<(), String> {
             return Err("Please ensure that function response turn comes immediately after a function call turn.".into());
         }
         previous_calls = calls;
+    }
+    Ok(())
+}
+
+/// Gemini 3's rule: in the current turn (the contents after the last user
+/// text), the first function call of each model step carries the thought
+/// signature it came with.
+fn validate_thought_signatures(contents: &[Value]) -> Result<(), String> {
+    let parts = |content: &Value| -> Vec<Value> {
+        content
+            .as_object()
+            .and_then(|c| field(c, "parts"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let current = contents
+        .iter()
+        .rposition(|content| {
+            content["role"] != "model" && parts(content).iter().any(|p| p.get("text").is_some())
+        })
+        .map_or(0, |at| at + 1);
+    for (i, content) in contents.iter().enumerate().skip(current) {
+        let parts = parts(content);
+        let Some((j, call)) = parts.iter().enumerate().find(|(_, part)| {
+            part.as_object()
+                .is_some_and(|p| field(p, "functionCall").is_some())
+        }) else {
+            continue;
+        };
+        let name = call
+            .as_object()
+            .and_then(|p| field(p, "functionCall"))
+            .and_then(|c| c["name"].as_str())
+            .unwrap_or_default();
+        match call.as_object().and_then(|p| field(p, "thoughtSignature")) {
+            None => {
+                return Err(format!(
+                    "Function call is missing a thought_signature in functionCall parts. This \
+                     is required for tools to work correctly, and missing thought_signature \
+                     may lead to degraded model performance. Additional data, function call \
+                     `default_api:{name}` , position {}. Please refer to \
+                     https://ai.google.dev/gemini-api/docs/thought-signatures for more details.",
+                    i + 1
+                ));
+            }
+            Some(signature) if signature != THOUGHT_SIGNATURE => {
+                return Err(format!(
+                    "* GenerateContentRequest.contents[{i}].parts[{j}].thought_signature: \
+                     Corrupted thought signature."
+                ));
+            }
+            Some(_) => {}
+        }
     }
     Ok(())
 }
@@ -772,9 +850,17 @@ fn conversation(body: &Value) -> Conversation {
         .filter_map(Value::as_array)
         .flatten()
         .any(|d| d["name"] == super::CALCULATOR);
+    let mode = object
+        .and_then(|o| field(o, "toolConfig"))
+        .and_then(Value::as_object)
+        .and_then(|c| field(c, "functionCallingConfig"))
+        .and_then(|c| c.get("mode"));
     Conversation {
         tool_result,
         offers_calculator,
+        tools_forbidden: mode.is_some_and(|mode| mode == "NONE"),
+        // Gemini has no switch: the model calls in parallel as it likes.
+        parallel_allowed: true,
     }
 }
 
@@ -812,16 +898,29 @@ fn responses(
         })
     };
     match turn {
-        Turn::CallTool { name, arguments } => {
-            let parts = json!([{
-                "functionCall": {"name": name, "args": arguments},
-                "thoughtSignature": THOUGHT_SIGNATURE,
-            }]);
-            vec![response(parts, true, tokens(&arguments.to_string()) + 3)]
+        Turn::CallTool {
+            name,
+            arguments,
+            count,
+        } => {
+            // Of parallel calls, only the first carries the signature.
+            let parts: Vec<Value> = (0..*count)
+                .map(|k| {
+                    let mut part = json!({"functionCall": {"name": name, "args": arguments}});
+                    if k == 0 {
+                        part["thoughtSignature"] = json!(THOUGHT_SIGNATURE);
+                    }
+                    part
+                })
+                .collect();
+            let output = (tokens(&arguments.to_string()) + 3) * *count as u64;
+            vec![response(Value::Array(parts), true, output)]
         }
-        Turn::Text(text) if !stream => {
-            vec![response(json!([{"text": text}]), true, tokens(text))]
-        }
+        Turn::Text(text) if !stream => vec![response(
+            json!([{"text": text, "thoughtSignature": THOUGHT_SIGNATURE}]),
+            true,
+            tokens(text),
+        )],
         Turn::Text(text) => {
             let count = text.chars().count();
             let pieces = pieces(text, count.div_ceil(3));
@@ -832,7 +931,12 @@ fn responses(
                 .enumerate()
                 .map(|(k, piece)| {
                     sent.push_str(piece);
-                    response(json!([{"text": piece}]), k == last, tokens(&sent))
+                    // The signature comes with the last part.
+                    let mut part = json!({"text": piece});
+                    if k == last {
+                        part["thoughtSignature"] = json!(THOUGHT_SIGNATURE);
+                    }
+                    response(json!([part]), k == last, tokens(&sent))
                 })
                 .collect()
         }

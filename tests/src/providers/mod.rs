@@ -14,7 +14,8 @@
 //!
 //! | model | answer |
 //! |---|---|
-//! | `mock-react` | no tool result in the conversation yet: a native tool call to `calculator` with `{"expression": "6*7"}`; else the text `Final Answer: <the tool's result>` |
+//! | `mock-react` | tool calls forbidden by the request's tool choice: the text [`NO_TOOLS_ANSWER`]; no tool result in the conversation yet: a native tool call to `calculator` with `{"expression": "6*7"}`; else the text `Final Answer: <the tool's result>` |
+//! | `mock-parallel` | as `mock-react`, but its tool call comes twice in one reply when the request allows parallel calls |
 //! | `mock-401` | 401 in the provider's error shape |
 //! | `mock-429-once` | 429 with `Retry-After: 1` on its first call to this server, then as `mock-react` |
 //! | `mock-500-once` | 500 on its first call to this server, then as `mock-react` |
@@ -27,6 +28,8 @@
 
 mod anthropic;
 mod gemini;
+
+pub use anthropic::thinking_signature;
 mod openai;
 #[cfg(test)]
 mod tests;
@@ -52,7 +55,11 @@ pub mod models {
     pub const RATE_LIMITED_ONCE: &str = "mock-429-once";
     pub const SERVER_ERROR_ONCE: &str = "mock-500-once";
     pub const MALFORMED: &str = "mock-malformed";
+    pub const PARALLEL: &str = "mock-parallel";
 }
+
+/// What `mock-react` answers when the request forbids tool calls.
+pub const NO_TOOLS_ANSWER: &str = "Final Answer: told to call no tool, I cannot compute";
 
 /// The tool `mock-react` calls, and with what.
 pub const CALCULATOR: &str = "calculator";
@@ -437,6 +444,16 @@ impl Shared {
         let call = self.count_call(provider, model);
         match model {
             models::REACT => Behaviour::Reply(react(conversation)),
+            models::PARALLEL => Behaviour::Reply(match react(conversation) {
+                Turn::CallTool {
+                    name, arguments, ..
+                } => Turn::CallTool {
+                    name,
+                    arguments,
+                    count: if conversation.parallel_allowed { 2 } else { 1 },
+                },
+                text => text,
+            }),
             models::UNAUTHORIZED => Behaviour::Unauthorized,
             models::MALFORMED => Behaviour::Malformed,
             models::RATE_LIMITED_ONCE if call == 1 => Behaviour::RateLimited,
@@ -455,6 +472,13 @@ pub(crate) struct Conversation {
     tool_result: Option<String>,
     /// Whether `calculator` was offered as a tool.
     offers_calculator: bool,
+    /// Whether the request lets the model make several tool calls at once
+    /// (OpenAI's `parallel_tool_calls`, Anthropic's
+    /// `disable_parallel_tool_use`; Gemini has no switch).
+    parallel_allowed: bool,
+    /// Whether the request forbade tool calls (OpenAI's `"none"`,
+    /// Anthropic's `{"type": "none"}`, Gemini's mode `NONE`).
+    tools_forbidden: bool,
 }
 
 /// What a mock model does with a well-formed request.
@@ -470,12 +494,21 @@ pub(crate) enum Behaviour {
 /// What the mock model says.
 pub(crate) enum Turn {
     /// A native tool call.
-    CallTool { name: String, arguments: Value },
+    /// A native tool call, `count` times in one reply (parallel calls when
+    /// more than one), each with its own id.
+    CallTool {
+        name: String,
+        arguments: Value,
+        count: usize,
+    },
     /// Text.
     Text(String),
 }
 
 fn react(conversation: &Conversation) -> Turn {
+    if conversation.tools_forbidden {
+        return Turn::Text(NO_TOOLS_ANSWER.into());
+    }
     match &conversation.tool_result {
         Some(result) => {
             let value = result_value(result);
@@ -487,6 +520,7 @@ fn react(conversation: &Conversation) -> Turn {
         None if conversation.offers_calculator => Turn::CallTool {
             name: CALCULATOR.to_owned(),
             arguments: serde_json::json!({"expression": CALCULATOR_EXPRESSION}),
+            count: 1,
         },
         None => Turn::Text(
             "Final Answer: (the mock was offered no calculator tool, so it cannot compute)".into(),

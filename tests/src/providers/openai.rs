@@ -159,10 +159,22 @@ pub(super) fn handle(provider: Provider, incoming: &Incoming, shared: &Shared) -
                     frames: chunks(provider, &model, &turn, &ids, input_tokens, include_usage),
                 })
             } else {
+                let mut body = completion(provider, &model, &turn, &ids, input_tokens);
+                // `n` above 1 gets that many choices, as the API gives them
+                // (not streamed: the adapters never ask for more than one).
+                let n = body_n(&incoming.body);
+                let first = body["choices"][0].clone();
+                body["choices"] = (0..n)
+                    .map(|index| {
+                        let mut choice = first.clone();
+                        choice["index"] = json!(index);
+                        choice
+                    })
+                    .collect();
                 Outcome::new(Reply::Json {
                     status: 200,
                     headers: Vec::new(),
-                    body: completion(provider, &model, &turn, &ids, input_tokens),
+                    body,
                     pretty: provider == Provider::OpenAi,
                 })
             }
@@ -238,6 +250,16 @@ pub(super) fn handle(provider: Provider, incoming: &Incoming, shared: &Shared) -
 struct Ids {
     completion: String,
     call: String,
+}
+
+impl Ids {
+    /// The id of call `k` of a reply: the minted one, then with `k` added.
+    fn call_id(&self, k: usize) -> String {
+        match k {
+            0 => self.call.clone(),
+            k => format!("{}{k}", self.call),
+        }
+    }
 }
 
 /// An error in the provider's shape.
@@ -647,6 +669,39 @@ fn validate_tools(tools: &Value) -> Result<(), Invalid> {
 }
 
 fn validate_options(object: &Map<String, Value>) -> Result<(), Invalid> {
+    if let Some(choice) = object.get("tool_choice").filter(|c| !c.is_null()) {
+        let valid = match choice {
+            Value::String(mode) => matches!(mode.as_str(), "none" | "auto" | "required"),
+            Value::Object(_) => {
+                choice["type"] == "function" && choice["function"]["name"].is_string()
+            }
+            _ => false,
+        };
+        if !valid {
+            return Err(invalid(
+                "tool_choice",
+                format!(
+                    "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or a \
+                     named function, got {choice}."
+                ),
+            ));
+        }
+        if object.get("tools").is_none_or(Value::is_null) {
+            return Err(invalid(
+                "tool_choice",
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' \
+                 are specified.",
+            ));
+        }
+    }
+    if let Some(parallel) = object.get("parallel_tool_calls").filter(|p| !p.is_null())
+        && !parallel.is_boolean()
+    {
+        return Err(invalid(
+            "parallel_tool_calls",
+            "Invalid type for 'parallel_tool_calls': expected a boolean.",
+        ));
+    }
     let stream = match object.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(stream)) => *stream,
@@ -712,6 +767,14 @@ fn validate_options(object: &Map<String, Value>) -> Result<(), Invalid> {
             format!("Invalid 'temperature': expected a number between 0 and 2, got {temperature}."),
         ));
     }
+    if let Some(top_p) = object.get("top_p").filter(|p| !p.is_null())
+        && !top_p.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p))
+    {
+        return Err(invalid(
+            "top_p",
+            format!("Invalid 'top_p': expected a number between 0 and 1, got {top_p}."),
+        ));
+    }
     for field in ["max_tokens", "max_completion_tokens"] {
         if let Some(value) = object.get(field).filter(|v| !v.is_null())
             && value.as_u64().is_none_or(|n| n < 1)
@@ -751,6 +814,8 @@ fn conversation(body: &Value) -> Conversation {
     Conversation {
         tool_result,
         offers_calculator,
+        tools_forbidden: body["tool_choice"] == "none",
+        parallel_allowed: body["parallel_tool_calls"] != false,
     }
 }
 
@@ -784,7 +849,9 @@ fn usage(provider: Provider, input_tokens: u64, output_tokens: u64) -> Value {
 fn output_tokens(turn: &Turn) -> u64 {
     match turn {
         Turn::Text(text) => tokens(text),
-        Turn::CallTool { arguments, .. } => tokens(&arguments.to_string()) + 5,
+        Turn::CallTool {
+            arguments, count, ..
+        } => (tokens(&arguments.to_string()) + 5) * *count as u64,
     }
 }
 
@@ -793,6 +860,15 @@ fn finish_reason(turn: &Turn) -> &'static str {
         Turn::Text(_) => "stop",
         Turn::CallTool { .. } => "tool_calls",
     }
+}
+
+/// The request's `n`: how many choices it asks for.
+fn body_n(body: &[u8]) -> u64 {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|body| body["n"].as_u64())
+        .unwrap_or(1)
+        .clamp(1, 8)
 }
 
 /// A `chat.completion` object.
@@ -804,14 +880,18 @@ fn completion(provider: Provider, model: &str, turn: &Turn, ids: &Ids, input_tok
             "refusal": null,
             "annotations": []
         }),
-        Turn::CallTool { name, arguments } => json!({
+        Turn::CallTool {
+            name,
+            arguments,
+            count,
+        } => json!({
             "role": "assistant",
             "content": null,
-            "tool_calls": [{
-                "id": ids.call,
+            "tool_calls": (0..*count).map(|k| json!({
+                "id": ids.call_id(k),
                 "type": "function",
                 "function": {"name": name, "arguments": arguments.to_string()}
-            }],
+            })).collect::<Vec<_>>(),
             "refusal": null,
             "annotations": []
         }),
@@ -907,26 +987,31 @@ fn chunks(
                 frames.push(chunk(json!({"content": piece}), None));
             }
         }
-        Turn::CallTool { name, arguments } => {
+        Turn::CallTool {
+            name,
+            arguments,
+            count,
+        } => {
             frames.push(chunk(
-                json!({
-                    "role": "assistant",
-                    "content": null,
-                    "tool_calls": [{
-                        "index": 0,
-                        "id": ids.call,
-                        "type": "function",
-                        "function": {"name": name, "arguments": ""}
-                    }],
-                    "refusal": null
-                }),
+                json!({"role": "assistant", "content": null, "refusal": null}),
                 None,
             ));
-            for piece in pieces(&arguments.to_string(), 4) {
+            for k in 0..*count {
                 frames.push(chunk(
-                    json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+                    json!({"tool_calls": [{
+                        "index": k,
+                        "id": ids.call_id(k),
+                        "type": "function",
+                        "function": {"name": name, "arguments": ""}
+                    }]}),
                     None,
                 ));
+                for piece in pieces(&arguments.to_string(), 4) {
+                    frames.push(chunk(
+                        json!({"tool_calls": [{"index": k, "function": {"arguments": piece}}]}),
+                        None,
+                    ));
+                }
             }
         }
     }

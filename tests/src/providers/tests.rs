@@ -70,7 +70,8 @@ fn gemini_body(after_tool: bool) -> Value {
         vec![json!({"role": "user", "parts": [{"text": "Question: What is 6 times 7?"}]})];
     if after_tool {
         contents.push(json!({"role": "model", "parts": [
-            {"functionCall": {"name": "calculator", "args": {"expression": "6*7"}}}
+            {"functionCall": {"name": "calculator", "args": {"expression": "6*7"}},
+             "thoughtSignature": super::gemini::THOUGHT_SIGNATURE}
         ]}));
         contents.push(json!({"role": "user", "parts": [
             {"functionResponse": {"name": "calculator", "response": {"result": TOOL_OUTPUT}}}
@@ -1103,4 +1104,169 @@ fn manifests_take_the_base_url_from_its_variable_and_the_key_as_a_credential() {
         manifest.contains(r#"host = "http://127.0.0.1:9""#),
         "{manifest}"
     );
+}
+
+#[tokio::test]
+async fn gemini_wants_the_thought_signature_of_the_current_turns_calls() {
+    let mock = MockProviders::start().await;
+    let gemini = Provider::Gemini;
+    let path = gemini_path(models::REACT, false);
+    let first = post_ok(&mock, gemini, &path, &gemini_body(false))
+        .await
+        .json();
+    assert_eq!(
+        first["candidates"][0]["content"]["parts"][0]["thoughtSignature"],
+        super::gemini::THOUGHT_SIGNATURE,
+        "the mock's call carries a signature"
+    );
+    post_ok(&mock, gemini, &path, &gemini_body(true)).await;
+
+    let mut bad = gemini_body(true);
+    bad["contents"][1]["parts"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("thoughtSignature");
+    expect_refused(
+        &mock,
+        gemini,
+        &path,
+        &bad,
+        &[],
+        400,
+        "Function call is missing a thought_signature",
+    )
+    .await;
+    bad["contents"][1]["parts"][0]["thoughtSignature"] = json!("bm90IHRoZSBzaWduYXR1cmU=");
+    expect_refused(
+        &mock,
+        gemini,
+        &path,
+        &bad,
+        &[],
+        400,
+        "Corrupted thought signature",
+    )
+    .await;
+
+    // Only the current turn is checked: after a new user text, an old call
+    // without its signature is accepted, as Gemini accepts it.
+    let mut older = bad.clone();
+    older["contents"][1]["parts"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("thoughtSignature");
+    older["contents"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"role": "model", "parts": [{"text": "It is 42."}]}));
+    older["contents"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"role": "user", "parts": [{"text": "And 6 times 8?"}]}));
+    post_ok(&mock, gemini, &path, &older).await;
+}
+
+#[tokio::test]
+async fn anthropic_2026_10_21_refuses_sampling_options() {
+    let mock = MockProviders::start().await;
+    let anthropic = Provider::Anthropic;
+    let version = [("anthropic-version", "2026-10-21")];
+    let body = anthropic_body(models::REACT, false, false);
+    let answer = post(
+        &mock,
+        anthropic,
+        "/v1/messages",
+        &body,
+        &["anthropic-version"],
+        &version,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    for (field, value) in [
+        ("temperature", json!(0.5)),
+        ("top_p", json!(0.9)),
+        ("top_k", json!(5)),
+    ] {
+        let mut bad = body.clone();
+        bad[field] = value;
+        let answer = post(
+            &mock,
+            anthropic,
+            "/v1/messages",
+            &bad,
+            &["anthropic-version"],
+            &version,
+        )
+        .await;
+        assert_eq!(answer.status, 400, "{field}: {}", answer.text);
+        assert!(
+            answer
+                .text
+                .contains("not supported in API version 2026-10-21"),
+            "{field}: {}",
+            answer.text
+        );
+        // The older version takes them.
+        post_ok(&mock, anthropic, "/v1/messages", &bad).await;
+    }
+    let mut bad = body.clone();
+    bad["temperature"] = json!(1.5);
+    expect_refused(
+        &mock,
+        anthropic,
+        "/v1/messages",
+        &bad,
+        &[],
+        400,
+        "temperature",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn anthropic_wants_the_thinking_block_back_before_a_tool_use() {
+    let mock = MockProviders::start().await;
+    let anthropic = Provider::Anthropic;
+    let thinking = json!({"type": "enabled", "budget_tokens": 1024});
+    let mut body = anthropic_body(models::REACT, false, false);
+    body["thinking"] = thinking.clone();
+    body["max_tokens"] = json!(2048);
+    let first = post_ok(&mock, anthropic, "/v1/messages", &body)
+        .await
+        .json();
+    let block = first["content"][0].clone();
+    assert_eq!(block["type"], "thinking", "{first:#}");
+    assert_eq!(
+        block["signature"],
+        super::thinking_signature(block["thinking"].as_str().unwrap())
+    );
+
+    let mut after = anthropic_body(models::REACT, true, false);
+    after["thinking"] = thinking;
+    after["max_tokens"] = json!(2048);
+    expect_refused(
+        &mock,
+        anthropic,
+        "/v1/messages",
+        &after,
+        &[],
+        400,
+        "must start with a thinking block",
+    )
+    .await;
+    let blocks = after["messages"][1]["content"].as_array_mut().unwrap();
+    blocks.insert(0, block.clone());
+    post_ok(&mock, anthropic, "/v1/messages", &after).await;
+    let mut changed = after.clone();
+    changed["messages"][1]["content"][0]["thinking"] = json!("Something else entirely.");
+    expect_refused(
+        &mock,
+        anthropic,
+        "/v1/messages",
+        &changed,
+        &[],
+        400,
+        "Invalid `signature` in `thinking` block",
+    )
+    .await;
 }

@@ -13,6 +13,7 @@ pub use request::build;
 pub use response::{body_error, finish_reason, parse};
 pub use stream::decode;
 
+use crate::options::Ranges;
 use crate::wire::{ReplyContext, Wire};
 use crate::{ChatRequest, ChatResponse, LlmError, Provider, SseEvent, StreamPart, model_or};
 
@@ -28,6 +29,8 @@ pub struct ChatCompletions {
     /// `max_completion_tokens` for OpenAI, whose newer models refuse
     /// `max_tokens`; `max_tokens` for everyone else.
     pub max_tokens_field: &'static str,
+    /// The sampling options it accepts.
+    pub ranges: Ranges,
 }
 
 impl Wire for ChatCompletions {
@@ -41,6 +44,10 @@ impl Wire for ChatCompletions {
 
     fn path(&self, _model: &str, _stream: bool) -> String {
         "/chat/completions".into()
+    }
+
+    fn ranges(&self) -> Ranges {
+        self.ranges.clone()
     }
 
     fn headers(&self, stream: bool) -> Vec<(String, String)> {

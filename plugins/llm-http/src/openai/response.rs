@@ -18,16 +18,25 @@ pub fn parse(
     if let Some(error) = body_error(provider, &json, body) {
         return Err(error);
     }
-    let choice = json
-        .get("choices")
-        .and_then(|choices| choices.get(0))
-        .ok_or_else(|| provider.bad_response("it has no choices", body))?;
+    let choices = json["choices"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let choice = match choices {
+        [] => return Err(provider.bad_response("it has no choices", body)),
+        [choice] => choice,
+        more => return Err(several_choices(provider, more.len(), body)),
+    };
     let message = choice
         .get("message")
         .ok_or_else(|| provider.bad_response("its choice has no message", body))?;
 
     let mut reply = Reply::new(context);
-    reply.content = message["content"].as_str().unwrap_or_default().to_owned();
+    reply.content = content(provider, &message["content"], body)?;
+    // A refusal is the model's answer, kept as its text.
+    if let Some(refusal) = message["refusal"].as_str() {
+        reply.content.push_str(refusal);
+    }
     for call in message["tool_calls"].as_array().into_iter().flatten() {
         let function = &call["function"];
         let name = function["name"]
@@ -39,6 +48,51 @@ pub fn parse(
     reply.usage = usage(&json["usage"]);
     reply.set_model(json["model"].as_str());
     Ok(reply.into_response())
+}
+
+/// A step takes one reply: a body with several choices (a request's `n`
+/// above 1) is refused rather than cut to its first.
+pub(super) fn several_choices(provider: &Provider, count: usize, body: &[u8]) -> LlmError {
+    provider.bad_response(
+        &format!("it has {count} choices, and a step takes one: leave `n` out of the options"),
+        body,
+    )
+}
+
+/// A message's content: text, or (as some compatible servers send it) a
+/// list of text parts, all of them read. Parts of any other kind are refused,
+/// since the step could not keep them.
+fn content(provider: &Provider, content: &Value, body: &[u8]) -> Result<String, LlmError> {
+    match content {
+        Value::Null => Ok(String::new()),
+        Value::String(text) => Ok(text.clone()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for part in parts {
+                match (part["type"].as_str(), part["text"].as_str()) {
+                    (Some("text"), Some(piece)) => text.push_str(piece),
+                    (Some("refusal"), _) => {
+                        text.push_str(part["refusal"].as_str().unwrap_or_default());
+                    }
+                    (kind, _) => {
+                        return Err(provider.bad_response(
+                            &format!(
+                                "its message has a content part of type {}, which the adapter \
+                                 cannot keep",
+                                kind.unwrap_or("(none)")
+                            ),
+                            body,
+                        ));
+                    }
+                }
+            }
+            Ok(text)
+        }
+        other => Err(provider.bad_response(
+            &format!("its message content is neither text nor a list of parts: {other}"),
+            body,
+        )),
+    }
 }
 
 pub fn finish_reason(reason: &str) -> FinishReason {

@@ -34,12 +34,23 @@ pub fn decode(
         None if opens_the_reply(&chunk) => parts.push(StreamPart::Model(context.model.clone())),
         None => {}
     }
-    // Only the first choice is read: requests never ask for more.
     let choices = chunk["choices"].as_array().into_iter().flatten();
-    for choice in choices.filter(|choice| choice["index"].as_u64().unwrap_or(0) == 0) {
+    for choice in choices {
+        // A step takes one reply: a second choice (`n` above 1) is refused.
+        if choice["index"].as_u64().unwrap_or(0) != 0 {
+            return Err(super::response::several_choices(
+                provider,
+                choice["index"].as_u64().unwrap_or(0) as usize + 1,
+                data.as_bytes(),
+            ));
+        }
         let delta = &choice["delta"];
         if let Some(text) = delta["content"].as_str().filter(|text| !text.is_empty()) {
             parts.push(StreamPart::Text(text.to_owned()));
+        }
+        // A refusal is the model's answer, kept as its text.
+        if let Some(refusal) = delta["refusal"].as_str().filter(|text| !text.is_empty()) {
+            parts.push(StreamPart::Text(refusal.to_owned()));
         }
         let fragments = delta["tool_calls"].as_array().into_iter().flatten();
         for (position, fragment) in fragments.enumerate() {

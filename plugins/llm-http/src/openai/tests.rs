@@ -20,6 +20,7 @@ fn wire() -> ChatCompletions {
         default_model: "gpt-4o-mini".into(),
         extra_headers: vec![("x-title".into(), "Opspawn".into())],
         max_tokens_field: "max_completion_tokens",
+        ranges: crate::options::Ranges::openai(&OPENAI),
     }
 }
 
@@ -507,5 +508,100 @@ fn stream_batches_are_translated_without_memory_of_earlier_ones() {
             StreamPart::Finish(FinishReason::Stop),
             StreamPart::Done,
         ]
+    );
+}
+
+#[test]
+fn every_text_part_is_read_and_several_choices_are_refused() {
+    let parts = r#"{"choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant",
+        "content":[{"type":"text","text":"It is "},{"type":"text","text":"18 C."}]}}]}"#;
+    let response = wire().parse(parts.as_bytes(), &context()).unwrap();
+    assert_eq!(response.message.content, "It is 18 C.");
+
+    let refusal = r#"{"choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant",
+        "content":null,"refusal":"I can't help with that."}}]}"#;
+    let response = wire().parse(refusal.as_bytes(), &context()).unwrap();
+    assert_eq!(response.message.content, "I can't help with that.");
+
+    let audio = r#"{"choices":[{"index":0,"message":{"role":"assistant",
+        "content":[{"type":"output_audio","data":"..."}]}}]}"#;
+    let error = wire().parse(audio.as_bytes(), &context()).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::BadResponse);
+    assert!(error.message.contains("output_audio"), "{}", error.message);
+
+    let two = r#"{"choices":[
+        {"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"a"}},
+        {"index":1,"finish_reason":"stop","message":{"role":"assistant","content":"b"}}]}"#;
+    let error = wire().parse(two.as_bytes(), &context()).unwrap_err();
+    assert!(error.message.contains("2 choices"), "{}", error.message);
+    let second = SseEvent {
+        event: None,
+        data: r#"{"choices":[{"index":1,"delta":{"content":"b"}}]}"#.into(),
+    };
+    let error = read_stream(&wire(), &context().encode(), &[second]).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::BadResponse);
+
+    let mut request = weather_request();
+    request.provider_options = r#"{"n": 3}"#.into();
+    let error = prepare(&wire(), &request).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
+    assert!(
+        error.message.contains("n 3 asks for 3 replies"),
+        "{}",
+        error.message
+    );
+}
+
+#[test]
+fn sampling_options_are_read_from_the_options_and_checked() {
+    let mut request = weather_request();
+    request.provider_options =
+        r#"{"temperature": 1.7, "top_p": 0.5, "max_tokens": 9, "seed": 4}"#.into();
+    let prepared = prepare(&wire(), &request).unwrap();
+    let Exchange::Http(http) = prepared.exchange else {
+        panic!("an HTTP exchange");
+    };
+    let body: Value = serde_json::from_slice(&http.body).unwrap();
+    assert_eq!(body["temperature"], json!(1.7));
+    assert_eq!(body["top_p"], json!(0.5));
+    assert_eq!(body["max_completion_tokens"], 9);
+    assert!(body.get("max_tokens").is_none());
+    assert_eq!(body["seed"], 4);
+    for (options, expected) in [
+        (
+            r#"{"temperature": 2.1}"#,
+            "temperature 2.1 is outside OpenAI's range, 0 to 2",
+        ),
+        (
+            r#"{"top_p": 1.1}"#,
+            "top_p 1.1 is outside OpenAI's range, 0 to 1",
+        ),
+        (
+            r#"{"top_k": 3}"#,
+            "top_k is not accepted: OpenAI has no top_k",
+        ),
+        (r#"{"max_tokens": 0}"#, "max_tokens must be at least 1"),
+    ] {
+        request.provider_options = options.into();
+        let error = prepare(&wire(), &request).unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::InvalidRequest, "{options}");
+        assert!(
+            error.message.starts_with("invalid LLM options: "),
+            "{}",
+            error.message
+        );
+        assert!(
+            error.message.contains(expected),
+            "{options}: {}",
+            error.message
+        );
+    }
+    request.provider_options = "{}".into();
+    request.temperature = Some(3.0);
+    let error = prepare(&wire(), &request).unwrap_err();
+    assert!(
+        error.message.contains("temperature 3 is outside"),
+        "{}",
+        error.message
     );
 }
