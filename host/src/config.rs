@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::auth::AuthConfig;
 use crate::api::{HttpLimits, QueueLimits, TaskDefaults};
 use crate::mcp::McpConfig;
+use crate::metrics::MetricsConfig;
 use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
 use crate::scheduler::SchedulerConfig;
@@ -70,6 +71,9 @@ pub struct Config {
     /// External MCP servers whose tools join the registry (`[[mcp.servers]]`).
     #[serde(default)]
     pub mcp: McpConfig,
+    /// Prometheus metrics at `GET /metrics`, and the token they need.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 /// Limits for plugins whose manifests do not ask for others.
@@ -121,6 +125,7 @@ const KEYS: &[&str] = &[
     "policy",
     "auth",
     "mcp",
+    "metrics",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -174,6 +179,7 @@ impl Default for Config {
             policy: OperatorPolicy::default(),
             auth: AuthConfig::default(),
             mcp: McpConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -65,6 +65,7 @@ codes! {
     InvalidJson = "invalid_json", status Some(400), request;
     InvalidRequest = "invalid_request", status Some(400), request;
     InvalidQuery = "invalid_query", status Some(400), request;
+    InvalidPath = "invalid_path", status Some(400), request;
     InvalidLastEventId = "invalid_last_event_id", status Some(400), request;
     InvalidIdempotencyKey = "invalid_idempotency_key", status Some(400), request;
     Unauthorized = "unauthorized", status Some(401), request;

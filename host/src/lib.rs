@@ -5,6 +5,7 @@
 //! The modules follow the architecture (see `docs/architecture.md`):
 //! - [`protocol`]: the neutral types every part speaks; [`errors`]: every
 //!   stable error code, in one table; [`rfc3339`]: times on the wire;
+//!   [`metrics`]: what the host counts and times, for Prometheus;
 //! - [`plugins`]: the plugin runtime (wasmtime), knows nothing of the store;
 //! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
 //! - [`scheduler`]: the dispatcher, leases and the agent loop, joining the two;
@@ -14,8 +15,8 @@
 //! - [`cli`], [`config`] and [`server`]: the `opspawn` command, its
 //!   settings and the wiring of `opspawn serve`.
 //!
-//! The core (`protocol`, `errors`, `rfc3339`, `events`, `store`, `plugins`,
-//! `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
+//! The core (`protocol`, `errors`, `rfc3339`, `events`, `metrics`, `store`,
+//! `plugins`, `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
 //! `server`): the edges turn configuration and requests into the core's own
 //! option types. A test below scans the sources to keep it so.
 
@@ -25,6 +26,7 @@ pub mod config;
 pub mod errors;
 pub mod events;
 pub mod mcp;
+pub mod metrics;
 pub mod plugins;
 pub mod protocol;
 pub mod rfc3339;
@@ -46,6 +48,7 @@ mod tests {
         "errors.rs",
         "rfc3339.rs",
         "events.rs",
+        "metrics.rs",
         "store",
         "plugins",
         "scheduler",

@@ -36,6 +36,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store = store::open(&database_url)
         .await
         .with_context(|| format!("cannot open the store at {database_url}"))?;
+    let scrape = api::scrape::Scrape::new(&config.metrics).map(Arc::new);
+    let store = match &scrape {
+        Some(scrape) => {
+            tokio::spawn(crate::metrics::keep_up(scrape.handle()));
+            store::Metered::wrap(store)
+        }
+        None => store,
+    };
     // An SQLite file belongs to one host: hold a lock for as long as we
     // serve, and since no other host can hold claims, take over at once the
     // tasks this host was running when it last stopped.
@@ -109,6 +117,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         defaults: Arc::new(config.defaults.clone()),
         gate: Arc::new(Gate::new(config.auth.clone())),
         admission: Arc::new(Admission::new(config.queue_limits())),
+        scrape: scrape.clone(),
     };
     let auth_enabled = state.gate.enabled();
     if !auth_enabled && !addr.ip().is_loopback() {
@@ -119,12 +128,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
         tracing::warn!(%addr, "listening on a non-loopback address without authentication");
     }
-    println!(
-        "data in {} (store: {database_url})",
-        config.data_dir.display()
-    );
-    println!("opspawn listening on http://{addr}");
-
+    if config.metrics.enabled && config.metrics.token_sha256.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "GET /metrics is open to anyone who can connect (it names tenants and plugins); \
+             set [metrics] token_sha256"
+        );
+    }
     let mcp_shutdown = tokio_util::sync::CancellationToken::new();
     let app = mount_mcp(
         api::app(state.clone(), config.max_body_bytes, &config.http),
@@ -132,6 +142,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         mcp_shutdown.clone(),
         config.max_body_bytes,
     );
+    let app = api::hygiene::around(app, &config.http.cors).map_err(anyhow::Error::msg)?;
+    let app = match scrape {
+        Some(_) => app.layer(axum::middleware::from_fn(api::scrape::count_request)),
+        None => app,
+    };
+    println!(
+        "data in {} (store: {database_url})",
+        config.data_dir.display()
+    );
+    println!("opspawn listening on http://{addr}");
     api::connections::serve(
         listener,
         app,

@@ -12,6 +12,7 @@ mod limits;
 mod mcp;
 mod mcp_server;
 mod network;
+mod observability;
 mod plugins;
 mod providers;
 mod sandbox;

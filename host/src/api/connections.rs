@@ -27,6 +27,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use super::ApiError;
+use super::hygiene::CorsConfig;
 use crate::errors::Code;
 
 /// `[http]`: how long the API waits on a client, and how many connections
@@ -53,6 +54,8 @@ pub struct HttpLimits {
     /// Connections open at once; past it new ones are closed at once, with
     /// a warning in the log.
     pub max_connections: usize,
+    /// `[http.cors]`: which web pages may call the API; off by default.
+    pub cors: CorsConfig,
 }
 
 impl Default for HttpLimits {
@@ -63,6 +66,7 @@ impl Default for HttpLimits {
             request_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(90),
             max_connections: 10_000,
+            cors: CorsConfig::default(),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! logged, never sent.
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -118,5 +118,17 @@ impl From<JsonRejection> for ApiError {
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
         Self::new(Code::InvalidQuery, rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::new(
+            Code::InvalidPath,
+            format!(
+                "the path is not one this endpoint accepts: {}",
+                rejection.body_text()
+            ),
+        )
     }
 }

@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::Tenant;
-use super::{ApiError, AppState};
+use super::{ApiError, ApiPath, AppState};
 use crate::errors::Code;
 use crate::events::LiveEvent;
 use crate::store::{EventRecord, Store};
@@ -28,7 +28,7 @@ const POLL: Duration = Duration::from_millis(1000);
 pub async fn task_events(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     super::owned_task(&state, &tenant, &id).await?;

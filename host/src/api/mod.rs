@@ -9,6 +9,8 @@ pub mod auth;
 pub mod connections;
 mod error;
 mod events;
+pub mod hygiene;
+pub mod scrape;
 #[cfg(test)]
 mod tests;
 mod views;
@@ -16,7 +18,7 @@ mod views;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Extension, FromRequest, FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, FromRequestParts, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware;
 use axum::response::IntoResponse;
@@ -71,6 +73,8 @@ pub struct AppState {
     pub defaults: Arc<TaskDefaults>,
     pub gate: Arc<auth::Gate>,
     pub admission: Arc<Admission>,
+    /// `GET /metrics`, when metrics are on.
+    pub scrape: Option<Arc<scrape::Scrape>>,
 }
 
 /// The whole API as one router. Every route but the event stream answers
@@ -94,13 +98,15 @@ pub fn app(state: AppState, max_body_bytes: usize, limits: &HttpLimits) -> Route
             state.clone(),
             auth::require_token,
         ));
-    let health =
-        Router::new()
-            .route("/healthz", get(healthz))
-            .route_layer(middleware::from_fn_with_state(
-                limits.clone(),
-                connections::answer_in_time,
-            ));
+    // Open to all, or (`/metrics`) behind a token of its own.
+    let mut open = Router::new().route("/healthz", get(healthz));
+    if state.scrape.is_some() {
+        open = open.route("/metrics", get(scrape::metrics));
+    }
+    let health = open.route_layer(middleware::from_fn_with_state(
+        limits.clone(),
+        connections::answer_in_time,
+    ));
     Router::new()
         .merge(health)
         .merge(authenticated)
@@ -118,6 +124,7 @@ pub fn app(state: AppState, max_body_bytes: usize, limits: &HttpLimits) -> Route
             (limits, max_body_bytes),
             connections::read_body_in_time,
         ))
+        .layer(middleware::map_response(hygiene::errors_as_json))
         .with_state(state)
 }
 
@@ -140,6 +147,12 @@ fn not_loaded(catalog: &Catalog, code: Code, message: String) -> ApiError {
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 struct ApiJson<T>(T);
+
+/// `axum::extract::Path`, with rejections in the API's error shape: a
+/// segment that is not UTF-8 once percent-decoded is `400 invalid_path`.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+struct ApiPath<T>(T);
 
 /// `axum::extract::Query`, with rejections in the API's error shape.
 #[derive(FromRequestParts)]
@@ -239,6 +252,8 @@ async fn create_task(
     };
     let status = match event {
         Some(event) => {
+            metrics::counter!(crate::metrics::TASKS_SUBMITTED, "tenant" => tenant.0.clone())
+                .increment(1);
             state.events.journaled(event);
             state.scheduler.wake();
             StatusCode::CREATED
@@ -521,7 +536,7 @@ pub(crate) async fn owned_task(
 async fn get_task(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<TaskView>, ApiError> {
     let task = owned_task(&state, &tenant, &id).await?;
     let steps = state.store.steps(&id).await?;
@@ -531,11 +546,17 @@ async fn get_task(
 async fn cancel_task(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     owned_task(&state, &tenant, &id).await?;
     match state.store.request_cancel(&id).await? {
         CancelOutcome::Cancelled(task, event) => {
+            metrics::counter!(
+                crate::metrics::TASKS_FINISHED,
+                "tenant" => tenant.0.clone(),
+                "status" => TaskStatus::Cancelled.as_str(),
+            )
+            .increment(1);
             state.events.journaled(event);
             Ok((StatusCode::OK, Json(TaskView::new(task, None))))
         }

@@ -9,11 +9,13 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use axum::response::IntoResponse;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::auth::{AuthConfig, Gate, TokenConfig, token_hash};
+use super::hygiene::{self, CorsConfig, REQUEST_ID};
 use super::{Admission, AppState, HttpLimits, QueueLimits, TaskDefaults, app};
 use crate::config::Config;
 use crate::errors::Code;
@@ -41,6 +43,7 @@ struct Setup {
     examples: bool,
     auth: AuthConfig,
     queue: Option<QueueLimits>,
+    cors: CorsConfig,
 }
 
 impl Setup {
@@ -70,9 +73,11 @@ impl Setup {
             admission: Arc::new(Admission::new(
                 self.queue.unwrap_or_else(|| host.config.queue_limits()),
             )),
+            scrape: None,
         };
+        let app = app(state, MAX_BODY_BYTES, &HttpLimits::default());
         Api {
-            app: app(state, MAX_BODY_BYTES, &HttpLimits::default()),
+            app: hygiene::around(app, &self.cors).expect("a valid CORS configuration"),
             store: host.store.clone(),
             host,
         }
@@ -625,4 +630,195 @@ fn task_defaults_are_within_what_a_request_may_ask() {
     let defaults: TaskDefaults = Config::default().defaults;
     assert!((1..=super::MAX_STEPS_CEILING).contains(&i64::from(defaults.max_steps)));
     assert!(i64::from(defaults.max_retries) <= super::MAX_RETRIES_CEILING);
+}
+
+#[tokio::test]
+async fn every_answer_carries_a_request_id_and_a_usable_one_from_the_client_is_kept() {
+    let api = Setup::default().start().await;
+    let id_of = |answer: &Answer| {
+        answer
+            .headers
+            .get(&REQUEST_ID)
+            .and_then(|id| id.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no X-Request-Id in {:?}", answer.headers))
+    };
+    let first = id_of(&api.get("/healthz").await);
+    let second = id_of(&api.get("/v2/nothing").await);
+    assert_ne!(first, second, "each request gets its own id");
+    for id in [&first, &second] {
+        assert!(
+            uuid::Uuid::parse_str(id).is_ok(),
+            "a new id is a UUID: {id}"
+        );
+    }
+    let with_id = |id: &str| {
+        request(Method::GET, "/healthz")
+            .header(REQUEST_ID, id)
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(id_of(&api.send(with_id("trace-42.a")).await), "trace-42.a");
+    let too_long = "x".repeat(129);
+    for unusable in ["has space", "<script>", too_long.as_str()] {
+        let replaced = id_of(&api.send(with_id(unusable)).await);
+        assert!(
+            uuid::Uuid::parse_str(&replaced).is_ok(),
+            "{unusable:?} is replaced by a new id, not {replaced:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn errors_the_framework_finds_are_json_with_a_code() {
+    let api = Setup::default().start().await;
+    for uri in [
+        "/v1/tasks/%FF",
+        "/v1/tasks/%C3%28/events",
+        "/v1/tasks/%80abc/cancel",
+    ] {
+        let method = if uri.ends_with("/cancel") {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        api.send(request(method, uri).body(Body::empty()).unwrap())
+            .await
+            .is_error(Code::InvalidPath, uri);
+    }
+    // A preflight while CORS is off is an ordinary request for a method
+    // the route lacks.
+    let preflight = request(Method::OPTIONS, "/v1/tasks")
+        .header(header::ORIGIN, "https://dash.example")
+        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+        .body(Body::empty())
+        .unwrap();
+    let answer = api.send(preflight).await;
+    answer.is_error(Code::MethodNotAllowed, "OPTIONS with CORS off");
+    assert!(
+        !answer
+            .headers
+            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN),
+        "CORS is off by default: {:?}",
+        answer.headers
+    );
+}
+
+#[tokio::test]
+async fn a_plain_text_error_from_a_layer_becomes_the_json_error_of_its_status() {
+    let cases = [
+        (StatusCode::BAD_REQUEST, Code::InvalidRequest),
+        (StatusCode::NOT_FOUND, Code::RouteNotFound),
+        (StatusCode::PAYLOAD_TOO_LARGE, Code::PayloadTooLarge),
+        (StatusCode::IM_A_TEAPOT, Code::InvalidRequest),
+        (StatusCode::BAD_GATEWAY, Code::InternalError),
+    ];
+    for (status, code) in cases {
+        let plain = (status, "Failed to parse the request").into_response();
+        let response = hygiene::errors_as_json(plain).await;
+        let status = response.status();
+        let body: Value =
+            serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes())
+                .expect("a JSON body");
+        let answer = Answer {
+            status,
+            headers: HeaderMap::new(),
+            body,
+        };
+        answer.is_error(code, &format!("plain {status}"));
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_answered_500_internal_error_with_its_request_id() {
+    async fn boom() -> &'static str {
+        panic!("deliberately, in a test")
+    }
+    let router = Router::new().route("/boom", axum::routing::get(boom));
+    let router = hygiene::around(router, &CorsConfig::default()).unwrap();
+    let response = router
+        .oneshot(request(Method::GET, "/boom").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(response.headers().contains_key(&REQUEST_ID));
+    let body: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["error"]["code"], "internal_error", "{body}");
+}
+
+#[tokio::test]
+async fn cors_answers_the_configured_origins_only_and_before_authentication() {
+    let api = Setup {
+        auth: tokens(None, None),
+        cors: CorsConfig {
+            allow_origins: vec!["https://dash.example".into()],
+            ..CorsConfig::default()
+        },
+        ..Setup::default()
+    }
+    .start()
+    .await;
+    let preflight = |origin: &str| {
+        request(Method::OPTIONS, "/v1/tasks")
+            .header(header::ORIGIN, origin)
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .header(
+                header::ACCESS_CONTROL_REQUEST_HEADERS,
+                "authorization, content-type, idempotency-key",
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    let allowed = api.send(preflight("https://dash.example")).await;
+    assert_eq!(allowed.status, StatusCode::OK, "{:?}", allowed.headers);
+    assert_eq!(
+        allowed.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://dash.example"
+    );
+    let allowed_headers = allowed.headers[header::ACCESS_CONTROL_ALLOW_HEADERS]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for needed in ["authorization", "content-type", "idempotency-key"] {
+        assert!(allowed_headers.contains(needed), "{allowed_headers}");
+    }
+    let other = api.send(preflight("https://evil.example")).await;
+    assert!(
+        !other
+            .headers
+            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN),
+        "another origin is not allowed: {:?}",
+        other.headers
+    );
+
+    let listed = api
+        .send(
+            request(Method::GET, "/v1/tasks")
+                .header(header::ORIGIN, "https://dash.example")
+                .header(header::AUTHORIZATION, "Bearer acme-secret")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
+    assert_eq!(
+        listed.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://dash.example"
+    );
+    let exposed = listed.headers[header::ACCESS_CONTROL_EXPOSE_HEADERS]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+    // Without a token the answer is still refused, CORS or not.
+    let anonymous = api
+        .send(
+            request(Method::GET, "/v1/tasks")
+                .header(header::ORIGIN, "https://dash.example")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    anonymous.is_error(Code::Unauthorized, "no token, from an allowed origin");
 }

@@ -168,6 +168,15 @@ impl CallError {
     }
 }
 
+/// Times a plugin call for `opspawn_plugin_call_duration_seconds`.
+fn record_call<T>(plugin: &str, kind: PluginKind, result: &Result<T, CallError>, started: Instant) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(error) => crate::metrics::code_label(error.code()),
+    };
+    crate::metrics::plugin_call(plugin, kind.as_str(), outcome, started.elapsed());
+}
+
 pub struct PluginRuntime {
     engine: Engine,
     linker: Linker<CallState>,
@@ -360,6 +369,20 @@ impl PluginRuntime {
         context: &CallContext,
         input: &Value,
     ) -> Result<Value, CallError> {
+        let started = Instant::now();
+        let result = self.invoke_tool_unmetered(tool, context, input).await;
+        let catalog = self.catalog();
+        let plugin = catalog.tool_owner(tool).unwrap_or("unknown");
+        record_call(plugin, PluginKind::Tool, &result, started);
+        result
+    }
+
+    async fn invoke_tool_unmetered(
+        &self,
+        tool: &str,
+        context: &CallContext,
+        input: &Value,
+    ) -> Result<Value, CallError> {
         let catalog = self.catalog();
         let Some(plugin) = catalog.tool_plugin(tool) else {
             // An MCP server's tool: its source runs it (and checks its input).
@@ -424,6 +447,17 @@ impl PluginRuntime {
         planner: &str,
         state: &TaskState<'_>,
     ) -> Result<PlannerAction, CallError> {
+        let started = Instant::now();
+        let result = self.next_action_unmetered(planner, state).await;
+        record_call(planner, PluginKind::Planner, &result, started);
+        result
+    }
+
+    async fn next_action_unmetered(
+        &self,
+        planner: &str,
+        state: &TaskState<'_>,
+    ) -> Result<PlannerAction, CallError> {
         let plugin = self
             .when_loaded(|| self.plugin_of_kind(planner, PluginKind::Planner))
             .await?;
@@ -477,6 +511,22 @@ impl PluginRuntime {
     /// translates; the host performs the HTTP exchange in between. A 0.1
     /// adapter makes the call itself and holds its instance throughout.
     pub async fn complete(
+        &self,
+        adapter: &str,
+        context: &CallContext,
+        request: &ChatRequest,
+        deltas: Option<mpsc::UnboundedSender<String>>,
+        deadline: Instant,
+    ) -> Result<ChatResponse, CallError> {
+        let started = Instant::now();
+        let result = self
+            .complete_unmetered(adapter, context, request, deltas, deadline)
+            .await;
+        record_call(adapter, PluginKind::LlmAdapter, &result, started);
+        result
+    }
+
+    async fn complete_unmetered(
         &self,
         adapter: &str,
         context: &CallContext,

@@ -540,6 +540,7 @@ impl PluginRuntime {
                     }
                     let error = keeps_serving(error, incumbent.as_deref());
                     self.warn_once(&file, &version, &error);
+                    count_load(code.as_str());
                     next.failures.push(LoadFailure { file, code, error });
                     report.failed += 1;
                     continue;
@@ -671,6 +672,7 @@ impl PluginRuntime {
                 let plugin = Arc::new(plugin);
                 match next.admit(plugin.clone()) {
                     Ok(displaced) => {
+                        count_load("loaded");
                         tracing::info!(
                             plugin = %plugin.info.name,
                             kind = %plugin.info.kind,
@@ -694,6 +696,7 @@ impl PluginRuntime {
             Err(error) => Some((Code::PluginLoadFailed, error)),
         };
         if let Some((code, error)) = refusal {
+            count_load(code.as_str());
             let kept = previous.filter(|plugin| next.admit(plugin.clone()).is_ok());
             let error = keeps_serving(error, kept.as_deref());
             self.warn_once(file, version, &error);
@@ -1212,6 +1215,12 @@ fn semver_pair(version: &str) -> Option<(u64, u64, u64)> {
         parts.next()?.parse().ok()?,
         parts.next()?.parse().ok()?,
     ))
+}
+
+/// Counts a load of a plugin file by its outcome: `loaded`, or the code of
+/// its failure.
+fn count_load(outcome: &'static str) {
+    metrics::counter!(crate::metrics::PLUGIN_LOADS, "outcome" => outcome).increment(1);
 }
 
 #[cfg(test)]

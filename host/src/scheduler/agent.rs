@@ -115,6 +115,7 @@ impl Run {
                 return;
             }
         };
+        let status = end.status();
         let store = &self.shared.store;
         let written = match self.unwritten_end.take() {
             Some(step_end) => store
@@ -128,6 +129,12 @@ impl Run {
         };
         match written {
             Ok(event) => {
+                metrics::counter!(
+                    crate::metrics::TASKS_FINISHED,
+                    "tenant" => self.task.tenant.clone(),
+                    "status" => status.as_str(),
+                )
+                .increment(1);
                 tracing::info!(task = %self.task.id, status = %event.data["status"], "task finished");
                 self.shared.events.journaled(event);
             }
@@ -329,20 +336,23 @@ impl Run {
         input: Value,
         effect: Result<Effect, (StepKind, ErrorInfo)>,
     ) -> Result<Option<TaskEnd>, Interrupted> {
+        let started_at = Instant::now();
         let kind = match &effect {
             Ok(effect) => effect.kind(),
             Err((kind, _)) => *kind,
         };
-        let plugin = match kind {
-            StepKind::Llm => self.task.llm.clone(),
+        // The plugin as a metric label: a tool nothing offers is `unknown`,
+        // not the name the planner made up.
+        let (plugin, plugin_label) = match kind {
+            StepKind::Llm => (self.task.llm.clone(), self.task.llm.clone()),
             StepKind::Tool => {
                 let tool = input["name"].as_str().unwrap_or_default();
-                self.shared
-                    .runtime
-                    .catalog()
-                    .tool_owner(tool)
-                    .unwrap_or(tool)
-                    .to_owned()
+                let catalog = self.shared.runtime.catalog();
+                let owner = catalog.tool_owner(tool);
+                (
+                    owner.unwrap_or(tool).to_owned(),
+                    owner.unwrap_or("unknown").to_owned(),
+                )
             }
         };
         let start = StepStart {
@@ -415,6 +425,12 @@ impl Run {
             }
             tries += 1;
             self.retries_used += 1;
+            metrics::counter!(
+                crate::metrics::STEP_RETRIES,
+                "kind" => kind.as_str(),
+                "code" => crate::metrics::code_label(&error.code),
+            )
+            .increment(1);
             tracing::info!(
                 task = %self.task.id,
                 step = seq,
@@ -446,6 +462,13 @@ impl Run {
             }
             _ => None,
         };
+        metrics::histogram!(
+            crate::metrics::STEP_DURATION,
+            "kind" => kind.as_str(),
+            "plugin" => plugin_label,
+            "outcome" => crate::metrics::outcome_label(&output.as_ref().map_err(|e| &e.code)),
+        )
+        .record(started_at.elapsed());
         let started = self.take_step(seq);
         let end = StepEnd {
             started,
@@ -519,6 +542,17 @@ impl Run {
             .complete(&self.task.llm, context, request, Some(deltas), deadline)
             .await;
         let _ = forward.await;
+        if let Ok(response) = &result
+            && let Some(usage) = &response.usage
+        {
+            let model = request.model.as_deref().unwrap_or(&response.model);
+            crate::metrics::llm_tokens(
+                &self.task.llm,
+                Some(model),
+                usage.input_tokens,
+                usage.output_tokens,
+            );
+        }
         match result {
             Ok(response) => Attempt {
                 usage: response.usage,

@@ -213,6 +213,11 @@ impl Scheduler {
         self.shared.wake.notify_one();
     }
 
+    /// How many tasks run on this host now.
+    pub fn running_here(&self) -> usize {
+        self.shared.runs().len()
+    }
+
     /// Stops a task running on this host at its next step boundary. (Tasks
     /// running elsewhere hear of it through the store.)
     pub fn cancel_local(&self, task_id: &str) {

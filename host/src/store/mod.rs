@@ -8,6 +8,7 @@
 //! A write whose fence no longer matches the task's current claim fails with
 //! [`StoreError::Fenced`] and changes nothing.
 
+mod metered;
 mod postgres;
 mod sqlite;
 
@@ -17,6 +18,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use metered::Metered;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -500,6 +502,17 @@ pub enum Renewal {
     Lost,
 }
 
+/// The queue as [`Store::queue_gauges`] sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueGauges {
+    /// Tasks queued or running, by tenant and status; a pair with none is
+    /// left out.
+    pub active: Vec<(String, TaskStatus, u64)>,
+    /// The `run_at` (or, without one, the creation time) of the queued task
+    /// that has waited longest among those that may run now.
+    pub oldest_runnable_since: Option<Millis>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// A short name for logs: `sqlite` or `postgres`.
@@ -519,6 +532,11 @@ pub trait Store: Send + Sync + 'static {
     /// the queue. Index-backed: it reads queued rows only, however many tasks
     /// are running or finished.
     async fn count_queued(&self, tenant: Option<&str>, at_most: u64) -> Result<u64>;
+    /// What the queue holds now, for metrics: queued and running tasks by
+    /// tenant and status, and when the oldest queued task that may run at
+    /// `now` became runnable. Reads the partial indexes of queued and
+    /// running tasks only.
+    async fn queue_gauges(&self, now: Millis) -> Result<QueueGauges>;
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>>;
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage>;
     async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>>;
@@ -566,11 +584,7 @@ pub trait Store: Send + Sync + 'static {
         fence: &Fence,
         end: StepEnd,
         next: StepStart,
-    ) -> Result<[(StepRecord, EventRecord); 2]> {
-        let finished = self.finish_step(fence, end).await?;
-        let started = self.start_step(fence, next).await?;
-        Ok([finished, started])
-    }
+    ) -> Result<[(StepRecord, EventRecord); 2]>;
 
     /// Journals a step's end and the task's end in one write, as
     /// [`Store::finish_step_then_start`] does for a step that follows.
@@ -579,11 +593,7 @@ pub trait Store: Send + Sync + 'static {
         fence: &Fence,
         end: StepEnd,
         task_end: TaskEnd,
-    ) -> Result<((StepRecord, EventRecord), EventRecord)> {
-        let finished = self.finish_step(fence, end).await?;
-        let event = self.finish_task(fence, task_end).await?;
-        Ok((finished, event))
-    }
+    ) -> Result<((StepRecord, EventRecord), EventRecord)>;
 
     /// Signalled when other hosts sharing the store may have made work this
     /// host was not told of (a task submitted to another host). Idle workers

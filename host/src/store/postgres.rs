@@ -30,10 +30,11 @@ use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Notify;
 
 use super::{
-    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, Renewal,
-    Result, StepEnd, StepKind, StepRecord, StepStart, StepStatus, Store, StoreError, TaskEnd,
-    TaskPage, TaskQuery, TaskRecord, TaskStatus, event_kind, in_claim_order, lack_step_inputs,
-    now_millis, parse_json, renewals, restore_step_inputs, step_event_data, step_started_event,
+    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, QueueGauges,
+    Renewal, Result, StepEnd, StepKind, StepRecord, StepStart, StepStatus, Store, StoreError,
+    TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStatus, event_kind, in_claim_order,
+    lack_step_inputs, now_millis, parse_json, renewals, restore_step_inputs, step_event_data,
+    step_started_event,
 };
 use crate::protocol::Usage;
 
@@ -950,6 +951,33 @@ impl Store for PgStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(count as u64)
+    }
+
+    async fn queue_gauges(&self, now: Millis) -> Result<QueueGauges> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT tenant, status, COUNT(*) FROM tasks
+              WHERE status IN ('queued', 'running')
+              GROUP BY tenant, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let active = rows
+            .into_iter()
+            .filter_map(|(tenant, status, count)| {
+                Some((tenant, TaskStatus::parse(&status)?, count as u64))
+            })
+            .collect();
+        let oldest_runnable_since: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(COALESCE(run_at, created_at)) FROM tasks
+              WHERE status = 'queued' AND (run_at IS NULL OR run_at <= $1)",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(QueueGauges {
+            active,
+            oldest_runnable_since,
+        })
     }
 
     async fn count_queued(&self, tenant: Option<&str>, at_most: u64) -> Result<u64> {

@@ -16,9 +16,9 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, Renewal, Result, StepEnd,
-    StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord, lack_step_inputs,
-    restore_step_inputs,
+    CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, QueueGauges, Renewal, Result,
+    StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStatus,
+    lack_step_inputs, restore_step_inputs,
 };
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
@@ -129,6 +129,33 @@ impl Store for SqliteStore {
         .fetch_one(&self.reads)
         .await?;
         Ok(count as u64)
+    }
+
+    async fn queue_gauges(&self, now: Millis) -> Result<QueueGauges> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT tenant, status, COUNT(*) FROM tasks
+              WHERE status IN ('queued', 'running')
+              GROUP BY tenant, status",
+        )
+        .fetch_all(&self.reads)
+        .await?;
+        let active = rows
+            .into_iter()
+            .filter_map(|(tenant, status, count)| {
+                Some((tenant, TaskStatus::parse(&status)?, count as u64))
+            })
+            .collect();
+        let oldest_runnable_since: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(COALESCE(run_at, created_at)) FROM tasks
+              WHERE status = 'queued' AND (run_at IS NULL OR run_at <= ?1)",
+        )
+        .bind(now)
+        .fetch_one(&self.reads)
+        .await?;
+        Ok(QueueGauges {
+            active,
+            oldest_runnable_since,
+        })
     }
 
     async fn count_queued(&self, tenant: Option<&str>, at_most: u64) -> Result<u64> {

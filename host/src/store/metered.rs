@@ -1,0 +1,145 @@
+//! A store that times every operation of the store it wraps, for the
+//! `opspawn_store_operation_duration_seconds` histogram.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{
+    CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, QueueGauges, Renewal, Result,
+    StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord,
+};
+use crate::metrics::STORE_OPERATION_DURATION;
+
+pub struct Metered {
+    inner: Arc<dyn Store>,
+}
+
+impl Metered {
+    pub fn wrap(inner: Arc<dyn Store>) -> Arc<dyn Store> {
+        Arc::new(Self { inner })
+    }
+}
+
+async fn timed<T>(operation: &'static str, call: impl Future<Output = Result<T>>) -> Result<T> {
+    let started = Instant::now();
+    let result = call.await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::histogram!(STORE_OPERATION_DURATION, "operation" => operation, "outcome" => outcome)
+        .record(started.elapsed());
+    result
+}
+
+#[async_trait]
+impl Store for Metered {
+    fn engine(&self) -> &'static str {
+        self.inner.engine()
+    }
+
+    async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, Option<EventRecord>)> {
+        timed("create_task", self.inner.create_task(task)).await
+    }
+
+    async fn prune_finished(&self, before: Millis) -> Result<u64> {
+        timed("prune_finished", self.inner.prune_finished(before)).await
+    }
+
+    async fn count_active(&self, tenant: &str) -> Result<u64> {
+        timed("count_active", self.inner.count_active(tenant)).await
+    }
+
+    async fn count_queued(&self, tenant: Option<&str>, at_most: u64) -> Result<u64> {
+        timed("count_queued", self.inner.count_queued(tenant, at_most)).await
+    }
+
+    async fn queue_gauges(&self, now: Millis) -> Result<QueueGauges> {
+        timed("queue_gauges", self.inner.queue_gauges(now)).await
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
+        timed("get_task", self.inner.get_task(id)).await
+    }
+
+    async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
+        timed("list_tasks", self.inner.list_tasks(query)).await
+    }
+
+    async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>> {
+        timed("steps", self.inner.steps(task_id)).await
+    }
+
+    async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>> {
+        timed("events_after", self.inner.events_after(task_id, after)).await
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<CancelOutcome> {
+        timed("request_cancel", self.inner.request_cancel(id)).await
+    }
+
+    async fn claim_batch(&self, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>> {
+        timed("claim_batch", self.inner.claim_batch(worker, lease, max)).await
+    }
+
+    async fn claim_next(&self, worker: &str, lease: Duration) -> Result<Option<Claim>> {
+        timed("claim_next", self.inner.claim_next(worker, lease)).await
+    }
+
+    async fn renew_leases(&self, fences: &[Fence], lease: Duration) -> Result<Vec<Renewal>> {
+        timed("renew_leases", self.inner.renew_leases(fences, lease)).await
+    }
+
+    async fn expire_all_leases(&self) -> Result<u64> {
+        timed("expire_all_leases", self.inner.expire_all_leases()).await
+    }
+
+    async fn start_step(
+        &self,
+        fence: &Fence,
+        step: StepStart,
+    ) -> Result<(StepRecord, EventRecord)> {
+        timed("start_step", self.inner.start_step(fence, step)).await
+    }
+
+    async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<(StepRecord, EventRecord)> {
+        timed("finish_step", self.inner.finish_step(fence, end)).await
+    }
+
+    async fn finish_task(&self, fence: &Fence, end: TaskEnd) -> Result<EventRecord> {
+        timed("finish_task", self.inner.finish_task(fence, end)).await
+    }
+
+    async fn finish_step_then_start(
+        &self,
+        fence: &Fence,
+        end: StepEnd,
+        next: StepStart,
+    ) -> Result<[(StepRecord, EventRecord); 2]> {
+        timed(
+            "finish_step_then_start",
+            self.inner.finish_step_then_start(fence, end, next),
+        )
+        .await
+    }
+
+    async fn finish_step_then_task(
+        &self,
+        fence: &Fence,
+        end: StepEnd,
+        task_end: TaskEnd,
+    ) -> Result<((StepRecord, EventRecord), EventRecord)> {
+        timed(
+            "finish_step_then_task",
+            self.inner.finish_step_then_task(fence, end, task_end),
+        )
+        .await
+    }
+
+    fn wakeups(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.inner.wakeups()
+    }
+
+    fn cancellations(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        self.inner.cancellations()
+    }
+}
