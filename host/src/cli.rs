@@ -25,6 +25,13 @@ pub struct Cli {
     command: Command,
 }
 
+impl Cli {
+    /// Whether this command runs the server, the only one that exports traces.
+    pub fn serves(&self) -> bool {
+        matches!(self.command, Command::Serve(_))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server: scheduler, store, REST API and plugin folder.

@@ -74,6 +74,21 @@ pub struct Config {
     /// Prometheus metrics at `GET /metrics`, and the token they need.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// What traces record (they are exported when the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` variable is set).
+    #[serde(default)]
+    pub traces: TracesConfig,
+}
+
+/// `[traces]`: what the spans of a task carry beyond names, models, token
+/// counts and outcomes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracesConfig {
+    /// Record prompts and replies (`gen_ai.input.messages`,
+    /// `gen_ai.output.messages`) and tool arguments and results on the
+    /// spans. Off: they can hold anything a user or a tool wrote.
+    pub record_content: bool,
 }
 
 /// Limits for plugins whose manifests do not ask for others.
@@ -126,6 +141,7 @@ const KEYS: &[&str] = &[
     "auth",
     "mcp",
     "metrics",
+    "traces",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -180,6 +196,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             mcp: McpConfig::default(),
             metrics: MetricsConfig::default(),
+            traces: TracesConfig::default(),
         }
     }
 }
@@ -289,6 +306,7 @@ impl Config {
         SchedulerConfig {
             max_running_tasks: self.max_running_tasks,
             lease: self.lease,
+            trace_content: self.traces.record_content,
             ..SchedulerConfig::default()
         }
     }

@@ -6,6 +6,7 @@
 //! - [`protocol`]: the neutral types every part speaks; [`errors`]: every
 //!   stable error code, in one table; [`rfc3339`]: times on the wire;
 //!   [`metrics`]: what the host counts and times, for Prometheus;
+//!   [`telemetry`]: the log, and OpenTelemetry traces over OTLP;
 //! - [`plugins`]: the plugin runtime (wasmtime), knows nothing of the store;
 //! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
 //! - [`scheduler`]: the dispatcher, leases and the agent loop, joining the two;
@@ -15,8 +16,8 @@
 //! - [`cli`], [`config`] and [`server`]: the `opspawn` command, its
 //!   settings and the wiring of `opspawn serve`.
 //!
-//! The core (`protocol`, `errors`, `rfc3339`, `events`, `metrics`, `store`,
-//! `plugins`, `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
+//! The core (`protocol`, `errors`, `rfc3339`, `events`, `metrics`,
+//! `telemetry`, `store`, `plugins`, `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
 //! `server`): the edges turn configuration and requests into the core's own
 //! option types. A test below scans the sources to keep it so.
 
@@ -33,6 +34,7 @@ pub mod rfc3339;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 
 #[cfg(test)]
 mod test_support;
@@ -49,6 +51,7 @@ mod tests {
         "rfc3339.rs",
         "events.rs",
         "metrics.rs",
+        "telemetry.rs",
         "store",
         "plugins",
         "scheduler",

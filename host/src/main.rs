@@ -1,5 +1,5 @@
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use opspawn::telemetry::Telemetry;
 
 // Thousands of tasks allocate small, short-lived buffers (JSON, HTTP, plugin
 // stores) on every thread; glibc's allocator spent a fifth of the server's
@@ -18,23 +18,21 @@ fn main() {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
+    let cli = opspawn::cli::Cli::parse();
+    // Before the runtime starts: the trace exporter's client blocks, and
+    // must be built and shut down outside it.
+    let telemetry = Telemetry::init(cli.serves());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("starting the async runtime");
-    std::process::exit(runtime.block_on(run()));
+    let code = runtime.block_on(run(cli));
+    drop(runtime);
+    telemetry.shutdown();
+    std::process::exit(code);
 }
 
-async fn run() -> i32 {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("OPSPAWN_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("warn,opspawn=info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = opspawn::cli::Cli::parse();
+async fn run(cli: opspawn::cli::Cli) -> i32 {
     match opspawn::cli::main(cli).await {
         Ok(code) => code,
         Err(error) => {

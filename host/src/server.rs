@@ -147,6 +147,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some(_) => app.layer(axum::middleware::from_fn(api::scrape::count_request)),
         None => app,
     };
+    let app = if crate::telemetry::traces_on() {
+        app.layer(axum::middleware::from_fn(api::hygiene::trace_request))
+    } else {
+        app
+    };
     println!(
         "data in {} (store: {database_url})",
         config.data_dir.display()

@@ -19,6 +19,7 @@ mod sandbox;
 mod scaleout;
 mod streaming;
 mod tenancy;
+mod traces;
 
 use std::path::Path;
 use std::time::Duration;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,10 +19,12 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{OnResponse, TraceLayer};
-use tracing::Span;
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 use super::ApiError;
 use crate::errors::Code;
+use crate::telemetry::{self, TRACE_TARGET};
 
 /// The header a request id travels in, both ways.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -182,6 +184,53 @@ fn request_span(request: &Request<Body>) -> Span {
         method = %request.method(),
         path = request.uri().path(),
     )
+}
+
+/// Middleware, when traces are on: a server span for each request, named
+/// by its method and route as declared (`GET /v1/tasks/{id}`, never a task
+/// id), and the child of the caller's span when it sends a W3C
+/// `traceparent`.
+pub async fn trace_request(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned());
+    let method = request.method().clone();
+    let name = match &route {
+        Some(route) => format!("{method} {route}"),
+        None => method.to_string(),
+    };
+    let span = tracing::info_span!(
+        target: TRACE_TARGET,
+        "request",
+        "otel.name" = name,
+        "otel.kind" = "server",
+        "http.request.method" = %method,
+        "http.route" = route,
+        "url.path" = request.uri().path(),
+        "http.response.status_code" = Empty,
+        "otel.status_code" = Empty,
+    );
+    {
+        // Scoped: a body is not `Sync`, so no borrow of the request may live
+        // across the await below.
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+        };
+        telemetry::continue_trace(&span, header("traceparent"), header("tracestate"));
+    }
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record(
+        "http.response.status_code",
+        i64::from(response.status().as_u16()),
+    );
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    response
 }
 
 /// Logs each answer: server errors as warnings, the rest at debug level

@@ -426,6 +426,7 @@ fn validate(
         max_steps,
         max_retries,
         timeout,
+        trace_parent: crate::telemetry::current_traceparent(),
     })
 }
 

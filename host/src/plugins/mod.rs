@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use wasmtime::component::{Linker, ResourceTableError};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
@@ -618,10 +620,22 @@ impl PluginRuntime {
         deltas: Option<mpsc::UnboundedSender<String>>,
         call: impl AsyncFnOnce(&mut Store<CallState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
-        let _slots = self.slots.acquire(kind).await;
-        let mut store = self.new_store(plugin, self.tenant_of(tenant), deltas)?;
-        let outcome = guarded(plugin, call(&mut store)).await;
-        settle(plugin, &store, outcome)
+        let span = call_span(plugin);
+        let result = async {
+            let _slots = self.slots.acquire(kind).await;
+            let mut store = self.new_store(plugin, self.tenant_of(tenant), deltas)?;
+            let outcome = guarded(plugin, call(&mut store)).await;
+            settle(plugin, &store, outcome)
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(error) = &result
+            && !span.is_disabled()
+        {
+            span.set_status(opentelemetry::trace::Status::error(error.to_string()));
+            span.set_attribute("error.type", error.code().to_owned());
+        }
+        result
     }
 
     /// A fresh store for one call, limited as the plugin's manifest says.
@@ -657,6 +671,24 @@ impl PluginRuntime {
         });
         Ok(store)
     }
+}
+
+/// The span of one call of `plugin` (waiting for its slots included), when
+/// traces are on: the plugin's kind and name, and the SHA-256 of the
+/// component that ran.
+fn call_span(plugin: &Plugin) -> tracing::Span {
+    if !crate::telemetry::traces_on() {
+        return tracing::Span::none();
+    }
+    let info = &plugin.info;
+    tracing::info_span!(
+        target: crate::telemetry::TRACE_TARGET,
+        "plugin_call",
+        "otel.name" = format!("{} {}", info.kind.as_str(), info.name),
+        "opspawn.plugin.name" = %info.name,
+        "opspawn.plugin.kind" = info.kind.as_str(),
+        "opspawn.plugin.sha256" = %info.sha256,
+    )
 }
 
 /// The error for an LLM call that ran out of its time.

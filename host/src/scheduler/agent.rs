@@ -14,9 +14,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
-use super::Shared;
+use super::{Shared, spans};
 use crate::errors::{Code, is_transient};
 use crate::events::LiveEvent;
 use crate::plugins::CallError;
@@ -64,6 +64,8 @@ pub(super) struct Run {
     /// planner chooses next (`Store::finish_step_then_start`): one write
     /// per step instead of two. Its planner view is in `planner_steps`.
     unwritten_end: Option<StepEnd>,
+    /// This run's `invoke_agent` span, when traces are on.
+    trace: Span,
 }
 
 impl Run {
@@ -87,14 +89,17 @@ impl Run {
             lost,
             retries_used: 0,
             unwritten_end: None,
+            trace: Span::none(),
         }
     }
 
-    pub async fn run(self) {
+    pub async fn run(mut self) {
         let span = tracing::info_span!("task", id = %self.task.id, attempt = self.fence.attempt);
+        self.trace = spans::task(&self.task, self.fence.attempt);
+        let trace = self.trace.clone();
         // Instrument the future rather than holding an entered span across
         // awaits, which would leak the span into other tasks on this thread.
-        self.run_in_span().instrument(span).await
+        self.run_in_span().instrument(span).instrument(trace).await
     }
 
     async fn run_in_span(mut self) {
@@ -116,6 +121,7 @@ impl Run {
             }
         };
         let status = end.status();
+        spans::task_ended(&self.trace, &end);
         let store = &self.shared.store;
         let written = match self.unwritten_end.take() {
             Some(step_end) => store
@@ -336,6 +342,37 @@ impl Run {
         input: Value,
         effect: Result<Effect, (StepKind, ErrorInfo)>,
     ) -> Result<Option<TaskEnd>, Interrupted> {
+        let span = self.step_span(seq, &effect);
+        let step = span.clone();
+        self.perform_in_span(seq, input, effect, &step)
+            .instrument(span)
+            .await
+    }
+
+    /// The span of step `seq`, when traces are on.
+    fn step_span(&self, seq: u32, effect: &Result<Effect, (StepKind, ErrorInfo)>) -> Span {
+        if !crate::telemetry::traces_on() {
+            return Span::none();
+        }
+        let record_content = self.shared.config.trace_content;
+        match effect {
+            Ok(Effect::Llm(request)) => spans::chat(&self.task.llm, seq, request, record_content),
+            Ok(Effect::Tool(call)) => {
+                let catalog = self.shared.runtime.catalog();
+                let plugin = catalog.tool_owner(&call.name).unwrap_or("unknown");
+                spans::execute_tool(plugin, seq, call, record_content)
+            }
+            Err(_) => Span::none(),
+        }
+    }
+
+    async fn perform_in_span(
+        &mut self,
+        seq: u32,
+        input: Value,
+        effect: Result<Effect, (StepKind, ErrorInfo)>,
+        span: &Span,
+    ) -> Result<Option<TaskEnd>, Interrupted> {
         let started_at = Instant::now();
         let kind = match &effect {
             Ok(effect) => effect.kind(),
@@ -453,6 +490,13 @@ impl Run {
             )),
             _ => None,
         };
+        spans::step_ended(
+            span,
+            &output,
+            reply.as_ref(),
+            tries,
+            self.shared.config.trace_content,
+        );
         // What the planner will see of this step, from the typed values in
         // hand rather than decoded again from the journal.
         let view = match (effect, reply) {

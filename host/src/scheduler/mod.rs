@@ -12,6 +12,7 @@
 mod agent;
 #[cfg(test)]
 mod agent_tests;
+mod spans;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,9 @@ pub struct SchedulerConfig {
     /// when the store's wake-up for them was lost.
     pub poll_interval: Duration,
     pub retry: RetryPolicy,
+    /// Whether the spans of a task record prompts, replies, tool arguments
+    /// and results (`[traces] record_content`).
+    pub trace_content: bool,
 }
 
 /// How long to wait before retrying a step that failed with a transient
@@ -90,6 +94,7 @@ impl Default for SchedulerConfig {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(500),
             retry: RetryPolicy::default(),
+            trace_content: false,
         }
     }
 }

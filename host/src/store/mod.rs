@@ -216,6 +216,9 @@ pub struct NewTask {
     /// Retries of steps that fail with a transient error, over the task.
     pub max_retries: u32,
     pub timeout: Duration,
+    /// The W3C `traceparent` of the span that submitted the task, when
+    /// traces are on: every run of the task continues that trace.
+    pub trace_parent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -245,6 +248,8 @@ pub struct TaskRecord {
     pub created_at: Millis,
     pub started_at: Option<Millis>,
     pub finished_at: Option<Millis>,
+    /// See [`NewTask::trace_parent`].
+    pub trace_parent: Option<String>,
 }
 
 /// One journaled step.
@@ -816,6 +821,7 @@ pub(crate) mod conformance {
             max_steps: 20,
             max_retries: 0,
             timeout: Duration::from_secs(60),
+            trace_parent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         }
     }
 
@@ -929,6 +935,10 @@ pub(crate) mod conformance {
             .await
             .unwrap();
         assert_eq!(claims.len(), 3);
+        // A claim carries the trace the task was submitted in.
+        let submitted_in = new_task("", 0, None).trace_parent;
+        assert!(submitted_in.is_some());
+        assert!(claims.iter().all(|c| c.task.trace_parent == submitted_in));
         // Task n journals n steps before its host dies.
         for (n, claim) in claims.iter().enumerate() {
             for seq in 1..=n as u32 {

@@ -281,9 +281,9 @@ async fn create_task(
     let row = sqlx::query(
         "INSERT INTO tasks (id, status, goal, planner, llm, model, tools, options, max_steps,
                             timeout_ms, created_at, tenant, idempotency_key, priority, run_at,
-                            deadline_at, max_retries)
+                            deadline_at, max_retries, trace_parent)
          VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $12, $13,
-                 $14, $15, $16)
+                 $14, $15, $16, $17)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -303,6 +303,7 @@ async fn create_task(
     .bind(task.run_at)
     .bind(task.deadline_at)
     .bind(task.max_retries as i32)
+    .bind(&task.trace_parent)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
@@ -852,6 +853,7 @@ fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
         created_at: row.try_get("created_at")?,
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
+        trace_parent: row.try_get("trace_parent")?,
     })
 }
 
@@ -1205,6 +1207,7 @@ mod tests {
             max_steps: 20,
             max_retries: 0,
             timeout: Duration::from_secs(60),
+            trace_parent: None,
         }
     }
 

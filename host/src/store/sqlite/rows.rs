@@ -98,6 +98,7 @@ pub(super) fn task_from_row(row: &impl Columns) -> Result<TaskRecord> {
         created_at: row.integer("created_at")?,
         started_at: row.optional_integer("started_at")?,
         finished_at: row.optional_integer("finished_at")?,
+        trace_parent: row.optional_text("trace_parent")?,
     })
 }
 

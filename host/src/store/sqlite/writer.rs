@@ -322,8 +322,9 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
         .prepare_cached(
             "INSERT INTO tasks (id, tenant, idempotency_key, priority, run_at, deadline_at, status,
                                 goal, planner, llm, model, tools, options, max_steps, timeout_ms,
-                                created_at, max_retries)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                                created_at, max_retries, trace_parent)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                     ?17)
              RETURNING *",
         )?
         .query_row(
@@ -344,6 +345,7 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
                 task.timeout.as_millis() as i64,
                 now_millis(),
                 task.max_retries,
+                task.trace_parent,
             ],
             |row| Ok(task_from_row(row)),
         )??;
