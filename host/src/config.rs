@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::auth::AuthConfig;
 use crate::api::{HttpLimits, QueueLimits, TaskDefaults};
+use crate::grpc::GrpcConfig;
 use crate::mcp::McpConfig;
 use crate::metrics::MetricsConfig;
 use crate::plugins::policy::OperatorPolicy;
@@ -74,6 +75,10 @@ pub struct Config {
     /// Prometheus metrics at `GET /metrics`, and the token they need.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The gRPC API (`proto/opspawn/v1/tasks.proto`): off unless `listen`
+    /// is set.
+    #[serde(default)]
+    pub grpc: GrpcConfig,
 }
 
 /// Limits for plugins whose manifests do not ask for others.
@@ -126,6 +131,7 @@ const KEYS: &[&str] = &[
     "auth",
     "mcp",
     "metrics",
+    "grpc",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -180,6 +186,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             mcp: McpConfig::default(),
             metrics: MetricsConfig::default(),
+            grpc: GrpcConfig::default(),
         }
     }
 }
@@ -314,6 +321,25 @@ mod tests {
 
         let both = load(serde_json::json!({"workers": 3, "max_running_tasks": 50}));
         assert_eq!(both.max_running_tasks, 50, "the new name wins");
+    }
+
+    #[test]
+    fn grpc_is_off_unless_an_address_is_set() {
+        assert_eq!(load(serde_json::json!({})).grpc.listen, None);
+        let on = load(serde_json::json!({"grpc": {"listen": "127.0.0.1:50051"}}));
+        assert_eq!(
+            on.grpc.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 50051)))
+        );
+        assert!(
+            is_config_key("GRPC__LISTEN"),
+            "OPSPAWN_GRPC__LISTEN sets it"
+        );
+        let printed = toml::to_string_pretty(&on).unwrap();
+        assert!(
+            printed.contains("[grpc]\nlisten = \"127.0.0.1:50051\""),
+            "{printed}"
+        );
     }
 
     #[test]
