@@ -454,7 +454,8 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
 
     // Reflection needs no token: it describes the API, nothing more.
     let url = harness.server.grpc_url.clone().unwrap();
-    let mut reflection = ServerReflectionClient::connect(url).await.unwrap();
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
     let ask = |request: MessageRequest| ServerReflectionRequest {
         host: String::new(),
         message_request: Some(request),
