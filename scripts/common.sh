@@ -50,7 +50,9 @@ ensure_mcp_peers() {
     if ! cmp -s "$fixtures/requirements.txt" "$peers/venv/requirements.txt"; then
         echo "==> installing the MCP Python SDK (tests/fixtures/mcp/requirements.txt)"
         python3 -m venv "$peers/venv"
-        "$peers/venv/bin/pip" install --quiet --disable-pip-version-check \
+        # `python -m pip`, not the venv's `pip`: a venv copied from another target
+        # directory keeps a `pip` whose first line names the old one.
+        "$peers/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
             -r "$fixtures/requirements.txt"
         cp "$fixtures/requirements.txt" "$peers/venv/requirements.txt"
     fi

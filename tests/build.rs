@@ -1,7 +1,8 @@
 //! Builds the guest plugins (their own cargo workspace in `plugins/`) for
 //! `wasm32-wasip2` once per build of the tests, and tells the tests where the
 //! components are. The nested cargo uses its own target directory, so it
-//! never waits on the outer build's lock.
+//! never waits on the outer build's lock. Also generates the gRPC client
+//! from `proto/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -73,6 +74,16 @@ fn main() {
         "cargo:rustc-env=OPSPAWN_TEST_PLUGIN_SRC={}",
         plugins.display()
     );
+
+    // The gRPC tests' client, generated from the .proto the server is.
+    let proto = root.join("proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    let descriptors = protox::compile(["opspawn/v1/tasks.proto"], [&proto])
+        .unwrap_or_else(|e| panic!("compiling proto/opspawn/v1/tasks.proto: {e}"));
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(descriptors)
+        .expect("generating the gRPC client");
 }
 
 /// The `members = [...]` of a workspace manifest.

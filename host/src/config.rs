@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::auth::AuthConfig;
 use crate::api::{HttpLimits, QueueLimits, TaskDefaults};
+use crate::grpc::GrpcConfig;
 use crate::mcp::McpConfig;
 use crate::metrics::MetricsConfig;
 use crate::plugins::policy::OperatorPolicy;
@@ -78,6 +79,10 @@ pub struct Config {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` variable is set).
     #[serde(default)]
     pub traces: TracesConfig,
+    /// The gRPC API (`proto/opspawn/v1/tasks.proto`): off unless `listen`
+    /// is set.
+    #[serde(default)]
+    pub grpc: GrpcConfig,
 }
 
 /// `[traces]`: what the spans of a task carry beyond names, models, token
@@ -142,6 +147,7 @@ const KEYS: &[&str] = &[
     "mcp",
     "metrics",
     "traces",
+    "grpc",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -197,6 +203,7 @@ impl Default for Config {
             mcp: McpConfig::default(),
             metrics: MetricsConfig::default(),
             traces: TracesConfig::default(),
+            grpc: GrpcConfig::default(),
         }
     }
 }
@@ -332,6 +339,25 @@ mod tests {
 
         let both = load(serde_json::json!({"workers": 3, "max_running_tasks": 50}));
         assert_eq!(both.max_running_tasks, 50, "the new name wins");
+    }
+
+    #[test]
+    fn grpc_is_off_unless_an_address_is_set() {
+        assert_eq!(load(serde_json::json!({})).grpc.listen, None);
+        let on = load(serde_json::json!({"grpc": {"listen": "127.0.0.1:50051"}}));
+        assert_eq!(
+            on.grpc.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 50051)))
+        );
+        assert!(
+            is_config_key("GRPC__LISTEN"),
+            "OPSPAWN_GRPC__LISTEN sets it"
+        );
+        let printed = toml::to_string_pretty(&on).unwrap();
+        assert!(
+            printed.contains("[grpc]\nlisten = \"127.0.0.1:50051\""),
+            "{printed}"
+        );
     }
 
     #[test]

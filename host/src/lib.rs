@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod errors;
 pub mod events;
+pub mod grpc;
 pub mod mcp;
 pub mod metrics;
 pub mod plugins;

@@ -70,8 +70,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
+    let grpc_listener =
+        match config.grpc.listen {
+            Some(listen) => Some(tokio::net::TcpListener::bind(listen).await.with_context(
+                || format!("cannot listen for gRPC on {listen}; is another server using it?"),
+            )?),
+            None => None,
+        };
+    let grpc_addr = grpc_listener
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+        .transpose()?;
     // Plugins may not call the API that runs them (unless allowed).
-    runtime.set_server_addresses(vec![addr]);
+    runtime.set_server_addresses(std::iter::once(addr).chain(grpc_addr).collect());
     let started = runtime
         .rescan()
         .await
@@ -120,13 +131,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         scrape: scrape.clone(),
     };
     let auth_enabled = state.gate.enabled();
-    if !auth_enabled && !addr.ip().is_loopback() {
-        eprintln!(
-            "WARNING: listening on {addr}, reachable from other machines, with authentication \
-             OFF: anyone who can connect can run tasks. Configure [auth] tokens \
-             (`opspawn token new --tenant NAME`) or listen on 127.0.0.1."
-        );
-        tracing::warn!(%addr, "listening on a non-loopback address without authentication");
+    for addr in std::iter::once(addr).chain(grpc_addr) {
+        if !auth_enabled && !addr.ip().is_loopback() {
+            eprintln!(
+                "WARNING: listening on {addr}, reachable from other machines, with authentication \
+                 OFF: anyone who can connect can run tasks. Configure [auth] tokens \
+                 (`opspawn token new --tenant NAME`) or listen on 127.0.0.1."
+            );
+            tracing::warn!(%addr, "listening on a non-loopback address without authentication");
+        }
     }
     if config.metrics.enabled && config.metrics.token_sha256.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(
@@ -136,12 +149,30 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     let mcp_shutdown = tokio_util::sync::CancellationToken::new();
-    let app = mount_mcp(
-        api::app(state.clone(), config.max_body_bytes, &config.http),
-        state,
-        mcp_shutdown.clone(),
-        config.max_body_bytes,
-    );
+    let rest = api::app(state.clone(), config.max_body_bytes, &config.http);
+    // One signal stops both listeners.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            shutdown.cancel();
+        }
+    });
+    let grpc = match (grpc_listener, grpc_addr) {
+        (Some(listener), Some(grpc_addr)) => {
+            println!("opspawn gRPC listening on {grpc_addr}");
+            let serving =
+                crate::grpc::serve(listener, rest.clone(), shutdown.clone().cancelled_owned());
+            Some(tokio::spawn(async move {
+                if let Err(error) = serving.await {
+                    tracing::error!(error = %format!("{error:#}"), "the gRPC server failed");
+                }
+            }))
+        }
+        _ => None,
+    };
+    let app = mount_mcp(rest, state, mcp_shutdown.clone(), config.max_body_bytes);
     let app = api::hygiene::around(app, &config.http.cors).map_err(anyhow::Error::msg)?;
     let app = match scrape {
         Some(_) => app.layer(axum::middleware::from_fn(api::scrape::count_request)),
@@ -161,11 +192,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         listener,
         app,
         &config.http,
-        shutdown_signal(),
+        shutdown.clone().cancelled_owned(),
         SHUTDOWN_DRAIN,
     )
     .await?;
     mcp_shutdown.cancel();
+    // gRPC drained alongside HTTP; a WatchTask still open by now is cut.
+    if let Some(mut grpc) = grpc
+        && tokio::time::timeout(SHUTDOWN_DRAIN, &mut grpc)
+            .await
+            .is_err()
+    {
+        grpc.abort();
+        tracing::warn!("gRPC calls still open after the drain period were cut off");
+    }
     println!("shutting down: waiting for running steps to finish");
     scheduler.shutdown().await;
     mcp.shutdown().await;

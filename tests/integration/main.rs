@@ -8,6 +8,7 @@ mod connections;
 mod crash;
 mod durability;
 mod folder;
+mod grpc;
 mod limits;
 mod mcp;
 mod mcp_server;

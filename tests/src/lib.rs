@@ -18,6 +18,11 @@ pub use reqwest::StatusCode;
 
 pub mod providers;
 
+/// A client for the gRPC API, generated from `proto/opspawn/v1/tasks.proto`.
+pub mod grpc {
+    tonic::include_proto!("opspawn.v1");
+}
+
 /// The example plugins every server in the tests loads.
 pub const EXAMPLES: &[&str] = &["calculator", "react", "scripted"];
 
@@ -100,6 +105,9 @@ pub struct Server {
     binary: PathBuf,
     child: Child,
     pub base_url: String,
+    /// `http://127.0.0.1:PORT` of the gRPC API, when `OPSPAWN_GRPC__LISTEN`
+    /// turned it on.
+    pub grpc_url: Option<String>,
     pub data_dir: PathBuf,
     pub plugin_dir: PathBuf,
     env: Vec<(String, String)>,
@@ -145,11 +153,13 @@ impl Server {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let log = data_dir.join("server.log");
-        let (child, base_url) = spawn(binary, data_dir, plugin_dir, &env, &log, wait_for_plugins)?;
+        let (child, Listening { base_url, grpc_url }) =
+            spawn(binary, data_dir, plugin_dir, &env, &log, wait_for_plugins)?;
         Ok(Self {
             binary: binary.to_owned(),
             child,
             base_url,
+            grpc_url,
             data_dir: data_dir.to_owned(),
             plugin_dir: plugin_dir.to_owned(),
             env,
@@ -175,7 +185,7 @@ impl Server {
     /// Starts the server again on the same data, on a new port.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();
-        let (child, base_url) = spawn(
+        let (child, listening) = spawn(
             &self.binary,
             &self.data_dir,
             &self.plugin_dir,
@@ -184,7 +194,8 @@ impl Server {
             self.wait_for_plugins,
         )?;
         self.child = child;
-        self.base_url = base_url;
+        self.base_url = listening.base_url;
+        self.grpc_url = listening.grpc_url;
         Ok(())
     }
 
@@ -200,6 +211,13 @@ impl Drop for Server {
     }
 }
 
+/// Where a started server listens, as it printed.
+#[derive(Clone)]
+struct Listening {
+    base_url: String,
+    grpc_url: Option<String>,
+}
+
 fn spawn(
     binary: &Path,
     data_dir: &Path,
@@ -207,7 +225,7 @@ fn spawn(
     env: &[(String, String)],
     log: &Path,
     wait_for_plugins: bool,
-) -> anyhow::Result<(Child, String)> {
+) -> anyhow::Result<(Child, Listening)> {
     std::fs::create_dir_all(data_dir)?;
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -239,12 +257,20 @@ fn spawn(
     let (found, ready) = mpsc::channel();
     std::thread::spawn(move || {
         let mut url = None;
+        // Printed before the HTTP line, when gRPC is on.
+        let mut grpc_url = None;
         let mut plugins_ready = !wait_for_plugins;
         let mut found = Some(found);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
+            if let Some(listening) = line.strip_prefix("opspawn gRPC listening on ") {
+                grpc_url = Some(format!("http://{}", listening.trim()));
+            }
             if let Some(listening) = line.strip_prefix("opspawn listening on ") {
-                url = Some(listening.trim().to_owned());
+                url = Some(Listening {
+                    base_url: listening.trim().to_owned(),
+                    grpc_url: grpc_url.clone(),
+                });
             }
             if line == "plugins ready" {
                 plugins_ready = true;
@@ -414,6 +440,13 @@ pub struct SseEvent {
 /// The MCP peers the tests run against, installed by `scripts/common.sh`
 /// (`ensure_mcp_peers`, run by `scripts/test.sh`) into `mcp-peers/` of the
 /// cargo target folder, or wherever `OPSPAWN_MCP_PEERS` says.
+/// `tests/fixtures/grpc/client.py`: a gRPC client that learns the API from
+/// server reflection (run it with [`mcp::python`], whose virtualenv holds
+/// grpcio).
+pub fn grpc_client_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/grpc/client.py")
+}
+
 pub mod mcp {
     use std::path::{Path, PathBuf};
 

@@ -1,0 +1,555 @@
+//! gRPC beside REST (`proto/opspawn/v1/tasks.proto`), on a port of its own
+//! when `[grpc] listen` is set.
+//!
+//! Every call is served by the REST route of the same name, called
+//! in-process with the caller's `authorization` (and `idempotency-key`)
+//! metadata as headers, as `/mcp` does (see `mcp/server.rs`). So gRPC gets
+//! REST's validation, bearer tokens, tenants, rate limits, idempotency and
+//! error codes by construction, and `WatchTask` is the SSE route's stream,
+//! re-framed: the same events, replay and end.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::http::{HeaderName, Method, Request, StatusCode, header};
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
+use tower::ServiceExt as _;
+
+use crate::api::ApiError;
+use crate::errors::Code;
+
+/// The code generated from `proto/opspawn/v1/tasks.proto`.
+pub mod pb {
+    tonic::include_proto!("opspawn.v1");
+}
+
+/// The parsed .proto, for server reflection.
+const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/opspawn_descriptor.bin"));
+
+/// The metadata key carrying an error's stable code.
+pub const ERROR_CODE_KEY: &str = "opspawn-error-code";
+
+/// Call metadata passed on to REST as headers of the same name.
+const FORWARDED: [HeaderName; 2] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("idempotency-key"),
+];
+
+/// The largest REST answer read (a task with its steps); past it, the call
+/// fails rather than the server holding it all.
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+/// `[grpc]`: where gRPC listens, if anywhere.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// The address gRPC listens on (`127.0.0.1:50051`); gRPC is off when
+    /// unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// Serves gRPC (the task service and reflection) on `listener` until
+/// `shutdown` completes. `rest` is the REST API's router.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    rest: axum::Router,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(DESCRIPTORS)
+    };
+    tonic::transport::Server::builder()
+        .add_service(pb::tasks_server::TasksServer::new(TaskService { rest }))
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+/// The task service: each call one REST request.
+struct TaskService {
+    rest: axum::Router,
+}
+
+/// A REST answer that succeeded: its status and body.
+struct Answer {
+    status: StatusCode,
+    body: Body,
+}
+
+impl TaskService {
+    /// Sends a request to the REST router with the forwarded metadata (and
+    /// `extra` headers); a refusal becomes the matching [`Status`].
+    async fn rest(
+        &self,
+        method: Method,
+        path: &str,
+        metadata: &MetadataMap,
+        extra: &[(HeaderName, String)],
+        body: Option<Value>,
+    ) -> Result<Answer, Status> {
+        let mut request = Request::builder().method(method).uri(path);
+        for name in &FORWARDED {
+            if let Some(value) = metadata.get(name.as_str()) {
+                request = request.header(name, value.as_bytes());
+            }
+        }
+        for (name, value) in extra {
+            request = request.header(name, value);
+        }
+        let request = match body {
+            Some(body) => request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string())),
+            None => request.body(Body::empty()),
+        }
+        .map_err(|e| {
+            api_refusal(ApiError::new(
+                Code::InvalidRequest,
+                format!("the call's metadata cannot be sent on as HTTP headers: {e}"),
+            ))
+        })?;
+        let response = self
+            .rest
+            .clone()
+            .oneshot(request)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let status = response.status();
+        let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+        if status.is_success() {
+            return Ok(Answer {
+                status,
+                body: response.into_body(),
+            });
+        }
+        let body = read(response.into_body()).await?;
+        let mut refusal = refusal_status(status, &body);
+        if let Some(retry_after) = retry_after.and_then(|v| v.to_str().ok()?.parse().ok()) {
+            refusal.metadata_mut().insert("retry-after", retry_after);
+        }
+        Err(refusal)
+    }
+
+    /// A JSON request: the status and the answer.
+    async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        metadata: &MetadataMap,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), Status> {
+        let answer = self.rest(method, path, metadata, &[], body).await?;
+        let bytes = read(answer.body).await?;
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| Status::internal(format!("the REST API answered with bad JSON: {e}")))?;
+        Ok((answer.status, value))
+    }
+}
+
+async fn read(body: Body) -> Result<Bytes, Status> {
+    axum::body::to_bytes(body, MAX_ANSWER_BYTES)
+        .await
+        .map_err(|e| Status::internal(format!("reading the REST answer failed: {e}")))
+}
+
+/// The gRPC status for a REST status. The stable code says which refusal
+/// it is; this says what kind, for clients that only look at gRPC codes.
+fn grpc_code(status: StatusCode) -> tonic::Code {
+    match status.as_u16() {
+        400 | 422 => tonic::Code::InvalidArgument,
+        401 => tonic::Code::Unauthenticated,
+        403 => tonic::Code::PermissionDenied,
+        404 => tonic::Code::NotFound,
+        408 => tonic::Code::DeadlineExceeded,
+        // The task's state forbids it (`task_already_finished`).
+        409 => tonic::Code::FailedPrecondition,
+        // Too large, too many, or no room: all a resource that ran out.
+        413 | 429 | 507 => tonic::Code::ResourceExhausted,
+        503 => tonic::Code::Unavailable,
+        _ => tonic::Code::Internal,
+    }
+}
+
+/// REST's `{"error": {"code", "message"}}` as a [`Status`]: `code: message`,
+/// with the code in the `opspawn-error-code` metadata too.
+fn refusal_status(status: StatusCode, body: &[u8]) -> Status {
+    let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let code = value["error"]["code"]
+        .as_str()
+        .unwrap_or(Code::InternalError.as_str());
+    let message = value["error"]["message"]
+        .as_str()
+        .unwrap_or(status.canonical_reason().unwrap_or("failed"));
+    let mut refusal = Status::new(grpc_code(status), format!("{code}: {message}"));
+    if let Ok(code) = MetadataValue::try_from(code) {
+        refusal.metadata_mut().insert(ERROR_CODE_KEY, code);
+    }
+    refusal
+}
+
+/// A refusal decided here, before REST is called, in REST's terms.
+fn api_refusal(error: ApiError) -> Status {
+    let body =
+        serde_json::json!({"error": {"code": error.code.as_str(), "message": error.message}});
+    refusal_status(error.status, body.to_string().as_bytes())
+}
+
+/// The REST path of a task. An id REST could not take as one path segment
+/// (task ids are UUIDs) names no task.
+fn task_path(id: &str, rest: &str) -> Result<String, Status> {
+    let plain = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b));
+    if !plain {
+        return Err(api_refusal(ApiError::task_not_found(id)));
+    }
+    Ok(format!("/v1/tasks/{id}{rest}"))
+}
+
+/// A `*_json` field as JSON; not JSON is REST's `invalid_json`.
+fn parse_json(field: &str, text: &str) -> Result<Value, Status> {
+    serde_json::from_str(text).map_err(|e| {
+        api_refusal(ApiError::new(
+            Code::InvalidJson,
+            format!("{field} is not valid JSON: {e}"),
+        ))
+    })
+}
+
+/// The body of `POST /v1/tasks`: only the fields that are set, so REST
+/// applies its defaults to the rest.
+fn submit_body(request: pb::SubmitTaskRequest) -> Result<Value, Status> {
+    let mut body = Map::new();
+    body.insert("goal".into(), request.goal.into());
+    let strings = [
+        ("planner", request.planner),
+        ("llm", request.llm),
+        ("model", request.model),
+        ("run_at", request.run_at),
+        ("deadline", request.deadline),
+    ];
+    for (field, value) in strings {
+        if let Some(value) = value {
+            body.insert(field.into(), value.into());
+        }
+    }
+    let numbers = [
+        ("max_steps", request.max_steps),
+        ("max_retries", request.max_retries),
+        ("timeout_secs", request.timeout_secs),
+        ("priority", request.priority),
+    ];
+    for (field, value) in numbers {
+        if let Some(value) = value {
+            body.insert(field.into(), value.into());
+        }
+    }
+    if let Some(tools) = request.tools {
+        body.insert("tools".into(), tools.names.into());
+    }
+    if let Some(options) = request.options_json {
+        body.insert("options".into(), parse_json("options_json", &options)?);
+    }
+    Ok(Value::Object(body))
+}
+
+fn string(value: &Value) -> String {
+    value.as_str().unwrap_or_default().to_owned()
+}
+
+fn optional_string(value: &Value) -> Option<String> {
+    value.as_str().map(str::to_owned)
+}
+
+/// JSON as text, absent for `null`.
+fn optional_json(value: &Value) -> Option<String> {
+    (!value.is_null()).then(|| value.to_string())
+}
+
+fn error(value: &Value) -> Option<pb::Error> {
+    value.is_object().then(|| pb::Error {
+        code: string(&value["code"]),
+        message: string(&value["message"]),
+    })
+}
+
+fn usage(value: &Value) -> pb::Usage {
+    pb::Usage {
+        input_tokens: value["input_tokens"].as_u64().unwrap_or_default(),
+        output_tokens: value["output_tokens"].as_u64().unwrap_or_default(),
+    }
+}
+
+/// A task as REST renders it (`api/views.rs`, `TaskView`).
+fn task(value: &Value) -> pb::Task {
+    pb::Task {
+        id: string(&value["id"]),
+        tenant: string(&value["tenant"]),
+        status: string(&value["status"]),
+        goal: string(&value["goal"]),
+        planner: string(&value["planner"]),
+        llm: string(&value["llm"]),
+        model: optional_string(&value["model"]),
+        tools: value["tools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(string)
+            .collect(),
+        options_json: value["options"].to_string(),
+        max_steps: value["max_steps"].as_u64().unwrap_or_default() as u32,
+        max_retries: value["max_retries"].as_u64().unwrap_or_default() as u32,
+        timeout_secs: value["timeout_secs"].as_f64().unwrap_or_default(),
+        priority: value["priority"].as_i64().unwrap_or_default() as i32,
+        idempotency_key: optional_string(&value["idempotency_key"]),
+        run_at: optional_string(&value["run_at"]),
+        deadline: optional_string(&value["deadline"]),
+        result: optional_string(&value["result"]),
+        error: error(&value["error"]),
+        attempt: value["attempt"].as_i64().unwrap_or_default(),
+        cancel_requested: value["cancel_requested"].as_bool().unwrap_or_default(),
+        usage: Some(usage(&value["usage"])),
+        created_at: string(&value["created_at"]),
+        started_at: optional_string(&value["started_at"]),
+        finished_at: optional_string(&value["finished_at"]),
+        steps: value["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(step)
+            .collect(),
+    }
+}
+
+/// A step as REST renders it (`api/views.rs`, `StepView`).
+fn step(value: &Value) -> pb::Step {
+    pb::Step {
+        seq: value["seq"].as_u64().unwrap_or_default() as u32,
+        kind: string(&value["kind"]),
+        plugin: string(&value["plugin"]),
+        status: string(&value["status"]),
+        input_json: value["input"].to_string(),
+        output_json: optional_json(&value["output"]),
+        error: error(&value["error"]),
+        usage: value["usage"].is_object().then(|| usage(&value["usage"])),
+        attempt: value["attempt"].as_i64().unwrap_or_default(),
+        started_at: string(&value["started_at"]),
+        finished_at: optional_string(&value["finished_at"]),
+        duration_ms: value["duration_ms"].as_i64(),
+    }
+}
+
+/// One SSE event's `data` as a [`pb::TaskEvent`].
+fn task_event(data: &str) -> Result<pb::TaskEvent, Status> {
+    let value: Value = serde_json::from_str(data)
+        .map_err(|e| Status::internal(format!("an event that is not JSON: {e}")))?;
+    Ok(pb::TaskEvent {
+        task_id: string(&value["task_id"]),
+        seq: value["seq"].as_i64().unwrap_or_default(),
+        kind: string(&value["kind"]),
+        at: string(&value["at"]),
+        data_json: value["data"].to_string(),
+    })
+}
+
+#[tonic::async_trait]
+impl pb::tasks_server::Tasks for TaskService {
+    async fn submit_task(
+        &self,
+        request: GrpcRequest<pb::SubmitTaskRequest>,
+    ) -> Result<GrpcResponse<pb::SubmitTaskResponse>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        let body = submit_body(request)?;
+        let (status, answer) = self
+            .json(Method::POST, "/v1/tasks", &metadata, Some(body))
+            .await?;
+        Ok(GrpcResponse::new(pb::SubmitTaskResponse {
+            task: Some(task(&answer)),
+            created: status == StatusCode::CREATED,
+        }))
+    }
+
+    async fn get_task(
+        &self,
+        request: GrpcRequest<pb::GetTaskRequest>,
+    ) -> Result<GrpcResponse<pb::Task>, Status> {
+        let path = task_path(&request.get_ref().id, "")?;
+        let (_, answer) = self
+            .json(Method::GET, &path, request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(task(&answer)))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: GrpcRequest<pb::ListTasksRequest>,
+    ) -> Result<GrpcResponse<pb::ListTasksResponse>, Status> {
+        let query = request.get_ref();
+        let pairs: Vec<(&str, String)> = [
+            ("status", query.status.clone()),
+            ("limit", query.limit.map(|limit| limit.to_string())),
+            ("cursor", query.cursor.clone()),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| Some((key, value?)))
+        .collect();
+        let query = serde_urlencoded::to_string(&pairs)
+            .map_err(|e| api_refusal(ApiError::new(Code::InvalidQuery, e.to_string())))?;
+        let path = if query.is_empty() {
+            "/v1/tasks".to_owned()
+        } else {
+            format!("/v1/tasks?{query}")
+        };
+        let (_, answer) = self
+            .json(Method::GET, &path, request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(pb::ListTasksResponse {
+            tasks: answer["tasks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(task)
+                .collect(),
+            next_cursor: optional_string(&answer["next_cursor"]),
+        }))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: GrpcRequest<pb::CancelTaskRequest>,
+    ) -> Result<GrpcResponse<pb::CancelTaskResponse>, Status> {
+        let path = task_path(&request.get_ref().id, "/cancel")?;
+        let (status, answer) = self
+            .json(Method::POST, &path, request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(pb::CancelTaskResponse {
+            task: Some(task(&answer)),
+            cancelled: status == StatusCode::OK,
+        }))
+    }
+
+    type WatchTaskStream = BoxStream<'static, Result<pb::TaskEvent, Status>>;
+
+    async fn watch_task(
+        &self,
+        request: GrpcRequest<pb::WatchTaskRequest>,
+    ) -> Result<GrpcResponse<Self::WatchTaskStream>, Status> {
+        let watch = request.get_ref();
+        let path = task_path(&watch.id, "/events")?;
+        let mut extra = Vec::new();
+        if watch.after_seq != 0 {
+            extra.push((
+                HeaderName::from_static("last-event-id"),
+                watch.after_seq.to_string(),
+            ));
+        }
+        let answer = self
+            .rest(Method::GET, &path, request.metadata(), &extra, None)
+            .await?;
+        // Dropping this stream (the client went away) drops the SSE body,
+        // which stops the route's follower.
+        let events = answer
+            .body
+            .into_data_stream()
+            .eventsource()
+            .map(|event| match event {
+                Ok(event) => task_event(&event.data),
+                Err(e) => Err(Status::internal(format!("reading the events failed: {e}"))),
+            })
+            .boxed();
+        Ok(GrpcResponse::new(events))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_request_code_has_a_deliberate_grpc_code() {
+        for code in Code::ALL {
+            let Some(status) = code.status() else {
+                continue;
+            };
+            let grpc = grpc_code(StatusCode::from_u16(status).unwrap());
+            // Internal is for what a client cannot cause or fix by itself.
+            let internal = matches!(
+                code,
+                Code::InternalError | Code::MethodNotAllowed | Code::UnsupportedMediaType
+            );
+            assert_eq!(
+                grpc == tonic::Code::Internal,
+                internal,
+                "{} ({status}) maps to {grpc:?}",
+                code.as_str()
+            );
+        }
+    }
+
+    #[test]
+    fn a_refusal_carries_the_stable_code() {
+        let refusal = api_refusal(ApiError::new(Code::InvalidGoal, "the goal is empty"));
+        assert_eq!(refusal.code(), tonic::Code::InvalidArgument);
+        assert_eq!(refusal.message(), "invalid_goal: the goal is empty");
+        assert_eq!(
+            refusal.metadata().get(ERROR_CODE_KEY).unwrap(),
+            "invalid_goal"
+        );
+    }
+
+    #[test]
+    fn only_set_fields_reach_rest() {
+        let body = submit_body(pb::SubmitTaskRequest {
+            goal: "g".into(),
+            max_steps: Some(3),
+            tools: Some(pb::ToolList { names: vec![] }),
+            options_json: Some(r#"{"planner": {"max_steps": 2}}"#.into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "goal": "g", "max_steps": 3, "tools": [],
+                "options": {"planner": {"max_steps": 2}}
+            })
+        );
+        let refused = submit_body(pb::SubmitTaskRequest {
+            goal: "g".into(),
+            options_json: Some("{".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            refused.metadata().get(ERROR_CODE_KEY).unwrap(),
+            "invalid_json"
+        );
+    }
+
+    #[test]
+    fn an_id_that_is_not_one_path_segment_names_no_task() {
+        assert_eq!(
+            task_path("abc-1", "/cancel").unwrap(),
+            "/v1/tasks/abc-1/cancel"
+        );
+        for id in ["", "a/b", "a?b", "../x", "a b"] {
+            let refused = task_path(id, "").unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::NotFound, "{id:?}");
+        }
+    }
+}

@@ -1,0 +1,538 @@
+//! The gRPC API, called with a client generated from
+//! `proto/opspawn/v1/tasks.proto` (and tonic-reflection's client) against a
+//! real server: the same tasks, events, validation, codes, tokens and
+//! tenants as REST.
+
+use std::time::{Duration, SystemTime};
+
+use opspawn::api::auth::token_hash;
+use opspawn_testkit::grpc::tasks_client::TasksClient;
+use opspawn_testkit::grpc::{
+    CancelTaskRequest, GetTaskRequest, ListTasksRequest, SubmitTaskRequest, TaskEvent, ToolList,
+    WatchTaskRequest,
+};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+use crate::{FINISH, Harness, calculator_task};
+
+const GRPC_ON: (&str, &str) = ("OPSPAWN_GRPC__LISTEN", "127.0.0.1:0");
+
+async fn connect(harness: &Harness) -> TasksClient<Channel> {
+    let url = harness
+        .server
+        .grpc_url
+        .clone()
+        .expect("the server printed where gRPC listens");
+    TasksClient::connect(url).await.expect("connecting to gRPC")
+}
+
+/// A call with `authorization: Bearer <token>` when a token is given.
+fn call<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    request
+}
+
+/// The stable code a refused call carries.
+fn error_code(status: &tonic::Status) -> &str {
+    status
+        .metadata()
+        .get("opspawn-error-code")
+        .and_then(|code| code.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// The README's calculator task as a gRPC submission.
+fn calculator(expression: &str, answer: &str) -> SubmitTaskRequest {
+    let task = calculator_task(expression, answer);
+    SubmitTaskRequest {
+        goal: task["goal"].as_str().unwrap().to_owned(),
+        tools: Some(ToolList {
+            names: vec!["calculator".into()],
+        }),
+        options_json: Some(task["options"].to_string()),
+        ..Default::default()
+    }
+}
+
+/// Every event WatchTask sends, until the stream ends.
+async fn watch(
+    client: &mut TasksClient<Channel>,
+    id: &str,
+    after_seq: i64,
+    token: Option<&str>,
+) -> Vec<TaskEvent> {
+    let request = WatchTaskRequest {
+        id: id.to_owned(),
+        after_seq,
+    };
+    let mut stream = client
+        .watch_task(call(request, token))
+        .await
+        .expect("WatchTask starts")
+        .into_inner();
+    let read = async {
+        let mut events = Vec::new();
+        while let Some(event) = stream.message().await.expect("the event stream is sound") {
+            events.push(event);
+        }
+        events
+    };
+    tokio::time::timeout(FINISH, read)
+        .await
+        .expect("WatchTask ends after task.finished")
+}
+
+fn data(event: &TaskEvent) -> Value {
+    serde_json::from_str(&event.data_json).expect("data_json is JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_submits_gets_lists_cancels_and_watches_as_rest_does() {
+    let harness = Harness::start_with(&[GRPC_ON]);
+    let mut grpc = connect(&harness).await;
+    let rest = harness.client();
+
+    // Submitting twice with one idempotency key gives one task.
+    let mut submit = call(calculator("6*7", "42"), None);
+    submit
+        .metadata_mut()
+        .insert("idempotency-key", "grpc-key-1".parse().unwrap());
+    let first = grpc.submit_task(submit).await.unwrap().into_inner();
+    assert!(first.created, "the first submission creates the task");
+    let task = first.task.unwrap();
+    assert_eq!(task.idempotency_key.as_deref(), Some("grpc-key-1"));
+    assert_eq!(task.tools, ["calculator"]);
+    let id = task.id;
+
+    // Follow it live from the start, while it runs.
+    let live = watch(&mut grpc, &id, 0, None).await;
+
+    let mut again = call(calculator("6*7", "42"), None);
+    again
+        .metadata_mut()
+        .insert("idempotency-key", "grpc-key-1".parse().unwrap());
+    let repeat = grpc.submit_task(again).await.unwrap().into_inner();
+    assert!(!repeat.created, "a repeat with the key is not a new task");
+    assert_eq!(repeat.task.unwrap().id, id);
+
+    let journaled: Vec<&TaskEvent> = live.iter().filter(|e| e.kind != "llm.delta").collect();
+    let seqs: Vec<i64> = journaled.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "journaled events come in order, from 1, none missing"
+    );
+    assert_eq!(journaled.first().unwrap().kind, "task.queued");
+    let last = live.last().unwrap();
+    assert_eq!(last.kind, "task.finished", "the stream ends with the task");
+    assert_eq!(data(last)["status"], "succeeded");
+    assert!(live.iter().all(|e| e.task_id == id));
+
+    // The same events, data and all, as REST's SSE stream.
+    let sse = rest.events(&id, None, FINISH).await.unwrap();
+    let sse: Vec<_> = sse.iter().filter(|e| e.event != "llm.delta").collect();
+    assert_eq!(sse.len(), journaled.len(), "as many events as SSE sends");
+    for (grpc_event, sse_event) in journaled.iter().zip(&sse) {
+        assert_eq!(grpc_event.kind, sse_event.event);
+        assert_eq!(json!(grpc_event.seq), sse_event.data["seq"]);
+        assert_eq!(json!(grpc_event.at), sse_event.data["at"]);
+        assert_eq!(
+            data(grpc_event),
+            sse_event.data["data"],
+            "{}",
+            grpc_event.kind
+        );
+    }
+
+    // Replay from the middle: exactly the events after the one named.
+    let middle = seqs[seqs.len() / 2];
+    let replayed = watch(&mut grpc, &id, middle, None).await;
+    let replayed_seqs: Vec<i64> = replayed
+        .iter()
+        .filter(|e| e.kind != "llm.delta")
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(
+        replayed_seqs,
+        (middle + 1..=*seqs.last().unwrap()).collect::<Vec<_>>()
+    );
+
+    // The finished task, with its steps, as REST shows it.
+    let got = grpc
+        .get_task(call(GetTaskRequest { id: id.clone() }, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let rest_task = rest.task(&id).await.unwrap();
+    assert_eq!(got.status, "succeeded");
+    assert_eq!(got.result.as_deref(), Some("42"));
+    assert_eq!(json!(got.result), rest_task["result"]);
+    assert_eq!(json!(got.created_at), rest_task["created_at"]);
+    assert_eq!(got.steps.len(), 3, "{got:?}");
+    let tool = &got.steps[1];
+    assert_eq!(
+        (tool.kind.as_str(), tool.plugin.as_str()),
+        ("tool", "calculator")
+    );
+    let output: Value = serde_json::from_str(tool.output_json.as_deref().unwrap()).unwrap();
+    assert_eq!(output, rest_task["steps"][1]["output"]);
+    assert_eq!(output["result"], 42);
+
+    // A task due in an hour waits in the queue; cancelling it ends it at once.
+    let mut later = calculator("1+1", "2");
+    later.run_at = Some(
+        humantime::format_rfc3339_millis(SystemTime::now() + Duration::from_secs(3600)).to_string(),
+    );
+    let queued = grpc
+        .submit_task(call(later, None))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(queued.status, "queued");
+
+    // Lists with a filter, as REST does.
+    let list = |status: &str| ListTasksRequest {
+        status: Some(status.into()),
+        ..Default::default()
+    };
+    let succeeded = grpc
+        .list_tasks(call(list("succeeded"), None))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = succeeded.tasks.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, [id.as_str()], "only the finished task is succeeded");
+    assert!(succeeded.tasks[0].steps.is_empty(), "lists carry no steps");
+    let waiting = grpc
+        .list_tasks(call(list("queued"), None))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = waiting.tasks.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, [queued.id.as_str()]);
+    let one = grpc
+        .list_tasks(call(
+            ListTasksRequest {
+                limit: Some(1),
+                ..Default::default()
+            },
+            None,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.tasks.len(), 1);
+    assert!(one.next_cursor.is_some(), "a second page exists");
+
+    let cancelled = grpc
+        .cancel_task(call(
+            CancelTaskRequest {
+                id: queued.id.clone(),
+            },
+            None,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cancelled.cancelled, "a queued task is cancelled at once");
+    assert_eq!(cancelled.task.unwrap().status, "cancelled");
+    let (_, rest_view) = rest.get(&format!("/v1/tasks/{}", queued.id)).await.unwrap();
+    assert_eq!(rest_view["status"], "cancelled", "REST sees the same task");
+
+    // Refusals carry REST's codes.
+    let again = grpc
+        .cancel_task(call(CancelTaskRequest { id: id.clone() }, None))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(error_code(&again), "task_already_finished");
+    let missing = grpc
+        .get_task(call(
+            GetTaskRequest {
+                id: "no-such-task".into(),
+            },
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    assert_eq!(error_code(&missing), "task_not_found");
+    let bad_filter = grpc
+        .list_tasks(call(list("sleeping"), None))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_filter.code(), tonic::Code::InvalidArgument);
+    assert_eq!(error_code(&bad_filter), "invalid_query");
+    let bad_replay = grpc
+        .watch_task(call(
+            WatchTaskRequest {
+                id: "no-such-task".into(),
+                after_seq: 3,
+            },
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&bad_replay), "task_not_found");
+
+    let refusals = [
+        (
+            SubmitTaskRequest {
+                goal: "  ".into(),
+                ..Default::default()
+            },
+            "invalid_goal",
+        ),
+        (
+            SubmitTaskRequest {
+                max_steps: Some(0),
+                ..calculator("1", "1")
+            },
+            "invalid_max_steps",
+        ),
+        (
+            SubmitTaskRequest {
+                options_json: Some("[1, 2]".into()),
+                ..calculator("1", "1")
+            },
+            "invalid_options",
+        ),
+        (
+            SubmitTaskRequest {
+                options_json: Some("{not json".into()),
+                ..calculator("1", "1")
+            },
+            "invalid_json",
+        ),
+        (
+            SubmitTaskRequest {
+                tools: Some(ToolList {
+                    names: vec!["search".into()],
+                }),
+                ..calculator("1", "1")
+            },
+            "unknown_tool",
+        ),
+        (
+            SubmitTaskRequest {
+                run_at: Some("tomorrow".into()),
+                ..calculator("1", "1")
+            },
+            "invalid_time",
+        ),
+    ];
+    for (request, code) in refusals {
+        let refused = grpc.submit_task(call(request, None)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{code}");
+        assert_eq!(error_code(&refused), code);
+        assert!(
+            refused.message().starts_with(&format!("{code}: ")),
+            "the message names the code: {}",
+            refused.message()
+        );
+    }
+    let mut bad_key = call(calculator("1", "1"), None);
+    bad_key
+        .metadata_mut()
+        .insert("idempotency-key", " ".parse().unwrap());
+    let refused = grpc.submit_task(bad_key).await.unwrap_err();
+    assert_eq!(error_code(&refused), "invalid_idempotency_key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        format!(
+            r#"
+            [grpc]
+            listen = "127.0.0.1:0"
+
+            [[auth.tokens]]
+            tenant = "acme"
+            sha256 = "{}"
+
+            [[auth.tokens]]
+            tenant = "globex"
+            sha256 = "{}"
+            "#,
+            token_hash("acme-token"),
+            token_hash("globex-token")
+        ),
+    )
+    .unwrap();
+    let path = config.path().to_str().unwrap().to_owned();
+    let harness = Harness::start_with(&[("OPSPAWN_CONFIG", &path)]);
+    let mut grpc = connect(&harness).await;
+
+    let anonymous = grpc
+        .list_tasks(call(ListTasksRequest::default(), None))
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    assert_eq!(error_code(&anonymous), "unauthorized");
+    let wrong = grpc
+        .submit_task(call(calculator("1+1", "2"), Some("wrong-token")))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+    assert_eq!(error_code(&wrong), "invalid_token");
+
+    let task = grpc
+        .submit_task(call(calculator("2+2", "4"), Some("acme-token")))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(task.tenant, "acme");
+    let events = watch(&mut grpc, &task.id, 0, Some("acme-token")).await;
+    assert_eq!(events.last().unwrap().kind, "task.finished");
+
+    // Another tenant's task is refused as REST refuses it: 403 forbidden.
+    let other = || GetTaskRequest {
+        id: task.id.clone(),
+    };
+    let refused = grpc
+        .get_task(call(other(), Some("globex-token")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert_eq!(error_code(&refused), "forbidden");
+    let (status, body) =
+        rest_get(&harness, &format!("/v1/tasks/{}", task.id), "globex-token").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let refused = grpc
+        .watch_task(call(
+            WatchTaskRequest {
+                id: task.id.clone(),
+                after_seq: 0,
+            },
+            Some("globex-token"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&refused), "forbidden");
+    let refused = grpc
+        .cancel_task(call(
+            CancelTaskRequest {
+                id: task.id.clone(),
+            },
+            Some("globex-token"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&refused), "forbidden");
+    let theirs = grpc
+        .list_tasks(call(ListTasksRequest::default(), Some("globex-token")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(theirs.tasks.is_empty(), "globex sees none of acme's tasks");
+    let own = grpc
+        .get_task(call(other(), Some("acme-token")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(own.result.as_deref(), Some("4"));
+
+    // Reflection needs no token: it describes the API, nothing more.
+    let url = harness.server.grpc_url.clone().unwrap();
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let ask = |request: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let requests = futures::stream::iter([
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "opspawn.v1.Tasks".into(),
+        )),
+    ]);
+    let mut answers = reflection
+        .server_reflection_info(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("reflection did not list the services");
+    };
+    let services: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(services.contains(&"opspawn.v1.Tasks"), "{services:?}");
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("reflection did not describe opspawn.v1.Tasks");
+    };
+    let file = String::from_utf8_lossy(&files.file_descriptor_proto[0]).into_owned();
+    assert!(file.contains("opspawn/v1/tasks.proto"), "{file}");
+    assert!(file.contains("WatchTask"), "{file}");
+
+    // A third-party client (Python grpcio) that knows only what reflection
+    // told it.
+    let address = harness.server.grpc_url.as_deref().unwrap();
+    let output = tokio::process::Command::new(opspawn_testkit::mcp::python())
+        .arg(opspawn_testkit::grpc_client_script())
+        .arg(address.trim_start_matches("http://"))
+        .arg("globex-token")
+        .output()
+        .await
+        .expect("running the Python gRPC client");
+    assert!(
+        output.status.success(),
+        "the Python gRPC client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&output.stdout).expect("the client prints JSON");
+    assert!(
+        seen["services"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("opspawn.v1.Tasks")),
+        "{seen}"
+    );
+    assert_eq!(seen["task"]["tenant"], "globex");
+    let events = seen["events"].as_array().unwrap();
+    assert_eq!(events.first().unwrap()["kind"], "task.queued", "{seen}");
+    let last = events.last().unwrap();
+    assert_eq!(last["kind"], "task.finished", "{seen}");
+    let finished: Value = serde_json::from_str(last["data_json"].as_str().unwrap()).unwrap();
+    assert_eq!(finished["result"], "42", "{seen}");
+    assert_eq!(seen["refusal"]["status"], "INVALID_ARGUMENT", "{seen}");
+    assert_eq!(seen["refusal"]["code"], json!(["invalid_goal"]), "{seen}");
+}
+
+/// A REST GET with a token: status and body.
+async fn rest_get(harness: &Harness, path: &str, token: &str) -> (u16, Value) {
+    let client = harness.client();
+    let response = client
+        .http()
+        .get(client.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
