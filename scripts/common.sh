@@ -63,6 +63,20 @@ ensure_mcp_peers() {
     fi
 }
 
+# Schemathesis (PyPI), which scripts/api-fuzz.sh runs against a live server,
+# in a virtualenv of its own in "$CARGO_TARGET_DIR/api-fuzz" (outside the
+# clone, reused by later runs); pinned in tests/fixtures/api-fuzz/requirements.txt.
+api_fuzz_venv="$CARGO_TARGET_DIR/api-fuzz/venv"
+ensure_api_fuzzer() {
+    local requirements="$repo_root/tests/fixtures/api-fuzz/requirements.txt"
+    if ! cmp -s "$requirements" "$api_fuzz_venv/requirements.txt"; then
+        echo "==> installing schemathesis (tests/fixtures/api-fuzz/requirements.txt)"
+        python3 -m venv "$api_fuzz_venv"
+        "$api_fuzz_venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+        cp "$requirements" "$api_fuzz_venv/requirements.txt"
+    fi
+}
+
 # Starts the machine's Postgres cluster if nothing answers on 127.0.0.1:5432.
 ensure_postgres() {
     if (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test suite: the plugins' own tests, the host's unit tests, and the
-# end-to-end tests against real server processes, on SQLite and on Postgres.
+# The test suite: the plugins' own tests, the host's unit tests, the
+# end-to-end tests against real server processes, on SQLite and on Postgres,
+# and schemathesis against a real server from its OpenAPI spec.
 #
 # Postgres: OPSPAWN_TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/test);
 # a local cluster that does not answer is started. Each test uses its own schema.
@@ -16,6 +17,13 @@ cargo test --release --manifest-path plugins/Cargo.toml --target-dir "$plugin_ta
 
 echo "==> host unit tests and end-to-end tests on SQLite"
 cargo test --release --workspace
+
+# The REST API fuzzed from the spec it serves, against a real server with
+# authentication off and on (about 3 minutes). Opt-in until the event
+# stream's schema conforms (schemathesis ST108 on GET /v1/tasks/{id}/events).
+if [[ "${OPSPAWN_API_FUZZ:-0}" == 1 ]]; then
+    scripts/api-fuzz.sh
+fi
 
 # The unit tests once more under the debug profile (overflow checks and
 # debug assertions), when asked for: building wasmtime and the rest in

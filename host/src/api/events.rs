@@ -25,6 +25,27 @@ use crate::store::{EventRecord, Store};
 /// How often the store is checked for events this host did not publish.
 const POLL: Duration = Duration::from_millis(1000);
 
+/// The task's events as Server-Sent Events: every journaled event after
+/// `Last-Event-ID` (or from the start), then live ones; the stream ends
+/// after `task.finished`. Each event is named after its `kind`, carries its
+/// `seq` as its id (but `llm.delta`) and a `TaskEvent` as its data.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}/events",
+    tag = "tasks",
+    security(("api_token" = [])),
+    params(
+        ("id" = String, Path, min_length = 1, description = "The task's id"),
+        ("Last-Event-ID" = Option<i64>, Header,
+            description = "Resume after this event's `seq`"),
+    ),
+    responses(
+        (status = 200, description = "`text/event-stream`: `event: <kind>`, `id: <seq>`, \
+            `data: <TaskEvent>`", content_type = "text/event-stream",
+            body = super::openapi::TaskEvent),
+        super::openapi::TaskEventsErrors,
+    ),
+)]
 pub async fn task_events(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,

@@ -10,6 +10,7 @@ pub mod connections;
 mod error;
 mod events;
 pub mod hygiene;
+pub mod openapi;
 pub mod scrape;
 #[cfg(test)]
 mod tests;
@@ -22,16 +23,18 @@ use axum::extract::{DefaultBodyLimit, Extension, FromRequest, FromRequestParts, 
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value, json};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use admission::{Admission, QueueLimits};
 use auth::Tenant;
 pub use connections::HttpLimits;
 pub use error::ApiError;
-use views::{TaskView, plugin_view};
+use views::{Health, PluginsView, TaskPage, TaskView};
 
 use crate::errors::Code;
 use crate::events::EventBus;
@@ -81,35 +84,20 @@ pub struct AppState {
 /// within `limits.request_timeout`; every body must arrive within
 /// `limits.body_read_timeout`.
 pub fn app(state: AppState, max_body_bytes: usize, limits: &HttpLimits) -> Router {
-    let limits = Arc::new(limits.clone());
-    let answering = Router::new()
-        .route("/v1/plugins", get(list_plugins))
-        .route("/v1/tasks", post(create_task).get(list_tasks))
-        .route("/v1/tasks/{id}", get(get_task))
-        .route("/v1/tasks/{id}/cancel", post(cancel_task))
-        .route_layer(middleware::from_fn_with_state(
-            limits.clone(),
-            connections::answer_in_time,
-        ));
-    let authenticated = Router::new()
-        .route("/v1/tasks/{id}/events", get(events::task_events))
-        .merge(answering)
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_token,
-        ));
-    // Open to all, or (`/metrics`) behind a token of its own.
-    let mut open = Router::new().route("/healthz", get(healthz));
-    if state.scrape.is_some() {
-        open = open.route("/metrics", get(scrape::metrics));
-    }
-    let health = open.route_layer(middleware::from_fn_with_state(
-        limits.clone(),
-        connections::answer_in_time,
+    let (router, spec) = documented_routes(&state, limits).split_for_parts();
+    let spec = Arc::new(Spec(
+        serde_json::to_string(&spec).expect("the OpenAPI spec serializes"),
     ));
-    Router::new()
-        .merge(health)
-        .merge(authenticated)
+    // A page for people, not an API operation: not in the spec.
+    let docs = utoipa_swagger_ui::SwaggerUi::new("/docs").config(
+        utoipa_swagger_ui::Config::new(["/openapi.json"])
+            // Swagger UI's default validator is a web service: no call out.
+            .validator_url("none")
+            .try_it_out_enabled(true),
+    );
+    router
+        .merge(docs)
+        .layer(Extension(spec))
         .fallback(|| async {
             ApiError::new(Code::RouteNotFound, "no such endpoint; see docs/api.md")
         })
@@ -121,11 +109,66 @@ pub fn app(state: AppState, max_body_bytes: usize, limits: &HttpLimits) -> Route
         })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(
-            (limits, max_body_bytes),
+            (Arc::new(limits.clone()), max_body_bytes),
             connections::read_body_in_time,
         ))
         .layer(middleware::map_response(hygiene::errors_as_json))
         .with_state(state)
+}
+
+/// Every API operation, each routed and described from one handler list:
+/// a route added here is in the spec by construction. (`/mcp`, mounted in
+/// `server.rs`, and `/docs` are the only routes outside it; the spec's
+/// tests check that.)
+fn documented_routes(state: &AppState, limits: &HttpLimits) -> OpenApiRouter<AppState> {
+    let limits = Arc::new(limits.clone());
+    let answering = OpenApiRouter::new()
+        .routes(routes!(list_plugins))
+        .routes(routes!(create_task, list_tasks))
+        .routes(routes!(get_task))
+        .routes(routes!(cancel_task))
+        .route_layer(middleware::from_fn_with_state(
+            limits.clone(),
+            connections::answer_in_time,
+        ));
+    let authenticated = OpenApiRouter::new()
+        .routes(routes!(events::task_events))
+        .merge(answering)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    // Open to all, or (`/metrics`) behind a token of its own.
+    let mut open = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(openapi_json));
+    if state.scrape.is_some() {
+        open = open.routes(routes!(scrape::metrics));
+    }
+    let open = open.route_layer(middleware::from_fn_with_state(
+        limits,
+        connections::answer_in_time,
+    ));
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(open)
+        .merge(authenticated)
+}
+
+/// The spec as served: serialized once.
+struct Spec(String);
+
+/// The OpenAPI 3.1 description of this API.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses(
+        (status = 200, description = "This document", content_type = "application/json", body = Object),
+        openapi::SpecErrors,
+    ),
+)]
+async fn openapi_json(Extension(spec): Extension<Arc<Spec>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], spec.0.clone())
 }
 
 /// A reference to a plugin that is not loaded: `422 code`, or, while
@@ -159,53 +202,110 @@ struct ApiPath<T>(T);
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 struct ApiQuery<T>(T);
 
-async fn healthz(State(state): State<AppState>) -> Json<Value> {
+/// Answers once the server listens (the store is open; plugins load in
+/// the background).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, body = Health), openapi::HealthErrors),
+)]
+async fn healthz(State(state): State<AppState>) -> Json<Health> {
     let catalog = state.runtime.catalog();
-    Json(json!({
-        "status": "ok",
-        "store": state.store.engine(),
-        "plugins": catalog.plugins().count(),
-        "loading": catalog.loading().len(),
-    }))
+    Json(Health {
+        status: "ok",
+        store: state.store.engine(),
+        plugins: catalog.plugins().count(),
+        loading: catalog.loading().len(),
+    })
 }
 
-async fn list_plugins(State(state): State<AppState>) -> Json<Value> {
-    let catalog = state.runtime.catalog();
-    Json(json!({
-        "plugins": catalog.plugins().map(plugin_view).collect::<Vec<_>>(),
-        "failures": catalog.failures(),
-        "loading": catalog.loading(),
-        "mcp_servers": catalog.external_sources(),
-    }))
+/// The loaded plugins with their tools, grants and limits; the files that
+/// failed to load or are still loading; the configured MCP servers.
+#[utoipa::path(
+    get,
+    path = "/v1/plugins",
+    tag = "plugins",
+    security(("api_token" = [])),
+    responses((status = 200, body = PluginsView), openapi::ListPluginsErrors),
+)]
+async fn list_plugins(State(state): State<AppState>) -> Json<PluginsView> {
+    Json(PluginsView::new(&state.runtime.catalog()))
 }
 
-#[derive(Debug, Deserialize)]
+/// A task to submit. Only `goal` is required; the rest default to the
+/// server's configuration. A field out of range is refused with its own
+/// `422` code (see docs/api.md), a field of the wrong JSON type with `400
+/// invalid_request`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateTask {
+    /// What to do: 1 byte to 64 KiB once trimmed, no NUL.
+    #[schema(min_length = 1, example = "What is (2+3)*4?")]
     goal: String,
+    /// A loaded planner plugin's name.
+    #[schema(example = "react")]
     planner: Option<String>,
+    /// A loaded llm-adapter plugin's name.
+    #[schema(example = "scripted")]
     llm: Option<String>,
+    /// The model the adapter asks for: 1 to 256 bytes, no NUL.
+    #[schema(min_length = 1)]
     model: Option<String>,
+    /// Tool names; default: the server's configured list, else every loaded tool.
     tools: Option<Vec<String>>,
-    /// `{"planner": {...}, "llm": {...}}`: handed to the plugins.
+    /// `{"planner": {...}, "llm": {...}}`: an object of objects, handed to the
+    /// plugins. `options.planner.max_steps` (1 to 1000) lowers the step limit.
+    #[schema(value_type = Option<HashMap<String, Object>>)]
     options: Option<Value>,
     // Numbers are read as any JSON number and range-checked here, so one
     // out of range is refused with the field's own code, however large.
+    /// Steps the task may take.
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 1000)]
     max_steps: Option<Number>,
     /// Retries of steps that fail with a transient error, over the task.
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 100)]
     max_retries: Option<Number>,
+    /// The task's time limit, in seconds (at most 7 days).
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 604800)]
     timeout_secs: Option<Number>,
-    /// Higher runs first; -1000 to 1000, default 0.
+    /// Higher runs first; default 0.
+    #[schema(value_type = Option<i64>, minimum = -1000, maximum = 1000)]
     priority: Option<Number>,
-    /// Not before this time (RFC 3339).
+    /// Not before this time (RFC 3339, after 1970).
+    #[schema(format = DateTime)]
     run_at: Option<String>,
-    /// Fail with `deadline_exceeded` unless finished by this time (RFC 3339).
+    /// Fail with `deadline_exceeded` unless finished by this time (RFC 3339,
+    /// after `run_at`).
+    #[schema(format = DateTime)]
     deadline: Option<String>,
 }
 
 /// The longest `Idempotency-Key` accepted.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// Submits a task; it runs in the background. With an `Idempotency-Key`, a
+/// repeat returns the task the first request created.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks",
+    tag = "tasks",
+    security(("api_token" = [])),
+    request_body = CreateTask,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, max_length = 255, min_length = 1,
+            description = "1 to 255 visible ASCII characters; a repeat with the same key \
+                returns the first task (200) instead of creating another"),
+    ),
+    responses(
+        (status = 201, description = "Created", body = TaskView,
+            headers(("Location" = String, description = "The task's URL"))),
+        (status = 200, description = "A repeat of an earlier request with the same \
+            Idempotency-Key: its task", body = TaskView,
+            headers(("Location" = String, description = "The task's URL"))),
+        openapi::CreateTaskErrors,
+    ),
+)]
 async fn create_task(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
@@ -460,19 +560,35 @@ fn check_options(options: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[derive(Debug, Deserialize)]
+/// `GET /v1/tasks`'s query; any other parameter is `400 invalid_query`.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListTasks {
+    /// Only tasks with this status.
+    #[param(value_type = Option<crate::store::TaskStatus>)]
     status: Option<String>,
+    /// Tasks per page; default 50.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
+    /// The `next_cursor` of the page before.
     cursor: Option<String>,
 }
 
+/// The tenant's tasks, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks",
+    tag = "tasks",
+    security(("api_token" = [])),
+    params(ListTasks),
+    responses((status = 200, body = TaskPage), openapi::ListTasksErrors),
+)]
 async fn list_tasks(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
     ApiQuery(query): ApiQuery<ListTasks>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TaskPage>, ApiError> {
     let status = match query.status.as_deref() {
         None => None,
         Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| {
@@ -508,10 +624,14 @@ async fn list_tasks(
             limit,
         })
         .await?;
-    Ok(Json(json!({
-        "tasks": page.tasks.into_iter().map(|t| TaskView::new(t, None)).collect::<Vec<_>>(),
-        "next_cursor": page.next_cursor,
-    })))
+    Ok(Json(TaskPage {
+        tasks: page
+            .tasks
+            .into_iter()
+            .map(|t| TaskView::new(t, None))
+            .collect(),
+        next_cursor: page.next_cursor,
+    }))
 }
 
 /// The task, if it exists and belongs to the tenant.
@@ -534,6 +654,15 @@ pub(crate) async fn owned_task(
     Ok(task)
 }
 
+/// The task with every step.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}",
+    tag = "tasks",
+    security(("api_token" = [])),
+    params(("id" = String, Path, min_length = 1, description = "The task's id")),
+    responses((status = 200, body = TaskView), openapi::GetTaskErrors),
+)]
 async fn get_task(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
@@ -544,6 +673,21 @@ async fn get_task(
     Ok(Json(TaskView::new(task, Some(steps))))
 }
 
+/// Cancels a task: a queued one at once (200), a running one at its next
+/// step boundary (202).
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/cancel",
+    tag = "tasks",
+    security(("api_token" = [])),
+    params(("id" = String, Path, min_length = 1, description = "The task's id")),
+    responses(
+        (status = 200, description = "Cancelled", body = TaskView),
+        (status = 202, description = "Cancellation requested: the task stops at its next \
+            step boundary", body = TaskView),
+        openapi::CancelTaskErrors,
+    ),
+)]
 async fn cancel_task(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,

@@ -74,6 +74,20 @@ impl Scrape {
     }
 }
 
+/// Prometheus metrics in the text format. Needs the `[metrics]` token when
+/// one is configured (not an API token); absent when `[metrics] enabled =
+/// false`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    security((), ("metrics_token" = [])),
+    responses(
+        (status = 200, description = "The Prometheus text format",
+            content_type = "text/plain; version=0.0.4; charset=utf-8", body = String),
+        super::openapi::MetricsErrors,
+    ),
+)]
 pub async fn metrics(
     State(state): State<AppState>,
     headers: HeaderMap,

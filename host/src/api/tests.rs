@@ -44,6 +44,8 @@ struct Setup {
     auth: AuthConfig,
     queue: Option<QueueLimits>,
     cors: CorsConfig,
+    /// Serve `GET /metrics`.
+    metrics: bool,
 }
 
 impl Setup {
@@ -73,7 +75,12 @@ impl Setup {
             admission: Arc::new(Admission::new(
                 self.queue.unwrap_or_else(|| host.config.queue_limits()),
             )),
-            scrape: None,
+            scrape: self.metrics.then(|| {
+                Arc::new(
+                    super::scrape::Scrape::new(&crate::metrics::MetricsConfig::default())
+                        .expect("metrics are on by default"),
+                )
+            }),
         };
         let app = app(state, MAX_BODY_BYTES, &HttpLimits::default());
         Api {
@@ -118,6 +125,23 @@ impl Api {
     async fn get(&self, uri: &str) -> Answer {
         self.send(request(Method::GET, uri).body(Body::empty()).unwrap())
             .await
+    }
+
+    /// Status, headers and body as text, for what is not JSON.
+    async fn get_text(&self, uri: &str) -> (StatusCode, HeaderMap, String) {
+        let response = self
+            .app
+            .clone()
+            .oneshot(request(Method::GET, uri).body(Body::empty()).unwrap())
+            .await
+            .expect("the router answers");
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.expect("the body").to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
     }
 
     async fn submit(&self, body: &Value) -> Answer {
@@ -821,4 +845,330 @@ async fn cors_answers_the_configured_origins_only_and_before_authentication() {
         )
         .await;
     anonymous.is_error(Code::Unauthorized, "no token, from an allowed origin");
+}
+
+/// The spec `GET /openapi.json` serves, from an API with every optional
+/// route (`/metrics`) on.
+async fn served_spec() -> (Api, Value) {
+    let api = Setup {
+        metrics: true,
+        ..Setup::default()
+    }
+    .start()
+    .await;
+    let answer = api.get("/openapi.json").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(
+        answer.headers[header::CONTENT_TYPE],
+        "application/json",
+        "the spec is JSON"
+    );
+    let spec = answer.body;
+    assert!(
+        spec["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")),
+        "an OpenAPI 3.1 document: {}",
+        spec["openapi"]
+    );
+    (api, spec)
+}
+
+/// Every (method, path) the spec has an operation for.
+fn operations(spec: &Value) -> Vec<(String, String)> {
+    let mut operations = Vec::new();
+    for (path, item) in spec["paths"].as_object().expect("the spec has paths") {
+        for method in ["get", "post", "put", "patch", "delete", "head", "options"] {
+            if item.get(method).is_some() {
+                operations.push((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    operations
+}
+
+/// Routes served outside the spec, each for a reason: MCP's JSON-RPC
+/// cannot be described in OpenAPI, and `/docs` is a page for people.
+const UNDESCRIBED_ROUTES: &[&str] = &["/mcp", "/docs"];
+
+#[tokio::test]
+async fn every_route_is_in_the_spec_and_every_operation_in_it_is_routed() {
+    let (api, spec) = served_spec().await;
+    let described = operations(&spec);
+
+    // Every endpoint docs/api.md lists is an operation of the spec.
+    let docs = std::fs::read_to_string(crate::test_support::repo_root().join("docs/api.md"))
+        .expect("reading docs/api.md");
+    let table = docs
+        .split_once("## Endpoints")
+        .expect("docs/api.md has an Endpoints section")
+        .1;
+    let mut documented = Vec::new();
+    for row in table
+        .lines()
+        .skip_while(|line| !line.starts_with('|'))
+        .take_while(|line| line.starts_with('|'))
+        .skip(2)
+    {
+        let first_cell = row.split('|').nth(1).unwrap_or_default();
+        for endpoint in first_cell.split('`').skip(1).step_by(2) {
+            let (method, path) = endpoint
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("{endpoint:?} in docs/api.md is not `METHOD /path`"));
+            documented.push((method.to_owned(), path.to_owned()));
+        }
+    }
+    assert!(
+        documented.len() >= 8,
+        "endpoints in docs/api.md: {documented:?}"
+    );
+    for (method, path) in &documented {
+        if UNDESCRIBED_ROUTES.contains(&path.as_str()) {
+            continue;
+        }
+        assert!(
+            described.contains(&(method.clone(), path.clone())),
+            "docs/api.md lists {method} {path}, which the OpenAPI spec lacks"
+        );
+    }
+    for (method, path) in &described {
+        assert!(
+            documented.contains(&(method.clone(), path.clone())),
+            "the spec has {method} {path}, which docs/api.md's endpoint table lacks"
+        );
+    }
+
+    // Every route the code mounts by hand (not through `routes!`, which
+    // documents it) is one the spec describes or one left out on purpose.
+    for (file, text) in crate::test_support::non_test_sources("src") {
+        for call in [
+            ".route(\"",
+            ".route_service(\"",
+            ".nest(\"",
+            ".nest_service(\"",
+        ] {
+            for (at, _) in text.match_indices(call) {
+                let path = text[at + call.len()..]
+                    .split('"')
+                    .next()
+                    .unwrap_or_default();
+                assert!(
+                    UNDESCRIBED_ROUTES.contains(&path)
+                        || described.iter().any(|(_, described)| described == path),
+                    "{} mounts {path} outside the spec: register its handler with \
+                     utoipa_axum's routes! and #[utoipa::path]",
+                    file.display()
+                );
+            }
+        }
+    }
+
+    // And every operation in the spec is served: the router neither says
+    // there is no such route nor that the method is wrong.
+    let missing_task = "01890000-0000-7000-8000-000000000000";
+    for (method, path) in &described {
+        let uri = path.replace("{id}", missing_task);
+        let request = request(method.parse().unwrap(), &uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(if method == "POST" { "{}" } else { "" }))
+            .unwrap();
+        let answer = api.send(request).await;
+        let code = answer.body["error"]["code"].as_str();
+        assert!(
+            code != Some(Code::RouteNotFound.as_str())
+                && code != Some(Code::MethodNotAllowed.as_str()),
+            "the spec has {method} {path}, but the router answers {} {}",
+            answer.status,
+            answer.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_error_code_is_in_the_spec_with_its_status() {
+    let (_api, spec) = served_spec().await;
+    let error_codes: Vec<&str> = spec["components"]["schemas"]["ErrorCode"]["enum"]
+        .as_array()
+        .expect("the spec has an ErrorCode enum")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    // (status, code) for every error response of every operation.
+    let mut answered = Vec::new();
+    for (method, path) in operations(&spec) {
+        let responses = &spec["paths"][&path][method.to_lowercase()]["responses"];
+        for (status, response) in responses.as_object().expect("responses") {
+            let schema = &response["content"]["application/json"]["schema"];
+            let Some(codes) =
+                schema["properties"]["error"]["properties"]["code"]["enum"].as_array()
+            else {
+                continue;
+            };
+            for code in codes.iter().filter_map(Value::as_str) {
+                let known = Code::ALL.iter().find(|c| c.as_str() == code);
+                let table_status = known.and_then(|c| c.status()).unwrap_or_else(|| {
+                    panic!("{method} {path} answers `{code}`, not in the table")
+                });
+                assert_eq!(
+                    table_status.to_string(),
+                    *status,
+                    "{method} {path} lists `{code}` under the wrong status"
+                );
+                answered.push((status.clone(), code.to_owned()));
+            }
+        }
+    }
+    let description = spec["info"]["description"].as_str().unwrap_or_default();
+    let error_info = spec["components"]["schemas"]["ErrorInfo"].to_string();
+    for code in Code::ALL {
+        if let Some(status) = code.status() {
+            assert!(
+                error_codes.contains(&code.as_str()),
+                "the ErrorCode schema lacks `{code}`"
+            );
+            if super::openapi::UNROUTED.contains(code) {
+                assert!(
+                    description.contains(&format!("`{status}` `{code}`")),
+                    "the spec's description must say unrouted requests get {status} `{code}`"
+                );
+            } else {
+                assert!(
+                    answered.contains(&(status.to_string(), code.as_str().to_owned())),
+                    "no operation in the spec answers `{code}` ({status})"
+                );
+            }
+        }
+        if code.on_steps() {
+            assert!(
+                error_info.contains(&format!("`{code}`")),
+                "the ErrorInfo schema does not name the task and step code `{code}`"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_spec_says_what_needs_a_token_the_idempotency_key_and_the_event_stream() {
+    let (_api, spec) = served_spec().await;
+    let schemes = &spec["components"]["securitySchemes"];
+    assert_eq!(schemes["api_token"]["scheme"], "bearer", "{schemes}");
+    for (method, path) in operations(&spec) {
+        let operation = &spec["paths"][&path][method.to_lowercase()];
+        let security = operation["security"].to_string();
+        let open = ["/healthz", "/metrics", "/openapi.json"].contains(&path.as_str());
+        assert_eq!(
+            security.contains("api_token"),
+            !open,
+            "{method} {path}: only /healthz, /metrics and /openapi.json are open ({security})"
+        );
+    }
+    let create = &spec["paths"]["/v1/tasks"]["post"];
+    assert!(
+        create["parameters"].as_array().is_some_and(|p| p
+            .iter()
+            .any(|p| p["name"] == "Idempotency-Key" && p["in"] == "header")),
+        "POST /v1/tasks documents the Idempotency-Key header: {}",
+        create["parameters"]
+    );
+    assert_eq!(
+        create["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/CreateTask"
+    );
+    let stream = &spec["paths"]["/v1/tasks/{id}/events"]["get"]["responses"]["200"]["content"];
+    assert!(
+        stream.get("text/event-stream").is_some(),
+        "the events route answers text/event-stream: {stream}"
+    );
+    let kinds = &spec["components"]["schemas"]["TaskEvent"]["properties"]["kind"]["enum"];
+    for kind in crate::store::event_kind::ALL {
+        assert!(
+            kinds
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == kind)),
+            "the TaskEvent schema lacks the event kind {kind}: {kinds}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_spec_and_its_page_are_open_even_when_tokens_are_required() {
+    let api = Setup {
+        auth: AuthConfig {
+            tokens: vec![TokenConfig {
+                tenant: "acme".into(),
+                sha256: token_hash("secret"),
+                name: None,
+            }],
+            ..AuthConfig::default()
+        },
+        ..Setup::default()
+    }
+    .start()
+    .await;
+    assert_eq!(api.get("/openapi.json").await.status, StatusCode::OK);
+    assert_eq!(api.get("/docs/").await.status, StatusCode::OK);
+    api.get("/v1/tasks")
+        .await
+        .is_error(Code::Unauthorized, "the API itself still needs a token");
+}
+
+/// `src` and `href` attribute values in `html`.
+fn linked(html: &str) -> Vec<String> {
+    let mut links = Vec::new();
+    for attribute in ["src=\"", "href=\""] {
+        for (at, _) in html.match_indices(attribute) {
+            let rest = &html[at + attribute.len()..];
+            links.push(rest.split('"').next().unwrap_or_default().to_owned());
+        }
+    }
+    links
+}
+
+#[tokio::test]
+async fn the_docs_page_is_served_from_the_binary_with_nothing_from_elsewhere() {
+    let api = Setup::default().start().await;
+    let redirect = api.get("/docs").await;
+    assert!(
+        redirect.status.is_redirection(),
+        "/docs leads to /docs/: {}",
+        redirect.status
+    );
+    assert_eq!(redirect.headers[header::LOCATION], "/docs/");
+
+    let (status, headers, page) = api.get_text("/docs/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"),
+        "{headers:?}"
+    );
+    let links = linked(&page);
+    assert!(
+        links.iter().any(|l| l.ends_with(".js")),
+        "the page loads its scripts: {links:?}"
+    );
+    for link in &links {
+        assert!(
+            !link.contains("://") && !link.starts_with("//"),
+            "/docs/ loads {link} from elsewhere; every asset must be in the binary"
+        );
+        let path = format!("/docs/{}", link.trim_start_matches("./"));
+        let (status, _, body) = api.get_text(&path).await;
+        assert_eq!(status, StatusCode::OK, "{path}, linked from /docs/");
+        assert!(!body.is_empty(), "{path} is empty");
+    }
+    // What the page runs: it reads this server's spec, and calls no
+    // validator or other service.
+    let (status, _, initializer) = api.get_text("/docs/swagger-initializer.js").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        initializer.contains("\"/openapi.json\""),
+        "the page renders this server's spec: {initializer}"
+    );
+    assert!(
+        !initializer.contains("http://") && !initializer.contains("https://"),
+        "the page's configuration names another server: {initializer}"
+    );
 }

@@ -1,15 +1,19 @@
-//! How tasks, steps and plugins look in API responses.
+//! How tasks, steps and plugins look in API responses. Each view is also
+//! its schema in the OpenAPI spec (`ToSchema`), so the two cannot differ.
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::ToSchema;
 
-use crate::plugins::PluginInfo;
+use crate::plugins::{Catalog, LoadFailure, LoadingFile, PluginInfo};
 use crate::protocol::Usage;
 use crate::store::{ErrorInfo, StepKind, StepRecord, StepStatus, TaskRecord, TaskStatus};
 
 pub use crate::rfc3339::format as timestamp;
 
-#[derive(Debug, Serialize)]
+/// A task: what was asked, how far it got, and (in `GET /v1/tasks/{id}`)
+/// its steps. Times are RFC 3339, UTC.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TaskView {
     pub id: String,
     pub tenant: String,
@@ -19,6 +23,7 @@ pub struct TaskView {
     pub llm: String,
     pub model: Option<String>,
     pub tools: Vec<String>,
+    #[schema(value_type = Object)]
     pub options: Value,
     pub max_steps: u32,
     pub max_retries: u32,
@@ -29,13 +34,16 @@ pub struct TaskView {
     pub deadline: Option<String>,
     pub result: Option<String>,
     pub error: Option<ErrorInfo>,
+    /// How many times the task was claimed by a scheduler.
     pub attempt: i64,
     pub cancel_requested: bool,
     pub usage: Usage,
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// Only in `GET /v1/tasks/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub steps: Option<Vec<StepView>>,
 }
 
@@ -71,16 +79,20 @@ impl TaskView {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// One step of a task: an LLM call or a tool call.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct StepView {
     pub seq: u32,
     pub kind: StepKind,
+    /// The plugin that ran it (`mcp:<server>` for an MCP server's tool).
     pub plugin: String,
     pub status: StepStatus,
     pub input: Value,
     pub output: Option<Value>,
     pub error: Option<ErrorInfo>,
+    /// Only on LLM steps.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub usage: Option<Usage>,
     pub attempt: i64,
     pub started_at: String,
@@ -107,6 +119,158 @@ impl From<StepRecord> for StepView {
     }
 }
 
-pub fn plugin_view(info: &PluginInfo) -> Value {
-    json!(info)
+/// `GET /v1/tasks`: a page of tasks, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskPage {
+    pub tasks: Vec<TaskView>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`: the server answers once it listens.
+    #[schema(example = "ok")]
+    pub status: &'static str,
+    /// `sqlite` or `postgres`.
+    #[schema(example = "sqlite")]
+    pub store: &'static str,
+    /// Plugins loaded.
+    pub plugins: usize,
+    /// Plugin files still loading in the background.
+    pub loading: usize,
+}
+
+/// `GET /v1/plugins`: what is loaded, what failed to load, what is still
+/// loading, and the configured MCP servers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginsView {
+    pub plugins: Vec<PluginView>,
+    pub failures: Vec<LoadFailureView>,
+    pub loading: Vec<LoadingView>,
+    /// Each configured MCP server: `name`, `kind`, `status`, `error`,
+    /// `restarts`, `pid`, `transport`, `call_timeout`,
+    /// `max_concurrent_calls`, `allow_tools`, `deny_tools` and `tools` (see
+    /// docs/api.md).
+    #[schema(value_type = Vec<Object>)]
+    pub mcp_servers: Vec<Value>,
+}
+
+impl PluginsView {
+    pub fn new(catalog: &Catalog) -> Self {
+        Self {
+            plugins: catalog.plugins().map(PluginView::from).collect(),
+            failures: catalog
+                .failures()
+                .iter()
+                .map(LoadFailureView::from)
+                .collect(),
+            loading: catalog.loading().iter().map(LoadingView::from).collect(),
+            mcp_servers: catalog.external_sources().to_vec(),
+        }
+    }
+}
+
+/// A loaded plugin.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginView {
+    pub name: String,
+    /// `tool`, `planner` or `llm-adapter`.
+    #[schema(example = "tool")]
+    pub kind: &'static str,
+    /// The WIT package version the component was built against.
+    pub wit_version: String,
+    /// SHA-256 of the component's bytes.
+    pub sha256: String,
+    pub file: String,
+    pub size_bytes: u64,
+    pub description: Option<String>,
+    /// The tools a tool plugin offers; absent for other kinds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<ToolView>,
+    /// What the operator granted it (network, folders, variables).
+    #[schema(value_type = Object)]
+    pub grants: Value,
+    /// Its memory, time and output limits.
+    #[schema(value_type = Object)]
+    pub limits: Value,
+    /// What its manifest asked for that the operator's policy refused.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
+}
+
+impl From<&PluginInfo> for PluginView {
+    fn from(info: &PluginInfo) -> Self {
+        Self {
+            name: info.name.clone(),
+            kind: info.kind.as_str(),
+            wit_version: info.wit_version.clone(),
+            sha256: info.sha256.clone(),
+            file: info.file.display().to_string(),
+            size_bytes: info.size_bytes,
+            description: info.description.clone(),
+            tools: info.tools.iter().map(ToolView::from).collect(),
+            grants: serde_json::to_value(&info.grants).unwrap_or_default(),
+            limits: serde_json::to_value(info.limits).unwrap_or_default(),
+            refused: info.refused.clone(),
+        }
+    }
+}
+
+/// A tool, as tasks name it in `tools`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ToolView {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the tool's input object.
+    #[schema(value_type = Object)]
+    pub input_schema: Value,
+}
+
+impl From<&crate::protocol::ToolSpec> for ToolView {
+    fn from(spec: &crate::protocol::ToolSpec) -> Self {
+        Self {
+            name: spec.name.clone(),
+            description: spec.description.clone(),
+            input_schema: spec.input_schema.clone(),
+        }
+    }
+}
+
+/// A plugin file that did not load.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoadFailureView {
+    pub file: String,
+    /// One of the plugin load failure codes of docs/api.md.
+    #[schema(value_type = String, example = "plugin_load_failed")]
+    pub code: crate::errors::Code,
+    pub error: String,
+}
+
+impl From<&LoadFailure> for LoadFailureView {
+    fn from(failure: &LoadFailure) -> Self {
+        Self {
+            file: failure.file.display().to_string(),
+            code: failure.code,
+            error: failure.error.clone(),
+        }
+    }
+}
+
+/// A plugin file still loading in the background.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoadingView {
+    pub file: String,
+    /// RFC 3339.
+    pub started_at: String,
+}
+
+impl From<&LoadingFile> for LoadingView {
+    fn from(loading: &LoadingFile) -> Self {
+        Self {
+            file: loading.file.display().to_string(),
+            started_at: loading.started_at.clone(),
+        }
+    }
 }

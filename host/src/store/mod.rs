@@ -95,7 +95,7 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
     Queued,
@@ -133,7 +133,7 @@ impl TaskStatus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepKind {
     Llm,
@@ -157,7 +157,7 @@ impl StepKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
     Running,
@@ -382,6 +382,17 @@ pub mod event_kind {
     pub const TASK_FINISHED: &str = "task.finished";
     /// Streamed LLM text; live only, never persisted.
     pub const LLM_DELTA: &str = "llm.delta";
+
+    /// Every kind, in the order a task's events come (the API spec lists them).
+    pub const ALL: &[&str] = &[
+        TASK_QUEUED,
+        TASK_STARTED,
+        STEP_STARTED,
+        LLM_DELTA,
+        STEP_FINISHED,
+        TASK_CANCEL_REQUESTED,
+        TASK_FINISHED,
+    ];
 }
 
 /// A page of the task list, newest first.
