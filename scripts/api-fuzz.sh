@@ -20,7 +20,9 @@ ensure_wasm_target
 ensure_api_fuzzer
 build_plugins
 echo "==> building the server"
-cargo build --release -p opspawn
+# The same selection as scripts/test.sh builds, so that the binary it
+# already built is reused rather than rebuilt with other features.
+cargo test --release --workspace --no-run
 binary="$CARGO_TARGET_DIR/release/opspawn"
 
 work="$(mktemp -d)"

@@ -19,8 +19,9 @@ echo "==> host unit tests and end-to-end tests on SQLite"
 cargo test --release --workspace
 
 # The REST API fuzzed from the spec it serves, against a real server with
-# authentication off and on (about 3 minutes). Opt-in until the event
-# stream's schema conforms (schemathesis ST108 on GET /v1/tasks/{id}/events).
+# authentication off and on (about 3 minutes). Opt-in while schemathesis
+# 4.32.5 fails with internal errors ("Runtime Error", a KeyError in its
+# coverage phase) though the server passes every check.
 if [[ "${OPSPAWN_API_FUZZ:-0}" == 1 ]]; then
     scripts/api-fuzz.sh
 fi

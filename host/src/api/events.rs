@@ -42,7 +42,7 @@ const POLL: Duration = Duration::from_millis(1000);
     responses(
         (status = 200, description = "`text/event-stream`: `event: <kind>`, `id: <seq>`, \
             `data: <TaskEvent>`", content_type = "text/event-stream",
-            body = super::openapi::TaskEvent),
+            body = super::openapi::TaskEventFrame),
         super::openapi::TaskEventsErrors,
     ),
 )]

@@ -283,6 +283,49 @@ impl PartialSchema for TaskEvent {
 
 impl ToSchema for TaskEvent {}
 
+/// One Server-Sent Event of `GET /v1/tasks/{id}/events` as it is framed
+/// on the wire: its name (`event`), its id and its `data`, a
+/// [`TaskEvent`] as JSON text. (OpenAPI describes an event stream by its
+/// events, as OpenAPI 3.2's `itemSchema` and schemathesis read it.)
+pub struct TaskEventFrame;
+
+impl PartialSchema for TaskEventFrame {
+    fn schema() -> RefOr<Schema> {
+        RefOr::T(Schema::Object(
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .property(
+                    "event",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some(event_kind::ALL.iter().copied()))
+                        .description(Some("The event's kind")),
+                )
+                .property(
+                    "id",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .description(Some(
+                            "The event's `seq`, to resume after with `Last-Event-ID`; \
+                             absent on `llm.delta`",
+                        )),
+                )
+                .property(
+                    "data",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .content_media_type("application/json")
+                        .description(Some("A `TaskEvent` (see its schema), as JSON")),
+                )
+                .required("event")
+                .required("data")
+                .build(),
+        ))
+    }
+}
+
+impl ToSchema for TaskEventFrame {}
+
 /// What `#[derive(OpenApi)]` cannot say by itself: the security schemes,
 /// and the error codes' schema and table.
 pub struct Generated;
@@ -353,7 +396,7 @@ impl Modify for Generated {
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     modifiers(&Generated),
-    components(schemas(ErrorInfo, TaskEvent)),
+    components(schemas(ErrorInfo, TaskEvent, TaskEventFrame)),
     tags(
         (name = "tasks", description = "Submit, follow and cancel tasks"),
         (name = "plugins", description = "What is loaded"),
