@@ -5,7 +5,10 @@ use anyhow::{anyhow, bail};
 use opspawn::plugins::bindings::v0_2::tool::ToolPre;
 use opspawn::plugins::bindings::v0_2::types;
 use opspawn::plugins::policy::OperatorPolicy;
-use opspawn::plugins::{EngineOptions, Limits, PluginRuntime, RuntimeOptions, build_engine};
+use opspawn::plugins::{
+    EngineOptions, Limits, PluginRuntime, RecordedVersions, RuntimeOptions, TaskPluginNames,
+    build_engine,
+};
 use opspawn::protocol::CallContext;
 use opspawn_testkit::PluginFolder;
 use serde_json::{Value, json};
@@ -67,6 +70,9 @@ pub(crate) async fn time_host(calls: usize) -> anyhow::Result<Samples> {
         server_env: Vec::new(),
         server_dirs: Vec::new(),
         max_load_time: std::time::Duration::from_secs(120),
+        max_old_versions: 4,
+        compile_cache_history: 8,
+        missing_plugin_grace: std::time::Duration::ZERO,
         separate_tenants: false,
     })?;
     runtime.scan().await?;
@@ -74,9 +80,20 @@ pub(crate) async fn time_host(calls: usize) -> anyhow::Result<Samples> {
         bail!("{} did not load: {}", failure.file.display(), failure.error);
     }
     let input = json!({ "expression": EXPRESSION });
+    let tools = ["calculator".to_owned()];
+    let names = TaskPluginNames {
+        planner: None,
+        llm: None,
+        tools: &tools,
+    };
+    let (plugins, _) = runtime
+        .hold_task_plugins(names, &RecordedVersions::default())
+        .await?;
     let call = async |n: u32| {
         let context = CallContext::new("bench", n);
-        Ok(runtime.invoke_tool("calculator", &context, &input).await?)
+        Ok(runtime
+            .invoke_tool(&plugins, "calculator", &context, &input)
+            .await?)
     };
     let check = |output: &Value| check_answer(&output["result"]);
     measure(calls, call, check).await

@@ -302,6 +302,20 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
                     failure["error"].as_str().unwrap_or_default()
                 );
             }
+            for old in list["old_versions_in_use"].as_array().into_iter().flatten() {
+                println!(
+                    "old version of {} still in use by {} task(s): sha256 {}",
+                    old["name"].as_str().unwrap_or_default(),
+                    old["tasks"],
+                    old["sha256"].as_str().unwrap_or_default(),
+                );
+            }
+            let cache = &list["compile_cache"];
+            println!(
+                "compile cache: {} compiled component(s), {:.1} MiB",
+                cache["artifacts"],
+                cache["bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0)
+            );
             Ok(0)
         }
     }

@@ -118,6 +118,16 @@ pub struct PluginDefaults {
     /// whatever its manifest asks; loads run in the background meanwhile.
     #[serde(with = "humantime_serde")]
     pub max_load_time: Duration,
+    /// How many replaced or removed versions of one plugin stay loaded for
+    /// the tasks still running on them.
+    pub max_old_versions: usize,
+    /// How many compiled components of versions no longer loaded the
+    /// compile cache keeps, beside those loaded.
+    pub compile_cache_history: usize,
+    /// How long a task waits for a plugin it names that is not loaded
+    /// (removed, or being replaced) before it fails.
+    #[serde(with = "humantime_serde")]
+    pub missing_plugin_grace: Duration,
 }
 
 /// The default limit on tasks running at once on a host.
@@ -197,6 +207,9 @@ impl Default for Config {
                 instances: EngineOptions::default().max_instances,
                 concurrent_calls: crate::plugins::default_concurrent_calls(),
                 max_load_time: Duration::from_secs(120),
+                max_old_versions: 4,
+                compile_cache_history: 8,
+                missing_plugin_grace: Duration::from_secs(60),
             },
             policy: OperatorPolicy::default(),
             auth: AuthConfig::default(),
@@ -305,6 +318,9 @@ impl Config {
                 .flatten()
                 .collect(),
             max_load_time: self.plugins.max_load_time,
+            max_old_versions: self.plugins.max_old_versions,
+            compile_cache_history: self.plugins.compile_cache_history,
+            missing_plugin_grace: self.plugins.missing_plugin_grace,
             separate_tenants: !self.auth.tokens.is_empty(),
         }
     }

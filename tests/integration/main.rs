@@ -21,6 +21,7 @@ mod scaleout;
 mod streaming;
 mod tenancy;
 mod traces;
+mod versions;
 
 use std::path::Path;
 use std::time::Duration;

@@ -230,7 +230,7 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
     responses((status = 200, body = PluginsView), openapi::ListPluginsErrors),
 )]
 async fn list_plugins(State(state): State<AppState>) -> Json<PluginsView> {
-    Json(PluginsView::new(&state.runtime.catalog()))
+    Json(PluginsView::new(&state.runtime))
 }
 
 /// A task to submit. Only `goal` is required; the rest default to the

@@ -247,7 +247,8 @@ impl PartialSchema for TaskEvent {
             .enum_values(Some(event_kind::ALL.iter().copied()))
             .description(Some(
                 "`task.queued`; `task.started` (`attempt`); `step.started` (the step: `seq`, \
-                 `kind`, `plugin`, `status`, `attempt`, `started_at`, `input`); `llm.delta` \
+                 `kind`, `plugin`, `plugin_sha256`, `planner_sha256`, `status`, `attempt`, \
+                 `started_at`, `input`); `llm.delta` \
                  (`step`, `text`; live only, without an event id); `step.finished` (the step \
                  without its input, with `output` or `error`, `usage`, `finished_at`); \
                  `task.cancel_requested`; `task.finished` (`status`, `result`, `error`), always \

@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::plugins::{Catalog, LoadFailure, LoadingFile, PluginInfo};
+use crate::plugins::{CacheUsage, LoadFailure, LoadingFile, OldVersion, PluginInfo, PluginRuntime};
 use crate::protocol::Usage;
 use crate::store::{ErrorInfo, StepKind, StepRecord, StepStatus, TaskRecord, TaskStatus};
 
@@ -86,6 +86,11 @@ pub struct StepView {
     pub kind: StepKind,
     /// The plugin that ran it (`mcp:<server>` for an MCP server's tool).
     pub plugin: String,
+    /// SHA-256 of the plugin version that ran it; `null` for an MCP
+    /// server's tool.
+    pub plugin_sha256: Option<String>,
+    /// SHA-256 of the planner version that chose it.
+    pub planner_sha256: Option<String>,
     pub status: StepStatus,
     pub input: Value,
     pub output: Option<Value>,
@@ -106,6 +111,8 @@ impl From<StepRecord> for StepView {
             seq: step.seq,
             kind: step.kind,
             plugin: step.plugin,
+            plugin_sha256: step.versions.plugin_sha256,
+            planner_sha256: step.versions.planner_sha256,
             status: step.status,
             input: step.input,
             output: step.output,
@@ -155,11 +162,20 @@ pub struct PluginsView {
     /// docs/api.md).
     #[schema(value_type = Vec<Object>)]
     pub mcp_servers: Vec<Value>,
+    /// Replaced or removed plugin versions that running tasks still use:
+    /// a task keeps the versions it started with until it ends.
+    pub old_versions_in_use: Vec<OldVersion>,
+    /// The compile cache: compiled components of the loaded versions and of
+    /// a bounded history of others (`plugins.compile_cache_history`).
+    pub compile_cache: CacheUsage,
 }
 
 impl PluginsView {
-    pub fn new(catalog: &Catalog) -> Self {
+    pub fn new(runtime: &PluginRuntime) -> Self {
+        let catalog = runtime.catalog();
         Self {
+            old_versions_in_use: runtime.old_versions_in_use(),
+            compile_cache: runtime.compile_cache_usage(),
             plugins: catalog.plugins().map(PluginView::from).collect(),
             failures: catalog
                 .failures()

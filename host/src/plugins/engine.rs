@@ -1,6 +1,7 @@
 //! The wasmtime engine every plugin shares, the epoch clock that bounds each
 //! call, and the on-disk cache of compiled components.
 
+use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -145,6 +146,9 @@ impl CompileCache {
         };
         let path = dir.join(format!("{sha256}-{}.cwasm", self.engine_key));
         if path.exists() {
+            // Marks it recently used, for pruning.
+            let _ = std::fs::File::open(&path)
+                .and_then(|file| file.set_modified(std::time::SystemTime::now()));
             // SAFETY: the cache directory is the host's own, written only by
             // `store` below with the output of `precompile_component` for an
             // engine with this compatibility hash.
@@ -162,6 +166,96 @@ impl CompileCache {
         // SAFETY: `compiled` was produced just above by this engine.
         unsafe { Component::deserialize(engine, &compiled) }
     }
+}
+
+/// What the compile cache holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct CacheUsage {
+    /// Compiled components in the cache.
+    pub artifacts: u64,
+    pub bytes: u64,
+}
+
+impl CompileCache {
+    /// Deletes compiled components that are neither for one of the
+    /// `in_use` hashes nor among the `history` most recently used others
+    /// (those may be for versions just replaced, or for another host's
+    /// engine sharing the folder), and says what is left. Blocking.
+    ///
+    /// An artifact deleted while a loaded component maps it stays readable:
+    /// the mapping keeps the file's contents until it ends.
+    pub fn prune(&self, in_use: &BTreeSet<String>, history: usize) -> std::io::Result<CacheUsage> {
+        let Some(dir) = &self.dir else {
+            return Ok(CacheUsage::default());
+        };
+        let mut others = Vec::new();
+        let mut usage = CacheUsage::default();
+        for artifact in artifacts(dir)? {
+            let sha = artifact.name.split('-').next().unwrap_or_default();
+            if in_use.contains(sha) {
+                usage.add(&artifact);
+            } else {
+                others.push(artifact);
+            }
+        }
+        others.sort_by_key(|a| std::cmp::Reverse(a.modified));
+        for (n, artifact) in others.into_iter().enumerate() {
+            if n < history {
+                usage.add(&artifact);
+                continue;
+            }
+            match std::fs::remove_file(dir.join(&artifact.name)) {
+                Ok(()) => tracing::debug!(artifact = %artifact.name, "pruned a compiled component"),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(artifact = %artifact.name, %error, "could not prune a compiled component");
+                    usage.add(&artifact);
+                }
+            }
+        }
+        Ok(usage)
+    }
+}
+
+impl CacheUsage {
+    fn add(&mut self, artifact: &Artifact) {
+        self.artifacts += 1;
+        self.bytes += artifact.bytes;
+    }
+}
+
+/// One compiled component in the cache folder.
+struct Artifact {
+    name: String,
+    bytes: u64,
+    modified: std::time::SystemTime,
+}
+
+/// The compiled components in `dir` (`<sha256>-<engine>.cwasm`); none if
+/// the folder does not exist yet.
+fn artifacts(dir: &Path) -> std::io::Result<Vec<Artifact>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".cwasm") {
+            continue;
+        }
+        let Ok(metadata) = entry.metadata() else {
+            continue;
+        };
+        found.push(Artifact {
+            name,
+            bytes: metadata.len(),
+            modified: metadata.modified().unwrap_or(std::time::UNIX_EPOCH),
+        });
+    }
+    Ok(found)
 }
 
 /// Compiles, saying in the log that it started and how long it took: a
@@ -188,4 +282,70 @@ fn store_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn artifact(dir: &Path, sha: &str, engine: &str, age_secs: u64) {
+        let path = dir.join(format!("{sha}-{engine}.cwasm"));
+        std::fs::write(&path, vec![0u8; 100]).unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(age_secs))
+            .unwrap();
+    }
+
+    fn names(dir: &Path) -> BTreeSet<String> {
+        artifacts(dir)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.name)
+            .collect()
+    }
+
+    /// Pruning keeps what is in use and the most recently used others, up to
+    /// the history bound, whatever engine they were compiled for; other
+    /// files in the folder are left alone.
+    #[test]
+    fn pruning_keeps_versions_in_use_and_a_bounded_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CompileCache {
+            dir: Some(dir.path().to_owned()),
+            engine_key: "e1".into(),
+        };
+        // Names are `<sha256>-<engine>.cwasm`; short stand-ins for hashes.
+        artifact(dir.path(), "10aded", "e1", 1_000);
+        artifact(dir.path(), "01d", "e1", 900); // an old version still in use
+        artifact(dir.path(), "2ecent", "e1", 10);
+        artifact(dir.path(), "0the2", "e0", 20); // another engine's, recent
+        artifact(dir.path(), "57a1e", "e1", 500);
+        std::fs::write(dir.path().join("notes.txt"), "not an artifact").unwrap();
+
+        let in_use = BTreeSet::from(["10aded".to_owned(), "01d".to_owned()]);
+        let usage = cache.prune(&in_use, 2).unwrap();
+
+        assert_eq!(
+            names(dir.path()),
+            BTreeSet::from([
+                "10aded-e1.cwasm".to_owned(),
+                "01d-e1.cwasm".to_owned(),
+                "2ecent-e1.cwasm".to_owned(),
+                "0the2-e0.cwasm".to_owned(),
+            ])
+        );
+        assert!(dir.path().join("notes.txt").exists());
+        assert_eq!(
+            usage,
+            CacheUsage {
+                artifacts: 4,
+                bytes: 400
+            }
+        );
+
+        let usage = cache.prune(&in_use, 0).unwrap();
+        assert_eq!(usage.artifacts, 2, "{:?}", names(dir.path()));
+    }
 }

@@ -16,6 +16,9 @@ mod outbound;
 pub mod policy;
 mod registry;
 mod state;
+mod versions;
+
+pub use versions::{OldVersion, RecordedVersions, TaskPluginNames, TaskPlugins};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -29,6 +32,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use wasmtime::component::{Linker, ResourceTableError};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
+pub use engine::CacheUsage;
 use engine::{CompileCache, EpochTicker};
 pub use engine::{EngineOptions, build_engine};
 pub use manifest::{Grants, Limits};
@@ -68,6 +72,16 @@ pub struct RuntimeOptions {
     /// The longest a plugin may take to load (compiling it and its
     /// `describe` call), whatever its manifest asks.
     pub max_load_time: Duration,
+    /// How many replaced or removed versions of one plugin stay loaded for
+    /// the tasks still running on them; past it the oldest is released and
+    /// its tasks move to the loaded version.
+    pub max_old_versions: usize,
+    /// How many compiled components of versions no longer loaded the compile
+    /// cache keeps (the most recently used), beside those loaded.
+    pub compile_cache_history: usize,
+    /// How long a task waits for a plugin it names that is not loaded (removed,
+    /// or being replaced) before it fails.
+    pub missing_plugin_grace: Duration,
     /// Whether each tenant's calls get writable folders of their own
     /// (`<folder>/tenants/<tenant>`): on when authentication is, so that
     /// nothing one tenant's task writes is seen by another's.
@@ -138,6 +152,16 @@ pub enum CallError {
     LlmOptions(LlmError),
     #[error("planner {plugin} reported an error: {message}")]
     Planner { plugin: String, message: String },
+    /// A task's plugin or tool was still missing when its wait ended.
+    #[error(
+        "{what} is not loaded, after waiting {grace} for it (plugins.missing_plugin_grace): put \
+         its file back in the plugin folder, or submit the task again naming a loaded one"
+    )]
+    StillMissing {
+        what: String,
+        tool: bool,
+        grace: String,
+    },
     /// An adapter asked for something its manifest does not provide.
     #[error("LLM adapter {plugin} cannot be used as configured: {detail}")]
     AdapterConfig { plugin: String, detail: String },
@@ -148,7 +172,8 @@ impl CallError {
     pub fn code(&self) -> &str {
         let code = match self {
             Self::NotLoaded { .. } => Code::PluginNotLoaded,
-            Self::UnknownTool(_) => Code::UnknownTool,
+            Self::UnknownTool(_) | Self::StillMissing { tool: true, .. } => Code::UnknownTool,
+            Self::StillMissing { tool: false, .. } => Code::PluginNotLoaded,
             Self::Timeout { .. } => Code::PluginTimeout,
             Self::MemoryLimit { .. } => Code::PluginMemoryLimit,
             Self::StackOverflow { .. } => Code::PluginStackOverflow,
@@ -167,6 +192,15 @@ impl CallError {
             Self::AdapterConfig { .. } => Code::LlmAdapterMisconfigured,
         };
         code.as_str()
+    }
+}
+
+/// A call for a kind of plugin the task holds none of: the task was
+/// started without naming one.
+fn not_held(kind: PluginKind) -> CallError {
+    CallError::NotLoaded {
+        kind,
+        name: String::new(),
     }
 }
 
@@ -195,8 +229,12 @@ pub struct PluginRuntime {
     scan_lock: tokio::sync::Mutex<()>,
     /// The loads in flight; held while the catalog is changed.
     loads: std::sync::Mutex<registry::Loads>,
-    /// How many files are loading.
+    /// How many files are loading; sent at every change of the catalog.
     loading_count: tokio::sync::watch::Sender<usize>,
+    /// Replaced and removed versions that running tasks still use.
+    old_versions: versions::OldVersions,
+    /// What the compile cache held after it was last pruned.
+    cache_usage: Arc<std::sync::Mutex<CacheUsage>>,
     /// The files whose failure was logged, with the version that failed, so
     /// a broken file is reported once, not at every scan.
     warned: std::sync::Mutex<std::collections::BTreeMap<PathBuf, String>>,
@@ -284,6 +322,8 @@ impl PluginRuntime {
             scan_lock: tokio::sync::Mutex::new(()),
             loads: std::sync::Mutex::default(),
             loading_count: tokio::sync::watch::Sender::new(0),
+            old_versions: versions::OldVersions::default(),
+            cache_usage: Arc::default(),
             warned: std::sync::Mutex::default(),
         }))
     }
@@ -303,59 +343,86 @@ impl PluginRuntime {
         self.catalog.read().expect("catalog lock").clone()
     }
 
-    /// An LLM adapter's per-call time limit, once plugins being loaded (at
-    /// a start, say) have loaded; `None` if no adapter has the name.
-    pub async fn llm_call_timeout(&self, adapter: &str) -> Option<Duration> {
-        self.when_loaded(|| self.plugin_of_kind(adapter, PluginKind::LlmAdapter))
-            .await
-            .ok()
-            .map(|plugin| plugin.info.limits.call_timeout)
-    }
-
-    /// Specs of the named tools, or the first name that no plugin offers.
-    pub fn tool_specs(&self, names: &[String]) -> Result<Vec<ToolSpec>, CallError> {
-        let catalog = self.catalog();
-        names
-            .iter()
-            .map(|name| {
-                catalog
-                    .tool_spec(name)
-                    .cloned()
-                    .ok_or_else(|| CallError::UnknownTool(name.clone()))
-            })
-            .collect()
-    }
-
-    /// Like [`tool_specs`](Self::tool_specs), but while plugins are still
-    /// loading (after a start or a drop-in), waits for them before calling
-    /// a tool unknown: a task resumed at start-up must not fail because its
-    /// tool had not loaded yet.
-    pub async fn tool_specs_when_loaded(
+    /// The versions a task runs on, and its tools' specs, once what it
+    /// names is loaded. While plugins are loading (at a start, or a file
+    /// being replaced) and for [`RuntimeOptions::missing_plugin_grace`]
+    /// after, a plugin that is missing is waited for rather than failed: a
+    /// task resumed at start-up must find its plugins, and a queued task
+    /// must not fail because its plugin is being swapped.
+    pub async fn hold_task_plugins(
         &self,
-        names: &[String],
-    ) -> Result<Vec<ToolSpec>, CallError> {
-        self.when_loaded(|| self.tool_specs(names)).await
-    }
-
-    /// Retries `lookup` each time a load finishes, until it succeeds or
-    /// nothing is loading any more.
-    async fn when_loaded<T>(
-        &self,
-        lookup: impl Fn() -> Result<T, CallError>,
-    ) -> Result<T, CallError> {
-        let mut loading = self.loading_count.subscribe();
+        names: TaskPluginNames<'_>,
+        recorded: &RecordedVersions,
+    ) -> Result<(TaskPlugins, Vec<ToolSpec>), CallError> {
+        let grace_ends = tokio::time::Instant::now() + self.options.missing_plugin_grace;
+        let mut changes = self.loading_count.subscribe();
         loop {
-            // Read before looking: the count drops only after the catalog
-            // holds what the finished load brought.
             let still_loading =
-                *loading.borrow_and_update() > 0 || self.catalog().external_starting();
-            match lookup() {
-                Err(_) if still_loading => {
-                    let _ = loading.changed().await;
+                *changes.borrow_and_update() > 0 || self.catalog().external_starting();
+            let catalog = self.catalog();
+            let missing = match TaskPlugins::hold(&catalog, &self.old_versions, names, recorded) {
+                Ok(plugins) => {
+                    let specs = names
+                        .tools
+                        .iter()
+                        .map(|tool| {
+                            catalog
+                                .tool_spec(tool)
+                                .cloned()
+                                .ok_or_else(|| CallError::UnknownTool(tool.clone()))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    return Ok((plugins, specs));
                 }
-                found => return found,
+                Err(missing) => missing,
+            };
+            let waited = if still_loading {
+                changes.changed().await.is_ok()
+            } else {
+                tokio::time::timeout_at(grace_ends, changes.changed())
+                    .await
+                    .is_ok_and(|changed| changed.is_ok())
+            };
+            if !waited {
+                let grace = humantime::format_duration(self.options.missing_plugin_grace);
+                let (what, tool) = match missing {
+                    versions::Missing::Plugin { kind, name } => {
+                        (format!("{kind} plugin {name:?}"), false)
+                    }
+                    versions::Missing::Tool(tool) => (format!("tool {tool:?}"), true),
+                };
+                return Err(CallError::StillMissing {
+                    what,
+                    tool,
+                    grace: grace.to_string(),
+                });
             }
         }
+    }
+
+    /// The versions behind a step a task is about to take: of `plugin`
+    /// (if a component) and of the task's planner, as its next call will
+    /// find them.
+    pub fn step_versions(
+        &self,
+        plugins: &TaskPlugins,
+        plugin: &str,
+    ) -> (Option<String>, Option<String>) {
+        (
+            plugins.sha256(plugin, || self.catalog()),
+            plugins.planner_sha256(|| self.catalog()),
+        )
+    }
+
+    /// The replaced and removed plugin versions that running tasks still use.
+    pub fn old_versions_in_use(&self) -> Vec<OldVersion> {
+        self.old_versions.in_use()
+    }
+
+    /// What the compile cache held after it was last pruned (once the loads
+    /// of a scan have finished).
+    pub fn compile_cache_usage(&self) -> CacheUsage {
+        *self.cache_usage.lock().expect("cache usage lock")
     }
 
     /// The tenant whose writable folders a call sees, when tenants are
@@ -367,32 +434,37 @@ impl PluginRuntime {
     /// Runs a tool with a JSON object as input.
     pub async fn invoke_tool(
         &self,
+        plugins: &TaskPlugins,
         tool: &str,
         context: &CallContext,
         input: &Value,
     ) -> Result<Value, CallError> {
         let started = Instant::now();
-        let result = self.invoke_tool_unmetered(tool, context, input).await;
-        let catalog = self.catalog();
-        let plugin = catalog.tool_owner(tool).unwrap_or("unknown");
-        record_call(plugin, PluginKind::Tool, &result, started);
+        let Some(plugin) = plugins.tool(tool, || self.catalog()) else {
+            // An MCP server's tool: its source runs it (and checks its input).
+            let catalog = self.catalog();
+            let result = match catalog.external_tool(tool) {
+                Some(external) => external.invoker.invoke(tool, context, input).await,
+                None => Err(CallError::UnknownTool(tool.to_owned())),
+            };
+            let source = catalog.tool_owner(tool).unwrap_or("unknown");
+            record_call(source, PluginKind::Tool, &result, started);
+            return result;
+        };
+        let result = self
+            .invoke_tool_unmetered(&plugin, tool, context, input)
+            .await;
+        record_call(&plugin.info.name, PluginKind::Tool, &result, started);
         result
     }
 
     async fn invoke_tool_unmetered(
         &self,
+        plugin: &Arc<Plugin>,
         tool: &str,
         context: &CallContext,
         input: &Value,
     ) -> Result<Value, CallError> {
-        let catalog = self.catalog();
-        let Some(plugin) = catalog.tool_plugin(tool) else {
-            // An MCP server's tool: its source runs it (and checks its input).
-            return match catalog.external_tool(tool) {
-                Some(external) => external.invoker.invoke(tool, context, input).await,
-                None => Err(CallError::UnknownTool(tool.to_owned())),
-            };
-        };
         let Entry::Tool(entry) = &plugin.entry else {
             unreachable!("the catalog maps tools to tool plugins")
         };
@@ -408,7 +480,7 @@ impl PluginRuntime {
         let outcome = match entry {
             ToolEntry::V0_1(pre) => {
                 let context = convert::v0_1::context_to_wit(context);
-                self.call(&plugin, kind, tenant, None, async |store| {
+                self.call(plugin, kind, tenant, None, async |store| {
                     let instance = pre.instantiate_async(&mut *store).await?;
                     let tools = instance.opspawn_plugin_tools();
                     let result = tools.call_invoke(store, &context, tool, &input).await?;
@@ -418,7 +490,7 @@ impl PluginRuntime {
             }
             ToolEntry::V0_2(pre) => {
                 let context = convert::v0_2::context_to_wit(context);
-                self.call(&plugin, kind, tenant, None, async |store| {
+                self.call(plugin, kind, tenant, None, async |store| {
                     let instance = pre.instantiate_async(&mut *store).await?;
                     let tools = instance.opspawn_plugin_tools();
                     let result = tools.call_invoke(store, &context, tool, &input).await?;
@@ -429,7 +501,7 @@ impl PluginRuntime {
         };
         match outcome {
             Ok(output) => {
-                check_output_size(&plugin, output.len())?;
+                check_output_size(plugin, output.len())?;
                 serde_json::from_str(&output).map_err(|e| CallError::BadOutput {
                     plugin: plugin.info.name.clone(),
                     detail: format!("tool {tool} returned text that is not JSON: {e}"),
@@ -437,7 +509,7 @@ impl PluginRuntime {
             }
             Err((code, message)) => {
                 // A tool's error goes into the journal as its output would.
-                check_output_size(&plugin, code.len() + message.len())?;
+                check_output_size(plugin, code.len() + message.len())?;
                 Err(CallError::Tool { code, message })
             }
         }
@@ -446,23 +518,23 @@ impl PluginRuntime {
     /// Asks a planner for the next action.
     pub async fn next_action(
         &self,
-        planner: &str,
+        plugins: &TaskPlugins,
         state: &TaskState<'_>,
     ) -> Result<PlannerAction, CallError> {
+        let plugin = plugins
+            .planner(|| self.catalog())
+            .ok_or_else(|| not_held(PluginKind::Planner))?;
         let started = Instant::now();
-        let result = self.next_action_unmetered(planner, state).await;
-        record_call(planner, PluginKind::Planner, &result, started);
+        let result = self.next_action_unmetered(&plugin, state).await;
+        record_call(&plugin.info.name, PluginKind::Planner, &result, started);
         result
     }
 
     async fn next_action_unmetered(
         &self,
-        planner: &str,
+        plugin: &Arc<Plugin>,
         state: &TaskState<'_>,
     ) -> Result<PlannerAction, CallError> {
-        let plugin = self
-            .when_loaded(|| self.plugin_of_kind(planner, PluginKind::Planner))
-            .await?;
         let Entry::Planner(entry) = &plugin.entry else {
             unreachable!("kind checked above")
         };
@@ -471,7 +543,7 @@ impl PluginRuntime {
         let outcome = match entry {
             PlannerEntry::V0_1(pre) => {
                 let state = convert::v0_1::state_to_wit(state);
-                self.call(&plugin, SlotKind::Compute, tenant, None, async |store| {
+                self.call(plugin, SlotKind::Compute, tenant, None, async |store| {
                     let instance = pre.instantiate_async(&mut *store).await?;
                     let planning = instance.opspawn_plugin_planning();
                     let action = planning.call_next_action(store, &state).await?;
@@ -481,7 +553,7 @@ impl PluginRuntime {
             }
             PlannerEntry::V0_2(pre) => {
                 let state = convert::v0_2::state_to_wit(state);
-                self.call(&plugin, SlotKind::Compute, tenant, None, async |store| {
+                self.call(plugin, SlotKind::Compute, tenant, None, async |store| {
                     let instance = pre.instantiate_async(&mut *store).await?;
                     let planning = instance.opspawn_plugin_planning();
                     let action = planning.call_next_action(store, &state).await?;
@@ -502,7 +574,7 @@ impl PluginRuntime {
             })?;
         // The action goes into the journal (an LLM request as a step's
         // input, each tool call as one), so it is output like any other.
-        check_output_size(&plugin, convert::json_size(&action))?;
+        check_output_size(plugin, convert::json_size(&action))?;
         Ok(action)
     }
 
@@ -514,31 +586,31 @@ impl PluginRuntime {
     /// adapter makes the call itself and holds its instance throughout.
     pub async fn complete(
         &self,
-        adapter: &str,
+        plugins: &TaskPlugins,
         context: &CallContext,
         request: &ChatRequest,
         deltas: Option<mpsc::UnboundedSender<String>>,
         deadline: Instant,
     ) -> Result<ChatResponse, CallError> {
+        let plugin = plugins
+            .adapter(|| self.catalog())
+            .ok_or_else(|| not_held(PluginKind::LlmAdapter))?;
         let started = Instant::now();
         let result = self
-            .complete_unmetered(adapter, context, request, deltas, deadline)
+            .complete_unmetered(&plugin, context, request, deltas, deadline)
             .await;
-        record_call(adapter, PluginKind::LlmAdapter, &result, started);
+        record_call(&plugin.info.name, PluginKind::LlmAdapter, &result, started);
         result
     }
 
     async fn complete_unmetered(
         &self,
-        adapter: &str,
+        plugin: &Arc<Plugin>,
         context: &CallContext,
         request: &ChatRequest,
         deltas: Option<mpsc::UnboundedSender<String>>,
         deadline: Instant,
     ) -> Result<ChatResponse, CallError> {
-        let plugin = self
-            .when_loaded(|| self.plugin_of_kind(adapter, PluginKind::LlmAdapter))
-            .await?;
         let Entry::LlmAdapter(entry) = &plugin.entry else {
             unreachable!("kind checked above")
         };
@@ -548,7 +620,7 @@ impl PluginRuntime {
                 AdapterEntry::Translating(pre) => {
                     let call = llm_call::TranslatedCall {
                         runtime: self,
-                        plugin: &plugin,
+                        plugin,
                         pre,
                         tenant,
                         deltas: deltas.as_ref(),
@@ -564,7 +636,7 @@ impl PluginRuntime {
                     let context = convert::v0_1::context_to_wit(context);
                     let request = convert::v0_1::request_to_wit(request);
                     let call = self.call(
-                        &plugin,
+                        plugin,
                         SlotKind::NetworkBound,
                         tenant,
                         deltas,
@@ -579,7 +651,7 @@ impl PluginRuntime {
                     );
                     match tokio::time::timeout_at(deadline.into(), call).await {
                         Ok(result) => result?.map_err(CallError::Llm)?,
-                        Err(_) => return Err(llm_timeout(&plugin)),
+                        Err(_) => return Err(llm_timeout(plugin)),
                     }
                 }
             })
@@ -596,18 +668,8 @@ impl PluginRuntime {
             other => other,
         })?;
         // The whole reply goes into the journal: ids and names count too.
-        check_output_size(&plugin, convert::json_size(&response))?;
+        check_output_size(plugin, convert::json_size(&response))?;
         Ok(response)
-    }
-
-    fn plugin_of_kind(&self, name: &str, kind: PluginKind) -> Result<Arc<Plugin>, CallError> {
-        self.catalog()
-            .plugin(name)
-            .filter(|plugin| plugin.info.kind == kind)
-            .ok_or_else(|| CallError::NotLoaded {
-                kind,
-                name: name.to_owned(),
-            })
     }
 
     /// Runs one call of `plugin` in a fresh store, once the slots it needs

@@ -13,6 +13,7 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -117,7 +118,7 @@ pub(super) enum AdapterEntry {
     Translating(v0_2::llm_adapter::LlmAdapterPre<CallState>),
 }
 
-pub(super) struct Plugin {
+pub struct Plugin {
     pub info: PluginInfo,
     pub entry: Entry,
     /// Compiled input schemas of the plugin's tools, by tool name.
@@ -129,6 +130,11 @@ pub(super) struct Plugin {
     withheld_env: BTreeSet<String>,
     /// How long its file has held its names.
     standing: Standing,
+    /// Tasks running on this version (`versions::TaskPlugins`).
+    pub users: AtomicUsize,
+    /// Set when this version, replaced or removed, was let go at the bound
+    /// on old versions: the tasks still on it move to the loaded version.
+    pub released: AtomicBool,
 }
 
 /// Everything loaded from the plugin folder at one moment.
@@ -719,8 +725,44 @@ impl PluginRuntime {
                 started_at: load.started_at.clone(),
             })
             .collect();
-        *self.catalog.write().expect("catalog lock") = Arc::new(next);
+        let previous = std::mem::replace(
+            &mut *self.catalog.write().expect("catalog lock"),
+            Arc::new(next),
+        );
+        // Versions replaced or removed stay loaded while tasks run on them.
+        let current = self.catalog();
+        let gone = previous.plugins.values().filter(|old| {
+            current
+                .plugins
+                .get(&old.info.name)
+                .is_none_or(|now| !Arc::ptr_eq(now, old))
+        });
+        self.old_versions
+            .retire(gone.cloned(), self.options.max_old_versions);
+        // Sent at every change (not only of the count): tasks waiting for a
+        // missing plugin look again.
         self.loading_count.send_replace(loads.in_flight.len());
+        if loads.in_flight.is_empty() {
+            self.prune_compile_cache(&current);
+        }
+    }
+
+    /// Prunes the compile cache, in the background, to the versions loaded
+    /// or still in use and a bounded history of others.
+    fn prune_compile_cache(&self, catalog: &Catalog) {
+        let in_use: BTreeSet<String> = catalog
+            .plugins
+            .values()
+            .map(|plugin| plugin.info.sha256.clone())
+            .chain(self.old_versions.in_use().into_iter().map(|old| old.sha256))
+            .collect();
+        let cache = self.cache.clone();
+        let usage = self.cache_usage.clone();
+        let history = self.options.compile_cache_history;
+        tokio::task::spawn_blocking(move || match cache.prune(&in_use, history) {
+            Ok(now) => *usage.lock().expect("cache usage lock") = now,
+            Err(error) => tracing::warn!(%error, "could not prune the compile cache"),
+        });
     }
 
     /// Logs a failure unless the same version of the file failed before.
@@ -878,6 +920,8 @@ impl PluginRuntime {
                 since: 0,
                 modified: SystemTime::UNIX_EPOCH,
             },
+            users: AtomicUsize::new(0),
+            released: AtomicBool::new(false),
         };
         if kind == PluginKind::Tool {
             plugin.info.tools = self.describe(&plugin).await?;

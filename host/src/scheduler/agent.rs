@@ -19,14 +19,14 @@ use tracing::{Instrument, Span};
 use super::{Shared, spans};
 use crate::errors::{Code, is_transient};
 use crate::events::LiveEvent;
-use crate::plugins::CallError;
+use crate::plugins::{CallError, RecordedVersions, TaskPluginNames, TaskPlugins};
 use crate::protocol::{
     CallContext, ChatRequest, ChatResponse, LlmError, PlannerAction, PlannerStep, TaskState,
     ToolCall, ToolResult, Usage,
 };
 use crate::store::{
-    Claim, ErrorInfo, Fence, StepEnd, StepKind, StepRecord, StepStart, StepStatus, StoreError,
-    TaskEnd, TaskRecord, now_millis,
+    Claim, ErrorInfo, Fence, StepEnd, StepKind, StepRecord, StepStart, StepStatus, StepVersions,
+    StoreError, TaskEnd, TaskRecord, now_millis,
 };
 
 /// Why a run stopped without finishing its task.
@@ -66,6 +66,9 @@ pub(super) struct Run {
     unwritten_end: Option<StepEnd>,
     /// This run's `invoke_agent` span, when traces are on.
     trace: Span,
+    /// The plugin versions the task runs on, held from its first step to
+    /// its end.
+    plugins: Option<TaskPlugins>,
 }
 
 impl Run {
@@ -90,6 +93,7 @@ impl Run {
             retries_used: 0,
             unwritten_end: None,
             trace: Span::none(),
+            plugins: None,
         }
     }
 
@@ -154,13 +158,22 @@ impl Run {
     }
 
     async fn drive(&mut self) -> Result<TaskEnd, Interrupted> {
+        let names = TaskPluginNames {
+            planner: Some(&self.task.planner),
+            llm: Some(&self.task.llm),
+            tools: &self.task.tools,
+        };
+        let recorded = recorded_versions(&self.steps);
         let tools = match self
             .shared
             .runtime
-            .tool_specs_when_loaded(&self.task.tools)
+            .hold_task_plugins(names, &recorded)
             .await
         {
-            Ok(tools) => tools,
+            Ok((plugins, tools)) => {
+                self.plugins = Some(plugins);
+                tools
+            }
             Err(error) => return Ok(failed(error.code(), error.to_string())),
         };
 
@@ -197,7 +210,7 @@ impl Run {
                 tenant: Some(&self.task.tenant),
             };
             let action = self
-                .bounded(self.shared.runtime.next_action(&self.task.planner, &state))
+                .bounded(self.shared.runtime.next_action(self.plugins(), &state))
                 .await;
             drop(state);
             let action = match action {
@@ -245,6 +258,26 @@ impl Run {
                     }
                 }
             }
+        }
+    }
+
+    /// The plugin versions the task runs on; held before its first step.
+    fn plugins(&self) -> &TaskPlugins {
+        self.plugins
+            .as_ref()
+            .expect("a task holds its plugins before it takes a step")
+    }
+
+    /// The plugin (or external source) offering `tool`.
+    fn tool_owner(&self, tool: &str) -> Option<String> {
+        match self.plugins().tool_owner(tool) {
+            Some(owner) => Some(owner.to_owned()),
+            None => self
+                .shared
+                .runtime
+                .catalog()
+                .tool_owner(tool)
+                .map(str::to_owned),
         }
     }
 
@@ -358,8 +391,8 @@ impl Run {
         match effect {
             Ok(Effect::Llm(request)) => spans::chat(&self.task.llm, seq, request, record_content),
             Ok(Effect::Tool(call)) => {
-                let catalog = self.shared.runtime.catalog();
-                let plugin = catalog.tool_owner(&call.name).unwrap_or("unknown");
+                let plugin = self.tool_owner(&call.name);
+                let plugin = plugin.as_deref().unwrap_or("unknown");
                 spans::execute_tool(plugin, seq, call, record_content)
             }
             Err(_) => Span::none(),
@@ -384,19 +417,25 @@ impl Run {
             StepKind::Llm => (self.task.llm.clone(), self.task.llm.clone()),
             StepKind::Tool => {
                 let tool = input["name"].as_str().unwrap_or_default();
-                let catalog = self.shared.runtime.catalog();
-                let owner = catalog.tool_owner(tool);
+                let owner = self.tool_owner(tool);
                 (
-                    owner.unwrap_or(tool).to_owned(),
-                    owner.unwrap_or("unknown").to_owned(),
+                    owner.clone().unwrap_or_else(|| tool.to_owned()),
+                    owner.unwrap_or_else(|| "unknown".to_owned()),
                 )
             }
+        };
+        let (plugin_sha256, planner_sha256) =
+            self.shared.runtime.step_versions(self.plugins(), &plugin);
+        let versions = StepVersions {
+            plugin_sha256,
+            planner_sha256,
         };
         let start = StepStart {
             seq,
             kind,
             plugin,
             input,
+            versions,
         };
         let store = &self.shared.store;
         let (record, event) = match self.unwritten_end.take() {
@@ -418,12 +457,9 @@ impl Run {
         let context = CallContext::new(&self.task.id, seq).for_tenant(&self.task.tenant);
         // An LLM call, retries included, lasts no longer than its adapter's
         // call_timeout_ms: a hung provider is cut there, not retried past it.
-        // The limit is read once the adapter has loaded: a task resumed at a
-        // start must not find it missing and get no time at all.
         let llm_deadline = match kind {
             StepKind::Llm => {
-                let runtime = &self.shared.runtime;
-                let limit = runtime.llm_call_timeout(&self.task.llm).await;
+                let limit = self.plugins().llm_call_timeout();
                 Some(Instant::now() + limit.unwrap_or_else(|| self.remaining()))
             }
             StepKind::Tool => None,
@@ -583,7 +619,7 @@ impl Run {
         let result = self
             .shared
             .runtime
-            .complete(&self.task.llm, context, request, Some(deltas), deadline)
+            .complete(self.plugins(), context, request, Some(deltas), deadline)
             .await;
         let _ = forward.await;
         if let Ok(response) = &result
@@ -627,13 +663,31 @@ impl Run {
                 ),
             ));
         }
-        self.bounded(
-            self.shared
-                .runtime
-                .invoke_tool(&call.name, context, &call.arguments),
-        )
+        self.bounded(self.shared.runtime.invoke_tool(
+            self.plugins(),
+            &call.name,
+            context,
+            &call.arguments,
+        ))
         .await
     }
+}
+
+/// The plugin versions a task's journal recorded: the latest of each
+/// plugin, and of the planner.
+fn recorded_versions(steps: &[StepRecord]) -> RecordedVersions {
+    let mut recorded = RecordedVersions::default();
+    let mut in_order: Vec<&StepRecord> = steps.iter().collect();
+    in_order.sort_by_key(|step| step.seq);
+    for step in in_order {
+        if let Some(sha) = &step.versions.plugin_sha256 {
+            recorded.plugins.insert(step.plugin.clone(), sha.clone());
+        }
+        if let Some(sha) = &step.versions.planner_sha256 {
+            recorded.planner = Some(sha.clone());
+        }
+    }
+    recorded
 }
 
 /// What a step performs: its journaled input, typed.

@@ -211,6 +211,7 @@ async fn a_finished_step_in_the_journal_is_not_performed_again() {
                 kind: StepKind::Llm,
                 plugin: "scripted".into(),
                 input: json!({"messages": []}),
+                versions: Default::default(),
             },
         )
         .await

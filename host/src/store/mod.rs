@@ -267,6 +267,17 @@ pub struct StepRecord {
     pub attempt: i64,
     pub started_at: Millis,
     pub finished_at: Option<Millis>,
+    pub versions: StepVersions,
+}
+
+/// The plugin versions behind a step, by SHA-256 of their components: the
+/// plugin that ran it and the planner that chose it. `None` for a tool of
+/// an external source (an MCP server), and for steps journaled before
+/// versions were recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StepVersions {
+    pub plugin_sha256: Option<String>,
+    pub planner_sha256: Option<String>,
 }
 
 /// A worker's proof of its claim on a task.
@@ -284,6 +295,7 @@ pub struct StepStart {
     pub kind: StepKind,
     pub plugin: String,
     pub input: Value,
+    pub versions: StepVersions,
 }
 
 impl StepStart {
@@ -301,6 +313,7 @@ impl StepStart {
             attempt,
             started_at,
             finished_at: None,
+            versions: self.versions,
         }
     }
 }
@@ -729,6 +742,8 @@ fn payload_or_note(payload: &Value, bytes: usize) -> Value {
 /// events are read.
 fn step_started_event(step: &StepRecord, input_bytes: usize) -> (String, Value) {
     let mut data = step_event_base(step);
+    data["plugin_sha256"] = serde_json::json!(step.versions.plugin_sha256);
+    data["planner_sha256"] = serde_json::json!(step.versions.planner_sha256);
     let stored = data.to_string();
     data["input"] = payload_or_note(&step.input, input_bytes);
     (stored, data)
@@ -958,6 +973,7 @@ pub(crate) mod conformance {
                     kind: StepKind::Tool,
                     plugin: "calculator".into(),
                     input: serde_json::json!({"n": n, "seq": seq}),
+                    versions: Default::default(),
                 };
                 store.start_step(&claim.fence, step).await.unwrap();
             }
@@ -994,6 +1010,7 @@ pub(crate) mod conformance {
             kind: StepKind::Tool,
             plugin: "calculator".into(),
             input: serde_json::json!({"seq": seq}),
+            versions: Default::default(),
         };
         let end = |started: StepRecord, finished_at: Millis| StepEnd {
             started,

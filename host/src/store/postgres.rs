@@ -31,8 +31,8 @@ use tokio::sync::Notify;
 
 use super::{
     CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, QueueGauges,
-    Renewal, Result, StepEnd, StepKind, StepRecord, StepStart, StepStatus, Store, StoreError,
-    TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStatus, event_kind, in_claim_order,
+    Renewal, Result, StepEnd, StepKind, StepRecord, StepStart, StepStatus, StepVersions, Store,
+    StoreError, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStatus, event_kind, in_claim_order,
     lack_step_inputs, now_millis, parse_json, renewals, restore_step_inputs, step_event_data,
     step_started_event,
 };
@@ -546,12 +546,13 @@ macro_rules! append_event_from {
 const START_STEP: &str = concat!(
     "WITH step AS (
         INSERT INTO steps (task_id, seq, kind, plugin, status, input, attempt, started_at,
-                           input_ref)
-        VALUES ($1, $2, $3, $4, 'running', $5::json, $6, $7, $8)
+                           input_ref, plugin_sha256, planner_sha256)
+        VALUES ($1, $2, $3, $4, 'running', $5::json, $6, $7, $8, $11, $12)
         ON CONFLICT (task_id, seq) DO UPDATE
            SET kind = excluded.kind, plugin = excluded.plugin, input = excluded.input,
                input_ref = excluded.input_ref, attempt = excluded.attempt,
-               started_at = excluded.started_at
+               started_at = excluded.started_at, plugin_sha256 = excluded.plugin_sha256,
+               planner_sha256 = excluded.planner_sha256
          WHERE steps.status = 'running'
         RETURNING seq
      ) ",
@@ -587,6 +588,8 @@ async fn start_step(
         .bind(&input_ref)
         .bind(event_kind::STEP_STARTED)
         .bind(stored)
+        .bind(&record.versions.plugin_sha256)
+        .bind(&record.versions.planner_sha256)
         .fetch_optional(&mut *conn)
         .await?;
     let Some(event_seq) = event_seq else {
@@ -886,6 +889,10 @@ fn step_from_row(row: &PgRow) -> Result<StepRecord> {
         attempt: row.try_get("attempt")?,
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
+        versions: StepVersions {
+            plugin_sha256: row.try_get("plugin_sha256")?,
+            planner_sha256: row.try_get("planner_sha256")?,
+        },
     })
 }
 
@@ -1428,6 +1435,7 @@ mod tests {
                     kind: StepKind::Tool,
                     plugin: "calculator".into(),
                     input: json!({"expression": "1+1"}),
+                    versions: Default::default(),
                 },
             )
         }));

@@ -385,6 +385,7 @@ mod tests {
             kind: crate::store::StepKind::Tool,
             plugin: "calculator".into(),
             input: serde_json::json!({"name": "calculator", "seq": seq}),
+            versions: Default::default(),
         }
     }
 

@@ -6,8 +6,8 @@ use sqlx::sqlite::SqliteRow;
 
 use crate::protocol::Usage;
 use crate::store::{
-    ErrorInfo, EventRecord, Millis, Result, StepKind, StepRecord, StepStatus, StoreError,
-    TaskRecord, TaskStatus, parse_json,
+    ErrorInfo, EventRecord, Millis, Result, StepKind, StepRecord, StepStatus, StepVersions,
+    StoreError, TaskRecord, TaskStatus, parse_json,
 };
 
 /// Named columns of a row, as both drivers give them.
@@ -135,6 +135,10 @@ pub(super) fn step_from_row(row: &impl Columns) -> Result<StepRecord> {
         attempt: row.integer("attempt")?,
         started_at: row.integer("started_at")?,
         finished_at: row.optional_integer("finished_at")?,
+        versions: StepVersions {
+            plugin_sha256: row.optional_text("plugin_sha256")?,
+            planner_sha256: row.optional_text("planner_sha256")?,
+        },
     })
 }
 

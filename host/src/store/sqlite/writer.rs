@@ -520,12 +520,13 @@ fn start_step(
     let written = conn
         .prepare_cached(
             "INSERT INTO steps (task_id, seq, kind, plugin, status, input, input_ref, attempt,
-                                started_at)
-             VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8)
+                                started_at, plugin_sha256, planner_sha256)
+             VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT (task_id, seq) DO UPDATE
                 SET kind = excluded.kind, plugin = excluded.plugin, input = excluded.input,
                     input_ref = excluded.input_ref, attempt = excluded.attempt,
-                    started_at = excluded.started_at
+                    started_at = excluded.started_at, plugin_sha256 = excluded.plugin_sha256,
+                    planner_sha256 = excluded.planner_sha256
               WHERE steps.status = 'running'",
         )?
         .execute(params![
@@ -537,6 +538,8 @@ fn start_step(
             input_ref,
             fence.attempt,
             started_at,
+            step.versions.plugin_sha256,
+            step.versions.planner_sha256,
         ])?;
     if written == 0 {
         return Err(StoreError::Config(format!(
