@@ -4,11 +4,14 @@
 //! `chat-request` into one provider's HTTP request, and the provider's answer
 //! back. The host sends the request (outbound policy, credentials, timeouts,
 //! retries, streaming), so nothing here performs I/O and everything is tested
-//! natively. The parts adapters have in common live here:
+//! natively. Enabled by the `llm-http` feature.
 //!
-//! - [`bindings`]: the `llm-adapter` world, generated once so that every
-//!   adapter speaks the same types; an adapter exports its implementation
-//!   with `llm_http::bindings::export_adapter!`.
+//! An HTTP adapter is a [`wire::Wire`] (the provider's format), a
+//! [`wire::Adapter`] (how settings configure it) and
+//! [`register_llm_adapter!`](crate::register_llm_adapter): every
+//! [`wire::Adapter`] is an [`LlmAdapter`](crate::llm::LlmAdapter). The parts
+//! adapters have in common live here:
+//!
 //! - [`wire`]: what a wire format provides, and the three exports every
 //!   adapter implements with it: [`wire::prepare`] (request in, method, path
 //!   relative to the base URL, headers without credentials and body out, plus
@@ -28,17 +31,6 @@
 //! - [`sse`] and [`fixtures`]: a server-sent events parser and a stream
 //!   assembler like the host's, with which tests replay recorded bodies.
 
-pub mod bindings {
-    wit_bindgen::generate!({
-        world: "llm-adapter",
-        path: "../../wit/v0.2.0",
-        pub_export_macro: true,
-        export_macro_name: "export_adapter",
-        default_bindings_module: "llm_http::bindings",
-        additional_derives: [PartialEq],
-    });
-}
-
 pub mod errors;
 #[doc(hidden)]
 pub mod fixtures;
@@ -50,11 +42,10 @@ pub mod settings;
 pub mod sse;
 pub mod wire;
 
-pub use bindings::exports::opspawn::plugin::translate::{
-    Exchange, Guest, HttpRequest, HttpResponse, Prepared, SseEvent, StreamPart, ToolCallPart,
-    UsagePart,
+pub use crate::llm::{
+    Exchange, HttpRequest, HttpResponse, Prepared, SseEvent, StreamPart, ToolCallPart, UsagePart,
 };
-pub use bindings::opspawn::plugin::types::{
+pub use crate::types::{
     CallContext, ChatMessage, ChatRequest, ChatResponse, FinishReason, LlmError, LlmErrorKind,
     ProviderDatum, ResponseFormat, Role, ToolCall, ToolChoice, ToolSpec, Usage,
 };

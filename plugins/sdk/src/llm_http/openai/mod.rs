@@ -13,9 +13,11 @@ pub use request::build;
 pub use response::{body_error, finish_reason, parse};
 pub use stream::decode;
 
-use crate::options::Ranges;
-use crate::wire::{ReplyContext, Wire};
-use crate::{ChatRequest, ChatResponse, LlmError, Provider, SseEvent, StreamPart, model_or};
+use crate::llm_http::options::Ranges;
+use crate::llm_http::wire::{ReplyContext, Wire};
+use crate::llm_http::{
+    ChatRequest, ChatResponse, LlmError, Provider, SseEvent, StreamPart, model_or,
+};
 
 /// One service speaking Chat Completions at `/chat/completions` under the
 /// base URL the operator configured.

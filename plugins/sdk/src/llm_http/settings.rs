@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::{LlmError, LlmErrorKind, Provider};
+use crate::llm_http::{LlmError, LlmErrorKind, Provider};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Settings(Map<String, Value>);

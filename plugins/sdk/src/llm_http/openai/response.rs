@@ -2,10 +2,10 @@
 
 use serde_json::Value;
 
-use crate::errors::kind_for_status;
-use crate::json::count;
-use crate::wire::{Reply, ReplyContext};
-use crate::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Provider, Usage};
+use crate::llm_http::errors::kind_for_status;
+use crate::llm_http::json::count;
+use crate::llm_http::wire::{Reply, ReplyContext};
+use crate::llm_http::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Provider, Usage};
 
 /// Reads a whole `chat.completion` body.
 pub fn parse(

@@ -7,7 +7,7 @@
 //! bytes are buffered until a line is complete. A dispatched event is its
 //! `event:` name, if any, and its `data:` lines joined with `\n`.
 
-pub use crate::SseEvent;
+pub use crate::llm_http::SseEvent;
 
 #[derive(Debug, Default)]
 pub struct SseParser {

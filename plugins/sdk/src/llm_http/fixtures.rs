@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::wire::{ReplyContext, Wire, finish_reason, read_stream};
-use crate::{
+use crate::llm_http::wire::{ReplyContext, Wire, finish_reason, read_stream};
+use crate::llm_http::{
     ChatMessage, ChatRequest, ChatResponse, LlmError, LlmErrorKind, Role, StreamPart, ToolCall,
     ToolChoice, ToolSpec, Usage,
 };
@@ -86,7 +86,7 @@ pub fn decode_stream<W: Wire>(
     size: usize,
 ) -> (Result<ChatResponse, LlmError>, Vec<String>) {
     let reply_context = context.encode();
-    let mut parser = crate::sse::SseParser::new();
+    let mut parser = crate::llm_http::sse::SseParser::new();
     let mut parts = Vec::new();
     let batches = body
         .as_bytes()
@@ -160,12 +160,10 @@ pub fn assemble(parts: &[StreamPart]) -> ChatResponse {
                     .find(|datum| &datum.key == key)
                 {
                     Some(datum) => datum.value.push_str(value),
-                    None => reply.provider_data.push(
-                        crate::bindings::opspawn::plugin::types::ProviderDatum {
-                            key: key.clone(),
-                            value: value.clone(),
-                        },
-                    ),
+                    None => reply.provider_data.push(crate::llm_http::ProviderDatum {
+                        key: key.clone(),
+                        value: value.clone(),
+                    }),
                 }
             }
             StreamPart::Usage(counts) => {

@@ -4,12 +4,12 @@
 
 use serde_json::{Value, json};
 
-use crate::headers::Headers;
-use crate::options::{ProviderOptions, Ranges};
-use crate::{
-    CallContext, ChatMessage, ChatRequest, ChatResponse, Exchange, FinishReason, Guest,
-    HttpRequest, HttpResponse, LlmError, Prepared, Provider, ProviderDatum, Role, Settings,
-    SseEvent, StreamPart, ToolCall, ToolCallPart, ToolChoice, Usage, json,
+use crate::llm_http::headers::Headers;
+use crate::llm_http::options::{ProviderOptions, Ranges};
+use crate::llm_http::{
+    CallContext, ChatMessage, ChatRequest, ChatResponse, Exchange, FinishReason, HttpRequest,
+    HttpResponse, LlmError, Prepared, Provider, ProviderDatum, Role, Settings, SseEvent,
+    StreamPart, ToolCall, ToolCallPart, ToolChoice, Usage, json,
 };
 
 pub trait Wire {
@@ -54,7 +54,8 @@ pub trait Wire {
 
 /// An HTTP adapter: a wire format configured from the manifest's settings.
 /// Every adapter type implements the exported `translate` interface through
-/// it, so an adapter crate is its [`Wire`], this, and `export_adapter!`.
+/// it, so an adapter crate is its [`Wire`], this, and
+/// [`register_llm_adapter!`](crate::register_llm_adapter).
 pub trait Adapter {
     type Wire: Wire;
     /// Who settings errors are about.
@@ -62,7 +63,7 @@ pub trait Adapter {
     fn wire(settings: &Settings) -> Result<Self::Wire, LlmError>;
 }
 
-impl<A: Adapter> Guest for A {
+impl<A: Adapter> crate::llm::LlmAdapter for A {
     fn prepare(
         _context: CallContext,
         request: ChatRequest,
@@ -107,7 +108,7 @@ pub fn prepare<W: Wire>(wire: &W, request: &ChatRequest) -> Result<Prepared, Llm
             && !request.tools.is_empty()
             && !request.tools.iter().any(|tool| &tool.name == name)
         {
-            return Err(crate::options::options_error(format!(
+            return Err(crate::llm_http::options::options_error(format!(
                 "tool_choice names {name:?}, which is not one of the request's tools"
             )));
         }
@@ -125,7 +126,7 @@ pub fn prepare<W: Wire>(wire: &W, request: &ChatRequest) -> Result<Prepared, Llm
     json::merge(&mut body, Value::Object(options.extra));
     // A step takes one reply: asking for several is refused, not cut short.
     if let Some((option, count)) = wire.several_replies(&body) {
-        return Err(crate::options::options_error(format!(
+        return Err(crate::llm_http::options::options_error(format!(
             "{option} {count} asks for {count} replies, and a step takes one"
         )));
     }
@@ -367,7 +368,7 @@ pub fn finish_reason(given: Option<FinishReason>, has_tool_calls: bool) -> Finis
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{message, weather_request};
+    use crate::llm_http::fixtures::{message, weather_request};
 
     fn context() -> ReplyContext {
         ReplyContext {
@@ -435,7 +436,7 @@ mod tests {
         );
         for text in ["", "{}", r#"{"model": "m"}"#] {
             let error = ReplyContext::decode(&provider, text).unwrap_err();
-            assert_eq!(error.kind, crate::LlmErrorKind::Other, "{text}");
+            assert_eq!(error.kind, crate::llm_http::LlmErrorKind::Other, "{text}");
         }
     }
 }

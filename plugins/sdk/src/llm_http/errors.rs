@@ -2,8 +2,8 @@
 //! each with a message a user can act on. Transport failures (refused,
 //! unreachable, timed out) never reach an adapter: the host reports them.
 
-use crate::headers::Headers;
-use crate::{LlmError, LlmErrorKind};
+use crate::llm_http::headers::Headers;
+use crate::llm_http::{LlmError, LlmErrorKind};
 
 /// How much of a provider's error body is kept in `llm-error.body`.
 pub const MAX_ERROR_BODY: usize = 4096;

@@ -2,10 +2,13 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::{Provider, ToolSpec};
+use crate::llm_http::{Provider, ToolSpec};
 
 /// A tool's input schema as JSON; an empty one means "no input".
-pub fn input_schema(provider: &Provider, tool: &ToolSpec) -> Result<Value, crate::LlmError> {
+pub fn input_schema(
+    provider: &Provider,
+    tool: &ToolSpec,
+) -> Result<Value, crate::llm_http::LlmError> {
     if tool.input_schema.trim().is_empty() {
         return Ok(json!({"type": "object", "properties": {}}));
     }
@@ -18,7 +21,11 @@ pub fn input_schema(provider: &Provider, tool: &ToolSpec) -> Result<Value, crate
 }
 
 /// A response format's JSON Schema, parsed.
-pub fn schema(provider: &Provider, name: &str, schema: &str) -> Result<Value, crate::LlmError> {
+pub fn schema(
+    provider: &Provider,
+    name: &str,
+    schema: &str,
+) -> Result<Value, crate::llm_http::LlmError> {
     serde_json::from_str(schema).map_err(|error| {
         provider.invalid_request(format!(
             "the schema of response format {name:?} is not JSON: {error}"
@@ -117,6 +124,6 @@ mod tests {
             json!({"type": "object", "properties": {}})
         );
         let error = input_schema(&provider, &tool("{")).unwrap_err();
-        assert_eq!(error.kind, crate::LlmErrorKind::InvalidRequest);
+        assert_eq!(error.kind, crate::llm_http::LlmErrorKind::InvalidRequest);
     }
 }

@@ -1,10 +1,10 @@
 use serde_json::{Value, json};
 
 use super::*;
-use crate::fixtures::{decode_stream, weather_request};
-use crate::headers::Headers;
-use crate::wire::{prepare, read_response, read_stream};
-use crate::{
+use crate::llm_http::fixtures::{decode_stream, weather_request};
+use crate::llm_http::headers::Headers;
+use crate::llm_http::wire::{prepare, read_response, read_stream};
+use crate::llm_http::{
     Exchange, FinishReason, HttpResponse, LlmErrorKind, ResponseFormat, SseEvent, ToolCall,
     ToolCallPart, ToolChoice, Usage,
 };
@@ -20,7 +20,7 @@ fn wire() -> ChatCompletions {
         default_model: "gpt-4o-mini".into(),
         extra_headers: vec![("x-title".into(), "Opspawn".into())],
         max_tokens_field: "max_completion_tokens",
-        ranges: crate::options::Ranges::openai(&OPENAI),
+        ranges: crate::llm_http::options::Ranges::openai(&OPENAI),
     }
 }
 
@@ -67,7 +67,7 @@ fn requests_carry_messages_tool_calls_results_and_tools() {
         "tools": [{"type": "function", "function": {
             "name": "get_weather",
             "description": "Current weather for a city",
-            "parameters": serde_json::from_str::<Value>(crate::fixtures::WEATHER_SCHEMA).unwrap(),
+            "parameters": serde_json::from_str::<Value>(crate::llm_http::fixtures::WEATHER_SCHEMA).unwrap(),
         }}],
         "temperature": 0.2,
         "max_tokens": 256,

@@ -5,8 +5,8 @@
 use serde_json::Value;
 
 use super::response::{arguments, body_error, finish_reason, usage};
-use crate::wire::{ReplyContext, more_arguments};
-use crate::{LlmError, Provider, SseEvent, StreamPart, UsagePart};
+use crate::llm_http::wire::{ReplyContext, more_arguments};
+use crate::llm_http::{LlmError, Provider, SseEvent, StreamPart, UsagePart};
 
 pub fn decode(
     provider: &Provider,

@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::{ChatRequest, LlmError, Provider, ToolChoice};
+use crate::llm_http::{ChatRequest, LlmError, Provider, ToolChoice};
 
 /// Keys the adapters read themselves rather than pass on: `stream`, and the
 /// scripted adapter's `script` and `script_file`, which a task may leave in
@@ -211,7 +211,7 @@ impl Ranges {
 /// invalid request from `prepare` as `invalid_llm_options`.
 pub fn options_error(why: String) -> LlmError {
     LlmError {
-        kind: crate::LlmErrorKind::InvalidRequest,
+        kind: crate::llm_http::LlmErrorKind::InvalidRequest,
         message: format!("invalid LLM options: {why}"),
         status: None,
         body: None,
@@ -282,7 +282,11 @@ mod tests {
     fn malformed_options_are_invalid_requests() {
         for text in ["[1]", "{", r#"{"stream": "no"}"#] {
             let error = ProviderOptions::parse(&P, text).unwrap_err();
-            assert_eq!(error.kind, crate::LlmErrorKind::InvalidRequest, "{text}");
+            assert_eq!(
+                error.kind,
+                crate::llm_http::LlmErrorKind::InvalidRequest,
+                "{text}"
+            );
         }
     }
 }

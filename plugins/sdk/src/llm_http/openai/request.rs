@@ -2,8 +2,8 @@
 
 use serde_json::{Value, json};
 
-use crate::json::{input_schema, number, schema};
-use crate::{ChatMessage, ChatRequest, LlmError, Provider, Role, ToolChoice};
+use crate::llm_http::json::{input_schema, number, schema};
+use crate::llm_http::{ChatMessage, ChatRequest, LlmError, Provider, Role, ToolChoice};
 
 /// The request body for `POST /chat/completions`.
 pub fn build(
@@ -48,7 +48,7 @@ pub fn build(
             body["parallel_tool_calls"] = json!(parallel);
         }
     } else {
-        crate::wire::no_tools_to_choose(provider, &request.tool_choice)?;
+        crate::llm_http::wire::no_tools_to_choose(provider, &request.tool_choice)?;
     }
     if let Some(format) = &request.response_format {
         body["response_format"] = json!({
