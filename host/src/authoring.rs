@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use clap::ValueEnum;
 
 use crate::config::Config;
+use crate::errors::Code;
 use crate::plugins::{PluginInfo, PluginRuntime};
 
 /// The languages `opspawn plugin new` writes projects in.
@@ -377,9 +378,49 @@ pub async fn check(config: &Config, wasm: &Path, manifest: Option<&Path>) -> any
         }
         Err(failure) => {
             println!("cannot load ({}): {}", failure.code.as_str(), failure.error);
+            if let Some(advice) = advice(failure.code, &failure.error) {
+                println!("what to do: {advice}");
+            }
             Ok(1)
         }
     }
+}
+
+/// What to do about a load failure whose message does not already say.
+fn advice(code: Code, error: &str) -> Option<&'static str> {
+    if code == Code::PluginInvalidManifest {
+        return Some(
+            "fix the manifest: its fields are in docs/plugins/README.md and docs/security.md",
+        );
+    }
+    let advice = [
+        (
+            "not a valid WebAssembly component",
+            "build it as a component for wasm32-wasip2 against wit/v0.2.0 (`opspawn plugin build`)",
+        ),
+        (
+            "imports something this host does not provide",
+            "build it against a world of wit/v0.2.0, which imports only logging and WASI 0.2 \
+             (JavaScript: componentize-js -d http fetch-event)",
+        ),
+        (
+            "MiB of memory; this host allows",
+            "lower [limits] memory_mib in the manifest, or ask the operator to raise \
+             plugins.max_memory_mib",
+        ),
+        (
+            "describing its tools failed",
+            "run its describe in a unit test and fix what fails",
+        ),
+        (
+            "has an invalid input schema",
+            "fix that tool's input schema (JSON Schema, draft 2020-12)",
+        ),
+    ];
+    advice
+        .into_iter()
+        .find(|(symptom, _)| error.contains(symptom))
+        .map(|(_, advice)| advice)
 }
 
 fn print_checked(info: &PluginInfo) {

@@ -253,9 +253,17 @@ fn plugin_check_says_ready_or_why_not_and_exits_accordingly() {
         text.contains("cannot load (plugin_load_failed): not a valid WebAssembly component"),
         "{text}"
     );
+    assert!(
+        text.contains("what to do: build it as a component"),
+        "{text}"
+    );
     let text = bad(&calculator, Some("[limits]\nmemory_mib = 100000\n"));
     assert!(
         text.contains("its manifest asks for 100000 MiB of memory; this host allows at most"),
+        "{text}"
+    );
+    assert!(
+        text.contains("what to do: lower [limits] memory_mib"),
         "{text}"
     );
     let text = bad(&calculator, Some("[limits\n"));
@@ -263,6 +271,7 @@ fn plugin_check_says_ready_or_why_not_and_exits_accordingly() {
         text.contains("cannot load (plugin_invalid_manifest)"),
         "{text}"
     );
+    assert!(text.contains("what to do: fix the manifest"), "{text}");
 }
 
 #[test]
