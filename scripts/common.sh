@@ -38,6 +38,67 @@ install_plugins() {
     done
 }
 
+# The toolchains that build Python and JavaScript plugins, installed from
+# their registries into "$CARGO_TARGET_DIR/plugin-toolchains" (outside the
+# clone, reused by later runs): componentize-py in a virtualenv, and
+# componentize-js from npm. Versions are pinned in plugins/sdk/toolchains/.
+plugin_toolchains="$CARGO_TARGET_DIR/plugin-toolchains"
+ensure_plugin_toolchains() {
+    local pins="$repo_root/plugins/sdk/toolchains"
+    mkdir -p "$plugin_toolchains/node"
+    if ! cmp -s "$pins/requirements.txt" "$plugin_toolchains/venv/requirements.txt"; then
+        echo "==> installing componentize-py (plugins/sdk/toolchains/requirements.txt)"
+        python3 -m venv "$plugin_toolchains/venv"
+        "$plugin_toolchains/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+            -r "$pins/requirements.txt"
+        cp "$pins/requirements.txt" "$plugin_toolchains/venv/requirements.txt"
+    fi
+    if ! cmp -s "$pins/package-lock.json" "$plugin_toolchains/node/package-lock.json"; then
+        echo "==> installing componentize-js (plugins/sdk/toolchains/package.json)"
+        cp "$pins/package.json" "$pins/package-lock.json" "$plugin_toolchains/node/"
+        (cd "$plugin_toolchains/node" && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+}
+
+# The Python and JavaScript example tools (plugins/word-count-python and
+# plugins/word-count-js, on the kits in plugins/sdk), built into
+# "$CARGO_TARGET_DIR/plugin-examples", where the end-to-end tests find them.
+# Each is rebuilt only when its sources, the kit or the WIT changed (a
+# build takes 10-20 s).
+script_plugin_dir="$CARGO_TARGET_DIR/plugin-examples"
+build_script_plugins() {
+    ensure_plugin_toolchains
+    mkdir -p "$script_plugin_dir"
+    local wit="$repo_root/wit/v0.2.0" sdk="$repo_root/plugins/sdk"
+    build_if_changed word-count-python "$sdk/python" -- \
+        "$plugin_toolchains/venv/bin/componentize-py" -d "$wit" -w tool componentize \
+        -p "$sdk/python" -p "$repo_root/plugins/word-count-python" app \
+        -o "$script_plugin_dir/word-count-python.wasm"
+    build_if_changed word-count-js "$sdk/js" -- \
+        "$plugin_toolchains/node/node_modules/.bin/componentize-js" \
+        "$repo_root/plugins/word-count-js/app.js" --wit "$wit" -n tool -d http fetch-event \
+        -o "$script_plugin_dir/word-count-js.wasm"
+}
+
+# build_if_changed NAME KIT_DIR -- COMMAND...: runs COMMAND unless the
+# sources of plugins/NAME, KIT_DIR and the WIT hash as they did last time.
+build_if_changed() {
+    local name="$1" kit="$2"
+    shift 3
+    local stamp="$script_plugin_dir/$name.sources"
+    local sources
+    sources="$(find "$repo_root/plugins/$name" "$kit" "$repo_root/wit/v0.2.0" \
+        "$repo_root/plugins/sdk/toolchains" -type f -not -path '*/__pycache__/*' |
+        sort | xargs cat | sha256sum)"
+    if [[ -f "$script_plugin_dir/$name.wasm" ]] && [[ "$(cat "$stamp" 2>/dev/null)" == "$sources" ]]; then
+        return
+    fi
+    echo "==> building the $name example plugin"
+    "$@" >/dev/null
+    cp "$repo_root/plugins/$name/$name.toml" "$script_plugin_dir/$name.toml"
+    echo "$sources" >"$stamp"
+}
+
 # The MCP peers the end-to-end tests run against, installed from their
 # registries into "$CARGO_TARGET_DIR/mcp-peers" (outside the clone, reused by
 # later runs): the official Python SDK (`mcp` on PyPI, for the fixture server

@@ -44,6 +44,9 @@ enum Command {
     /// List loaded plugins.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Write, build, check and install a plugin of your own.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// Print the effective server configuration.
     Config(ServeArgs),
     /// Make API tokens.
@@ -203,6 +206,96 @@ enum PluginsCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Write a tool project that builds as it is, into ./NAME (or --dir).
+    New {
+        /// The plugin's name: lower-case letters, digits and '-'; the tool
+        /// is named after it with '_' for '-'.
+        name: String,
+        #[arg(long, value_enum)]
+        lang: crate::authoring::Lang,
+        /// Where to write the project [default: ./NAME].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Rust: the plugins/sdk folder of an Opspawn checkout, which the
+        /// project depends on [default: the checkout this binary was built from].
+        #[arg(long, env = "OPSPAWN_SDK_PATH")]
+        sdk: Option<PathBuf>,
+    },
+    /// Build the project in DIR into DIR/NAME.wasm with its language's
+    /// toolchain (cargo, componentize-py or componentize-js).
+    Build {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Load a component as the server would (same loader, limits and
+    /// policy) and say what it is and whether it is ready; exits 1 if not.
+    Check {
+        file: PathBuf,
+        /// Its manifest [default: FILE's .toml beside it, if any].
+        manifest: Option<PathBuf>,
+        #[command(flatten)]
+        server: ServeArgs,
+    },
+    /// Copy a component, and its manifest, into the server's plugin folder
+    /// atomically; a running server loads it within a second.
+    Install {
+        file: PathBuf,
+        /// Its manifest [default: FILE's .toml beside it, if any].
+        manifest: Option<PathBuf>,
+        #[command(flatten)]
+        server: ServeArgs,
+    },
+}
+
+/// Runs `opspawn plugin ...`; returns the process exit code.
+async fn plugin_command(command: PluginCommand) -> anyhow::Result<i32> {
+    use crate::authoring;
+    match command {
+        PluginCommand::New {
+            name,
+            lang,
+            dir,
+            sdk,
+        } => {
+            let dir = authoring::new_project(lang, &name, dir, sdk)?;
+            println!("wrote {}", dir.display());
+            println!(
+                "next: opspawn plugin build {0} && opspawn plugin install {0}/{name}.wasm",
+                dir.display()
+            );
+            Ok(0)
+        }
+        PluginCommand::Build { dir } => {
+            let built = authoring::build(&dir)?;
+            let size = std::fs::metadata(&built)?.len();
+            println!("built {} ({} KiB)", built.display(), size.div_ceil(1024));
+            println!("next: opspawn plugin install {}", built.display());
+            Ok(0)
+        }
+        PluginCommand::Check {
+            file,
+            manifest,
+            server,
+        } => authoring::check(&server.load()?, &file, manifest.as_deref()).await,
+        PluginCommand::Install {
+            file,
+            manifest,
+            server,
+        } => {
+            let folder = server.load()?.plugin_dir();
+            let installed = authoring::install(&folder, &file, manifest.as_deref())?;
+            println!("installed {}", installed.display());
+            println!(
+                "a server watching {} loads it within a second: opspawn plugins list",
+                folder.display()
+            );
+            Ok(0)
+        }
+    }
+}
+
 /// Runs the command line; returns the process exit code.
 pub async fn main(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
@@ -219,6 +312,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Run(args) => run(args).await,
+        Command::Plugin(command) => plugin_command(command).await,
         Command::Mcp(client) => {
             let token = std::env::var("OPSPAWN_TOKEN").ok();
             crate::mcp::server::serve_stdio(client.base_url(), token).await?;

@@ -14,14 +14,16 @@
 //! - [`mcp`]: MCP through `rmcp`: external MCP servers' tools in the registry,
 //!   and Opspawn served to MCP clients;
 //! - [`cli`], [`config`] and [`server`]: the `opspawn` command, its
-//!   settings and the wiring of `opspawn serve`.
+//!   settings and the wiring of `opspawn serve`; [`authoring`]: the
+//!   `opspawn plugin` commands that write, build, check and install plugins.
 //!
 //! The core (`protocol`, `errors`, `rfc3339`, `events`, `metrics`,
 //! `telemetry`, `store`, `plugins`, `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
-//! `server`): the edges turn configuration and requests into the core's own
+//! `server`, `authoring`): the edges turn configuration and requests into the core's own
 //! option types. A test below scans the sources to keep it so.
 
 pub mod api;
+pub mod authoring;
 pub mod cli;
 pub mod config;
 pub mod errors;
@@ -57,7 +59,7 @@ mod tests {
         "plugins",
         "scheduler",
     ];
-    const EDGES: &[&str] = &["api", "cli", "config", "server"];
+    const EDGES: &[&str] = &["api", "authoring", "cli", "config", "server"];
 
     /// The edge modules `text` names through `crate::`, plain or grouped
     /// (`crate::api::x`, `crate::{api, store}`).

@@ -3,6 +3,7 @@
 //! over HTTP.
 
 mod api;
+mod authoring;
 mod capacity;
 mod connections;
 mod crash;

@@ -447,6 +447,52 @@ pub fn grpc_client_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/grpc/client.py")
 }
 
+/// The Python and JavaScript plugin toolchains and example components,
+/// built by `scripts/common.sh` (`build_script_plugins`, run by
+/// `scripts/test.sh`) into the cargo target folder.
+pub mod script_plugins {
+    use std::path::PathBuf;
+
+    /// `<target>`, from the test binary's path (`<target>/<profile>/deps/`).
+    pub fn target_dir() -> PathBuf {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        exe.ancestors()
+            .nth(3)
+            .expect("the test binary lives in <target>/<profile>/deps")
+            .to_owned()
+    }
+
+    fn installed(path: PathBuf) -> PathBuf {
+        assert!(
+            path.exists(),
+            "{} is missing: the Python and JavaScript plugin examples are not built. Run \
+             scripts/test.sh, or `source scripts/common.sh && build_script_plugins` with the \
+             same CARGO_TARGET_DIR",
+            path.display()
+        );
+        path
+    }
+
+    /// A built example component: `word-count-python` or `word-count-js`.
+    pub fn example(name: &str) -> PathBuf {
+        installed(
+            target_dir()
+                .join("plugin-examples")
+                .join(format!("{name}.wasm")),
+        )
+    }
+
+    /// The `componentize-py` command of the toolchains' virtualenv.
+    pub fn componentize_py() -> PathBuf {
+        installed(target_dir().join("plugin-toolchains/venv/bin/componentize-py"))
+    }
+
+    /// The `componentize-js` command of the toolchains' npm install.
+    pub fn componentize_js() -> PathBuf {
+        installed(target_dir().join("plugin-toolchains/node/node_modules/.bin/componentize-js"))
+    }
+}
+
 pub mod mcp {
     use std::path::{Path, PathBuf};
 

@@ -937,6 +937,55 @@ impl PluginRuntime {
         Ok(plugin)
     }
 
+    /// Loads a component from outside the plugin folder exactly as a scan
+    /// would load it as `<plugin folder>/<stem>.wasm` with `manifest` beside
+    /// it (same loader, limits, operator policy and load time limit), and
+    /// answers what the catalog would show, without adding it to the
+    /// catalog: what `opspawn plugin check` reports. Only this manifest's
+    /// credential variables count as secrets here; a server also withholds
+    /// those of the other manifests in its folder.
+    pub async fn check_file(
+        &self,
+        stem: &str,
+        wasm: Vec<u8>,
+        manifest: Option<&[u8]>,
+    ) -> Result<PluginInfo, LoadFailure> {
+        let file = self.options.plugin_dir.join(format!("{stem}.wasm"));
+        let failure = |code: Code, error: String| LoadFailure {
+            file: file.clone(),
+            code,
+            error,
+        };
+        let manifest = match manifest {
+            Some(bytes) => Manifest::parse(bytes, &file.with_extension("toml"))
+                .map_err(|e| failure(Code::PluginInvalidManifest, e))?,
+            None => Manifest::default(),
+        };
+        let secrets: BTreeSet<String> = self
+            .options
+            .policy
+            .secret_names()
+            .map(str::to_owned)
+            .chain(self.options.server_env.iter().cloned())
+            .chain(manifest.credential_variables())
+            .collect();
+        let sha256 = hex::encode(Sha256::digest(&wasm));
+        let limit = self.options.max_load_time;
+        let loading = self.load(&file, wasm, sha256, &manifest, None, &secrets);
+        match tokio::time::timeout(limit, loading).await {
+            Ok(Ok(plugin)) => Ok(plugin.info),
+            Ok(Err(error)) => Err(failure(Code::PluginLoadFailed, error)),
+            Err(_) => Err(failure(
+                Code::PluginLoadFailed,
+                format!(
+                    "it did not finish loading within {} (the operator's \
+                     plugins.max_load_time): its describe call, or compiling it, took too long",
+                    humantime::format_duration(limit)
+                ),
+            )),
+        }
+    }
+
     /// Asks a tool component which tools it offers.
     async fn describe(&self, plugin: &Plugin) -> Result<Vec<ToolSpec>, String> {
         let Entry::Tool(entry) = &plugin.entry else {

@@ -13,9 +13,9 @@ mod request;
 mod response;
 mod stream;
 
-use llm_http::options::{Range, Ranges};
-use llm_http::wire::{Adapter, ReplyContext, Wire};
-use llm_http::{
+use opspawn_plugin::llm_http::options::{Range, Ranges};
+use opspawn_plugin::llm_http::wire::{Adapter, ReplyContext, Wire};
+use opspawn_plugin::llm_http::{
     ChatRequest, ChatResponse, LlmError, Provider, Settings, SseEvent, StreamPart, model_or,
 };
 use serde_json::Value;
@@ -118,9 +118,8 @@ impl Adapter for Anthropic {
     }
 }
 
-// Exported only in the component: see the scripted adapter for why.
-#[cfg(target_arch = "wasm32")]
-llm_http::bindings::export_adapter!(Anthropic);
+// Exported only in the component (the macro sees to it).
+opspawn_plugin::register_llm_adapter!(Anthropic);
 
 #[cfg(test)]
 mod tests;

@@ -4,9 +4,9 @@
 //! content blocks, so consecutive messages of one role (two tool results,
 //! say) are merged into one turn, and the system prompt is a top-level field.
 
-use llm_http::json::{arguments_object, input_schema, number};
-use llm_http::wire::no_tools_to_choose;
-use llm_http::{ChatMessage, ChatRequest, LlmError, Role, ToolChoice};
+use opspawn_plugin::llm_http::json::{arguments_object, input_schema, number};
+use opspawn_plugin::llm_http::wire::no_tools_to_choose;
+use opspawn_plugin::llm_http::{ChatMessage, ChatRequest, LlmError, Role, ToolChoice};
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};

@@ -1,8 +1,8 @@
 //! Messages API responses and error objects.
 
-use llm_http::json::count;
-use llm_http::wire::{Reply, ReplyContext};
-use llm_http::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Usage};
+use opspawn_plugin::llm_http::json::count;
+use opspawn_plugin::llm_http::wire::{Reply, ReplyContext};
+use opspawn_plugin::llm_http::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Usage};
 use serde_json::Value;
 
 use crate::PROVIDER;

@@ -4,9 +4,9 @@
 //! anywhere. Each event is translated on its own: a tool-use block's index
 //! keys its call, and the host joins the `input_json_delta` pieces.
 
-use llm_http::json::count;
-use llm_http::wire::{ReplyContext, more_arguments};
-use llm_http::{LlmError, SseEvent, StreamPart, UsagePart};
+use opspawn_plugin::llm_http::json::count;
+use opspawn_plugin::llm_http::wire::{ReplyContext, more_arguments};
+use opspawn_plugin::llm_http::{LlmError, SseEvent, StreamPart, UsagePart};
 use serde_json::Value;
 
 use crate::PROVIDER;

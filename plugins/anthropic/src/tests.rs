@@ -1,6 +1,8 @@
-use llm_http::fixtures::{WEATHER_SCHEMA, decode_stream, message, tool_result, weather_request};
-use llm_http::headers::Headers;
-use llm_http::{FinishReason, LlmErrorKind, Role, ToolCall, ToolChoice, Usage};
+use opspawn_plugin::llm_http::fixtures::{
+    WEATHER_SCHEMA, decode_stream, message, tool_result, weather_request,
+};
+use opspawn_plugin::llm_http::headers::Headers;
+use opspawn_plugin::llm_http::{FinishReason, LlmErrorKind, Role, ToolCall, ToolChoice, Usage};
 use serde_json::{Value, json};
 
 use super::*;
@@ -353,10 +355,10 @@ fn tool_choice_parallelism_and_top_p() {
 
 fn prepare_body(
     wire: &Messages,
-    request: &llm_http::ChatRequest,
-) -> Result<Value, llm_http::LlmError> {
-    let prepared = llm_http::wire::prepare(wire, request)?;
-    let llm_http::Exchange::Http(http) = prepared.exchange else {
+    request: &opspawn_plugin::llm_http::ChatRequest,
+) -> Result<Value, opspawn_plugin::llm_http::LlmError> {
+    let prepared = opspawn_plugin::llm_http::wire::prepare(wire, request)?;
+    let opspawn_plugin::llm_http::Exchange::Http(http) = prepared.exchange else {
         panic!("an HTTP exchange");
     };
     Ok(serde_json::from_slice(&http.body).unwrap())

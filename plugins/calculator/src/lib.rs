@@ -1,89 +1,54 @@
 //! The `calculator` tool: evaluates arithmetic expressions.
 //!
 //! The parser and evaluator live in [`eval`], which knows nothing of the
-//! plugin contract; this file turns JSON input into an expression and the
-//! result back into JSON.
+//! plugin contract; this file is the tool, written with the SDK: the input
+//! type (whose schema the SDK derives) and a function.
 
 pub mod eval;
 
-wit_bindgen::generate!({ world: "tool", path: "../../wit/v0.2.0" });
+use opspawn_plugin::prelude::*;
+use opspawn_plugin::tool;
 
-use exports::opspawn::plugin::tools::{CallContext, Guest, ToolError, ToolSpec};
-use serde_json::{Value, json};
-
-/// The only tool this component offers.
-pub const TOOL_NAME: &str = "calculator";
+/// The tool's description, for the model.
+pub const DESCRIPTION: &str = "Evaluates an arithmetic expression and returns its numeric result. \
+                               Supports + - * / % (remainder), ^ (power), parentheses, unary \
+                               minus, decimals and scientific notation such as 1.5e3.";
 
 /// Integral results up to this magnitude are printed as JSON integers; past
 /// it, not every integer is representable, so the f64 is printed as is.
 const MAX_EXACT_INTEGER: f64 = 9_007_199_254_740_992.0; // 2^53
 
-struct Calculator;
-
-impl Guest for Calculator {
-    fn describe() -> Vec<ToolSpec> {
-        vec![spec()]
-    }
-
-    fn invoke(_context: CallContext, name: String, input: String) -> Result<String, ToolError> {
-        if name != TOOL_NAME {
-            return Err(tool_error(
-                "unknown_tool",
-                format!("this component has no tool named '{name}'; it offers '{TOOL_NAME}'"),
-            ));
-        }
-        calculate(&input)
-    }
+/// The calculator's input.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    /// The expression to evaluate, for example "(2 + 3) * 4" or "2^10 / 1e3".
+    pub expression: String,
 }
 
-// The exported symbols are named like `opspawn:plugin/tools@0.2.0#invoke`,
-// which a native linker refuses in a shared library: export them only when
-// building the component, so a host-target `cargo build` or `cargo test` works.
-#[cfg(target_arch = "wasm32")]
-export!(Calculator);
-
-/// The tool's description and input schema.
-pub fn spec() -> ToolSpec {
-    let schema = json!({
-        "type": "object",
-        "properties": {
-            "expression": {
-                "type": "string",
-                "description": "The expression to evaluate, for example \"(2 + 3) * 4\" or \"2^10 / 1e3\"."
-            }
-        },
-        "required": ["expression"],
-        "additionalProperties": false
-    });
-    ToolSpec {
-        name: TOOL_NAME.into(),
-        description: "Evaluates an arithmetic expression and returns its numeric result. \
-                      Supports + - * / % (remainder), ^ (power), parentheses, unary minus, \
-                      decimals and scientific notation such as 1.5e3."
-            .into(),
-        input_schema: schema.to_string(),
-    }
+/// The tool: `{"expression": "..."}` in, `{"expression": "...", "result": n}`
+/// out.
+pub fn calculator(input: Input) -> ToolResult {
+    let result =
+        eval::evaluate(&input.expression).map_err(|e| ToolError::new(e.code(), e.message()))?;
+    Ok(json!({ "expression": input.expression, "result": number(result) }))
 }
 
-/// Runs the tool on its JSON input: `{"expression": "..."}` in,
-/// `{"expression": "...", "result": n}` out.
+register_tools!(calculator: DESCRIPTION);
+
+/// The tool's description and input schema, as the host sees them.
+pub fn spec() -> opspawn_plugin::types::ToolSpec {
+    tool::describe("calculator", Some(DESCRIPTION), &calculator)
+}
+
+/// Runs the tool on JSON input, as the host does.
 pub fn calculate(input: &str) -> Result<String, ToolError> {
-    let value: Value = serde_json::from_str(input)
-        .map_err(|e| tool_error("invalid_input", format!("the input is not valid JSON: {e}")))?;
-    let expression = value
-        .as_object()
-        .ok_or_else(|| tool_error("invalid_input", "the input must be a JSON object"))?
-        .get("expression")
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            tool_error(
-                "invalid_input",
-                "the input must have an \"expression\" property holding a string",
-            )
-        })?;
-
-    let result = eval::evaluate(expression).map_err(|e| tool_error(e.code(), e.message()))?;
-    Ok(json!({ "expression": expression, "result": number(result) }).to_string())
+    let context = CallContext {
+        task_id: "test".into(),
+        step: 0,
+        idempotency_key: "test".into(),
+    };
+    tool::invoke(&calculator, &context, input)
 }
 
 /// `20.0` becomes `20`, so results read the way people write them.
@@ -96,16 +61,10 @@ fn number(value: f64) -> Value {
     }
 }
 
-fn tool_error(code: &str, message: impl Into<String>) -> ToolError {
-    ToolError {
-        code: code.into(),
-        message: message.into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn ok(input: Value) -> Value {
         let output = calculate(&input.to_string()).expect("the calculation should succeed");

@@ -10,10 +10,10 @@ mod response;
 mod schema;
 mod stream;
 
-use llm_http::headers::Headers;
-use llm_http::options::{Range, Ranges};
-use llm_http::wire::{Adapter, ReplyContext, Wire};
-use llm_http::{
+use opspawn_plugin::llm_http::headers::Headers;
+use opspawn_plugin::llm_http::options::{Range, Ranges};
+use opspawn_plugin::llm_http::wire::{Adapter, ReplyContext, Wire};
+use opspawn_plugin::llm_http::{
     ChatRequest, ChatResponse, LlmError, Provider, Settings, SseEvent, StreamPart, model_or,
 };
 use serde_json::Value;
@@ -118,9 +118,8 @@ impl Adapter for Gemini {
     }
 }
 
-// Exported only in the component: see the scripted adapter for why.
-#[cfg(target_arch = "wasm32")]
-llm_http::bindings::export_adapter!(Gemini);
+// Exported only in the component (the macro sees to it).
+opspawn_plugin::register_llm_adapter!(Gemini);
 
 #[cfg(test)]
 mod tests;

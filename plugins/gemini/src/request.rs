@@ -4,9 +4,11 @@
 //! are `functionResponse` parts of a user turn, named after the call they
 //! answer, since Gemini's calls carry no ids.
 
-use llm_http::json::{arguments_object, input_schema, number, schema};
-use llm_http::wire::no_tools_to_choose;
-use llm_http::{ChatMessage, ChatRequest, LlmError, Role, ToolChoice, provider_datum};
+use opspawn_plugin::llm_http::json::{arguments_object, input_schema, number, schema};
+use opspawn_plugin::llm_http::wire::no_tools_to_choose;
+use opspawn_plugin::llm_http::{
+    ChatMessage, ChatRequest, LlmError, Role, ToolChoice, provider_datum,
+};
 use serde_json::{Map, Value, json};
 
 use crate::PROVIDER;

@@ -1,10 +1,10 @@
 //! `GenerateContentResponse` bodies and chunks, and Gemini's error objects.
 
-use llm_http::errors::kind_for_status;
-use llm_http::headers::Headers;
-use llm_http::json::count;
-use llm_http::wire::{Reply, ReplyContext};
-use llm_http::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Usage};
+use opspawn_plugin::llm_http::errors::kind_for_status;
+use opspawn_plugin::llm_http::headers::Headers;
+use opspawn_plugin::llm_http::json::count;
+use opspawn_plugin::llm_http::wire::{Reply, ReplyContext};
+use opspawn_plugin::llm_http::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Usage};
 use serde_json::Value;
 
 use crate::PROVIDER;
@@ -203,7 +203,7 @@ fn api_error(
     let mut llm_error = PROVIDER.error(kind, status, body);
     if kind == LlmErrorKind::RateLimited {
         llm_error.retry_after_ms = headers
-            .and_then(llm_http::errors::retry_after_ms)
+            .and_then(opspawn_plugin::llm_http::errors::retry_after_ms)
             .or_else(|| retry_delay_ms(error));
     }
     llm_error

@@ -12,8 +12,8 @@
 //! the index only within one chunk. Gemini sends all of a reply's calls in
 //! one chunk in practice.
 
-use llm_http::wire::ReplyContext;
-use llm_http::{LlmError, SseEvent, StreamPart, UsagePart};
+use opspawn_plugin::llm_http::wire::ReplyContext;
+use opspawn_plugin::llm_http::{LlmError, SseEvent, StreamPart, UsagePart};
 use serde_json::Value;
 
 use crate::PROVIDER;

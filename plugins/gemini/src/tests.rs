@@ -1,5 +1,7 @@
-use llm_http::fixtures::{decode_stream, weather_request};
-use llm_http::{FinishReason, LlmErrorKind, ResponseFormat, ToolCall, ToolChoice, ToolSpec, Usage};
+use opspawn_plugin::llm_http::fixtures::{decode_stream, weather_request};
+use opspawn_plugin::llm_http::{
+    FinishReason, LlmErrorKind, ResponseFormat, ToolCall, ToolChoice, ToolSpec, Usage,
+};
 use serde_json::json;
 
 use super::*;
@@ -364,7 +366,7 @@ fn thought_signatures_go_back_with_their_calls() {
     }
     assert_eq!(
         parsed.message.provider_data,
-        [llm_http::ProviderDatum {
+        [opspawn_plugin::llm_http::ProviderDatum {
             key: "gemini:thought_signature:call-3".into(),
             value: "c2lnLXBhcmlz".into()
         }]
@@ -376,10 +378,14 @@ fn thought_signatures_go_back_with_their_calls() {
     request.messages.push(parsed.message);
     request
         .messages
-        .push(llm_http::fixtures::tool_result("call-3", "{}"));
+        .push(opspawn_plugin::llm_http::fixtures::tool_result(
+            "call-3", "{}",
+        ));
     request
         .messages
-        .push(llm_http::fixtures::tool_result("call-4", "{}"));
+        .push(opspawn_plugin::llm_http::fixtures::tool_result(
+            "call-4", "{}",
+        ));
     let body = wire().body(&request, "gemini-3-pro", false).unwrap();
     assert_eq!(
         body["contents"][1]["parts"],
@@ -407,8 +413,8 @@ fn thought_signatures_go_back_with_their_calls() {
 fn sampling_options_are_checked_and_top_k_goes_in_the_generation_config() {
     let mut request = weather_request();
     request.provider_options = r#"{"top_k": 40, "temperature": 1.5}"#.into();
-    let prepared = llm_http::wire::prepare(&wire(), &request).unwrap();
-    let llm_http::Exchange::Http(http) = prepared.exchange else {
+    let prepared = opspawn_plugin::llm_http::wire::prepare(&wire(), &request).unwrap();
+    let opspawn_plugin::llm_http::Exchange::Http(http) = prepared.exchange else {
         panic!("an HTTP exchange");
     };
     let body: serde_json::Value = serde_json::from_slice(&http.body).unwrap();
@@ -424,7 +430,7 @@ fn sampling_options_are_checked_and_top_k_goes_in_the_generation_config() {
         (r#"{"top_k": 0}"#, "top_k 0 is outside Gemini's range, 1 to"),
     ] {
         request.provider_options = options.into();
-        let error = llm_http::wire::prepare(&wire(), &request).unwrap_err();
+        let error = opspawn_plugin::llm_http::wire::prepare(&wire(), &request).unwrap_err();
         assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
         assert!(error.message.contains(expected), "{}", error.message);
     }

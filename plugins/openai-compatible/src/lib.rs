@@ -6,10 +6,10 @@
 //! `default_model` setting, else `llama3.2`. A key is optional: the host adds
 //! one when `OPENAI_COMPATIBLE_API_KEY` is set.
 
-use llm_http::openai::ChatCompletions;
-use llm_http::options::Ranges;
-use llm_http::wire::Adapter;
-use llm_http::{LlmError, Provider, Settings};
+use opspawn_plugin::llm_http::openai::ChatCompletions;
+use opspawn_plugin::llm_http::options::Ranges;
+use opspawn_plugin::llm_http::wire::Adapter;
+use opspawn_plugin::llm_http::{LlmError, Provider, Settings};
 
 const PROVIDER: Provider = Provider {
     name: "the OpenAI-compatible server",
@@ -35,14 +35,13 @@ impl Adapter for OpenAiCompatible {
     }
 }
 
-// Exported only in the component: see the scripted adapter for why.
-#[cfg(target_arch = "wasm32")]
-llm_http::bindings::export_adapter!(OpenAiCompatible);
+// Exported only in the component (the macro sees to it).
+opspawn_plugin::register_llm_adapter!(OpenAiCompatible);
 
 #[cfg(test)]
 mod tests {
-    use llm_http::fixtures::weather_request;
-    use llm_http::wire::Wire;
+    use opspawn_plugin::llm_http::fixtures::weather_request;
+    use opspawn_plugin::llm_http::wire::Wire;
 
     use super::*;
 

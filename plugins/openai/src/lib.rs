@@ -4,10 +4,10 @@
 //! `default_model` setting names another. The host adds the
 //! `authorization` header.
 
-use llm_http::openai::ChatCompletions;
-use llm_http::options::Ranges;
-use llm_http::wire::Adapter;
-use llm_http::{LlmError, Provider, Settings};
+use opspawn_plugin::llm_http::openai::ChatCompletions;
+use opspawn_plugin::llm_http::options::Ranges;
+use opspawn_plugin::llm_http::wire::Adapter;
+use opspawn_plugin::llm_http::{LlmError, Provider, Settings};
 
 const PROVIDER: Provider = Provider {
     name: "OpenAI",
@@ -33,14 +33,13 @@ impl Adapter for OpenAi {
     }
 }
 
-// Exported only in the component: see the scripted adapter for why.
-#[cfg(target_arch = "wasm32")]
-llm_http::bindings::export_adapter!(OpenAi);
+// Exported only in the component (the macro sees to it).
+opspawn_plugin::register_llm_adapter!(OpenAi);
 
 #[cfg(test)]
 mod tests {
-    use llm_http::fixtures::weather_request;
-    use llm_http::wire::Wire;
+    use opspawn_plugin::llm_http::fixtures::weather_request;
+    use opspawn_plugin::llm_http::wire::Wire;
 
     use super::*;
 

@@ -9,10 +9,10 @@
 //! `{"error": {"code": 402, "message": ...}}` in the body or in a streamed
 //! chunk; the shared Chat Completions reader maps those by their code.
 
-use llm_http::openai::ChatCompletions;
-use llm_http::options::Ranges;
-use llm_http::wire::Adapter;
-use llm_http::{LlmError, Provider, Settings};
+use opspawn_plugin::llm_http::openai::ChatCompletions;
+use opspawn_plugin::llm_http::options::Ranges;
+use opspawn_plugin::llm_http::wire::Adapter;
+use opspawn_plugin::llm_http::{LlmError, Provider, Settings};
 
 const PROVIDER: Provider = Provider {
     name: "OpenRouter",
@@ -49,15 +49,14 @@ impl Adapter for OpenRouter {
     }
 }
 
-// Exported only in the component: see the scripted adapter for why.
-#[cfg(target_arch = "wasm32")]
-llm_http::bindings::export_adapter!(OpenRouter);
+// Exported only in the component (the macro sees to it).
+opspawn_plugin::register_llm_adapter!(OpenRouter);
 
 #[cfg(test)]
 mod tests {
-    use llm_http::LlmErrorKind;
-    use llm_http::headers::Headers;
-    use llm_http::wire::{ReplyContext, Wire};
+    use opspawn_plugin::llm_http::LlmErrorKind;
+    use opspawn_plugin::llm_http::headers::Headers;
+    use opspawn_plugin::llm_http::wire::{ReplyContext, Wire};
 
     use super::*;
 
@@ -89,7 +88,7 @@ mod tests {
         }
         let body = wire
             .body(
-                &llm_http::fixtures::weather_request(),
+                &opspawn_plugin::llm_http::fixtures::weather_request(),
                 "openrouter/auto",
                 false,
             )
@@ -107,7 +106,7 @@ mod tests {
         .unwrap();
         let wire = OpenRouter::wire(&settings).unwrap();
         assert_eq!(
-            wire.model(&llm_http::fixtures::weather_request()),
+            wire.model(&opspawn_plugin::llm_http::fixtures::weather_request()),
             "anthropic/claude-sonnet-4.5"
         );
         let headers = wire.headers(true);

@@ -7,25 +7,14 @@
 
 pub mod planner;
 
-wit_bindgen::generate!({
-    world: "planner",
-    path: "../../wit/v0.2.0",
-    // Lets the unit tests compare whole actions.
-    additional_derives: [PartialEq],
-});
-
-use exports::opspawn::plugin::planning::{Action, Guest, TaskState};
+use opspawn_plugin::planner::{Action, Planner, TaskState};
 
 struct React;
 
-impl Guest for React {
+impl Planner for React {
     fn next_action(state: TaskState) -> Result<Action, String> {
         planner::next_action(&state)
     }
 }
 
-// The exported symbols are named like `opspawn:plugin/planning@0.2.0#next-action`,
-// which a native linker refuses in a shared library: export them only when
-// building the component, so a host-target `cargo build` or `cargo test` works.
-#[cfg(target_arch = "wasm32")]
-export!(React);
+opspawn_plugin::register_planner!(React);

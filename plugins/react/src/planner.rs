@@ -19,10 +19,8 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::exports::opspawn::plugin::planning::{Action, EarlierTask, Step, TaskState};
-use crate::opspawn::plugin::types::{
-    ChatMessage, ChatRequest, Role, ToolCall, ToolChoice, ToolSpec,
-};
+use opspawn_plugin::planner::{Action, EarlierTask, Step, TaskState};
+use opspawn_plugin::types::{ChatMessage, ChatRequest, Role, ToolCall, ToolChoice, ToolSpec};
 
 /// Ids of tool calls the planner parsed from the reply text.
 pub const TEXT_CALL_PREFIX: &str = "react-text-";
@@ -336,8 +334,8 @@ fn sole_required_string(schema: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exports::opspawn::plugin::planning::ToolCallOutcome;
-    use crate::opspawn::plugin::types::{ChatResponse, FinishReason, ProviderDatum, ToolResult};
+    use opspawn_plugin::planner::ToolCallOutcome;
+    use opspawn_plugin::types::{ChatResponse, FinishReason, ProviderDatum, ToolResult};
 
     fn calculator() -> ToolSpec {
         ToolSpec {

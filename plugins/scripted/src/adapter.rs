@@ -41,8 +41,8 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::exports::opspawn::plugin::translate::LocalReply;
-use crate::opspawn::plugin::types::{
+use opspawn_plugin::llm::LocalReply;
+use opspawn_plugin::types::{
     ChatMessage, ChatRequest, ChatResponse, FinishReason, LlmError, LlmErrorKind, Role, ToolCall,
     Usage,
 };
@@ -442,7 +442,7 @@ fn message_text(message: &ChatMessage) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::opspawn::plugin::types::{ToolChoice, ToolSpec};
+    use opspawn_plugin::types::{ToolChoice, ToolSpec};
 
     /// What `prepare` would answer, with no settings.
     fn complete(request: &ChatRequest) -> Result<ChatResponse, LlmError> {

@@ -1,0 +1,110 @@
+//! An adapter's configuration: the `[adapter.settings]` table of its
+//! manifest, which the host hands to `prepare` as a JSON object. It may be
+//! `{}` or empty text; keys an adapter does not know are ignored.
+
+use serde_json::{Map, Value};
+
+use crate::llm_http::{LlmError, LlmErrorKind, Provider};
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settings(Map<String, Value>);
+
+impl Settings {
+    pub fn parse(provider: &Provider, text: &str) -> Result<Self, LlmError> {
+        match text.trim() {
+            "" | "null" => Ok(Self::default()),
+            text => match serde_json::from_str(text) {
+                Ok(Value::Object(object)) => Ok(Self(object)),
+                Ok(_) => Err(invalid(provider, "expected a table".into())),
+                Err(error) => Err(invalid(provider, error.to_string())),
+            },
+        }
+    }
+
+    /// The text under `key`, if set. Blank text counts as set: it lets an
+    /// operator turn an optional header off.
+    pub fn text(&self, provider: &Provider, key: &str) -> Result<Option<String>, LlmError> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(text)) => Ok(Some(text.trim().to_owned())),
+            Some(other) => Err(invalid(
+                provider,
+                format!("{key} must be a string, not {other}"),
+            )),
+        }
+    }
+
+    /// The text under `key`, else `default` (also when it is blank).
+    pub fn text_or(
+        &self,
+        provider: &Provider,
+        key: &str,
+        default: &str,
+    ) -> Result<String, LlmError> {
+        Ok(self
+            .text(provider, key)?
+            .filter(|text| !text.is_empty())
+            .unwrap_or_else(|| default.to_owned()))
+    }
+}
+
+/// Settings come from the operator, not the task: retrying cannot help, and
+/// the message says where to look.
+fn invalid(provider: &Provider, why: String) -> LlmError {
+    LlmError {
+        kind: LlmErrorKind::Other,
+        message: format!(
+            "the {} adapter's [adapter.settings] in its manifest are invalid: {why}",
+            provider.name
+        ),
+        status: None,
+        body: None,
+        retry_after_ms: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: Provider = Provider {
+        name: "P",
+        key_env: "P_KEY",
+    };
+
+    #[test]
+    fn empty_settings_mean_defaults() {
+        for text in ["", "  ", "null", "{}"] {
+            let settings = Settings::parse(&P, text).unwrap();
+            assert_eq!(settings.text_or(&P, "default_model", "m").unwrap(), "m");
+        }
+    }
+
+    #[test]
+    fn set_values_win_and_blank_ones_are_kept_as_blank() {
+        let settings = Settings::parse(
+            &P,
+            r#"{"default_model": " gpt-x ", "title": "", "other": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(settings.text_or(&P, "default_model", "m").unwrap(), "gpt-x");
+        assert_eq!(settings.text(&P, "title").unwrap().as_deref(), Some(""));
+        assert_eq!(settings.text_or(&P, "title", "t").unwrap(), "t");
+        assert_eq!(settings.text(&P, "absent").unwrap(), None);
+    }
+
+    #[test]
+    fn malformed_settings_name_the_manifest_table() {
+        for text in ["[1]", "{", r#"{"default_model": 3}"#] {
+            let error = Settings::parse(&P, text)
+                .and_then(|settings| settings.text(&P, "default_model"))
+                .unwrap_err();
+            assert_eq!(error.kind, LlmErrorKind::Other, "{text}");
+            assert!(
+                error.message.contains("[adapter.settings]"),
+                "{}",
+                error.message
+            );
+        }
+    }
+}
