@@ -11,6 +11,7 @@ cd "$repo_root"
 
 ensure_wasm_target
 ensure_mcp_peers
+ensure_ui_test_deps
 
 echo "==> plugin unit tests (native)"
 cargo test --release --manifest-path plugins/Cargo.toml --target-dir "$plugin_target_dir/native"

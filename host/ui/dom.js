@@ -21,7 +21,7 @@ export function h(tag, attributes = {}, ...children) {
   return element;
 }
 
-const SVG_TAGS = new Set(["svg", "g", "rect", "line", "text", "title", "desc", "path"]);
+const SVG_TAGS = new Set(["svg", "g", "rect", "line", "title"]);
 
 function append(parent, children) {
   for (const child of children) {

@@ -6,6 +6,7 @@ mod api;
 mod capacity;
 mod connections;
 mod crash;
+mod dashboard;
 mod durability;
 mod folder;
 mod grpc;

@@ -38,7 +38,9 @@ export default function overview(context) {
         stats.oldest_queued_age_ms != null ? `oldest waiting ${duration(stats.oldest_queued_age_ms)}` : "none waiting"),
       figure("Running", count(stats, "running"), null),
       figure("Error rate (last hour)", errorRate, `${failed} failed, ${cancelled} cancelled`));
-    fill(chart, bars(minutes), h("figcaption", {}, "Tasks finished per minute over the last hour: ",
+    fill(chart, bars(minutes),
+      h("div", { class: "ticks", "aria-hidden": "true" }, h("span", {}, "60 min ago"), h("span", {}, "now")),
+      h("figcaption", {}, "Tasks finished per minute over the last hour: ",
       h("span", { class: "key succeeded" }, "succeeded"), ", ",
       h("span", { class: "key failed" }, "failed"), ", ",
       h("span", { class: "key cancelled" }, "cancelled"), "."));
@@ -63,7 +65,7 @@ function figure(label, value, detail) {
 }
 
 const WIDTH = 600;
-const HEIGHT = 120;
+const HEIGHT = 100;
 
 /** A stacked bar per minute; each bar's <title> says its numbers. */
 function bars(minutes) {
@@ -71,7 +73,7 @@ function bars(minutes) {
   const step = WIDTH / minutes.length;
   const finished = minutes.reduce((sum, m) => sum + m.succeeded + m.failed + m.cancelled, 0);
   const svg = h("svg", {
-    viewBox: `0 0 ${WIDTH} ${HEIGHT + 14}`, role: "img", class: "bars",
+    viewBox: `0 0 ${WIDTH} ${HEIGHT}`, role: "img", class: "bars", preserveAspectRatio: "none",
     "aria-label": `Bar chart: ${finished} tasks finished in the last hour; at most ${most} in one minute.`,
   });
   svg.append(h("line", { x1: 0, y1: HEIGHT, x2: WIDTH, y2: HEIGHT, class: "axis" }));
@@ -88,7 +90,5 @@ function bars(minutes) {
     }
     svg.append(group);
   });
-  svg.append(h("text", { x: 0, y: HEIGHT + 12, class: "tick" }, "60 min ago"));
-  svg.append(h("text", { x: WIDTH, y: HEIGHT + 12, class: "tick end" }, "now"));
   return svg;
 }
