@@ -432,11 +432,11 @@ async fn the_list_filters_by_plugin_and_goal_text() {
     };
     assert_eq!(
         ids(&api.get("/v1/tasks?plugin=adder").await),
-        [adder.id.clone()]
+        [adder.id.as_str()]
     );
     assert_eq!(
         ids(&api.get("/v1/tasks?q=add%20IT").await),
-        [adder.id.clone()]
+        [adder.id.as_str()]
     );
     assert_eq!(
         ids(&api.get("/v1/tasks?q=&plugin=").await).len(),
