@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use opspawn::api::auth::token_hash;
+use opspawn_testkit::{MockProviders, Provider};
 
 use crate::Harness;
 
@@ -103,4 +104,31 @@ fn the_dashboard_asks_for_a_token_and_refuses_a_wrong_one() {
         &harness.server.base_url,
         &[("OPSPAWN_UI_TOKEN", "acme-dashboard-token")],
     );
+}
+
+/// LLM text streams into the task's page as the provider sends it: the
+/// OpenAI adapter against the loopback mock, which streams its answer a
+/// few frames at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_text_streams_into_the_task_page() {
+    let provider = Provider::OpenAi;
+    let mock = MockProviders::start().await;
+    let harness = Harness::start_with_plugins(
+        &[
+            (provider.base_url_var(), &mock.base_url_for(provider)),
+            (provider.key_var(), &provider.test_key()),
+        ],
+        |plugins| {
+            plugins.add(
+                provider.plugin(),
+                provider.wasm(),
+                Some(&provider.manifest()),
+            );
+        },
+    );
+    let base_url = harness.server.base_url.clone();
+    // The mock answers on this runtime while the script runs beside it.
+    tokio::task::spawn_blocking(move || run_scenario("stream", &base_url, &[]))
+        .await
+        .expect("the browser script ran");
 }
