@@ -138,6 +138,28 @@ ensure_api_fuzzer() {
     fi
 }
 
+# Playwright for Python (PyPI), which drives the dashboard's browser tests
+# (tests/integration/dashboard.rs), in a virtualenv in
+# "$CARGO_TARGET_DIR/ui-tests" (outside the clone, reused by later runs);
+# pinned in tests/fixtures/ui/requirements.txt. It drives Debian's Chromium
+# (.ci/run installs it): Playwright's own browser downloads are never used.
+ui_test_venv="$CARGO_TARGET_DIR/ui-tests/venv"
+ensure_ui_test_deps() {
+    local requirements="$repo_root/tests/fixtures/ui/requirements.txt"
+    if ! cmp -s "$requirements" "$ui_test_venv/requirements.txt"; then
+        echo "==> installing Playwright for Python (tests/fixtures/ui/requirements.txt)"
+        python3 -m venv "$ui_test_venv"
+        "$ui_test_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+            -r "$requirements"
+        cp "$requirements" "$ui_test_venv/requirements.txt"
+    fi
+    if [[ ! -x /usr/bin/chromium ]]; then
+        echo "/usr/bin/chromium is missing: the dashboard's browser tests need Debian's" >&2
+        echo "chromium package (apt-get install chromium chromium-driver; .ci/run does it)." >&2
+        exit 1
+    fi
+}
+
 # Starts the machine's Postgres cluster if nothing answers on 127.0.0.1:5432.
 ensure_postgres() {
     if (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then

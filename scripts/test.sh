@@ -14,6 +14,7 @@ ensure_mcp_peers
 # componentize-py and componentize-js, and the Python and JavaScript example
 # tools the end-to-end tests load (cached: about a minute when cold).
 build_script_plugins
+ensure_ui_test_deps
 
 echo "==> plugin unit tests (native)"
 cargo test --release --manifest-path plugins/Cargo.toml --target-dir "$plugin_target_dir/native"

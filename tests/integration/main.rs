@@ -7,6 +7,7 @@ mod authoring;
 mod capacity;
 mod connections;
 mod crash;
+mod dashboard;
 mod durability;
 mod folder;
 mod grpc;

@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod scrape;
 #[cfg(test)]
 mod tests;
+mod ui;
 mod views;
 
 use std::sync::Arc;
@@ -34,13 +35,15 @@ pub use admission::{Admission, QueueLimits};
 use auth::Tenant;
 pub use connections::HttpLimits;
 pub use error::ApiError;
-use views::{Health, PluginsView, TaskPage, TaskView};
+use views::{Health, PluginsView, StatsView, TaskPage, TaskView};
 
 use crate::errors::Code;
 use crate::events::EventBus;
 use crate::plugins::{Catalog, PluginKind, PluginRuntime};
 use crate::scheduler::Scheduler;
-use crate::store::{CancelOutcome, Millis, NewTask, Store, TaskQuery, TaskRecord, TaskStatus};
+use crate::store::{
+    CancelOutcome, Millis, NewTask, STATS_COUNT_LIMIT, Store, TaskQuery, TaskRecord, TaskStatus,
+};
 
 /// The longest goal accepted, in bytes.
 const MAX_GOAL_BYTES: usize = 64 * 1024;
@@ -97,6 +100,7 @@ pub fn app(state: AppState, max_body_bytes: usize, limits: &HttpLimits) -> Route
     );
     router
         .merge(docs)
+        .merge(ui::routes())
         .layer(Extension(spec))
         .fallback(|| async {
             ApiError::new(Code::RouteNotFound, "no such endpoint; see docs/api.md")
@@ -118,8 +122,8 @@ pub fn app(state: AppState, max_body_bytes: usize, limits: &HttpLimits) -> Route
 
 /// Every API operation, each routed and described from one handler list:
 /// a route added here is in the spec by construction. (`/mcp`, mounted in
-/// `server.rs`, and `/docs` are the only routes outside it; the spec's
-/// tests check that.)
+/// `server.rs`, `/docs` and the dashboard's `/ui` are the only routes
+/// outside it; the spec's tests check that.)
 fn documented_routes(state: &AppState, limits: &HttpLimits) -> OpenApiRouter<AppState> {
     let limits = Arc::new(limits.clone());
     let answering = OpenApiRouter::new()
@@ -127,6 +131,7 @@ fn documented_routes(state: &AppState, limits: &HttpLimits) -> OpenApiRouter<App
         .routes(routes!(create_task, list_tasks))
         .routes(routes!(get_task))
         .routes(routes!(cancel_task))
+        .routes(routes!(task_stats))
         .route_layer(middleware::from_fn_with_state(
             limits.clone(),
             connections::answer_in_time,
@@ -571,11 +576,35 @@ struct ListTasks {
     /// Tasks per page; default 50.
     #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
+    /// Only tasks that use this plugin: as planner, LLM adapter or tool.
+    #[param(max_length = 256)]
+    plugin: Option<String>,
+    /// Only tasks whose goal contains this text, ignoring case (ASCII
+    /// letters only on SQLite).
+    #[param(max_length = 256)]
+    q: Option<String>,
     /// The `next_cursor` of the page before.
     cursor: Option<String>,
 }
 
-/// The tenant's tasks, newest first, a page at a time.
+/// The longest `plugin` or `q` filter accepted, in bytes.
+const MAX_FILTER_BYTES: usize = 256;
+
+/// A text filter of the list: absent when empty (as a form sends an
+/// unfilled field), refused when too long or holding a NUL.
+fn text_filter(name: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(text) if text.len() > MAX_FILTER_BYTES || text.contains('\0') => Err(ApiError::new(
+            Code::InvalidQuery,
+            format!("{name} must be at most {MAX_FILTER_BYTES} bytes, without NUL characters"),
+        )),
+        Some(text) if text.is_empty() => Ok(None),
+        other => Ok(other),
+    }
+}
+
+/// The tenant's tasks, newest first, a page at a time; `status`, `plugin`
+/// and `q` narrow the list, and combine.
 #[utoipa::path(
     get,
     path = "/v1/tasks",
@@ -615,11 +644,15 @@ async fn list_tasks(
             "cursor must be a next_cursor from an earlier page",
         ));
     }
+    let plugin = text_filter("plugin", query.plugin)?;
+    let goal_contains = text_filter("q", query.q)?;
     let page = state
         .store
         .list_tasks(&TaskQuery {
             tenant: Some(tenant.0),
             status,
+            plugin,
+            goal_contains,
             before: query.cursor,
             limit,
         })
@@ -632,6 +665,35 @@ async fn list_tasks(
             .collect(),
         next_cursor: page.next_cursor,
     }))
+}
+
+/// The tenant's tasks at a glance: how many are in each status, how long
+/// the oldest runnable queued one has waited, and how many finished in
+/// each of the last 60 minutes, by outcome. Each count stops at
+/// `count_limit`, so the answer costs the same however many tasks there are.
+#[utoipa::path(
+    get,
+    path = "/v1/stats",
+    tag = "tasks",
+    security(("api_token" = [])),
+    responses((status = 200, body = StatsView), openapi::StatsErrors),
+)]
+async fn task_stats(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+) -> Result<Json<StatsView>, ApiError> {
+    let now = crate::store::now_millis();
+    let first_minute = crate::store::minute_of(now) - (views::STATS_MINUTES - 1) * 60_000;
+    let stats = state
+        .store
+        .task_stats(&tenant.0, first_minute, now, STATS_COUNT_LIMIT)
+        .await?;
+    Ok(Json(StatsView::new(
+        stats,
+        now,
+        first_minute,
+        STATS_COUNT_LIMIT,
+    )))
 }
 
 /// The task, if it exists and belongs to the tenant.

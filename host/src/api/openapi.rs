@@ -85,6 +85,7 @@ error_responses! {
         QueueFull, PluginsLoading, StoreFull,
     ];
     ListTasksErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [InvalidQuery];
+    StatsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [];
     GetTaskErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, Forbidden, TaskNotFound,
     ];

@@ -398,6 +398,97 @@ async fn the_list_checks_its_query_and_cursor() {
 }
 
 #[tokio::test]
+async fn the_list_filters_by_plugin_and_goal_text() {
+    let api = Setup::default().start().await;
+    let long = "x".repeat(257);
+    for query in [
+        format!("q={long}"),
+        format!("plugin={long}"),
+        "q=a%00b".to_owned(),
+    ] {
+        api.get(&format!("/v1/tasks?{query}"))
+            .await
+            .is_error(Code::InvalidQuery, &query);
+    }
+    let mut with_tool = store::conformance::new_task("Add It Up", 0, Some(FAR_FUTURE));
+    with_tool.tools = vec!["adder".into()];
+    let (adder, _) = api.store.create_task(with_tool).await.unwrap();
+    api.store
+        .create_task(store::conformance::new_task(
+            "something else",
+            0,
+            Some(FAR_FUTURE),
+        ))
+        .await
+        .unwrap();
+    let ids = |answer: &Answer| -> Vec<String> {
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        answer.body["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        ids(&api.get("/v1/tasks?plugin=adder").await),
+        [adder.id.as_str()]
+    );
+    assert_eq!(
+        ids(&api.get("/v1/tasks?q=add%20IT").await),
+        [adder.id.as_str()]
+    );
+    assert_eq!(
+        ids(&api.get("/v1/tasks?q=&plugin=").await).len(),
+        2,
+        "empty filters (an unfilled form field) filter nothing"
+    );
+    assert!(
+        ids(&api.get("/v1/tasks?plugin=react&q=nothing").await).is_empty(),
+        "filters combine"
+    );
+}
+
+#[tokio::test]
+async fn stats_count_the_tenants_tasks_by_status_and_minute() {
+    let api = Setup::default().start().await;
+    for goal in ["a", "b"] {
+        api.store
+            .create_task(store::conformance::new_task(goal, 0, Some(FAR_FUTURE)))
+            .await
+            .unwrap();
+    }
+    let asked_at = store::minute_of(store::now_millis());
+    let answer = api.get("/v1/stats").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let stats = answer.body;
+    assert_eq!(
+        stats["counts"],
+        json!({"queued": 2, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0})
+    );
+    assert_eq!(stats["count_limit"], store::STATS_COUNT_LIMIT);
+    assert_eq!(
+        stats["oldest_queued_age_ms"],
+        Value::Null,
+        "a task held back until later is not waiting"
+    );
+    let minutes = stats["finished_per_minute"].as_array().unwrap();
+    assert_eq!(minutes.len(), 60, "the last hour, minute by minute");
+    let first = crate::rfc3339::parse(minutes[0]["minute"].as_str().unwrap()).unwrap();
+    let last = crate::rfc3339::parse(minutes[59]["minute"].as_str().unwrap()).unwrap();
+    assert_eq!(last - first, 59 * 60_000);
+    assert!(
+        (asked_at..=store::minute_of(store::now_millis())).contains(&last),
+        "the current minute is last"
+    );
+    assert!(
+        minutes
+            .iter()
+            .all(|m| m["succeeded"] == 0 && m["failed"] == 0)
+    );
+}
+
+#[tokio::test]
 async fn plugin_files_that_do_not_load_say_why_with_a_code() {
     let api = Setup::default().start().await;
     let folder = api.host.plugins.path();
@@ -888,8 +979,16 @@ fn operations(spec: &Value) -> Vec<(String, String)> {
 }
 
 /// Routes served outside the spec, each for a reason: MCP's JSON-RPC
-/// cannot be described in OpenAPI, and `/docs` is a page for people.
-const UNDESCRIBED_ROUTES: &[&str] = &["/mcp", "/docs"];
+/// cannot be described in OpenAPI, and `/docs` and the dashboard (`/ui`
+/// and the files under it) are pages for people.
+const UNDESCRIBED_ROUTES: &[&str] = &["/mcp", "/docs", "/ui"];
+
+/// `path` is one of [`UNDESCRIBED_ROUTES`] or under one.
+fn undescribed(path: &str) -> bool {
+    UNDESCRIBED_ROUTES
+        .iter()
+        .any(|route| path == *route || path.starts_with(&format!("{route}/")))
+}
 
 #[tokio::test]
 async fn every_route_is_in_the_spec_and_every_operation_in_it_is_routed() {
@@ -923,7 +1022,7 @@ async fn every_route_is_in_the_spec_and_every_operation_in_it_is_routed() {
         "endpoints in docs/api.md: {documented:?}"
     );
     for (method, path) in &documented {
-        if UNDESCRIBED_ROUTES.contains(&path.as_str()) {
+        if undescribed(path) {
             continue;
         }
         assert!(
@@ -953,8 +1052,7 @@ async fn every_route_is_in_the_spec_and_every_operation_in_it_is_routed() {
                     .next()
                     .unwrap_or_default();
                 assert!(
-                    UNDESCRIBED_ROUTES.contains(&path)
-                        || described.iter().any(|(_, described)| described == path),
+                    undescribed(path) || described.iter().any(|(_, described)| described == path),
                     "{} mounts {path} outside the spec: register its handler with \
                      utoipa_axum's routes! and #[utoipa::path]",
                     file.display()
@@ -1107,6 +1205,12 @@ async fn the_spec_and_its_page_are_open_even_when_tokens_are_required() {
     .await;
     assert_eq!(api.get("/openapi.json").await.status, StatusCode::OK);
     assert_eq!(api.get("/docs/").await.status, StatusCode::OK);
+    assert_eq!(api.get("/ui/").await.status, StatusCode::OK);
+    assert_eq!(api.get("/ui/main.js").await.status, StatusCode::OK);
+    api.get("/v1/stats").await.is_error(
+        Code::Unauthorized,
+        "the dashboard's data still needs a token",
+    );
     api.get("/v1/tasks")
         .await
         .is_error(Code::Unauthorized, "the API itself still needs a token");
@@ -1171,4 +1275,99 @@ async fn the_docs_page_is_served_from_the_binary_with_nothing_from_elsewhere() {
         !initializer.contains("http://") && !initializer.contains("https://"),
         "the page's configuration names another server: {initializer}"
     );
+}
+
+#[tokio::test]
+async fn the_dashboard_is_served_from_the_binary_under_a_strict_policy() {
+    let api = Setup::default().start().await;
+    let redirect = api.get("/ui").await;
+    assert!(redirect.status.is_redirection(), "{}", redirect.status);
+    assert_eq!(redirect.headers[header::LOCATION], "/ui/");
+
+    let (status, headers, page) = api.get_text("/ui/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+    let policy = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    assert!(
+        policy.contains("default-src 'none'")
+            && policy.contains("script-src 'self';")
+            && !policy.contains("unsafe"),
+        "{policy}"
+    );
+    assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    assert!(
+        !page.contains("<script>") && !page.contains(" style="),
+        "no inline script or style: the policy would refuse it"
+    );
+
+    // Every file in host/ui is served, with its type and the policy, and
+    // loads nothing from elsewhere; every module it imports is served too.
+    let ui = crate::test_support::repo_root().join("host/ui");
+    let mut on_disk = Vec::new();
+    let mut folders = vec![ui.clone()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                folders.push(path);
+            } else {
+                on_disk.push(path.strip_prefix(&ui).unwrap().display().to_string());
+            }
+        }
+    }
+    on_disk.sort();
+    let mut served: Vec<&str> = super::ui::file_paths().collect();
+    served.sort();
+    assert_eq!(on_disk, served, "every file in host/ui is in ui.rs's table");
+    for path in served {
+        let (status, headers, text) = api.get_text(&format!("/ui/{path}")).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(
+            headers.contains_key(header::CONTENT_SECURITY_POLICY),
+            "{path}"
+        );
+        let media_type = headers[header::CONTENT_TYPE].to_str().unwrap();
+        let expected = match path.rsplit('.').next() {
+            Some("js") => "text/javascript",
+            Some("css") => "text/css",
+            _ => "text/html",
+        };
+        assert!(media_type.starts_with(expected), "{path}: {media_type}");
+        let without_svg_namespace = text.replace("http://www.w3.org/2000/svg", "");
+        assert!(
+            !without_svg_namespace.contains("://"),
+            "{path} names another server; every asset must be in the binary"
+        );
+        let folder = path.rsplit_once('/').map_or("", |(folder, _)| folder);
+        for (at, _) in text.match_indices(" from \"") {
+            let import = text[at + 7..].split('"').next().unwrap();
+            let resolved = std::path::Path::new(folder).join(import);
+            let mut parts: Vec<&str> = Vec::new();
+            for part in resolved.iter().map(|p| p.to_str().unwrap()) {
+                match part {
+                    "." => {}
+                    ".." => {
+                        parts.pop();
+                    }
+                    part => parts.push(part),
+                }
+            }
+            let target = format!("/ui/{}", parts.join("/"));
+            assert_eq!(
+                api.get_text(&target).await.0,
+                StatusCode::OK,
+                "{path} imports {import} ({target})"
+            );
+        }
+    }
+    for link in linked(&page) {
+        assert!(!link.contains("://"), "{link}");
+        if !link.starts_with('#') && !link.starts_with("data:") {
+            let (status, ..) = api.get_text(&format!("/ui/{link}")).await;
+            assert_eq!(status, StatusCode::OK, "{link}, linked from /ui/");
+        }
+    }
+    api.get("/ui/nothing.js")
+        .await
+        .is_error(Code::RouteNotFound, "a file the dashboard lacks");
 }

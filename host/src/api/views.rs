@@ -7,7 +7,9 @@ use utoipa::ToSchema;
 
 use crate::plugins::{CacheUsage, LoadFailure, LoadingFile, OldVersion, PluginInfo, PluginRuntime};
 use crate::protocol::Usage;
-use crate::store::{ErrorInfo, StepKind, StepRecord, StepStatus, TaskRecord, TaskStatus};
+use crate::store::{
+    ErrorInfo, Millis, StepKind, StepRecord, StepStatus, TaskRecord, TaskStats, TaskStatus,
+};
 
 pub use crate::rfc3339::format as timestamp;
 
@@ -287,6 +289,76 @@ impl From<&LoadingFile> for LoadingView {
         Self {
             file: loading.file.display().to_string(),
             started_at: loading.started_at.clone(),
+        }
+    }
+}
+
+/// `GET /v1/stats`: the tenant's tasks at a glance, for the dashboard's
+/// overview.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatsView {
+    /// The tenant's tasks in each status, each counted no further than
+    /// `count_limit`.
+    pub counts: std::collections::BTreeMap<String, u64>,
+    /// A count equal to this means "this many or more".
+    pub count_limit: u64,
+    /// How long the tenant's longest-waiting runnable queued task has
+    /// waited; `null` when none waits.
+    pub oldest_queued_age_ms: Option<i64>,
+    /// The last 60 minutes, oldest first, the current (partial) minute
+    /// last: how many of the tenant's tasks finished in each, by outcome.
+    pub finished_per_minute: Vec<MinuteView>,
+}
+
+/// The tasks that finished in one minute, by how they ended.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MinuteView {
+    /// The minute's start, RFC 3339.
+    pub minute: String,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+/// Minutes in `GET /v1/stats`'s series.
+pub const STATS_MINUTES: i64 = 60;
+
+impl StatsView {
+    /// The view of `stats`, read at `now` for the [`STATS_MINUTES`]
+    /// minutes from `first_minute`, with counts up to `count_limit`.
+    pub fn new(stats: TaskStats, now: Millis, first_minute: Millis, count_limit: u64) -> Self {
+        let mut finished_per_minute: Vec<MinuteView> = (0..STATS_MINUTES)
+            .map(|n| MinuteView {
+                minute: timestamp(first_minute + n * 60_000),
+                succeeded: 0,
+                failed: 0,
+                cancelled: 0,
+            })
+            .collect();
+        for (minute, status, count) in stats.finished_by_minute {
+            let index = (minute - first_minute).div_euclid(60_000);
+            let Some(view) = usize::try_from(index)
+                .ok()
+                .and_then(|i| finished_per_minute.get_mut(i))
+            else {
+                continue;
+            };
+            match status {
+                TaskStatus::Succeeded => view.succeeded += count,
+                TaskStatus::Failed => view.failed += count,
+                TaskStatus::Cancelled => view.cancelled += count,
+                TaskStatus::Queued | TaskStatus::Running => {}
+            }
+        }
+        Self {
+            counts: stats
+                .counts
+                .into_iter()
+                .map(|(status, count)| (status.as_str().to_owned(), count))
+                .collect(),
+            count_limit,
+            oldest_queued_age_ms: stats.oldest_queued_since.map(|since| (now - since).max(0)),
+            finished_per_minute,
         }
     }
 }

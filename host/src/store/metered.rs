@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use super::{
     CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, QueueGauges, Renewal, Result,
-    StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord,
+    StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStats,
 };
 use crate::metrics::STORE_OPERATION_DURATION;
 
@@ -59,6 +59,20 @@ impl Store for Metered {
 
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
         timed("get_task", self.inner.get_task(id)).await
+    }
+
+    async fn task_stats(
+        &self,
+        tenant: &str,
+        since: Millis,
+        now: Millis,
+        count_limit: u64,
+    ) -> Result<TaskStats> {
+        timed(
+            "task_stats",
+            self.inner.task_stats(tenant, since, now, count_limit),
+        )
+        .await
     }
 
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {

@@ -409,14 +409,32 @@ pub mod event_kind {
 }
 
 /// A page of the task list, newest first.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct TaskQuery {
     /// Only this tenant's tasks, if set.
     pub tenant: Option<String>,
     pub status: Option<TaskStatus>,
+    /// Only tasks that use this plugin: as their planner, their LLM
+    /// adapter, or one of their tools.
+    pub plugin: Option<String>,
+    /// Only tasks whose goal contains this text, ignoring case.
+    pub goal_contains: Option<String>,
     /// Return tasks older than this task id (ids sort by creation time).
     pub before: Option<String>,
     pub limit: u32,
+}
+
+/// How an engine writes the parts of [`TaskQuery::list_statement`] that
+/// SQL does not spell alike everywhere.
+pub struct SqlDialect {
+    /// The n-th parameter (`?n`, `$n`).
+    pub placeholder: fn(usize) -> String,
+    /// A condition: the task's `tools` (a JSON array) holds the value of
+    /// the given parameter.
+    pub tools_hold: fn(&str) -> String,
+    /// A condition: `goal` holds the value of the given parameter, ignoring
+    /// case.
+    pub goal_holds: fn(&str) -> String,
 }
 
 impl TaskQuery {
@@ -433,21 +451,35 @@ impl TaskQuery {
     /// newest first and filters, which reads the whole table whenever fewer
     /// than a page match (the queued tasks among a million finished ones).
     ///
-    /// `placeholder(n)` writes the engine's n-th parameter (`?n`, `$n`);
-    /// the values to bind, in order, are [`TaskQuery::list_parameters`]
+    /// The plugin and goal filters have no index (a goal is free text, a
+    /// plugin may be any of three columns): they are checked on the rows
+    /// the tenant and status index walks, which still stops after a page.
+    ///
+    /// The values to bind, in order, are [`TaskQuery::list_parameters`]
     /// and then one more than the page size.
-    pub fn list_statement(&self, placeholder: impl Fn(usize) -> String) -> String {
+    pub fn list_statement(&self, dialect: &SqlDialect) -> String {
         let mut conditions = Vec::new();
         let mut n = 0;
         let mut next = || {
             n += 1;
-            placeholder(n)
+            (dialect.placeholder)(n)
         };
         if self.tenant.is_some() {
             conditions.push(format!("tenant = {}", next()));
         }
         if self.status.is_some() {
             conditions.push(format!("status = {}", next()));
+        }
+        if self.plugin.is_some() {
+            // One parameter, named three times.
+            let plugin = next();
+            conditions.push(format!(
+                "(planner = {plugin} OR llm = {plugin} OR {})",
+                (dialect.tools_hold)(&plugin)
+            ));
+        }
+        if self.goal_contains.is_some() {
+            conditions.push((dialect.goal_holds)(&next()));
         }
         if self.before.is_some() {
             conditions.push(format!("id < {}", next()));
@@ -469,6 +501,8 @@ impl TaskQuery {
         [
             self.tenant.as_deref(),
             self.status.map(TaskStatus::as_str),
+            self.plugin.as_deref(),
+            self.goal_contains.as_deref(),
             self.before.as_deref(),
         ]
         .into_iter()
@@ -493,6 +527,54 @@ pub struct TaskPage {
     pub tasks: Vec<TaskRecord>,
     /// Pass as `before` to get the next page; `None` on the last page.
     pub next_cursor: Option<String>,
+}
+
+/// How far [`Store::task_stats`] counts the tasks in one status: a count
+/// costs no more than this however many tasks a tenant has.
+pub const STATS_COUNT_LIMIT: u64 = 10_000;
+
+/// A tenant's tasks at a glance: what the dashboard's overview shows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskStats {
+    /// The tenant's tasks in each status (every status, in
+    /// [`TaskStatus::ALL`]'s order), each counted no further than the limit
+    /// asked for.
+    pub counts: Vec<(TaskStatus, u64)>,
+    /// The `run_at` (or, without one, the creation time) of the tenant's
+    /// queued task that has waited longest among those that may run now.
+    pub oldest_queued_since: Option<Millis>,
+    /// The tasks that finished since the time asked for, by the minute
+    /// they finished in (its first millisecond) and how they ended, oldest
+    /// minute first; a minute and status with none is left out.
+    pub finished_by_minute: Vec<(Millis, TaskStatus, u64)>,
+}
+
+/// The first millisecond of the minute `at` falls in.
+pub fn minute_of(at: Millis) -> Millis {
+    at - at.rem_euclid(60_000)
+}
+
+impl TaskStats {
+    /// The stats from what an engine read: `finished` rows are (minute,
+    /// status, count) in any order.
+    fn from_rows(
+        counts: Vec<(TaskStatus, u64)>,
+        oldest_queued_since: Option<Millis>,
+        finished: Vec<(i64, String, i64)>,
+    ) -> Self {
+        let mut finished_by_minute: Vec<(Millis, TaskStatus, u64)> = finished
+            .into_iter()
+            .filter_map(|(minute, status, count)| {
+                Some((minute, TaskStatus::parse(&status)?, count as u64))
+            })
+            .collect();
+        finished_by_minute.sort_by_key(|&(minute, status, _)| (minute, status.as_str()));
+        Self {
+            counts,
+            oldest_queued_since,
+            finished_by_minute,
+        }
+    }
 }
 
 /// The outcome of a cancel request.
@@ -566,6 +648,19 @@ pub trait Store: Send + Sync + 'static {
     /// `now` became runnable. Reads the partial indexes of queued and
     /// running tasks only.
     async fn queue_gauges(&self, now: Millis) -> Result<QueueGauges>;
+    /// A tenant's tasks at a glance ([`TaskStats`]): counts by status, each
+    /// stopping at `count_limit`, the oldest runnable queued task at `now`,
+    /// and what finished from `since` on, by the minute. Bounded: each
+    /// count reads at most `count_limit` index entries, the queue reads the
+    /// tenant's queued tasks (partial index), and the series reads only the
+    /// tasks that finished since `since` (`tasks_finished_by_tenant`).
+    async fn task_stats(
+        &self,
+        tenant: &str,
+        since: Millis,
+        now: Millis,
+        count_limit: u64,
+    ) -> Result<TaskStats>;
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>>;
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage>;
     async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>>;
@@ -1111,6 +1206,7 @@ pub(crate) mod conformance {
                 status,
                 before: before.map(str::to_owned),
                 limit: 2,
+                ..TaskQuery::default()
             };
         let goals = |page: &TaskPage| {
             page.tasks
@@ -1158,5 +1254,203 @@ pub(crate) mod conformance {
             .await
             .unwrap();
         assert!(running_of_b.tasks.is_empty());
+    }
+
+    /// `plugin` matches a task's planner, LLM adapter or any of its tools;
+    /// `goal_contains` a piece of its goal in any case; both combine with
+    /// the other filters and the cursor.
+    pub async fn the_task_list_filters_by_plugin_and_goal_text(store: &dyn Store) {
+        let specs = [
+            ("Add two numbers", "react", "scripted", vec!["calculator"]),
+            ("Search the web", "react", "openai", vec!["search", "fetch"]),
+            ("ADD a row", "plan-execute", "scripted", vec![]),
+            ("Fetch and add", "react", "scripted", vec!["fetch"]),
+        ];
+        for (goal, planner, llm, tools) in specs {
+            let mut task = new_task(goal, 0, None);
+            task.planner = planner.into();
+            task.llm = llm.into();
+            task.tools = tools.into_iter().map(str::to_owned).collect();
+            store.create_task(task).await.unwrap();
+        }
+        let mut other_tenant = new_task("add for another tenant", 0, None);
+        other_tenant.tenant = "other".into();
+        store.create_task(other_tenant).await.unwrap();
+
+        let goals = |query: TaskQuery| async move {
+            let page = store.list_tasks(&query).await.unwrap();
+            (
+                page.tasks.into_iter().map(|t| t.goal).collect::<Vec<_>>(),
+                page.next_cursor,
+            )
+        };
+        let of_default = |plugin: Option<&str>, text: Option<&str>| TaskQuery {
+            tenant: Some("default".into()),
+            plugin: plugin.map(str::to_owned),
+            goal_contains: text.map(str::to_owned),
+            limit: 10,
+            ..TaskQuery::default()
+        };
+        assert_eq!(
+            goals(of_default(Some("fetch"), None)).await.0,
+            ["Fetch and add", "Search the web"],
+            "a tool"
+        );
+        assert_eq!(
+            goals(of_default(Some("plan-execute"), None)).await.0,
+            ["ADD a row"],
+            "a planner"
+        );
+        assert_eq!(
+            goals(of_default(Some("openai"), None)).await.0,
+            ["Search the web"],
+            "an LLM adapter"
+        );
+        assert!(goals(of_default(Some("fetc"), None)).await.0.is_empty());
+        assert_eq!(
+            goals(of_default(None, Some("add"))).await.0,
+            ["Fetch and add", "ADD a row", "Add two numbers"],
+            "any case, this tenant only"
+        );
+        assert_eq!(
+            goals(of_default(Some("scripted"), Some("AdD"))).await.0,
+            ["Fetch and add", "ADD a row", "Add two numbers"]
+        );
+        assert!(goals(of_default(None, Some("50%_"))).await.0.is_empty());
+        let (first, cursor) = goals(TaskQuery {
+            limit: 1,
+            ..of_default(Some("scripted"), Some("add"))
+        })
+        .await;
+        assert_eq!(first, ["Fetch and add"]);
+        let (second, _) = goals(TaskQuery {
+            limit: 1,
+            before: cursor,
+            ..of_default(Some("scripted"), Some("add"))
+        })
+        .await;
+        assert_eq!(second, ["ADD a row"], "the cursor keeps the filters");
+        let queued = goals(TaskQuery {
+            status: Some(TaskStatus::Queued),
+            ..of_default(Some("react"), Some("search"))
+        })
+        .await;
+        assert_eq!(queued.0, ["Search the web"]);
+    }
+
+    /// Counts by status stop at the limit; the oldest runnable queued task
+    /// is found; finished tasks are counted by the minute they finished in,
+    /// from `since` on, for the tenant only.
+    pub async fn task_stats_count_by_status_and_minute(store: &dyn Store) {
+        let start = now_millis();
+        let empty = store
+            .task_stats("default", start, start, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            empty.counts,
+            TaskStatus::ALL.map(|s| (s, 0)).to_vec(),
+            "every status, even with no tasks"
+        );
+        assert_eq!(empty.oldest_queued_since, None);
+        assert!(empty.finished_by_minute.is_empty());
+
+        let mut ids = Vec::new();
+        for n in 0..4 {
+            let (task, _) = store
+                .create_task(new_task(&format!("t{n}"), 0, None))
+                .await
+                .unwrap();
+            ids.push(task);
+        }
+        store
+            .create_task(new_task("later", 0, Some(start + 3_600_000)))
+            .await
+            .unwrap();
+        let mut others = new_task("another tenant's", 0, None);
+        others.tenant = "other".into();
+        store.create_task(others).await.unwrap();
+
+        // t0 succeeds, t1 fails, t2 is left running; t3 and the task held
+        // back stay queued.
+        let claims = store
+            .claim_batch("host-a", Duration::from_secs(30), 3)
+            .await
+            .unwrap();
+        let claim_of = |id: &str| {
+            claims
+                .iter()
+                .find(|c| c.task.id == id)
+                .expect("the oldest tasks are claimed first")
+        };
+        store
+            .finish_task(
+                &claim_of(&ids[0].id).fence,
+                TaskEnd::Succeeded {
+                    result: "ok".into(),
+                },
+            )
+            .await
+            .unwrap();
+        store
+            .finish_task(
+                &claim_of(&ids[1].id).fence,
+                TaskEnd::Failed {
+                    error: ErrorInfo::new(crate::errors::Code::InternalError.as_str(), "no"),
+                },
+            )
+            .await
+            .unwrap();
+        let after_claims = now_millis();
+        let stats = store
+            .task_stats("default", start, after_claims, 100)
+            .await
+            .unwrap();
+        let count = |stats: &TaskStats, status: TaskStatus| {
+            stats
+                .counts
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map(|(_, n)| *n)
+                .unwrap()
+        };
+        assert_eq!(count(&stats, TaskStatus::Succeeded), 1);
+        assert_eq!(count(&stats, TaskStatus::Failed), 1);
+        assert_eq!(count(&stats, TaskStatus::Running), 1, "t2 runs");
+        assert_eq!(count(&stats, TaskStatus::Queued), 2, "t3 and later");
+        assert_eq!(
+            stats.oldest_queued_since,
+            Some(ids[3].created_at),
+            "the task held back until later is not runnable yet"
+        );
+        let finished: u64 = stats.finished_by_minute.iter().map(|(_, _, n)| n).sum();
+        assert_eq!(finished, 2);
+        for (minute, status, _) in &stats.finished_by_minute {
+            assert_eq!(*minute, minute_of(*minute));
+            assert!(*minute >= minute_of(start) && *minute <= after_claims);
+            assert!(status.is_terminal());
+        }
+        let limited = store
+            .task_stats("default", start, after_claims, 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            count(&limited, TaskStatus::Queued),
+            1,
+            "counts stop at the limit"
+        );
+        let from_later = store
+            .task_stats("default", after_claims + 60_000, after_claims, 100)
+            .await
+            .unwrap();
+        assert!(
+            from_later.finished_by_minute.is_empty(),
+            "only from since on"
+        );
+        let of_nobody = store
+            .task_stats("nobody", start, after_claims, 100)
+            .await
+            .unwrap();
+        assert_eq!(of_nobody, empty, "nothing of another tenant's");
     }
 }

@@ -31,10 +31,10 @@ use tokio::sync::Notify;
 
 use super::{
     CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, QueueGauges,
-    Renewal, Result, StepEnd, StepKind, StepRecord, StepStart, StepStatus, StepVersions, Store,
-    StoreError, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStatus, event_kind, in_claim_order,
-    lack_step_inputs, now_millis, parse_json, renewals, restore_step_inputs, step_event_data,
-    step_started_event,
+    Renewal, Result, SqlDialect, StepEnd, StepKind, StepRecord, StepStart, StepStatus,
+    StepVersions, Store, StoreError, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStats,
+    TaskStatus, event_kind, in_claim_order, lack_step_inputs, now_millis, parse_json, renewals,
+    restore_step_inputs, step_event_data, step_started_event,
 };
 use crate::protocol::Usage;
 
@@ -73,6 +73,15 @@ const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 const SCHEMA_PARAMETER: &str = "opspawn_schema";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// Postgres's spelling of the task list's filters (`tools` is `json`).
+pub const DIALECT: SqlDialect = SqlDialect {
+    placeholder: |n| format!("${n}"),
+    tools_hold: |p| {
+        format!("EXISTS (SELECT 1 FROM json_array_elements_text(tools) AS tool WHERE tool = {p})")
+    },
+    goal_holds: |p| format!("strpos(lower(goal), lower({p})) > 0"),
+};
 
 pub struct PgStore {
     pool: PgPool,
@@ -1025,8 +1034,51 @@ impl Store for PgStore {
         row.as_ref().map(task_from_row).transpose()
     }
 
+    async fn task_stats(
+        &self,
+        tenant: &str,
+        since: Millis,
+        now: Millis,
+        count_limit: u64,
+    ) -> Result<TaskStats> {
+        let count_limit = count_limit.min(i64::MAX as u64) as i64;
+        let mut counts = Vec::new();
+        for status in TaskStatus::ALL {
+            let count: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
+                                        WHERE tenant = $1 AND status = $2
+                                        LIMIT $3) AS counted",
+            )
+            .bind(tenant)
+            .bind(status.as_str())
+            .bind(count_limit)
+            .fetch_one(&self.pool)
+            .await?;
+            counts.push((status, count as u64));
+        }
+        let oldest_queued_since: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(COALESCE(run_at, created_at)) FROM tasks
+              WHERE tenant = $1 AND status = 'queued' AND (run_at IS NULL OR run_at <= $2)",
+        )
+        .bind(tenant)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        let finished: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT finished_at - finished_at % 60000 AS minute, status, COUNT(*)
+               FROM tasks
+              WHERE tenant = $1 AND finished_at IS NOT NULL AND finished_at >= $2
+              GROUP BY minute, status",
+        )
+        .bind(tenant)
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(TaskStats::from_rows(counts, oldest_queued_since, finished))
+    }
+
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
-        let sql = query.list_statement(|n| format!("${n}"));
+        let sql = query.list_statement(&DIALECT);
         // Written from fixed fragments only; every value is bound.
         let mut statement = sqlx::query(sqlx::AssertSqlSafe(sql));
         for value in query.list_parameters() {
@@ -1323,6 +1375,22 @@ mod tests {
     async fn the_task_list_filters_and_pages() {
         let (store, schema) = temporary_store().await;
         crate::store::conformance::the_task_list_filters_and_pages(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn the_task_list_filters_by_plugin_and_goal_text() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::the_task_list_filters_by_plugin_and_goal_text(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn task_stats_count_by_status_and_minute() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::task_stats_count_by_status_and_minute(&store).await;
         drop_schema(&store, &schema).await;
     }
 

@@ -17,8 +17,8 @@ use sqlx::sqlite::{
 
 use super::{
     CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, QueueGauges, Renewal, Result,
-    StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStatus,
-    lack_step_inputs, restore_step_inputs,
+    SqlDialect, StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord,
+    TaskStats, TaskStatus, lack_step_inputs, restore_step_inputs,
 };
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
@@ -39,6 +39,14 @@ use rows::{event_from_row, step_from_row, task_from_row};
 use writer::{Reply, Then, WriteOp, Writer};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// SQLite's spelling of the task list's filters. `lower` folds ASCII
+/// letters only, so the goal filter ignores the case of those alone.
+pub const DIALECT: SqlDialect = SqlDialect {
+    placeholder: |n| format!("?{n}"),
+    tools_hold: |p| format!("EXISTS (SELECT 1 FROM json_each(tools) WHERE value = {p})"),
+    goal_holds: |p| format!("instr(lower(goal), lower({p})) > 0"),
+};
 
 pub struct SqliteStore {
     reads: SqlitePool,
@@ -184,8 +192,51 @@ impl Store for SqliteStore {
         Ok(count as u64)
     }
 
+    async fn task_stats(
+        &self,
+        tenant: &str,
+        since: Millis,
+        now: Millis,
+        count_limit: u64,
+    ) -> Result<TaskStats> {
+        let count_limit = count_limit.min(i64::MAX as u64) as i64;
+        let mut counts = Vec::new();
+        for status in TaskStatus::ALL {
+            let count: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
+                                        WHERE tenant = ?1 AND status = ?2
+                                        LIMIT ?3)",
+            )
+            .bind(tenant)
+            .bind(status.as_str())
+            .bind(count_limit)
+            .fetch_one(&self.reads)
+            .await?;
+            counts.push((status, count as u64));
+        }
+        let oldest_queued_since: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(COALESCE(run_at, created_at)) FROM tasks
+              WHERE tenant = ?1 AND status = 'queued' AND (run_at IS NULL OR run_at <= ?2)",
+        )
+        .bind(tenant)
+        .bind(now)
+        .fetch_one(&self.reads)
+        .await?;
+        let finished: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT finished_at - finished_at % 60000 AS minute, status, COUNT(*)
+               FROM tasks INDEXED BY tasks_finished_by_tenant
+              WHERE tenant = ?1 AND finished_at IS NOT NULL AND finished_at >= ?2
+              GROUP BY minute, status",
+        )
+        .bind(tenant)
+        .bind(since)
+        .fetch_all(&self.reads)
+        .await?;
+        Ok(TaskStats::from_rows(counts, oldest_queued_since, finished))
+    }
+
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {
-        let sql = query.list_statement(|n| format!("?{n}"));
+        let sql = query.list_statement(&DIALECT);
         // Written from fixed fragments only; every value is bound.
         let mut statement = sqlx::query(sqlx::AssertSqlSafe(sql));
         for value in query.list_parameters() {
@@ -527,6 +578,18 @@ mod tests {
         conformance::the_task_list_filters_and_pages(&store).await;
     }
 
+    #[tokio::test]
+    async fn the_task_list_filters_by_plugin_and_goal_text() {
+        let (store, _dir) = open_temporary().await;
+        conformance::the_task_list_filters_by_plugin_and_goal_text(&store).await;
+    }
+
+    #[tokio::test]
+    async fn task_stats_count_by_status_and_minute() {
+        let (store, _dir) = open_temporary().await;
+        conformance::task_stats_count_by_status_and_minute(&store).await;
+    }
+
     /// The claim and the renewal look rows up through indexes, never by
     /// scanning the table or sorting it.
     #[tokio::test]
@@ -575,6 +638,14 @@ mod tests {
             status: status.then_some(crate::store::TaskStatus::Queued),
             before: before.then(|| "z".to_owned()),
             limit: 10,
+            ..TaskQuery::default()
+        };
+        // The plugin and goal filters are checked on the rows the same
+        // index walks.
+        let dashboard = |before: bool| TaskQuery {
+            plugin: Some("calculator".to_owned()),
+            goal_contains: Some("What".to_owned()),
+            ..query(true, true, before)
         };
         let cases = [
             (query(false, true, false), "tasks_by_status"),
@@ -582,9 +653,11 @@ mod tests {
             (query(true, false, false), "tasks_by_tenant"),
             (query(true, true, false), "tasks_by_tenant_status"),
             (query(true, true, true), "tasks_by_tenant_status"),
+            (dashboard(false), "tasks_by_tenant_status"),
+            (dashboard(true), "tasks_by_tenant_status"),
         ];
         for (query, index) in cases {
-            let sql = query.list_statement(|n| format!("?{n}"));
+            let sql = query.list_statement(&DIALECT);
             let mut explain =
                 sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
             for value in query.list_parameters() {
