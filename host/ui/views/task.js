@@ -195,7 +195,7 @@ class TaskPage {
         h("span", { class: "seq" }, `#${step.seq}`), " ",
         h("span", { class: "kind" }, step.kind), " ",
         h("code", { class: "plugin" }, step.plugin),
-        this.pluginHash(step.plugin), " ",
+        this.pluginHash(step), " ",
         badge(step.status), " ",
         h("span", { class: "took" }, step.duration_ms != null ? duration(step.duration_ms) : ""),
         step.attempt > 1 ? h("span", { class: "attempt" }, ` attempt ${step.attempt}`) : null,
@@ -236,11 +236,18 @@ class TaskPage {
     if (stream) stream.textContent += text;
   }
 
-  /** The content hash of the plugin loaded under `name` now, short. */
-  pluginHash(name) {
-    const sha256 = this.hashes && this.hashes.get(name);
+  /**
+   * The content hash of the plugin version that ran `step`, short; for a
+   * step journaled without one, that of the plugin loaded under its name now.
+   */
+  pluginHash(step) {
+    const ran = step.plugin_sha256;
+    const sha256 = ran || (this.hashes && this.hashes.get(step.plugin));
     if (!sha256) return null;
-    return h("code", { class: "hash", title: `SHA-256 of the plugin loaded now: ${sha256}` }, ` ${sha256.slice(0, 12)}`);
+    const title = ran
+      ? `SHA-256 of the plugin version that ran this step: ${sha256}`
+      : `SHA-256 of the plugin loaded now: ${sha256}`;
+    return h("code", { class: "hash", title }, ` ${sha256.slice(0, 12)}`);
   }
 
   async loadHashes() {
