@@ -38,6 +38,32 @@ install_plugins() {
     done
 }
 
+# ensure_venv VENV REQUIREMENTS WHAT: a virtualenv at VENV holding exactly
+# REQUIREMENTS (pinned), made again whenever the pins change. `python -m pip`,
+# not the venv's `pip`: a venv copied from another target directory keeps a
+# `pip` whose first line names the old one.
+ensure_venv() {
+    local venv="$1" requirements="$2" what="$3"
+    if ! cmp -s "$requirements" "$venv/requirements.txt"; then
+        echo "==> installing $what (${requirements#"$repo_root"/})"
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+        cp "$requirements" "$venv/requirements.txt"
+    fi
+}
+
+# ensure_npm DIR PINS WHAT: node_modules in DIR installed from PINS's
+# package.json and package-lock.json, again whenever the lock changes.
+ensure_npm() {
+    local dir="$1" pins="$2" what="$3"
+    mkdir -p "$dir"
+    if ! cmp -s "$pins/package-lock.json" "$dir/package-lock.json"; then
+        echo "==> installing $what (${pins#"$repo_root"/}/package.json)"
+        cp "$pins/package.json" "$pins/package-lock.json" "$dir/"
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+}
+
 # The toolchains that build Python and JavaScript plugins, installed from
 # their registries into "$CARGO_TARGET_DIR/plugin-toolchains" (outside the
 # clone, reused by later runs): componentize-py in a virtualenv, and
@@ -45,19 +71,8 @@ install_plugins() {
 plugin_toolchains="$CARGO_TARGET_DIR/plugin-toolchains"
 ensure_plugin_toolchains() {
     local pins="$repo_root/plugins/sdk/toolchains"
-    mkdir -p "$plugin_toolchains/node"
-    if ! cmp -s "$pins/requirements.txt" "$plugin_toolchains/venv/requirements.txt"; then
-        echo "==> installing componentize-py (plugins/sdk/toolchains/requirements.txt)"
-        python3 -m venv "$plugin_toolchains/venv"
-        "$plugin_toolchains/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-            -r "$pins/requirements.txt"
-        cp "$pins/requirements.txt" "$plugin_toolchains/venv/requirements.txt"
-    fi
-    if ! cmp -s "$pins/package-lock.json" "$plugin_toolchains/node/package-lock.json"; then
-        echo "==> installing componentize-js (plugins/sdk/toolchains/package.json)"
-        cp "$pins/package.json" "$pins/package-lock.json" "$plugin_toolchains/node/"
-        (cd "$plugin_toolchains/node" && npm ci --no-audit --no-fund --loglevel=error)
-    fi
+    ensure_venv "$plugin_toolchains/venv" "$pins/requirements.txt" componentize-py
+    ensure_npm "$plugin_toolchains/node" "$pins" componentize-js
 }
 
 # The Python and JavaScript example tools (plugins/word-count-python and
@@ -107,21 +122,8 @@ build_if_changed() {
 # tests/fixtures/mcp/ (requirements.txt, package.json and package-lock.json).
 ensure_mcp_peers() {
     local peers="$CARGO_TARGET_DIR/mcp-peers" fixtures="$repo_root/tests/fixtures/mcp"
-    mkdir -p "$peers/node"
-    if ! cmp -s "$fixtures/requirements.txt" "$peers/venv/requirements.txt"; then
-        echo "==> installing the MCP Python SDK (tests/fixtures/mcp/requirements.txt)"
-        python3 -m venv "$peers/venv"
-        # `python -m pip`, not the venv's `pip`: a venv copied from another target
-        # directory keeps a `pip` whose first line names the old one.
-        "$peers/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-            -r "$fixtures/requirements.txt"
-        cp "$fixtures/requirements.txt" "$peers/venv/requirements.txt"
-    fi
-    if ! cmp -s "$fixtures/package-lock.json" "$peers/node/package-lock.json"; then
-        echo "==> installing the MCP reference server (tests/fixtures/mcp/package.json)"
-        cp "$fixtures/package.json" "$fixtures/package-lock.json" "$peers/node/"
-        (cd "$peers/node" && npm ci --no-audit --no-fund --loglevel=error)
-    fi
+    ensure_venv "$peers/venv" "$fixtures/requirements.txt" "the MCP Python SDK"
+    ensure_npm "$peers/node" "$fixtures" "the MCP reference server"
 }
 
 # Schemathesis (PyPI), which scripts/api-fuzz.sh runs against a live server,
@@ -129,13 +131,7 @@ ensure_mcp_peers() {
 # clone, reused by later runs); pinned in tests/fixtures/api-fuzz/requirements.txt.
 api_fuzz_venv="$CARGO_TARGET_DIR/api-fuzz/venv"
 ensure_api_fuzzer() {
-    local requirements="$repo_root/tests/fixtures/api-fuzz/requirements.txt"
-    if ! cmp -s "$requirements" "$api_fuzz_venv/requirements.txt"; then
-        echo "==> installing schemathesis (tests/fixtures/api-fuzz/requirements.txt)"
-        python3 -m venv "$api_fuzz_venv"
-        "$api_fuzz_venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
-        cp "$requirements" "$api_fuzz_venv/requirements.txt"
-    fi
+    ensure_venv "$api_fuzz_venv" "$repo_root/tests/fixtures/api-fuzz/requirements.txt" schemathesis
 }
 
 # Playwright for Python (PyPI), which drives the dashboard's browser tests
@@ -145,14 +141,8 @@ ensure_api_fuzzer() {
 # (.ci/run installs it): Playwright's own browser downloads are never used.
 ui_test_venv="$CARGO_TARGET_DIR/ui-tests/venv"
 ensure_ui_test_deps() {
-    local requirements="$repo_root/tests/fixtures/ui/requirements.txt"
-    if ! cmp -s "$requirements" "$ui_test_venv/requirements.txt"; then
-        echo "==> installing Playwright for Python (tests/fixtures/ui/requirements.txt)"
-        python3 -m venv "$ui_test_venv"
-        "$ui_test_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-            -r "$requirements"
-        cp "$requirements" "$ui_test_venv/requirements.txt"
-    fi
+    ensure_venv "$ui_test_venv" "$repo_root/tests/fixtures/ui/requirements.txt" \
+        "Playwright for Python"
     if [[ ! -x /usr/bin/chromium ]]; then
         echo "/usr/bin/chromium is missing: the dashboard's browser tests need Debian's" >&2
         echo "chromium package (apt-get install chromium chromium-driver; .ci/run does it)." >&2

@@ -52,6 +52,26 @@ fn replace(plugins: &PluginFolder, as_name: &str, bytes: &[u8]) {
     std::fs::rename(&hidden, plugins.path().join(format!("{as_name}.wasm"))).unwrap();
 }
 
+/// Submits [`two_calculations`], waits for its first calculation, then
+/// drops in a rebuilt calculator and waits until that is the loaded
+/// version. Returns the task's id, the new build's hash and the plugin
+/// listing once it loaded.
+async fn swap_the_calculator_mid_task(
+    harness: &Harness,
+    client: &Client,
+) -> (String, String, Value) {
+    let id = client.submit(&two_calculations(3_000)).await.unwrap();
+    first_tool_call_done(client, &id).await;
+    let new_build = rebuilt("calculator", "v2");
+    let new_sha = sha256_hex(&new_build);
+    replace(&harness.plugins, "calculator", &new_build);
+    let during = wait_for_listing(client, "the new version loads", |listing| {
+        loaded_sha(listing, "calculator").as_deref() == Some(new_sha.as_str())
+    })
+    .await;
+    (id, new_sha, during)
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
@@ -117,15 +137,7 @@ async fn a_running_task_keeps_the_version_it_started_with() {
     let react = loaded_sha(&before, "react").unwrap();
     let scripted = loaded_sha(&before, "scripted").unwrap();
 
-    let id = client.submit(&two_calculations(3_000)).await.unwrap();
-    first_tool_call_done(&client, &id).await;
-    let new_build = rebuilt("calculator", "v2");
-    let new_sha = sha256_hex(&new_build);
-    replace(&harness.plugins, "calculator", &new_build);
-    let during = wait_for_listing(&client, "the new version loads", |listing| {
-        loaded_sha(listing, "calculator").as_deref() == Some(new_sha.as_str())
-    })
-    .await;
+    let (id, new_sha, during) = swap_the_calculator_mid_task(&harness, &client).await;
     let old = &during["old_versions_in_use"];
     assert_eq!(old[0]["name"], "calculator", "{during:#}");
     assert_eq!(old[0]["sha256"], original.as_str(), "{during:#}");
@@ -167,15 +179,7 @@ async fn past_the_bound_on_old_versions_a_task_moves_to_the_loaded_one() {
     let client = harness.client();
     let original = loaded_sha(&listing(&client).await, "calculator").unwrap();
 
-    let id = client.submit(&two_calculations(3_000)).await.unwrap();
-    first_tool_call_done(&client, &id).await;
-    let new_build = rebuilt("calculator", "v2");
-    let new_sha = sha256_hex(&new_build);
-    replace(&harness.plugins, "calculator", &new_build);
-    let during = wait_for_listing(&client, "the new version loads", |listing| {
-        loaded_sha(listing, "calculator").as_deref() == Some(new_sha.as_str())
-    })
-    .await;
+    let (id, new_sha, during) = swap_the_calculator_mid_task(&harness, &client).await;
     assert_eq!(during["old_versions_in_use"], json!([]), "{during:#}");
 
     let task = client.wait_until_finished(&id, FINISH).await.unwrap();

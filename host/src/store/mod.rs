@@ -435,6 +435,10 @@ pub struct SqlDialect {
     /// A condition: `goal` holds the value of the given parameter, ignoring
     /// case.
     pub goal_holds: fn(&str) -> String,
+    /// Written after `FROM tasks` in [`TaskStats::finished_by_minute`]:
+    /// SQLite's planner needs telling to walk the partial index of finished
+    /// tasks rather than the tenant index.
+    pub finished_tasks_index: &'static str,
 }
 
 impl TaskQuery {
@@ -555,6 +559,47 @@ pub fn minute_of(at: Millis) -> Millis {
 }
 
 impl TaskStats {
+    /// The tenant's tasks in one status, counted no further than a limit,
+    /// so the count walks at most that many index entries. Parameters:
+    /// tenant, status, limit.
+    pub fn count_in_status(dialect: &SqlDialect) -> String {
+        let p = dialect.placeholder;
+        format!(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE tenant = {} AND status = {} LIMIT {}) AS counted",
+            p(1),
+            p(2),
+            p(3)
+        )
+    }
+
+    /// When the queued task that has waited longest among those that may
+    /// run now became runnable. Parameters: tenant, now.
+    pub fn oldest_queued(dialect: &SqlDialect) -> String {
+        let p = dialect.placeholder;
+        format!(
+            "SELECT MIN(COALESCE(run_at, created_at)) FROM tasks
+              WHERE tenant = {} AND status = 'queued' AND (run_at IS NULL OR run_at <= {})",
+            p(1),
+            p(2)
+        )
+    }
+
+    /// Rows of (minute, status, count) of the tasks that finished since a
+    /// time, read from the partial index of finished tasks only.
+    /// Parameters: tenant, since.
+    pub fn finished_by_minute(dialect: &SqlDialect) -> String {
+        let p = dialect.placeholder;
+        format!(
+            "SELECT finished_at - finished_at % 60000 AS minute, status, COUNT(*)
+               FROM tasks{}
+              WHERE tenant = {} AND finished_at IS NOT NULL AND finished_at >= {}
+              GROUP BY minute, status",
+            dialect.finished_tasks_index,
+            p(1),
+            p(2)
+        )
+    }
+
     /// The stats from what an engine read: `finished` rows are (minute,
     /// status, count) in any order.
     fn from_rows(

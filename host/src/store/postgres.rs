@@ -81,6 +81,7 @@ pub const DIALECT: SqlDialect = SqlDialect {
         format!("EXISTS (SELECT 1 FROM json_array_elements_text(tools) AS tool WHERE tool = {p})")
     },
     goal_holds: |p| format!("strpos(lower(goal), lower({p})) > 0"),
+    finished_tasks_index: "",
 };
 
 pub struct PgStore {
@@ -1042,38 +1043,29 @@ impl Store for PgStore {
         count_limit: u64,
     ) -> Result<TaskStats> {
         let count_limit = count_limit.min(i64::MAX as u64) as i64;
+        let count_in_status = TaskStats::count_in_status(&DIALECT);
         let mut counts = Vec::new();
         for status in TaskStatus::ALL {
-            let count: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
-                                        WHERE tenant = $1 AND status = $2
-                                        LIMIT $3) AS counted",
-            )
-            .bind(tenant)
-            .bind(status.as_str())
-            .bind(count_limit)
-            .fetch_one(&self.pool)
-            .await?;
+            let count: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(count_in_status.as_str()))
+                .bind(tenant)
+                .bind(status.as_str())
+                .bind(count_limit)
+                .fetch_one(&self.pool)
+                .await?;
             counts.push((status, count as u64));
         }
-        let oldest_queued_since: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(COALESCE(run_at, created_at)) FROM tasks
-              WHERE tenant = $1 AND status = 'queued' AND (run_at IS NULL OR run_at <= $2)",
-        )
-        .bind(tenant)
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await?;
-        let finished: Vec<(i64, String, i64)> = sqlx::query_as(
-            "SELECT finished_at - finished_at % 60000 AS minute, status, COUNT(*)
-               FROM tasks
-              WHERE tenant = $1 AND finished_at IS NOT NULL AND finished_at >= $2
-              GROUP BY minute, status",
-        )
-        .bind(tenant)
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await?;
+        let oldest_queued_since: Option<i64> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(TaskStats::oldest_queued(&DIALECT)))
+                .bind(tenant)
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?;
+        let finished: Vec<(i64, String, i64)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(TaskStats::finished_by_minute(&DIALECT)))
+                .bind(tenant)
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(TaskStats::from_rows(counts, oldest_queued_since, finished))
     }
 

@@ -179,12 +179,11 @@ fn turn(request: &ChatRequest) -> usize {
 
 /// `default_model` from the settings, else [`DEFAULT_MODEL`].
 fn default_model(settings: &str) -> Result<String, LlmError> {
-    let invalid = |why: String| LlmError {
-        kind: LlmErrorKind::Other,
-        message: format!("the scripted adapter's [adapter.settings] are invalid: {why}"),
-        status: None,
-        body: None,
-        retry_after_ms: None,
+    let invalid = |why: String| {
+        LlmError::new(
+            LlmErrorKind::Other,
+            format!("the scripted adapter's [adapter.settings] are invalid: {why}"),
+        )
     };
     let settings = match settings.trim() {
         "" => return Ok(DEFAULT_MODEL.into()),
@@ -300,13 +299,7 @@ fn load_script(provider_options: &str) -> Result<Option<Vec<ScriptedResponse>>, 
 }
 
 fn invalid_request(message: impl Into<String>) -> LlmError {
-    LlmError {
-        kind: LlmErrorKind::InvalidRequest,
-        message: message.into(),
-        status: None,
-        body: None,
-        retry_after_ms: None,
-    }
+    LlmError::new(LlmErrorKind::InvalidRequest, message)
 }
 
 /// Demo mode: the response a very small model would give.

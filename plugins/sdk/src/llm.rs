@@ -46,16 +46,26 @@ pub trait LlmAdapter {
     }
 }
 
+impl LlmError {
+    /// An error of the adapter's own making: no provider status, body or
+    /// `Retry-After` behind it.
+    pub fn new(kind: LlmErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            status: None,
+            body: None,
+            retry_after_ms: None,
+        }
+    }
+}
+
 /// What the default readers answer: this adapter sends no HTTP request.
 fn answers_locally() -> LlmError {
-    LlmError {
-        kind: LlmErrorKind::Other,
-        message: "this adapter answers locally, from prepare: it has no HTTP response to read"
-            .into(),
-        status: None,
-        body: None,
-        retry_after_ms: None,
-    }
+    LlmError::new(
+        LlmErrorKind::Other,
+        "this adapter answers locally, from prepare: it has no HTTP response to read",
+    )
 }
 
 /// The bindings' view of an [`LlmAdapter`] (for the macro).

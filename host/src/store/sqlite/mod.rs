@@ -46,6 +46,7 @@ pub const DIALECT: SqlDialect = SqlDialect {
     placeholder: |n| format!("?{n}"),
     tools_hold: |p| format!("EXISTS (SELECT 1 FROM json_each(tools) WHERE value = {p})"),
     goal_holds: |p| format!("instr(lower(goal), lower({p})) > 0"),
+    finished_tasks_index: " INDEXED BY tasks_finished_by_tenant",
 };
 
 pub struct SqliteStore {
@@ -200,38 +201,29 @@ impl Store for SqliteStore {
         count_limit: u64,
     ) -> Result<TaskStats> {
         let count_limit = count_limit.min(i64::MAX as u64) as i64;
+        let count_in_status = TaskStats::count_in_status(&DIALECT);
         let mut counts = Vec::new();
         for status in TaskStatus::ALL {
-            let count: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
-                                        WHERE tenant = ?1 AND status = ?2
-                                        LIMIT ?3)",
-            )
-            .bind(tenant)
-            .bind(status.as_str())
-            .bind(count_limit)
-            .fetch_one(&self.reads)
-            .await?;
+            let count: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(count_in_status.as_str()))
+                .bind(tenant)
+                .bind(status.as_str())
+                .bind(count_limit)
+                .fetch_one(&self.reads)
+                .await?;
             counts.push((status, count as u64));
         }
-        let oldest_queued_since: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(COALESCE(run_at, created_at)) FROM tasks
-              WHERE tenant = ?1 AND status = 'queued' AND (run_at IS NULL OR run_at <= ?2)",
-        )
-        .bind(tenant)
-        .bind(now)
-        .fetch_one(&self.reads)
-        .await?;
-        let finished: Vec<(i64, String, i64)> = sqlx::query_as(
-            "SELECT finished_at - finished_at % 60000 AS minute, status, COUNT(*)
-               FROM tasks INDEXED BY tasks_finished_by_tenant
-              WHERE tenant = ?1 AND finished_at IS NOT NULL AND finished_at >= ?2
-              GROUP BY minute, status",
-        )
-        .bind(tenant)
-        .bind(since)
-        .fetch_all(&self.reads)
-        .await?;
+        let oldest_queued_since: Option<i64> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(TaskStats::oldest_queued(&DIALECT)))
+                .bind(tenant)
+                .bind(now)
+                .fetch_one(&self.reads)
+                .await?;
+        let finished: Vec<(i64, String, i64)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(TaskStats::finished_by_minute(&DIALECT)))
+                .bind(tenant)
+                .bind(since)
+                .fetch_all(&self.reads)
+                .await?;
         Ok(TaskStats::from_rows(counts, oldest_queued_since, finished))
     }
 

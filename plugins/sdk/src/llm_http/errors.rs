@@ -68,28 +68,22 @@ impl Provider {
 
     /// A request this adapter cannot express for the provider.
     pub fn invalid_request(&self, why: String) -> LlmError {
-        LlmError {
-            kind: LlmErrorKind::InvalidRequest,
-            message: format!("cannot send this request to {}: {why}", self.name),
-            status: None,
-            body: None,
-            retry_after_ms: None,
-        }
+        LlmError::new(
+            LlmErrorKind::InvalidRequest,
+            format!("cannot send this request to {}: {why}", self.name),
+        )
     }
 
     /// A reply context this adapter did not make: a host bug, not the
     /// provider's.
     pub fn bad_context(&self, why: &str) -> LlmError {
-        LlmError {
-            kind: LlmErrorKind::Other,
-            message: format!(
+        LlmError::new(
+            LlmErrorKind::Other,
+            format!(
                 "the reply context handed back to the {} adapter is not one it made: {why}",
                 self.name
             ),
-            status: None,
-            body: None,
-            retry_after_ms: None,
-        }
+        )
     }
 
     fn summary(&self, kind: LlmErrorKind, status: Option<u16>) -> String {

@@ -110,13 +110,10 @@ pub fn decode_stream<W: Wire>(
     let result = if finished {
         Ok(assemble(&parts))
     } else {
-        Err(LlmError {
-            kind: LlmErrorKind::Unavailable,
-            message: "the stream ended before the reply was complete".into(),
-            status: None,
-            body: None,
-            retry_after_ms: None,
-        })
+        Err(LlmError::new(
+            LlmErrorKind::Unavailable,
+            "the stream ended before the reply was complete",
+        ))
     };
     (result, texts(&parts))
 }

@@ -210,13 +210,10 @@ impl Ranges {
 /// Options the adapter refuses before sending anything. The host reports an
 /// invalid request from `prepare` as `invalid_llm_options`.
 pub fn options_error(why: String) -> LlmError {
-    LlmError {
-        kind: crate::llm_http::LlmErrorKind::InvalidRequest,
-        message: format!("invalid LLM options: {why}"),
-        status: None,
-        body: None,
-        retry_after_ms: None,
-    }
+    LlmError::new(
+        crate::llm_http::LlmErrorKind::InvalidRequest,
+        format!("invalid LLM options: {why}"),
+    )
 }
 
 #[cfg(test)]

@@ -51,16 +51,13 @@ impl Settings {
 /// Settings come from the operator, not the task: retrying cannot help, and
 /// the message says where to look.
 fn invalid(provider: &Provider, why: String) -> LlmError {
-    LlmError {
-        kind: LlmErrorKind::Other,
-        message: format!(
+    LlmError::new(
+        LlmErrorKind::Other,
+        format!(
             "the {} adapter's [adapter.settings] in its manifest are invalid: {why}",
             provider.name
         ),
-        status: None,
-        body: None,
-        retry_after_ms: None,
-    }
+    )
 }
 
 #[cfg(test)]
