@@ -112,6 +112,7 @@ codes! {
     PluginStackOverflow = "plugin_stack_overflow", status None, step;
     PluginOutputTooLarge = "plugin_output_too_large", status None, step;
     PluginResourceLimit = "plugin_resource_limit", status None, step;
+    PluginFolderQuota = "plugin_folder_quota", status None, step;
     PluginBadOutput = "plugin_bad_output", status None, step;
     PluginInstantiateFailed = "plugin_instantiate_failed", status None, step;
     PluginNotLoaded = "plugin_not_loaded", status None, step;

@@ -394,3 +394,101 @@ async fn request_bodies_a_plugin_writes_are_buffered_only_so_much() {
         peak >> 20
     );
 }
+
+/// The bytes and entries in a folder and below it (links not followed).
+fn folder_usage(folder: &std::path::Path) -> (u64, u64) {
+    let (mut bytes, mut entries) = (0, 0);
+    for entry in std::fs::read_dir(folder).unwrap() {
+        let entry = entry.unwrap();
+        let metadata = entry.path().symlink_metadata().unwrap();
+        entries += 1;
+        if metadata.is_file() {
+            bytes += metadata.len();
+        } else if metadata.is_dir() {
+            let (b, e) = folder_usage(&entry.path());
+            bytes += b;
+            entries += e;
+        }
+    }
+    (bytes, entries)
+}
+
+/// A plugin's writable folders hold at most its quota: written bytes,
+/// sparse lengths and entries. The fixture hides the refusal from its
+/// answer; the call fails with `plugin_folder_quota` all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writable_folders_hold_no_more_than_their_quota() {
+    const QUOTA_BYTES: u64 = 1 << 20;
+    const QUOTA_ENTRIES: u64 = 20;
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        format!(
+            "[policy.plugins.misbehaving]\nmax_folder_bytes = {QUOTA_BYTES}\n\
+             max_folder_files = {QUOTA_ENTRIES}\n"
+        ),
+    )
+    .unwrap();
+    let config_path = config.path().to_str().unwrap().to_owned();
+    let harness = Harness::start_with(&[("OPSPAWN_CONFIG", &config_path)]);
+    let client = harness.client();
+    let counts = harness.plugins.path().join("counts");
+    let fill = async |files: u64, bytes: u64, how: &str| {
+        let arguments = json!({"folder": "/counts", "files": files, "bytes": bytes, "how": how});
+        let id = client
+            .submit(&crate::misbehaving_task("fill_folder", arguments))
+            .await
+            .unwrap();
+        let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+        steps(&task)[1].clone()
+    };
+
+    // Within the quota: written, and the call succeeds.
+    let step = fill(2, 100_000, "write").await;
+    assert_eq!(step["status"], "succeeded", "{step:#}");
+    assert_eq!(step["output"]["bytes"], 200_000, "{step:#}");
+
+    // Four files of 512 KiB: the third's bytes are refused.
+    let step = fill(4, 512 << 10, "write").await;
+    assert_eq!(step["error"]["code"], "plugin_folder_quota", "{step:#}");
+    let message = step["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("max_folder_bytes") && message.contains(&QUOTA_BYTES.to_string()),
+        "{message}"
+    );
+    let (bytes, _) = folder_usage(&counts);
+    assert!(bytes <= QUOTA_BYTES, "{bytes} bytes on disk");
+    assert!(bytes > QUOTA_BYTES / 2, "what fitted was written: {bytes}");
+
+    // A sparse file of 10 GiB costs its length.
+    let step = fill(1, 10 << 30, "set_len").await;
+    assert_eq!(step["error"]["code"], "plugin_folder_quota", "{step:#}");
+    let (bytes, _) = folder_usage(&counts);
+    assert!(bytes <= QUOTA_BYTES, "{bytes} bytes on disk");
+
+    // A hundred folders: no more entries than the quota.
+    let step = fill(100, 0, "folders").await;
+    assert_eq!(step["error"]["code"], "plugin_folder_quota", "{step:#}");
+    let (_, entries) = folder_usage(&counts);
+    assert!(entries <= QUOTA_ENTRIES, "{entries} entries on disk");
+
+    // Room made from outside is found again (from the call after the next
+    // refusal at the latest).
+    for entry in std::fs::read_dir(&counts).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(path).unwrap();
+        } else {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let mut succeeded = false;
+    for _ in 0..2 {
+        if fill(2, 100_000, "write").await["status"] == "succeeded" {
+            succeeded = true;
+            break;
+        }
+    }
+    assert!(succeeded, "the emptied folder takes writes again");
+    still_serving(&harness).await;
+}

@@ -1295,3 +1295,58 @@ async fn a_hung_provider_is_cut_at_call_timeout_ms() {
     let message = task["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("call_timeout_ms"), "{message}");
 }
+
+/// A provider that streams a long answer in about a thousand deltas, to an
+/// adapter whose manifest allows 50 a call: subscribers get 50, the log
+/// says once how many were dropped, and the answer itself is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_deltas_past_a_calls_limit_are_dropped_with_one_note() {
+    let provider = Provider::OpenAi;
+    let mock = MockProviders::start().await;
+    let manifest = format!("{}\n[limits]\nmax_deltas = 50\n", provider.manifest());
+    let harness = start_server(
+        provider,
+        &manifest,
+        &mock.base_url_for(provider),
+        &provider.test_key(),
+    );
+    expect_loaded(&harness, provider).await;
+    let client = harness.client();
+
+    let id = client
+        .submit(&react_task(provider, models::LONG_ANSWER, Some(true)))
+        .await
+        .unwrap();
+    let events = client.events(&id, None, FINISH).await.unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    assert_eq!(
+        task["result"],
+        opspawn_testkit::providers::LONG_ANSWER,
+        "the reply is kept whole"
+    );
+
+    let deltas: Vec<&str> = events
+        .iter()
+        .filter(|e| e.event == "llm.delta")
+        .map(|e| e.data["data"]["text"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(deltas.len(), 50, "deltas reaching the subscriber");
+    let answer = format!("Final Answer: {}", opspawn_testkit::providers::LONG_ANSWER);
+    let streamed = deltas.concat();
+    assert!(
+        answer.starts_with(&streamed) && streamed.len() < answer.len(),
+        "the deltas kept are the start of the answer: {streamed:?}"
+    );
+    let log = harness.server.log();
+    let notes: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("streamed deltas"))
+        .collect();
+    assert_eq!(notes.len(), 1, "one note for the call: {notes:#?}");
+    assert!(
+        notes[0].contains("max_deltas") && notes[0].contains("limits of 50 streamed deltas"),
+        "{}",
+        notes[0]
+    );
+}

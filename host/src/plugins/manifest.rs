@@ -86,6 +86,10 @@ pub struct RequestedLimits {
     pub max_http_fields_bytes: Option<u64>,
     /// The most bytes of one `wasi:http` write to a request body.
     pub max_http_body_chunk_bytes: Option<u64>,
+    /// What the plugin may keep in its writable folders, per tenant: bytes
+    /// of file contents, and entries (files, folders, links).
+    pub max_folder_bytes: Option<u64>,
+    pub max_folder_files: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -157,6 +161,12 @@ pub struct Limits {
     /// The most bytes of one write to a `wasi:http` request body; the host
     /// buffers at most two such writes per body until the request is sent.
     pub max_http_body_chunk_bytes: u64,
+    /// The most bytes of file contents the plugin may keep in its writable
+    /// folders (each tenant's apart); a write past it fails with
+    /// `insufficient-space`, and the call with `plugin_folder_quota`.
+    pub max_folder_bytes: u64,
+    /// The most entries (files, folders, links) it may keep there.
+    pub max_folder_files: u64,
 }
 
 impl Default for Limits {
@@ -174,6 +184,8 @@ impl Default for Limits {
             max_resources: 2048,
             max_http_fields_bytes: 32 << 10,
             max_http_body_chunk_bytes: 64 << 10,
+            max_folder_bytes: 64 << 20,
+            max_folder_files: 10_000,
         }
     }
 }
@@ -204,6 +216,8 @@ impl Limits {
             max_http_body_chunk_bytes: requested
                 .max_http_body_chunk_bytes
                 .unwrap_or(self.max_http_body_chunk_bytes),
+            max_folder_bytes: requested.max_folder_bytes.unwrap_or(self.max_folder_bytes),
+            max_folder_files: requested.max_folder_files.unwrap_or(self.max_folder_files),
         }
     }
 }

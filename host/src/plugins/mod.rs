@@ -9,6 +9,7 @@ pub mod bindings;
 mod convert;
 mod engine;
 pub mod external;
+mod folder_quota;
 mod host_http;
 mod llm_call;
 pub mod manifest;
@@ -134,6 +135,16 @@ pub enum CallError {
          bytes (the manifest's [limits] max_http_fields_bytes)"
     )]
     HttpFieldsLimit { plugin: String, limit: u64 },
+    #[error(
+        "plugin {plugin} was refused a write: its writable folders would hold more than \
+         {max_bytes} bytes or {max_files} entries (the manifest's [limits] max_folder_bytes and \
+         max_folder_files); delete what it no longer needs, or raise the limits"
+    )]
+    FolderQuota {
+        plugin: String,
+        max_bytes: u64,
+        max_files: u64,
+    },
     #[error("plugin {plugin} returned an invalid result: {detail}")]
     BadOutput { plugin: String, detail: String },
     #[error("could not start plugin {plugin}: {detail}")]
@@ -182,6 +193,7 @@ impl CallError {
                 Code::PluginOutputTooLarge
             }
             Self::ResourceLimit { .. } | Self::HttpFieldsLimit { .. } => Code::PluginResourceLimit,
+            Self::FolderQuota { .. } => Code::PluginFolderQuota,
             Self::BadOutput { .. } => Code::PluginBadOutput,
             Self::Instantiate { .. } => Code::PluginInstantiateFailed,
             Self::InvalidInput { .. } => Code::InvalidToolInput,
@@ -238,6 +250,8 @@ pub struct PluginRuntime {
     /// The files whose failure was logged, with the version that failed, so
     /// a broken file is reported once, not at every scan.
     warned: std::sync::Mutex<std::collections::BTreeMap<PathBuf, String>>,
+    /// What each plugin keeps in its writable folders, per tenant.
+    folder_usages: folder_quota::FolderUsages,
     _epoch: EpochTicker,
 }
 
@@ -299,6 +313,7 @@ impl PluginRuntime {
         let engine = engine::build_engine(&options.engine)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        folder_quota::add_to_linker(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         type Data = wasmtime::component::HasSelf<CallState>;
         bindings::v0_1::logging::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
@@ -325,6 +340,7 @@ impl PluginRuntime {
             old_versions: versions::OldVersions::default(),
             cache_usage: Arc::default(),
             warned: std::sync::Mutex::default(),
+            folder_usages: folder_quota::FolderUsages::default(),
         }))
     }
 
@@ -713,6 +729,7 @@ impl PluginRuntime {
             &plugin.info.limits,
             tenant,
             deltas,
+            &self.folder_usages,
         )
         .map_err(|e| CallError::Instantiate {
             plugin: plugin.info.name.clone(),
@@ -794,6 +811,15 @@ fn settle<T>(
     outcome: Result<T, Stopped>,
 ) -> Result<T, CallError> {
     let name = plugin.info.name.clone();
+    if store.data().crossed_folder_quota() {
+        // However the plugin handled the refused write, what it meant to
+        // keep is not all there.
+        return Err(CallError::FolderQuota {
+            plugin: name,
+            max_bytes: plugin.info.limits.max_folder_bytes,
+            max_files: plugin.info.limits.max_folder_files,
+        });
+    }
     let error = match outcome {
         Ok(value) => return Ok(value),
         Err(Stopped::WallClock) => {

@@ -66,6 +66,8 @@ pub struct PluginPolicy {
     pub max_resources: Option<u64>,
     pub max_http_fields_bytes: Option<u64>,
     pub max_http_body_chunk_bytes: Option<u64>,
+    pub max_folder_bytes: Option<u64>,
+    pub max_folder_files: Option<u64>,
 }
 
 fn allows(list: &Option<Vec<String>>, item: &str) -> bool {
@@ -273,6 +275,18 @@ impl OperatorPolicy {
                 refused.push(format!("HTTP body writes above {max} bytes"));
                 limits.max_http_body_chunk_bytes = max;
             }
+            if let Some(max) = policy.max_folder_bytes
+                && limits.max_folder_bytes > max
+            {
+                refused.push(format!("writable folders above {max} bytes"));
+                limits.max_folder_bytes = max;
+            }
+            if let Some(max) = policy.max_folder_files
+                && limits.max_folder_files > max
+            {
+                refused.push(format!("writable folders above {max} entries"));
+                limits.max_folder_files = max;
+            }
         }
         (narrowed, limits, refused)
     }
@@ -414,6 +428,8 @@ mod tests {
             max_log_bytes = 500
             max_deltas = 6
             max_http_body_chunk_bytes = 4096
+            max_folder_bytes = 1000000
+            max_folder_files = 50
             "#,
         )
         .unwrap();
@@ -426,6 +442,7 @@ mod tests {
             max_log_lines = 100
             max_log_bytes = 100000
             max_deltas = 3
+            max_folder_bytes = 2000000
             "#,
         )
         .unwrap();
@@ -438,8 +455,10 @@ mod tests {
         assert_eq!(limits.max_log_lines, 5);
         assert_eq!(limits.max_log_bytes, 500);
         assert_eq!(limits.max_deltas, 3);
+        assert_eq!(limits.max_folder_bytes, 1_000_000, "capped");
+        assert_eq!(limits.max_folder_files, 50, "the default, capped");
         assert_eq!(limits.max_http_body_chunk_bytes, 4096);
-        assert_eq!(refused.len(), 5, "{refused:?}");
+        assert_eq!(refused.len(), 7, "{refused:?}");
         let (_, defaults, _) =
             OperatorPolicy::default().narrow("p", &Manifest::default(), Limits::default(), &none());
         assert_eq!(

@@ -12,6 +12,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::v0_1;
+use super::folder_quota::{FolderCall, FolderUsages, Measure};
 use super::manifest::{Grants, Limits};
 use super::outbound::PolicyHooks;
 
@@ -30,6 +31,8 @@ pub struct CallState {
     /// What this call may still log, and stream.
     log_budget: Budget,
     delta_budget: Budget,
+    /// What it may still write into its writable folders, if it has any.
+    folders: Option<Arc<FolderCall>>,
 }
 
 impl CallState {
@@ -39,6 +42,7 @@ impl CallState {
         limits: &Limits,
         tenant: Option<&str>,
         deltas: Option<mpsc::UnboundedSender<String>>,
+        folder_usages: &FolderUsages,
     ) -> wasmtime::Result<Self> {
         let output = MemoryOutputPipe::new(OUTPUT_CAPTURE_BYTES);
         let mut wasi = WasiCtx::builder();
@@ -52,6 +56,7 @@ impl CallState {
                 wasi.env(name, value);
             }
         }
+        let mut writable = Vec::new();
         for dir in &grants.dirs {
             if !dir.writable {
                 wasi.preopened_dir(&dir.host_path, &dir.guest_path, FsPerms::ReadOnly)?;
@@ -64,7 +69,15 @@ impl CallState {
                 None => dir.host_path.clone(),
             };
             wasi.preopened_dir(&host_path, &dir.guest_path, FsPerms::ReadWrite)?;
+            writable.push(host_path);
         }
+        let folders = (!writable.is_empty()).then(|| {
+            let quota = Measure {
+                bytes: limits.max_folder_bytes,
+                files: limits.max_folder_files,
+            };
+            FolderCall::start(folder_usages.of(writable), quota)
+        });
         // Every resource the plugin holds (a stream, a set of HTTP fields)
         // is host memory: both their number and the fields' size are capped.
         let mut table = ResourceTable::new();
@@ -89,7 +102,20 @@ impl CallState {
             deltas,
             log_budget: Budget::new(limits.max_log_lines, limits.max_log_bytes),
             delta_budget: Budget::new(limits.max_deltas, limits.max_output_bytes),
+            folders,
         })
+    }
+
+    /// The call's share of its writable folders' quota, if it has any.
+    pub fn folder_call(&self) -> Option<Arc<FolderCall>> {
+        self.folders.clone()
+    }
+
+    /// Whether a write into its folders was refused for want of room.
+    pub fn crossed_folder_quota(&self) -> bool {
+        self.folders
+            .as_ref()
+            .is_some_and(|folders| folders.crossed())
     }
 
     /// The tail of what the plugin printed, for error messages.

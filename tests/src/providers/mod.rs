@@ -20,6 +20,7 @@
 //! | `mock-429-once` | 429 with `Retry-After: 1` on its first call to this server, then as `mock-react` |
 //! | `mock-500-once` | 500 on its first call to this server, then as `mock-react` |
 //! | `mock-malformed` | 200 with a body (or stream) that is not JSON |
+//! | `mock-long-answer` | the text `Final Answer: ` and [`LONG_ANSWER`], streamed (when asked) in many small deltas |
 //! | anything else | 404, model not found |
 //!
 //! Streamed answers are sent a few frames at a time with short pauses, and
@@ -56,7 +57,12 @@ pub mod models {
     pub const SERVER_ERROR_ONCE: &str = "mock-500-once";
     pub const MALFORMED: &str = "mock-malformed";
     pub const PARALLEL: &str = "mock-parallel";
+    pub const LONG_ANSWER: &str = "mock-long-answer";
 }
+
+/// The answer of `mock-long-answer`: 6,000 characters, so about a thousand
+/// deltas when streamed.
+pub const LONG_ANSWER: &str = include_str!("long_answer.txt");
 
 /// What `mock-react` answers when the request forbids tool calls.
 pub const NO_TOOLS_ANSWER: &str = "Final Answer: told to call no tool, I cannot compute";
@@ -454,6 +460,9 @@ impl Shared {
                 },
                 text => text,
             }),
+            models::LONG_ANSWER => {
+                Behaviour::Reply(Turn::Text(format!("Final Answer: {LONG_ANSWER}")))
+            }
             models::UNAUTHORIZED => Behaviour::Unauthorized,
             models::MALFORMED => Behaviour::Malformed,
             models::RATE_LIMITED_ONCE if call == 1 => Behaviour::RateLimited,
