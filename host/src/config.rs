@@ -162,6 +162,7 @@ const KEYS: &[&str] = &[
     "metrics",
     "traces",
     "grpc",
+    "schedules",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
