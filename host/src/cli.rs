@@ -202,6 +202,8 @@ impl TaskFields {
     }
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum SchedulesCommand {
     /// Create a schedule: the task runs at every tick of the cron
