@@ -41,6 +41,9 @@ enum Command {
     /// List, show, follow or cancel tasks.
     #[command(subcommand)]
     Tasks(TasksCommand),
+    /// Create, list, show, pause, resume or delete schedules (recurring tasks).
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
     /// List loaded plugins.
     #[command(subcommand)]
     Plugins(PluginsCommand),
@@ -138,6 +141,19 @@ impl ClientArgs {
 
 #[derive(Debug, Args)]
 struct RunArgs {
+    #[command(flatten)]
+    task: TaskFields,
+    /// Print the task id and return without following it.
+    #[arg(long)]
+    detach: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// A task as the command line describes it: `opspawn run`'s, and each run
+/// of `opspawn schedules create`'s.
+#[derive(Debug, Args)]
+struct TaskFields {
     /// What the agent should do.
     goal: String,
     #[arg(long)]
@@ -157,11 +173,181 @@ struct RunArgs {
     max_steps: Option<u32>,
     #[arg(long)]
     timeout_secs: Option<u64>,
-    /// Print the task id and return without following it.
-    #[arg(long)]
-    detach: bool,
-    #[command(flatten)]
-    client: ClientArgs,
+}
+
+impl TaskFields {
+    /// The body `POST /v1/tasks` takes.
+    fn body(self) -> anyhow::Result<Value> {
+        let mut body = json!({"goal": self.goal});
+        let fields = [
+            ("planner", self.planner.map(Value::from)),
+            ("llm", self.llm.map(Value::from)),
+            ("model", self.model.map(Value::from)),
+            ("max_steps", self.max_steps.map(Value::from)),
+            ("timeout_secs", self.timeout_secs.map(Value::from)),
+        ];
+        for (key, value) in fields {
+            if let Some(value) = value {
+                body[key] = value;
+            }
+        }
+        if !self.tools.is_empty() {
+            body["tools"] = json!(self.tools);
+        }
+        if let Some(options) = self.options {
+            body["options"] =
+                serde_json::from_str(&options).context("--options is not valid JSON")?;
+        }
+        Ok(body)
+    }
+}
+
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+enum SchedulesCommand {
+    /// Create a schedule: the task runs at every tick of the cron
+    /// expression, read in the time zone.
+    Create {
+        /// 5 fields (minute hour day-of-month month day-of-week), or 6 with
+        /// seconds first, such as "0 9 * * MON-FRI".
+        #[arg(long)]
+        cron: String,
+        /// An IANA time zone, such as Europe/Berlin [default: UTC].
+        #[arg(long)]
+        timezone: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Ticks missed while no server ran: skip them, or run once for all.
+        #[arg(long, value_parser = ["skip", "run_once"])]
+        missed_ticks: Option<String>,
+        /// Create it paused.
+        #[arg(long)]
+        paused: bool,
+        #[command(flatten)]
+        task: TaskFields,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List schedules, newest first.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a schedule and its next runs as JSON.
+    Show {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Pause a schedule: no runs until it is resumed.
+    Pause {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Resume a schedule at its next tick.
+    Resume {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a schedule; the tasks it created stay.
+    Delete {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Runs `opspawn schedules ...`.
+async fn schedules_command(command: SchedulesCommand) -> anyhow::Result<i32> {
+    let summary = |schedule: &Value| {
+        let next = match schedule["next_run_at"].as_str() {
+            Some(next) => format!("next {next}"),
+            None if schedule["paused"] == true => "paused".to_owned(),
+            None => "no next run".to_owned(),
+        };
+        println!(
+            "{}  {:<20}  {} ({})  {}  {}",
+            schedule["id"].as_str().unwrap_or_default(),
+            schedule["cron"].as_str().unwrap_or_default(),
+            schedule["timezone"].as_str().unwrap_or_default(),
+            schedule["missed_ticks"].as_str().unwrap_or_default(),
+            next,
+            one_line(
+                schedule["name"]
+                    .as_str()
+                    .or(schedule["task"]["goal"].as_str())
+                    .unwrap_or_default(),
+                50
+            ),
+        );
+    };
+    match command {
+        SchedulesCommand::Create {
+            cron,
+            timezone,
+            name,
+            missed_ticks,
+            paused,
+            task,
+            client,
+        } => {
+            let mut body = json!({"cron": cron, "task": task.body()?, "paused": paused});
+            if let Some(timezone) = timezone {
+                body["timezone"] = json!(timezone);
+            }
+            if let Some(name) = name {
+                body["name"] = json!(name);
+            }
+            if let Some(missed_ticks) = missed_ticks {
+                body["missed_ticks"] = json!(missed_ticks);
+            }
+            let url = format!("{}/v1/schedules", client.base_url());
+            let schedule = send(http().post(url).json(&body)).await?;
+            summary(&schedule);
+        }
+        SchedulesCommand::List {
+            limit,
+            cursor,
+            client,
+        } => {
+            let mut query = vec![("limit", limit.to_string())];
+            query.extend(cursor.map(|c| ("cursor", c)));
+            let url = format!("{}/v1/schedules", client.base_url());
+            let page = send(http().get(url).query(&query)).await?;
+            for schedule in page["schedules"].as_array().into_iter().flatten() {
+                summary(schedule);
+            }
+            if let Some(cursor) = page["next_cursor"].as_str() {
+                println!("more: opspawn schedules list --cursor {cursor}");
+            }
+        }
+        SchedulesCommand::Show { id, client } => {
+            let url = format!("{}/v1/schedules/{id}", client.base_url());
+            let schedule = send(http().get(url)).await?;
+            println!("{}", serde_json::to_string_pretty(&schedule)?);
+        }
+        SchedulesCommand::Pause { id, client } => {
+            let url = format!("{}/v1/schedules/{id}/pause", client.base_url());
+            summary(&send(http().post(url)).await?);
+        }
+        SchedulesCommand::Resume { id, client } => {
+            let url = format!("{}/v1/schedules/{id}/resume", client.base_url());
+            summary(&send(http().post(url)).await?);
+        }
+        SchedulesCommand::Delete { id, client } => {
+            let url = format!("{}/v1/schedules/{id}", client.base_url());
+            send(http().delete(url)).await?;
+            println!("{id}: deleted (the tasks it created stay)");
+        }
+    }
+    Ok(0)
 }
 
 #[derive(Debug, Subcommand)]
@@ -313,6 +499,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Run(args) => run(args).await,
         Command::Plugin(command) => plugin_command(command).await,
+        Command::Schedules(command) => schedules_command(command).await,
         Command::Mcp(client) => {
             let token = std::env::var("OPSPAWN_TOKEN").ok();
             crate::mcp::server::serve_stdio(client.base_url(), token).await?;
@@ -549,25 +736,7 @@ async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
 
 async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let base = args.client.base_url();
-    let mut body = json!({"goal": args.goal});
-    let fields = [
-        ("planner", args.planner.map(Value::from)),
-        ("llm", args.llm.map(Value::from)),
-        ("model", args.model.map(Value::from)),
-        ("max_steps", args.max_steps.map(Value::from)),
-        ("timeout_secs", args.timeout_secs.map(Value::from)),
-    ];
-    for (key, value) in fields {
-        if let Some(value) = value {
-            body[key] = value;
-        }
-    }
-    if !args.tools.is_empty() {
-        body["tools"] = json!(args.tools);
-    }
-    if let Some(options) = args.options {
-        body["options"] = serde_json::from_str(&options).context("--options is not valid JSON")?;
-    }
+    let body = args.task.body()?;
     let task = send(http().post(format!("{base}/v1/tasks")).json(&body)).await?;
     let id = task["id"]
         .as_str()

@@ -17,6 +17,7 @@ use crate::metrics::MetricsConfig;
 use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
 use crate::scheduler::SchedulerConfig;
+use crate::schedules::ScheduleConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +76,9 @@ pub struct Config {
     /// Prometheus metrics at `GET /metrics`, and the token they need.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The schedule loop: how late a tick may run, how often it looks.
+    #[serde(default)]
+    pub schedules: ScheduleConfig,
     /// What traces record (they are exported when the standard
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` variable is set).
     #[serde(default)]
@@ -158,6 +162,7 @@ const KEYS: &[&str] = &[
     "metrics",
     "traces",
     "grpc",
+    "schedules",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -215,6 +220,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             mcp: McpConfig::default(),
             metrics: MetricsConfig::default(),
+            schedules: ScheduleConfig::default(),
             traces: TracesConfig::default(),
             grpc: GrpcConfig::default(),
         }

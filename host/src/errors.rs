@@ -72,6 +72,7 @@ codes! {
     InvalidToken = "invalid_token", status Some(401), request;
     Forbidden = "forbidden", status Some(403), request;
     TaskNotFound = "task_not_found", status Some(404), request;
+    ScheduleNotFound = "schedule_not_found", status Some(404), request;
     RouteNotFound = "route_not_found", status Some(404), request;
     MethodNotAllowed = "method_not_allowed", status Some(405), request;
     RequestTimeout = "request_timeout", status Some(408), request;
@@ -88,6 +89,8 @@ codes! {
     InvalidTimeout = "invalid_timeout", status Some(422), request;
     InvalidPriority = "invalid_priority", status Some(422), request;
     InvalidTime = "invalid_time", status Some(422), request;
+    InvalidSchedule = "invalid_schedule", status Some(422), request;
+    InvalidTimezone = "invalid_timezone", status Some(422), request;
     RateLimited = "rate_limited", status Some(429), request;
     TooManyActiveTasks = "too_many_active_tasks", status Some(429), request;
     QueueFull = "queue_full", status Some(429), request;

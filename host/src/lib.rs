@@ -35,6 +35,7 @@ pub mod plugins;
 pub mod protocol;
 pub mod rfc3339;
 pub mod scheduler;
+pub mod schedules;
 pub mod server;
 pub mod store;
 pub mod telemetry;
@@ -58,6 +59,7 @@ mod tests {
         "store",
         "plugins",
         "scheduler",
+        "schedules",
     ];
     const EDGES: &[&str] = &["api", "authoring", "cli", "config", "server"];
 

@@ -120,6 +120,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         events.clone(),
         config.scheduler_config(),
     ));
+    let schedule_wake = Arc::new(tokio::sync::Notify::new());
+    let _schedules = crate::schedules::ScheduleRunner::start(
+        store.clone(),
+        events.clone(),
+        scheduler.clone(),
+        crate::schedules::QueueCaps {
+            max_queued_tasks: config.max_queued_tasks,
+            max_queued_per_tenant: config.max_queued_per_tenant,
+        },
+        config.schedules.clone(),
+        schedule_wake.clone(),
+    );
     let state = AppState {
         store: store.clone(),
         runtime,
@@ -129,6 +141,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         gate: Arc::new(Gate::new(config.auth.clone())),
         admission: Arc::new(Admission::new(config.queue_limits())),
         scrape: scrape.clone(),
+        schedule_wake,
     };
     let auth_enabled = state.gate.enabled();
     for addr in std::iter::once(addr).chain(grpc_addr) {

@@ -20,6 +20,7 @@ mod plugins;
 mod providers;
 mod sandbox;
 mod scaleout;
+mod schedules;
 mod streaming;
 mod tenancy;
 mod traces;

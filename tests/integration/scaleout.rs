@@ -593,3 +593,42 @@ async fn a_dead_hosts_tasks_move_ahead_of_fresh_work_on_a_saturated_host() {
          (lease {LEASE:?}); {still_queued} fresh tasks still queued"
     );
 }
+
+/// Three hosts, each running its schedule loop, on one database: a schedule
+/// ticking every second gets exactly one run per tick over several seconds,
+/// with no tick twice and none left out, whichever host fires it; each run
+/// runs to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+async fn a_schedule_runs_once_per_tick_on_three_hosts() {
+    use crate::schedules::{assert_consecutive, create_schedule, runs};
+    require_postgres();
+    let mut cluster = Cluster::start(3, &[]);
+    let client = cluster.client(0);
+    let id = create_schedule(
+        &client,
+        &json!({"cron": "* * * * * *", "task": crate::calculator_task("1+1", "2")}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Paused through another host: the pause is the same row everywhere.
+    let third = cluster.client(2);
+    let paused = third
+        .http()
+        .post(third.url(&format!("/v1/schedules/{id}/pause")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused.status(), StatusCode::OK);
+    let runs = runs(&cluster.client(1), &id).await;
+    let ticks: Vec<i64> = runs.iter().map(|(tick, _)| *tick).collect();
+    assert!(ticks.len() >= 6, "a run for each of 8 seconds: {ticks:?}");
+    assert_consecutive(&ticks, "three hosts");
+    for (_, task) in &runs {
+        let done = client
+            .wait_until_finished(task["id"].as_str().unwrap(), FINISH)
+            .await
+            .unwrap();
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+}

@@ -11,6 +11,7 @@ mod error;
 mod events;
 pub mod hygiene;
 pub mod openapi;
+mod schedules;
 pub mod scrape;
 #[cfg(test)]
 mod tests;
@@ -81,6 +82,8 @@ pub struct AppState {
     pub admission: Arc<Admission>,
     /// `GET /metrics`, when metrics are on.
     pub scrape: Option<Arc<scrape::Scrape>>,
+    /// Wakes this host's schedule loop (a schedule was created or resumed).
+    pub schedule_wake: Arc<tokio::sync::Notify>,
 }
 
 /// The whole API as one router. Every route but the event stream answers
@@ -132,6 +135,13 @@ fn documented_routes(state: &AppState, limits: &HttpLimits) -> OpenApiRouter<App
         .routes(routes!(get_task))
         .routes(routes!(cancel_task))
         .routes(routes!(task_stats))
+        .routes(routes!(
+            schedules::create_schedule,
+            schedules::list_schedules
+        ))
+        .routes(routes!(schedules::get_schedule, schedules::delete_schedule))
+        .routes(routes!(schedules::pause_schedule))
+        .routes(routes!(schedules::resume_schedule))
         .route_layer(middleware::from_fn_with_state(
             limits.clone(),
             connections::answer_in_time,
@@ -532,6 +542,7 @@ fn validate(
         max_retries,
         timeout,
         trace_parent: crate::telemetry::current_traceparent(),
+        schedule: None,
     })
 }
 
@@ -583,6 +594,9 @@ struct ListTasks {
     /// letters only on SQLite).
     #[param(max_length = 256)]
     q: Option<String>,
+    /// Only the runs of this schedule (its id).
+    #[param(max_length = 256)]
+    schedule: Option<String>,
     /// The `next_cursor` of the page before.
     cursor: Option<String>,
 }
@@ -646,6 +660,7 @@ async fn list_tasks(
     }
     let plugin = text_filter("plugin", query.plugin)?;
     let goal_contains = text_filter("q", query.q)?;
+    let schedule = text_filter("schedule", query.schedule)?;
     let page = state
         .store
         .list_tasks(&TaskQuery {
@@ -653,6 +668,7 @@ async fn list_tasks(
             status,
             plugin,
             goal_contains,
+            schedule,
             before: query.cursor,
             limit,
         })

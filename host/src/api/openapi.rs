@@ -96,6 +96,19 @@ error_responses! {
         InvalidPath, InvalidLastEventId, Forbidden, TaskNotFound,
     ];
     SpecErrors: [ANY_ROUTE, ANSWERED_IN_TIME] + [];
+    CreateScheduleErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
+        InvalidJson, InvalidRequest, InvalidSchedule, InvalidTimezone, InvalidGoal,
+        UnknownPlanner, UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
+        InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, PluginsLoading,
+        StoreFull,
+    ];
+    ListSchedulesErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [InvalidQuery];
+    GetScheduleErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
+        InvalidPath, ScheduleNotFound,
+    ];
+    ChangeScheduleErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
+        InvalidPath, ScheduleNotFound, StoreFull,
+    ];
 }
 
 /// The responses for `codes`: one per status, whose body's `code` is one of
@@ -401,6 +414,7 @@ impl Modify for Generated {
     components(schemas(ErrorInfo, TaskEvent, TaskEventFrame)),
     tags(
         (name = "tasks", description = "Submit, follow and cancel tasks"),
+        (name = "schedules", description = "Recurring tasks from cron expressions"),
         (name = "plugins", description = "What is loaded"),
         (name = "operations", description = "Health, metrics and this spec"),
     ),

@@ -81,6 +81,7 @@ impl Setup {
                         .expect("metrics are on by default"),
                 )
             }),
+            schedule_wake: Arc::new(tokio::sync::Notify::new()),
         };
         let app = app(state, MAX_BODY_BYTES, &HttpLimits::default());
         Api {
@@ -1370,4 +1371,267 @@ async fn the_dashboard_is_served_from_the_binary_under_a_strict_policy() {
     api.get("/ui/nothing.js")
         .await
         .is_error(Code::RouteNotFound, "a file the dashboard lacks");
+}
+
+fn with_token(method: Method, uri: &str, token: &str, body: Option<&Value>) -> Request<Body> {
+    let builder = request(method, uri).header(header::AUTHORIZATION, format!("Bearer {token}"));
+    match body {
+        Some(body) => {
+            let text = body.to_string();
+            builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CONTENT_LENGTH, text.len())
+                .body(Body::from(text))
+                .unwrap()
+        }
+        None => builder.body(Body::empty()).unwrap(),
+    }
+}
+
+/// A schedule is refused with a stable code for a bad expression, an
+/// unknown zone, a bad name, and for a task `POST /v1/tasks` would refuse
+/// (the same checks, the same codes); a good one is created with its next
+/// ticks in its zone.
+#[tokio::test]
+async fn schedules_are_validated_like_tasks_and_show_their_next_ticks() {
+    let api = Setup {
+        examples: true,
+        ..Setup::default()
+    }
+    .start()
+    .await;
+    let post = |body: Value| {
+        let api = &api;
+        async move {
+            api.send(json_post("/v1/schedules", &body.to_string()))
+                .await
+        }
+    };
+    let task = json!({"goal": "What is 1+1?", "tools": ["calculator"]});
+    let cases = [
+        (
+            json!({"cron": "* * * *", "task": task}),
+            Code::InvalidSchedule,
+        ),
+        (
+            json!({"cron": "0 0 0 * * * *", "task": task}),
+            Code::InvalidSchedule,
+        ),
+        (
+            json!({"cron": "61 * * * *", "task": task}),
+            Code::InvalidSchedule,
+        ),
+        (
+            json!({"cron": "0 0 30 2 *", "task": task}),
+            Code::InvalidSchedule,
+        ),
+        (json!({"cron": "", "task": task}), Code::InvalidSchedule),
+        (
+            json!({"cron": "* * * * *", "name": "", "task": task}),
+            Code::InvalidSchedule,
+        ),
+        (
+            json!({"cron": "* * * * *", "timezone": "Mars/Olympus", "task": task}),
+            Code::InvalidTimezone,
+        ),
+        (
+            json!({"cron": "* * * * *", "task": {"goal": " "}}),
+            Code::InvalidGoal,
+        ),
+        (
+            json!({"cron": "* * * * *", "task": {"goal": "x", "tools": ["nope"]}}),
+            Code::UnknownTool,
+        ),
+        (
+            json!({"cron": "* * * * *", "task": {"goal": "x", "planner": "nope"}}),
+            Code::UnknownPlanner,
+        ),
+        (
+            json!({"cron": "* * * * *", "task": {"goal": "x", "max_steps": 0}}),
+            Code::InvalidMaxSteps,
+        ),
+        (
+            json!({"cron": "* * * * *", "task": {"goal": "x", "run_at": "2030-01-01T00:00:00Z"}}),
+            Code::InvalidTime,
+        ),
+        (json!({"cron": "* * * * *"}), Code::InvalidRequest),
+        (
+            json!({"cron": "* * * * *", "missed_ticks": "all", "task": task}),
+            Code::InvalidRequest,
+        ),
+        (
+            json!({"cron": "* * * * *", "task": task, "colour": "red"}),
+            Code::InvalidRequest,
+        ),
+    ];
+    for (body, code) in cases {
+        post(body.clone()).await.is_error(code, &body.to_string());
+    }
+    let listed = api.get("/v1/schedules").await;
+    assert_eq!(listed.body["schedules"], json!([]), "nothing was created");
+
+    let created = post(json!({
+        "name": "weekday mornings",
+        "cron": "0 9 * * MON-FRI",
+        "timezone": "Europe/Berlin",
+        "missed_ticks": "run_once",
+        "task": {"goal": "  Report  ", "tools": ["calculator"], "priority": 3},
+    }))
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        created.headers[header::LOCATION],
+        format!("/v1/schedules/{id}").as_str()
+    );
+    let schedule = &created.body;
+    assert_eq!(schedule["missed_ticks"], "run_once");
+    assert_eq!(schedule["paused"], false);
+    assert_eq!(
+        schedule["task"]["goal"], "Report",
+        "trimmed as a task's goal is"
+    );
+    assert_eq!(schedule["task"]["planner"], "react", "defaults applied");
+    assert_eq!(schedule["task"]["priority"], 3);
+    let next_runs: Vec<&str> = schedule["next_runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(next_runs.len(), 3);
+    assert_eq!(schedule["next_run_at"].as_str(), Some(next_runs[0]));
+    for tick in &next_runs {
+        // 09:00 in Berlin is 07:00 or 08:00 UTC, whatever the season.
+        assert!(
+            tick.ends_with("T07:00:00.000Z") || tick.ends_with("T08:00:00.000Z"),
+            "{tick}"
+        );
+    }
+    let shown = api.get(&format!("/v1/schedules/{id}")).await;
+    assert_eq!(shown.status, StatusCode::OK);
+    assert_eq!(shown.body["next_runs"], schedule["next_runs"]);
+
+    let default_zone = post(json!({"cron": "*/10 * * * * *", "task": task})).await;
+    assert_eq!(
+        default_zone.status,
+        StatusCode::CREATED,
+        "{}",
+        default_zone.body
+    );
+    assert_eq!(default_zone.body["timezone"], "UTC");
+    assert_eq!(default_zone.body["missed_ticks"], "skip");
+
+    let page = api.get("/v1/schedules?limit=1").await;
+    assert_eq!(page.body["schedules"][0]["id"], default_zone.body["id"]);
+    let cursor = page.body["next_cursor"].as_str().unwrap();
+    let rest = api
+        .get(&format!("/v1/schedules?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(rest.body["schedules"][0]["id"], id.as_str());
+    assert_eq!(rest.body["next_cursor"], Value::Null);
+    for bad in ["limit=0", "cursor=nope", "colour=red"] {
+        api.get(&format!("/v1/schedules?{bad}"))
+            .await
+            .is_error(Code::InvalidQuery, bad);
+    }
+}
+
+/// Pause hides the next runs; resume brings them back from now; delete
+/// answers 204 and the schedule is gone. Another tenant's schedule is not
+/// found by any route, and is not listed.
+#[tokio::test]
+async fn schedules_pause_resume_delete_and_stay_within_their_tenant() {
+    let api = Setup {
+        examples: true,
+        auth: tokens(None, None),
+        ..Setup::default()
+    }
+    .start()
+    .await;
+    let body = json!({"cron": "0 0 1 1 *", "task": {"goal": "Happy new year", "tools": []}});
+    let created = api
+        .send(with_token(
+            Method::POST,
+            "/v1/schedules",
+            "acme-secret",
+            Some(&body),
+        ))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.body["tenant"], "acme");
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let one = format!("/v1/schedules/{id}");
+
+    for (method, uri) in [
+        (Method::GET, one.clone()),
+        (Method::POST, format!("{one}/pause")),
+        (Method::POST, format!("{one}/resume")),
+        (Method::DELETE, one.clone()),
+    ] {
+        api.send(with_token(method.clone(), &uri, "other-secret", None))
+            .await
+            .is_error(
+                Code::ScheduleNotFound,
+                &format!("{method} {uri} as another tenant"),
+            );
+    }
+    let theirs = api
+        .send(with_token(
+            Method::GET,
+            "/v1/schedules",
+            "other-secret",
+            None,
+        ))
+        .await;
+    assert_eq!(theirs.body["schedules"], json!([]));
+    api.send(with_token(
+        Method::GET,
+        "/v1/schedules/nope",
+        "acme-secret",
+        None,
+    ))
+    .await
+    .is_error(Code::ScheduleNotFound, "no such schedule");
+
+    let paused = api
+        .send(with_token(
+            Method::POST,
+            &format!("{one}/pause"),
+            "acme-secret",
+            None,
+        ))
+        .await;
+    assert_eq!(paused.status, StatusCode::OK, "{}", paused.body);
+    assert_eq!(paused.body["paused"], true);
+    assert_eq!(paused.body["next_run_at"], Value::Null);
+    assert_eq!(paused.body["next_runs"], json!([]));
+    assert_eq!(
+        api.store.earliest_schedule_due().await.unwrap(),
+        None,
+        "a paused schedule is never due"
+    );
+    let resumed = api
+        .send(with_token(
+            Method::POST,
+            &format!("{one}/resume"),
+            "acme-secret",
+            None,
+        ))
+        .await;
+    assert_eq!(resumed.body["paused"], false);
+    assert!(
+        resumed.body["next_run_at"]
+            .as_str()
+            .unwrap()
+            .contains("-01-01T00:00:00")
+    );
+
+    let deleted = api
+        .send(with_token(Method::DELETE, &one, "acme-secret", None))
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    api.send(with_token(Method::GET, &one, "acme-secret", None))
+        .await
+        .is_error(Code::ScheduleNotFound, "deleted");
 }

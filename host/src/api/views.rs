@@ -43,6 +43,10 @@ pub struct TaskView {
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// The schedule that created the task, if one did.
+    pub schedule_id: Option<String>,
+    /// The tick of that schedule the task is the run of.
+    pub scheduled_for: Option<String>,
     /// Only in `GET /v1/tasks/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -76,6 +80,8 @@ impl TaskView {
             created_at: timestamp(task.created_at),
             started_at: task.started_at.map(timestamp),
             finished_at: task.finished_at.map(timestamp),
+            schedule_id: task.schedule_id,
+            scheduled_for: task.scheduled_for.map(timestamp),
             steps: steps.map(|steps| steps.into_iter().map(StepView::from).collect()),
         }
     }

@@ -10,6 +10,7 @@ use super::{
     CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, QueueGauges, Renewal, Result,
     StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStats,
 };
+use super::{FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord};
 use crate::metrics::STORE_OPERATION_DURATION;
 
 pub struct Metered {
@@ -35,6 +36,43 @@ async fn timed<T>(operation: &'static str, call: impl Future<Output = Result<T>>
 impl Store for Metered {
     fn engine(&self) -> &'static str {
         self.inner.engine()
+    }
+
+    async fn create_schedule(&self, schedule: NewSchedule) -> Result<ScheduleRecord> {
+        timed("create_schedule", self.inner.create_schedule(schedule)).await
+    }
+
+    async fn get_schedule(&self, id: &str) -> Result<Option<ScheduleRecord>> {
+        timed("get_schedule", self.inner.get_schedule(id)).await
+    }
+
+    async fn list_schedules(&self, query: &ScheduleQuery) -> Result<SchedulePage> {
+        timed("list_schedules", self.inner.list_schedules(query)).await
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        id: &str,
+        paused: bool,
+        next_run_at: Option<Millis>,
+    ) -> Result<Option<ScheduleRecord>> {
+        timed(
+            "set_schedule_paused",
+            self.inner.set_schedule_paused(id, paused, next_run_at),
+        )
+        .await
+    }
+
+    async fn delete_schedule(&self, id: &str) -> Result<bool> {
+        timed("delete_schedule", self.inner.delete_schedule(id)).await
+    }
+
+    async fn earliest_schedule_due(&self) -> Result<Option<Millis>> {
+        timed("earliest_schedule_due", self.inner.earliest_schedule_due()).await
+    }
+
+    async fn fire_due_schedules(&self, rules: &FireRules) -> Result<Fired> {
+        timed("fire_due_schedules", self.inner.fire_due_schedules(rules)).await
     }
 
     async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, Option<EventRecord>)> {

@@ -10,6 +10,7 @@
 
 mod metered;
 mod postgres;
+pub mod schedules;
 mod sqlite;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,6 +21,10 @@ use serde_json::Value;
 
 pub use metered::Metered;
 pub use postgres::PgStore;
+pub use schedules::{
+    FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord, ScheduledRun,
+    TaskTemplate,
+};
 pub use sqlite::SqliteStore;
 
 pub use crate::errors::ErrorInfo;
@@ -219,6 +224,9 @@ pub struct NewTask {
     /// The W3C `traceparent` of the span that submitted the task, when
     /// traces are on: every run of the task continues that trace.
     pub trace_parent: Option<String>,
+    /// The schedule and tick this task is a run of; `None` for a task
+    /// submitted directly.
+    pub schedule: Option<ScheduledRun>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -250,6 +258,11 @@ pub struct TaskRecord {
     pub finished_at: Option<Millis>,
     /// See [`NewTask::trace_parent`].
     pub trace_parent: Option<String>,
+    /// The schedule that created it, if one did (the id stays after the
+    /// schedule is deleted).
+    pub schedule_id: Option<String>,
+    /// The tick of its schedule it is the run of.
+    pub scheduled_for: Option<Millis>,
 }
 
 /// One journaled step.
@@ -419,6 +432,8 @@ pub struct TaskQuery {
     pub plugin: Option<String>,
     /// Only tasks whose goal contains this text, ignoring case.
     pub goal_contains: Option<String>,
+    /// Only the runs of this schedule.
+    pub schedule: Option<String>,
     /// Return tasks older than this task id (ids sort by creation time).
     pub before: Option<String>,
     pub limit: u32,
@@ -485,6 +500,9 @@ impl TaskQuery {
         if self.goal_contains.is_some() {
             conditions.push((dialect.goal_holds)(&next()));
         }
+        if self.schedule.is_some() {
+            conditions.push(format!("schedule_id = {}", next()));
+        }
         if self.before.is_some() {
             conditions.push(format!("id < {}", next()));
         }
@@ -507,6 +525,7 @@ impl TaskQuery {
             self.status.map(TaskStatus::as_str),
             self.plugin.as_deref(),
             self.goal_contains.as_deref(),
+            self.schedule.as_deref(),
             self.before.as_deref(),
         ]
         .into_iter()
@@ -764,6 +783,37 @@ pub trait Store: Send + Sync + 'static {
         task_end: TaskEnd,
     ) -> Result<((StepRecord, EventRecord), EventRecord)>;
 
+    /// Creates a schedule.
+    async fn create_schedule(&self, schedule: NewSchedule) -> Result<ScheduleRecord>;
+    async fn get_schedule(&self, id: &str) -> Result<Option<ScheduleRecord>>;
+    /// A tenant's schedules, newest first, a page at a time.
+    async fn list_schedules(&self, query: &ScheduleQuery) -> Result<SchedulePage>;
+    /// Pauses a schedule (`paused`), or resumes it due at `next_run_at`
+    /// (`None` keeps the due time it had). `None` when there is no such
+    /// schedule.
+    async fn set_schedule_paused(
+        &self,
+        id: &str,
+        paused: bool,
+        next_run_at: Option<Millis>,
+    ) -> Result<Option<ScheduleRecord>>;
+    /// Deletes a schedule (its runs stay); whether there was one.
+    async fn delete_schedule(&self, id: &str) -> Result<bool>;
+    /// When the earliest unpaused schedule is due: one read of the
+    /// `schedules_due` index, all the schedule loop costs while nothing is
+    /// due.
+    async fn earliest_schedule_due(&self) -> Result<Option<Millis>>;
+    /// In one transaction: takes up to `rules.max` unpaused schedules due
+    /// by `rules.now` (on Postgres, rows no other host has locked: `FOR
+    /// UPDATE SKIP LOCKED`), creates the run each one's [`firing`] asks for
+    /// through the ordinary task insert (unless the queue is at a cap: the
+    /// schedule then stays due, marked waiting for room), and moves each one
+    /// to its next due time. The unique index on (schedule, tick) refuses a
+    /// second run of a tick, whatever happens.
+    ///
+    /// [`firing`]: ScheduleRecord::firing
+    async fn fire_due_schedules(&self, rules: &FireRules) -> Result<Fired>;
+
     /// Signalled when other hosts sharing the store may have made work this
     /// host was not told of (a task submitted to another host). Idle workers
     /// wait on it beside their own wake-ups and the poll interval, which
@@ -988,7 +1038,180 @@ pub(crate) mod conformance {
             max_retries: 0,
             timeout: Duration::from_secs(60),
             trace_parent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            schedule: None,
         }
+    }
+
+    /// A schedule in UTC ticking every second, due at `due`.
+    async fn every_second(
+        store: &dyn Store,
+        due: Millis,
+        missed_ticks: crate::schedules::MissedTicks,
+    ) -> ScheduleRecord {
+        let template = TaskTemplate::of(&new_task("tick", 0, None));
+        store
+            .create_schedule(NewSchedule {
+                tenant: "default".into(),
+                name: Some("every second".into()),
+                cron: "* * * * * *".into(),
+                timezone: "UTC".into(),
+                template,
+                missed_ticks,
+                paused: false,
+                next_run_at: Some(due),
+            })
+            .await
+            .unwrap()
+    }
+
+    fn rules(now: Millis) -> FireRules {
+        FireRules {
+            now,
+            max: 16,
+            grace: Duration::from_secs(5),
+            max_queued_tasks: 1000,
+            max_queued_per_tenant: None,
+        }
+    }
+
+    /// A due schedule gets one run for its tick, through the ordinary task
+    /// insert (a `task.queued` event naming the schedule), and moves to its
+    /// next tick; firing again before that tick creates nothing; a second
+    /// run of a tick is refused by the store whatever asks for it. A full
+    /// queue keeps the run waiting, and it is created once there is room.
+    pub async fn a_due_schedule_gets_one_run_per_tick(store: &dyn Store) {
+        use crate::schedules::MissedTicks;
+        // A whole second, a little in the past.
+        let t = (now_millis() / 1000 - 2) * 1000;
+        let schedule = every_second(store, t, MissedTicks::Skip).await;
+        assert_eq!(store.earliest_schedule_due().await.unwrap(), Some(t));
+
+        let fired = store.fire_due_schedules(&rules(t + 100)).await.unwrap();
+        assert_eq!((fired.taken, fired.waiting, fired.runs.len()), (1, 0, 1));
+        let (run, event) = &fired.runs[0];
+        assert_eq!(run.schedule_id.as_deref(), Some(schedule.id.as_str()));
+        assert_eq!(run.scheduled_for, Some(t));
+        assert_eq!(run.goal, "tick");
+        assert_eq!(run.status, TaskStatus::Queued);
+        assert_eq!(event.kind, event_kind::TASK_QUEUED);
+        assert_eq!(event.data["schedule_id"], schedule.id.as_str());
+        let after = store.get_schedule(&schedule.id).await.unwrap().unwrap();
+        assert_eq!(
+            (after.next_run_at, after.last_run_at),
+            (Some(t + 1000), Some(t))
+        );
+
+        let again = store.fire_due_schedules(&rules(t + 200)).await.unwrap();
+        assert_eq!(again.taken, 0, "not due again before its next tick");
+        let next = store.fire_due_schedules(&rules(t + 1100)).await.unwrap();
+        assert_eq!(next.runs.len(), 1);
+        assert_eq!(next.runs[0].0.scheduled_for, Some(t + 1000));
+
+        // The unique index: a second run of a tick cannot be stored.
+        let duplicate = schedule.template.run("default", &schedule.id, t);
+        assert!(
+            store.create_task(duplicate).await.is_err(),
+            "a second task for the same tick is refused"
+        );
+
+        // The runs are listed by schedule.
+        let runs = store
+            .list_tasks(&TaskQuery {
+                tenant: Some("default".into()),
+                schedule: Some(schedule.id.clone()),
+                limit: 10,
+                ..TaskQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            runs.tasks
+                .iter()
+                .map(|t| t.scheduled_for)
+                .collect::<Vec<_>>(),
+            [Some(t + 1000), Some(t)]
+        );
+
+        // A full queue: the run waits, the schedule stays due.
+        let queued = store.count_queued(None, 1000).await.unwrap();
+        let full = FireRules {
+            max_queued_tasks: queued,
+            ..rules(t + 2100)
+        };
+        let waited = store.fire_due_schedules(&full).await.unwrap();
+        assert_eq!((waited.taken, waited.waiting, waited.runs.len()), (1, 1, 0));
+        let waiting = store.get_schedule(&schedule.id).await.unwrap().unwrap();
+        assert!(waiting.waiting_for_room);
+        assert_eq!(waiting.next_run_at, Some(t + 2000), "still due");
+        let tenant_full = FireRules {
+            max_queued_per_tenant: Some(queued),
+            ..rules(t + 2100)
+        };
+        assert_eq!(
+            store
+                .fire_due_schedules(&tenant_full)
+                .await
+                .unwrap()
+                .waiting,
+            1
+        );
+        // Room again, ticks later: the waiting run is created for its tick,
+        // and the ticks it waited through fold into it.
+        let later = store.fire_due_schedules(&rules(t + 9500)).await.unwrap();
+        assert_eq!(later.runs.len(), 1);
+        assert_eq!(later.runs[0].0.scheduled_for, Some(t + 2000));
+        let moved = store.get_schedule(&schedule.id).await.unwrap().unwrap();
+        assert_eq!(moved.next_run_at, Some(t + 10_000));
+        assert!(!moved.waiting_for_room);
+
+        // Paused, it is never due; deleted, its runs stay.
+        store
+            .set_schedule_paused(&schedule.id, true, None)
+            .await
+            .unwrap();
+        assert_eq!(store.earliest_schedule_due().await.unwrap(), None);
+        assert_eq!(
+            store
+                .fire_due_schedules(&rules(t + 60_000))
+                .await
+                .unwrap()
+                .taken,
+            0
+        );
+        assert!(store.delete_schedule(&schedule.id).await.unwrap());
+        assert!(!store.delete_schedule(&schedule.id).await.unwrap());
+        assert!(store.get_schedule(&schedule.id).await.unwrap().is_none());
+        assert!(store.get_task(&runs.tasks[0].id).await.unwrap().is_some());
+    }
+
+    /// Ticks reached past the grace were missed: `skip` creates no run for
+    /// them, `run_once` exactly one; both continue at the next tick to come.
+    pub async fn missed_ticks_follow_the_schedules_policy(store: &dyn Store) {
+        use crate::schedules::MissedTicks;
+        let t = (now_millis() / 1000 - 100) * 1000;
+        let skip = every_second(store, t, MissedTicks::Skip).await;
+        let once = every_second(store, t, MissedTicks::RunOnce).await;
+        let now = t + 60_500;
+        let fired = store.fire_due_schedules(&rules(now)).await.unwrap();
+        assert_eq!(fired.taken, 2);
+        assert_eq!(
+            fired
+                .runs
+                .iter()
+                .map(|(task, _)| (task.schedule_id.clone().unwrap(), task.scheduled_for))
+                .collect::<Vec<_>>(),
+            [(once.id.clone(), Some(t + 60_000))],
+            "one run, for the latest missed tick, and none for skip"
+        );
+        for id in [&skip.id, &once.id] {
+            let schedule = store.get_schedule(id).await.unwrap().unwrap();
+            assert_eq!(schedule.next_run_at, Some(t + 61_000));
+        }
+        assert_eq!(
+            store.fire_due_schedules(&rules(now)).await.unwrap().taken,
+            0,
+            "and nothing more for the gap"
+        );
     }
 
     /// A running task whose lease expired is claimed before a queued task

@@ -29,6 +29,9 @@ use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Notify;
 
+use super::schedules::{
+    FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord, TaskTemplate,
+};
 use super::{
     CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, QueueGauges,
     Renewal, Result, SqlDialect, StepEnd, StepKind, StepRecord, StepStart, StepStatus,
@@ -37,6 +40,7 @@ use super::{
     restore_step_inputs, step_event_data, step_started_event,
 };
 use crate::protocol::Usage;
+use crate::schedules::MissedTicks;
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
 /// built from it stay static strings).
@@ -291,9 +295,9 @@ async fn create_task(
     let row = sqlx::query(
         "INSERT INTO tasks (id, status, goal, planner, llm, model, tools, options, max_steps,
                             timeout_ms, created_at, tenant, idempotency_key, priority, run_at,
-                            deadline_at, max_retries, trace_parent)
+                            deadline_at, max_retries, trace_parent, schedule_id, scheduled_for)
          VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $12, $13,
-                 $14, $15, $16, $17)
+                 $14, $15, $16, $17, $18, $19)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -314,6 +318,8 @@ async fn create_task(
     .bind(task.deadline_at)
     .bind(task.max_retries as i32)
     .bind(&task.trace_parent)
+    .bind(task.schedule.as_ref().map(|run| &run.schedule_id))
+    .bind(task.schedule.as_ref().map(|run| run.tick))
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
@@ -330,7 +336,7 @@ async fn create_task(
         conn,
         &id,
         event_kind::TASK_QUEUED,
-        json!({"status": "queued"}),
+        super::schedules::queued_event_data(task),
     )
     .await?;
     // Delivered when the transaction commits, never for a task rolled back.
@@ -867,7 +873,73 @@ fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
         trace_parent: row.try_get("trace_parent")?,
+        schedule_id: row.try_get("schedule_id")?,
+        scheduled_for: row.try_get("scheduled_for")?,
     })
+}
+
+fn schedule_from_row(row: &PgRow) -> Result<ScheduleRecord> {
+    let missed: String = row.try_get("missed_ticks")?;
+    let template: String = row.try_get("template")?;
+    Ok(ScheduleRecord {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        name: row.try_get("name")?,
+        cron: row.try_get("cron")?,
+        timezone: row.try_get("timezone")?,
+        template: TaskTemplate::from_json(&template)?,
+        missed_ticks: MissedTicks::parse(&missed)
+            .ok_or_else(|| corrupt_enum("missed-tick policy", &missed))?,
+        paused: row.try_get("paused")?,
+        next_run_at: row.try_get("next_run_at")?,
+        last_run_at: row.try_get("last_run_at")?,
+        waiting_for_room: row.try_get("waiting_for_room")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+/// How many tasks are queued (of `tenant`, or of all), counting no further
+/// than `at_most`, on the connection of the transaction asking.
+async fn queued_at_most(
+    conn: &mut PgConnection,
+    tenant: Option<&str>,
+    at_most: u64,
+) -> Result<u64> {
+    let at_most = at_most.min(i64::MAX as u64) as i64;
+    let count: i64 = match tenant {
+        Some(tenant) => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
+                                        WHERE status = 'queued' AND tenant = $1 LIMIT $2) q",
+            )
+            .bind(tenant)
+            .bind(at_most)
+            .fetch_one(&mut *conn)
+            .await?
+        }
+        None => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE status = 'queued' LIMIT $1) q",
+            )
+            .bind(at_most)
+            .fetch_one(&mut *conn)
+            .await?
+        }
+    };
+    Ok(count as u64)
+}
+
+/// Whether the queue has room for one more task of `tenant` under `rules`.
+async fn queue_has_room(conn: &mut PgConnection, tenant: &str, rules: &FireRules) -> Result<bool> {
+    if queued_at_most(conn, None, rules.max_queued_tasks).await? >= rules.max_queued_tasks {
+        return Ok(false);
+    }
+    if let Some(cap) = rules.max_queued_per_tenant
+        && queued_at_most(conn, Some(tenant), cap).await? >= cap
+    {
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 fn step_from_row(row: &PgRow) -> Result<StepRecord> {
@@ -1201,6 +1273,145 @@ impl Store for PgStore {
         Ok((finished, event))
     }
 
+    async fn create_schedule(&self, schedule: NewSchedule) -> Result<ScheduleRecord> {
+        let row = sqlx::query(
+            "INSERT INTO schedules (id, tenant, name, cron, timezone, template, missed_ticks,
+                                    next_run_at, created_at, paused)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             RETURNING *",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(&schedule.tenant)
+        .bind(&schedule.name)
+        .bind(&schedule.cron)
+        .bind(&schedule.timezone)
+        .bind(schedule.template.to_json())
+        .bind(schedule.missed_ticks.as_str())
+        .bind(schedule.next_run_at)
+        .bind(now_millis())
+        .bind(schedule.paused)
+        .fetch_one(&self.pool)
+        .await?;
+        schedule_from_row(&row)
+    }
+
+    async fn get_schedule(&self, id: &str) -> Result<Option<ScheduleRecord>> {
+        let row = sqlx::query("SELECT * FROM schedules WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(schedule_from_row).transpose()
+    }
+
+    async fn list_schedules(&self, query: &ScheduleQuery) -> Result<SchedulePage> {
+        let rows = sqlx::query(
+            "SELECT * FROM schedules
+              WHERE tenant = $1 AND ($2::text IS NULL OR id < $2)
+              ORDER BY id DESC LIMIT $3",
+        )
+        .bind(&query.tenant)
+        .bind(&query.before)
+        .bind(i64::from(query.limit.clamp(1, 500)) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let schedules = rows
+            .iter()
+            .map(schedule_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(query.page(schedules))
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        id: &str,
+        paused: bool,
+        next_run_at: Option<Millis>,
+    ) -> Result<Option<ScheduleRecord>> {
+        let row = sqlx::query(
+            "UPDATE schedules
+                SET paused = $2, next_run_at = COALESCE($3, next_run_at), waiting_for_room = FALSE
+              WHERE id = $1
+             RETURNING *",
+        )
+        .bind(id)
+        .bind(paused)
+        .bind(next_run_at)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(schedule_from_row).transpose()
+    }
+
+    async fn delete_schedule(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM schedules WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn earliest_schedule_due(&self) -> Result<Option<Millis>> {
+        Ok(sqlx::query_scalar(
+            "SELECT next_run_at FROM schedules
+              WHERE NOT paused AND next_run_at IS NOT NULL
+              ORDER BY next_run_at LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn fire_due_schedules(&self, rules: &FireRules) -> Result<Fired> {
+        let mut tx = self.pool.begin().await?;
+        // Rows another host is firing are locked: skip them rather than
+        // wait, and rows it fired while this statement waited are checked
+        // again against the WHERE clause (their next_run_at has moved on).
+        let rows = sqlx::query(
+            "SELECT * FROM schedules
+              WHERE NOT paused AND next_run_at IS NOT NULL AND next_run_at <= $1
+              ORDER BY next_run_at
+              LIMIT $2
+                FOR UPDATE SKIP LOCKED",
+        )
+        .bind(rules.now)
+        .bind(rules.max as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut fired = Fired::default();
+        for row in &rows {
+            let schedule = schedule_from_row(row)?;
+            fired.taken += 1;
+            let firing = schedule.firing(rules);
+            if let Some(tick) = firing.run_for {
+                if !queue_has_room(&mut tx, &schedule.tenant, rules).await? {
+                    sqlx::query("UPDATE schedules SET waiting_for_room = TRUE WHERE id = $1")
+                        .bind(&schedule.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    fired.waiting += 1;
+                    continue;
+                }
+                let task = schedule.template.run(&schedule.tenant, &schedule.id, tick);
+                let (record, event) = create_task(&mut tx, &task, &self.channel).await?;
+                fired.runs.push((
+                    record,
+                    event.expect("a task without an idempotency key is always new"),
+                ));
+            }
+            sqlx::query(
+                "UPDATE schedules
+                    SET next_run_at = $2, last_run_at = COALESCE($3, last_run_at),
+                        waiting_for_room = FALSE
+                  WHERE id = $1",
+            )
+            .bind(&schedule.id)
+            .bind(firing.next_run_at)
+            .bind(firing.run_for)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(fired)
+    }
+
     fn wakeups(&self) -> Option<Arc<Notify>> {
         Some(self.wakeups.clone())
     }
@@ -1259,6 +1470,7 @@ mod tests {
             max_retries: 0,
             timeout: Duration::from_secs(60),
             trace_parent: None,
+            schedule: None,
         }
     }
 
@@ -1336,6 +1548,22 @@ mod tests {
             .await
             .unwrap();
         (store, schema)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn a_due_schedule_gets_one_run_per_tick() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::a_due_schedule_gets_one_run_per_tick(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn missed_ticks_follow_the_schedules_policy() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::missed_ticks_follow_the_schedules_policy(&store).await;
+        drop_schema(&store, &schema).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,9 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
+use super::schedules::{
+    FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord,
+};
 use super::{
     CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, QueueGauges, Renewal, Result,
     SqlDialect, StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord,
@@ -35,7 +38,7 @@ macro_rules! steps_with_payloads {
 mod rows;
 mod writer;
 
-use rows::{event_from_row, step_from_row, task_from_row};
+use rows::{event_from_row, schedule_from_row, step_from_row, task_from_row};
 use writer::{Reply, Then, WriteOp, Writer};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -112,6 +115,81 @@ impl Store for SqliteStore {
         match self.write(WriteOp::CreateTask(task)).await? {
             Reply::Created(task, event) => Ok((task, event)),
             _ => unreachable!("create_task answers Created"),
+        }
+    }
+
+    async fn create_schedule(&self, schedule: NewSchedule) -> Result<ScheduleRecord> {
+        match self.write(WriteOp::CreateSchedule(schedule)).await? {
+            Reply::Schedule(Some(record)) => Ok(record),
+            _ => unreachable!("create_schedule answers Schedule"),
+        }
+    }
+
+    async fn get_schedule(&self, id: &str) -> Result<Option<ScheduleRecord>> {
+        let row = sqlx::query("SELECT * FROM schedules WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reads)
+            .await?;
+        row.as_ref().map(schedule_from_row).transpose()
+    }
+
+    async fn list_schedules(&self, query: &ScheduleQuery) -> Result<SchedulePage> {
+        let rows = sqlx::query(
+            "SELECT * FROM schedules
+              WHERE tenant = ?1 AND (?2 IS NULL OR id < ?2)
+              ORDER BY id DESC LIMIT ?3",
+        )
+        .bind(&query.tenant)
+        .bind(&query.before)
+        .bind(i64::from(query.limit.clamp(1, 500)) + 1)
+        .fetch_all(&self.reads)
+        .await?;
+        let schedules = rows
+            .iter()
+            .map(schedule_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(query.page(schedules))
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        id: &str,
+        paused: bool,
+        next_run_at: Option<Millis>,
+    ) -> Result<Option<ScheduleRecord>> {
+        let op = WriteOp::SetSchedulePaused {
+            id: id.to_owned(),
+            paused,
+            next_run_at,
+        };
+        match self.write(op).await? {
+            Reply::Schedule(record) => Ok(record),
+            _ => unreachable!("set_schedule_paused answers Schedule"),
+        }
+    }
+
+    async fn delete_schedule(&self, id: &str) -> Result<bool> {
+        let op = WriteOp::DeleteSchedule { id: id.to_owned() };
+        match self.write(op).await? {
+            Reply::Count(n) => Ok(n > 0),
+            _ => unreachable!("delete_schedule answers Count"),
+        }
+    }
+
+    async fn earliest_schedule_due(&self) -> Result<Option<Millis>> {
+        Ok(sqlx::query_scalar(
+            "SELECT next_run_at FROM schedules INDEXED BY schedules_due
+              WHERE paused = 0 AND next_run_at IS NOT NULL
+              ORDER BY next_run_at LIMIT 1",
+        )
+        .fetch_optional(&self.reads)
+        .await?)
+    }
+
+    async fn fire_due_schedules(&self, rules: &FireRules) -> Result<Fired> {
+        match self.write(WriteOp::FireSchedules(rules.clone())).await? {
+            Reply::Fired(fired) => Ok(fired),
+            _ => unreachable!("fire_due_schedules answers Fired"),
         }
     }
 
@@ -544,6 +622,18 @@ mod tests {
             "foreign key",
         )
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_due_schedule_gets_one_run_per_tick() {
+        let (store, _dir) = open_temporary().await;
+        conformance::a_due_schedule_gets_one_run_per_tick(&store).await;
+    }
+
+    #[tokio::test]
+    async fn missed_ticks_follow_the_schedules_policy() {
+        let (store, _dir) = open_temporary().await;
+        conformance::missed_ticks_follow_the_schedules_policy(&store).await;
     }
 
     #[tokio::test]

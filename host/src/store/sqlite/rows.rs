@@ -5,6 +5,8 @@ use sqlx::Row as _;
 use sqlx::sqlite::SqliteRow;
 
 use crate::protocol::Usage;
+use crate::schedules::MissedTicks;
+use crate::store::schedules::{ScheduleRecord, TaskTemplate};
 use crate::store::{
     ErrorInfo, EventRecord, Millis, Result, StepKind, StepRecord, StepStatus, StepVersions,
     StoreError, TaskRecord, TaskStatus, parse_json,
@@ -99,6 +101,27 @@ pub(super) fn task_from_row(row: &impl Columns) -> Result<TaskRecord> {
         started_at: row.optional_integer("started_at")?,
         finished_at: row.optional_integer("finished_at")?,
         trace_parent: row.optional_text("trace_parent")?,
+        schedule_id: row.optional_text("schedule_id")?,
+        scheduled_for: row.optional_integer("scheduled_for")?,
+    })
+}
+
+pub(super) fn schedule_from_row(row: &impl Columns) -> Result<ScheduleRecord> {
+    let missed = row.text("missed_ticks")?;
+    Ok(ScheduleRecord {
+        id: row.text("id")?,
+        tenant: row.text("tenant")?,
+        name: row.optional_text("name")?,
+        cron: row.text("cron")?,
+        timezone: row.text("timezone")?,
+        template: TaskTemplate::from_json(&row.text("template")?)?,
+        missed_ticks: MissedTicks::parse(&missed)
+            .ok_or_else(|| corrupt_enum("missed-tick policy", &missed))?,
+        paused: row.integer("paused")? != 0,
+        next_run_at: row.optional_integer("next_run_at")?,
+        last_run_at: row.optional_integer("last_run_at")?,
+        waiting_for_room: row.integer("waiting_for_room")? != 0,
+        created_at: row.integer("created_at")?,
     })
 }
 

@@ -24,7 +24,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use super::rows::{collect, step_from_row, task_from_row};
+use super::rows::{collect, schedule_from_row, step_from_row, task_from_row};
+use crate::store::schedules::{FireRules, Fired, NewSchedule, ScheduleRecord, queued_event_data};
 use crate::store::{
     CancelOutcome, Claim, EventRecord, Fence, LeaseState, Millis, NewTask, Renewal, Result,
     StepEnd, StepRecord, StepStart, StepStatus, StoreError, TaskEnd, TaskRecord, TaskStatus,
@@ -79,6 +80,16 @@ pub(super) enum WriteOp {
     Cancel {
         id: String,
     },
+    CreateSchedule(NewSchedule),
+    SetSchedulePaused {
+        id: String,
+        paused: bool,
+        next_run_at: Option<Millis>,
+    },
+    DeleteSchedule {
+        id: String,
+    },
+    FireSchedules(FireRules),
 }
 
 /// What follows a step's end in [`WriteOp::FinishStepThen`].
@@ -97,6 +108,8 @@ pub(super) enum Reply {
     Steps([(StepRecord, EventRecord); 2]),
     StepAndEvent((StepRecord, EventRecord), EventRecord),
     Cancel(CancelOutcome),
+    Schedule(Option<ScheduleRecord>),
+    Fired(Fired),
 }
 
 struct Job {
@@ -298,7 +311,138 @@ fn apply(conn: &Connection, op: WriteOp) -> Result<Reply> {
             }
         }
         WriteOp::Cancel { id } => cancel(conn, &id).map(Reply::Cancel),
+        WriteOp::CreateSchedule(schedule) => create_schedule(conn, &schedule),
+        WriteOp::SetSchedulePaused {
+            id,
+            paused,
+            next_run_at,
+        } => {
+            let record = conn
+                .prepare_cached(
+                    "UPDATE schedules
+                        SET paused = ?2, next_run_at = COALESCE(?3, next_run_at),
+                            waiting_for_room = 0
+                      WHERE id = ?1
+                     RETURNING *",
+                )?
+                .query_row(params![id, paused, next_run_at], |row| {
+                    Ok(schedule_from_row(row))
+                })
+                .optional()?
+                .transpose()?;
+            Ok(Reply::Schedule(record))
+        }
+        WriteOp::DeleteSchedule { id } => {
+            let deleted = conn
+                .prepare_cached("DELETE FROM schedules WHERE id = ?1")?
+                .execute([id])?;
+            Ok(Reply::Count(deleted as u64))
+        }
+        WriteOp::FireSchedules(rules) => fire_due_schedules(conn, &rules).map(Reply::Fired),
     }
+}
+
+fn create_schedule(conn: &Connection, schedule: &NewSchedule) -> Result<Reply> {
+    let record = conn
+        .prepare_cached(
+            "INSERT INTO schedules (id, tenant, name, cron, timezone, template, missed_ticks,
+                                    next_run_at, created_at, paused)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             RETURNING *",
+        )?
+        .query_row(
+            params![
+                uuid::Uuid::now_v7().to_string(),
+                schedule.tenant,
+                schedule.name,
+                schedule.cron,
+                schedule.timezone,
+                schedule.template.to_json(),
+                schedule.missed_ticks.as_str(),
+                schedule.next_run_at,
+                now_millis(),
+                schedule.paused,
+            ],
+            |row| Ok(schedule_from_row(row)),
+        )??;
+    Ok(Reply::Schedule(Some(record)))
+}
+
+/// How many tasks are queued (of `tenant`, or of all), counting no further
+/// than `at_most`.
+fn queued_at_most(conn: &Connection, tenant: Option<&str>, at_most: u64) -> Result<u64> {
+    let at_most = at_most.min(i64::MAX as u64) as i64;
+    let count: i64 = match tenant {
+        Some(tenant) => conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queued_by_tenant
+                                        WHERE status = 'queued' AND tenant = ?1 LIMIT ?2)",
+            )?
+            .query_row(params![tenant, at_most], |row| row.get(0))?,
+        None => conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_queued_by_tenant
+                                        WHERE status = 'queued' LIMIT ?1)",
+            )?
+            .query_row([at_most], |row| row.get(0))?,
+    };
+    Ok(count as u64)
+}
+
+/// Whether the queue has room for one more task of `tenant` under `rules`.
+fn queue_has_room(conn: &Connection, tenant: &str, rules: &FireRules) -> Result<bool> {
+    if queued_at_most(conn, None, rules.max_queued_tasks)? >= rules.max_queued_tasks {
+        return Ok(false);
+    }
+    match rules.max_queued_per_tenant {
+        Some(cap) => Ok(queued_at_most(conn, Some(tenant), cap)? < cap),
+        None => Ok(true),
+    }
+}
+
+/// The schedule loop's transaction (see `Store::fire_due_schedules`). The
+/// single writer applies it alone, so no other host or write can fire the
+/// same schedule meanwhile.
+fn fire_due_schedules(conn: &Connection, rules: &FireRules) -> Result<Fired> {
+    let due = {
+        let mut statement = conn.prepare_cached(
+            "SELECT * FROM schedules INDEXED BY schedules_due
+              WHERE paused = 0 AND next_run_at IS NOT NULL AND next_run_at <= ?1
+              ORDER BY next_run_at
+              LIMIT ?2",
+        )?;
+        collect(
+            statement.query_map(params![rules.now, rules.max as i64], |row| {
+                Ok(schedule_from_row(row))
+            })?,
+        )?
+    };
+    let mut fired = Fired::default();
+    for schedule in due {
+        fired.taken += 1;
+        let firing = schedule.firing(rules);
+        if let Some(tick) = firing.run_for {
+            if !queue_has_room(conn, &schedule.tenant, rules)? {
+                conn.prepare_cached("UPDATE schedules SET waiting_for_room = 1 WHERE id = ?1")?
+                    .execute([&schedule.id])?;
+                fired.waiting += 1;
+                continue;
+            }
+            let task = schedule.template.run(&schedule.tenant, &schedule.id, tick);
+            match create_task(conn, &task)? {
+                Reply::Created(record, Some(event)) => fired.runs.push((record, event)),
+                _ => unreachable!("a task without an idempotency key is always new"),
+            }
+        }
+        conn.prepare_cached(
+            "UPDATE schedules
+                SET next_run_at = ?2, last_run_at = COALESCE(?3, last_run_at),
+                    waiting_for_room = 0
+              WHERE id = ?1",
+        )?
+        .execute(params![schedule.id, firing.next_run_at, firing.run_for])?;
+    }
+    Ok(fired)
 }
 
 /// Payloads no step refers to any more (their tasks were pruned).
@@ -322,9 +466,9 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
         .prepare_cached(
             "INSERT INTO tasks (id, tenant, idempotency_key, priority, run_at, deadline_at, status,
                                 goal, planner, llm, model, tools, options, max_steps, timeout_ms,
-                                created_at, max_retries, trace_parent)
+                                created_at, max_retries, trace_parent, schedule_id, scheduled_for)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17)
+                     ?17, ?18, ?19)
              RETURNING *",
         )?
         .query_row(
@@ -346,15 +490,12 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
                 now_millis(),
                 task.max_retries,
                 task.trace_parent,
+                task.schedule.as_ref().map(|run| &run.schedule_id),
+                task.schedule.as_ref().map(|run| run.tick),
             ],
             |row| Ok(task_from_row(row)),
         )??;
-    let event = append_event(
-        conn,
-        &id,
-        event_kind::TASK_QUEUED,
-        json!({"status": "queued"}),
-    )?;
+    let event = append_event(conn, &id, event_kind::TASK_QUEUED, queued_event_data(task))?;
     Ok(Reply::Created(record, Some(event)))
 }
 

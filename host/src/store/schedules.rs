@@ -1,0 +1,217 @@
+//! What the store keeps of schedules, and what both engines share in
+//! firing them: the records, the task a run becomes, and the decision per
+//! due schedule (made by [`crate::schedules::firing`]).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{EventRecord, Millis, NewTask, StoreError, TaskRecord};
+use crate::schedules::{CronSpec, Firing, MissedTicks};
+
+/// The task each run of a schedule creates: `POST /v1/tasks`'s body as it
+/// was validated and given its defaults when the schedule was created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskTemplate {
+    pub goal: String,
+    pub planner: String,
+    pub llm: String,
+    pub model: Option<String>,
+    pub tools: Vec<String>,
+    pub options: Value,
+    pub max_steps: u32,
+    pub max_retries: u32,
+    pub timeout_ms: i64,
+    pub priority: i32,
+}
+
+impl TaskTemplate {
+    /// The template of a validated task (its times and key are not kept:
+    /// each run gets its own).
+    pub fn of(task: &NewTask) -> Self {
+        Self {
+            goal: task.goal.clone(),
+            planner: task.planner.clone(),
+            llm: task.llm.clone(),
+            model: task.model.clone(),
+            tools: task.tools.clone(),
+            options: task.options.clone(),
+            max_steps: task.max_steps,
+            max_retries: task.max_retries,
+            timeout_ms: task.timeout.as_millis() as i64,
+            priority: task.priority,
+        }
+    }
+
+    /// The task a run for `tick` of schedule `schedule` becomes.
+    pub fn run(&self, tenant: &str, schedule: &str, tick: Millis) -> NewTask {
+        NewTask {
+            tenant: tenant.to_owned(),
+            idempotency_key: None,
+            priority: self.priority,
+            run_at: None,
+            deadline_at: None,
+            goal: self.goal.clone(),
+            planner: self.planner.clone(),
+            llm: self.llm.clone(),
+            model: self.model.clone(),
+            tools: self.tools.clone(),
+            options: self.options.clone(),
+            max_steps: self.max_steps,
+            max_retries: self.max_retries,
+            timeout: Duration::from_millis(self.timeout_ms.max(0) as u64),
+            trace_parent: None,
+            schedule: Some(ScheduledRun {
+                schedule_id: schedule.to_owned(),
+                tick,
+            }),
+        }
+    }
+
+    pub(super) fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a template serializes")
+    }
+
+    pub(super) fn from_json(text: &str) -> Result<Self, StoreError> {
+        serde_json::from_str(text).map_err(|source| StoreError::Corrupt {
+            what: "schedule template",
+            source,
+        })
+    }
+}
+
+/// Which schedule made a task, and for which of its ticks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledRun {
+    pub schedule_id: String,
+    pub tick: Millis,
+}
+
+/// A schedule to create, validated.
+#[derive(Debug, Clone)]
+pub struct NewSchedule {
+    pub tenant: String,
+    pub name: Option<String>,
+    pub cron: String,
+    pub timezone: String,
+    pub template: TaskTemplate,
+    pub missed_ticks: MissedTicks,
+    pub paused: bool,
+    /// Its first tick.
+    pub next_run_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleRecord {
+    pub id: String,
+    pub tenant: String,
+    pub name: Option<String>,
+    pub cron: String,
+    pub timezone: String,
+    pub template: TaskTemplate,
+    pub missed_ticks: MissedTicks,
+    pub paused: bool,
+    /// When it is due next; `None` when its expression matches no time to
+    /// come.
+    pub next_run_at: Option<Millis>,
+    /// The tick of its latest run.
+    pub last_run_at: Option<Millis>,
+    /// Its due run found the queue full and waits for room.
+    pub waiting_for_room: bool,
+    pub created_at: Millis,
+}
+
+impl ScheduleRecord {
+    /// What the loop does with this (due) schedule at `rules.now`.
+    pub fn firing(&self, rules: &FireRules) -> Firing {
+        let due = self.next_run_at.unwrap_or(rules.now);
+        match CronSpec::parse(&self.cron, &self.timezone) {
+            Ok(spec) => crate::schedules::firing(
+                &spec,
+                due,
+                rules.now,
+                rules.grace.as_millis() as Millis,
+                self.missed_ticks,
+                self.waiting_for_room,
+            ),
+            // Checked when it was created; a zone a newer tz database
+            // dropped, say, stops it rather than the loop.
+            Err(error) => {
+                tracing::error!(schedule = %self.id, %error, "a stored schedule no longer parses; it stops");
+                Firing {
+                    run_for: None,
+                    next_run_at: None,
+                }
+            }
+        }
+    }
+}
+
+/// A page of a tenant's schedules, newest first.
+#[derive(Debug, Clone)]
+pub struct ScheduleQuery {
+    pub tenant: String,
+    /// Schedules older than this id.
+    pub before: Option<String>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulePage {
+    pub schedules: Vec<ScheduleRecord>,
+    pub next_cursor: Option<String>,
+}
+
+impl ScheduleQuery {
+    pub(super) fn page(&self, mut schedules: Vec<ScheduleRecord>) -> SchedulePage {
+        let size = self.limit.clamp(1, 500) as usize;
+        let next_cursor = if schedules.len() > size {
+            schedules.truncate(size);
+            schedules.last().map(|s| s.id.clone())
+        } else {
+            None
+        };
+        SchedulePage {
+            schedules,
+            next_cursor,
+        }
+    }
+}
+
+/// How [`super::Store::fire_due_schedules`] fires.
+#[derive(Debug, Clone)]
+pub struct FireRules {
+    pub now: Millis,
+    /// The most schedules one call fires.
+    pub max: usize,
+    /// How late a tick may be reached and still count as on time.
+    pub grace: Duration,
+    /// The queue caps a run waits under, as a submission is refused under
+    /// them (`max_queued_tasks`, `max_queued_per_tenant`).
+    pub max_queued_tasks: u64,
+    pub max_queued_per_tenant: Option<u64>,
+}
+
+/// What one call of [`super::Store::fire_due_schedules`] did.
+#[derive(Debug, Default)]
+pub struct Fired {
+    /// The runs created, each with its `task.queued` event.
+    pub runs: Vec<(TaskRecord, EventRecord)>,
+    /// Due schedules whose run waits for room in the queue.
+    pub waiting: usize,
+    /// Due schedules taken in all (fired, skipped or left waiting).
+    pub taken: usize,
+}
+
+/// The data of a scheduled run's `task.queued` event.
+pub(super) fn queued_event_data(task: &NewTask) -> Value {
+    match &task.schedule {
+        None => serde_json::json!({"status": "queued"}),
+        Some(run) => serde_json::json!({
+            "status": "queued",
+            "schedule_id": run.schedule_id,
+            "scheduled_for": crate::rfc3339::format(run.tick),
+        }),
+    }
+}
