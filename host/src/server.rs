@@ -58,6 +58,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
 
+    let budgets = Arc::new(
+        config
+            .budgets()
+            .map_err(|e| anyhow::anyhow!("invalid [prices] or [budgets]: {e}"))?,
+    );
     let runtime = PluginRuntime::new(config.runtime_options())
         .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))?;
     // Listen at once; plugins load in the background meanwhile.
@@ -118,7 +123,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store.clone(),
         runtime.clone(),
         events.clone(),
-        config.scheduler_config(),
+        config.scheduler_config(budgets.clone()),
     ));
     let state = AppState {
         store: store.clone(),
@@ -129,6 +134,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         gate: Arc::new(Gate::new(config.auth.clone())),
         admission: Arc::new(Admission::new(config.queue_limits())),
         scrape: scrape.clone(),
+        budgets,
     };
     let auth_enabled = state.gate.enabled();
     for addr in std::iter::once(addr).chain(grpc_addr) {
