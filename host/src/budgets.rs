@@ -3,8 +3,8 @@
 //! from all passing the check on the same remaining budget.
 //!
 //! Amounts of money are whole nano-dollars (`i64`, 10⁻⁹ USD): a price of
-//! $0.075 per million tokens is 75 nano-dollars per thousand tokens, so
-//! integer arithmetic adds costs up exactly, in any order, on both engines.
+//! $0.075 per million tokens is 75 nano-dollars a token, so integer
+//! arithmetic adds costs up exactly, in any order, on both engines.
 //!
 //! The store keeps what was spent (the task's `cost_nanos`, the tenant's
 //! `tenant_usage` row for the period); this module only decides. See
@@ -798,14 +798,19 @@ mod tests {
             input_tokens: 1,
             output_tokens: 0,
         };
+        assert_eq!(b.cost("openai", Some("gpt-4o-mini"), &one), Some(150));
+        let cheap = NanoPrice {
+            input: 500_000,
+            output: 0,
+        };
         assert_eq!(
-            b.cost("openai", Some("gpt-4o-mini"), &one),
-            Some(1),
-            "0.15 nano-dollars round up to 1, never down to free"
+            cheap.cost(1, 0),
+            1,
+            "half a nano-dollar rounds up to 1, never down to free"
         );
         assert_eq!(b.cost("anthropic", Some("claude"), &usage), None);
         assert_eq!(
-            b.cost("scripted", None, &usage),
+            Budgets::default().cost("scripted", None, &usage),
             Some(0),
             "the scripted adapter is free by default"
         );
