@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::auth::AuthConfig;
 use crate::api::{HttpLimits, QueueLimits, TaskDefaults};
+use crate::budgets::{Budgets, BudgetsConfig, PriceTable};
 use crate::grpc::GrpcConfig;
 use crate::mcp::McpConfig;
 use crate::metrics::MetricsConfig;
@@ -87,6 +88,14 @@ pub struct Config {
     /// is set.
     #[serde(default)]
     pub grpc: GrpcConfig,
+    /// `[prices.<adapter>."<model>"]`: US dollars per million input and
+    /// output tokens; `"*"` prices an adapter's other models. A model with
+    /// no price has an unknown cost.
+    #[serde(default = "crate::budgets::default_prices")]
+    pub prices: PriceTable,
+    /// Tenants' token and cost caps per day or month.
+    #[serde(default)]
+    pub budgets: BudgetsConfig,
 }
 
 /// `[traces]`: what the spans of a task carry beyond names, models, token
@@ -163,6 +172,8 @@ const KEYS: &[&str] = &[
     "traces",
     "grpc",
     "schedules",
+    "prices",
+    "budgets",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -223,6 +234,8 @@ impl Default for Config {
             schedules: ScheduleConfig::default(),
             traces: TracesConfig::default(),
             grpc: GrpcConfig::default(),
+            prices: crate::budgets::default_prices(),
+            budgets: BudgetsConfig::default(),
         }
     }
 }
@@ -331,11 +344,18 @@ impl Config {
         }
     }
 
-    pub fn scheduler_config(&self) -> SchedulerConfig {
+    /// The prices and caps, checked: a negative or absurd price or cap is
+    /// an error at start-up, not a budget silently ignored.
+    pub fn budgets(&self) -> Result<Budgets, String> {
+        Budgets::new(&self.prices, &self.budgets)
+    }
+
+    pub fn scheduler_config(&self, budgets: std::sync::Arc<Budgets>) -> SchedulerConfig {
         SchedulerConfig {
             max_running_tasks: self.max_running_tasks,
             lease: self.lease,
             trace_content: self.traces.record_content,
+            budgets,
             ..SchedulerConfig::default()
         }
     }
@@ -379,6 +399,63 @@ mod tests {
         assert!(
             printed.contains("[grpc]\nlisten = \"127.0.0.1:50051\""),
             "{printed}"
+        );
+    }
+
+    #[test]
+    fn prices_and_budgets_load_print_and_are_checked() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            r#"
+            [prices.openai."gpt-4o-mini"]
+            input_per_million = 0.15
+            output_per_million = 0.6
+
+            [budgets.default]
+            period = "month"
+            max_cost_usd = 20
+
+            [budgets.tenants.acme]
+            period = "day"
+            max_tokens = 100000
+            "#,
+        )
+        .unwrap();
+        let config = Config::load(Some(file.path()), Figment::new()).unwrap();
+        let budgets = config.budgets().unwrap();
+        assert!(
+            budgets.price("scripted", Some("any")).is_some(),
+            "the scripted adapter stays free beside configured prices"
+        );
+        assert_eq!(
+            budgets
+                .price("openai", Some("gpt-4o-mini"))
+                .map(|p| (p.input, p.output)),
+            Some((150_000_000, 600_000_000))
+        );
+        assert_eq!(
+            budgets.tenant_cap("acme").unwrap().max_tokens,
+            Some(100_000)
+        );
+        let printed = toml::to_string_pretty(&config).unwrap();
+        for line in [
+            "[prices.openai.gpt-4o-mini]",
+            "input_per_million = 0.15",
+            "[budgets.tenants.acme]",
+            "max_cost_usd = 20.0",
+            "default_max_output_tokens = 4096",
+        ] {
+            assert!(printed.contains(line), "{line:?} in:\n{printed}");
+        }
+        let negative = load(serde_json::json!({
+            "prices": {"openai": {"*": {"input_per_million": -1, "output_per_million": 1}}}
+        }));
+        assert!(
+            negative
+                .budgets()
+                .unwrap_err()
+                .contains("input_per_million")
         );
     }
 

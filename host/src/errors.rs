@@ -98,9 +98,14 @@ codes! {
     PluginsLoading = "plugins_loading", status Some(503), request;
     ResponseTimeout = "response_timeout", status Some(503), request;
     StoreFull = "store_full", status Some(507), request;
+    InvalidBudget = "invalid_budget", status Some(422), request;
     // A submission naming a tool nothing offers, and a tool call doing so.
     UnknownTool = "unknown_tool", status Some(422), both;
+    // A cost cap on a model with no price: refused at submission, and an
+    // LLM call of one (a model the planner chose) is not made.
+    BudgetUnpriced = "budget_unpriced", status Some(422), both;
     // Task and step errors.
+    BudgetExceeded = "budget_exceeded", status None, step;
     StepLimitExceeded = "step_limit_exceeded", status None, step;
     TaskTimeout = "task_timeout", status None, step;
     DeadlineExceeded = "deadline_exceeded", status None, step;

@@ -7,6 +7,7 @@
 //!   stable error code, in one table; [`rfc3339`]: times on the wire;
 //!   [`metrics`]: what the host counts and times, for Prometheus;
 //!   [`telemetry`]: the log, and OpenTelemetry traces over OTLP;
+//!   [`budgets`]: prices, cost and the checks made before an LLM call;
 //! - [`plugins`]: the plugin runtime (wasmtime), knows nothing of the store;
 //! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
 //! - [`scheduler`]: the dispatcher, leases and the agent loop, joining the two;
@@ -17,13 +18,14 @@
 //!   settings and the wiring of `opspawn serve`; [`authoring`]: the
 //!   `opspawn plugin` commands that write, build, check and install plugins.
 //!
-//! The core (`protocol`, `errors`, `rfc3339`, `events`, `metrics`,
+//! The core (`protocol`, `errors`, `budgets`, `rfc3339`, `events`, `metrics`,
 //! `telemetry`, `store`, `plugins`, `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
 //! `server`, `authoring`): the edges turn configuration and requests into the core's own
 //! option types. A test below scans the sources to keep it so.
 
 pub mod api;
 pub mod authoring;
+pub mod budgets;
 pub mod cli;
 pub mod config;
 pub mod errors;
@@ -52,6 +54,7 @@ mod tests {
     const CORE: &[&str] = &[
         "protocol.rs",
         "errors.rs",
+        "budgets.rs",
         "rfc3339.rs",
         "events.rs",
         "metrics.rs",

@@ -58,6 +58,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
 
+    let budgets = Arc::new(
+        config
+            .budgets()
+            .map_err(|e| anyhow::anyhow!("invalid [prices] or [budgets]: {e}"))?,
+    );
     let runtime = PluginRuntime::new(config.runtime_options())
         .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))?;
     // Listen at once; plugins load in the background meanwhile.
@@ -118,7 +123,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store.clone(),
         runtime.clone(),
         events.clone(),
-        config.scheduler_config(),
+        config.scheduler_config(budgets.clone()),
     ));
     let schedule_wake = Arc::new(tokio::sync::Notify::new());
     let _schedules = crate::schedules::ScheduleRunner::start(
@@ -142,6 +147,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         admission: Arc::new(Admission::new(config.queue_limits())),
         scrape: scrape.clone(),
         schedule_wake,
+        budgets,
     };
     let auth_enabled = state.gate.enabled();
     for addr in std::iter::once(addr).chain(grpc_addr) {

@@ -43,6 +43,19 @@ export function when(rfc3339) {
   return rfc3339 ? new Date(rfc3339).toLocaleString() : "—";
 }
 
+/**
+ * US dollars from the API's `cost_usd`: "unknown" for null (a model with
+ * no price), and enough decimals that small costs do not show as $0.00.
+ */
+export function money(usd) {
+  if (usd == null) return "unknown";
+  if (usd === 0) return "$0.00";
+  if (usd >= 0.01) return `$${usd.toFixed(2)}`;
+  // Two significant digits, in plain decimals (never 1.5e-7).
+  const decimals = Math.min(9, Math.ceil(-Math.log10(usd)) + 1);
+  return `$${usd.toFixed(decimals).replace(/0+$/, "")}`;
+}
+
 /** A duration in ms, short. */
 export function duration(ms) {
   if (ms === null || ms === undefined) return "—";

@@ -75,9 +75,27 @@ fn run_scenario(scenario: &str, base_url: &str, env: &[(&str, &str)]) {
 /// task; filter the list; cancel a running task; a huge output; an unknown
 /// task; a failed plugin load; the overview; keyboard navigation; and
 /// screenshots at 1280×800 and 390×844, light and dark.
+///
+/// The scripted adapter is given a price and the tenant a monthly budget,
+/// so each task's cost and the period's spending show in money.
 #[test]
 fn the_dashboard_follows_filters_and_cancels_tasks_in_a_real_browser() {
-    let harness = Harness::start_with_plugins(&[], |plugins| {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        r#"
+        [prices.scripted."*"]
+        input_per_million = 2.5
+        output_per_million = 10
+
+        [budgets.default]
+        period = "month"
+        max_cost_usd = 100
+        "#,
+    )
+    .unwrap();
+    let path = config.path().to_str().unwrap().to_owned();
+    let harness = Harness::start_with_plugins(&[("OPSPAWN_CONFIG", &path)], |plugins| {
         std::fs::write(plugins.path().join("broken.wasm"), b"not a component").unwrap();
     });
     run_scenario("open", &harness.server.base_url, &[]);

@@ -4,6 +4,7 @@
 
 mod api;
 mod authoring;
+mod budgets;
 mod capacity;
 mod connections;
 mod crash;

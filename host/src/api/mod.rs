@@ -36,8 +36,9 @@ pub use admission::{Admission, QueueLimits};
 use auth::Tenant;
 pub use connections::HttpLimits;
 pub use error::ApiError;
-use views::{Health, PluginsView, StatsView, TaskPage, TaskView};
+use views::{Health, PluginsView, StatsView, TaskPage, TaskView, UsageView};
 
+use crate::budgets::{Budgets, TaskBudget, usd_to_nanos};
 use crate::errors::Code;
 use crate::events::EventBus;
 use crate::plugins::{Catalog, PluginKind, PluginRuntime};
@@ -84,6 +85,9 @@ pub struct AppState {
     pub scrape: Option<Arc<scrape::Scrape>>,
     /// Wakes this host's schedule loop (a schedule was created or resumed).
     pub schedule_wake: Arc<tokio::sync::Notify>,
+    /// Prices and tenants' caps (shared with the scheduler, which holds
+    /// the reservations).
+    pub budgets: Arc<Budgets>,
 }
 
 /// The whole API as one router. Every route but the event stream answers
@@ -142,6 +146,7 @@ fn documented_routes(state: &AppState, limits: &HttpLimits) -> OpenApiRouter<App
         .routes(routes!(schedules::get_schedule, schedules::delete_schedule))
         .routes(routes!(schedules::pause_schedule))
         .routes(routes!(schedules::resume_schedule))
+        .routes(routes!(usage))
         .route_layer(middleware::from_fn_with_state(
             limits.clone(),
             connections::answer_in_time,
@@ -294,7 +299,27 @@ struct CreateTask {
     /// after `run_at`).
     #[schema(format = DateTime)]
     deadline: Option<String>,
+    /// Caps on the task's LLM use, checked before each LLM call: a call
+    /// whose worst case would pass one is not made, and the task fails
+    /// with `budget_exceeded`.
+    budget: Option<BudgetRequest>,
 }
+
+/// A task's caps; either or both.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct BudgetRequest {
+    /// Input plus output tokens over the task's LLM calls.
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 1e12)]
+    max_tokens: Option<Number>,
+    /// US dollars over the task's LLM calls, at the configured prices; the
+    /// task's model must have one (`budget_unpriced`).
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000)]
+    max_cost_usd: Option<Number>,
+}
+
+/// The most tokens a task's cap may name.
+const MAX_BUDGET_TOKENS: i64 = 1_000_000_000_000;
 
 /// The longest `Idempotency-Key` accepted.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -498,6 +523,8 @@ fn validate(
         ));
     }
 
+    let budget = check_budget(request.budget.as_ref())?;
+
     let catalog = state.runtime.catalog();
     let planner = request.planner.unwrap_or_else(|| defaults.planner.clone());
     if catalog.kind_of(&planner) != Some(PluginKind::Planner) {
@@ -526,6 +553,8 @@ fn validate(
             format!("no loaded plugin offers a tool named {unknown:?}; GET /v1/plugins lists them"),
         ));
     }
+    let model = request.model.or_else(|| defaults.model.clone());
+    check_priced(state, &tenant, &budget, &llm, model.as_deref())?;
     Ok(NewTask {
         tenant,
         idempotency_key,
@@ -535,7 +564,7 @@ fn validate(
         goal: goal.to_owned(),
         planner,
         llm,
-        model: request.model.or_else(|| defaults.model.clone()),
+        model,
         tools,
         options,
         max_steps,
@@ -543,7 +572,69 @@ fn validate(
         timeout,
         trace_parent: crate::telemetry::current_traceparent(),
         schedule: None,
+        budget,
     })
+}
+
+/// The caps a request names, in range.
+fn check_budget(request: Option<&BudgetRequest>) -> Result<TaskBudget, ApiError> {
+    let Some(request) = request else {
+        return Ok(TaskBudget::default());
+    };
+    let max_tokens = integer_in(
+        "budget.max_tokens",
+        request.max_tokens.as_ref(),
+        1..=MAX_BUDGET_TOKENS,
+        Code::InvalidBudget,
+    )?
+    .map(|n| n as u64);
+    let max_cost_nanos = match &request.max_cost_usd {
+        None => None,
+        Some(number) => Some(number.as_f64().and_then(usd_to_nanos).ok_or_else(|| {
+            ApiError::new(
+                Code::InvalidBudget,
+                format!("budget.max_cost_usd must be a number of dollars from 0 to 1000000, not {number}"),
+            )
+        })?),
+    };
+    Ok(TaskBudget {
+        max_tokens,
+        max_cost_nanos,
+    })
+}
+
+/// A cost cap, the task's or its tenant's, needs the task's model to have
+/// a price: one that cannot be enforced is refused, not ignored.
+fn check_priced(
+    state: &AppState,
+    tenant: &str,
+    budget: &TaskBudget,
+    llm: &str,
+    model: Option<&str>,
+) -> Result<(), ApiError> {
+    let tenant_cost_cap = state
+        .budgets
+        .tenant_cap(tenant)
+        .is_some_and(|cap| cap.max_cost_nanos.is_some());
+    if (budget.max_cost_nanos.is_none() && !tenant_cost_cap)
+        || state.budgets.price(llm, model).is_some()
+    {
+        return Ok(());
+    }
+    let whose = if budget.max_cost_nanos.is_some() {
+        "budget.max_cost_usd".to_owned()
+    } else {
+        format!("tenant {tenant:?}'s cost budget")
+    };
+    let model = model.map_or_else(|| "\"*\" (no model named)".to_owned(), |m| format!("{m:?}"));
+    Err(ApiError::new(
+        Code::BudgetUnpriced,
+        format!(
+            "{whose} cannot be enforced: the configuration has no price for model {model} of \
+             the {llm:?} adapter; add [prices.{llm}] to the server's configuration, or submit \
+             without a cost cap"
+        ),
+    ))
 }
 
 /// `options` is an object of objects (`{"planner": {...}, "llm": {...}}`),
@@ -710,6 +801,29 @@ async fn task_stats(
         first_minute,
         STATS_COUNT_LIMIT,
     )))
+}
+
+/// What the tenant spent in the current period of its budget (UTC days or
+/// months), its caps and what is left. A tenant without a budget has no
+/// usage counted per period: `tracked` is false.
+#[utoipa::path(
+    get,
+    path = "/v1/usage",
+    tag = "tasks",
+    security(("api_token" = [])),
+    responses((status = 200, body = UsageView), openapi::UsageErrors),
+)]
+async fn usage(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+) -> Result<Json<UsageView>, ApiError> {
+    let Some(cap) = state.budgets.tenant_cap(&tenant.0) else {
+        return Ok(Json(UsageView::untracked(tenant.0)));
+    };
+    let span = cap.period.at(crate::store::now_millis());
+    let used = state.store.period_usage(&tenant.0, &span.key).await?;
+    let reserved = state.budgets.reserved(&tenant.0, &span.key);
+    Ok(Json(UsageView::new(tenant.0, &cap, &span, used, reserved)))
 }
 
 /// The task, if it exists and belongs to the tenant.

@@ -81,11 +81,12 @@ error_responses! {
     CreateTaskErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidJson, InvalidRequest, InvalidIdempotencyKey, InvalidGoal, UnknownPlanner,
         UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
-        InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, TooManyActiveTasks,
-        QueueFull, PluginsLoading, StoreFull,
+        InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidBudget,
+        BudgetUnpriced, TooManyActiveTasks, QueueFull, PluginsLoading, StoreFull,
     ];
     ListTasksErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [InvalidQuery];
     StatsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [];
+    UsageErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [];
     GetTaskErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, Forbidden, TaskNotFound,
     ];

@@ -46,6 +46,8 @@ struct Setup {
     cors: CorsConfig,
     /// Serve `GET /metrics`.
     metrics: bool,
+    /// Prices and caps; the configuration's defaults when unset.
+    budgets: Option<crate::budgets::Budgets>,
 }
 
 impl Setup {
@@ -59,11 +61,16 @@ impl Setup {
     async fn start(self) -> Api {
         let host = TestHost::start(self.examples).await;
         let events = EventBus::default();
+        let budgets = Arc::new(self.budgets.unwrap_or_else(|| {
+            host.config
+                .budgets()
+                .expect("the default budgets are valid")
+        }));
         let scheduler = Arc::new(Scheduler::start(
             host.store.clone(),
             host.runtime.clone(),
             events.clone(),
-            host.config.scheduler_config(),
+            host.config.scheduler_config(budgets.clone()),
         ));
         let state = AppState {
             store: host.store.clone(),
@@ -82,6 +89,7 @@ impl Setup {
                 )
             }),
             schedule_wake: Arc::new(tokio::sync::Notify::new()),
+            budgets,
         };
         let app = app(state, MAX_BODY_BYTES, &HttpLimits::default());
         Api {
@@ -1634,4 +1642,185 @@ async fn schedules_pause_resume_delete_and_stay_within_their_tenant() {
     api.send(with_token(Method::GET, &one, "acme-secret", None))
         .await
         .is_error(Code::ScheduleNotFound, "deleted");
+}
+
+/// Prices and caps from TOML, as the configuration file has them.
+fn budgets_from(toml_text: &str) -> crate::budgets::Budgets {
+    let config: Config = Config::load(
+        None,
+        figment::Figment::from(figment::providers::Serialized::globals(
+            toml::from_str::<toml::Value>(toml_text).unwrap(),
+        )),
+    )
+    .unwrap();
+    config.budgets().unwrap()
+}
+
+#[tokio::test]
+async fn a_budget_out_of_range_is_refused_with_its_code() {
+    let api = Setup::examples().start().await;
+    let cases = [
+        json!({"max_tokens": 0}),
+        json!({"max_tokens": -5}),
+        json!({"max_tokens": 1.5}),
+        json!({"max_tokens": 1e30}),
+        json!({"max_cost_usd": -0.01}),
+        json!({"max_cost_usd": 1e7}),
+    ];
+    for budget in cases {
+        api.refused(&json!({"goal": "x", "budget": budget}), Code::InvalidBudget)
+            .await;
+    }
+    for budget in [
+        json!({"max_tokens": "5"}),
+        json!({"max_cents": 5}),
+        json!(5),
+    ] {
+        api.refused(
+            &json!({"goal": "x", "budget": budget}),
+            Code::InvalidRequest,
+        )
+        .await;
+    }
+    // In range: kept on the task, with what is left of it.
+    let answer = api
+        .submit(&json!({
+            "goal": "x",
+            "run_at": "2100-01-01T00:00:00Z",
+            "budget": {"max_tokens": 500, "max_cost_usd": 0.25},
+        }))
+        .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    assert_eq!(
+        answer.body["budget"],
+        json!({"max_tokens": 500, "max_cost_usd": 0.25, "remaining_tokens": 500,
+               "remaining_cost_usd": 0.25})
+    );
+    assert_eq!(
+        answer.body["cost_usd"],
+        json!(0.0),
+        "the scripted adapter is free by default"
+    );
+    let plain = api
+        .submit(&json!({"goal": "x", "run_at": "2100-01-01T00:00:00Z"}))
+        .await;
+    assert_eq!(plain.body["budget"], Value::Null, "{}", plain.body);
+}
+
+#[tokio::test]
+async fn a_cost_cap_on_a_model_with_no_price_is_refused_not_ignored() {
+    // No prices at all: not even the scripted adapter's default one.
+    let unpriced = crate::budgets::Budgets::new(
+        &Default::default(),
+        &crate::budgets::BudgetsConfig::default(),
+    )
+    .unwrap();
+    assert!(unpriced.price("scripted", None).is_none());
+    let api_unpriced = Setup {
+        budgets: Some(unpriced),
+        ..Setup::examples()
+    }
+    .start()
+    .await;
+    let answer = api_unpriced
+        .submit(&json!({"goal": "x", "model": "m1", "budget": {"max_cost_usd": 1}}))
+        .await;
+    answer.is_error(Code::BudgetUnpriced, "a cost cap on an unpriced model");
+    let message = answer.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"m1\"") && message.contains("[prices.scripted]"),
+        "the message says which model lacks a price and where to add one: {message}"
+    );
+    let tokens_only = api_unpriced
+        .submit(&json!({
+            "goal": "x",
+            "run_at": "2100-01-01T00:00:00Z",
+            "budget": {"max_tokens": 100},
+        }))
+        .await;
+    assert_eq!(
+        tokens_only.status,
+        StatusCode::CREATED,
+        "a token cap needs no price: {}",
+        tokens_only.body
+    );
+    assert_eq!(tokens_only.body["cost_usd"], json!(0.0));
+
+    // A tenant's cost cap needs the price as much as a task's.
+    let tenant_capped = Setup {
+        budgets: Some(
+            crate::budgets::Budgets::new(
+                &Default::default(),
+                &toml::from_str(
+                    r#"
+                    [default]
+                    period = "month"
+                    max_cost_usd = 5
+                    "#,
+                )
+                .unwrap(),
+            )
+            .unwrap(),
+        ),
+        ..Setup::examples()
+    }
+    .start()
+    .await;
+    let answer = tenant_capped.submit(&json!({"goal": "x"})).await;
+    answer.is_error(Code::BudgetUnpriced, "a tenant cost cap, unpriced model");
+    assert!(
+        answer.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tenant \"default\"'s cost budget"),
+        "{}",
+        answer.body
+    );
+}
+
+#[tokio::test]
+async fn usage_shows_the_tenants_period_caps_and_what_is_left() {
+    let api = Setup::default().start().await;
+    let answer = api.get("/v1/usage").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.body["tenant"], "default");
+    assert_eq!(
+        answer.body["tracked"], false,
+        "without a budget, nothing is counted per period"
+    );
+    assert_eq!(answer.body["tokens"], Value::Null);
+
+    let api = Setup {
+        budgets: Some(budgets_from(
+            r#"
+            [budgets.default]
+            period = "month"
+            max_tokens = 1000
+            max_cost_usd = 2.5
+            "#,
+        )),
+        ..Setup::default()
+    }
+    .start()
+    .await;
+    let month = crate::budgets::Period::Month.at(store::now_millis());
+    let usage = api.get("/v1/usage").await.body;
+    assert_eq!(usage["tracked"], true);
+    assert_eq!(usage["period"], "month");
+    assert_eq!(
+        usage["period_start"],
+        crate::rfc3339::format(month.start),
+        "{usage}"
+    );
+    assert_eq!(usage["period_end"], crate::rfc3339::format(month.end));
+    assert_eq!(
+        (
+            &usage["tokens"],
+            &usage["cost_usd"],
+            &usage["remaining_tokens"],
+            &usage["remaining_cost_usd"]
+        ),
+        (&json!(0), &json!(0.0), &json!(1000), &json!(2.5))
+    );
+    assert_eq!(usage["max_cost_usd"], 2.5);
 }

@@ -5,6 +5,8 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
+pub use crate::budgets::Period;
+use crate::budgets::{PeriodSpan, PeriodUsage, TaskBudget, TenantCap, nanos_to_usd};
 use crate::plugins::{CacheUsage, LoadFailure, LoadingFile, OldVersion, PluginInfo, PluginRuntime};
 use crate::protocol::Usage;
 use crate::store::{
@@ -40,6 +42,12 @@ pub struct TaskView {
     pub attempt: i64,
     pub cancel_requested: bool,
     pub usage: Usage,
+    /// What the usage cost in US dollars, from the configured prices;
+    /// `null` when some of it was of a model with no price.
+    pub cost_usd: Option<f64>,
+    /// The task's own caps and what is left of them; `null` when it has
+    /// none.
+    pub budget: Option<BudgetView>,
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -77,12 +85,122 @@ impl TaskView {
             attempt: task.attempt,
             cancel_requested: task.cancel_requested,
             usage: task.usage,
+            cost_usd: task.cost_nanos.map(nanos_to_usd),
+            budget: BudgetView::new(&task.budget, &task.usage, task.cost_nanos),
             created_at: timestamp(task.created_at),
             started_at: task.started_at.map(timestamp),
             finished_at: task.finished_at.map(timestamp),
             schedule_id: task.schedule_id,
             scheduled_for: task.scheduled_for.map(timestamp),
             steps: steps.map(|steps| steps.into_iter().map(StepView::from).collect()),
+        }
+    }
+}
+
+/// A task's caps (`budget` when submitted) and what is left of them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BudgetView {
+    pub max_tokens: Option<u64>,
+    pub max_cost_usd: Option<f64>,
+    /// Tokens left under `max_tokens`; `null` without that cap.
+    pub remaining_tokens: Option<u64>,
+    /// Dollars left under `max_cost_usd`; `null` without that cap, or when
+    /// the cost is unknown.
+    pub remaining_cost_usd: Option<f64>,
+}
+
+impl BudgetView {
+    fn new(budget: &TaskBudget, usage: &Usage, cost_nanos: Option<i64>) -> Option<Self> {
+        if budget.is_empty() {
+            return None;
+        }
+        let used = usage.input_tokens + usage.output_tokens;
+        Some(Self {
+            max_tokens: budget.max_tokens,
+            max_cost_usd: budget.max_cost_nanos.map(nanos_to_usd),
+            remaining_tokens: budget.max_tokens.map(|max| max.saturating_sub(used)),
+            remaining_cost_usd: budget
+                .max_cost_nanos
+                .zip(cost_nanos)
+                .map(|(max, cost)| nanos_to_usd((max - cost).max(0))),
+        })
+    }
+}
+
+/// `GET /v1/usage`: what the tenant spent in the current period of its
+/// budget, its caps and what is left.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageView {
+    pub tenant: String,
+    /// Whether the tenant has a budget; only then is its usage counted per
+    /// period, and the fields below but `tenant` are set.
+    pub tracked: bool,
+    pub period: Option<Period>,
+    /// The period's first instant and the next period's, RFC 3339 (UTC).
+    pub period_start: Option<String>,
+    pub period_end: Option<String>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub tokens: Option<u64>,
+    /// `null` when a call of a model with no price was counted.
+    pub cost_usd: Option<f64>,
+    pub max_tokens: Option<u64>,
+    pub max_cost_usd: Option<f64>,
+    pub remaining_tokens: Option<u64>,
+    pub remaining_cost_usd: Option<f64>,
+    /// Held by LLM calls in flight on the host that answered (their usage
+    /// is counted once journaled).
+    pub reserved_tokens: u64,
+    pub reserved_cost_usd: f64,
+}
+
+impl UsageView {
+    pub fn untracked(tenant: String) -> Self {
+        Self {
+            tenant,
+            tracked: false,
+            period: None,
+            period_start: None,
+            period_end: None,
+            input_tokens: None,
+            output_tokens: None,
+            tokens: None,
+            cost_usd: None,
+            max_tokens: None,
+            max_cost_usd: None,
+            remaining_tokens: None,
+            remaining_cost_usd: None,
+            reserved_tokens: 0,
+            reserved_cost_usd: 0.0,
+        }
+    }
+
+    pub fn new(
+        tenant: String,
+        cap: &TenantCap,
+        span: &PeriodSpan,
+        used: PeriodUsage,
+        reserved: (u64, i64),
+    ) -> Self {
+        Self {
+            tenant,
+            tracked: true,
+            period: Some(cap.period),
+            period_start: Some(timestamp(span.start)),
+            period_end: Some(timestamp(span.end)),
+            input_tokens: Some(used.input_tokens),
+            output_tokens: Some(used.output_tokens),
+            tokens: Some(used.tokens()),
+            cost_usd: used.cost_nanos.map(nanos_to_usd),
+            max_tokens: cap.max_tokens,
+            max_cost_usd: cap.max_cost_nanos.map(nanos_to_usd),
+            remaining_tokens: cap.max_tokens.map(|max| max.saturating_sub(used.tokens())),
+            remaining_cost_usd: cap
+                .max_cost_nanos
+                .zip(used.cost_nanos)
+                .map(|(max, cost)| nanos_to_usd((max - cost).max(0))),
+            reserved_tokens: reserved.0,
+            reserved_cost_usd: nanos_to_usd(reserved.1),
         }
     }
 }

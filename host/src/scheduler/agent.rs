@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 
 use super::{Shared, spans};
+use crate::budgets::{self, Reservation};
 use crate::errors::{Code, is_transient};
 use crate::events::LiveEvent;
 use crate::plugins::{CallError, RecordedVersions, TaskPluginNames, TaskPlugins};
@@ -69,6 +70,10 @@ pub(super) struct Run {
     /// The plugin versions the task runs on, held from its first step to
     /// its end.
     plugins: Option<TaskPlugins>,
+    /// The tenant budget held for the LLM step in `unwritten_end`: released
+    /// (with its real usage) once that end is journaled, so a check never
+    /// sees the usage neither in the store nor held.
+    settling: Option<Reservation>,
 }
 
 impl Run {
@@ -94,6 +99,7 @@ impl Run {
             unwritten_end: None,
             trace: Span::none(),
             plugins: None,
+            settling: None,
         }
     }
 
@@ -233,6 +239,12 @@ impl Run {
                     {
                         request.provider_options = option_section(&self.task.options, "llm");
                     }
+                    // A budget's worst case holds only if the output is
+                    // bounded: a call that sets no bound is given one.
+                    if self.has_budget() && budgets::max_output_tokens(&request).is_none() {
+                        request.max_tokens =
+                            Some(self.shared.config.budgets.default_max_output_tokens());
+                    }
                     let effect = Effect::Llm(request);
                     let input = effect.journal_input();
                     if let Some(end) = self.perform(self.next_seq(), input, Ok(effect)).await? {
@@ -300,6 +312,7 @@ impl Run {
         };
         match self.shared.store.finish_step(&self.fence, end).await {
             Ok((record, event)) => {
+                self.settling = None;
                 self.shared.events.journaled(event);
                 self.keep(record);
             }
@@ -444,6 +457,7 @@ impl Run {
                 let [(finished, finished_event), started] = store
                     .finish_step_then_start(&self.fence, end, start)
                     .await?;
+                self.settling = None;
                 self.shared.events.journaled(finished_event);
                 self.keep(finished);
                 started
@@ -464,62 +478,81 @@ impl Run {
             }
             StepKind::Tool => None,
         };
+        // Budgets are checked once per step, before its first try: a call
+        // that could pass a cap is not made.
+        let (mut reservation, refused) = match &effect {
+            Ok(Effect::Llm(request)) => match self.check_budgets(request).await? {
+                Ok(reservation) => (reservation, None),
+                Err(refusal) => (None, Some(refusal)),
+            },
+            _ => (None, None),
+        };
         let mut tries = 0;
-        let (output, usage, reply) = loop {
-            let attempt = match &effect {
-                Ok(Effect::Llm(request)) => {
-                    let deadline = llm_deadline
-                        .unwrap_or_else(Instant::now)
-                        .min(Instant::now() + self.remaining());
-                    self.call_llm(&context, request, deadline).await
+        let (output, usage, reply) = if let Some(refusal) = refused {
+            (Err(refusal), None, None)
+        } else {
+            loop {
+                let attempt = match &effect {
+                    Ok(Effect::Llm(request)) => {
+                        let deadline = llm_deadline
+                            .unwrap_or_else(Instant::now)
+                            .min(Instant::now() + self.remaining());
+                        self.call_llm(&context, request, deadline).await
+                    }
+                    Ok(Effect::Tool(call)) => Attempt::from(self.call_tool(&context, call).await),
+                    Err((_, unreadable)) => Attempt::from(Err(unreadable.clone())),
+                };
+                let Err(error) = &attempt.output else {
+                    break (attempt.output, attempt.usage, attempt.reply);
+                };
+                let delay = self.shared.config.retry.delay(tries, attempt.retry_after);
+                let time_left = llm_deadline.map_or_else(
+                    || self.remaining(),
+                    |end| {
+                        end.saturating_duration_since(Instant::now())
+                            .min(self.remaining())
+                    },
+                );
+                let may_retry = is_transient(&error.code)
+                    && self.retries_used < self.task.max_retries
+                    && delay < time_left
+                    && !self.cancel.is_cancelled()
+                    && !self.lost.is_cancelled()
+                    && !self.shared.shutdown.is_cancelled();
+                if !may_retry {
+                    break (attempt.output, attempt.usage, attempt.reply);
                 }
-                Ok(Effect::Tool(call)) => Attempt::from(self.call_tool(&context, call).await),
-                Err((_, unreadable)) => Attempt::from(Err(unreadable.clone())),
-            };
-            let Err(error) = &attempt.output else {
-                break (attempt.output, attempt.usage, attempt.reply);
-            };
-            let delay = self.shared.config.retry.delay(tries, attempt.retry_after);
-            let time_left = llm_deadline.map_or_else(
-                || self.remaining(),
-                |end| {
-                    end.saturating_duration_since(Instant::now())
-                        .min(self.remaining())
-                },
-            );
-            let may_retry = is_transient(&error.code)
-                && self.retries_used < self.task.max_retries
-                && delay < time_left
-                && !self.cancel.is_cancelled()
-                && !self.lost.is_cancelled()
-                && !self.shared.shutdown.is_cancelled();
-            if !may_retry {
-                break (attempt.output, attempt.usage, attempt.reply);
-            }
-            tries += 1;
-            self.retries_used += 1;
-            metrics::counter!(
-                crate::metrics::STEP_RETRIES,
-                "kind" => kind.as_str(),
-                "code" => crate::metrics::code_label(&error.code),
-            )
-            .increment(1);
-            tracing::info!(
-                task = %self.task.id,
-                step = seq,
-                code = %error.code,
-                retry = tries,
-                delay_ms = delay.as_millis() as u64,
-                "retrying a step that failed with a transient error"
-            );
-            tokio::time::sleep(delay).await;
-            if self.lost.is_cancelled() {
-                // Another worker owns the task now; it will run this step.
-                return Err(Interrupted::ClaimLost);
+                tries += 1;
+                self.retries_used += 1;
+                metrics::counter!(
+                    crate::metrics::STEP_RETRIES,
+                    "kind" => kind.as_str(),
+                    "code" => crate::metrics::code_label(&error.code),
+                )
+                .increment(1);
+                tracing::info!(
+                    task = %self.task.id,
+                    step = seq,
+                    code = %error.code,
+                    retry = tries,
+                    delay_ms = delay.as_millis() as u64,
+                    "retrying a step that failed with a transient error"
+                );
+                tokio::time::sleep(delay).await;
+                if self.lost.is_cancelled() {
+                    // Another worker owns the task now; it will run this step.
+                    return Err(Interrupted::ClaimLost);
+                }
             }
         };
         let task_end = match &output {
             Err(error) if error.code == Code::TaskTimeout.as_str() => Some(self.timed_out()),
+            Err(error)
+                if error.code == Code::BudgetExceeded.as_str()
+                    || error.code == Code::BudgetUnpriced.as_str() =>
+            {
+                Some(failed(error.code.clone(), error.message.clone()))
+            }
             Err(error) if kind == StepKind::Llm => Some(failed(
                 error.code.clone(),
                 format!("the LLM step failed: {}", error.message),
@@ -533,6 +566,27 @@ impl Run {
             tries,
             self.shared.config.trace_content,
         );
+        let cost_nanos = match (&effect, &usage) {
+            (Ok(Effect::Llm(request)), Some(usage)) => {
+                let model = request
+                    .model
+                    .as_deref()
+                    .or(reply.as_ref().map(|r| r.model.as_str()));
+                let cost = self
+                    .shared
+                    .config
+                    .budgets
+                    .cost(&self.task.llm, model, usage);
+                self.task.usage.add(*usage);
+                self.task.cost_nanos = self.task.cost_nanos.zip(cost).map(|(a, b)| a + b);
+                if let Some(reservation) = &mut reservation {
+                    reservation.settle(usage.input_tokens + usage.output_tokens, cost.unwrap_or(0));
+                }
+                cost
+            }
+            _ => None,
+        };
+        let charge = reservation.as_ref().map(Reservation::charge);
         // What the planner will see of this step, from the typed values in
         // hand rather than decoded again from the journal.
         let view = match (effect, reply) {
@@ -554,6 +608,8 @@ impl Run {
             started,
             output,
             usage,
+            cost_nanos,
+            charge,
             finished_at: now_millis(),
         };
         match view {
@@ -561,9 +617,11 @@ impl Run {
             Some(view) => {
                 self.planner_steps.insert(seq, view);
                 self.unwritten_end = Some(end);
+                self.settling = reservation;
             }
             None => {
                 let (record, event) = self.shared.store.finish_step(&self.fence, end).await?;
+                drop(reservation);
                 self.shared.events.journaled(event);
                 self.remember(record);
             }
@@ -594,6 +652,60 @@ impl Run {
         match self.steps.iter_mut().find(|s| s.seq == record.seq) {
             Some(existing) => *existing = record,
             None => self.steps.push(record),
+        }
+    }
+
+    /// Whether a cap applies to this task's LLM calls: its own, or its
+    /// tenant's.
+    fn has_budget(&self) -> bool {
+        !self.task.budget.is_empty()
+            || self
+                .shared
+                .config
+                .budgets
+                .tenant_cap(&self.task.tenant)
+                .is_some()
+    }
+
+    /// Checks the task's caps and its tenant's before `request` is sent:
+    /// the worst case of the call (see [`budgets::Budgets::estimate`]) must
+    /// fit in what is left. Holds the tenant's share until the call's usage
+    /// is journaled. Costs nothing when no cap applies.
+    async fn check_budgets(
+        &self,
+        request: &crate::protocol::ChatRequest,
+    ) -> Result<Result<Option<Reservation>, ErrorInfo>, Interrupted> {
+        if !self.has_budget() {
+            return Ok(Ok(None));
+        }
+        let budgets = &self.shared.config.budgets;
+        let refused = |refusal: budgets::Refusal| {
+            let code = if refusal.unpriced {
+                Code::BudgetUnpriced
+            } else {
+                Code::BudgetExceeded
+            };
+            Ok(Err(ErrorInfo::new(code, refusal.message)))
+        };
+        let estimate = budgets.estimate(&self.task.llm, request);
+        if let Err(refusal) = budgets::check_task(
+            &self.task.budget,
+            &self.task.usage,
+            self.task.cost_nanos,
+            &estimate,
+        ) {
+            return refused(refusal);
+        }
+        let tenant = &self.task.tenant;
+        let Some(cap) = budgets.tenant_cap(tenant) else {
+            return Ok(Ok(None));
+        };
+        let period = cap.period.at(now_millis());
+        let mark = budgets.mark(tenant, &period.key);
+        let used = self.shared.store.period_usage(tenant, &period.key).await?;
+        match budgets.reserve_for_tenant(tenant, &cap, &period, mark, used, &estimate) {
+            Ok(reservation) => Ok(Ok(Some(reservation))),
+            Err(refusal) => refused(refusal),
         }
     }
 

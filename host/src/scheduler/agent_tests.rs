@@ -38,8 +38,11 @@ struct Loop {
 
 impl Loop {
     async fn start() -> Self {
+        Self::start_with(SchedulerConfig::default()).await
+    }
+
+    async fn start_with(config: SchedulerConfig) -> Self {
         let host = TestHost::start(true).await;
-        let config = SchedulerConfig::default();
         let shared = Arc::new(Shared {
             store: host.store.clone(),
             runtime: host.runtime.clone(),
@@ -225,6 +228,8 @@ async fn a_finished_step_in_the_journal_is_not_performed_again() {
                 started,
                 output: Ok(json!(&reply)),
                 usage: None,
+                cost_nanos: None,
+                charge: None,
                 finished_at: crate::store::now_millis(),
             },
         )
@@ -274,4 +279,187 @@ async fn a_run_whose_claim_is_lost_writes_nothing_more() {
     let (task, steps) = agent.run(claim, CancellationToken::new(), lost).await;
     assert_eq!(task.status, TaskStatus::Running, "left to the new owner");
     assert!(steps.is_empty(), "{steps:#?}");
+}
+
+/// The calculator task's script, each reply reporting `usage` tokens.
+fn calculator_script(input: u64, output: u64) -> serde_json::Value {
+    let usage = json!({"input_tokens": input, "output_tokens": output});
+    json!({"llm": {"script": [
+        {"tool_calls": [{"name": "calculator", "arguments": {"expression": "(2+3)*4"}}],
+         "usage": usage},
+        {"content": "Thought: the calculator answered.\nFinal Answer: 20", "usage": usage}
+    ]}})
+}
+
+/// The worst case the host estimated for each LLM step, from its journaled
+/// request.
+fn estimates(budgets: &crate::budgets::Budgets, steps: &[StepRecord]) -> Vec<u64> {
+    steps
+        .iter()
+        .filter(|s| s.kind == StepKind::Llm)
+        .map(|s| {
+            let request: crate::protocol::ChatRequest =
+                serde_json::from_value(s.input.clone()).unwrap();
+            budgets.estimate("scripted", &request).tokens()
+        })
+        .collect()
+}
+
+fn with_budgets(toml_text: &str) -> SchedulerConfig {
+    let config: crate::budgets::BudgetsConfig = toml::from_str(toml_text).unwrap();
+    SchedulerConfig {
+        budgets: Arc::new(
+            crate::budgets::Budgets::new(&crate::budgets::default_prices(), &config).unwrap(),
+        ),
+        ..SchedulerConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_call_that_could_pass_the_tasks_token_cap_is_not_made() {
+    let agent = Loop::start_with(with_budgets("default_max_output_tokens = 100")).await;
+    let budgets = agent.shared.config.budgets.clone();
+    // A generous cap first, to see what each call is estimated at.
+    let claim = agent
+        .claim(|task| {
+            task.options = calculator_script(10, 5);
+            task.budget.max_tokens = Some(1_000_000);
+        })
+        .await;
+    let (task, steps) = agent.run_to_end(claim).await;
+    assert_eq!(task.status, TaskStatus::Succeeded, "{task:?}");
+    assert_eq!(
+        steps[0].input["max_tokens"], 100,
+        "a call under a budget that sets no bound is given the configured one"
+    );
+    assert_eq!(task.cost_nanos, Some(0), "the scripted adapter is free");
+    let [first, second] = estimates(&budgets, &steps)[..] else {
+        panic!("two LLM steps: {steps:?}")
+    };
+    assert!(
+        second > first,
+        "the second request carries more: {first} {second}"
+    );
+
+    // The first call fits; the second, on top of the first's 15 tokens,
+    // would pass the cap by one.
+    let cap = 15 + second - 1;
+    let claim = agent
+        .claim(|task| {
+            task.options = calculator_script(10, 5);
+            task.budget.max_tokens = Some(cap);
+        })
+        .await;
+    let (task, steps) = agent.run_to_end(claim).await;
+    assert_eq!(task.status, TaskStatus::Failed);
+    let error = task.error.unwrap();
+    assert_eq!(error.code, Code::BudgetExceeded.as_str(), "{error:?}");
+    assert!(
+        error
+            .message
+            .contains(&format!("could use up to {second} tokens"))
+            && error
+                .message
+                .contains(&format!("{} of its {cap} tokens left (15 used)", cap - 15))
+            && error.message.contains("budget.max_tokens"),
+        "the message says which cap, what is used and left, and how to raise it: {}",
+        error.message
+    );
+    assert_eq!(
+        kinds(&steps),
+        [StepKind::Llm, StepKind::Tool, StepKind::Llm]
+    );
+    let refused = &steps[2];
+    assert_eq!(refused.status, StepStatus::Failed);
+    assert_eq!(
+        (refused.output.as_ref(), refused.usage),
+        (None, None),
+        "the refused call was never made: no reply, no usage"
+    );
+    assert_eq!(
+        (task.usage.input_tokens, task.usage.output_tokens),
+        (10, 5),
+        "only the call made is counted"
+    );
+}
+
+#[tokio::test]
+async fn a_tenants_period_cap_stops_its_next_task_and_counts_what_both_used() {
+    let budgets_with_cap = |cap: u64| {
+        with_budgets(&format!(
+            r#"
+            default_max_output_tokens = 100
+            [tenants.default]
+            period = "day"
+            max_tokens = {cap}
+            "#
+        ))
+    };
+    // A cap of 1 refuses the first call outright, and nothing is counted.
+    let agent = Loop::start_with(budgets_with_cap(1)).await;
+    let claim = agent
+        .claim(|task| task.options = calculator_script(10, 5))
+        .await;
+    let (task, steps) = agent.run_to_end(claim).await;
+    assert_eq!(task.error.unwrap().code, Code::BudgetExceeded.as_str());
+    assert_eq!(steps.len(), 1);
+    let period = crate::budgets::Period::Day.at(crate::store::now_millis());
+    let counted = agent.host.store.period_usage("default", &period.key).await;
+    assert_eq!(counted.unwrap().tokens(), 0);
+    drop(agent);
+
+    // What each call of the task is estimated at, under a cap it fits.
+    let agent = Loop::start_with(budgets_with_cap(1_000_000)).await;
+    let claim = agent
+        .claim(|task| task.options = calculator_script(10, 5))
+        .await;
+    let (task, steps) = agent.run_to_end(claim).await;
+    assert_eq!(task.status, TaskStatus::Succeeded, "{task:?}");
+    let second = estimates(&agent.shared.config.budgets, &steps)[1];
+    drop(agent);
+
+    // Room for one task (its second call comes on top of its first's 15
+    // tokens), but not for the second call of the next.
+    let cap = 15 + second + 10;
+    let agent = Loop::start_with(budgets_with_cap(cap)).await;
+    let mut used = 0;
+    let mut outcomes = Vec::new();
+    for _ in 0..2 {
+        let claim = agent
+            .claim(|task| task.options = calculator_script(10, 5))
+            .await;
+        let (task, _) = agent.run_to_end(claim).await;
+        used += task.usage.input_tokens + task.usage.output_tokens;
+        outcomes.push(task.error);
+    }
+    assert_eq!(outcomes[0], None, "the first task fits: {outcomes:?}");
+    let stopped = outcomes[1].as_ref().expect("the second task is stopped");
+    assert_eq!(stopped.code, Code::BudgetExceeded.as_str());
+    assert!(
+        stopped.message.contains("tenant \"default\"'s day budget")
+            && stopped.message.contains("(45 used, 0 held")
+            && stopped.message.contains("[budgets.tenants.default]"),
+        "{}",
+        stopped.message
+    );
+    let counted = agent
+        .host
+        .store
+        .period_usage("default", &period.key)
+        .await
+        .unwrap();
+    assert_eq!(
+        used, 45,
+        "the first task's two calls and the second's first"
+    );
+    assert_eq!(
+        counted.tokens(),
+        used,
+        "the period holds what the tasks used"
+    );
+    assert_eq!(
+        agent.shared.config.budgets.reserved("default", &period.key),
+        (0, 0),
+        "every hold is released once its usage is journaled"
+    );
 }

@@ -43,6 +43,8 @@ pub struct SchedulerConfig {
     /// Whether the spans of a task record prompts, replies, tool arguments
     /// and results (`[traces] record_content`).
     pub trace_content: bool,
+    /// Prices, tenants' caps, and this host's reservations against them.
+    pub budgets: Arc<crate::budgets::Budgets>,
 }
 
 /// How long to wait before retrying a step that failed with a transient
@@ -95,6 +97,7 @@ impl Default for SchedulerConfig {
             poll_interval: Duration::from_millis(500),
             retry: RetryPolicy::default(),
             trace_content: false,
+            budgets: Arc::default(),
         }
     }
 }

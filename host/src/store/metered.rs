@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, QueueGauges, Renewal, Result,
-    StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStats,
+    CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, PeriodUsage, QueueGauges, Renewal,
+    Result, StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord,
+    TaskStats,
 };
 use super::{FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord};
 use crate::metrics::STORE_OPERATION_DURATION;
@@ -111,6 +112,10 @@ impl Store for Metered {
             self.inner.task_stats(tenant, since, now, count_limit),
         )
         .await
+    }
+
+    async fn period_usage(&self, tenant: &str, period: &str) -> Result<PeriodUsage> {
+        timed("period_usage", self.inner.period_usage(tenant, period)).await
     }
 
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage> {

@@ -27,6 +27,7 @@ pub use schedules::{
 };
 pub use sqlite::SqliteStore;
 
+pub use crate::budgets::{PeriodUsage, TaskBudget, TenantCharge};
 pub use crate::errors::ErrorInfo;
 use crate::protocol::Usage;
 
@@ -227,6 +228,8 @@ pub struct NewTask {
     /// The schedule and tick this task is a run of; `None` for a task
     /// submitted directly.
     pub schedule: Option<ScheduledRun>,
+    /// The task's own token and cost caps.
+    pub budget: TaskBudget,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -253,6 +256,10 @@ pub struct TaskRecord {
     pub attempt: i64,
     pub cancel_requested: bool,
     pub usage: Usage,
+    /// What the usage cost, in nano-dollars; `None` when some of it was of
+    /// a model with no price.
+    pub cost_nanos: Option<i64>,
+    pub budget: TaskBudget,
     pub created_at: Millis,
     pub started_at: Option<Millis>,
     pub finished_at: Option<Millis>,
@@ -339,6 +346,12 @@ pub struct StepEnd {
     pub started: StepRecord,
     pub output: Result<Value, ErrorInfo>,
     pub usage: Option<Usage>,
+    /// What `usage` cost, in nano-dollars; `None` when the model has no
+    /// price (the task's cost becomes unknown).
+    pub cost_nanos: Option<i64>,
+    /// The tenant's period the usage is added to, when the tenant has a
+    /// budget; `None` costs no write.
+    pub charge: Option<TenantCharge>,
     /// When the step ended, which can be a little before its end is
     /// written (`Store::finish_step_then_start`).
     pub finished_at: Millis,
@@ -731,6 +744,10 @@ pub trait Store: Send + Sync + 'static {
     /// Events of a task with `seq > after`, oldest first.
     async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>>;
     async fn request_cancel(&self, id: &str) -> Result<CancelOutcome>;
+    /// What `tenant` spent in `period` (a key such as `month:2026-12`), as
+    /// the LLM steps journaled with a [`TenantCharge`] added it up; zero
+    /// when nothing was.
+    async fn period_usage(&self, tenant: &str, period: &str) -> Result<PeriodUsage>;
 
     /// Claims up to `max` runnable tasks for `worker`, bumping each one's
     /// attempt number, and loads their journals. Running tasks whose lease
@@ -1039,6 +1056,7 @@ pub(crate) mod conformance {
             timeout: Duration::from_secs(60),
             trace_parent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             schedule: None,
+            budget: TaskBudget::default(),
         }
     }
 
@@ -1358,6 +1376,116 @@ pub(crate) mod conformance {
         }
     }
 
+    /// An LLM step's usage adds to its task's tokens and cost in the same
+    /// write as its end, and, when the step carries a charge, to its
+    /// tenant's period; a step of an unpriced model makes the task's cost
+    /// unknown. The task's budget is kept as submitted.
+    pub async fn usage_and_cost_add_up(store: &dyn Store) {
+        let budget = TaskBudget {
+            max_tokens: Some(1_000),
+            max_cost_nanos: Some(2_500),
+        };
+        let (task, _) = store
+            .create_task(NewTask {
+                tenant: "acme".into(),
+                budget,
+                ..new_task("costs", 0, None)
+            })
+            .await
+            .unwrap();
+        assert_eq!((task.budget, task.cost_nanos), (budget, Some(0)));
+        let claim = store
+            .claim_batch("host-a", Duration::from_secs(30), 1)
+            .await
+            .unwrap()
+            .remove(0);
+        let llm = |seq: u32| StepStart {
+            seq,
+            kind: StepKind::Llm,
+            plugin: "openai".into(),
+            input: serde_json::json!({"seq": seq}),
+            versions: Default::default(),
+        };
+        let charge = TenantCharge {
+            tenant: "acme".into(),
+            period: "month:2026-12".into(),
+        };
+        let end = |started: StepRecord, tokens: (u64, u64), cost, charge| StepEnd {
+            started,
+            output: Ok(serde_json::json!({})),
+            usage: Some(Usage {
+                input_tokens: tokens.0,
+                output_tokens: tokens.1,
+            }),
+            cost_nanos: cost,
+            charge,
+            finished_at: now_millis(),
+        };
+        let (first, _) = store.start_step(&claim.fence, llm(1)).await.unwrap();
+        let [_, (second, _)] = store
+            .finish_step_then_start(
+                &claim.fence,
+                end(first, (100, 20), Some(700), Some(charge.clone())),
+                llm(2),
+            )
+            .await
+            .unwrap();
+        store
+            .finish_step(
+                &claim.fence,
+                end(second, (10, 5), Some(50), Some(charge.clone())),
+            )
+            .await
+            .unwrap();
+        let task_now = store.get_task(&task.id).await.unwrap().unwrap();
+        assert_eq!(
+            (task_now.usage.input_tokens, task_now.usage.output_tokens),
+            (110, 25)
+        );
+        assert_eq!(task_now.cost_nanos, Some(750));
+        assert_eq!(
+            store.period_usage("acme", "month:2026-12").await.unwrap(),
+            PeriodUsage {
+                input_tokens: 110,
+                output_tokens: 25,
+                cost_nanos: Some(750),
+            }
+        );
+        assert_eq!(
+            store.period_usage("acme", "month:2026-11").await.unwrap(),
+            PeriodUsage::default(),
+            "another period is apart"
+        );
+
+        // Without a charge the tenant's figures stay; an unpriced step
+        // makes the task's cost unknown.
+        let (third, _) = store.start_step(&claim.fence, llm(3)).await.unwrap();
+        store
+            .finish_step(&claim.fence, end(third, (1, 1), None, None))
+            .await
+            .unwrap();
+        let task_now = store.get_task(&task.id).await.unwrap().unwrap();
+        assert_eq!(task_now.cost_nanos, None);
+        assert_eq!(task_now.usage.input_tokens, 111);
+        assert_eq!(
+            store
+                .period_usage("acme", "month:2026-12")
+                .await
+                .unwrap()
+                .input_tokens,
+            110
+        );
+        // An unpriced step charged to the tenant makes its period's cost
+        // unknown too.
+        let (fourth, _) = store.start_step(&claim.fence, llm(4)).await.unwrap();
+        store
+            .finish_step(&claim.fence, end(fourth, (1, 1), None, Some(charge)))
+            .await
+            .unwrap();
+        let period = store.period_usage("acme", "month:2026-12").await.unwrap();
+        assert_eq!((period.input_tokens, period.cost_nanos), (111, None));
+    }
+
     /// A step's end is written with the next step's start, or with the
     /// task's end, in one write under one fence check: both land, in order,
     /// or (under a stale fence) neither does.
@@ -1379,6 +1507,8 @@ pub(crate) mod conformance {
             started,
             output: Ok(serde_json::json!({"result": started_seq_answer(finished_at)})),
             usage: None,
+            cost_nanos: None,
+            charge: None,
             finished_at,
         };
         fn started_seq_answer(at: Millis) -> Millis {

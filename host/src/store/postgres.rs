@@ -33,11 +33,11 @@ use super::schedules::{
     FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord, TaskTemplate,
 };
 use super::{
-    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, QueueGauges,
-    Renewal, Result, SqlDialect, StepEnd, StepKind, StepRecord, StepStart, StepStatus,
-    StepVersions, Store, StoreError, TaskEnd, TaskPage, TaskQuery, TaskRecord, TaskStats,
-    TaskStatus, event_kind, in_claim_order, lack_step_inputs, now_millis, parse_json, renewals,
-    restore_step_inputs, step_event_data, step_started_event,
+    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, PeriodUsage,
+    QueueGauges, Renewal, Result, SqlDialect, StepEnd, StepKind, StepRecord, StepStart, StepStatus,
+    StepVersions, Store, StoreError, TaskBudget, TaskEnd, TaskPage, TaskQuery, TaskRecord,
+    TaskStats, TaskStatus, event_kind, in_claim_order, lack_step_inputs, now_millis, parse_json,
+    renewals, restore_step_inputs, step_event_data, step_started_event,
 };
 use crate::protocol::Usage;
 use crate::schedules::MissedTicks;
@@ -295,9 +295,10 @@ async fn create_task(
     let row = sqlx::query(
         "INSERT INTO tasks (id, status, goal, planner, llm, model, tools, options, max_steps,
                             timeout_ms, created_at, tenant, idempotency_key, priority, run_at,
-                            deadline_at, max_retries, trace_parent, schedule_id, scheduled_for)
+                            deadline_at, max_retries, trace_parent, schedule_id, scheduled_for,
+                            cost_nanos, budget_max_tokens, budget_max_cost_nanos)
          VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $12, $13,
-                 $14, $15, $16, $17, $18, $19)
+                 $14, $15, $16, $17, $18, $19, 0, $20, $21)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -320,6 +321,8 @@ async fn create_task(
     .bind(&task.trace_parent)
     .bind(task.schedule.as_ref().map(|run| &run.schedule_id))
     .bind(task.schedule.as_ref().map(|run| run.tick))
+    .bind(task.budget.max_tokens.map(|n| n as i64))
+    .bind(task.budget.max_cost_nanos)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
@@ -638,11 +641,22 @@ const FINISH_STEP: &str = concat!(
         RETURNING seq
      ), tokens AS (
         UPDATE tasks
-           SET input_tokens = input_tokens + $6, output_tokens = output_tokens + $7
+           SET input_tokens = input_tokens + $6, output_tokens = output_tokens + $7,
+               cost_nanos = cost_nanos + $13
          WHERE id = $1 AND $6 IS NOT NULL AND EXISTS (SELECT 1 FROM step)
      ) ",
     append_event_from!("step", "$11", "$12", "$8")
 );
+
+/// Adds a step's usage to its tenant's period (a NULL cost, of an
+/// unpriced model, makes the period's cost NULL: unknown).
+const CHARGE_TENANT: &str =
+    "INSERT INTO tenant_usage (tenant, period, input_tokens, output_tokens, cost_nanos)
+     VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (tenant, period) DO UPDATE
+        SET input_tokens = tenant_usage.input_tokens + excluded.input_tokens,
+            output_tokens = tenant_usage.output_tokens + excluded.output_tokens,
+            cost_nanos = tenant_usage.cost_nanos + excluded.cost_nanos";
 
 async fn finish_step(
     conn: &mut PgConnection,
@@ -664,6 +678,8 @@ async fn finish_step(
         error.map(|e| e.message.clone()),
     );
     let usage = end.usage;
+    let cost_nanos = end.cost_nanos;
+    let charge = end.charge.clone();
     let output_bytes = output.as_ref().map_or(0, String::len);
     // The rest of the row is what the step started with: nothing is read back.
     let record = end.into_record(finished_at);
@@ -681,6 +697,7 @@ async fn finish_step(
         .bind(&output_ref)
         .bind(event_kind::STEP_FINISHED)
         .bind(data.to_string())
+        .bind(cost_nanos)
         .fetch_optional(&mut *conn)
         .await?;
     let Some(event_seq) = event_seq else {
@@ -689,6 +706,16 @@ async fn finish_step(
             fence.task_id
         )));
     };
+    if let (Some(charge), Some(usage)) = (&charge, usage) {
+        sqlx::query(CHARGE_TENANT)
+            .bind(&charge.tenant)
+            .bind(&charge.period)
+            .bind(usage.input_tokens as i64)
+            .bind(usage.output_tokens as i64)
+            .bind(cost_nanos)
+            .execute(&mut *conn)
+            .await?;
+    }
     if let (Some(key), Some(text)) = (&output_ref, &output) {
         spill(conn, key, text).await?;
     }
@@ -868,6 +895,13 @@ fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
         usage: Usage {
             input_tokens: row.try_get::<i64, _>("input_tokens")? as u64,
             output_tokens: row.try_get::<i64, _>("output_tokens")? as u64,
+        },
+        cost_nanos: row.try_get("cost_nanos")?,
+        budget: TaskBudget {
+            max_tokens: row
+                .try_get::<Option<i64>, _>("budget_max_tokens")?
+                .map(|n| n as u64),
+            max_cost_nanos: row.try_get("budget_max_cost_nanos")?,
         },
         created_at: row.try_get("created_at")?,
         started_at: row.try_get("started_at")?,
@@ -1176,6 +1210,24 @@ impl Store for PgStore {
         Ok(events)
     }
 
+    async fn period_usage(&self, tenant: &str, period: &str) -> Result<PeriodUsage> {
+        let row: Option<(i64, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT input_tokens, output_tokens, cost_nanos FROM tenant_usage
+              WHERE tenant = $1 AND period = $2",
+        )
+        .bind(tenant)
+        .bind(period)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(
+            row.map_or_else(PeriodUsage::default, |(input, output, cost)| PeriodUsage {
+                input_tokens: input as u64,
+                output_tokens: output as u64,
+                cost_nanos: cost,
+            }),
+        )
+    }
+
     async fn request_cancel(&self, id: &str) -> Result<CancelOutcome> {
         let mut tx = self.pool.begin().await?;
         let outcome = cancel(&mut tx, id).await?;
@@ -1471,6 +1523,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             trace_parent: None,
             schedule: None,
+            budget: TaskBudget::default(),
         }
     }
 
@@ -1579,6 +1632,14 @@ mod tests {
     async fn a_batch_claim_loads_each_journal() {
         let (store, schema) = temporary_store().await;
         crate::store::conformance::a_batch_claim_loads_each_journal(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn usage_and_cost_add_up() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::usage_and_cost_add_up(&store).await;
         drop_schema(&store, &schema).await;
     }
 

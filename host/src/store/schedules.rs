@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{EventRecord, Millis, NewTask, StoreError, TaskRecord};
+use crate::budgets::TaskBudget;
 use crate::schedules::{CronSpec, Firing, MissedTicks};
 
 /// The task each run of a schedule creates: `POST /v1/tasks`'s body as it
@@ -24,6 +25,10 @@ pub struct TaskTemplate {
     pub max_retries: u32,
     pub timeout_ms: i64,
     pub priority: i32,
+    /// The caps each run gets (`budget` in the task body); absent in
+    /// templates stored before budgets existed.
+    #[serde(default, skip_serializing_if = "TaskBudget::is_empty")]
+    pub budget: TaskBudget,
 }
 
 impl TaskTemplate {
@@ -41,6 +46,7 @@ impl TaskTemplate {
             max_retries: task.max_retries,
             timeout_ms: task.timeout.as_millis() as i64,
             priority: task.priority,
+            budget: task.budget,
         }
     }
 
@@ -66,6 +72,7 @@ impl TaskTemplate {
                 schedule_id: schedule.to_owned(),
                 tick,
             }),
+            budget: self.budget,
         }
     }
 

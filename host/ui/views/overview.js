@@ -2,21 +2,23 @@
 // the last hour, from GET /v1/stats, with a small inline SVG chart.
 
 import { get } from "../api.js";
-import { duration, fill, h, problem } from "../dom.js";
+import { duration, fill, h, money, problem } from "../dom.js";
 
 /** How often the overview is refreshed while the tab is visible. */
 const REFRESH_MS = 5000;
 
 export default function overview(context) {
   const figures = h("dl", { class: "figures" });
+  const spending = h("dl", { class: "figures spending" });
   const chart = h("figure", { class: "chart" });
   const note = h("div", { "aria-live": "polite" });
-  fill(context.main, h("h1", {}, "Overview"), figures, chart, note);
+  fill(context.main, h("h1", {}, "Overview"), figures, chart, spending, note);
 
   async function load() {
     try {
-      const stats = await get("/v1/stats");
+      const [stats, usage] = await Promise.all([get("/v1/stats"), get("/v1/usage")]);
       show(stats);
+      showUsage(usage);
       fill(note);
     } catch (error) {
       if (error.unauthenticated) context.fail(error);
@@ -44,6 +46,20 @@ export default function overview(context) {
       h("span", { class: "key succeeded" }, "succeeded"), ", ",
       h("span", { class: "key failed" }, "failed"), ", ",
       h("span", { class: "key cancelled" }, "cancelled"), "."));
+  }
+
+  /** The tenant's spending this period, against its budget. */
+  function showUsage(usage) {
+    if (!usage.tracked) {
+      fill(spending, figure("Spending", "—", "this tenant has no budget, so spending is not counted per period"));
+      return;
+    }
+    const until = `this ${usage.period}, until ${new Date(usage.period_end).toLocaleDateString()}`;
+    const of = (left, max, text) => (max == null ? until : `${text(left)} of ${text(max)} left, ${until}`);
+    fill(spending,
+      figure("Cost", money(usage.cost_usd), of(usage.remaining_cost_usd, usage.max_cost_usd, money)),
+      figure("Tokens", usage.tokens.toLocaleString(),
+        of(usage.remaining_tokens, usage.max_tokens, (n) => n.toLocaleString())));
   }
 
   load();

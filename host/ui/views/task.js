@@ -3,7 +3,7 @@
 
 import { get, post } from "../api.js";
 import { follow } from "../events.js";
-import { badge, duration, fill, h, json, problem, when } from "../dom.js";
+import { badge, duration, fill, h, json, money, problem, when } from "../dom.js";
 
 export default async function task(context, id) {
   fill(context.main, h("h1", {}, "Task"), h("p", { role: "status" }, "Loading…"));
@@ -144,7 +144,9 @@ class TaskPage {
         fact("Created", when(t.created_at)),
         fact("Finished", when(t.finished_at)),
         fact("Attempt", String(t.attempt)),
-        fact("Tokens", `${usage.input_tokens.toLocaleString()} in, ${usage.output_tokens.toLocaleString()} out`)),
+        fact("Tokens", `${usage.input_tokens.toLocaleString()} in, ${usage.output_tokens.toLocaleString()} out`),
+        fact("Cost", h("span", { class: "cost" }, money(t.cost_usd))),
+        t.budget ? fact("Budget", budgetText(t.budget)) : null),
       t.result != null ? h("section", { class: "result" }, h("h2", {}, "Result"), h("pre", { class: "result-text" }, t.result)) : null,
       t.error ? h("section", { class: "result failed" }, h("h2", {}, "Error"),
         h("p", { class: "error" }, h("code", {}, t.error.code), " ", t.error.message)) : null);
@@ -270,3 +272,15 @@ function fact(label, ...value) {
   return h("div", {}, h("dt", {}, label), h("dd", {}, ...value));
 }
 
+
+/** A task's caps and what is left of them, in words. */
+function budgetText(budget) {
+  const parts = [];
+  if (budget.max_tokens != null) {
+    parts.push(`${budget.remaining_tokens.toLocaleString()} of ${budget.max_tokens.toLocaleString()} tokens left`);
+  }
+  if (budget.max_cost_usd != null) {
+    parts.push(`${money(budget.remaining_cost_usd)} of ${money(budget.max_cost_usd)} left`);
+  }
+  return parts.join("; ");
+}

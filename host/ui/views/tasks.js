@@ -2,7 +2,7 @@
 // pages by cursor, refreshed while the tab is visible.
 
 import { get, query } from "../api.js";
-import { badge, duration, fill, h, problem, when } from "../dom.js";
+import { badge, duration, fill, h, money, problem, when } from "../dom.js";
 
 const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
 const PAGE = 25;
@@ -51,7 +51,8 @@ export default function tasks(context) {
           h("th", { scope: "col" }, "Goal"),
           h("th", { scope: "col", class: "wide" }, "Planner / LLM"),
           h("th", { scope: "col", class: "wide" }, "Created"),
-          h("th", { scope: "col" }, "Took"))),
+          h("th", { scope: "col" }, "Took"),
+          h("th", { scope: "col" }, "Cost"))),
         rows)),
     more,
   );
@@ -119,7 +120,8 @@ function row(task) {
     h("td", { class: "goal" }, h("a", { href: `#/task/${encodeURIComponent(task.id)}` }, task.goal)),
     h("td", { class: "wide" }, `${task.planner} / ${task.llm}`),
     h("td", { class: "wide" }, when(task.created_at)),
-    h("td", {}, duration(took)));
+    h("td", {}, duration(took)),
+    h("td", { class: "cost" }, money(task.cost_usd)));
 }
 
 /** The counts by status, each a link filtering the list to it. */

@@ -19,9 +19,9 @@ use super::schedules::{
     FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord,
 };
 use super::{
-    CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, QueueGauges, Renewal, Result,
-    SqlDialect, StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord,
-    TaskStats, TaskStatus, lack_step_inputs, restore_step_inputs,
+    CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, PeriodUsage, QueueGauges, Renewal,
+    Result, SqlDialect, StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery,
+    TaskRecord, TaskStats, TaskStatus, lack_step_inputs, restore_step_inputs,
 };
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
@@ -340,6 +340,24 @@ impl Store for SqliteStore {
         Ok(events)
     }
 
+    async fn period_usage(&self, tenant: &str, period: &str) -> Result<PeriodUsage> {
+        let row: Option<(i64, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT input_tokens, output_tokens, cost_nanos FROM tenant_usage
+              WHERE tenant = ? AND period = ?",
+        )
+        .bind(tenant)
+        .bind(period)
+        .fetch_optional(&self.reads)
+        .await?;
+        Ok(
+            row.map_or_else(PeriodUsage::default, |(input, output, cost)| PeriodUsage {
+                input_tokens: input as u64,
+                output_tokens: output as u64,
+                cost_nanos: cost,
+            }),
+        )
+    }
+
     async fn request_cancel(&self, id: &str) -> Result<CancelOutcome> {
         match self.write(WriteOp::Cancel { id: id.to_owned() }).await? {
             Reply::Cancel(outcome) => Ok(outcome),
@@ -646,6 +664,12 @@ mod tests {
     async fn a_batch_claim_loads_each_journal() {
         let (store, _dir) = open_temporary().await;
         conformance::a_batch_claim_loads_each_journal(&store).await;
+    }
+
+    #[tokio::test]
+    async fn usage_and_cost_add_up() {
+        let (store, _dir) = open_temporary().await;
+        conformance::usage_and_cost_add_up(&store).await;
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use crate::schedules::MissedTicks;
 use crate::store::schedules::{ScheduleRecord, TaskTemplate};
 use crate::store::{
     ErrorInfo, EventRecord, Millis, Result, StepKind, StepRecord, StepStatus, StepVersions,
-    StoreError, TaskRecord, TaskStatus, parse_json,
+    StoreError, TaskBudget, TaskRecord, TaskStatus, parse_json,
 };
 
 /// Named columns of a row, as both drivers give them.
@@ -96,6 +96,11 @@ pub(super) fn task_from_row(row: &impl Columns) -> Result<TaskRecord> {
         usage: Usage {
             input_tokens: row.integer("input_tokens")? as u64,
             output_tokens: row.integer("output_tokens")? as u64,
+        },
+        cost_nanos: row.optional_integer("cost_nanos")?,
+        budget: TaskBudget {
+            max_tokens: row.optional_integer("budget_max_tokens")?.map(|n| n as u64),
+            max_cost_nanos: row.optional_integer("budget_max_cost_nanos")?,
         },
         created_at: row.integer("created_at")?,
         started_at: row.optional_integer("started_at")?,

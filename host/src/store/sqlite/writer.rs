@@ -466,9 +466,10 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
         .prepare_cached(
             "INSERT INTO tasks (id, tenant, idempotency_key, priority, run_at, deadline_at, status,
                                 goal, planner, llm, model, tools, options, max_steps, timeout_ms,
-                                created_at, max_retries, trace_parent, schedule_id, scheduled_for)
+                                created_at, max_retries, trace_parent, schedule_id, scheduled_for,
+                                cost_nanos, budget_max_tokens, budget_max_cost_nanos)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18, ?19)
+                     ?17, ?18, ?19, 0, ?20, ?21)
              RETURNING *",
         )?
         .query_row(
@@ -492,6 +493,8 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
                 task.trace_parent,
                 task.schedule.as_ref().map(|run| &run.schedule_id),
                 task.schedule.as_ref().map(|run| run.tick),
+                task.budget.max_tokens.map(|n| n as i64),
+                task.budget.max_cost_nanos,
             ],
             |row| Ok(task_from_row(row)),
         )??;
@@ -704,6 +707,15 @@ fn start_step(
     Ok((record, event))
 }
 
+/// Adds a step's usage to its tenant's period.
+const CHARGE_TENANT: &str =
+    "INSERT INTO tenant_usage (tenant, period, input_tokens, output_tokens, cost_nanos)
+     VALUES (?1, ?2, ?3, ?4, ?5)
+     ON CONFLICT (tenant, period) DO UPDATE
+        SET input_tokens = tenant_usage.input_tokens + excluded.input_tokens,
+            output_tokens = tenant_usage.output_tokens + excluded.output_tokens,
+            cost_nanos = tenant_usage.cost_nanos + excluded.cost_nanos";
+
 /// Journals a step's end; the caller has checked the fence.
 fn finish_step(
     conn: &Connection,
@@ -748,15 +760,27 @@ fn finish_step(
         spill(conn, key, text)?;
     }
     if let Some(usage) = end.usage {
+        // A NULL cost (an unpriced model) makes the sum NULL: unknown.
         conn.prepare_cached(
-            "UPDATE tasks SET input_tokens = input_tokens + ?1, output_tokens = output_tokens + ?2
-              WHERE id = ?3",
+            "UPDATE tasks SET input_tokens = input_tokens + ?1, output_tokens = output_tokens + ?2,
+                              cost_nanos = cost_nanos + ?3
+              WHERE id = ?4",
         )?
         .execute(params![
             usage.input_tokens as i64,
             usage.output_tokens as i64,
+            end.cost_nanos,
             fence.task_id
         ])?;
+        if let Some(charge) = &end.charge {
+            conn.prepare_cached(CHARGE_TENANT)?.execute(params![
+                charge.tenant,
+                charge.period,
+                usage.input_tokens as i64,
+                usage.output_tokens as i64,
+                end.cost_nanos,
+            ])?;
+        }
     }
     let output_bytes = output_text.as_ref().map_or(0, String::len);
     // The rest of the row is what the step started with: nothing is read back.
