@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -345,6 +346,33 @@ struct Ledger {
     /// check adds for settlements that may have missed its read.
     released_tokens: u64,
     released_cost: i64,
+    /// The last read of the period's usage from the store, reused by checks
+    /// for [`STORE_READ_MAX_AGE`].
+    last_read: Option<StoreRead>,
+}
+
+/// How long one read of a tenant's period usage serves this host's checks.
+/// What this host settles meanwhile is counted through the read's mark, so
+/// only other hosts' usage can be this much older than it would be with a
+/// read per check.
+pub const STORE_READ_MAX_AGE: Duration = Duration::from_millis(100);
+
+/// A read of the store's usage row, with the mark taken before it.
+#[derive(Debug, Clone, Copy)]
+struct StoreRead {
+    at: Instant,
+    mark: LedgerMark,
+    used: PeriodUsage,
+}
+
+/// The ledger of `key`, made when missing; periods that ended and hold
+/// nothing are forgotten when a new one starts.
+fn ledger_entry<'a>(ledger: &'a mut HashMap<LedgerKey, Ledger>, key: &LedgerKey) -> &'a mut Ledger {
+    if !ledger.contains_key(key) {
+        ledger
+            .retain(|k, l| k.period == key.period || l.reserved_tokens > 0 || l.reserved_cost > 0);
+    }
+    ledger.entry(key.clone()).or_default()
 }
 
 /// Where a tenant check stands before it reads the store: see
@@ -454,6 +482,37 @@ impl Budgets {
         }
     }
 
+    /// The tenant's period usage as this host last read it from the store,
+    /// with the mark taken before that read, when the read is younger than
+    /// [`STORE_READ_MAX_AGE`]: handed to [`Budgets::reserve_for_tenant`] in
+    /// place of a new read, it counts everything this host settled since
+    /// (through the mark), as a new read would.
+    pub fn recent_read(&self, tenant: &str, period: &str) -> Option<(LedgerMark, PeriodUsage)> {
+        let ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let read = ledger
+            .get(&LedgerKey {
+                tenant: tenant.to_owned(),
+                period: period.to_owned(),
+            })?
+            .last_read?;
+        (read.at.elapsed() < STORE_READ_MAX_AGE).then_some((read.mark, read.used))
+    }
+
+    /// Keeps a read of the store (and the mark taken before it) for
+    /// [`Budgets::recent_read`].
+    pub fn note_read(&self, tenant: &str, period: &str, mark: LedgerMark, used: PeriodUsage) {
+        let key = LedgerKey {
+            tenant: tenant.to_owned(),
+            period: period.to_owned(),
+        };
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        ledger_entry(&mut ledger, &key).last_read = Some(StoreRead {
+            at: Instant::now(),
+            mark,
+            used,
+        });
+    }
+
     /// Taken before reading the tenant's usage from the store, and handed
     /// to [`Budgets::reserve_for_tenant`] with what was read.
     pub fn mark(&self, tenant: &str, period: &str) -> LedgerMark {
@@ -491,13 +550,7 @@ impl Budgets {
             period: period.key.clone(),
         };
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
-        if !ledger.contains_key(&key) {
-            // Periods that ended and hold nothing are forgotten.
-            ledger.retain(|k, l| {
-                k.period == key.period || l.reserved_tokens > 0 || l.reserved_cost > 0
-            });
-        }
-        let entry = ledger.entry(key.clone()).or_default();
+        let entry = ledger_entry(&mut ledger, &key);
         let settled_since_tokens = entry.released_tokens.saturating_sub(mark.released_tokens);
         let settled_since_cost = entry.released_cost.saturating_sub(mark.released_cost);
         let spent_tokens = used.tokens() + settled_since_tokens;
@@ -1015,6 +1068,68 @@ mod tests {
         assert!(
             b.reserve_for_tenant("acme", &cap, &period, mark, fresh, &big)
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_recent_read_is_reused_and_counts_what_settled_since() {
+        let b = budgets(
+            r#"
+            [budgets.default]
+            period = "day"
+            max_tokens = 1000
+            "#,
+        );
+        let cap = b.tenant_cap("acme").unwrap();
+        let period = Period::Day.at(1_764_676_800_000);
+        let estimate = Estimate {
+            request_bytes: 0,
+            input_tokens: 100,
+            output_tokens: 200,
+            cost_nanos: Some(0),
+        };
+        assert!(
+            b.recent_read("acme", &period.key).is_none(),
+            "nothing read yet"
+        );
+        let mark = b.mark("acme", &period.key);
+        let read = PeriodUsage {
+            input_tokens: 300,
+            output_tokens: 100,
+            cost_nanos: Some(0),
+        };
+        b.note_read("acme", &period.key, mark, read);
+        assert!(b.recent_read("globex", &period.key).is_none(), "per tenant");
+
+        // A call held and settled after the read: the reused read counts it
+        // through its mark, as a new read of the store would.
+        let (mark, used) = b.recent_read("acme", &period.key).expect("a fresh read");
+        assert_eq!(used, read);
+        let mut call = b
+            .reserve_for_tenant("acme", &cap, &period, mark, used, &estimate)
+            .unwrap();
+        call.settle(300, 0);
+        drop(call);
+        let (mark, used) = b.recent_read("acme", &period.key).unwrap();
+        // 400 read + 300 settled since + 300 asked = 1000 fits; with
+        // another 300 held it would not.
+        let last = b
+            .reserve_for_tenant("acme", &cap, &period, mark, used, &estimate)
+            .unwrap();
+        let refused = b
+            .reserve_for_tenant("acme", &cap, &period, mark, used, &estimate)
+            .unwrap_err();
+        assert!(
+            refused.message.contains("(700 used, 300 held"),
+            "{}",
+            refused.message
+        );
+        drop(last);
+
+        std::thread::sleep(STORE_READ_MAX_AGE);
+        assert!(
+            b.recent_read("acme", &period.key).is_none(),
+            "an old read is read again"
         );
     }
 

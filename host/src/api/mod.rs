@@ -692,6 +692,37 @@ struct ListTasks {
     cursor: Option<String>,
 }
 
+/// The page a list request asks for: `limit` items (50 unless given, 1 to
+/// 500) before `cursor` (the `next_cursor` of the page before, an id).
+struct PageAsked {
+    limit: u32,
+    before: Option<String>,
+}
+
+impl PageAsked {
+    fn from_query(limit: Option<u32>, cursor: Option<String>) -> Result<Self, ApiError> {
+        let limit = limit.unwrap_or(50);
+        if !(1..=500).contains(&limit) {
+            return Err(ApiError::new(
+                Code::InvalidQuery,
+                "limit must be between 1 and 500",
+            ));
+        }
+        if let Some(cursor) = &cursor
+            && uuid::Uuid::try_parse(cursor).is_err()
+        {
+            return Err(ApiError::new(
+                Code::InvalidQuery,
+                "cursor must be a next_cursor from an earlier page",
+            ));
+        }
+        Ok(Self {
+            limit,
+            before: cursor,
+        })
+    }
+}
+
 /// The longest `plugin` or `q` filter accepted, in bytes.
 const MAX_FILTER_BYTES: usize = 256;
 
@@ -734,21 +765,7 @@ async fn list_tasks(
             )
         })?),
     };
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::new(
-            Code::InvalidQuery,
-            "limit must be between 1 and 500",
-        ));
-    }
-    if let Some(cursor) = &query.cursor
-        && uuid::Uuid::try_parse(cursor).is_err()
-    {
-        return Err(ApiError::new(
-            Code::InvalidQuery,
-            "cursor must be a next_cursor from an earlier page",
-        ));
-    }
+    let asked = PageAsked::from_query(query.limit, query.cursor)?;
     let plugin = text_filter("plugin", query.plugin)?;
     let goal_contains = text_filter("q", query.q)?;
     let schedule = text_filter("schedule", query.schedule)?;
@@ -760,8 +777,8 @@ async fn list_tasks(
             plugin,
             goal_contains,
             schedule,
-            before: query.cursor,
-            limit,
+            before: asked.before,
+            limit: asked.limit,
         })
         .await?;
     Ok(Json(TaskPage {

@@ -13,7 +13,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Tenant;
 use super::views::timestamp;
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, CreateTask, openapi, validate};
+use super::{
+    ApiError, ApiJson, ApiPath, ApiQuery, AppState, CreateTask, PageAsked, openapi, validate,
+};
 use crate::errors::Code;
 use crate::schedules::{CronSpec, MissedTicks, SpecError};
 use crate::store::{NewSchedule, ScheduleQuery, ScheduleRecord, TaskTemplate, now_millis};
@@ -265,27 +267,13 @@ pub(super) async fn list_schedules(
     Extension(tenant): Extension<Tenant>,
     ApiQuery(query): ApiQuery<ListSchedules>,
 ) -> Result<Json<SchedulePageView>, ApiError> {
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::new(
-            Code::InvalidQuery,
-            "limit must be between 1 and 500",
-        ));
-    }
-    if let Some(cursor) = &query.cursor
-        && uuid::Uuid::try_parse(cursor).is_err()
-    {
-        return Err(ApiError::new(
-            Code::InvalidQuery,
-            "cursor must be a next_cursor from an earlier page",
-        ));
-    }
+    let asked = PageAsked::from_query(query.limit, query.cursor)?;
     let page = state
         .store
         .list_schedules(&ScheduleQuery {
             tenant: tenant.0,
-            before: query.cursor,
-            limit,
+            before: asked.before,
+            limit: asked.limit,
         })
         .await?;
     Ok(Json(SchedulePageView {

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use wasmtime::component::{Linker, Resource};
 use wasmtime::{Result, StoreContextMut};
-use wasmtime_wasi::filesystem::WasiFilesystemView;
+use wasmtime_wasi::filesystem::{WasiFilesystemCtxView, WasiFilesystemView};
 use wasmtime_wasi::p2::bindings::filesystem::types::{
     Descriptor, DescriptorFlags, ErrorCode, Host, HostDescriptor, OpenFlags, PathFlags,
 };
@@ -255,20 +255,14 @@ pub fn add_to_linker(linker: &mut Linker<CallState>) -> Result<()> {
         |mut store: StoreContextMut<'_, CallState>,
          (fd, buffer, offset): (Resource<Descriptor>, Vec<u8>, u64)| {
             Box::new(async move {
-                let folders = store.data().folder_call();
                 let charge = Measure {
                     bytes: buffer.len() as u64,
                     files: 0,
                 };
-                if let Some(folders) = &folders
-                    && let Err(full) = folders.charge(charge).await
-                {
-                    return Ok((Err(ErrorCode::from(&full)),));
-                }
-                let mut view = store.data_mut().filesystem();
-                let result = HostDescriptor::write(&mut view, fd, buffer, offset).await;
-                refund_if_failed(&folders, &result, charge);
-                Ok((wit_result(&mut view, result)?,))
+                charged(&mut store, charge, async move |view| {
+                    HostDescriptor::write(view, fd, buffer, offset).await
+                })
+                .await
             })
         },
     )?;
@@ -277,26 +271,14 @@ pub fn add_to_linker(linker: &mut Linker<CallState>) -> Result<()> {
         "[method]descriptor.set-size",
         |mut store: StoreContextMut<'_, CallState>, (fd, size): (Resource<Descriptor>, u64)| {
             Box::new(async move {
-                let folders = store.data().folder_call();
-                let mut charge = Measure::default();
-                if let Some(folders) = &folders {
-                    // A file made longer grows by the difference, even
-                    // sparse: its length is what it counts for.
-                    let mut view = store.data_mut().filesystem();
-                    let fd_again = Resource::new_borrow(fd.rep());
-                    let length = match HostDescriptor::stat(&mut view, fd_again).await {
-                        Ok(stat) => stat.size,
-                        Err(error) => return Ok((Err(view.convert_error_code(error)?),)),
-                    };
-                    charge.bytes = size.saturating_sub(length);
-                    if let Err(full) = folders.charge(charge).await {
-                        return Ok((Err(ErrorCode::from(&full)),));
-                    }
-                }
-                let mut view = store.data_mut().filesystem();
-                let result = HostDescriptor::set_size(&mut view, fd, size).await;
-                refund_if_failed(&folders, &result, charge);
-                Ok((wit_result(&mut view, result)?,))
+                let charge = match growth_to(&mut store, &fd, size).await? {
+                    Ok(charge) => charge,
+                    Err(error) => return Ok((Err(error),)),
+                };
+                charged(&mut store, charge, async move |view| {
+                    HostDescriptor::set_size(view, fd, size).await
+                })
+                .await
             })
         },
     )?;
@@ -308,14 +290,10 @@ pub fn add_to_linker(linker: &mut Linker<CallState>) -> Result<()> {
         "[method]descriptor.write-via-stream",
         |mut store: StoreContextMut<'_, CallState>, (fd, offset): (Resource<Descriptor>, u64)| {
             Box::new(async move {
-                let folders = store.data().folder_call();
-                if let Some(folders) = &folders {
-                    folders.usage.measure_once().await;
-                }
-                let mut view = store.data_mut().filesystem();
-                let result = HostDescriptor::write_via_stream(&mut view, fd, offset);
-                let result = counted_stream(&mut view, result, folders);
-                Ok((wit_result(&mut view, result)?,))
+                counted_stream(&mut store, |view| {
+                    HostDescriptor::write_via_stream(view, fd, offset)
+                })
+                .await
             })
         },
     )?;
@@ -324,14 +302,10 @@ pub fn add_to_linker(linker: &mut Linker<CallState>) -> Result<()> {
         "[method]descriptor.append-via-stream",
         |mut store: StoreContextMut<'_, CallState>, (fd,): (Resource<Descriptor>,)| {
             Box::new(async move {
-                let folders = store.data().folder_call();
-                if let Some(folders) = &folders {
-                    folders.usage.measure_once().await;
-                }
-                let mut view = store.data_mut().filesystem();
-                let result = HostDescriptor::append_via_stream(&mut view, fd);
-                let result = counted_stream(&mut view, result, folders);
-                Ok((wit_result(&mut view, result)?,))
+                counted_stream(&mut store, |view| {
+                    HostDescriptor::append_via_stream(view, fd)
+                })
+                .await
             })
         },
     )?;
@@ -347,24 +321,16 @@ pub fn add_to_linker(linker: &mut Linker<CallState>) -> Result<()> {
             DescriptorFlags,
         )| {
             Box::new(async move {
-                let folders = store.data().folder_call();
                 // Counted once per `create`, whether or not the file was
                 // there: the walk after the call puts it right.
                 let charge = Measure {
                     bytes: 0,
                     files: u64::from(open_flags.contains(OpenFlags::CREATE)),
                 };
-                if let Some(folders) = &folders
-                    && let Err(full) = folders.charge(charge).await
-                {
-                    return Ok((Err(ErrorCode::from(&full)),));
-                }
-                let mut view = store.data_mut().filesystem();
-                let result =
-                    HostDescriptor::open_at(&mut view, fd, path_flags, path, open_flags, flags)
-                        .await;
-                refund_if_failed(&folders, &result, charge);
-                Ok((wit_result(&mut view, result)?,))
+                charged(&mut store, charge, async move |view| {
+                    HostDescriptor::open_at(view, fd, path_flags, path, open_flags, flags).await
+                })
+                .await
             })
         },
     )?;
@@ -373,16 +339,10 @@ pub fn add_to_linker(linker: &mut Linker<CallState>) -> Result<()> {
         "[method]descriptor.create-directory-at",
         |mut store: StoreContextMut<'_, CallState>, (fd, path): (Resource<Descriptor>, String)| {
             Box::new(async move {
-                let folders = store.data().folder_call();
-                if let Some(folders) = &folders
-                    && let Err(full) = folders.charge(ONE_ENTRY).await
-                {
-                    return Ok((Err(ErrorCode::from(&full)),));
-                }
-                let mut view = store.data_mut().filesystem();
-                let result = HostDescriptor::create_directory_at(&mut view, fd, path).await;
-                refund_if_failed(&folders, &result, ONE_ENTRY);
-                Ok((wit_result(&mut view, result)?,))
+                charged(&mut store, ONE_ENTRY, async move |view| {
+                    HostDescriptor::create_directory_at(view, fd, path).await
+                })
+                .await
             })
         },
     )?;
@@ -392,16 +352,10 @@ pub fn add_to_linker(linker: &mut Linker<CallState>) -> Result<()> {
         |mut store: StoreContextMut<'_, CallState>,
          (fd, old_path, new_path): (Resource<Descriptor>, String, String)| {
             Box::new(async move {
-                let folders = store.data().folder_call();
-                if let Some(folders) = &folders
-                    && let Err(full) = folders.charge(ONE_ENTRY).await
-                {
-                    return Ok((Err(ErrorCode::from(&full)),));
-                }
-                let mut view = store.data_mut().filesystem();
-                let result = HostDescriptor::symlink_at(&mut view, fd, old_path, new_path).await;
-                refund_if_failed(&folders, &result, ONE_ENTRY);
-                Ok((wit_result(&mut view, result)?,))
+                charged(&mut store, ONE_ENTRY, async move |view| {
+                    HostDescriptor::symlink_at(view, fd, old_path, new_path).await
+                })
+                .await
             })
         },
     )?;
@@ -417,18 +371,10 @@ pub fn add_to_linker(linker: &mut Linker<CallState>) -> Result<()> {
             String,
         )| {
             Box::new(async move {
-                let folders = store.data().folder_call();
-                if let Some(folders) = &folders
-                    && let Err(full) = folders.charge(ONE_ENTRY).await
-                {
-                    return Ok((Err(ErrorCode::from(&full)),));
-                }
-                let mut view = store.data_mut().filesystem();
-                let result =
-                    HostDescriptor::link_at(&mut view, fd, old_flags, old_path, new_fd, new_path)
-                        .await;
-                refund_if_failed(&folders, &result, ONE_ENTRY);
-                Ok((wit_result(&mut view, result)?,))
+                charged(&mut store, ONE_ENTRY, async move |view| {
+                    HostDescriptor::link_at(view, fd, old_flags, old_path, new_fd, new_path).await
+                })
+                .await
             })
         },
     )?;
@@ -439,14 +385,47 @@ pub fn add_to_linker(linker: &mut Linker<CallState>) -> Result<()> {
 
 const ONE_ENTRY: Measure = Measure { bytes: 0, files: 1 };
 
-fn refund_if_failed<T>(
-    folders: &Option<Arc<FolderCall>>,
-    result: &Result<T, FsError>,
+/// Runs one operation that makes a folder grow by at most `charge`: charges
+/// the call's folders first and refuses the operation with
+/// `insufficient-space` when that would pass the quota, gives the charge
+/// back if the operation fails, and returns its result as the guest
+/// receives it.
+async fn charged<T>(
+    store: &mut StoreContextMut<'_, CallState>,
     charge: Measure,
-) {
-    if let (Some(folders), Err(_)) = (folders, result) {
+    operation: impl AsyncFnOnce(&mut WasiFilesystemCtxView<'_>) -> Result<T, FsError>,
+) -> Result<(Result<T, ErrorCode>,)> {
+    let folders = store.data().folder_call();
+    if let Some(folders) = &folders
+        && let Err(full) = folders.charge(charge).await
+    {
+        return Ok((Err(ErrorCode::from(&full)),));
+    }
+    let mut view = store.data_mut().filesystem();
+    let result = operation(&mut view).await;
+    if let (Some(folders), Err(_)) = (&folders, &result) {
         folders.usage.refund(charge);
     }
+    Ok((wit_result(&mut view, result)?,))
+}
+
+/// What setting a file's size to `size` adds: the difference when it makes
+/// the file longer (even sparse: its length is what it counts for), nothing
+/// when the call writes into no counted folder.
+async fn growth_to(
+    store: &mut StoreContextMut<'_, CallState>,
+    fd: &Resource<Descriptor>,
+    size: u64,
+) -> Result<Result<Measure, ErrorCode>> {
+    if store.data().folder_call().is_none() {
+        return Ok(Ok(Measure::default()));
+    }
+    let mut view = store.data_mut().filesystem();
+    let result = HostDescriptor::stat(&mut view, Resource::new_borrow(fd.rep())).await;
+    Ok(wit_result(&mut view, result)?.map(|stat| Measure {
+        bytes: size.saturating_sub(stat.size),
+        files: 0,
+    }))
 }
 
 /// A wasmtime-wasi result as the guest receives it: its error as a WIT
@@ -461,23 +440,31 @@ fn wit_result<T, V: Host>(
     }
 }
 
-/// Puts a stream wasmtime-wasi opened back in the table wrapped, so each
-/// write through it is charged.
-fn counted_stream(
-    view: &mut wasmtime_wasi::filesystem::WasiFilesystemCtxView<'_>,
-    result: Result<Resource<DynOutputStream>, FsError>,
-    folders: Option<Arc<FolderCall>>,
-) -> Result<Resource<DynOutputStream>, FsError> {
-    let Some(folders) = folders else {
-        return result;
-    };
-    let stream = result?;
-    let inner = view.table.delete(stream)?;
-    let counted: DynOutputStream = Box::new(CountedStream {
-        inner: Some(inner),
-        folders,
+/// Opens a write or append stream on a file; when the call writes into
+/// counted folders, measures them first (a stream's writes cannot wait for
+/// that) and puts the stream back in the table wrapped, so each write
+/// through it is charged.
+async fn counted_stream(
+    store: &mut StoreContextMut<'_, CallState>,
+    open: impl FnOnce(&mut WasiFilesystemCtxView<'_>) -> Result<Resource<DynOutputStream>, FsError>,
+) -> Result<(Result<Resource<DynOutputStream>, ErrorCode>,)> {
+    let folders = store.data().folder_call();
+    if let Some(folders) = &folders {
+        folders.usage.measure_once().await;
+    }
+    let mut view = store.data_mut().filesystem();
+    let result = open(&mut view).and_then(|stream| {
+        let Some(folders) = folders else {
+            return Ok(stream);
+        };
+        let inner = view.table.delete(stream)?;
+        let counted: DynOutputStream = Box::new(CountedStream {
+            inner: Some(inner),
+            folders,
+        });
+        Ok(view.table.push(counted)?)
     });
-    Ok(view.table.push(counted)?)
+    Ok((wit_result(&mut view, result)?,))
 }
 
 /// A file's write stream whose every write is charged first.

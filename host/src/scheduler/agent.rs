@@ -701,8 +701,15 @@ impl Run {
             return Ok(Ok(None));
         };
         let period = cap.period.at(now_millis());
-        let mark = budgets.mark(tenant, &period.key);
-        let used = self.shared.store.period_usage(tenant, &period.key).await?;
+        let (mark, used) = match budgets.recent_read(tenant, &period.key) {
+            Some(read) => read,
+            None => {
+                let mark = budgets.mark(tenant, &period.key);
+                let used = self.shared.store.period_usage(tenant, &period.key).await?;
+                budgets.note_read(tenant, &period.key, mark, used);
+                (mark, used)
+            }
+        };
         match budgets.reserve_for_tenant(tenant, &cap, &period, mark, used, &estimate) {
             Ok(reservation) => Ok(Ok(Some(reservation))),
             Err(refusal) => refused(refusal),

@@ -547,15 +547,21 @@ impl TaskQuery {
 
     /// Turns the rows of one more than a page into the page and its cursor.
     pub fn page(&self, mut tasks: Vec<TaskRecord>) -> TaskPage {
-        let size = self.page_size() as usize;
-        let next_cursor = if tasks.len() > size {
-            tasks.truncate(size);
-            tasks.last().map(|t| t.id.clone())
-        } else {
-            None
-        };
+        let next_cursor = cut_page(&mut tasks, self.page_size(), |task| &task.id);
         TaskPage { tasks, next_cursor }
     }
+}
+
+/// Cuts the rows of one more than a page (newest first, by id) to the page,
+/// and returns the cursor of the next one: the last id kept, or `None` when
+/// there is nothing more.
+pub(crate) fn cut_page<T>(rows: &mut Vec<T>, size: u32, id: impl Fn(&T) -> &str) -> Option<String> {
+    let size = size as usize;
+    if rows.len() <= size {
+        return None;
+    }
+    rows.truncate(size);
+    rows.last().map(|row| id(row).to_owned())
 }
 
 #[derive(Debug, Clone)]

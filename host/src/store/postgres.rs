@@ -1356,16 +1356,15 @@ impl Store for PgStore {
     }
 
     async fn list_schedules(&self, query: &ScheduleQuery) -> Result<SchedulePage> {
-        let rows = sqlx::query(
-            "SELECT * FROM schedules
-              WHERE tenant = $1 AND ($2::text IS NULL OR id < $2)
-              ORDER BY id DESC LIMIT $3",
-        )
-        .bind(&query.tenant)
-        .bind(&query.before)
-        .bind(i64::from(query.limit.clamp(1, 500)) + 1)
-        .fetch_all(&self.pool)
-        .await?;
+        // Written from fixed fragments only; every value is bound.
+        let mut statement = sqlx::query(sqlx::AssertSqlSafe(query.list_statement(&DIALECT)));
+        for value in query.list_parameters() {
+            statement = statement.bind(value);
+        }
+        let rows = statement
+            .bind(i64::from(query.page_size()) + 1)
+            .fetch_all(&self.pool)
+            .await?;
         let schedules = rows
             .iter()
             .map(schedule_from_row)

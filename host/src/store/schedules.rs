@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{EventRecord, Millis, NewTask, StoreError, TaskRecord};
+use super::{EventRecord, Millis, NewTask, SqlDialect, StoreError, TaskRecord, cut_page};
 use crate::budgets::TaskBudget;
 use crate::schedules::{CronSpec, Firing, MissedTicks};
 
@@ -171,14 +171,35 @@ pub struct SchedulePage {
 }
 
 impl ScheduleQuery {
-    pub(super) fn page(&self, mut schedules: Vec<ScheduleRecord>) -> SchedulePage {
-        let size = self.limit.clamp(1, 500) as usize;
-        let next_cursor = if schedules.len() > size {
-            schedules.truncate(size);
-            schedules.last().map(|s| s.id.clone())
+    /// The page size asked for, within what one page may hold.
+    pub(super) fn page_size(&self) -> u32 {
+        self.limit.clamp(1, 500)
+    }
+
+    /// The statement listing this page. The values to bind, in order, are
+    /// [`ScheduleQuery::list_parameters`] and then one more than the page
+    /// size.
+    pub(super) fn list_statement(&self, dialect: &SqlDialect) -> String {
+        let placeholder = dialect.placeholder;
+        let before = if self.before.is_some() {
+            format!(" AND id < {}", placeholder(2))
         } else {
-            None
+            String::new()
         };
+        let limit = placeholder(if self.before.is_some() { 3 } else { 2 });
+        format!(
+            "SELECT * FROM schedules WHERE tenant = {}{before} ORDER BY id DESC LIMIT {limit}",
+            placeholder(1)
+        )
+    }
+
+    pub(super) fn list_parameters(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.tenant.as_str()).chain(self.before.as_deref())
+    }
+
+    /// Turns the rows of one more than a page into the page and its cursor.
+    pub(super) fn page(&self, mut schedules: Vec<ScheduleRecord>) -> SchedulePage {
+        let next_cursor = cut_page(&mut schedules, self.page_size(), |schedule| &schedule.id);
         SchedulePage {
             schedules,
             next_cursor,
