@@ -52,14 +52,88 @@ pub(crate) async fn per_call(args: &Args) -> anyhow::Result<()> {
         "on-demand / pooling (bare)",
         format!("{:.2}x", ratio(&on_demand, &pooled)),
     );
-    Ok(())
+    println!();
+    script_tools(args).await
 }
 
 /// Calls the calculator through the host's plugin runtime, loaded from a
 /// folder holding only `calculator.wasm` (no manifest: default limits).
 pub(crate) async fn time_host(calls: usize) -> anyhow::Result<Samples> {
+    let input = json!({ "expression": EXPRESSION });
+    let check = |output: &Value| check_answer(&output["result"]);
+    time_tool(
+        calls,
+        &opspawn_testkit::wasm("calculator"),
+        None,
+        "calculator",
+        &input,
+        check,
+    )
+    .await
+}
+
+/// The Python and JavaScript examples, each with a fresh instance per call
+/// and with warm instances (`[instances] reuse`), when they are built.
+pub(crate) async fn script_tools(args: &Args) -> anyhow::Result<()> {
+    println!(
+        "Per tool call, script examples: {} calls after {WARM_UP_CALLS} warm-up, one at a time",
+        args.calls
+    );
+    println!("  {:<36}{:>12}{:>12}", "", "median", "p90");
+    let text = "the quick brown fox jumps over the lazy dog";
+    let input = json!({ "text": text });
+    for (example, tool) in [
+        ("word-count-python", "word_count_python"),
+        ("word-count-js", "word_count_js"),
+    ] {
+        let Some(file) = opspawn_testkit::script_plugins::built_example(example) else {
+            println!("  {example}: not built (scripts/common.sh build_script_plugins builds it)");
+            continue;
+        };
+        let check = |output: &Value| {
+            if output["words"] == 9 {
+                Ok(())
+            } else {
+                bail!("{tool} answered {output}, not 9 words")
+            }
+        };
+        let fresh = "[limits]\nmemory_mib = 64\n";
+        let warm = "[limits]\nmemory_mib = 64\n[instances]\nreuse = \"tenant\"\n";
+        let mut medians = Vec::new();
+        for (label, manifest) in [("fresh", fresh), ("warm", warm)] {
+            let samples = time_tool(args.calls, &file, Some(manifest), tool, &input, check).await?;
+            println!(
+                "  {:<36}{:>12}{:>12}",
+                format!("{example}, {label}"),
+                micros(samples.percentile(0.5)),
+                micros(samples.percentile(0.9))
+            );
+            medians.push(samples.percentile(0.5).as_secs_f64());
+        }
+        row(
+            &format!("{example}: fresh / warm"),
+            format!("{:.1}x", medians[0] / medians[1]),
+        );
+    }
+    Ok(())
+}
+
+/// Calls `tool` through the host's plugin runtime, loaded from a folder
+/// holding only `wasm` (with `manifest`, if given).
+async fn time_tool(
+    calls: usize,
+    wasm: &std::path::Path,
+    manifest: Option<&str>,
+    tool: &str,
+    input: &Value,
+    check: impl Fn(&Value) -> anyhow::Result<()>,
+) -> anyhow::Result<Samples> {
     let folder = PluginFolder::new();
-    folder.add("calculator", "calculator", None);
+    let name = wasm
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .unwrap_or(tool);
+    folder.add_file(name, wasm, manifest);
     let runtime = PluginRuntime::new(RuntimeOptions {
         plugin_dir: folder.path().to_owned(),
         cache_dir: None,
@@ -79,8 +153,7 @@ pub(crate) async fn time_host(calls: usize) -> anyhow::Result<Samples> {
     if let Some(failure) = runtime.catalog().failures().first() {
         bail!("{} did not load: {}", failure.file.display(), failure.error);
     }
-    let input = json!({ "expression": EXPRESSION });
-    let tools = ["calculator".to_owned()];
+    let tools = [tool.to_owned()];
     let names = TaskPluginNames {
         planner: None,
         llm: None,
@@ -91,11 +164,8 @@ pub(crate) async fn time_host(calls: usize) -> anyhow::Result<Samples> {
         .await?;
     let call = async |n: u32| {
         let context = CallContext::new("bench", n);
-        Ok(runtime
-            .invoke_tool(&plugins, "calculator", &context, &input)
-            .await?)
+        Ok(runtime.invoke_tool(&plugins, tool, &context, input).await?)
     };
-    let check = |output: &Value| check_answer(&output["result"]);
     measure(calls, call, check).await
 }
 

@@ -124,6 +124,11 @@ pub struct PluginDefaults {
     /// The instance pool: how many plugin instances may be alive at once.
     /// Calls beyond it wait their turn.
     pub instances: u32,
+    /// How many instances of tools that ask for reuse (`[instances]` in
+    /// their manifest) may wait warm between calls, host-wide; each holds
+    /// one of `instances` and its memory while it waits. At most half of
+    /// `instances`; 0 turns reuse off.
+    pub warm_instances: u32,
     /// How many plugin calls may compute at once; by default two per core.
     /// Calls beyond it wait their turn.
     pub concurrent_calls: usize,
@@ -221,6 +226,7 @@ impl Default for Config {
                 max_memory_mib: 1024,
                 pooling: true,
                 instances: EngineOptions::default().max_instances,
+                warm_instances: EngineOptions::default().max_idle_instances,
                 concurrent_calls: crate::plugins::default_concurrent_calls(),
                 max_load_time: Duration::from_secs(120),
                 max_old_versions: 4,
@@ -323,6 +329,7 @@ impl Config {
                 pooling: self.plugins.pooling,
                 max_memory_bytes: self.plugins.max_memory_mib << 20,
                 max_instances: self.plugins.instances.max(1),
+                max_idle_instances: self.plugins.warm_instances.min(self.plugins.instances / 2),
             },
             concurrent_calls: self.plugins.concurrent_calls,
             server_env: std::env::vars_os()

@@ -4,13 +4,22 @@
 use std::time::{Duration, SystemTime};
 
 use opspawn::api::auth::token_hash;
-use opspawn_testkit::{Client, StatusCode};
+use opspawn_testkit::{Client, PluginFolder, StatusCode};
 use serde_json::{Value, json};
 
-use crate::{FINISH, Harness, calculator_task, misbehaving_task};
+use crate::{FINISH, Harness, MISBEHAVING_MANIFEST, calculator_task, misbehaving_task};
 
 /// A server whose configuration admits two tenants' tokens.
 fn authenticated(extra: &str) -> (Harness, tempfile::NamedTempFile) {
+    authenticated_with_plugins(extra, |_| {})
+}
+
+/// [`authenticated`], with `add` changing the plugin folder before the
+/// server starts.
+fn authenticated_with_plugins(
+    extra: &str,
+    add: impl FnOnce(&PluginFolder),
+) -> (Harness, tempfile::NamedTempFile) {
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         config.path(),
@@ -33,7 +42,10 @@ fn authenticated(extra: &str) -> (Harness, tempfile::NamedTempFile) {
     )
     .unwrap();
     let path = config.path().to_str().unwrap().to_owned();
-    (Harness::start_with(&[("OPSPAWN_CONFIG", &path)]), config)
+    (
+        Harness::start_with_plugins(&[("OPSPAWN_CONFIG", &path)], add),
+        config,
+    )
 }
 
 async fn send(
@@ -107,6 +119,55 @@ async fn tokens_are_required_and_tenants_see_only_their_own_tasks() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_instance_serves_one_tenant_and_never_another() {
+    // The fixture's instances are reused per tenant, for three calls each.
+    let (harness, _config) = authenticated_with_plugins("", |plugins| {
+        let manifest =
+            format!("{MISBEHAVING_MANIFEST}\n[instances]\nreuse = \"tenant\"\nmax_calls = 3\n");
+        plugins.add("misbehaving", "misbehaving", Some(&manifest));
+    });
+    let client = harness.client();
+    let remember = async |token: &str, note: &str| {
+        let step = tool_step_as(&client, token, "remember", json!({ "note": note })).await;
+        assert_eq!(step["status"], "succeeded", "{step:#}");
+        (
+            step["output"]["calls"].as_u64().unwrap(),
+            step["output"]["previous"].clone(),
+        )
+    };
+
+    assert_eq!(
+        remember("acme-token", "acme's secret").await,
+        (1, Value::Null)
+    );
+    // The same tenant's next task gets the same instance, memory and all...
+    assert_eq!(
+        remember("acme-token", "acme's second").await,
+        (2, json!("acme's secret"))
+    );
+    // ...another tenant never does: its first call finds a fresh instance.
+    assert_eq!(remember("globex-token", "globex's").await, (1, Value::Null));
+    assert_eq!(
+        remember("globex-token", "globex's second").await,
+        (2, json!("globex's"))
+    );
+    // Three calls, and the instance is let go: the fourth starts afresh.
+    assert_eq!(
+        remember("acme-token", "acme's third").await,
+        (3, json!("acme's second"))
+    );
+    assert_eq!(
+        remember("acme-token", "acme's fourth").await,
+        (1, Value::Null)
+    );
+
+    // A call that fails takes its instance with it.
+    let trapped = tool_step_as(&client, "globex-token", "trap", json!({})).await;
+    assert_eq!(trapped["status"], "failed", "{trapped:#}");
+    assert_eq!(remember("globex-token", "after").await, (1, Value::Null));
 }
 
 /// Runs one tool of the misbehaving fixture as `token`'s tenant and returns

@@ -453,13 +453,28 @@ pub fn grpc_client_script() -> PathBuf {
 pub mod script_plugins {
     use std::path::PathBuf;
 
-    /// `<target>`, from the test binary's path (`<target>/<profile>/deps/`).
+    /// `<target>`, from the running binary's path: a test binary's
+    /// (`<target>/<profile>/deps/`) or the benchmark's (`<target>/<profile>/`).
     pub fn target_dir() -> PathBuf {
-        let exe = std::env::current_exe().expect("the test binary's path");
-        exe.ancestors()
-            .nth(3)
-            .expect("the test binary lives in <target>/<profile>/deps")
+        let exe = std::env::current_exe().expect("the running binary's path");
+        let mut profile = exe.parent().expect("a binary lives in a folder");
+        if profile.ends_with("deps") {
+            profile = profile
+                .parent()
+                .expect("deps/ is inside the profile's folder");
+        }
+        profile
+            .parent()
+            .expect("the profile's folder is inside the target folder")
             .to_owned()
+    }
+
+    /// A built example component, if it is built.
+    pub fn built_example(name: &str) -> Option<PathBuf> {
+        let path = target_dir()
+            .join("plugin-examples")
+            .join(format!("{name}.wasm"));
+        path.is_file().then_some(path)
     }
 
     fn installed(path: PathBuf) -> PathBuf {

@@ -32,6 +32,9 @@ pub struct EngineOptions {
     pub max_memory_bytes: u64,
     /// How many plugin instances may be alive at once.
     pub max_instances: u32,
+    /// How many of them may wait warm between calls (tools that ask for
+    /// reuse); each holds its instance slot meanwhile.
+    pub max_idle_instances: u32,
 }
 
 impl Default for EngineOptions {
@@ -40,6 +43,7 @@ impl Default for EngineOptions {
             pooling: true,
             max_memory_bytes: 1 << 30,
             max_instances: 256,
+            max_idle_instances: 16,
         }
     }
 }

@@ -23,6 +23,84 @@ pub struct Manifest {
     /// For LLM adapters: where the host sends their requests, with which
     /// credential, and the settings handed to the adapter.
     pub adapter: Option<AdapterSection>,
+    /// For tools: whether an instance may serve more than one call.
+    #[serde(default)]
+    pub instances: InstancesSection,
+}
+
+/// `[instances]`: by default every call gets a fresh instance, so nothing a
+/// call leaves in memory reaches the next one. A tool whose runtime is slow
+/// to start (an interpreter) may ask for its instances to be kept warm and
+/// reused, within one task or one tenant, never across tenants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InstancesSection {
+    pub reuse: ReuseScope,
+    /// Calls one instance serves before a fresh one takes its place.
+    pub max_calls: u32,
+    /// How long an instance may wait unused before it is dropped.
+    pub max_idle_ms: u64,
+}
+
+impl Default for InstancesSection {
+    fn default() -> Self {
+        Self {
+            reuse: ReuseScope::Call,
+            max_calls: 1000,
+            max_idle_ms: 60_000,
+        }
+    }
+}
+
+/// Which calls may share an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReuseScope {
+    /// None: a fresh instance for every call.
+    Call,
+    /// The calls of one task.
+    Task,
+    /// The calls of one tenant's tasks.
+    Tenant,
+}
+
+/// How a plugin's instances are reused, once granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct InstanceReuse {
+    pub scope: ReuseScope,
+    pub max_calls: u32,
+    #[serde(rename = "max_idle_ms", serialize_with = "as_millis")]
+    pub max_idle: Duration,
+}
+
+fn as_millis<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(duration.as_millis() as u64)
+}
+
+impl InstancesSection {
+    /// The reuse asked for, if any, checked.
+    pub fn reuse(&self) -> Result<Option<InstanceReuse>, String> {
+        if self.reuse == ReuseScope::Call {
+            return Ok(None);
+        }
+        if self.max_calls < 2 {
+            return Err(format!(
+                "[instances] max_calls must be at least 2 when instances are reused, not {}",
+                self.max_calls
+            ));
+        }
+        if !(1..=3_600_000).contains(&self.max_idle_ms) {
+            return Err(format!(
+                "[instances] max_idle_ms must be from 1 to 3600000 (an hour), not {}",
+                self.max_idle_ms
+            ));
+        }
+        Ok(Some(InstanceReuse {
+            scope: self.reuse,
+            max_calls: self.max_calls,
+            max_idle: Duration::from_millis(self.max_idle_ms),
+        }))
+    }
 }
 
 /// `[adapter]`: the endpoint an LLM adapter's requests go to. The grant for
@@ -537,6 +615,30 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instances_are_fresh_per_call_unless_reuse_is_asked_for() {
+        let manifest: Manifest = toml::from_str("").unwrap();
+        assert_eq!(manifest.instances.reuse(), Ok(None));
+        let manifest: Manifest =
+            toml::from_str("[instances]\nreuse = \"task\"\nmax_idle_ms = 500").unwrap();
+        assert_eq!(
+            manifest.instances.reuse(),
+            Ok(Some(InstanceReuse {
+                scope: ReuseScope::Task,
+                max_calls: 1000,
+                max_idle: Duration::from_millis(500),
+            }))
+        );
+        for bad in [
+            "[instances]\nreuse = \"tenant\"\nmax_calls = 1",
+            "[instances]\nreuse = \"tenant\"\nmax_idle_ms = 0",
+        ] {
+            let manifest: Manifest = toml::from_str(bad).unwrap();
+            assert!(manifest.instances.reuse().is_err(), "{bad}");
+        }
+        assert!(toml::from_str::<Manifest>("[instances]\nreuse = \"forever\"").is_err());
+    }
 
     #[test]
     fn variables_expand_with_defaults() {

@@ -18,6 +18,7 @@ pub mod policy;
 mod registry;
 mod state;
 mod versions;
+mod warm;
 
 pub use versions::{OldVersion, RecordedVersions, TaskPluginNames, TaskPlugins};
 
@@ -252,6 +253,8 @@ pub struct PluginRuntime {
     warned: std::sync::Mutex<std::collections::BTreeMap<PathBuf, String>>,
     /// What each plugin keeps in its writable folders, per tenant.
     folder_usages: folder_quota::FolderUsages,
+    /// Instances of tools that ask for reuse, waiting for their next call.
+    warm: Arc<warm::WarmInstances>,
     _epoch: EpochTicker,
 }
 
@@ -276,16 +279,12 @@ enum SlotKind {
     NetworkBound,
 }
 
-/// The slots a running call holds; released when dropped.
-struct Slots {
-    _compute: Option<OwnedSemaphorePermit>,
-    _instance: OwnedSemaphorePermit,
-}
-
 impl CallSlots {
-    async fn acquire(&self, kind: SlotKind) -> Slots {
-        // Compute first: a call waiting for a core holds no instance slot.
-        let compute = match kind {
+    /// A compute slot, for a call that computes; none for one that mostly
+    /// waits on the network. Taken before the instance slot: a call waiting
+    /// for a core holds no instance.
+    async fn compute(&self, kind: SlotKind) -> Option<OwnedSemaphorePermit> {
+        match kind {
             SlotKind::Compute => Some(
                 self.compute
                     .clone()
@@ -294,17 +293,15 @@ impl CallSlots {
                     .expect("the compute semaphore is never closed"),
             ),
             SlotKind::NetworkBound => None,
-        };
-        let instance = self
-            .instances
+        }
+    }
+
+    async fn instance(&self) -> OwnedSemaphorePermit {
+        self.instances
             .clone()
             .acquire_owned()
             .await
-            .expect("the instance semaphore is never closed");
-        Slots {
-            _compute: compute,
-            _instance: instance,
-        }
+            .expect("the instance semaphore is never closed")
     }
 }
 
@@ -320,6 +317,7 @@ impl PluginRuntime {
         bindings::v0_1::llm_stream::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
         bindings::v0_2::logging::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
         let cache = Arc::new(CompileCache::new(&engine, options.cache_dir.clone()));
+        let warm = warm::WarmInstances::new(options.engine.max_idle_instances as usize);
         let slots = CallSlots {
             instances: Arc::new(Semaphore::new(options.engine.max_instances as usize)),
             compute: Arc::new(Semaphore::new(options.concurrent_calls.max(1))),
@@ -341,6 +339,7 @@ impl PluginRuntime {
             cache_usage: Arc::default(),
             warned: std::sync::Mutex::default(),
             folder_usages: folder_quota::FolderUsages::default(),
+            warm,
         }))
     }
 
@@ -493,25 +492,49 @@ impl PluginRuntime {
         } else {
             SlotKind::NetworkBound
         };
+        let warm = plugin
+            .info
+            .instance_reuse
+            .filter(|_| self.options.engine.max_idle_instances > 0)
+            .map(|reuse| {
+                (
+                    warm::WarmKey::of(plugin, &reuse, tenant, &context.task_id),
+                    reuse,
+                )
+            });
         let outcome = match entry {
             ToolEntry::V0_1(pre) => {
                 let context = convert::v0_1::context_to_wit(context);
-                self.call(plugin, kind, tenant, None, async |store| {
-                    let instance = pre.instantiate_async(&mut *store).await?;
-                    let tools = instance.opspawn_plugin_tools();
-                    let result = tools.call_invoke(store, &context, tool, &input).await?;
-                    Ok(result.map_err(|e| (e.code, e.message)))
-                })
+                self.call_reusing(
+                    plugin,
+                    kind,
+                    tenant,
+                    warm,
+                    None,
+                    async |store| pre.instantiate_async(store).await,
+                    async |store, instance: &bindings::v0_1::tool::Tool| {
+                        let tools = instance.opspawn_plugin_tools();
+                        let result = tools.call_invoke(store, &context, tool, &input).await?;
+                        Ok(result.map_err(|e| (e.code, e.message)))
+                    },
+                )
                 .await?
             }
             ToolEntry::V0_2(pre) => {
                 let context = convert::v0_2::context_to_wit(context);
-                self.call(plugin, kind, tenant, None, async |store| {
-                    let instance = pre.instantiate_async(&mut *store).await?;
-                    let tools = instance.opspawn_plugin_tools();
-                    let result = tools.call_invoke(store, &context, tool, &input).await?;
-                    Ok(result.map_err(|e| (e.code, e.message)))
-                })
+                self.call_reusing(
+                    plugin,
+                    kind,
+                    tenant,
+                    warm,
+                    None,
+                    async |store| pre.instantiate_async(store).await,
+                    async |store, instance: &bindings::v0_2::tool::Tool| {
+                        let tools = instance.opspawn_plugin_tools();
+                        let result = tools.call_invoke(store, &context, tool, &input).await?;
+                        Ok(result.map_err(|e| (e.code, e.message)))
+                    },
+                )
                 .await?
             }
         };
@@ -700,20 +723,97 @@ impl PluginRuntime {
     ) -> Result<T, CallError> {
         let span = call_span(plugin);
         let result = async {
-            let _slots = self.slots.acquire(kind).await;
+            let _compute = self.slots.compute(kind).await;
+            let _instance = self.slots.instance().await;
             let mut store = self.new_store(plugin, self.tenant_of(tenant), deltas)?;
             let outcome = guarded(plugin, call(&mut store)).await;
             settle(plugin, &store, outcome)
         }
         .instrument(span.clone())
         .await;
-        if let Err(error) = &result
-            && !span.is_disabled()
-        {
-            span.set_status(opentelemetry::trace::Status::error(error.to_string()));
-            span.set_attribute("error.type", error.code().to_owned());
-        }
+        record_span_error(&span, &result);
         result
+    }
+
+    /// [`PluginRuntime::call`] for a plugin whose instances may be reused
+    /// (`warm`: the call's key and the plugin's reuse rules): the call takes
+    /// a warm instance when one waits under its key, and `instantiate`s
+    /// otherwise; after a call that ended well the instance waits for the
+    /// next one, and after any failure it is dropped.
+    #[allow(clippy::too_many_arguments)]
+    async fn call_reusing<E: Send + 'static, T>(
+        &self,
+        plugin: &Arc<Plugin>,
+        kind: SlotKind,
+        tenant: Option<&str>,
+        warm: Option<(warm::WarmKey, manifest::InstanceReuse)>,
+        deltas: Option<mpsc::UnboundedSender<String>>,
+        instantiate: impl AsyncFnOnce(&mut Store<CallState>) -> wasmtime::Result<E>,
+        call: impl AsyncFnOnce(&mut Store<CallState>, &E) -> wasmtime::Result<T>,
+    ) -> Result<T, CallError> {
+        let span = call_span(plugin);
+        let result = async {
+            let _compute = self.slots.compute(kind).await;
+            // A key's instances are all of one plugin version, so their
+            // exports are all of one type.
+            let reused = warm
+                .as_ref()
+                .and_then(|(key, _)| self.warm.take(key))
+                .and_then(|idle| {
+                    let (store, exports, slot, calls) = idle.into_parts();
+                    Some((store, exports.downcast::<E>().ok()?, slot, calls))
+                });
+            let (mut store, exports, slot, calls) = match reused {
+                Some((mut store, exports, slot, calls)) => {
+                    store.data_mut().begin_reuse(&plugin.info.limits);
+                    arm_deadline(&mut store, plugin.info.limits.call_timeout);
+                    (store, Some(exports), slot, calls)
+                }
+                None => {
+                    let slot = self.slots.instance().await;
+                    let store = self.new_store(plugin, self.tenant_of(tenant), deltas)?;
+                    (store, None, slot, 0)
+                }
+            };
+            let outcome = guarded(plugin, async {
+                let exports = match exports {
+                    Some(exports) => exports,
+                    None => Box::new(instantiate(&mut store).await?),
+                };
+                let value = call(&mut store, &exports).await?;
+                Ok((value, exports))
+            })
+            .await;
+            let (outcome, exports) = match outcome {
+                Ok((value, exports)) => (Ok(value), Some(exports)),
+                Err(stopped) => (Err(stopped), None),
+            };
+            let result = settle(plugin, &store, outcome);
+            if let (Ok(_), Some(exports), Some((key, reuse))) = (&result, exports, warm)
+                && calls + 1 < reuse.max_calls
+            {
+                store.data_mut().end_reused_call();
+                let idle = warm::Idle::new(
+                    store,
+                    exports,
+                    slot,
+                    calls + 1,
+                    plugin.clone(),
+                    reuse.max_idle,
+                );
+                self.warm.keep(key, idle);
+            }
+            result
+        }
+        .instrument(span.clone())
+        .await;
+        record_span_error(&span, &result);
+        result
+    }
+
+    /// How many instances wait warm for their next call.
+    pub fn warm_instances(&self) -> usize {
+        self.warm.idle_count()
     }
 
     /// A fresh store for one call, limited as the plugin's manifest says.
@@ -737,18 +837,33 @@ impl PluginRuntime {
         })?;
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let deadline = Instant::now() + plugin.info.limits.call_timeout;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            // Yield at every tick so one busy plugin cannot starve the
-            // runtime's other tasks; stop it once its time is up.
-            Ok(if Instant::now() >= deadline {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Yield(1)
-            })
-        });
+        arm_deadline(&mut store, plugin.info.limits.call_timeout);
         Ok(store)
+    }
+}
+
+/// Stops the store's wasm once `limit` has passed from now, yielding at
+/// every epoch tick meanwhile so one busy plugin cannot starve the
+/// runtime's other tasks.
+fn arm_deadline(store: &mut Store<CallState>, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        Ok(if Instant::now() >= deadline {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::Yield(1)
+        })
+    });
+}
+
+/// Marks a call's span as failed, with its error's code, when traces are on.
+fn record_span_error<T>(span: &tracing::Span, result: &Result<T, CallError>) {
+    if let Err(error) = result
+        && !span.is_disabled()
+    {
+        span.set_status(opentelemetry::trace::Status::error(error.to_string()));
+        span.set_attribute("error.type", error.code().to_owned());
     }
 }
 

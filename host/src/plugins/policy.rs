@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::manifest::{Limits, Manifest};
+use super::manifest::{Limits, Manifest, ReuseScope};
 
 /// `None` in a list means "whatever manifests ask for"; `["*"]` says so
 /// explicitly; `[]` refuses everything of that kind.
@@ -44,6 +44,10 @@ pub struct Allowances {
     /// addresses (its API). Refused unless set to `true`, globally or for
     /// the plugin, and not `false` at the other level.
     pub allow_own_server: Option<bool>,
+    /// Whether a tool's instances may be reused across calls when its
+    /// manifest asks (`[instances]`); `false` keeps every call on a fresh
+    /// instance.
+    pub instance_reuse: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -200,6 +204,11 @@ impl OperatorPolicy {
             }
             true
         });
+
+        if narrowed.instances.reuse != ReuseScope::Call && !flag(|a| a.instance_reuse) {
+            refused.push("reuse of instances across calls".to_owned());
+            narrowed.instances.reuse = ReuseScope::Call;
+        }
 
         let mut limits = limits;
         if let Some(policy) = scoped {
@@ -358,6 +367,26 @@ mod tests {
             ["A", "B"],
             "per-plugin rules stay with their plugin"
         );
+    }
+
+    #[test]
+    fn the_operator_can_keep_every_call_on_a_fresh_instance() {
+        let mut manifest = manifest();
+        manifest.instances.reuse = ReuseScope::Tenant;
+        let (narrowed, _, refused) =
+            OperatorPolicy::default().narrow("p", &manifest, Limits::default(), &none());
+        assert_eq!(narrowed.instances.reuse, ReuseScope::Tenant);
+        assert!(refused.is_empty(), "{refused:?}");
+
+        for policy in [
+            "instance_reuse = false",
+            "[plugins.p]\ninstance_reuse = false",
+        ] {
+            let policy: OperatorPolicy = toml::from_str(policy).unwrap();
+            let (narrowed, _, refused) = policy.narrow("p", &manifest, Limits::default(), &none());
+            assert_eq!(narrowed.instances.reuse, ReuseScope::Call, "{policy:?}");
+            assert_eq!(refused, ["reuse of instances across calls"]);
+        }
     }
 
     #[test]

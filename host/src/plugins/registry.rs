@@ -23,7 +23,7 @@ use wasmtime::component::{Component, InstancePre};
 
 use super::bindings::{self, WitVersion, v0_1, v0_2};
 use super::external::{ExternalTool, ExternalTools};
-use super::manifest::{FolderScope, Grants, Limits, Manifest};
+use super::manifest::{FolderScope, Grants, InstanceReuse, Limits, Manifest};
 use super::state::CallState;
 use super::{PluginRuntime, SlotKind, convert};
 use crate::errors::Code;
@@ -82,6 +82,11 @@ pub struct PluginInfo {
     /// What the manifest asked for that the operator's policy refused.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<String>,
+    /// For tools whose manifest asks for it (and the policy allows): how
+    /// their instances serve more than one call. Absent: a fresh instance
+    /// per call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_reuse: Option<InstanceReuse>,
 }
 
 /// A file in the plugin folder that could not be loaded, and why: a stable
@@ -897,6 +902,13 @@ impl PluginRuntime {
                 ))
             }
         };
+        let instance_reuse = manifest.instances.reuse()?;
+        if instance_reuse.is_some() && kind != PluginKind::Tool {
+            return Err(format!(
+                "its manifest asks for [instances] reuse, which only tools have; this is a \
+                 {kind}: remove the [instances] section"
+            ));
+        }
         let wit_version = version.as_str().to_owned();
         let mut plugin = Plugin {
             info: PluginInfo {
@@ -911,6 +923,7 @@ impl PluginRuntime {
                 grants,
                 limits,
                 refused,
+                instance_reuse,
             },
             entry,
             validators: BTreeMap::new(),

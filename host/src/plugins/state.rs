@@ -5,14 +5,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::v0_1;
-use super::folder_quota::{FolderCall, FolderUsages, Measure};
+use super::folder_quota::{FolderCall, FolderUsage, FolderUsages, Measure};
 use super::manifest::{Grants, Limits};
 use super::outbound::PolicyHooks;
 
@@ -26,13 +28,15 @@ pub struct CallState {
     http: WasiHttpCtx,
     http_hooks: PolicyHooks,
     pub(super) limiter: MemoryLimiter,
-    pub(super) output: MemoryOutputPipe,
+    pub(super) output: OutputTail,
     deltas: Option<mpsc::UnboundedSender<String>>,
     /// What this call may still log, and stream.
     log_budget: Budget,
     delta_budget: Budget,
     /// What it may still write into its writable folders, if it has any.
     folders: Option<Arc<FolderCall>>,
+    /// Those folders' usage, for the next call of a warm instance.
+    folder_usage: Option<Arc<FolderUsage>>,
 }
 
 impl CallState {
@@ -44,7 +48,7 @@ impl CallState {
         deltas: Option<mpsc::UnboundedSender<String>>,
         folder_usages: &FolderUsages,
     ) -> wasmtime::Result<Self> {
-        let output = MemoryOutputPipe::new(OUTPUT_CAPTURE_BYTES);
+        let output = OutputTail::default();
         let mut wasi = WasiCtx::builder();
         wasi.stdout(output.clone())
             .stderr(output.clone())
@@ -71,13 +75,10 @@ impl CallState {
             wasi.preopened_dir(&host_path, &dir.guest_path, FsPerms::ReadWrite)?;
             writable.push(host_path);
         }
-        let folders = (!writable.is_empty()).then(|| {
-            let quota = Measure {
-                bytes: limits.max_folder_bytes,
-                files: limits.max_folder_files,
-            };
-            FolderCall::start(folder_usages.of(writable), quota)
-        });
+        let folder_usage = (!writable.is_empty()).then(|| folder_usages.of(writable));
+        let folders = folder_usage
+            .clone()
+            .map(|usage| FolderCall::start(usage, folder_quota(limits)));
         // Every resource the plugin holds (a stream, a set of HTTP fields)
         // is host memory: both their number and the fields' size are capped.
         let mut table = ResourceTable::new();
@@ -103,7 +104,48 @@ impl CallState {
             log_budget: Budget::new(limits.max_log_lines, limits.max_log_bytes),
             delta_budget: Budget::new(limits.max_deltas, limits.max_output_bytes),
             folders,
+            folder_usage,
         })
+    }
+
+    /// Readies a warm instance's state for its next call: the per-call
+    /// budgets start again, the call's share of its folders' quota is taken
+    /// anew, and what earlier calls printed is forgotten. What the instance
+    /// holds in its own memory stays: that is the point of reusing it.
+    pub fn begin_reuse(&mut self, limits: &Limits) {
+        self.limiter.refused = false;
+        self.output.clear();
+        self.log_budget = Budget::new(limits.max_log_lines, limits.max_log_bytes);
+        self.delta_budget = Budget::new(limits.max_deltas, limits.max_output_bytes);
+        self.folders = self
+            .folder_usage
+            .clone()
+            .map(|usage| FolderCall::start(usage, folder_quota(limits)));
+    }
+
+    /// Ends a call whose instance is kept warm: what it logged past its
+    /// limits is noted, and its share of its folders is given back, so they
+    /// can be measured again while the instance waits.
+    pub fn end_reused_call(&mut self) {
+        self.note_dropped();
+        self.folders = None;
+    }
+
+    /// One note per call for what it logged or streamed past its limits.
+    fn note_dropped(&self) {
+        let plugin = &*self.plugin;
+        if let Some(dropped) =
+            self.log_budget
+                .dropped("log lines", "max_log_lines", "max_log_bytes")
+        {
+            tracing::warn!(plugin, "{dropped}");
+        }
+        if let Some(dropped) =
+            self.delta_budget
+                .dropped("streamed deltas", "max_deltas", "max_output_bytes")
+        {
+            tracing::warn!(plugin, "{dropped}");
+        }
     }
 
     /// The call's share of its writable folders' quota, if it has any.
@@ -191,21 +233,104 @@ impl WasiHttpView for CallState {
 }
 
 impl Drop for CallState {
-    /// One note per call for what it logged or streamed past its limits.
     fn drop(&mut self) {
-        let plugin = &*self.plugin;
-        if let Some(dropped) =
-            self.log_budget
-                .dropped("log lines", "max_log_lines", "max_log_bytes")
-        {
-            tracing::warn!(plugin, "{dropped}");
-        }
-        if let Some(dropped) =
-            self.delta_budget
-                .dropped("streamed deltas", "max_deltas", "max_output_bytes")
-        {
-            tracing::warn!(plugin, "{dropped}");
-        }
+        self.note_dropped();
+    }
+}
+
+fn folder_quota(limits: &Limits) -> Measure {
+    Measure {
+        bytes: limits.max_folder_bytes,
+        files: limits.max_folder_files,
+    }
+}
+
+/// The plugin's stdout and stderr: the last [`OUTPUT_CAPTURE_BYTES`] of
+/// what it printed, kept to explain a crash. Writing never fails: older
+/// output is dropped to make room, so a plugin may print as much as it
+/// likes (a warm instance over many calls too).
+#[derive(Clone, Default)]
+pub struct OutputTail {
+    kept: Arc<std::sync::Mutex<std::collections::VecDeque<u8>>>,
+}
+
+impl OutputTail {
+    pub fn contents(&self) -> Vec<u8> {
+        self.kept.lock().unwrap().iter().copied().collect()
+    }
+
+    fn clear(&self) {
+        self.kept.lock().unwrap().clear();
+    }
+
+    fn keep(&self, bytes: &[u8]) {
+        let tail = &bytes[bytes.len().saturating_sub(OUTPUT_CAPTURE_BYTES)..];
+        let mut kept = self.kept.lock().unwrap();
+        let over = (kept.len() + tail.len()).saturating_sub(OUTPUT_CAPTURE_BYTES);
+        kept.drain(..over);
+        kept.extend(tail);
+    }
+}
+
+impl IsTerminal for OutputTail {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for OutputTail {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl OutputStream for OutputTail {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.keep(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(OUTPUT_CAPTURE_BYTES)
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for OutputTail {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for OutputTail {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        bytes: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.keep(bytes);
+        std::task::Poll::Ready(Ok(bytes.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 

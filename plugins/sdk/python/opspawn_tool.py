@@ -45,10 +45,15 @@ def tool(function=None, *, name=None, description=None, schema=None):
 
     def register(function):
         tool_name = name or function.__name__
+        # The signature is read once here: reading it per call cost more
+        # than the rest of a call on a warm instance.
+        signature = inspect.signature(function)
         _REGISTRY[tool_name] = (
             function,
             description or inspect.getdoc(function) or tool_name,
             schema or schema_of(function),
+            signature,
+            "context" in signature.parameters,
         )
         return function
 
@@ -97,18 +102,18 @@ class Tools(exports.Tools):
     def describe(self):
         return [
             ToolSpec(name=name, description=text, input_schema=json.dumps(schema))
-            for name, (_, text, schema) in _REGISTRY.items()
+            for name, (_, text, schema, _, _) in _REGISTRY.items()
         ]
 
     def invoke(self, context, name, input):
         if name not in _REGISTRY:
             raise _error("unknown_tool", f"this component has no tool named {name!r}")
-        function = _REGISTRY[name][0]
+        function, _, _, signature, takes_context = _REGISTRY[name]
         try:
             arguments = json.loads(input)
-            if "context" in inspect.signature(function).parameters:
+            if takes_context:
                 arguments["context"] = context
-            bound = inspect.signature(function).bind(**arguments)
+            bound = signature.bind(**arguments)
         except (ValueError, TypeError) as error:
             raise _error("invalid_input", f"the input does not fit {name}: {error}")
         try:
