@@ -44,6 +44,9 @@ enum Command {
     /// Create, list, show, pause, resume or delete schedules (recurring tasks).
     #[command(subcommand)]
     Schedules(SchedulesCommand),
+    /// List a task's tool calls that need approval; approve or reject one.
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
     /// List loaded plugins.
     #[command(subcommand)]
     Plugins(PluginsCommand),
@@ -351,6 +354,109 @@ async fn schedules_command(command: SchedulesCommand) -> anyhow::Result<i32> {
 }
 
 #[derive(Debug, Subcommand)]
+enum ApprovalsCommand {
+    /// A task's calls that need approval: pending ones, and how earlier
+    /// ones were answered.
+    List {
+        task: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Approve a pending call; it runs once every pending call of the task
+    /// is answered.
+    Approve {
+        task: String,
+        call: String,
+        /// The arguments to run the tool with instead (a JSON object).
+        #[arg(long)]
+        input: Option<String>,
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Reject a pending call; the planner sees the rejection (and the
+    /// comment) as the call's error.
+    Reject {
+        task: String,
+        call: String,
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Runs `opspawn approvals ...`.
+async fn approvals_command(command: ApprovalsCommand) -> anyhow::Result<i32> {
+    let summary = |approval: &Value| {
+        let decided = match approval["decided_by"].as_str() {
+            Some(by) => format!(
+                " by {by} at {}",
+                approval["decided_at"].as_str().unwrap_or_default()
+            ),
+            None => format!(
+                " until {}",
+                approval["expires_at"].as_str().unwrap_or_default()
+            ),
+        };
+        println!(
+            "{}  {:<8}  step {}  {} {}{decided}",
+            approval["call_id"].as_str().unwrap_or_default(),
+            approval["status"].as_str().unwrap_or_default(),
+            approval["step"],
+            approval["tool"].as_str().unwrap_or_default(),
+            one_line(
+                &approval
+                    .get("edited_input")
+                    .filter(|v| !v.is_null())
+                    .unwrap_or(&approval["input"])
+                    .to_string(),
+                80
+            ),
+        );
+    };
+    let (task, call, body, client) = match command {
+        ApprovalsCommand::List { task, client } => {
+            let url = format!("{}/v1/tasks/{task}/approvals", client.base_url());
+            let list = send(http().get(url)).await?;
+            for approval in list["approvals"].as_array().into_iter().flatten() {
+                summary(approval);
+            }
+            return Ok(0);
+        }
+        ApprovalsCommand::Approve {
+            task,
+            call,
+            input,
+            comment,
+            client,
+        } => {
+            let mut body = json!({"decision": "approve", "comment": comment});
+            if let Some(input) = input {
+                body["input"] = serde_json::from_str(&input)
+                    .context("--input must be JSON: the tool's arguments as an object")?;
+            }
+            (task, call, body, client)
+        }
+        ApprovalsCommand::Reject {
+            task,
+            call,
+            comment,
+            client,
+        } => (
+            task,
+            call,
+            json!({"decision": "reject", "comment": comment}),
+            client,
+        ),
+    };
+    let url = format!("{}/v1/tasks/{task}/approvals/{call}", client.base_url());
+    summary(&send(http().post(url).json(&body)).await?);
+    Ok(0)
+}
+
+#[derive(Debug, Subcommand)]
 enum TasksCommand {
     /// List tasks, newest first.
     List {
@@ -500,6 +606,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(args) => run(args).await,
         Command::Plugin(command) => plugin_command(command).await,
         Command::Schedules(command) => schedules_command(command).await,
+        Command::Approvals(command) => approvals_command(command).await,
         Command::Mcp(client) => {
             let token = std::env::var("OPSPAWN_TOKEN").ok();
             crate::mcp::server::serve_stdio(client.base_url(), token).await?;
@@ -825,6 +932,26 @@ async fn follow(base: &str, id: &str) -> anyhow::Result<i32> {
                 }
             }
             "task.cancel_requested" => writeln!(out, "· cancel requested")?,
+            "task.waiting_approval" => {
+                for call in data["pending"].as_array().into_iter().flatten() {
+                    writeln!(
+                        out,
+                        "? waiting for approval of call {} (step {}): {} {} (opspawn approvals approve|reject {id} {})",
+                        call["call_id"].as_str().unwrap_or("?"),
+                        call["step"],
+                        call["tool"].as_str().unwrap_or("?"),
+                        one_line(&call["input"].to_string(), 80),
+                        call["call_id"].as_str().unwrap_or("?"),
+                    )?;
+                }
+            }
+            "approval.decided" => writeln!(
+                out,
+                "· call {} {} by {}",
+                data["call_id"].as_str().unwrap_or("?"),
+                data["decision"].as_str().unwrap_or("?"),
+                data["decided_by"].as_str().unwrap_or("?"),
+            )?,
             "task.finished" => {
                 let status = data["status"].as_str().unwrap_or("?");
                 match status {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::auth::AuthConfig;
 use crate::api::{HttpLimits, QueueLimits, TaskDefaults};
+use crate::approvals::ApprovalsConfig;
 use crate::budgets::{Budgets, BudgetsConfig, PriceTable};
 use crate::grpc::GrpcConfig;
 use crate::mcp::McpConfig;
@@ -96,6 +97,9 @@ pub struct Config {
     /// Tenants' token and cost caps per day or month.
     #[serde(default)]
     pub budgets: BudgetsConfig,
+    /// Which tool calls wait for a person's approval, and for how long.
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
 }
 
 /// `[traces]`: what the spans of a task carry beyond names, models, token
@@ -179,6 +183,7 @@ const KEYS: &[&str] = &[
     "schedules",
     "prices",
     "budgets",
+    "approvals",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -242,6 +247,7 @@ impl Default for Config {
             grpc: GrpcConfig::default(),
             prices: crate::budgets::default_prices(),
             budgets: BudgetsConfig::default(),
+            approvals: ApprovalsConfig::default(),
         }
     }
 }
@@ -363,6 +369,7 @@ impl Config {
             lease: self.lease,
             trace_content: self.traces.record_content,
             budgets,
+            approvals: std::sync::Arc::new(self.approvals.clone()),
             ..SchedulerConfig::default()
         }
     }

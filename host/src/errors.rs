@@ -74,9 +74,11 @@ codes! {
     TaskNotFound = "task_not_found", status Some(404), request;
     ScheduleNotFound = "schedule_not_found", status Some(404), request;
     RouteNotFound = "route_not_found", status Some(404), request;
+    ApprovalNotFound = "approval_not_found", status Some(404), request;
     MethodNotAllowed = "method_not_allowed", status Some(405), request;
     RequestTimeout = "request_timeout", status Some(408), request;
     TaskAlreadyFinished = "task_already_finished", status Some(409), request;
+    ApprovalAlreadyDecided = "approval_already_decided", status Some(409), request;
     PayloadTooLarge = "payload_too_large", status Some(413), request;
     UnsupportedMediaType = "unsupported_media_type", status Some(415), request;
     InvalidGoal = "invalid_goal", status Some(422), request;
@@ -112,6 +114,9 @@ codes! {
     PlannerGaveUp = "planner_gave_up", status None, step;
     PlannerError = "planner_error", status None, step;
     ToolNotAllowed = "tool_not_allowed", status None, step;
+    // A call that needed approval was rejected (or timed out waiting): the
+    // tool did not run; the planner sees this as the call's error.
+    ApprovalRejected = "approval_rejected", status None, step;
     InvalidToolInput = "invalid_tool_input", status None, step;
     InvalidStepInput = "invalid_step_input", status None, step;
     PluginTrap = "plugin_trap", status None, step;

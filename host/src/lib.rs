@@ -8,6 +8,7 @@
 //!   [`metrics`]: what the host counts and times, for Prometheus;
 //!   [`telemetry`]: the log, and OpenTelemetry traces over OTLP;
 //!   [`budgets`]: prices, cost and the checks made before an LLM call;
+//!   [`approvals`]: which tool calls wait for a person's approval;
 //! - [`plugins`]: the plugin runtime (wasmtime), knows nothing of the store;
 //! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
 //! - [`scheduler`]: the dispatcher, leases and the agent loop, joining the two;
@@ -18,12 +19,13 @@
 //!   settings and the wiring of `opspawn serve`; [`authoring`]: the
 //!   `opspawn plugin` commands that write, build, check and install plugins.
 //!
-//! The core (`protocol`, `errors`, `budgets`, `rfc3339`, `events`, `metrics`,
+//! The core (`protocol`, `errors`, `budgets`, `approvals`, `rfc3339`, `events`, `metrics`,
 //! `telemetry`, `store`, `plugins`, `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
 //! `server`, `authoring`): the edges turn configuration and requests into the core's own
 //! option types. A test below scans the sources to keep it so.
 
 pub mod api;
+pub mod approvals;
 pub mod authoring;
 pub mod budgets;
 pub mod cli;
@@ -55,6 +57,7 @@ mod tests {
         "protocol.rs",
         "errors.rs",
         "budgets.rs",
+        "approvals.rs",
         "rfc3339.rs",
         "events.rs",
         "metrics.rs",

@@ -63,6 +63,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .budgets()
             .map_err(|e| anyhow::anyhow!("invalid [prices] or [budgets]: {e}"))?,
     );
+    config
+        .approvals
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid [approvals]: {e}"))?;
     let runtime = PluginRuntime::new(config.runtime_options())
         .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))?;
     // Listen at once; plugins load in the background meanwhile.

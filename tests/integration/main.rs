@@ -3,6 +3,7 @@
 //! over HTTP.
 
 mod api;
+mod approvals;
 mod authoring;
 mod budgets;
 mod capacity;

@@ -25,6 +25,12 @@ pub struct Tenant(pub String);
 
 pub const DEFAULT_TENANT: &str = "default";
 
+/// Who made a request, for the record (an approval's `decided_by`): the
+/// token's `name`, or `tenant:<tenant>` for a token with none, or
+/// `anonymous` when tokens are off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal(pub String);
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
@@ -118,6 +124,17 @@ impl Gate {
         }
     }
 
+    /// Who holds the token with hash `key` ([`Principal`]).
+    fn principal(&self, key: &str, tenant: &Tenant) -> Principal {
+        let name = self
+            .config
+            .tokens
+            .iter()
+            .find(|t| t.sha256.eq_ignore_ascii_case(key))
+            .and_then(|t| t.name.clone());
+        Principal(name.unwrap_or_else(|| format!("tenant:{}", tenant.0)))
+    }
+
     /// Takes one request from the token's bucket; the wait if it is empty.
     fn take(&self, key: &str) -> Result<(), f64> {
         let Some(per_minute) = self.config.requests_per_minute else {
@@ -160,13 +177,20 @@ pub async fn require_token(
     next: Next,
 ) -> Response {
     let gate = &state.gate;
-    let (tenant, key) = if gate.enabled() {
+    let (tenant, key, principal) = if gate.enabled() {
         match gate.authenticate(request.headers().get(header::AUTHORIZATION)) {
-            Ok(found) => found,
+            Ok((tenant, key)) => {
+                let principal = gate.principal(&key, &tenant);
+                (tenant, key, principal)
+            }
             Err(error) => return error.into_response(),
         }
     } else {
-        (Tenant(DEFAULT_TENANT.to_owned()), DEFAULT_TENANT.to_owned())
+        (
+            Tenant(DEFAULT_TENANT.to_owned()),
+            DEFAULT_TENANT.to_owned(),
+            Principal("anonymous".to_owned()),
+        )
     };
     if let Err(wait) = gate.take(&key) {
         let seconds = wait.ceil().max(1.0) as u64;
@@ -181,6 +205,7 @@ pub async fn require_token(
         return response;
     }
     request.extensions_mut().insert(tenant);
+    request.extensions_mut().insert(principal);
     next.run(request).await
 }
 

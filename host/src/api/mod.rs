@@ -5,6 +5,7 @@
 //! `docs/api.md`); malformed requests are 4xx, never 500.
 
 mod admission;
+mod approvals;
 pub mod auth;
 pub mod connections;
 mod error;
@@ -138,6 +139,8 @@ fn documented_routes(state: &AppState, limits: &HttpLimits) -> OpenApiRouter<App
         .routes(routes!(create_task, list_tasks))
         .routes(routes!(get_task))
         .routes(routes!(cancel_task))
+        .routes(routes!(approvals::list_approvals))
+        .routes(routes!(approvals::decide_approval))
         .routes(routes!(task_stats))
         .routes(routes!(
             schedules::create_schedule,
@@ -760,7 +763,7 @@ async fn list_tasks(
             ApiError::new(
                 Code::InvalidQuery,
                 format!(
-                    "unknown status {s:?}: use queued, running, succeeded, failed or cancelled"
+                    "unknown status {s:?}: use queued, running, waiting_approval, succeeded, failed or cancelled"
                 ),
             )
         })?),

@@ -103,6 +103,13 @@ error_responses! {
         InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, PluginsLoading,
         StoreFull,
     ];
+    ListApprovalsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
+        InvalidPath, Forbidden, TaskNotFound,
+    ];
+    DecideApprovalErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
+        InvalidJson, InvalidRequest, InvalidPath, Forbidden, TaskNotFound, ApprovalNotFound,
+        ApprovalAlreadyDecided, StoreFull,
+    ];
     ListSchedulesErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [InvalidQuery];
     GetScheduleErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, ScheduleNotFound,

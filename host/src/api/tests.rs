@@ -473,7 +473,8 @@ async fn stats_count_the_tenants_tasks_by_status_and_minute() {
     let stats = answer.body;
     assert_eq!(
         stats["counts"],
-        json!({"queued": 2, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0})
+        json!({"queued": 2, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0,
+               "waiting_approval": 0})
     );
     assert_eq!(stats["count_limit"], store::STATS_COUNT_LIMIT);
     assert_eq!(

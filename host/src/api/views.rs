@@ -471,7 +471,7 @@ impl StatsView {
                 TaskStatus::Succeeded => view.succeeded += count,
                 TaskStatus::Failed => view.failed += count,
                 TaskStatus::Cancelled => view.cancelled += count,
-                TaskStatus::Queued | TaskStatus::Running => {}
+                TaskStatus::Queued | TaskStatus::Running | TaskStatus::WaitingApproval => {}
             }
         }
         Self {

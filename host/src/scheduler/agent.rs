@@ -26,8 +26,8 @@ use crate::protocol::{
     ToolCall, ToolResult, Usage,
 };
 use crate::store::{
-    Claim, ErrorInfo, Fence, StepEnd, StepKind, StepRecord, StepStart, StepStatus, StepVersions,
-    StoreError, TaskEnd, TaskRecord, now_millis,
+    ApprovalRecord, ApprovalRequest, ApprovalStatus, Claim, ErrorInfo, Fence, StepEnd, StepKind,
+    StepRecord, StepStart, StepStatus, StepVersions, StoreError, TaskEnd, TaskRecord, now_millis,
 };
 
 /// Why a run stopped without finishing its task.
@@ -38,6 +38,9 @@ enum Interrupted {
     Shutdown,
     /// The store failed; the lease will expire and the task be retried.
     Store(StoreError),
+    /// The task waits for approval of tool calls; its claim is released
+    /// and it goes back to the queue once every call is answered.
+    AwaitingApproval,
 }
 
 impl From<StoreError> for Interrupted {
@@ -129,6 +132,10 @@ impl Run {
                 tracing::error!(task = %self.task.id, %error, "the store failed; the task will be retried when its lease expires");
                 return;
             }
+            Err(Interrupted::AwaitingApproval) => {
+                tracing::info!(task = %self.task.id, "waiting for approval; the claim is released");
+                return;
+            }
         };
         let status = end.status();
         spans::task_ended(&self.trace, &end);
@@ -190,13 +197,23 @@ impl Run {
             .filter(|step| step.status == StepStatus::Running)
             .cloned()
             .collect();
+        // A rejected call never runs, not even as a step left in flight.
+        let answered = if in_flight.iter().any(|s| s.kind == StepKind::Tool) {
+            self.shared.store.approvals(&self.task.id).await?
+        } else {
+            Vec::new()
+        };
         for step in in_flight {
             tracing::info!(
                 step = step.seq,
                 "re-running a step that was in flight when the last claim ended"
             );
             let effect = Effect::from_journal(step.kind, &step.input);
-            if let Some(end) = self.perform(step.seq, step.input, effect).await? {
+            let refusal = answered
+                .iter()
+                .find(|a| a.step == step.seq && a.status == ApprovalStatus::Rejected)
+                .map(rejection);
+            if let Some(end) = self.perform(step.seq, step.input, effect, refusal).await? {
                 return Ok(end);
             }
         }
@@ -247,7 +264,8 @@ impl Run {
                     }
                     let effect = Effect::Llm(request);
                     let input = effect.journal_input();
-                    if let Some(end) = self.perform(self.next_seq(), input, Ok(effect)).await? {
+                    let seq = self.next_seq();
+                    if let Some(end) = self.perform(seq, input, Ok(effect), None).await? {
                         return Ok(end);
                     }
                 }
@@ -258,19 +276,98 @@ impl Run {
                             "the planner asked to call no tools",
                         ));
                     }
-                    for call in calls {
+                    for (call, refusal) in self.gate(calls).await? {
                         if let Some(end) = self.boundary_check()? {
                             return Ok(end);
                         }
                         let effect = Effect::Tool(call);
                         let input = effect.journal_input();
-                        if let Some(end) = self.perform(self.next_seq(), input, Ok(effect)).await? {
+                        let seq = self.next_seq();
+                        if let Some(end) = self.perform(seq, input, Ok(effect), refusal).await? {
                             return Ok(end);
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Checks a planner's tool calls against the approval rules. Calls that
+    /// need approval and have none yet are journaled as pending and the
+    /// task waits (`Interrupted::AwaitingApproval`): none of the batch runs
+    /// until each is answered. Once all are, the calls come back in order:
+    /// approved ones with the approver's arguments if given, rejected ones
+    /// with the error their step is journaled with instead of running.
+    ///
+    /// A call is known by the step it becomes (this batch's first free
+    /// number, plus its place) and its id: the journal, and so the planner's
+    /// choice, is the same when the task resumes.
+    async fn gate(
+        &mut self,
+        calls: Vec<ToolCall>,
+    ) -> Result<Vec<(ToolCall, Option<ErrorInfo>)>, Interrupted> {
+        let rules = self.shared.config.approvals.clone();
+        let needs: Vec<bool> = calls
+            .iter()
+            .map(|call| rules.needs_approval(&call.name, &call.arguments))
+            .collect();
+        if !needs.contains(&true) {
+            return Ok(calls.into_iter().map(|call| (call, None)).collect());
+        }
+        let answers = self.shared.store.approvals(&self.task.id).await?;
+        let first = self.next_seq();
+        let expires_at = now_millis() + rules.timeout.as_millis() as i64;
+        let mut gated = Vec::with_capacity(calls.len());
+        let mut unanswered = Vec::new();
+        for (place, (mut call, needed)) in calls.into_iter().zip(needs).enumerate() {
+            let step = first + place as u32;
+            if !needed {
+                gated.push((call, None));
+                continue;
+            }
+            let answer = answers.iter().find(|a| {
+                a.step == step
+                    && a.call_id == call.id
+                    && a.tool == call.name
+                    && a.input == call.arguments
+            });
+            match answer.map(|a| (a.status, a)) {
+                Some((ApprovalStatus::Approved, answer)) => {
+                    if let Some(input) = &answer.edited_input {
+                        call.arguments = input.clone();
+                    }
+                    gated.push((call, None));
+                }
+                Some((ApprovalStatus::Rejected, answer)) => {
+                    gated.push((call, Some(rejection(answer))));
+                }
+                _ => unanswered.push(ApprovalRequest {
+                    step,
+                    call_id: call.id.clone(),
+                    tool: call.name.clone(),
+                    input: call.arguments.clone(),
+                    expires_at,
+                }),
+            }
+        }
+        if unanswered.is_empty() {
+            return Ok(gated);
+        }
+        // The planner's last step is journaled first: the wait must not
+        // leave it to run again.
+        if let Some(end) = self.unwritten_end.take() {
+            let (record, event) = self.shared.store.finish_step(&self.fence, end).await?;
+            self.settling = None;
+            self.shared.events.journaled(event);
+            self.keep(record);
+        }
+        let event = self
+            .shared
+            .store
+            .await_approval(&self.fence, unanswered)
+            .await?;
+        self.shared.events.journaled(event);
+        Err(Interrupted::AwaitingApproval)
     }
 
     /// The plugin versions the task runs on; held before its first step.
@@ -382,15 +479,19 @@ impl Run {
     ///
     /// `input` is the step's input as journaled; `effect` the same, typed
     /// (or why the journaled input could not be read).
+    ///
+    /// `refusal`, when given, is the step's outcome instead of running it
+    /// (a rejected call).
     async fn perform(
         &mut self,
         seq: u32,
         input: Value,
         effect: Result<Effect, (StepKind, ErrorInfo)>,
+        refusal: Option<ErrorInfo>,
     ) -> Result<Option<TaskEnd>, Interrupted> {
         let span = self.step_span(seq, &effect);
         let step = span.clone();
-        self.perform_in_span(seq, input, effect, &step)
+        self.perform_in_span(seq, input, effect, refusal, &step)
             .instrument(span)
             .await
     }
@@ -417,6 +518,7 @@ impl Run {
         seq: u32,
         input: Value,
         effect: Result<Effect, (StepKind, ErrorInfo)>,
+        refusal: Option<ErrorInfo>,
         span: &Span,
     ) -> Result<Option<TaskEnd>, Interrupted> {
         let started_at = Instant::now();
@@ -481,6 +583,7 @@ impl Run {
         // Budgets are checked once per step, before its first try: a call
         // that could pass a cap is not made.
         let (mut reservation, refused) = match &effect {
+            _ if refusal.is_some() => (None, refusal),
             Ok(Effect::Llm(request)) => match self.check_budgets(request).await? {
                 Ok(reservation) => (reservation, None),
                 Err(refusal) => (None, Some(refusal)),
@@ -897,6 +1000,23 @@ fn timed_out_error(task: &TaskRecord) -> ErrorInfo {
             humantime::format_duration(Duration::from_millis(task.timeout_ms as u64))
         ),
     )
+}
+
+/// The error a rejected call's step is journaled with: the planner sees
+/// it as the call's result.
+fn rejection(answer: &ApprovalRecord) -> ErrorInfo {
+    let by = answer.decided_by.as_deref().unwrap_or("unknown");
+    if by == "timeout" {
+        return ErrorInfo::new(
+            Code::ApprovalRejected,
+            "the call needed approval and none came in time; it was not run",
+        );
+    }
+    let mut message = format!("the call was rejected by {by}; it was not run");
+    if let Some(comment) = answer.comment.as_deref().filter(|c| !c.is_empty()) {
+        message.push_str(&format!(": {comment}"));
+    }
+    ErrorInfo::new(Code::ApprovalRejected, message)
 }
 
 fn failed(code: impl Into<String>, message: impl Into<String>) -> TaskEnd {

@@ -45,6 +45,8 @@ pub struct SchedulerConfig {
     pub trace_content: bool,
     /// Prices, tenants' caps, and this host's reservations against them.
     pub budgets: Arc<crate::budgets::Budgets>,
+    /// Which tool calls wait for approval, and for how long.
+    pub approvals: Arc<crate::approvals::ApprovalsConfig>,
 }
 
 /// How long to wait before retrying a step that failed with a transient
@@ -98,6 +100,7 @@ impl Default for SchedulerConfig {
             retry: RetryPolicy::default(),
             trace_content: false,
             budgets: Arc::default(),
+            approvals: Arc::default(),
         }
     }
 }
@@ -201,6 +204,7 @@ impl Scheduler {
         let mut loops = JoinSet::new();
         loops.spawn(dispatch(shared.clone()));
         loops.spawn(renew_leases(shared.clone(), stop_renewing.clone()));
+        loops.spawn(expire_approvals(shared.clone()));
         if let Some(cancellations) = shared.store.cancellations() {
             loops.spawn(cancel_when_told(shared.clone(), cancellations));
         }
@@ -415,6 +419,39 @@ async fn renew_leases(shared: Arc<Shared>, stop: CancellationToken) {
         }
     }
 }
+/// Rejects calls whose wait for approval timed out, every
+/// `approvals.check_interval`, and wakes the dispatcher for the tasks that
+/// went back to the queue. Idle, it costs one read of the index of pending
+/// calls per interval.
+async fn expire_approvals(shared: Arc<Shared>) {
+    let mut ticks = tokio::time::interval(shared.config.approvals.check_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        match shared
+            .store
+            .expire_approvals(crate::store::now_millis())
+            .await
+        {
+            Ok(events) => {
+                let requeued = events
+                    .iter()
+                    .any(|e| e.kind == crate::store::event_kind::TASK_QUEUED);
+                for event in events {
+                    shared.events.journaled(event);
+                }
+                if requeued {
+                    shared.wake.notify_one();
+                }
+            }
+            Err(error) => tracing::warn!(%error, "rejecting timed-out approvals failed"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

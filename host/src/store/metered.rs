@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::{ApprovalRecord, ApprovalRequest, DecideOutcome, Decision};
 use super::{
     CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, PeriodUsage, QueueGauges, Renewal,
     Result, StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord,
@@ -74,6 +75,35 @@ impl Store for Metered {
 
     async fn fire_due_schedules(&self, rules: &FireRules) -> Result<Fired> {
         timed("fire_due_schedules", self.inner.fire_due_schedules(rules)).await
+    }
+
+    async fn await_approval(
+        &self,
+        fence: &Fence,
+        requests: Vec<ApprovalRequest>,
+    ) -> Result<EventRecord> {
+        timed("await_approval", self.inner.await_approval(fence, requests)).await
+    }
+
+    async fn approvals(&self, task_id: &str) -> Result<Vec<ApprovalRecord>> {
+        timed("approvals", self.inner.approvals(task_id)).await
+    }
+
+    async fn decide_approval(
+        &self,
+        task_id: &str,
+        call_id: &str,
+        decision: &Decision,
+    ) -> Result<DecideOutcome> {
+        timed(
+            "decide_approval",
+            self.inner.decide_approval(task_id, call_id, decision),
+        )
+        .await
+    }
+
+    async fn expire_approvals(&self, now: Millis) -> Result<Vec<EventRecord>> {
+        timed("expire_approvals", self.inner.expire_approvals(now)).await
     }
 
     async fn create_task(&self, task: NewTask) -> Result<(TaskRecord, Option<EventRecord>)> {

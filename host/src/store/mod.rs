@@ -8,6 +8,7 @@
 //! A write whose fence no longer matches the task's current claim fails with
 //! [`StoreError::Fenced`] and changes nothing.
 
+pub mod approvals;
 mod metered;
 mod postgres;
 pub mod schedules;
@@ -19,6 +20,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use approvals::{ApprovalRecord, ApprovalRequest, ApprovalStatus, DecideOutcome, Decision};
 pub use metered::Metered;
 pub use postgres::PgStore;
 pub use schedules::{
@@ -109,15 +111,19 @@ pub enum TaskStatus {
     Succeeded,
     Failed,
     Cancelled,
+    /// Waiting for answers to tool calls that need approval; holds no
+    /// worker, lease or plugin instance.
+    WaitingApproval,
 }
 
 impl TaskStatus {
-    pub const ALL: [TaskStatus; 5] = [
+    pub const ALL: [TaskStatus; 6] = [
         Self::Queued,
         Self::Running,
         Self::Succeeded,
         Self::Failed,
         Self::Cancelled,
+        Self::WaitingApproval,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -127,6 +133,7 @@ impl TaskStatus {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+            Self::WaitingApproval => "waiting_approval",
         }
     }
 
@@ -419,6 +426,10 @@ pub mod event_kind {
     pub const STEP_STARTED: &str = "step.started";
     pub const STEP_FINISHED: &str = "step.finished";
     pub const TASK_FINISHED: &str = "task.finished";
+    /// The task waits for answers to the calls it names.
+    pub const TASK_WAITING_APPROVAL: &str = "task.waiting_approval";
+    /// A call that needed approval was answered (or timed out).
+    pub const APPROVAL_DECIDED: &str = "approval.decided";
     /// Streamed LLM text; live only, never persisted.
     pub const LLM_DELTA: &str = "llm.delta";
 
@@ -429,6 +440,8 @@ pub mod event_kind {
         STEP_STARTED,
         LLM_DELTA,
         STEP_FINISHED,
+        TASK_WAITING_APPROVAL,
+        APPROVAL_DECIDED,
         TASK_CANCEL_REQUESTED,
         TASK_FINISHED,
     ];
@@ -805,6 +818,30 @@ pub trait Store: Send + Sync + 'static {
         end: StepEnd,
         task_end: TaskEnd,
     ) -> Result<((StepRecord, EventRecord), EventRecord)>;
+
+    /// Journals the calls in `requests` as waiting for approval and sets
+    /// the task `waiting_approval`, releasing the claim (no lease, no
+    /// worker), in one fenced write; answers `task.waiting_approval`.
+    async fn await_approval(
+        &self,
+        fence: &Fence,
+        requests: Vec<ApprovalRequest>,
+    ) -> Result<EventRecord>;
+    /// Every call of the task that needed approval, by step.
+    async fn approvals(&self, task_id: &str) -> Result<Vec<ApprovalRecord>>;
+    /// Answers a pending call, in one transaction: the conditional update
+    /// (only a pending call changes, so one answer of any number wins), its
+    /// `approval.decided` event, and, when nothing of the task is pending
+    /// any more, its return to the queue.
+    async fn decide_approval(
+        &self,
+        task_id: &str,
+        call_id: &str,
+        decision: &Decision,
+    ) -> Result<DecideOutcome>;
+    /// Rejects pending calls whose time ran out (`now`), requeueing the
+    /// tasks left with nothing pending; answers the events written.
+    async fn expire_approvals(&self, now: Millis) -> Result<Vec<EventRecord>>;
 
     /// Creates a schedule.
     async fn create_schedule(&self, schedule: NewSchedule) -> Result<ScheduleRecord>;
@@ -1856,5 +1893,178 @@ pub(crate) mod conformance {
             .await
             .unwrap();
         assert_eq!(of_nobody, empty, "nothing of another tenant's");
+    }
+
+    fn request(step: u32, call: &str, expires_at: Millis) -> ApprovalRequest {
+        ApprovalRequest {
+            step,
+            call_id: call.into(),
+            tool: "calculator".into(),
+            input: serde_json::json!({"expression": format!("{step}+{step}")}),
+            expires_at,
+        }
+    }
+
+    fn decision(approve: bool, by: &str) -> Decision {
+        Decision {
+            approve,
+            input: approve.then(|| serde_json::json!({"expression": "9*9"})),
+            comment: Some(format!("from {by}")),
+            by: by.into(),
+        }
+    }
+
+    /// A task that waits holds no claim; of answers racing for one call
+    /// exactly one wins; the task goes back to the queue only when its last
+    /// pending call is answered. An expired call is rejected and requeues its task.
+    pub async fn approvals_are_answered_once_and_requeue_when_all_are(store: &dyn Store) {
+        let (task, _) = store
+            .create_task(new_task("approve", 0, None))
+            .await
+            .unwrap();
+        let lease = Duration::from_secs(30);
+        let claim = store.claim_next("host-a", lease).await.unwrap().unwrap();
+        let far = now_millis() + 3_600_000;
+        let event = store
+            .await_approval(
+                &claim.fence,
+                vec![request(2, "a", far), request(3, "b", far)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(event.kind, event_kind::TASK_WAITING_APPROVAL);
+        assert_eq!(event.data["pending"][1]["call_id"], "b");
+        let waiting = store.get_task(&task.id).await.unwrap().unwrap();
+        assert_eq!(waiting.status, TaskStatus::WaitingApproval);
+        assert!(
+            store.claim_next("host-b", lease).await.unwrap().is_none(),
+            "a waiting task is not claimable"
+        );
+        assert_eq!(
+            store
+                .renew_leases(std::slice::from_ref(&claim.fence), lease)
+                .await
+                .unwrap(),
+            [Renewal::Lost],
+            "its claim is released"
+        );
+        assert!(matches!(
+            store
+                .decide_approval(&task.id, "zzz", &decision(true, "x"))
+                .await,
+            Ok(DecideOutcome::NotFound)
+        ));
+
+        // Eight answers to one call at once: one wins.
+        let id = task.id.as_str();
+        let racing = (0..8).map(|n| {
+            let by = format!("racer-{n}");
+            async move {
+                store
+                    .decide_approval(id, "b", &decision(n % 2 == 0, &by))
+                    .await
+                    .unwrap()
+            }
+        });
+        let outcomes = futures::future::join_all(racing).await;
+        let winners: Vec<&ApprovalRecord> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                DecideOutcome::Decided {
+                    approval, requeued, ..
+                } => {
+                    assert!(!requeued, "call a is still pending");
+                    Some(approval)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(winners.len(), 1, "{outcomes:?}");
+        let winner = winners[0].clone();
+        for outcome in &outcomes {
+            if let DecideOutcome::AlreadyDecided(seen) = outcome {
+                assert_eq!(*seen, winner, "the losers see the winner's answer");
+            }
+        }
+        assert_eq!(
+            store.get_task(&task.id).await.unwrap().unwrap().status,
+            TaskStatus::WaitingApproval
+        );
+
+        let outcome = store
+            .decide_approval(&task.id, "a", &decision(false, "last"))
+            .await
+            .unwrap();
+        let DecideOutcome::Decided {
+            approval,
+            events,
+            requeued,
+        } = outcome
+        else {
+            panic!("{outcome:?}")
+        };
+        assert!(requeued);
+        assert_eq!(approval.status, ApprovalStatus::Rejected);
+        assert_eq!(approval.decided_by.as_deref(), Some("last"));
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [event_kind::APPROVAL_DECIDED, event_kind::TASK_QUEUED]
+        );
+        let listed = store.approvals(&task.id).await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[1], winner);
+
+        let resumed = store.claim_next("host-b", lease).await.unwrap().unwrap();
+        assert_eq!(resumed.task.id, task.id);
+        assert_eq!(resumed.task.attempt, 2);
+
+        // A second wait whose call expires: the sweep rejects it and
+        // requeues the task.
+        store
+            .await_approval(&resumed.fence, vec![request(5, "c", now_millis() - 1)])
+            .await
+            .unwrap();
+        let events = store.expire_approvals(now_millis()).await.unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [event_kind::APPROVAL_DECIDED, event_kind::TASK_QUEUED]
+        );
+        assert_eq!(events[0].data["decided_by"], "timeout");
+        assert!(
+            store
+                .expire_approvals(now_millis())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(matches!(
+            store
+                .decide_approval(&task.id, "c", &decision(true, "late"))
+                .await,
+            Ok(DecideOutcome::AlreadyDecided(_))
+        ));
+        assert_eq!(
+            store.get_task(&task.id).await.unwrap().unwrap().status,
+            TaskStatus::Queued
+        );
+
+        // Cancelling a waiting task ends it and rejects what was pending.
+        let claim = store.claim_next("host-b", lease).await.unwrap().unwrap();
+        store
+            .await_approval(&claim.fence, vec![request(7, "d", far)])
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.request_cancel(&task.id).await.unwrap(),
+            CancelOutcome::Cancelled(..)
+        ));
+        assert!(matches!(
+            store
+                .decide_approval(&task.id, "d", &decision(true, "late"))
+                .await,
+            Ok(DecideOutcome::AlreadyDecided(_))
+        ));
     }
 }

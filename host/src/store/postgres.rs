@@ -29,6 +29,9 @@ use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::Notify;
 
+use super::approvals::{
+    self, ApprovalColumns, ApprovalRecord, ApprovalRequest, ApprovalStatus, DecideOutcome, Decision,
+};
 use super::schedules::{
     FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord, TaskTemplate,
 };
@@ -769,7 +772,13 @@ async fn cancel(conn: &mut PgConnection, id: &str) -> Result<CancelOutcome> {
         .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
     let task = task_from_row(&row)?;
     match task.status {
-        TaskStatus::Queued => {
+        TaskStatus::Queued | TaskStatus::WaitingApproval => {
+            // A waiting task holds no claim: it ends here, like a queued one.
+            sqlx::query(approvals::REJECT_ON_CANCEL)
+                .bind(id)
+                .bind(now_millis())
+                .execute(&mut *conn)
+                .await?;
             let row = sqlx::query(
                 "UPDATE tasks SET status = 'cancelled', cancel_requested = TRUE, finished_at = $1
                   WHERE id = $2 RETURNING *",
@@ -799,6 +808,192 @@ async fn cancel(conn: &mut PgConnection, id: &str) -> Result<CancelOutcome> {
         }
         _ => Ok(CancelOutcome::AlreadyFinished(task)),
     }
+}
+
+fn approval_from_row(row: &PgRow) -> Result<ApprovalRecord> {
+    ApprovalColumns {
+        task_id: row.try_get("task_id")?,
+        step: row.try_get("step")?,
+        call_id: row.try_get("call_id")?,
+        tool: row.try_get("tool")?,
+        input: row.try_get("input")?,
+        status: row.try_get("status")?,
+        edited_input: row.try_get("edited_input")?,
+        comment: row.try_get("comment")?,
+        decided_by: row.try_get("decided_by")?,
+        decided_at: row.try_get("decided_at")?,
+        requested_at: row.try_get("requested_at")?,
+        expires_at: row.try_get("expires_at")?,
+    }
+    .into_record()
+}
+
+/// Journals the calls a task waits on and releases its claim; the caller
+/// has checked (and locked) the fence.
+async fn await_approval(
+    conn: &mut PgConnection,
+    fence: &Fence,
+    requests: &[ApprovalRequest],
+) -> Result<EventRecord> {
+    let now = now_millis();
+    for request in requests {
+        sqlx::query(approvals::INSERT)
+            .bind(&fence.task_id)
+            .bind(i64::from(request.step))
+            .bind(&request.call_id)
+            .bind(&request.tool)
+            .bind(request.input.to_string())
+            .bind(now)
+            .bind(request.expires_at)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query(approvals::PARK)
+        .bind(&fence.task_id)
+        .execute(&mut *conn)
+        .await?;
+    append_event(
+        conn,
+        &fence.task_id,
+        event_kind::TASK_WAITING_APPROVAL,
+        approvals::waiting_event_data(requests),
+    )
+    .await
+}
+
+/// Locks the task's row: answers (and timeouts) of one task take turns, so
+/// the last of them sees every other's and requeues the task, and events
+/// are numbered under the lock (see [`append_event`]). `false` when there
+/// is no such task.
+async fn lock_task(conn: &mut PgConnection, task_id: &str) -> Result<bool> {
+    Ok(sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(task_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .is_some())
+}
+
+async fn decide_approval(
+    conn: &mut PgConnection,
+    task_id: &str,
+    call_id: &str,
+    decision: &Decision,
+    channel: &str,
+) -> Result<DecideOutcome> {
+    if !lock_task(conn, task_id).await? {
+        return Ok(DecideOutcome::NotFound);
+    }
+    let now = now_millis();
+    let status = if decision.approve {
+        ApprovalStatus::Approved
+    } else {
+        ApprovalStatus::Rejected
+    };
+    let decided = sqlx::query(approvals::DECIDE)
+        .bind(task_id)
+        .bind(call_id)
+        .bind(status.as_str())
+        .bind(decision.input.as_ref().map(Value::to_string))
+        .bind(&decision.comment)
+        .bind(&decision.by)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = decided else {
+        let latest = sqlx::query(approvals::LATEST_WITH_CALL_ID)
+            .bind(task_id)
+            .bind(call_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        return Ok(match latest {
+            Some(row) => DecideOutcome::AlreadyDecided(approval_from_row(&row)?),
+            None => DecideOutcome::NotFound,
+        });
+    };
+    let approval = approval_from_row(&row)?;
+    let mut events = vec![
+        append_event(
+            conn,
+            task_id,
+            event_kind::APPROVAL_DECIDED,
+            approvals::decided_event_data(&approval),
+        )
+        .await?,
+    ];
+    let requeued = requeue_if_answered(conn, task_id, now, channel, &mut events).await?;
+    Ok(DecideOutcome::Decided {
+        approval,
+        events,
+        requeued,
+    })
+}
+
+/// Puts the task back in the queue if nothing of it is pending now, and
+/// wakes the hosts sharing the store (on commit).
+async fn requeue_if_answered(
+    conn: &mut PgConnection,
+    task_id: &str,
+    now: Millis,
+    channel: &str,
+    events: &mut Vec<EventRecord>,
+) -> Result<bool> {
+    let requeued = sqlx::query(approvals::REQUEUE)
+        .bind(task_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+        > 0;
+    if requeued {
+        events.push(
+            append_event(
+                conn,
+                task_id,
+                event_kind::TASK_QUEUED,
+                json!({"status": "queued", "reason": "approvals_answered"}),
+            )
+            .await?,
+        );
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(task_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(requeued)
+}
+
+/// Rejects the expired pending calls of one task and requeues it if that
+/// leaves nothing pending.
+async fn expire_task_approvals(
+    conn: &mut PgConnection,
+    task_id: &str,
+    now: Millis,
+    channel: &str,
+    events: &mut Vec<EventRecord>,
+) -> Result<()> {
+    if !lock_task(conn, task_id).await? {
+        return Ok(());
+    }
+    let expired = sqlx::query(approvals::EXPIRE)
+        .bind(task_id)
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
+    for row in &expired {
+        let approval = approval_from_row(row)?;
+        events.push(
+            append_event(
+                conn,
+                task_id,
+                event_kind::APPROVAL_DECIDED,
+                approvals::decided_event_data(&approval),
+            )
+            .await?,
+        );
+    }
+    requeue_if_answered(conn, task_id, now, channel, events).await?;
+    Ok(())
 }
 
 /// Appends an event to a task's history. The caller holds the task's row
@@ -1325,6 +1520,54 @@ impl Store for PgStore {
         Ok((finished, event))
     }
 
+    async fn await_approval(
+        &self,
+        fence: &Fence,
+        requests: Vec<ApprovalRequest>,
+    ) -> Result<EventRecord> {
+        let mut tx = self.pool.begin().await?;
+        check_fence(&mut tx, fence).await?;
+        let event = await_approval(&mut tx, fence, &requests).await?;
+        tx.commit().await?;
+        Ok(event)
+    }
+
+    async fn approvals(&self, task_id: &str) -> Result<Vec<ApprovalRecord>> {
+        let rows = sqlx::query(approvals::LIST)
+            .bind(task_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(approval_from_row).collect()
+    }
+
+    async fn decide_approval(
+        &self,
+        task_id: &str,
+        call_id: &str,
+        decision: &Decision,
+    ) -> Result<DecideOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let outcome = decide_approval(&mut tx, task_id, call_id, decision, &self.channel).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn expire_approvals(&self, now: Millis) -> Result<Vec<EventRecord>> {
+        let tasks: Vec<String> = sqlx::query_scalar(approvals::EXPIRED_TASKS)
+            .bind(now)
+            .bind(approvals::EXPIRE_BATCH)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut events = Vec::new();
+        for task_id in tasks {
+            // One transaction per task: a task's lock is held briefly.
+            let mut tx = self.pool.begin().await?;
+            expire_task_approvals(&mut tx, &task_id, now, &self.channel, &mut events).await?;
+            tx.commit().await?;
+        }
+        Ok(events)
+    }
+
     async fn create_schedule(&self, schedule: NewSchedule) -> Result<ScheduleRecord> {
         let row = sqlx::query(
             "INSERT INTO schedules (id, tenant, name, cron, timezone, template, missed_ticks,
@@ -1671,6 +1914,15 @@ mod tests {
     async fn task_stats_count_by_status_and_minute() {
         let (store, schema) = temporary_store().await;
         crate::store::conformance::task_stats_count_by_status_and_minute(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn approvals_are_answered_once_and_requeue_when_all_are() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::approvals_are_answered_once_and_requeue_when_all_are(&store)
+            .await;
         drop_schema(&store, &schema).await;
     }
 

@@ -4,7 +4,7 @@
 import { get, query } from "../api.js";
 import { badge, duration, fill, h, money, problem, when } from "../dom.js";
 
-const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
+const STATUSES = ["queued", "running", "waiting_approval", "succeeded", "failed", "cancelled"];
 const PAGE = 25;
 /** How often the list is refreshed while visible. */
 const REFRESH_MS = 2000;

@@ -15,6 +15,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
+use super::approvals::{self, ApprovalRecord, ApprovalRequest, DecideOutcome, Decision};
 use super::schedules::{
     FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord,
 };
@@ -38,7 +39,7 @@ macro_rules! steps_with_payloads {
 mod rows;
 mod writer;
 
-use rows::{event_from_row, schedule_from_row, step_from_row, task_from_row};
+use rows::{approval_from_row, event_from_row, schedule_from_row, step_from_row, task_from_row};
 use writer::{Reply, Then, WriteOp, Writer};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -115,6 +116,53 @@ impl Store for SqliteStore {
         match self.write(WriteOp::CreateTask(task)).await? {
             Reply::Created(task, event) => Ok((task, event)),
             _ => unreachable!("create_task answers Created"),
+        }
+    }
+
+    async fn await_approval(
+        &self,
+        fence: &Fence,
+        requests: Vec<ApprovalRequest>,
+    ) -> Result<EventRecord> {
+        let op = WriteOp::AwaitApproval {
+            fence: fence.clone(),
+            requests,
+        };
+        match self.write(op).await? {
+            Reply::Event(event) => Ok(event),
+            _ => unreachable!("await_approval answers Event"),
+        }
+    }
+
+    async fn approvals(&self, task_id: &str) -> Result<Vec<ApprovalRecord>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(approvals::sqlite(approvals::LIST)))
+            .bind(task_id)
+            .fetch_all(&self.reads)
+            .await?;
+        rows.iter().map(approval_from_row).collect()
+    }
+
+    async fn decide_approval(
+        &self,
+        task_id: &str,
+        call_id: &str,
+        decision: &Decision,
+    ) -> Result<DecideOutcome> {
+        let op = WriteOp::DecideApproval {
+            task_id: task_id.to_owned(),
+            call_id: call_id.to_owned(),
+            decision: decision.clone(),
+        };
+        match self.write(op).await? {
+            Reply::Decided(outcome) => Ok(outcome),
+            _ => unreachable!("decide_approval answers Decided"),
+        }
+    }
+
+    async fn expire_approvals(&self, now: Millis) -> Result<Vec<EventRecord>> {
+        match self.write(WriteOp::ExpireApprovals { now }).await? {
+            Reply::Events(events) => Ok(events),
+            _ => unreachable!("expire_approvals answers Events"),
         }
     }
 
@@ -693,6 +741,12 @@ mod tests {
     async fn task_stats_count_by_status_and_minute() {
         let (store, _dir) = open_temporary().await;
         conformance::task_stats_count_by_status_and_minute(&store).await;
+    }
+
+    #[tokio::test]
+    async fn approvals_are_answered_once_and_requeue_when_all_are() {
+        let (store, _dir) = open_temporary().await;
+        conformance::approvals_are_answered_once_and_requeue_when_all_are(&store).await;
     }
 
     /// The claim and the renewal look rows up through indexes, never by

@@ -191,3 +191,21 @@ pub(super) fn event_from_row(row: &impl Columns) -> Result<EventRecord> {
 fn corrupt_enum(what: &str, value: &str) -> StoreError {
     StoreError::Config(format!("unknown {what} {value:?} in the database"))
 }
+
+pub(super) fn approval_from_row(row: &impl Columns) -> Result<crate::store::ApprovalRecord> {
+    crate::store::approvals::ApprovalColumns {
+        task_id: row.text("task_id")?,
+        step: row.integer("step")?,
+        call_id: row.text("call_id")?,
+        tool: row.text("tool")?,
+        input: row.text("input")?,
+        status: row.text("status")?,
+        edited_input: row.optional_text("edited_input")?,
+        comment: row.optional_text("comment")?,
+        decided_by: row.optional_text("decided_by")?,
+        decided_at: row.optional_integer("decided_at")?,
+        requested_at: row.integer("requested_at")?,
+        expires_at: row.integer("expires_at")?,
+    }
+    .into_record()
+}

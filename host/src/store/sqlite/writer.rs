@@ -24,7 +24,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
-use super::rows::{collect, schedule_from_row, step_from_row, task_from_row};
+use super::rows::{approval_from_row, collect, schedule_from_row, step_from_row, task_from_row};
+use crate::store::approvals::{self, ApprovalRequest, DecideOutcome, Decision};
 use crate::store::schedules::{FireRules, Fired, NewSchedule, ScheduleRecord, queued_event_data};
 use crate::store::{
     CancelOutcome, Claim, EventRecord, Fence, LeaseState, Millis, NewTask, Renewal, Result,
@@ -90,6 +91,18 @@ pub(super) enum WriteOp {
         id: String,
     },
     FireSchedules(FireRules),
+    AwaitApproval {
+        fence: Fence,
+        requests: Vec<ApprovalRequest>,
+    },
+    DecideApproval {
+        task_id: String,
+        call_id: String,
+        decision: Decision,
+    },
+    ExpireApprovals {
+        now: Millis,
+    },
 }
 
 /// What follows a step's end in [`WriteOp::FinishStepThen`].
@@ -110,6 +123,8 @@ pub(super) enum Reply {
     Cancel(CancelOutcome),
     Schedule(Option<ScheduleRecord>),
     Fired(Fired),
+    Decided(DecideOutcome),
+    Events(Vec<EventRecord>),
 }
 
 struct Job {
@@ -339,7 +354,146 @@ fn apply(conn: &Connection, op: WriteOp) -> Result<Reply> {
             Ok(Reply::Count(deleted as u64))
         }
         WriteOp::FireSchedules(rules) => fire_due_schedules(conn, &rules).map(Reply::Fired),
+        WriteOp::AwaitApproval { fence, requests } => {
+            check_fence(conn, &fence)?;
+            await_approval(conn, &fence, &requests).map(Reply::Event)
+        }
+        WriteOp::DecideApproval {
+            task_id,
+            call_id,
+            decision,
+        } => decide_approval(conn, &task_id, &call_id, &decision).map(Reply::Decided),
+        WriteOp::ExpireApprovals { now } => expire_approvals(conn, now).map(Reply::Events),
     }
+}
+
+/// Journals the calls a task waits on and releases its claim; the caller
+/// has checked the fence.
+fn await_approval(
+    conn: &Connection,
+    fence: &Fence,
+    requests: &[ApprovalRequest],
+) -> Result<EventRecord> {
+    let now = now_millis();
+    for request in requests {
+        conn.prepare_cached(&approvals::sqlite(approvals::INSERT))?
+            .execute(params![
+                fence.task_id,
+                request.step,
+                request.call_id,
+                request.tool,
+                request.input.to_string(),
+                now,
+                request.expires_at,
+            ])?;
+    }
+    conn.prepare_cached(&approvals::sqlite(approvals::PARK))?
+        .execute([&fence.task_id])?;
+    append_event(
+        conn,
+        &fence.task_id,
+        event_kind::TASK_WAITING_APPROVAL,
+        approvals::waiting_event_data(requests),
+    )
+}
+
+fn decide_approval(
+    conn: &Connection,
+    task_id: &str,
+    call_id: &str,
+    decision: &Decision,
+) -> Result<DecideOutcome> {
+    let now = now_millis();
+    let status = if decision.approve {
+        approvals::ApprovalStatus::Approved
+    } else {
+        approvals::ApprovalStatus::Rejected
+    };
+    let decided = conn
+        .prepare_cached(&approvals::sqlite(approvals::DECIDE))?
+        .query_row(
+            params![
+                task_id,
+                call_id,
+                status.as_str(),
+                decision.input.as_ref().map(Value::to_string),
+                decision.comment,
+                decision.by,
+                now,
+            ],
+            |row| Ok(approval_from_row(row)),
+        )
+        .optional()?
+        .transpose()?;
+    let Some(approval) = decided else {
+        let latest = conn
+            .prepare_cached(&approvals::sqlite(approvals::LATEST_WITH_CALL_ID))?
+            .query_row(params![task_id, call_id], |row| Ok(approval_from_row(row)))
+            .optional()?
+            .transpose()?;
+        return Ok(match latest {
+            Some(approval) => DecideOutcome::AlreadyDecided(approval),
+            None => DecideOutcome::NotFound,
+        });
+    };
+    let mut events = vec![append_event(
+        conn,
+        task_id,
+        event_kind::APPROVAL_DECIDED,
+        approvals::decided_event_data(&approval),
+    )?];
+    let requeued = requeue_if_answered(conn, task_id, now, &mut events)?;
+    Ok(DecideOutcome::Decided {
+        approval,
+        events,
+        requeued,
+    })
+}
+
+/// Puts the task back in the queue if nothing of it is pending now.
+fn requeue_if_answered(
+    conn: &Connection,
+    task_id: &str,
+    now: Millis,
+    events: &mut Vec<EventRecord>,
+) -> Result<bool> {
+    let requeued = conn
+        .prepare_cached(&approvals::sqlite(approvals::REQUEUE))?
+        .execute(params![task_id, now])?
+        > 0;
+    if requeued {
+        events.push(append_event(
+            conn,
+            task_id,
+            event_kind::TASK_QUEUED,
+            json!({"status": "queued", "reason": "approvals_answered"}),
+        )?);
+    }
+    Ok(requeued)
+}
+
+fn expire_approvals(conn: &Connection, now: Millis) -> Result<Vec<EventRecord>> {
+    let tasks: Vec<String> = conn
+        .prepare_cached(&approvals::sqlite(approvals::EXPIRED_TASKS))?
+        .query_map(params![now, approvals::EXPIRE_BATCH], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut events = Vec::new();
+    for task_id in tasks {
+        let expired = collect(
+            conn.prepare_cached(&approvals::sqlite(approvals::EXPIRE))?
+                .query_map(params![task_id, now], |row| Ok(approval_from_row(row)))?,
+        )?;
+        for approval in &expired {
+            events.push(append_event(
+                conn,
+                &task_id,
+                event_kind::APPROVAL_DECIDED,
+                approvals::decided_event_data(approval),
+            )?);
+        }
+        requeue_if_answered(conn, &task_id, now, &mut events)?;
+    }
+    Ok(events)
 }
 
 fn create_schedule(conn: &Connection, schedule: &NewSchedule) -> Result<Reply> {
@@ -827,7 +981,10 @@ fn cancel(conn: &Connection, id: &str) -> Result<CancelOutcome> {
         .optional()?
         .ok_or_else(|| StoreError::NotFound(id.to_owned()))??;
     match task.status {
-        TaskStatus::Queued => {
+        TaskStatus::Queued | TaskStatus::WaitingApproval => {
+            // A waiting task holds no claim: it ends here, like a queued one.
+            conn.prepare_cached(&approvals::sqlite(approvals::REJECT_ON_CANCEL))?
+                .execute(params![id, now_millis()])?;
             let task = conn
                 .prepare_cached(
                     "UPDATE tasks SET status = 'cancelled', cancel_requested = 1, finished_at = ?1
