@@ -19,6 +19,7 @@ use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
 use crate::scheduler::SchedulerConfig;
 use crate::schedules::ScheduleConfig;
+use crate::threads::ThreadsConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +97,9 @@ pub struct Config {
     /// Tenants' token and cost caps per day or month.
     #[serde(default)]
     pub budgets: BudgetsConfig,
+    /// How much of a thread's past a task's planner is given.
+    #[serde(default)]
+    pub threads: ThreadsConfig,
 }
 
 /// `[traces]`: what the spans of a task carry beyond names, models, token
@@ -174,6 +178,7 @@ const KEYS: &[&str] = &[
     "schedules",
     "prices",
     "budgets",
+    "threads",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -236,6 +241,7 @@ impl Default for Config {
             grpc: GrpcConfig::default(),
             prices: crate::budgets::default_prices(),
             budgets: BudgetsConfig::default(),
+            threads: ThreadsConfig::default(),
         }
     }
 }
@@ -356,6 +362,7 @@ impl Config {
             lease: self.lease,
             trace_content: self.traces.record_content,
             budgets,
+            threads: self.threads.clone(),
             ..SchedulerConfig::default()
         }
     }

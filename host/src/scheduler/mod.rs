@@ -45,6 +45,8 @@ pub struct SchedulerConfig {
     pub trace_content: bool,
     /// Prices, tenants' caps, and this host's reservations against them.
     pub budgets: Arc<crate::budgets::Budgets>,
+    /// How much of a thread's past a planner is given (`[threads]`).
+    pub threads: crate::threads::ThreadsConfig,
 }
 
 /// How long to wait before retrying a step that failed with a transient
@@ -98,6 +100,7 @@ impl Default for SchedulerConfig {
             retry: RetryPolicy::default(),
             trace_content: false,
             budgets: Arc::default(),
+            threads: crate::threads::ThreadsConfig::default(),
         }
     }
 }
