@@ -463,3 +463,44 @@ async fn a_thread_id_is_its_tenants_own() {
         "acme's waiting task holds acme's thread"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_runs_in_a_thread_shows_it_and_deletes_it() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let server = harness.server.base_url.clone();
+    let opspawn = |args: &[&str]| {
+        let output = std::process::Command::new(crate::binary())
+            .args(args)
+            .args(["--server", &server])
+            .output()
+            .expect("running opspawn");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.success(), stdout, stderr)
+    };
+    // The scripted adapter's offline demo: the calculator, then 20.
+    let (ok, _, stderr) = opspawn(&["run", "--thread", "cli-1", "What is (2+3)*4?"]);
+    assert!(ok, "{stderr}");
+    let (ok, second, stderr) = opspawn(&["run", "--thread", "cli-1", "--detach", "And 6*7?"]);
+    assert!(ok, "{stderr}");
+    let second = second.trim().to_owned();
+    let task = client.wait_until_finished(&second, FINISH).await.unwrap();
+    assert_eq!(task["thread"], "cli-1", "{task:#}");
+
+    let (ok, shown, stderr) = opspawn(&["threads", "show", "cli-1"]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = shown.lines().collect();
+    assert!(lines[0].starts_with(&second), "newest first: {shown}");
+    assert!(
+        shown.contains("What is (2+3)*4?") && shown.contains("-> 20"),
+        "{shown}"
+    );
+
+    let (ok, _, stderr) = opspawn(&["threads", "delete", "cli-1"]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = opspawn(&["threads", "show", "cli-1"]);
+    assert!(!ok && stderr.contains("thread_not_found"), "{stderr}");
+    let (ok, _, stderr) = opspawn(&["run", "--thread", "not ok", "--detach", "x"]);
+    assert!(!ok && stderr.contains("invalid_thread"), "{stderr}");
+}
