@@ -37,7 +37,14 @@ pub(crate) async fn end_to_end(args: &Args) -> anyhow::Result<usize> {
         postgres_cpu: _,
     } = throughput(&[(server.client(), server.pid())], args).await?;
 
-    println!("End to end: 3-step calculator tasks on SQLite, over REST");
+    println!(
+        "End to end: 3-step calculator tasks on SQLite, over REST{}",
+        if args.threads {
+            ", each client's in a thread of its own"
+        } else {
+            ""
+        }
+    );
     row("tasks", args.tasks.to_string());
     row(
         "concurrency",
@@ -87,7 +94,7 @@ pub(crate) async fn throughput(hosts: &[(Client, u32)], args: &Args) -> anyhow::
 
     let (server_before, postgres_before) = (servers_cpu()?, postgres_cpu());
     let started = Instant::now();
-    let submitted = run_clients(&clients, args.tasks, args.concurrency).await?;
+    let submitted = run_clients(&clients, args.tasks, args.concurrency, args.threads).await?;
     let wall = started.elapsed();
     let server_cpu = servers_cpu()? - server_before;
     let postgres_cpu = postgres_cpu().saturating_sub(postgres_before);
@@ -175,17 +182,19 @@ pub(crate) async fn warm_up(client: &Client) -> anyhow::Result<()> {
 /// Runs `tasks` tasks from `concurrency` clients, each submitting a task and
 /// waiting for it to finish before taking the next. Task `n` is submitted to
 /// host `n % hosts.len()`; the hosts share one store, so the first one's
-/// task lists show every task.
+/// task lists show every task. With `threads`, client `c`'s tasks name the
+/// thread `bench-c`.
 pub(crate) async fn run_clients(
     hosts: &[Client],
     tasks: usize,
     concurrency: usize,
+    threads: bool,
 ) -> anyhow::Result<Vec<Submitted>> {
     let (polls, seen) = watch::channel(Arc::new(Poll::empty()));
     let watcher = tokio::spawn(watch_in_flight(hosts[0].clone(), polls));
     let next = Arc::new(AtomicUsize::new(0));
     let hosts: Arc<[Client]> = hosts.into();
-    let clients = (0..concurrency).map(|_| {
+    let clients = (0..concurrency).map(|c| {
         let hosts = hosts.clone();
         let next = next.clone();
         let mut seen = seen.clone();
@@ -196,7 +205,10 @@ pub(crate) async fn run_clients(
                 if n >= tasks {
                     return anyhow::Ok(done);
                 }
-                let (body, answer) = calculator_task(n);
+                let (mut body, answer) = calculator_task(n);
+                if threads {
+                    body["thread"] = json!(format!("bench-{c}"));
+                }
                 let id = hosts[n % hosts.len()].submit(&body).await?;
                 wait_finished(&mut seen, &id, Instant::now()).await?;
                 done.push(Submitted { id, answer });

@@ -57,7 +57,8 @@ use postgres::postgres_throughput;
 
 const USAGE: &str = "usage: opspawn-bench [--tasks N (300)] [--concurrency C (16)] [--calls N (2000)] \
      [--slow-llm-tasks N (10000; 0 skips the section)] [--only SECTION] \
-     [--postgres URL (none: skip the Postgres sections)]\n\
+     [--postgres URL (none: skip the Postgres sections)] \
+     [--threads (each client's tasks continue a conversation thread of its own)]\n\
      sections: end-to-end, per-call, slow-llm, postgres";
 /// The database to suggest when the Postgres sections are skipped.
 const POSTGRES_EXAMPLE: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -161,6 +162,9 @@ struct Args {
     only: Option<String>,
     /// The Postgres database for the Postgres sections; none skips them.
     postgres: Option<String>,
+    /// Each client submits its tasks in a thread of its own, so every task
+    /// but a client's first is given the earlier ones as history.
+    threads: bool,
 }
 
 impl Args {
@@ -172,6 +176,7 @@ impl Args {
             slow_llm_tasks: 10_000,
             only: None,
             postgres: None,
+            threads: false,
         };
         let mut argv = std::env::args().skip(1);
         while let Some(flag) = argv.next() {
@@ -207,6 +212,10 @@ impl Args {
                         bail!("{flag}: leave opspawn_schema out, each run picks its own");
                     }
                     args.postgres = Some(url);
+                    continue;
+                }
+                "--threads" => {
+                    args.threads = true;
                     continue;
                 }
                 "-h" | "--help" => {

@@ -47,6 +47,9 @@ enum Command {
     /// List a task's tool calls that need approval; approve or reject one.
     #[command(subcommand)]
     Approvals(ApprovalsCommand),
+    /// Show or delete a conversation thread (the tasks run with --thread).
+    #[command(subcommand)]
+    Threads(ThreadsCommand),
     /// List loaded plugins.
     #[command(subcommand)]
     Plugins(PluginsCommand),
@@ -146,6 +149,10 @@ impl ClientArgs {
 struct RunArgs {
     #[command(flatten)]
     task: TaskFields,
+    /// Continue this conversation thread: the agent sees the thread's
+    /// earlier tasks, and the thread's tasks run one at a time.
+    #[arg(long)]
+    thread: Option<String>,
     /// Print the task id and return without following it.
     #[arg(long)]
     detach: bool,
@@ -490,6 +497,65 @@ enum TasksCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ThreadsCommand {
+    /// List a thread's tasks, newest first, with their answers.
+    Show {
+        id: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a thread's tasks with their steps and events (refused while
+    /// one of them is queued or running).
+    Delete {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Runs `opspawn threads ...`.
+async fn threads_command(command: ThreadsCommand) -> anyhow::Result<i32> {
+    match command {
+        ThreadsCommand::Show {
+            id,
+            limit,
+            cursor,
+            client,
+        } => {
+            let mut query = vec![("limit", limit.to_string())];
+            query.extend(cursor.map(|c| ("cursor", c)));
+            let url = format!("{}/v1/threads/{id}", client.base_url());
+            let page = send(http().get(url).query(&query)).await?;
+            for task in page["tasks"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {:<9}  {}  {}",
+                    task["id"].as_str().unwrap_or_default(),
+                    task["status"].as_str().unwrap_or_default(),
+                    task["created_at"].as_str().unwrap_or_default(),
+                    one_line(task["goal"].as_str().unwrap_or_default(), 60),
+                );
+                if let Some(answer) = task["result"].as_str() {
+                    println!("  -> {}", one_line(answer, 76));
+                }
+            }
+            if let Some(cursor) = page["next_cursor"].as_str() {
+                println!("more: opspawn threads show {id} --cursor {cursor}");
+            }
+        }
+        ThreadsCommand::Delete { id, client } => {
+            let url = format!("{}/v1/threads/{id}", client.base_url());
+            send(http().delete(url)).await?;
+            println!("{id}: deleted, with its tasks");
+        }
+    }
+    Ok(0)
+}
+
+#[derive(Debug, Subcommand)]
 enum PluginsCommand {
     /// List loaded plugins and files that failed to load.
     List {
@@ -607,6 +673,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Plugin(command) => plugin_command(command).await,
         Command::Schedules(command) => schedules_command(command).await,
         Command::Approvals(command) => approvals_command(command).await,
+        Command::Threads(command) => threads_command(command).await,
         Command::Mcp(client) => {
             let token = std::env::var("OPSPAWN_TOKEN").ok();
             crate::mcp::server::serve_stdio(client.base_url(), token).await?;
@@ -843,7 +910,10 @@ async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
 
 async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let base = args.client.base_url();
-    let body = args.task.body()?;
+    let mut body = args.task.body()?;
+    if let Some(thread) = args.thread {
+        body["thread"] = json!(thread);
+    }
     let task = send(http().post(format!("{base}/v1/tasks")).json(&body)).await?;
     let id = task["id"]
         .as_str()

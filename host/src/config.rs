@@ -20,6 +20,7 @@ use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
 use crate::scheduler::SchedulerConfig;
 use crate::schedules::ScheduleConfig;
+use crate::threads::ThreadsConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,6 +101,9 @@ pub struct Config {
     /// Which tool calls wait for a person's approval, and for how long.
     #[serde(default)]
     pub approvals: ApprovalsConfig,
+    /// How much of a thread's past a task's planner is given.
+    #[serde(default)]
+    pub threads: ThreadsConfig,
 }
 
 /// `[traces]`: what the spans of a task carry beyond names, models, token
@@ -184,6 +188,7 @@ const KEYS: &[&str] = &[
     "prices",
     "budgets",
     "approvals",
+    "threads",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -248,6 +253,7 @@ impl Default for Config {
             prices: crate::budgets::default_prices(),
             budgets: BudgetsConfig::default(),
             approvals: ApprovalsConfig::default(),
+            threads: ThreadsConfig::default(),
         }
     }
 }
@@ -370,6 +376,7 @@ impl Config {
             trace_content: self.traces.record_content,
             budgets,
             approvals: std::sync::Arc::new(self.approvals.clone()),
+            threads: self.threads.clone(),
             ..SchedulerConfig::default()
         }
     }

@@ -43,6 +43,7 @@ pub mod schedules;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod threads;
 
 #[cfg(test)]
 mod test_support;

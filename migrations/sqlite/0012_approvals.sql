@@ -6,13 +6,14 @@
 -- DROP would cascade to the journal). The constraint only widens, which
 -- changes nothing on disk, so the stored definition is edited in place:
 -- the documented way for such changes (sqlite.org/lang_altertable.html,
--- section 7). Connections opened after this migration read the new
--- definition; the migrating connection is closed right after.
+-- section 7). `RESET` makes this connection read the new definition at
+-- once: a later ALTER TABLE on it (ADD COLUMN splices the stored text at
+-- an offset taken from the definition in memory) would corrupt it otherwise.
 PRAGMA writable_schema = ON;
 UPDATE sqlite_schema
    SET sql = replace(sql, '''cancelled'')', '''cancelled'', ''waiting_approval'')')
  WHERE type = 'table' AND name = 'tasks';
-PRAGMA writable_schema = OFF;
+PRAGMA writable_schema = RESET;
 
 -- One row per tool call that needs approval, keyed by the step the call
 -- becomes (call ids are the planner's and may repeat across turns).

@@ -25,6 +25,7 @@ mod scaleout;
 mod schedules;
 mod streaming;
 mod tenancy;
+mod threads;
 mod traces;
 mod versions;
 

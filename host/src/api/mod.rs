@@ -16,6 +16,7 @@ mod schedules;
 pub mod scrape;
 #[cfg(test)]
 mod tests;
+mod threads;
 mod ui;
 mod views;
 
@@ -149,6 +150,7 @@ fn documented_routes(state: &AppState, limits: &HttpLimits) -> OpenApiRouter<App
         .routes(routes!(schedules::get_schedule, schedules::delete_schedule))
         .routes(routes!(schedules::pause_schedule))
         .routes(routes!(schedules::resume_schedule))
+        .routes(routes!(threads::get_thread, threads::delete_thread))
         .routes(routes!(usage))
         .route_layer(middleware::from_fn_with_state(
             limits.clone(),
@@ -306,6 +308,17 @@ struct CreateTask {
     /// whose worst case would pass one is not made, and the task fails
     /// with `budget_exceeded`.
     budget: Option<BudgetRequest>,
+    /// The conversation thread the task continues: a client-chosen id (1
+    /// to 128 ASCII letters, digits, `-`, `_`, `.`, `:`), this tenant's
+    /// own. The task's planner sees the thread's earlier tasks, and the
+    /// thread's tasks run one at a time, in the order they were submitted.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[A-Za-z0-9._:-]+$",
+        example = "chat-42"
+    )]
+    thread: Option<String>,
 }
 
 /// A task's caps; either or both.
@@ -527,6 +540,13 @@ fn validate(
     }
 
     let budget = check_budget(request.budget.as_ref())?;
+    if let Some(message) = request
+        .thread
+        .as_deref()
+        .and_then(crate::threads::invalid_thread_id)
+    {
+        return Err(ApiError::new(Code::InvalidThread, message));
+    }
 
     let catalog = state.runtime.catalog();
     let planner = request.planner.unwrap_or_else(|| defaults.planner.clone());
@@ -576,6 +596,7 @@ fn validate(
         trace_parent: crate::telemetry::current_traceparent(),
         schedule: None,
         budget,
+        thread: request.thread,
     })
 }
 
@@ -691,6 +712,9 @@ struct ListTasks {
     /// Only the runs of this schedule (its id).
     #[param(max_length = 256)]
     schedule: Option<String>,
+    /// Only the tasks of this thread.
+    #[param(max_length = 256)]
+    thread: Option<String>,
     /// The `next_cursor` of the page before.
     cursor: Option<String>,
 }
@@ -772,6 +796,7 @@ async fn list_tasks(
     let plugin = text_filter("plugin", query.plugin)?;
     let goal_contains = text_filter("q", query.q)?;
     let schedule = text_filter("schedule", query.schedule)?;
+    let thread = text_filter("thread", query.thread)?;
     let page = state
         .store
         .list_tasks(&TaskQuery {
@@ -780,6 +805,7 @@ async fn list_tasks(
             plugin,
             goal_contains,
             schedule,
+            thread,
             before: asked.before,
             limit: asked.limit,
         })

@@ -82,7 +82,7 @@ error_responses! {
         InvalidJson, InvalidRequest, InvalidIdempotencyKey, InvalidGoal, UnknownPlanner,
         UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
         InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidBudget,
-        BudgetUnpriced, TooManyActiveTasks, QueueFull, PluginsLoading, StoreFull,
+        BudgetUnpriced, InvalidThread, TooManyActiveTasks, QueueFull, PluginsLoading, StoreFull,
     ];
     ListTasksErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [InvalidQuery];
     StatsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [];
@@ -100,8 +100,8 @@ error_responses! {
     CreateScheduleErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidJson, InvalidRequest, InvalidSchedule, InvalidTimezone, InvalidGoal,
         UnknownPlanner, UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
-        InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, PluginsLoading,
-        StoreFull,
+        InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidThread,
+        PluginsLoading, StoreFull,
     ];
     ListApprovalsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, Forbidden, TaskNotFound,
@@ -116,6 +116,12 @@ error_responses! {
     ];
     ChangeScheduleErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, ScheduleNotFound, StoreFull,
+    ];
+    GetThreadErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
+        InvalidPath, InvalidQuery, InvalidThread, ThreadNotFound,
+    ];
+    DeleteThreadErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
+        InvalidPath, InvalidThread, ThreadNotFound, ThreadActive, StoreFull,
     ];
 }
 
@@ -423,6 +429,7 @@ impl Modify for Generated {
     tags(
         (name = "tasks", description = "Submit, follow and cancel tasks"),
         (name = "schedules", description = "Recurring tasks from cron expressions"),
+        (name = "threads", description = "Conversations: the tasks that name a thread"),
         (name = "plugins", description = "What is loaded"),
         (name = "operations", description = "Health, metrics and this spec"),
     ),

@@ -215,6 +215,12 @@ pub(super) async fn create_schedule(
              timeout_secs to bound how long a run may take)",
         ));
     }
+    if request.task.thread.is_some() {
+        return Err(ApiError::new(
+            Code::InvalidThread,
+            "a schedule's task cannot name a thread: each run is a task of its own",
+        ));
+    }
     let task = validate(&state, request.task, tenant.0.clone(), None)?;
     let paused = request.paused.unwrap_or(false);
     let schedule = state

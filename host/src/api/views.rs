@@ -55,6 +55,8 @@ pub struct TaskView {
     pub schedule_id: Option<String>,
     /// The tick of that schedule the task is the run of.
     pub scheduled_for: Option<String>,
+    /// The conversation thread the task continues, if it names one.
+    pub thread: Option<String>,
     /// Only in `GET /v1/tasks/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -92,6 +94,7 @@ impl TaskView {
             finished_at: task.finished_at.map(timestamp),
             schedule_id: task.schedule_id,
             scheduled_for: task.scheduled_for.map(timestamp),
+            thread: task.thread,
             steps: steps.map(|steps| steps.into_iter().map(StepView::from).collect()),
         }
     }

@@ -384,6 +384,11 @@ fn own_tool_specs() -> Vec<Tool> {
                     "options": {"type": "object"},
                     "max_steps": {"type": "integer"},
                     "timeout_secs": {"type": "integer"},
+                    "thread": {
+                        "type": "string",
+                        "description": "continue this conversation thread: the agent sees \
+                            its earlier tasks, and its tasks run one at a time",
+                    },
                 },
                 "required": ["goal"],
             })),

@@ -22,8 +22,8 @@ use crate::errors::{Code, is_transient};
 use crate::events::LiveEvent;
 use crate::plugins::{CallError, RecordedVersions, TaskPluginNames, TaskPlugins};
 use crate::protocol::{
-    CallContext, ChatRequest, ChatResponse, LlmError, PlannerAction, PlannerStep, TaskState,
-    ToolCall, ToolResult, Usage,
+    CallContext, ChatRequest, ChatResponse, EarlierTask, LlmError, PlannerAction, PlannerStep,
+    TaskState, ToolCall, ToolResult, Usage,
 };
 use crate::store::{
     ApprovalRecord, ApprovalRequest, ApprovalStatus, Claim, ErrorInfo, Fence, StepEnd, StepKind,
@@ -77,6 +77,10 @@ pub(super) struct Run {
     /// (with its real usage) once that end is journaled, so a check never
     /// sees the usage neither in the store nor held.
     settling: Option<Reservation>,
+    /// The earlier tasks of the task's thread, as its planner is given them;
+    /// read once per claim, before the first step it plans (empty for a
+    /// task without a thread, which costs no read).
+    history: Vec<EarlierTask>,
 }
 
 impl Run {
@@ -103,6 +107,7 @@ impl Run {
             trace: Span::none(),
             plugins: None,
             settling: None,
+            history: Vec::new(),
         }
     }
 
@@ -218,6 +223,15 @@ impl Run {
             }
         }
 
+        if self.task.thread.is_some() {
+            self.history = crate::threads::history(
+                self.shared.store.as_ref(),
+                &self.task,
+                &self.shared.config.threads,
+                planner_view,
+            )
+            .await?;
+        }
         let planner_options = option_section(&self.task.options, "planner");
         loop {
             if let Some(end) = self.boundary_check()? {
@@ -227,7 +241,7 @@ impl Run {
                 goal: &self.task.goal,
                 tools: &tools,
                 steps: self.planner_steps.values().collect(),
-                history: &[],
+                history: &self.history,
                 max_steps: self.task.max_steps,
                 options: &planner_options,
                 tenant: Some(&self.task.tenant),

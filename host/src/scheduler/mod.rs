@@ -47,6 +47,8 @@ pub struct SchedulerConfig {
     pub budgets: Arc<crate::budgets::Budgets>,
     /// Which tool calls wait for approval, and for how long.
     pub approvals: Arc<crate::approvals::ApprovalsConfig>,
+    /// How much of a thread's past a planner is given (`[threads]`).
+    pub threads: crate::threads::ThreadsConfig,
 }
 
 /// How long to wait before retrying a step that failed with a transient
@@ -101,6 +103,7 @@ impl Default for SchedulerConfig {
             trace_content: false,
             budgets: Arc::default(),
             approvals: Arc::default(),
+            threads: crate::threads::ThreadsConfig::default(),
         }
     }
 }

@@ -10,7 +10,7 @@ use super::{ApprovalRecord, ApprovalRequest, DecideOutcome, Decision};
 use super::{
     CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, PeriodUsage, QueueGauges, Renewal,
     Result, StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord,
-    TaskStats,
+    TaskStats, ThreadDeletion,
 };
 use super::{FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord};
 use crate::metrics::STORE_OPERATION_DURATION;
@@ -162,6 +162,10 @@ impl Store for Metered {
 
     async fn request_cancel(&self, id: &str) -> Result<CancelOutcome> {
         timed("request_cancel", self.inner.request_cancel(id)).await
+    }
+
+    async fn delete_thread(&self, tenant: &str, thread: &str) -> Result<ThreadDeletion> {
+        timed("delete_thread", self.inner.delete_thread(tenant, thread)).await
     }
 
     async fn claim_batch(&self, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>> {

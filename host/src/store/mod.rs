@@ -9,6 +9,25 @@
 //! [`StoreError::Fenced`] and changes nothing.
 
 pub mod approvals;
+/// The claim's condition on a queued task (the row named `tasks`) that
+/// makes a thread's tasks run one after the other: a task without a thread
+/// passes at once (one test of a column, the hot path's whole cost); a
+/// thread's task passes only while no other task of its thread is running
+/// or waiting for approval and none older is queued: only the oldest unfinished task of a thread is
+/// ever claimable. Both engines spell it alike. It reads the thread's
+/// queued and running tasks only (`tasks_thread_unfinished`). Why this holds
+/// with several hosts claiming at once: docs/architecture.md, "Threads".
+macro_rules! thread_is_free {
+    () => {
+        "(tasks.thread IS NULL OR NOT EXISTS (
+             SELECT 1 FROM tasks AS earlier
+              WHERE earlier.tenant = tasks.tenant AND earlier.thread = tasks.thread
+                AND earlier.status IN ('queued', 'running', 'waiting_approval')
+                AND earlier.id <> tasks.id
+                AND (earlier.status <> 'queued' OR earlier.id < tasks.id)))"
+    };
+}
+
 mod metered;
 mod postgres;
 pub mod schedules;
@@ -237,6 +256,9 @@ pub struct NewTask {
     pub schedule: Option<ScheduledRun>,
     /// The task's own token and cost caps.
     pub budget: TaskBudget,
+    /// The conversation thread the task continues, if any: a client-chosen
+    /// id, scoped to the tenant (see docs/architecture.md, "Threads").
+    pub thread: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -277,6 +299,8 @@ pub struct TaskRecord {
     pub schedule_id: Option<String>,
     /// The tick of its schedule it is the run of.
     pub scheduled_for: Option<Millis>,
+    /// See [`NewTask::thread`].
+    pub thread: Option<String>,
 }
 
 /// One journaled step.
@@ -460,6 +484,9 @@ pub struct TaskQuery {
     pub goal_contains: Option<String>,
     /// Only the runs of this schedule.
     pub schedule: Option<String>,
+    /// Only the tasks of this thread (with `tenant`, the walk of
+    /// `tasks_by_thread`).
+    pub thread: Option<String>,
     /// Return tasks older than this task id (ids sort by creation time).
     pub before: Option<String>,
     pub limit: u32,
@@ -529,6 +556,9 @@ impl TaskQuery {
         if self.schedule.is_some() {
             conditions.push(format!("schedule_id = {}", next()));
         }
+        if self.thread.is_some() {
+            conditions.push(format!("thread = {}", next()));
+        }
         if self.before.is_some() {
             conditions.push(format!("id < {}", next()));
         }
@@ -552,6 +582,7 @@ impl TaskQuery {
             self.plugin.as_deref(),
             self.goal_contains.as_deref(),
             self.schedule.as_deref(),
+            self.thread.as_deref(),
             self.before.as_deref(),
         ]
         .into_iter()
@@ -693,6 +724,17 @@ pub struct Claim {
     pub event: EventRecord,
 }
 
+/// What [`Store::delete_thread`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadDeletion {
+    /// The thread's tasks (this many; none when the tenant has no such
+    /// thread) are deleted, with their journals and events.
+    Deleted(u64),
+    /// This many of the thread's tasks are queued or running: nothing was
+    /// deleted.
+    Active(u64),
+}
+
 /// The state of a claim as seen by a fenced write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseState {
@@ -763,6 +805,10 @@ pub trait Store: Send + Sync + 'static {
     /// Events of a task with `seq > after`, oldest first.
     async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>>;
     async fn request_cancel(&self, id: &str) -> Result<CancelOutcome>;
+    /// Deletes the tasks of a tenant's thread with their journals and
+    /// events, in one transaction; or, when any of them is queued or
+    /// running, nothing.
+    async fn delete_thread(&self, tenant: &str, thread: &str) -> Result<ThreadDeletion>;
     /// What `tenant` spent in `period` (a key such as `month:2026-12`), as
     /// the LLM steps journaled with a [`TenantCharge`] added it up; zero
     /// when nothing was.
@@ -1100,6 +1146,7 @@ pub(crate) mod conformance {
             trace_parent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             schedule: None,
             budget: TaskBudget::default(),
+            thread: None,
         }
     }
 
@@ -1272,6 +1319,116 @@ pub(crate) mod conformance {
             store.fire_due_schedules(&rules(now)).await.unwrap().taken,
             0,
             "and nothing more for the gap"
+        );
+    }
+
+    /// A thread's tasks run one after the other: only the oldest unfinished
+    /// task of a tenant's thread is claimable, whatever the priorities, while
+    /// another tenant's thread of the same name and tasks without a thread
+    /// are not held up. The list filters by thread; deleting a thread is
+    /// refused while one of its tasks is unfinished, then takes them all.
+    pub async fn a_threads_tasks_run_one_after_another(store: &dyn Store) {
+        let in_thread = |goal: &str, tenant: &str, priority: i32| NewTask {
+            tenant: tenant.into(),
+            thread: Some("chat-1".into()),
+            ..new_task(goal, priority, None)
+        };
+        let (first, _) = store
+            .create_task(in_thread("first", "default", 0))
+            .await
+            .unwrap();
+        let (second, _) = store
+            .create_task(in_thread("second", "default", 5))
+            .await
+            .unwrap();
+        let (others, _) = store
+            .create_task(in_thread("another tenant's", "other", 0))
+            .await
+            .unwrap();
+        let (loose, _) = store
+            .create_task(new_task("no thread", 0, None))
+            .await
+            .unwrap();
+        assert_eq!(second.thread.as_deref(), Some("chat-1"));
+        assert_eq!(loose.thread, None);
+
+        let lease = Duration::from_secs(30);
+        let claimed = store.claim_batch("host-a", lease, 10).await.unwrap();
+        let mut ids: Vec<&str> = claimed.iter().map(|c| c.task.id.as_str()).collect();
+        ids.sort();
+        let mut expected = vec![first.id.as_str(), others.id.as_str(), loose.id.as_str()];
+        expected.sort();
+        assert_eq!(
+            ids, expected,
+            "the second task of the thread waits for the first, despite its priority"
+        );
+        assert!(
+            store
+                .claim_batch("host-b", lease, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "not while the first runs"
+        );
+        assert_eq!(
+            store.delete_thread("default", "chat-1").await.unwrap(),
+            ThreadDeletion::Active(2)
+        );
+
+        let threaded = TaskQuery {
+            tenant: Some("default".into()),
+            thread: Some("chat-1".into()),
+            limit: 10,
+            ..TaskQuery::default()
+        };
+        let page = store.list_tasks(&threaded).await.unwrap();
+        assert_eq!(
+            page.tasks
+                .iter()
+                .map(|t| t.goal.as_str())
+                .collect::<Vec<_>>(),
+            ["second", "first"]
+        );
+
+        let fence_of = |id: &str| {
+            claimed
+                .iter()
+                .find(|c| c.task.id == id)
+                .unwrap()
+                .fence
+                .clone()
+        };
+        store
+            .finish_task(
+                &fence_of(&first.id),
+                TaskEnd::Succeeded {
+                    result: "one".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let next = store.claim_batch("host-b", lease, 10).await.unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].task.id, second.id, "once the first finished");
+        store
+            .finish_task(&next[0].fence, TaskEnd::Cancelled)
+            .await
+            .unwrap();
+
+        assert_eq!(
+            store.delete_thread("default", "chat-1").await.unwrap(),
+            ThreadDeletion::Deleted(2)
+        );
+        assert!(store.get_task(&first.id).await.unwrap().is_none());
+        assert!(store.events_after(&first.id, 0).await.unwrap().is_empty());
+        assert!(store.list_tasks(&threaded).await.unwrap().tasks.is_empty());
+        assert!(
+            store.get_task(&others.id).await.unwrap().is_some(),
+            "another tenant's thread of the same name stays"
+        );
+        assert_eq!(
+            store.delete_thread("default", "chat-1").await.unwrap(),
+            ThreadDeletion::Deleted(0)
         );
     }
 

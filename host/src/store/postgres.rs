@@ -39,8 +39,8 @@ use super::{
     CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, PeriodUsage,
     QueueGauges, Renewal, Result, SqlDialect, StepEnd, StepKind, StepRecord, StepStart, StepStatus,
     StepVersions, Store, StoreError, TaskBudget, TaskEnd, TaskPage, TaskQuery, TaskRecord,
-    TaskStats, TaskStatus, event_kind, in_claim_order, lack_step_inputs, now_millis, parse_json,
-    renewals, restore_step_inputs, step_event_data, step_started_event,
+    TaskStats, TaskStatus, ThreadDeletion, event_kind, in_claim_order, lack_step_inputs,
+    now_millis, parse_json, renewals, restore_step_inputs, step_event_data, step_started_event,
 };
 use crate::protocol::Usage;
 use crate::schedules::MissedTicks;
@@ -299,9 +299,9 @@ async fn create_task(
         "INSERT INTO tasks (id, status, goal, planner, llm, model, tools, options, max_steps,
                             timeout_ms, created_at, tenant, idempotency_key, priority, run_at,
                             deadline_at, max_retries, trace_parent, schedule_id, scheduled_for,
-                            cost_nanos, budget_max_tokens, budget_max_cost_nanos)
+                            cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread)
          VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $12, $13,
-                 $14, $15, $16, $17, $18, $19, 0, $20, $21)
+                 $14, $15, $16, $17, $18, $19, 0, $20, $21, $22)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -326,6 +326,7 @@ async fn create_task(
     .bind(task.schedule.as_ref().map(|run| run.tick))
     .bind(task.budget.max_tokens.map(|n| n as i64))
     .bind(task.budget.max_cost_nanos)
+    .bind(&task.thread)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
@@ -371,16 +372,24 @@ const CLAIM_EXPIRED: &str = "UPDATE tasks
 
 /// Claims queued tasks whose start time has come, walking the partial index
 /// `tasks_queued` in claim order (priority, then age) and stopping after
-/// `LIMIT` rows: no sort, and a cost that does not grow with the queue.
-const CLAIM_QUEUED: &str = "UPDATE tasks
+/// `LIMIT` rows: no sort, and a cost that does not grow with the queue. A
+/// thread's task is taken only when it is its thread's oldest unfinished
+/// one (`thread_is_free!`): a host that skips the oldest, locked by another
+/// host's claim, still sees it queued, so never takes the next one.
+const CLAIM_QUEUED: &str = concat!(
+    "UPDATE tasks
     SET status = 'running', attempt = attempt + 1, lease_owner = $1, lease_expires_at = $2,
         started_at = COALESCE(started_at, $3)
   WHERE id IN (SELECT id FROM tasks
                 WHERE status = 'queued' AND (run_at IS NULL OR run_at <= $3)
+                  AND ",
+    thread_is_free!(),
+    "
                 ORDER BY priority DESC, id
                 LIMIT $4
                 FOR UPDATE SKIP LOCKED)
- RETURNING *";
+ RETURNING *"
+);
 
 /// Appends `task.started` to each claimed task's history in one statement.
 /// The claim holds every one of these rows locked until it commits, so no
@@ -1104,6 +1113,7 @@ fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
         trace_parent: row.try_get("trace_parent")?,
         schedule_id: row.try_get("schedule_id")?,
         scheduled_for: row.try_get("scheduled_for")?,
+        thread: row.try_get("thread")?,
     })
 }
 
@@ -1438,6 +1448,38 @@ impl Store for PgStore {
         Ok(outcome)
     }
 
+    async fn delete_thread(&self, tenant: &str, thread: &str) -> Result<ThreadDeletion> {
+        let mut tx = self.pool.begin().await?;
+        let active: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM tasks
+              WHERE tenant = $1 AND thread = $2 AND status IN ('queued', 'running', 'waiting_approval')",
+        )
+        .bind(tenant)
+        .bind(thread)
+        .fetch_one(&mut *tx)
+        .await?;
+        if active > 0 {
+            return Ok(ThreadDeletion::Active(active as u64));
+        }
+        // Finished tasks only: one submitted meanwhile (after the count's
+        // snapshot) stays. Steps and events go with their task (ON DELETE
+        // CASCADE).
+        let deleted = sqlx::query(
+            "DELETE FROM tasks WHERE tenant = $1 AND thread = $2
+                AND status IN ('succeeded', 'failed', 'cancelled')",
+        )
+        .bind(tenant)
+        .bind(thread)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if deleted > 0 {
+            sqlx::query(PRUNE_ORPHAN_PAYLOADS).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(ThreadDeletion::Deleted(deleted))
+    }
+
     async fn claim_batch(&self, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>> {
         if max == 0 {
             return Ok(Vec::new());
@@ -1766,6 +1808,7 @@ mod tests {
             trace_parent: None,
             schedule: None,
             budget: TaskBudget::default(),
+            thread: None,
         }
     }
 
@@ -1858,6 +1901,14 @@ mod tests {
     async fn missed_ticks_follow_the_schedules_policy() {
         let (store, schema) = temporary_store().await;
         crate::store::conformance::missed_ticks_follow_the_schedules_policy(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn a_threads_tasks_run_one_after_another() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::a_threads_tasks_run_one_after_another(&store).await;
         drop_schema(&store, &schema).await;
     }
 

@@ -73,6 +73,7 @@ impl TaskTemplate {
                 tick,
             }),
             budget: self.budget,
+            thread: None,
         }
     }
 

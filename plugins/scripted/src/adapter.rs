@@ -21,6 +21,10 @@
 //! the number of assistant messages already in the request: the first call
 //! gets response 0, the call after one reply gets response 1, and so on. A
 //! replay or a resumed task therefore gets the same answers as the first run.
+//! In a thread, the earlier tasks come first in the conversation, each as a
+//! user message `Question: ...` and its answer (as the ReAct planner sends
+//! them): only the replies after the last `Question:` count, so each task of
+//! a thread replays its own script from the start.
 //!
 //! # Demo mode
 //!
@@ -168,10 +172,16 @@ fn pick(request: &ChatRequest) -> Result<ScriptedResponse, LlmError> {
     })
 }
 
-/// How many replies the conversation already holds.
+/// How many replies the conversation already holds for this task: those
+/// after its question, the last user message starting `Question:` (earlier
+/// tasks of its thread come before it), or all of them when there is none.
 fn turn(request: &ChatRequest) -> usize {
-    request
+    let question = request
         .messages
+        .iter()
+        .rposition(|message| message.role == Role::User && message.content.starts_with("Question:"))
+        .unwrap_or(0);
+    request.messages[question..]
         .iter()
         .filter(|message| message.role == Role::Assistant)
         .count()
@@ -527,6 +537,28 @@ mod tests {
         // The same request gets the same answer: replays are deterministic.
         let again = complete_ok(&request(conversation(0), script()));
         assert_eq!(again.message.content, "first");
+    }
+
+    #[test]
+    fn earlier_tasks_of_a_thread_do_not_count_as_replies() {
+        let mut messages = vec![
+            message(Role::User, "Question: earlier"),
+            message(Role::Assistant, "Final Answer: 1"),
+            message(Role::User, "Question: earlier still"),
+            message(Role::Assistant, "Final Answer: 2"),
+        ];
+        messages.extend(conversation(0));
+        assert_eq!(
+            complete_ok(&request(messages.clone(), script()))
+                .message
+                .content,
+            "first"
+        );
+        messages.extend(conversation(2).into_iter().skip(1));
+        assert_eq!(
+            complete_ok(&request(messages, script())).message.content,
+            "third"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::schedules::{
 use super::{
     CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, PeriodUsage, QueueGauges, Renewal,
     Result, SqlDialect, StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery,
-    TaskRecord, TaskStats, TaskStatus, lack_step_inputs, restore_step_inputs,
+    TaskRecord, TaskStats, TaskStatus, ThreadDeletion, lack_step_inputs, restore_step_inputs,
 };
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
@@ -412,6 +412,17 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn delete_thread(&self, tenant: &str, thread: &str) -> Result<ThreadDeletion> {
+        let op = WriteOp::DeleteThread {
+            tenant: tenant.to_owned(),
+            thread: thread.to_owned(),
+        };
+        match self.write(op).await? {
+            Reply::Thread(deletion) => Ok(deletion),
+            _ => unreachable!("deleting a thread answers Thread"),
+        }
+    }
+
     async fn claim_batch(&self, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>> {
         if max == 0 {
             return Ok(Vec::new());
@@ -702,6 +713,12 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_threads_tasks_run_one_after_another() {
+        let (store, _dir) = open_temporary().await;
+        conformance::a_threads_tasks_run_one_after_another(&store).await;
+    }
+
+    #[tokio::test]
     async fn claims_take_expired_leases_first() {
         let (store, _dir) = open_temporary().await;
         conformance::claims_take_expired_leases_first(&store).await;
@@ -781,6 +798,13 @@ mod tests {
                 plan.iter().any(|step| step.contains(index)),
                 "{query} does not use {index}: {plan:#?}"
             );
+            if query == CLAIM_QUEUED {
+                assert!(
+                    plan.iter()
+                        .any(|step| step.contains("USING INDEX tasks_thread_unfinished")),
+                    "a thread's check reads its unfinished tasks only: {plan:#?}"
+                );
+            }
         }
     }
 
@@ -806,6 +830,11 @@ mod tests {
             goal_contains: Some("What".to_owned()),
             ..query(true, true, before)
         };
+        // A thread's tasks (GET /v1/threads/{id}, and a planner's history).
+        let thread = |before: bool| TaskQuery {
+            thread: Some("t".to_owned()),
+            ..query(true, false, before)
+        };
         let cases = [
             (query(false, true, false), "tasks_by_status"),
             (query(false, true, true), "tasks_by_status"),
@@ -814,6 +843,8 @@ mod tests {
             (query(true, true, true), "tasks_by_tenant_status"),
             (dashboard(false), "tasks_by_tenant_status"),
             (dashboard(true), "tasks_by_tenant_status"),
+            (thread(false), "tasks_by_thread"),
+            (thread(true), "tasks_by_thread"),
         ];
         for (query, index) in cases {
             let sql = query.list_statement(&DIALECT);

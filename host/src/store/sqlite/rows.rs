@@ -108,6 +108,7 @@ pub(super) fn task_from_row(row: &impl Columns) -> Result<TaskRecord> {
         trace_parent: row.optional_text("trace_parent")?,
         schedule_id: row.optional_text("schedule_id")?,
         scheduled_for: row.optional_integer("scheduled_for")?,
+        thread: row.optional_text("thread")?,
     })
 }
 

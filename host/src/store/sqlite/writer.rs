@@ -30,8 +30,8 @@ use crate::store::schedules::{FireRules, Fired, NewSchedule, ScheduleRecord, que
 use crate::store::{
     CancelOutcome, Claim, EventRecord, Fence, LeaseState, Millis, NewTask, Renewal, Result,
     StepEnd, StepRecord, StepStart, StepStatus, StoreError, TaskEnd, TaskRecord, TaskStatus,
-    event_kind, in_claim_order, now_millis, out_of_line_key, renewals, step_event_data,
-    step_started_event,
+    ThreadDeletion, event_kind, in_claim_order, now_millis, out_of_line_key, renewals,
+    step_event_data, step_started_event,
 };
 
 /// The most writes one transaction carries.
@@ -90,6 +90,10 @@ pub(super) enum WriteOp {
     DeleteSchedule {
         id: String,
     },
+    DeleteThread {
+        tenant: String,
+        thread: String,
+    },
     FireSchedules(FireRules),
     AwaitApproval {
         fence: Fence,
@@ -125,6 +129,7 @@ pub(super) enum Reply {
     Fired(Fired),
     Decided(DecideOutcome),
     Events(Vec<EventRecord>),
+    Thread(ThreadDeletion),
 }
 
 struct Job {
@@ -364,6 +369,9 @@ fn apply(conn: &Connection, op: WriteOp) -> Result<Reply> {
             decision,
         } => decide_approval(conn, &task_id, &call_id, &decision).map(Reply::Decided),
         WriteOp::ExpireApprovals { now } => expire_approvals(conn, now).map(Reply::Events),
+        WriteOp::DeleteThread { tenant, thread } => {
+            delete_thread(conn, &tenant, &thread).map(Reply::Thread)
+        }
     }
 }
 
@@ -496,6 +504,29 @@ fn expire_approvals(conn: &Connection, now: Millis) -> Result<Vec<EventRecord>> 
     Ok(events)
 }
 
+/// Deletes a thread's tasks unless one of them is queued or running. The
+/// writer applies one write at a time, so nothing is claimed or added in
+/// between the look and the delete.
+fn delete_thread(conn: &Connection, tenant: &str, thread: &str) -> Result<ThreadDeletion> {
+    let active: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM tasks
+              WHERE tenant = ?1 AND thread = ?2 AND status IN ('queued', 'running', 'waiting_approval')",
+        )?
+        .query_row((tenant, thread), |row| row.get(0))?;
+    if active > 0 {
+        return Ok(ThreadDeletion::Active(active as u64));
+    }
+    // Steps and events go with their task (ON DELETE CASCADE).
+    let deleted = conn
+        .prepare_cached("DELETE FROM tasks WHERE tenant = ?1 AND thread = ?2")?
+        .execute((tenant, thread))?;
+    if deleted > 0 {
+        conn.prepare_cached(PRUNE_ORPHAN_PAYLOADS)?.execute([])?;
+    }
+    Ok(ThreadDeletion::Deleted(deleted as u64))
+}
+
 fn create_schedule(conn: &Connection, schedule: &NewSchedule) -> Result<Reply> {
     let record = conn
         .prepare_cached(
@@ -621,9 +652,9 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
             "INSERT INTO tasks (id, tenant, idempotency_key, priority, run_at, deadline_at, status,
                                 goal, planner, llm, model, tools, options, max_steps, timeout_ms,
                                 created_at, max_retries, trace_parent, schedule_id, scheduled_for,
-                                cost_nanos, budget_max_tokens, budget_max_cost_nanos)
+                                cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18, ?19, 0, ?20, ?21)
+                     ?17, ?18, ?19, 0, ?20, ?21, ?22)
              RETURNING *",
         )?
         .query_row(
@@ -649,6 +680,7 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
                 task.schedule.as_ref().map(|run| run.tick),
                 task.budget.max_tokens.map(|n| n as i64),
                 task.budget.max_cost_nanos,
+                task.thread,
             ],
             |row| Ok(task_from_row(row)),
         )??;
@@ -675,15 +707,22 @@ pub(super) const CLAIM_EXPIRED: &str = "UPDATE tasks
 
 /// Claims queued tasks whose start time has come, in the order of
 /// `tasks_queued`: the scan stops after `LIMIT` rows, however long the queue.
-pub(super) const CLAIM_QUEUED: &str = "UPDATE tasks
+/// A thread's task is taken only when it is its thread's oldest unfinished
+/// one (`thread_is_free!`).
+pub(super) const CLAIM_QUEUED: &str = concat!(
+    "UPDATE tasks
     SET status = 'running', attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2,
         started_at = COALESCE(started_at, ?3)
   WHERE id IN (SELECT id FROM tasks
                   INDEXED BY tasks_queued
                 WHERE status = 'queued' AND (run_at IS NULL OR run_at <= ?3)
+                  AND ",
+    thread_is_free!(),
+    "
                 ORDER BY priority DESC, id
                 LIMIT ?4)
- RETURNING *";
+ RETURNING *"
+);
 
 fn claim_batch(conn: &Connection, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>> {
     let now = now_millis();
