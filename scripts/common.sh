@@ -2,7 +2,15 @@
 # shellcheck shell=bash
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo_root/target}"
+# Builds go outside the clone, to the same folder `.ci/run` uses, so that
+# serving after testing (or after CI), or from a second clone, reuses what
+# was built instead of building everything again; `target` in the clone
+# links to it, so `target/release/opspawn` works as the README shows.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/opspawn/target}"
+mkdir -p "$CARGO_TARGET_DIR"
+if [[ ! -e "$repo_root/target" && "$CARGO_TARGET_DIR" != "$repo_root/target" ]]; then
+    ln -s "$CARGO_TARGET_DIR" "$repo_root/target"
+fi
 # The guest plugins are their own workspace with their own target folder
 # (the same one the tests' build script uses), so builds never wait on each other.
 plugin_target_dir="$CARGO_TARGET_DIR/wasm32-plugins"
