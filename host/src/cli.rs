@@ -531,13 +531,7 @@ async fn threads_command(command: ThreadsCommand) -> anyhow::Result<i32> {
             let url = format!("{}/v1/threads/{id}", client.base_url());
             let page = send(http().get(url).query(&query)).await?;
             for task in page["tasks"].as_array().into_iter().flatten() {
-                println!(
-                    "{}  {:<9}  {}  {}",
-                    task["id"].as_str().unwrap_or_default(),
-                    task["status"].as_str().unwrap_or_default(),
-                    task["created_at"].as_str().unwrap_or_default(),
-                    one_line(task["goal"].as_str().unwrap_or_default(), 60),
-                );
+                print_task_line(task);
                 if let Some(answer) = task["result"].as_str() {
                     println!("  -> {}", one_line(answer, 76));
                 }
@@ -710,13 +704,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             let url = format!("{}/v1/tasks", client.base_url());
             let page = send(http().get(url).query(&query)).await?;
             for task in page["tasks"].as_array().into_iter().flatten() {
-                println!(
-                    "{}  {:<9}  {}  {}",
-                    task["id"].as_str().unwrap_or_default(),
-                    task["status"].as_str().unwrap_or_default(),
-                    task["created_at"].as_str().unwrap_or_default(),
-                    one_line(task["goal"].as_str().unwrap_or_default(), 60),
-                );
+                print_task_line(task);
             }
             if let Some(cursor) = page["next_cursor"].as_str() {
                 println!("more: opspawn tasks list --cursor {cursor}");
@@ -1053,4 +1041,15 @@ fn one_line(text: &str, max: usize) -> String {
     } else {
         flat
     }
+}
+
+/// One task of a list, on one line: id, status, when it was created, goal.
+fn print_task_line(task: &Value) {
+    println!(
+        "{}  {:<9}  {}  {}",
+        task["id"].as_str().unwrap_or_default(),
+        task["status"].as_str().unwrap_or_default(),
+        task["created_at"].as_str().unwrap_or_default(),
+        one_line(task["goal"].as_str().unwrap_or_default(), 60),
+    );
 }

@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Tenant;
 use super::views::TaskView;
-use super::{ApiError, ApiPath, ApiQuery, AppState, openapi};
+use super::{ApiError, ApiPath, ApiQuery, AppState, PageAsked, openapi};
 use crate::errors::Code;
 use crate::store::{TaskQuery, ThreadDeletion};
 
@@ -71,29 +71,15 @@ pub(super) async fn get_thread(
     ApiQuery(query): ApiQuery<ListThread>,
 ) -> Result<Json<ThreadView>, ApiError> {
     checked(&thread)?;
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::new(
-            Code::InvalidQuery,
-            "limit must be between 1 and 500",
-        ));
-    }
-    if let Some(cursor) = &query.cursor
-        && uuid::Uuid::try_parse(cursor).is_err()
-    {
-        return Err(ApiError::new(
-            Code::InvalidQuery,
-            "cursor must be a next_cursor from an earlier page",
-        ));
-    }
     let first_page = query.cursor.is_none();
+    let asked = PageAsked::from_query(query.limit, query.cursor)?;
     let page = state
         .store
         .list_tasks(&TaskQuery {
             tenant: Some(tenant.0),
             thread: Some(thread.clone()),
-            before: query.cursor,
-            limit,
+            before: asked.before,
+            limit: asked.limit,
             ..TaskQuery::default()
         })
         .await?;
