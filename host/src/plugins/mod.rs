@@ -811,11 +811,6 @@ impl PluginRuntime {
         result
     }
 
-    /// How many instances wait warm for their next call.
-    pub fn warm_instances(&self) -> usize {
-        self.warm.idle_count()
-    }
-
     /// A fresh store for one call, limited as the plugin's manifest says.
     fn new_store(
         &self,

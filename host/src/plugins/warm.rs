@@ -224,11 +224,6 @@ impl WarmInstances {
         drop(dropped);
     }
 
-    /// How many instances are idle now.
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap().count
-    }
-
     fn expire(&self) {
         let mut dropped = Vec::new();
         self.idle
