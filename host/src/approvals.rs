@@ -53,17 +53,7 @@ impl ApprovalsConfig {
     /// Checks the rules once, at start-up.
     pub fn validate(&self) -> Result<(), String> {
         for rule in &self.rules {
-            if rule.tool.is_empty() {
-                return Err("an [[approvals.rules]] entry names no tool".into());
-            }
-            for pointer in rule.when.keys() {
-                if !pointer.starts_with('/') {
-                    return Err(format!(
-                        "[[approvals.rules]] for {:?}: {pointer:?} is not a JSON pointer (it starts with /)",
-                        rule.tool
-                    ));
-                }
-            }
+            rule.validate("[[approvals.rules]]")?;
         }
         if self.timeout.is_zero() || self.check_interval.is_zero() {
             return Err("[approvals] timeout and check_interval must be more than zero".into());
@@ -71,14 +61,34 @@ impl ApprovalsConfig {
         Ok(())
     }
 
-    /// Whether a call of `tool` with `arguments` needs approval.
+    /// Whether a call of `tool` with `arguments` needs approval by the
+    /// operator's rules (a plugin's own rules are checked beside these).
     pub fn needs_approval(&self, tool: &str, arguments: &Value) -> bool {
         self.rules.iter().any(|rule| rule.matches(tool, arguments))
     }
 }
 
 impl ApprovalRule {
-    fn matches(&self, tool: &str, arguments: &Value) -> bool {
+    /// Checks the rule once, when it is read; `section` names where it was
+    /// written, for the error.
+    pub fn validate(&self, section: &str) -> Result<(), String> {
+        if self.tool.is_empty() {
+            return Err(format!("an {section} entry names no tool"));
+        }
+        for pointer in self.when.keys() {
+            if !pointer.starts_with('/') {
+                return Err(format!(
+                    "{section} for {:?}: {pointer:?} is not a JSON pointer (it starts with /)",
+                    self.tool
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the rule asks for approval of a call of `tool` with
+    /// `arguments`.
+    pub fn matches(&self, tool: &str, arguments: &Value) -> bool {
         (self.tool == "*" || self.tool == tool)
             && self
                 .when

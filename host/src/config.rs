@@ -13,6 +13,7 @@ use crate::api::auth::AuthConfig;
 use crate::api::{HttpLimits, QueueLimits, TaskDefaults};
 use crate::approvals::ApprovalsConfig;
 use crate::budgets::{Budgets, BudgetsConfig, PriceTable};
+use crate::events::EventsConfig;
 use crate::grpc::GrpcConfig;
 use crate::mcp::McpConfig;
 use crate::metrics::MetricsConfig;
@@ -104,6 +105,9 @@ pub struct Config {
     /// How much of a thread's past a task's planner is given.
     #[serde(default)]
     pub threads: ThreadsConfig,
+    /// How streamed LLM text is journaled as `llm.delta` events.
+    #[serde(default)]
+    pub events: EventsConfig,
 }
 
 /// `[traces]`: what the spans of a task carry beyond names, models, token
@@ -254,6 +258,7 @@ impl Default for Config {
             budgets: BudgetsConfig::default(),
             approvals: ApprovalsConfig::default(),
             threads: ThreadsConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -377,6 +382,7 @@ impl Config {
             budgets,
             approvals: std::sync::Arc::new(self.approvals.clone()),
             threads: self.threads.clone(),
+            events: self.events.clone(),
             ..SchedulerConfig::default()
         }
     }

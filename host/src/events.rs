@@ -1,55 +1,46 @@
-//! Live task events inside one host: what the scheduler journaled, plus
-//! streamed LLM text that is never journaled. Subscribers that fall behind
-//! catch up from the store, which holds every journaled event.
+//! Live task events inside one host: what the scheduler journaled,
+//! streamed LLM text included (`llm.delta`, coalesced and capped per step,
+//! see [`EventsConfig`]). Subscribers that fall behind, reconnect or come
+//! after a restart catch up from the store, which holds every one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::store::{EventRecord, event_kind, now_millis};
+use crate::store::EventRecord;
 
 /// How many live events are buffered for slow subscribers.
 const CAPACITY: usize = 8192;
 
-#[derive(Debug, Clone)]
-pub enum LiveEvent {
-    /// An event that is also in the store.
-    Journaled(Arc<EventRecord>),
-    /// Text an LLM adapter streamed while step `step` ran.
-    Delta {
-        task_id: Arc<str>,
-        step: u32,
-        text: String,
-    },
+/// `[events]`: how streamed LLM text is journaled. Text a provider streams
+/// is gathered for `delta_interval` (or until 4 KiB) and journaled as one
+/// `llm.delta` event, so a subscriber that reconnects (`Last-Event-ID`), or
+/// comes after a restart, gets it again with the same ids; past
+/// `delta_bytes_per_step` of a step's text, the rest is in the step's reply
+/// only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// The most streamed text journaled per LLM step (each try of it).
+    pub delta_bytes_per_step: usize,
+    /// How long streamed text is gathered before it is journaled.
+    #[serde(with = "humantime_serde")]
+    pub delta_interval: Duration,
 }
 
-impl LiveEvent {
-    pub fn task_id(&self) -> &str {
-        match self {
-            Self::Journaled(event) => &event.task_id,
-            Self::Delta { task_id, .. } => task_id,
-        }
-    }
-
-    /// The event in the same shape as a journaled one (deltas have seq 0).
-    pub fn to_record(&self) -> EventRecord {
-        match self {
-            Self::Journaled(event) => (**event).clone(),
-            Self::Delta {
-                task_id,
-                step,
-                text,
-            } => EventRecord {
-                task_id: task_id.to_string(),
-                seq: 0,
-                kind: event_kind::LLM_DELTA.to_owned(),
-                data: json!({"step": step, "text": text}),
-                at: now_millis(),
-            },
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            delta_bytes_per_step: 64 * 1024,
+            delta_interval: Duration::from_millis(50),
         }
     }
 }
+
+/// An event as this host's subscribers get it: journaled first.
+pub type LiveEvent = Arc<EventRecord>;
 
 #[derive(Clone)]
 pub struct EventBus {
@@ -65,13 +56,10 @@ impl Default for EventBus {
 }
 
 impl EventBus {
-    pub fn publish(&self, event: LiveEvent) {
-        // No subscribers is the common case, not an error.
-        let _ = self.sender.send(event);
-    }
-
+    /// Tells this host's subscribers of an event the store now holds.
     pub fn journaled(&self, event: EventRecord) {
-        self.publish(LiveEvent::Journaled(Arc::new(event)));
+        // No subscribers is the common case, not an error.
+        let _ = self.sender.send(Arc::new(event));
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {

@@ -4,10 +4,12 @@
 //! thread's tasks one after the other (`thread_is_free!` in the store).
 //! See docs/architecture.md, "Threads".
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{EarlierTask, PlannerStep};
-use crate::store::{Result, Store, TaskQuery, TaskRecord};
+use crate::store::{HistoryStep, Result, Store, TaskQuery, TaskRecord};
 
 /// The longest thread id accepted, in bytes.
 pub const MAX_THREAD_BYTES: usize = 128;
@@ -59,11 +61,16 @@ pub fn invalid_thread_id(thread: &str) -> Option<String> {
 /// thread submitted before it, the newest `history_tasks` of them, oldest
 /// first, with their steps as far as the byte budget goes (the newest
 /// tasks' first). Nothing for a task without a thread, and no read either.
+///
+/// Two reads whatever the thread's length: the tasks, then all their steps.
+/// A step weighs what the journal holds of it for a planner (a tool's call,
+/// the output, the error); only the steps that fit are parsed, by
+/// `planner_view`, and an LLM step's request is never read.
 pub async fn history(
     store: &dyn Store,
     task: &TaskRecord,
     config: &ThreadsConfig,
-    planner_view: impl Fn(&crate::store::StepRecord) -> Option<PlannerStep>,
+    planner_view: impl Fn(&HistoryStep) -> Option<PlannerStep>,
 ) -> Result<Vec<EarlierTask>> {
     let Some(thread) = &task.thread else {
         return Ok(Vec::new());
@@ -80,32 +87,35 @@ pub async fn history(
             ..TaskQuery::default()
         })
         .await?;
-    let mut room = config.history_steps_bytes;
-    let mut earlier = Vec::with_capacity(page.tasks.len());
     // Newest first: the newest tasks' steps are the ones kept.
-    for done in page.tasks.into_iter().filter(|t| t.status.is_terminal()) {
+    let done: Vec<TaskRecord> = page
+        .tasks
+        .into_iter()
+        .filter(|t| t.status.is_terminal())
+        .collect();
+    let mut steps_of: HashMap<String, Vec<HistoryStep>> = HashMap::new();
+    if config.history_steps_bytes > 0 {
+        let ids: Vec<String> = done.iter().map(|t| t.id.clone()).collect();
+        for step in store.history_steps(&ids).await? {
+            steps_of.entry(step.task_id.clone()).or_default().push(step);
+        }
+    }
+    let mut room = config.history_steps_bytes;
+    let mut earlier = Vec::with_capacity(done.len());
+    for task in done {
         let mut steps = Vec::new();
-        if room > 0 {
-            let views: Vec<PlannerStep> = store
-                .steps(&done.id)
-                .await?
-                .iter()
-                .filter_map(&planner_view)
-                .collect();
-            let bytes: usize = views
-                .iter()
-                .map(|step| serde_json::to_string(step).map_or(0, |json| json.len()))
-                .sum();
+        if let Some(journal) = steps_of.remove(&task.id) {
+            let bytes: usize = journal.iter().map(HistoryStep::journal_bytes).sum();
             if bytes <= room {
                 room -= bytes;
-                steps = views;
+                steps = journal.iter().filter_map(&planner_view).collect();
             } else {
                 room = 0;
             }
         }
         earlier.push(EarlierTask {
-            goal: done.goal,
-            answer: done.result,
+            goal: task.goal,
+            answer: task.result,
             steps,
         });
     }
@@ -118,14 +128,13 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::{
-        NewTask, SqliteStore, StepEnd, StepKind, StepRecord, StepStart, TaskEnd, conformance,
-    };
+    use crate::store::{NewTask, SqliteStore, StepEnd, StepKind, StepStart, TaskEnd, conformance};
 
-    /// What the test's planner sees of a step: its input, as text.
-    fn view(step: &StepRecord) -> Option<PlannerStep> {
+    /// What the test's planner sees of a step: its call, as the journal
+    /// holds it.
+    fn view(step: &HistoryStep) -> Option<PlannerStep> {
         Some(PlannerStep::LlmFailed {
-            message: step.input.to_string(),
+            message: step.call.clone().unwrap_or_default(),
         })
     }
 
@@ -199,11 +208,9 @@ mod tests {
             .create_task(in_thread("now", "default"))
             .await
             .unwrap();
-        let one_task_of_steps = serde_json::to_string(&PlannerStep::LlmFailed {
-            message: serde_json::json!({"of": "g0"}).to_string(),
-        })
-        .unwrap()
-        .len();
+        // What the journal holds of each task's one step: its call and its
+        // output, as JSON text.
+        let one_task_of_steps = r#"{"of":"g0"}"#.len() + r#""done""#.len();
 
         let seen = |history_tasks, history_steps_bytes| {
             let store = &store;
@@ -222,6 +229,15 @@ mod tests {
             }
         };
         let answer = |goal: &str| Some(format!("answer to {goal}"));
+        let config = ThreadsConfig::default();
+        let history_of_all = history(&store, &task, &config, view).await.unwrap();
+        assert_eq!(
+            history_of_all[0].steps,
+            [PlannerStep::LlmFailed {
+                message: r#"{"of":"g0"}"#.into()
+            }],
+            "a step's journal text reaches the view"
+        );
         assert_eq!(
             seen(20, 1 << 20).await,
             [
@@ -266,7 +282,6 @@ mod tests {
             .create_task(conformance::new_task("no thread", 0, None))
             .await
             .unwrap();
-        let config = ThreadsConfig::default();
         assert!(
             history(&store, &loose, &config, view)
                 .await

@@ -455,3 +455,94 @@ async fn a_waiting_task_cancels_at_once_and_deciders_are_named_by_token() {
     assert_eq!(task["status"], "cancelled", "{task:#}");
     assert_eq!(steps(&task).len(), 1, "the call never ran: {task:#}");
 }
+
+/// The calculator's manifest with a rule of its own: expressions that
+/// mention 666 wait for approval.
+const CALCULATOR_ASKING_APPROVAL: &str = r#"
+[limits]
+memory_mib = 16
+call_timeout_ms = 2000
+
+[[approvals]]
+tool = "calculator"
+when = { "/expression" = "*666*" }
+"#;
+
+/// A plugin's manifest asks for approval of its own calls, with no operator
+/// rule: the matching call waits, the other of the same step runs once it
+/// is answered, the rule shows in `GET /v1/plugins`, and a rule naming a
+/// tool the plugin does not offer fails its load instead of never asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_manifest_asks_approval_for_its_own_calls() {
+    let harness = crate::Harness::start_with_plugins(&[], |plugins| {
+        plugins.add("calculator", "calculator", Some(CALCULATOR_ASKING_APPROVAL));
+        plugins.add(
+            "typo",
+            "calculator",
+            Some("[[approvals]]\ntool = \"calculatr\"\n"),
+        );
+    });
+    let client = harness.client();
+    let (status, listed) = client.get("/v1/plugins").await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    let calculator = listed["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "calculator")
+        .unwrap_or_else(|| panic!("the calculator is loaded: {listed:#}"));
+    assert_eq!(
+        calculator["approvals"],
+        json!([{"tool": "calculator", "when": {"/expression": "*666*"}}]),
+        "{calculator:#}"
+    );
+    let typo = listed["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["file"].as_str().unwrap().ends_with("typo.wasm"))
+        .unwrap_or_else(|| panic!("the misnamed rule fails the load: {listed:#}"));
+    assert!(
+        typo["error"].as_str().unwrap().contains("\"calculatr\""),
+        "{typo:#}"
+    );
+
+    let id = client
+        .submit(&json!({
+            "goal": "Two sums, one of them with approval",
+            "tools": ["calculator"],
+            "options": {"llm": {"script": [
+                {"tool_calls": [
+                    {"id": "plain", "name": "calculator", "arguments": {"expression": "2+2"}},
+                    {"id": "marked", "name": "calculator", "arguments": {"expression": "666+1"}}
+                ]},
+                {"content": "Final Answer: done"}
+            ]}}
+        }))
+        .await
+        .unwrap();
+    wait_until_waiting(&client, &id).await;
+    let pending = approvals(&client, &id).await;
+    let calls: Vec<&str> = pending
+        .iter()
+        .map(|a| a["call_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        calls,
+        ["marked"],
+        "only the matching call waits: {pending:#?}"
+    );
+    let (status, decided) = answer(&client, &id, "marked", json!({"decision": "approve"})).await;
+    assert_eq!(status, StatusCode::OK, "{decided}");
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    let outputs: Vec<String> = steps(&task)
+        .iter()
+        .filter(|s| s["kind"] == "tool")
+        .map(|s| s["output"].to_string())
+        .collect();
+    assert!(
+        outputs.len() == 2 && outputs[0].contains('4') && outputs[1].contains("667"),
+        "both calls ran, in order: {outputs:?}"
+    );
+}

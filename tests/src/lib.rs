@@ -393,6 +393,20 @@ impl Client {
         last_event_id: Option<i64>,
         timeout: Duration,
     ) -> anyhow::Result<Vec<SseEvent>> {
+        self.events_until(id, last_event_id, timeout, |_| false)
+            .await
+    }
+
+    /// Reads a task's SSE stream until its end, or until `enough` says so
+    /// of what was read (the connection is then dropped, as a client that
+    /// goes away mid-stream would).
+    pub async fn events_until(
+        &self,
+        id: &str,
+        last_event_id: Option<i64>,
+        timeout: Duration,
+        enough: impl Fn(&[SseEvent]) -> bool,
+    ) -> anyhow::Result<Vec<SseEvent>> {
         let mut request = self.http.get(self.url(&format!("/v1/tasks/{id}/events")));
         if let Some(last) = last_event_id {
             request = request.header("Last-Event-ID", last.to_string());
@@ -420,6 +434,9 @@ impl Client {
                     id: event.id,
                     data: serde_json::from_str(&event.data)?,
                 });
+                if enough(&events) {
+                    break;
+                }
             }
             anyhow::Ok(())
         };

@@ -28,7 +28,7 @@ const POLL: Duration = Duration::from_millis(1000);
 /// The task's events as Server-Sent Events: every journaled event after
 /// `Last-Event-ID` (or from the start), then live ones; the stream ends
 /// after `task.finished`. Each event is named after its `kind`, carries its
-/// `seq` as its id (but `llm.delta`) and a `TaskEvent` as its data.
+/// `seq` as its id and a `TaskEvent` as its data.
 #[utoipa::path(
     get,
     path = "/v1/tasks/{id}/events",
@@ -119,8 +119,8 @@ async fn follow(
             _ = sender.closed() => return,
         };
         match next {
-            Ok(event) if event.task_id() != id => {}
-            Ok(LiveEvent::Journaled(event)) => {
+            Ok(event) if event.task_id != id => {}
+            Ok(event) => {
                 if event.seq <= last {
                     continue;
                 }
@@ -134,15 +134,6 @@ async fn follow(
                 }
                 last = event.seq;
                 if sender.send(Ok(sse_event(&event))).await.is_err() || event.is_final() {
-                    return;
-                }
-            }
-            Ok(delta @ LiveEvent::Delta { .. }) => {
-                if sender
-                    .send(Ok(sse_event(&delta.to_record())))
-                    .await
-                    .is_err()
-                {
                     return;
                 }
             }
@@ -165,10 +156,8 @@ fn sse_event(event: &EventRecord) -> Event {
         "at": super::views::timestamp(event.at),
         "data": event.data,
     });
-    let sse = Event::default().event(&event.kind).data(body.to_string());
-    if event.seq > 0 {
-        sse.id(event.seq.to_string())
-    } else {
-        sse
-    }
+    Event::default()
+        .event(&event.kind)
+        .data(body.to_string())
+        .id(event.seq.to_string())
 }

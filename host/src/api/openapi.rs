@@ -277,7 +277,9 @@ impl PartialSchema for TaskEvent {
                 "`task.queued`; `task.started` (`attempt`); `step.started` (the step: `seq`, \
                  `kind`, `plugin`, `plugin_sha256`, `planner_sha256`, `status`, `attempt`, \
                  `started_at`, `input`); `llm.delta` \
-                 (`step`, `text`; live only, without an event id); `step.finished` (the step \
+                 (`step`, `text`: text the provider streamed, gathered about every 50 ms; \
+                 `truncated: true` on a step's last one when its text ran past \
+                 `[events] delta_bytes_per_step`); `step.finished` (the step \
                  without its input, with `output` or `error`, `usage`, `finished_at`); \
                  `task.cancel_requested`; `task.finished` (`status`, `result`, `error`), always \
                  the last",
@@ -290,7 +292,7 @@ impl PartialSchema for TaskEvent {
                     "seq",
                     ObjectBuilder::new()
                         .schema_type(Type::Integer)
-                        .description(Some("Per task, from 1; 0 for `llm.delta`")),
+                        .description(Some("Per task, from 1, without gaps")),
                 )
                 .property("kind", kind)
                 .property(
@@ -335,8 +337,7 @@ impl PartialSchema for TaskEventFrame {
                     ObjectBuilder::new()
                         .schema_type(Type::String)
                         .description(Some(
-                            "The event's `seq`, to resume after with `Last-Event-ID`; \
-                             absent on `llm.delta`",
+                            "The event's `seq`, to resume after with `Last-Event-ID`",
                         )),
                 )
                 .property(

@@ -343,6 +343,12 @@ pub struct PluginView {
     /// What its manifest asked for that the operator's policy refused.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<String>,
+    /// A tool plugin's own `[[approvals]]`: which of its calls wait for a
+    /// person's approval (`tool`, and `when`, JSON pointers into the
+    /// arguments to globs). The operator's rules apply besides.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub approvals: Vec<crate::approvals::ApprovalRule>,
 }
 
 impl From<&PluginInfo> for PluginView {
@@ -359,6 +365,7 @@ impl From<&PluginInfo> for PluginView {
             grants: serde_json::to_value(&info.grants).unwrap_or_default(),
             limits: serde_json::to_value(info.limits).unwrap_or_default(),
             refused: info.refused.clone(),
+            approvals: info.approvals.clone(),
         }
     }
 }

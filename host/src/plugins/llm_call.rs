@@ -84,12 +84,12 @@ impl TranslatedCall<'_> {
             wit::Exchange::Local(local) => {
                 // A stand-in for a provider's latency: waiting holds nothing.
                 tokio::time::sleep(Duration::from_millis(local.delay_ms.into())).await;
-                let response = local
+                // A reply made whole streams nothing: its text is in the
+                // step's end (see docs/architecture.md, "Events").
+                return local
                     .reply
                     .map(convert::response_from_wit)
-                    .map_err(|e| CallError::Llm(convert::llm_error_from_wit(e)))?;
-                self.emit(&response.message.content);
-                return Ok(response);
+                    .map_err(|e| CallError::Llm(convert::llm_error_from_wit(e)));
             }
             wit::Exchange::Http(http) => http,
         };

@@ -9,6 +9,8 @@ use std::time::Duration;
 use hyper::http::HeaderName;
 use serde::{Deserialize, Serialize};
 
+use crate::approvals::ApprovalRule;
+
 use super::outbound::{Credential, HostGrant, OutboundPolicy, ServerAddresses, template_variables};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -26,6 +28,12 @@ pub struct Manifest {
     /// For tools: whether an instance may serve more than one call.
     #[serde(default)]
     pub instances: InstancesSection,
+    /// For tools: `[[approvals]]`, the plugin's own calls that need a
+    /// person's approval (a tool of the plugin, or `*` for all of them,
+    /// optionally with conditions on the arguments). The operator's
+    /// `[[approvals.rules]]` add to these; they never take one away.
+    #[serde(default)]
+    pub approvals: Vec<ApprovalRule>,
 }
 
 /// `[instances]`: by default every call gets a fresh instance, so nothing a
@@ -638,6 +646,29 @@ mod tests {
             assert!(manifest.instances.reuse().is_err(), "{bad}");
         }
         assert!(toml::from_str::<Manifest>("[instances]\nreuse = \"forever\"").is_err());
+    }
+
+    #[test]
+    fn a_manifests_approval_rules_match_its_calls() {
+        let manifest: Manifest = toml::from_str(
+            "[[approvals]]\ntool = \"write\"\nwhen = { \"/path\" = \"/etc/*\" }\n\n\
+             [[approvals]]\ntool = \"*\"\nwhen = { \"/force\" = \"true\" }\n",
+        )
+        .unwrap();
+        let asks = |tool: &str, arguments: serde_json::Value| {
+            manifest
+                .approvals
+                .iter()
+                .any(|rule| rule.matches(tool, &arguments))
+        };
+        assert!(asks("write", serde_json::json!({"path": "/etc/hosts"})));
+        assert!(!asks("write", serde_json::json!({"path": "/tmp/x"})));
+        assert!(asks("read", serde_json::json!({"force": true})));
+        assert!(!asks("read", serde_json::json!({})));
+        assert!(toml::from_str::<Manifest>("[[approvals]]\ntool = \"x\"\nif = {}").is_err());
+        let relative: Manifest =
+            toml::from_str("[[approvals]]\ntool = \"x\"\nwhen = { \"path\" = \"*\" }").unwrap();
+        assert!(relative.approvals[0].validate("[[approvals]]").is_err());
     }
 
     #[test]

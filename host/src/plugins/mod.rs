@@ -358,6 +358,20 @@ impl PluginRuntime {
         self.catalog.read().expect("catalog lock").clone()
     }
 
+    /// Whether the version of the plugin offering `tool` that the task runs
+    /// on asks, in its manifest's `[[approvals]]`, for a person's approval
+    /// of this call. Tools of external sources have no manifest: only the
+    /// operator's rules cover them.
+    pub fn tool_asks_approval(&self, plugins: &TaskPlugins, tool: &str, arguments: &Value) -> bool {
+        plugins.tool(tool, || self.catalog()).is_some_and(|plugin| {
+            plugin
+                .info
+                .approvals
+                .iter()
+                .any(|rule| rule.matches(tool, arguments))
+        })
+    }
+
     /// The versions a task runs on, and its tools' specs, once what it
     /// names is loaded. While plugins are loading (at a start, or a file
     /// being replaced) and for [`RuntimeOptions::missing_plugin_grace`]

@@ -26,6 +26,7 @@ use super::external::{ExternalTool, ExternalTools};
 use super::manifest::{FolderScope, Grants, InstanceReuse, Limits, Manifest};
 use super::state::CallState;
 use super::{PluginRuntime, SlotKind, convert};
+use crate::approvals::ApprovalRule;
 use crate::errors::Code;
 use crate::protocol::ToolSpec;
 
@@ -87,6 +88,10 @@ pub struct PluginInfo {
     /// per call.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance_reuse: Option<InstanceReuse>,
+    /// For tools: the manifest's `[[approvals]]`, its own calls that need a
+    /// person's approval before they run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<ApprovalRule>,
 }
 
 /// A file in the plugin folder that could not be loaded, and why: a stable
@@ -909,6 +914,15 @@ impl PluginRuntime {
                  {kind}: remove the [instances] section"
             ));
         }
+        if !manifest.approvals.is_empty() && kind != PluginKind::Tool {
+            return Err(format!(
+                "its manifest has [[approvals]], which only tools have; this is a {kind}: \
+                 remove them (the operator's [[approvals.rules]] cover every tool)"
+            ));
+        }
+        for rule in &manifest.approvals {
+            rule.validate("[[approvals]]")?;
+        }
         let wit_version = version.as_str().to_owned();
         let mut plugin = Plugin {
             info: PluginInfo {
@@ -924,6 +938,7 @@ impl PluginRuntime {
                 limits,
                 refused,
                 instance_reuse,
+                approvals: manifest.approvals.clone(),
             },
             entry,
             validators: BTreeMap::new(),
@@ -945,6 +960,23 @@ impl PluginRuntime {
                 plugin
                     .validators
                     .insert(spec.name.clone(), Arc::new(validator));
+            }
+            // A rule for a tool the plugin does not offer would never ask
+            // for anything: most likely a typo that must not pass silently.
+            let offered = |name: &str| plugin.info.tools.iter().any(|t| t.name == name);
+            if let Some(rule) = plugin
+                .info
+                .approvals
+                .iter()
+                .find(|rule| rule.tool != "*" && !offered(&rule.tool))
+            {
+                let names: Vec<&str> = plugin.info.tools.iter().map(|t| t.name.as_str()).collect();
+                return Err(format!(
+                    "its manifest's [[approvals]] names tool {:?}, which it does not offer; \
+                     name one of its tools ({}) or \"*\" for all of them",
+                    rule.tool,
+                    names.join(", ")
+                ));
             }
         }
         Ok(plugin)

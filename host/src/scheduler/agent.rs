@@ -19,15 +19,15 @@ use tracing::{Instrument, Span};
 use super::{Shared, spans};
 use crate::budgets::{self, Reservation};
 use crate::errors::{Code, is_transient};
-use crate::events::LiveEvent;
 use crate::plugins::{CallError, RecordedVersions, TaskPluginNames, TaskPlugins};
 use crate::protocol::{
     CallContext, ChatRequest, ChatResponse, EarlierTask, LlmError, PlannerAction, PlannerStep,
     TaskState, ToolCall, ToolResult, Usage,
 };
 use crate::store::{
-    ApprovalRecord, ApprovalRequest, ApprovalStatus, Claim, ErrorInfo, Fence, StepEnd, StepKind,
-    StepRecord, StepStart, StepStatus, StepVersions, StoreError, TaskEnd, TaskRecord, now_millis,
+    ApprovalRecord, ApprovalRequest, ApprovalStatus, Claim, ErrorInfo, Fence, HistoryStep, StepEnd,
+    StepKind, StepRecord, StepStart, StepStatus, StepVersions, StoreError, TaskEnd, TaskRecord,
+    now_millis,
 };
 
 /// Why a run stopped without finishing its task.
@@ -228,7 +228,7 @@ impl Run {
                 self.shared.store.as_ref(),
                 &self.task,
                 &self.shared.config.threads,
-                planner_view,
+                history_view,
             )
             .await?;
         }
@@ -306,7 +306,8 @@ impl Run {
         }
     }
 
-    /// Checks a planner's tool calls against the approval rules. Calls that
+    /// Checks a planner's tool calls against the approval rules (the
+    /// operator's, and the manifest's of the plugin offering each tool). Calls that
     /// need approval and have none yet are journaled as pending and the
     /// task waits (`Interrupted::AwaitingApproval`): none of the batch runs
     /// until each is answered. Once all are, the calls come back in order:
@@ -320,17 +321,21 @@ impl Run {
         &mut self,
         calls: Vec<ToolCall>,
     ) -> Result<Vec<(ToolCall, Option<ErrorInfo>)>, Interrupted> {
-        let rules = self.shared.config.approvals.clone();
+        let rules = &self.shared.config.approvals;
+        let runtime = &self.shared.runtime;
         let needs: Vec<bool> = calls
             .iter()
-            .map(|call| rules.needs_approval(&call.name, &call.arguments))
+            .map(|call| {
+                rules.needs_approval(&call.name, &call.arguments)
+                    || runtime.tool_asks_approval(self.plugins(), &call.name, &call.arguments)
+            })
             .collect();
         if !needs.contains(&true) {
             return Ok(calls.into_iter().map(|call| (call, None)).collect());
         }
+        let expires_at = now_millis() + rules.timeout.as_millis() as i64;
         let answers = self.shared.store.approvals(&self.task.id).await?;
         let first = self.next_seq();
-        let expires_at = now_millis() + rules.timeout.as_millis() as i64;
         let mut gated = Vec::with_capacity(calls.len());
         let mut unanswered = Vec::new();
         for (place, (mut call, needed)) in calls.into_iter().zip(needs).enumerate() {
@@ -709,7 +714,8 @@ impl Run {
         let view = match (effect, reply) {
             (_, Some(response)) => Some(PlannerStep::LlmReply { response }),
             (Ok(Effect::Tool(call)), None) => {
-                Some(tool_view(call, output.as_ref().ok(), output.as_ref().err()))
+                let content = output.as_ref().ok().map(output_text);
+                Some(tool_view(call, content, output.as_ref().err()))
             }
             _ => None,
         };
@@ -839,19 +845,17 @@ impl Run {
         request: &ChatRequest,
         deadline: Instant,
     ) -> Attempt {
-        let (deltas, mut streamed) = mpsc::unbounded_channel::<String>();
-        let events = self.shared.events.clone();
-        let task_id: Arc<str> = self.task.id.as_str().into();
-        let step = context.step;
-        let forward = tokio::spawn(async move {
-            while let Some(text) = streamed.recv().await {
-                events.publish(LiveEvent::Delta {
-                    task_id: task_id.clone(),
-                    step,
-                    text,
-                });
-            }
-        });
+        let (deltas, streamed) = mpsc::unbounded_channel::<String>();
+        let forward = tokio::spawn(journal_deltas(
+            streamed,
+            DeltaJournal {
+                store: self.shared.store.clone(),
+                events: self.shared.events.clone(),
+                fence: self.fence.clone(),
+                step: context.step,
+                config: self.shared.config.events.clone(),
+            },
+        ));
         let result = self
             .shared
             .runtime
@@ -924,6 +928,74 @@ fn recorded_versions(steps: &[StepRecord]) -> RecordedVersions {
         }
     }
     recorded
+}
+
+/// Where a step's streamed LLM text goes: the task's journal, then its
+/// live subscribers.
+struct DeltaJournal {
+    store: Arc<dyn crate::store::Store>,
+    events: crate::events::EventBus,
+    fence: Fence,
+    step: u32,
+    config: crate::events::EventsConfig,
+}
+
+/// The most streamed text gathered into one `llm.delta` event.
+const MAX_DELTA_EVENT_BYTES: usize = 4096;
+
+/// Journals the text an LLM call streams as `llm.delta` events, gathered
+/// for `delta_interval` (or [`MAX_DELTA_EVENT_BYTES`]) into one event each,
+/// and publishes each once journaled, so live subscribers and those who
+/// reconnect see the same events with the same ids. Past
+/// `delta_bytes_per_step`, the last event is marked `truncated` and the
+/// rest is left to the step's reply. Ends when the call drops its sender.
+async fn journal_deltas(mut streamed: mpsc::UnboundedReceiver<String>, journal: DeltaJournal) {
+    let mut room = journal.config.delta_bytes_per_step;
+    let mut open = true;
+    while open && room > 0 {
+        let Some(mut text) = streamed.recv().await else {
+            return;
+        };
+        let gathered_until = tokio::time::Instant::now() + journal.config.delta_interval;
+        while text.len() < MAX_DELTA_EVENT_BYTES {
+            match tokio::time::timeout_at(gathered_until, streamed.recv()).await {
+                Ok(Some(more)) => text.push_str(&more),
+                Ok(None) => {
+                    open = false;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let truncated = text.len() > room;
+        if truncated {
+            let mut cut = room;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        room = if truncated { 0 } else { room - text.len() };
+        let mut data = json!({"step": journal.step, "text": text});
+        if truncated {
+            data["truncated"] = json!(true);
+        }
+        match journal
+            .store
+            .append_event(&journal.fence, crate::store::event_kind::LLM_DELTA, data)
+            .await
+        {
+            Ok(event) => journal.events.journaled(event),
+            // The claim is lost or the store is failing: the step's own
+            // end will say so; the text is in its reply either way.
+            Err(error) => {
+                tracing::debug!(%error, "streamed text not journaled");
+                return;
+            }
+        }
+    }
+    // Past the cap: what still streams is only in the step's reply.
+    while streamed.recv().await.is_some() {}
 }
 
 /// What a step performs: its journaled input, typed.
@@ -1053,31 +1125,66 @@ pub(super) fn planner_view(step: &StepRecord) -> Option<PlannerStep> {
         return None;
     }
     match step.kind {
-        StepKind::Llm => Some(match (&step.output, &step.error) {
-            (Some(output), _) => match ChatResponse::deserialize(output) {
-                Ok(response) => PlannerStep::LlmReply { response },
-                Err(e) => PlannerStep::LlmFailed {
-                    message: format!("the journaled reply is unreadable: {e}"),
-                },
-            },
-            (None, error) => PlannerStep::LlmFailed {
-                message: error
-                    .as_ref()
-                    .map_or_else(|| "unknown error".to_owned(), |e| e.message.clone()),
-            },
+        StepKind::Llm => Some(match &step.output {
+            Some(output) => llm_reply_view(ChatResponse::deserialize(output)),
+            None => llm_failed_view(step.error.as_ref()),
         }),
         StepKind::Tool => {
             let call = ToolCall::deserialize(&step.input).ok()?;
-            Some(tool_view(call, step.output.as_ref(), step.error.as_ref()))
+            let content = step.output.as_ref().map(output_text);
+            Some(tool_view(call, content, step.error.as_ref()))
         }
     }
 }
 
-/// A finished tool step as the planner sees it.
-fn tool_view(call: ToolCall, output: Option<&Value>, error: Option<&ErrorInfo>) -> PlannerStep {
-    let (content, is_error) = match (output, error) {
-        (Some(Value::String(text)), _) => (text.clone(), false),
-        (Some(output), _) => (output.to_string(), false),
+/// [`planner_view`] of an earlier task's finished step, parsed straight
+/// from the journal's text (a thread's history).
+pub(super) fn history_view(step: &HistoryStep) -> Option<PlannerStep> {
+    match step.kind {
+        StepKind::Llm => Some(match &step.output {
+            Some(output) => llm_reply_view(serde_json::from_str(output)),
+            None => llm_failed_view(step.error.as_ref()),
+        }),
+        StepKind::Tool => {
+            let call = serde_json::from_str(step.call.as_deref()?).ok()?;
+            // A string output is its text; any other is its JSON, as stored.
+            let content = step.output.as_ref().map(|output| {
+                serde_json::from_str::<String>(output).unwrap_or_else(|_| output.clone())
+            });
+            Some(tool_view(call, content, step.error.as_ref()))
+        }
+    }
+}
+
+fn llm_reply_view(reply: serde_json::Result<ChatResponse>) -> PlannerStep {
+    match reply {
+        Ok(response) => PlannerStep::LlmReply { response },
+        Err(e) => PlannerStep::LlmFailed {
+            message: format!("the journaled reply is unreadable: {e}"),
+        },
+    }
+}
+
+fn llm_failed_view(error: Option<&ErrorInfo>) -> PlannerStep {
+    PlannerStep::LlmFailed {
+        message: error.map_or_else(|| "unknown error".to_owned(), |e| e.message.clone()),
+    }
+}
+
+/// What a planner reads of a tool's output: a string's text, or any other
+/// value's JSON.
+fn output_text(output: &Value) -> String {
+    match output {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A tool step as the planner sees it: `content` is a string output's
+/// text, or any other output's JSON.
+fn tool_view(call: ToolCall, content: Option<String>, error: Option<&ErrorInfo>) -> PlannerStep {
+    let (content, is_error) = match (content, error) {
+        (Some(text), _) => (text, false),
         (None, Some(error)) => (format!("{}: {}", error.code, error.message), true),
         (None, None) => ("the tool returned nothing".to_owned(), true),
     };

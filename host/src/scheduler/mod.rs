@@ -49,6 +49,8 @@ pub struct SchedulerConfig {
     pub approvals: Arc<crate::approvals::ApprovalsConfig>,
     /// How much of a thread's past a planner is given (`[threads]`).
     pub threads: crate::threads::ThreadsConfig,
+    /// How streamed LLM text is journaled (`[events]`).
+    pub events: crate::events::EventsConfig,
 }
 
 /// How long to wait before retrying a step that failed with a transient
@@ -104,6 +106,7 @@ impl Default for SchedulerConfig {
             budgets: Arc::default(),
             approvals: Arc::default(),
             threads: crate::threads::ThreadsConfig::default(),
+            events: crate::events::EventsConfig::default(),
         }
     }
 }

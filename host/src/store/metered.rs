@@ -8,9 +8,9 @@ use async_trait::async_trait;
 
 use super::{ApprovalRecord, ApprovalRequest, DecideOutcome, Decision};
 use super::{
-    CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, PeriodUsage, QueueGauges, Renewal,
-    Result, StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery, TaskRecord,
-    TaskStats, ThreadDeletion,
+    CancelOutcome, Claim, EventRecord, Fence, HistoryStep, Millis, NewTask, PeriodUsage,
+    QueueGauges, Renewal, Result, StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage,
+    TaskQuery, TaskRecord, TaskStats, ThreadDeletion,
 };
 use super::{FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord};
 use crate::metrics::STORE_OPERATION_DURATION;
@@ -156,6 +156,10 @@ impl Store for Metered {
         timed("steps", self.inner.steps(task_id)).await
     }
 
+    async fn history_steps(&self, task_ids: &[String]) -> Result<Vec<HistoryStep>> {
+        timed("history_steps", self.inner.history_steps(task_ids)).await
+    }
+
     async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>> {
         timed("events_after", self.inner.events_after(task_id, after)).await
     }
@@ -198,6 +202,15 @@ impl Store for Metered {
 
     async fn finish_task(&self, fence: &Fence, end: TaskEnd) -> Result<EventRecord> {
         timed("finish_task", self.inner.finish_task(fence, end)).await
+    }
+
+    async fn append_event(
+        &self,
+        fence: &Fence,
+        kind: &'static str,
+        data: serde_json::Value,
+    ) -> Result<EventRecord> {
+        timed("append_event", self.inner.append_event(fence, kind, data)).await
     }
 
     async fn finish_step_then_start(

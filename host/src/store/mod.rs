@@ -303,6 +303,33 @@ pub struct TaskRecord {
     pub thread: Option<String>,
 }
 
+/// A finished step of an earlier task of a thread, as the journal holds it
+/// ([`Store::history_steps`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryStep {
+    pub task_id: String,
+    pub seq: u32,
+    pub kind: StepKind,
+    /// A tool step's call (its input), as JSON text; `None` for LLM steps.
+    pub call: Option<String>,
+    /// The step's output as JSON text, if it succeeded.
+    pub output: Option<String>,
+    pub error: Option<ErrorInfo>,
+}
+
+impl HistoryStep {
+    /// What the step weighs against a history's byte budget: the journal
+    /// text a planner is given of it.
+    pub fn journal_bytes(&self) -> usize {
+        self.call.as_ref().map_or(0, String::len)
+            + self.output.as_ref().map_or(0, String::len)
+            + self
+                .error
+                .as_ref()
+                .map_or(0, |e| e.code.len() + e.message.len())
+    }
+}
+
 /// One journaled step.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StepRecord {
@@ -454,7 +481,9 @@ pub mod event_kind {
     pub const TASK_WAITING_APPROVAL: &str = "task.waiting_approval";
     /// A call that needed approval was answered (or timed out).
     pub const APPROVAL_DECIDED: &str = "approval.decided";
-    /// Streamed LLM text; live only, never persisted.
+    /// Streamed LLM text, coalesced (`[events]`): `{step, text}`,
+    /// and `truncated: true` on the last one a step journals when its text
+    /// ran past `delta_bytes_per_step`.
     pub const LLM_DELTA: &str = "llm.delta";
 
     /// Every kind, in the order a task's events come (the API spec lists them).
@@ -802,6 +831,11 @@ pub trait Store: Send + Sync + 'static {
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>>;
     async fn list_tasks(&self, query: &TaskQuery) -> Result<TaskPage>;
     async fn steps(&self, task_id: &str) -> Result<Vec<StepRecord>>;
+    /// The finished steps of `task_ids` as a thread's history needs them,
+    /// in one read: by task, oldest first, with their JSON left as the text
+    /// the journal holds, so that a caller parses only what it keeps. An
+    /// LLM step's request is not read at all.
+    async fn history_steps(&self, task_ids: &[String]) -> Result<Vec<HistoryStep>>;
     /// Events of a task with `seq > after`, oldest first.
     async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>>;
     async fn request_cancel(&self, id: &str) -> Result<CancelOutcome>;
@@ -841,6 +875,14 @@ pub trait Store: Send + Sync + 'static {
     -> Result<(StepRecord, EventRecord)>;
     async fn finish_step(&self, fence: &Fence, end: StepEnd) -> Result<(StepRecord, EventRecord)>;
     async fn finish_task(&self, fence: &Fence, end: TaskEnd) -> Result<EventRecord>;
+    /// Appends an event to a running task's journal, under its fence: what
+    /// happens within a step, such as streamed LLM text (`llm.delta`).
+    async fn append_event(
+        &self,
+        fence: &Fence,
+        kind: &'static str,
+        data: Value,
+    ) -> Result<EventRecord>;
 
     /// Journals a step's end and the start of the step the planner chose
     /// from it, in one write (one transaction, one fence check): the agent
@@ -1574,6 +1616,111 @@ pub(crate) mod conformance {
             assert_eq!(inputs, expected.iter().collect::<Vec<_>>(), "task {n}");
             assert_eq!(claim.event.data["resumed_steps"], n);
         }
+    }
+
+    /// A thread's history reads the finished steps of several tasks in one
+    /// go, their JSON as text: a tool step's call (joined from `payloads`
+    /// when it was stored out of line), never an LLM step's request, the
+    /// output, the error; a step still running is left out.
+    pub async fn history_steps_read_finished_steps_as_text(store: &dyn Store) {
+        let (a, _) = store.create_task(new_task("a", 0, None)).await.unwrap();
+        let (b, _) = store.create_task(new_task("b", 0, None)).await.unwrap();
+        let claims = store
+            .claim_batch("host", Duration::from_secs(30), 2)
+            .await
+            .unwrap();
+        let fence_of = |id: &str| {
+            claims
+                .iter()
+                .find(|c| c.task.id == id)
+                .map(|c| c.fence.clone())
+                .unwrap()
+        };
+        let long = "x".repeat(INLINE_PAYLOAD_BYTES + 1);
+        let call = serde_json::json!({"id": "c1", "name": "echo", "arguments": {"text": long}});
+        let steps = [
+            (
+                &a.id,
+                1,
+                StepKind::Llm,
+                serde_json::json!({"messages": [long]}),
+                Some(Ok(serde_json::json!({"reply": 1}))),
+            ),
+            (
+                &a.id,
+                2,
+                StepKind::Tool,
+                call.clone(),
+                Some(Ok(serde_json::json!(long))),
+            ),
+            (
+                &a.id,
+                3,
+                StepKind::Tool,
+                serde_json::json!({"id": "c2"}),
+                None,
+            ),
+            (
+                &b.id,
+                1,
+                StepKind::Tool,
+                serde_json::json!({"id": "c3"}),
+                Some(Err(ErrorInfo::new("tool_failed", "no"))),
+            ),
+        ];
+        for (task, seq, kind, input, end) in steps {
+            let fence = fence_of(task);
+            let (started, _) = store
+                .start_step(
+                    &fence,
+                    StepStart {
+                        seq,
+                        kind,
+                        plugin: "p".into(),
+                        input,
+                        versions: Default::default(),
+                    },
+                )
+                .await
+                .unwrap();
+            if let Some(output) = end {
+                let end = StepEnd {
+                    started,
+                    output,
+                    usage: None,
+                    cost_nanos: None,
+                    charge: None,
+                    finished_at: now_millis(),
+                };
+                store.finish_step(&fence, end).await.unwrap();
+            }
+        }
+        let read = store
+            .history_steps(&[a.id.clone(), b.id.clone(), "no-such-task".into()])
+            .await
+            .unwrap();
+        let json = |text: &Option<String>| {
+            text.as_deref()
+                .map(|t| serde_json::from_str::<Value>(t).unwrap())
+        };
+        let mut of_a: Vec<&HistoryStep> = read.iter().filter(|s| s.task_id == a.id).collect();
+        of_a.sort_by_key(|s| s.seq);
+        assert_eq!(of_a.len(), 2, "the running step is left out: {read:?}");
+        assert_eq!(
+            (of_a[0].seq, of_a[0].kind, &of_a[0].call),
+            (1, StepKind::Llm, &None)
+        );
+        assert_eq!(json(&of_a[0].output), Some(serde_json::json!({"reply": 1})));
+        assert_eq!(json(&of_a[1].call), Some(call), "joined from payloads");
+        assert_eq!(json(&of_a[1].output), Some(serde_json::json!(long)));
+        let of_b: Vec<&HistoryStep> = read.iter().filter(|s| s.task_id == b.id).collect();
+        assert_eq!(of_b.len(), 1);
+        assert_eq!(of_b[0].output, None);
+        assert_eq!(
+            of_b[0].error.as_ref().map(|e| e.message.as_str()),
+            Some("no")
+        );
+        assert!(store.history_steps(&[]).await.unwrap().is_empty());
     }
 
     /// An LLM step's usage adds to its task's tokens and cost in the same

@@ -36,11 +36,12 @@ use super::schedules::{
     FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord, TaskTemplate,
 };
 use super::{
-    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, LeaseState, Millis, NewTask, PeriodUsage,
-    QueueGauges, Renewal, Result, SqlDialect, StepEnd, StepKind, StepRecord, StepStart, StepStatus,
-    StepVersions, Store, StoreError, TaskBudget, TaskEnd, TaskPage, TaskQuery, TaskRecord,
-    TaskStats, TaskStatus, ThreadDeletion, event_kind, in_claim_order, lack_step_inputs,
-    now_millis, parse_json, renewals, restore_step_inputs, step_event_data, step_started_event,
+    CancelOutcome, Claim, ErrorInfo, EventRecord, Fence, HistoryStep, LeaseState, Millis, NewTask,
+    PeriodUsage, QueueGauges, Renewal, Result, SqlDialect, StepEnd, StepKind, StepRecord,
+    StepStart, StepStatus, StepVersions, Store, StoreError, TaskBudget, TaskEnd, TaskPage,
+    TaskQuery, TaskRecord, TaskStats, TaskStatus, ThreadDeletion, event_kind, in_claim_order,
+    lack_step_inputs, now_millis, parse_json, renewals, restore_step_inputs, step_event_data,
+    step_started_event,
 };
 use crate::protocol::Usage;
 use crate::schedules::MissedTicks;
@@ -1399,6 +1400,38 @@ impl Store for PgStore {
         load_steps(&self.pool, task_id).await
     }
 
+    async fn history_steps(&self, task_ids: &[String]) -> Result<Vec<HistoryStep>> {
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT s.task_id, s.seq, s.kind,
+                    CASE WHEN s.kind = 'tool' THEN COALESCE(pi.body, s.input::text) END AS call,
+                    COALESCE(po.body, s.output::text) AS output, s.error_code, s.error_message
+               FROM steps s
+               LEFT JOIN payloads pi ON pi.sha256 = s.input_ref AND s.kind = 'tool'
+               LEFT JOIN payloads po ON po.sha256 = s.output_ref
+              WHERE s.task_id = ANY($1) AND s.status <> 'running'
+              ORDER BY s.task_id, s.seq",
+        )
+        .bind(task_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let kind: String = row.try_get("kind")?;
+                Ok(HistoryStep {
+                    task_id: row.try_get("task_id")?,
+                    seq: row.try_get::<i64, _>("seq")? as u32,
+                    kind: StepKind::parse(&kind).ok_or_else(|| corrupt_enum("step kind", &kind))?,
+                    call: row.try_get("call")?,
+                    output: row.try_get("output")?,
+                    error: error_from_row(row)?,
+                })
+            })
+            .collect()
+    }
+
     async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>> {
         let rows = sqlx::query("SELECT * FROM events WHERE task_id = $1 AND seq > $2 ORDER BY seq")
             .bind(task_id)
@@ -1530,6 +1563,19 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         check_fence(&mut tx, fence).await?;
         let event = finish_task(&mut tx, fence, &end).await?;
+        tx.commit().await?;
+        Ok(event)
+    }
+
+    async fn append_event(
+        &self,
+        fence: &Fence,
+        kind: &'static str,
+        data: Value,
+    ) -> Result<EventRecord> {
+        let mut tx = self.pool.begin().await?;
+        check_fence(&mut tx, fence).await?;
+        let event = append_event(&mut tx, &fence.task_id, kind, data).await?;
         tx.commit().await?;
         Ok(event)
     }
@@ -1901,6 +1947,14 @@ mod tests {
     async fn missed_ticks_follow_the_schedules_policy() {
         let (store, schema) = temporary_store().await;
         crate::store::conformance::missed_ticks_follow_the_schedules_policy(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn history_steps_read_finished_steps_as_text() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::history_steps_read_finished_steps_as_text(&store).await;
         drop_schema(&store, &schema).await;
     }
 

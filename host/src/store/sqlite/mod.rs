@@ -20,9 +20,10 @@ use super::schedules::{
     FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord,
 };
 use super::{
-    CancelOutcome, Claim, EventRecord, Fence, Millis, NewTask, PeriodUsage, QueueGauges, Renewal,
-    Result, SqlDialect, StepEnd, StepRecord, StepStart, Store, TaskEnd, TaskPage, TaskQuery,
-    TaskRecord, TaskStats, TaskStatus, ThreadDeletion, lack_step_inputs, restore_step_inputs,
+    CancelOutcome, Claim, EventRecord, Fence, HistoryStep, Millis, NewTask, PeriodUsage,
+    QueueGauges, Renewal, Result, SqlDialect, StepEnd, StepRecord, StepStart, Store, TaskEnd,
+    TaskPage, TaskQuery, TaskRecord, TaskStats, TaskStatus, ThreadDeletion, lack_step_inputs,
+    restore_step_inputs,
 };
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
@@ -371,6 +372,28 @@ impl Store for SqliteStore {
         load_steps(&self.reads, task_id).await
     }
 
+    async fn history_steps(&self, task_ids: &[String]) -> Result<Vec<HistoryStep>> {
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The ids travel as one JSON array: one statement, whatever their number.
+        let ids = serde_json::to_string(task_ids).expect("strings serialize");
+        let rows = sqlx::query(
+            "SELECT s.task_id, s.seq, s.kind,
+                    CASE WHEN s.kind = 'tool' THEN COALESCE(pi.body, s.input) END AS call,
+                    COALESCE(po.body, s.output) AS output, s.error_code, s.error_message
+               FROM steps s
+               LEFT JOIN payloads pi ON pi.sha256 = s.input_ref AND s.kind = 'tool'
+               LEFT JOIN payloads po ON po.sha256 = s.output_ref
+              WHERE s.task_id IN (SELECT value FROM json_each(?)) AND s.status <> 'running'
+              ORDER BY s.task_id, s.seq",
+        )
+        .bind(ids)
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter().map(rows::history_step_from_row).collect()
+    }
+
     async fn events_after(&self, task_id: &str, after: i64) -> Result<Vec<EventRecord>> {
         let rows = sqlx::query("SELECT * FROM events WHERE task_id = ? AND seq > ? ORDER BY seq")
             .bind(task_id)
@@ -493,6 +516,23 @@ impl Store for SqliteStore {
         match self.write(op).await? {
             Reply::Event(event) => Ok(event),
             _ => unreachable!("finish_task answers Event"),
+        }
+    }
+
+    async fn append_event(
+        &self,
+        fence: &Fence,
+        kind: &'static str,
+        data: serde_json::Value,
+    ) -> Result<EventRecord> {
+        let op = WriteOp::AppendEvent {
+            fence: fence.clone(),
+            kind,
+            data,
+        };
+        match self.write(op).await? {
+            Reply::Event(event) => Ok(event),
+            _ => unreachable!("append_event answers Event"),
         }
     }
 
@@ -710,6 +750,12 @@ mod tests {
     async fn missed_ticks_follow_the_schedules_policy() {
         let (store, _dir) = open_temporary().await;
         conformance::missed_ticks_follow_the_schedules_policy(&store).await;
+    }
+
+    #[tokio::test]
+    async fn history_steps_read_finished_steps_as_text() {
+        let (store, _dir) = open_temporary().await;
+        conformance::history_steps_read_finished_steps_as_text(&store).await;
     }
 
     #[tokio::test]

@@ -8,8 +8,8 @@ use crate::protocol::Usage;
 use crate::schedules::MissedTicks;
 use crate::store::schedules::{ScheduleRecord, TaskTemplate};
 use crate::store::{
-    ErrorInfo, EventRecord, Millis, Result, StepKind, StepRecord, StepStatus, StepVersions,
-    StoreError, TaskBudget, TaskRecord, TaskStatus, parse_json,
+    ErrorInfo, EventRecord, HistoryStep, Millis, Result, StepKind, StepRecord, StepStatus,
+    StepVersions, StoreError, TaskBudget, TaskRecord, TaskStatus, parse_json,
 };
 
 /// Named columns of a row, as both drivers give them.
@@ -168,6 +168,19 @@ pub(super) fn step_from_row(row: &impl Columns) -> Result<StepRecord> {
             plugin_sha256: row.optional_text("plugin_sha256")?,
             planner_sha256: row.optional_text("planner_sha256")?,
         },
+    })
+}
+
+/// A row of `history_steps`: its JSON stays text.
+pub(super) fn history_step_from_row(row: &impl Columns) -> Result<HistoryStep> {
+    let kind = row.text("kind")?;
+    Ok(HistoryStep {
+        task_id: row.text("task_id")?,
+        seq: row.integer("seq")? as u32,
+        kind: StepKind::parse(&kind).ok_or_else(|| corrupt_enum("step kind", &kind))?,
+        call: row.optional_text("call")?,
+        output: row.optional_text("output")?,
+        error: error_from_row(row)?,
     })
 }
 

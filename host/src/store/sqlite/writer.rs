@@ -71,6 +71,11 @@ pub(super) enum WriteOp {
         fence: Fence,
         end: TaskEnd,
     },
+    AppendEvent {
+        fence: Fence,
+        kind: &'static str,
+        data: Value,
+    },
     /// A step's end and what the planner chose after it, under one fence
     /// check (`Store::finish_step_then_start`).
     FinishStepThen {
@@ -316,6 +321,10 @@ fn apply(conn: &Connection, op: WriteOp) -> Result<Reply> {
         WriteOp::FinishTask { fence, end } => {
             check_fence(conn, &fence)?;
             finish_task(conn, &fence, &end).map(Reply::Event)
+        }
+        WriteOp::AppendEvent { fence, kind, data } => {
+            check_fence(conn, &fence)?;
+            append_event(conn, &fence.task_id, kind, data).map(Reply::Event)
         }
         WriteOp::FinishStepThen { fence, end, then } => {
             check_fence(conn, &fence)?;
