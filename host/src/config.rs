@@ -193,6 +193,7 @@ const KEYS: &[&str] = &[
     "budgets",
     "approvals",
     "threads",
+    "events",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
