@@ -153,6 +153,10 @@ struct RunArgs {
     /// earlier tasks, and the thread's tasks run one at a time.
     #[arg(long)]
     thread: Option<String>,
+    /// The long-term memory namespace the task's plugins remember in
+    /// (`default` when not given).
+    #[arg(long)]
+    memory_namespace: Option<String>,
     /// Print the task id and return without following it.
     #[arg(long)]
     detach: bool,
@@ -901,6 +905,9 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let mut body = args.task.body()?;
     if let Some(thread) = args.thread {
         body["thread"] = json!(thread);
+    }
+    if let Some(namespace) = args.memory_namespace {
+        body["memory_namespace"] = json!(namespace);
     }
     let task = send(http().post(format!("{base}/v1/tasks")).json(&body)).await?;
     let id = task["id"]

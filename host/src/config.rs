@@ -16,6 +16,7 @@ use crate::budgets::{Budgets, BudgetsConfig, PriceTable};
 use crate::events::EventsConfig;
 use crate::grpc::GrpcConfig;
 use crate::mcp::McpConfig;
+use crate::memory::MemoryConfig;
 use crate::metrics::MetricsConfig;
 use crate::plugins::policy::OperatorPolicy;
 use crate::plugins::{EngineOptions, Limits, RuntimeOptions};
@@ -108,6 +109,9 @@ pub struct Config {
     /// How streamed LLM text is journaled as `llm.delta` events.
     #[serde(default)]
     pub events: EventsConfig,
+    /// What each tenant may keep in long-term memory.
+    #[serde(default)]
+    pub memory: MemoryConfig,
 }
 
 /// `[traces]`: what the spans of a task carry beyond names, models, token
@@ -194,6 +198,7 @@ const KEYS: &[&str] = &[
     "approvals",
     "threads",
     "events",
+    "memory",
 ];
 
 /// Whether `OPSPAWN_<key>` names a setting (`DATA_DIR`, `DEFAULTS__LLM`).
@@ -260,6 +265,7 @@ impl Default for Config {
             approvals: ApprovalsConfig::default(),
             threads: ThreadsConfig::default(),
             events: EventsConfig::default(),
+            memory: MemoryConfig::default(),
         }
     }
 }
@@ -384,6 +390,7 @@ impl Config {
             approvals: std::sync::Arc::new(self.approvals.clone()),
             threads: self.threads.clone(),
             events: self.events.clone(),
+            memory: self.memory.clone(),
             ..SchedulerConfig::default()
         }
     }

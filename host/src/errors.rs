@@ -76,11 +76,13 @@ codes! {
     ThreadNotFound = "thread_not_found", status Some(404), request;
     RouteNotFound = "route_not_found", status Some(404), request;
     ApprovalNotFound = "approval_not_found", status Some(404), request;
+    MemoryNotFound = "memory_not_found", status Some(404), request;
     MethodNotAllowed = "method_not_allowed", status Some(405), request;
     RequestTimeout = "request_timeout", status Some(408), request;
     TaskAlreadyFinished = "task_already_finished", status Some(409), request;
     ApprovalAlreadyDecided = "approval_already_decided", status Some(409), request;
     ThreadActive = "thread_active", status Some(409), request;
+    MemoryFull = "memory_full", status Some(409), request;
     PayloadTooLarge = "payload_too_large", status Some(413), request;
     UnsupportedMediaType = "unsupported_media_type", status Some(415), request;
     InvalidGoal = "invalid_goal", status Some(422), request;
@@ -96,6 +98,8 @@ codes! {
     InvalidSchedule = "invalid_schedule", status Some(422), request;
     InvalidTimezone = "invalid_timezone", status Some(422), request;
     InvalidThread = "invalid_thread", status Some(422), request;
+    InvalidMemory = "invalid_memory", status Some(422), request;
+    InvalidMemoryNamespace = "invalid_memory_namespace", status Some(422), request;
     RateLimited = "rate_limited", status Some(429), request;
     TooManyActiveTasks = "too_many_active_tasks", status Some(429), request;
     QueueFull = "queue_full", status Some(429), request;

@@ -9,6 +9,7 @@
 //!   [`telemetry`]: the log, and OpenTelemetry traces over OTLP;
 //!   [`budgets`]: prices, cost and the checks made before an LLM call;
 //!   [`approvals`]: which tool calls wait for a person's approval;
+//!   [`memory`]: long-term memory, its caps, queries and journal keys;
 //! - [`plugins`]: the plugin runtime (wasmtime), knows nothing of the store;
 //! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
 //! - [`scheduler`]: the dispatcher, leases and the agent loop, joining the two;
@@ -19,7 +20,7 @@
 //!   settings and the wiring of `opspawn serve`; [`authoring`]: the
 //!   `opspawn plugin` commands that write, build, check and install plugins.
 //!
-//! The core (`protocol`, `errors`, `budgets`, `approvals`, `rfc3339`, `events`, `metrics`,
+//! The core (`protocol`, `errors`, `budgets`, `approvals`, `memory`, `rfc3339`, `events`, `metrics`,
 //! `telemetry`, `store`, `plugins`, `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
 //! `server`, `authoring`): the edges turn configuration and requests into the core's own
 //! option types. A test below scans the sources to keep it so.
@@ -34,6 +35,7 @@ pub mod errors;
 pub mod events;
 pub mod grpc;
 pub mod mcp;
+pub mod memory;
 pub mod metrics;
 pub mod plugins;
 pub mod protocol;
@@ -59,6 +61,7 @@ mod tests {
         "errors.rs",
         "budgets.rs",
         "approvals.rs",
+        "memory.rs",
         "rfc3339.rs",
         "events.rs",
         "metrics.rs",

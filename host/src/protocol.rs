@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::errors::Code;
+use crate::memory::MemoryHandle;
 
 /// A tool as offered to planners and LLMs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +221,10 @@ pub struct CallContext {
     /// uses it to give each tenant writable folders of its own.
     #[serde(skip)]
     pub tenant: Option<String>,
+    /// Where the tool's memory calls go (the step's journal), if it may
+    /// make any.
+    #[serde(skip)]
+    pub memory: MemoryHandle,
 }
 
 impl CallContext {
@@ -229,6 +234,7 @@ impl CallContext {
             step,
             idempotency_key: format!("{task_id}:{step}"),
             tenant: None,
+            memory: MemoryHandle::default(),
         }
     }
 
@@ -269,6 +275,8 @@ pub struct TaskState<'a> {
     pub options: &'a Value,
     /// The tenant whose task this is (see [`CallContext::tenant`]).
     pub tenant: Option<&'a str>,
+    /// Where the planner's memory calls go (see [`CallContext::memory`]).
+    pub memory: MemoryHandle,
 }
 
 /// What a planner decided.

@@ -152,6 +152,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         scrape: scrape.clone(),
         schedule_wake,
         budgets,
+        memory: Arc::new(config.memory.clone()),
     };
     let auth_enabled = state.gate.enabled();
     for addr in std::iter::once(addr).chain(grpc_addr) {

@@ -16,6 +16,7 @@ mod grpc;
 mod limits;
 mod mcp;
 mod mcp_server;
+mod memory;
 mod network;
 mod observability;
 mod plugins;

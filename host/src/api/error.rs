@@ -69,6 +69,7 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound(id) => Self::task_not_found(&id),
+            StoreError::MemoryFull(message) => Self::new(Code::MemoryFull, message),
             StoreError::Full(detail) => {
                 tracing::error!(%detail, "the store is full; refusing writes until room is made");
                 Self::new(

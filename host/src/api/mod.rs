@@ -11,6 +11,7 @@ pub mod connections;
 mod error;
 mod events;
 pub mod hygiene;
+mod memories;
 pub mod openapi;
 mod schedules;
 pub mod scrape;
@@ -90,6 +91,8 @@ pub struct AppState {
     /// Prices and tenants' caps (shared with the scheduler, which holds
     /// the reservations).
     pub budgets: Arc<Budgets>,
+    /// What each tenant may keep in long-term memory.
+    pub memory: Arc<crate::memory::MemoryConfig>,
 }
 
 /// The whole API as one router. Every route but the event stream answers
@@ -151,6 +154,8 @@ fn documented_routes(state: &AppState, limits: &HttpLimits) -> OpenApiRouter<App
         .routes(routes!(schedules::pause_schedule))
         .routes(routes!(schedules::resume_schedule))
         .routes(routes!(threads::get_thread, threads::delete_thread))
+        .routes(routes!(memories::list_memories, memories::create_memory))
+        .routes(routes!(memories::get_memory, memories::delete_memory))
         .routes(routes!(usage))
         .route_layer(middleware::from_fn_with_state(
             limits.clone(),
@@ -319,6 +324,16 @@ struct CreateTask {
         example = "chat-42"
     )]
     thread: Option<String>,
+    /// The long-term memory namespace the task's plugins remember in and
+    /// recall from (1 to 64 ASCII letters, digits, `-`, `_`, `.`, `:`),
+    /// within this tenant's memories; `default` when absent.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9._:-]+$",
+        example = "user-42"
+    )]
+    memory_namespace: Option<String>,
 }
 
 /// A task's caps; either or both.
@@ -547,6 +562,13 @@ fn validate(
     {
         return Err(ApiError::new(Code::InvalidThread, message));
     }
+    if let Some(message) = request
+        .memory_namespace
+        .as_deref()
+        .and_then(crate::memory::invalid_namespace)
+    {
+        return Err(ApiError::new(Code::InvalidMemoryNamespace, message));
+    }
 
     let catalog = state.runtime.catalog();
     let planner = request.planner.unwrap_or_else(|| defaults.planner.clone());
@@ -597,6 +619,7 @@ fn validate(
         schedule: None,
         budget,
         thread: request.thread,
+        memory_namespace: request.memory_namespace,
     })
 }
 

@@ -82,7 +82,8 @@ error_responses! {
         InvalidJson, InvalidRequest, InvalidIdempotencyKey, InvalidGoal, UnknownPlanner,
         UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
         InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidBudget,
-        BudgetUnpriced, InvalidThread, TooManyActiveTasks, QueueFull, PluginsLoading, StoreFull,
+        BudgetUnpriced, InvalidThread, InvalidMemoryNamespace, TooManyActiveTasks, QueueFull,
+        PluginsLoading, StoreFull,
     ];
     ListTasksErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [InvalidQuery];
     StatsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [];
@@ -101,7 +102,7 @@ error_responses! {
         InvalidJson, InvalidRequest, InvalidSchedule, InvalidTimezone, InvalidGoal,
         UnknownPlanner, UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
         InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidThread,
-        PluginsLoading, StoreFull,
+        InvalidMemoryNamespace, PluginsLoading, StoreFull,
     ];
     ListApprovalsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, Forbidden, TaskNotFound,
@@ -122,6 +123,18 @@ error_responses! {
     ];
     DeleteThreadErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, InvalidThread, ThreadNotFound, ThreadActive, StoreFull,
+    ];
+    ListMemoriesErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
+        InvalidQuery, InvalidMemoryNamespace,
+    ];
+    CreateMemoryErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
+        InvalidJson, InvalidRequest, InvalidMemory, InvalidMemoryNamespace, MemoryFull, StoreFull,
+    ];
+    GetMemoryErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
+        InvalidPath, MemoryNotFound,
+    ];
+    DeleteMemoryErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
+        InvalidPath, MemoryNotFound, StoreFull,
     ];
 }
 
@@ -431,6 +444,7 @@ impl Modify for Generated {
         (name = "tasks", description = "Submit, follow and cancel tasks"),
         (name = "schedules", description = "Recurring tasks from cron expressions"),
         (name = "threads", description = "Conversations: the tasks that name a thread"),
+        (name = "memories", description = "Long-term memory: notes kept across tasks, per tenant and namespace"),
         (name = "plugins", description = "What is loaded"),
         (name = "operations", description = "Health, metrics and this spec"),
     ),

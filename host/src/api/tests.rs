@@ -90,6 +90,7 @@ impl Setup {
             }),
             schedule_wake: Arc::new(tokio::sync::Notify::new()),
             budgets,
+            memory: Arc::new(host.config.memory.clone()),
         };
         let app = app(state, MAX_BODY_BYTES, &HttpLimits::default());
         Api {

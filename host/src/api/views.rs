@@ -57,6 +57,9 @@ pub struct TaskView {
     pub scheduled_for: Option<String>,
     /// The conversation thread the task continues, if it names one.
     pub thread: Option<String>,
+    /// The long-term memory namespace its plugins use, if it names one
+    /// (`default` otherwise).
+    pub memory_namespace: Option<String>,
     /// Only in `GET /v1/tasks/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -95,6 +98,7 @@ impl TaskView {
             schedule_id: task.schedule_id,
             scheduled_for: task.scheduled_for.map(timestamp),
             thread: task.thread,
+            memory_namespace: task.memory_namespace,
             steps: steps.map(|steps| steps.into_iter().map(StepView::from).collect()),
         }
     }

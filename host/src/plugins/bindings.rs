@@ -94,6 +94,12 @@ pub mod v0_2 {
             path: "../wit/v0.2.0",
             world: "tool",
             exports: { default: async },
+            // Memory reads and writes the store: the plugin's call waits.
+            imports: {
+                "opspawn:plugin/memory.remember": async,
+                "opspawn:plugin/memory.recall": async,
+                "opspawn:plugin/memory.forget": async,
+            },
         });
     }
 
@@ -105,6 +111,7 @@ pub mod v0_2 {
             with: {
                 "opspawn:plugin/types": super::tool::opspawn::plugin::types,
                 "opspawn:plugin/logging": super::tool::opspawn::plugin::logging,
+                "opspawn:plugin/memory": super::tool::opspawn::plugin::memory,
             },
         });
     }
@@ -123,5 +130,5 @@ pub mod v0_2 {
 
     pub use llm_adapter::exports::opspawn::plugin::translate;
     pub use planner::exports::opspawn::plugin::planning;
-    pub use tool::opspawn::plugin::{logging, types};
+    pub use tool::opspawn::plugin::{logging, memory, types};
 }

@@ -180,6 +180,7 @@ impl TranslatedCall<'_> {
                 SlotKind::Compute,
                 self.tenant,
                 None,
+                crate::memory::MemoryHandle::default(),
                 async |store| {
                     let instance = self.pre.instantiate_async(&mut *store).await?;
                     call(store, &instance).await

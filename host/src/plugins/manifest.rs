@@ -195,6 +195,10 @@ pub struct Capabilities {
     /// key; the plugin never sees them.
     #[serde(default)]
     pub credentials: Vec<CredentialRequest>,
+    /// Long-term memory (the WIT interface `memory`), kept by the host for
+    /// the task's tenant and memory namespace. Tools and planners only.
+    #[serde(default)]
+    pub memory: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -320,6 +324,8 @@ pub struct Grants {
     /// For LLM adapters: the endpoint the host sends their requests to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter: Option<AdapterEndpoint>,
+    /// Whether it may use long-term memory.
+    pub memory: bool,
 }
 
 /// Where the host sends an adapter's requests, and how it authenticates.
@@ -598,6 +604,7 @@ impl Manifest {
         };
         let grants = Grants {
             adapter,
+            memory: self.capabilities.memory,
             env: self.capabilities.env.clone(),
             dirs,
             outbound_hosts: self.capabilities.outbound_hosts.clone(),

@@ -13,6 +13,7 @@ mod folder_quota;
 mod host_http;
 mod llm_call;
 pub mod manifest;
+mod memory_host;
 mod outbound;
 pub mod policy;
 mod registry;
@@ -43,6 +44,7 @@ pub use registry::{Catalog, EXTERNAL_SEPARATOR, LoadFailure, LoadingFile, Plugin
 use state::CallState;
 
 use crate::errors::Code;
+use crate::memory::MemoryHandle;
 use crate::protocol::{
     CallContext, ChatRequest, ChatResponse, LlmError, PlannerAction, TaskState, ToolSpec,
 };
@@ -316,6 +318,7 @@ impl PluginRuntime {
         bindings::v0_1::logging::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
         bindings::v0_1::llm_stream::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
         bindings::v0_2::logging::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
+        bindings::v0_2::memory::add_to_linker::<CallState, Data>(&mut linker, |state| state)?;
         let cache = Arc::new(CompileCache::new(&engine, options.cache_dir.clone()));
         let warm = warm::WarmInstances::new(options.engine.max_idle_instances as usize);
         let slots = CallSlots {
@@ -500,6 +503,7 @@ impl PluginRuntime {
         check_tool_input(tool, plugin.validators.get(tool).map(|v| &**v), input)?;
         let input = input.to_string();
         let tenant = context.tenant.as_deref();
+        let memory = context.memory.clone();
         // A tool granted the network may spend its call waiting on it.
         let kind = if plugin.info.grants.outbound_hosts.is_empty() {
             SlotKind::Compute
@@ -525,6 +529,7 @@ impl PluginRuntime {
                     tenant,
                     warm,
                     None,
+                    memory.clone(),
                     async |store| pre.instantiate_async(store).await,
                     async |store, instance: &bindings::v0_1::tool::Tool| {
                         let tools = instance.opspawn_plugin_tools();
@@ -542,6 +547,7 @@ impl PluginRuntime {
                     tenant,
                     warm,
                     None,
+                    memory.clone(),
                     async |store| pre.instantiate_async(store).await,
                     async |store, instance: &bindings::v0_2::tool::Tool| {
                         let tools = instance.opspawn_plugin_tools();
@@ -593,25 +599,40 @@ impl PluginRuntime {
         };
         let max_calls = plugin.info.limits.max_tool_calls;
         let tenant = state.tenant;
+        let memory = state.memory.clone();
         let outcome = match entry {
             PlannerEntry::V0_1(pre) => {
                 let state = convert::v0_1::state_to_wit(state);
-                self.call(plugin, SlotKind::Compute, tenant, None, async |store| {
-                    let instance = pre.instantiate_async(&mut *store).await?;
-                    let planning = instance.opspawn_plugin_planning();
-                    let action = planning.call_next_action(store, &state).await?;
-                    Ok(action.map(|a| convert::v0_1::action_from_wit_bounded(a, max_calls)))
-                })
+                self.call(
+                    plugin,
+                    SlotKind::Compute,
+                    tenant,
+                    None,
+                    memory.clone(),
+                    async |store| {
+                        let instance = pre.instantiate_async(&mut *store).await?;
+                        let planning = instance.opspawn_plugin_planning();
+                        let action = planning.call_next_action(store, &state).await?;
+                        Ok(action.map(|a| convert::v0_1::action_from_wit_bounded(a, max_calls)))
+                    },
+                )
                 .await?
             }
             PlannerEntry::V0_2(pre) => {
                 let state = convert::v0_2::state_to_wit(state);
-                self.call(plugin, SlotKind::Compute, tenant, None, async |store| {
-                    let instance = pre.instantiate_async(&mut *store).await?;
-                    let planning = instance.opspawn_plugin_planning();
-                    let action = planning.call_next_action(store, &state).await?;
-                    Ok(action.map(|a| convert::v0_2::action_from_wit_bounded(a, max_calls)))
-                })
+                self.call(
+                    plugin,
+                    SlotKind::Compute,
+                    tenant,
+                    None,
+                    memory.clone(),
+                    async |store| {
+                        let instance = pre.instantiate_async(&mut *store).await?;
+                        let planning = instance.opspawn_plugin_planning();
+                        let action = planning.call_next_action(store, &state).await?;
+                        Ok(action.map(|a| convert::v0_2::action_from_wit_bounded(a, max_calls)))
+                    },
+                )
                 .await?
             }
         };
@@ -693,6 +714,7 @@ impl PluginRuntime {
                         SlotKind::NetworkBound,
                         tenant,
                         deltas,
+                        MemoryHandle::default(),
                         async |store| {
                             let instance = pre.instantiate_async(&mut *store).await?;
                             let chat = instance.opspawn_plugin_chat();
@@ -733,13 +755,14 @@ impl PluginRuntime {
         kind: SlotKind,
         tenant: Option<&str>,
         deltas: Option<mpsc::UnboundedSender<String>>,
+        memory: MemoryHandle,
         call: impl AsyncFnOnce(&mut Store<CallState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
         let span = call_span(plugin);
         let result = async {
             let _compute = self.slots.compute(kind).await;
             let _instance = self.slots.instance().await;
-            let mut store = self.new_store(plugin, self.tenant_of(tenant), deltas)?;
+            let mut store = self.new_store(plugin, self.tenant_of(tenant), deltas, memory)?;
             let outcome = guarded(plugin, call(&mut store)).await;
             settle(plugin, &store, outcome)
         }
@@ -762,6 +785,7 @@ impl PluginRuntime {
         tenant: Option<&str>,
         warm: Option<(warm::WarmKey, manifest::InstanceReuse)>,
         deltas: Option<mpsc::UnboundedSender<String>>,
+        memory: MemoryHandle,
         instantiate: impl AsyncFnOnce(&mut Store<CallState>) -> wasmtime::Result<E>,
         call: impl AsyncFnOnce(&mut Store<CallState>, &E) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
@@ -779,13 +803,13 @@ impl PluginRuntime {
                 });
             let (mut store, exports, slot, calls) = match reused {
                 Some((mut store, exports, slot, calls)) => {
-                    store.data_mut().begin_reuse(&plugin.info.limits);
+                    store.data_mut().begin_reuse(&plugin.info.limits, memory);
                     arm_deadline(&mut store, plugin.info.limits.call_timeout);
                     (store, Some(exports), slot, calls)
                 }
                 None => {
                     let slot = self.slots.instance().await;
-                    let store = self.new_store(plugin, self.tenant_of(tenant), deltas)?;
+                    let store = self.new_store(plugin, self.tenant_of(tenant), deltas, memory)?;
                     (store, None, slot, 0)
                 }
             };
@@ -831,6 +855,7 @@ impl PluginRuntime {
         plugin: &Plugin,
         tenant: Option<&str>,
         deltas: Option<mpsc::UnboundedSender<String>>,
+        memory: MemoryHandle,
     ) -> Result<Store<CallState>, CallError> {
         let state = CallState::new(
             plugin.info.name.as_str().into(),
@@ -839,6 +864,7 @@ impl PluginRuntime {
             tenant,
             deltas,
             &self.folder_usages,
+            memory,
         )
         .map_err(|e| CallError::Instantiate {
             plugin: plugin.info.name.clone(),

@@ -48,6 +48,9 @@ pub struct Allowances {
     /// manifest asks (`[instances]`); `false` keeps every call on a fresh
     /// instance.
     pub instance_reuse: Option<bool>,
+    /// Whether plugins whose manifest asks for long-term memory
+    /// (`[capabilities] memory = true`) get it; `false` refuses it.
+    pub memory: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -204,6 +207,11 @@ impl OperatorPolicy {
             }
             true
         });
+
+        if capabilities.memory && !flag(|a| a.memory) {
+            refused.push("long-term memory".to_owned());
+            capabilities.memory = false;
+        }
 
         if narrowed.instances.reuse != ReuseScope::Call && !flag(|a| a.instance_reuse) {
             refused.push("reuse of instances across calls".to_owned());

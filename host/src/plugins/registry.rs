@@ -28,6 +28,7 @@ use super::state::CallState;
 use super::{PluginRuntime, SlotKind, convert};
 use crate::approvals::ApprovalRule;
 use crate::errors::Code;
+use crate::memory::MemoryHandle;
 use crate::protocol::ToolSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -914,6 +915,16 @@ impl PluginRuntime {
                  {kind}: remove the [instances] section"
             ));
         }
+        if manifest.capabilities.memory
+            && (kind == PluginKind::LlmAdapter || version == WitVersion::V0_1)
+        {
+            return Err(format!(
+                "its manifest asks for memory, which tools and planners built against \
+                 opspawn:plugin@{} have; this is a {kind} of {version}: remove `memory` \
+                 from [capabilities]",
+                WitVersion::LATEST
+            ));
+        }
         if !manifest.approvals.is_empty() && kind != PluginKind::Tool {
             return Err(format!(
                 "its manifest has [[approvals]], which only tools have; this is a {kind}: \
@@ -1040,10 +1051,17 @@ impl PluginRuntime {
         let specs: Vec<(String, Result<ToolSpec, String>)> = match entry {
             ToolEntry::V0_1(pre) => {
                 let specs = self
-                    .call(plugin, SlotKind::Compute, None, None, async |store| {
-                        let instance = pre.instantiate_async(&mut *store).await?;
-                        instance.opspawn_plugin_tools().call_describe(store).await
-                    })
+                    .call(
+                        plugin,
+                        SlotKind::Compute,
+                        None,
+                        None,
+                        MemoryHandle::default(),
+                        async |store| {
+                            let instance = pre.instantiate_async(&mut *store).await?;
+                            instance.opspawn_plugin_tools().call_describe(store).await
+                        },
+                    )
                     .await
                     .map_err(failed)?;
                 check_described(
@@ -1060,10 +1078,17 @@ impl PluginRuntime {
             }
             ToolEntry::V0_2(pre) => {
                 let specs = self
-                    .call(plugin, SlotKind::Compute, None, None, async |store| {
-                        let instance = pre.instantiate_async(&mut *store).await?;
-                        instance.opspawn_plugin_tools().call_describe(store).await
-                    })
+                    .call(
+                        plugin,
+                        SlotKind::Compute,
+                        None,
+                        None,
+                        MemoryHandle::default(),
+                        async |store| {
+                            let instance = pre.instantiate_async(&mut *store).await?;
+                            instance.opspawn_plugin_tools().call_describe(store).await
+                        },
+                    )
                     .await
                     .map_err(failed)?;
                 check_described(

@@ -17,6 +17,7 @@ use super::bindings::v0_1;
 use super::folder_quota::{FolderCall, FolderUsage, FolderUsages, Measure};
 use super::manifest::{Grants, Limits};
 use super::outbound::PolicyHooks;
+use crate::memory::MemoryHandle;
 
 /// How much of a plugin's stdout and stderr is kept to explain a crash.
 const OUTPUT_CAPTURE_BYTES: usize = 16 * 1024;
@@ -37,6 +38,12 @@ pub struct CallState {
     folders: Option<Arc<FolderCall>>,
     /// Those folders' usage, for the next call of a warm instance.
     folder_usage: Option<Arc<FolderUsage>>,
+    /// Whether the plugin was granted long-term memory.
+    pub(super) memory_granted: bool,
+    /// Where this call's memory calls go (a task's step), and how many it
+    /// has made: each is journaled under its number.
+    pub(super) memory: MemoryHandle,
+    pub(super) memory_calls: u32,
 }
 
 impl CallState {
@@ -47,6 +54,7 @@ impl CallState {
         tenant: Option<&str>,
         deltas: Option<mpsc::UnboundedSender<String>>,
         folder_usages: &FolderUsages,
+        memory: MemoryHandle,
     ) -> wasmtime::Result<Self> {
         let output = OutputTail::default();
         let mut wasi = WasiCtx::builder();
@@ -105,6 +113,9 @@ impl CallState {
             delta_budget: Budget::new(limits.max_deltas, limits.max_output_bytes),
             folders,
             folder_usage,
+            memory_granted: grants.memory,
+            memory,
+            memory_calls: 0,
         })
     }
 
@@ -112,7 +123,9 @@ impl CallState {
     /// budgets start again, the call's share of its folders' quota is taken
     /// anew, and what earlier calls printed is forgotten. What the instance
     /// holds in its own memory stays: that is the point of reusing it.
-    pub fn begin_reuse(&mut self, limits: &Limits) {
+    pub fn begin_reuse(&mut self, limits: &Limits, memory: MemoryHandle) {
+        self.memory = memory;
+        self.memory_calls = 0;
         self.limiter.refused = false;
         self.output.clear();
         self.log_budget = Budget::new(limits.max_log_lines, limits.max_log_bytes);
@@ -127,6 +140,7 @@ impl CallState {
     /// limits is noted, and its share of its folders is given back, so they
     /// can be measured again while the instance waits.
     pub fn end_reused_call(&mut self) {
+        self.memory = MemoryHandle::default();
         self.note_dropped();
         self.folders = None;
     }

@@ -16,9 +16,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 
+use super::step_memory::RunMemory;
 use super::{Shared, spans};
 use crate::budgets::{self, Reservation};
 use crate::errors::{Code, is_transient};
+use crate::memory::{MemoryHandle, Site};
 use crate::plugins::{CallError, RecordedVersions, TaskPluginNames, TaskPlugins};
 use crate::protocol::{
     CallContext, ChatRequest, ChatResponse, EarlierTask, LlmError, PlannerAction, PlannerStep,
@@ -81,6 +83,8 @@ pub(super) struct Run {
     /// read once per claim, before the first step it plans (empty for a
     /// task without a thread, which costs no read).
     history: Vec<EarlierTask>,
+    /// The run's long-term memory scope, made when a plugin first needs it.
+    memory: Option<Arc<RunMemory>>,
 }
 
 impl Run {
@@ -108,6 +112,7 @@ impl Run {
             plugins: None,
             settling: None,
             history: Vec::new(),
+            memory: None,
         }
     }
 
@@ -237,6 +242,7 @@ impl Run {
             if let Some(end) = self.boundary_check()? {
                 return Ok(end);
             }
+            let planner_memory = self.memory_for(self.next_seq(), Site::Planner);
             let state = TaskState {
                 goal: &self.task.goal,
                 tools: &tools,
@@ -245,6 +251,7 @@ impl Run {
                 max_steps: self.task.max_steps,
                 options: &planner_options,
                 tenant: Some(&self.task.tenant),
+                memory: planner_memory,
             };
             let action = self
                 .bounded(self.shared.runtime.next_action(self.plugins(), &state))
@@ -407,6 +414,20 @@ impl Run {
                 .tool_owner(tool)
                 .map(str::to_owned),
         }
+    }
+
+    /// Where the memory calls of `site`, for step `step`, go.
+    fn memory_for(&mut self, step: u32, site: Site) -> MemoryHandle {
+        let memory = self.memory.get_or_insert_with(|| {
+            RunMemory::new(
+                self.shared.store.clone(),
+                self.fence.clone(),
+                &self.task.tenant,
+                self.task.memory_namespace.as_deref(),
+                &self.shared.config.memory,
+            )
+        });
+        memory.for_step(step, site)
     }
 
     fn next_seq(&self) -> u32 {
@@ -589,7 +610,10 @@ impl Run {
 
         // Every try of a step runs under the same number, so the same
         // idempotency key: a tool with side effects can tell a retry.
-        let context = CallContext::new(&self.task.id, seq).for_tenant(&self.task.tenant);
+        let mut context = CallContext::new(&self.task.id, seq).for_tenant(&self.task.tenant);
+        if kind == StepKind::Tool {
+            context.memory = self.memory_for(seq, Site::Tool);
+        }
         // An LLM call, retries included, lasts no longer than its adapter's
         // call_timeout_ms: a hung provider is cut there, not retried past it.
         let llm_deadline = match kind {

@@ -13,6 +13,7 @@ mod agent;
 #[cfg(test)]
 mod agent_tests;
 mod spans;
+mod step_memory;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -51,6 +52,8 @@ pub struct SchedulerConfig {
     pub threads: crate::threads::ThreadsConfig,
     /// How streamed LLM text is journaled (`[events]`).
     pub events: crate::events::EventsConfig,
+    /// What each tenant may keep in long-term memory (`[memory]`).
+    pub memory: crate::memory::MemoryConfig,
 }
 
 /// How long to wait before retrying a step that failed with a transient
@@ -107,6 +110,7 @@ impl Default for SchedulerConfig {
             approvals: Arc::default(),
             threads: crate::threads::ThreadsConfig::default(),
             events: crate::events::EventsConfig::default(),
+            memory: crate::memory::MemoryConfig::default(),
         }
     }
 }

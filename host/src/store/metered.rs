@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::MemoryCall;
 use super::{ApprovalRecord, ApprovalRequest, DecideOutcome, Decision};
 use super::{
     CancelOutcome, Claim, EventRecord, Fence, HistoryStep, Millis, NewTask, PeriodUsage,
@@ -13,6 +14,7 @@ use super::{
     TaskQuery, TaskRecord, TaskStats, ThreadDeletion,
 };
 use super::{FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord};
+use crate::memory::{MemoryConfig, MemoryQuery, MemoryRecord, MemoryReply, NewMemory};
 use crate::metrics::STORE_OPERATION_DURATION;
 
 pub struct Metered {
@@ -170,6 +172,30 @@ impl Store for Metered {
 
     async fn delete_thread(&self, tenant: &str, thread: &str) -> Result<ThreadDeletion> {
         timed("delete_thread", self.inner.delete_thread(tenant, thread)).await
+    }
+
+    async fn memory_call(&self, fence: &Fence, call: &MemoryCall) -> Result<MemoryReply> {
+        timed("memory_call", self.inner.memory_call(fence, call)).await
+    }
+
+    async fn create_memory(
+        &self,
+        memory: NewMemory,
+        config: &MemoryConfig,
+    ) -> Result<MemoryRecord> {
+        timed("create_memory", self.inner.create_memory(memory, config)).await
+    }
+
+    async fn get_memory(&self, tenant: &str, id: &str) -> Result<Option<MemoryRecord>> {
+        timed("get_memory", self.inner.get_memory(tenant, id)).await
+    }
+
+    async fn search_memories(&self, query: &MemoryQuery) -> Result<Vec<MemoryRecord>> {
+        timed("search_memories", self.inner.search_memories(query)).await
+    }
+
+    async fn delete_memory(&self, tenant: &str, id: &str) -> Result<bool> {
+        timed("delete_memory", self.inner.delete_memory(tenant, id)).await
     }
 
     async fn claim_batch(&self, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>> {

@@ -28,6 +28,7 @@ macro_rules! thread_is_free {
     };
 }
 
+pub mod memories;
 mod metered;
 mod postgres;
 pub mod schedules;
@@ -40,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use approvals::{ApprovalRecord, ApprovalRequest, ApprovalStatus, DecideOutcome, Decision};
+pub use memories::MemoryCall;
 pub use metered::Metered;
 pub use postgres::PgStore;
 pub use schedules::{
@@ -50,6 +52,7 @@ pub use sqlite::SqliteStore;
 
 pub use crate::budgets::{PeriodUsage, TaskBudget, TenantCharge};
 pub use crate::errors::ErrorInfo;
+use crate::memory::{MemoryConfig, MemoryQuery, MemoryRecord, MemoryReply, NewMemory};
 use crate::protocol::Usage;
 
 /// Milliseconds since the Unix epoch: the store's one clock unit.
@@ -88,6 +91,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the store's writer has stopped")]
     WriterGone,
+    /// A memory would take its tenant past a `[memory]` cap; nothing was
+    /// written.
+    #[error("{0}")]
+    MemoryFull(String),
     #[error("{0}")]
     Config(String),
 }
@@ -259,6 +266,9 @@ pub struct NewTask {
     /// The conversation thread the task continues, if any: a client-chosen
     /// id, scoped to the tenant (see docs/architecture.md, "Threads").
     pub thread: Option<String>,
+    /// The memory namespace the task's plugins remember in; `None` is
+    /// [`crate::memory::DEFAULT_NAMESPACE`].
+    pub memory_namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -301,6 +311,8 @@ pub struct TaskRecord {
     pub scheduled_for: Option<Millis>,
     /// See [`NewTask::thread`].
     pub thread: Option<String>,
+    /// See [`NewTask::memory_namespace`].
+    pub memory_namespace: Option<String>,
 }
 
 /// A finished step of an earlier task of a thread, as the journal holds it
@@ -962,6 +974,23 @@ pub trait Store: Send + Sync + 'static {
     /// [`firing`]: ScheduleRecord::firing
     async fn fire_due_schedules(&self, rules: &FireRules) -> Result<Fired>;
 
+    /// Performs a plugin's memory call once: the answer is journaled under
+    /// the call's key in the same transaction as its effect, and a call
+    /// journaled there before (the same call of the same step, run again)
+    /// gets its journaled answer instead of acting again. Fenced like every
+    /// write of a run; `MemoryFull` when a cap refuses it.
+    async fn memory_call(&self, fence: &Fence, call: &MemoryCall) -> Result<MemoryReply>;
+    /// Stores a memory a client gave (not journaled: the request is the
+    /// effect); `MemoryFull` when a cap refuses it.
+    async fn create_memory(&self, memory: NewMemory, config: &MemoryConfig)
+    -> Result<MemoryRecord>;
+    async fn get_memory(&self, tenant: &str, id: &str) -> Result<Option<MemoryRecord>>;
+    /// A tenant's memories: those matching any of the query's terms, best
+    /// first, or without terms the newest first (before `before`, an id).
+    async fn search_memories(&self, query: &MemoryQuery) -> Result<Vec<MemoryRecord>>;
+    /// Deletes a tenant's memory; whether it existed.
+    async fn delete_memory(&self, tenant: &str, id: &str) -> Result<bool>;
+
     /// Signalled when other hosts sharing the store may have made work this
     /// host was not told of (a task submitted to another host). Idle workers
     /// wait on it beside their own wake-ups and the poll interval, which
@@ -1189,6 +1218,7 @@ pub(crate) mod conformance {
             schedule: None,
             budget: TaskBudget::default(),
             thread: None,
+            memory_namespace: None,
         }
     }
 
@@ -1622,6 +1652,237 @@ pub(crate) mod conformance {
     /// go, their JSON as text: a tool step's call (joined from `payloads`
     /// when it was stored out of line), never an LLM step's request, the
     /// output, the error; a step still running is left out.
+    fn memory(tenant: &str, namespace: &str, text: &str) -> crate::memory::NewMemory {
+        crate::memory::NewMemory {
+            tenant: tenant.into(),
+            namespace: namespace.into(),
+            text: text.into(),
+            metadata: "{}".into(),
+            task_id: None,
+        }
+    }
+
+    fn memory_query(
+        tenant: &str,
+        namespace: Option<&str>,
+        query: &str,
+    ) -> crate::memory::MemoryQuery {
+        crate::memory::MemoryQuery {
+            tenant: tenant.into(),
+            namespace: namespace.map(str::to_owned),
+            terms: crate::memory::search_terms(query),
+            limit: 10,
+            before: None,
+        }
+    }
+
+    fn texts(memories: &[crate::memory::MemoryRecord]) -> Vec<&str> {
+        memories.iter().map(|m| m.text.as_str()).collect()
+    }
+
+    pub async fn memories_are_ranked_scoped_and_capped(store: &dyn Store) {
+        let config = crate::memory::MemoryConfig {
+            max_memories_per_tenant: 4,
+            ..crate::memory::MemoryConfig::default()
+        };
+        for (tenant, namespace, text) in [
+            ("a", "default", "the user likes green tea"),
+            ("a", "default", "tea tea tea: the user drinks tea at noon"),
+            ("a", "work", "the build server is called tea-kettle"),
+            ("b", "default", "tenant b also likes tea"),
+        ] {
+            store
+                .create_memory(memory(tenant, namespace, text), &config)
+                .await
+                .unwrap();
+        }
+        // Ranked: more of the query's words first; scoped to a tenant, and
+        // to a namespace when one is named.
+        let found = store
+            .search_memories(&memory_query("a", Some("default"), "tea noon"))
+            .await
+            .unwrap();
+        assert_eq!(
+            texts(&found),
+            [
+                "tea tea tea: the user drinks tea at noon",
+                "the user likes green tea"
+            ]
+        );
+        assert!(found[0].score > found[1].score && found[1].score > 0.0);
+        let everywhere = store
+            .search_memories(&memory_query("a", None, "TEA"))
+            .await
+            .unwrap();
+        assert_eq!(everywhere.len(), 3, "{everywhere:?}");
+        assert!(texts(&everywhere).iter().all(|t| !t.contains("tenant b")));
+        assert!(
+            store
+                .search_memories(&memory_query("a", None, "coffee"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Listed without words: the newest first, a page at a time.
+        let mut listing = memory_query("a", None, "");
+        listing.limit = 2;
+        let page = store.search_memories(&listing).await.unwrap();
+        assert_eq!(
+            texts(&page),
+            [
+                "the build server is called tea-kettle",
+                "tea tea tea: the user drinks tea at noon"
+            ]
+        );
+        listing.before = Some(page[1].id.clone());
+        let next = store.search_memories(&listing).await.unwrap();
+        assert_eq!(texts(&next), ["the user likes green tea"]);
+
+        // Another tenant's memory is not there to read or delete.
+        let theirs = store
+            .search_memories(&memory_query("b", None, "tea"))
+            .await
+            .unwrap();
+        assert_eq!(store.get_memory("a", &theirs[0].id).await.unwrap(), None);
+        assert!(!store.delete_memory("a", &theirs[0].id).await.unwrap());
+        assert!(
+            store
+                .get_memory("b", &theirs[0].id)
+                .await
+                .unwrap()
+                .is_some()
+        );
+
+        // Capped per tenant: a fifth memory of tenant a is refused, until
+        // one is deleted.
+        store
+            .create_memory(memory("a", "default", "four"), &config)
+            .await
+            .unwrap();
+        let refused = store
+            .create_memory(memory("a", "default", "five"), &config)
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::MemoryFull(_))),
+            "{refused:?}"
+        );
+        assert!(store.delete_memory("a", &page[0].id).await.unwrap());
+        store
+            .create_memory(memory("a", "default", "five"), &config)
+            .await
+            .unwrap();
+        let bytes_capped = crate::memory::MemoryConfig {
+            max_bytes_per_tenant: 10,
+            ..crate::memory::MemoryConfig::default()
+        };
+        let refused = store
+            .create_memory(memory("c", "default", "eleven bytes"), &bytes_capped)
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::MemoryFull(_))),
+            "{refused:?}"
+        );
+    }
+
+    pub async fn a_journaled_memory_call_is_not_performed_twice(store: &dyn Store) {
+        use crate::memory::{MemoryKey, MemoryOp, MemoryReply, NewMemoryText, Site};
+        let (task, _) = store.create_task(new_task("m", 0, None)).await.unwrap();
+        let claim = store
+            .claim_next("host", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        let config = crate::memory::MemoryConfig::default();
+        let call = |step: u32, site: Site, seq: u32, op: MemoryOp| MemoryCall {
+            key: MemoryKey {
+                task_id: task.id.clone(),
+                step,
+                site,
+                seq,
+            },
+            tenant: "default".into(),
+            namespace: "notes".into(),
+            op,
+            config: config.clone(),
+        };
+        let remember = |text: &str| {
+            MemoryOp::Remember(NewMemoryText {
+                text: text.into(),
+                metadata: "{}".into(),
+            })
+        };
+        let recall = MemoryOp::Recall {
+            terms: crate::memory::search_terms("ada"),
+            limit: 5,
+        };
+        let fence = &claim.fence;
+
+        let first = call(2, Site::Tool, 0, remember("the user is called Ada"));
+        let stored = store.memory_call(fence, &first).await.unwrap();
+        // The same call of the same step, run again: the same answer, and
+        // still one memory.
+        assert_eq!(store.memory_call(fence, &first).await.unwrap(), stored);
+        let all = memory_query("default", Some("notes"), "");
+        assert_eq!(store.search_memories(&all).await.unwrap().len(), 1);
+        let MemoryReply::Remembered { id } = stored.clone() else {
+            panic!("{stored:?}")
+        };
+        let memories = store.search_memories(&all).await.unwrap();
+        assert_eq!(memories[0].id, id);
+        assert_eq!(memories[0].task_id.as_deref(), Some(task.id.as_str()));
+
+        // A recall's answer is journaled too: run again, it answers what
+        // it answered the first time, not what is stored since.
+        let recalled = call(2, Site::Tool, 1, recall.clone());
+        let before = store.memory_call(fence, &recalled).await.unwrap();
+        let MemoryReply::Recalled { memories } = &before else {
+            panic!("{before:?}")
+        };
+        assert_eq!(texts(memories), ["the user is called Ada"]);
+        store
+            .memory_call(fence, &call(3, Site::Planner, 0, remember("Ada likes tea")))
+            .await
+            .unwrap();
+        assert_eq!(store.memory_call(fence, &recalled).await.unwrap(), before);
+        let fresh = store
+            .memory_call(fence, &call(4, Site::Planner, 0, recall))
+            .await
+            .unwrap();
+        let MemoryReply::Recalled { memories } = &fresh else {
+            panic!("{fresh:?}")
+        };
+        assert_eq!(memories.len(), 2);
+
+        // A different call in a journaled place acts anew.
+        let other = call(2, Site::Tool, 0, remember("something else"));
+        assert_ne!(store.memory_call(fence, &other).await.unwrap(), stored);
+        assert_eq!(store.search_memories(&all).await.unwrap().len(), 3);
+
+        // Forgetting: journaled like the rest.
+        let forget = call(5, Site::Tool, 0, MemoryOp::Forget { id: id.clone() });
+        let existed = MemoryReply::Forgot { existed: true };
+        assert_eq!(store.memory_call(fence, &forget).await.unwrap(), existed);
+        assert_eq!(store.memory_call(fence, &forget).await.unwrap(), existed);
+        let again = call(5, Site::Tool, 1, MemoryOp::Forget { id });
+        assert_eq!(
+            store.memory_call(fence, &again).await.unwrap(),
+            MemoryReply::Forgot { existed: false }
+        );
+
+        // Only the claim's holder may call.
+        let stale = Fence {
+            attempt: fence.attempt + 1,
+            ..fence.clone()
+        };
+        let fenced = store
+            .memory_call(&stale, &call(6, Site::Tool, 0, remember("x")))
+            .await;
+        assert!(
+            matches!(fenced, Err(StoreError::Fenced { .. })),
+            "{fenced:?}"
+        );
+    }
+
     pub async fn history_steps_read_finished_steps_as_text(store: &dyn Store) {
         let (a, _) = store.create_task(new_task("a", 0, None)).await.unwrap();
         let (b, _) = store.create_task(new_task("b", 0, None)).await.unwrap();

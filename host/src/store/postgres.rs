@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use super::approvals::{
     self, ApprovalColumns, ApprovalRecord, ApprovalRequest, ApprovalStatus, DecideOutcome, Decision,
 };
+use super::memories::{self, MemoryCall, MemoryColumns};
 use super::schedules::{
     FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord, TaskTemplate,
 };
@@ -43,6 +44,7 @@ use super::{
     lack_step_inputs, now_millis, parse_json, renewals, restore_step_inputs, step_event_data,
     step_started_event,
 };
+use crate::memory::{MemoryConfig, MemoryOp, MemoryQuery, MemoryRecord, MemoryReply, NewMemory};
 use crate::protocol::Usage;
 use crate::schedules::MissedTicks;
 
@@ -300,9 +302,10 @@ async fn create_task(
         "INSERT INTO tasks (id, status, goal, planner, llm, model, tools, options, max_steps,
                             timeout_ms, created_at, tenant, idempotency_key, priority, run_at,
                             deadline_at, max_retries, trace_parent, schedule_id, scheduled_for,
-                            cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread)
+                            cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread,
+                            memory_namespace)
          VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $12, $13,
-                 $14, $15, $16, $17, $18, $19, 0, $20, $21, $22)
+                 $14, $15, $16, $17, $18, $19, 0, $20, $21, $22, $23)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -328,6 +331,7 @@ async fn create_task(
     .bind(task.budget.max_tokens.map(|n| n as i64))
     .bind(task.budget.max_cost_nanos)
     .bind(&task.thread)
+    .bind(&task.memory_namespace)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
@@ -1115,7 +1119,144 @@ fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
         schedule_id: row.try_get("schedule_id")?,
         scheduled_for: row.try_get("scheduled_for")?,
         thread: row.try_get("thread")?,
+        memory_namespace: row.try_get("memory_namespace")?,
     })
+}
+
+/// A tenant's memories matching any of the query's terms, best first
+/// (`ts_rank` over the GIN-indexed `tsvector`), or without terms the newest
+/// first. Written from fixed fragments only; every value is bound, and the
+/// `to_tsquery` expression is built from plain words (`memory::tsquery`).
+async fn search_memories(
+    conn: &mut PgConnection,
+    query: &MemoryQuery,
+) -> Result<Vec<MemoryRecord>> {
+    let mut values: Vec<String> = Vec::new();
+    let next = |value: String, values: &mut Vec<String>| {
+        values.push(value);
+        format!("${}", values.len())
+    };
+    let sql = if query.terms.is_empty() {
+        let tenant = next(query.tenant.clone(), &mut values);
+        let mut sql = format!(
+            "SELECT {}, 0::float8 AS score FROM memories WHERE tenant = {tenant}",
+            memories::COLUMNS
+        );
+        if let Some(namespace) = &query.namespace {
+            let p = next(namespace.clone(), &mut values);
+            sql.push_str(&format!(" AND namespace = {p}"));
+        }
+        if let Some(before) = &query.before {
+            let p = next(before.clone(), &mut values);
+            sql.push_str(&format!(
+                " AND seq < (SELECT seq FROM memories WHERE id = {p})"
+            ));
+        }
+        sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", query.limit));
+        sql
+    } else {
+        let terms = next(crate::memory::tsquery(&query.terms), &mut values);
+        let tenant = next(query.tenant.clone(), &mut values);
+        let mut sql = format!(
+            "SELECT {}, ts_rank(search, q)::float8 AS score
+               FROM memories, to_tsquery('simple', {terms}) AS q
+              WHERE search @@ q AND tenant = {tenant}",
+            memories::COLUMNS
+        );
+        if let Some(namespace) = &query.namespace {
+            let p = next(namespace.clone(), &mut values);
+            sql.push_str(&format!(" AND namespace = {p}"));
+        }
+        sql.push_str(&format!(
+            " ORDER BY score DESC, seq DESC LIMIT {}",
+            query.limit
+        ));
+        sql
+    };
+    let mut statement = sqlx::query(AssertSqlSafe(sql));
+    for value in values {
+        statement = statement.bind(value);
+    }
+    let rows = statement.fetch_all(&mut *conn).await?;
+    rows.iter().map(memory_from_row).collect()
+}
+
+fn memory_from_row(row: &PgRow) -> Result<MemoryRecord> {
+    Ok(MemoryColumns {
+        id: row.try_get("id")?,
+        namespace: row.try_get("namespace")?,
+        text: row.try_get("text")?,
+        metadata: row.try_get("metadata")?,
+        created_at: row.try_get("created_at")?,
+        task_id: row.try_get("task_id")?,
+        score: row.try_get("score")?,
+    }
+    .into())
+}
+
+/// Stores a memory if its tenant has room for it. The tenant's usage row
+/// is locked first, so two hosts storing at once cannot both take the last
+/// room.
+async fn insert_memory(
+    conn: &mut PgConnection,
+    memory: NewMemory,
+    config: &MemoryConfig,
+) -> Result<MemoryRecord> {
+    sqlx::query("INSERT INTO memory_usage (tenant) VALUES ($1) ON CONFLICT (tenant) DO NOTHING")
+        .bind(&memory.tenant)
+        .execute(&mut *conn)
+        .await?;
+    let usage: (i64, i64) =
+        sqlx::query_as(AssertSqlSafe(format!("{} FOR UPDATE", memories::USAGE)))
+            .bind(&memory.tenant)
+            .fetch_one(&mut *conn)
+            .await?;
+    memories::check_room(usage, &memory, config)?;
+    let id = uuid::Uuid::now_v7().to_string();
+    let created_at = now_millis();
+    let bytes = memory.bytes() as i64;
+    sqlx::query(memories::INSERT)
+        .bind(&id)
+        .bind(&memory.tenant)
+        .bind(&memory.namespace)
+        .bind(&memory.text)
+        .bind(&memory.metadata)
+        .bind(bytes)
+        .bind(&memory.task_id)
+        .bind(created_at)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(memories::COUNT_IN)
+        .bind(&memory.tenant)
+        .bind(bytes)
+        .execute(&mut *conn)
+        .await?;
+    Ok(memories::stored(id, memory, created_at))
+}
+
+/// Deletes a tenant's memory (in `namespace` only, when given); whether it
+/// existed.
+async fn delete_memory(
+    conn: &mut PgConnection,
+    tenant: &str,
+    id: &str,
+    namespace: Option<&str>,
+) -> Result<bool> {
+    let bytes: Option<i64> = sqlx::query_scalar(memories::DELETE)
+        .bind(id)
+        .bind(tenant)
+        .bind(namespace)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(bytes) = bytes else {
+        return Ok(false);
+    };
+    sqlx::query(memories::COUNT_OUT)
+        .bind(tenant)
+        .bind(bytes)
+        .execute(&mut *conn)
+        .await?;
+    Ok(true)
 }
 
 fn schedule_from_row(row: &PgRow) -> Result<ScheduleRecord> {
@@ -1479,6 +1620,91 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(outcome)
+    }
+
+    async fn memory_call(&self, fence: &Fence, call: &MemoryCall) -> Result<MemoryReply> {
+        let key = &call.key;
+        let mut tx = self.pool.begin().await?;
+        check_fence(&mut tx, fence).await?;
+        let journaled: Option<(i64, String)> = sqlx::query_as(memories::JOURNALED)
+            .bind(&key.task_id)
+            .bind(key.step as i32)
+            .bind(key.site.as_str())
+            .bind(key.seq as i32)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(reply) = memories::replay(journaled, &call.op)? {
+            return Ok(reply);
+        }
+        let reply = match &call.op {
+            MemoryOp::Remember(_) => {
+                let memory = call.new_memory().expect("a remember call stores a memory");
+                let record = insert_memory(&mut tx, memory, &call.config).await?;
+                MemoryReply::Remembered { id: record.id }
+            }
+            MemoryOp::Recall { terms, limit } => MemoryReply::Recalled {
+                memories: search_memories(
+                    &mut tx,
+                    &MemoryQuery {
+                        tenant: call.tenant.clone(),
+                        namespace: Some(call.namespace.clone()),
+                        terms: terms.clone(),
+                        limit: *limit,
+                        before: None,
+                    },
+                )
+                .await?,
+            },
+            MemoryOp::Forget { id } => MemoryReply::Forgot {
+                existed: delete_memory(&mut tx, &call.tenant, id, Some(&call.namespace)).await?,
+            },
+        };
+        sqlx::query(memories::JOURNAL)
+            .bind(&key.task_id)
+            .bind(key.step as i32)
+            .bind(key.site.as_str())
+            .bind(key.seq as i32)
+            .bind(call.op.digest())
+            .bind(serde_json::to_string(&reply).expect("a memory reply is always JSON"))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(reply)
+    }
+
+    async fn create_memory(
+        &self,
+        memory: NewMemory,
+        config: &MemoryConfig,
+    ) -> Result<MemoryRecord> {
+        let mut tx = self.pool.begin().await?;
+        let record = insert_memory(&mut tx, memory, config).await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn get_memory(&self, tenant: &str, id: &str) -> Result<Option<MemoryRecord>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {}, 0::float8 AS score FROM memories WHERE id = $1 AND tenant = $2",
+            memories::COLUMNS
+        )))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(memory_from_row).transpose()
+    }
+
+    async fn search_memories(&self, query: &MemoryQuery) -> Result<Vec<MemoryRecord>> {
+        let mut conn = self.pool.acquire().await?;
+        search_memories(&mut conn, query).await
+    }
+
+    async fn delete_memory(&self, tenant: &str, id: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let existed = delete_memory(&mut tx, tenant, id, None).await?;
+        tx.commit().await?;
+        Ok(existed)
     }
 
     async fn delete_thread(&self, tenant: &str, thread: &str) -> Result<ThreadDeletion> {
@@ -1855,6 +2081,7 @@ mod tests {
             schedule: None,
             budget: TaskBudget::default(),
             thread: None,
+            memory_namespace: None,
         }
     }
 
@@ -1947,6 +2174,22 @@ mod tests {
     async fn missed_ticks_follow_the_schedules_policy() {
         let (store, schema) = temporary_store().await;
         crate::store::conformance::missed_ticks_follow_the_schedules_policy(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn memories_are_ranked_scoped_and_capped() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::memories_are_ranked_scoped_and_capped(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn a_journaled_memory_call_is_not_performed_twice() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::a_journaled_memory_call_is_not_performed_twice(&store).await;
         drop_schema(&store, &schema).await;
     }
 

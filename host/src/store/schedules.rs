@@ -29,6 +29,10 @@ pub struct TaskTemplate {
     /// templates stored before budgets existed.
     #[serde(default, skip_serializing_if = "TaskBudget::is_empty")]
     pub budget: TaskBudget,
+    /// The memory namespace each run's plugins remember in
+    /// (`memory_namespace` in the task body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_namespace: Option<String>,
 }
 
 impl TaskTemplate {
@@ -47,6 +51,7 @@ impl TaskTemplate {
             timeout_ms: task.timeout.as_millis() as i64,
             priority: task.priority,
             budget: task.budget,
+            memory_namespace: task.memory_namespace.clone(),
         }
     }
 
@@ -74,6 +79,7 @@ impl TaskTemplate {
             }),
             budget: self.budget,
             thread: None,
+            memory_namespace: self.memory_namespace.clone(),
         }
     }
 

@@ -45,6 +45,7 @@ pub mod llm;
 #[cfg(feature = "llm-http")]
 pub mod llm_http;
 pub mod log;
+pub mod memory;
 pub mod planner;
 pub mod tool;
 pub mod types;
@@ -97,6 +98,7 @@ pub mod __private {
             with: {
                 "opspawn:plugin/types@0.2.0": crate::__private::tool::opspawn::plugin::types,
                 "opspawn:plugin/logging@0.2.0": crate::__private::tool::opspawn::plugin::logging,
+                "opspawn:plugin/memory@0.2.0": crate::__private::tool::opspawn::plugin::memory,
             },
             pub_export_macro: true,
             export_macro_name: "export_planner",

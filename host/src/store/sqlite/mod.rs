@@ -16,6 +16,7 @@ use sqlx::sqlite::{
 };
 
 use super::approvals::{self, ApprovalRecord, ApprovalRequest, DecideOutcome, Decision};
+use super::memories::{self, MemoryCall};
 use super::schedules::{
     FireRules, Fired, NewSchedule, SchedulePage, ScheduleQuery, ScheduleRecord,
 };
@@ -25,6 +26,7 @@ use super::{
     TaskPage, TaskQuery, TaskRecord, TaskStats, TaskStatus, ThreadDeletion, lack_step_inputs,
     restore_step_inputs,
 };
+use crate::memory::{MemoryConfig, MemoryOp, MemoryQuery, MemoryRecord, MemoryReply, NewMemory};
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
 /// built from it stay static strings).
@@ -40,7 +42,10 @@ macro_rules! steps_with_payloads {
 mod rows;
 mod writer;
 
-use rows::{approval_from_row, event_from_row, schedule_from_row, step_from_row, task_from_row};
+use rows::{
+    approval_from_row, event_from_row, memory_from_row, schedule_from_row, step_from_row,
+    task_from_row,
+};
 use writer::{Reply, Then, WriteOp, Writer};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -446,6 +451,128 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn memory_call(&self, fence: &Fence, call: &MemoryCall) -> Result<MemoryReply> {
+        let mut recalled = Vec::new();
+        if let MemoryOp::Recall { terms, limit } = &call.op {
+            // A recall journaled before is answered from the journal, with
+            // no search; a new one is searched here, on the readers, and
+            // only its answer goes through the writer.
+            let key = &call.key;
+            let journaled: Option<(i64, String)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(approvals::sqlite(memories::JOURNALED)))
+                    .bind(&key.task_id)
+                    .bind(key.step)
+                    .bind(key.site.as_str())
+                    .bind(key.seq)
+                    .fetch_optional(&self.reads)
+                    .await?;
+            if let Some(reply) = memories::replay(journaled, &call.op)? {
+                return Ok(reply);
+            }
+            recalled = self
+                .search_memories(&MemoryQuery {
+                    tenant: call.tenant.clone(),
+                    namespace: Some(call.namespace.clone()),
+                    terms: terms.clone(),
+                    limit: *limit,
+                    before: None,
+                })
+                .await?;
+        }
+        let op = WriteOp::Memory {
+            fence: fence.clone(),
+            call: Box::new(call.clone()),
+            recalled,
+        };
+        match self.write(op).await? {
+            Reply::Memory(reply) => Ok(reply),
+            _ => unreachable!("a memory call answers Memory"),
+        }
+    }
+
+    async fn create_memory(
+        &self,
+        memory: NewMemory,
+        config: &MemoryConfig,
+    ) -> Result<MemoryRecord> {
+        let op = WriteOp::CreateMemory {
+            memory,
+            config: config.clone(),
+        };
+        match self.write(op).await? {
+            Reply::Memories(mut stored) if stored.len() == 1 => Ok(stored.remove(0)),
+            _ => unreachable!("creating a memory answers the one memory"),
+        }
+    }
+
+    async fn get_memory(&self, tenant: &str, id: &str) -> Result<Option<MemoryRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {}, 0.0 AS score FROM memories WHERE id = ? AND tenant = ?",
+            memories::COLUMNS
+        )))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&self.reads)
+        .await?;
+        row.as_ref().map(memory_from_row).transpose()
+    }
+
+    async fn search_memories(&self, query: &MemoryQuery) -> Result<Vec<MemoryRecord>> {
+        // Written from fixed fragments only; every value is bound, and the
+        // MATCH expression is built from plain words (`memory::fts5_match`).
+        let mut sql;
+        let mut values: Vec<String> = Vec::new();
+        if query.terms.is_empty() {
+            sql = format!(
+                "SELECT {}, 0.0 AS score FROM memories WHERE tenant = ?",
+                memories::COLUMNS
+            );
+            values.push(query.tenant.clone());
+            if let Some(namespace) = &query.namespace {
+                sql.push_str(" AND namespace = ?");
+                values.push(namespace.clone());
+            }
+            if let Some(before) = &query.before {
+                sql.push_str(" AND seq < (SELECT seq FROM memories WHERE id = ?)");
+                values.push(before.clone());
+            }
+            sql.push_str(" ORDER BY seq DESC LIMIT ?");
+        } else {
+            sql = "SELECT m.id, m.namespace, m.text, m.metadata, m.created_at, m.task_id,
+                          -bm25(memories_fts) AS score
+                     FROM memories_fts JOIN memories m ON m.seq = memories_fts.rowid
+                    WHERE memories_fts MATCH ? AND m.tenant = ?"
+                .to_owned();
+            values.push(crate::memory::fts5_match(&query.terms));
+            values.push(query.tenant.clone());
+            if let Some(namespace) = &query.namespace {
+                sql.push_str(" AND m.namespace = ?");
+                values.push(namespace.clone());
+            }
+            sql.push_str(" ORDER BY bm25(memories_fts), m.seq DESC LIMIT ?");
+        }
+        let mut statement = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for value in values {
+            statement = statement.bind(value);
+        }
+        let rows = statement
+            .bind(i64::from(query.limit))
+            .fetch_all(&self.reads)
+            .await?;
+        rows.iter().map(memory_from_row).collect()
+    }
+
+    async fn delete_memory(&self, tenant: &str, id: &str) -> Result<bool> {
+        let op = WriteOp::DeleteMemory {
+            tenant: tenant.to_owned(),
+            id: id.to_owned(),
+        };
+        match self.write(op).await? {
+            Reply::Count(n) => Ok(n > 0),
+            _ => unreachable!("deleting a memory answers Count"),
+        }
+    }
+
     async fn claim_batch(&self, worker: &str, lease: Duration, max: usize) -> Result<Vec<Claim>> {
         if max == 0 {
             return Ok(Vec::new());
@@ -750,6 +877,18 @@ mod tests {
     async fn missed_ticks_follow_the_schedules_policy() {
         let (store, _dir) = open_temporary().await;
         conformance::missed_ticks_follow_the_schedules_policy(&store).await;
+    }
+
+    #[tokio::test]
+    async fn memories_are_ranked_scoped_and_capped() {
+        let (store, _dir) = open_temporary().await;
+        conformance::memories_are_ranked_scoped_and_capped(&store).await;
+    }
+
+    #[tokio::test]
+    async fn a_journaled_memory_call_is_not_performed_twice() {
+        let (store, _dir) = open_temporary().await;
+        conformance::a_journaled_memory_call_is_not_performed_twice(&store).await;
     }
 
     #[tokio::test]

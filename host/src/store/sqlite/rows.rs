@@ -4,8 +4,10 @@
 use sqlx::Row as _;
 use sqlx::sqlite::SqliteRow;
 
+use crate::memory::MemoryRecord;
 use crate::protocol::Usage;
 use crate::schedules::MissedTicks;
+use crate::store::memories::MemoryColumns;
 use crate::store::schedules::{ScheduleRecord, TaskTemplate};
 use crate::store::{
     ErrorInfo, EventRecord, HistoryStep, Millis, Result, StepKind, StepRecord, StepStatus,
@@ -18,6 +20,7 @@ pub(super) trait Columns {
     fn optional_text(&self, column: &str) -> Result<Option<String>>;
     fn integer(&self, column: &str) -> Result<i64>;
     fn optional_integer(&self, column: &str) -> Result<Option<i64>>;
+    fn real(&self, column: &str) -> Result<f64>;
     /// A column only some queries select (a joined payload): `None` where
     /// the query has no such column.
     fn joined_text(&self, column: &str) -> Option<String>;
@@ -36,6 +39,9 @@ impl Columns for SqliteRow {
     fn optional_integer(&self, column: &str) -> Result<Option<i64>> {
         Ok(self.try_get(column)?)
     }
+    fn real(&self, column: &str) -> Result<f64> {
+        Ok(self.try_get(column)?)
+    }
     fn joined_text(&self, column: &str) -> Option<String> {
         self.try_get::<Option<String>, _>(column).ok().flatten()
     }
@@ -52,6 +58,9 @@ impl Columns for rusqlite::Row<'_> {
         Ok(self.get(column)?)
     }
     fn optional_integer(&self, column: &str) -> Result<Option<i64>> {
+        Ok(self.get(column)?)
+    }
+    fn real(&self, column: &str) -> Result<f64> {
         Ok(self.get(column)?)
     }
     fn joined_text(&self, column: &str) -> Option<String> {
@@ -109,6 +118,7 @@ pub(super) fn task_from_row(row: &impl Columns) -> Result<TaskRecord> {
         schedule_id: row.optional_text("schedule_id")?,
         scheduled_for: row.optional_integer("scheduled_for")?,
         thread: row.optional_text("thread")?,
+        memory_namespace: row.optional_text("memory_namespace")?,
     })
 }
 
@@ -222,4 +232,17 @@ pub(super) fn approval_from_row(row: &impl Columns) -> Result<crate::store::Appr
         expires_at: row.integer("expires_at")?,
     }
     .into_record()
+}
+
+pub(super) fn memory_from_row(row: &impl Columns) -> Result<MemoryRecord> {
+    Ok(MemoryColumns {
+        id: row.text("id")?,
+        namespace: row.text("namespace")?,
+        text: row.text("text")?,
+        metadata: row.text("metadata")?,
+        created_at: row.integer("created_at")?,
+        task_id: row.optional_text("task_id")?,
+        score: row.real("score")?,
+    }
+    .into())
 }

@@ -25,7 +25,9 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{approval_from_row, collect, schedule_from_row, step_from_row, task_from_row};
+use crate::memory::{MemoryConfig, MemoryOp, MemoryRecord, MemoryReply, NewMemory};
 use crate::store::approvals::{self, ApprovalRequest, DecideOutcome, Decision};
+use crate::store::memories::{self, MemoryCall};
 use crate::store::schedules::{FireRules, Fired, NewSchedule, ScheduleRecord, queued_event_data};
 use crate::store::{
     CancelOutcome, Claim, EventRecord, Fence, LeaseState, Millis, NewTask, Renewal, Result,
@@ -112,6 +114,21 @@ pub(super) enum WriteOp {
     ExpireApprovals {
         now: Millis,
     },
+    /// A plugin's memory call; a recall's finds are searched beforehand, on
+    /// the readers, and only journaled here.
+    Memory {
+        fence: Fence,
+        call: Box<MemoryCall>,
+        recalled: Vec<MemoryRecord>,
+    },
+    CreateMemory {
+        memory: NewMemory,
+        config: MemoryConfig,
+    },
+    DeleteMemory {
+        tenant: String,
+        id: String,
+    },
 }
 
 /// What follows a step's end in [`WriteOp::FinishStepThen`].
@@ -135,6 +152,8 @@ pub(super) enum Reply {
     Decided(DecideOutcome),
     Events(Vec<EventRecord>),
     Thread(ThreadDeletion),
+    Memory(MemoryReply),
+    Memories(Vec<MemoryRecord>),
 }
 
 struct Job {
@@ -381,7 +400,115 @@ fn apply(conn: &Connection, op: WriteOp) -> Result<Reply> {
         WriteOp::DeleteThread { tenant, thread } => {
             delete_thread(conn, &tenant, &thread).map(Reply::Thread)
         }
+        WriteOp::Memory {
+            fence,
+            call,
+            recalled,
+        } => {
+            check_fence(conn, &fence)?;
+            memory_call(conn, &call, recalled).map(Reply::Memory)
+        }
+        WriteOp::CreateMemory { memory, config } => {
+            insert_memory(conn, memory, &config).map(|record| Reply::Memories(vec![record]))
+        }
+        WriteOp::DeleteMemory { tenant, id } => {
+            delete_memory(conn, &tenant, &id, None).map(|existed| Reply::Count(existed as u64))
+        }
     }
+}
+
+/// Performs a plugin's memory call once (`Store::memory_call`); the caller
+/// has checked the fence. Every check reads before anything is written, so
+/// a refused call writes nothing (see `commit_batch`).
+fn memory_call(
+    conn: &Connection,
+    call: &MemoryCall,
+    recalled: Vec<MemoryRecord>,
+) -> Result<MemoryReply> {
+    let key = &call.key;
+    let site = key.site.as_str();
+    let journaled = conn
+        .prepare_cached(&approvals::sqlite(memories::JOURNALED))?
+        .query_row(params![key.task_id, key.step, site, key.seq], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+        })
+        .optional()?;
+    if let Some(reply) = memories::replay(journaled, &call.op)? {
+        return Ok(reply);
+    }
+    let reply = match &call.op {
+        MemoryOp::Remember(_) => {
+            let memory = call.new_memory().expect("a remember call stores a memory");
+            let record = insert_memory(conn, memory, &call.config)?;
+            MemoryReply::Remembered { id: record.id }
+        }
+        MemoryOp::Recall { .. } => MemoryReply::Recalled { memories: recalled },
+        MemoryOp::Forget { id } => MemoryReply::Forgot {
+            existed: delete_memory(conn, &call.tenant, id, Some(&call.namespace))?,
+        },
+    };
+    let text = serde_json::to_string(&reply).expect("a memory reply is always JSON");
+    conn.prepare_cached(&approvals::sqlite(memories::JOURNAL))?
+        .execute(params![
+            key.task_id,
+            key.step,
+            site,
+            key.seq,
+            call.op.digest(),
+            text
+        ])?;
+    Ok(reply)
+}
+
+/// Stores a memory if its tenant has room for it.
+fn insert_memory(
+    conn: &Connection,
+    memory: NewMemory,
+    config: &MemoryConfig,
+) -> Result<MemoryRecord> {
+    let usage = conn
+        .prepare_cached(&approvals::sqlite(memories::USAGE))?
+        .query_row([&memory.tenant], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?
+        .unwrap_or((0, 0));
+    memories::check_room(usage, &memory, config)?;
+    let id = uuid::Uuid::now_v7().to_string();
+    let created_at = now_millis();
+    let bytes = memory.bytes() as i64;
+    conn.prepare_cached(&approvals::sqlite(memories::INSERT))?
+        .execute(params![
+            id,
+            memory.tenant,
+            memory.namespace,
+            memory.text,
+            memory.metadata,
+            bytes,
+            memory.task_id,
+            created_at,
+        ])?;
+    conn.prepare_cached(&approvals::sqlite(memories::COUNT_IN))?
+        .execute(params![memory.tenant, bytes])?;
+    Ok(memories::stored(id, memory, created_at))
+}
+
+/// Deletes a tenant's memory (in `namespace` only, when given); whether it
+/// existed.
+fn delete_memory(
+    conn: &Connection,
+    tenant: &str,
+    id: &str,
+    namespace: Option<&str>,
+) -> Result<bool> {
+    let bytes: Option<i64> = conn
+        .prepare_cached(&approvals::sqlite(memories::DELETE))?
+        .query_row(params![id, tenant, namespace], |row| row.get(0))
+        .optional()?;
+    let Some(bytes) = bytes else {
+        return Ok(false);
+    };
+    conn.prepare_cached(&approvals::sqlite(memories::COUNT_OUT))?
+        .execute(params![tenant, bytes])?;
+    Ok(true)
 }
 
 /// Journals the calls a task waits on and releases its claim; the caller
@@ -661,9 +788,10 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
             "INSERT INTO tasks (id, tenant, idempotency_key, priority, run_at, deadline_at, status,
                                 goal, planner, llm, model, tools, options, max_steps, timeout_ms,
                                 created_at, max_retries, trace_parent, schedule_id, scheduled_for,
-                                cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread)
+                                cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread,
+                                memory_namespace)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18, ?19, 0, ?20, ?21, ?22)
+                     ?17, ?18, ?19, 0, ?20, ?21, ?22, ?23)
              RETURNING *",
         )?
         .query_row(
@@ -690,6 +818,7 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
                 task.budget.max_tokens.map(|n| n as i64),
                 task.budget.max_cost_nanos,
                 task.thread,
+                task.memory_namespace,
             ],
             |row| Ok(task_from_row(row)),
         )??;
