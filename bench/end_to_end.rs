@@ -25,7 +25,7 @@ pub(crate) struct Submitted {
 /// Runs the end-to-end measurement and returns how many tasks failed.
 pub(crate) async fn end_to_end(args: &Args) -> anyhow::Result<usize> {
     let binary = server_binary()?;
-    let plugins = PluginFolder::with_examples();
+    let plugins = bench_plugins(args);
     let data = ScratchDir::new("data")?;
     // The testkit logs at debug level; measure the server's default instead.
     let server = Server::start(&binary, data.path(), plugins.path(), &[SERVER_LOG])?;
@@ -38,7 +38,12 @@ pub(crate) async fn end_to_end(args: &Args) -> anyhow::Result<usize> {
     } = throughput(&[(server.client(), server.pid())], args).await?;
 
     println!(
-        "End to end: 3-step calculator tasks on SQLite, over REST{}",
+        "End to end: 3-step {} tasks on SQLite, over REST{}",
+        if args.memory {
+            "memory-saving"
+        } else {
+            "calculator"
+        },
         if args.threads {
             ", each client's in a thread of its own"
         } else {
@@ -94,7 +99,11 @@ pub(crate) async fn throughput(hosts: &[(Client, u32)], args: &Args) -> anyhow::
 
     let (server_before, postgres_before) = (servers_cpu()?, postgres_cpu());
     let started = Instant::now();
-    let submitted = run_clients(&clients, args.tasks, args.concurrency, args.threads).await?;
+    let shape = TaskShape {
+        threads: args.threads,
+        memory: args.memory,
+    };
+    let submitted = run_clients(&clients, args.tasks, args.concurrency, shape).await?;
     let wall = started.elapsed();
     let server_cpu = servers_cpu()? - server_before;
     let postgres_cpu = postgres_cpu().saturating_sub(postgres_before);
@@ -169,6 +178,46 @@ pub(crate) fn calculator_task(n: usize) -> (Value, i64) {
     (body, answer)
 }
 
+/// The example plugins the benchmark's servers load: the testkit's, and
+/// with `--memory` the memory tool.
+pub(crate) fn bench_plugins(args: &Args) -> PluginFolder {
+    let plugins = PluginFolder::with_examples();
+    if args.memory {
+        let manifest = opspawn_testkit::plugin_sources().join("memory/memory.toml");
+        let manifest = std::fs::read_to_string(&manifest).ok();
+        plugins.add("memory", "memory", manifest.as_deref());
+    }
+    plugins
+}
+
+/// The same three steps, with the tool call saving a memory (in the
+/// client's namespace) instead of calling the calculator.
+fn memory_task(n: usize, client: usize) -> (Value, i64) {
+    let answer = (n as i64 + 3) * 4;
+    let body = json!({
+        "goal": format!("Remember what ({n} + 3) * 4 is"),
+        "tools": ["memory_save"],
+        "memory_namespace": format!("bench-{client}"),
+        "options": {"llm": {"script": [
+            {"tool_calls": [{"name": "memory_save", "arguments": {
+                "text": format!("({n} + 3) * 4 is {answer}"),
+                "metadata": {"n": n}
+            }}]},
+            {"content": format!("Thought: saved.\nFinal Answer: {answer}")}
+        ]}}
+    });
+    (body, answer)
+}
+
+/// What the measured tasks are like.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TaskShape {
+    /// Each client's tasks continue a thread of its own.
+    pub(crate) threads: bool,
+    /// The tool call saves a memory instead of calculating.
+    pub(crate) memory: bool,
+}
+
 pub(crate) async fn warm_up(client: &Client) -> anyhow::Result<()> {
     for n in 0..WARM_UP_TASKS {
         let (body, answer) = calculator_task(n);
@@ -182,13 +231,13 @@ pub(crate) async fn warm_up(client: &Client) -> anyhow::Result<()> {
 /// Runs `tasks` tasks from `concurrency` clients, each submitting a task and
 /// waiting for it to finish before taking the next. Task `n` is submitted to
 /// host `n % hosts.len()`; the hosts share one store, so the first one's
-/// task lists show every task. With `threads`, client `c`'s tasks name the
-/// thread `bench-c`.
+/// task lists show every task. With `shape.threads`, client `c`'s tasks
+/// name the thread `bench-c`.
 pub(crate) async fn run_clients(
     hosts: &[Client],
     tasks: usize,
     concurrency: usize,
-    threads: bool,
+    shape: TaskShape,
 ) -> anyhow::Result<Vec<Submitted>> {
     let (polls, seen) = watch::channel(Arc::new(Poll::empty()));
     let watcher = tokio::spawn(watch_in_flight(hosts[0].clone(), polls));
@@ -205,8 +254,12 @@ pub(crate) async fn run_clients(
                 if n >= tasks {
                     return anyhow::Ok(done);
                 }
-                let (mut body, answer) = calculator_task(n);
-                if threads {
+                let (mut body, answer) = if shape.memory {
+                    memory_task(n, c)
+                } else {
+                    calculator_task(n)
+                };
+                if shape.threads {
                     body["thread"] = json!(format!("bench-{c}"));
                 }
                 let id = hosts[n % hosts.len()].submit(&body).await?;

@@ -58,7 +58,8 @@ use postgres::postgres_throughput;
 const USAGE: &str = "usage: opspawn-bench [--tasks N (300)] [--concurrency C (16)] [--calls N (2000)] \
      [--slow-llm-tasks N (10000; 0 skips the section)] [--only SECTION] \
      [--postgres URL (none: skip the Postgres sections)] \
-     [--threads (each client's tasks continue a conversation thread of its own)]\n\
+     [--threads (each client's tasks continue a conversation thread of its own)] \
+     [--memory (each task's tool call saves a memory instead of calculating)]\n\
      sections: end-to-end, per-call, slow-llm, postgres";
 /// The database to suggest when the Postgres sections are skipped.
 const POSTGRES_EXAMPLE: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -165,6 +166,9 @@ struct Args {
     /// Each client submits its tasks in a thread of its own, so every task
     /// but a client's first is given the earlier ones as history.
     threads: bool,
+    /// Each task's tool call saves a memory (the example memory tool, in
+    /// its client's namespace) instead of calling the calculator.
+    memory: bool,
 }
 
 impl Args {
@@ -177,6 +181,7 @@ impl Args {
             only: None,
             postgres: None,
             threads: false,
+            memory: false,
         };
         let mut argv = std::env::args().skip(1);
         while let Some(flag) = argv.next() {
@@ -216,6 +221,10 @@ impl Args {
                 }
                 "--threads" => {
                     args.threads = true;
+                    continue;
+                }
+                "--memory" => {
+                    args.memory = true;
                     continue;
                 }
                 "-h" | "--help" => {

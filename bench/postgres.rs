@@ -2,7 +2,7 @@
 //! run on a fresh schema.
 
 use anyhow::Context;
-use opspawn_testkit::{Client, PluginFolder, Server};
+use opspawn_testkit::{Client, Server};
 use sqlx::Connection;
 use std::path::Path;
 use std::time::SystemTime;
@@ -18,7 +18,7 @@ use crate::{Args, HOST_COUNTS, SERVER_LOG};
 pub(crate) async fn postgres_throughput(args: &Args, url: &str) -> anyhow::Result<usize> {
     check_connection(url).await?;
     let binary = server_binary()?;
-    let plugins = PluginFolder::with_examples();
+    let plugins = crate::end_to_end::bench_plugins(args);
 
     println!(
         "End to end on Postgres: 3-step calculator tasks over REST, hosts sharing one database \
