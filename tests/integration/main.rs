@@ -33,7 +33,7 @@ mod versions;
 use std::path::Path;
 use std::time::Duration;
 
-use opspawn_testkit::{Client, PluginFolder, Server};
+use opspawn_testkit::{Client, PluginFolder, Server, StatusCode};
 use serde_json::{Value, json};
 
 /// Generous: these machines are shared and slow; a pass is usually far quicker.
@@ -214,4 +214,29 @@ pub fn misbehaving_task(tool: &str, arguments: Value) -> Value {
 
 pub fn steps(task: &Value) -> &Vec<Value> {
     task["steps"].as_array().expect("the task has steps")
+}
+
+/// Sends `method path` with `body` as JSON, as the holder of `token` if
+/// given; answers the status and the body (`null` when it is not JSON).
+pub async fn send(
+    client: &Client,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (StatusCode, Value) {
+    let mut request = client
+        .http()
+        .request(method.parse().unwrap(), client.url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().await.unwrap();
+    (
+        response.status(),
+        response.json().await.unwrap_or(Value::Null),
+    )
 }

@@ -8,7 +8,7 @@ use opspawn::api::auth::token_hash;
 use opspawn_testkit::{Client, StatusCode, plugin_sources};
 use serde_json::{Value, json};
 
-use crate::{FINISH, Harness};
+use crate::{FINISH, Harness, send};
 
 /// The example memory tool's own manifest (it asks for memory).
 fn manifest() -> String {
@@ -64,29 +64,6 @@ async fn tool_step(client: &Client, token: Option<&str>, task: &Value) -> (Strin
         assert!(std::time::Instant::now() < deadline, "{task:#}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-}
-
-async fn send(
-    client: &Client,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> (StatusCode, Value) {
-    let mut request = client
-        .http()
-        .request(method.parse().unwrap(), client.url(path));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    let response = request.send().await.unwrap();
-    (
-        response.status(),
-        response.json().await.unwrap_or(Value::Null),
-    )
 }
 
 fn search(query: &str) -> Value {

@@ -7,7 +7,7 @@ use opspawn::api::auth::token_hash;
 use opspawn_testkit::{Client, PluginFolder, StatusCode};
 use serde_json::{Value, json};
 
-use crate::{FINISH, Harness, MISBEHAVING_MANIFEST, calculator_task, misbehaving_task};
+use crate::{FINISH, Harness, MISBEHAVING_MANIFEST, calculator_task, misbehaving_task, send};
 
 /// A server whose configuration admits two tenants' tokens.
 fn authenticated(extra: &str) -> (Harness, tempfile::NamedTempFile) {
@@ -45,29 +45,6 @@ fn authenticated_with_plugins(
     (
         Harness::start_with_plugins(&[("OPSPAWN_CONFIG", &path)], add),
         config,
-    )
-}
-
-async fn send(
-    client: &Client,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> (StatusCode, Value) {
-    let mut request = client
-        .http()
-        .request(method.parse().unwrap(), client.url(path));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    let response = request.send().await.unwrap();
-    (
-        response.status(),
-        response.json().await.unwrap_or(Value::Null),
     )
 }
 

@@ -345,18 +345,7 @@ async fn send(
     token: &str,
     body: Option<&Value>,
 ) -> (StatusCode, Value) {
-    let mut request = client
-        .http()
-        .request(method.parse().unwrap(), client.url(path))
-        .bearer_auth(token);
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    let response = request.send().await.unwrap();
-    (
-        response.status(),
-        response.json().await.unwrap_or(Value::Null),
-    )
+    crate::send(client, method, path, Some(token), body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
