@@ -9,6 +9,8 @@
 //!   [`telemetry`]: the log, and OpenTelemetry traces over OTLP;
 //!   [`budgets`]: prices, cost and the checks made before an LLM call;
 //!   [`approvals`]: which tool calls wait for a person's approval;
+//!   [`structured`]: a task's response format, and its answer checked
+//!   against it;
 //! - [`plugins`]: the plugin runtime (wasmtime), knows nothing of the store;
 //! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
 //! - [`scheduler`]: the dispatcher, leases and the agent loop, joining the two;
@@ -19,7 +21,7 @@
 //!   settings and the wiring of `opspawn serve`; [`authoring`]: the
 //!   `opspawn plugin` commands that write, build, check and install plugins.
 //!
-//! The core (`protocol`, `errors`, `budgets`, `approvals`, `rfc3339`, `events`, `metrics`,
+//! The core (`protocol`, `errors`, `budgets`, `approvals`, `structured`, `rfc3339`, `events`, `metrics`,
 //! `telemetry`, `store`, `plugins`, `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
 //! `server`, `authoring`): the edges turn configuration and requests into the core's own
 //! option types. A test below scans the sources to keep it so.
@@ -42,6 +44,7 @@ pub mod scheduler;
 pub mod schedules;
 pub mod server;
 pub mod store;
+pub mod structured;
 pub mod telemetry;
 pub mod threads;
 
@@ -59,6 +62,7 @@ mod tests {
         "errors.rs",
         "budgets.rs",
         "approvals.rs",
+        "structured.rs",
         "rfc3339.rs",
         "events.rs",
         "metrics.rs",

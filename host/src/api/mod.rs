@@ -44,6 +44,7 @@ use crate::budgets::{Budgets, TaskBudget, usd_to_nanos};
 use crate::errors::Code;
 use crate::events::EventBus;
 use crate::plugins::{Catalog, PluginKind, PluginRuntime};
+use crate::protocol::ResponseFormat;
 use crate::scheduler::Scheduler;
 use crate::store::{
     CancelOutcome, Millis, NewTask, STATS_COUNT_LIMIT, Store, TaskQuery, TaskRecord, TaskStatus,
@@ -319,6 +320,34 @@ struct CreateTask {
         example = "chat-42"
     )]
     thread: Option<String>,
+    /// Asks for structured output: the answer must be JSON matching this
+    /// JSON Schema, or the task fails with `answer_schema_mismatch` (the
+    /// answer kept as its `result`). Passed to the LLM with each call the
+    /// planner makes without a format of its own.
+    response_format: Option<ResponseFormatRequest>,
+}
+
+/// A JSON Schema the task's answer must match.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ResponseFormatRequest {
+    /// The schema's name, as providers want one: 1 to 64 ASCII letters,
+    /// digits, `_` or `-`.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[a-zA-Z0-9_-]+$",
+        example = "answer"
+    )]
+    name: String,
+    /// A JSON Schema (draft 2020-12 unless its `$schema` says otherwise; local
+    /// `$ref`s only), as a JSON object of at most 64 KiB.
+    #[schema(value_type = Object)]
+    schema: Value,
+    /// Whether the provider should enforce the schema strictly (OpenAI's
+    /// strict mode, which wants every object closed and every property
+    /// required); default false. The answer is checked either way.
+    strict: Option<bool>,
 }
 
 /// A task's caps; either or both.
@@ -547,6 +576,19 @@ fn validate(
     {
         return Err(ApiError::new(Code::InvalidThread, message));
     }
+    let response_format = match request.response_format {
+        Some(format) => {
+            let format = ResponseFormat {
+                name: format.name,
+                schema: format.schema,
+                strict: format.strict.unwrap_or(false),
+            };
+            crate::structured::check_format(&format)
+                .map_err(|message| ApiError::new(Code::InvalidResponseFormat, message))?;
+            Some(format)
+        }
+        None => None,
+    };
 
     let catalog = state.runtime.catalog();
     let planner = request.planner.unwrap_or_else(|| defaults.planner.clone());
@@ -597,6 +639,7 @@ fn validate(
         schedule: None,
         budget,
         thread: request.thread,
+        response_format,
     })
 }
 

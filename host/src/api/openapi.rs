@@ -82,7 +82,8 @@ error_responses! {
         InvalidJson, InvalidRequest, InvalidIdempotencyKey, InvalidGoal, UnknownPlanner,
         UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
         InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidBudget,
-        BudgetUnpriced, InvalidThread, TooManyActiveTasks, QueueFull, PluginsLoading, StoreFull,
+        BudgetUnpriced, InvalidThread, InvalidResponseFormat, TooManyActiveTasks, QueueFull,
+        PluginsLoading, StoreFull,
     ];
     ListTasksErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [InvalidQuery];
     StatsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [];
@@ -101,7 +102,7 @@ error_responses! {
         InvalidJson, InvalidRequest, InvalidSchedule, InvalidTimezone, InvalidGoal,
         UnknownPlanner, UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
         InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidThread,
-        PluginsLoading, StoreFull,
+        InvalidResponseFormat, PluginsLoading, StoreFull,
     ];
     ListApprovalsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, Forbidden, TaskNotFound,

@@ -109,6 +109,17 @@ pub(super) fn task_from_row(row: &impl Columns) -> Result<TaskRecord> {
         schedule_id: row.optional_text("schedule_id")?,
         scheduled_for: row.optional_integer("scheduled_for")?,
         thread: row.optional_text("thread")?,
+        response_format: match row.optional_text("response_format")? {
+            Some(text) => {
+                Some(
+                    serde_json::from_str(&text).map_err(|source| StoreError::Corrupt {
+                        what: "task response format",
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        },
     })
 }
 
