@@ -187,6 +187,10 @@ struct TaskFields {
     max_steps: Option<u32>,
     #[arg(long)]
     timeout_secs: Option<u64>,
+    /// Ask for structured output: a JSON file holding {"name": ..., "schema":
+    /// {JSON Schema}, "strict": false}; the answer must match the schema.
+    #[arg(long, value_name = "FILE")]
+    response_format: Option<std::path::PathBuf>,
 }
 
 impl TaskFields {
@@ -211,6 +215,13 @@ impl TaskFields {
         if let Some(options) = self.options {
             body["options"] =
                 serde_json::from_str(&options).context("--options is not valid JSON")?;
+        }
+        if let Some(path) = self.response_format {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading --response-format {}", path.display()))?;
+            body["response_format"] = serde_json::from_str(&text).with_context(|| {
+                format!("--response-format {} is not valid JSON", path.display())
+            })?;
         }
         Ok(body)
     }

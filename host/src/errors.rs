@@ -149,6 +149,10 @@ codes! {
     McpTimeout = "mcp_timeout", status None, step;
     McpToolError = "mcp_tool_error", status None, step;
     McpError = "mcp_error", status None, step;
+    // Structured output: a task's `response_format` refused at submission,
+    // and a task whose answer does not match it.
+    InvalidResponseFormat = "invalid_response_format", status Some(422), request;
+    AnswerSchemaMismatch = "answer_schema_mismatch", status None, step;
     // Why a plugin file did not load.
     PluginUnreadable = "plugin_unreadable", status None, load;
     PluginInvalidManifest = "plugin_invalid_manifest", status None, load;

@@ -10,6 +10,8 @@
 //!   [`budgets`]: prices, cost and the checks made before an LLM call;
 //!   [`approvals`]: which tool calls wait for a person's approval;
 //!   [`memory`]: long-term memory, its caps, queries and journal keys;
+//!   [`structured`]: a task's response format, and its answer checked
+//!   against it;
 //! - [`plugins`]: the plugin runtime (wasmtime), knows nothing of the store;
 //! - [`store`]: the persistent store (sqlx), knows nothing of HTTP or plugins;
 //! - [`scheduler`]: the dispatcher, leases and the agent loop, joining the two;
@@ -20,7 +22,7 @@
 //!   settings and the wiring of `opspawn serve`; [`authoring`]: the
 //!   `opspawn plugin` commands that write, build, check and install plugins.
 //!
-//! The core (`protocol`, `errors`, `budgets`, `approvals`, `memory`, `rfc3339`, `events`, `metrics`,
+//! The core (`protocol`, `errors`, `budgets`, `approvals`, `memory`, `structured`, `rfc3339`, `events`, `metrics`,
 //! `telemetry`, `store`, `plugins`, `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
 //! `server`, `authoring`): the edges turn configuration and requests into the core's own
 //! option types. A test below scans the sources to keep it so.
@@ -44,6 +46,7 @@ pub mod scheduler;
 pub mod schedules;
 pub mod server;
 pub mod store;
+pub mod structured;
 pub mod telemetry;
 pub mod threads;
 
@@ -62,6 +65,7 @@ mod tests {
         "budgets.rs",
         "approvals.rs",
         "memory.rs",
+        "structured.rs",
         "rfc3339.rs",
         "events.rs",
         "metrics.rs",

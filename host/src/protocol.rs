@@ -95,10 +95,12 @@ impl ToolChoice {
     }
 }
 
-/// Asks for a reply that is JSON matching `schema`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Asks for a reply that is JSON matching `schema`: of an LLM call, or of a
+/// whole task (its `response_format`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResponseFormat {
     pub name: String,
+    #[schema(value_type = Object)]
     pub schema: Value,
     #[serde(default)]
     pub strict: bool,

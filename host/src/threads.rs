@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{EarlierTask, PlannerStep};
-use crate::store::{HistoryStep, Result, Store, TaskQuery, TaskRecord};
+use crate::store::{HistoryStep, Result, Store, TaskQuery, TaskRecord, TaskStatus};
 
 /// The longest thread id accepted, in bytes.
 pub const MAX_THREAD_BYTES: usize = 128;
@@ -115,7 +115,9 @@ pub async fn history(
         }
         earlier.push(EarlierTask {
             goal: task.goal,
-            answer: task.result,
+            // A failed task's result is an answer that was refused (it did
+            // not match its response format): not an answer to build on.
+            answer: task.result.filter(|_| task.status == TaskStatus::Succeeded),
             steps,
         });
     }

@@ -634,6 +634,147 @@ async fn live_react_task(provider: Provider) {
     assert!(task["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0);
 }
 
+/// The answer schema of the structured-output tasks, as a user would write
+/// it: `$schema`, open objects and a bound, which each adapter must shape
+/// into what its provider takes.
+fn calc_schema() -> Value {
+    json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": {
+            "answer": {"type": "integer", "minimum": 0},
+            "explanation": {"type": "string"},
+        },
+        "required": ["answer", "explanation"],
+    })
+}
+
+/// Runs the ReAct task with `model`, asking for an answer matching
+/// [`calc_schema`].
+async fn run_structured(setup: &Setup, model: &str, stream: bool) -> Value {
+    let client = setup.client();
+    let mut task = react_task(setup.provider, model, (!stream).then_some(false));
+    task["response_format"] = json!({"name": "calc", "schema": calc_schema()});
+    let id = client.submit(&task).await.unwrap();
+    client.wait_until_finished(&id, FINISH).await.unwrap()
+}
+
+/// Checks that a request asked for structured output in the provider's own
+/// shape, with the schema as the provider takes it.
+fn check_structured_request(provider: Provider, request: &ProviderRequest) {
+    let body = &request.body;
+    let context = || describe(request);
+    match provider {
+        Provider::OpenAi | Provider::OpenRouter | Provider::OpenAiCompatible => {
+            assert_eq!(
+                body["response_format"],
+                json!({"type": "json_schema", "json_schema": {
+                    "name": "calc", "schema": calc_schema(), "strict": false,
+                }}),
+                "{}",
+                context()
+            );
+        }
+        Provider::Anthropic => {
+            assert_eq!(
+                body["output_config"],
+                json!({"format": {"type": "json_schema", "schema": {
+                    "type": "object",
+                    "properties": {
+                        "answer": {"type": "integer"},
+                        "explanation": {"type": "string"},
+                    },
+                    "required": ["answer", "explanation"],
+                    "additionalProperties": false,
+                }}}),
+                "closed, without the bound Anthropic refuses: {}",
+                context()
+            );
+            assert_eq!(request.header("anthropic-beta"), None, "{}", context());
+        }
+        Provider::Gemini => {
+            let config = &body["generationConfig"];
+            assert_eq!(
+                config["responseMimeType"],
+                "application/json",
+                "{}",
+                context()
+            );
+            assert_eq!(
+                config["responseSchema"],
+                json!({
+                    "type": "object",
+                    "properties": {
+                        "answer": {"type": "integer", "minimum": 0},
+                        "explanation": {"type": "string"},
+                    },
+                    "required": ["answer", "explanation"],
+                }),
+                "{}",
+                context()
+            );
+        }
+    }
+}
+
+/// A task with a response format, through the adapter against the mock:
+/// every LLM call asks for structured output in the provider's shape, and
+/// the JSON answer is the task's result.
+async fn a_structured_answer_is_the_result(provider: Provider, stream: bool) {
+    let setup = Setup::start(provider).await;
+    let task = run_structured(&setup, models::REACT, stream).await;
+    setup.expect_no_rejections();
+    assert_eq!(
+        task["status"],
+        "succeeded",
+        "task: {task:#}\n{}",
+        setup.diagnosis()
+    );
+    let answer: Value = serde_json::from_str(task["result"].as_str().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("the result is JSON ({e}): {task:#}"));
+    assert_eq!(answer, json!({"answer": 42, "explanation": "42"}));
+    assert_eq!(
+        task["response_format"],
+        json!({"name": "calc", "schema": calc_schema(), "strict": false})
+    );
+    assert_eq!(kinds(&task), ["llm", "tool", "llm"], "task: {task:#}");
+    let requests = setup.mock.requests_for(provider);
+    assert_eq!(requests.len(), 2, "{}", setup.diagnosis());
+    for request in &requests {
+        assert_eq!(request.stream, stream, "{}", describe(request));
+        check_structured_request(provider, request);
+    }
+}
+
+/// An answer that does not match the schema fails the task with
+/// `answer_schema_mismatch`, naming where and why; the answer is kept.
+async fn an_answer_off_the_schema_fails_the_task(provider: Provider) {
+    let setup = Setup::start(provider).await;
+    let task = run_structured(&setup, models::OFF_SCHEMA, false).await;
+    setup.expect_no_rejections();
+    assert_eq!(
+        task["status"],
+        "failed",
+        "task: {task:#}\n{}",
+        setup.diagnosis()
+    );
+    assert_eq!(task["error"]["code"], "answer_schema_mismatch", "{task:#}");
+    let message = task["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("response format \"calc\"")
+            && message.contains("at /answer: ")
+            && message.contains("\"42\" is not of type \"integer\""),
+        "the message names the first violation: {message}"
+    );
+    let kept = task["result"].as_str().unwrap_or_default();
+    assert_eq!(
+        serde_json::from_str::<Value>(kept).ok(),
+        Some(json!({"answer": "42", "explanation": "42"})),
+        "the refused answer is kept: {task:#}"
+    );
+    assert_eq!(kinds(&task), ["llm", "tool", "llm"], "task: {task:#}");
+}
+
 macro_rules! provider_tests {
     ($($module:ident => $provider:expr),* $(,)?) => {$(
         mod $module {
@@ -667,6 +808,21 @@ macro_rules! provider_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_server_error_is_retried() {
                 a_transient_failure_is_retried($provider, models::SERVER_ERROR_ONCE).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_structured_answer_is_the_result_streaming() {
+                super::a_structured_answer_is_the_result($provider, true).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_structured_answer_is_the_result_without_streaming() {
+                super::a_structured_answer_is_the_result($provider, false).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn an_answer_off_the_schema_fails_the_task() {
+                super::an_answer_off_the_schema_fails_the_task($provider).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,6 +45,7 @@ use crate::budgets::{Budgets, TaskBudget, usd_to_nanos};
 use crate::errors::Code;
 use crate::events::EventBus;
 use crate::plugins::{Catalog, PluginKind, PluginRuntime};
+use crate::protocol::ResponseFormat;
 use crate::scheduler::Scheduler;
 use crate::store::{
     CancelOutcome, Millis, NewTask, STATS_COUNT_LIMIT, Store, TaskQuery, TaskRecord, TaskStatus,
@@ -334,6 +335,34 @@ struct CreateTask {
         example = "user-42"
     )]
     memory_namespace: Option<String>,
+    /// Asks for structured output: the answer must be JSON matching this
+    /// JSON Schema, or the task fails with `answer_schema_mismatch` (the
+    /// answer kept as its `result`). Passed to the LLM with each call the
+    /// planner makes without a format of its own.
+    response_format: Option<ResponseFormatRequest>,
+}
+
+/// A JSON Schema the task's answer must match.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ResponseFormatRequest {
+    /// The schema's name, as providers want one: 1 to 64 ASCII letters,
+    /// digits, `_` or `-`.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[a-zA-Z0-9_-]+$",
+        example = "answer"
+    )]
+    name: String,
+    /// A JSON Schema (draft 2020-12 unless its `$schema` says otherwise; local
+    /// `$ref`s only), as a JSON object of at most 64 KiB.
+    #[schema(value_type = Object)]
+    schema: Value,
+    /// Whether the provider should enforce the schema strictly (OpenAI's
+    /// strict mode, which wants every object closed and every property
+    /// required); default false. The answer is checked either way.
+    strict: Option<bool>,
 }
 
 /// A task's caps; either or both.
@@ -569,6 +598,19 @@ fn validate(
     {
         return Err(ApiError::new(Code::InvalidMemoryNamespace, message));
     }
+    let response_format = match request.response_format {
+        Some(format) => {
+            let format = ResponseFormat {
+                name: format.name,
+                schema: format.schema,
+                strict: format.strict.unwrap_or(false),
+            };
+            crate::structured::check_format(&format)
+                .map_err(|message| ApiError::new(Code::InvalidResponseFormat, message))?;
+            Some(format)
+        }
+        None => None,
+    };
 
     let catalog = state.runtime.catalog();
     let planner = request.planner.unwrap_or_else(|| defaults.planner.clone());
@@ -620,6 +662,7 @@ fn validate(
         budget,
         thread: request.thread,
         memory_namespace: request.memory_namespace,
+        response_format,
     })
 }
 

@@ -82,7 +82,8 @@ error_responses! {
         InvalidJson, InvalidRequest, InvalidIdempotencyKey, InvalidGoal, UnknownPlanner,
         UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
         InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidBudget,
-        BudgetUnpriced, InvalidThread, InvalidMemoryNamespace, TooManyActiveTasks, QueueFull,
+        BudgetUnpriced, InvalidThread, InvalidMemoryNamespace, InvalidResponseFormat,
+        TooManyActiveTasks, QueueFull,
         PluginsLoading, StoreFull,
     ];
     ListTasksErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [InvalidQuery];
@@ -102,7 +103,7 @@ error_responses! {
         InvalidJson, InvalidRequest, InvalidSchedule, InvalidTimezone, InvalidGoal,
         UnknownPlanner, UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
         InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidThread,
-        InvalidMemoryNamespace, PluginsLoading, StoreFull,
+        InvalidMemoryNamespace, InvalidResponseFormat, PluginsLoading, StoreFull,
     ];
     ListApprovalsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, Forbidden, TaskNotFound,

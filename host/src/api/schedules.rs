@@ -66,6 +66,8 @@ pub(super) struct TemplateView {
     max_retries: u32,
     timeout_secs: f64,
     priority: i32,
+    /// The JSON Schema each run's answer must match, if any.
+    response_format: Option<crate::protocol::ResponseFormat>,
 }
 
 /// A schedule. Times are RFC 3339, UTC.
@@ -128,6 +130,7 @@ impl ScheduleView {
                 max_retries: template.max_retries,
                 timeout_secs: template.timeout_ms as f64 / 1000.0,
                 priority: template.priority,
+                response_format: template.response_format,
             },
             created_at: timestamp(schedule.created_at),
         }

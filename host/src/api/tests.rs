@@ -1710,6 +1710,98 @@ async fn a_budget_out_of_range_is_refused_with_its_code() {
 }
 
 #[tokio::test]
+async fn a_response_format_is_checked_at_submission_and_kept() {
+    let api = Setup::examples().start().await;
+    let schema = json!({
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}},
+        "required": ["answer"],
+    });
+    let with = |format: Value| json!({"goal": "x", "response_format": format});
+    let long_name = "n".repeat(65);
+    for format in [
+        json!({"name": "", "schema": schema}),
+        json!({"name": "has space", "schema": schema}),
+        json!({"name": long_name, "schema": schema}),
+        json!({"name": "calc", "schema": true}),
+        json!({"name": "calc", "schema": "object"}),
+        json!({"name": "calc", "schema": {"type": "objekt"}}),
+        json!({"name": "calc", "schema": {"required": "answer"}}),
+        json!({"name": "calc", "schema": {"$ref": "https://example.com/schema.json"}}),
+        json!({"name": "calc", "schema": {"description": "x".repeat(64 * 1024)}}),
+    ] {
+        api.refused(&with(format), Code::InvalidResponseFormat)
+            .await;
+    }
+    for format in [
+        json!({"name": "calc"}),
+        json!({"schema": schema}),
+        json!({"name": "calc", "schema": schema, "strict": "yes"}),
+        json!({"name": "calc", "schema": schema, "type": "json_schema"}),
+        json!("calc"),
+    ] {
+        api.refused(&with(format), Code::InvalidRequest).await;
+    }
+
+    let answer = api
+        .submit(&json!({
+            "goal": "x",
+            "run_at": "2100-01-01T00:00:00Z",
+            "response_format": {"name": "calc", "schema": schema},
+        }))
+        .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let kept = json!({"name": "calc", "schema": schema, "strict": false});
+    assert_eq!(
+        answer.body["response_format"], kept,
+        "strict is false unless asked"
+    );
+    let id = answer.body["id"].as_str().unwrap();
+    let shown = api.get(&format!("/v1/tasks/{id}")).await;
+    assert_eq!(shown.body["response_format"], kept, "{}", shown.body);
+    let strict = api
+        .submit(&json!({
+            "goal": "x",
+            "run_at": "2100-01-01T00:00:00Z",
+            "response_format": {"name": "calc", "schema": schema, "strict": true},
+        }))
+        .await;
+    assert_eq!(strict.body["response_format"]["strict"], true);
+    let plain = api
+        .submit(&json!({"goal": "x", "run_at": "2100-01-01T00:00:00Z"}))
+        .await;
+    assert_eq!(plain.body["response_format"], Value::Null, "{}", plain.body);
+
+    // A schedule's task is checked the same way, and each run gets it.
+    let schedule = |format: Value| {
+        json!({"cron": "0 9 * * *", "paused": true,
+               "task": {"goal": "x", "response_format": format}})
+        .to_string()
+    };
+    api.send(json_post(
+        "/v1/schedules",
+        &schedule(json!({"name": "calc", "schema": {"type": "objekt"}})),
+    ))
+    .await
+    .is_error(Code::InvalidResponseFormat, "a schedule's bad format");
+    let created = api
+        .send(json_post(
+            "/v1/schedules",
+            &schedule(json!({"name": "calc", "schema": schema})),
+        ))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.body["task"]["response_format"], kept);
+    let id = created.body["id"].as_str().unwrap();
+    let shown = api.get(&format!("/v1/schedules/{id}")).await;
+    assert_eq!(
+        shown.body["task"]["response_format"], kept,
+        "read back from the store: {}",
+        shown.body
+    );
+}
+
+#[tokio::test]
 async fn a_cost_cap_on_a_model_with_no_price_is_refused_not_ignored() {
     // No prices at all: not even the scripted adapter's default one.
     let unpriced = crate::budgets::Budgets::new(

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 pub use crate::budgets::Period;
 use crate::budgets::{PeriodSpan, PeriodUsage, TaskBudget, TenantCap, nanos_to_usd};
 use crate::plugins::{CacheUsage, LoadFailure, LoadingFile, OldVersion, PluginInfo, PluginRuntime};
-use crate::protocol::Usage;
+use crate::protocol::{ResponseFormat, Usage};
 use crate::store::{
     ErrorInfo, Millis, StepKind, StepRecord, StepStatus, TaskRecord, TaskStats, TaskStatus,
 };
@@ -60,6 +60,9 @@ pub struct TaskView {
     /// The long-term memory namespace its plugins use, if it names one
     /// (`default` otherwise).
     pub memory_namespace: Option<String>,
+    /// The JSON Schema the answer must match, if the task asked for
+    /// structured output.
+    pub response_format: Option<ResponseFormat>,
     /// Only in `GET /v1/tasks/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -99,6 +102,7 @@ impl TaskView {
             scheduled_for: task.scheduled_for.map(timestamp),
             thread: task.thread,
             memory_namespace: task.memory_namespace,
+            response_format: task.response_format,
             steps: steps.map(|steps| steps.into_iter().map(StepView::from).collect()),
         }
     }

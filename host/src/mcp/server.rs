@@ -389,6 +389,17 @@ fn own_tool_specs() -> Vec<Tool> {
                         "description": "continue this conversation thread: the agent sees \
                             its earlier tasks, and its tasks run one at a time",
                     },
+                    "response_format": {
+                        "type": "object",
+                        "description": "ask for structured output: {name, schema (a JSON \
+                            Schema), strict}; the answer must be JSON matching the schema",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "schema": {"type": "object"},
+                            "strict": {"type": "boolean"},
+                        },
+                        "required": ["name", "schema"],
+                    },
                 },
                 "required": ["goal"],
             })),

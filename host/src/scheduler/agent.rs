@@ -263,12 +263,25 @@ impl Run {
             };
             match action {
                 PlannerAction::Finish { answer } => {
+                    // A task that asked for structured output succeeds only
+                    // with an answer that matches its schema.
+                    if let Some(format) = &self.task.response_format
+                        && let Some(problem) = crate::structured::check_answer(format, &answer)
+                    {
+                        return Ok(TaskEnd::AnswerRefused {
+                            answer,
+                            error: ErrorInfo::new(Code::AnswerSchemaMismatch, problem),
+                        });
+                    }
                     return Ok(TaskEnd::Succeeded { result: answer });
                 }
                 PlannerAction::Fail { reason } => return Ok(failed(Code::PlannerGaveUp, reason)),
                 PlannerAction::CallLlm { mut request } => {
                     if request.model.is_none() {
                         request.model = self.task.model.clone();
+                    }
+                    if request.response_format.is_none() {
+                        request.response_format = self.task.response_format.clone();
                     }
                     if request
                         .provider_options

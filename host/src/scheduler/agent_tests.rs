@@ -484,3 +484,57 @@ async fn a_running_tasks_future_stays_small() {
     // 16.7 KB when this was written.
     assert!(bytes <= 32 << 10, "a run's future holds {bytes} bytes");
 }
+
+/// A task's response format goes with each LLM call the planner leaves
+/// without one, and its answer must match the schema: one that does not
+/// fails the task with `answer_schema_mismatch`, the answer kept.
+#[tokio::test]
+async fn a_response_format_reaches_the_llm_and_the_answer_is_checked() {
+    let format = crate::protocol::ResponseFormat {
+        name: "calc".into(),
+        schema: json!({
+            "type": "object",
+            "properties": {"answer": {"type": "integer"}},
+            "required": ["answer"],
+        }),
+        strict: false,
+    };
+    let agent = Loop::start().await;
+    for (answer, matches) in [(r#"{"answer": 20}"#, true), (r#"{"answer": "20"}"#, false)] {
+        let claim = agent
+            .claim(|task| {
+                task.response_format = Some(format.clone());
+                task.options = json!({"llm": {"script": [
+                    {"tool_calls": [{"name": "calculator", "arguments": {"expression": "(2+3)*4"}}]},
+                    {"content": answer}
+                ]}});
+            })
+            .await;
+        let (task, steps) = agent.run_to_end(claim).await;
+        for llm in steps.iter().filter(|s| s.kind == StepKind::Llm) {
+            assert_eq!(
+                llm.input["response_format"],
+                json!({"name": "calc", "schema": format.schema, "strict": false}),
+                "each LLM call carries the task's format: {llm:?}"
+            );
+        }
+        assert_eq!(
+            task.result.as_deref(),
+            Some(answer),
+            "the answer is kept either way"
+        );
+        if matches {
+            assert_eq!(task.status, TaskStatus::Succeeded, "{task:?}");
+            assert_eq!(task.error, None);
+        } else {
+            assert_eq!(task.status, TaskStatus::Failed, "{task:?}");
+            let error = task.error.expect("the task's error");
+            assert_eq!(error.code, Code::AnswerSchemaMismatch.as_str(), "{error:?}");
+            assert!(
+                error.message.contains("at /answer: ")
+                    && error.message.contains("is not of type \"integer\""),
+                "{error:?}"
+            );
+        }
+    }
+}

@@ -45,7 +45,7 @@ pub(super) fn task_ended(span: &Span, end: &TaskEnd) {
         return;
     }
     span.set_attribute("opspawn.task.status", end.status().as_str());
-    if let TaskEnd::Failed { error } = end {
+    if let TaskEnd::Failed { error } | TaskEnd::AnswerRefused { error, .. } = end {
         failed(span, error);
     }
 }

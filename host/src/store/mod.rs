@@ -53,7 +53,7 @@ pub use sqlite::SqliteStore;
 pub use crate::budgets::{PeriodUsage, TaskBudget, TenantCharge};
 pub use crate::errors::ErrorInfo;
 use crate::memory::{MemoryConfig, MemoryQuery, MemoryRecord, MemoryReply, NewMemory};
-use crate::protocol::Usage;
+use crate::protocol::{ResponseFormat, Usage};
 
 /// Milliseconds since the Unix epoch: the store's one clock unit.
 pub type Millis = i64;
@@ -269,6 +269,9 @@ pub struct NewTask {
     /// The memory namespace the task's plugins remember in; `None` is
     /// [`crate::memory::DEFAULT_NAMESPACE`].
     pub memory_namespace: Option<String>,
+    /// The JSON Schema the task's answer must match, if it asks for
+    /// structured output (validated at submission).
+    pub response_format: Option<ResponseFormat>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -313,6 +316,8 @@ pub struct TaskRecord {
     pub thread: Option<String>,
     /// See [`NewTask::memory_namespace`].
     pub memory_namespace: Option<String>,
+    /// See [`NewTask::response_format`].
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// A finished step of an earlier task of a thread, as the journal holds it
@@ -449,8 +454,19 @@ impl StepEnd {
 /// How a task ended.
 #[derive(Debug, Clone)]
 pub enum TaskEnd {
-    Succeeded { result: String },
-    Failed { error: ErrorInfo },
+    Succeeded {
+        result: String,
+    },
+    Failed {
+        error: ErrorInfo,
+    },
+    /// The planner answered, and the answer was refused (it does not match
+    /// the task's response format): the task failed with `error`, and the
+    /// answer is kept as its result, so nothing the model said is lost.
+    AnswerRefused {
+        answer: String,
+        error: ErrorInfo,
+    },
     Cancelled,
 }
 
@@ -458,7 +474,7 @@ impl TaskEnd {
     pub fn status(&self) -> TaskStatus {
         match self {
             Self::Succeeded { .. } => TaskStatus::Succeeded,
-            Self::Failed { .. } => TaskStatus::Failed,
+            Self::Failed { .. } | Self::AnswerRefused { .. } => TaskStatus::Failed,
             Self::Cancelled => TaskStatus::Cancelled,
         }
     }
@@ -1219,6 +1235,7 @@ pub(crate) mod conformance {
             budget: TaskBudget::default(),
             thread: None,
             memory_namespace: None,
+            response_format: None,
         }
     }
 
@@ -1982,6 +1999,62 @@ pub(crate) mod conformance {
             Some("no")
         );
         assert!(store.history_steps(&[]).await.unwrap().is_empty());
+    }
+
+    /// A task's response format is kept as submitted (a NUL in its schema
+    /// too), and a refused answer ends the task failed with its error and
+    /// the answer kept as the result, in the row and in `task.finished`.
+    pub async fn a_response_format_is_kept_and_a_refused_answer_too(store: &dyn Store) {
+        let format = ResponseFormat {
+            name: "calc".into(),
+            schema: serde_json::json!({
+                "type": "object",
+                "properties": {"answer": {"type": "integer", "description": "a\u{0}b"}},
+            }),
+            strict: true,
+        };
+        let (task, _) = store
+            .create_task(NewTask {
+                response_format: Some(format.clone()),
+                ..new_task("structured", 0, None)
+            })
+            .await
+            .unwrap();
+        assert_eq!(task.response_format.as_ref(), Some(&format));
+        let (plain, _) = store.create_task(new_task("plain", 0, None)).await.unwrap();
+        assert_eq!(plain.response_format, None);
+        let claim = store
+            .claim_batch("host-a", Duration::from_secs(30), 1)
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(claim.task.id, task.id);
+        assert_eq!(
+            claim.task.response_format.as_ref(),
+            Some(&format),
+            "a claim reads it back"
+        );
+        let error = ErrorInfo::new(
+            crate::errors::Code::AnswerSchemaMismatch.as_str(),
+            "at /answer: \"x\" is not of type \"integer\"",
+        );
+        let event = store
+            .finish_task(
+                &claim.fence,
+                TaskEnd::AnswerRefused {
+                    answer: r#"{"answer": "x"}"#.into(),
+                    error: error.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(event.data["status"], "failed");
+        assert_eq!(event.data["result"], r#"{"answer": "x"}"#);
+        assert_eq!(event.data["error"]["code"], "answer_schema_mismatch");
+        let task = store.get_task(&task.id).await.unwrap().unwrap();
+        assert_eq!(task.status, TaskStatus::Failed);
+        assert_eq!(task.error, Some(error));
+        assert_eq!(task.result.as_deref(), Some(r#"{"answer": "x"}"#));
     }
 
     /// An LLM step's usage adds to its task's tokens and cost in the same

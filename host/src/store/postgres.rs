@@ -45,7 +45,7 @@ use super::{
     step_started_event,
 };
 use crate::memory::{MemoryConfig, MemoryOp, MemoryQuery, MemoryRecord, MemoryReply, NewMemory};
-use crate::protocol::Usage;
+use crate::protocol::{ResponseFormat, Usage};
 use crate::schedules::MissedTicks;
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
@@ -303,9 +303,9 @@ async fn create_task(
                             timeout_ms, created_at, tenant, idempotency_key, priority, run_at,
                             deadline_at, max_retries, trace_parent, schedule_id, scheduled_for,
                             cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread,
-                            memory_namespace)
+                            memory_namespace, response_format)
          VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $12, $13,
-                 $14, $15, $16, $17, $18, $19, 0, $20, $21, $22, $23)
+                 $14, $15, $16, $17, $18, $19, 0, $20, $21, $22, $23, $24::json)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -332,6 +332,7 @@ async fn create_task(
     .bind(task.budget.max_cost_nanos)
     .bind(&task.thread)
     .bind(&task.memory_namespace)
+    .bind(task.response_format.as_ref().map(|f| json!(f).to_string()))
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
@@ -750,6 +751,7 @@ async fn finish_task(conn: &mut PgConnection, fence: &Fence, end: &TaskEnd) -> R
     let (result, error) = match end {
         TaskEnd::Succeeded { result } => (Some(result.as_str()), None),
         TaskEnd::Failed { error } => (None, Some(error)),
+        TaskEnd::AnswerRefused { answer, error } => (Some(answer.as_str()), Some(error)),
         TaskEnd::Cancelled => (None, None),
     };
     let status = end.status();
@@ -1120,6 +1122,9 @@ fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
         scheduled_for: row.try_get("scheduled_for")?,
         thread: row.try_get("thread")?,
         memory_namespace: row.try_get("memory_namespace")?,
+        response_format: row
+            .try_get::<Option<Json<ResponseFormat>>, _>("response_format")?
+            .map(|format| format.0),
     })
 }
 
@@ -2082,6 +2087,7 @@ mod tests {
             budget: TaskBudget::default(),
             thread: None,
             memory_namespace: None,
+            response_format: None,
         }
     }
 
@@ -2222,6 +2228,14 @@ mod tests {
     async fn a_batch_claim_loads_each_journal() {
         let (store, schema) = temporary_store().await;
         crate::store::conformance::a_batch_claim_loads_each_journal(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn a_response_format_is_kept_and_a_refused_answer_too() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::a_response_format_is_kept_and_a_refused_answer_too(&store).await;
         drop_schema(&store, &schema).await;
     }
 

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::{EventRecord, Millis, NewTask, SqlDialect, StoreError, TaskRecord, cut_page};
 use crate::budgets::TaskBudget;
+use crate::protocol::ResponseFormat;
 use crate::schedules::{CronSpec, Firing, MissedTicks};
 
 /// The task each run of a schedule creates: `POST /v1/tasks`'s body as it
@@ -33,6 +34,10 @@ pub struct TaskTemplate {
     /// (`memory_namespace` in the task body).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_namespace: Option<String>,
+    /// The JSON Schema each run's answer must match (`response_format` in
+    /// the task body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
 }
 
 impl TaskTemplate {
@@ -52,6 +57,7 @@ impl TaskTemplate {
             priority: task.priority,
             budget: task.budget,
             memory_namespace: task.memory_namespace.clone(),
+            response_format: task.response_format.clone(),
         }
     }
 
@@ -80,6 +86,7 @@ impl TaskTemplate {
             budget: self.budget,
             thread: None,
             memory_namespace: self.memory_namespace.clone(),
+            response_format: self.response_format.clone(),
         }
     }
 
@@ -248,5 +255,34 @@ pub(super) fn queued_event_data(task: &NewTask) -> Value {
             "schedule_id": run.schedule_id,
             "scheduled_for": crate::rfc3339::format(run.tick),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::new_task;
+
+    #[test]
+    fn a_templates_response_format_goes_to_each_run_and_old_templates_have_none() {
+        let format = ResponseFormat {
+            name: "calc".into(),
+            schema: serde_json::json!({"type": "object"}),
+            strict: true,
+        };
+        let task = NewTask {
+            response_format: Some(format.clone()),
+            ..new_task("x", 0, None)
+        };
+        let template = TaskTemplate::from_json(&TaskTemplate::of(&task).to_json()).unwrap();
+        assert_eq!(template.response_format.as_ref(), Some(&format));
+        assert_eq!(
+            template.run("default", "s1", 0).response_format,
+            Some(format)
+        );
+        let mut old: Value = serde_json::from_str(&template.to_json()).unwrap();
+        old.as_object_mut().unwrap().remove("response_format");
+        let old = TaskTemplate::from_json(&old.to_string()).unwrap();
+        assert_eq!(old.response_format, None, "a template stored before");
     }
 }

@@ -8,9 +8,14 @@
 //! The request is shaped for the version in use: from `2026-10-21` on, the
 //! API refuses `temperature`, `top_p` and `top_k`, so a request that sets
 //! them is refused before it is sent, saying which version refuses them.
+//!
+//! A response format becomes structured output, `output_config.format`
+//! (generally available, whatever the API version), with its schema
+//! narrowed to the subset Anthropic takes (see `schema`).
 
 mod request;
 mod response;
+mod schema;
 mod stream;
 
 use opspawn_plugin::llm_http::options::{Range, Ranges};

@@ -4,7 +4,7 @@
 //! content blocks, so consecutive messages of one role (two tool results,
 //! say) are merged into one turn, and the system prompt is a top-level field.
 
-use opspawn_plugin::llm_http::json::{arguments_object, input_schema, number};
+use opspawn_plugin::llm_http::json::{arguments_object, input_schema, number, schema};
 use opspawn_plugin::llm_http::wire::no_tools_to_choose;
 use opspawn_plugin::llm_http::{ChatMessage, ChatRequest, LlmError, Role, ToolChoice};
 use std::collections::BTreeMap;
@@ -72,6 +72,14 @@ pub fn build(request: &ChatRequest, model: &str, stream: bool) -> Result<Value, 
         }
     } else {
         no_tools_to_choose(&PROVIDER, &request.tool_choice)?;
+    }
+    if let Some(format) = &request.response_format {
+        // The GA shape, taken by every API version. `name` and `strict`
+        // have no counterpart: the reply always holds to the schema.
+        let schema = schema(&PROVIDER, &format.name, &format.schema)?;
+        body["output_config"] = json!({
+            "format": {"type": "json_schema", "schema": crate::schema::for_output(&schema)},
+        });
     }
     if let Some(temperature) = request.temperature {
         body["temperature"] = number(temperature);

@@ -2,7 +2,9 @@ use opspawn_plugin::llm_http::fixtures::{
     WEATHER_SCHEMA, decode_stream, message, tool_result, weather_request,
 };
 use opspawn_plugin::llm_http::headers::Headers;
-use opspawn_plugin::llm_http::{FinishReason, LlmErrorKind, Role, ToolCall, ToolChoice, Usage};
+use opspawn_plugin::llm_http::{
+    FinishReason, LlmErrorKind, ResponseFormat, Role, ToolCall, ToolChoice, Usage,
+};
 use serde_json::{Value, json};
 
 use super::*;
@@ -470,4 +472,93 @@ fn thinking_blocks_go_back_first_and_unchanged() {
             {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
         ])
     );
+}
+
+#[test]
+fn a_response_format_becomes_structured_output_with_a_schema_anthropic_takes() {
+    let mut request = weather_request();
+    request.response_format = Some(ResponseFormat {
+        name: "weather".into(),
+        schema: json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "type": "object",
+            "properties": {
+                "temp_c": {"type": "number", "minimum": -90, "maximum": 60},
+                "city": {"type": "string", "minLength": 1, "format": "hostname"},
+                "station": {"type": "string", "format": "icao"},
+                "readings": {
+                    "type": "array",
+                    "minItems": 3,
+                    "maxItems": 10,
+                    "items": {"type": "object", "properties": {"at": {"type": "string", "format": "date-time"}}},
+                },
+                "source": {"oneOf": [{"type": "string"}, {"type": "null"}]},
+                "extra": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+            "required": ["temp_c", "city"],
+            "additionalProperties": true,
+        })
+        .to_string(),
+        strict: false,
+    });
+    for version in [DEFAULT_API_VERSION, NO_SAMPLING_VERSION] {
+        let settings =
+            Settings::parse(&PROVIDER, &json!({"api_version": version}).to_string()).unwrap();
+        let wire = Anthropic::wire(&settings).unwrap();
+        let mut request = request.clone();
+        request.temperature = None;
+        let body = prepare_body(&wire, &request).unwrap();
+        assert_eq!(
+            body["output_config"],
+            json!({"format": {"type": "json_schema", "schema": {
+                "type": "object",
+                "properties": {
+                    "temp_c": {"type": "number"},
+                    "city": {"type": "string", "format": "hostname"},
+                    "station": {"type": "string"},
+                    "readings": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {"at": {"type": "string", "format": "date-time"}},
+                            "additionalProperties": false,
+                        },
+                    },
+                    "source": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                    "extra": {"type": "object", "additionalProperties": false},
+                },
+                "required": ["temp_c", "city"],
+                "additionalProperties": false,
+            }}}),
+            "version {version}: every object closed, unsupported keywords dropped"
+        );
+        assert!(
+            body.get("output_format").is_none(),
+            "not the retired beta shape"
+        );
+        let headers = wire.headers(false);
+        assert!(
+            !headers.iter().any(|(name, _)| name == "anthropic-beta"),
+            "no beta header: {headers:?}"
+        );
+    }
+}
+
+#[test]
+fn without_a_response_format_there_is_no_output_config() {
+    let body = wire().body(&weather_request(), "m", false).unwrap();
+    assert!(body.get("output_config").is_none(), "{body:#}");
+}
+
+#[test]
+fn a_response_schema_that_is_not_json_is_refused_before_sending() {
+    let mut request = weather_request();
+    request.response_format = Some(ResponseFormat {
+        name: "broken".into(),
+        schema: "{".into(),
+        strict: true,
+    });
+    let error = wire().body(&request, "m", false).unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
+    assert!(error.message.contains("\"broken\""), "{}", error.message);
 }

@@ -11,6 +11,12 @@
 //! `top_p` from 0 to 1, `top_k` a whole number) and, from API version
 //! `2026-10-21` on, no sampling options at all.
 //!
+//! Structured output as the API takes it: `output_config.format` with
+//! `type: json_schema` and a `schema` in the supported subset (every object
+//! with `additionalProperties: false`; no numeric or length bounds, no
+//! `minItems` above 1), or the beta's top-level `output_format` only with
+//! the `anthropic-beta: structured-outputs-2025-11-13` header.
+//!
 //! With extended thinking on (`thinking: {"type": "enabled", ...}`), every
 //! answer starts with a signed thinking block, and a conversation whose
 //! last assistant turn used a tool must give that turn's thinking block
@@ -44,6 +50,37 @@ const FIELDS: &[&str] = &[
     "container",
     "mcp_servers",
     "context_management",
+    "output_config",
+    "output_format",
+];
+
+/// The beta header value that the retired `output_format` field needs.
+const STRUCTURED_OUTPUTS_BETA: &str = "structured-outputs-2025-11-13";
+
+/// Schema keywords structured outputs refuse (numeric, string-length and
+/// most array and object size constraints).
+const UNSUPPORTED_KEYWORDS: &[&str] = &[
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "maxItems",
+    "uniqueItems",
+    "minProperties",
+    "maxProperties",
+    "oneOf",
+    "not",
+    "if",
+    "then",
+    "else",
+    "dependentRequired",
+    "dependentSchemas",
+    "patternProperties",
+    "unevaluatedProperties",
+    "unevaluatedItems",
 ];
 
 const VERSIONS: &[&str] = &["2023-06-01", "2023-01-01", NO_SAMPLING_VERSION];
@@ -116,6 +153,7 @@ pub(super) fn handle(incoming: &Incoming, shared: &Shared) -> Outcome {
     if let Err(message) = validate(&body)
         .and_then(|()| validate_for_version(&body, &version))
         .and_then(|()| validate_thinking(&body))
+        .and_then(|()| validate_structured_output(&body, incoming.header("anthropic-beta")))
     {
         return Outcome::rejected(error(400, "invalid_request_error", &message), message);
     }
@@ -376,6 +414,145 @@ fn validate_thinking(body: &Value) -> Result<(), String> {
                  `tool_result` blocks). We recommend you include thinking blocks from \
                  previous turns. To avoid this requirement, disable `thinking`."
             ));
+        }
+    }
+    Ok(())
+}
+
+/// `output_config` (its `format`, and `effort`), and the beta's
+/// `output_format`, which needs its beta header and cannot come with the
+/// other.
+fn validate_structured_output(body: &Value, beta: Option<&str>) -> Result<(), String> {
+    let mut format_at = None;
+    if let Some(config) = body.get("output_config") {
+        let Some(config) = config.as_object() else {
+            return Err(format!(
+                "output_config: Input should be a valid dictionary, got {}",
+                type_name(config)
+            ));
+        };
+        if let Some(extra) = config
+            .keys()
+            .find(|k| !["format", "effort"].contains(&k.as_str()))
+        {
+            return Err(format!(
+                "output_config.{extra}: Extra inputs are not permitted"
+            ));
+        }
+        if let Some(effort) = config.get("effort")
+            && !effort
+                .as_str()
+                .is_some_and(|e| ["low", "medium", "high", "max"].contains(&e))
+        {
+            return Err(format!(
+                "output_config.effort: Input should be 'low', 'medium', 'high' or 'max', got {effort}"
+            ));
+        }
+        if let Some(format) = config.get("format").filter(|f| !f.is_null()) {
+            format_at = Some(("output_config.format", format));
+        }
+    }
+    if let Some(format) = body.get("output_format").filter(|f| !f.is_null()) {
+        let beta_on = beta.is_some_and(|b| {
+            b.split(',')
+                .any(|value| value.trim() == STRUCTURED_OUTPUTS_BETA)
+        });
+        if !beta_on {
+            return Err("output_format: Extra inputs are not permitted".into());
+        }
+        if format_at.is_some() {
+            return Err(
+                "output_format and output_config.format cannot both be set; use \
+                 output_config.format"
+                    .into(),
+            );
+        }
+        format_at = Some(("output_format", format));
+    }
+    let Some((at, format)) = format_at else {
+        return Ok(());
+    };
+    let Some(format) = format.as_object() else {
+        return Err(format!(
+            "{at}: Input should be a valid dictionary, got {}",
+            type_name(format)
+        ));
+    };
+    if format.get("type").and_then(Value::as_str) != Some("json_schema") {
+        return Err(format!(
+            "{at}.type: Input should be 'json_schema', got {}",
+            format.get("type").unwrap_or(&Value::Null)
+        ));
+    }
+    if let Some(extra) = format
+        .keys()
+        .find(|k| !["type", "schema"].contains(&k.as_str()))
+    {
+        return Err(format!("{at}.{extra}: Extra inputs are not permitted"));
+    }
+    match format.get("schema") {
+        None => Err(format!("{at}.schema: Field required")),
+        Some(schema @ Value::Object(_)) => supported_schema(schema, &format!("{at}.schema")),
+        Some(other) => Err(format!(
+            "{at}.schema: Input should be a valid dictionary, got {}",
+            type_name(other)
+        )),
+    }
+}
+
+/// The subset of JSON Schema structured outputs take.
+fn supported_schema(schema: &Value, at: &str) -> Result<(), String> {
+    let Some(object) = schema.as_object() else {
+        return Ok(());
+    };
+    if let Some(keyword) = object
+        .keys()
+        .find(|k| UNSUPPORTED_KEYWORDS.contains(&k.as_str()))
+    {
+        return Err(format!(
+            "{at}: '{keyword}' is not supported in structured outputs schemas"
+        ));
+    }
+    if let Some(min) = object.get("minItems")
+        && min.as_u64().is_none_or(|n| n > 1)
+    {
+        return Err(format!(
+            "{at}: 'minItems' values other than 0 or 1 are not supported, got {min}"
+        ));
+    }
+    let is_object =
+        object.get("type") == Some(&json!("object")) || object.contains_key("properties");
+    if is_object {
+        match object.get("additionalProperties") {
+            Some(Value::Bool(false)) => {}
+            None => {
+                return Err(format!(
+                    "{at}: For 'object' type, 'additionalProperties' must be explicitly set to \
+                     false"
+                ));
+            }
+            Some(_) => {
+                return Err(format!(
+                    "{at}: For 'object' type, 'additionalProperties: true' is not supported. \
+                     Please set 'additionalProperties' to false"
+                ));
+            }
+        }
+    }
+    for (key, value) in object {
+        match key.as_str() {
+            "properties" | "$defs" | "definitions" => {
+                for (name, inner) in value.as_object().into_iter().flatten() {
+                    supported_schema(inner, &format!("{at}.{key}.{name}"))?;
+                }
+            }
+            "items" => supported_schema(value, &format!("{at}.items"))?,
+            "anyOf" | "allOf" | "prefixItems" => {
+                for (k, inner) in value.as_array().into_iter().flatten().enumerate() {
+                    supported_schema(inner, &format!("{at}.{key}.{k}"))?;
+                }
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -737,6 +914,13 @@ fn conversation(body: &Value) -> Conversation {
         offers_calculator,
         tools_forbidden: body["tool_choice"]["type"] == "none",
         parallel_allowed: body["tool_choice"]["disable_parallel_tool_use"] != true,
+        response_schema: [
+            &body["output_config"]["format"]["schema"],
+            &body["output_format"]["schema"],
+        ]
+        .into_iter()
+        .find(|schema| schema.is_object())
+        .cloned(),
     }
 }
 

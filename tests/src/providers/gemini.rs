@@ -413,6 +413,7 @@ fn validate(body: &Value) -> Result<(), String> {
         }
     }
     if let Some(config) = field(object, "generationConfig").and_then(Value::as_object) {
+        validate_response_schema(config)?;
         if let Some(top_p) = field(config, "topP")
             && !top_p.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p))
         {
@@ -452,6 +453,54 @@ fn validate(body: &Value) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Structured output: `responseSchema` (the OpenAPI subset) or
+/// `responseJsonSchema` (JSON Schema), not both, and either only with a JSON
+/// `responseMimeType`.
+fn validate_response_schema(config: &Map<String, Value>) -> Result<(), String> {
+    let mime = field(config, "responseMimeType");
+    if let Some(mime) = mime
+        && !mime
+            .as_str()
+            .is_some_and(|m| ["text/plain", "application/json", "text/x.enum"].contains(&m))
+    {
+        return Err(format!(
+            "* GenerateContentRequest.generation_config.response_mime_type: allowed mimetypes \
+             are `text/plain`, `application/json`, `text/x.enum`, got {mime}"
+        ));
+    }
+    let schema = field(config, "responseSchema");
+    let json_schema = field(config, "responseJsonSchema");
+    if schema.is_some() && json_schema.is_some() {
+        return Err(
+            "* GenerateContentRequest.generation_config: response_schema and \
+             response_json_schema cannot both be set"
+                .into(),
+        );
+    }
+    if schema.is_none() && json_schema.is_none() {
+        return Ok(());
+    }
+    if mime
+        .and_then(Value::as_str)
+        .is_none_or(|m| m == "text/plain")
+    {
+        return Err(
+            "* GenerateContentRequest.generation_config.response_mime_type: \
+             response_mime_type must be set to `application/json` or `text/x.enum` when a \
+             response schema is set"
+                .into(),
+        );
+    }
+    match (schema, json_schema) {
+        (Some(schema), _) => validate_schema(schema, "generation_config.response_schema"),
+        (_, Some(schema)) if !schema.is_object() => Err(format!(
+            "Invalid value at 'generation_config.response_json_schema' \
+             (type.googleapis.com/google.protobuf.Value), {schema}"
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn validate_contents(contents: &[Value]) -> Result<(), String> {
@@ -861,6 +910,12 @@ fn conversation(body: &Value) -> Conversation {
         tools_forbidden: mode.is_some_and(|mode| mode == "NONE"),
         // Gemini has no switch: the model calls in parallel as it likes.
         parallel_allowed: true,
+        response_schema: object
+            .and_then(|o| field(o, "generationConfig"))
+            .and_then(Value::as_object)
+            .and_then(|c| field(c, "responseSchema").or_else(|| field(c, "responseJsonSchema")))
+            .filter(|schema| schema.is_object())
+            .cloned(),
     }
 }
 

@@ -21,7 +21,18 @@
 //! | `mock-500-once` | 500 on its first call to this server, then as `mock-react` |
 //! | `mock-malformed` | 200 with a body (or stream) that is not JSON |
 //! | `mock-long-answer` | the text `Final Answer: ` and [`LONG_ANSWER`], streamed (when asked) in many small deltas |
+//! | `mock-off-schema` | as `mock-react`, but its structured answer breaks the schema (see below) |
 //! | anything else | 404, model not found |
+//!
+//! Structured output: when a request asks for JSON matching a schema
+//! (OpenAI's `response_format`, Anthropic's `output_config.format`,
+//! Gemini's `responseSchema`), each endpoint checks the shape as its
+//! provider does, and the text answers of `mock-react` (and the models that
+//! answer as it does) are JSON built from the schema: every property given,
+//! strings and numbers filled with the tool's result. `mock-off-schema`
+//! answers the same JSON with the schema's first required property of the
+//! wrong type (a string for a number, a number for anything else), as a
+//! model without constrained decoding might.
 //!
 //! Streamed answers are sent a few frames at a time with short pauses, and
 //! two frames are cut in the middle (one of them inside a multi-byte UTF-8
@@ -47,7 +58,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::Response;
 use futures::StreamExt;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The model names the mocks understand.
 pub mod models {
@@ -58,6 +69,7 @@ pub mod models {
     pub const MALFORMED: &str = "mock-malformed";
     pub const PARALLEL: &str = "mock-parallel";
     pub const LONG_ANSWER: &str = "mock-long-answer";
+    pub const OFF_SCHEMA: &str = "mock-off-schema";
 }
 
 /// The answer of `mock-long-answer`: 6,000 characters, so about a thousand
@@ -460,6 +472,13 @@ impl Shared {
                 },
                 text => text,
             }),
+            models::OFF_SCHEMA => Behaviour::Reply(match react(conversation) {
+                Turn::Text(text) => Turn::Text(match &conversation.response_schema {
+                    Some(schema) => off_schema(schema, &text),
+                    None => text,
+                }),
+                call => call,
+            }),
             models::LONG_ANSWER => {
                 Behaviour::Reply(Turn::Text(format!("Final Answer: {LONG_ANSWER}")))
             }
@@ -488,6 +507,9 @@ pub(crate) struct Conversation {
     /// Whether the request forbade tool calls (OpenAI's `"none"`,
     /// Anthropic's `{"type": "none"}`, Gemini's mode `NONE`).
     tools_forbidden: bool,
+    /// The JSON Schema the request wants text answers to match, if it asks
+    /// for structured output.
+    response_schema: Option<Value>,
 }
 
 /// What a mock model does with a well-formed request.
@@ -515,6 +537,21 @@ pub(crate) enum Turn {
 }
 
 fn react(conversation: &Conversation) -> Turn {
+    let turn = react_free(conversation);
+    match (&conversation.response_schema, turn) {
+        (Some(schema), Turn::Text(text)) => {
+            let value = conversation
+                .tool_result
+                .as_deref()
+                .map_or_else(|| text.clone(), result_value);
+            Turn::Text(instance(schema, &value).to_string())
+        }
+        (_, turn) => turn,
+    }
+}
+
+/// What `mock-react` says when no format constrains it.
+fn react_free(conversation: &Conversation) -> Turn {
     if conversation.tools_forbidden {
         return Turn::Text(NO_TOOLS_ANSWER.into());
     }
@@ -534,6 +571,69 @@ fn react(conversation: &Conversation) -> Turn {
         None => Turn::Text(
             "Final Answer: (the mock was offered no calculator tool, so it cannot compute)".into(),
         ),
+    }
+}
+
+/// A value that matches `schema` (as far as the mock understands schemas:
+/// `const`, `enum`, the first of `anyOf`/`oneOf`, and the types), with
+/// strings and numbers filled from `value`.
+pub(crate) fn instance(schema: &Value, value: &str) -> Value {
+    if let Some(constant) = schema.get("const") {
+        return constant.clone();
+    }
+    if let Some(first) = schema["enum"].as_array().and_then(|values| values.first()) {
+        return first.clone();
+    }
+    for key in ["anyOf", "oneOf", "any_of"] {
+        if let Some(first) = schema[key].as_array().and_then(|options| options.first()) {
+            return instance(first, value);
+        }
+    }
+    let kind = match &schema["type"] {
+        Value::String(kind) => kind.to_ascii_lowercase(),
+        Value::Array(kinds) => kinds
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|kind| *kind != "null")
+            .unwrap_or("null")
+            .to_ascii_lowercase(),
+        _ if schema.get("properties").is_some() => "object".into(),
+        _ => "string".into(),
+    };
+    match kind.as_str() {
+        "object" => Value::Object(
+            schema["properties"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(name, property)| (name.clone(), instance(property, value)))
+                .collect(),
+        ),
+        "array" => Value::Array(vec![instance(&schema["items"], value)]),
+        "integer" => value.trim().parse::<i64>().map_or(json!(0), |n| json!(n)),
+        "number" => value.trim().parse::<f64>().map_or(json!(0), |n| json!(n)),
+        "boolean" => json!(true),
+        "null" => Value::Null,
+        _ => json!(value),
+    }
+}
+
+/// `text` (an answer built by [`instance`]) with the schema's first
+/// required property of the wrong type; the answer as a JSON string when
+/// there is none.
+fn off_schema(schema: &Value, text: &str) -> String {
+    let mut answer: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let first = schema["required"].as_array().and_then(|r| r.first());
+    match (first.and_then(Value::as_str), answer.as_object_mut()) {
+        (Some(name), Some(object)) => {
+            let wrong = match object.get(name) {
+                Some(Value::Number(n)) => json!(n.to_string()),
+                _ => json!(12345),
+            };
+            object.insert(name.to_owned(), wrong);
+            answer.to_string()
+        }
+        _ => json!(text).to_string(),
     }
 }
 

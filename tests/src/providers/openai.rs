@@ -785,6 +785,191 @@ fn validate_options(object: &Map<String, Value>) -> Result<(), Invalid> {
             ));
         }
     }
+    if let Some(format) = object.get("response_format").filter(|f| !f.is_null()) {
+        validate_response_format(format)?;
+    }
+    Ok(())
+}
+
+/// `response_format`: `text`, `json_object`, or `json_schema` with a
+/// `json_schema` object (a valid `name`, an object `schema`, a boolean
+/// `strict`); in strict mode every object of the schema must be closed and
+/// require all its properties, as OpenAI's structured outputs demand.
+fn validate_response_format(format: &Value) -> Result<(), Invalid> {
+    let param = "response_format";
+    let Some(object) = format.as_object() else {
+        return Err(invalid(
+            param,
+            format!(
+                "Invalid type for 'response_format': expected an object, but got {} instead.",
+                type_name(format)
+            ),
+        ));
+    };
+    let kind = object
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let allowed: &[&str] = match kind {
+        "text" | "json_object" => &["type"],
+        "json_schema" => &["type", "json_schema"],
+        _ => {
+            return Err(invalid(
+                "response_format.type",
+                format!(
+                    "Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and \
+                     'json_schema'."
+                ),
+            ));
+        }
+    };
+    if let Some(unknown) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(invalid(
+            format!("response_format.{unknown}"),
+            format!("Unknown parameter: 'response_format.{unknown}'."),
+        ));
+    }
+    if kind != "json_schema" {
+        return Ok(());
+    }
+    let Some(spec) = object.get("json_schema").and_then(Value::as_object) else {
+        return Err(invalid(
+            "response_format.json_schema",
+            "Missing required parameter: 'response_format.json_schema'.",
+        ));
+    };
+    if let Some(unknown) = spec
+        .keys()
+        .find(|k| !["name", "description", "schema", "strict"].contains(&k.as_str()))
+    {
+        return Err(invalid(
+            format!("response_format.json_schema.{unknown}"),
+            format!("Unknown parameter: 'response_format.json_schema.{unknown}'."),
+        ));
+    }
+    let name = match spec.get("name") {
+        Some(Value::String(name)) => name.as_str(),
+        None => {
+            return Err(invalid(
+                "response_format.json_schema.name",
+                "Missing required parameter: 'response_format.json_schema.name'.",
+            ));
+        }
+        Some(other) => {
+            return Err(invalid(
+                "response_format.json_schema.name",
+                format!(
+                    "Invalid type for 'response_format.json_schema.name': expected a string, \
+                     but got {} instead.",
+                    type_name(other)
+                ),
+            ));
+        }
+    };
+    let name_ok = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !name_ok {
+        return Err(invalid(
+            "response_format.json_schema.name",
+            format!(
+                "Invalid 'response_format.json_schema.name': string does not match pattern. \
+                 Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$' of at most 64 \
+                 characters, got '{name}'."
+            ),
+        ));
+    }
+    let strict = match spec.get("strict") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(strict)) => *strict,
+        Some(other) => {
+            return Err(invalid(
+                "response_format.json_schema.strict",
+                format!(
+                    "Invalid type for 'response_format.json_schema.strict': expected a \
+                     boolean, but got {} instead.",
+                    type_name(other)
+                ),
+            ));
+        }
+    };
+    let schema = match spec.get("schema") {
+        None => return Ok(()),
+        Some(schema @ Value::Object(_)) => schema,
+        Some(other) => {
+            return Err(invalid(
+                "response_format.json_schema.schema",
+                format!(
+                    "Invalid type for 'response_format.json_schema.schema': expected an \
+                     object, but got {} instead.",
+                    type_name(other)
+                ),
+            ));
+        }
+    };
+    if strict {
+        strict_schema(schema, "()").map_err(|why| {
+            invalid(
+                "response_format",
+                format!("Invalid schema for response_format '{name}': {why}"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// What strict mode demands of every object in a schema.
+fn strict_schema(schema: &Value, context: &str) -> Result<(), String> {
+    let Some(object) = schema.as_object() else {
+        return Ok(());
+    };
+    let is_object =
+        object.get("type") == Some(&json!("object")) || object.contains_key("properties");
+    if is_object {
+        if object.get("additionalProperties") != Some(&json!(false)) {
+            return Err(format!(
+                "In context={context}, 'additionalProperties' is required to be supplied and \
+                 to be false."
+            ));
+        }
+        let required: Vec<&str> = object
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        for name in object
+            .get("properties")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flat_map(|p| p.keys())
+        {
+            if !required.contains(&name.as_str()) {
+                return Err(format!(
+                    "In context={context}, 'required' is required to be supplied and to be an \
+                     array including every key in properties. Missing '{name}'."
+                ));
+            }
+        }
+    }
+    for (key, value) in object {
+        match key.as_str() {
+            "properties" | "$defs" | "definitions" => {
+                for (name, inner) in value.as_object().into_iter().flatten() {
+                    strict_schema(inner, &format!("('{key}', '{name}')"))?;
+                }
+            }
+            "items" => strict_schema(value, "('items',)")?,
+            "anyOf" => {
+                for (k, inner) in value.as_array().into_iter().flatten().enumerate() {
+                    strict_schema(inner, &format!("('anyOf', '{k}')"))?;
+                }
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 
@@ -816,6 +1001,9 @@ fn conversation(body: &Value) -> Conversation {
         offers_calculator,
         tools_forbidden: body["tool_choice"] == "none",
         parallel_allowed: body["parallel_tool_calls"] != false,
+        response_schema: (body["response_format"]["type"] == "json_schema")
+            .then(|| body["response_format"]["json_schema"]["schema"].clone())
+            .filter(Value::is_object),
     }
 }
 

@@ -1270,3 +1270,349 @@ async fn anthropic_wants_the_thinking_block_back_before_a_tool_use() {
     )
     .await;
 }
+
+/// The answer schema of the structured-output checks: closed, so every
+/// provider takes it as it is.
+fn answer_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "answer": {"type": "integer"},
+            "explanation": {"type": "string"},
+        },
+        "required": ["answer", "explanation"],
+        "additionalProperties": false,
+    })
+}
+
+/// A well-formed request of `provider` after the tool ran, asking for
+/// structured output in the provider's shape.
+fn structured_body(provider: Provider, model: &str) -> Value {
+    match provider {
+        Provider::Anthropic => {
+            let mut body = anthropic_body(model, true, false);
+            body["output_config"] =
+                json!({"format": {"type": "json_schema", "schema": answer_schema()}});
+            body
+        }
+        Provider::Gemini => {
+            let mut body = gemini_body(true);
+            let mut schema = answer_schema();
+            schema
+                .as_object_mut()
+                .unwrap()
+                .remove("additionalProperties");
+            body["generationConfig"]["responseMimeType"] = json!("application/json");
+            body["generationConfig"]["responseSchema"] = schema;
+            body
+        }
+        _ => {
+            let mut body = openai_body(model, true, false);
+            body["response_format"] = json!({"type": "json_schema", "json_schema": {
+                "name": "calc", "schema": answer_schema(), "strict": true,
+            }});
+            body
+        }
+    }
+}
+
+/// The text of a whole (not streamed) answer.
+fn answer_text(provider: Provider, answer: &Value) -> String {
+    let text = match provider {
+        Provider::Anthropic => &answer["content"][0]["text"],
+        Provider::Gemini => &answer["candidates"][0]["content"]["parts"][0]["text"],
+        _ => &answer["choices"][0]["message"]["content"],
+    };
+    text.as_str()
+        .unwrap_or_else(|| panic!("{provider}: no text in {answer}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn structured_output_is_answered_with_json_built_from_the_schema() {
+    let mock = MockProviders::start().await;
+    for provider in Provider::ALL {
+        let path = match provider {
+            Provider::Gemini => gemini_path(models::REACT, false),
+            other => default_path(other).to_owned(),
+        };
+        let off_path = match provider {
+            Provider::Gemini => gemini_path(models::OFF_SCHEMA, false),
+            other => default_path(other).to_owned(),
+        };
+        let answer = post_ok(
+            &mock,
+            provider,
+            &path,
+            &structured_body(provider, models::REACT),
+        )
+        .await
+        .json();
+        let text = answer_text(provider, &answer);
+        assert_eq!(
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+            json!({"answer": 42, "explanation": "42"}),
+            "{provider}: {text}"
+        );
+        let off = post_ok(
+            &mock,
+            provider,
+            &off_path,
+            &structured_body(provider, models::OFF_SCHEMA),
+        )
+        .await
+        .json();
+        let text = answer_text(provider, &off);
+        assert_eq!(
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+            json!({"answer": "42", "explanation": "42"}),
+            "{provider}: the first required property has the wrong type: {text}"
+        );
+        // Without a format, the same model answers in prose.
+        let plain = match provider {
+            Provider::Anthropic => anthropic_body(models::REACT, true, false),
+            Provider::Gemini => gemini_body(true),
+            _ => openai_body(models::REACT, true, false),
+        };
+        let text = answer_text(
+            provider,
+            &post_ok(&mock, provider, &path, &plain).await.json(),
+        );
+        assert!(text.contains("Final Answer: 42"), "{provider}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn openai_refuses_response_formats_openai_refuses() {
+    let mock = MockProviders::start().await;
+    let openai = Provider::OpenAi;
+    let path = "/chat/completions";
+    let open = json!({"type": "object", "properties": {"answer": {"type": "integer"}}});
+    let not_all_required = json!({
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}, "why": {"type": "string"}},
+        "required": ["answer"],
+        "additionalProperties": false,
+    });
+    let nested_open = json!({
+        "type": "object",
+        "properties": {"inner": {"type": "object", "properties": {}}},
+        "required": ["inner"],
+        "additionalProperties": false,
+    });
+    let cases = [
+        (json!("json_schema"), "expected an object"),
+        (json!({"type": "json"}), "Supported values are"),
+        (
+            json!({"type": "json_schema"}),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"schema": open}}),
+            "response_format.json_schema.name",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "has space", "schema": open}}),
+            "does not match pattern",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "calc", "schema": "{}"}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "calc", "schema": open, "strict": "yes"}}),
+            "expected a boolean",
+        ),
+        (
+            json!({"type": "json_schema", "name": "calc", "schema": open}),
+            "Unknown parameter: 'response_format.name'",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "calc", "schema": open, "format": "x"}}),
+            "Unknown parameter: 'response_format.json_schema.format'",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "calc", "schema": open, "strict": true}}),
+            "'additionalProperties' is required to be supplied and to be false",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "calc", "schema": not_all_required, "strict": true}}),
+            "Missing 'why'",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "calc", "schema": nested_open, "strict": true}}),
+            "In context=('properties', 'inner')",
+        ),
+    ];
+    for (format, needle) in cases {
+        let mut body = openai_body(models::REACT, false, false);
+        body["response_format"] = format;
+        expect_refused(&mock, openai, path, &body, &[], 400, needle).await;
+    }
+    // Not strict, an open schema is taken; so are the other types.
+    for format in [
+        json!({"type": "json_schema", "json_schema": {"name": "calc", "schema": open, "strict": false}}),
+        json!({"type": "json_schema", "json_schema": {"name": "calc", "schema": open}}),
+        json!({"type": "json_object"}),
+        json!({"type": "text"}),
+    ] {
+        let mut body = openai_body(models::REACT, false, false);
+        body["response_format"] = format;
+        post_ok(&mock, openai, path, &body).await;
+    }
+}
+
+#[tokio::test]
+async fn anthropic_refuses_structured_output_anthropic_refuses() {
+    let mock = MockProviders::start().await;
+    let anthropic = Provider::Anthropic;
+    let path = "/v1/messages";
+    let closed = answer_schema();
+    let with_config = |config: Value| {
+        let mut body = anthropic_body(models::REACT, false, false);
+        body["output_config"] = config;
+        body
+    };
+    let format =
+        |schema: Value| with_config(json!({"format": {"type": "json_schema", "schema": schema}}));
+    let cases = [
+        (
+            with_config(json!("json")),
+            "output_config: Input should be a valid dictionary",
+        ),
+        (
+            with_config(json!({"fromat": {}})),
+            "output_config.fromat: Extra inputs",
+        ),
+        (
+            with_config(json!({"format": {"type": "json_object", "schema": closed}})),
+            "output_config.format.type: Input should be 'json_schema'",
+        ),
+        (
+            with_config(json!({"format": {"type": "json_schema"}})),
+            "output_config.format.schema: Field required",
+        ),
+        (
+            with_config(
+                json!({"format": {"type": "json_schema", "name": "calc", "schema": closed}}),
+            ),
+            "output_config.format.name: Extra inputs",
+        ),
+        (
+            format(json!({"type": "object", "properties": {"a": {"type": "string"}}})),
+            "'additionalProperties' must be explicitly set to false",
+        ),
+        (
+            format(json!({"type": "object", "properties": {}, "additionalProperties": true})),
+            "'additionalProperties: true' is not supported",
+        ),
+        (
+            format(
+                json!({"type": "object", "additionalProperties": false, "properties": {
+                "n": {"type": "integer", "minimum": 0}}}),
+            ),
+            "output_config.format.schema.properties.n: 'minimum' is not supported",
+        ),
+        (
+            format(
+                json!({"type": "object", "additionalProperties": false, "properties": {
+                "list": {"type": "array", "minItems": 2, "items": {"type": "string"}}}}),
+            ),
+            "'minItems' values other than 0 or 1",
+        ),
+        (
+            format(
+                json!({"type": "object", "additionalProperties": false, "properties": {
+                "either": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}}),
+            ),
+            "'oneOf' is not supported",
+        ),
+    ];
+    for (body, needle) in cases {
+        expect_refused(&mock, anthropic, path, &body, &[], 400, needle).await;
+    }
+    post_ok(&mock, anthropic, path, &format(closed.clone())).await;
+
+    // The beta's shape needs its header.
+    let mut beta = anthropic_body(models::REACT, false, false);
+    beta["output_format"] = json!({"type": "json_schema", "schema": closed});
+    expect_refused(
+        &mock,
+        anthropic,
+        path,
+        &beta,
+        &[],
+        400,
+        "output_format: Extra inputs are not permitted",
+    )
+    .await;
+    let header = [("anthropic-beta", "structured-outputs-2025-11-13")];
+    let answer = post(&mock, anthropic, path, &beta, &[], &header).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let mut both = format(closed.clone());
+    both["output_format"] = json!({"type": "json_schema", "schema": closed});
+    let answer = post(&mock, anthropic, path, &both, &[], &header).await;
+    assert_eq!(answer.status, 400, "{}", answer.text);
+}
+
+#[tokio::test]
+async fn gemini_refuses_response_schemas_gemini_refuses() {
+    let mock = MockProviders::start().await;
+    let gemini = Provider::Gemini;
+    let path = gemini_path(models::REACT, false);
+    let mut openapi = answer_schema();
+    openapi
+        .as_object_mut()
+        .unwrap()
+        .remove("additionalProperties");
+    let with = |config: Value| {
+        let mut body = gemini_body(false);
+        for (key, value) in config.as_object().unwrap() {
+            body["generationConfig"][key] = value.clone();
+        }
+        body
+    };
+    let cases = [
+        (
+            with(json!({"responseSchema": openapi})),
+            "response_mime_type must be set to `application/json`",
+        ),
+        (
+            with(json!({"responseMimeType": "application/xml", "responseSchema": openapi})),
+            "allowed mimetypes",
+        ),
+        (
+            with(
+                json!({"responseMimeType": "application/json", "responseSchema": answer_schema()}),
+            ),
+            // The body is JSON, so the quotes come escaped.
+            r#"Unknown name \"additionalProperties\" at 'generation_config.response_schema'"#,
+        ),
+        (
+            with(
+                json!({"responseMimeType": "application/json", "responseSchema": openapi,
+                        "responseJsonSchema": answer_schema()}),
+            ),
+            "cannot both be set",
+        ),
+    ];
+    for (body, needle) in cases {
+        expect_refused(&mock, gemini, &path, &body, &[], 400, needle).await;
+    }
+    post_ok(
+        &mock,
+        gemini,
+        &path,
+        &with(json!({"responseMimeType": "application/json", "responseSchema": openapi})),
+    )
+    .await;
+    post_ok(
+        &mock,
+        gemini,
+        &path,
+        &with(
+            json!({"responseMimeType": "application/json", "responseJsonSchema": answer_schema()}),
+        ),
+    )
+    .await;
+}

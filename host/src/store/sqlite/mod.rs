@@ -916,6 +916,12 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_response_format_is_kept_and_a_refused_answer_too() {
+        let (store, _dir) = open_temporary().await;
+        conformance::a_response_format_is_kept_and_a_refused_answer_too(&store).await;
+    }
+
+    #[tokio::test]
     async fn usage_and_cost_add_up() {
         let (store, _dir) = open_temporary().await;
         conformance::usage_and_cost_add_up(&store).await;

@@ -119,6 +119,17 @@ pub(super) fn task_from_row(row: &impl Columns) -> Result<TaskRecord> {
         scheduled_for: row.optional_integer("scheduled_for")?,
         thread: row.optional_text("thread")?,
         memory_namespace: row.optional_text("memory_namespace")?,
+        response_format: match row.optional_text("response_format")? {
+            Some(text) => {
+                Some(
+                    serde_json::from_str(&text).map_err(|source| StoreError::Corrupt {
+                        what: "task response format",
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        },
     })
 }
 

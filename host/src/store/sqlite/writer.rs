@@ -789,9 +789,9 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
                                 goal, planner, llm, model, tools, options, max_steps, timeout_ms,
                                 created_at, max_retries, trace_parent, schedule_id, scheduled_for,
                                 cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread,
-                                memory_namespace)
+                                memory_namespace, response_format)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18, ?19, 0, ?20, ?21, ?22, ?23)
+                     ?17, ?18, ?19, 0, ?20, ?21, ?22, ?23, ?24)
              RETURNING *",
         )?
         .query_row(
@@ -819,6 +819,7 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
                 task.budget.max_cost_nanos,
                 task.thread,
                 task.memory_namespace,
+                task.response_format.as_ref().map(|f| json!(f).to_string()),
             ],
             |row| Ok(task_from_row(row)),
         )??;
@@ -1126,6 +1127,7 @@ fn finish_task(conn: &Connection, fence: &Fence, end: &TaskEnd) -> Result<EventR
     let (result, error) = match end {
         TaskEnd::Succeeded { result } => (Some(result.as_str()), None),
         TaskEnd::Failed { error } => (None, Some(error)),
+        TaskEnd::AnswerRefused { answer, error } => (Some(answer.as_str()), Some(error)),
         TaskEnd::Cancelled => (None, None),
     };
     let status = end.status();
