@@ -50,6 +50,14 @@ pub mod structured;
 pub mod telemetry;
 pub mod threads;
 
+/// Makes ring the process's rustls crypto provider, as every reqwest client
+/// (the CLI's, the MCP client's, the trace exporter's) needs one installed
+/// before it is built. Call it first thing; calling it again does nothing.
+pub fn install_tls_provider() {
+    // An error means a provider is installed already, which is all we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 #[cfg(test)]
 mod test_support;
 

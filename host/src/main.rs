@@ -8,6 +8,7 @@ use opspawn::telemetry::Telemetry;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    opspawn::install_tls_provider();
     // wasmtime builds an error value every time a plugin's store is dropped,
     // which is once per plugin call. With RUST_BACKTRACE=1 in the
     // environment, each of those captured a backtrace, costing more than the

@@ -359,7 +359,7 @@ async fn a_waiting_task_cancels_at_once_and_deciders_are_named_by_token() {
     );
     let (harness, _config) = start(&config);
     let base = harness.client().base_url.clone();
-    let http = reqwest::Client::builder()
+    let http = opspawn_testkit::http_client_builder()
         .default_headers(
             [(
                 reqwest::header::AUTHORIZATION,

@@ -574,6 +574,90 @@ value = "Bearer ${{OPSPAWN_TEST_GRANTED}}"
     assert!(!read.to_string().contains(SECRET), "{read:#}");
 }
 
+/// An https server whose certificate a private CA signed is reached when
+/// the operator trusts that CA with `ca_file`, with the credential sent
+/// over TLS; the same server without it is refused, reported and skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_server_is_reached_with_its_ca_and_refused_without() {
+    let record_dir = tempfile::tempdir().unwrap();
+    let record = record_dir.path().join("calls.jsonl");
+    let tls = tempfile::tempdir().unwrap();
+    let port = mcp::free_port();
+    let _peer = start_peer(
+        &mcp::python(),
+        &[
+            mcp::fixture_server().to_str().unwrap(),
+            "--record",
+            record.to_str().unwrap(),
+            "--http",
+            &port.to_string(),
+            "--tls",
+            tls.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    mcp::wait_for_port(port).await;
+    let ca = tls.path().join("ca.pem");
+    assert!(ca.exists(), "the fixture wrote its CA before serving");
+    let setup = Setup::new(&format!(
+        r#"
+[[mcp.servers]]
+name = "secure"
+url = "https://127.0.0.1:{port}/mcp"
+ca_file = {ca:?}
+
+[[mcp.servers.credentials]]
+header = "Authorization"
+value = "Bearer ${{OPSPAWN_TEST_GRANTED}}"
+
+[[mcp.servers]]
+name = "untrusted"
+url = "https://127.0.0.1:{port}/mcp"
+"#
+    ));
+    let harness = setup.start(&[("OPSPAWN_TEST_GRANTED", SECRET)]);
+    let client = harness.client();
+    let secure = wait_for_server(&client, "secure", |s| s["status"] == "ready").await;
+    assert!(
+        tool_names(&secure).contains(&"secure__echo".to_owned()),
+        "{secure:#}"
+    );
+    let task = run(
+        &client,
+        &script_task(
+            &["secure__echo"],
+            &[("secure__echo", json!({"text": "over tls"}))],
+            "done",
+        ),
+    )
+    .await;
+    let step = &tool_steps(&task)[0];
+    assert_eq!(step["status"], "succeeded", "{task:#}");
+    assert!(step["output"].to_string().contains("over tls"), "{task:#}");
+    let calls: Vec<Value> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(
+        calls[0]["headers"]["authorization"],
+        format!("Bearer {SECRET}"),
+        "{calls:#?}"
+    );
+
+    let untrusted = wait_for_server(&client, "untrusted", |s| s["error"].is_string()).await;
+    assert_ne!(untrusted["status"], "ready", "{untrusted:#}");
+    let error = untrusted["error"].as_str().unwrap();
+    assert!(
+        error.contains("TLS: invalid peer certificate: UnknownIssuer") && error.contains("ca_file"),
+        "the error says what to fix: {untrusted:#}"
+    );
+    assert!(
+        tool_names(&untrusted).is_empty(),
+        "an untrusted server offers no tools: {untrusted:#}"
+    );
+}
+
 /// A stdio server gets `PATH` and the variables the operator named, by
 /// name, and nothing else of the host's environment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

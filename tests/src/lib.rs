@@ -296,6 +296,14 @@ fn spawn(
     }
 }
 
+/// A reqwest client builder, with ring installed first as the process's
+/// TLS provider: the workspace builds reqwest with rustls and no provider of
+/// its own (see the workspace's Cargo.toml, `rmcp`).
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
 /// A JSON-over-HTTP client for the REST API.
 #[derive(Clone)]
 pub struct Client {
@@ -306,7 +314,9 @@ pub struct Client {
 impl Client {
     pub fn new(base_url: &str) -> Self {
         Self {
-            http: reqwest::Client::new(),
+            http: http_client_builder()
+                .build()
+                .expect("an HTTP client with default settings"),
             base_url: base_url.trim_end_matches('/').to_owned(),
         }
     }

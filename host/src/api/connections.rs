@@ -395,6 +395,7 @@ mod tests {
             .route("/stream", get(slow));
         let url = start(app, limits).await;
 
+        crate::install_tls_provider();
         let response = reqwest::get(format!("{url}/slow")).await.unwrap();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         let body: serde_json::Value = response.json().await.unwrap();

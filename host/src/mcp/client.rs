@@ -7,6 +7,7 @@
 //! worker, no WebAssembly instance).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -281,10 +282,17 @@ impl McpClients {
                 }
                 (None, Some(url)) => {
                     let transport = http_transport(&server.config, url)?;
-                    let running = handler
-                        .serve(transport)
-                        .await
-                        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+                    let running = match handler.serve(transport).await {
+                        Ok(running) => running,
+                        Err(error) => {
+                            let mut message =
+                                format!("cannot connect to {url}: {}", with_causes(&error));
+                            if let Some(problem) = tls_problem(&server.config, url).await {
+                                message.push_str(&format!("; TLS: {problem}"));
+                            }
+                            return Err(message);
+                        }
+                    };
                     (running, None)
                 }
                 (None, None) => unreachable!("checked by ServerConfig::problem"),
@@ -608,10 +616,15 @@ fn http_transport(
         value.set_sensitive(true);
         headers.insert(name, value);
     }
-    let client = reqwest::Client::builder()
+    let mut client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         // A server's redirect is not followed: the credential stays with it.
-        .redirect(reqwest::redirect::Policy::none())
+        .redirect(reqwest::redirect::Policy::none());
+    if url.starts_with("https://") {
+        client = client.tls_backend_preconfigured(tls_config(config.ca_file.as_deref())?);
+    }
+    crate::install_tls_provider();
+    let client = client
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
     let mut transport_config = StreamableHttpClientTransportConfig::with_uri(url.to_owned());
@@ -621,6 +634,92 @@ fn http_transport(
         client,
         transport_config,
     ))
+}
+
+/// An error with the causes under it (`error sending request: ... : invalid
+/// peer certificate: UnknownIssuer`): the top line alone seldom says what
+/// to fix.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let line = error.to_string();
+        if !text.contains(&line) {
+            text = format!("{text}: {line}");
+        }
+        cause = error.source();
+    }
+    text
+}
+
+/// Why TLS with an https server fails, if it does: rmcp keeps only the top
+/// line of a failed request, so the handshake is tried once more on its own
+/// to tell the operator (an untrusted certificate, most often).
+async fn tls_problem(config: &ServerConfig, url: &str) -> Option<String> {
+    if !url.starts_with("https://") {
+        return None;
+    }
+    let parsed = reqwest::Url::parse(url).ok()?;
+    let host = parsed.host_str()?.trim_matches(['[', ']']).to_owned();
+    let port = parsed.port_or_known_default()?;
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
+    let tls = tls_config(config.ca_file.as_deref()).ok()?;
+    let limit = Duration::from_secs(5);
+    let stream = tokio::time::timeout(limit, tokio::net::TcpStream::connect((host, port)))
+        .await
+        .ok()?
+        .ok()?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    match tokio::time::timeout(limit, connector.connect(name, stream)).await {
+        Ok(Err(error)) => {
+            let error = error.to_string();
+            Some(if error.contains("UnknownIssuer") {
+                format!(
+                    "{error} (no trusted authority signed the server's certificate; if a \
+                     private CA did, name its certificate in this server's ca_file)"
+                )
+            } else {
+                error
+            })
+        }
+        _ => None,
+    }
+}
+
+/// TLS for an https server: the Mozilla roots, as for plugins, and the
+/// certificates in `ca_file` when the operator names one.
+pub(super) fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.into(),
+    };
+    if let Some(path) = ca_file {
+        let unreadable =
+            |e: &dyn std::fmt::Display| format!("cannot read ca_file {}: {e}", path.display());
+        let certificates = CertificateDer::pem_file_iter(path)
+            .map_err(|e| unreadable(&e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| unreadable(&e))?;
+        if certificates.is_empty() {
+            return Err(format!(
+                "ca_file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ));
+        }
+        for certificate in certificates {
+            roots.add(certificate).map_err(|e| unreadable(&e))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("cannot set up TLS: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(config)
 }
 
 /// The server's tools that the operator offers, by catalog name, with their

@@ -53,6 +53,11 @@ pub struct ServerConfig {
     /// Streamable HTTP: the endpoint, such as `https://example.com/mcp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Streamable HTTP over https: certificates (PEM) to trust for this
+    /// server besides the Mozilla roots, for one whose certificate a private
+    /// certificate authority signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// Streamable HTTP: headers the host adds to every request, as for
     /// plugins: `value` may draw on the host's environment (`Bearer
     /// ${GITHUB_TOKEN}`). Planners, LLMs and plugins never see them.
@@ -151,12 +156,16 @@ impl ServerConfig {
                 "MCP server {name:?}: credentials are HTTP headers, for a url; give a stdio \
                  server its secrets with env"
             )),
-            (None, Some(url)) if url.starts_with("https://") => Some(format!(
-                "MCP server {name:?}: https is not supported yet (url {url:?}); reach it over \
-                 http on a trusted network, or through a local TLS-terminating proxy"
-            )),
-            (None, Some(url)) if !url.starts_with("http://") => Some(format!(
-                "MCP server {name:?}: url {url:?} must start with http://"
+            (None, Some(url)) if !url.starts_with("http://") && !url.starts_with("https://") => {
+                Some(format!(
+                    "MCP server {name:?}: url {url:?} must start with https:// or http://"
+                ))
+            }
+            (None, Some(url)) if self.ca_file.is_some() && !url.starts_with("https://") => Some(
+                format!("MCP server {name:?}: ca_file is for an https url, and {url:?} is not one"),
+            ),
+            (Some(_), None) if self.ca_file.is_some() => Some(format!(
+                "MCP server {name:?}: ca_file is for an https url, not a stdio server"
             )),
             (None, Some(_)) if !self.env.is_empty() || !self.args.is_empty() => Some(format!(
                 "MCP server {name:?}: env and args are for a stdio server (command)"
@@ -264,6 +273,36 @@ mod tests {
         for bad in ["", "a__b", "a_", "a.b", &"x".repeat(33)] {
             assert!(server(bad).problem().is_some(), "{bad:?} is refused");
         }
+    }
+
+    #[test]
+    fn urls_are_https_or_http_and_a_ca_file_goes_with_https() {
+        let entry = |toml: &str| -> ServerConfig { toml::from_str(toml).unwrap() };
+        let https = entry("name = \"s\"\nurl = \"https://mcp.example.com/mcp\"");
+        assert!(https.problem().is_none(), "{:?}", https.problem());
+        let private = entry("name = \"s\"\nurl = \"https://10.0.0.5/mcp\"\nca_file = \"ca.pem\"");
+        assert!(private.problem().is_none(), "{:?}", private.problem());
+        let plain = entry("name = \"s\"\nurl = \"http://127.0.0.1:9/mcp\"");
+        assert!(plain.problem().is_none());
+        let problem = entry("name = \"s\"\nurl = \"http://127.0.0.1:9/mcp\"\nca_file = \"ca.pem\"")
+            .problem()
+            .unwrap();
+        assert!(problem.contains("ca_file is for an https url"), "{problem}");
+        let problem = entry("name = \"s\"\nurl = \"ftp://example.com\"")
+            .problem()
+            .unwrap();
+        assert!(problem.contains("must start with https://"), "{problem}");
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_a_certificate() {
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        let error = client::tls_config(Some(empty.path())).unwrap_err();
+        assert!(error.contains("holds no PEM certificate"), "{error}");
+        let error =
+            client::tls_config(Some(std::path::Path::new("/nonexistent/ca.pem"))).unwrap_err();
+        assert!(error.contains("cannot read ca_file"), "{error}");
+        assert!(client::tls_config(None).is_ok());
     }
 
     #[test]

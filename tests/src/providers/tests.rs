@@ -156,7 +156,9 @@ async fn post(
     }
     headers.retain(|(name, _)| !without.contains(&name.as_str()));
     headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let mut request = reqwest::Client::new()
+    let mut request = crate::http_client_builder()
+        .build()
+        .unwrap()
         .post(format!("{}{path}", mock.base_url_for(provider)))
         .body(body.to_string());
     for (name, value) in headers {
