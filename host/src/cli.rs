@@ -191,6 +191,13 @@ struct TaskFields {
     /// {JSON Schema}, "strict": false}; the answer must match the schema.
     #[arg(long, value_name = "FILE")]
     response_format: Option<std::path::PathBuf>,
+    /// Make it a call task: one call of this tool, with no planner or LLM;
+    /// its result is the tool's output.
+    #[arg(long, value_name = "TOOL")]
+    call: Option<String>,
+    /// The call's arguments, as a JSON object (default {}).
+    #[arg(long, value_name = "JSON", requires = "call")]
+    arguments: Option<String>,
 }
 
 impl TaskFields {
@@ -222,6 +229,15 @@ impl TaskFields {
             body["response_format"] = serde_json::from_str(&text).with_context(|| {
                 format!("--response-format {} is not valid JSON", path.display())
             })?;
+        }
+        if let Some(tool) = self.call {
+            let arguments = match self.arguments {
+                Some(text) => {
+                    serde_json::from_str(&text).context("--arguments is not valid JSON")?
+                }
+                None => json!({}),
+            };
+            body["call"] = json!({"tool": tool, "arguments": arguments});
         }
         Ok(body)
     }

@@ -152,6 +152,9 @@ codes! {
     // Structured output: a task's `response_format` refused at submission,
     // and a task whose answer does not match it.
     InvalidResponseFormat = "invalid_response_format", status Some(422), request;
+    // A call task (`call`) asked with what only an agent task takes, or
+    // with `tools` that leave its tool out.
+    InvalidCall = "invalid_call", status Some(422), request;
     AnswerSchemaMismatch = "answer_schema_mismatch", status None, step;
     // Why a plugin file did not load.
     PluginUnreadable = "plugin_unreadable", status None, load;

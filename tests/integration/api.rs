@@ -8,6 +8,71 @@ use serde_json::{Value, json};
 
 use crate::{FINISH, Harness, calculator_task, steps};
 
+/// A call task makes its one tool call, with no planner or LLM, in one
+/// step, and ends with that call's outcome: the output as its result, or
+/// the tool's error as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_task_makes_one_call_and_ends_with_its_outcome() {
+    let harness = Harness::start();
+    let client = harness.client();
+    let call = |expression: &str| {
+        json!({
+            "goal": format!("Evaluate {expression}"),
+            "call": {"tool": "calculator", "arguments": {"expression": expression}},
+        })
+    };
+    let id = client.submit(&call("6*7")).await.unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    let made = steps(&task);
+    assert_eq!(made.len(), 1, "{task:#}");
+    assert_eq!(made[0]["kind"], "tool");
+    assert_eq!(made[0]["plugin"], "calculator");
+    assert_eq!(made[0]["output"]["result"], 42, "{task:#}");
+    let result: Value = serde_json::from_str(task["result"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        result, made[0]["output"],
+        "the result is the output, as JSON"
+    );
+    assert_eq!(task["usage"]["input_tokens"], 0, "no LLM was called");
+
+    let id = client.submit(&call("1/0")).await.unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "failed", "{task:#}");
+    assert_eq!(steps(&task).len(), 1, "{task:#}");
+    assert_eq!(task["error"], steps(&task)[0]["error"], "{task:#}");
+    assert!(
+        task["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("division"),
+        "{task:#}"
+    );
+
+    let bad_input = json!({
+        "goal": "Evaluate nothing",
+        "call": {"tool": "calculator", "arguments": {"expr": "1"}},
+    });
+    let id = client.submit(&bad_input).await.unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "failed", "{task:#}");
+    assert_eq!(task["error"]["code"], "invalid_tool_input", "{task:#}");
+
+    // The same from the command line.
+    let output = std::process::Command::new(crate::binary())
+        .args(["run", "Evaluate 2^10", "--call", "calculator"])
+        .args(["--arguments", r#"{"expression": "2^10"}"#, "--detach"])
+        .args(["--server", &harness.server.base_url])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let id = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["call"]["tool"], "calculator", "{task:#}");
+    assert_eq!(steps(&task)[0]["output"]["result"], 1024, "{task:#}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tool_using_task_reaches_the_right_answer() {
     let harness = Harness::start();
@@ -172,7 +237,9 @@ async fn an_oversized_body_is_refused_and_the_server_carries_on() {
 
     // Last, and on its own connection: the server may close it after refusing.
     let oversize = format!(r#"{{"goal": "{}"}}"#, "x".repeat(2 << 20));
-    let response = reqwest::Client::new()
+    let response = opspawn_testkit::http_client_builder()
+        .build()
+        .unwrap()
         .post(&tasks)
         .header("content-type", "application/json")
         .body(oversize)

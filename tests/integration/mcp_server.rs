@@ -132,6 +132,81 @@ async fn an_mcp_client_lists_tools_calls_them_and_runs_tasks_over_http() {
     assert_eq!(results[1]["structured"]["status"], "succeeded");
 }
 
+/// A client that declares MCP Tasks gets `run_task` as a task handle at
+/// once, follows it with `tasks/get` (from a later session too, the task
+/// being Opspawn's own durable one), and cancels one with `tasks/cancel`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_tasks_client_starts_a_task_follows_it_and_cancels_one() {
+    let harness = Harness::start();
+    let url = format!("{}/mcp", harness.client().base_url);
+    let started = python_client(
+        &["--url", &url, "--tasks"],
+        &json!([
+            {"start": "run_task", "arguments": calculator_task("6*7", "42")},
+            {"await_task": "$task", "timeout": 60},
+            {"task_update": "$task"},
+        ]),
+    );
+    let results = results_of(&started);
+    let handle = &results[0]["task"];
+    assert_eq!(handle["resultType"], "task", "{started:#}");
+    assert!(
+        ["working", "completed"].contains(&handle["status"].as_str().unwrap()),
+        "{started:#}"
+    );
+    assert_eq!(handle["pollIntervalMs"], 500, "{started:#}");
+    let task_id = handle["taskId"].as_str().unwrap();
+    let (status, task) = harness
+        .client()
+        .get(&format!("/v1/tasks/{task_id}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "the MCP task is the Opspawn task: {task:#}");
+
+    let followed = &results[1];
+    assert_eq!(
+        followed["statuses"].as_array().unwrap().last().unwrap(),
+        "completed"
+    );
+    let last = &followed["last"];
+    assert_eq!(last["taskId"], task_id, "{started:#}");
+    assert_eq!(last["result"]["content"][0]["text"], "42", "{started:#}");
+    assert_eq!(last["result"]["structuredContent"]["status"], "succeeded");
+    assert_eq!(
+        results[2]["error"]["code"], -32602,
+        "no task asks for input: {started:#}"
+    );
+
+    // A later session fetches the result, and cancels a task not yet run.
+    let later = python_client(
+        &["--url", &url, "--tasks"],
+        &json!([
+            {"task_get": task_id},
+            {"start": "run_task", "arguments": {
+                "goal": "Wait an hour", "run_at": "2999-01-01T00:00:00Z"
+            }},
+            {"task_cancel": "$task"},
+            {"task_get": "$task"},
+            {"task_get": "no-such-task"},
+        ]),
+    );
+    let results = results_of(&later);
+    assert_eq!(results[0]["status"], "completed", "{later:#}");
+    assert_eq!(results[0]["result"]["content"][0]["text"], "42");
+    assert_eq!(results[1]["task"]["status"], "working", "{later:#}");
+    assert_eq!(results[1]["task"]["statusMessage"], "queued", "{later:#}");
+    assert!(results[2].get("error").is_none(), "{later:#}");
+    assert_eq!(results[3]["status"], "cancelled", "{later:#}");
+    assert_eq!(results[4]["error"]["code"], -32602, "{later:#}");
+    assert!(
+        results[4]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not_found"),
+        "{later:#}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_tokens_an_mcp_client_needs_one_and_sees_only_its_tenants_tasks() {
     let config = tempfile::NamedTempFile::new().unwrap();
@@ -187,6 +262,21 @@ async fn with_tokens_an_mcp_client_needs_one_and_sees_only_its_tenants_tasks() {
         );
     }
     assert_eq!(results[2]["resources"], json!([]), "{globex:#}");
+
+    let globex_tasks = python_client(
+        &["--url", &url, "--token", "globex-token", "--tasks"],
+        &json!([{"task_get": task_id}, {"task_cancel": task_id}]),
+    );
+    for result in results_of(&globex_tasks) {
+        assert_eq!(result["error"]["code"], -32602, "{globex_tasks:#}");
+        assert!(
+            result["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("forbidden"),
+            "{globex_tasks:#}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,7 @@ use axum::middleware;
 use axum::response::IntoResponse;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::{Number, Value, json};
+use serde_json::{Map, Number, Value, json};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -45,7 +45,7 @@ use crate::budgets::{Budgets, TaskBudget, usd_to_nanos};
 use crate::errors::Code;
 use crate::events::EventBus;
 use crate::plugins::{Catalog, PluginKind, PluginRuntime};
-use crate::protocol::ResponseFormat;
+use crate::protocol::{ResponseFormat, ToolCall};
 use crate::scheduler::Scheduler;
 use crate::store::{
     CancelOutcome, Millis, NewTask, STATS_COUNT_LIMIT, Store, TaskQuery, TaskRecord, TaskStatus,
@@ -340,6 +340,25 @@ struct CreateTask {
     /// answer kept as its `result`). Passed to the LLM with each call the
     /// planner makes without a format of its own.
     response_format: Option<ResponseFormatRequest>,
+    /// Makes this a call task: one call of one tool, with no planner or LLM.
+    /// Its result is the tool's output (as JSON text) and it fails with the
+    /// tool's error; `tools` defaults to the one tool, and `max_steps` to 1.
+    /// `planner`, `llm`, `model`, `options`, `thread`, `budget` and
+    /// `response_format` are for agent tasks and are refused with it.
+    call: Option<CallRequest>,
+}
+
+/// The one tool call of a call task.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct CallRequest {
+    /// A loaded tool's name.
+    #[schema(example = "calculator")]
+    tool: String,
+    /// The tool's input, an object; `{}` when absent. It is checked against
+    /// the tool's input schema when the call runs (`invalid_tool_input`).
+    #[schema(value_type = Option<Object>)]
+    arguments: Option<Map<String, Value>>,
 }
 
 /// A JSON Schema the task's answer must match.
@@ -541,16 +560,24 @@ fn validate(
             format!("model must be 1 to {MAX_MODEL_BYTES} bytes, without NUL characters"),
         ));
     }
+    if request.call.is_some() {
+        check_call_fields(&request)?;
+    }
     let options = request.options.unwrap_or_else(|| json!({}));
     check_options(&options)?;
     let defaults = &state.defaults;
+    // A call task takes one step unless asked for more (it never needs more).
+    let default_max_steps = match request.call {
+        Some(_) => 1,
+        None => defaults.max_steps,
+    };
     let max_steps = integer_in(
         "max_steps",
         request.max_steps.as_ref(),
         1..=MAX_STEPS_CEILING,
         Code::InvalidMaxSteps,
     )?
-    .map_or(defaults.max_steps, |n| n as u32);
+    .map_or(default_max_steps, |n| n as u32);
     let max_retries = integer_in(
         "max_retries",
         request.max_retries.as_ref(),
@@ -613,6 +640,46 @@ fn validate(
     };
 
     let catalog = state.runtime.catalog();
+    if let Some(call) = request.call {
+        let tools = request.tools.unwrap_or_else(|| vec![call.tool.clone()]);
+        if !tools.contains(&call.tool) {
+            return Err(ApiError::new(
+                Code::InvalidCall,
+                format!(
+                    "tools leaves out {:?}, the tool the call makes; add it or leave tools out",
+                    call.tool
+                ),
+            ));
+        }
+        check_tools_loaded(&catalog, &tools)?;
+        return Ok(NewTask {
+            tenant,
+            idempotency_key,
+            priority,
+            run_at,
+            deadline_at,
+            goal: goal.to_owned(),
+            planner: String::new(),
+            llm: String::new(),
+            model: None,
+            tools,
+            options,
+            max_steps,
+            max_retries,
+            timeout,
+            trace_parent: crate::telemetry::current_traceparent(),
+            schedule: None,
+            budget,
+            thread: None,
+            memory_namespace: request.memory_namespace,
+            response_format: None,
+            call: Some(ToolCall {
+                id: "call_1".to_owned(),
+                name: call.tool,
+                arguments: Value::Object(call.arguments.unwrap_or_default()),
+            }),
+        });
+    }
     let planner = request.planner.unwrap_or_else(|| defaults.planner.clone());
     if catalog.kind_of(&planner) != Some(PluginKind::Planner) {
         return Err(not_loaded(
@@ -633,13 +700,7 @@ fn validate(
         Some(tools) => tools,
         None => catalog.tool_names().map(str::to_owned).collect(),
     };
-    if let Some(unknown) = tools.iter().find(|tool| catalog.tool_spec(tool).is_none()) {
-        return Err(not_loaded(
-            &catalog,
-            Code::UnknownTool,
-            format!("no loaded plugin offers a tool named {unknown:?}; GET /v1/plugins lists them"),
-        ));
-    }
+    check_tools_loaded(&catalog, &tools)?;
     let model = request.model.or_else(|| defaults.model.clone());
     check_priced(state, &tenant, &budget, &llm, model.as_deref())?;
     Ok(NewTask {
@@ -663,7 +724,49 @@ fn validate(
         thread: request.thread,
         memory_namespace: request.memory_namespace,
         response_format,
+        call: None,
     })
+}
+
+/// Refuses, in a call task, what only an agent task takes.
+fn check_call_fields(request: &CreateTask) -> Result<(), ApiError> {
+    let agent_only: Vec<&str> = [
+        ("planner", request.planner.is_some()),
+        ("llm", request.llm.is_some()),
+        ("model", request.model.is_some()),
+        ("options", request.options.is_some()),
+        ("thread", request.thread.is_some()),
+        ("budget", request.budget.is_some()),
+        ("response_format", request.response_format.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(field, given)| given.then_some(field))
+    .collect();
+    if agent_only.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        Code::InvalidCall,
+        format!(
+            "a call task makes one tool call with no planner or LLM; {} {} for agent tasks: \
+             drop {} or drop call",
+            agent_only.join(", "),
+            if agent_only.len() == 1 { "is" } else { "are" },
+            if agent_only.len() == 1 { "it" } else { "them" },
+        ),
+    ))
+}
+
+/// Refuses tools that no loaded plugin or MCP server offers.
+fn check_tools_loaded(catalog: &Catalog, tools: &[String]) -> Result<(), ApiError> {
+    match tools.iter().find(|tool| catalog.tool_spec(tool).is_none()) {
+        Some(unknown) => Err(not_loaded(
+            catalog,
+            Code::UnknownTool,
+            format!("no loaded plugin offers a tool named {unknown:?}; GET /v1/plugins lists them"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The caps a request names, in range.

@@ -68,6 +68,9 @@ pub(super) struct TemplateView {
     priority: i32,
     /// The JSON Schema each run's answer must match, if any.
     response_format: Option<crate::protocol::ResponseFormat>,
+    /// A call task's tool call, which each run makes; `null` for an agent
+    /// task.
+    call: Option<super::views::CallView>,
 }
 
 /// A schedule. Times are RFC 3339, UTC.
@@ -131,6 +134,7 @@ impl ScheduleView {
                 timeout_secs: template.timeout_ms as f64 / 1000.0,
                 priority: template.priority,
                 response_format: template.response_format,
+                call: template.call.map(Into::into),
             },
             created_at: timestamp(schedule.created_at),
         }

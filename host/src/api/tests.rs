@@ -159,9 +159,10 @@ impl Api {
     }
 
     /// Submits `body` and expects it refused with `code` (and its status).
-    async fn refused(&self, body: &Value, code: Code) {
+    async fn refused(&self, body: &Value, code: Code) -> Answer {
         let answer = self.submit(body).await;
         answer.is_error(code, &body.to_string());
+        answer
     }
 }
 
@@ -1707,6 +1708,81 @@ async fn a_budget_out_of_range_is_refused_with_its_code() {
         .submit(&json!({"goal": "x", "run_at": "2100-01-01T00:00:00Z"}))
         .await;
     assert_eq!(plain.body["budget"], Value::Null, "{}", plain.body);
+}
+
+#[tokio::test]
+async fn a_call_task_is_checked_at_submission_and_kept() {
+    let api = Setup::examples().start().await;
+    let call = json!({"tool": "calculator", "arguments": {"expression": "6*7"}});
+    let later = "2100-01-01T00:00:00Z";
+    for (field, value) in [
+        ("planner", json!("react")),
+        ("llm", json!("scripted")),
+        ("model", json!("m")),
+        ("options", json!({"llm": {}})),
+        ("thread", json!("t1")),
+        ("budget", json!({"max_tokens": 10})),
+        ("response_format", json!({"name": "n", "schema": {}})),
+    ] {
+        let mut body = json!({"goal": "x", "call": call});
+        body[field] = value;
+        let refused = api.refused(&body, Code::InvalidCall).await;
+        let message = refused.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(field), "{message}");
+    }
+    api.refused(
+        &json!({"goal": "x", "call": call, "tools": ["echo"]}),
+        Code::InvalidCall,
+    )
+    .await;
+    api.refused(
+        &json!({"goal": "x", "call": {"tool": "no_such_tool"}}),
+        Code::UnknownTool,
+    )
+    .await;
+    for bad in [
+        json!({"arguments": {}}),
+        json!({"tool": "calculator", "arguments": "6*7"}),
+        json!({"tool": "calculator", "input": {}}),
+        json!("calculator"),
+    ] {
+        api.refused(&json!({"goal": "x", "call": bad}), Code::InvalidRequest)
+            .await;
+    }
+
+    let answer = api
+        .submit(&json!({"goal": "x", "call": call, "run_at": later}))
+        .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let id = answer.body["id"].as_str().unwrap();
+    let shown = api.get(&format!("/v1/tasks/{id}")).await;
+    for view in [&answer.body, &shown.body] {
+        assert_eq!(view["call"], call, "{view}");
+        assert_eq!(view["planner"], "", "{view}");
+        assert_eq!(view["llm"], "", "{view}");
+        assert_eq!(view["tools"], json!(["calculator"]), "{view}");
+        assert_eq!(view["max_steps"], 1, "{view}");
+    }
+    let bare = api
+        .submit(&json!({"goal": "x", "call": {"tool": "calculator"}, "run_at": later}))
+        .await;
+    assert_eq!(bare.body["call"]["arguments"], json!({}), "{}", bare.body);
+    let agent = api.submit(&json!({"goal": "x", "run_at": later})).await;
+    assert_eq!(agent.body["call"], Value::Null, "{}", agent.body);
+
+    // A schedule's task may be a call task; each run makes the call.
+    let created = api
+        .send(json_post(
+            "/v1/schedules",
+            &json!({"cron": "0 9 * * *", "paused": true,
+                    "task": {"goal": "x", "call": call}})
+            .to_string(),
+        ))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let id = created.body["id"].as_str().unwrap();
+    let shown = api.get(&format!("/v1/schedules/{id}")).await;
+    assert_eq!(shown.body["task"]["call"], call, "{}", shown.body);
 }
 
 #[tokio::test]

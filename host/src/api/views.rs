@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 pub use crate::budgets::Period;
 use crate::budgets::{PeriodSpan, PeriodUsage, TaskBudget, TenantCap, nanos_to_usd};
 use crate::plugins::{CacheUsage, LoadFailure, LoadingFile, OldVersion, PluginInfo, PluginRuntime};
-use crate::protocol::{ResponseFormat, Usage};
+use crate::protocol::{ResponseFormat, ToolCall, Usage};
 use crate::store::{
     ErrorInfo, Millis, StepKind, StepRecord, StepStatus, TaskRecord, TaskStats, TaskStatus,
 };
@@ -23,7 +23,9 @@ pub struct TaskView {
     pub tenant: String,
     pub status: TaskStatus,
     pub goal: String,
+    /// Empty for a call task, which has no planner.
     pub planner: String,
+    /// Empty for a call task, which has no LLM.
     pub llm: String,
     pub model: Option<String>,
     pub tools: Vec<String>,
@@ -63,6 +65,8 @@ pub struct TaskView {
     /// The JSON Schema the answer must match, if the task asked for
     /// structured output.
     pub response_format: Option<ResponseFormat>,
+    /// A call task's one tool call; `null` for an agent task.
+    pub call: Option<CallView>,
     /// Only in `GET /v1/tasks/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -103,7 +107,25 @@ impl TaskView {
             thread: task.thread,
             memory_namespace: task.memory_namespace,
             response_format: task.response_format,
+            call: task.call.map(CallView::from),
             steps: steps.map(|steps| steps.into_iter().map(StepView::from).collect()),
+        }
+    }
+}
+
+/// The one tool call a call task makes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CallView {
+    pub tool: String,
+    #[schema(value_type = Object)]
+    pub arguments: Value,
+}
+
+impl From<ToolCall> for CallView {
+    fn from(call: ToolCall) -> Self {
+        Self {
+            tool: call.name,
+            arguments: call.arguments,
         }
     }
 }

@@ -10,6 +10,12 @@
 //! Tools: every loaded tool, each call run as a task of its own (so it is
 //! journaled, limited and listed with the tenant's tasks), and `run_task`,
 //! `get_task`, `cancel_task`. Tasks are resources `opspawn://tasks/{id}`.
+//!
+//! MCP Tasks (the `io.modelcontextprotocol/tasks` extension): a client that
+//! declares it gets `run_task`'s answer as a task handle at once, the
+//! Opspawn task's id, and follows it with `tasks/get` and `tasks/cancel`,
+//! from this session or a later one. The MCP task is the Opspawn task, so it
+//! is as durable as any other.
 
 use std::sync::Arc;
 
@@ -20,10 +26,12 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
+    CreateTaskResult, DetailedTask, GetTaskParams, GetTaskResult, Implementation, JsonObject,
     ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
     ProgressNotificationParam, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
-    Resource, ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig, Tool,
+    Resource, ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig, Task,
+    TaskPayload, TaskStatus, Tool, UpdateTaskParams,
 };
 use rmcp::service::{RequestContext, RoleServer};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -37,6 +45,8 @@ const TASK_URI: &str = "opspawn://tasks/";
 /// The tools of this server itself; a plugin tool of the same name is not
 /// offered over MCP.
 const OWN_TOOLS: [&str; 3] = ["run_task", "get_task", "cancel_task"];
+/// How often an MCP Tasks client is asked to poll `tasks/get`, in ms.
+const TASK_POLL_INTERVAL_MS: u64 = 500;
 
 /// Where the REST API is.
 pub enum Backend {
@@ -231,9 +241,8 @@ impl Front {
             .await
     }
 
-    /// A plugin tool's call, run as a task of its own: the `react` planner
-    /// with the `scripted` adapter, scripted to make this one call and then
-    /// finish. The answer is that step's output.
+    /// A plugin tool's call, run as a call task of its own: one step, with
+    /// no planner or LLM. The answer is that step's output.
     async fn call_plugin_tool(
         &self,
         name: &str,
@@ -242,14 +251,7 @@ impl Front {
     ) -> Result<CallToolResult, String> {
         let body = json!({
             "goal": format!("Call the tool {name} (for an MCP client)"),
-            "planner": "react",
-            "llm": "scripted",
-            "tools": [name],
-            "max_steps": 3,
-            "options": {"llm": {"script": [
-                {"tool_calls": [{"name": name, "arguments": arguments}]},
-                {"content": "Final Answer: done"}
-            ]}},
+            "call": {"tool": name, "arguments": arguments},
         });
         let task = self.run(&body, context).await?;
         let step = task["steps"]
@@ -290,20 +292,7 @@ impl Front {
         match name {
             "run_task" => {
                 let task = self.run(&Value::Object(arguments.clone()), context).await?;
-                let mut result = match task["status"].as_str() {
-                    Some("succeeded") => CallToolResult::success(vec![ContentBlock::text(
-                        task["result"].as_str().unwrap_or_default(),
-                    )]),
-                    status => error_result(format!(
-                        "task {} {}: {}: {}",
-                        task["id"].as_str().unwrap_or("?"),
-                        status.unwrap_or("?"),
-                        task["error"]["code"].as_str().unwrap_or("?"),
-                        task["error"]["message"].as_str().unwrap_or("")
-                    )),
-                };
-                result.structured_content = Some(task_summary(&task));
-                Ok(result)
+                Ok(run_task_result(&task))
             }
             "get_task" => {
                 let path = format!("/v1/tasks/{}", id()?);
@@ -324,6 +313,124 @@ impl Front {
             _ => Err(format!("unknown tool {name}")),
         }
     }
+
+    /// `run_task` for a client that declared MCP Tasks: the task is
+    /// submitted and its handle returned at once.
+    async fn start_task(
+        &self,
+        arguments: Map<String, Value>,
+        context: &RequestContext<RoleServer>,
+    ) -> CallToolResponse {
+        let auth = self.auth(context);
+        let body = Value::Object(arguments);
+        match self
+            .backend
+            .json(Method::POST, "/v1/tasks", auth.as_ref(), Some(&body))
+            .await
+        {
+            Ok(task) => CallToolResponse::Task(CreateTaskResult::new(mcp_task(&task))),
+            Err(error) => CallToolResponse::Complete(error_result(error)),
+        }
+    }
+
+    /// The REST view of the task an MCP Tasks request names.
+    async fn task(
+        &self,
+        method: Method,
+        id: &str,
+        action: &str,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<Value, ErrorData> {
+        if id.is_empty() || id.contains('/') || id.contains('?') {
+            return Err(ErrorData::invalid_params(
+                format!("{id:?} is not an Opspawn task id"),
+                None,
+            ));
+        }
+        let auth = self.auth(context);
+        let path = format!("/v1/tasks/{id}{action}");
+        self.backend
+            .json(method, &path, auth.as_ref(), None)
+            .await
+            .map_err(|e| ErrorData::invalid_params(e, None))
+    }
+}
+
+/// Whether the client declared MCP Tasks, for this request or its session.
+fn wants_task_handle(context: &RequestContext<RoleServer>) -> bool {
+    context
+        .client_capabilities()
+        .is_some_and(|capabilities| capabilities.supports_tasks())
+}
+
+/// `run_task`'s answer for a finished task: the answer as text, or the
+/// failure as an error result; the task's summary as structured content.
+fn run_task_result(task: &Value) -> CallToolResult {
+    let mut result = match task["status"].as_str() {
+        Some("succeeded") => CallToolResult::success(vec![ContentBlock::text(
+            task["result"].as_str().unwrap_or_default(),
+        )]),
+        status => error_result(format!(
+            "task {} {}: {}: {}",
+            task["id"].as_str().unwrap_or("?"),
+            status.unwrap_or("?"),
+            task["error"]["code"].as_str().unwrap_or("?"),
+            task["error"]["message"].as_str().unwrap_or("")
+        )),
+    };
+    result.structured_content = Some(task_summary(task));
+    result
+}
+
+/// An Opspawn task (its REST view) as an MCP task. A task that failed is
+/// `completed` with an error result, as a tool call that returned one: the
+/// MCP `failed` status is for protocol errors.
+fn mcp_task(task: &Value) -> Task {
+    let opspawn_status = task["status"].as_str().unwrap_or_default();
+    let status = match opspawn_status {
+        "succeeded" | "failed" => TaskStatus::Completed,
+        "cancelled" => TaskStatus::Cancelled,
+        _ => TaskStatus::Working,
+    };
+    let created = task["created_at"].as_str().unwrap_or_default();
+    let updated = task["finished_at"]
+        .as_str()
+        .or(task["started_at"].as_str())
+        .unwrap_or(created);
+    let message = match opspawn_status {
+        "waiting_approval" => "waiting for a tool call to be approved".to_owned(),
+        "failed" => format!(
+            "failed: {}",
+            task["error"]["code"].as_str().unwrap_or("error")
+        ),
+        other => other.to_owned(),
+    };
+    Task::new(
+        task["id"].as_str().unwrap_or_default(),
+        status,
+        created,
+        updated,
+    )
+    .with_status_message(message)
+    .with_poll_interval_ms(TASK_POLL_INTERVAL_MS)
+}
+
+/// An Opspawn task as `tasks/get` answers it: a finished task carries
+/// `run_task`'s answer.
+fn detailed_task(task: &Value) -> DetailedTask {
+    let payload = match task["status"].as_str() {
+        Some("succeeded" | "failed") => {
+            let result = serde_json::to_value(run_task_result(task)).unwrap_or_default();
+            let result: JsonObject = match result {
+                Value::Object(result) => result,
+                _ => JsonObject::new(),
+            };
+            TaskPayload::Completed { result }
+        }
+        Some("cancelled") => TaskPayload::Cancelled,
+        _ => TaskPayload::Working,
+    };
+    DetailedTask::new(mcp_task(task), payload)
 }
 
 fn error_result(message: String) -> CallToolResult {
@@ -419,13 +526,15 @@ impl ServerHandler for Front {
             ServerCapabilities::builder()
                 .enable_tools()
                 .enable_resources()
+                .enable_tasks()
                 .build(),
         )
         .with_server_info(Implementation::new("opspawn", env!("CARGO_PKG_VERSION")))
         .with_instructions(
-            "Opspawn runs agent tasks. run_task runs one to its end; every other tool is \
-             one of Opspawn's tools, each call run as a task of its own. Tasks are \
-             resources opspawn://tasks/{id}.",
+            "Opspawn runs agent tasks. run_task runs one to its end (or, for a client \
+             that declares MCP Tasks, starts it and returns its handle at once); every \
+             other tool is one of Opspawn's tools, each call run as a task of its own. \
+             Tasks are resources opspawn://tasks/{id}.",
         )
     }
 
@@ -469,6 +578,9 @@ impl ServerHandler for Front {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let arguments = request.arguments.unwrap_or_default();
+        if request.name == "run_task" && wants_task_handle(&context) {
+            return Ok(self.start_task(arguments, &context).await);
+        }
         let outcome = if OWN_TOOLS.contains(&request.name.as_ref()) {
             self.own_tool(&request.name, arguments, &context).await
         } else {
@@ -477,6 +589,42 @@ impl ServerHandler for Front {
         };
         Ok(CallToolResponse::Complete(
             outcome.unwrap_or_else(error_result),
+        ))
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, ErrorData> {
+        let task = self
+            .task(Method::GET, &request.task_id, "", &context)
+            .await?;
+        Ok(GetTaskResult::new(detailed_task(&task)))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.task(Method::POST, &request.task_id, "/cancel", &context)
+            .await
+            .map(drop)
+    }
+
+    async fn update_task(
+        &self,
+        request: UpdateTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        Err(ErrorData::invalid_params(
+            format!(
+                "task {} asks for no input: Opspawn tasks take none once started (a tool \
+                 call that needs approval is answered at /v1/tasks/{{id}}/approvals)",
+                request.task_id
+            ),
+            None,
         ))
     }
 

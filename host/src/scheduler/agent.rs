@@ -181,9 +181,11 @@ impl Run {
     }
 
     async fn drive(&mut self) -> Result<TaskEnd, Interrupted> {
+        // A call task has no planner or LLM to hold.
+        let agent = self.task.call.is_none();
         let names = TaskPluginNames {
-            planner: Some(&self.task.planner),
-            llm: Some(&self.task.llm),
+            planner: agent.then_some(self.task.planner.as_str()),
+            llm: agent.then_some(self.task.llm.as_str()),
             tools: &self.task.tools,
         };
         let recorded = recorded_versions(&self.steps);
@@ -228,6 +230,9 @@ impl Run {
             }
         }
 
+        if let Some(call) = self.task.call.clone() {
+            return self.make_the_call(call).await;
+        }
         if self.task.thread.is_some() {
             self.history = crate::threads::history(
                 self.shared.store.as_ref(),
@@ -324,6 +329,52 @@ impl Run {
                 }
             }
         }
+    }
+
+    /// A call task's one step: the call, unless an earlier run of the task
+    /// made it, and the task's end from its outcome. The call goes through
+    /// the approval rules as a planner's would.
+    async fn make_the_call(&mut self, call: ToolCall) -> Result<TaskEnd, Interrupted> {
+        if self.call_outcome().is_none() {
+            if let Some(end) = self.boundary_check()? {
+                return Ok(end);
+            }
+            for (call, refusal) in self.gate(vec![call]).await? {
+                let effect = Effect::Tool(call);
+                let input = effect.journal_input();
+                let seq = self.next_seq();
+                if let Some(end) = self.perform(seq, input, Ok(effect), refusal).await? {
+                    return Ok(end);
+                }
+            }
+        }
+        Ok(match self.call_outcome() {
+            Some(Ok(output)) => TaskEnd::Succeeded {
+                result: output_text(&output),
+            },
+            Some(Err(error)) => TaskEnd::Failed { error },
+            None => failed(
+                Code::InternalError,
+                "the call task's step ended without an outcome",
+            ),
+        })
+    }
+
+    /// How a call task's tool step ended, if it has: held for the next
+    /// write, or journaled by an earlier run.
+    fn call_outcome(&self) -> Option<Result<Value, ErrorInfo>> {
+        if let Some(end) = &self.unwritten_end {
+            return Some(end.output.clone());
+        }
+        let step = self
+            .steps
+            .iter()
+            .rev()
+            .find(|step| step.kind == StepKind::Tool && step.status != StepStatus::Running)?;
+        Some(match &step.error {
+            Some(error) => Err(error.clone()),
+            None => Ok(step.output.clone().unwrap_or(Value::Null)),
+        })
     }
 
     /// Checks a planner's tool calls against the approval rules (the

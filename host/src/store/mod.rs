@@ -53,7 +53,7 @@ pub use sqlite::SqliteStore;
 pub use crate::budgets::{PeriodUsage, TaskBudget, TenantCharge};
 pub use crate::errors::ErrorInfo;
 use crate::memory::{MemoryConfig, MemoryQuery, MemoryRecord, MemoryReply, NewMemory};
-use crate::protocol::{ResponseFormat, Usage};
+use crate::protocol::{ResponseFormat, ToolCall, Usage};
 
 /// Milliseconds since the Unix epoch: the store's one clock unit.
 pub type Millis = i64;
@@ -272,6 +272,9 @@ pub struct NewTask {
     /// The JSON Schema the task's answer must match, if it asks for
     /// structured output (validated at submission).
     pub response_format: Option<ResponseFormat>,
+    /// A call task's one tool call: the task makes it, with no planner or
+    /// LLM (`planner` and `llm` are empty), and ends with its outcome.
+    pub call: Option<ToolCall>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -318,6 +321,8 @@ pub struct TaskRecord {
     pub memory_namespace: Option<String>,
     /// See [`NewTask::response_format`].
     pub response_format: Option<ResponseFormat>,
+    /// See [`NewTask::call`].
+    pub call: Option<ToolCall>,
 }
 
 /// A finished step of an earlier task of a thread, as the journal holds it
@@ -1236,6 +1241,7 @@ pub(crate) mod conformance {
             thread: None,
             memory_namespace: None,
             response_format: None,
+            call: None,
         }
     }
 

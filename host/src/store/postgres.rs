@@ -45,7 +45,7 @@ use super::{
     step_started_event,
 };
 use crate::memory::{MemoryConfig, MemoryOp, MemoryQuery, MemoryRecord, MemoryReply, NewMemory};
-use crate::protocol::{ResponseFormat, Usage};
+use crate::protocol::{ResponseFormat, ToolCall, Usage};
 use crate::schedules::MissedTicks;
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
@@ -303,9 +303,9 @@ async fn create_task(
                             timeout_ms, created_at, tenant, idempotency_key, priority, run_at,
                             deadline_at, max_retries, trace_parent, schedule_id, scheduled_for,
                             cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread,
-                            memory_namespace, response_format)
+                            memory_namespace, response_format, tool_call)
          VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $12, $13,
-                 $14, $15, $16, $17, $18, $19, 0, $20, $21, $22, $23, $24::json)
+                 $14, $15, $16, $17, $18, $19, 0, $20, $21, $22, $23, $24::json, $25::json)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -333,6 +333,7 @@ async fn create_task(
     .bind(&task.thread)
     .bind(&task.memory_namespace)
     .bind(task.response_format.as_ref().map(|f| json!(f).to_string()))
+    .bind(task.call.as_ref().map(|call| json!(call).to_string()))
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
@@ -1125,6 +1126,9 @@ fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
         response_format: row
             .try_get::<Option<Json<ResponseFormat>>, _>("response_format")?
             .map(|format| format.0),
+        call: row
+            .try_get::<Option<Json<ToolCall>>, _>("tool_call")?
+            .map(|call| call.0),
     })
 }
 
@@ -2088,6 +2092,7 @@ mod tests {
             thread: None,
             memory_namespace: None,
             response_format: None,
+            call: None,
         }
     }
 

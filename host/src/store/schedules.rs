@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{EventRecord, Millis, NewTask, SqlDialect, StoreError, TaskRecord, cut_page};
 use crate::budgets::TaskBudget;
-use crate::protocol::ResponseFormat;
+use crate::protocol::{ResponseFormat, ToolCall};
 use crate::schedules::{CronSpec, Firing, MissedTicks};
 
 /// The task each run of a schedule creates: `POST /v1/tasks`'s body as it
@@ -38,6 +38,9 @@ pub struct TaskTemplate {
     /// the task body).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<ResponseFormat>,
+    /// A call task's tool call (`call` in the task body): each run makes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<ToolCall>,
 }
 
 impl TaskTemplate {
@@ -58,6 +61,7 @@ impl TaskTemplate {
             budget: task.budget,
             memory_namespace: task.memory_namespace.clone(),
             response_format: task.response_format.clone(),
+            call: task.call.clone(),
         }
     }
 
@@ -87,6 +91,7 @@ impl TaskTemplate {
             thread: None,
             memory_namespace: self.memory_namespace.clone(),
             response_format: self.response_format.clone(),
+            call: self.call.clone(),
         }
     }
 

@@ -130,6 +130,17 @@ pub(super) fn task_from_row(row: &impl Columns) -> Result<TaskRecord> {
             }
             None => None,
         },
+        call: match row.optional_text("tool_call")? {
+            Some(text) => {
+                Some(
+                    serde_json::from_str(&text).map_err(|source| StoreError::Corrupt {
+                        what: "call task's tool call",
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        },
     })
 }
 
