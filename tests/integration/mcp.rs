@@ -49,12 +49,17 @@ impl Setup {
 
     /// The calls the fixture recorded, oldest first.
     fn calls(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.record)
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect()
+        recorded_calls(&self.record)
     }
+}
+
+/// The calls the fixture server recorded in `record`, oldest first.
+fn recorded_calls(record: &Path) -> Vec<Value> {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
 }
 
 /// The fixture over stdio, as the operator would configure it.
@@ -539,11 +544,7 @@ value = "Bearer ${{OPSPAWN_TEST_GRANTED}}"
     )
     .await;
     assert_eq!(tool_steps(&task)[0]["status"], "succeeded", "{task:#}");
-    let calls: Vec<Value> = std::fs::read_to_string(&record)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let calls = recorded_calls(&record);
     assert_eq!(
         calls[0]["headers"]["authorization"],
         format!("Bearer {SECRET}"),
@@ -634,11 +635,7 @@ url = "https://127.0.0.1:{port}/mcp"
     let step = &tool_steps(&task)[0];
     assert_eq!(step["status"], "succeeded", "{task:#}");
     assert!(step["output"].to_string().contains("over tls"), "{task:#}");
-    let calls: Vec<Value> = std::fs::read_to_string(&record)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let calls = recorded_calls(&record);
     assert_eq!(
         calls[0]["headers"]["authorization"],
         format!("Bearer {SECRET}"),

@@ -640,69 +640,58 @@ fn validate(
     };
 
     let catalog = state.runtime.catalog();
-    if let Some(call) = request.call {
-        let tools = request.tools.unwrap_or_else(|| vec![call.tool.clone()]);
-        if !tools.contains(&call.tool) {
-            return Err(ApiError::new(
-                Code::InvalidCall,
-                format!(
-                    "tools leaves out {:?}, the tool the call makes; add it or leave tools out",
-                    call.tool
-                ),
-            ));
-        }
-        check_tools_loaded(&catalog, &tools)?;
-        return Ok(NewTask {
-            tenant,
-            idempotency_key,
-            priority,
-            run_at,
-            deadline_at,
-            goal: goal.to_owned(),
-            planner: String::new(),
-            llm: String::new(),
-            model: None,
-            tools,
-            options,
-            max_steps,
-            max_retries,
-            timeout,
-            trace_parent: crate::telemetry::current_traceparent(),
-            schedule: None,
-            budget,
-            thread: None,
-            memory_namespace: request.memory_namespace,
-            response_format: None,
-            call: Some(ToolCall {
+    // A call task has no planner or LLM; an agent task has both.
+    let (planner, llm, model, tools, call) = match request.call {
+        Some(call) => {
+            let tools = request.tools.unwrap_or_else(|| vec![call.tool.clone()]);
+            if !tools.contains(&call.tool) {
+                return Err(ApiError::new(
+                    Code::InvalidCall,
+                    format!(
+                        "tools leaves out {:?}, the tool the call makes; add it or leave tools out",
+                        call.tool
+                    ),
+                ));
+            }
+            check_tools_loaded(&catalog, &tools)?;
+            let call = ToolCall {
                 id: "call_1".to_owned(),
                 name: call.tool,
                 arguments: Value::Object(call.arguments.unwrap_or_default()),
-            }),
-        });
-    }
-    let planner = request.planner.unwrap_or_else(|| defaults.planner.clone());
-    if catalog.kind_of(&planner) != Some(PluginKind::Planner) {
-        return Err(not_loaded(
-            &catalog,
-            Code::UnknownPlanner,
-            format!("no planner plugin named {planner:?} is loaded; GET /v1/plugins lists them"),
-        ));
-    }
-    let llm = request.llm.unwrap_or_else(|| defaults.llm.clone());
-    if catalog.kind_of(&llm) != Some(PluginKind::LlmAdapter) {
-        return Err(not_loaded(
-            &catalog,
-            Code::UnknownLlm,
-            format!("no llm-adapter plugin named {llm:?} is loaded; GET /v1/plugins lists them"),
-        ));
-    }
-    let tools = match request.tools.or_else(|| defaults.tools.clone()) {
-        Some(tools) => tools,
-        None => catalog.tool_names().map(str::to_owned).collect(),
+            };
+            (String::new(), String::new(), None, tools, Some(call))
+        }
+        None => {
+            let planner = request.planner.unwrap_or_else(|| defaults.planner.clone());
+            if catalog.kind_of(&planner) != Some(PluginKind::Planner) {
+                return Err(not_loaded(
+                    &catalog,
+                    Code::UnknownPlanner,
+                    format!(
+                        "no planner plugin named {planner:?} is loaded; GET /v1/plugins lists them"
+                    ),
+                ));
+            }
+            let llm = request.llm.unwrap_or_else(|| defaults.llm.clone());
+            if catalog.kind_of(&llm) != Some(PluginKind::LlmAdapter) {
+                return Err(not_loaded(
+                    &catalog,
+                    Code::UnknownLlm,
+                    format!(
+                        "no llm-adapter plugin named {llm:?} is loaded; GET /v1/plugins lists them"
+                    ),
+                ));
+            }
+            let tools = match request.tools.or_else(|| defaults.tools.clone()) {
+                Some(tools) => tools,
+                None => catalog.tool_names().map(str::to_owned).collect(),
+            };
+            check_tools_loaded(&catalog, &tools)?;
+            let model = request.model.or_else(|| defaults.model.clone());
+            check_priced(state, &tenant, &budget, &llm, model.as_deref())?;
+            (planner, llm, model, tools, None)
+        }
     };
-    check_tools_loaded(&catalog, &tools)?;
-    let model = request.model.or_else(|| defaults.model.clone());
-    check_priced(state, &tenant, &budget, &llm, model.as_deref())?;
     Ok(NewTask {
         tenant,
         idempotency_key,
@@ -724,7 +713,7 @@ fn validate(
         thread: request.thread,
         memory_namespace: request.memory_namespace,
         response_format,
-        call: None,
+        call,
     })
 }
 
