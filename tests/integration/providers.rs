@@ -1943,6 +1943,73 @@ async fn the_responses_api_fails_and_retries_as_chat_completions_does() {
     );
 }
 
+/// Structured output and tool choice through the Responses API: the
+/// task's response format goes as `text.format` (flat, the schema as
+/// given), the JSON answer is the result, streamed or not; a forbidding
+/// tool choice keeps the model from calling the calculator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_takes_structured_output_and_tool_choice() {
+    let provider = Provider::OpenAi;
+    let manifest = format!(
+        "{}\n[adapter.settings]\napi = \"responses\"\n",
+        provider.manifest()
+    );
+    let setup = Setup::with_manifest(provider, &manifest).await;
+    for stream in [true, false] {
+        let before = setup.mock.requests().len();
+        let task = run_structured(&setup, models::REACT, stream).await;
+        assert_eq!(
+            task["status"],
+            "succeeded",
+            "stream {stream}: {task:#}\n{}",
+            setup.diagnosis()
+        );
+        let answer: Value = serde_json::from_str(task["result"].as_str().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("the result is JSON ({e}): {task:#}"));
+        assert_eq!(answer, json!({"answer": 42, "explanation": "42"}));
+        let sent = &setup.mock.requests()[before..];
+        assert_eq!(sent.len(), 2, "{}", setup.diagnosis());
+        for request in sent {
+            check_responses_request(request, models::REACT, stream);
+            assert_eq!(
+                request.body["text"],
+                json!({"format": {"type": "json_schema", "name": "calc",
+                                  "schema": calc_schema(), "strict": false}}),
+                "{}",
+                describe(request)
+            );
+            assert!(request.body.get("response_format").is_none());
+        }
+    }
+
+    let before = setup.mock.requests().len();
+    let task = run_with_options(&setup, json!({"tool_choice": "none"})).await;
+    assert_eq!(
+        task["status"],
+        "succeeded",
+        "{task:#}\n{}",
+        setup.diagnosis()
+    );
+    assert_eq!(kinds(&task), ["llm"], "no tool was called: {task:#}");
+    let sent = &setup.mock.requests()[before..];
+    assert_eq!(
+        sent[0].body["tool_choice"],
+        "none",
+        "{}",
+        describe(&sent[0])
+    );
+    let task = run_with_options(&setup, json!({"tool_choice": {"name": "calculator"}})).await;
+    assert_eq!(task["result"], "42", "{task:#}\n{}", setup.diagnosis());
+    let last = setup.mock.requests().pop().unwrap();
+    assert_eq!(
+        last.body["tool_choice"],
+        json!({"type": "function", "name": "calculator"}),
+        "{}",
+        describe(&last)
+    );
+    setup.expect_no_rejections();
+}
+
 /// The real Responses API, when asked for (see [`live_react_task`]); the
 /// model is `OPSPAWN_LIVE_OPENAI_MODEL`, else a small default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
