@@ -58,10 +58,15 @@ struct Setup {
 
 impl Setup {
     async fn start(provider: Provider) -> Self {
+        Self::with_manifest(provider, &provider.manifest()).await
+    }
+
+    /// As [`Setup::start`], the adapter under `manifest`.
+    async fn with_manifest(provider: Provider, manifest: &str) -> Self {
         let mock = MockProviders::start().await;
         let harness = start_server(
             provider,
-            &provider.manifest(),
+            manifest,
             &mock.base_url_for(provider),
             &provider.test_key(),
         );
@@ -559,7 +564,7 @@ async fn a_transient_failure_is_retried(provider: Provider, model: &str) {
 /// only. The model is `OPSPAWN_LIVE_<PROVIDER>_MODEL` (`OPENAI`,
 /// `OPENROUTER`, `OPENAI_COMPATIBLE`, `ANTHROPIC`, `GEMINI`) or a small
 /// default; the base URL the provider's variable or the adapter's default.
-async fn live_react_task(provider: Provider) {
+async fn live_react_task(provider: Provider, llm_options: Option<Value>) {
     let set = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
     let key = set(provider.key_var());
     let (configured, needed) = match provider {
@@ -611,16 +616,17 @@ async fn live_react_task(provider: Provider) {
     let harness = start_server(provider, &manifest, &base_url, &key);
     expect_loaded(&harness, provider).await;
     let client = harness.client();
-    let id = client
-        .submit(&react_task(provider, &model, None))
-        .await
-        .unwrap();
+    let mut task = react_task(provider, &model, None);
+    if let Some(options) = &llm_options {
+        task["options"] = json!({ "llm": options });
+    }
+    let id = client.submit(&task).await.unwrap();
     let task = client
         .wait_until_finished(&id, Duration::from_secs(300))
         .await
         .unwrap();
     eprintln!(
-        "live {provider} ({model}): {} {:?}, steps {:?}, usage {}",
+        "live {provider} ({model}, options {llm_options:?}): {} {:?}, steps {:?}, usage {}",
         task["status"],
         task["result"],
         kinds(&task),
@@ -828,7 +834,7 @@ macro_rules! provider_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             #[ignore = "calls the real provider: needs OPSPAWN_LIVE_TESTS=1 and its key"]
             async fn live_react_task() {
-                super::live_react_task($provider).await;
+                super::live_react_task($provider, None).await;
             }
         }
     )*};
@@ -1009,23 +1015,11 @@ async fn options_are_checked_against_the_providers_ranges_before_sending() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_anthropic_api_version_is_configurable_and_shapes_the_request() {
     let provider = Provider::Anthropic;
-    let mock = MockProviders::start().await;
     let manifest = format!(
         "{}\n[adapter.settings]\napi_version = \"2026-10-21\"\n",
         provider.manifest()
     );
-    let harness = start_server(
-        provider,
-        &manifest,
-        &mock.base_url_for(provider),
-        &provider.test_key(),
-    );
-    expect_loaded(&harness, provider).await;
-    let setup = Setup {
-        provider,
-        mock,
-        harness,
-    };
+    let setup = Setup::with_manifest(provider, &manifest).await;
     for options in [json!({"temperature": 0.5}), json!({"top_k": 5})] {
         let task = run_with_options(&setup, options.clone()).await;
         expect_invalid_options(
@@ -1665,4 +1659,361 @@ async fn streamed_text_past_the_journal_cap_is_cut_and_marked() {
         .collect();
     assert_eq!(marked.len(), 1, "{deltas:#?}");
     assert_eq!(marked[0].id, deltas.last().unwrap().id, "the last one");
+}
+
+/// The journaled provider data of an LLM step's reply, by key.
+fn provider_data(step: &Value) -> Vec<(String, String)> {
+    step["output"]["message"]["provider_data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|datum| {
+            (
+                datum["key"].as_str().unwrap_or_default().to_owned(),
+                datum["value"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Checks a request the OpenAI adapter sent to the Responses API: the
+/// endpoint, the question as input items, the system prompt as
+/// instructions, the calculator as a flat function tool, and nothing of
+/// Chat Completions (the mock would have refused it too; this says what the
+/// request is, not only what it is not).
+fn check_responses_request(request: &ProviderRequest, model: &str, stream: bool) {
+    let body = &request.body;
+    let context = || describe(request);
+    assert_eq!(request.path, "/openai/v1/responses", "{}", context());
+    assert_eq!(request.model.as_deref(), Some(model), "{}", context());
+    assert_eq!(request.stream, stream, "{}", context());
+    assert_eq!(body["stream"], stream, "{}", context());
+    assert!(
+        body["instructions"].as_str().is_some_and(|i| !i.is_empty()),
+        "the system prompt is the instructions: {}",
+        context()
+    );
+    assert_eq!(body["input"][0]["role"], "user", "{}", context());
+    assert_eq!(
+        body["input"][0]["content"][0]["type"],
+        "input_text",
+        "{}",
+        context()
+    );
+    let calculator = &body["tools"][0];
+    assert_eq!(calculator["name"], "calculator", "{}", context());
+    assert!(
+        calculator["parameters"]["properties"]["expression"].is_object(),
+        "{}",
+        context()
+    );
+    assert_eq!(calculator["strict"], false, "{}", context());
+    assert_eq!(body["store"], false, "stateless: {}", context());
+    assert_eq!(
+        body["include"],
+        json!(["reasoning.encrypted_content"]),
+        "{}",
+        context()
+    );
+    for key in ["messages", "stop", "stream_options", "api"] {
+        assert!(body.get(key).is_none(), "no {key}: {}", context());
+    }
+}
+
+/// The Responses API through the real `openai` component, chosen per task
+/// (`options.llm.api`): a reasoning model's ReAct task calls the calculator
+/// and answers. Its reasoning item, sealed, is journaled with the step's
+/// reply and goes back unchanged before the call it led to (the mock
+/// refuses the second request otherwise, and checks the seal).
+async fn the_responses_api_round_trips_reasoning(stream: bool) {
+    let provider = Provider::OpenAi;
+    let setup = Setup::start(provider).await;
+    if stream {
+        // Time to subscribe to the events before the first answer.
+        setup.mock.set_latency(Duration::from_millis(300));
+    }
+    let mut task = react_task(provider, models::REASONING, None);
+    task["options"] = json!({"llm": {"api": "responses", "stream": stream}});
+    let client = setup.client();
+    let id = client.submit(&task).await.unwrap();
+    let events = if stream {
+        client.events(&id, None, FINISH).await.unwrap()
+    } else {
+        Vec::new()
+    };
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+
+    setup.expect_no_rejections();
+    assert_eq!(
+        task["status"],
+        "succeeded",
+        "task: {task:#}\n{}",
+        setup.diagnosis()
+    );
+    assert_eq!(task["result"], "42");
+    assert_eq!(kinds(&task), ["llm", "tool", "llm"], "task: {task:#}");
+    let steps = steps(&task);
+    assert_eq!(steps[1]["input"]["arguments"], json!({"expression": "6*7"}));
+    for llm in [&steps[0], &steps[2]] {
+        assert!(
+            llm["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0
+                && llm["usage"]["output_tokens"].as_u64().unwrap_or(0) > 0,
+            "usage comes from the response: {llm:#}"
+        );
+    }
+
+    // The reasoning is journaled whole, sealed content and all.
+    let kept = provider_data(&steps[0]);
+    let reasoning: Value = kept
+        .iter()
+        .find(|(key, _)| key == "openai:output:0")
+        .map(|(_, value)| serde_json::from_str(value).unwrap())
+        .unwrap_or_else(|| panic!("the reasoning item is journaled: {kept:#?}"));
+    assert_eq!(reasoning["type"], "reasoning", "{reasoning:#}");
+    let reasoning_id = reasoning["id"].as_str().unwrap();
+    assert_eq!(
+        reasoning["encrypted_content"],
+        opspawn_testkit::providers::sealed_reasoning(reasoning_id),
+        "{reasoning:#}"
+    );
+    let call_id = steps[1]["input"]["id"].as_str().unwrap();
+
+    let requests = setup.mock.requests_for(provider);
+    assert_eq!(requests.len(), 2, "{}", setup.diagnosis());
+    for request in &requests {
+        check_responses_request(request, models::REASONING, stream);
+    }
+    // Given back unchanged, right before the call it led to, which is
+    // answered by its output.
+    let input = requests[1].body["input"].as_array().unwrap();
+    let at = input
+        .iter()
+        .position(|item| *item == reasoning)
+        .unwrap_or_else(|| panic!("the reasoning goes back unchanged: {input:#?}"));
+    assert_eq!(input[at + 1]["type"], "function_call", "{input:#?}");
+    assert_eq!(input[at + 1]["call_id"], call_id, "{input:#?}");
+    assert_eq!(input[at + 2]["type"], "function_call_output", "{input:#?}");
+    assert_eq!(input[at + 2]["call_id"], call_id, "{input:#?}");
+
+    if stream {
+        let deltas: String = events
+            .iter()
+            .filter(|e| e.event == "llm.delta")
+            .filter_map(|e| e.data["data"]["text"].as_str())
+            .collect();
+        assert!(
+            deltas.ends_with("Final Answer: 42")
+                && deltas.contains("calculator’s answer is in — it is 42"),
+            "streamed text arrives as llm.delta events, whole: {deltas:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_round_trips_reasoning_streaming() {
+    the_responses_api_round_trips_reasoning(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_round_trips_reasoning_without_streaming() {
+    the_responses_api_round_trips_reasoning(false).await;
+}
+
+/// The API is the adapter's `api` setting, and a task's `options.llm.api`
+/// overrides it; a name the adapter does not speak is refused before
+/// anything is sent, naming the ones it does, and so is the option itself
+/// by an adapter that speaks one API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_api_is_a_setting_a_task_can_override() {
+    let provider = Provider::OpenAi;
+    let manifest = format!(
+        "{}\n[adapter.settings]\napi = \"responses\"\n",
+        provider.manifest()
+    );
+    let setup = Setup::with_manifest(provider, &manifest).await;
+    for (options, path) in [
+        (json!({}), "/openai/v1/responses"),
+        (json!({"stream": false}), "/openai/v1/responses"),
+        (
+            json!({"api": "chat_completions"}),
+            "/openai/v1/chat/completions",
+        ),
+    ] {
+        let before = setup.mock.requests().len();
+        let task = run_with_options(&setup, options.clone()).await;
+        assert_eq!(
+            task["status"],
+            "succeeded",
+            "{options}: {task:#}\n{}",
+            setup.diagnosis()
+        );
+        assert_eq!(task["result"], "42", "{options}");
+        let sent = &setup.mock.requests()[before..];
+        assert_eq!(sent.len(), 2, "{options}: {}", setup.diagnosis());
+        for request in sent {
+            assert_eq!(request.path, path, "{options}: {}", describe(request));
+        }
+        if path.ends_with("/responses") {
+            let stream = options["stream"] != false;
+            for request in sent {
+                check_responses_request(request, models::REACT, stream);
+            }
+        }
+    }
+    setup.expect_no_rejections();
+
+    let before = setup.mock.requests().len();
+    let task = run_with_options(&setup, json!({"api": "assistants"})).await;
+    expect_invalid_options(
+        &task,
+        "api must be \"chat_completions\" or \"responses\" for OpenAI, not \"assistants\"",
+        "an unknown API",
+    );
+    assert_eq!(
+        setup.mock.requests().len(),
+        before,
+        "nothing was sent: {}",
+        setup.diagnosis()
+    );
+
+    let setup = Setup::start(Provider::Anthropic).await;
+    let task = run_with_options(&setup, json!({"api": "responses"})).await;
+    expect_invalid_options(
+        &task,
+        "the Anthropic adapter speaks one API; leave api out",
+        "Anthropic",
+    );
+    assert!(setup.mock.requests().is_empty(), "{}", setup.diagnosis());
+}
+
+/// Failures through the Responses API map as through Chat Completions: a
+/// rejected key is `llm_auth` naming the variable, an answer that is not
+/// JSON (streamed or not) `llm_bad_response`, and a rate limit is retried
+/// after `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_fails_and_retries_as_chat_completions_does() {
+    let provider = Provider::OpenAi;
+    let setup = Setup::start(provider).await;
+    let run = |model: &'static str, stream: bool| {
+        let mut task = react_task(provider, model, None);
+        task["options"] = json!({"llm": {"api": "responses", "stream": stream}});
+        let client = setup.client();
+        async move {
+            let id = client.submit(&task).await.unwrap();
+            client.wait_until_finished(&id, FINISH).await.unwrap()
+        }
+    };
+
+    let task = run(models::UNAUTHORIZED, true).await;
+    assert_eq!(task["error"]["code"], "llm_auth", "{task:#}");
+    let message = task["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("OPENAI_API_KEY"), "{message}");
+    assert!(message.contains("Incorrect API key provided"), "{message}");
+    assert_eq!(kinds(&task), ["llm"]);
+
+    for stream in [true, false] {
+        let task = run(models::MALFORMED, stream).await;
+        assert_eq!(
+            task["error"]["code"],
+            "llm_bad_response",
+            "stream {stream}: {task:#}\n{}",
+            setup.diagnosis()
+        );
+    }
+
+    let task = run(models::RATE_LIMITED_ONCE, true).await;
+    assert_eq!(
+        task["status"],
+        "succeeded",
+        "{task:#}\n{}",
+        setup.diagnosis()
+    );
+    assert_eq!(task["result"], "42");
+    assert_eq!(kinds(&task), ["llm", "tool", "llm"]);
+    assert_eq!(setup.mock.calls(provider, models::RATE_LIMITED_ONCE), 3);
+    setup.expect_no_rejections();
+    assert!(
+        setup
+            .mock
+            .requests()
+            .iter()
+            .all(|request| request.path == "/openai/v1/responses"),
+        "{}",
+        setup.diagnosis()
+    );
+}
+
+/// Structured output and tool choice through the Responses API: the
+/// task's response format goes as `text.format` (flat, the schema as
+/// given), the JSON answer is the result, streamed or not; a forbidding
+/// tool choice keeps the model from calling the calculator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_takes_structured_output_and_tool_choice() {
+    let provider = Provider::OpenAi;
+    let manifest = format!(
+        "{}\n[adapter.settings]\napi = \"responses\"\n",
+        provider.manifest()
+    );
+    let setup = Setup::with_manifest(provider, &manifest).await;
+    for stream in [true, false] {
+        let before = setup.mock.requests().len();
+        let task = run_structured(&setup, models::REACT, stream).await;
+        assert_eq!(
+            task["status"],
+            "succeeded",
+            "stream {stream}: {task:#}\n{}",
+            setup.diagnosis()
+        );
+        let answer: Value = serde_json::from_str(task["result"].as_str().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("the result is JSON ({e}): {task:#}"));
+        assert_eq!(answer, json!({"answer": 42, "explanation": "42"}));
+        let sent = &setup.mock.requests()[before..];
+        assert_eq!(sent.len(), 2, "{}", setup.diagnosis());
+        for request in sent {
+            check_responses_request(request, models::REACT, stream);
+            assert_eq!(
+                request.body["text"],
+                json!({"format": {"type": "json_schema", "name": "calc",
+                                  "schema": calc_schema(), "strict": false}}),
+                "{}",
+                describe(request)
+            );
+            assert!(request.body.get("response_format").is_none());
+        }
+    }
+
+    let before = setup.mock.requests().len();
+    let task = run_with_options(&setup, json!({"tool_choice": "none"})).await;
+    assert_eq!(
+        task["status"],
+        "succeeded",
+        "{task:#}\n{}",
+        setup.diagnosis()
+    );
+    assert_eq!(kinds(&task), ["llm"], "no tool was called: {task:#}");
+    let sent = &setup.mock.requests()[before..];
+    assert_eq!(
+        sent[0].body["tool_choice"],
+        "none",
+        "{}",
+        describe(&sent[0])
+    );
+    let task = run_with_options(&setup, json!({"tool_choice": {"name": "calculator"}})).await;
+    assert_eq!(task["result"], "42", "{task:#}\n{}", setup.diagnosis());
+    let last = setup.mock.requests().pop().unwrap();
+    assert_eq!(
+        last.body["tool_choice"],
+        json!({"type": "function", "name": "calculator"}),
+        "{}",
+        describe(&last)
+    );
+    setup.expect_no_rejections();
+}
+
+/// The real Responses API, when asked for (see [`live_react_task`]); the
+/// model is `OPSPAWN_LIVE_OPENAI_MODEL`, else a small default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "calls the real provider: needs OPSPAWN_LIVE_TESTS=1 and its key"]
+async fn live_react_task_through_the_responses_api() {
+    live_react_task(Provider::OpenAi, Some(json!({"api": "responses"}))).await;
 }

@@ -17,6 +17,7 @@ fn context() -> ReplyContext {
     ReplyContext {
         model: DEFAULT_MODEL.into(),
         first_call_number: 1,
+        api: None,
     }
 }
 

@@ -14,6 +14,7 @@ fn context() -> ReplyContext {
     ReplyContext {
         model: DEFAULT_MODEL.into(),
         first_call_number: 3,
+        api: None,
     }
 }
 

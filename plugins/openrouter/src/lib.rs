@@ -68,6 +68,7 @@ mod tests {
         ReplyContext {
             model: "openrouter/auto".into(),
             first_call_number: 1,
+            api: None,
         }
     }
 

@@ -1,7 +1,8 @@
 //! Loopback mocks of the LLM providers the adapters speak to, on their real
 //! wire formats: OpenAI Chat Completions (and OpenRouter and any
 //! OpenAI-compatible server, which speak the same dialect with their own
-//! accents), Anthropic Messages and Google Gemini `generateContent`.
+//! accents), OpenAI's Responses API, Anthropic Messages and Google Gemini
+//! `generateContent`.
 //!
 //! One axum server on `127.0.0.1:0` serves all five, each under its own
 //! path prefix ([`Provider::mount`]); point an adapter's base-URL variable at
@@ -22,6 +23,7 @@
 //! | `mock-malformed` | 200 with a body (or stream) that is not JSON |
 //! | `mock-long-answer` | the text `Final Answer: ` and [`LONG_ANSWER`], streamed (when asked) in many small deltas |
 //! | `mock-off-schema` | as `mock-react`, but its structured answer breaks the schema (see below) |
+//! | `mock-reasoning` | as `mock-react`; in OpenAI's Responses API each answer starts with a reasoning item that must come back (see `responses`) |
 //! | anything else | 404, model not found |
 //!
 //! Structured output: when a request asks for JSON matching a schema
@@ -43,8 +45,11 @@ mod gemini;
 
 pub use anthropic::thinking_signature;
 mod openai;
+mod responses;
 #[cfg(test)]
 mod tests;
+
+pub use responses::sealed_reasoning;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -70,6 +75,7 @@ pub mod models {
     pub const PARALLEL: &str = "mock-parallel";
     pub const LONG_ANSWER: &str = "mock-long-answer";
     pub const OFF_SCHEMA: &str = "mock-off-schema";
+    pub const REASONING: &str = "mock-reasoning";
 }
 
 /// The answer of `mock-long-answer`: 6,000 characters, so about a thousand
@@ -384,6 +390,8 @@ struct MockState {
     next_id: u64,
     in_flight: usize,
     max_in_flight: usize,
+    /// What the Responses API mock must see given back.
+    responses: responses::Issued,
 }
 
 impl Default for MockState {
@@ -396,6 +404,7 @@ impl Default for MockState {
             next_id: 0,
             in_flight: 0,
             max_in_flight: 0,
+            responses: responses::Issued::default(),
         }
     }
 }
@@ -461,7 +470,8 @@ impl Shared {
     fn behaviour(&self, provider: Provider, model: &str, conversation: &Conversation) -> Behaviour {
         let call = self.count_call(provider, model);
         match model {
-            models::REACT => Behaviour::Reply(react(conversation)),
+            // Reasoning shows only in the Responses API (see `responses`).
+            models::REACT | models::REASONING => Behaviour::Reply(react(conversation)),
             models::PARALLEL => Behaviour::Reply(match react(conversation) {
                 Turn::CallTool {
                     name, arguments, ..

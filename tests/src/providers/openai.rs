@@ -1,6 +1,7 @@
 //! OpenAI Chat Completions (`POST {base}/chat/completions`), as OpenAI,
 //! OpenRouter and OpenAI-compatible servers (vLLM, Ollama, llama.cpp) speak
-//! it.
+//! it. OpenAI's Responses API (`POST {base}/responses`) is in `responses`,
+//! after the checks both share here (the key, a JSON body).
 //!
 //! Accents: OpenAI refuses fields it does not know and pretty-prints its
 //! bodies; OpenRouter ignores unknown fields, sends SSE comments
@@ -57,7 +58,10 @@ const OPENAI_FIELDS: &[&str] = &[
 const ROLES: &str = "'system', 'assistant', 'user', 'function', 'tool', and 'developer'";
 
 pub(super) fn handle(provider: Provider, incoming: &Incoming, shared: &Shared) -> Outcome {
-    if incoming.rest != "/chat/completions" || incoming.method != "POST" {
+    // OpenAI serves the Responses API too; OpenRouter and the compatible
+    // servers are mocked with Chat Completions only.
+    let responses = provider == Provider::OpenAi && incoming.rest == "/responses";
+    if (incoming.rest != "/chat/completions" && !responses) || incoming.method != "POST" {
         let message = format!(
             "Invalid URL ({} {}{})",
             incoming.method,
@@ -123,6 +127,9 @@ pub(super) fn handle(provider: Provider, incoming: &Incoming, shared: &Shared) -
             );
         }
     };
+    if responses {
+        return super::responses::handle(incoming, &body, shared);
+    }
     if let Err(invalid) = validate(provider, &body) {
         return Outcome::rejected(
             error(
@@ -263,7 +270,13 @@ impl Ids {
 }
 
 /// An error in the provider's shape.
-fn error(provider: Provider, status: u16, kind: &str, code: Option<&str>, message: &str) -> Reply {
+pub(super) fn error(
+    provider: Provider,
+    status: u16,
+    kind: &str,
+    code: Option<&str>,
+    message: &str,
+) -> Reply {
     let body = match provider {
         Provider::OpenRouter => json!({"error": {"code": status, "message": message}}),
         _ => json!({"error": {
@@ -276,7 +289,7 @@ fn error(provider: Provider, status: u16, kind: &str, code: Option<&str>, messag
     Reply::json(status, body)
 }
 
-fn unauthorized(provider: Provider, key: &str) -> Reply {
+pub(super) fn unauthorized(provider: Provider, key: &str) -> Reply {
     match provider {
         Provider::OpenRouter => Reply::json(
             401,
@@ -296,12 +309,12 @@ fn unauthorized(provider: Provider, key: &str) -> Reply {
     }
 }
 
-struct Invalid {
-    message: String,
-    param: Option<String>,
+pub(super) struct Invalid {
+    pub(super) message: String,
+    pub(super) param: Option<String>,
 }
 
-fn invalid(param: impl Into<String>, message: impl Into<String>) -> Invalid {
+pub(super) fn invalid(param: impl Into<String>, message: impl Into<String>) -> Invalid {
     Invalid {
         message: message.into(),
         param: Some(param.into()),
@@ -920,7 +933,7 @@ fn validate_response_format(format: &Value) -> Result<(), Invalid> {
 }
 
 /// What strict mode demands of every object in a schema.
-fn strict_schema(schema: &Value, context: &str) -> Result<(), String> {
+pub(super) fn strict_schema(schema: &Value, context: &str) -> Result<(), String> {
     let Some(object) = schema.as_object() else {
         return Ok(());
     };

@@ -1618,3 +1618,557 @@ async fn gemini_refuses_response_schemas_gemini_refuses() {
     )
     .await;
 }
+
+/// A well-formed Responses API request, before or after the tool ran, as
+/// the OpenAI adapter sends it.
+fn responses_body(model: &str, after_tool: bool, stream: bool) -> Value {
+    let mut input = vec![json!({"type": "message", "role": "user",
+        "content": [{"type": "input_text", "text": "Question: What is 6 times 7?"}]})];
+    if after_tool {
+        input.push(
+            json!({"type": "function_call", "call_id": "call_1", "name": "calculator",
+            "arguments": "{\"expression\":\"6*7\"}"}),
+        );
+        input.push(json!({"type": "function_call_output", "call_id": "call_1",
+            "output": TOOL_OUTPUT}));
+    }
+    json!({
+        "model": model,
+        "instructions": "You answer questions.",
+        "input": input,
+        "tools": [{"type": "function", "name": "calculator", "description": "Evaluates arithmetic",
+                   "parameters": schema(), "strict": false}],
+        "stream": stream,
+        "store": false,
+        "include": ["reasoning.encrypted_content"],
+    })
+}
+
+#[tokio::test]
+async fn openai_responses_calls_the_calculator_then_answers() {
+    let mock = MockProviders::start().await;
+    let openai = Provider::OpenAi;
+    let first = post_ok(
+        &mock,
+        openai,
+        "/responses",
+        &responses_body(models::REACT, false, false),
+    )
+    .await
+    .json();
+    assert_eq!(first["object"], "response");
+    assert_eq!(first["status"], "completed");
+    assert_eq!(first["store"], false, "the request's settings are echoed");
+    let output = first["output"].as_array().unwrap();
+    assert_eq!(output.len(), 1, "no reasoning from mock-react: {first:#}");
+    let call = &output[0];
+    assert_eq!(call["type"], "function_call");
+    assert_eq!(call["name"], "calculator");
+    assert!(call["id"].as_str().unwrap().starts_with("fc_"));
+    assert!(call["call_id"].as_str().unwrap().starts_with("call_"));
+    let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(arguments, json!({"expression": "6*7"}));
+    assert!(first["usage"]["input_tokens"].as_u64().unwrap() > 0);
+    assert!(first["usage"]["output_tokens"].as_u64().unwrap() > 0);
+
+    let second = post_ok(
+        &mock,
+        openai,
+        "/responses",
+        &responses_body(models::REACT, true, false),
+    )
+    .await
+    .json();
+    let message = &second["output"][0];
+    assert_eq!(message["type"], "message");
+    assert_eq!(message["role"], "assistant");
+    let text = message["content"][0]["text"].as_str().unwrap();
+    assert!(text.ends_with("Final Answer: 42"), "{text}");
+    assert_eq!(message["content"][0]["type"], "output_text");
+
+    // Streamed: the real event sequence, no [DONE].
+    let answer = post_ok(
+        &mock,
+        openai,
+        "/responses",
+        &responses_body(models::REACT, false, true),
+    )
+    .await;
+    assert!(
+        answer.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    assert!(!answer.text.contains("[DONE]"));
+    let events = answer.events().await;
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|(_, data)| data["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds[..3],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added"
+        ]
+    );
+    assert_eq!(kinds.last(), Some(&"response.completed"));
+    for (n, (name, data)) in events.iter().enumerate() {
+        assert_eq!(
+            name,
+            data["type"].as_str().unwrap(),
+            "the event is named by its type"
+        );
+        assert_eq!(data["sequence_number"], n, "{data}");
+    }
+    let arguments: String = events
+        .iter()
+        .filter(|(_, data)| data["type"] == "response.function_call_arguments.delta")
+        .map(|(_, data)| data["delta"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds
+            .iter()
+            .filter(|k| **k == "response.function_call_arguments.delta")
+            .count()
+            > 2,
+        "arguments come in several deltas"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&arguments).unwrap(),
+        json!({"expression": "6*7"})
+    );
+    let (_, completed) = events.last().unwrap();
+    assert_eq!(
+        completed["response"]["output"][0]["arguments"],
+        arguments.as_str()
+    );
+    assert!(
+        completed["response"]["usage"]["output_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    let answer = post_ok(
+        &mock,
+        openai,
+        "/responses",
+        &responses_body(models::REACT, true, true),
+    )
+    .await;
+    let text: String = answer
+        .events()
+        .await
+        .iter()
+        .filter(|(_, data)| data["type"] == "response.output_text.delta")
+        .map(|(_, data)| data["delta"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(text.ends_with("Final Answer: 42"), "{text}");
+    assert!(mock.rejected().is_empty(), "{:#?}", mock.rejected());
+    assert!(mock.requests()[1].has_tool_result);
+}
+
+#[tokio::test]
+async fn openai_responses_refuses_what_openai_refuses() {
+    let mock = MockProviders::start().await;
+    let openai = Provider::OpenAi;
+    let path = "/responses";
+    let good = responses_body(models::REACT, true, false);
+    post_ok(&mock, openai, path, &good).await;
+
+    let refused = |change: &dyn Fn(&mut Value), needle: &'static str| {
+        let mut bad = good.clone();
+        change(&mut bad);
+        (bad, needle)
+    };
+    let cases = [
+        // Chat Completions' fields, and its shapes.
+        refused(
+            &|b| b["messages"] = json!([{"role": "user", "content": "hi"}]),
+            "Unsupported parameter: 'messages'. In the Responses API, this parameter has moved to 'input'",
+        ),
+        refused(
+            &|b| b["max_tokens"] = json!(64),
+            "has moved to 'max_output_tokens'",
+        ),
+        refused(
+            &|b| b["response_format"] = json!({"type": "json_object"}),
+            "has moved to 'text.format'",
+        ),
+        refused(
+            &|b| b["stop"] = json!(["Observation:"]),
+            "Unknown parameter: 'stop'.",
+        ),
+        refused(
+            &|b| b["stream_options"] = json!({"include_usage": true}),
+            "'stream_options' parameter is only allowed when 'stream' is enabled",
+        ),
+        refused(
+            &|b| {
+                b["stream"] = json!(true);
+                b["stream_options"] = json!({"include_usage": true});
+            },
+            "Unknown parameter: 'stream_options.include_usage'.",
+        ),
+        refused(
+            &|b| {
+                b["tools"] = json!([{"type": "function", "function": {
+                    "name": "calculator", "parameters": schema()}}])
+            },
+            "Missing required parameter: 'tools[0].name'.",
+        ),
+        refused(
+            &|b| b["tool_choice"] = json!({"type": "function", "function": {"name": "calculator"}}),
+            "Missing required parameter: 'tool_choice.name'.",
+        ),
+        refused(
+            &|b| b["tool_choice"] = json!({"type": "function", "name": "search"}),
+            "not found in 'tools' parameter",
+        ),
+        // Function tools are strict unless they say otherwise.
+        refused(
+            &|b| {
+                b["tools"][0].as_object_mut().unwrap().remove("strict");
+                b["tools"][0]["parameters"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("additionalProperties");
+            },
+            "'additionalProperties' is required to be supplied and to be false",
+        ),
+        // Items: calls and outputs pair up, ids carry their type's prefix,
+        // the assistant speaks in output_text.
+        refused(
+            &|b| b["input"][2]["call_id"] = json!("call_other"),
+            "No tool call found for function call output with call_id call_other.",
+        ),
+        refused(
+            &|b| {
+                b["input"].as_array_mut().unwrap().remove(2);
+            },
+            "No tool output found for function call call_1.",
+        ),
+        refused(
+            &|b| b["input"][1]["id"] = json!("call_1"),
+            "Expected an ID that begins with 'fc'.",
+        ),
+        refused(
+            &|b| b["input"][1]["arguments"] = json!({"expression": "6*7"}),
+            "Invalid type for 'input[1].arguments': expected a string",
+        ),
+        refused(
+            &|b| {
+                b["input"].as_array_mut().unwrap().insert(
+                    1,
+                    json!({"type": "message", "role": "assistant",
+                        "content": [{"type": "input_text", "text": "Let me compute."}]}),
+                )
+            },
+            "Invalid value: 'input_text'. Supported values are: 'output_text' and 'refusal'.",
+        ),
+        refused(
+            &|b| {
+                b["input"].as_array_mut().unwrap().insert(
+                    1,
+                    json!({"type": "message", "id": "fc_1", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "Let me compute."}]}),
+                )
+            },
+            "Expected an ID that begins with 'msg'.",
+        ),
+        refused(
+            &|b| b["input"][0] = json!({"type": "web_search_call", "id": "ws_1"}),
+            "Invalid value: 'web_search_call'.",
+        ),
+        refused(
+            &|b| b["input"][0] = json!({"type": "item_reference", "id": "msg_1"}),
+            "Item with id 'msg_1' not found.",
+        ),
+        refused(
+            &|b| b["max_output_tokens"] = json!(8),
+            "Expected a value >= 16, but got 8",
+        ),
+        refused(&|b| b["temperature"] = json!(2.5), "between 0 and 2"),
+        refused(
+            &|b| b["include"] = json!(["reasoning.raw"]),
+            "Invalid value: 'reasoning.raw'",
+        ),
+        refused(
+            &|b| {
+                b["text"] = json!({"format": {"type": "json_schema",
+                    "json_schema": {"name": "calc", "schema": {"type": "object"}}}})
+            },
+            "Missing required parameter: 'text.format.name'.",
+        ),
+        refused(
+            &|b| {
+                b["text"] = json!({"format": {"type": "json_schema", "name": "calc",
+                    "strict": true, "schema": {"type": "object",
+                    "properties": {"answer": {"type": "integer"}}}}})
+            },
+            "Invalid schema for response_format 'calc'",
+        ),
+    ];
+    for (bad, needle) in &cases {
+        let body = expect_refused(&mock, openai, path, bad, &[], 400, needle).await;
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{needle}");
+        assert!(body["error"]["param"].is_string(), "{body}");
+    }
+
+    let mut flat = good.clone();
+    flat["tool_choice"] = json!({"type": "function", "name": "calculator"});
+    flat["text"] = json!({"format": {"type": "json_schema", "name": "calc", "strict": true,
+        "schema": {"type": "object", "properties": {"answer": {"type": "integer"}},
+                   "required": ["answer"], "additionalProperties": false}}});
+    flat["max_output_tokens"] = json!(16);
+    post_ok(&mock, openai, path, &flat).await;
+
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &good,
+        &["authorization"],
+        401,
+        "didn't provide an API key",
+    )
+    .await;
+    // OpenRouter's and the compatible servers' mocks speak Chat Completions only.
+    for provider in [Provider::OpenRouter, Provider::OpenAiCompatible] {
+        expect_refused(&mock, provider, path, &good, &[], 404, "Invalid URL").await;
+    }
+}
+
+#[tokio::test]
+async fn openai_responses_want_reasoning_back_as_it_came() {
+    let mock = MockProviders::start().await;
+    let openai = Provider::OpenAi;
+    let path = "/responses";
+    let first = post_ok(
+        &mock,
+        openai,
+        path,
+        &responses_body(models::REASONING, false, false),
+    )
+    .await
+    .json();
+    let output = first["output"].as_array().unwrap().clone();
+    let [reasoning, call] = output.as_slice() else {
+        panic!("reasoning, then the call: {first:#}");
+    };
+    assert_eq!(reasoning["type"], "reasoning");
+    let id = reasoning["id"].as_str().unwrap();
+    assert!(id.starts_with("rs_"));
+    assert_eq!(reasoning["encrypted_content"], super::sealed_reasoning(id));
+    assert_eq!(reasoning["summary"][0]["type"], "summary_text");
+    assert_eq!(call["type"], "function_call");
+    assert!(
+        first["usage"]["output_tokens_details"]["reasoning_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    // The next request, as a stateless client builds it.
+    let mut after = responses_body(models::REASONING, false, false);
+    let answer = json!({"type": "function_call_output", "call_id": call["call_id"],
+        "output": TOOL_OUTPUT});
+    let with = |items: Vec<Value>| {
+        let mut body = after.clone();
+        body["input"].as_array_mut().unwrap().extend(items);
+        body
+    };
+    let without_reasoning = with(vec![call.clone(), answer.clone()]);
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &without_reasoning,
+        &[],
+        400,
+        &format!(
+            "Item '{}' of type 'function_call' was provided without its required 'reasoning' item: '{id}'.",
+            call["id"].as_str().unwrap()
+        ),
+    )
+    .await;
+    let mut call_without_id = call.clone();
+    call_without_id.as_object_mut().unwrap().remove("id");
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &with(vec![call_without_id.clone(), answer.clone()]),
+        &[],
+        400,
+        "without its required 'reasoning' item",
+    )
+    .await;
+    let mut changed = reasoning.clone();
+    changed["encrypted_content"] = json!("gAAAAABforged==");
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &with(vec![changed, call.clone(), answer.clone()]),
+        &[],
+        400,
+        &format!("The encrypted content for item {id} could not be verified."),
+    )
+    .await;
+    let mut unsealed = reasoning.clone();
+    unsealed
+        .as_object_mut()
+        .unwrap()
+        .remove("encrypted_content");
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &with(vec![unsealed, call.clone(), answer.clone()]),
+        &[],
+        400,
+        "Items are not persisted when `store` is set to false.",
+    )
+    .await;
+    expect_refused(
+        &mock,
+        openai,
+        path,
+        &with(vec![reasoning.clone(), call_without_id, answer.clone()]),
+        &[],
+        400,
+        &format!(
+            "Item '{id}' of type 'reasoning' was provided without its required following item."
+        ),
+    )
+    .await;
+
+    after = with(vec![reasoning.clone(), call.clone(), answer]);
+    let second = post_ok(&mock, openai, path, &after).await.json();
+    let output = second["output"].as_array().unwrap();
+    assert_eq!(output[0]["type"], "reasoning", "each answer reasons first");
+    assert!(
+        output[1]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .ends_with("Final Answer: 42")
+    );
+
+    // Not asked to include it, the mock seals nothing, as OpenAI does; such
+    // reasoning cannot be given back without storage.
+    let mut plain = responses_body(models::REASONING, false, false);
+    plain.as_object_mut().unwrap().remove("include");
+    let answer = post_ok(&mock, openai, path, &plain).await.json();
+    assert!(
+        answer["output"][0].get("encrypted_content").is_none(),
+        "{answer:#}"
+    );
+
+    // Streamed, the sealed content comes with the item when it is done.
+    let answer = post_ok(
+        &mock,
+        openai,
+        path,
+        &responses_body(models::REASONING, false, true),
+    )
+    .await;
+    let events = answer.events().await;
+    let reasoning_event = |kind: &str| {
+        events
+            .iter()
+            .map(|(_, data)| data)
+            .find(|data| data["type"] == kind && data["item"]["type"] == "reasoning")
+            .unwrap_or_else(|| panic!("a {kind} event for the reasoning: {events:#?}"))
+            .clone()
+    };
+    assert!(
+        reasoning_event("response.output_item.added")["item"]
+            .get("encrypted_content")
+            .is_none()
+    );
+    let done = reasoning_event("response.output_item.done");
+    let id = done["item"]["id"].as_str().unwrap();
+    assert_eq!(
+        done["item"]["encrypted_content"],
+        super::sealed_reasoning(id)
+    );
+    assert_eq!(done["output_index"], 0);
+}
+
+#[tokio::test]
+async fn the_failing_models_fail_on_the_responses_api_too() {
+    let mock = MockProviders::start().await;
+    let openai = Provider::OpenAi;
+    let path = "/responses";
+    let body = |model: &str| responses_body(model, false, false);
+
+    let answer = post(&mock, openai, path, &body(models::UNAUTHORIZED), &[], &[]).await;
+    assert_eq!(answer.status, 401, "{}", answer.text);
+    assert_eq!(answer.json()["error"]["code"], "invalid_api_key");
+
+    let answer = post(
+        &mock,
+        openai,
+        path,
+        &body(models::RATE_LIMITED_ONCE),
+        &[],
+        &[],
+    )
+    .await;
+    assert_eq!(answer.status, 429, "{}", answer.text);
+    assert_eq!(answer.headers["retry-after"], "1");
+    post_ok(&mock, openai, path, &body(models::RATE_LIMITED_ONCE)).await;
+
+    let answer = post(
+        &mock,
+        openai,
+        path,
+        &body(models::SERVER_ERROR_ONCE),
+        &[],
+        &[],
+    )
+    .await;
+    assert_eq!(answer.status, 500, "{}", answer.text);
+    post_ok(&mock, openai, path, &body(models::SERVER_ERROR_ONCE)).await;
+
+    for stream in [false, true] {
+        let answer = post_ok(
+            &mock,
+            openai,
+            path,
+            &responses_body(models::MALFORMED, false, stream),
+        )
+        .await;
+        let parsed: Result<Vec<Value>, _> = if stream {
+            answer
+                .text
+                .split("\n\n")
+                .filter_map(|frame| frame.lines().find_map(|l| l.strip_prefix("data: ")))
+                .map(serde_json::from_str)
+                .collect()
+        } else {
+            serde_json::from_str(&answer.text).map(|v| vec![v])
+        };
+        assert!(
+            parsed.is_err(),
+            "stream {stream}: not JSON: {}",
+            answer.text
+        );
+    }
+
+    let answer = post(&mock, openai, path, &body("no-such-model"), &[], &[]).await;
+    assert_eq!(answer.status, 404, "{}", answer.text);
+    assert_eq!(answer.json()["error"]["code"], "model_not_found");
+
+    // Background mode answers before the model ran.
+    let mut background = body(models::REACT);
+    background["background"] = json!(true);
+    let queued = post_ok(&mock, openai, path, &background).await.json();
+    assert_eq!(queued["status"], "queued");
+    assert_eq!(queued["output"], json!([]));
+    assert!(mock.rejected().is_empty(), "{:#?}", mock.rejected());
+}

@@ -23,11 +23,14 @@
 //!   reply is `done`; the host assembles the parts.
 //! - [`settings`]: the adapter's `[adapter.settings]` from its manifest
 //!   (`default_model` and the like); adapters read no environment.
-//! - [`options`]: `chat-request.provider-options` (`stream`, extra body keys).
+//! - [`options`]: `chat-request.provider-options` (`stream`, `api`, extra
+//!   body keys).
 //! - [`errors`]: HTTP statuses and provider error bodies mapped to
 //!   `llm-error`, with `Retry-After` read from [`headers`].
 //! - [`openai`]: the Chat Completions format, spoken by OpenAI, OpenRouter
 //!   and OpenAI-compatible servers such as Ollama.
+//! - [`responses`]: OpenAI's Responses API (items, function calls,
+//!   reasoning items given back as they came, typed stream events).
 //! - [`sse`] and [`fixtures`]: a server-sent events parser and a stream
 //!   assembler like the host's, with which tests replay recorded bodies.
 
@@ -38,6 +41,7 @@ pub mod headers;
 pub mod json;
 pub mod openai;
 pub mod options;
+pub mod responses;
 pub mod settings;
 pub mod sse;
 pub mod wire;

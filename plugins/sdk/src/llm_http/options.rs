@@ -3,8 +3,10 @@
 //! `top_k`, `max_tokens`) are read like the request's own fields and
 //! checked against the provider's ranges, whose `tool_choice` (`"auto"`,
 //! `"none"`, `"required"` or `{"name": "<tool>"}`) and `parallel_tool_calls`
-//! are read like the request's own fields, and whose other keys go into the
-//! provider's request body as they are (`seed`, say).
+//! are read like the request's own fields, whose `api` chooses among the
+//! APIs an adapter speaks (OpenAI's `"chat_completions"` or `"responses"`),
+//! and whose other keys go into the provider's request body as they are
+//! (`seed`, say).
 
 use serde_json::{Map, Value};
 
@@ -28,6 +30,9 @@ pub struct ProviderOptions {
     /// `tool_choice` and `parallel_tool_calls`: they win over the request's.
     pub tool_choice: Option<ToolChoice>,
     pub parallel_tool_calls: Option<bool>,
+    /// `api`: which of the adapter's APIs to speak, for an adapter that
+    /// speaks several (see [`Wire::for_api`](crate::llm_http::wire::Wire::for_api)).
+    pub api: Option<String>,
     /// Merged into the request body, over what the adapter built.
     pub extra: Map<String, Value>,
 }
@@ -85,6 +90,15 @@ impl ProviderOptions {
                 )));
             }
         };
+        let api = match extra.remove("api") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(api)) if !api.trim().is_empty() => Some(api.trim().to_owned()),
+            Some(other) => {
+                return Err(options_error(format!(
+                    "api must name one of the adapter's APIs, not {other}"
+                )));
+            }
+        };
         let mut number = |key: &str| match extra.remove(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Number(number)) => Ok(Some(number)),
@@ -113,6 +127,7 @@ impl ProviderOptions {
             top_k,
             tool_choice,
             parallel_tool_calls,
+            api,
             extra,
         })
     }
@@ -272,6 +287,28 @@ mod tests {
         ] {
             let error = ProviderOptions::parse(&P, text).unwrap_err();
             assert!(error.message.starts_with("invalid LLM options: "), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_api_is_read_and_not_sent() {
+        let options = ProviderOptions::parse(&P, r#"{"api": " responses ", "seed": 1}"#).unwrap();
+        assert_eq!(options.api.as_deref(), Some("responses"));
+        assert_eq!(Value::Object(options.extra), json!({"seed": 1}));
+        assert_eq!(ProviderOptions::parse(&P, "{}").unwrap().api, None);
+        for text in [
+            r#"{"api": ""}"#,
+            r#"{"api": 2}"#,
+            r#"{"api": ["responses"]}"#,
+        ] {
+            let error = ProviderOptions::parse(&P, text).unwrap_err();
+            assert!(
+                error
+                    .message
+                    .starts_with("invalid LLM options: api must name"),
+                "{text}: {}",
+                error.message
+            );
         }
     }
 

@@ -46,6 +46,41 @@ impl Settings {
             .filter(|text| !text.is_empty())
             .unwrap_or_else(|| default.to_owned()))
     }
+
+    /// The text under `key`, which must be one of `allowed`; `default`
+    /// when it is unset or blank.
+    pub fn choice(
+        &self,
+        provider: &Provider,
+        key: &str,
+        allowed: &[&'static str],
+        default: &'static str,
+    ) -> Result<&'static str, LlmError> {
+        let Some(text) = self.text(provider, key)?.filter(|text| !text.is_empty()) else {
+            return Ok(default);
+        };
+        allowed
+            .iter()
+            .find(|choice| **choice == text)
+            .copied()
+            .ok_or_else(|| {
+                invalid(
+                    provider,
+                    format!("{key} must be {}, not {text:?}", one_of(allowed)),
+                )
+            })
+    }
+}
+
+/// `"a"`, `"a" or "b"`, `"a", "b" or "c"`: the values a setting or an
+/// option takes, for messages.
+pub fn one_of(allowed: &[&str]) -> String {
+    let quoted: Vec<String> = allowed.iter().map(|value| format!("{value:?}")).collect();
+    match quoted.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+    }
 }
 
 /// Settings come from the operator, not the task: retrying cannot help, and
@@ -88,6 +123,35 @@ mod tests {
         assert_eq!(settings.text(&P, "title").unwrap().as_deref(), Some(""));
         assert_eq!(settings.text_or(&P, "title", "t").unwrap(), "t");
         assert_eq!(settings.text(&P, "absent").unwrap(), None);
+    }
+
+    #[test]
+    fn choices_are_checked_against_the_allowed_values() {
+        const APIS: &[&str] = &["chat_completions", "responses"];
+        let settings = Settings::parse(&P, r#"{"api": "responses", "blank": " "}"#).unwrap();
+        assert_eq!(
+            settings
+                .choice(&P, "api", APIS, "chat_completions")
+                .unwrap(),
+            "responses"
+        );
+        assert_eq!(settings.choice(&P, "blank", APIS, "x").unwrap(), "x");
+        assert_eq!(settings.choice(&P, "absent", APIS, "y").unwrap(), "y");
+        let settings = Settings::parse(&P, r#"{"api": "assistants"}"#).unwrap();
+        let error = settings
+            .choice(&P, "api", APIS, "chat_completions")
+            .unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::Other);
+        assert!(
+            error.message.ends_with(
+                "[adapter.settings] in its manifest are invalid: api must be \"chat_completions\" \
+                 or \"responses\", not \"assistants\""
+            ),
+            "{}",
+            error.message
+        );
+        assert_eq!(one_of(&["a", "b", "c"]), r#""a", "b" or "c""#);
+        assert_eq!(one_of(&["a"]), r#""a""#);
     }
 
     #[test]

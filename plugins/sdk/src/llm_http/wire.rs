@@ -50,6 +50,29 @@ pub trait Wire {
     fn error(&self, status: u16, headers: &Headers, body: &[u8]) -> LlmError {
         self.provider().status_error(status, headers, body)
     }
+
+    /// This wire speaking `api`, for a request whose options name one
+    /// (`options.llm.api`). A wire that speaks several APIs (OpenAI's Chat
+    /// Completions and Responses) returns itself set to that one, or refuses
+    /// a name it does not know, listing the ones it does. By default a wire
+    /// speaks one API, and the option is refused rather than sent as a body
+    /// key the provider would not know.
+    fn for_api(&self, api: &str) -> Result<Self, LlmError>
+    where
+        Self: Sized,
+    {
+        Err(crate::llm_http::options::options_error(format!(
+            "api {api:?} is not accepted: the {} adapter speaks one API; leave api out",
+            self.provider().name
+        )))
+    }
+
+    /// The API this wire speaks, when its adapter speaks several: it travels
+    /// in the reply context ([`ReplyContext::api`]), so that the answer is
+    /// read as an answer of the API that was asked.
+    fn api(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// An HTTP adapter: a wire format configured from the manifest's settings.
@@ -94,6 +117,14 @@ impl<A: Adapter> crate::llm::LlmAdapter for A {
 /// will need to know.
 pub fn prepare<W: Wire>(wire: &W, request: &ChatRequest) -> Result<Prepared, LlmError> {
     let options = ProviderOptions::parse(&wire.provider(), &request.provider_options)?;
+    let chosen;
+    let wire = match &options.api {
+        Some(api) => {
+            chosen = wire.for_api(api)?;
+            &chosen
+        }
+        None => wire,
+    };
     let sampling = options.sampling(request);
     wire.ranges().check(&wire.provider(), &sampling)?;
     // The options' sampling keys win over the request's own fields.
@@ -138,7 +169,11 @@ pub fn prepare<W: Wire>(wire: &W, request: &ChatRequest) -> Result<Prepared, Llm
             body: body.to_string().into_bytes(),
             stream: options.stream,
         }),
-        reply_context: ReplyContext::new(request, &model).encode(),
+        reply_context: ReplyContext {
+            api: wire.api().map(str::to_owned),
+            ..ReplyContext::new(request, &model)
+        }
+        .encode(),
     })
 }
 
@@ -201,6 +236,10 @@ pub struct ReplyContext {
     /// on from the calls already in the conversation, so that ids stay unique
     /// within a task and the same on a replay.
     pub first_call_number: usize,
+    /// The API the request was sent to, for an adapter that speaks several
+    /// (see [`Wire::api`]); `None` for the others, and in contexts made
+    /// before there was a choice.
+    pub api: Option<String>,
 }
 
 impl ReplyContext {
@@ -213,11 +252,16 @@ impl ReplyContext {
         Self {
             model: model.to_owned(),
             first_call_number: earlier + 1,
+            api: None,
         }
     }
 
     pub fn encode(&self) -> String {
-        json!({"model": self.model, "first_call": self.first_call_number}).to_string()
+        let mut json = json!({"model": self.model, "first_call": self.first_call_number});
+        if let Some(api) = &self.api {
+            json["api"] = json!(api);
+        }
+        json.to_string()
     }
 
     pub fn decode(provider: &Provider, text: &str) -> Result<Self, LlmError> {
@@ -225,10 +269,16 @@ impl ReplyContext {
             serde_json::from_str(text).map_err(|error| provider.bad_context(&error.to_string()))?;
         let model = json["model"].as_str();
         let first = json["first_call"].as_u64();
+        let api = match &json["api"] {
+            Value::Null => None,
+            Value::String(api) => Some(api.clone()),
+            other => return Err(provider.bad_context(&format!("its api is {other}"))),
+        };
         match (model, first) {
             (Some(model), Some(first)) => Ok(Self {
                 model: model.to_owned(),
                 first_call_number: usize::try_from(first).unwrap_or(usize::MAX),
+                api,
             }),
             _ => Err(provider.bad_context("it lacks the model or the first call number")),
         }
@@ -374,6 +424,7 @@ mod tests {
         ReplyContext {
             model: "asked".into(),
             first_call_number: 3,
+            api: None,
         }
     }
 
@@ -434,9 +485,52 @@ mod tests {
             ReplyContext::decode(&provider, &context.encode()).unwrap(),
             context
         );
-        for text in ["", "{}", r#"{"model": "m"}"#] {
+        for text in [
+            "",
+            "{}",
+            r#"{"model": "m"}"#,
+            r#"{"model": "m", "first_call": 1, "api": 3}"#,
+        ] {
             let error = ReplyContext::decode(&provider, text).unwrap_err();
             assert_eq!(error.kind, crate::llm_http::LlmErrorKind::Other, "{text}");
         }
+        let chosen = ReplyContext {
+            api: Some("responses".into()),
+            ..context
+        };
+        assert!(chosen.encode().contains(r#""api":"responses""#));
+        assert_eq!(
+            ReplyContext::decode(&provider, &chosen.encode()).unwrap(),
+            chosen
+        );
+    }
+
+    /// A wire with one API refuses the option that would choose another,
+    /// before anything is sent.
+    #[test]
+    fn a_wire_of_one_api_refuses_the_api_option() {
+        let wire = crate::llm_http::openai::ChatCompletions {
+            provider: Provider {
+                name: "P",
+                key_env: "P_KEY",
+            },
+            default_model: "m".into(),
+            extra_headers: Vec::new(),
+            max_tokens_field: "max_tokens",
+            ranges: crate::llm_http::options::Ranges::openai_compatible(),
+        };
+        let mut request = weather_request();
+        request.provider_options = r#"{"api": "responses"}"#.into();
+        let error = prepare(&wire, &request).unwrap_err();
+        assert_eq!(error.kind, crate::llm_http::LlmErrorKind::InvalidRequest);
+        assert_eq!(
+            error.message,
+            "invalid LLM options: api \"responses\" is not accepted: the P adapter speaks one \
+             API; leave api out"
+        );
+        request.provider_options = String::new();
+        let prepared = prepare(&wire, &request).unwrap();
+        let context = ReplyContext::decode(&wire.provider, &prepared.reply_context).unwrap();
+        assert_eq!(context.api, None);
     }
 }

@@ -19,6 +19,22 @@ use crate::llm_http::{
     ChatRequest, ChatResponse, LlmError, Provider, SseEvent, StreamPart, model_or,
 };
 
+/// The headers of an OpenAI request (Chat Completions or Responses): a JSON
+/// body, the answer wanted as JSON or as server-sent events, and `extra`.
+pub fn headers(stream: bool, extra: &[(String, String)]) -> Vec<(String, String)> {
+    let accept = if stream {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    let mut headers = vec![
+        ("content-type".to_owned(), "application/json".to_owned()),
+        ("accept".to_owned(), accept.to_owned()),
+    ];
+    headers.extend(extra.iter().cloned());
+    headers
+}
+
 /// One service speaking Chat Completions at `/chat/completions` under the
 /// base URL the operator configured.
 #[derive(Debug, Clone)]
@@ -53,17 +69,7 @@ impl Wire for ChatCompletions {
     }
 
     fn headers(&self, stream: bool) -> Vec<(String, String)> {
-        let accept = if stream {
-            "text/event-stream"
-        } else {
-            "application/json"
-        };
-        let mut headers = vec![
-            ("content-type".to_owned(), "application/json".to_owned()),
-            ("accept".to_owned(), accept.to_owned()),
-        ];
-        headers.extend(self.extra_headers.iter().cloned());
-        headers
+        headers(stream, &self.extra_headers)
     }
 
     fn body(&self, request: &ChatRequest, model: &str, stream: bool) -> Result<Value, LlmError> {

@@ -28,6 +28,7 @@ fn context() -> ReplyContext {
     ReplyContext {
         model: "gpt-4o-mini".into(),
         first_call_number: 3,
+        api: None,
     }
 }
 
