@@ -208,17 +208,37 @@ fn api_refusal(error: ApiError) -> Status {
     refusal_status(error.status, body.to_string().as_bytes())
 }
 
+/// Whether `id` goes into a REST path as one segment as it is. The ids the
+/// server makes (UUIDs) always do.
+fn plain_segment(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+}
+
 /// The REST path of a task. An id REST could not take as one path segment
 /// (task ids are UUIDs) names no task.
 fn task_path(id: &str, rest: &str) -> Result<String, Status> {
-    let plain = !id.is_empty()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b));
-    if !plain {
+    if !plain_segment(id) {
         return Err(api_refusal(ApiError::task_not_found(id)));
     }
     Ok(format!("/v1/tasks/{id}{rest}"))
+}
+
+/// `path` with the query parameters of `pairs` that are set.
+fn with_query(path: &str, pairs: Vec<(&str, Option<String>)>) -> Result<String, Status> {
+    let pairs: Vec<(&str, String)> = pairs
+        .into_iter()
+        .filter_map(|(key, value)| Some((key, value?)))
+        .collect();
+    let query = serde_urlencoded::to_string(&pairs)
+        .map_err(|e| api_refusal(ApiError::new(Code::InvalidQuery, e.to_string())))?;
+    Ok(if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    })
 }
 
 /// A `*_json` field as JSON; not JSON is REST's `invalid_json`.
@@ -242,6 +262,8 @@ fn submit_body(request: pb::SubmitTaskRequest) -> Result<Value, Status> {
         ("model", request.model),
         ("run_at", request.run_at),
         ("deadline", request.deadline),
+        ("thread", request.thread),
+        ("memory_namespace", request.memory_namespace),
     ];
     for (field, value) in strings {
         if let Some(value) = value {
@@ -265,6 +287,47 @@ fn submit_body(request: pb::SubmitTaskRequest) -> Result<Value, Status> {
     if let Some(options) = request.options_json {
         body.insert("options".into(), parse_json("options_json", &options)?);
     }
+    if let Some(budget) = request.budget {
+        body.insert("budget".into(), budget_body(budget)?);
+    }
+    if let Some(format) = request.response_format {
+        body.insert("response_format".into(), response_format_body(format)?);
+    }
+    Ok(Value::Object(body))
+}
+
+/// A task's `budget` as REST takes it: only the caps that are set. A cost
+/// JSON cannot carry (NaN, infinite) is refused as REST refuses one out of
+/// range.
+fn budget_body(budget: pb::Budget) -> Result<Value, Status> {
+    let mut body = Map::new();
+    if let Some(max_tokens) = budget.max_tokens {
+        body.insert("max_tokens".into(), max_tokens.into());
+    }
+    if let Some(usd) = budget.max_cost_usd {
+        let usd = serde_json::Number::from_f64(usd).ok_or_else(|| {
+            api_refusal(ApiError::new(
+                Code::InvalidBudget,
+                format!(
+                    "budget.max_cost_usd must be a number of dollars from 0 to 1000000, not {usd}"
+                ),
+            ))
+        })?;
+        body.insert("max_cost_usd".into(), usd.into());
+    }
+    Ok(Value::Object(body))
+}
+
+/// A task's `response_format` as REST takes it. An empty `schema_json` is
+/// a schema not given, which REST refuses as a missing field.
+fn response_format_body(format: pb::ResponseFormat) -> Result<Value, Status> {
+    let mut body = Map::new();
+    body.insert("name".into(), format.name.into());
+    if !format.schema_json.is_empty() {
+        let schema = parse_json("response_format.schema_json", &format.schema_json)?;
+        body.insert("schema".into(), schema);
+    }
+    body.insert("strict".into(), format.strict.into());
     Ok(Value::Object(body))
 }
 
@@ -333,6 +396,36 @@ fn task(value: &Value) -> pb::Task {
             .flatten()
             .map(step)
             .collect(),
+        cost_usd: value["cost_usd"].as_f64(),
+        budget: value["budget"]
+            .is_object()
+            .then(|| task_budget(&value["budget"])),
+        schedule_id: optional_string(&value["schedule_id"]),
+        scheduled_for: optional_string(&value["scheduled_for"]),
+        thread: optional_string(&value["thread"]),
+        memory_namespace: optional_string(&value["memory_namespace"]),
+        response_format: value["response_format"]
+            .is_object()
+            .then(|| response_format(&value["response_format"])),
+    }
+}
+
+/// A task's caps as REST renders them (`api/views.rs`, `BudgetView`).
+fn task_budget(value: &Value) -> pb::TaskBudget {
+    pb::TaskBudget {
+        max_tokens: value["max_tokens"].as_u64(),
+        max_cost_usd: value["max_cost_usd"].as_f64(),
+        remaining_tokens: value["remaining_tokens"].as_u64(),
+        remaining_cost_usd: value["remaining_cost_usd"].as_f64(),
+    }
+}
+
+/// A task's response format as REST renders it (`protocol::ResponseFormat`).
+fn response_format(value: &Value) -> pb::ResponseFormat {
+    pb::ResponseFormat {
+        name: string(&value["name"]),
+        schema_json: value["schema"].to_string(),
+        strict: value["strict"].as_bool().unwrap_or_default(),
     }
 }
 
@@ -351,6 +444,8 @@ fn step(value: &Value) -> pb::Step {
         started_at: string(&value["started_at"]),
         finished_at: optional_string(&value["finished_at"]),
         duration_ms: value["duration_ms"].as_i64(),
+        plugin_sha256: optional_string(&value["plugin_sha256"]),
+        planner_sha256: optional_string(&value["planner_sha256"]),
     }
 }
 
@@ -400,21 +495,18 @@ impl pb::tasks_server::Tasks for TaskService {
         request: GrpcRequest<pb::ListTasksRequest>,
     ) -> Result<GrpcResponse<pb::ListTasksResponse>, Status> {
         let query = request.get_ref();
-        let pairs: Vec<(&str, String)> = [
-            ("status", query.status.clone()),
-            ("limit", query.limit.map(|limit| limit.to_string())),
-            ("cursor", query.cursor.clone()),
-        ]
-        .into_iter()
-        .filter_map(|(key, value)| Some((key, value?)))
-        .collect();
-        let query = serde_urlencoded::to_string(&pairs)
-            .map_err(|e| api_refusal(ApiError::new(Code::InvalidQuery, e.to_string())))?;
-        let path = if query.is_empty() {
-            "/v1/tasks".to_owned()
-        } else {
-            format!("/v1/tasks?{query}")
-        };
+        let path = with_query(
+            "/v1/tasks",
+            vec![
+                ("status", query.status.clone()),
+                ("limit", query.limit.map(|limit| limit.to_string())),
+                ("cursor", query.cursor.clone()),
+                ("plugin", query.plugin.clone()),
+                ("q", query.q.clone()),
+                ("schedule", query.schedule.clone()),
+                ("thread", query.thread.clone()),
+            ],
+        )?;
         let (_, answer) = self
             .json(Method::GET, &path, request.metadata(), None)
             .await?;
@@ -538,6 +630,153 @@ mod tests {
         assert_eq!(
             refused.metadata().get(ERROR_CODE_KEY).unwrap(),
             "invalid_json"
+        );
+    }
+
+    #[test]
+    fn budgets_threads_namespaces_and_formats_reach_rest_in_its_shape() {
+        let body = submit_body(pb::SubmitTaskRequest {
+            goal: "g".into(),
+            thread: Some("chat-1".into()),
+            memory_namespace: Some("user-1".into()),
+            budget: Some(pb::Budget {
+                max_tokens: Some(1000),
+                max_cost_usd: Some(0.5),
+            }),
+            response_format: Some(pb::ResponseFormat {
+                name: "calc".into(),
+                schema_json: r#"{"type": "object"}"#.into(),
+                strict: true,
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "goal": "g", "thread": "chat-1", "memory_namespace": "user-1",
+                "budget": {"max_tokens": 1000, "max_cost_usd": 0.5},
+                "response_format": {"name": "calc", "schema": {"type": "object"}, "strict": true}
+            })
+        );
+        // An empty budget is REST's empty one; a schema not given is left
+        // out, for REST to refuse as a missing field.
+        let body = submit_body(pb::SubmitTaskRequest {
+            goal: "g".into(),
+            budget: Some(pb::Budget::default()),
+            response_format: Some(pb::ResponseFormat {
+                name: "calc".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(body["budget"], serde_json::json!({}));
+        assert_eq!(
+            body["response_format"],
+            serde_json::json!({"name": "calc", "strict": false})
+        );
+
+        let refusals = [
+            (
+                pb::SubmitTaskRequest {
+                    budget: Some(pb::Budget {
+                        max_cost_usd: Some(f64::NAN),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "invalid_budget",
+            ),
+            (
+                pb::SubmitTaskRequest {
+                    budget: Some(pb::Budget {
+                        max_cost_usd: Some(f64::INFINITY),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "invalid_budget",
+            ),
+            (
+                pb::SubmitTaskRequest {
+                    response_format: Some(pb::ResponseFormat {
+                        name: "calc".into(),
+                        schema_json: "{".into(),
+                        strict: false,
+                    }),
+                    ..Default::default()
+                },
+                "invalid_json",
+            ),
+        ];
+        for (request, code) in refusals {
+            let refused = submit_body(request).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{code}");
+            assert_eq!(refused.metadata().get(ERROR_CODE_KEY).unwrap(), code);
+        }
+    }
+
+    #[test]
+    fn a_task_view_keeps_what_rest_shows() {
+        let view = serde_json::json!({
+            "id": "t-1", "status": "waiting_approval", "options": {},
+            "usage": {"input_tokens": 20, "output_tokens": 10},
+            "cost_usd": 0.04,
+            "budget": {"max_tokens": 1000, "max_cost_usd": null,
+                       "remaining_tokens": 970, "remaining_cost_usd": null},
+            "schedule_id": null, "scheduled_for": null,
+            "thread": "chat-1", "memory_namespace": null,
+            "response_format": {"name": "calc", "schema": {"type": "object"}, "strict": false},
+            "steps": [{"seq": 1, "kind": "llm", "input": {}, "plugin_sha256": "ab",
+                       "planner_sha256": null}]
+        });
+        let shown = task(&view);
+        assert_eq!(shown.status, "waiting_approval");
+        assert_eq!(shown.cost_usd, Some(0.04));
+        assert_eq!(
+            shown.budget,
+            Some(pb::TaskBudget {
+                max_tokens: Some(1000),
+                max_cost_usd: None,
+                remaining_tokens: Some(970),
+                remaining_cost_usd: None,
+            })
+        );
+        assert_eq!(shown.thread.as_deref(), Some("chat-1"));
+        assert_eq!(shown.memory_namespace, None);
+        assert_eq!(shown.schedule_id, None);
+        assert_eq!(
+            shown.response_format,
+            Some(pb::ResponseFormat {
+                name: "calc".into(),
+                schema_json: r#"{"type":"object"}"#.into(),
+                strict: false,
+            })
+        );
+        assert_eq!(shown.steps[0].plugin_sha256.as_deref(), Some("ab"));
+        assert_eq!(shown.steps[0].planner_sha256, None);
+        let plain = task(&serde_json::json!({"budget": null, "response_format": null}));
+        assert_eq!((plain.budget, plain.response_format), (None, None));
+    }
+
+    #[test]
+    fn only_set_query_parameters_reach_rest() {
+        assert_eq!(
+            with_query("/v1/memories", vec![("q", None), ("limit", None)]).unwrap(),
+            "/v1/memories"
+        );
+        assert_eq!(
+            with_query(
+                "/v1/memories",
+                vec![
+                    ("q", Some("a b&c".into())),
+                    ("limit", None),
+                    ("cursor", Some("x".into()))
+                ]
+            )
+            .unwrap(),
+            "/v1/memories?q=a+b%26c&cursor=x"
         );
     }
 

@@ -1,5 +1,6 @@
 //! The gRPC API, called with a client generated from
-//! `proto/opspawn/v1/tasks.proto` (and tonic-reflection's client) against a
+//! `proto/opspawn/v1/tasks.proto` (and tonic-reflection's client), and with
+//! a third-party client that learns the API from reflection, against a
 //! real server: the same tasks, events, validation, codes, tokens and
 //! tenants as REST.
 
@@ -476,8 +477,14 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
     else {
         panic!("reflection did not list the services");
     };
-    let services: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
-    assert!(services.contains(&"opspawn.v1.Tasks"), "{services:?}");
+    let mut services: Vec<&str> = list
+        .service
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|name| name.starts_with("opspawn."))
+        .collect();
+    services.sort_unstable();
+    assert_eq!(services, ["opspawn.v1.Tasks"]);
     let Some(MessageResponse::FileDescriptorResponse(files)) =
         answers.message().await.unwrap().unwrap().message_response
     else {
@@ -535,4 +542,335 @@ async fn rest_get(harness: &Harness, path: &str, token: &str) -> (u16, Value) {
         response.status().as_u16(),
         response.json().await.unwrap_or(Value::Null),
     )
+}
+
+/// The third-party client (`tests/fixtures/grpc/client.py`), kept running to
+/// make calls one at a time: it knows the API only from reflection, and
+/// sends and shows messages in proto3's JSON mapping (64-bit integers as
+/// strings, unset optional fields absent).
+struct Reflected {
+    _client: tokio::process::Child,
+    calls: tokio::process::ChildStdin,
+    answers: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+/// A call the server refused, as the third-party client saw it.
+#[derive(Debug)]
+struct Refusal {
+    /// The gRPC status's name, such as `INVALID_ARGUMENT`.
+    status: String,
+    /// The `opspawn-error-code` metadata.
+    code: String,
+    message: String,
+}
+
+impl Refusal {
+    /// Checks the gRPC status and the stable code, which starts the message.
+    fn is(&self, status: &str, code: &str) {
+        assert_eq!(
+            (self.status.as_str(), self.code.as_str()),
+            (status, code),
+            "{self:?}"
+        );
+        assert!(
+            self.message.starts_with(&format!("{code}: ")),
+            "the message names the code: {self:?}"
+        );
+    }
+}
+
+impl Reflected {
+    /// Starts the client against the harness's gRPC port, with no token.
+    fn start(harness: &Harness) -> Self {
+        let address = harness
+            .server
+            .grpc_url
+            .as_deref()
+            .expect("the server printed where gRPC listens")
+            .trim_start_matches("http://");
+        let mut client = tokio::process::Command::new(opspawn_testkit::mcp::python())
+            .arg(opspawn_testkit::grpc_client_script())
+            .args([address, "", "--calls"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting the Python gRPC client");
+        let calls = client.stdin.take().unwrap();
+        let answers = tokio::io::BufReader::new(client.stdout.take().unwrap());
+        Self {
+            _client: client,
+            calls,
+            answers: tokio::io::AsyncBufReadExt::lines(answers),
+        }
+    }
+
+    /// Calls `method` (`Service/Method` of `opspawn.v1`) with `request`:
+    /// the answer (a list of them for a streaming method), or the refusal.
+    async fn call(&mut self, method: &str, request: Value) -> Result<Value, Refusal> {
+        use tokio::io::AsyncWriteExt;
+        let line = json!({"method": format!("opspawn.v1.{method}"), "request": request});
+        self.calls
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("the client takes calls");
+        self.calls.flush().await.unwrap();
+        let answer = tokio::time::timeout(FINISH, self.answers.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("{method} was not answered in time"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("the client stopped at {line} (its error is above)"));
+        let mut answer: Value = serde_json::from_str(&answer).unwrap();
+        if let Some(refusal) = answer.get("refusal") {
+            let codes = refusal["code"].as_array().unwrap();
+            assert_eq!(codes.len(), 1, "one stable code per refusal: {refusal}");
+            return Err(Refusal {
+                status: refusal["status"].as_str().unwrap().to_owned(),
+                code: codes[0].as_str().unwrap().to_owned(),
+                message: refusal["message"].as_str().unwrap().to_owned(),
+            });
+        }
+        Ok(match answer.get_mut("responses") {
+            Some(responses) => responses.take(),
+            None => answer["response"].take(),
+        })
+    }
+
+    async fn ok(&mut self, method: &str, request: Value) -> Value {
+        self.call(method, request)
+            .await
+            .unwrap_or_else(|refusal| panic!("{method} was refused: {refusal:?}"))
+    }
+
+    async fn refused(&mut self, method: &str, request: Value) -> Refusal {
+        match self.call(method, request).await {
+            Ok(answer) => panic!("{method} answered {answer}, not a refusal"),
+            Err(refusal) => refusal,
+        }
+    }
+
+    /// Submits `request` (a SubmitTaskRequest): the task.
+    async fn submit(&mut self, request: Value) -> Value {
+        let mut answer = self.ok("Tasks/SubmitTask", request).await;
+        assert_eq!(answer["created"], true, "{answer:#}");
+        answer["task"].take()
+    }
+
+    /// Polls GetTask until `check` holds of the task; the task then.
+    async fn wait_for(&mut self, id: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + FINISH;
+        loop {
+            let task = self.ok("Tasks/GetTask", json!({"id": id})).await;
+            if check(&task) {
+                return task;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "task {id} did not get there in time: {task:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls GetTask until the task has finished; the task then.
+    async fn finished(&mut self, id: &str) -> Value {
+        self.wait_for(id, |task| {
+            ["succeeded", "failed", "cancelled"].contains(&task["status"].as_str().unwrap())
+        })
+        .await
+    }
+}
+
+/// A REST task body (such as [`calculator_task`]'s) as a
+/// SubmitTaskRequest in proto3's JSON mapping.
+fn submission(task: &Value) -> Value {
+    let mut request = json!({"goal": task["goal"]});
+    if let Some(tools) = task.get("tools") {
+        request["tools"] = json!({"names": tools});
+    }
+    if let Some(options) = task.get("options") {
+        request["options_json"] = json!(options.to_string());
+    }
+    request
+}
+
+/// A task whose scripted model answers `answer` at once, without tools.
+fn answering(goal: &str, answer: &str) -> Value {
+    json!({
+        "goal": goal,
+        "tools": {"names": []},
+        "options_json": json!({"llm": {"script": [{"content": format!("Final Answer: {answer}")}]}})
+            .to_string(),
+    })
+}
+
+/// A `*_json` field's JSON.
+fn parsed(field: &Value) -> Value {
+    serde_json::from_str(
+        field
+            .as_str()
+            .unwrap_or_else(|| panic!("JSON text, not {field}")),
+    )
+    .unwrap()
+}
+
+/// The (role, content) of each message but the system prompt of an LLM
+/// step's request.
+fn conversation(step: &Value) -> Vec<(String, String)> {
+    parsed(&step["input_json"])["messages"]
+        .as_array()
+        .expect("an LLM step's request has messages")
+        .iter()
+        .filter(|m| m["role"] != "system")
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn turn(role: &str, content: &str) -> (String, String) {
+    (role.to_owned(), content.to_owned())
+}
+
+fn ids(tasks: &Value) -> Vec<&str> {
+    tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect()
+}
+
+/// Two tasks submitted over gRPC in one thread: the second's planner is
+/// sent the first's question and answer. ListTasks filters by thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_tasks_continue_a_thread() {
+    let harness = Harness::start_with(&[GRPC_ON]);
+    let mut grpc = Reflected::start(&harness);
+
+    let mut request = submission(&calculator_task("6*7", "42"));
+    request["thread"] = json!("chat-1");
+    let first = grpc.submit(request).await;
+    assert_eq!(first["thread"], "chat-1", "{first:#}");
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    let first = grpc.finished(&first_id).await;
+    assert_eq!(
+        (&first["status"], &first["result"]),
+        (&json!("succeeded"), &json!("42")),
+        "{first:#}"
+    );
+    assert_eq!(
+        conversation(&first["steps"][0]),
+        [turn("user", "Question: What is 6*7?")],
+        "the thread's first task has no past"
+    );
+
+    let mut request = answering("And that plus one?", "43");
+    request["thread"] = json!("chat-1");
+    let second_id = grpc.submit(request).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let second = grpc.finished(&second_id).await;
+    assert_eq!(second["status"], "succeeded", "{second:#}");
+    assert_eq!(second["thread"], "chat-1");
+    assert_eq!(
+        conversation(&second["steps"][0]),
+        [
+            turn("user", "Question: What is 6*7?"),
+            turn("assistant", "Final Answer: 42"),
+            turn("user", "Question: And that plus one?"),
+        ],
+        "the second task's model is sent the first's question and answer"
+    );
+
+    // Another task, in no thread, to be left out of what follows.
+    let alone = grpc.submit(answering("Alone", "1")).await;
+    assert_eq!(alone.get("thread"), None, "{alone:#}");
+    grpc.finished(alone["id"].as_str().unwrap()).await;
+    let listed = grpc
+        .ok("Tasks/ListTasks", json!({"thread": "chat-1"}))
+        .await;
+    assert_eq!(ids(&listed["tasks"]), [&second_id, &first_id]);
+    let listed = grpc.ok("Tasks/ListTasks", json!({"q": "plus one"})).await;
+    assert_eq!(ids(&listed["tasks"]), [&second_id]);
+
+    // A bad thread id.
+    let mut bad = answering("Bad", "0");
+    bad["thread"] = json!("a b");
+    grpc.refused("Tasks/SubmitTask", bad)
+        .await
+        .is("INVALID_ARGUMENT", "invalid_thread");
+}
+
+/// A task submitted over gRPC with a response format: the format is kept,
+/// reaches the LLM with each call, and the answer is checked against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_submits_a_response_format_and_the_answer_is_held_to_it() {
+    let harness = Harness::start_with(&[GRPC_ON]);
+    let mut grpc = Reflected::start(&harness);
+    let schema = json!({
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}},
+        "required": ["answer"]
+    });
+    let asking = |answer: &str, strict: bool| {
+        let mut request = answering("What is 6*7? Answer in JSON.", answer);
+        request["response_format"] =
+            json!({"name": "calc", "schema_json": schema.to_string(), "strict": strict});
+        request
+    };
+
+    let task = grpc.submit(asking(r#"{"answer": 42}"#, false)).await;
+    let format = &task["response_format"];
+    assert_eq!(
+        (&format["name"], &format["strict"]),
+        (&json!("calc"), &json!(false)),
+        "{task:#}"
+    );
+    assert_eq!(parsed(&format["schema_json"]), schema);
+    let task = grpc.finished(task["id"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    assert_eq!(task["result"], r#"{"answer": 42}"#);
+    assert_eq!(
+        parsed(&task["steps"][0]["input_json"])["response_format"],
+        json!({"name": "calc", "schema": schema, "strict": false}),
+        "the LLM call carried the format"
+    );
+
+    // An answer off the schema fails the task, and is kept.
+    let task = grpc.submit(asking(r#"{"answer": "42"}"#, true)).await;
+    assert_eq!(task["response_format"]["strict"], true, "{task:#}");
+    let task = grpc.finished(task["id"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "failed", "{task:#}");
+    assert_eq!(task["error"]["code"], "answer_schema_mismatch", "{task:#}");
+    assert_eq!(task["result"], r#"{"answer": "42"}"#);
+
+    // Without a format, none is shown.
+    let plain = grpc.submit(answering("Plain", "1")).await;
+    assert_eq!(plain.get("response_format"), None, "{plain:#}");
+
+    let format = |name: &str, schema_json: &str| {
+        let mut request = answering("Bad format", "1");
+        request["response_format"] = json!({"name": name, "schema_json": schema_json});
+        request
+    };
+    for (request, code) in [
+        (
+            format("no spaces", r#"{"type": "object"}"#),
+            "invalid_response_format",
+        ),
+        (format("calc", r#"{"type": 7}"#), "invalid_response_format"),
+        (format("calc", "[1]"), "invalid_response_format"),
+        (format("calc", "{"), "invalid_json"),
+        // No schema at all, as REST refuses a missing field.
+        (format("calc", ""), "invalid_request"),
+    ] {
+        grpc.refused("Tasks/SubmitTask", request)
+            .await
+            .is("INVALID_ARGUMENT", code);
+    }
 }
