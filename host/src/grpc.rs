@@ -226,6 +226,30 @@ fn task_path(id: &str, rest: &str) -> Result<String, Status> {
     Ok(format!("/v1/tasks/{id}{rest}"))
 }
 
+/// The REST path of a task's call that needed approval. Call ids are the
+/// planner's, any text, so the id is percent-encoded; an empty one names no
+/// call.
+fn approval_path(task_id: &str, call_id: &str) -> Result<String, Status> {
+    if call_id.is_empty() {
+        return Err(api_refusal(ApiError::approval_not_found(task_id, call_id)));
+    }
+    task_path(task_id, &format!("/approvals/{}", percent_encoded(call_id)))
+}
+
+/// `text` as one path segment: every byte but ASCII letters, digits, `-`,
+/// `_` and `~` as `%XX`, so no text becomes another path (`..`, `a/b`).
+fn percent_encoded(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
 /// `path` with the query parameters of `pairs` that are set.
 fn with_query(path: &str, pairs: Vec<(&str, Option<String>)>) -> Result<String, Status> {
     let pairs: Vec<(&str, String)> = pairs
@@ -328,6 +352,19 @@ fn response_format_body(format: pb::ResponseFormat) -> Result<Value, Status> {
         body.insert("schema".into(), schema);
     }
     body.insert("strict".into(), format.strict.into());
+    Ok(Value::Object(body))
+}
+
+/// The body of `POST /v1/tasks/{id}/approvals/{call}`.
+fn decision_body(request: pb::DecideApprovalRequest) -> Result<Value, Status> {
+    let mut body = Map::new();
+    body.insert("decision".into(), request.decision.into());
+    if let Some(input) = request.input_json {
+        body.insert("input".into(), parse_json("input_json", &input)?);
+    }
+    if let Some(comment) = request.comment {
+        body.insert("comment".into(), comment.into());
+    }
     Ok(Value::Object(body))
 }
 
@@ -449,6 +486,45 @@ fn step(value: &Value) -> pb::Step {
     }
 }
 
+/// A call that needed approval as REST renders it (`api/approvals.rs`,
+/// `ApprovalView`).
+fn approval(value: &Value) -> pb::Approval {
+    pb::Approval {
+        call_id: string(&value["call_id"]),
+        step: value["step"].as_u64().unwrap_or_default() as u32,
+        tool: string(&value["tool"]),
+        input_json: value["input"].to_string(),
+        status: string(&value["status"]),
+        edited_input_json: optional_json(&value["edited_input"]),
+        comment: optional_string(&value["comment"]),
+        decided_by: optional_string(&value["decided_by"]),
+        decided_at: optional_string(&value["decided_at"]),
+        requested_at: string(&value["requested_at"]),
+        expires_at: string(&value["expires_at"]),
+    }
+}
+
+/// A tenant's usage as REST renders it (`api/views.rs`, `UsageView`).
+fn tenant_usage(value: &Value) -> pb::TenantUsage {
+    pb::TenantUsage {
+        tenant: string(&value["tenant"]),
+        tracked: value["tracked"].as_bool().unwrap_or_default(),
+        period: optional_string(&value["period"]),
+        period_start: optional_string(&value["period_start"]),
+        period_end: optional_string(&value["period_end"]),
+        input_tokens: value["input_tokens"].as_u64(),
+        output_tokens: value["output_tokens"].as_u64(),
+        tokens: value["tokens"].as_u64(),
+        cost_usd: value["cost_usd"].as_f64(),
+        max_tokens: value["max_tokens"].as_u64(),
+        max_cost_usd: value["max_cost_usd"].as_f64(),
+        remaining_tokens: value["remaining_tokens"].as_u64(),
+        remaining_cost_usd: value["remaining_cost_usd"].as_f64(),
+        reserved_tokens: value["reserved_tokens"].as_u64().unwrap_or_default(),
+        reserved_cost_usd: value["reserved_cost_usd"].as_f64().unwrap_or_default(),
+    }
+}
+
 /// One SSE event's `data` as a [`pb::TaskEvent`].
 fn task_event(data: &str) -> Result<pb::TaskEvent, Status> {
     let value: Value = serde_json::from_str(data)
@@ -565,6 +641,47 @@ impl pb::tasks_server::Tasks for TaskService {
             })
             .boxed();
         Ok(GrpcResponse::new(events))
+    }
+
+    async fn list_approvals(
+        &self,
+        request: GrpcRequest<pb::ListApprovalsRequest>,
+    ) -> Result<GrpcResponse<pb::ListApprovalsResponse>, Status> {
+        let path = task_path(&request.get_ref().task_id, "/approvals")?;
+        let (_, answer) = self
+            .json(Method::GET, &path, request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(pb::ListApprovalsResponse {
+            approvals: answer["approvals"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(approval)
+                .collect(),
+        }))
+    }
+
+    async fn decide_approval(
+        &self,
+        request: GrpcRequest<pb::DecideApprovalRequest>,
+    ) -> Result<GrpcResponse<pb::Approval>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        let path = approval_path(&request.task_id, &request.call_id)?;
+        let body = decision_body(request)?;
+        let (_, answer) = self
+            .json(Method::POST, &path, &metadata, Some(body))
+            .await?;
+        Ok(GrpcResponse::new(approval(&answer)))
+    }
+
+    async fn get_usage(
+        &self,
+        request: GrpcRequest<pb::GetUsageRequest>,
+    ) -> Result<GrpcResponse<pb::TenantUsage>, Status> {
+        let (_, answer) = self
+            .json(Method::GET, "/v1/usage", request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(tenant_usage(&answer)))
     }
 }
 
@@ -758,6 +875,33 @@ mod tests {
         assert_eq!(shown.steps[0].planner_sha256, None);
         let plain = task(&serde_json::json!({"budget": null, "response_format": null}));
         assert_eq!((plain.budget, plain.response_format), (None, None));
+    }
+
+    #[test]
+    fn a_call_id_is_one_percent_encoded_segment() {
+        assert_eq!(
+            approval_path("t-1", "call_1").unwrap(),
+            "/v1/tasks/t-1/approvals/call_1"
+        );
+        assert_eq!(
+            approval_path("t-1", "a/b ..").unwrap(),
+            "/v1/tasks/t-1/approvals/a%2Fb%20%2E%2E"
+        );
+        assert_eq!(
+            approval_path("t-1", "é").unwrap(),
+            "/v1/tasks/t-1/approvals/%C3%A9"
+        );
+        let refused = approval_path("t-1", "").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::NotFound);
+        assert_eq!(
+            refused.metadata().get(ERROR_CODE_KEY).unwrap(),
+            "approval_not_found"
+        );
+        let refused = approval_path("a/b", "c").unwrap_err();
+        assert_eq!(
+            refused.metadata().get(ERROR_CODE_KEY).unwrap(),
+            "task_not_found"
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 use opspawn::api::auth::token_hash;
 use opspawn_testkit::grpc::tasks_client::TasksClient;
 use opspawn_testkit::grpc::{
-    CancelTaskRequest, GetTaskRequest, ListTasksRequest, SubmitTaskRequest, TaskEvent, ToolList,
-    WatchTaskRequest,
+    CancelTaskRequest, GetTaskRequest, GetUsageRequest, ListApprovalsRequest, ListTasksRequest,
+    SubmitTaskRequest, TaskEvent, ToolList, WatchTaskRequest,
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
@@ -453,6 +453,26 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
         .into_inner();
     assert_eq!(own.result.as_deref(), Some("4"));
 
+    // The calls beside the task's keep tenants apart the same way.
+    let refused = grpc
+        .list_approvals(call(
+            ListApprovalsRequest {
+                task_id: task.id.clone(),
+            },
+            Some("globex-token"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert_eq!(error_code(&refused), "forbidden");
+    let usage = grpc
+        .get_usage(call(GetUsageRequest {}, Some("acme-token")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((usage.tenant.as_str(), usage.tracked), ("acme", false));
+    assert_eq!(usage.tokens, None, "no budget: nothing counted per period");
+
     // Reflection needs no token: it describes the API, nothing more.
     let url = harness.server.grpc_url.clone().unwrap();
     let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
@@ -873,4 +893,353 @@ async fn grpc_submits_a_response_format_and_the_answer_is_held_to_it() {
             .await
             .is("INVALID_ARGUMENT", code);
     }
+}
+
+/// A server whose configuration file holds `config` (TOML), with gRPC on.
+fn start_configured(config: &str) -> (Harness, tempfile::NamedTempFile) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), config).unwrap();
+    let path = file.path().to_str().unwrap().to_owned();
+    let harness = Harness::start_with(&[GRPC_ON, ("OPSPAWN_CONFIG", &path)]);
+    (harness, file)
+}
+
+/// A task's calls wait for approval; ListApprovals shows them and
+/// DecideApproval answers them, each once, over gRPC: the approved call
+/// runs with the approver's input, the rejected one reaches the planner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_lists_and_decides_approvals() {
+    let (harness, _config) = start_configured(
+        r#"
+        [[approvals.rules]]
+        tool = "calculator"
+        "#,
+    );
+    let rest = harness.client();
+    let mut grpc = Reflected::start(&harness);
+    // The second call's id is any text the planner chose: it travels as
+    // one path segment all the same.
+    let odd = "call/2 ..";
+    let script = json!([
+        {"tool_calls": [
+            {"id": "c1", "name": "calculator", "arguments": {"expression": "6*7"}},
+            {"id": odd, "name": "calculator", "arguments": {"expression": "1/0"}}
+        ]},
+        {"content": "Final Answer: done"}
+    ]);
+    let task = grpc
+        .submit(json!({
+            "goal": "Calculate, with approval",
+            "tools": {"names": ["calculator"]},
+            "options_json": json!({"llm": {"script": script}}).to_string(),
+        }))
+        .await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let waiting = grpc
+        .wait_for(&id, |task| task["status"] == "waiting_approval")
+        .await;
+    assert_eq!(waiting["steps"].as_array().unwrap().len(), 1, "{waiting:#}");
+    let listed = grpc
+        .ok("Tasks/ListTasks", json!({"status": "waiting_approval"}))
+        .await;
+    assert_eq!(ids(&listed["tasks"]), [id.as_str()]);
+
+    let approvals = grpc.ok("Tasks/ListApprovals", json!({"task_id": id})).await;
+    let (_, rest_view) = rest
+        .get(&format!("/v1/tasks/{id}/approvals"))
+        .await
+        .unwrap();
+    let pending = approvals["approvals"].as_array().unwrap();
+    assert_eq!(pending.len(), 2, "{approvals:#}");
+    for (approval, shown) in pending
+        .iter()
+        .zip(rest_view["approvals"].as_array().unwrap())
+    {
+        assert_eq!(approval["status"], "pending", "{approval:#}");
+        assert_eq!(approval["call_id"], shown["call_id"]);
+        assert_eq!(approval["step"], shown["step"]);
+        assert_eq!(approval["tool"], "calculator");
+        assert_eq!(parsed(&approval["input_json"]), shown["input"]);
+        assert_eq!(approval["requested_at"], shown["requested_at"]);
+        assert_eq!(approval["expires_at"], shown["expires_at"]);
+        for unset in ["edited_input_json", "comment", "decided_by", "decided_at"] {
+            assert_eq!(approval.get(unset), None, "{unset}: {approval:#}");
+        }
+    }
+    assert_eq!(
+        (
+            &pending[0]["call_id"],
+            &pending[0]["step"],
+            &pending[1]["call_id"],
+            &pending[1]["step"]
+        ),
+        (&json!("c1"), &json!(2), &json!(odd), &json!(3))
+    );
+    assert_eq!(
+        parsed(&pending[0]["input_json"]),
+        json!({"expression": "6*7"})
+    );
+
+    let decide = |call: &str, fields: Value| {
+        let mut request = json!({"task_id": id, "call_id": call});
+        request
+            .as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        request
+    };
+    for (request, status, code) in [
+        (
+            decide("c1", json!({"decision": "maybe"})),
+            "INVALID_ARGUMENT",
+            "invalid_request",
+        ),
+        (
+            decide("c1", json!({"decision": "reject", "input_json": "{}"})),
+            "INVALID_ARGUMENT",
+            "invalid_request",
+        ),
+        (
+            decide("c1", json!({"decision": "approve", "input_json": "[1]"})),
+            "INVALID_ARGUMENT",
+            "invalid_request",
+        ),
+        (
+            decide("c1", json!({"decision": "approve", "input_json": "{"})),
+            "INVALID_ARGUMENT",
+            "invalid_json",
+        ),
+        (
+            decide("nope", json!({"decision": "approve"})),
+            "NOT_FOUND",
+            "approval_not_found",
+        ),
+        (
+            decide("", json!({"decision": "approve"})),
+            "NOT_FOUND",
+            "approval_not_found",
+        ),
+        (
+            json!({"task_id": "no-such-task", "call_id": "c1", "decision": "approve"}),
+            "NOT_FOUND",
+            "task_not_found",
+        ),
+    ] {
+        grpc.refused("Tasks/DecideApproval", request)
+            .await
+            .is(status, code);
+    }
+
+    let approved = grpc
+        .ok(
+            "Tasks/DecideApproval",
+            decide(
+                "c1",
+                json!({"decision": "approve", "input_json": r#"{"expression": "10*10"}"#,
+                       "comment": "bigger"}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (
+            &approved["status"],
+            &approved["comment"],
+            &approved["decided_by"]
+        ),
+        (&json!("approved"), &json!("bigger"), &json!("anonymous")),
+        "{approved:#}"
+    );
+    assert_eq!(
+        parsed(&approved["edited_input_json"]),
+        json!({"expression": "10*10"})
+    );
+    assert!(approved["decided_at"].is_string(), "{approved:#}");
+    grpc.refused(
+        "Tasks/DecideApproval",
+        decide("c1", json!({"decision": "reject"})),
+    )
+    .await
+    .is("FAILED_PRECONDITION", "approval_already_decided");
+    let rejected = grpc
+        .ok(
+            "Tasks/DecideApproval",
+            decide(
+                odd,
+                json!({"decision": "reject", "comment": "no dividing by zero"}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (&rejected["call_id"], &rejected["status"]),
+        (&json!(odd), &json!("rejected")),
+        "{rejected:#}"
+    );
+
+    let task = grpc.finished(&id).await;
+    assert_eq!(
+        (&task["status"], &task["result"]),
+        (&json!("succeeded"), &json!("done")),
+        "{task:#}"
+    );
+    let steps = task["steps"].as_array().unwrap();
+    let kinds: Vec<&str> = steps.iter().map(|s| s["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["llm", "tool", "tool", "llm"], "{task:#}");
+    assert_eq!(
+        parsed(&steps[1]["input_json"])["arguments"],
+        json!({"expression": "10*10"})
+    );
+    assert_eq!(
+        parsed(&steps[1]["output_json"])["result"],
+        100,
+        "the edited input ran"
+    );
+    assert_eq!(steps[2]["status"], "failed");
+    assert_eq!(steps[2]["error"]["code"], "approval_rejected");
+    let answered = grpc.ok("Tasks/ListApprovals", json!({"task_id": id})).await;
+    assert_eq!(answered["approvals"], json!([approved, rejected]));
+}
+
+/// Prices for the scripted adapter and a cap for every tenant, per day.
+const PRICED_AND_CAPPED: &str = r#"
+[prices.scripted."*"]
+input_per_million = 1000
+output_per_million = 2000
+
+[budgets]
+default_max_output_tokens = 100
+
+[budgets.default]
+period = "day"
+max_tokens = 1000000
+max_cost_usd = 1000
+"#;
+
+/// REST's `GET /v1/usage` in proto3's JSON mapping, as GetUsage should
+/// show it: whole numbers as strings, `null`s absent.
+fn usage_as_grpc(rest: &Value) -> Value {
+    let shown = rest
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, value)| !value.is_null())
+        .map(|(key, value)| {
+            let value = match value {
+                Value::Number(n) if n.is_u64() => json!(n.to_string()),
+                other => other.clone(),
+            };
+            (key.clone(), value)
+        });
+    Value::Object(shown.collect())
+}
+
+/// A task's budget over gRPC caps it, and shows what is left; GetUsage
+/// shows the tenant's period as REST does; bad budgets are refused with
+/// REST's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_takes_a_budget_and_shows_usage() {
+    let (harness, _config) = start_configured(PRICED_AND_CAPPED);
+    let rest = harness.client();
+    let mut grpc = Reflected::start(&harness);
+
+    let before = grpc.ok("Tasks/GetUsage", json!({})).await;
+    let (_, rest_before) = rest.get("/v1/usage").await.unwrap();
+    assert_eq!(before, usage_as_grpc(&rest_before));
+    assert_eq!(
+        (
+            &before["tracked"],
+            &before["period"],
+            &before["tokens"],
+            &before["max_tokens"]
+        ),
+        (&json!(true), &json!("day"), &json!("0"), &json!("1000000")),
+        "{before:#}"
+    );
+
+    // Two LLM calls of 10 input and 5 output tokens each.
+    let usage = json!({"input_tokens": 10, "output_tokens": 5});
+    let script = json!([
+        {"tool_calls": [{"name": "calculator", "arguments": {"expression": "6*7"}}], "usage": usage},
+        {"content": "Final Answer: 42", "usage": usage}
+    ]);
+    let task = grpc
+        .submit(json!({
+            "goal": "What is 6*7?",
+            "tools": {"names": ["calculator"]},
+            "options_json": json!({"llm": {"script": script}}).to_string(),
+            "budget": {"max_tokens": 100000, "max_cost_usd": 100},
+        }))
+        .await;
+    assert_eq!(
+        (
+            &task["budget"]["max_tokens"],
+            &task["budget"]["max_cost_usd"]
+        ),
+        (&json!("100000"), &json!(100.0)),
+        "{task:#}"
+    );
+    let task = grpc.finished(task["id"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    assert_eq!(
+        task["usage"],
+        json!({"input_tokens": "20", "output_tokens": "10"})
+    );
+    // 20 tokens at $1000 and 10 at $2000 a million.
+    assert_eq!(task["cost_usd"], 0.04, "{task:#}");
+    assert_eq!(
+        task["budget"],
+        json!({"max_tokens": "100000", "max_cost_usd": 100.0,
+               "remaining_tokens": "99970", "remaining_cost_usd": 99.96})
+    );
+
+    let after = grpc.ok("Tasks/GetUsage", json!({})).await;
+    let (_, rest_after) = rest.get("/v1/usage").await.unwrap();
+    assert_eq!(after, usage_as_grpc(&rest_after));
+    assert_eq!(
+        (
+            &after["input_tokens"],
+            &after["output_tokens"],
+            &after["tokens"]
+        ),
+        (&json!("20"), &json!("10"), &json!("30")),
+        "{after:#}"
+    );
+    assert_eq!(
+        (
+            &after["cost_usd"],
+            &after["remaining_tokens"],
+            &after["remaining_cost_usd"]
+        ),
+        (&json!(0.04), &json!("999970"), &json!(999.96)),
+        "{after:#}"
+    );
+
+    let budgeted = |budget: Value| {
+        let mut request = answering("Capped", "1");
+        request["budget"] = budget;
+        request
+    };
+    for budget in [
+        json!({"max_tokens": 0}),
+        json!({"max_tokens": "1000000000001"}),
+        json!({"max_cost_usd": -1}),
+        json!({"max_cost_usd": 1000001}),
+        json!({"max_cost_usd": "NaN"}),
+        json!({"max_cost_usd": "Infinity"}),
+    ] {
+        grpc.refused("Tasks/SubmitTask", budgeted(budget.clone()))
+            .await
+            .is("INVALID_ARGUMENT", "invalid_budget");
+    }
+    // REST refuses the same budget with the same code.
+    let (status, refused) = rest
+        .post(
+            "/v1/tasks",
+            &json!({"goal": "Capped", "budget": {"max_tokens": 0}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status.as_u16(), &refused["error"]["code"]),
+        (422, &json!("invalid_budget"))
+    );
 }
