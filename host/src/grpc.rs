@@ -1,5 +1,5 @@
-//! gRPC beside REST (`proto/opspawn/v1/tasks.proto`), on a port of its own
-//! when `[grpc] listen` is set.
+//! gRPC beside REST (`proto/opspawn/v1/`: the `Tasks`, `Threads` and
+//! `Memories` services), on a port of its own when `[grpc] listen` is set.
 //!
 //! Every call is served by the REST route of the same name, called
 //! in-process with the caller's `authorization` (and `idempotency-key`)
@@ -25,12 +25,12 @@ use tower::ServiceExt as _;
 use crate::api::ApiError;
 use crate::errors::Code;
 
-/// The code generated from `proto/opspawn/v1/tasks.proto`.
+/// The code generated from `proto/opspawn/v1/`.
 pub mod pb {
     tonic::include_proto!("opspawn.v1");
 }
 
-/// The parsed .proto, for server reflection.
+/// The parsed .proto files, for server reflection.
 const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/opspawn_descriptor.bin"));
 
 /// The metadata key carrying an error's stable code.
@@ -56,8 +56,8 @@ pub struct GrpcConfig {
     pub listen: Option<SocketAddr>,
 }
 
-/// Serves gRPC (the task service and reflection) on `listener` until
-/// `shutdown` completes. `rest` is the REST API's router.
+/// Serves gRPC (the task, thread and memory services, and reflection) on
+/// `listener` until `shutdown` completes. `rest` is the REST API's router.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     rest: axum::Router,
@@ -67,8 +67,11 @@ pub async fn serve(
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(DESCRIPTORS)
     };
+    let api = GrpcApi { rest };
     tonic::transport::Server::builder()
-        .add_service(pb::tasks_server::TasksServer::new(TaskService { rest }))
+        .add_service(pb::tasks_server::TasksServer::new(api.clone()))
+        .add_service(pb::threads_server::ThreadsServer::new(api.clone()))
+        .add_service(pb::memories_server::MemoriesServer::new(api))
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .serve_with_incoming_shutdown(
@@ -79,8 +82,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// The task service: each call one REST request.
-struct TaskService {
+/// The gRPC services: each call one REST request.
+#[derive(Clone)]
+struct GrpcApi {
     rest: axum::Router,
 }
 
@@ -90,7 +94,7 @@ struct Answer {
     body: Body,
 }
 
-impl TaskService {
+impl GrpcApi {
     /// Sends a request to the REST router with the forwarded metadata (and
     /// `extra` headers); a refusal becomes the matching [`Status`].
     async fn rest(
@@ -157,6 +161,17 @@ impl TaskService {
         let value = serde_json::from_slice(&bytes)
             .map_err(|e| Status::internal(format!("the REST API answered with bad JSON: {e}")))?;
         Ok((answer.status, value))
+    }
+
+    /// A request whose answer has no body (`204 No Content`).
+    async fn no_content(
+        &self,
+        method: Method,
+        path: &str,
+        metadata: &MetadataMap,
+    ) -> Result<(), Status> {
+        self.rest(method, path, metadata, &[], None).await?;
+        Ok(())
     }
 }
 
@@ -248,6 +263,24 @@ fn percent_encoded(text: &str) -> String {
         }
     }
     encoded
+}
+
+/// The REST path of a thread, its id checked as REST checks it (what a
+/// thread id may hold needs no escaping in a path).
+fn thread_path(id: &str) -> Result<String, Status> {
+    if let Some(message) = crate::threads::invalid_thread_id(id) {
+        return Err(api_refusal(ApiError::new(Code::InvalidThread, message)));
+    }
+    Ok(format!("/v1/threads/{id}"))
+}
+
+/// The REST path of a memory. An id REST could not take as one path segment
+/// (memory ids are UUIDs) names no memory.
+fn memory_path(id: &str) -> Result<String, Status> {
+    if !plain_segment(id) {
+        return Err(api_refusal(ApiError::memory_not_found(id)));
+    }
+    Ok(format!("/v1/memories/{id}"))
 }
 
 /// `path` with the query parameters of `pairs` that are set.
@@ -364,6 +397,19 @@ fn decision_body(request: pb::DecideApprovalRequest) -> Result<Value, Status> {
     }
     if let Some(comment) = request.comment {
         body.insert("comment".into(), comment.into());
+    }
+    Ok(Value::Object(body))
+}
+
+/// The body of `POST /v1/memories`.
+fn memory_body(request: pb::CreateMemoryRequest) -> Result<Value, Status> {
+    let mut body = Map::new();
+    body.insert("text".into(), request.text.into());
+    if let Some(namespace) = request.namespace {
+        body.insert("namespace".into(), namespace.into());
+    }
+    if let Some(metadata) = request.metadata_json {
+        body.insert("metadata".into(), parse_json("metadata_json", &metadata)?);
     }
     Ok(Value::Object(body))
 }
@@ -525,6 +571,19 @@ fn tenant_usage(value: &Value) -> pb::TenantUsage {
     }
 }
 
+/// A memory as REST renders it (`api/memories.rs`, `MemoryView`).
+fn memory(value: &Value) -> pb::Memory {
+    pb::Memory {
+        id: string(&value["id"]),
+        namespace: string(&value["namespace"]),
+        text: string(&value["text"]),
+        metadata_json: value["metadata"].to_string(),
+        created_at: string(&value["created_at"]),
+        task_id: optional_string(&value["task_id"]),
+        score: value["score"].as_f64(),
+    }
+}
+
 /// One SSE event's `data` as a [`pb::TaskEvent`].
 fn task_event(data: &str) -> Result<pb::TaskEvent, Status> {
     let value: Value = serde_json::from_str(data)
@@ -539,7 +598,7 @@ fn task_event(data: &str) -> Result<pb::TaskEvent, Status> {
 }
 
 #[tonic::async_trait]
-impl pb::tasks_server::Tasks for TaskService {
+impl pb::tasks_server::Tasks for GrpcApi {
     async fn submit_task(
         &self,
         request: GrpcRequest<pb::SubmitTaskRequest>,
@@ -682,6 +741,110 @@ impl pb::tasks_server::Tasks for TaskService {
             .json(Method::GET, "/v1/usage", request.metadata(), None)
             .await?;
         Ok(GrpcResponse::new(tenant_usage(&answer)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::threads_server::Threads for GrpcApi {
+    async fn get_thread(
+        &self,
+        request: GrpcRequest<pb::GetThreadRequest>,
+    ) -> Result<GrpcResponse<pb::Thread>, Status> {
+        let query = request.get_ref();
+        let path = with_query(
+            &thread_path(&query.id)?,
+            vec![
+                ("limit", query.limit.map(|limit| limit.to_string())),
+                ("cursor", query.cursor.clone()),
+            ],
+        )?;
+        let (_, answer) = self
+            .json(Method::GET, &path, request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(pb::Thread {
+            id: string(&answer["thread"]),
+            tasks: answer["tasks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(task)
+                .collect(),
+            next_cursor: optional_string(&answer["next_cursor"]),
+        }))
+    }
+
+    async fn delete_thread(
+        &self,
+        request: GrpcRequest<pb::DeleteThreadRequest>,
+    ) -> Result<GrpcResponse<pb::DeleteThreadResponse>, Status> {
+        let path = thread_path(&request.get_ref().id)?;
+        self.no_content(Method::DELETE, &path, request.metadata())
+            .await?;
+        Ok(GrpcResponse::new(pb::DeleteThreadResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::memories_server::Memories for GrpcApi {
+    async fn list_memories(
+        &self,
+        request: GrpcRequest<pb::ListMemoriesRequest>,
+    ) -> Result<GrpcResponse<pb::ListMemoriesResponse>, Status> {
+        let query = request.get_ref();
+        let path = with_query(
+            "/v1/memories",
+            vec![
+                ("namespace", query.namespace.clone()),
+                ("q", query.q.clone()),
+                ("limit", query.limit.map(|limit| limit.to_string())),
+                ("cursor", query.cursor.clone()),
+            ],
+        )?;
+        let (_, answer) = self
+            .json(Method::GET, &path, request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(pb::ListMemoriesResponse {
+            memories: answer["memories"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(memory)
+                .collect(),
+            next_cursor: optional_string(&answer["next_cursor"]),
+        }))
+    }
+
+    async fn create_memory(
+        &self,
+        request: GrpcRequest<pb::CreateMemoryRequest>,
+    ) -> Result<GrpcResponse<pb::Memory>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        let body = memory_body(request)?;
+        let (_, answer) = self
+            .json(Method::POST, "/v1/memories", &metadata, Some(body))
+            .await?;
+        Ok(GrpcResponse::new(memory(&answer)))
+    }
+
+    async fn get_memory(
+        &self,
+        request: GrpcRequest<pb::GetMemoryRequest>,
+    ) -> Result<GrpcResponse<pb::Memory>, Status> {
+        let path = memory_path(&request.get_ref().id)?;
+        let (_, answer) = self
+            .json(Method::GET, &path, request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(memory(&answer)))
+    }
+
+    async fn delete_memory(
+        &self,
+        request: GrpcRequest<pb::DeleteMemoryRequest>,
+    ) -> Result<GrpcResponse<pb::DeleteMemoryResponse>, Status> {
+        let path = memory_path(&request.get_ref().id)?;
+        self.no_content(Method::DELETE, &path, request.metadata())
+            .await?;
+        Ok(GrpcResponse::new(pb::DeleteMemoryResponse {}))
     }
 }
 
@@ -902,6 +1065,29 @@ mod tests {
             refused.metadata().get(ERROR_CODE_KEY).unwrap(),
             "task_not_found"
         );
+    }
+
+    #[test]
+    fn thread_and_memory_ids_are_checked_as_rest_checks_them() {
+        assert_eq!(thread_path("chat-1:a.b").unwrap(), "/v1/threads/chat-1:a.b");
+        for id in [String::new(), "a b".into(), "a/b".into(), "x".repeat(129)] {
+            let refused = thread_path(&id).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{id:?}");
+            assert_eq!(
+                refused.metadata().get(ERROR_CODE_KEY).unwrap(),
+                "invalid_thread"
+            );
+        }
+        let id = "0190a5f0-0000-7000-8000-000000000000";
+        assert_eq!(memory_path(id).unwrap(), format!("/v1/memories/{id}"));
+        for id in ["", "a/b", "a?b"] {
+            let refused = memory_path(id).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::NotFound, "{id:?}");
+            assert_eq!(
+                refused.metadata().get(ERROR_CODE_KEY).unwrap(),
+                "memory_not_found"
+            );
+        }
     }
 
     #[test]

@@ -1,15 +1,18 @@
-//! The gRPC API, called with a client generated from
-//! `proto/opspawn/v1/tasks.proto` (and tonic-reflection's client), and with
-//! a third-party client that learns the API from reflection, against a
-//! real server: the same tasks, events, validation, codes, tokens and
-//! tenants as REST.
+//! The gRPC API, called with a client generated from `proto/opspawn/v1/`
+//! (and tonic-reflection's client), and with a third-party client that
+//! learns the API from reflection, against a real server: the same tasks,
+//! events, threads, approvals, usage, memories, validation, codes, tokens
+//! and tenants as REST.
 
 use std::time::{Duration, SystemTime};
 
 use opspawn::api::auth::token_hash;
+use opspawn_testkit::grpc::memories_client::MemoriesClient;
 use opspawn_testkit::grpc::tasks_client::TasksClient;
+use opspawn_testkit::grpc::threads_client::ThreadsClient;
 use opspawn_testkit::grpc::{
-    CancelTaskRequest, GetTaskRequest, GetUsageRequest, ListApprovalsRequest, ListTasksRequest,
+    CancelTaskRequest, CreateMemoryRequest, GetMemoryRequest, GetTaskRequest, GetThreadRequest,
+    GetUsageRequest, ListApprovalsRequest, ListMemoriesRequest, ListTasksRequest,
     SubmitTaskRequest, TaskEvent, ToolList, WatchTaskRequest,
 };
 use serde_json::{Value, json};
@@ -472,6 +475,57 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
         .into_inner();
     assert_eq!((usage.tenant.as_str(), usage.tracked), ("acme", false));
     assert_eq!(usage.tokens, None, "no budget: nothing counted per period");
+    let url = harness.server.grpc_url.clone().unwrap();
+    let mut memories = MemoriesClient::connect(url.clone()).await.unwrap();
+    let memory = memories
+        .create_memory(call(
+            CreateMemoryRequest {
+                text: "acme's note".into(),
+                ..Default::default()
+            },
+            Some("acme-token"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = memories
+        .get_memory(call(
+            GetMemoryRequest {
+                id: memory.id.clone(),
+            },
+            Some("globex-token"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound);
+    assert_eq!(error_code(&refused), "memory_not_found");
+    let theirs = memories
+        .list_memories(call(ListMemoriesRequest::default(), Some("globex-token")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        theirs.memories.is_empty(),
+        "globex sees none of acme's memories"
+    );
+    let anonymous = memories
+        .list_memories(call(ListMemoriesRequest::default(), None))
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&anonymous), "unauthorized");
+    let mut threads = ThreadsClient::connect(url).await.unwrap();
+    let anonymous = threads
+        .get_thread(call(
+            GetThreadRequest {
+                id: "chat-1".into(),
+                ..Default::default()
+            },
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    assert_eq!(error_code(&anonymous), "unauthorized");
 
     // Reflection needs no token: it describes the API, nothing more.
     let url = harness.server.grpc_url.clone().unwrap();
@@ -504,7 +558,14 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
         .filter(|name| name.starts_with("opspawn."))
         .collect();
     services.sort_unstable();
-    assert_eq!(services, ["opspawn.v1.Tasks"]);
+    assert_eq!(
+        services,
+        [
+            "opspawn.v1.Memories",
+            "opspawn.v1.Tasks",
+            "opspawn.v1.Threads"
+        ]
+    );
     let Some(MessageResponse::FileDescriptorResponse(files)) =
         answers.message().await.unwrap().unwrap().message_response
     else {
@@ -530,13 +591,19 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
         String::from_utf8_lossy(&output.stderr)
     );
     let seen: Value = serde_json::from_slice(&output.stdout).expect("the client prints JSON");
-    assert!(
-        seen["services"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("opspawn.v1.Tasks")),
-        "{seen}"
-    );
+    for service in [
+        "opspawn.v1.Tasks",
+        "opspawn.v1.Threads",
+        "opspawn.v1.Memories",
+    ] {
+        assert!(
+            seen["services"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(service)),
+            "{seen}"
+        );
+    }
     assert_eq!(seen["task"]["tenant"], "globex");
     let events = seen["events"].as_array().unwrap();
     assert_eq!(events.first().unwrap()["kind"], "task.queued", "{seen}");
@@ -765,9 +832,11 @@ fn ids(tasks: &Value) -> Vec<&str> {
 }
 
 /// Two tasks submitted over gRPC in one thread: the second's planner is
-/// sent the first's question and answer. ListTasks filters by thread.
+/// sent the first's question and answer. ListTasks filters by thread;
+/// GetThread pages the thread and DeleteThread takes it, refusing while a
+/// task of it waits, as REST does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_tasks_continue_a_thread() {
+async fn grpc_tasks_continue_a_thread_which_is_listed_and_deleted() {
     let harness = Harness::start_with(&[GRPC_ON]);
     let mut grpc = Reflected::start(&harness);
 
@@ -818,12 +887,87 @@ async fn grpc_tasks_continue_a_thread() {
     let listed = grpc.ok("Tasks/ListTasks", json!({"q": "plus one"})).await;
     assert_eq!(ids(&listed["tasks"]), [&second_id]);
 
-    // A bad thread id.
+    let thread = grpc.ok("Threads/GetThread", json!({"id": "chat-1"})).await;
+    assert_eq!(thread["id"], "chat-1");
+    assert_eq!(
+        ids(&thread["tasks"]),
+        [&second_id, &first_id],
+        "newest first"
+    );
+    assert_eq!(thread.get("next_cursor"), None, "one page");
+    assert_eq!(
+        thread["tasks"][0]["steps"],
+        json!([]),
+        "pages carry no steps"
+    );
+    let page = grpc
+        .ok("Threads/GetThread", json!({"id": "chat-1", "limit": 1}))
+        .await;
+    assert_eq!(ids(&page["tasks"]), [&second_id]);
+    let cursor = page["next_cursor"]
+        .as_str()
+        .expect("a second page")
+        .to_owned();
+    let page = grpc
+        .ok(
+            "Threads/GetThread",
+            json!({"id": "chat-1", "limit": 1, "cursor": cursor}),
+        )
+        .await;
+    assert_eq!(ids(&page["tasks"]), [&first_id]);
+    assert_eq!(page.get("next_cursor"), None);
+
+    // A task of the thread that waits (it starts in 2099) holds it.
+    let mut later = answering("Later", "2");
+    later["thread"] = json!("chat-1");
+    later["run_at"] = json!("2099-01-01T00:00:00Z");
+    let later = grpc.submit(later).await["id"].as_str().unwrap().to_owned();
+    grpc.refused("Threads/DeleteThread", json!({"id": "chat-1"}))
+        .await
+        .is("FAILED_PRECONDITION", "thread_active");
+    let thread = grpc.ok("Threads/GetThread", json!({"id": "chat-1"})).await;
+    assert_eq!(
+        thread["tasks"].as_array().unwrap().len(),
+        3,
+        "nothing was deleted"
+    );
+    let cancelled = grpc.ok("Tasks/CancelTask", json!({"id": later})).await;
+    assert_eq!(cancelled["cancelled"], true, "{cancelled:#}");
+
+    let deleted = grpc
+        .ok("Threads/DeleteThread", json!({"id": "chat-1"}))
+        .await;
+    assert_eq!(deleted, json!({}));
+    for id in [&first_id, &second_id, &later] {
+        grpc.refused("Tasks/GetTask", json!({"id": id}))
+            .await
+            .is("NOT_FOUND", "task_not_found");
+    }
+    grpc.ok("Tasks/GetTask", json!({"id": alone["id"]})).await;
+    grpc.refused("Threads/GetThread", json!({"id": "chat-1"}))
+        .await
+        .is("NOT_FOUND", "thread_not_found");
+    grpc.refused("Threads/DeleteThread", json!({"id": "chat-1"}))
+        .await
+        .is("NOT_FOUND", "thread_not_found");
+
+    // Bad thread ids, in a submission and as a thread's id.
     let mut bad = answering("Bad", "0");
     bad["thread"] = json!("a b");
     grpc.refused("Tasks/SubmitTask", bad)
         .await
         .is("INVALID_ARGUMENT", "invalid_thread");
+    for id in ["", "a/b", "a b"] {
+        grpc.refused("Threads/GetThread", json!({"id": id}))
+            .await
+            .is("INVALID_ARGUMENT", "invalid_thread");
+        grpc.refused("Threads/DeleteThread", json!({"id": id}))
+            .await
+            .is("INVALID_ARGUMENT", "invalid_thread");
+    }
+    grpc.refused("Threads/GetThread", json!({"id": "chat-1", "cursor": "x"}))
+        .await
+        .is("INVALID_ARGUMENT", "invalid_query");
 }
 
 /// A task submitted over gRPC with a response format: the format is kept,
@@ -1242,4 +1386,192 @@ async fn grpc_takes_a_budget_and_shows_usage() {
         (status.as_u16(), &refused["error"]["code"]),
         (422, &json!("invalid_budget"))
     );
+}
+
+/// The example memory tool's manifest (it asks for memory).
+fn memory_manifest() -> String {
+    std::fs::read_to_string(opspawn_testkit::plugin_sources().join("memory/memory.toml")).unwrap()
+}
+
+/// A task submitted over gRPC in a memory namespace saves a memory there;
+/// Memories lists, searches, creates, gets and deletes them, as REST does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_keeps_a_tasks_memory_namespace_and_manages_memories() {
+    let harness = Harness::start_with_plugins(&[GRPC_ON], |plugins| {
+        plugins.add("memory", "memory", Some(&memory_manifest()));
+    });
+    let rest = harness.client();
+    let mut grpc = Reflected::start(&harness);
+
+    let script = json!([
+        {"tool_calls": [{"id": "c1", "name": "memory_save", "arguments":
+            {"text": "The user's name is Ada Lovelace", "metadata": {"topic": "name"}}}]},
+        {"content": "Final Answer: saved"}
+    ]);
+    let task = grpc
+        .submit(json!({
+            "goal": "Remember the user's name",
+            "tools": {"names": ["memory_save"]},
+            "options_json": json!({"llm": {"script": script}}).to_string(),
+            "memory_namespace": "user-1",
+        }))
+        .await;
+    assert_eq!(task["memory_namespace"], "user-1", "{task:#}");
+    let saver = task["id"].as_str().unwrap().to_owned();
+    let task = grpc.finished(&saver).await;
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    let saved = parsed(&task["steps"][1]["output_json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let listed = grpc
+        .ok("Memories/ListMemories", json!({"namespace": "user-1"}))
+        .await;
+    let ada = &listed["memories"][0];
+    assert_eq!(
+        listed["memories"].as_array().unwrap().len(),
+        1,
+        "{listed:#}"
+    );
+    assert_eq!(
+        (&ada["id"], &ada["namespace"], &ada["text"], &ada["task_id"]),
+        (
+            &json!(saved),
+            &json!("user-1"),
+            &json!("The user's name is Ada Lovelace"),
+            &json!(saver)
+        ),
+        "{ada:#}"
+    );
+    assert_eq!(parsed(&ada["metadata_json"]), json!({"topic": "name"}));
+    assert_eq!(ada.get("score"), None, "listed, not searched: {ada:#}");
+    let ada = ada.clone();
+
+    let ops = grpc
+        .ok(
+            "Memories/CreateMemory",
+            json!({"namespace": "ops", "text": "the pager rota is weekly",
+                   "metadata_json": r#"{"by": "ops"}"#}),
+        )
+        .await;
+    assert_eq!(
+        (&ops["namespace"], &ops["text"]),
+        (&json!("ops"), &json!("the pager rota is weekly")),
+        "{ops:#}"
+    );
+    assert_eq!(parsed(&ops["metadata_json"]), json!({"by": "ops"}));
+    for unset in ["task_id", "score"] {
+        assert_eq!(ops.get(unset), None, "{unset}: {ops:#}");
+    }
+    let ops_id = ops["id"].as_str().unwrap().to_owned();
+    let (_, shown) = rest.get(&format!("/v1/memories/{ops_id}")).await.unwrap();
+    assert_eq!(
+        (&ops["created_at"], &ops["text"]),
+        (&shown["created_at"], &shown["text"]),
+        "REST shows the same memory"
+    );
+    let plain = grpc
+        .ok("Memories/CreateMemory", json!({"text": "plain note"}))
+        .await;
+    assert_eq!(plain["namespace"], "default");
+    assert_eq!(parsed(&plain["metadata_json"]), json!({}), "{plain:#}");
+
+    // Searches: the matching memories, with a score.
+    let found = grpc
+        .ok("Memories/ListMemories", json!({"q": "pager"}))
+        .await;
+    assert_eq!(ids(&found["memories"]), [ops_id.as_str()]);
+    assert!(
+        found["memories"][0]["score"].as_f64().unwrap() > 0.0,
+        "{found:#}"
+    );
+    assert_eq!(found.get("next_cursor"), None);
+    let found = grpc
+        .ok("Memories/ListMemories", json!({"q": "LOVELACE rota"}))
+        .await;
+    let mut matched = ids(&found["memories"]);
+    matched.sort_unstable();
+    let mut expected = [saved.as_str(), ops_id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(matched, expected, "any of the words: {found:#}");
+    let found = grpc
+        .ok(
+            "Memories/ListMemories",
+            json!({"q": "pager", "namespace": "user-1"}),
+        )
+        .await;
+    assert_eq!(found["memories"], json!([]));
+
+    // Pages, newest first.
+    let page = grpc.ok("Memories/ListMemories", json!({"limit": 2})).await;
+    assert_eq!(
+        ids(&page["memories"]),
+        [plain["id"].as_str().unwrap(), ops_id.as_str()]
+    );
+    let cursor = page["next_cursor"]
+        .as_str()
+        .expect("a second page")
+        .to_owned();
+    let page = grpc
+        .ok(
+            "Memories/ListMemories",
+            json!({"limit": 2, "cursor": cursor}),
+        )
+        .await;
+    assert_eq!(ids(&page["memories"]), [saved.as_str()]);
+    assert_eq!(page.get("next_cursor"), None);
+
+    let got = grpc.ok("Memories/GetMemory", json!({"id": saved})).await;
+    assert_eq!(got, ada);
+    let deleted = grpc
+        .ok("Memories/DeleteMemory", json!({"id": ops_id}))
+        .await;
+    assert_eq!(deleted, json!({}));
+    grpc.refused("Memories/GetMemory", json!({"id": ops_id}))
+        .await
+        .is("NOT_FOUND", "memory_not_found");
+    grpc.refused("Memories/DeleteMemory", json!({"id": ops_id}))
+        .await
+        .is("NOT_FOUND", "memory_not_found");
+    let (status, _) = rest.get(&format!("/v1/memories/{ops_id}")).await.unwrap();
+    assert_eq!(status.as_u16(), 404, "REST sees it gone");
+
+    // Bad input, refused with REST's codes.
+    for (request, code) in [
+        (json!({"text": "  "}), "invalid_memory"),
+        (
+            json!({"text": "x", "metadata_json": "[1]"}),
+            "invalid_memory",
+        ),
+        (json!({"text": "x", "metadata_json": "{"}), "invalid_json"),
+        (
+            json!({"text": "x", "namespace": "no spaces"}),
+            "invalid_memory_namespace",
+        ),
+    ] {
+        grpc.refused("Memories/CreateMemory", request)
+            .await
+            .is("INVALID_ARGUMENT", code);
+    }
+    for (request, code) in [
+        (json!({"q": " ;"}), "invalid_query"),
+        (json!({"q": "pager", "cursor": saved}), "invalid_query"),
+        (json!({"namespace": "a/b"}), "invalid_memory_namespace"),
+        (json!({"limit": 0}), "invalid_query"),
+    ] {
+        grpc.refused("Memories/ListMemories", request)
+            .await
+            .is("INVALID_ARGUMENT", code);
+    }
+    for id in ["", "a/b", "not-a-memory"] {
+        grpc.refused("Memories/GetMemory", json!({"id": id}))
+            .await
+            .is("NOT_FOUND", "memory_not_found");
+    }
+    let mut bad = answering("Bad namespace", "1");
+    bad["memory_namespace"] = json!("a/b");
+    grpc.refused("Tasks/SubmitTask", bad)
+        .await
+        .is("INVALID_ARGUMENT", "invalid_memory_namespace");
 }

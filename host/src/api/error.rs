@@ -50,6 +50,13 @@ impl ApiError {
         Self::new(Code::TaskNotFound, format!("no task has the id {id:?}"))
     }
 
+    pub fn memory_not_found(id: &str) -> Self {
+        Self::new(
+            Code::MemoryNotFound,
+            format!("this tenant has no memory with the id {id:?}"),
+        )
+    }
+
     pub fn approval_not_found(task: &str, call: &str) -> Self {
         Self::new(
             Code::ApprovalNotFound,
