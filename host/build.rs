@@ -3,18 +3,26 @@
 //! cargo rebuild.
 //!
 //! The gRPC server's code is generated from `proto/` here, with the .proto
-//! parsed by protox (so no `protoc` is needed), and the parsed descriptors
-//! are kept for server reflection.
+//! files parsed by protox (so no `protoc` is needed), and the parsed
+//! descriptors are kept for server reflection.
 
 use std::path::PathBuf;
 
 use prost::Message;
 
+/// The gRPC API's files, under `proto/`: one per service (`tests/build.rs`
+/// lists the same).
+const PROTO_FILES: [&str; 3] = [
+    "opspawn/v1/tasks.proto",
+    "opspawn/v1/threads.proto",
+    "opspawn/v1/memories.proto",
+];
+
 fn main() {
     println!("cargo:rerun-if-changed=../migrations");
     println!("cargo:rerun-if-changed=../proto");
-    let descriptors = protox::compile(["opspawn/v1/tasks.proto"], ["../proto"])
-        .unwrap_or_else(|e| panic!("compiling proto/opspawn/v1/tasks.proto: {e}"));
+    let descriptors = protox::compile(PROTO_FILES, ["../proto"])
+        .unwrap_or_else(|e| panic!("compiling the .proto files in proto/: {e}"));
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     std::fs::write(
         out_dir.join("opspawn_descriptor.bin"),

@@ -7,6 +7,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The gRPC API's files, under `proto/` (as `host/build.rs` lists them).
+const PROTO_FILES: [&str; 3] = [
+    "opspawn/v1/tasks.proto",
+    "opspawn/v1/threads.proto",
+    "opspawn/v1/memories.proto",
+];
+
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir
@@ -78,8 +85,8 @@ fn main() {
     // The gRPC tests' client, generated from the .proto the server is.
     let proto = root.join("proto");
     println!("cargo:rerun-if-changed={}", proto.display());
-    let descriptors = protox::compile(["opspawn/v1/tasks.proto"], [&proto])
-        .unwrap_or_else(|e| panic!("compiling proto/opspawn/v1/tasks.proto: {e}"));
+    let descriptors = protox::compile(PROTO_FILES, [&proto])
+        .unwrap_or_else(|e| panic!("compiling the .proto files in proto/: {e}"));
     tonic_prost_build::configure()
         .build_server(false)
         .compile_fds(descriptors)

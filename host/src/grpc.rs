@@ -1,5 +1,5 @@
-//! gRPC beside REST (`proto/opspawn/v1/tasks.proto`), on a port of its own
-//! when `[grpc] listen` is set.
+//! gRPC beside REST (`proto/opspawn/v1/`: the `Tasks`, `Threads` and
+//! `Memories` services), on a port of its own when `[grpc] listen` is set.
 //!
 //! Every call is served by the REST route of the same name, called
 //! in-process with the caller's `authorization` (and `idempotency-key`)
@@ -25,12 +25,12 @@ use tower::ServiceExt as _;
 use crate::api::ApiError;
 use crate::errors::Code;
 
-/// The code generated from `proto/opspawn/v1/tasks.proto`.
+/// The code generated from `proto/opspawn/v1/`.
 pub mod pb {
     tonic::include_proto!("opspawn.v1");
 }
 
-/// The parsed .proto, for server reflection.
+/// The parsed .proto files, for server reflection.
 const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/opspawn_descriptor.bin"));
 
 /// The metadata key carrying an error's stable code.
@@ -56,8 +56,8 @@ pub struct GrpcConfig {
     pub listen: Option<SocketAddr>,
 }
 
-/// Serves gRPC (the task service and reflection) on `listener` until
-/// `shutdown` completes. `rest` is the REST API's router.
+/// Serves gRPC (the task, thread and memory services, and reflection) on
+/// `listener` until `shutdown` completes. `rest` is the REST API's router.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     rest: axum::Router,
@@ -67,8 +67,11 @@ pub async fn serve(
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(DESCRIPTORS)
     };
+    let api = GrpcApi { rest };
     tonic::transport::Server::builder()
-        .add_service(pb::tasks_server::TasksServer::new(TaskService { rest }))
+        .add_service(pb::tasks_server::TasksServer::new(api.clone()))
+        .add_service(pb::threads_server::ThreadsServer::new(api.clone()))
+        .add_service(pb::memories_server::MemoriesServer::new(api))
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .serve_with_incoming_shutdown(
@@ -79,8 +82,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// The task service: each call one REST request.
-struct TaskService {
+/// The gRPC services: each call one REST request.
+#[derive(Clone)]
+struct GrpcApi {
     rest: axum::Router,
 }
 
@@ -90,7 +94,7 @@ struct Answer {
     body: Body,
 }
 
-impl TaskService {
+impl GrpcApi {
     /// Sends a request to the REST router with the forwarded metadata (and
     /// `extra` headers); a refusal becomes the matching [`Status`].
     async fn rest(
@@ -158,6 +162,17 @@ impl TaskService {
             .map_err(|e| Status::internal(format!("the REST API answered with bad JSON: {e}")))?;
         Ok((answer.status, value))
     }
+
+    /// A request whose answer has no body (`204 No Content`).
+    async fn no_content(
+        &self,
+        method: Method,
+        path: &str,
+        metadata: &MetadataMap,
+    ) -> Result<(), Status> {
+        self.rest(method, path, metadata, &[], None).await?;
+        Ok(())
+    }
 }
 
 async fn read(body: Body) -> Result<Bytes, Status> {
@@ -208,17 +223,79 @@ fn api_refusal(error: ApiError) -> Status {
     refusal_status(error.status, body.to_string().as_bytes())
 }
 
+/// Whether `id` goes into a REST path as one segment as it is. The ids the
+/// server makes (UUIDs) always do.
+fn plain_segment(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+}
+
 /// The REST path of a task. An id REST could not take as one path segment
 /// (task ids are UUIDs) names no task.
 fn task_path(id: &str, rest: &str) -> Result<String, Status> {
-    let plain = !id.is_empty()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b));
-    if !plain {
+    if !plain_segment(id) {
         return Err(api_refusal(ApiError::task_not_found(id)));
     }
     Ok(format!("/v1/tasks/{id}{rest}"))
+}
+
+/// The REST path of a task's call that needed approval. Call ids are the
+/// planner's, any text, so the id is percent-encoded; an empty one names no
+/// call.
+fn approval_path(task_id: &str, call_id: &str) -> Result<String, Status> {
+    if call_id.is_empty() {
+        return Err(api_refusal(ApiError::approval_not_found(task_id, call_id)));
+    }
+    task_path(task_id, &format!("/approvals/{}", percent_encoded(call_id)))
+}
+
+/// `text` as one path segment: every byte but ASCII letters, digits, `-`,
+/// `_` and `~` as `%XX`, so no text becomes another path (`..`, `a/b`).
+fn percent_encoded(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+/// The REST path of a thread, its id checked as REST checks it (what a
+/// thread id may hold needs no escaping in a path).
+fn thread_path(id: &str) -> Result<String, Status> {
+    if let Some(message) = crate::threads::invalid_thread_id(id) {
+        return Err(api_refusal(ApiError::new(Code::InvalidThread, message)));
+    }
+    Ok(format!("/v1/threads/{id}"))
+}
+
+/// The REST path of a memory. An id REST could not take as one path segment
+/// (memory ids are UUIDs) names no memory.
+fn memory_path(id: &str) -> Result<String, Status> {
+    if !plain_segment(id) {
+        return Err(api_refusal(ApiError::memory_not_found(id)));
+    }
+    Ok(format!("/v1/memories/{id}"))
+}
+
+/// `path` with the query parameters of `pairs` that are set.
+fn with_query(path: &str, pairs: Vec<(&str, Option<String>)>) -> Result<String, Status> {
+    let pairs: Vec<(&str, String)> = pairs
+        .into_iter()
+        .filter_map(|(key, value)| Some((key, value?)))
+        .collect();
+    let query = serde_urlencoded::to_string(&pairs)
+        .map_err(|e| api_refusal(ApiError::new(Code::InvalidQuery, e.to_string())))?;
+    Ok(if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    })
 }
 
 /// A `*_json` field as JSON; not JSON is REST's `invalid_json`.
@@ -242,6 +319,8 @@ fn submit_body(request: pb::SubmitTaskRequest) -> Result<Value, Status> {
         ("model", request.model),
         ("run_at", request.run_at),
         ("deadline", request.deadline),
+        ("thread", request.thread),
+        ("memory_namespace", request.memory_namespace),
     ];
     for (field, value) in strings {
         if let Some(value) = value {
@@ -264,6 +343,73 @@ fn submit_body(request: pb::SubmitTaskRequest) -> Result<Value, Status> {
     }
     if let Some(options) = request.options_json {
         body.insert("options".into(), parse_json("options_json", &options)?);
+    }
+    if let Some(budget) = request.budget {
+        body.insert("budget".into(), budget_body(budget)?);
+    }
+    if let Some(format) = request.response_format {
+        body.insert("response_format".into(), response_format_body(format)?);
+    }
+    Ok(Value::Object(body))
+}
+
+/// A task's `budget` as REST takes it: only the caps that are set. A cost
+/// JSON cannot carry (NaN, infinite) is refused as REST refuses one out of
+/// range.
+fn budget_body(budget: pb::Budget) -> Result<Value, Status> {
+    let mut body = Map::new();
+    if let Some(max_tokens) = budget.max_tokens {
+        body.insert("max_tokens".into(), max_tokens.into());
+    }
+    if let Some(usd) = budget.max_cost_usd {
+        let usd = serde_json::Number::from_f64(usd).ok_or_else(|| {
+            api_refusal(ApiError::new(
+                Code::InvalidBudget,
+                format!(
+                    "budget.max_cost_usd must be a number of dollars from 0 to 1000000, not {usd}"
+                ),
+            ))
+        })?;
+        body.insert("max_cost_usd".into(), usd.into());
+    }
+    Ok(Value::Object(body))
+}
+
+/// A task's `response_format` as REST takes it. An empty `schema_json` is
+/// a schema not given, which REST refuses as a missing field.
+fn response_format_body(format: pb::ResponseFormat) -> Result<Value, Status> {
+    let mut body = Map::new();
+    body.insert("name".into(), format.name.into());
+    if !format.schema_json.is_empty() {
+        let schema = parse_json("response_format.schema_json", &format.schema_json)?;
+        body.insert("schema".into(), schema);
+    }
+    body.insert("strict".into(), format.strict.into());
+    Ok(Value::Object(body))
+}
+
+/// The body of `POST /v1/tasks/{id}/approvals/{call}`.
+fn decision_body(request: pb::DecideApprovalRequest) -> Result<Value, Status> {
+    let mut body = Map::new();
+    body.insert("decision".into(), request.decision.into());
+    if let Some(input) = request.input_json {
+        body.insert("input".into(), parse_json("input_json", &input)?);
+    }
+    if let Some(comment) = request.comment {
+        body.insert("comment".into(), comment.into());
+    }
+    Ok(Value::Object(body))
+}
+
+/// The body of `POST /v1/memories`.
+fn memory_body(request: pb::CreateMemoryRequest) -> Result<Value, Status> {
+    let mut body = Map::new();
+    body.insert("text".into(), request.text.into());
+    if let Some(namespace) = request.namespace {
+        body.insert("namespace".into(), namespace.into());
+    }
+    if let Some(metadata) = request.metadata_json {
+        body.insert("metadata".into(), parse_json("metadata_json", &metadata)?);
     }
     Ok(Value::Object(body))
 }
@@ -333,6 +479,36 @@ fn task(value: &Value) -> pb::Task {
             .flatten()
             .map(step)
             .collect(),
+        cost_usd: value["cost_usd"].as_f64(),
+        budget: value["budget"]
+            .is_object()
+            .then(|| task_budget(&value["budget"])),
+        schedule_id: optional_string(&value["schedule_id"]),
+        scheduled_for: optional_string(&value["scheduled_for"]),
+        thread: optional_string(&value["thread"]),
+        memory_namespace: optional_string(&value["memory_namespace"]),
+        response_format: value["response_format"]
+            .is_object()
+            .then(|| response_format(&value["response_format"])),
+    }
+}
+
+/// A task's caps as REST renders them (`api/views.rs`, `BudgetView`).
+fn task_budget(value: &Value) -> pb::TaskBudget {
+    pb::TaskBudget {
+        max_tokens: value["max_tokens"].as_u64(),
+        max_cost_usd: value["max_cost_usd"].as_f64(),
+        remaining_tokens: value["remaining_tokens"].as_u64(),
+        remaining_cost_usd: value["remaining_cost_usd"].as_f64(),
+    }
+}
+
+/// A task's response format as REST renders it (`protocol::ResponseFormat`).
+fn response_format(value: &Value) -> pb::ResponseFormat {
+    pb::ResponseFormat {
+        name: string(&value["name"]),
+        schema_json: value["schema"].to_string(),
+        strict: value["strict"].as_bool().unwrap_or_default(),
     }
 }
 
@@ -351,6 +527,60 @@ fn step(value: &Value) -> pb::Step {
         started_at: string(&value["started_at"]),
         finished_at: optional_string(&value["finished_at"]),
         duration_ms: value["duration_ms"].as_i64(),
+        plugin_sha256: optional_string(&value["plugin_sha256"]),
+        planner_sha256: optional_string(&value["planner_sha256"]),
+    }
+}
+
+/// A call that needed approval as REST renders it (`api/approvals.rs`,
+/// `ApprovalView`).
+fn approval(value: &Value) -> pb::Approval {
+    pb::Approval {
+        call_id: string(&value["call_id"]),
+        step: value["step"].as_u64().unwrap_or_default() as u32,
+        tool: string(&value["tool"]),
+        input_json: value["input"].to_string(),
+        status: string(&value["status"]),
+        edited_input_json: optional_json(&value["edited_input"]),
+        comment: optional_string(&value["comment"]),
+        decided_by: optional_string(&value["decided_by"]),
+        decided_at: optional_string(&value["decided_at"]),
+        requested_at: string(&value["requested_at"]),
+        expires_at: string(&value["expires_at"]),
+    }
+}
+
+/// A tenant's usage as REST renders it (`api/views.rs`, `UsageView`).
+fn tenant_usage(value: &Value) -> pb::TenantUsage {
+    pb::TenantUsage {
+        tenant: string(&value["tenant"]),
+        tracked: value["tracked"].as_bool().unwrap_or_default(),
+        period: optional_string(&value["period"]),
+        period_start: optional_string(&value["period_start"]),
+        period_end: optional_string(&value["period_end"]),
+        input_tokens: value["input_tokens"].as_u64(),
+        output_tokens: value["output_tokens"].as_u64(),
+        tokens: value["tokens"].as_u64(),
+        cost_usd: value["cost_usd"].as_f64(),
+        max_tokens: value["max_tokens"].as_u64(),
+        max_cost_usd: value["max_cost_usd"].as_f64(),
+        remaining_tokens: value["remaining_tokens"].as_u64(),
+        remaining_cost_usd: value["remaining_cost_usd"].as_f64(),
+        reserved_tokens: value["reserved_tokens"].as_u64().unwrap_or_default(),
+        reserved_cost_usd: value["reserved_cost_usd"].as_f64().unwrap_or_default(),
+    }
+}
+
+/// A memory as REST renders it (`api/memories.rs`, `MemoryView`).
+fn memory(value: &Value) -> pb::Memory {
+    pb::Memory {
+        id: string(&value["id"]),
+        namespace: string(&value["namespace"]),
+        text: string(&value["text"]),
+        metadata_json: value["metadata"].to_string(),
+        created_at: string(&value["created_at"]),
+        task_id: optional_string(&value["task_id"]),
+        score: value["score"].as_f64(),
     }
 }
 
@@ -368,7 +598,7 @@ fn task_event(data: &str) -> Result<pb::TaskEvent, Status> {
 }
 
 #[tonic::async_trait]
-impl pb::tasks_server::Tasks for TaskService {
+impl pb::tasks_server::Tasks for GrpcApi {
     async fn submit_task(
         &self,
         request: GrpcRequest<pb::SubmitTaskRequest>,
@@ -400,21 +630,18 @@ impl pb::tasks_server::Tasks for TaskService {
         request: GrpcRequest<pb::ListTasksRequest>,
     ) -> Result<GrpcResponse<pb::ListTasksResponse>, Status> {
         let query = request.get_ref();
-        let pairs: Vec<(&str, String)> = [
-            ("status", query.status.clone()),
-            ("limit", query.limit.map(|limit| limit.to_string())),
-            ("cursor", query.cursor.clone()),
-        ]
-        .into_iter()
-        .filter_map(|(key, value)| Some((key, value?)))
-        .collect();
-        let query = serde_urlencoded::to_string(&pairs)
-            .map_err(|e| api_refusal(ApiError::new(Code::InvalidQuery, e.to_string())))?;
-        let path = if query.is_empty() {
-            "/v1/tasks".to_owned()
-        } else {
-            format!("/v1/tasks?{query}")
-        };
+        let path = with_query(
+            "/v1/tasks",
+            vec![
+                ("status", query.status.clone()),
+                ("limit", query.limit.map(|limit| limit.to_string())),
+                ("cursor", query.cursor.clone()),
+                ("plugin", query.plugin.clone()),
+                ("q", query.q.clone()),
+                ("schedule", query.schedule.clone()),
+                ("thread", query.thread.clone()),
+            ],
+        )?;
         let (_, answer) = self
             .json(Method::GET, &path, request.metadata(), None)
             .await?;
@@ -473,6 +700,151 @@ impl pb::tasks_server::Tasks for TaskService {
             })
             .boxed();
         Ok(GrpcResponse::new(events))
+    }
+
+    async fn list_approvals(
+        &self,
+        request: GrpcRequest<pb::ListApprovalsRequest>,
+    ) -> Result<GrpcResponse<pb::ListApprovalsResponse>, Status> {
+        let path = task_path(&request.get_ref().task_id, "/approvals")?;
+        let (_, answer) = self
+            .json(Method::GET, &path, request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(pb::ListApprovalsResponse {
+            approvals: answer["approvals"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(approval)
+                .collect(),
+        }))
+    }
+
+    async fn decide_approval(
+        &self,
+        request: GrpcRequest<pb::DecideApprovalRequest>,
+    ) -> Result<GrpcResponse<pb::Approval>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        let path = approval_path(&request.task_id, &request.call_id)?;
+        let body = decision_body(request)?;
+        let (_, answer) = self
+            .json(Method::POST, &path, &metadata, Some(body))
+            .await?;
+        Ok(GrpcResponse::new(approval(&answer)))
+    }
+
+    async fn get_usage(
+        &self,
+        request: GrpcRequest<pb::GetUsageRequest>,
+    ) -> Result<GrpcResponse<pb::TenantUsage>, Status> {
+        let (_, answer) = self
+            .json(Method::GET, "/v1/usage", request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(tenant_usage(&answer)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::threads_server::Threads for GrpcApi {
+    async fn get_thread(
+        &self,
+        request: GrpcRequest<pb::GetThreadRequest>,
+    ) -> Result<GrpcResponse<pb::Thread>, Status> {
+        let query = request.get_ref();
+        let path = with_query(
+            &thread_path(&query.id)?,
+            vec![
+                ("limit", query.limit.map(|limit| limit.to_string())),
+                ("cursor", query.cursor.clone()),
+            ],
+        )?;
+        let (_, answer) = self
+            .json(Method::GET, &path, request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(pb::Thread {
+            id: string(&answer["thread"]),
+            tasks: answer["tasks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(task)
+                .collect(),
+            next_cursor: optional_string(&answer["next_cursor"]),
+        }))
+    }
+
+    async fn delete_thread(
+        &self,
+        request: GrpcRequest<pb::DeleteThreadRequest>,
+    ) -> Result<GrpcResponse<pb::DeleteThreadResponse>, Status> {
+        let path = thread_path(&request.get_ref().id)?;
+        self.no_content(Method::DELETE, &path, request.metadata())
+            .await?;
+        Ok(GrpcResponse::new(pb::DeleteThreadResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::memories_server::Memories for GrpcApi {
+    async fn list_memories(
+        &self,
+        request: GrpcRequest<pb::ListMemoriesRequest>,
+    ) -> Result<GrpcResponse<pb::ListMemoriesResponse>, Status> {
+        let query = request.get_ref();
+        let path = with_query(
+            "/v1/memories",
+            vec![
+                ("namespace", query.namespace.clone()),
+                ("q", query.q.clone()),
+                ("limit", query.limit.map(|limit| limit.to_string())),
+                ("cursor", query.cursor.clone()),
+            ],
+        )?;
+        let (_, answer) = self
+            .json(Method::GET, &path, request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(pb::ListMemoriesResponse {
+            memories: answer["memories"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(memory)
+                .collect(),
+            next_cursor: optional_string(&answer["next_cursor"]),
+        }))
+    }
+
+    async fn create_memory(
+        &self,
+        request: GrpcRequest<pb::CreateMemoryRequest>,
+    ) -> Result<GrpcResponse<pb::Memory>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        let body = memory_body(request)?;
+        let (_, answer) = self
+            .json(Method::POST, "/v1/memories", &metadata, Some(body))
+            .await?;
+        Ok(GrpcResponse::new(memory(&answer)))
+    }
+
+    async fn get_memory(
+        &self,
+        request: GrpcRequest<pb::GetMemoryRequest>,
+    ) -> Result<GrpcResponse<pb::Memory>, Status> {
+        let path = memory_path(&request.get_ref().id)?;
+        let (_, answer) = self
+            .json(Method::GET, &path, request.metadata(), None)
+            .await?;
+        Ok(GrpcResponse::new(memory(&answer)))
+    }
+
+    async fn delete_memory(
+        &self,
+        request: GrpcRequest<pb::DeleteMemoryRequest>,
+    ) -> Result<GrpcResponse<pb::DeleteMemoryResponse>, Status> {
+        let path = memory_path(&request.get_ref().id)?;
+        self.no_content(Method::DELETE, &path, request.metadata())
+            .await?;
+        Ok(GrpcResponse::new(pb::DeleteMemoryResponse {}))
     }
 }
 
@@ -538,6 +910,203 @@ mod tests {
         assert_eq!(
             refused.metadata().get(ERROR_CODE_KEY).unwrap(),
             "invalid_json"
+        );
+    }
+
+    #[test]
+    fn budgets_threads_namespaces_and_formats_reach_rest_in_its_shape() {
+        let body = submit_body(pb::SubmitTaskRequest {
+            goal: "g".into(),
+            thread: Some("chat-1".into()),
+            memory_namespace: Some("user-1".into()),
+            budget: Some(pb::Budget {
+                max_tokens: Some(1000),
+                max_cost_usd: Some(0.5),
+            }),
+            response_format: Some(pb::ResponseFormat {
+                name: "calc".into(),
+                schema_json: r#"{"type": "object"}"#.into(),
+                strict: true,
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "goal": "g", "thread": "chat-1", "memory_namespace": "user-1",
+                "budget": {"max_tokens": 1000, "max_cost_usd": 0.5},
+                "response_format": {"name": "calc", "schema": {"type": "object"}, "strict": true}
+            })
+        );
+        // An empty budget is REST's empty one; a schema not given is left
+        // out, for REST to refuse as a missing field.
+        let body = submit_body(pb::SubmitTaskRequest {
+            goal: "g".into(),
+            budget: Some(pb::Budget::default()),
+            response_format: Some(pb::ResponseFormat {
+                name: "calc".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(body["budget"], serde_json::json!({}));
+        assert_eq!(
+            body["response_format"],
+            serde_json::json!({"name": "calc", "strict": false})
+        );
+
+        let refusals = [
+            (
+                pb::SubmitTaskRequest {
+                    budget: Some(pb::Budget {
+                        max_cost_usd: Some(f64::NAN),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "invalid_budget",
+            ),
+            (
+                pb::SubmitTaskRequest {
+                    budget: Some(pb::Budget {
+                        max_cost_usd: Some(f64::INFINITY),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "invalid_budget",
+            ),
+            (
+                pb::SubmitTaskRequest {
+                    response_format: Some(pb::ResponseFormat {
+                        name: "calc".into(),
+                        schema_json: "{".into(),
+                        strict: false,
+                    }),
+                    ..Default::default()
+                },
+                "invalid_json",
+            ),
+        ];
+        for (request, code) in refusals {
+            let refused = submit_body(request).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{code}");
+            assert_eq!(refused.metadata().get(ERROR_CODE_KEY).unwrap(), code);
+        }
+    }
+
+    #[test]
+    fn a_task_view_keeps_what_rest_shows() {
+        let view = serde_json::json!({
+            "id": "t-1", "status": "waiting_approval", "options": {},
+            "usage": {"input_tokens": 20, "output_tokens": 10},
+            "cost_usd": 0.04,
+            "budget": {"max_tokens": 1000, "max_cost_usd": null,
+                       "remaining_tokens": 970, "remaining_cost_usd": null},
+            "schedule_id": null, "scheduled_for": null,
+            "thread": "chat-1", "memory_namespace": null,
+            "response_format": {"name": "calc", "schema": {"type": "object"}, "strict": false},
+            "steps": [{"seq": 1, "kind": "llm", "input": {}, "plugin_sha256": "ab",
+                       "planner_sha256": null}]
+        });
+        let shown = task(&view);
+        assert_eq!(shown.status, "waiting_approval");
+        assert_eq!(shown.cost_usd, Some(0.04));
+        assert_eq!(
+            shown.budget,
+            Some(pb::TaskBudget {
+                max_tokens: Some(1000),
+                max_cost_usd: None,
+                remaining_tokens: Some(970),
+                remaining_cost_usd: None,
+            })
+        );
+        assert_eq!(shown.thread.as_deref(), Some("chat-1"));
+        assert_eq!(shown.memory_namespace, None);
+        assert_eq!(shown.schedule_id, None);
+        assert_eq!(
+            shown.response_format,
+            Some(pb::ResponseFormat {
+                name: "calc".into(),
+                schema_json: r#"{"type":"object"}"#.into(),
+                strict: false,
+            })
+        );
+        assert_eq!(shown.steps[0].plugin_sha256.as_deref(), Some("ab"));
+        assert_eq!(shown.steps[0].planner_sha256, None);
+        let plain = task(&serde_json::json!({"budget": null, "response_format": null}));
+        assert_eq!((plain.budget, plain.response_format), (None, None));
+    }
+
+    #[test]
+    fn a_call_id_is_one_percent_encoded_segment() {
+        assert_eq!(
+            approval_path("t-1", "call_1").unwrap(),
+            "/v1/tasks/t-1/approvals/call_1"
+        );
+        assert_eq!(
+            approval_path("t-1", "a/b ..").unwrap(),
+            "/v1/tasks/t-1/approvals/a%2Fb%20%2E%2E"
+        );
+        assert_eq!(
+            approval_path("t-1", "é").unwrap(),
+            "/v1/tasks/t-1/approvals/%C3%A9"
+        );
+        let refused = approval_path("t-1", "").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::NotFound);
+        assert_eq!(
+            refused.metadata().get(ERROR_CODE_KEY).unwrap(),
+            "approval_not_found"
+        );
+        let refused = approval_path("a/b", "c").unwrap_err();
+        assert_eq!(
+            refused.metadata().get(ERROR_CODE_KEY).unwrap(),
+            "task_not_found"
+        );
+    }
+
+    #[test]
+    fn thread_and_memory_ids_are_checked_as_rest_checks_them() {
+        assert_eq!(thread_path("chat-1:a.b").unwrap(), "/v1/threads/chat-1:a.b");
+        for id in [String::new(), "a b".into(), "a/b".into(), "x".repeat(129)] {
+            let refused = thread_path(&id).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{id:?}");
+            assert_eq!(
+                refused.metadata().get(ERROR_CODE_KEY).unwrap(),
+                "invalid_thread"
+            );
+        }
+        let id = "0190a5f0-0000-7000-8000-000000000000";
+        assert_eq!(memory_path(id).unwrap(), format!("/v1/memories/{id}"));
+        for id in ["", "a/b", "a?b"] {
+            let refused = memory_path(id).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::NotFound, "{id:?}");
+            assert_eq!(
+                refused.metadata().get(ERROR_CODE_KEY).unwrap(),
+                "memory_not_found"
+            );
+        }
+    }
+
+    #[test]
+    fn only_set_query_parameters_reach_rest() {
+        assert_eq!(
+            with_query("/v1/memories", vec![("q", None), ("limit", None)]).unwrap(),
+            "/v1/memories"
+        );
+        assert_eq!(
+            with_query(
+                "/v1/memories",
+                vec![
+                    ("q", Some("a b&c".into())),
+                    ("limit", None),
+                    ("cursor", Some("x".into()))
+                ]
+            )
+            .unwrap(),
+            "/v1/memories?q=a+b%26c&cursor=x"
         );
     }
 

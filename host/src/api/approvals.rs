@@ -191,9 +191,6 @@ pub(super) async fn decide_approval(
                 approval.decided_at.map(timestamp).unwrap_or_default(),
             ),
         )),
-        DecideOutcome::NotFound => Err(ApiError::new(
-            Code::ApprovalNotFound,
-            format!("task {id} has no call {call:?} that needs approval"),
-        )),
+        DecideOutcome::NotFound => Err(ApiError::approval_not_found(&id, &call)),
     }
 }

@@ -49,6 +49,20 @@ impl ApiError {
     pub fn task_not_found(id: &str) -> Self {
         Self::new(Code::TaskNotFound, format!("no task has the id {id:?}"))
     }
+
+    pub fn memory_not_found(id: &str) -> Self {
+        Self::new(
+            Code::MemoryNotFound,
+            format!("this tenant has no memory with the id {id:?}"),
+        )
+    }
+
+    pub fn approval_not_found(task: &str, call: &str) -> Self {
+        Self::new(
+            Code::ApprovalNotFound,
+            format!("task {task} has no call {call:?} that needs approval"),
+        )
+    }
 }
 
 impl IntoResponse for ApiError {

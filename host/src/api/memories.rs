@@ -99,13 +99,6 @@ fn checked_namespace(namespace: Option<String>) -> Result<Option<String>, ApiErr
     Ok(namespace)
 }
 
-fn memory_not_found(id: &str) -> ApiError {
-    ApiError::new(
-        Code::MemoryNotFound,
-        format!("this tenant has no memory with the id {id:?}"),
-    )
-}
-
 /// The tenant's memories: with `q`, those matching any of its words, best
 /// first; without, the newest first, a page at a time.
 #[utoipa::path(
@@ -219,11 +212,11 @@ pub(super) async fn get_memory(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<MemoryView>, ApiError> {
     if uuid::Uuid::try_parse(&id).is_err() {
-        return Err(memory_not_found(&id));
+        return Err(ApiError::memory_not_found(&id));
     }
     match state.store.get_memory(&tenant.0, &id).await? {
         Some(memory) => Ok(Json(MemoryView::new(memory, false))),
-        None => Err(memory_not_found(&id)),
+        None => Err(ApiError::memory_not_found(&id)),
     }
 }
 
@@ -244,6 +237,6 @@ pub(super) async fn delete_memory(
     if uuid::Uuid::try_parse(&id).is_ok() && state.store.delete_memory(&tenant.0, &id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(memory_not_found(&id))
+        Err(ApiError::memory_not_found(&id))
     }
 }
