@@ -29,7 +29,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     Behaviour, Conversation, Incoming, Outcome, Provider, Reply, Shared, Turn, mask_key, pieces,
-    tokens, type_name,
+    text_of, tokens, type_name,
 };
 
 const FIELDS: &[&str] = &[
@@ -894,14 +894,8 @@ fn conversation(body: &Value) -> Conversation {
         .flatten()
         .filter(|block| block["type"] == "tool_result")
         .map(|block| match &block["content"] {
-            Value::String(text) => text.clone(),
-            Value::Array(parts) => parts
-                .iter()
-                .filter_map(|p| p["text"].as_str())
-                .collect::<Vec<_>>()
-                .join(""),
             Value::Null => String::new(),
-            other => other.to_string(),
+            content => text_of(content),
         })
         .next_back();
     let offers_calculator = body["tools"]

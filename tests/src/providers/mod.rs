@@ -45,6 +45,7 @@ mod gemini;
 
 pub use anthropic::thinking_signature;
 mod openai;
+mod openai_checks;
 mod responses;
 #[cfg(test)]
 mod tests;
@@ -681,6 +682,20 @@ pub(crate) fn result_value(text: &str) -> String {
         .ok()
         .and_then(|value| find(&value))
         .unwrap_or_else(|| text.trim().to_owned())
+}
+
+/// The text of a tool result's content: the text itself, or its parts'
+/// texts joined; any other value as JSON.
+pub(crate) fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(text) => text.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|part| part["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(""),
+        other => other.to_string(),
+    }
 }
 
 /// A rough token count, so usage is plausible and never zero.

@@ -12,9 +12,10 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value, json};
 
+use super::openai_checks::{self as checks, Invalid, invalid, missing, mistyped};
 use super::{
     Behaviour, Conversation, Incoming, Outcome, Provider, Reply, Shared, Turn, mask_key, pieces,
-    tokens, type_name, unix_time,
+    text_of, tokens, unix_time,
 };
 
 /// The request fields OpenAI accepts; it refuses any other.
@@ -188,33 +189,15 @@ pub(super) fn handle(provider: Provider, incoming: &Incoming, shared: &Shared) -
         }
         Behaviour::Unauthorized => Outcome::new(unauthorized(provider, &provider.test_key())),
         Behaviour::RateLimited => {
-            let message = format!(
-                "Rate limit reached for {model} in organization org-mock on requests per min \
-                 (RPM): Limit 3, Used 3, Requested 1. Please try again in 1s. Visit \
-                 https://platform.openai.com/account/rate-limits to learn more."
-            );
-            let mut reply = error(
-                provider,
-                429,
-                "requests",
-                Some("rate_limit_exceeded"),
-                &message,
-            );
+            let mut reply = rate_limited(provider, &model);
             if let Reply::Json { headers, .. } = &mut reply {
-                headers.push(("retry-after", "1".into()));
                 headers.push(("x-ratelimit-limit-requests", "3".into()));
                 headers.push(("x-ratelimit-remaining-requests", "0".into()));
                 headers.push(("x-ratelimit-reset-requests", "1s".into()));
             }
             Outcome::new(reply)
         }
-        Behaviour::ServerError => Outcome::new(error(
-            provider,
-            500,
-            "server_error",
-            None,
-            "The server had an error while processing your request. Sorry about that!",
-        )),
+        Behaviour::ServerError => Outcome::new(server_error(provider)),
         Behaviour::Malformed => Outcome::new(if stream {
             Reply::Sse {
                 content_type: "text/event-stream; charset=utf-8",
@@ -236,17 +219,7 @@ pub(super) fn handle(provider: Provider, incoming: &Incoming, shared: &Shared) -
                     .to_owned(),
             }
         }),
-        Behaviour::UnknownModel => {
-            let message =
-                format!("The model `{model}` does not exist or you do not have access to it.");
-            Outcome::new(error(
-                provider,
-                404,
-                "invalid_request_error",
-                Some("model_not_found"),
-                &message,
-            ))
-        }
+        Behaviour::UnknownModel => Outcome::new(model_not_found(provider, &model)),
     };
     outcome.model = Some(model);
     outcome.stream = stream;
@@ -289,6 +262,48 @@ pub(super) fn error(
     Reply::json(status, body)
 }
 
+/// `mock-429-once`'s first answer: a 429 with `Retry-After: 1`.
+pub(super) fn rate_limited(provider: Provider, model: &str) -> Reply {
+    let message = format!(
+        "Rate limit reached for {model} in organization org-mock on requests per min (RPM): \
+         Limit 3, Used 3, Requested 1. Please try again in 1s. Visit \
+         https://platform.openai.com/account/rate-limits to learn more."
+    );
+    let mut reply = error(
+        provider,
+        429,
+        "requests",
+        Some("rate_limit_exceeded"),
+        &message,
+    );
+    if let Reply::Json { headers, .. } = &mut reply {
+        headers.push(("retry-after", "1".into()));
+    }
+    reply
+}
+
+/// `mock-500-once`'s first answer.
+pub(super) fn server_error(provider: Provider) -> Reply {
+    error(
+        provider,
+        500,
+        "server_error",
+        None,
+        "The server had an error while processing your request. Sorry about that!",
+    )
+}
+
+/// The answer for a model the mock does not know.
+pub(super) fn model_not_found(provider: Provider, model: &str) -> Reply {
+    error(
+        provider,
+        404,
+        "invalid_request_error",
+        Some("model_not_found"),
+        &format!("The model `{model}` does not exist or you do not have access to it."),
+    )
+}
+
 pub(super) fn unauthorized(provider: Provider, key: &str) -> Reply {
     match provider {
         Provider::OpenRouter => Reply::json(
@@ -309,28 +324,8 @@ pub(super) fn unauthorized(provider: Provider, key: &str) -> Reply {
     }
 }
 
-pub(super) struct Invalid {
-    pub(super) message: String,
-    pub(super) param: Option<String>,
-}
-
-pub(super) fn invalid(param: impl Into<String>, message: impl Into<String>) -> Invalid {
-    Invalid {
-        message: message.into(),
-        param: Some(param.into()),
-    }
-}
-
 fn validate(provider: Provider, body: &Value) -> Result<(), Invalid> {
-    let Some(object) = body.as_object() else {
-        return Err(invalid(
-            "",
-            format!(
-                "The request body must be a JSON object, not {}.",
-                type_name(body)
-            ),
-        ));
-    };
+    let object = checks::fields(body)?;
     if provider == Provider::OpenAi
         && let Some(unknown) = object.keys().find(|k| !OPENAI_FIELDS.contains(&k.as_str()))
     {
@@ -339,38 +334,11 @@ fn validate(provider: Provider, body: &Value) -> Result<(), Invalid> {
             format!("Unrecognized request argument supplied: {unknown}"),
         ));
     }
-    match object.get("model") {
-        Some(Value::String(model)) if !model.is_empty() => {}
-        None | Some(Value::Null) => {
-            return Err(invalid("model", "you must provide a model parameter"));
-        }
-        Some(other) => {
-            return Err(invalid(
-                "model",
-                format!(
-                    "Invalid type for 'model': expected a string, but got {} instead.",
-                    type_name(other)
-                ),
-            ));
-        }
-    }
+    checks::model(object, "you must provide a model parameter")?;
     let messages = match object.get("messages") {
         Some(Value::Array(messages)) => messages,
-        None => {
-            return Err(invalid(
-                "messages",
-                "Missing required parameter: 'messages'.",
-            ));
-        }
-        Some(other) => {
-            return Err(invalid(
-                "messages",
-                format!(
-                    "Invalid type for 'messages': expected an array, but got {} instead.",
-                    type_name(other)
-                ),
-            ));
-        }
+        None => return Err(missing("messages")),
+        Some(other) => return Err(mistyped("messages", "an array", other)),
     };
     if messages.is_empty() {
         return Err(invalid(
@@ -406,31 +374,12 @@ fn validate_messages(messages: &[Value]) -> Result<(), Invalid> {
     for (i, message) in messages.iter().enumerate() {
         let at = format!("messages[{i}]");
         let Some(message) = message.as_object() else {
-            return Err(invalid(
-                &at,
-                format!(
-                    "Invalid type for '{at}': expected an object, but got {} instead.",
-                    type_name(message)
-                ),
-            ));
+            return Err(mistyped(&at, "an object", message));
         };
         let role = match message.get("role") {
             Some(Value::String(role)) => role.as_str(),
-            None => {
-                return Err(invalid(
-                    format!("{at}.role"),
-                    format!("Missing required parameter: '{at}.role'."),
-                ));
-            }
-            Some(other) => {
-                return Err(invalid(
-                    format!("{at}.role"),
-                    format!(
-                        "Invalid type for '{at}.role': expected a string, but got {} instead.",
-                        type_name(other)
-                    ),
-                ));
-            }
+            None => return Err(missing(format!("{at}.role"))),
+            Some(other) => return Err(mistyped(format!("{at}.role"), "a string", other)),
         };
         if role != "tool" && !waiting.is_empty() {
             return Err(unanswered(&waiting));
@@ -445,14 +394,7 @@ fn validate_messages(messages: &[Value]) -> Result<(), Invalid> {
                     None | Some(Value::Null) => Vec::new(),
                     Some(Value::Array(calls)) => validate_tool_calls(&at, calls)?,
                     Some(other) => {
-                        return Err(invalid(
-                            format!("{at}.tool_calls"),
-                            format!(
-                                "Invalid type for '{at}.tool_calls': expected an array, but got \
-                                 {} instead.",
-                                type_name(other)
-                            ),
-                        ));
+                        return Err(mistyped(format!("{at}.tool_calls"), "an array", other));
                     }
                 };
                 let optional = !calls.is_empty() || message.contains_key("refusal");
@@ -463,21 +405,9 @@ fn validate_messages(messages: &[Value]) -> Result<(), Invalid> {
             "tool" => {
                 let id = match message.get("tool_call_id") {
                     Some(Value::String(id)) => id.clone(),
-                    None | Some(Value::Null) => {
-                        return Err(invalid(
-                            format!("{at}.tool_call_id"),
-                            format!("Missing required parameter: '{at}.tool_call_id'."),
-                        ));
-                    }
+                    None | Some(Value::Null) => return Err(missing(format!("{at}.tool_call_id"))),
                     Some(other) => {
-                        return Err(invalid(
-                            format!("{at}.tool_call_id"),
-                            format!(
-                                "Invalid type for '{at}.tool_call_id': expected a string, but \
-                                 got {} instead.",
-                                type_name(other)
-                            ),
-                        ));
+                        return Err(mistyped(format!("{at}.tool_call_id"), "a string", other));
                     }
                 };
                 validate_content(&at, message.get("content"), false)?;
@@ -492,10 +422,7 @@ fn validate_messages(messages: &[Value]) -> Result<(), Invalid> {
             }
             "function" => {
                 if !message.get("name").is_some_and(Value::is_string) {
-                    return Err(invalid(
-                        format!("{at}.name"),
-                        format!("Missing required parameter: '{at}.name'."),
-                    ));
+                    return Err(missing(format!("{at}.name")));
                 }
                 answerable.clear();
             }
@@ -520,10 +447,7 @@ fn validate_content(at: &str, content: Option<&Value>, optional: bool) -> Result
     match content {
         Some(Value::String(_)) => Ok(()),
         None | Some(Value::Null) if optional => Ok(()),
-        None => Err(invalid(
-            &param,
-            format!("Missing required parameter: '{param}'."),
-        )),
+        None => Err(missing(param)),
         Some(Value::Array(parts)) => {
             for (j, part) in parts.iter().enumerate() {
                 let kind = part["type"].as_str();
@@ -548,13 +472,10 @@ fn validate_content(at: &str, content: Option<&Value>, optional: bool) -> Result
             }
             Ok(())
         }
-        Some(other) => Err(invalid(
-            &param,
-            format!(
-                "Invalid type for '{param}': expected one of a string or array of objects, but \
-                 got {} instead.",
-                type_name(other)
-            ),
+        Some(other) => Err(mistyped(
+            param,
+            "one of a string or array of objects",
+            other,
         )),
     }
 }
@@ -565,10 +486,7 @@ fn validate_tool_calls(at: &str, calls: &[Value]) -> Result<Vec<String>, Invalid
     for (j, call) in calls.iter().enumerate() {
         let param = format!("{at}.tool_calls[{j}]");
         let Some(id) = call["id"].as_str() else {
-            return Err(invalid(
-                format!("{param}.id"),
-                format!("Missing required parameter: '{param}.id'."),
-            ));
+            return Err(missing(format!("{param}.id")));
         };
         if call["type"] != "function" {
             return Err(invalid(
@@ -580,27 +498,16 @@ fn validate_tool_calls(at: &str, calls: &[Value]) -> Result<Vec<String>, Invalid
             ));
         }
         if !call["function"]["name"].is_string() {
-            return Err(invalid(
-                format!("{param}.function.name"),
-                format!("Missing required parameter: '{param}.function.name'."),
-            ));
+            return Err(missing(format!("{param}.function.name")));
         }
         match &call["function"]["arguments"] {
             Value::String(_) => {}
-            Value::Null => {
-                return Err(invalid(
-                    format!("{param}.function.arguments"),
-                    format!("Missing required parameter: '{param}.function.arguments'."),
-                ));
-            }
+            Value::Null => return Err(missing(format!("{param}.function.arguments"))),
             other => {
-                return Err(invalid(
+                return Err(mistyped(
                     format!("{param}.function.arguments"),
-                    format!(
-                        "Invalid type for '{param}.function.arguments': expected a string, but \
-                         got {} instead.",
-                        type_name(other)
-                    ),
+                    "a string",
+                    other,
                 ));
             }
         }
@@ -611,13 +518,7 @@ fn validate_tool_calls(at: &str, calls: &[Value]) -> Result<Vec<String>, Invalid
 
 fn validate_tools(tools: &Value) -> Result<(), Invalid> {
     let Some(tools) = tools.as_array() else {
-        return Err(invalid(
-            "tools",
-            format!(
-                "Invalid type for 'tools': expected an array, but got {} instead.",
-                type_name(tools)
-            ),
-        ));
+        return Err(mistyped("tools", "an array", tools));
     };
     for (i, tool) in tools.iter().enumerate() {
         let param = format!("tools[{i}]");
@@ -632,51 +533,19 @@ fn validate_tools(tools: &Value) -> Result<(), Invalid> {
         }
         let function = &tool["function"];
         if !function.is_object() {
-            return Err(invalid(
-                format!("{param}.function"),
-                format!("Missing required parameter: '{param}.function'."),
-            ));
+            return Err(missing(format!("{param}.function")));
         }
         let name = function["name"].as_str().unwrap_or_default();
-        let valid_name = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !valid_name {
-            return Err(invalid(
-                format!("{param}.function.name"),
-                format!(
-                    "Invalid '{param}.function.name': string does not match pattern. Expected a \
-                     string that matches the pattern '^[a-zA-Z0-9_-]+$'."
-                ),
-            ));
-        }
-        match &function["parameters"] {
-            Value::Null | Value::Object(_) => {}
-            other => {
-                return Err(invalid(
-                    format!("{param}.function.parameters"),
-                    format!(
-                        "Invalid type for '{param}.function.parameters': expected an object, but \
-                         got {} instead.",
-                        type_name(other)
-                    ),
-                ));
-            }
-        }
-        if let Some(parameters) = function["parameters"].as_object()
-            && parameters.get("type").is_some_and(|t| t != "object")
-        {
-            return Err(invalid(
+        checks::function_name(&format!("{param}.function.name"), name)?;
+        let parameters = &function["parameters"];
+        if !matches!(parameters, Value::Null | Value::Object(_)) {
+            return Err(mistyped(
                 format!("{param}.function.parameters"),
-                format!(
-                    "Invalid schema for function '{name}': schema must be a JSON Schema of \
-                     'type: \"object\"', got 'type: {}'.",
-                    parameters["type"]
-                ),
+                "an object",
+                parameters,
             ));
         }
+        checks::object_schema(&format!("{param}.function.parameters"), name, parameters)?;
     }
     Ok(())
 }
@@ -707,34 +576,8 @@ fn validate_options(object: &Map<String, Value>) -> Result<(), Invalid> {
             ));
         }
     }
-    if let Some(parallel) = object.get("parallel_tool_calls").filter(|p| !p.is_null())
-        && !parallel.is_boolean()
-    {
-        return Err(invalid(
-            "parallel_tool_calls",
-            "Invalid type for 'parallel_tool_calls': expected a boolean.",
-        ));
-    }
-    let stream = match object.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(stream)) => *stream,
-        Some(other) => {
-            return Err(invalid(
-                "stream",
-                format!(
-                    "Invalid type for 'stream': expected a boolean, but got {} instead.",
-                    type_name(other)
-                ),
-            ));
-        }
-    };
-    if let Some(options) = object.get("stream_options").filter(|o| !o.is_null()) {
-        if !stream {
-            return Err(invalid(
-                "stream_options",
-                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-            ));
-        }
+    checks::flag(object, "parallel_tool_calls")?;
+    if let Some(options) = checks::stream_options(object)? {
         if !options.is_object() {
             return Err(invalid(
                 "stream_options",
@@ -760,34 +603,9 @@ fn validate_options(object: &Map<String, Value>) -> Result<(), Invalid> {
                 ));
             }
         }
-        Some(other) => {
-            return Err(invalid(
-                "stop",
-                format!(
-                    "Invalid type for 'stop': expected a string or an array, but got {} instead.",
-                    type_name(other)
-                ),
-            ));
-        }
+        Some(other) => return Err(mistyped("stop", "a string or an array", other)),
     }
-    if let Some(temperature) = object.get("temperature").filter(|t| !t.is_null())
-        && !temperature
-            .as_f64()
-            .is_some_and(|t| (0.0..=2.0).contains(&t))
-    {
-        return Err(invalid(
-            "temperature",
-            format!("Invalid 'temperature': expected a number between 0 and 2, got {temperature}."),
-        ));
-    }
-    if let Some(top_p) = object.get("top_p").filter(|p| !p.is_null())
-        && !top_p.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p))
-    {
-        return Err(invalid(
-            "top_p",
-            format!("Invalid 'top_p': expected a number between 0 and 1, got {top_p}."),
-        ));
-    }
+    checks::sampling(object)?;
     for field in ["max_tokens", "max_completion_tokens"] {
         if let Some(value) = object.get(field).filter(|v| !v.is_null())
             && value.as_u64().is_none_or(|n| n < 1)
@@ -809,179 +627,61 @@ fn validate_options(object: &Map<String, Value>) -> Result<(), Invalid> {
 /// `strict`); in strict mode every object of the schema must be closed and
 /// require all its properties, as OpenAI's structured outputs demand.
 fn validate_response_format(format: &Value) -> Result<(), Invalid> {
-    let param = "response_format";
     let Some(object) = format.as_object() else {
-        return Err(invalid(
-            param,
-            format!(
-                "Invalid type for 'response_format': expected an object, but got {} instead.",
-                type_name(format)
-            ),
-        ));
+        return Err(mistyped("response_format", "an object", format));
     };
     let kind = object
         .get("type")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let allowed: &[&str] = match kind {
-        "text" | "json_object" => &["type"],
-        "json_schema" => &["type", "json_schema"],
-        _ => {
-            return Err(invalid(
-                "response_format.type",
-                format!(
-                    "Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and \
-                     'json_schema'."
-                ),
-            ));
-        }
-    };
+    let allowed = checks::format_keys("response_format.type", kind, &["type", "json_schema"])?;
     if let Some(unknown) = object.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(invalid(
-            format!("response_format.{unknown}"),
-            format!("Unknown parameter: 'response_format.{unknown}'."),
-        ));
+        return Err(checks::unknown(format!("response_format.{unknown}")));
     }
     if kind != "json_schema" {
         return Ok(());
     }
     let Some(spec) = object.get("json_schema").and_then(Value::as_object) else {
-        return Err(invalid(
-            "response_format.json_schema",
-            "Missing required parameter: 'response_format.json_schema'.",
-        ));
+        return Err(missing("response_format.json_schema"));
     };
     if let Some(unknown) = spec
         .keys()
         .find(|k| !["name", "description", "schema", "strict"].contains(&k.as_str()))
     {
-        return Err(invalid(
-            format!("response_format.json_schema.{unknown}"),
-            format!("Unknown parameter: 'response_format.json_schema.{unknown}'."),
-        ));
+        return Err(checks::unknown(format!(
+            "response_format.json_schema.{unknown}"
+        )));
     }
     let name = match spec.get("name") {
         Some(Value::String(name)) => name.as_str(),
-        None => {
-            return Err(invalid(
-                "response_format.json_schema.name",
-                "Missing required parameter: 'response_format.json_schema.name'.",
-            ));
-        }
+        None => return Err(missing("response_format.json_schema.name")),
         Some(other) => {
-            return Err(invalid(
+            return Err(mistyped(
                 "response_format.json_schema.name",
-                format!(
-                    "Invalid type for 'response_format.json_schema.name': expected a string, \
-                     but got {} instead.",
-                    type_name(other)
-                ),
+                "a string",
+                other,
             ));
         }
     };
-    let name_ok = (1..=64).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !name_ok {
-        return Err(invalid(
-            "response_format.json_schema.name",
-            format!(
-                "Invalid 'response_format.json_schema.name': string does not match pattern. \
-                 Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$' of at most 64 \
-                 characters, got '{name}'."
-            ),
-        ));
-    }
-    let strict = match spec.get("strict") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(strict)) => *strict,
-        Some(other) => {
-            return Err(invalid(
-                "response_format.json_schema.strict",
-                format!(
-                    "Invalid type for 'response_format.json_schema.strict': expected a \
-                     boolean, but got {} instead.",
-                    type_name(other)
-                ),
-            ));
-        }
-    };
+    checks::schema_name("response_format.json_schema.name", name)?;
+    let strict = checks::boolean("response_format.json_schema.strict", spec.get("strict"))?;
     let schema = match spec.get("schema") {
         None => return Ok(()),
         Some(schema @ Value::Object(_)) => schema,
         Some(other) => {
-            return Err(invalid(
+            return Err(mistyped(
                 "response_format.json_schema.schema",
-                format!(
-                    "Invalid type for 'response_format.json_schema.schema': expected an \
-                     object, but got {} instead.",
-                    type_name(other)
-                ),
+                "an object",
+                other,
             ));
         }
     };
-    if strict {
-        strict_schema(schema, "()").map_err(|why| {
-            invalid(
-                "response_format",
-                format!("Invalid schema for response_format '{name}': {why}"),
-            )
-        })?;
-    }
-    Ok(())
-}
-
-/// What strict mode demands of every object in a schema.
-pub(super) fn strict_schema(schema: &Value, context: &str) -> Result<(), String> {
-    let Some(object) = schema.as_object() else {
-        return Ok(());
-    };
-    let is_object =
-        object.get("type") == Some(&json!("object")) || object.contains_key("properties");
-    if is_object {
-        if object.get("additionalProperties") != Some(&json!(false)) {
-            return Err(format!(
-                "In context={context}, 'additionalProperties' is required to be supplied and \
-                 to be false."
-            ));
-        }
-        let required: Vec<&str> = object
-            .get("required")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        for name in object
-            .get("properties")
-            .and_then(Value::as_object)
-            .into_iter()
-            .flat_map(|p| p.keys())
-        {
-            if !required.contains(&name.as_str()) {
-                return Err(format!(
-                    "In context={context}, 'required' is required to be supplied and to be an \
-                     array including every key in properties. Missing '{name}'."
-                ));
-            }
-        }
-    }
-    for (key, value) in object {
-        match key.as_str() {
-            "properties" | "$defs" | "definitions" => {
-                for (name, inner) in value.as_object().into_iter().flatten() {
-                    strict_schema(inner, &format!("('{key}', '{name}')"))?;
-                }
-            }
-            "items" => strict_schema(value, "('items',)")?,
-            "anyOf" => {
-                for (k, inner) in value.as_array().into_iter().flatten().enumerate() {
-                    strict_schema(inner, &format!("('anyOf', '{k}')"))?;
-                }
-            }
-            _ => {}
-        }
+    if strict == Some(true) {
+        checks::strict(
+            schema,
+            "response_format",
+            &format!("response_format '{name}'"),
+        )?;
     }
     Ok(())
 }
@@ -994,15 +694,7 @@ fn conversation(body: &Value) -> Conversation {
         .into_iter()
         .flatten()
         .filter(|m| m["role"] == "tool")
-        .map(|m| match &m["content"] {
-            Value::String(text) => text.clone(),
-            Value::Array(parts) => parts
-                .iter()
-                .filter_map(|p| p["text"].as_str())
-                .collect::<Vec<_>>()
-                .join(""),
-            other => other.to_string(),
-        })
+        .map(|m| text_of(&m["content"]))
         .next_back();
     let offers_calculator = body["tools"]
         .as_array()

@@ -45,10 +45,11 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Value, json};
 
-use super::openai::{Invalid, error, invalid, strict_schema, unauthorized};
+use super::openai::{model_not_found, rate_limited, server_error, unauthorized};
+use super::openai_checks::{self as checks, Invalid, invalid, missing, mistyped};
 use super::{
     Behaviour, Conversation, Incoming, Outcome, Provider, Reply, Shared, Turn, models, pieces,
-    tokens, type_name, unix_time,
+    text_of, tokens, unix_time,
 };
 
 /// The request fields the Responses API accepts; it refuses any other.
@@ -185,31 +186,8 @@ pub(super) fn handle(incoming: &Incoming, body: &Value, shared: &Shared) -> Outc
             }
         }
         Behaviour::Unauthorized => Outcome::new(unauthorized(provider, &provider.test_key())),
-        Behaviour::RateLimited => {
-            let message = format!(
-                "Rate limit reached for {model} in organization org-mock on requests per min \
-                 (RPM): Limit 3, Used 3, Requested 1. Please try again in 1s. Visit \
-                 https://platform.openai.com/account/rate-limits to learn more."
-            );
-            let mut reply = error(
-                provider,
-                429,
-                "requests",
-                Some("rate_limit_exceeded"),
-                &message,
-            );
-            if let Reply::Json { headers, .. } = &mut reply {
-                headers.push(("retry-after", "1".into()));
-            }
-            Outcome::new(reply)
-        }
-        Behaviour::ServerError => Outcome::new(error(
-            provider,
-            500,
-            "server_error",
-            None,
-            "The server had an error while processing your request. Sorry about that!",
-        )),
+        Behaviour::RateLimited => Outcome::new(rate_limited(provider, &model)),
+        Behaviour::ServerError => Outcome::new(server_error(provider)),
         Behaviour::Malformed => Outcome::new(if stream {
             Reply::Sse {
                 content_type: "text/event-stream; charset=utf-8",
@@ -233,13 +211,7 @@ pub(super) fn handle(incoming: &Incoming, body: &Value, shared: &Shared) -> Outc
                     .to_owned(),
             }
         }),
-        Behaviour::UnknownModel => Outcome::new(error(
-            provider,
-            404,
-            "invalid_request_error",
-            Some("model_not_found"),
-            &format!("The model `{model}` does not exist or you do not have access to it."),
-        )),
+        Behaviour::UnknownModel => Outcome::new(model_not_found(provider, &model)),
     };
     outcome.model = Some(model);
     outcome.stream = stream;
@@ -474,15 +446,7 @@ fn conversation(body: &Value) -> Conversation {
         .into_iter()
         .flatten()
         .filter(|item| item["type"] == "function_call_output")
-        .map(|item| match &item["output"] {
-            Value::String(text) => text.clone(),
-            Value::Array(parts) => parts
-                .iter()
-                .filter_map(|part| part["text"].as_str())
-                .collect::<Vec<_>>()
-                .join(""),
-            other => other.to_string(),
-        })
+        .map(|item| text_of(&item["output"]))
         .next_back();
     let offers_calculator = body["tools"]
         .as_array()
@@ -502,15 +466,7 @@ fn conversation(body: &Value) -> Conversation {
 }
 
 fn validate(body: &Value, shared: &Shared) -> Result<(), Invalid> {
-    let Some(object) = body.as_object() else {
-        return Err(invalid(
-            "",
-            format!(
-                "The request body must be a JSON object, not {}.",
-                type_name(body)
-            ),
-        ));
-    };
+    let object = checks::fields(body)?;
     if let Some((field, instead)) = MOVED.iter().find(|(field, _)| object.contains_key(*field)) {
         return Err(invalid(
             *field,
@@ -523,41 +479,19 @@ fn validate(body: &Value, shared: &Shared) -> Result<(), Invalid> {
         ));
     }
     if let Some(unknown) = object.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(invalid(
-            unknown.clone(),
-            format!("Unknown parameter: '{unknown}'."),
-        ));
+        return Err(checks::unknown(unknown.clone()));
     }
-    match object.get("model") {
-        Some(Value::String(model)) if !model.is_empty() => {}
-        None | Some(Value::Null) => {
-            return Err(invalid("model", "Missing required parameter: 'model'."));
-        }
-        Some(other) => {
-            return Err(invalid(
-                "model",
-                format!(
-                    "Invalid type for 'model': expected a string, but got {} instead.",
-                    type_name(other)
-                ),
-            ));
-        }
-    }
+    checks::model(object, "Missing required parameter: 'model'.")?;
     let store = object.get("store").is_none_or(|store| *store != false);
     match object.get("input") {
         Some(Value::String(_)) => {}
         Some(Value::Array(items)) => validate_input(items, store, shared)?,
-        None | Some(Value::Null) => {
-            return Err(invalid("input", "Missing required parameter: 'input'."));
-        }
+        None | Some(Value::Null) => return Err(missing("input")),
         Some(other) => {
-            return Err(invalid(
+            return Err(mistyped(
                 "input",
-                format!(
-                    "Invalid type for 'input': expected one of a string or array of input \
-                     items, but got {} instead.",
-                    type_name(other)
-                ),
+                "one of a string or array of input items",
+                other,
             ));
         }
     }
@@ -588,23 +522,12 @@ fn validate_input(items: &[Value], store: bool, shared: &Shared) -> Result<(), I
     for (i, item) in items.iter().enumerate() {
         let at = format!("input[{i}]");
         let Some(fields) = item.as_object() else {
-            return Err(invalid(
-                &at,
-                format!(
-                    "Invalid type for '{at}': expected an input item, but got {} instead.",
-                    type_name(item)
-                ),
-            ));
+            return Err(mistyped(&at, "an input item", item));
         };
         let kind = match fields.get("type") {
             Some(Value::String(kind)) => kind.as_str(),
             None if fields.contains_key("role") => "message",
-            _ => {
-                return Err(invalid(
-                    format!("{at}.type"),
-                    format!("Missing required parameter: '{at}.type'."),
-                ));
-            }
+            _ => return Err(missing(format!("{at}.type"))),
         };
         let id = fields.get("id").and_then(Value::as_str);
         let check_id = |prefix: &str| match id {
@@ -616,17 +539,8 @@ fn validate_input(items: &[Value], store: bool, shared: &Shared) -> Result<(), I
         };
         let text = |key: &str| match fields.get(key) {
             Some(Value::String(text)) => Ok(text.clone()),
-            None | Some(Value::Null) => Err(invalid(
-                format!("{at}.{key}"),
-                format!("Missing required parameter: '{at}.{key}'."),
-            )),
-            Some(other) => Err(invalid(
-                format!("{at}.{key}"),
-                format!(
-                    "Invalid type for '{at}.{key}': expected a string, but got {} instead.",
-                    type_name(other)
-                ),
-            )),
+            None | Some(Value::Null) => Err(missing(format!("{at}.{key}"))),
+            Some(other) => Err(mistyped(format!("{at}.{key}"), "a string", other)),
         };
         match kind {
             "message" => {
@@ -645,10 +559,7 @@ fn validate_input(items: &[Value], store: bool, shared: &Shared) -> Result<(), I
                     }
                 };
                 if id.is_some() && role != "assistant" {
-                    return Err(invalid(
-                        format!("{at}.id"),
-                        format!("Unknown parameter: '{at}.id'."),
-                    ));
+                    return Err(checks::unknown(format!("{at}.id")));
                 }
                 check_id("msg")?;
                 validate_content(&at, fields.get("content"), parts)?;
@@ -678,10 +589,7 @@ fn validate_input(items: &[Value], store: bool, shared: &Shared) -> Result<(), I
                     .get("output")
                     .is_some_and(|o| o.is_string() || o.is_array())
                 {
-                    return Err(invalid(
-                        format!("{at}.output"),
-                        format!("Missing required parameter: '{at}.output'."),
-                    ));
+                    return Err(missing(format!("{at}.output")));
                 }
                 if !calls.contains(&call_id) {
                     return Err(invalid(
@@ -697,10 +605,7 @@ fn validate_input(items: &[Value], store: bool, shared: &Shared) -> Result<(), I
                 let id = text("id")?;
                 check_id("rs")?;
                 if !fields.get("summary").is_some_and(Value::is_array) {
-                    return Err(invalid(
-                        format!("{at}.summary"),
-                        format!("Missing required parameter: '{at}.summary'."),
-                    ));
+                    return Err(missing(format!("{at}.summary")));
                 }
                 match fields.get("encrypted_content").and_then(Value::as_str) {
                     Some(sealed) if sealed != sealed_reasoning(&id) => {
@@ -785,20 +690,12 @@ fn validate_content(at: &str, content: Option<&Value>, kinds: &[&str]) -> Result
     let parts = match content {
         Some(Value::String(_)) => return Ok(()),
         Some(Value::Array(parts)) => parts,
-        None | Some(Value::Null) => {
-            return Err(invalid(
-                &param,
-                format!("Missing required parameter: '{param}'."),
-            ));
-        }
+        None | Some(Value::Null) => return Err(missing(param)),
         Some(other) => {
-            return Err(invalid(
-                &param,
-                format!(
-                    "Invalid type for '{param}': expected one of a string or array of input \
-                     content, but got {} instead.",
-                    type_name(other)
-                ),
+            return Err(mistyped(
+                param,
+                "one of a string or array of input content",
+                other,
             ));
         }
     };
@@ -819,10 +716,7 @@ fn validate_content(at: &str, content: Option<&Value>, kinds: &[&str]) -> Result
             _ => continue,
         };
         if !part[field].is_string() {
-            return Err(invalid(
-                format!("{param}[{j}].{field}"),
-                format!("Missing required parameter: '{param}[{j}].{field}'."),
-            ));
+            return Err(missing(format!("{param}[{j}].{field}")));
         }
     }
     Ok(())
@@ -832,13 +726,7 @@ fn validate_content(at: &str, content: Option<&Value>, kinds: &[&str]) -> Result
 /// names.
 fn validate_tools(tools: &Value) -> Result<Vec<String>, Invalid> {
     let Some(tools) = tools.as_array() else {
-        return Err(invalid(
-            "tools",
-            format!(
-                "Invalid type for 'tools': expected an array, but got {} instead.",
-                type_name(tools)
-            ),
-        ));
+        return Err(mistyped("tools", "an array", tools));
     };
     let mut names = Vec::new();
     for (i, tool) in tools.iter().enumerate() {
@@ -854,10 +742,7 @@ fn validate_tools(tools: &Value) -> Result<Vec<String>, Invalid> {
             ));
         }
         let Some(name) = tool["name"].as_str() else {
-            return Err(invalid(
-                format!("{param}.name"),
-                format!("Missing required parameter: '{param}.name'."),
-            ));
+            return Err(missing(format!("{param}.name")));
         };
         if let Some(unknown) = tool
             .as_object()
@@ -867,63 +752,21 @@ fn validate_tools(tools: &Value) -> Result<Vec<String>, Invalid> {
                 !["type", "name", "description", "parameters", "strict"].contains(&key.as_str())
             })
         {
-            return Err(invalid(
-                format!("{param}.{unknown}"),
-                format!("Unknown parameter: '{param}.{unknown}'."),
-            ));
+            return Err(checks::unknown(format!("{param}.{unknown}")));
         }
-        let valid_name = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !valid_name {
-            return Err(invalid(
-                format!("{param}.name"),
-                format!(
-                    "Invalid '{param}.name': string does not match pattern. Expected a string \
-                     that matches the pattern '^[a-zA-Z0-9_-]+$'."
-                ),
-            ));
-        }
+        checks::function_name(&format!("{param}.name"), name)?;
         let parameters = &tool["parameters"];
         if !parameters.is_object() {
-            return Err(invalid(
-                format!("{param}.parameters"),
-                format!("Missing required parameter: '{param}.parameters'."),
-            ));
+            return Err(missing(format!("{param}.parameters")));
         }
-        if parameters.get("type").is_some_and(|t| t != "object") {
-            return Err(invalid(
-                format!("{param}.parameters"),
-                format!(
-                    "Invalid schema for function '{name}': schema must be a JSON Schema of \
-                     'type: \"object\"', got 'type: {}'.",
-                    parameters["type"]
-                ),
-            ));
-        }
-        let strict = match &tool["strict"] {
-            Value::Null => true,
-            Value::Bool(strict) => *strict,
-            other => {
-                return Err(invalid(
-                    format!("{param}.strict"),
-                    format!(
-                        "Invalid type for '{param}.strict': expected a boolean, but got {} \
-                         instead.",
-                        type_name(other)
-                    ),
-                ));
-            }
-        };
-        if strict {
-            strict_schema(parameters, "()").map_err(|why| {
-                invalid(
-                    format!("{param}.parameters"),
-                    format!("Invalid schema for function '{name}': {why}"),
-                )
-            })?;
+        checks::object_schema(&format!("{param}.parameters"), name, parameters)?;
+        let strict = checks::boolean(&format!("{param}.strict"), Some(&tool["strict"]))?;
+        if strict.unwrap_or(true) {
+            checks::strict(
+                parameters,
+                &format!("{param}.parameters"),
+                &format!("function '{name}'"),
+            )?;
         }
         names.push(name.to_owned());
     }
@@ -936,10 +779,7 @@ fn validate_options(object: &Map<String, Value>, tools: &[String]) -> Result<(),
             Value::String(mode) if matches!(mode.as_str(), "none" | "auto" | "required") => {}
             Value::Object(named) if named.get("type") == Some(&json!("function")) => {
                 let Some(name) = named.get("name").and_then(Value::as_str) else {
-                    return Err(invalid(
-                        "tool_choice.name",
-                        "Missing required parameter: 'tool_choice.name'.",
-                    ));
+                    return Err(missing("tool_choice.name"));
                 };
                 if !tools.iter().any(|tool| tool == name) {
                     return Err(invalid(
@@ -961,54 +801,17 @@ fn validate_options(object: &Map<String, Value>, tools: &[String]) -> Result<(),
             }
         }
     }
-    if let Some(parallel) = object.get("parallel_tool_calls").filter(|p| !p.is_null())
-        && !parallel.is_boolean()
-    {
-        return Err(invalid(
-            "parallel_tool_calls",
-            "Invalid type for 'parallel_tool_calls': expected a boolean.",
-        ));
-    }
-    let stream = match object.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(stream)) => *stream,
-        Some(other) => {
-            return Err(invalid(
-                "stream",
-                format!(
-                    "Invalid type for 'stream': expected a boolean, but got {} instead.",
-                    type_name(other)
-                ),
-            ));
-        }
-    };
-    if let Some(options) = object.get("stream_options").filter(|o| !o.is_null()) {
-        if !stream {
-            return Err(invalid(
-                "stream_options",
-                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-            ));
-        }
-        if let Some(unknown) = options
+    checks::flag(object, "parallel_tool_calls")?;
+    if let Some(options) = checks::stream_options(object)?
+        && let Some(unknown) = options
             .as_object()
             .into_iter()
             .flat_map(Map::keys)
             .find(|key| *key != "include_obfuscation")
-        {
-            return Err(invalid(
-                format!("stream_options.{unknown}"),
-                format!("Unknown parameter: 'stream_options.{unknown}'."),
-            ));
-        }
-    }
-    if let Some(store) = object.get("store").filter(|s| !s.is_null())
-        && !store.is_boolean()
     {
-        return Err(invalid(
-            "store",
-            "Invalid type for 'store': expected a boolean.",
-        ));
+        return Err(checks::unknown(format!("stream_options.{unknown}")));
     }
+    checks::flag(object, "store")?;
     if let Some(include) = object.get("include").filter(|i| !i.is_null()) {
         let Some(values) = include.as_array() else {
             return Err(invalid(
@@ -1032,24 +835,7 @@ fn validate_options(object: &Map<String, Value>, tools: &[String]) -> Result<(),
             }
         }
     }
-    if let Some(temperature) = object.get("temperature").filter(|t| !t.is_null())
-        && !temperature
-            .as_f64()
-            .is_some_and(|t| (0.0..=2.0).contains(&t))
-    {
-        return Err(invalid(
-            "temperature",
-            format!("Invalid 'temperature': expected a number between 0 and 2, got {temperature}."),
-        ));
-    }
-    if let Some(top_p) = object.get("top_p").filter(|p| !p.is_null())
-        && !top_p.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p))
-    {
-        return Err(invalid(
-            "top_p",
-            format!("Invalid 'top_p': expected a number between 0 and 1, got {top_p}."),
-        ));
-    }
+    checks::sampling(object)?;
     if let Some(value) = object.get("max_output_tokens").filter(|v| !v.is_null()) {
         match value.as_u64() {
             Some(n) if n >= MIN_OUTPUT_TOKENS => {}
@@ -1087,24 +873,13 @@ fn validate_text(text: &Value) -> Result<(), Invalid> {
         return Ok(());
     };
     let kind = format["type"].as_str().unwrap_or_default();
-    let allowed: &[&str] = match kind {
-        "text" | "json_object" => &["type"],
-        "json_schema" => &["type", "name", "description", "schema", "strict"],
-        _ => {
-            return Err(invalid(
-                "text.format.type",
-                format!(
-                    "Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and \
-                     'json_schema'."
-                ),
-            ));
-        }
-    };
+    let allowed = checks::format_keys(
+        "text.format.type",
+        kind,
+        &["type", "name", "description", "schema", "strict"],
+    )?;
     if kind == "json_schema" && !format.get("name").is_some_and(Value::is_string) {
-        return Err(invalid(
-            "text.format.name",
-            "Missing required parameter: 'text.format.name'.",
-        ));
+        return Err(missing("text.format.name"));
     }
     if let Some(unknown) = format
         .as_object()
@@ -1112,56 +887,22 @@ fn validate_text(text: &Value) -> Result<(), Invalid> {
         .flat_map(Map::keys)
         .find(|key| !allowed.contains(&key.as_str()))
     {
-        return Err(invalid(
-            format!("text.format.{unknown}"),
-            format!("Unknown parameter: 'text.format.{unknown}'."),
-        ));
+        return Err(checks::unknown(format!("text.format.{unknown}")));
     }
     if kind != "json_schema" {
         return Ok(());
     }
     let name = format["name"].as_str().unwrap_or_default();
-    let name_ok = (1..=64).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !name_ok {
-        return Err(invalid(
-            "text.format.name",
-            format!(
-                "Invalid 'text.format.name': string does not match pattern. Expected a string \
-                 that matches the pattern '^[a-zA-Z0-9_-]+$' of at most 64 characters, got \
-                 '{name}'."
-            ),
-        ));
-    }
+    checks::schema_name("text.format.name", name)?;
     let Some(schema) = format.get("schema").filter(|s| s.is_object()) else {
-        return Err(invalid(
+        return Err(missing("text.format.schema"));
+    };
+    if checks::boolean("text.format.strict", Some(&format["strict"]))? == Some(true) {
+        checks::strict(
+            schema,
             "text.format.schema",
-            "Missing required parameter: 'text.format.schema'.",
-        ));
-    };
-    let strict = match &format["strict"] {
-        Value::Null => false,
-        Value::Bool(strict) => *strict,
-        other => {
-            return Err(invalid(
-                "text.format.strict",
-                format!(
-                    "Invalid type for 'text.format.strict': expected a boolean, but got {} \
-                     instead.",
-                    type_name(other)
-                ),
-            ));
-        }
-    };
-    if strict {
-        strict_schema(schema, "()").map_err(|why| {
-            invalid(
-                "text.format.schema",
-                format!("Invalid schema for response_format '{name}': {why}"),
-            )
-        })?;
+            &format!("response_format '{name}'"),
+        )?;
     }
     Ok(())
 }
