@@ -204,6 +204,20 @@ async fn expect_refused(
     answer.json()
 }
 
+/// Expects OpenAI's mock to refuse `body` sent to `path` without a key.
+async fn expect_refused_without_key(mock: &MockProviders, path: &str, body: &Value) -> Value {
+    expect_refused(
+        mock,
+        Provider::OpenAi,
+        path,
+        body,
+        &["authorization"],
+        401,
+        "didn't provide an API key",
+    )
+    .await
+}
+
 #[test]
 fn the_result_value_is_found_in_any_wrapping() {
     assert_eq!(result_value(TOOL_OUTPUT), "42");
@@ -354,16 +368,7 @@ async fn openai_refuses_what_openai_refuses() {
     let path = "/chat/completions";
     let good = openai_body(models::REACT, true, false);
 
-    let body = expect_refused(
-        &mock,
-        openai,
-        path,
-        &good,
-        &["authorization"],
-        401,
-        "didn't provide an API key",
-    )
-    .await;
+    let body = expect_refused_without_key(&mock, path, &good).await;
     assert_eq!(body["error"]["type"], "invalid_request_error");
     let answer = post(
         &mock,
@@ -1644,18 +1649,30 @@ fn responses_body(model: &str, after_tool: bool, stream: bool) -> Value {
     })
 }
 
+/// Posts [`responses_body`] to OpenAI's Responses API mock, which must
+/// accept it.
+async fn post_responses(
+    mock: &MockProviders,
+    model: &str,
+    after_tool: bool,
+    stream: bool,
+) -> Answer {
+    let body = responses_body(model, after_tool, stream);
+    post_ok(mock, Provider::OpenAi, "/responses", &body).await
+}
+
+/// Expects OpenAI's Responses API mock to refuse `body` as a bad request
+/// whose error mentions `needle`.
+async fn responses_refused(mock: &MockProviders, body: &Value, needle: &str) -> Value {
+    expect_refused(mock, Provider::OpenAi, "/responses", body, &[], 400, needle).await
+}
+
 #[tokio::test]
 async fn openai_responses_calls_the_calculator_then_answers() {
     let mock = MockProviders::start().await;
-    let openai = Provider::OpenAi;
-    let first = post_ok(
-        &mock,
-        openai,
-        "/responses",
-        &responses_body(models::REACT, false, false),
-    )
-    .await
-    .json();
+    let first = post_responses(&mock, models::REACT, false, false)
+        .await
+        .json();
     assert_eq!(first["object"], "response");
     assert_eq!(first["status"], "completed");
     assert_eq!(first["store"], false, "the request's settings are echoed");
@@ -1671,14 +1688,9 @@ async fn openai_responses_calls_the_calculator_then_answers() {
     assert!(first["usage"]["input_tokens"].as_u64().unwrap() > 0);
     assert!(first["usage"]["output_tokens"].as_u64().unwrap() > 0);
 
-    let second = post_ok(
-        &mock,
-        openai,
-        "/responses",
-        &responses_body(models::REACT, true, false),
-    )
-    .await
-    .json();
+    let second = post_responses(&mock, models::REACT, true, false)
+        .await
+        .json();
     let message = &second["output"][0];
     assert_eq!(message["type"], "message");
     assert_eq!(message["role"], "assistant");
@@ -1687,13 +1699,7 @@ async fn openai_responses_calls_the_calculator_then_answers() {
     assert_eq!(message["content"][0]["type"], "output_text");
 
     // Streamed: the real event sequence, no [DONE].
-    let answer = post_ok(
-        &mock,
-        openai,
-        "/responses",
-        &responses_body(models::REACT, false, true),
-    )
-    .await;
+    let answer = post_responses(&mock, models::REACT, false, true).await;
     assert!(
         answer.headers["content-type"]
             .to_str()
@@ -1752,13 +1758,7 @@ async fn openai_responses_calls_the_calculator_then_answers() {
             > 0
     );
 
-    let answer = post_ok(
-        &mock,
-        openai,
-        "/responses",
-        &responses_body(models::REACT, true, true),
-    )
-    .await;
+    let answer = post_responses(&mock, models::REACT, true, true).await;
     let text: String = answer
         .events()
         .await
@@ -1913,7 +1913,7 @@ async fn openai_responses_refuses_what_openai_refuses() {
         ),
     ];
     for (bad, needle) in &cases {
-        let body = expect_refused(&mock, openai, path, bad, &[], 400, needle).await;
+        let body = responses_refused(&mock, bad, needle).await;
         assert_eq!(body["error"]["type"], "invalid_request_error", "{needle}");
         assert!(body["error"]["param"].is_string(), "{body}");
     }
@@ -1926,16 +1926,7 @@ async fn openai_responses_refuses_what_openai_refuses() {
     flat["max_output_tokens"] = json!(16);
     post_ok(&mock, openai, path, &flat).await;
 
-    expect_refused(
-        &mock,
-        openai,
-        path,
-        &good,
-        &["authorization"],
-        401,
-        "didn't provide an API key",
-    )
-    .await;
+    expect_refused_without_key(&mock, path, &good).await;
     // OpenRouter's and the compatible servers' mocks speak Chat Completions only.
     for provider in [Provider::OpenRouter, Provider::OpenAiCompatible] {
         expect_refused(&mock, provider, path, &good, &[], 404, "Invalid URL").await;
@@ -1947,14 +1938,9 @@ async fn openai_responses_want_reasoning_back_as_it_came() {
     let mock = MockProviders::start().await;
     let openai = Provider::OpenAi;
     let path = "/responses";
-    let first = post_ok(
-        &mock,
-        openai,
-        path,
-        &responses_body(models::REASONING, false, false),
-    )
-    .await
-    .json();
+    let first = post_responses(&mock, models::REASONING, false, false)
+        .await
+        .json();
     let output = first["output"].as_array().unwrap().clone();
     let [reasoning, call] = output.as_slice() else {
         panic!("reasoning, then the call: {first:#}");
@@ -1982,13 +1968,9 @@ async fn openai_responses_want_reasoning_back_as_it_came() {
         body
     };
     let without_reasoning = with(vec![call.clone(), answer.clone()]);
-    expect_refused(
+    responses_refused(
         &mock,
-        openai,
-        path,
         &without_reasoning,
-        &[],
-        400,
         &format!(
             "Item '{}' of type 'function_call' was provided without its required 'reasoning' item: '{id}'.",
             call["id"].as_str().unwrap()
@@ -1997,25 +1979,17 @@ async fn openai_responses_want_reasoning_back_as_it_came() {
     .await;
     let mut call_without_id = call.clone();
     call_without_id.as_object_mut().unwrap().remove("id");
-    expect_refused(
+    responses_refused(
         &mock,
-        openai,
-        path,
         &with(vec![call_without_id.clone(), answer.clone()]),
-        &[],
-        400,
         "without its required 'reasoning' item",
     )
     .await;
     let mut changed = reasoning.clone();
     changed["encrypted_content"] = json!("gAAAAABforged==");
-    expect_refused(
+    responses_refused(
         &mock,
-        openai,
-        path,
         &with(vec![changed, call.clone(), answer.clone()]),
-        &[],
-        400,
         &format!("The encrypted content for item {id} could not be verified."),
     )
     .await;
@@ -2024,23 +1998,15 @@ async fn openai_responses_want_reasoning_back_as_it_came() {
         .as_object_mut()
         .unwrap()
         .remove("encrypted_content");
-    expect_refused(
+    responses_refused(
         &mock,
-        openai,
-        path,
         &with(vec![unsealed, call.clone(), answer.clone()]),
-        &[],
-        400,
         "Items are not persisted when `store` is set to false.",
     )
     .await;
-    expect_refused(
+    responses_refused(
         &mock,
-        openai,
-        path,
         &with(vec![reasoning.clone(), call_without_id, answer.clone()]),
-        &[],
-        400,
         &format!(
             "Item '{id}' of type 'reasoning' was provided without its required following item."
         ),
@@ -2069,13 +2035,7 @@ async fn openai_responses_want_reasoning_back_as_it_came() {
     );
 
     // Streamed, the sealed content comes with the item when it is done.
-    let answer = post_ok(
-        &mock,
-        openai,
-        path,
-        &responses_body(models::REASONING, false, true),
-    )
-    .await;
+    let answer = post_responses(&mock, models::REASONING, false, true).await;
     let events = answer.events().await;
     let reasoning_event = |kind: &str| {
         events
@@ -2105,44 +2065,23 @@ async fn the_failing_models_fail_on_the_responses_api_too() {
     let openai = Provider::OpenAi;
     let path = "/responses";
     let body = |model: &str| responses_body(model, false, false);
+    let failed = async |model: &str| post(&mock, openai, path, &body(model), &[], &[]).await;
 
-    let answer = post(&mock, openai, path, &body(models::UNAUTHORIZED), &[], &[]).await;
+    let answer = failed(models::UNAUTHORIZED).await;
     assert_eq!(answer.status, 401, "{}", answer.text);
     assert_eq!(answer.json()["error"]["code"], "invalid_api_key");
 
-    let answer = post(
-        &mock,
-        openai,
-        path,
-        &body(models::RATE_LIMITED_ONCE),
-        &[],
-        &[],
-    )
-    .await;
+    let answer = failed(models::RATE_LIMITED_ONCE).await;
     assert_eq!(answer.status, 429, "{}", answer.text);
     assert_eq!(answer.headers["retry-after"], "1");
-    post_ok(&mock, openai, path, &body(models::RATE_LIMITED_ONCE)).await;
+    post_responses(&mock, models::RATE_LIMITED_ONCE, false, false).await;
 
-    let answer = post(
-        &mock,
-        openai,
-        path,
-        &body(models::SERVER_ERROR_ONCE),
-        &[],
-        &[],
-    )
-    .await;
+    let answer = failed(models::SERVER_ERROR_ONCE).await;
     assert_eq!(answer.status, 500, "{}", answer.text);
-    post_ok(&mock, openai, path, &body(models::SERVER_ERROR_ONCE)).await;
+    post_responses(&mock, models::SERVER_ERROR_ONCE, false, false).await;
 
     for stream in [false, true] {
-        let answer = post_ok(
-            &mock,
-            openai,
-            path,
-            &responses_body(models::MALFORMED, false, stream),
-        )
-        .await;
+        let answer = post_responses(&mock, models::MALFORMED, false, stream).await;
         let parsed: Result<Vec<Value>, _> = if stream {
             answer
                 .text
@@ -2160,7 +2099,7 @@ async fn the_failing_models_fail_on_the_responses_api_too() {
         );
     }
 
-    let answer = post(&mock, openai, path, &body("no-such-model"), &[], &[]).await;
+    let answer = failed("no-such-model").await;
     assert_eq!(answer.status, 404, "{}", answer.text);
     assert_eq!(answer.json()["error"]["code"], "model_not_found");
 
