@@ -4,7 +4,7 @@
 //! content blocks, so consecutive messages of one role (two tool results,
 //! say) are merged into one turn, and the system prompt is a top-level field.
 
-use opspawn_plugin::llm_http::json::{arguments_object, input_schema, number, schema};
+use opspawn_plugin::llm_http::json::{arguments_object, sampling, schema, tools};
 use opspawn_plugin::llm_http::wire::no_tools_to_choose;
 use opspawn_plugin::llm_http::{ChatMessage, ChatRequest, LlmError, Role, ToolChoice};
 use std::collections::BTreeMap;
@@ -55,18 +55,13 @@ pub fn build(request: &ChatRequest, model: &str, stream: bool) -> Result<Value, 
         body["system"] = json!(system.join("\n\n"));
     }
     if !request.tools.is_empty() {
-        let tools = request
-            .tools
-            .iter()
-            .map(|tool| {
-                Ok(json!({
-                    "name": tool.name,
-                    "description": tool.description,
-                    "input_schema": input_schema(&PROVIDER, tool)?,
-                }))
+        body["tools"] = tools(&PROVIDER, &request.tools, |tool, input_schema| {
+            json!({
+                "name": tool.name,
+                "description": tool.description,
+                "input_schema": input_schema,
             })
-            .collect::<Result<Vec<_>, LlmError>>()?;
-        body["tools"] = Value::Array(tools);
+        })?;
         if let Some(choice) = tool_choice(&request.tool_choice, request.parallel_tool_calls) {
             body["tool_choice"] = choice;
         }
@@ -81,12 +76,7 @@ pub fn build(request: &ChatRequest, model: &str, stream: bool) -> Result<Value, 
             "format": {"type": "json_schema", "schema": crate::schema::for_output(&schema)},
         });
     }
-    if let Some(temperature) = request.temperature {
-        body["temperature"] = number(temperature);
-    }
-    if let Some(top_p) = request.top_p {
-        body["top_p"] = number(top_p);
-    }
+    sampling(&mut body, request);
     if !request.stop.is_empty() {
         body["stop_sequences"] = json!(request.stop);
     }

@@ -1,6 +1,6 @@
 //! Messages API responses and error objects.
 
-use opspawn_plugin::llm_http::json::count;
+use opspawn_plugin::llm_http::json::{self, count};
 use opspawn_plugin::llm_http::wire::{Reply, ReplyContext};
 use opspawn_plugin::llm_http::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Usage};
 use serde_json::Value;
@@ -9,8 +9,7 @@ use crate::PROVIDER;
 
 /// Reads a whole `message` body.
 pub fn parse(body: &[u8], context: ReplyContext) -> Result<ChatResponse, LlmError> {
-    let json: Value = serde_json::from_slice(body)
-        .map_err(|error| PROVIDER.bad_response(&error.to_string(), body))?;
+    let json = json::body(&PROVIDER, body)?;
     if json["type"] == "error" {
         return Err(error_object(&json, body));
     }

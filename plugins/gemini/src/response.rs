@@ -2,7 +2,7 @@
 
 use opspawn_plugin::llm_http::errors::kind_for_status;
 use opspawn_plugin::llm_http::headers::Headers;
-use opspawn_plugin::llm_http::json::count;
+use opspawn_plugin::llm_http::json::{self, count};
 use opspawn_plugin::llm_http::wire::{Reply, ReplyContext};
 use opspawn_plugin::llm_http::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Usage};
 use serde_json::Value;
@@ -11,8 +11,7 @@ use crate::PROVIDER;
 
 /// Reads a whole response body.
 pub fn parse(body: &[u8], context: ReplyContext) -> Result<ChatResponse, LlmError> {
-    let json: Value = serde_json::from_slice(body)
-        .map_err(|error| PROVIDER.bad_response(&error.to_string(), body))?;
+    let json = json::body(&PROVIDER, body)?;
     let mut reply = Reply::new(context);
     read(&mut reply, &json, body)?;
     if json["candidates"].as_array().is_none_or(Vec::is_empty) && reply.finish_reason.is_none() {

@@ -12,8 +12,8 @@
 //! the index only within one chunk. Gemini sends all of a reply's calls in
 //! one chunk in practice.
 
-use opspawn_plugin::llm_http::wire::ReplyContext;
-use opspawn_plugin::llm_http::{LlmError, SseEvent, StreamPart, UsagePart};
+use opspawn_plugin::llm_http::wire::{ReplyContext, usage_part};
+use opspawn_plugin::llm_http::{LlmError, SseEvent, StreamPart};
 use serde_json::Value;
 
 use crate::PROVIDER;
@@ -59,10 +59,7 @@ pub fn decode(
         parts.push(StreamPart::Model(model.to_owned()));
     }
     if let Some(usage) = usage(&json) {
-        parts.push(StreamPart::Usage(UsagePart {
-            input_tokens: Some(usage.input_tokens),
-            output_tokens: Some(usage.output_tokens),
-        }));
+        parts.push(usage_part(usage));
     }
     if let Some(reason) = finish(&json) {
         parts.push(StreamPart::Finish(reason));

@@ -2,7 +2,21 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::llm_http::{Provider, ToolSpec};
+use crate::llm_http::{ChatRequest, LlmError, Provider, ToolSpec};
+
+/// A whole response body as JSON; one that is not JSON could not be
+/// understood.
+pub fn body(provider: &Provider, body: &[u8]) -> Result<Value, LlmError> {
+    serde_json::from_slice(body).map_err(|error| provider.bad_response(&error.to_string(), body))
+}
+
+/// The data of a streamed event as JSON; `what` names it when it is not
+/// ("a stream chunk").
+pub fn event(provider: &Provider, data: &str, what: &str) -> Result<Value, LlmError> {
+    serde_json::from_str(data).map_err(|error| {
+        provider.bad_response(&format!("{what} is not JSON: {error}"), data.as_bytes())
+    })
+}
 
 /// A tool's input schema as JSON; an empty one means "no input".
 pub fn input_schema(
@@ -18,6 +32,31 @@ pub fn input_schema(
             tool.name
         ))
     })
+}
+
+/// The request's tools as a JSON array, each shaped by `shape` from the tool
+/// and its input schema (see [`input_schema`]).
+pub fn tools(
+    provider: &Provider,
+    tools: &[ToolSpec],
+    shape: impl Fn(&ToolSpec, Value) -> Value,
+) -> Result<Value, LlmError> {
+    tools
+        .iter()
+        .map(|tool| Ok(shape(tool, input_schema(provider, tool)?)))
+        .collect::<Result<Vec<_>, LlmError>>()
+        .map(Value::Array)
+}
+
+/// The request's `temperature` and `top_p`, those it sets, at the top level
+/// of `body`.
+pub fn sampling(body: &mut Value, request: &ChatRequest) {
+    if let Some(temperature) = request.temperature {
+        body["temperature"] = number(temperature);
+    }
+    if let Some(top_p) = request.top_p {
+        body["top_p"] = number(top_p);
+    }
 }
 
 /// A response format's JSON Schema, parsed.

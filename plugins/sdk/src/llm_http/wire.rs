@@ -9,7 +9,7 @@ use crate::llm_http::options::{ProviderOptions, Ranges};
 use crate::llm_http::{
     CallContext, ChatMessage, ChatRequest, ChatResponse, Exchange, FinishReason, HttpRequest,
     HttpResponse, LlmError, Prepared, Provider, ProviderDatum, Role, Settings, SseEvent,
-    StreamPart, ToolCall, ToolCallPart, ToolChoice, Usage, json,
+    StreamPart, ToolCall, ToolCallPart, ToolChoice, Usage, UsagePart, json,
 };
 
 pub trait Wire {
@@ -315,6 +315,14 @@ impl ReplyContext {
             arguments,
         })
     }
+}
+
+/// The usage a streamed reply reports, both counts known.
+pub fn usage_part(usage: Usage) -> StreamPart {
+    StreamPart::Usage(UsagePart {
+        input_tokens: Some(usage.input_tokens),
+        output_tokens: Some(usage.output_tokens),
+    })
 }
 
 /// More arguments for tool call `index`.

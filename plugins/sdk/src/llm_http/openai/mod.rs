@@ -10,6 +10,8 @@ mod tests;
 use serde_json::Value;
 
 pub use request::build;
+pub(crate) use request::function_tools;
+pub(crate) use response::{arguments, text_part};
 pub use response::{body_error, finish_reason, parse};
 pub use stream::decode;
 

@@ -2,8 +2,8 @@
 
 use serde_json::{Value, json};
 
-use crate::llm_http::json::{input_schema, number, schema};
-use crate::llm_http::{ChatMessage, ChatRequest, LlmError, Provider, Role, ToolChoice};
+use crate::llm_http::json::{sampling, schema, tools};
+use crate::llm_http::{ChatMessage, ChatRequest, LlmError, Provider, Role, ToolChoice, ToolSpec};
 
 /// The request body for `POST /chat/completions`.
 pub fn build(
@@ -24,32 +24,22 @@ pub fn build(
     if stream {
         body["stream_options"] = json!({"include_usage": true});
     }
-    if !request.tools.is_empty() {
-        let tools = request
-            .tools
-            .iter()
-            .map(|tool| {
-                Ok(json!({
-                    "type": "function",
-                    "function": {
-                        "name": tool.name,
-                        "description": tool.description,
-                        "parameters": input_schema(provider, tool)?,
-                    },
-                }))
+    function_tools(
+        provider,
+        request,
+        &mut body,
+        |tool, parameters| {
+            json!({
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    "description": tool.description,
+                    "parameters": parameters,
+                },
             })
-            .collect::<Result<Vec<_>, LlmError>>()?;
-        body["tools"] = Value::Array(tools);
-        // Both are refused in a request without tools.
-        if let Some(choice) = tool_choice(&request.tool_choice) {
-            body["tool_choice"] = choice;
-        }
-        if let Some(parallel) = request.parallel_tool_calls {
-            body["parallel_tool_calls"] = json!(parallel);
-        }
-    } else {
-        crate::llm_http::wire::no_tools_to_choose(provider, &request.tool_choice)?;
-    }
+        },
+        |name| json!({"type": "function", "function": {"name": name}}),
+    )?;
     if let Some(format) = &request.response_format {
         body["response_format"] = json!({
             "type": "json_schema",
@@ -60,12 +50,7 @@ pub fn build(
             },
         });
     }
-    if let Some(temperature) = request.temperature {
-        body["temperature"] = number(temperature);
-    }
-    if let Some(top_p) = request.top_p {
-        body["top_p"] = number(top_p);
-    }
+    sampling(&mut body, request);
     if let Some(max_tokens) = request.max_tokens {
         body[max_tokens_field] = json!(max_tokens);
     }
@@ -75,14 +60,35 @@ pub fn build(
     Ok(body)
 }
 
-/// `tool_choice`, left out for `auto`, the default.
-fn tool_choice(choice: &ToolChoice) -> Option<Value> {
-    match choice {
+/// The request's tools, as both OpenAI APIs take them: `tools`, each shaped
+/// by `function` from the tool and its input schema, then `tool_choice`
+/// (left out for `auto`, the default; `named` shapes the choice of one
+/// tool) and `parallel_tool_calls`. Both are refused in a request without
+/// tools, so they are sent only with some.
+pub(crate) fn function_tools(
+    provider: &Provider,
+    request: &ChatRequest,
+    body: &mut Value,
+    function: impl Fn(&ToolSpec, Value) -> Value,
+    named: impl Fn(&str) -> Value,
+) -> Result<(), LlmError> {
+    if request.tools.is_empty() {
+        return crate::llm_http::wire::no_tools_to_choose(provider, &request.tool_choice);
+    }
+    body["tools"] = tools(provider, &request.tools, function)?;
+    let choice = match &request.tool_choice {
         ToolChoice::Auto => None,
         ToolChoice::None => Some(json!("none")),
         ToolChoice::Required => Some(json!("required")),
-        ToolChoice::Named(name) => Some(json!({"type": "function", "function": {"name": name}})),
+        ToolChoice::Named(name) => Some(named(name)),
+    };
+    if let Some(choice) = choice {
+        body["tool_choice"] = choice;
     }
+    if let Some(parallel) = request.parallel_tool_calls {
+        body["parallel_tool_calls"] = json!(parallel);
+    }
+    Ok(())
 }
 
 fn message(provider: &Provider, message: &ChatMessage) -> Result<Value, LlmError> {

@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use crate::llm_http::errors::kind_for_status;
-use crate::llm_http::json::count;
+use crate::llm_http::json::{self, count};
 use crate::llm_http::wire::{Reply, ReplyContext};
 use crate::llm_http::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Provider, Usage};
 
@@ -13,8 +13,7 @@ pub fn parse(
     body: &[u8],
     context: ReplyContext,
 ) -> Result<ChatResponse, LlmError> {
-    let json: Value = serde_json::from_slice(body)
-        .map_err(|error| provider.bad_response(&error.to_string(), body))?;
+    let json = json::body(provider, body)?;
     if let Some(error) = body_error(provider, &json, body) {
         return Err(error);
     }
@@ -69,27 +68,35 @@ fn content(provider: &Provider, content: &Value, body: &[u8]) -> Result<String, 
         Value::Array(parts) => {
             let mut text = String::new();
             for part in parts {
-                match (part["type"].as_str(), part["text"].as_str()) {
-                    (Some("text"), Some(piece)) => text.push_str(piece),
-                    (Some("refusal"), _) => {
-                        text.push_str(part["refusal"].as_str().unwrap_or_default());
-                    }
-                    (kind, _) => {
-                        return Err(provider.bad_response(
-                            &format!(
-                                "its message has a content part of type {}, which the adapter \
-                                 cannot keep",
-                                kind.unwrap_or("(none)")
-                            ),
-                            body,
-                        ));
-                    }
-                }
+                text.push_str(&text_part(provider, part, "text", body)?);
             }
             Ok(text)
         }
         other => Err(provider.bad_response(
             &format!("its message content is neither text nor a list of parts: {other}"),
+            body,
+        )),
+    }
+}
+
+/// The text of one part of a message's content: a part of type
+/// `text_type` (`text` here, `output_text` in the Responses API), or a
+/// `refusal`, which is the model's answer and kept as its text. A part of
+/// any other kind is refused, since the step could not keep it.
+pub(crate) fn text_part(
+    provider: &Provider,
+    part: &Value,
+    text_type: &str,
+    body: &[u8],
+) -> Result<String, LlmError> {
+    match (part["type"].as_str(), part["text"].as_str()) {
+        (Some(kind), Some(text)) if kind == text_type => Ok(text.to_owned()),
+        (Some("refusal"), _) => Ok(part["refusal"].as_str().unwrap_or_default().to_owned()),
+        (kind, _) => Err(provider.bad_response(
+            &format!(
+                "its message has a content part of type {}, which the adapter cannot keep",
+                kind.unwrap_or("(none)")
+            ),
             body,
         )),
     }
@@ -113,7 +120,7 @@ pub(super) fn usage(usage: &Value) -> Option<Usage> {
 }
 
 /// Arguments are a JSON string; a few compatible servers send the object.
-pub(super) fn arguments(value: &Value) -> String {
+pub(crate) fn arguments(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
         Value::Null => String::new(),

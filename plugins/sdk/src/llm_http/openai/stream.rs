@@ -5,8 +5,9 @@
 use serde_json::Value;
 
 use super::response::{arguments, body_error, finish_reason, usage};
-use crate::llm_http::wire::{ReplyContext, more_arguments};
-use crate::llm_http::{LlmError, Provider, SseEvent, StreamPart, UsagePart};
+use crate::llm_http::json;
+use crate::llm_http::wire::{ReplyContext, more_arguments, usage_part};
+use crate::llm_http::{LlmError, Provider, SseEvent, StreamPart};
 
 pub fn decode(
     provider: &Provider,
@@ -19,12 +20,7 @@ pub fn decode(
         parts.push(StreamPart::Done);
         return Ok(());
     }
-    let chunk: Value = serde_json::from_str(data).map_err(|error| {
-        provider.bad_response(
-            &format!("a stream chunk is not JSON: {error}"),
-            data.as_bytes(),
-        )
-    })?;
+    let chunk = json::event(provider, data, "a stream chunk")?;
     if let Some(error) = body_error(provider, &chunk, data.as_bytes()) {
         return Err(error);
     }
@@ -70,10 +66,7 @@ pub fn decode(
         }
     }
     if let Some(usage) = usage(&chunk["usage"]) {
-        parts.push(StreamPart::Usage(UsagePart {
-            input_tokens: Some(usage.input_tokens),
-            output_tokens: Some(usage.output_tokens),
-        }));
+        parts.push(usage_part(usage));
     }
     Ok(())
 }

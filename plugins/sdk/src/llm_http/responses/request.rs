@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::OUTPUT_KEY;
-use crate::llm_http::json::{input_schema, number, schema};
+use crate::llm_http::json::{sampling, schema};
+use crate::llm_http::openai::function_tools;
 use crate::llm_http::options::options_error;
-use crate::llm_http::{ChatMessage, ChatRequest, LlmError, Provider, Role, ToolCall, ToolChoice};
+use crate::llm_http::{ChatMessage, ChatRequest, LlmError, Provider, Role, ToolCall};
 
 /// The fewest output tokens the Responses API lets a request ask for.
 pub const MIN_OUTPUT_TOKENS: u32 = 16;
@@ -35,33 +36,26 @@ pub fn build(
     if let Some(system) = request.system.as_deref().filter(|s| !s.is_empty()) {
         body["instructions"] = json!(system);
     }
-    if !request.tools.is_empty() {
-        let tools = request
-            .tools
-            .iter()
-            .map(|tool| {
-                Ok(json!({
-                    "type": "function",
-                    "name": tool.name,
-                    "description": tool.description,
-                    "parameters": input_schema(provider, tool)?,
-                    // The Responses API makes function tools strict unless
-                    // told otherwise, which refuses most schemas as tools
-                    // write them; Chat Completions' default is kept.
-                    "strict": false,
-                }))
+    // Tools and a named tool choice are flat, `{"type": "function",
+    // "name": …}`, unlike Chat Completions'.
+    function_tools(
+        provider,
+        request,
+        &mut body,
+        |tool, parameters| {
+            json!({
+                "type": "function",
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": parameters,
+                // The Responses API makes function tools strict unless told
+                // otherwise, which refuses most schemas as tools write them;
+                // Chat Completions' default is kept.
+                "strict": false,
             })
-            .collect::<Result<Vec<_>, LlmError>>()?;
-        body["tools"] = Value::Array(tools);
-        if let Some(choice) = tool_choice(&request.tool_choice) {
-            body["tool_choice"] = choice;
-        }
-        if let Some(parallel) = request.parallel_tool_calls {
-            body["parallel_tool_calls"] = json!(parallel);
-        }
-    } else {
-        crate::llm_http::wire::no_tools_to_choose(provider, &request.tool_choice)?;
-    }
+        },
+        |name| json!({"type": "function", "name": name}),
+    )?;
     if let Some(format) = &request.response_format {
         body["text"] = json!({"format": {
             "type": "json_schema",
@@ -70,12 +64,7 @@ pub fn build(
             "strict": format.strict,
         }});
     }
-    if let Some(temperature) = request.temperature {
-        body["temperature"] = number(temperature);
-    }
-    if let Some(top_p) = request.top_p {
-        body["top_p"] = number(top_p);
-    }
+    sampling(&mut body, request);
     if let Some(max_tokens) = request.max_tokens {
         if max_tokens < MIN_OUTPUT_TOKENS {
             return Err(options_error(format!(
@@ -88,17 +77,6 @@ pub fn build(
     }
     // `request.stop` is not sent: the Responses API has no stop sequences.
     Ok(body)
-}
-
-/// `tool_choice`, left out for `auto`, the default. A named function is
-/// flat, `{"type": "function", "name": …}`, unlike Chat Completions'.
-fn tool_choice(choice: &ToolChoice) -> Option<Value> {
-    match choice {
-        ToolChoice::Auto => None,
-        ToolChoice::None => Some(json!("none")),
-        ToolChoice::Required => Some(json!("required")),
-        ToolChoice::Named(name) => Some(json!({"type": "function", "name": name})),
-    }
 }
 
 /// Appends the input items `message` stands for.

@@ -4,7 +4,8 @@
 use serde_json::{Value, json};
 
 use super::OUTPUT_KEY;
-use crate::llm_http::json::count;
+use crate::llm_http::json::{self, count};
+use crate::llm_http::openai::{arguments, text_part};
 use crate::llm_http::wire::{Reply, ReplyContext};
 use crate::llm_http::{ChatResponse, FinishReason, LlmError, LlmErrorKind, Provider, Usage};
 
@@ -14,8 +15,7 @@ pub fn parse(
     body: &[u8],
     context: ReplyContext,
 ) -> Result<ChatResponse, LlmError> {
-    let json: Value = serde_json::from_slice(body)
-        .map_err(|error| provider.bad_response(&error.to_string(), body))?;
+    let json = json::body(provider, body)?;
     if let Some(error) = failure(provider, &json, body) {
         return Err(error);
     }
@@ -49,7 +49,9 @@ fn read_item(
     match item["type"].as_str() {
         Some("message") => {
             for part in item["content"].as_array().into_iter().flatten() {
-                reply.content.push_str(&content_part(provider, part, body)?);
+                reply
+                    .content
+                    .push_str(&text_part(provider, part, "output_text", body)?);
             }
             reply.keep(key, skeleton(item, None).to_string());
         }
@@ -57,11 +59,7 @@ fn read_item(
             let name = item["name"]
                 .as_str()
                 .ok_or_else(|| provider.bad_response("a function call has no name", body))?;
-            let arguments = match &item["arguments"] {
-                Value::String(text) => text.clone(),
-                Value::Null => String::new(),
-                other => other.to_string(),
-            };
+            let arguments = arguments(&item["arguments"]);
             let call_id = reply
                 .push_call(item["call_id"].as_str(), name, arguments)
                 .to_owned();
@@ -71,27 +69,6 @@ fn read_item(
         other => return Err(unknown_item(provider, other, body)),
     }
     Ok(())
-}
-
-/// The text of one part of a message's content: `output_text`, or a
-/// `refusal`, which is the model's answer and kept as its text. A part of
-/// any other kind is refused, since the step could not keep it.
-pub(super) fn content_part(
-    provider: &Provider,
-    part: &Value,
-    body: &[u8],
-) -> Result<String, LlmError> {
-    match (part["type"].as_str(), part["text"].as_str()) {
-        (Some("output_text"), Some(text)) => Ok(text.to_owned()),
-        (Some("refusal"), _) => Ok(part["refusal"].as_str().unwrap_or_default().to_owned()),
-        (kind, _) => Err(provider.bad_response(
-            &format!(
-                "its message has a content part of type {}, which the adapter cannot keep",
-                kind.unwrap_or("(none)")
-            ),
-            body,
-        )),
-    }
 }
 
 /// What the next request needs of a message or function call item besides

@@ -21,8 +21,9 @@ use serde_json::Value;
 
 use super::OUTPUT_KEY;
 use super::response::{failure, finish_reason, kind_for_code, skeleton, unknown_item, usage};
-use crate::llm_http::wire::{ReplyContext, more_arguments};
-use crate::llm_http::{LlmError, Provider, SseEvent, StreamPart, UsagePart};
+use crate::llm_http::json;
+use crate::llm_http::wire::{ReplyContext, more_arguments, usage_part};
+use crate::llm_http::{LlmError, Provider, SseEvent, StreamPart};
 
 pub fn decode(
     provider: &Provider,
@@ -32,9 +33,7 @@ pub fn decode(
 ) -> Result<(), LlmError> {
     let data = event.data.trim();
     let bytes = data.as_bytes();
-    let json: Value = serde_json::from_str(data).map_err(|error| {
-        provider.bad_response(&format!("a stream event is not JSON: {error}"), bytes)
-    })?;
+    let json = json::event(provider, data, "a stream event")?;
     // The type is in the data; the SSE event name repeats it.
     let kind = json["type"]
         .as_str()
@@ -100,10 +99,7 @@ pub fn decode(
                 parts.push(StreamPart::Model(model.to_owned()));
             }
             if let Some(usage) = usage(&response["usage"]) {
-                parts.push(StreamPart::Usage(UsagePart {
-                    input_tokens: Some(usage.input_tokens),
-                    output_tokens: Some(usage.output_tokens),
-                }));
+                parts.push(usage_part(usage));
             }
             let status = response["status"].as_str().or(match kind {
                 "response.completed" => Some("completed"),
