@@ -6,10 +6,12 @@
 
 use std::collections::BTreeMap;
 
+use serde_json::{Value, json};
+
 use crate::llm_http::wire::{ReplyContext, Wire, finish_reason, read_stream};
 use crate::llm_http::{
-    ChatMessage, ChatRequest, ChatResponse, LlmError, LlmErrorKind, Role, StreamPart, ToolCall,
-    ToolChoice, ToolSpec, Usage,
+    ChatMessage, ChatRequest, ChatResponse, Exchange, HttpRequest, LlmError, LlmErrorKind,
+    ResponseFormat, Role, StreamPart, ToolCall, ToolChoice, ToolSpec, Usage,
 };
 
 pub const WEATHER_SCHEMA: &str = r#"{
@@ -73,6 +75,56 @@ pub fn weather_request() -> ChatRequest {
         stop: vec!["END".into()],
         provider_options: String::new(),
     }
+}
+
+/// [`weather_request`] with the options a body carries besides the
+/// conversation: `top_p` 0.9, no parallel tool calls, and a strict response
+/// format named `weather`.
+pub fn options_request() -> ChatRequest {
+    ChatRequest {
+        top_p: Some(0.9),
+        parallel_tool_calls: Some(false),
+        response_format: Some(ResponseFormat {
+            name: "weather".into(),
+            schema: r#"{"type":"object","properties":{"temp_c":{"type":"number"}}}"#.into(),
+            strict: true,
+        }),
+        ..weather_request()
+    }
+}
+
+/// Every tool choice, with the `tool_choice` a body gives for it (none for
+/// `auto`, the default); `named` is the choice of `get_weather` as the wire
+/// format shapes it.
+pub fn tool_choices(named: Value) -> [(ToolChoice, Option<Value>); 4] {
+    [
+        (ToolChoice::Auto, None),
+        (ToolChoice::None, Some(json!("none"))),
+        (ToolChoice::Required, Some(json!("required"))),
+        (ToolChoice::Named("get_weather".into()), Some(named)),
+    ]
+}
+
+/// The HTTP request of an exchange `prepare` made, and its body as JSON;
+/// any other exchange fails the test.
+pub fn http_request(exchange: Exchange) -> (HttpRequest, Value) {
+    let Exchange::Http(http) = exchange else {
+        panic!("expected an HTTP exchange");
+    };
+    let body = serde_json::from_slice(&http.body).expect("a JSON body");
+    (http, body)
+}
+
+/// Checks that `http` posts to `path` for a whole (not streamed) answer
+/// in JSON.
+pub fn expect_unstreamed_post(http: &HttpRequest, path: &str) {
+    assert_eq!(http.method, "POST");
+    assert_eq!(http.path, path);
+    assert!(!http.stream);
+    assert!(
+        http.headers
+            .contains(&("accept".into(), "application/json".into()))
+    );
 }
 
 /// Replays a whole SSE body cut into `size`-byte chunks: each chunk's

@@ -1,7 +1,10 @@
 use serde_json::{Value, json};
 
 use super::*;
-use crate::llm_http::fixtures::{decode_stream, weather_request};
+use crate::llm_http::fixtures::{
+    decode_stream, expect_unstreamed_post, http_request, options_request, tool_choices,
+    weather_request,
+};
 use crate::llm_http::headers::Headers;
 use crate::llm_http::wire::{prepare, read_response, read_stream};
 use crate::llm_http::{
@@ -346,23 +349,10 @@ fn failure_statuses_use_the_generic_mapping() {
 
 #[test]
 fn new_request_fields_map_to_their_chat_completions_keys() {
-    let mut request = weather_request();
-    request.top_p = Some(0.9);
-    request.parallel_tool_calls = Some(false);
-    request.response_format = Some(ResponseFormat {
-        name: "weather".into(),
-        schema: r#"{"type":"object","properties":{"temp_c":{"type":"number"}}}"#.into(),
-        strict: true,
-    });
-    for (choice, expected) in [
-        (ToolChoice::Auto, None),
-        (ToolChoice::None, Some(json!("none"))),
-        (ToolChoice::Required, Some(json!("required"))),
-        (
-            ToolChoice::Named("get_weather".into()),
-            Some(json!({"type": "function", "function": {"name": "get_weather"}})),
-        ),
-    ] {
+    let mut request = options_request();
+    for (choice, expected) in
+        tool_choices(json!({"type": "function", "function": {"name": "get_weather"}}))
+    {
         request.tool_choice = choice;
         let body = wire().body(&request, "m", false).unwrap();
         assert_eq!(body.get("tool_choice"), expected.as_ref());
@@ -406,17 +396,8 @@ fn prepare_builds_the_http_request_and_its_reply_context() {
     let mut request = weather_request();
     request.provider_options = r#"{"stream": false, "seed": 7, "script": []}"#.into();
     let prepared = prepare(&wire(), &request).unwrap();
-    let Exchange::Http(http) = prepared.exchange else {
-        panic!("expected an HTTP exchange");
-    };
-    assert_eq!(http.method, "POST");
-    assert_eq!(http.path, "/chat/completions");
-    assert!(!http.stream);
-    assert!(
-        http.headers
-            .contains(&("accept".into(), "application/json".into()))
-    );
-    let body: Value = serde_json::from_slice(&http.body).unwrap();
+    let (http, body) = http_request(prepared.exchange);
+    expect_unstreamed_post(&http, "/chat/completions");
     assert_eq!(body["model"], "gpt-4o-mini");
     assert_eq!(body["stream"], false);
     assert_eq!(body["seed"], 7);

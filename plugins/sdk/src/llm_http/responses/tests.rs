@@ -1,11 +1,14 @@
 use serde_json::{Value, json};
 
 use super::*;
-use crate::llm_http::fixtures::{WEATHER_SCHEMA, call, decode_stream, message, weather_request};
+use crate::llm_http::fixtures::{
+    WEATHER_SCHEMA, call, decode_stream, expect_unstreamed_post, http_request, message,
+    options_request, tool_choices, weather_request,
+};
 use crate::llm_http::wire::{prepare, read_response, read_stream};
 use crate::llm_http::{
-    ChatMessage, Exchange, FinishReason, HttpResponse, LlmErrorKind, ProviderDatum, ResponseFormat,
-    Role, ToolCall, ToolChoice, Usage,
+    ChatMessage, FinishReason, HttpResponse, LlmErrorKind, ProviderDatum, Role, ToolCall,
+    ToolChoice, Usage,
 };
 
 const OPENAI: Provider = Provider {
@@ -235,23 +238,8 @@ fn data_under_the_adapters_key_that_it_did_not_write_is_refused() {
 
 #[test]
 fn request_options_map_to_their_responses_keys() {
-    let mut request = weather_request();
-    request.top_p = Some(0.9);
-    request.parallel_tool_calls = Some(false);
-    request.response_format = Some(ResponseFormat {
-        name: "weather".into(),
-        schema: r#"{"type":"object","properties":{"temp_c":{"type":"number"}}}"#.into(),
-        strict: true,
-    });
-    for (choice, expected) in [
-        (ToolChoice::Auto, None),
-        (ToolChoice::None, Some(json!("none"))),
-        (ToolChoice::Required, Some(json!("required"))),
-        (
-            ToolChoice::Named("get_weather".into()),
-            Some(json!({"type": "function", "name": "get_weather"})),
-        ),
-    ] {
+    let mut request = options_request();
+    for (choice, expected) in tool_choices(json!({"type": "function", "name": "get_weather"})) {
         request.tool_choice = choice;
         let body = wire().body(&request, "m", false).unwrap();
         assert_eq!(body.get("tool_choice"), expected.as_ref());
@@ -296,18 +284,8 @@ fn fewer_than_sixteen_output_tokens_are_refused_before_sending() {
 fn prepare_posts_to_responses() {
     let mut request = weather_request();
     request.provider_options = r#"{"stream": false, "store": true}"#.into();
-    let prepared = prepare(&wire(), &request).unwrap();
-    let Exchange::Http(http) = prepared.exchange else {
-        panic!("expected an HTTP exchange");
-    };
-    assert_eq!(http.method, "POST");
-    assert_eq!(http.path, "/responses");
-    assert!(!http.stream);
-    assert!(
-        http.headers
-            .contains(&("accept".into(), "application/json".into()))
-    );
-    let body: Value = serde_json::from_slice(&http.body).unwrap();
+    let (http, body) = http_request(prepare(&wire(), &request).unwrap().exchange);
+    expect_unstreamed_post(&http, "/responses");
     assert_eq!(body["stream"], false);
     assert_eq!(body["store"], true, "the options win over the default");
     assert_eq!(body["model"], "gpt-5-mini");
