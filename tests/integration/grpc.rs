@@ -55,6 +55,13 @@ fn error_code(status: &tonic::Status) -> &str {
         .unwrap_or_default()
 }
 
+/// Checks that a refused call carries the gRPC `code` and the stable
+/// `error` code.
+fn expect_refused(status: &tonic::Status, code: tonic::Code, error: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(error_code(status), error, "{status:?}");
+}
+
 /// The README's calculator task as a gRPC submission.
 fn calculator(expression: &str, answer: &str) -> SubmitTaskRequest {
     let task = calculator_task(expression, answer);
@@ -260,8 +267,11 @@ async fn grpc_submits_gets_lists_cancels_and_watches_as_rest_does() {
         .cancel_task(call(CancelTaskRequest { id: id.clone() }, None))
         .await
         .unwrap_err();
-    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
-    assert_eq!(error_code(&again), "task_already_finished");
+    expect_refused(
+        &again,
+        tonic::Code::FailedPrecondition,
+        "task_already_finished",
+    );
     let missing = grpc
         .get_task(call(
             GetTaskRequest {
@@ -271,14 +281,12 @@ async fn grpc_submits_gets_lists_cancels_and_watches_as_rest_does() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(missing.code(), tonic::Code::NotFound);
-    assert_eq!(error_code(&missing), "task_not_found");
+    expect_refused(&missing, tonic::Code::NotFound, "task_not_found");
     let bad_filter = grpc
         .list_tasks(call(list("sleeping"), None))
         .await
         .unwrap_err();
-    assert_eq!(bad_filter.code(), tonic::Code::InvalidArgument);
-    assert_eq!(error_code(&bad_filter), "invalid_query");
+    expect_refused(&bad_filter, tonic::Code::InvalidArgument, "invalid_query");
     let bad_replay = grpc
         .watch_task(call(
             WatchTaskRequest {
@@ -386,14 +394,12 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
         .list_tasks(call(ListTasksRequest::default(), None))
         .await
         .unwrap_err();
-    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
-    assert_eq!(error_code(&anonymous), "unauthorized");
+    expect_refused(&anonymous, tonic::Code::Unauthenticated, "unauthorized");
     let wrong = grpc
         .submit_task(call(calculator("1+1", "2"), Some("wrong-token")))
         .await
         .unwrap_err();
-    assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
-    assert_eq!(error_code(&wrong), "invalid_token");
+    expect_refused(&wrong, tonic::Code::Unauthenticated, "invalid_token");
 
     let task = grpc
         .submit_task(call(calculator("2+2", "4"), Some("acme-token")))
@@ -414,8 +420,7 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
         .get_task(call(other(), Some("globex-token")))
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
-    assert_eq!(error_code(&refused), "forbidden");
+    expect_refused(&refused, tonic::Code::PermissionDenied, "forbidden");
     let (status, body) =
         rest_get(&harness, &format!("/v1/tasks/{}", task.id), "globex-token").await;
     assert_eq!(
@@ -466,8 +471,7 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
-    assert_eq!(error_code(&refused), "forbidden");
+    expect_refused(&refused, tonic::Code::PermissionDenied, "forbidden");
     let usage = grpc
         .get_usage(call(GetUsageRequest {}, Some("acme-token")))
         .await
@@ -497,8 +501,7 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::NotFound);
-    assert_eq!(error_code(&refused), "memory_not_found");
+    expect_refused(&refused, tonic::Code::NotFound, "memory_not_found");
     let theirs = memories
         .list_memories(call(ListMemoriesRequest::default(), Some("globex-token")))
         .await
@@ -524,8 +527,7 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
-    assert_eq!(error_code(&anonymous), "unauthorized");
+    expect_refused(&anonymous, tonic::Code::Unauthenticated, "unauthorized");
 
     // Reflection needs no token: it describes the API, nothing more.
     let url = harness.server.grpc_url.clone().unwrap();

@@ -94,6 +94,16 @@ async fn run(client: &Client, body: &Value) -> Value {
     client.wait_until_finished(&id, FINISH).await.unwrap()
 }
 
+/// A task that calls `tool` once with `arguments`, then answers "done".
+fn one_call_task(tool: &str, arguments: Value) -> Value {
+    script_task(&[tool], &[(tool, arguments)], "done")
+}
+
+/// Runs [`one_call_task`] to its end.
+async fn run_one_call(client: &Client, tool: &str, arguments: Value) -> Value {
+    run(client, &one_call_task(tool, arguments)).await
+}
+
 /// The tool steps of a task, in order.
 fn tool_steps(task: &Value) -> Vec<Value> {
     steps(task)
@@ -236,11 +246,7 @@ async fn a_hung_call_times_out_and_is_retried_under_the_same_key() {
     let client = harness.client();
     // The first try for a key sleeps past the 2 s call_timeout; the retry
     // (same step, same key) answers at once.
-    let mut body = script_task(
-        &["fixture__hang"],
-        &[("fixture__hang", json!({"seconds": 30}))],
-        "done",
-    );
+    let mut body = one_call_task("fixture__hang", json!({"seconds": 30}));
     body["max_retries"] = json!(2);
     let started = Instant::now();
     let task = run(&client, &body).await;
@@ -257,11 +263,7 @@ async fn a_hung_call_times_out_and_is_retried_under_the_same_key() {
     );
 
     // Without retries left, the timeout fails the step with its code.
-    let mut body = script_task(
-        &["fixture__hang"],
-        &[("fixture__hang", json!({"seconds": 30, "always": true}))],
-        "done",
-    );
+    let mut body = one_call_task("fixture__hang", json!({"seconds": 30, "always": true}));
     body["max_retries"] = json!(0);
     let task = run(&client, &body).await;
     let step = &tool_steps(&task)[0];
@@ -279,15 +281,7 @@ async fn a_stdio_server_that_exits_is_restarted_and_its_calls_fail_meanwhile() {
     let before = mcp_server(&client, "fixture").await;
     let first_pid = before["pid"].as_u64().unwrap();
 
-    let task = run(
-        &client,
-        &script_task(
-            &["fixture__crash"],
-            &[("fixture__crash", json!({}))],
-            "done",
-        ),
-    )
-    .await;
+    let task = run_one_call(&client, "fixture__crash", json!({})).await;
     let step = &tool_steps(&task)[0];
     assert_eq!(step["error"]["code"], "mcp_unavailable", "{task:#}");
 
@@ -302,29 +296,13 @@ async fn a_stdio_server_that_exits_is_restarted_and_its_calls_fail_meanwhile() {
         down["error"].as_str().unwrap().contains("again"),
         "{down:#}"
     );
-    let task = run(
-        &client,
-        &script_task(
-            &["fixture__whoami"],
-            &[("fixture__whoami", json!({}))],
-            "done",
-        ),
-    )
-    .await;
+    let task = run_one_call(&client, "fixture__whoami", json!({})).await;
     let step = &tool_steps(&task)[0];
     assert_eq!(step["error"]["code"], "mcp_unavailable", "{task:#}");
 
     let up = wait_for_server(&client, "fixture", |s| s["status"] == "ready").await;
     assert_eq!(up["restarts"], 1, "{up:#}");
-    let task = run(
-        &client,
-        &script_task(
-            &["fixture__whoami"],
-            &[("fixture__whoami", json!({}))],
-            "done",
-        ),
-    )
-    .await;
+    let task = run_one_call(&client, "fixture__whoami", json!({})).await;
     let step = &tool_steps(&task)[0];
     assert_eq!(step["status"], "succeeded", "{task:#}");
     assert_ne!(step["output"]["pid"].as_u64().unwrap(), first_pid);
@@ -336,29 +314,13 @@ async fn a_changed_tool_list_is_picked_up() {
     let setup = Setup::new(&FIXTURE.replace("deny_tools = [\"add_tool\"]", ""));
     let harness = setup.start(&[]);
     let client = harness.client();
-    let task = run(
-        &client,
-        &script_task(
-            &["fixture__add_tool"],
-            &[("fixture__add_tool", json!({"name": "late"}))],
-            "done",
-        ),
-    )
-    .await;
+    let task = run_one_call(&client, "fixture__add_tool", json!({"name": "late"})).await;
     assert_eq!(tool_steps(&task)[0]["status"], "succeeded", "{task:#}");
     wait_for_server(&client, "fixture", |s| {
         tool_names(s).contains(&"fixture__late".to_owned())
     })
     .await;
-    let task = run(
-        &client,
-        &script_task(
-            &["fixture__late"],
-            &[("fixture__late", json!({"text": "x"}))],
-            "done",
-        ),
-    )
-    .await;
+    let task = run_one_call(&client, "fixture__late", json!({"text": "x"})).await;
     let step = &tool_steps(&task)[0];
     assert_eq!(step["status"], "succeeded", "{task:#}");
     assert!(step["output"].to_string().contains("late: x"), "{task:#}");
@@ -464,6 +426,54 @@ fn start_peer(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Peer {
     Peer(command.spawn().unwrap())
 }
 
+/// The fixture server over streamable HTTP on a free port, recording the
+/// calls it gets.
+struct HttpFixture {
+    /// First, so that the server stops before its record is removed.
+    _peer: Peer,
+    port: u16,
+    _record_dir: tempfile::TempDir,
+    record: PathBuf,
+}
+
+impl HttpFixture {
+    /// Starts the fixture with `extra` arguments (`--tls DIR`) and waits
+    /// for its port.
+    async fn start(extra: &[&str]) -> Self {
+        let record_dir = tempfile::tempdir().unwrap();
+        let record = record_dir.path().join("calls.jsonl");
+        let port = mcp::free_port();
+        let fixture = mcp::fixture_server();
+        let port_text = port.to_string();
+        let mut args = vec![
+            fixture.to_str().unwrap(),
+            "--record",
+            record.to_str().unwrap(),
+            "--http",
+            &port_text,
+        ];
+        args.extend_from_slice(extra);
+        let peer = start_peer(&mcp::python(), &args, &[]);
+        mcp::wait_for_port(port).await;
+        Self {
+            _peer: peer,
+            port,
+            _record_dir: record_dir,
+            record,
+        }
+    }
+
+    /// Checks that the first call the fixture got carried the credential.
+    fn expect_credential(&self) {
+        let calls = recorded_calls(&self.record);
+        assert_eq!(
+            calls[0]["headers"]["authorization"],
+            format!("Bearer {SECRET}"),
+            "{calls:#?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reference_server_runs_over_streamable_http() {
     let port = mcp::free_port();
@@ -485,15 +495,7 @@ url = "http://127.0.0.1:{port}/mcp"
     let server = mcp_server(&client, "everything").await;
     assert_eq!(server["status"], "ready", "{server:#}");
     assert_eq!(server["transport"]["type"], "streamable_http");
-    let task = run(
-        &client,
-        &script_task(
-            &["everything__echo"],
-            &[("everything__echo", json!({"message": "over http"}))],
-            "done",
-        ),
-    )
-    .await;
+    let task = run_one_call(&client, "everything__echo", json!({"message": "over http"})).await;
     let step = &tool_steps(&task)[0];
     assert_eq!(step["status"], "succeeded", "{task:#}");
     assert!(step["output"].to_string().contains("over http"), "{task:#}");
@@ -504,21 +506,8 @@ url = "http://127.0.0.1:{port}/mcp"
 /// environment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_servers_credential_reaches_it_and_nothing_else() {
-    let record_dir = tempfile::tempdir().unwrap();
-    let record = record_dir.path().join("calls.jsonl");
-    let port = mcp::free_port();
-    let _peer = start_peer(
-        &mcp::python(),
-        &[
-            mcp::fixture_server().to_str().unwrap(),
-            "--record",
-            record.to_str().unwrap(),
-            "--http",
-            &port.to_string(),
-        ],
-        &[],
-    );
-    mcp::wait_for_port(port).await;
+    let fixture = HttpFixture::start(&[]).await;
+    let port = fixture.port;
     // The variable the misbehaving plugin's manifest asks for: it must not
     // get it now that it holds an MCP credential.
     let setup = Setup::new(&format!(
@@ -534,22 +523,9 @@ value = "Bearer ${{OPSPAWN_TEST_GRANTED}}"
     ));
     let harness = setup.start(&[("OPSPAWN_TEST_GRANTED", SECRET)]);
     let client = harness.client();
-    let task = run(
-        &client,
-        &script_task(
-            &["remote__echo"],
-            &[("remote__echo", json!({"text": "hi"}))],
-            "done",
-        ),
-    )
-    .await;
+    let task = run_one_call(&client, "remote__echo", json!({"text": "hi"})).await;
     assert_eq!(tool_steps(&task)[0]["status"], "succeeded", "{task:#}");
-    let calls = recorded_calls(&record);
-    assert_eq!(
-        calls[0]["headers"]["authorization"],
-        format!("Bearer {SECRET}"),
-        "{calls:#?}"
-    );
+    fixture.expect_credential();
 
     let (_, list) = client.get("/v1/plugins").await.unwrap();
     let listed = list.to_string();
@@ -580,24 +556,9 @@ value = "Bearer ${{OPSPAWN_TEST_GRANTED}}"
 /// over TLS; the same server without it is refused, reported and skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_server_is_reached_with_its_ca_and_refused_without() {
-    let record_dir = tempfile::tempdir().unwrap();
-    let record = record_dir.path().join("calls.jsonl");
     let tls = tempfile::tempdir().unwrap();
-    let port = mcp::free_port();
-    let _peer = start_peer(
-        &mcp::python(),
-        &[
-            mcp::fixture_server().to_str().unwrap(),
-            "--record",
-            record.to_str().unwrap(),
-            "--http",
-            &port.to_string(),
-            "--tls",
-            tls.path().to_str().unwrap(),
-        ],
-        &[],
-    );
-    mcp::wait_for_port(port).await;
+    let fixture = HttpFixture::start(&["--tls", tls.path().to_str().unwrap()]).await;
+    let port = fixture.port;
     let ca = tls.path().join("ca.pem");
     assert!(ca.exists(), "the fixture wrote its CA before serving");
     let setup = Setup::new(&format!(
@@ -623,24 +584,11 @@ url = "https://127.0.0.1:{port}/mcp"
         tool_names(&secure).contains(&"secure__echo".to_owned()),
         "{secure:#}"
     );
-    let task = run(
-        &client,
-        &script_task(
-            &["secure__echo"],
-            &[("secure__echo", json!({"text": "over tls"}))],
-            "done",
-        ),
-    )
-    .await;
+    let task = run_one_call(&client, "secure__echo", json!({"text": "over tls"})).await;
     let step = &tool_steps(&task)[0];
     assert_eq!(step["status"], "succeeded", "{task:#}");
     assert!(step["output"].to_string().contains("over tls"), "{task:#}");
-    let calls = recorded_calls(&record);
-    assert_eq!(
-        calls[0]["headers"]["authorization"],
-        format!("Bearer {SECRET}"),
-        "{calls:#?}"
-    );
+    fixture.expect_credential();
 
     let untrusted = wait_for_server(&client, "untrusted", |s| s["error"].is_string()).await;
     assert_ne!(untrusted["status"], "ready", "{untrusted:#}");
@@ -669,15 +617,7 @@ async fn a_stdio_server_gets_only_the_variables_named() {
         ("OPSPAWN_TEST_MCP_KEPT", SECRET),
     ]);
     let client = harness.client();
-    let task = run(
-        &client,
-        &script_task(
-            &["fixture__whoami"],
-            &[("fixture__whoami", json!({}))],
-            "done",
-        ),
-    )
-    .await;
+    let task = run_one_call(&client, "fixture__whoami", json!({})).await;
     let step = &tool_steps(&task)[0];
     assert_eq!(step["status"], "succeeded", "{task:#}");
     let env: Vec<&str> = step["output"]["env"]
@@ -704,11 +644,7 @@ async fn a_resumed_task_waits_for_its_mcp_server_to_start() {
     let setup = Setup::new(FIXTURE);
     let mut harness = setup.start(&[]);
     let client = harness.client();
-    let mut body = script_task(
-        &["fixture__echo"],
-        &[("fixture__echo", json!({"text": "after"}))],
-        "done",
-    );
+    let mut body = one_call_task("fixture__echo", json!({"text": "after"}));
     body["options"]["llm"]["script"][0]["delay_ms"] = json!(3000);
     let id = client.submit(&body).await.unwrap();
     client

@@ -78,6 +78,17 @@ impl Setup {
         }
     }
 
+    /// The OpenAI adapter set to speak the Responses API (its `api`
+    /// setting).
+    async fn responses_by_default() -> Self {
+        let provider = Provider::OpenAi;
+        let manifest = format!(
+            "{}\n[adapter.settings]\napi = \"responses\"\n",
+            provider.manifest()
+        );
+        Self::with_manifest(provider, &manifest).await
+    }
+
     fn client(&self) -> Client {
         self.harness.client()
     }
@@ -90,6 +101,48 @@ impl Setup {
             .await
             .unwrap();
         client.wait_until_finished(&id, FINISH).await.unwrap()
+    }
+
+    /// Submits `task` and waits for its end. Streamed, the mock pauses
+    /// before each answer, so that the task's events are subscribed to
+    /// before the first one; they are returned with the task.
+    async fn run_task(&self, task: &Value, stream: bool) -> (Value, Vec<SseEvent>) {
+        if stream {
+            self.mock.set_latency(Duration::from_millis(300));
+        }
+        let client = self.client();
+        let id = client.submit(task).await.unwrap();
+        let events = if stream {
+            client.events(&id, None, FINISH).await.unwrap()
+        } else {
+            Vec::new()
+        };
+        let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+        (task, events)
+    }
+
+    /// Checks how the ReAct task ended: no request refused, `42` after an
+    /// LLM step, the tool and another LLM step, each LLM step with input
+    /// and output tokens. Returns the steps.
+    fn expect_react_success<'t>(&self, task: &'t Value) -> &'t Vec<Value> {
+        self.expect_no_rejections();
+        assert_eq!(
+            task["status"],
+            "succeeded",
+            "task: {task:#}\n{}",
+            self.diagnosis()
+        );
+        assert_eq!(task["result"], "42");
+        assert_eq!(kinds(task), ["llm", "tool", "llm"], "task: {task:#}");
+        let steps = steps(task);
+        for llm in [&steps[0], &steps[2]] {
+            assert!(
+                llm["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0
+                    && llm["usage"]["output_tokens"].as_u64().unwrap_or(0) > 0,
+                "each LLM step reports input and output tokens: {llm:#}"
+            );
+        }
+        steps
     }
 
     /// What the mock saw, and the end of the server's log, for failures.
@@ -360,36 +413,10 @@ fn check_wire_details(provider: Provider, request: &ProviderRequest, stream: boo
 /// reaches the task's events.
 async fn react_task_succeeds(provider: Provider, stream: bool) {
     let setup = Setup::start(provider).await;
-    let client = setup.client();
-    if stream {
-        // Time to subscribe to the events before the first answer.
-        setup.mock.set_latency(Duration::from_millis(300));
-    }
-    let id = client
-        .submit(&react_task(
-            provider,
-            models::REACT,
-            (!stream).then_some(false),
-        ))
-        .await
-        .unwrap();
-    let events: Vec<SseEvent> = if stream {
-        client.events(&id, None, FINISH).await.unwrap()
-    } else {
-        Vec::new()
-    };
-    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    let task = react_task(provider, models::REACT, (!stream).then_some(false));
+    let (task, events) = setup.run_task(&task, stream).await;
 
-    setup.expect_no_rejections();
-    assert_eq!(
-        task["status"],
-        "succeeded",
-        "task: {task:#}\n{}",
-        setup.diagnosis()
-    );
-    assert_eq!(task["result"], "42");
-    assert_eq!(kinds(&task), ["llm", "tool", "llm"], "task: {task:#}");
-    let steps = steps(&task);
+    let steps = setup.expect_react_success(&task);
     assert_eq!(steps[0]["plugin"], provider.plugin());
     assert_eq!(steps[1]["input"]["name"], "calculator");
     assert_eq!(
@@ -398,13 +425,6 @@ async fn react_task_succeeds(provider: Provider, stream: bool) {
         "the tool call's arguments arrive whole"
     );
     assert_eq!(steps[1]["output"]["result"], 42);
-    for llm in [&steps[0], &steps[2]] {
-        assert!(
-            llm["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0
-                && llm["usage"]["output_tokens"].as_u64().unwrap_or(0) > 0,
-            "each LLM step reports input and output tokens: {llm:#}"
-        );
-    }
     let usage = &task["usage"];
     assert_eq!(
         usage["input_tokens"].as_u64().unwrap(),
@@ -723,6 +743,14 @@ fn check_structured_request(provider: Provider, request: &ProviderRequest) {
     }
 }
 
+/// Checks that the task's result is the JSON answer [`run_structured`]
+/// asks for.
+fn expect_structured_answer(task: &Value) {
+    let answer: Value = serde_json::from_str(task["result"].as_str().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("the result is JSON ({e}): {task:#}"));
+    assert_eq!(answer, json!({"answer": 42, "explanation": "42"}));
+}
+
 /// A task with a response format, through the adapter against the mock:
 /// every LLM call asks for structured output in the provider's shape, and
 /// the JSON answer is the task's result.
@@ -736,9 +764,7 @@ async fn a_structured_answer_is_the_result(provider: Provider, stream: bool) {
         "task: {task:#}\n{}",
         setup.diagnosis()
     );
-    let answer: Value = serde_json::from_str(task["result"].as_str().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("the result is JSON ({e}): {task:#}"));
-    assert_eq!(answer, json!({"answer": 42, "explanation": "42"}));
+    expect_structured_answer(&task);
     assert_eq!(
         task["response_format"],
         json!({"name": "calc", "schema": calc_schema(), "strict": false})
@@ -1720,6 +1746,14 @@ fn check_responses_request(request: &ProviderRequest, model: &str, stream: bool)
     }
 }
 
+/// The ReAct task with `model`, sent to the Responses API (its
+/// `options.llm.api`), streamed or not.
+fn responses_task(model: &str, stream: bool) -> Value {
+    let mut task = react_task(Provider::OpenAi, model, None);
+    task["options"] = json!({"llm": {"api": "responses", "stream": stream}});
+    task
+}
+
 /// The Responses API through the real `openai` component, chosen per task
 /// (`options.llm.api`): a reasoning model's ReAct task calls the calculator
 /// and answers. Its reasoning item, sealed, is journaled with the step's
@@ -1728,39 +1762,11 @@ fn check_responses_request(request: &ProviderRequest, model: &str, stream: bool)
 async fn the_responses_api_round_trips_reasoning(stream: bool) {
     let provider = Provider::OpenAi;
     let setup = Setup::start(provider).await;
-    if stream {
-        // Time to subscribe to the events before the first answer.
-        setup.mock.set_latency(Duration::from_millis(300));
-    }
-    let mut task = react_task(provider, models::REASONING, None);
-    task["options"] = json!({"llm": {"api": "responses", "stream": stream}});
-    let client = setup.client();
-    let id = client.submit(&task).await.unwrap();
-    let events = if stream {
-        client.events(&id, None, FINISH).await.unwrap()
-    } else {
-        Vec::new()
-    };
-    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    let task = responses_task(models::REASONING, stream);
+    let (task, events) = setup.run_task(&task, stream).await;
 
-    setup.expect_no_rejections();
-    assert_eq!(
-        task["status"],
-        "succeeded",
-        "task: {task:#}\n{}",
-        setup.diagnosis()
-    );
-    assert_eq!(task["result"], "42");
-    assert_eq!(kinds(&task), ["llm", "tool", "llm"], "task: {task:#}");
-    let steps = steps(&task);
+    let steps = setup.expect_react_success(&task);
     assert_eq!(steps[1]["input"]["arguments"], json!({"expression": "6*7"}));
-    for llm in [&steps[0], &steps[2]] {
-        assert!(
-            llm["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0
-                && llm["usage"]["output_tokens"].as_u64().unwrap_or(0) > 0,
-            "usage comes from the response: {llm:#}"
-        );
-    }
 
     // The reasoning is journaled whole, sealed content and all.
     let kept = provider_data(&steps[0]);
@@ -1825,12 +1831,7 @@ async fn the_responses_api_round_trips_reasoning_without_streaming() {
 /// by an adapter that speaks one API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_api_is_a_setting_a_task_can_override() {
-    let provider = Provider::OpenAi;
-    let manifest = format!(
-        "{}\n[adapter.settings]\napi = \"responses\"\n",
-        provider.manifest()
-    );
-    let setup = Setup::with_manifest(provider, &manifest).await;
+    let setup = Setup::responses_by_default().await;
     for (options, path) in [
         (json!({}), "/openai/v1/responses"),
         (json!({"stream": false}), "/openai/v1/responses"),
@@ -1895,8 +1896,7 @@ async fn the_responses_api_fails_and_retries_as_chat_completions_does() {
     let provider = Provider::OpenAi;
     let setup = Setup::start(provider).await;
     let run = |model: &'static str, stream: bool| {
-        let mut task = react_task(provider, model, None);
-        task["options"] = json!({"llm": {"api": "responses", "stream": stream}});
+        let task = responses_task(model, stream);
         let client = setup.client();
         async move {
             let id = client.submit(&task).await.unwrap();
@@ -1949,12 +1949,7 @@ async fn the_responses_api_fails_and_retries_as_chat_completions_does() {
 /// tool choice keeps the model from calling the calculator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_responses_api_takes_structured_output_and_tool_choice() {
-    let provider = Provider::OpenAi;
-    let manifest = format!(
-        "{}\n[adapter.settings]\napi = \"responses\"\n",
-        provider.manifest()
-    );
-    let setup = Setup::with_manifest(provider, &manifest).await;
+    let setup = Setup::responses_by_default().await;
     for stream in [true, false] {
         let before = setup.mock.requests().len();
         let task = run_structured(&setup, models::REACT, stream).await;
@@ -1964,9 +1959,7 @@ async fn the_responses_api_takes_structured_output_and_tool_choice() {
             "stream {stream}: {task:#}\n{}",
             setup.diagnosis()
         );
-        let answer: Value = serde_json::from_str(task["result"].as_str().unwrap_or_default())
-            .unwrap_or_else(|e| panic!("the result is JSON ({e}): {task:#}"));
-        assert_eq!(answer, json!({"answer": 42, "explanation": "42"}));
+        expect_structured_answer(&task);
         let sent = &setup.mock.requests()[before..];
         assert_eq!(sent.len(), 2, "{}", setup.diagnosis());
         for request in sent {
