@@ -163,6 +163,12 @@ impl GrpcApi {
         Ok((answer.status, value))
     }
 
+    /// A `GET`, answered with JSON.
+    async fn get(&self, path: &str, metadata: &MetadataMap) -> Result<Value, Status> {
+        let (_, answer) = self.json(Method::GET, path, metadata, None).await?;
+        Ok(answer)
+    }
+
     /// A request whose answer has no body (`204 No Content`).
     async fn no_content(
         &self,
@@ -173,6 +179,17 @@ impl GrpcApi {
         self.rest(method, path, metadata, &[], None).await?;
         Ok(())
     }
+}
+
+/// The items of the array under `key` in `value`, each read by `read`;
+/// none when there is no array.
+fn each<T>(value: &Value, key: &str, read: impl Fn(&Value) -> T) -> Vec<T> {
+    value[key]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(read)
+        .collect()
 }
 
 async fn read(body: Body) -> Result<Bytes, Status> {
@@ -451,12 +468,7 @@ fn task(value: &Value) -> pb::Task {
         planner: string(&value["planner"]),
         llm: string(&value["llm"]),
         model: optional_string(&value["model"]),
-        tools: value["tools"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(string)
-            .collect(),
+        tools: each(value, "tools", string),
         options_json: value["options"].to_string(),
         max_steps: value["max_steps"].as_u64().unwrap_or_default() as u32,
         max_retries: value["max_retries"].as_u64().unwrap_or_default() as u32,
@@ -473,12 +485,7 @@ fn task(value: &Value) -> pb::Task {
         created_at: string(&value["created_at"]),
         started_at: optional_string(&value["started_at"]),
         finished_at: optional_string(&value["finished_at"]),
-        steps: value["steps"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(step)
-            .collect(),
+        steps: each(value, "steps", step),
         cost_usd: value["cost_usd"].as_f64(),
         budget: value["budget"]
             .is_object()
@@ -619,9 +626,7 @@ impl pb::tasks_server::Tasks for GrpcApi {
         request: GrpcRequest<pb::GetTaskRequest>,
     ) -> Result<GrpcResponse<pb::Task>, Status> {
         let path = task_path(&request.get_ref().id, "")?;
-        let (_, answer) = self
-            .json(Method::GET, &path, request.metadata(), None)
-            .await?;
+        let answer = self.get(&path, request.metadata()).await?;
         Ok(GrpcResponse::new(task(&answer)))
     }
 
@@ -642,16 +647,9 @@ impl pb::tasks_server::Tasks for GrpcApi {
                 ("thread", query.thread.clone()),
             ],
         )?;
-        let (_, answer) = self
-            .json(Method::GET, &path, request.metadata(), None)
-            .await?;
+        let answer = self.get(&path, request.metadata()).await?;
         Ok(GrpcResponse::new(pb::ListTasksResponse {
-            tasks: answer["tasks"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(task)
-                .collect(),
+            tasks: each(&answer, "tasks", task),
             next_cursor: optional_string(&answer["next_cursor"]),
         }))
     }
@@ -707,16 +705,9 @@ impl pb::tasks_server::Tasks for GrpcApi {
         request: GrpcRequest<pb::ListApprovalsRequest>,
     ) -> Result<GrpcResponse<pb::ListApprovalsResponse>, Status> {
         let path = task_path(&request.get_ref().task_id, "/approvals")?;
-        let (_, answer) = self
-            .json(Method::GET, &path, request.metadata(), None)
-            .await?;
+        let answer = self.get(&path, request.metadata()).await?;
         Ok(GrpcResponse::new(pb::ListApprovalsResponse {
-            approvals: answer["approvals"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(approval)
-                .collect(),
+            approvals: each(&answer, "approvals", approval),
         }))
     }
 
@@ -737,9 +728,7 @@ impl pb::tasks_server::Tasks for GrpcApi {
         &self,
         request: GrpcRequest<pb::GetUsageRequest>,
     ) -> Result<GrpcResponse<pb::TenantUsage>, Status> {
-        let (_, answer) = self
-            .json(Method::GET, "/v1/usage", request.metadata(), None)
-            .await?;
+        let answer = self.get("/v1/usage", request.metadata()).await?;
         Ok(GrpcResponse::new(tenant_usage(&answer)))
     }
 }
@@ -758,17 +747,10 @@ impl pb::threads_server::Threads for GrpcApi {
                 ("cursor", query.cursor.clone()),
             ],
         )?;
-        let (_, answer) = self
-            .json(Method::GET, &path, request.metadata(), None)
-            .await?;
+        let answer = self.get(&path, request.metadata()).await?;
         Ok(GrpcResponse::new(pb::Thread {
             id: string(&answer["thread"]),
-            tasks: answer["tasks"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(task)
-                .collect(),
+            tasks: each(&answer, "tasks", task),
             next_cursor: optional_string(&answer["next_cursor"]),
         }))
     }
@@ -800,16 +782,9 @@ impl pb::memories_server::Memories for GrpcApi {
                 ("cursor", query.cursor.clone()),
             ],
         )?;
-        let (_, answer) = self
-            .json(Method::GET, &path, request.metadata(), None)
-            .await?;
+        let answer = self.get(&path, request.metadata()).await?;
         Ok(GrpcResponse::new(pb::ListMemoriesResponse {
-            memories: answer["memories"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(memory)
-                .collect(),
+            memories: each(&answer, "memories", memory),
             next_cursor: optional_string(&answer["next_cursor"]),
         }))
     }
@@ -831,9 +806,7 @@ impl pb::memories_server::Memories for GrpcApi {
         request: GrpcRequest<pb::GetMemoryRequest>,
     ) -> Result<GrpcResponse<pb::Memory>, Status> {
         let path = memory_path(&request.get_ref().id)?;
-        let (_, answer) = self
-            .json(Method::GET, &path, request.metadata(), None)
-            .await?;
+        let answer = self.get(&path, request.metadata()).await?;
         Ok(GrpcResponse::new(memory(&answer)))
     }
 
