@@ -115,6 +115,12 @@ pub fn http_request(exchange: Exchange) -> (HttpRequest, Value) {
     (http, body)
 }
 
+/// Checks that `error` is of `kind` and its message mentions `needle`.
+pub fn expect_error(error: &LlmError, kind: LlmErrorKind, needle: &str) {
+    assert_eq!(error.kind, kind);
+    assert!(error.message.contains(needle), "{}", error.message);
+}
+
 /// Checks that `http` posts to `path` for a whole (not streamed) answer
 /// in JSON.
 pub fn expect_unstreamed_post(http: &HttpRequest, path: &str) {

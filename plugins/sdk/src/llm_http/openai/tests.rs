@@ -2,8 +2,8 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::llm_http::fixtures::{
-    decode_stream, expect_unstreamed_post, http_request, options_request, tool_choices,
-    weather_request,
+    decode_stream, expect_error, expect_unstreamed_post, http_request, options_request,
+    tool_choices, weather_request,
 };
 use crate::llm_http::headers::Headers;
 use crate::llm_http::wire::{prepare, read_response, read_stream};
@@ -526,11 +526,10 @@ fn every_text_part_is_read_and_several_choices_are_refused() {
     let mut request = weather_request();
     request.provider_options = r#"{"n": 3}"#.into();
     let error = prepare(&wire(), &request).unwrap_err();
-    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
-    assert!(
-        error.message.contains("n 3 asks for 3 replies"),
-        "{}",
-        error.message
+    expect_error(
+        &error,
+        LlmErrorKind::InvalidRequest,
+        "n 3 asks for 3 replies",
     );
 }
 

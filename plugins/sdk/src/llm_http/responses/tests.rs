@@ -2,8 +2,8 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::llm_http::fixtures::{
-    WEATHER_SCHEMA, call, decode_stream, expect_unstreamed_post, http_request, message,
-    options_request, tool_choices, weather_request,
+    WEATHER_SCHEMA, call, decode_stream, expect_error, expect_unstreamed_post, http_request,
+    message, options_request, tool_choices, weather_request,
 };
 use crate::llm_http::wire::{prepare, read_response, read_stream};
 use crate::llm_http::{
@@ -427,12 +427,7 @@ fn refusals_are_text_and_unfinished_answers_say_why() {
 
     let background = r#"{"status": "queued", "output": []}"#;
     let error = wire().parse(background.as_bytes(), &context()).unwrap_err();
-    assert_eq!(error.kind, LlmErrorKind::BadResponse);
-    assert!(
-        error.message.contains("leave background out"),
-        "{}",
-        error.message
-    );
+    expect_error(&error, LlmErrorKind::BadResponse, "leave background out");
 }
 
 #[test]
@@ -442,11 +437,10 @@ fn output_items_the_adapter_cannot_keep_are_refused() {
         {"id": "msg_1", "type": "message", "role": "assistant",
          "content": [{"type": "output_text", "text": "It is sunny."}]}]}"#;
     let error = wire().parse(search.as_bytes(), &context()).unwrap_err();
-    assert_eq!(error.kind, LlmErrorKind::BadResponse);
-    assert!(
-        error.message.contains("an item of type web_search_call"),
-        "{}",
-        error.message
+    expect_error(
+        &error,
+        LlmErrorKind::BadResponse,
+        "an item of type web_search_call",
     );
     let audio = r#"{"status": "completed", "output": [{"type": "message", "role": "assistant",
         "content": [{"type": "output_audio", "data": "..."}]}]}"#;
@@ -669,12 +663,7 @@ fn items_the_adapter_cannot_keep_end_the_stream() {
     .concat();
     let (response, _) = decode_stream(&wire(), &context(), &stream, 16);
     let error = response.unwrap_err();
-    assert_eq!(error.kind, LlmErrorKind::BadResponse);
-    assert!(
-        error.message.contains("web_search_call"),
-        "{}",
-        error.message
-    );
+    expect_error(&error, LlmErrorKind::BadResponse, "web_search_call");
 }
 
 #[test]
