@@ -443,11 +443,7 @@ async fn react_task_succeeds(provider: Provider, stream: bool) {
     }
 
     if stream {
-        let deltas: String = events
-            .iter()
-            .filter(|e| e.event == "llm.delta")
-            .filter_map(|e| e.data["data"]["text"].as_str())
-            .collect();
+        let deltas = streamed_text(&events);
         assert!(
             deltas.contains("Final Answer: 42"),
             "streamed text arrives as llm.delta events: {deltas:?}"
@@ -473,6 +469,15 @@ async fn react_task_succeeds(provider: Provider, stream: bool) {
             "the answer streams under step 3: {final_step:?}"
         );
     }
+}
+
+/// The text of a task's `llm.delta` events, joined.
+fn streamed_text(events: &[SseEvent]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "llm.delta")
+        .filter_map(|e| e.data["data"]["text"].as_str())
+        .collect()
 }
 
 /// (b) A rejected key fails the task with `llm_auth`, naming the variable
@@ -1802,11 +1807,7 @@ async fn the_responses_api_round_trips_reasoning(stream: bool) {
     assert_eq!(input[at + 2]["call_id"], call_id, "{input:#?}");
 
     if stream {
-        let deltas: String = events
-            .iter()
-            .filter(|e| e.event == "llm.delta")
-            .filter_map(|e| e.data["data"]["text"].as_str())
-            .collect();
+        let deltas = streamed_text(&events);
         assert!(
             deltas.ends_with("Final Answer: 42")
                 && deltas.contains("calculator’s answer is in — it is 42"),
