@@ -367,6 +367,23 @@ fn submit_body(request: pb::SubmitTaskRequest) -> Result<Value, Status> {
     if let Some(format) = request.response_format {
         body.insert("response_format".into(), response_format_body(format)?);
     }
+    if let Some(call) = request.call {
+        body.insert("call".into(), call_body(call)?);
+    }
+    Ok(Value::Object(body))
+}
+
+/// A call task's `call` as REST takes it: empty `arguments_json` is no
+/// arguments.
+fn call_body(call: pb::ToolCallRequest) -> Result<Value, Status> {
+    let mut body = Map::new();
+    body.insert("tool".into(), call.tool.into());
+    if !call.arguments_json.is_empty() {
+        body.insert(
+            "arguments".into(),
+            parse_json("call.arguments_json", &call.arguments_json)?,
+        );
+    }
     Ok(Value::Object(body))
 }
 
@@ -497,6 +514,10 @@ fn task(value: &Value) -> pb::Task {
         response_format: value["response_format"]
             .is_object()
             .then(|| response_format(&value["response_format"])),
+        call: value["call"].is_object().then(|| pb::ToolCallRequest {
+            tool: string(&value["call"]["tool"]),
+            arguments_json: value["call"]["arguments"].to_string(),
+        }),
     }
 }
 
@@ -884,6 +905,38 @@ mod tests {
             refused.metadata().get(ERROR_CODE_KEY).unwrap(),
             "invalid_json"
         );
+    }
+
+    #[test]
+    fn a_call_reaches_rest_in_its_shape() {
+        let call = |arguments_json: &str| {
+            submit_body(pb::SubmitTaskRequest {
+                goal: "g".into(),
+                call: Some(pb::ToolCallRequest {
+                    tool: "calculator".into(),
+                    arguments_json: arguments_json.into(),
+                }),
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            call(r#"{"expression": "6*7"}"#).unwrap(),
+            serde_json::json!({
+                "goal": "g",
+                "call": {"tool": "calculator", "arguments": {"expression": "6*7"}}
+            })
+        );
+        assert_eq!(
+            call("").unwrap(),
+            serde_json::json!({"goal": "g", "call": {"tool": "calculator"}}),
+            "no arguments_json is no arguments, which REST takes as {{}}"
+        );
+        let refused = call("{").unwrap_err();
+        assert_eq!(
+            refused.metadata().get(ERROR_CODE_KEY).unwrap(),
+            "invalid_json"
+        );
+        assert!(refused.message().contains("call.arguments_json"));
     }
 
     #[test]

@@ -1041,6 +1041,62 @@ async fn grpc_submits_a_response_format_and_the_answer_is_held_to_it() {
     }
 }
 
+#[tokio::test]
+async fn grpc_submits_a_call_task_which_makes_its_one_call() {
+    let harness = Harness::start_with(&[GRPC_ON]);
+    let mut grpc = Reflected::start(&harness);
+    let call = |arguments_json: &str| {
+        json!({
+            "goal": "Evaluate",
+            "call": {"tool": "calculator", "arguments_json": arguments_json},
+        })
+    };
+
+    let task = grpc.submit(call(r#"{"expression": "6*7"}"#)).await;
+    assert_eq!(task["call"]["tool"], "calculator", "{task:#}");
+    assert_eq!(
+        parsed(&task["call"]["arguments_json"]),
+        json!({"expression": "6*7"})
+    );
+    assert_eq!((&task["planner"], &task["llm"]), (&json!(""), &json!("")));
+    let task = grpc.finished(task["id"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "succeeded", "{task:#}");
+    let steps = task["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 1, "one tool step and no LLM: {task:#}");
+    assert_eq!(steps[0]["kind"], "tool");
+    assert_eq!(parsed(&task["result"])["result"], 42, "{task:#}");
+
+    // The same task read over REST shows the same call.
+    let rest = harness
+        .client()
+        .task(task["id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        rest["call"],
+        json!({"tool": "calculator", "arguments": {"expression": "6*7"}})
+    );
+
+    // Refused as REST refuses them.
+    let mut with_planner = call("{}");
+    with_planner["planner"] = json!("react");
+    let mut with_other_tools = call("{}");
+    with_other_tools["tools"] = json!({"names": ["word_count"]});
+    for (request, code) in [
+        (call("{"), "invalid_json"),
+        (with_planner, "invalid_call"),
+        (with_other_tools, "invalid_call"),
+        (
+            json!({"goal": "Evaluate", "call": {"tool": "no_such_tool"}}),
+            "unknown_tool",
+        ),
+    ] {
+        grpc.refused("Tasks/SubmitTask", request)
+            .await
+            .is("INVALID_ARGUMENT", code);
+    }
+}
+
 /// A server whose configuration file holds `config` (TOML), with gRPC on.
 fn start_configured(config: &str) -> (Harness, tempfile::NamedTempFile) {
     let file = tempfile::NamedTempFile::new().unwrap();
