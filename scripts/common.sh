@@ -14,12 +14,17 @@ fi
 # The guest plugins are their own workspace with their own target folder
 # (the same one the tests' build script uses), so builds never wait on each other.
 plugin_target_dir="$CARGO_TARGET_DIR/wasm32-plugins"
-# The examples a server is given: the guest workspace's members (its
-# Cargo.toml is the one list of the plugins) that ship a manifest beside them.
+# The examples a server is given, as `name:member`: each member of the
+# guest workspace (its Cargo.toml is the one list of the plugins) under the
+# name of each manifest beside it. Most ship one; plugins/openai ships three,
+# so the OpenAI-format adapter serves as openai, openrouter and
+# openai-compatible, one component configured three ways.
 example_plugins=()
 while read -r member; do
-    name="${member##*/}"
-    [[ -f "$repo_root/plugins/$member/$name.toml" ]] && example_plugins+=("$name")
+    for manifest in "$repo_root/plugins/$member"/*.toml; do
+        name="$(basename "$manifest" .toml)"
+        [[ "$name" != Cargo ]] && example_plugins+=("$name:$member")
+    done
 done < <(sed -n '/^members = \[/,/\]/p' "$repo_root/plugins/Cargo.toml" | grep -o '"[^"]*"' | tr -d '"')
 
 ensure_wasm_target() {
@@ -35,14 +40,17 @@ build_plugins() {
         --manifest-path "$repo_root/plugins/Cargo.toml" --target-dir "$plugin_target_dir"
 }
 
-# install_plugins DIR: copies the example components and their manifests into DIR.
+# install_plugins DIR: copies the example components into DIR, each under
+# the name of its manifest, with the manifest beside it.
 install_plugins() {
-    local dir="$1"
+    local dir="$1" name member component
     mkdir -p "$dir"
-    for name in "${example_plugins[@]}"; do
-        # Cargo names the file after the library: dashes become underscores.
-        cp "$plugin_target_dir/wasm32-wasip2/release/${name//-/_}.wasm" "$dir/$name.wasm"
-        cp "$repo_root/plugins/$name/$name.toml" "$dir/$name.toml"
+    for example in "${example_plugins[@]}"; do
+        name="${example%%:*}" member="${example#*:}"
+        # Cargo names the file after the package: dashes become underscores.
+        component="${member##*/}"
+        cp "$plugin_target_dir/wasm32-wasip2/release/${component//-/_}.wasm" "$dir/$name.wasm"
+        cp "$repo_root/plugins/$member/$name.toml" "$dir/$name.toml"
     done
 }
 

@@ -33,6 +33,12 @@ pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 4096;
 /// leaves room for text that tokenizes worse.
 pub const BYTES_PER_TOKEN_ESTIMATE: u64 = 3;
 
+/// What an image counts as in the estimate, in input tokens, whatever its
+/// bytes: providers charge by pixels, not bytes, and scale a large image
+/// down first. The most any of them charges for one at its default detail
+/// is about this (GPT-4.1 mini's 1,536 patches, times its multiplier).
+pub const TOKENS_PER_IMAGE_ESTIMATE: u64 = 2_500;
+
 /// A model's price in US dollars per million tokens, as configured.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -468,8 +474,20 @@ impl Budgets {
 
     /// The worst case of sending `request` to `adapter`.
     pub fn estimate(&self, adapter: &str, request: &ChatRequest) -> Estimate {
-        let request_bytes = serde_json::to_vec(request).map_or(0, |bytes| bytes.len() as u64);
-        let input_tokens = request_bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE);
+        let images = crate::images::count(request) as u64;
+        let bytes = |request: &ChatRequest| {
+            serde_json::to_vec(request).map_or(0, |bytes| bytes.len() as u64)
+        };
+        // An image counts by its own estimate, not its bytes.
+        let request_bytes = if images == 0 {
+            bytes(request)
+        } else {
+            let mut text_only = request.clone();
+            text_only.messages.iter_mut().for_each(|m| m.images.clear());
+            bytes(&text_only)
+        };
+        let input_tokens =
+            request_bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE) + images * TOKENS_PER_IMAGE_ESTIMATE;
         let output_tokens =
             max_output_tokens(request).unwrap_or(u64::from(self.default_max_output_tokens));
         Estimate {

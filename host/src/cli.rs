@@ -191,6 +191,10 @@ struct TaskFields {
     /// {JSON Schema}, "strict": false}; the answer must match the schema.
     #[arg(long, value_name = "FILE")]
     response_format: Option<std::path::PathBuf>,
+    /// An image for the model to see with the goal: an http(s) address,
+    /// or a PNG, JPEG, WebP or GIF file sent inline (repeat for several).
+    #[arg(long = "image", value_name = "URL_OR_FILE")]
+    images: Vec<String>,
     /// Make it a call task: one call of this tool, with no planner or LLM;
     /// its result is the tool's output.
     #[arg(long, value_name = "TOOL")]
@@ -230,6 +234,11 @@ impl TaskFields {
                 format!("--response-format {} is not valid JSON", path.display())
             })?;
         }
+        if !self.images.is_empty() {
+            let images: anyhow::Result<Vec<Value>> =
+                self.images.iter().map(|image| image_field(image)).collect();
+            body["images"] = Value::Array(images?);
+        }
         if let Some(tool) = self.call {
             let arguments = match self.arguments {
                 Some(text) => {
@@ -241,6 +250,41 @@ impl TaskFields {
         }
         Ok(body)
     }
+}
+
+/// One of `--image`: an address as `{url}`, a file as `{media_type, data}`,
+/// its type told by its first bytes (the server checks the rest).
+fn image_field(image: &str) -> anyhow::Result<Value> {
+    use base64::Engine as _;
+    if image.starts_with("https://") || image.starts_with("http://") {
+        return Ok(json!({"url": image}));
+    }
+    let bytes = std::fs::read(image).with_context(|| format!("reading --image {image}"))?;
+    let media_type = match bytes.as_slice() {
+        [0x89, b'P', b'N', b'G', ..] => "image/png",
+        [0xFF, 0xD8, 0xFF, ..] => "image/jpeg",
+        [b'G', b'I', b'F', b'8', ..] => "image/gif",
+        [
+            b'R',
+            b'I',
+            b'F',
+            b'F',
+            _,
+            _,
+            _,
+            _,
+            b'W',
+            b'E',
+            b'B',
+            b'P',
+            ..,
+        ] => "image/webp",
+        _ => anyhow::bail!(
+            "--image {image} is not a PNG, JPEG, WebP or GIF file (or an http(s) address)"
+        ),
+    };
+    let data = base64::engine::general_purpose::STANDARD.encode(bytes);
+    Ok(json!({"media_type": media_type, "data": data}))
 }
 
 // Parsed once per process: the size of its largest variant costs nothing.

@@ -152,6 +152,9 @@ codes! {
     // Structured output: a task's `response_format` refused at submission,
     // and a task whose answer does not match it.
     InvalidResponseFormat = "invalid_response_format", status Some(422), request;
+    // A task's `images` refused at submission (the message says which and
+    // why).
+    InvalidImages = "invalid_images", status Some(422), request;
     // A call task (`call`) asked with what only an agent task takes, or
     // with `tools` that leave its tool out.
     InvalidCall = "invalid_call", status Some(422), request;

@@ -36,6 +36,7 @@ pub mod config;
 pub mod errors;
 pub mod events;
 pub mod grpc;
+pub mod images;
 pub mod mcp;
 pub mod memory;
 pub mod metrics;

@@ -48,11 +48,19 @@ pub enum Role {
 }
 
 /// An image in a message: an address the provider fetches, or inline bytes.
+/// The JSON shape is the API's: `{"url": ...}` or `{"media_type": ...,
+/// "data": <base64>}` (see [`crate::images`], which checks them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(untagged)]
 pub enum Image {
-    Url { url: String },
-    Inline { media_type: String, base64: String },
+    Url {
+        url: String,
+    },
+    Inline {
+        media_type: String,
+        #[serde(rename = "data")]
+        base64: String,
+    },
 }
 
 /// Opaque data a provider attached to a message (a thought signature, a

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use opspawn_testkit::providers::models;
-use opspawn_testkit::{Client, MockProviders, Provider, ProviderRequest, SseEvent, plugin_sources};
+use opspawn_testkit::{Client, MockProviders, Provider, ProviderRequest, SseEvent};
 use serde_json::{Value, json};
 
 use crate::{FINISH, Harness, misbehaving_task, steps};
@@ -20,15 +20,25 @@ use crate::{FINISH, Harness, misbehaving_task, steps};
 /// `provider`'s adapter under `manifest`, with the adapter's base URL and
 /// key in its environment.
 fn start_server(provider: Provider, manifest: &str, base_url: &str, key: &str) -> Harness {
-    Harness::start_with_plugins(
-        &[
-            (provider.base_url_var(), base_url),
-            (provider.key_var(), key),
-        ],
-        |plugins| {
-            plugins.add(provider.plugin(), provider.wasm(), Some(manifest));
-        },
-    )
+    start_server_with(provider, manifest, base_url, key, &[])
+}
+
+/// [`start_server`] with more variables in the server's environment.
+fn start_server_with(
+    provider: Provider,
+    manifest: &str,
+    base_url: &str,
+    key: &str,
+    env: &[(&str, &str)],
+) -> Harness {
+    let mut all = vec![
+        (provider.base_url_var(), base_url),
+        (provider.key_var(), key),
+    ];
+    all.extend_from_slice(env);
+    Harness::start_with_plugins(&all, |plugins| {
+        plugins.add(provider.plugin(), provider.wasm(), Some(manifest));
+    })
 }
 
 /// Fails unless the adapter loaded, showing why it did not.
@@ -82,11 +92,7 @@ impl Setup {
     /// setting).
     async fn responses_by_default() -> Self {
         let provider = Provider::OpenAi;
-        let manifest = format!(
-            "{}\n[adapter.settings]\napi = \"responses\"\n",
-            provider.manifest()
-        );
-        Self::with_manifest(provider, &manifest).await
+        Self::with_manifest(provider, &provider.manifest_with("api", "responses")).await
     }
 
     fn client(&self) -> Client {
@@ -517,6 +523,46 @@ async fn a_rejected_key_fails_with_llm_auth(provider: Provider) {
     );
 }
 
+/// The variable a refused key's message names is the one the manifest's
+/// credential reads, whatever it is called: the adapter cannot know it (one
+/// component serves several endpoints), the host does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_names_the_variable_the_manifest_reads() {
+    let provider = Provider::OpenRouter;
+    let mock = MockProviders::start().await;
+    let manifest = provider
+        .manifest()
+        .replace(provider.key_var(), "TEAM_ROUTER_KEY");
+    assert!(manifest.contains("${TEAM_ROUTER_KEY}"), "{manifest}");
+    let base_url = mock.base_url_for(provider);
+    let harness = Harness::start_with_plugins(
+        &[
+            (provider.base_url_var(), &base_url),
+            ("TEAM_ROUTER_KEY", &provider.test_key()),
+        ],
+        |plugins| {
+            plugins.add(provider.plugin(), provider.wasm(), Some(&manifest));
+        },
+    );
+    expect_loaded(&harness, provider).await;
+    let client = harness.client();
+    let id = client
+        .submit(&react_task(provider, models::UNAUTHORIZED, None))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["error"]["code"], "llm_auth", "{task:#}");
+    let message = task["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(
+            "OpenRouter rejected the request as unauthorized (401): check \
+                             TEAM_ROUTER_KEY in the server's environment"
+        ),
+        "{message}"
+    );
+    assert!(!message.contains(provider.key_var()), "{message}");
+}
+
 /// (c) An answer that is not JSON fails with `llm_bad_response`, streamed
 /// or not.
 async fn a_malformed_answer_fails_with_llm_bad_response(provider: Provider) {
@@ -630,9 +676,7 @@ async fn live_react_task(provider: Provider, llm_options: Option<Value>) {
             (base_url, manifest)
         }
         _ => {
-            let shipped = plugin_sources()
-                .join(provider.plugin())
-                .join(format!("{}.toml", provider.plugin()));
+            let shipped = provider.shipped_manifest();
             let manifest = std::fs::read_to_string(&shipped)
                 .unwrap_or_else(|e| panic!("reading {}: {e}", shipped.display()));
             (provider.default_base_url().to_owned(), manifest)
@@ -879,6 +923,186 @@ provider_tests! {
     gemini => Provider::Gemini,
 }
 
+/// A one-pixel PNG, base64.
+const PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+
+/// A task for `mock-vision` whose goal carries `images`, with no tools.
+fn vision_task(provider: Provider, images: Value, stream: bool) -> Value {
+    json!({
+        "goal": "What is in these pictures?",
+        "tools": [],
+        "llm": provider.plugin(),
+        "model": models::VISION,
+        "images": images,
+        "options": {"llm": {"stream": stream}},
+    })
+}
+
+/// A goal's images reach each provider in its own shape, streamed or not:
+/// an address and inline bytes, or for Gemini, which takes only inline
+/// bytes, the bytes alone (an address is refused there before sending).
+/// The mock checks the shape as its provider does and says what it saw.
+/// The journal keeps the images with the task, never in an LLM step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goals_images_reach_each_provider_in_its_shape() {
+    let url = json!({"url": "https://example.com/paris.jpg"});
+    let pixel = json!({"media_type": "image/png", "data": PIXEL_PNG});
+    for provider in Provider::ALL {
+        let setup = Setup::start(provider).await;
+        let (images, seen) = match provider {
+            Provider::Gemini => (json!([pixel]), vec!["image/png"]),
+            _ => (json!([url, pixel]), vec!["url", "image/png"]),
+        };
+        for stream in [false, true] {
+            let (task, _) = setup
+                .run_task(&vision_task(provider, images.clone(), stream), false)
+                .await;
+            let context = format!(
+                "{provider}, stream {stream}: {task:#}\n{}",
+                setup.diagnosis()
+            );
+            setup.expect_no_rejections();
+            assert_eq!(task["status"], "succeeded", "{context}");
+            assert_eq!(
+                task["result"],
+                opspawn_testkit::providers::vision_answer(&seen),
+                "{context}"
+            );
+            assert_eq!(task["images"], images, "{context}");
+            assert!(
+                !steps(&task)[0]["input"].to_string().contains(PIXEL_PNG),
+                "{context}"
+            );
+        }
+        if provider == Provider::OpenAi {
+            // The same from the command line: a file inline, an address as is.
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("pixel.png");
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(PIXEL_PNG)
+                .unwrap();
+            std::fs::write(&file, bytes).unwrap();
+            let output = std::process::Command::new(crate::binary())
+                .args(["run", "What is in these pictures?", "--llm", "openai"])
+                .args([
+                    "--model",
+                    models::VISION,
+                    "--tool",
+                    "calculator",
+                    "--detach",
+                ])
+                .args(["--image", "https://example.com/paris.jpg", "--image"])
+                .arg(&file)
+                .args(["--server", &setup.harness.server.base_url])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(output.status.success(), "{stderr}");
+            let id = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            let task = setup
+                .client()
+                .wait_until_finished(&id, FINISH)
+                .await
+                .unwrap();
+            assert_eq!(task["images"], json!([url, pixel]), "{task:#}");
+            assert_eq!(
+                task["result"],
+                opspawn_testkit::providers::vision_answer(&seen),
+                "{task:#}"
+            );
+        }
+        if provider == Provider::Gemini {
+            let (task, _) = setup
+                .run_task(&vision_task(provider, json!([url]), false), false)
+                .await;
+            assert_eq!(task["error"]["code"], "invalid_llm_options", "{task:#}");
+            let message = task["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("Gemini takes images inline"), "{message}");
+        }
+    }
+    // The Responses API takes them as input_image parts.
+    let setup = Setup::responses_by_default().await;
+    let images = json!([url, pixel]);
+    let (task, _) = setup
+        .run_task(&vision_task(Provider::OpenAi, images, true), false)
+        .await;
+    setup.expect_no_rejections();
+    assert_eq!(
+        task["result"],
+        opspawn_testkit::providers::vision_answer(&["url", "image/png"]),
+        "{task:#}"
+    );
+    let request = setup.mock.requests().pop().expect("a request");
+    assert!(request.path.ends_with("/responses"), "{}", request.path);
+}
+
+/// The images an MCP tool returns (the reference server's tiny image) go
+/// to each provider with the tool's result, in its shape: the planner
+/// reads a note in their place, the LLM sees the image, and neither the
+/// planner's request nor its journal holds the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tools_images_reach_each_provider_with_its_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("opspawn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[mcp.servers]]\nname = \"everything\"\ncommand = \"node\"\n\
+             args = [{:?}, \"stdio\"]\nallow_tools = [\"get-tiny-image\"]\n",
+            opspawn_testkit::mcp::everything().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    const TOOL: &str = "everything__get-tiny-image";
+    for provider in Provider::ALL {
+        let mock = MockProviders::start().await;
+        let key = provider.test_key();
+        let base_url = mock.base_url_for(provider);
+        let harness = start_server_with(
+            provider,
+            &provider.manifest(),
+            &base_url,
+            &key,
+            &[("OPSPAWN_CONFIG", config.to_str().unwrap())],
+        );
+        expect_loaded(&harness, provider).await;
+        let client = harness.client();
+        let task = json!({
+            "goal": "What does the image tool show?",
+            "tools": [TOOL],
+            "llm": provider.plugin(),
+            "model": models::VISION,
+        });
+        // The MCP server may still be starting: a task waits for it.
+        let id = client.submit(&task).await.unwrap();
+        let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+        let rejected: Vec<String> = mock.rejected().iter().map(describe).collect();
+        let context = format!("{provider}: {task:#}\n{}", rejected.join(""));
+        assert!(rejected.is_empty(), "{context}");
+        assert_eq!(task["status"], "succeeded", "{context}");
+        assert_eq!(kinds(&task), ["llm", "tool", "llm"], "{context}");
+        assert_eq!(
+            task["result"],
+            opspawn_testkit::providers::vision_answer(&["image/png"]),
+            "{context}"
+        );
+        let steps = steps(&task);
+        let image = steps[1]["output"]
+            .as_array()
+            .and_then(|blocks| blocks.iter().find(|b| b["type"] == "image"))
+            .unwrap_or_else(|| panic!("the tool's output holds its image: {context}"));
+        let data = image["data"].as_str().unwrap();
+        let requests = mock.requests();
+        let last = requests.last().expect("a request");
+        assert!(
+            last.body.to_string().contains(data),
+            "the LLM got the image: {context}"
+        );
+        assert!(!steps[2]["input"].to_string().contains(data), "{context}");
+    }
+}
+
 /// A missing key fails the step at once with `llm_auth`, naming the
 /// variable to set, before anything is sent: with the shipped manifest and
 /// its default endpoint (no network is needed to find out), and with the
@@ -892,9 +1116,7 @@ async fn a_missing_key_fails_at_once_naming_the_variable() {
         .into_iter()
         .filter(|p| *p != Provider::OpenAiCompatible)
     {
-        let shipped = plugin_sources()
-            .join(provider.plugin())
-            .join(format!("{}.toml", provider.plugin()));
+        let shipped = provider.shipped_manifest();
         let manifest = std::fs::read_to_string(&shipped)
             .unwrap_or_else(|e| panic!("reading {}: {e}", shipped.display()));
         for base_url in ["", &mock.base_url_for(provider)] {
@@ -1046,10 +1268,7 @@ async fn options_are_checked_against_the_providers_ranges_before_sending() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_anthropic_api_version_is_configurable_and_shapes_the_request() {
     let provider = Provider::Anthropic;
-    let manifest = format!(
-        "{}\n[adapter.settings]\napi_version = \"2026-10-21\"\n",
-        provider.manifest()
-    );
+    let manifest = provider.manifest_with("api_version", "2026-10-21");
     let setup = Setup::with_manifest(provider, &manifest).await;
     for options in [json!({"temperature": 0.5}), json!({"top_k": 5})] {
         let task = run_with_options(&setup, options.clone()).await;
@@ -1652,19 +1871,12 @@ async fn streamed_text_journaled_before_a_restart_is_replayed_after_it() {
 async fn streamed_text_past_the_journal_cap_is_cut_and_marked() {
     let provider = Provider::OpenAi;
     let mock = MockProviders::start().await;
-    let harness = Harness::start_with_plugins(
-        &[
-            (provider.base_url_var(), &mock.base_url_for(provider)),
-            (provider.key_var(), &provider.test_key()),
-            ("OPSPAWN_EVENTS__DELTA_BYTES_PER_STEP", "1000"),
-        ],
-        |plugins| {
-            plugins.add(
-                provider.plugin(),
-                provider.wasm(),
-                Some(&provider.manifest()),
-            );
-        },
+    let harness = start_server_with(
+        provider,
+        &provider.manifest(),
+        &mock.base_url_for(provider),
+        &provider.test_key(),
+        &[("OPSPAWN_EVENTS__DELTA_BYTES_PER_STEP", "1000")],
     );
     expect_loaded(&harness, provider).await;
     let client = harness.client();

@@ -340,11 +340,19 @@ struct CreateTask {
     /// answer kept as its `result`). Passed to the LLM with each call the
     /// planner makes without a format of its own.
     response_format: Option<ResponseFormatRequest>,
+    /// Images that go with the goal, for the model to see: each an address
+    /// the provider fetches (`{"url": "https://..."}`) or inline bytes
+    /// (`{"media_type": "image/png", "data": <base64>}`: PNG, JPEG, WebP or
+    /// GIF, at most 5 MiB each). At most 8. They count against the
+    /// server's request size limit (`max_body_bytes`, 1 MiB by default).
+    #[schema(value_type = Option<Vec<Object>>, max_items = 8)]
+    images: Option<Vec<Value>>,
     /// Makes this a call task: one call of one tool, with no planner or LLM.
     /// Its result is the tool's output (as JSON text) and it fails with the
     /// tool's error; `tools` defaults to the one tool, and `max_steps` to 1.
-    /// `planner`, `llm`, `model`, `options`, `thread`, `budget` and
-    /// `response_format` are for agent tasks and are refused with it.
+    /// `planner`, `llm`, `model`, `options`, `thread`, `budget`,
+    /// `response_format` and `images` are for agent tasks and are refused
+    /// with it.
     call: Option<CallRequest>,
 }
 
@@ -638,6 +646,8 @@ fn validate(
         }
         None => None,
     };
+    let images = crate::images::goal_images(request.images.as_deref().unwrap_or_default())
+        .map_err(|message| ApiError::new(Code::InvalidImages, message))?;
 
     let catalog = state.runtime.catalog();
     // A call task has no planner or LLM; an agent task has both.
@@ -714,6 +724,7 @@ fn validate(
         memory_namespace: request.memory_namespace,
         response_format,
         call,
+        images,
     })
 }
 
@@ -727,6 +738,7 @@ fn check_call_fields(request: &CreateTask) -> Result<(), ApiError> {
         ("thread", request.thread.is_some()),
         ("budget", request.budget.is_some()),
         ("response_format", request.response_format.is_some()),
+        ("images", request.images.is_some()),
     ]
     .into_iter()
     .filter_map(|(field, given)| given.then_some(field))

@@ -83,7 +83,7 @@ error_responses! {
         UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
         InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidBudget,
         BudgetUnpriced, InvalidThread, InvalidMemoryNamespace, InvalidResponseFormat,
-        InvalidCall, TooManyActiveTasks, QueueFull,
+        InvalidImages, InvalidCall, TooManyActiveTasks, QueueFull,
         PluginsLoading, StoreFull,
     ];
     ListTasksErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [InvalidQuery];
@@ -103,7 +103,8 @@ error_responses! {
         InvalidJson, InvalidRequest, InvalidSchedule, InvalidTimezone, InvalidGoal,
         UnknownPlanner, UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
         InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidThread,
-        InvalidMemoryNamespace, InvalidResponseFormat, InvalidCall, PluginsLoading, StoreFull,
+        InvalidMemoryNamespace, InvalidResponseFormat, InvalidImages, InvalidCall, PluginsLoading,
+        StoreFull,
     ];
     ListApprovalsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, Forbidden, TaskNotFound,

@@ -71,6 +71,10 @@ pub(super) struct TemplateView {
     /// A call task's tool call, which each run makes; `null` for an agent
     /// task.
     call: Option<super::views::CallView>,
+    /// The images that go with each run's goal; left out when there are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Option<Vec<Object>>, nullable = false)]
+    images: Vec<crate::protocol::Image>,
 }
 
 /// A schedule. Times are RFC 3339, UTC.
@@ -135,6 +139,7 @@ impl ScheduleView {
                 priority: template.priority,
                 response_format: template.response_format,
                 call: template.call.map(Into::into),
+                images: template.images,
             },
             created_at: timestamp(schedule.created_at),
         }

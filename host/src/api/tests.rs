@@ -1786,6 +1786,56 @@ async fn a_call_task_is_checked_at_submission_and_kept() {
 }
 
 #[tokio::test]
+async fn a_goals_images_are_checked_at_submission_and_kept() {
+    const PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    let api = Setup::examples().start().await;
+    let with = |images: Value| json!({"goal": "x", "images": images});
+    for images in [
+        json!([{"url": "ftp://example.com/a.png"}]),
+        json!([{"url": "data:image/png;base64,AAAA"}]),
+        json!([{"media_type": "image/bmp", "data": PIXEL_PNG}]),
+        json!([{"media_type": "image/jpeg", "data": PIXEL_PNG}]),
+        json!([{"media_type": "image/png", "data": "%%%"}]),
+        json!([{"media_type": "image/png"}]),
+        json!([{"url": "https://example.com/a.png", "media_type": "image/png", "data": PIXEL_PNG}]),
+        json!([{"path": "/etc/passwd"}]),
+        json!(["https://example.com/a.png"]),
+        json!(vec![json!({"url": "https://example.com/a.png"}); 9]),
+    ] {
+        api.refused(&with(images), Code::InvalidImages).await;
+    }
+    api.refused(
+        &with(json!({"url": "https://example.com/a.png"})),
+        Code::InvalidRequest,
+    )
+    .await;
+    // A call task has no LLM to show them to.
+    api.refused(
+        &json!({"goal": "x", "call": {"tool": "calculator"},
+                "images": [{"url": "https://example.com/a.png"}]}),
+        Code::InvalidCall,
+    )
+    .await;
+
+    let images = json!([{"url": "https://example.com/a.png"},
+                        {"media_type": "image/png", "data": PIXEL_PNG}]);
+    let answer = api
+        .submit(&json!({"goal": "x", "run_at": "2100-01-01T00:00:00Z", "images": images}))
+        .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    assert_eq!(answer.body["images"], images);
+    let id = answer.body["id"].as_str().unwrap();
+    assert_eq!(
+        api.get(&format!("/v1/tasks/{id}")).await.body["images"],
+        images
+    );
+    let plain = api
+        .submit(&json!({"goal": "x", "run_at": "2100-01-01T00:00:00Z"}))
+        .await;
+    assert!(plain.body.get("images").is_none(), "{}", plain.body);
+}
+
+#[tokio::test]
 async fn a_response_format_is_checked_at_submission_and_kept() {
     let api = Setup::examples().start().await;
     let schema = json!({

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 pub use crate::budgets::Period;
 use crate::budgets::{PeriodSpan, PeriodUsage, TaskBudget, TenantCap, nanos_to_usd};
 use crate::plugins::{CacheUsage, LoadFailure, LoadingFile, OldVersion, PluginInfo, PluginRuntime};
-use crate::protocol::{ResponseFormat, ToolCall, Usage};
+use crate::protocol::{Image, ResponseFormat, ToolCall, Usage};
 use crate::store::{
     ErrorInfo, Millis, StepKind, StepRecord, StepStatus, TaskRecord, TaskStats, TaskStatus,
 };
@@ -67,6 +67,11 @@ pub struct TaskView {
     pub response_format: Option<ResponseFormat>,
     /// A call task's one tool call; `null` for an agent task.
     pub call: Option<CallView>,
+    /// The images that go with the goal, as submitted; left out when there
+    /// are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Option<Vec<Object>>, nullable = false)]
+    pub images: Vec<Image>,
     /// Only in `GET /v1/tasks/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -108,6 +113,7 @@ impl TaskView {
             memory_namespace: task.memory_namespace,
             response_format: task.response_format,
             call: task.call.map(CallView::from),
+            images: task.images,
             steps: steps.map(|steps| steps.into_iter().map(StepView::from).collect()),
         }
     }

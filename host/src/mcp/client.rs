@@ -489,7 +489,8 @@ impl Server {
     }
 
     /// A tool's answer as a step's output: its structured content when it
-    /// has one, else its text; `isError` fails the step with that text.
+    /// has one, else its text when it is all text, else its blocks as sent;
+    /// `isError` fails the step with that text.
     fn outcome(&self, tool: &str, result: CallToolResult) -> Result<Value, CallError> {
         let text: Vec<&str> = result
             .content
@@ -510,10 +511,12 @@ impl Server {
             });
         } else if let Some(structured) = result.structured_content {
             structured
-        } else if !text.is_empty() || result.content.is_empty() {
+        } else if text.len() == result.content.len() {
             Value::String(text.join("\n"))
         } else {
-            // Images, audio, resources: kept as the server sent them.
+            // Images, audio, resources beside or without text: kept as the
+            // server sent them, a list of blocks. Its images go to the LLM
+            // with the result (crate::images::tool_output).
             json!(result.content)
         };
         self.check_size(output.to_string().len())?;

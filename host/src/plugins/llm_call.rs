@@ -125,9 +125,9 @@ impl TranslatedCall<'_> {
                     .await
             })
             .await?;
-        let response = response
-            .map(convert::response_from_wit)
-            .map_err(|e| CallError::Llm(with_status(convert::llm_error_from_wit(e), status)))?;
+        let response = response.map(convert::response_from_wit).map_err(|e| {
+            CallError::Llm(self.with_key_hint(with_status(convert::llm_error_from_wit(e), status)))
+        })?;
         self.emit(&response.message.content);
         Ok(response)
     }
@@ -355,6 +355,18 @@ impl TranslatedCall<'_> {
         {
             let _ = deltas.send(text.to_owned());
         }
+    }
+
+    /// A provider that refused the key (`auth`, with a status): the message
+    /// says where the key comes from, as the manifest has it.
+    fn with_key_hint(&self, mut error: LlmError) -> LlmError {
+        if error.kind == LlmErrorKind::Auth
+            && error.status.is_some()
+            && let Some(endpoint) = &self.plugin.info.grants.adapter
+        {
+            error.message = format!("{}: {}", error.message, endpoint.key_hint());
+        }
+        error
     }
 
     fn transport_error(&self, message: String) -> CallError {

@@ -403,6 +403,30 @@ impl AdapterEndpoint {
     pub fn origin(&self) -> String {
         origin_of(&self.base_url).unwrap_or_default()
     }
+
+    /// What to do when the provider refused the key: where the key comes
+    /// from, as this manifest says. The adapter cannot know: one component
+    /// may serve several endpoints, each with its own variable.
+    pub fn key_hint(&self) -> String {
+        let Some(credential) = &self.credential else {
+            return "the adapter's manifest sends no key: give it an [adapter.credential]".into();
+        };
+        let is_set = |name: &&String| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+        let header = &credential.header;
+        match credential.variables.iter().find(|name| !is_set(name)) {
+            Some(unset) => format!(
+                "set {unset} in the server's environment (it fills the {header} header, \
+                 which requests go without while it is unset)"
+            ),
+            None if credential.variables.is_empty() => {
+                format!("check the {header} value in the adapter's [adapter.credential]")
+            }
+            None => format!(
+                "check {} in the server's environment (it fills the {header} header)",
+                credential.variables.join(" and ")
+            ),
+        }
+    }
 }
 
 /// `scheme://host[:port]` of an absolute http(s) URL.
@@ -726,6 +750,47 @@ mod tests {
         // network from it.
         assert!(grants.outbound_hosts.is_empty());
         assert!(grants.outbound.grants.is_empty());
+    }
+
+    /// The hint names the variables this manifest reads, set or not.
+    #[test]
+    fn a_refused_key_is_traced_to_the_manifests_variable() {
+        let endpoint = |credential: &str| {
+            let manifest: Manifest = toml::from_str(&format!(
+                "[adapter]\nbase_url = \"http://127.0.0.1:9/v1\"\n{credential}"
+            ))
+            .unwrap();
+            let (grants, _) = manifest.grants(&FolderScope::default(), None).unwrap();
+            grants.adapter.expect("an endpoint")
+        };
+        // PATH is set everywhere; the other is set nowhere.
+        let set = endpoint(
+            "[adapter.credential]\nheader = \"authorization\"\nvalue = \"Bearer ${PATH}\"\n",
+        );
+        assert_eq!(
+            set.key_hint(),
+            "check PATH in the server's environment (it fills the authorization header)"
+        );
+        let unset = endpoint(
+            "[adapter.credential]\nheader = \"x-api-key\"\n\
+             value = \"${OPSPAWN_TEST_UNSET_KEY_7F3A}\"\noptional = true\n",
+        );
+        assert_eq!(
+            unset.key_hint(),
+            "set OPSPAWN_TEST_UNSET_KEY_7F3A in the server's environment (it fills the \
+             x-api-key header, which requests go without while it is unset)"
+        );
+        let fixed = endpoint(
+            "[adapter.credential]\nheader = \"authorization\"\nvalue = \"Bearer sk-fixed\"\n",
+        );
+        assert_eq!(
+            fixed.key_hint(),
+            "check the authorization value in the adapter's [adapter.credential]"
+        );
+        assert_eq!(
+            endpoint("").key_hint(),
+            "the adapter's manifest sends no key: give it an [adapter.credential]"
+        );
     }
 
     #[test]

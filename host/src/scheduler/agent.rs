@@ -689,9 +689,18 @@ impl Run {
         };
         // Budgets are checked once per step, before its first try: a call
         // that could pass a cap is not made.
+        // The task's images go to the LLM with each call, never into the
+        // journaled request.
+        let with_images = match &effect {
+            Ok(Effect::Llm(request)) => self.with_images(request),
+            _ => None,
+        };
         let (mut reservation, refused) = match &effect {
             _ if refusal.is_some() => (None, refusal),
-            Ok(Effect::Llm(request)) => match self.check_budgets(request).await? {
+            Ok(Effect::Llm(request)) => match self
+                .check_budgets(with_images.as_ref().unwrap_or(request))
+                .await?
+            {
                 Ok(reservation) => (reservation, None),
                 Err(refusal) => (None, Some(refusal)),
             },
@@ -707,6 +716,7 @@ impl Run {
                         let deadline = llm_deadline
                             .unwrap_or_else(Instant::now)
                             .min(Instant::now() + self.remaining());
+                        let request = with_images.as_ref().unwrap_or(request);
                         self.call_llm(&context, request, deadline).await
                     }
                     Ok(Effect::Tool(call)) => Attempt::from(self.call_tool(&context, call).await),
@@ -925,6 +935,36 @@ impl Run {
             Ok(reservation) => Ok(Ok(Some(reservation))),
             Err(refusal) => refused(refusal),
         }
+    }
+
+    /// `request` with the task's images attached (see
+    /// [`crate::images::attach`]); `None` when there are none to attach.
+    fn with_images(&self, request: &ChatRequest) -> Option<ChatRequest> {
+        // Only a tool output that is a list can hold images.
+        let tool_lists = || {
+            self.steps
+                .iter()
+                .any(|s| s.kind == StepKind::Tool && s.output.as_ref().is_some_and(Value::is_array))
+        };
+        if self.task.images.is_empty() && !tool_lists() {
+            return None;
+        }
+        let mut request = request.clone();
+        let tool_images = |call_id: &str| {
+            self.steps
+                .iter()
+                .filter(|s| s.kind == StepKind::Tool && s.input["id"] == call_id)
+                .find_map(|s| crate::images::tool_output(s.output.as_ref()?))
+                .map(|(_, images)| images)
+                .unwrap_or_default()
+        };
+        crate::images::attach(
+            &mut request,
+            &self.task.goal,
+            &self.task.images,
+            tool_images,
+        )
+        .then_some(request)
     }
 
     async fn call_llm(
@@ -1235,9 +1275,15 @@ pub(super) fn history_view(step: &HistoryStep) -> Option<PlannerStep> {
         }),
         StepKind::Tool => {
             let call = serde_json::from_str(step.call.as_deref()?).ok()?;
-            // A string output is its text; any other is its JSON, as stored.
+            // A string output is its text; a list may hold images, which
+            // are left out; any other is its JSON, as stored.
             let content = step.output.as_ref().map(|output| {
-                serde_json::from_str::<String>(output).unwrap_or_else(|_| output.clone())
+                if output.starts_with('[') {
+                    serde_json::from_str(output)
+                        .map_or_else(|_| output.clone(), |v| output_text(&v))
+                } else {
+                    serde_json::from_str::<String>(output).unwrap_or_else(|_| output.clone())
+                }
             });
             Some(tool_view(call, content, step.error.as_ref()))
         }
@@ -1259,12 +1305,17 @@ fn llm_failed_view(error: Option<&ErrorInfo>) -> PlannerStep {
     }
 }
 
-/// What a planner reads of a tool's output: a string's text, or any other
-/// value's JSON.
+/// What a planner reads of a tool's output: a string's text, any other
+/// value's JSON, except that an output with images (MCP's content shape)
+/// reads as its text with a note in each image's place: the images go to
+/// the LLM beside the text (see [`crate::images`]).
 fn output_text(output: &Value) -> String {
     match output {
         Value::String(text) => text.clone(),
-        other => other.to_string(),
+        other => match crate::images::tool_output(other) {
+            Some((text, _)) => text,
+            None => other.to_string(),
+        },
     }
 }
 

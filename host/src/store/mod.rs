@@ -53,7 +53,7 @@ pub use sqlite::SqliteStore;
 pub use crate::budgets::{PeriodUsage, TaskBudget, TenantCharge};
 pub use crate::errors::ErrorInfo;
 use crate::memory::{MemoryConfig, MemoryQuery, MemoryRecord, MemoryReply, NewMemory};
-use crate::protocol::{ResponseFormat, ToolCall, Usage};
+use crate::protocol::{Image, ResponseFormat, ToolCall, Usage};
 
 /// Milliseconds since the Unix epoch: the store's one clock unit.
 pub type Millis = i64;
@@ -275,6 +275,9 @@ pub struct NewTask {
     /// A call task's one tool call: the task makes it, with no planner or
     /// LLM (`planner` and `llm` are empty), and ends with its outcome.
     pub call: Option<ToolCall>,
+    /// Images that go with the goal (checked at submission; see
+    /// [`crate::images`]).
+    pub images: Vec<Image>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -323,6 +326,8 @@ pub struct TaskRecord {
     pub response_format: Option<ResponseFormat>,
     /// See [`NewTask::call`].
     pub call: Option<ToolCall>,
+    /// See [`NewTask::images`].
+    pub images: Vec<Image>,
 }
 
 /// A finished step of an earlier task of a thread, as the journal holds it
@@ -1242,6 +1247,7 @@ pub(crate) mod conformance {
             memory_namespace: None,
             response_format: None,
             call: None,
+            images: Vec::new(),
         }
     }
 
@@ -2061,6 +2067,43 @@ pub(crate) mod conformance {
         assert_eq!(task.status, TaskStatus::Failed);
         assert_eq!(task.error, Some(error));
         assert_eq!(task.result.as_deref(), Some(r#"{"answer": "x"}"#));
+    }
+
+    /// A task's images are kept as submitted, in order; a task without
+    /// any has none.
+    pub async fn a_tasks_images_are_kept(store: &dyn Store) {
+        let images = vec![
+            Image::Url {
+                url: "https://example.com/cat.jpg".into(),
+            },
+            Image::Inline {
+                media_type: "image/png".into(),
+                base64: "iVBORw0KGgo=".into(),
+            },
+        ];
+        let (task, _) = store
+            .create_task(NewTask {
+                images: images.clone(),
+                ..new_task("look", 0, None)
+            })
+            .await
+            .unwrap();
+        assert_eq!(task.images, images);
+        let (plain, _) = store.create_task(new_task("plain", 0, None)).await.unwrap();
+        assert_eq!(plain.images, []);
+        assert_eq!(
+            store.get_task(&task.id).await.unwrap().unwrap().images,
+            images
+        );
+        let claim = store
+            .claim_batch("host-a", Duration::from_secs(30), 2)
+            .await
+            .unwrap();
+        let claimed = claim
+            .iter()
+            .find(|c| c.task.id == task.id)
+            .expect("claimed");
+        assert_eq!(claimed.task.images, images);
     }
 
     /// An LLM step's usage adds to its task's tokens and cost in the same

@@ -45,7 +45,7 @@ use super::{
     step_started_event,
 };
 use crate::memory::{MemoryConfig, MemoryOp, MemoryQuery, MemoryRecord, MemoryReply, NewMemory};
-use crate::protocol::{ResponseFormat, ToolCall, Usage};
+use crate::protocol::{Image, ResponseFormat, ToolCall, Usage};
 use crate::schedules::MissedTicks;
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
@@ -303,9 +303,10 @@ async fn create_task(
                             timeout_ms, created_at, tenant, idempotency_key, priority, run_at,
                             deadline_at, max_retries, trace_parent, schedule_id, scheduled_for,
                             cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread,
-                            memory_namespace, response_format, tool_call)
+                            memory_namespace, response_format, tool_call, images)
          VALUES ($1, 'queued', $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $12, $13,
-                 $14, $15, $16, $17, $18, $19, 0, $20, $21, $22, $23, $24::json, $25::json)
+                 $14, $15, $16, $17, $18, $19, 0, $20, $21, $22, $23, $24::json, $25::json,
+                 $26::json)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -334,6 +335,7 @@ async fn create_task(
     .bind(&task.memory_namespace)
     .bind(task.response_format.as_ref().map(|f| json!(f).to_string()))
     .bind(task.call.as_ref().map(|call| json!(call).to_string()))
+    .bind((!task.images.is_empty()).then(|| json!(task.images).to_string()))
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
@@ -1129,6 +1131,9 @@ fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
         call: row
             .try_get::<Option<Json<ToolCall>>, _>("tool_call")?
             .map(|call| call.0),
+        images: row
+            .try_get::<Option<Json<Vec<Image>>>, _>("images")?
+            .map_or_else(Vec::new, |images| images.0),
     })
 }
 
@@ -2093,6 +2098,7 @@ mod tests {
             memory_namespace: None,
             response_format: None,
             call: None,
+            images: Vec::new(),
         }
     }
 
@@ -2233,6 +2239,14 @@ mod tests {
     async fn a_batch_claim_loads_each_journal() {
         let (store, schema) = temporary_store().await;
         crate::store::conformance::a_batch_claim_loads_each_journal(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn a_tasks_images_are_kept() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::a_tasks_images_are_kept(&store).await;
         drop_schema(&store, &schema).await;
     }
 

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{EventRecord, Millis, NewTask, SqlDialect, StoreError, TaskRecord, cut_page};
 use crate::budgets::TaskBudget;
-use crate::protocol::{ResponseFormat, ToolCall};
+use crate::protocol::{Image, ResponseFormat, ToolCall};
 use crate::schedules::{CronSpec, Firing, MissedTicks};
 
 /// The task each run of a schedule creates: `POST /v1/tasks`'s body as it
@@ -41,6 +41,9 @@ pub struct TaskTemplate {
     /// A call task's tool call (`call` in the task body): each run makes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<ToolCall>,
+    /// The images that go with each run's goal (`images` in the task body).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<Image>,
 }
 
 impl TaskTemplate {
@@ -62,6 +65,7 @@ impl TaskTemplate {
             memory_namespace: task.memory_namespace.clone(),
             response_format: task.response_format.clone(),
             call: task.call.clone(),
+            images: task.images.clone(),
         }
     }
 
@@ -92,6 +96,7 @@ impl TaskTemplate {
             memory_namespace: self.memory_namespace.clone(),
             response_format: self.response_format.clone(),
             call: self.call.clone(),
+            images: self.images.clone(),
         }
     }
 

@@ -25,10 +25,7 @@ use opspawn_plugin::llm_http::{
 };
 use serde_json::Value;
 
-const PROVIDER: Provider = Provider {
-    name: "Anthropic",
-    key_env: "ANTHROPIC_API_KEY",
-};
+const PROVIDER: Provider = Provider::named("Anthropic");
 const DEFAULT_MODEL: &str = "claude-sonnet-4-5";
 const DEFAULT_API_VERSION: &str = "2023-06-01";
 /// The first API version that refuses `temperature`, `top_p` and `top_k`.

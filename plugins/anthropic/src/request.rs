@@ -4,9 +4,11 @@
 //! content blocks, so consecutive messages of one role (two tool results,
 //! say) are merged into one turn, and the system prompt is a top-level field.
 
+use opspawn_plugin::llm_http::images::check_placement;
 use opspawn_plugin::llm_http::json::{arguments_object, sampling, schema, tools};
 use opspawn_plugin::llm_http::wire::no_tools_to_choose;
 use opspawn_plugin::llm_http::{ChatMessage, ChatRequest, LlmError, Role, ToolChoice};
+use opspawn_plugin::types::{Image, InlineImage};
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
@@ -24,12 +26,17 @@ pub fn build(request: &ChatRequest, model: &str, stream: bool) -> Result<Value, 
     let mut system: Vec<&str> = request.system.iter().map(String::as_str).collect();
     let mut turns: Vec<(&str, Vec<Value>)> = Vec::new();
     for message in &request.messages {
+        check_placement(&PROVIDER, message)?;
         let (role, blocks) = match message.role {
             Role::System => {
                 system.push(&message.content);
                 continue;
             }
-            Role::User => ("user", text_block(&message.content)),
+            Role::User => {
+                let mut blocks = text_block(&message.content);
+                blocks.extend(message.images.iter().map(image_block));
+                ("user", blocks)
+            }
             Role::Assistant => ("assistant", assistant_blocks(message)),
             Role::Tool => ("user", vec![tool_result(message)?]),
         };
@@ -144,17 +151,37 @@ fn assistant_blocks(message: &ChatMessage) -> Vec<Value> {
     blocks
 }
 
+/// An image block: inline bytes as a base64 source, an address as a URL
+/// source (which Anthropic fetches).
+fn image_block(image: &Image) -> Value {
+    let source = match image {
+        Image::Url(url) => json!({"type": "url", "url": url}),
+        Image::Inline(InlineImage { media_type, base64 }) => {
+            json!({"type": "base64", "media_type": media_type, "data": base64})
+        }
+    };
+    json!({"type": "image", "source": source})
+}
+
 /// A tool message has no error flag of its own: the planners mark a failed
-/// tool's output with an `Error: ` prefix.
+/// tool's output with an `Error: ` prefix. A result with images is a list
+/// of blocks, its text first.
 fn tool_result(message: &ChatMessage) -> Result<Value, LlmError> {
     let id = message
         .tool_call_id
         .as_deref()
         .ok_or_else(|| PROVIDER.invalid_request("a tool message has no tool-call-id".into()))?;
+    let content = if message.images.is_empty() {
+        json!(message.content)
+    } else {
+        let mut blocks = text_block(&message.content);
+        blocks.extend(message.images.iter().map(image_block));
+        json!(blocks)
+    };
     Ok(json!({
         "type": "tool_result",
         "tool_use_id": id,
-        "content": message.content,
+        "content": content,
         "is_error": message.content.starts_with(ERROR_PREFIX),
     }))
 }

@@ -18,6 +18,7 @@ fn context() -> ReplyContext {
         model: DEFAULT_MODEL.into(),
         first_call_number: 1,
         api: None,
+        provider: None,
     }
 }
 
@@ -60,6 +61,35 @@ fn requests_merge_tool_results_into_one_user_turn() {
         "stream": true,
     });
     assert_eq!(body, expected);
+}
+
+/// Images are image blocks with a base64 or URL source: after the
+/// question's text, and inside a tool result, after its text.
+#[test]
+fn images_go_as_image_blocks() {
+    use opspawn_plugin::llm_http::fixtures::{PIXEL_PNG, image_request};
+    let body = wire()
+        .body(&image_request(), "claude-sonnet-4-5", false)
+        .unwrap();
+    let pixel = json!({"type": "image", "source":
+        {"type": "base64", "media_type": "image/png", "data": PIXEL_PNG}});
+    assert_eq!(
+        body["messages"][0]["content"],
+        json!([
+            {"type": "text", "text": "Weather in Paris and Rome?"},
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/paris.jpg"}},
+            pixel,
+        ])
+    );
+    assert_eq!(
+        body["messages"][2]["content"][0],
+        json!({"type": "tool_result", "tool_use_id": "call_1", "is_error": false,
+               "content": [{"type": "text", "text": "{\"temp_c\":18}"}, pixel]})
+    );
+    assert_eq!(
+        body["messages"][2]["content"][1]["content"],
+        "Error: the weather service timed out"
+    );
 }
 
 #[test]
@@ -279,9 +309,11 @@ fn error_statuses_and_bodies() {
     let body = br#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"},"request_id":"req_1"}"#;
     let error = wire().error(401, &Headers::default(), body);
     assert_eq!(error.kind, LlmErrorKind::Auth);
-    assert!(error.message.starts_with(
-        "Anthropic rejected the request as unauthorized (401): set ANTHROPIC_API_KEY"
-    ));
+    // Which variable holds the key is the manifest's: the host adds it.
+    assert_eq!(
+        error.message,
+        "Anthropic rejected the request as unauthorized (401)"
+    );
     assert!(error.body.unwrap().contains("invalid x-api-key"));
 
     let overloaded =

@@ -18,10 +18,7 @@ use opspawn_plugin::llm_http::{
 };
 use serde_json::Value;
 
-const PROVIDER: Provider = Provider {
-    name: "Gemini",
-    key_env: "GEMINI_API_KEY",
-};
+const PROVIDER: Provider = Provider::named("Gemini");
 const DEFAULT_MODEL: &str = "gemini-2.5-flash";
 
 pub struct GenerateContent {

@@ -4,11 +4,13 @@
 //! are `functionResponse` parts of a user turn, named after the call they
 //! answer, since Gemini's calls carry no ids.
 
+use opspawn_plugin::llm_http::images::check_placement;
 use opspawn_plugin::llm_http::json::{arguments_object, input_schema, number, schema};
 use opspawn_plugin::llm_http::wire::no_tools_to_choose;
 use opspawn_plugin::llm_http::{
     ChatMessage, ChatRequest, LlmError, Role, ToolChoice, provider_datum,
 };
+use opspawn_plugin::types::{Image, InlineImage};
 use serde_json::{Map, Value, json};
 
 use crate::PROVIDER;
@@ -18,16 +20,29 @@ use crate::schema::{is_empty_object, sanitize};
 pub fn build(request: &ChatRequest) -> Result<Value, LlmError> {
     let mut system: Vec<&str> = request.system.iter().map(String::as_str).collect();
     let mut turns: Vec<(&str, Vec<Value>)> = Vec::new();
+    // The images of a run of tool results follow all of its function
+    // responses, in the same user turn.
+    let mut tool_images: Vec<Value> = Vec::new();
     for (position, message) in request.messages.iter().enumerate() {
+        check_placement(&PROVIDER, message)?;
         let (role, parts) = match message.role {
             Role::System => {
                 system.push(&message.content);
                 continue;
             }
-            Role::User => ("user", text_part(&message.content)),
+            Role::User => {
+                let mut parts = text_part(&message.content);
+                for image in &message.images {
+                    parts.push(image_part(image)?);
+                }
+                ("user", parts)
+            }
             Role::Assistant => ("model", model_parts(message)),
             Role::Tool => {
                 let part = function_response(message, &request.messages[..position])?;
+                for image in &message.images {
+                    tool_images.push(image_part(image)?);
+                }
                 ("user", vec![part])
             }
         };
@@ -35,6 +50,13 @@ pub fn build(request: &ChatRequest) -> Result<Value, LlmError> {
             _ if parts.is_empty() => {}
             Some((last, existing)) if *last == role => existing.extend(parts),
             _ => turns.push((role, parts)),
+        }
+        let run_ends = request
+            .messages
+            .get(position + 1)
+            .is_none_or(|next| next.role != Role::Tool);
+        if run_ends && let Some((_, parts)) = turns.last_mut() {
+            parts.append(&mut tool_images);
         }
     }
     let contents: Vec<Value> = turns
@@ -101,6 +123,21 @@ fn function_calling(choice: &ToolChoice) -> Option<Value> {
         ToolChoice::None => Some(json!({"mode": "NONE"})),
         ToolChoice::Required => Some(json!({"mode": "ANY"})),
         ToolChoice::Named(name) => Some(json!({"mode": "ANY", "allowedFunctionNames": [name]})),
+    }
+}
+
+/// An image as an `inlineData` part. Gemini takes a URL only for a file
+/// uploaded to it first (`fileData`), so an address is refused rather than
+/// sent as something Gemini would fetch.
+fn image_part(image: &Image) -> Result<Value, LlmError> {
+    match image {
+        Image::Inline(InlineImage { media_type, base64 }) => {
+            Ok(json!({"inlineData": {"mimeType": media_type, "data": base64}}))
+        }
+        Image::Url(url) => Err(PROVIDER.invalid_request(format!(
+            "Gemini takes images inline, not by URL ({url}): give the image's bytes as \
+             media_type and data"
+        ))),
     }
 }
 

@@ -15,6 +15,7 @@ fn context() -> ReplyContext {
         model: DEFAULT_MODEL.into(),
         first_call_number: 3,
         api: None,
+        provider: None,
     }
 }
 
@@ -57,6 +58,39 @@ fn requests_name_function_responses_after_their_calls() {
         "generationConfig": {"temperature": 0.2, "maxOutputTokens": 256, "stopSequences": ["END"]},
     });
     assert_eq!(body, expected);
+}
+
+/// Inline images are `inlineData` parts: after the question's text, and
+/// after the run of function responses their tool results are in. An image
+/// by URL is refused, naming the way that works.
+#[test]
+fn inline_images_go_as_inline_data_and_urls_are_refused() {
+    use opspawn_plugin::llm_http::fixtures::{PIXEL_PNG, image_request};
+    let mut request = image_request();
+    let pixel = json!({"inlineData": {"mimeType": "image/png", "data": PIXEL_PNG}});
+    let error = wire()
+        .body(&request, "gemini-2.5-flash", false)
+        .unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
+    assert!(
+        error
+            .message
+            .contains("Gemini takes images inline, not by URL"),
+        "{}",
+        error.message
+    );
+
+    request.messages[0].images.remove(0);
+    let body = wire().body(&request, "gemini-2.5-flash", false).unwrap();
+    assert_eq!(
+        body["contents"][0]["parts"],
+        json!([{"text": "Weather in Paris and Rome?"}, pixel])
+    );
+    let results = body["contents"][2]["parts"].as_array().unwrap();
+    assert_eq!(results.len(), 3, "{results:?}");
+    assert!(results[0].get("functionResponse").is_some());
+    assert!(results[1].get("functionResponse").is_some());
+    assert_eq!(results[2], pixel);
 }
 
 #[test]
@@ -279,7 +313,10 @@ fn errors_map_by_status_name() {
         &no_headers,
         error_body(403, "PERMISSION_DENIED", "").as_bytes(),
     );
-    assert!(auth.message.contains("GEMINI_API_KEY"));
+    assert_eq!(
+        auth.message,
+        "Gemini rejected the request as forbidden (403)"
+    );
     let html = wire().error(502, &no_headers, b"<html>Bad Gateway</html>");
     assert_eq!(html.kind, LlmErrorKind::Unavailable);
 }

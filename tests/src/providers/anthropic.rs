@@ -659,7 +659,16 @@ fn validate_messages(messages: &[Value]) -> Result<(), String> {
                     }
                     seen_other = true;
                 }
-                Some("image") | Some("document") => {
+                Some("image") => {
+                    if role != "user" {
+                        return Err(format!(
+                            "{at}: image blocks may only appear in user messages"
+                        ));
+                    }
+                    check_image(&at, block)?;
+                    seen_other = true;
+                }
+                Some("document") => {
                     if !block["source"].is_object() {
                         return Err(format!("{at}.source: Field required"));
                     }
@@ -719,6 +728,9 @@ fn validate_messages(messages: &[Value]) -> Result<(), String> {
                                         "{at}.content.{k}: tool_result content blocks must be \
                                          text, image or document blocks"
                                     ));
+                                }
+                                if part["type"] == "image" {
+                                    check_image(&format!("{at}.content.{k}"), part)?;
                                 }
                                 if part["type"] == "text"
                                     && part["text"].as_str().is_none_or(str::is_empty)
@@ -884,6 +896,43 @@ fn validate_options(object: &Map<String, Value>) -> Result<(), String> {
     Ok(())
 }
 
+/// An image block's source, as Anthropic checks it: base64 bytes of one of
+/// its four types (the bytes must be that type), or an http(s) URL.
+fn check_image(at: &str, block: &Value) -> Result<(), String> {
+    let source = &block["source"];
+    if !source.is_object() {
+        return Err(format!("{at}.source: Field required"));
+    }
+    match source["type"].as_str() {
+        Some("base64") => {
+            let media_type = source["media_type"].as_str().unwrap_or_default();
+            if !super::images::MEDIA_TYPES.contains(&media_type) {
+                return Err(format!(
+                    "{at}.source.base64.media_type: Input should be 'image/jpeg', 'image/png', \
+                     'image/gif' or 'image/webp'"
+                ));
+            }
+            let Some(data) = source["data"].as_str() else {
+                return Err(format!("{at}.source.base64.data: Field required"));
+            };
+            super::images::check_bytes(media_type, data)
+                .map_err(|why| format!("{at}.source.base64.data: {why}"))
+        }
+        Some("url") => match source["url"].as_str() {
+            Some(url) if url.starts_with("https://") || url.starts_with("http://") => Ok(()),
+            Some(_) => Err(format!(
+                "{at}.source.url.url: Only http and https URLs are supported"
+            )),
+            None => Err(format!("{at}.source.url.url: Field required")),
+        },
+        _ => Err(format!(
+            "{at}.source: Input tag '{}' found using 'type' does not match any of the expected \
+             tags: 'base64', 'url', 'file'",
+            source["type"]
+        )),
+    }
+}
+
 fn conversation(body: &Value) -> Conversation {
     let tool_result = body["messages"]
         .as_array()
@@ -903,9 +952,12 @@ fn conversation(body: &Value) -> Conversation {
         .into_iter()
         .flatten()
         .any(|t| t["name"] == super::CALCULATOR);
+    let tool_names = body["tools"].as_array().into_iter().flatten();
     Conversation {
         tool_result,
         offers_calculator,
+        images: super::images::seen(body),
+        image_tool: super::image_tool(tool_names.filter_map(|t| t["name"].as_str())),
         tools_forbidden: body["tool_choice"]["type"] == "none",
         parallel_allowed: body["tool_choice"]["disable_parallel_tool_use"] != true,
         response_schema: [

@@ -50,6 +50,11 @@ fn field<'a>(object: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     object.get(name).or_else(|| object.get(&snake(name)))
 }
 
+/// [`field`] of a value that should be an object.
+fn field_of<'a>(value: &'a Value, name: &str) -> Option<&'a Value> {
+    value.as_object().and_then(|object| field(object, name))
+}
+
 const REQUEST_FIELDS: &[&str] = &[
     "contents",
     "tools",
@@ -694,6 +699,32 @@ fn validate_part(part: &Value, at: &str) -> Result<(), String> {
             ));
         }
     }
+    if let Some(inline) = field(part, "inlineData") {
+        let Some(mime_type) = field_of(inline, "mimeType").and_then(Value::as_str) else {
+            return Err(format!(
+                "* GenerateContentRequest.{at}.inline_data.mime_type: must be set"
+            ));
+        };
+        let data = field_of(inline, "data")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        // Gemini reads bytes as a protobuf `bytes` field: base64, or the
+        // request is refused; and it cannot read an image of another type.
+        if let Err(why) = super::images::check_bytes(mime_type, data) {
+            return Err(format!(
+                "Invalid value at '{at}.inline_data.data' (TYPE_BYTES), {why}"
+            ));
+        }
+    }
+    if let Some(file) = field(part, "fileData")
+        && field_of(file, "fileUri")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+    {
+        return Err(format!(
+            "* GenerateContentRequest.{at}.file_data.file_uri: must be set"
+        ));
+    }
     if let Some(response) = field(part, "functionResponse") {
         if response["name"].as_str().is_none_or(str::is_empty) {
             return Err(format!(
@@ -890,15 +921,15 @@ fn conversation(body: &Value) -> Conversation {
         .filter_map(|part| part.as_object().and_then(|p| field(p, "functionResponse")))
         .map(|response| response["response"].to_string())
         .next_back();
-    let offers_calculator = object
+    let declarations = object
         .and_then(|o| field(o, "tools"))
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .filter_map(|t| t.as_object().and_then(|t| field(t, "functionDeclarations")))
         .filter_map(Value::as_array)
-        .flatten()
-        .any(|d| d["name"] == super::CALCULATOR);
+        .flatten();
+    let offers_calculator = declarations.clone().any(|d| d["name"] == super::CALCULATOR);
     let mode = object
         .and_then(|o| field(o, "toolConfig"))
         .and_then(Value::as_object)
@@ -907,6 +938,8 @@ fn conversation(body: &Value) -> Conversation {
     Conversation {
         tool_result,
         offers_calculator,
+        images: super::images::seen(body),
+        image_tool: super::image_tool(declarations.filter_map(|d| d["name"].as_str())),
         tools_forbidden: mode.is_some_and(|mode| mode == "NONE"),
         // Gemini has no switch: the model calls in parallel as it likes.
         parallel_allowed: true,

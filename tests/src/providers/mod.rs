@@ -24,6 +24,7 @@
 //! | `mock-long-answer` | the text `Final Answer: ` and [`LONG_ANSWER`], streamed (when asked) in many small deltas |
 //! | `mock-off-schema` | as `mock-react`, but its structured answer breaks the schema (see below) |
 //! | `mock-reasoning` | as `mock-react`; in OpenAI's Responses API each answer starts with a reasoning item that must come back (see `responses`) |
+//! | `mock-vision` | offered a tool with `image` in its name and no tool result yet: a call to it with `{}`; else the text `Final Answer: ` and [`vision_answer`] of the images the request holds |
 //! | anything else | 404, model not found |
 //!
 //! Structured output: when a request asks for JSON matching a schema
@@ -44,6 +45,7 @@ mod anthropic;
 mod gemini;
 
 pub use anthropic::thinking_signature;
+mod images;
 mod openai;
 mod openai_checks;
 mod responses;
@@ -77,6 +79,7 @@ pub mod models {
     pub const LONG_ANSWER: &str = "mock-long-answer";
     pub const OFF_SCHEMA: &str = "mock-off-schema";
     pub const REASONING: &str = "mock-reasoning";
+    pub const VISION: &str = "mock-vision";
 }
 
 /// The answer of `mock-long-answer`: 6,000 characters, so about a thousand
@@ -120,11 +123,37 @@ impl Provider {
         }
     }
 
-    /// The compiled component's name (see [`crate::wasm`]).
+    /// The compiled component's name (see [`crate::wasm`]): OpenAI,
+    /// OpenRouter and OpenAI-compatible servers are one component, the
+    /// OpenAI-format adapter, under three names.
     pub fn wasm(self) -> &'static str {
         match self {
-            Provider::OpenAiCompatible => "openai_compatible",
+            Provider::OpenAi | Provider::OpenRouter | Provider::OpenAiCompatible => "openai",
             other => other.plugin(),
+        }
+    }
+
+    /// The manifest shipped for this adapter (`plugins/openai/openrouter.toml`).
+    pub fn shipped_manifest(self) -> std::path::PathBuf {
+        crate::plugin_sources()
+            .join(self.wasm())
+            .join(format!("{}.toml", self.plugin()))
+    }
+
+    /// The `[adapter.settings]` of the shipped manifest, which configure
+    /// the component for this provider.
+    fn shipped_settings(self) -> toml::Table {
+        let path = self.shipped_manifest();
+        let manifest: toml::Table = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+            .parse()
+            .unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
+        match manifest
+            .get("adapter")
+            .and_then(|adapter| adapter.get("settings"))
+        {
+            Some(toml::Value::Table(settings)) => settings.clone(),
+            _ => toml::Table::new(),
         }
     }
 
@@ -199,9 +228,20 @@ impl Provider {
 
     /// A manifest in the shape the shipped ones have: the base URL from the
     /// adapter's variable (which the tests set to a mock), the key as a
-    /// credential the host adds from the server's environment.
+    /// credential the host adds from the server's environment, and the
+    /// shipped settings.
     pub fn manifest(self) -> String {
-        format!(
+        self.manifest_with_setting(None)
+    }
+
+    /// [`Self::manifest`] with one setting replaced or added, such as
+    /// `("api", "responses")`.
+    pub fn manifest_with(self, key: &str, value: &str) -> String {
+        self.manifest_with_setting(Some((key, value)))
+    }
+
+    fn manifest_with_setting(self, setting: Option<(&str, &str)>) -> String {
+        let manifest = format!(
             r#"[adapter]
 base_url = "${{{base_url_var}:-{default}}}"
 
@@ -213,7 +253,19 @@ value = "{value}"
             default = self.default_base_url(),
             header = self.auth_header(),
             value = self.auth_value(&format!("${{{}}}", self.key_var())),
-        )
+        );
+        let mut manifest: toml::Table = manifest.parse().expect("the manifest is TOML");
+        let mut settings = self.shipped_settings();
+        if let Some((key, value)) = setting {
+            settings.insert(key.into(), value.into());
+        }
+        if !settings.is_empty() {
+            manifest["adapter"]
+                .as_table_mut()
+                .expect("[adapter] is a table")
+                .insert("settings".into(), toml::Value::Table(settings));
+        }
+        toml::to_string(&manifest).expect("a table serializes")
     }
 
     /// The 0.1.0 manifest shape, for adapters built against `wit/v0.1.0`
@@ -490,6 +542,7 @@ impl Shared {
                 }),
                 call => call,
             }),
+            models::VISION => Behaviour::Reply(vision(conversation)),
             models::LONG_ANSWER => {
                 Behaviour::Reply(Turn::Text(format!("Final Answer: {LONG_ANSWER}")))
             }
@@ -521,6 +574,44 @@ pub(crate) struct Conversation {
     /// The JSON Schema the request wants text answers to match, if it asks
     /// for structured output.
     response_schema: Option<Value>,
+    /// The images the request holds, in order (see [`images::seen`]).
+    images: Vec<String>,
+    /// The first offered tool with `image` in its name, if any.
+    image_tool: Option<String>,
+}
+
+/// The first of `names` with `image` in it, in any case.
+fn image_tool<'a>(mut names: impl Iterator<Item = &'a str>) -> Option<String> {
+    names
+        .find(|name| name.to_ascii_lowercase().contains("image"))
+        .map(str::to_owned)
+}
+
+/// What `mock-vision` says it sees: `I see 2 images: url, image/png`, one
+/// entry per image in the order they came (its media type, or `url` for an
+/// address), or `I see no image`.
+pub fn vision_answer(images: &[&str]) -> String {
+    match images {
+        [] => "I see no image".to_owned(),
+        [one] => format!("I see 1 image: {one}"),
+        many => format!("I see {} images: {}", many.len(), many.join(", ")),
+    }
+}
+
+/// What `mock-vision` does: calls the image tool it is offered, once, then
+/// says what images it saw.
+fn vision(conversation: &Conversation) -> Turn {
+    match (&conversation.image_tool, &conversation.tool_result) {
+        (Some(tool), None) if !conversation.tools_forbidden => Turn::CallTool {
+            name: tool.clone(),
+            arguments: json!({}),
+            count: 1,
+        },
+        _ => {
+            let images: Vec<&str> = conversation.images.iter().map(String::as_str).collect();
+            Turn::Text(format!("Final Answer: {}", vision_answer(&images)))
+        }
+    }
 }
 
 /// What a mock model does with a well-formed request.

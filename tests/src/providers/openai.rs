@@ -386,7 +386,7 @@ fn validate_messages(messages: &[Value]) -> Result<(), Invalid> {
         }
         match role {
             "system" | "developer" | "user" => {
-                validate_content(&at, message.get("content"), false)?;
+                validate_content(&at, role, message.get("content"), false)?;
                 answerable.clear();
             }
             "assistant" => {
@@ -398,7 +398,7 @@ fn validate_messages(messages: &[Value]) -> Result<(), Invalid> {
                     }
                 };
                 let optional = !calls.is_empty() || message.contains_key("refusal");
-                validate_content(&at, message.get("content"), optional)?;
+                validate_content(&at, role, message.get("content"), optional)?;
                 answerable = calls.iter().cloned().collect();
                 waiting = calls;
             }
@@ -410,7 +410,7 @@ fn validate_messages(messages: &[Value]) -> Result<(), Invalid> {
                         return Err(mistyped(format!("{at}.tool_call_id"), "a string", other));
                     }
                 };
-                validate_content(&at, message.get("content"), false)?;
+                validate_content(&at, role, message.get("content"), false)?;
                 if !answerable.contains(&id) {
                     return Err(invalid(
                         format!("{at}.role"),
@@ -440,17 +440,53 @@ fn validate_messages(messages: &[Value]) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// Content is a string or an array of typed parts; `optional` allows it to
-/// be absent or null (an assistant message with tool calls).
-fn validate_content(at: &str, content: Option<&Value>, optional: bool) -> Result<(), Invalid> {
+/// Content is a string or an array of typed parts, of the types `role`
+/// takes (images only from the user: a tool message takes text only);
+/// `optional` allows it to be absent or null (an assistant message with
+/// tool calls).
+fn validate_content(
+    at: &str,
+    role: &str,
+    content: Option<&Value>,
+    optional: bool,
+) -> Result<(), Invalid> {
     let param = format!("{at}.content");
     match content {
         Some(Value::String(_)) => Ok(()),
         None | Some(Value::Null) if optional => Ok(()),
         None => Err(missing(param)),
         Some(Value::Array(parts)) => {
+            let supported: &[&str] = match role {
+                "user" => &["text", "image_url", "input_audio", "file"],
+                "assistant" => &["text", "refusal"],
+                _ => &["text"],
+            };
             for (j, part) in parts.iter().enumerate() {
                 let kind = part["type"].as_str();
+                if let Some(kind) = kind
+                    && !supported.contains(&kind)
+                {
+                    return Err(invalid(
+                        format!("{param}[{j}].type"),
+                        format!(
+                            "Invalid value: '{kind}'. Supported values are: {}.",
+                            supported
+                                .iter()
+                                .map(|kind| format!("'{kind}'"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+                if kind == Some("image_url") {
+                    let url_param = format!("{param}[{j}].image_url.url");
+                    match part["image_url"]["url"].as_str() {
+                        None => return Err(missing(url_param)),
+                        Some(url) => super::images::check_image_url(url).map_err(|why| {
+                            invalid(&url_param, format!("Invalid '{url_param}'. {why}"))
+                        })?,
+                    }
+                }
                 let ok = match kind {
                     Some("text") | Some("refusal") => {
                         part["text"].is_string() || part["refusal"].is_string()
@@ -701,9 +737,12 @@ fn conversation(body: &Value) -> Conversation {
         .into_iter()
         .flatten()
         .any(|t| t["function"]["name"] == super::CALCULATOR);
+    let tool_names = body["tools"].as_array().into_iter().flatten();
     Conversation {
         tool_result,
         offers_calculator,
+        images: super::images::seen(body),
+        image_tool: super::image_tool(tool_names.filter_map(|t| t["function"]["name"].as_str())),
         tools_forbidden: body["tool_choice"] == "none",
         parallel_allowed: body["parallel_tool_calls"] != false,
         response_schema: (body["response_format"]["type"] == "json_schema")

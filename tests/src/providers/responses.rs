@@ -454,9 +454,12 @@ fn conversation(body: &Value) -> Conversation {
         .flatten()
         .any(|tool| tool["name"] == super::CALCULATOR);
     let format = &body["text"]["format"];
+    let tool_names = body["tools"].as_array().into_iter().flatten();
     Conversation {
         tool_result,
         offers_calculator,
+        images: super::images::seen(body),
+        image_tool: super::image_tool(tool_names.filter_map(|t| t["name"].as_str())),
         tools_forbidden: body["tool_choice"] == "none",
         parallel_allowed: body["parallel_tool_calls"] != false,
         response_schema: (format["type"] == "json_schema")
@@ -585,11 +588,15 @@ fn validate_input(items: &[Value], store: bool, shared: &Shared) -> Result<(), I
             }
             "function_call_output" => {
                 let call_id = text("call_id")?;
-                if !fields
-                    .get("output")
-                    .is_some_and(|o| o.is_string() || o.is_array())
-                {
-                    return Err(missing(format!("{at}.output")));
+                match fields.get("output") {
+                    Some(Value::String(_)) => {}
+                    // A list of input parts: text, images, files.
+                    Some(output @ Value::Array(_)) => validate_content(
+                        &format!("{at}.output"),
+                        Some(output),
+                        &["input_text", "input_image", "input_file"],
+                    )?,
+                    _ => return Err(missing(format!("{at}.output"))),
                 }
                 if !calls.contains(&call_id) {
                     return Err(invalid(
@@ -709,6 +716,29 @@ fn validate_content(at: &str, content: Option<&Value>, kinds: &[&str]) -> Result
                     supported(kinds)
                 ),
             ));
+        }
+        if kind == "input_image" {
+            let url_param = format!("{param}[{j}].image_url");
+            match (part.get("image_url"), part.get("file_id")) {
+                (Some(Value::String(url)), None) => super::images::check_image_url(url)
+                    .map_err(|why| invalid(&url_param, format!("Invalid '{url_param}'. {why}")))?,
+                (None, Some(Value::String(_))) => {}
+                _ => {
+                    return Err(invalid(
+                        url_param,
+                        "Invalid input image: provide exactly one of 'image_url' or 'file_id'.",
+                    ));
+                }
+            }
+            if let Some(detail) = part.get("detail")
+                && !["low", "high", "auto"].contains(&detail.as_str().unwrap_or_default())
+            {
+                return Err(invalid(
+                    format!("{param}[{j}].detail"),
+                    "Invalid value. Supported values are: 'low', 'high', and 'auto'.",
+                ));
+            }
+            continue;
         }
         let field = match kind {
             "input_text" | "output_text" => "text",

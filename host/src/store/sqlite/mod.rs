@@ -916,6 +916,12 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_tasks_images_are_kept() {
+        let (store, _dir) = open_temporary().await;
+        conformance::a_tasks_images_are_kept(&store).await;
+    }
+
+    #[tokio::test]
     async fn a_response_format_is_kept_and_a_refused_answer_too() {
         let (store, _dir) = open_temporary().await;
         conformance::a_response_format_is_kept_and_a_refused_answer_too(&store).await;

@@ -141,6 +141,13 @@ pub(super) fn task_from_row(row: &impl Columns) -> Result<TaskRecord> {
             }
             None => None,
         },
+        images: match row.optional_text("images")? {
+            Some(text) => serde_json::from_str(&text).map_err(|source| StoreError::Corrupt {
+                what: "task images",
+                source,
+            })?,
+            None => Vec::new(),
+        },
     })
 }
 

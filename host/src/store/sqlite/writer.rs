@@ -789,9 +789,9 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
                                 goal, planner, llm, model, tools, options, max_steps, timeout_ms,
                                 created_at, max_retries, trace_parent, schedule_id, scheduled_for,
                                 cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread,
-                                memory_namespace, response_format, tool_call)
+                                memory_namespace, response_format, tool_call, images)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18, ?19, 0, ?20, ?21, ?22, ?23, ?24, ?25)
+                     ?17, ?18, ?19, 0, ?20, ?21, ?22, ?23, ?24, ?25, ?26)
              RETURNING *",
         )?
         .query_row(
@@ -821,6 +821,7 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
                 task.memory_namespace,
                 task.response_format.as_ref().map(|f| json!(f).to_string()),
                 task.call.as_ref().map(|call| json!(call).to_string()),
+                (!task.images.is_empty()).then(|| json!(task.images).to_string()),
             ],
             |row| Ok(task_from_row(row)),
         )??;

@@ -2,19 +2,22 @@
 //! each with a message a user can act on. Transport failures (refused,
 //! unreachable, timed out) never reach an adapter: the host reports them.
 
+use std::borrow::Cow;
+
 use crate::llm_http::headers::Headers;
 use crate::llm_http::{LlmError, LlmErrorKind};
 
 /// How much of a provider's error body is kept in `llm-error.body`.
 pub const MAX_ERROR_BODY: usize = 4096;
 
-/// Who an adapter talks to, for error messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who an adapter talks to, for error messages. The name is the adapter's
+/// own, or the one its manifest gives it (an adapter serving several
+/// endpoints under several names). Which variable holds the key is the
+/// manifest's business: the host names it when a key is missing or refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provider {
     /// As users know it: "OpenAI".
-    pub name: &'static str,
-    /// The host's environment variable its credential comes from.
-    pub key_env: &'static str,
+    pub name: Cow<'static, str>,
 }
 
 /// The kind of error an HTTP status means.
@@ -30,6 +33,12 @@ pub fn kind_for_status(status: u16) -> LlmErrorKind {
 }
 
 impl Provider {
+    pub const fn named(name: &'static str) -> Self {
+        Self {
+            name: Cow::Borrowed(name),
+        }
+    }
+
     /// The error for a response with a failure status.
     pub fn status_error(&self, status: u16, headers: &Headers, body: &[u8]) -> LlmError {
         let mut error = self.error(kind_for_status(status), Some(status), body);
@@ -87,7 +96,7 @@ impl Provider {
     }
 
     fn summary(&self, kind: LlmErrorKind, status: Option<u16>) -> String {
-        let name = self.name;
+        let name = &self.name;
         let code = status.map_or_else(String::new, |status| format!(" ({status})"));
         match kind {
             LlmErrorKind::Auth => {
@@ -96,10 +105,7 @@ impl Provider {
                 } else {
                     "unauthorized"
                 };
-                format!(
-                    "{name} rejected the request as {how}{code}: set {} in the server's environment",
-                    self.key_env
-                )
+                format!("{name} rejected the request as {how}{code}")
             }
             LlmErrorKind::InvalidRequest if status == Some(402) => format!(
                 "{name} refused the request for lack of credits{code}: add credits to the account"
@@ -154,25 +160,21 @@ pub fn truncated(body: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    const OPENAI: Provider = Provider {
-        name: "OpenAI",
-        key_env: "OPENAI_API_KEY",
-    };
+    const OPENAI: Provider = Provider::named("OpenAI");
 
     fn headers(pairs: &[(&str, &str)]) -> Headers {
         Headers::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
 
     #[test]
-    fn unauthorized_names_the_variable_to_set() {
+    fn unauthorized_is_an_auth_error() {
         let body = br#"{"error":{"message":"Incorrect API key provided: sk-bad.","type":"invalid_request_error","code":"invalid_api_key"}}"#;
         let error = OPENAI.status_error(401, &headers(&[]), body);
         assert_eq!(error.kind, LlmErrorKind::Auth);
         assert_eq!(error.status, Some(401));
         assert_eq!(
             error.message,
-            "OpenAI rejected the request as unauthorized (401): set OPENAI_API_KEY in the \
-             server's environment"
+            "OpenAI rejected the request as unauthorized (401)"
         );
         assert_eq!(
             error.body.as_deref(),

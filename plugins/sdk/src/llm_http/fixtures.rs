@@ -48,6 +48,27 @@ pub fn tool_result(id: &str, content: &str) -> ChatMessage {
     }
 }
 
+/// A one-pixel PNG, base64: what the image fixtures carry inline.
+pub const PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+
+/// [`weather_request`] with images: the question carries a URL and an
+/// inline PNG, and the first tool result an inline PNG.
+pub fn image_request() -> ChatRequest {
+    let pixel = || {
+        crate::types::Image::Inline(crate::types::InlineImage {
+            media_type: "image/png".into(),
+            base64: PIXEL_PNG.into(),
+        })
+    };
+    let mut request = weather_request();
+    request.messages[0].images = vec![
+        crate::types::Image::Url("https://example.com/paris.jpg".into()),
+        pixel(),
+    ];
+    request.messages[2].images = vec![pixel()];
+    request
+}
+
 pub fn weather_request() -> ChatRequest {
     ChatRequest {
         model: None,

@@ -149,10 +149,7 @@ mod tests {
 
     #[test]
     fn schemas_must_be_json() {
-        let provider = Provider {
-            name: "P",
-            key_env: "P_KEY",
-        };
+        let provider = Provider::named("P");
         let tool = |schema: &str| ToolSpec {
             name: "t".into(),
             description: String::new(),

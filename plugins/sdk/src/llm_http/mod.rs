@@ -31,6 +31,7 @@
 //!   and OpenAI-compatible servers such as Ollama.
 //! - [`responses`]: OpenAI's Responses API (items, function calls,
 //!   reasoning items given back as they came, typed stream events).
+//! - [`images`]: images in messages, as URLs or `data:` URLs.
 //! - [`sse`] and [`fixtures`]: a server-sent events parser and a stream
 //!   assembler like the host's, with which tests replay recorded bodies.
 
@@ -38,6 +39,7 @@ pub mod errors;
 #[doc(hidden)]
 pub mod fixtures;
 pub mod headers;
+pub mod images;
 pub mod json;
 pub mod openai;
 pub mod options;

@@ -237,10 +237,7 @@ mod tests {
 
     use super::*;
 
-    const P: Provider = Provider {
-        name: "P",
-        key_env: "P_KEY",
-    };
+    const P: Provider = Provider::named("P");
 
     #[test]
     fn streaming_is_on_by_default() {

@@ -21,6 +21,12 @@ impl Settings {
         }
     }
 
+    /// These settings with `key` set to `value`.
+    pub fn with(mut self, key: &str, value: Value) -> Self {
+        self.0.insert(key.to_owned(), value);
+        self
+    }
+
     /// The text under `key`, if set. Blank text counts as set: it lets an
     /// operator turn an optional header off.
     pub fn text(&self, provider: &Provider, key: &str) -> Result<Option<String>, LlmError> {
@@ -72,6 +78,67 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The boolean under `key`, else `default`.
+    pub fn flag(&self, provider: &Provider, key: &str, default: bool) -> Result<bool, LlmError> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(flag)) => Ok(*flag),
+            Some(other) => Err(invalid(
+                provider,
+                format!("{key} must be true or false, not {other}"),
+            )),
+        }
+    }
+
+    /// The table of HTTP headers under `key` (name = value), in name order;
+    /// one whose value is blank is left out. Names and values are checked
+    /// here, so that a typo is reported as the manifest's, by name.
+    pub fn headers(
+        &self,
+        provider: &Provider,
+        key: &str,
+    ) -> Result<Vec<(String, String)>, LlmError> {
+        let table = match self.0.get(key) {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Object(table)) => table,
+            Some(other) => {
+                return Err(invalid(
+                    provider,
+                    format!("{key} must be a table of header names and values, not {other}"),
+                ));
+            }
+        };
+        let mut headers = Vec::new();
+        for (name, value) in table {
+            let is_token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+            if name.is_empty() || !name.chars().all(is_token) {
+                return Err(invalid(
+                    provider,
+                    format!("{key}: {name:?} is not an HTTP header name"),
+                ));
+            }
+            let Value::String(value) = value else {
+                return Err(invalid(
+                    provider,
+                    format!("{key}.{name} must be a string, not {value}"),
+                ));
+            };
+            if value.chars().any(|c| c.is_control() && c != '\t') {
+                return Err(invalid(
+                    provider,
+                    format!("{key}.{name} holds a control character"),
+                ));
+            }
+            let value = value.trim();
+            if !value.is_empty() {
+                headers.push((name.clone(), value.to_owned()));
+            }
+        }
+        Ok(headers)
+    }
+}
+
 /// `"a"`, `"a" or "b"`, `"a", "b" or "c"`: the values a setting or an
 /// option takes, for messages.
 pub fn one_of(allowed: &[&str]) -> String {
@@ -99,10 +166,7 @@ fn invalid(provider: &Provider, why: String) -> LlmError {
 mod tests {
     use super::*;
 
-    const P: Provider = Provider {
-        name: "P",
-        key_env: "P_KEY",
-    };
+    const P: Provider = Provider::named("P");
 
     #[test]
     fn empty_settings_mean_defaults() {
@@ -152,6 +216,46 @@ mod tests {
         );
         assert_eq!(one_of(&["a", "b", "c"]), r#""a", "b" or "c""#);
         assert_eq!(one_of(&["a"]), r#""a""#);
+    }
+
+    #[test]
+    fn flags_and_header_tables_are_read_and_checked() {
+        let settings = Settings::parse(
+            &P,
+            r#"{"top_k": true, "headers": {"X-Title": "Opspawn", "HTTP-Referer": " https://e.com ", "Off": " "}}"#,
+        )
+        .unwrap();
+        assert!(settings.flag(&P, "top_k", false).unwrap());
+        assert!(!settings.flag(&P, "absent", false).unwrap());
+        assert_eq!(
+            settings.headers(&P, "headers").unwrap(),
+            [
+                ("HTTP-Referer".to_owned(), "https://e.com".to_owned()),
+                ("X-Title".to_owned(), "Opspawn".to_owned()),
+            ]
+        );
+        assert_eq!(settings.headers(&P, "absent").unwrap(), []);
+        for (text, why) in [
+            (r#"{"top_k": "yes"}"#, "top_k must be true or false"),
+            (r#"{"headers": ["a"]}"#, "headers must be a table"),
+            (
+                r#"{"headers": {"Bad Name": "v"}}"#,
+                "\"Bad Name\" is not an HTTP header name",
+            ),
+            (r#"{"headers": {"X-A": 1}}"#, "headers.X-A must be a string"),
+            (
+                r#"{"headers": {"X-A": "a\r\nb"}}"#,
+                "headers.X-A holds a control character",
+            ),
+        ] {
+            let settings = Settings::parse(&P, text).unwrap();
+            let error = settings
+                .flag(&P, "top_k", false)
+                .and_then(|_| settings.headers(&P, "headers"))
+                .unwrap_err();
+            assert_eq!(error.kind, LlmErrorKind::Other, "{text}");
+            assert!(error.message.contains(why), "{text}: {}", error.message);
+        }
     }
 
     #[test]

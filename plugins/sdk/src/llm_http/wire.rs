@@ -96,22 +96,41 @@ impl<A: Adapter> crate::llm::LlmAdapter for A {
         prepare(&A::wire(&settings)?, &request)
     }
 
-    // Reading an answer depends on nothing configurable: what it needs of
-    // the request travels in the reply context.
     fn read_response(
         reply_context: String,
         response: HttpResponse,
     ) -> Result<ChatResponse, LlmError> {
-        read_response(&A::wire(&Settings::default())?, &reply_context, &response)
+        read_response(
+            &reading_wire::<A>(&reply_context)?,
+            &reply_context,
+            &response,
+        )
     }
 
     fn read_stream(
         reply_context: String,
         events: Vec<SseEvent>,
     ) -> Result<Vec<StreamPart>, LlmError> {
-        read_stream(&A::wire(&Settings::default())?, &reply_context, &events)
+        read_stream(&reading_wire::<A>(&reply_context)?, &reply_context, &events)
     }
 }
+
+/// The wire that reads an answer. Reading depends on nothing configurable
+/// but the name the adapter goes by in messages (its `provider` setting,
+/// for an adapter that takes one): what it needs of the request, that name
+/// included, travels in the reply context.
+fn reading_wire<A: Adapter>(reply_context: &str) -> Result<A::Wire, LlmError> {
+    let context = ReplyContext::decode(&A::PROVIDER, reply_context)?;
+    let settings = match context.provider {
+        Some(name) => Settings::default().with(PROVIDER_SETTING, Value::String(name)),
+        None => Settings::default(),
+    };
+    A::wire(&settings)
+}
+
+/// The setting that names the provider in messages, for an adapter that
+/// serves several endpoints (see [`ReplyContext::provider`]).
+pub const PROVIDER_SETTING: &str = "provider";
 
 /// `prepare`: the HTTP request for `request`, and what reading its answer
 /// will need to know.
@@ -171,6 +190,7 @@ pub fn prepare<W: Wire>(wire: &W, request: &ChatRequest) -> Result<Prepared, Llm
         }),
         reply_context: ReplyContext {
             api: wire.api().map(str::to_owned),
+            provider: Some(wire.provider().name.into_owned()),
             ..ReplyContext::new(request, &model)
         }
         .encode(),
@@ -240,6 +260,10 @@ pub struct ReplyContext {
     /// (see [`Wire::api`]); `None` for the others, and in contexts made
     /// before there was a choice.
     pub api: Option<String>,
+    /// The name the adapter went by when it prepared the request (its
+    /// `provider` setting, say "OpenRouter"), so that errors read from the
+    /// answer use it too; `None` in contexts made before it travelled.
+    pub provider: Option<String>,
 }
 
 impl ReplyContext {
@@ -253,6 +277,7 @@ impl ReplyContext {
             model: model.to_owned(),
             first_call_number: earlier + 1,
             api: None,
+            provider: None,
         }
     }
 
@@ -260,6 +285,9 @@ impl ReplyContext {
         let mut json = json!({"model": self.model, "first_call": self.first_call_number});
         if let Some(api) = &self.api {
             json["api"] = json!(api);
+        }
+        if let Some(provider) = &self.provider {
+            json["provider"] = json!(provider);
         }
         json.to_string()
     }
@@ -269,16 +297,19 @@ impl ReplyContext {
             serde_json::from_str(text).map_err(|error| provider.bad_context(&error.to_string()))?;
         let model = json["model"].as_str();
         let first = json["first_call"].as_u64();
-        let api = match &json["api"] {
-            Value::Null => None,
-            Value::String(api) => Some(api.clone()),
-            other => return Err(provider.bad_context(&format!("its api is {other}"))),
+        let text_field = |name: &str| match &json[name] {
+            Value::Null => Ok(None),
+            Value::String(text) => Ok(Some(text.clone())),
+            other => Err(provider.bad_context(&format!("its {name} is {other}"))),
         };
+        let api = text_field("api")?;
+        let named = text_field("provider")?;
         match (model, first) {
             (Some(model), Some(first)) => Ok(Self {
                 model: model.to_owned(),
                 first_call_number: usize::try_from(first).unwrap_or(usize::MAX),
                 api,
+                provider: named,
             }),
             _ => Err(provider.bad_context("it lacks the model or the first call number")),
         }
@@ -433,6 +464,7 @@ mod tests {
             model: "asked".into(),
             first_call_number: 3,
             api: None,
+            provider: None,
         }
     }
 
@@ -485,10 +517,7 @@ mod tests {
         }];
         let context = ReplyContext::new(&request, "m");
         assert_eq!(context.first_call_number, 3);
-        let provider = Provider {
-            name: "P",
-            key_env: "P_KEY",
-        };
+        let provider = Provider::named("P");
         assert_eq!(
             ReplyContext::decode(&provider, &context.encode()).unwrap(),
             context
@@ -498,15 +527,18 @@ mod tests {
             "{}",
             r#"{"model": "m"}"#,
             r#"{"model": "m", "first_call": 1, "api": 3}"#,
+            r#"{"model": "m", "first_call": 1, "provider": ["OpenRouter"]}"#,
         ] {
             let error = ReplyContext::decode(&provider, text).unwrap_err();
             assert_eq!(error.kind, crate::llm_http::LlmErrorKind::Other, "{text}");
         }
         let chosen = ReplyContext {
             api: Some("responses".into()),
+            provider: Some("OpenRouter".into()),
             ..context
         };
         assert!(chosen.encode().contains(r#""api":"responses""#));
+        assert!(chosen.encode().contains(r#""provider":"OpenRouter""#));
         assert_eq!(
             ReplyContext::decode(&provider, &chosen.encode()).unwrap(),
             chosen
@@ -518,10 +550,7 @@ mod tests {
     #[test]
     fn a_wire_of_one_api_refuses_the_api_option() {
         let wire = crate::llm_http::openai::ChatCompletions {
-            provider: Provider {
-                name: "P",
-                key_env: "P_KEY",
-            },
+            provider: Provider::named("P"),
             default_model: "m".into(),
             extra_headers: Vec::new(),
             max_tokens_field: "max_tokens",

@@ -55,7 +55,7 @@ pub struct ChatCompletions {
 
 impl Wire for ChatCompletions {
     fn provider(&self) -> Provider {
-        self.provider
+        self.provider.clone()
     }
 
     fn model(&self, request: &ChatRequest) -> String {

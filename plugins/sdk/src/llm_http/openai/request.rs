@@ -2,8 +2,10 @@
 
 use serde_json::{Value, json};
 
+use crate::llm_http::images::{check_placement, tool_images_caption, url_or_data};
 use crate::llm_http::json::{sampling, schema, tools};
 use crate::llm_http::{ChatMessage, ChatRequest, LlmError, Provider, Role, ToolChoice, ToolSpec};
+use crate::types::Image;
 
 /// The request body for `POST /chat/completions`.
 pub fn build(
@@ -17,8 +19,26 @@ pub fn build(
     if let Some(system) = request.system.as_deref().filter(|s| !s.is_empty()) {
         messages.push(json!({"role": "system", "content": system}));
     }
+    // A tool message takes text only: the images of a run of tool results
+    // follow it in one user message, after the last result (a user message
+    // between two results would break the run the provider expects).
+    let mut tool_images: Vec<Value> = Vec::new();
     for message in &request.messages {
+        if message.role != Role::Tool && !tool_images.is_empty() {
+            messages.push(json!({"role": "user", "content": std::mem::take(&mut tool_images)}));
+        }
         messages.push(self::message(provider, message)?);
+        if message.role == Role::Tool && !message.images.is_empty() {
+            let call_id = message.tool_call_id.as_deref().unwrap_or_default();
+            tool_images.push(text_part(&tool_images_caption(
+                call_id,
+                message.images.len(),
+            )));
+            tool_images.extend(message.images.iter().map(image_part));
+        }
+    }
+    if !tool_images.is_empty() {
+        messages.push(json!({"role": "user", "content": tool_images}));
     }
     let mut body = json!({"model": model, "messages": messages, "stream": stream});
     if stream {
@@ -91,10 +111,30 @@ pub(crate) fn function_tools(
     Ok(())
 }
 
+fn text_part(text: &str) -> Value {
+    json!({"type": "text", "text": text})
+}
+
+fn image_part(image: &Image) -> Value {
+    json!({"type": "image_url", "image_url": {"url": url_or_data(image)}})
+}
+
 fn message(provider: &Provider, message: &ChatMessage) -> Result<Value, LlmError> {
+    check_placement(provider, message)?;
     Ok(match message.role {
         Role::System => json!({"role": "system", "content": message.content}),
-        Role::User => json!({"role": "user", "content": message.content}),
+        Role::User if message.images.is_empty() => {
+            json!({"role": "user", "content": message.content})
+        }
+        // Text first, then the images, as parts of one message.
+        Role::User => {
+            let text = (!message.content.is_empty()).then(|| text_part(&message.content));
+            let parts: Vec<Value> = text
+                .into_iter()
+                .chain(message.images.iter().map(image_part))
+                .collect();
+            json!({"role": "user", "content": parts})
+        }
         Role::Assistant => {
             // With tool calls and no text, content is null rather than "".
             let content = if message.content.is_empty() && !message.tool_calls.is_empty() {

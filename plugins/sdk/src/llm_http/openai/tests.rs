@@ -12,10 +12,7 @@ use crate::llm_http::{
     ToolCallPart, ToolChoice, Usage,
 };
 
-const OPENAI: Provider = Provider {
-    name: "OpenAI",
-    key_env: "OPENAI_API_KEY",
-};
+const OPENAI: Provider = Provider::named("OpenAI");
 
 fn wire() -> ChatCompletions {
     ChatCompletions {
@@ -32,6 +29,7 @@ fn context() -> ReplyContext {
         model: "gpt-4o-mini".into(),
         first_call_number: 3,
         api: None,
+        provider: None,
     }
 }
 
@@ -41,6 +39,55 @@ fn call(id: &str, name: &str, arguments: &str) -> ToolCall {
         name: name.into(),
         arguments: arguments.into(),
     }
+}
+
+/// A question's images are parts of its message; a tool result's follow
+/// the run of results in one user message, captioned with the call.
+#[test]
+fn images_go_as_image_url_parts() {
+    use crate::llm_http::fixtures::{PIXEL_PNG, image_request};
+    let body = build(
+        &OPENAI,
+        &image_request(),
+        "gpt-4o-mini",
+        false,
+        "max_tokens",
+    )
+    .unwrap();
+    let data_url = format!("data:image/png;base64,{PIXEL_PNG}");
+    let messages = body["messages"].as_array().unwrap();
+    let roles: Vec<&str> = messages
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles,
+        ["system", "user", "assistant", "tool", "tool", "user"]
+    );
+    assert_eq!(
+        messages[1]["content"],
+        json!([
+            {"type": "text", "text": "Weather in Paris and Rome?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/paris.jpg"}},
+            {"type": "image_url", "image_url": {"url": data_url}},
+        ])
+    );
+    assert_eq!(
+        messages[3]["content"], "{\"temp_c\":18}",
+        "a tool message stays text"
+    );
+    assert_eq!(
+        messages[5]["content"],
+        json!([
+            {"type": "text", "text": "The image returned by tool call call_1:"},
+            {"type": "image_url", "image_url": {"url": data_url}},
+        ])
+    );
+
+    let mut misplaced = weather_request();
+    misplaced.messages[1].images = image_request().messages[0].images.clone();
+    let error = build(&OPENAI, &misplaced, "m", false, "max_tokens").unwrap_err();
+    assert_eq!(error.kind, LlmErrorKind::InvalidRequest);
 }
 
 #[test]
@@ -402,10 +449,14 @@ fn prepare_builds_the_http_request_and_its_reply_context() {
     assert_eq!(body["stream"], false);
     assert_eq!(body["seed"], 7);
     assert!(body.get("script").is_none());
-    // Two calls are already in the conversation: a minted id would be call-3.
+    // Two calls are already in the conversation: a minted id would be
+    // call-3. The name errors go by travels too.
     assert_eq!(
         ReplyContext::decode(&OPENAI, &prepared.reply_context).unwrap(),
-        context()
+        ReplyContext {
+            provider: Some("OpenAI".into()),
+            ..context()
+        }
     );
 
     request.provider_options = String::new();

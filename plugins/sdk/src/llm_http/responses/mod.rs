@@ -69,7 +69,7 @@ pub struct Responses {
 
 impl Wire for Responses {
     fn provider(&self) -> Provider {
-        self.provider
+        self.provider.clone()
     }
 
     fn model(&self, request: &ChatRequest) -> String {

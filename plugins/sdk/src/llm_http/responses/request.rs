@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::OUTPUT_KEY;
+use crate::llm_http::images::{check_placement, url_or_data};
 use crate::llm_http::json::{sampling, schema};
 use crate::llm_http::openai::function_tools;
 use crate::llm_http::options::options_error;
@@ -85,13 +86,19 @@ fn items(
     message: &ChatMessage,
     input: &mut Vec<Value>,
 ) -> Result<(), LlmError> {
-    let text = |role: &str| {
-        json!({
-            "type": "message",
-            "role": role,
-            "content": [{"type": "input_text", "text": message.content}],
-        })
+    check_placement(provider, message)?;
+    // Text, then the images, as input parts.
+    let parts = || -> Vec<Value> {
+        std::iter::once(json!({"type": "input_text", "text": message.content}))
+            .chain(
+                message
+                    .images
+                    .iter()
+                    .map(|image| json!({"type": "input_image", "image_url": url_or_data(image)})),
+            )
+            .collect()
     };
+    let text = |role: &str| json!({"type": "message", "role": role, "content": parts()});
     match message.role {
         Role::System => input.push(text("system")),
         Role::User => input.push(text("user")),
@@ -99,10 +106,17 @@ fn items(
             let id = message.tool_call_id.as_deref().ok_or_else(|| {
                 provider.invalid_request("a tool message has no tool-call-id".into())
             })?;
+            // A result with images is a list of input parts; one without,
+            // its text.
+            let output = if message.images.is_empty() {
+                json!(message.content)
+            } else {
+                json!(parts())
+            };
             input.push(json!({
                 "type": "function_call_output",
                 "call_id": id,
-                "output": message.content,
+                "output": output,
             }));
         }
         Role::Assistant => turn(provider, message, input)?,

@@ -11,10 +11,7 @@ use crate::llm_http::{
     ToolChoice, Usage,
 };
 
-const OPENAI: Provider = Provider {
-    name: "OpenAI",
-    key_env: "OPENAI_API_KEY",
-};
+const OPENAI: Provider = Provider::named("OpenAI");
 
 fn wire() -> Responses {
     Responses {
@@ -30,6 +27,7 @@ fn context() -> ReplyContext {
         model: "gpt-5-mini".into(),
         first_call_number: 3,
         api: None,
+        provider: None,
     }
 }
 
@@ -96,6 +94,36 @@ fn requests_carry_items_instructions_and_flat_tools() {
     ] {
         assert!(body.get(key).is_none(), "{key}");
     }
+}
+
+/// Images are `input_image` parts: of the question's message, and of a
+/// tool's output, which becomes a list of parts.
+#[test]
+fn images_go_as_input_image_parts() {
+    use crate::llm_http::fixtures::{PIXEL_PNG, image_request};
+    let body = build(&OPENAI, &image_request(), "gpt-5-mini", false).unwrap();
+    let data_url = format!("data:image/png;base64,{PIXEL_PNG}");
+    let input = body["input"].as_array().unwrap();
+    assert_eq!(
+        input[0]["content"],
+        json!([
+            {"type": "input_text", "text": "Weather in Paris and Rome?"},
+            {"type": "input_image", "image_url": "https://example.com/paris.jpg"},
+            {"type": "input_image", "image_url": data_url},
+        ])
+    );
+    let outputs: Vec<&Value> = input
+        .iter()
+        .filter(|item| item["type"] == "function_call_output")
+        .collect();
+    assert_eq!(
+        outputs[0]["output"],
+        json!([
+            {"type": "input_text", "text": "{\"temp_c\":18}"},
+            {"type": "input_image", "image_url": data_url},
+        ])
+    );
+    assert_eq!(outputs[1]["output"], "Error: the weather service timed out");
 }
 
 #[test]
