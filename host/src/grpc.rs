@@ -17,7 +17,7 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 use tower::ServiceExt as _;
@@ -370,7 +370,42 @@ fn submit_body(request: pb::SubmitTaskRequest) -> Result<Value, Status> {
     if let Some(call) = request.call {
         body.insert("call".into(), call_body(call)?);
     }
+    if !request.images.is_empty() {
+        let images = request.images.into_iter().map(image_body).collect();
+        body.insert("images".into(), Value::Array(images));
+    }
     Ok(Value::Object(body))
+}
+
+/// An image as REST takes it: `{url}`, or `{media_type, data}` with the
+/// bytes in base64. One with neither is `{}`, which REST refuses.
+fn image_body(image: pb::Image) -> Value {
+    use base64::Engine as _;
+    match image.source {
+        Some(pb::image::Source::Url(url)) => json!({"url": url}),
+        Some(pb::image::Source::Inline(inline)) => json!({
+            "media_type": inline.media_type,
+            "data": base64::engine::general_purpose::STANDARD.encode(inline.data),
+        }),
+        None => json!({}),
+    }
+}
+
+/// An image as REST renders it (`protocol::Image`), its bytes decoded.
+fn image(value: &Value) -> pb::Image {
+    use base64::Engine as _;
+    let source = match value["url"].as_str() {
+        Some(url) => pb::image::Source::Url(url.to_owned()),
+        None => pb::image::Source::Inline(pb::InlineImage {
+            media_type: string(&value["media_type"]),
+            data: base64::engine::general_purpose::STANDARD
+                .decode(value["data"].as_str().unwrap_or_default())
+                .unwrap_or_default(),
+        }),
+    };
+    pb::Image {
+        source: Some(source),
+    }
 }
 
 /// A call task's `call` as REST takes it: empty `arguments_json` is no
@@ -518,6 +553,7 @@ fn task(value: &Value) -> pb::Task {
             tool: string(&value["call"]["tool"]),
             arguments_json: value["call"]["arguments"].to_string(),
         }),
+        images: each(value, "images", image),
     }
 }
 
@@ -905,6 +941,44 @@ mod tests {
             refused.metadata().get(ERROR_CODE_KEY).unwrap(),
             "invalid_json"
         );
+    }
+
+    #[test]
+    fn images_reach_rest_in_its_shape_and_come_back() {
+        let pixel = vec![0x89, b'P', b'N', b'G', 1, 2, 3];
+        let images = vec![
+            pb::Image {
+                source: Some(pb::image::Source::Url("https://example.com/a.png".into())),
+            },
+            pb::Image {
+                source: Some(pb::image::Source::Inline(pb::InlineImage {
+                    media_type: "image/png".into(),
+                    data: pixel.clone(),
+                })),
+            },
+            pb::Image { source: None },
+        ];
+        let body = submit_body(pb::SubmitTaskRequest {
+            goal: "g".into(),
+            images: images.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        let rest_images = serde_json::json!([
+            {"url": "https://example.com/a.png"},
+            {"media_type": "image/png", "data": "iVBORwECAw=="},
+            {},
+        ]);
+        assert_eq!(body["images"], rest_images);
+        // What REST shows comes back as it went.
+        let shown = task(&serde_json::json!({"images": &rest_images.as_array().unwrap()[..2]}));
+        assert_eq!(shown.images, images[..2]);
+        let plain = submit_body(pb::SubmitTaskRequest {
+            goal: "g".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(plain.get("images").is_none(), "{plain}");
     }
 
     #[test]
