@@ -132,7 +132,7 @@ pub fn check_inline(media_type: &str, data: &str) -> Result<(), String> {
         ));
     }
     if !is_of_type(media_type, &bytes) {
-        return Err(format!("data is not a {media_type} image"));
+        return Err(format!("data is not an image of type {media_type}"));
     }
     Ok(())
 }
@@ -336,7 +336,7 @@ mod tests {
             ),
             (
                 json!({"media_type": "image/jpeg", "data": PIXEL_PNG}),
-                "data is not a image/jpeg image",
+                "data is not an image of type image/jpeg",
             ),
             (
                 json!({"media_type": "image/png", "data": too_big}),
