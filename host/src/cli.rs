@@ -260,29 +260,9 @@ fn image_field(image: &str) -> anyhow::Result<Value> {
         return Ok(json!({"url": image}));
     }
     let bytes = std::fs::read(image).with_context(|| format!("reading --image {image}"))?;
-    let media_type = match bytes.as_slice() {
-        [0x89, b'P', b'N', b'G', ..] => "image/png",
-        [0xFF, 0xD8, 0xFF, ..] => "image/jpeg",
-        [b'G', b'I', b'F', b'8', ..] => "image/gif",
-        [
-            b'R',
-            b'I',
-            b'F',
-            b'F',
-            _,
-            _,
-            _,
-            _,
-            b'W',
-            b'E',
-            b'B',
-            b'P',
-            ..,
-        ] => "image/webp",
-        _ => anyhow::bail!(
-            "--image {image} is not a PNG, JPEG, WebP or GIF file (or an http(s) address)"
-        ),
-    };
+    let media_type = crate::images::media_type_of(&bytes).with_context(|| {
+        format!("--image {image} is not a PNG, JPEG, WebP or GIF file (or an http(s) address)")
+    })?;
     let data = base64::engine::general_purpose::STANDARD.encode(bytes);
     Ok(json!({"media_type": media_type, "data": data}))
 }

@@ -131,20 +131,21 @@ pub fn check_inline(media_type: &str, data: &str) -> Result<(), String> {
             MAX_IMAGE_BYTES >> 20
         ));
     }
-    if !is_of_type(media_type, &bytes) {
+    if media_type_of(&bytes) != Some(media_type) {
         return Err(format!("data is not an image of type {media_type}"));
     }
     Ok(())
 }
 
-/// Whether `bytes` start as an image of `media_type` does.
-fn is_of_type(media_type: &str, bytes: &[u8]) -> bool {
-    match media_type {
-        "image/png" => bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
-        "image/jpeg" => bytes.starts_with(&[0xFF, 0xD8, 0xFF]),
-        "image/gif" => bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a"),
-        "image/webp" => bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP",
-        _ => false,
+/// The type of image `bytes` are, read from how they start (their magic
+/// bytes): one of [`MEDIA_TYPES`], or `None`.
+pub fn media_type_of(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n', ..] => Some("image/png"),
+        [0xFF, 0xD8, 0xFF, ..] => Some("image/jpeg"),
+        [b'G', b'I', b'F', b'8', b'7' | b'9', b'a', ..] => Some("image/gif"),
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => Some("image/webp"),
+        _ => None,
     }
 }
 
@@ -240,7 +241,7 @@ pub fn count(request: &ChatRequest) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use serde_json::json;
 
     use super::*;
@@ -278,6 +279,24 @@ mod tests {
             json!([{"url": "https://example.com/cat.jpg"},
                    {"media_type": "image/png", "data": PIXEL_PNG}])
         );
+    }
+
+    #[test]
+    fn the_type_is_read_from_the_first_bytes() {
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(PIXEL_PNG)
+            .unwrap();
+        assert_eq!(media_type_of(&png), Some("image/png"));
+        assert_eq!(
+            media_type_of(&[0xFF, 0xD8, 0xFF, 0xE0, 0]),
+            Some("image/jpeg")
+        );
+        assert_eq!(media_type_of(b"GIF89a\x01\x00"), Some("image/gif"));
+        assert_eq!(media_type_of(b"GIF87a"), Some("image/gif"));
+        assert_eq!(media_type_of(b"RIFF\0\0\0\0WEBPVP8 "), Some("image/webp"));
+        for not_an_image in [&b""[..], b"GIF8", b"GIF88a", b"RIFF\0\0\0\0WAVE", b"\x89PNG"] {
+            assert_eq!(media_type_of(not_an_image), None, "{not_an_image:?}");
+        }
     }
 
     #[test]

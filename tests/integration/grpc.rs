@@ -1102,7 +1102,7 @@ async fn grpc_submits_a_call_task_which_makes_its_one_call() {
 /// bad ones refused as REST refuses them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_submits_a_task_with_images() {
-    const PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    use crate::PIXEL_PNG;
     let harness = Harness::start_with(&[GRPC_ON]);
     let mut grpc = Reflected::start(&harness);
     let images = json!([

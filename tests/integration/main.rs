@@ -39,6 +39,9 @@ use serde_json::{Value, json};
 /// Generous: these machines are shared and slow; a pass is usually far quicker.
 pub const FINISH: Duration = Duration::from_secs(60);
 
+/// A one-pixel PNG, base64: an image every provider takes.
+pub const PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+
 /// A server with the example plugins and the misbehaving fixture, in its own
 /// temporary data directory and, on Postgres, its own schema.
 pub struct Harness {

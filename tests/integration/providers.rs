@@ -14,7 +14,7 @@ use opspawn_testkit::providers::models;
 use opspawn_testkit::{Client, MockProviders, Provider, ProviderRequest, SseEvent};
 use serde_json::{Value, json};
 
-use crate::{FINISH, Harness, misbehaving_task, steps};
+use crate::{FINISH, Harness, PIXEL_PNG, misbehaving_task, steps};
 
 /// Starts a server with the example plugins, the misbehaving fixture and
 /// `provider`'s adapter under `manifest`, with the adapter's base URL and
@@ -922,9 +922,6 @@ provider_tests! {
     anthropic => Provider::Anthropic,
     gemini => Provider::Gemini,
 }
-
-/// A one-pixel PNG, base64.
-const PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
 
 /// A task for `mock-vision` whose goal carries `images`, with no tools.
 fn vision_task(provider: Provider, images: Value, stream: bool) -> Value {

@@ -1787,7 +1787,7 @@ async fn a_call_task_is_checked_at_submission_and_kept() {
 
 #[tokio::test]
 async fn a_goals_images_are_checked_at_submission_and_kept() {
-    const PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    use crate::images::tests::PIXEL_PNG;
     let api = Setup::examples().start().await;
     let with = |images: Value| json!({"goal": "x", "images": images});
     for images in [
