@@ -1,11 +1,11 @@
 //! The wasmtime engine every plugin shares, the epoch clock that bounds each
 //! call, and the on-disk cache of compiled components.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use wasmtime::component::Component;
@@ -122,16 +122,33 @@ impl Drop for EpochTicker {
 pub struct CompileCache {
     dir: Option<PathBuf>,
     engine_key: String,
+    /// A gate per content hash being loaded: identical components loaded at
+    /// once (one file installed under several names, as the OpenAI-format
+    /// adapter is) compile once, and the others wait for the artifact.
+    loading: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Components compiled by this cache (misses), for the log and tests.
+    compiled: AtomicU64,
 }
 
 impl CompileCache {
     pub fn new(engine: &Engine, dir: Option<PathBuf>) -> Self {
         let mut hasher = std::hash::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
+        Self::keyed(dir, format!("{:016x}", hasher.finish()))
+    }
+
+    fn keyed(dir: Option<PathBuf>, engine_key: String) -> Self {
         Self {
             dir,
-            engine_key: format!("{:016x}", hasher.finish()),
+            engine_key,
+            loading: Mutex::default(),
+            compiled: AtomicU64::new(0),
         }
+    }
+
+    /// How many components this cache has compiled (not found cached).
+    pub fn compiled(&self) -> u64 {
+        self.compiled.load(Ordering::Relaxed)
     }
 
     /// Loads the compiled form of `wasm` (whose SHA-256 is `sha256`) from the
@@ -146,8 +163,38 @@ impl CompileCache {
         label: &str,
     ) -> wasmtime::Result<Component> {
         let Some(dir) = &self.dir else {
+            self.compiled.fetch_add(1, Ordering::Relaxed);
             return compile_logged(label, wasm.len(), || Component::new(engine, wasm));
         };
+        let gate = Arc::clone(
+            self.loading
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(sha256.to_owned())
+                .or_default(),
+        );
+        let loaded = {
+            let _turn = gate.lock().unwrap_or_else(PoisonError::into_inner);
+            self.load_in_turn(engine, wasm, sha256, label, dir)
+        };
+        let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
+        // Nobody else holds the gate (they clone it under this lock).
+        if Arc::strong_count(&gate) == 2 {
+            loading.remove(sha256);
+        }
+        loaded
+    }
+
+    /// [`Self::load`] with a cache folder, while no other load of the same
+    /// component runs.
+    fn load_in_turn(
+        &self,
+        engine: &Engine,
+        wasm: &[u8],
+        sha256: &str,
+        label: &str,
+        dir: &Path,
+    ) -> wasmtime::Result<Component> {
         let path = dir.join(format!("{sha256}-{}.cwasm", self.engine_key));
         if path.exists() {
             // Marks it recently used, for pruning.
@@ -163,6 +210,7 @@ impl CompileCache {
                 }
             }
         }
+        self.compiled.fetch_add(1, Ordering::Relaxed);
         let compiled = compile_logged(label, wasm.len(), || engine.precompile_component(wasm))?;
         if let Err(error) = store_atomically(dir, &path, &compiled) {
             tracing::warn!(path = %path.display(), %error, "could not cache a compiled component");
@@ -316,10 +364,7 @@ mod tests {
     #[test]
     fn pruning_keeps_versions_in_use_and_a_bounded_history() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = CompileCache {
-            dir: Some(dir.path().to_owned()),
-            engine_key: "e1".into(),
-        };
+        let cache = CompileCache::keyed(Some(dir.path().to_owned()), "e1".into());
         // Names are `<sha256>-<engine>.cwasm`; short stand-ins for hashes.
         artifact(dir.path(), "10aded", "e1", 1_000);
         artifact(dir.path(), "01d", "e1", 900); // an old version still in use
@@ -351,5 +396,31 @@ mod tests {
 
         let usage = cache.prune(&in_use, 0).unwrap();
         assert_eq!(usage.artifacts, 2, "{:?}", names(dir.path()));
+    }
+
+    /// One component installed under several names loads at once under
+    /// each: it is compiled once, and the other loads take the artifact.
+    #[test]
+    fn identical_components_loaded_at_once_compile_once() {
+        let engine = build_engine(&EngineOptions {
+            pooling: false,
+            ..EngineOptions::default()
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CompileCache::new(&engine, Some(dir.path().to_owned()));
+        let wasm = std::fs::read(opspawn_testkit::wasm("calculator")).unwrap();
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| cache.load(&engine, &wasm, "5ame", "calculator").unwrap());
+            }
+        });
+        assert_eq!(cache.compiled(), 1);
+        assert!(
+            cache.loading.lock().unwrap().is_empty(),
+            "a gate is dropped with its last load"
+        );
+        cache.load(&engine, &wasm, "5ame", "calculator").unwrap();
+        assert_eq!(cache.compiled(), 1, "a later load finds the artifact");
     }
 }
