@@ -1,7 +1,7 @@
 //! Crash test on SQLite: hundreds of multi-step tasks while the server is
 //! killed with SIGKILL again and again. Every task must end, and the
 //! counting tool must show that no journaled step ran twice (only a step in
-//! flight at a kill may run again).
+//! flight at a kill may run again, once per later claim).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -91,20 +91,21 @@ async fn tasks_survive_repeated_kill_9_without_repeating_journaled_steps() {
             let runs = executions.get(&(id.clone(), seq)).copied().unwrap_or(0);
             assert!(runs >= 1, "journaled step {seq} of {id} never ran");
             if runs > 1 {
-                // Only a step that was in flight at a kill runs again, and it
-                // then finished under a later claim.
-                assert_eq!(runs, 2, "step {seq} of {id} ran {runs} times");
+                // Only a step that was in flight at a kill runs again, and
+                // then under a later claim: at most once per claim (one in
+                // flight at two kills runs three times, under three claims).
+                let attempt = step["attempt"].as_u64().unwrap();
                 assert!(
-                    step["attempt"].as_i64().unwrap() > 1,
-                    "step {seq} of {id}: {step:#}"
+                    runs as u64 <= attempt,
+                    "step {seq} of {id} ran {runs} times under {attempt} claims: {step:#}"
                 );
-                repeated += 1;
+                repeated += runs - 1;
             }
         }
     }
     assert!(
         repeated <= KILLS * MAX_RUNNING,
-        "{repeated} steps ran twice; at most {} can be in flight at {KILLS} kills",
+        "steps ran {repeated} extra times; at most {} can be in flight at {KILLS} kills",
         KILLS * MAX_RUNNING
     );
     let restarted = tasks
@@ -116,6 +117,6 @@ async fn tasks_survive_repeated_kill_9_without_repeating_journaled_steps() {
         "the kills interrupted some tasks (else this test proves nothing)"
     );
     println!(
-        "{TASKS} tasks, {KILLS} kills: {restarted} tasks resumed, {repeated} in-flight steps re-ran"
+        "{TASKS} tasks, {KILLS} kills: {restarted} tasks resumed, in-flight steps re-ran {repeated} times"
     );
 }
