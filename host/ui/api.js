@@ -49,7 +49,7 @@ export async function failure(response) {
   );
 }
 
-/** Sends a request and returns its JSON, or throws an ApiError. */
+/** Sends a request and returns its JSON (null for a 204), or throws an ApiError. */
 export async function call(method, path, body) {
   const init = { method, headers: headers() };
   if (body !== undefined) {
@@ -63,11 +63,13 @@ export async function call(method, path, body) {
     throw new ApiError(0, "unreachable", `the server cannot be reached (${error.message})`);
   }
   if (!response.ok) throw await failure(response);
-  return response.json();
+  // A deletion answers 204, with no body.
+  return response.status === 204 ? null : response.json();
 }
 
 export const get = (path) => call("GET", path);
 export const post = (path, body) => call("POST", path, body);
+export const remove = (path) => call("DELETE", path);
 
 /** A query string from the set values of `params`. */
 export function query(params) {

@@ -3,11 +3,13 @@
 
 import { setToken, token } from "./api.js";
 import { fill, h, problem } from "./dom.js";
+import memory from "./views/memory.js";
 import overview from "./views/overview.js";
 import plugins from "./views/plugins.js";
 import submit from "./views/submit.js";
 import task from "./views/task.js";
 import tasks from "./views/tasks.js";
+import thread from "./views/thread.js";
 
 const main = document.getElementById("main");
 const dialog = document.getElementById("sign-in");
@@ -15,12 +17,12 @@ const signInForm = document.getElementById("sign-in-form");
 const signInError = document.getElementById("sign-in-error");
 const signOut = document.getElementById("sign-out");
 
-/** `#/tasks`, `#/task/<id>`, …: the view and its argument. */
+/** `#/tasks`, `#/task/<id>`, `#/thread/<id>`, …: the view and its argument. */
 function route() {
   const [path] = location.hash.split("?");
   const [, name = "overview", ...rest] = path.split("/");
   const argument = rest.length ? decodeURIComponent(rest.join("/")) : undefined;
-  const views = { overview, tasks, task, submit, plugins };
+  const views = { overview, tasks, task, thread, submit, plugins, memory };
   return { name: views[name] ? name : "notFound", view: views[name], argument };
 }
 
@@ -62,7 +64,8 @@ function render() {
   leaving = null;
   const { name, view, argument } = route();
   for (const link of document.querySelectorAll("nav a")) {
-    const current = link.dataset.view === name || (name === "task" && link.dataset.view === "tasks");
+    const current = link.dataset.view === name
+      || ((name === "task" || name === "thread") && link.dataset.view === "tasks");
     if (current) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }

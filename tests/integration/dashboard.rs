@@ -124,6 +124,16 @@ fn the_dashboard_asks_for_a_token_and_refuses_a_wrong_one() {
     );
 }
 
+/// Memories added from the form and the API are listed, searched, filtered
+/// by namespace and deleted once confirmed; a task's page links to its
+/// thread, which lists the thread's tasks and is deleted with them, refused
+/// while one of them waits; screenshots of both views.
+#[test]
+fn the_dashboard_manages_memories_and_threads_in_a_real_browser() {
+    let harness = Harness::start();
+    run_scenario("memory", &harness.server.base_url, &[]);
+}
+
 /// LLM text streams into the task's page as the provider sends it: the
 /// OpenAI adapter against the loopback mock, which streams its answer a
 /// few frames at a time.

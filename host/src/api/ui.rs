@@ -37,6 +37,11 @@ const FILES: &[(&str, &str, &str)] = &[
     ),
     ("views/task.js", JS, include_str!("../../ui/views/task.js")),
     (
+        "views/thread.js",
+        JS,
+        include_str!("../../ui/views/thread.js"),
+    ),
+    (
         "views/submit.js",
         JS,
         include_str!("../../ui/views/submit.js"),
@@ -45,6 +50,11 @@ const FILES: &[(&str, &str, &str)] = &[
         "views/plugins.js",
         JS,
         include_str!("../../ui/views/plugins.js"),
+    ),
+    (
+        "views/memory.js",
+        JS,
+        include_str!("../../ui/views/memory.js"),
     ),
 ];
 

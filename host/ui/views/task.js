@@ -1,7 +1,7 @@
 // One task: its details, a live step timeline over the event stream (LLM
 // text streams in as it arrives), usage, cancel and retry.
 
-import { get, post } from "../api.js";
+import { get, post, query } from "../api.js";
 import { follow } from "../events.js";
 import { badge, duration, fill, h, json, money, problem, when } from "../dom.js";
 
@@ -141,6 +141,10 @@ class TaskPage {
         fact("Planner", t.planner),
         fact("LLM", t.llm, t.model ? ` (${t.model})` : null),
         fact("Tools", t.tools.length ? t.tools.join(", ") : "none"),
+        t.thread ? fact("Thread", h("a", { href: `#/thread/${encodeURIComponent(t.thread)}` }, t.thread)) : null,
+        t.memory_namespace
+          ? fact("Memory namespace", h("a", { href: "#/memory" + query({ namespace: t.memory_namespace }) }, t.memory_namespace))
+          : null,
         fact("Created", when(t.created_at)),
         fact("Finished", when(t.finished_at)),
         fact("Attempt", String(t.attempt)),

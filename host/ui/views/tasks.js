@@ -43,17 +43,7 @@ export default function tasks(context) {
     counts,
     form,
     note,
-    h("div", { class: "table-wrap" },
-      h("table", { class: "tasks" },
-        h("caption", { class: "visually-hidden" }, "Tasks, newest first"),
-        h("thead", {}, h("tr", {},
-          h("th", { scope: "col" }, "Status"),
-          h("th", { scope: "col" }, "Goal"),
-          h("th", { scope: "col", class: "wide" }, "Planner / LLM"),
-          h("th", { scope: "col", class: "wide" }, "Created"),
-          h("th", { scope: "col" }, "Took"),
-          h("th", { scope: "col" }, "Cost"))),
-        rows)),
+    taskTable("Tasks, newest first", rows),
     more,
   );
 
@@ -111,7 +101,23 @@ export default function tasks(context) {
   context.onLeave(() => clearInterval(timer));
 }
 
-function row(task) {
+/** A table of tasks, a `row` each in `rows` (a tbody); a thread's page has one too. */
+export function taskTable(caption, rows) {
+  return h("div", { class: "table-wrap" },
+    h("table", { class: "tasks" },
+      h("caption", { class: "visually-hidden" }, caption),
+      h("thead", {}, h("tr", {},
+        h("th", { scope: "col" }, "Status"),
+        h("th", { scope: "col" }, "Goal"),
+        h("th", { scope: "col", class: "wide" }, "Planner / LLM"),
+        h("th", { scope: "col", class: "wide" }, "Created"),
+        h("th", { scope: "col" }, "Took"),
+        h("th", { scope: "col" }, "Cost"))),
+      rows));
+}
+
+/** One task's row of a `taskTable`, its goal a link to its page. */
+export function row(task) {
   const took = task.finished_at && task.started_at
     ? Date.parse(task.finished_at) - Date.parse(task.started_at)
     : null;
