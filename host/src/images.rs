@@ -144,7 +144,9 @@ pub fn media_type_of(bytes: &[u8]) -> Option<&'static str> {
         [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n', ..] => Some("image/png"),
         [0xFF, 0xD8, 0xFF, ..] => Some("image/jpeg"),
         [b'G', b'I', b'F', b'8', b'7' | b'9', b'a', ..] => Some("image/gif"),
-        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => Some("image/webp"),
+        [b'R', b'I', b'F', b'F', _, _, _, _, kind @ ..] if kind.starts_with(b"WEBP") => {
+            Some("image/webp")
+        }
         _ => None,
     }
 }
@@ -294,7 +296,13 @@ pub(crate) mod tests {
         assert_eq!(media_type_of(b"GIF89a\x01\x00"), Some("image/gif"));
         assert_eq!(media_type_of(b"GIF87a"), Some("image/gif"));
         assert_eq!(media_type_of(b"RIFF\0\0\0\0WEBPVP8 "), Some("image/webp"));
-        for not_an_image in [&b""[..], b"GIF8", b"GIF88a", b"RIFF\0\0\0\0WAVE", b"\x89PNG"] {
+        for not_an_image in [
+            &b""[..],
+            b"GIF8",
+            b"GIF88a",
+            b"RIFF\0\0\0\0WAVE",
+            b"\x89PNG",
+        ] {
             assert_eq!(media_type_of(not_an_image), None, "{not_an_image:?}");
         }
     }

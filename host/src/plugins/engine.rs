@@ -126,7 +126,7 @@ pub struct CompileCache {
     /// once (one file installed under several names, as the OpenAI-format
     /// adapter is) compile once, and the others wait for the artifact.
     loading: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Components compiled by this cache (misses), for the log and tests.
+    /// Components compiled by this cache (misses), for tests.
     compiled: AtomicU64,
 }
 
@@ -147,7 +147,8 @@ impl CompileCache {
     }
 
     /// How many components this cache has compiled (not found cached).
-    pub fn compiled(&self) -> u64 {
+    #[cfg(test)]
+    fn compiled(&self) -> u64 {
         self.compiled.load(Ordering::Relaxed)
     }
 
