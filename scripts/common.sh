@@ -55,16 +55,19 @@ install_plugins() {
 }
 
 # ensure_venv VENV REQUIREMENTS WHAT: a virtualenv at VENV holding exactly
-# REQUIREMENTS (pinned), made again whenever the pins change. `python -m pip`,
-# not the venv's `pip`: a venv copied from another target directory keeps a
-# `pip` whose first line names the old one.
+# REQUIREMENTS (pinned), made again whenever the pins change, and when it was
+# made elsewhere (a target directory renamed or copied): its scripts' first
+# lines name the folder it was made in, and fail once that is gone.
 ensure_venv() {
     local venv="$1" requirements="$2" what="$3"
-    if ! cmp -s "$requirements" "$venv/requirements.txt"; then
+    if ! cmp -s "$requirements" "$venv/requirements.txt" \
+        || [[ "$(cat "$venv/made-in" 2>/dev/null)" != "$venv" ]]; then
         echo "==> installing $what (${requirements#"$repo_root"/})"
+        rm -rf "$venv"
         python3 -m venv "$venv"
         "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
         cp "$requirements" "$venv/requirements.txt"
+        echo "$venv" >"$venv/made-in"
     fi
 }
 
