@@ -21,8 +21,8 @@ cargo test --release --manifest-path plugins/Cargo.toml --target-dir "$plugin_ta
 
 # The end-to-end tests mostly wait on servers, peers and browsers, so they
 # run more at once than there are cores: 4 on 2 cores took the SQLite pass
-# from 160 s to about 100 s (8 to about 90 s, but timing-sensitive tests
-# began to fail under the load).
+# from 160 s to 121-144 s (8 took it to 78-100 s, but a timing-sensitive
+# test failed once in 5 runs under that load).
 test_threads="${OPSPAWN_TEST_THREADS:-4}"
 
 echo "==> host unit tests and end-to-end tests on SQLite"
