@@ -95,6 +95,23 @@ export function json(value) {
   return h("div", {}, pre, more);
 }
 
+/** Calls `load` every `ms` while the tab is visible, until the view is left. */
+export function refreshWhileVisible(context, load, ms) {
+  const timer = setInterval(() => {
+    if (document.visibilityState === "visible") load();
+  }, ms);
+  context.onLeave(() => clearInterval(timer));
+  return timer;
+}
+
+/** The page for an id the server does not know: `what` ("task", "thread"). */
+export function noSuch(context, what, id) {
+  fill(context.main,
+    h("h1", {}, `No such ${what}`),
+    h("p", { class: "error", role: "alert" }, `There is no ${what} with the id “${id}”.`),
+    h("p", {}, h("a", { href: "#/tasks" }, "Back to the tasks")));
+}
+
 /** A message saying what went wrong, with the server's code. */
 export function problem(error) {
   return h(

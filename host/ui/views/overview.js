@@ -2,7 +2,7 @@
 // the last hour, from GET /v1/stats, with a small inline SVG chart.
 
 import { get } from "../api.js";
-import { duration, fill, h, money, problem } from "../dom.js";
+import { duration, fill, h, money, problem, refreshWhileVisible } from "../dom.js";
 
 /** How often the overview is refreshed while the tab is visible. */
 const REFRESH_MS = 5000;
@@ -63,10 +63,7 @@ export default function overview(context) {
   }
 
   load();
-  const timer = setInterval(() => {
-    if (document.visibilityState === "visible") load();
-  }, REFRESH_MS);
-  context.onLeave(() => clearInterval(timer));
+  refreshWhileVisible(context, load, REFRESH_MS);
 }
 
 function count(stats, status) {

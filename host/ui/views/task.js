@@ -3,7 +3,7 @@
 
 import { get, post, query } from "../api.js";
 import { follow } from "../events.js";
-import { badge, duration, fill, h, json, money, problem, when } from "../dom.js";
+import { badge, duration, fill, h, json, money, noSuch, problem, when } from "../dom.js";
 
 export default async function task(context, id) {
   fill(context.main, h("h1", {}, "Task"), h("p", { role: "status" }, "Loading…"));
@@ -12,10 +12,7 @@ export default async function task(context, id) {
     record = await get(`/v1/tasks/${encodeURIComponent(id)}`);
   } catch (error) {
     if (error.code === "task_not_found" || error.code === "route_not_found") {
-      fill(context.main,
-        h("h1", {}, "No such task"),
-        h("p", { class: "error", role: "alert" }, `There is no task with the id “${id}”.`),
-        h("p", {}, h("a", { href: "#/tasks" }, "Back to the tasks")));
+      noSuch(context, "task", id);
     } else {
       context.fail(error);
     }

@@ -2,10 +2,11 @@
 // pages by cursor, refreshed while the tab is visible.
 
 import { get, query } from "../api.js";
-import { badge, duration, fill, h, money, problem, when } from "../dom.js";
+import { badge, duration, fill, h, money, problem, refreshWhileVisible, when } from "../dom.js";
 
 const STATUSES = ["queued", "running", "waiting_approval", "succeeded", "failed", "cancelled"];
-const PAGE = 25;
+/** Tasks per page, in every list of tasks. */
+export const PAGE = 25;
 /** How often the list is refreshed while visible. */
 const REFRESH_MS = 2000;
 
@@ -53,38 +54,19 @@ export default function tasks(context) {
     context.go("#/tasks" + query(Object.fromEntries(data)));
   });
 
-  // Pages loaded so far: each refresh reloads as many tasks as are shown.
-  let shown = PAGE;
-  let cursor = null;
+  const pages = taskPages(rows, more, note, (page) => get("/v1/tasks" + query({ ...filters, ...page })));
 
   async function load() {
     try {
-      const [page, stats] = await Promise.all([
-        get("/v1/tasks" + query({ ...filters, limit: Math.min(shown, 500) })),
-        get("/v1/stats"),
-      ]);
+      const [page, stats] = await Promise.all([pages.reload(), get("/v1/stats")]);
       showCounts(counts, stats, filters);
-      fill(rows, page.tasks.map(row));
-      cursor = page.next_cursor;
-      more.hidden = !cursor;
+      pages.show(page);
       note.textContent = page.tasks.length ? "" : "No tasks match.";
     } catch (error) {
       if (error.unauthenticated) context.fail(error);
       else fill(note, problem(error));
     }
   }
-
-  more.addEventListener("click", async () => {
-    try {
-      const page = await get("/v1/tasks" + query({ ...filters, limit: PAGE, cursor }));
-      rows.append(...page.tasks.map(row));
-      shown += page.tasks.length;
-      cursor = page.next_cursor;
-      more.hidden = !cursor;
-    } catch (error) {
-      fill(note, problem(error));
-    }
-  });
 
   get("/v1/plugins")
     .then((view) => {
@@ -95,10 +77,37 @@ export default function tasks(context) {
     .catch(() => {});
 
   load();
-  const timer = setInterval(() => {
-    if (document.visibilityState === "visible") load();
-  }, REFRESH_MS);
-  context.onLeave(() => clearInterval(timer));
+  refreshWhileVisible(context, load, REFRESH_MS);
+}
+
+/**
+ * The tasks `fetchPage(params)` pages through, shown in `rows`: "Load more"
+ * (`more`) appends the next page, `reload()` fetches again as many as are
+ * shown (for a refresh) and `show(page)` puts a page in place. A view that
+ * lists tasks (the list, a thread) uses one.
+ */
+export function taskPages(rows, more, note, fetchPage) {
+  let shown = PAGE;
+  let cursor = null;
+  more.addEventListener("click", async () => {
+    try {
+      const page = await fetchPage({ limit: PAGE, cursor });
+      rows.append(...page.tasks.map(row));
+      shown += page.tasks.length;
+      cursor = page.next_cursor;
+      more.hidden = !cursor;
+    } catch (error) {
+      fill(note, problem(error));
+    }
+  });
+  return {
+    reload: () => fetchPage({ limit: Math.min(shown, 500) }),
+    show(page) {
+      fill(rows, page.tasks.map(row));
+      cursor = page.next_cursor;
+      more.hidden = !cursor;
+    },
+  };
 }
 
 /** A table of tasks, a `row` each in `rows` (a tbody); a thread's page has one too. */

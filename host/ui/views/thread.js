@@ -2,10 +2,9 @@
 // refreshed while the tab is visible; and deleting it with its tasks.
 
 import { get, query, remove } from "../api.js";
-import { fill, h, problem } from "../dom.js";
-import { row, taskTable } from "./tasks.js";
+import { fill, h, noSuch, problem, refreshWhileVisible } from "../dom.js";
+import { PAGE, taskPages, taskTable } from "./tasks.js";
 
-const PAGE = 25;
 /** How often the list is refreshed while visible. */
 const REFRESH_MS = 2000;
 
@@ -17,10 +16,7 @@ export default async function thread(context, id) {
     first = await get(path + query({ limit: PAGE }));
   } catch (error) {
     if (["thread_not_found", "invalid_thread", "route_not_found"].includes(error.code)) {
-      fill(context.main,
-        h("h1", {}, "No such thread"),
-        h("p", { class: "error", role: "alert" }, `There is no thread with the id “${id}”.`),
-        h("p", {}, h("a", { href: "#/tasks" }, "Back to the tasks")));
+      noSuch(context, "thread", id);
     } else {
       context.fail(error);
     }
@@ -42,19 +38,11 @@ export default async function thread(context, id) {
     taskTable("The thread's tasks, newest first", rows),
     more);
 
-  // Pages loaded so far: each refresh reloads as many tasks as are shown.
-  let shown = PAGE;
-  let cursor = null;
-
-  function show(page) {
-    fill(rows, page.tasks.map(row));
-    cursor = page.next_cursor;
-    more.hidden = !cursor;
-  }
+  const pages = taskPages(rows, more, note, (page) => get(path + query(page)));
 
   async function load() {
     try {
-      show(await get(path + query({ limit: Math.min(shown, 500) })));
+      pages.show(await pages.reload());
       fill(note);
     } catch (error) {
       if (error.unauthenticated) context.fail(error);
@@ -62,23 +50,8 @@ export default async function thread(context, id) {
     }
   }
 
-  more.addEventListener("click", async () => {
-    try {
-      const page = await get(path + query({ limit: PAGE, cursor }));
-      rows.append(...page.tasks.map(row));
-      shown += page.tasks.length;
-      cursor = page.next_cursor;
-      more.hidden = !cursor;
-    } catch (error) {
-      fill(note, problem(error));
-    }
-  });
-
-  show(first);
-  const timer = setInterval(() => {
-    if (document.visibilityState === "visible") load();
-  }, REFRESH_MS);
-  context.onLeave(() => clearInterval(timer));
+  pages.show(first);
+  const timer = refreshWhileVisible(context, load, REFRESH_MS);
 
   /** Asks first; refused (409 thread_active) while a task of it is unfinished. */
   deleteButton.addEventListener("click", async () => {
