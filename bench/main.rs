@@ -32,6 +32,7 @@
 //!    must then succeed on B. Three runs, each on a fresh schema.
 //!
 //! 5. **Thousands of agents waiting on a slow LLM**: see [`slow_llm`].
+//! 6. **What metrics and traces cost**: see [`telemetry`].
 //!
 //! A run that is interrupted leaves its schemas (`bench_…`) behind.
 //!
@@ -48,6 +49,7 @@ mod per_call;
 mod postgres;
 mod slow_llm;
 mod stats;
+mod telemetry;
 
 use anyhow::{Context, bail};
 use end_to_end::end_to_end;
@@ -56,11 +58,12 @@ use per_call::per_call;
 use postgres::postgres_throughput;
 
 const USAGE: &str = "usage: opspawn-bench [--tasks N (300)] [--concurrency C (16)] [--calls N (2000)] \
-     [--slow-llm-tasks N (10000; 0 skips the section)] [--only SECTION] \
+     [--slow-llm-tasks N (10000; 0 skips the section)] \
+     [--telemetry-rounds N (3; 0 skips the section)] [--only SECTION] \
      [--postgres URL (none: skip the Postgres sections)] \
      [--threads (each client's tasks continue a conversation thread of its own)] \
      [--memory (each task's tool call saves a memory instead of calculating)]\n\
-     sections: end-to-end, per-call, slow-llm, postgres";
+     sections: end-to-end, per-call, slow-llm, telemetry, postgres";
 /// The database to suggest when the Postgres sections are skipped.
 const POSTGRES_EXAMPLE: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -137,6 +140,11 @@ async fn run() -> anyhow::Result<()> {
         measured += args.slow_llm_tasks;
         println!();
     }
+    if args.runs("telemetry") && args.telemetry_rounds > 0 {
+        failed += telemetry::run(&args, args.telemetry_rounds).await?;
+        measured += args.tasks * 3 * args.telemetry_rounds;
+        println!();
+    }
     match &args.postgres {
         _ if !args.runs("postgres") => {}
         None => println!("Postgres sections skipped: pass --postgres {POSTGRES_EXAMPLE}"),
@@ -159,6 +167,8 @@ struct Args {
     calls: usize,
     /// Tasks of the slow-LLM section.
     slow_llm_tasks: usize,
+    /// Rounds of the metrics-and-traces section (each runs all three settings).
+    telemetry_rounds: usize,
     /// Run only this section.
     only: Option<String>,
     /// The Postgres database for the Postgres sections; none skips them.
@@ -178,6 +188,7 @@ impl Args {
             concurrency: 16,
             calls: 2000,
             slow_llm_tasks: 10_000,
+            telemetry_rounds: 3,
             only: None,
             postgres: None,
             threads: false,
@@ -189,13 +200,18 @@ impl Args {
                 "--tasks" => &mut args.tasks,
                 "--concurrency" => &mut args.concurrency,
                 "--calls" => &mut args.calls,
-                "--slow-llm-tasks" => {
+                "--slow-llm-tasks" | "--telemetry-rounds" => {
                     let value = argv
                         .next()
                         .with_context(|| format!("{flag} needs a value"))?;
-                    args.slow_llm_tasks = value
+                    let count = value
                         .parse()
                         .with_context(|| format!("{flag} {value:?} is not a number"))?;
+                    if flag == "--slow-llm-tasks" {
+                        args.slow_llm_tasks = count;
+                    } else {
+                        args.telemetry_rounds = count;
+                    }
                     continue;
                 }
                 "--only" => {
@@ -256,4 +272,10 @@ impl Args {
 }
 
 /// The sections `--only` can pick.
-const SECTIONS: [&str; 4] = ["end-to-end", "per-call", "slow-llm", "postgres"];
+const SECTIONS: [&str; 5] = [
+    "end-to-end",
+    "per-call",
+    "slow-llm",
+    "telemetry",
+    "postgres",
+];

@@ -14,17 +14,18 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use serde::{Deserialize, Serialize};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{OnResponse, TraceLayer};
-use tracing::field::Empty;
-use tracing::{Instrument, Span};
+use tracing::Span;
 
 use super::ApiError;
 use crate::errors::Code;
-use crate::telemetry::{self, TRACE_TARGET};
+use crate::telemetry::TraceSpan;
 
 /// The header a request id travels in, both ways.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -200,18 +201,14 @@ pub async fn trace_request(request: Request, next: Next) -> Response {
         Some(route) => format!("{method} {route}"),
         None => method.to_string(),
     };
-    let span = tracing::info_span!(
-        target: TRACE_TARGET,
-        "request",
-        "otel.name" = name,
-        "otel.kind" = "server",
-        "http.request.method" = %method,
-        "http.route" = route,
-        "url.path" = request.uri().path(),
-        "http.response.status_code" = Empty,
-        "otel.status_code" = Empty,
-    );
-    {
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", method.to_string()),
+        KeyValue::new("url.path", request.uri().path().to_owned()),
+    ];
+    if let Some(route) = route {
+        attributes.push(KeyValue::new("http.route", route));
+    }
+    let span = {
         // Scoped: a body is not `Sync`, so no borrow of the request may live
         // across the await below.
         let header = |name: &str| {
@@ -220,15 +217,23 @@ pub async fn trace_request(request: Request, next: Next) -> Response {
                 .get(name)
                 .and_then(|value| value.to_str().ok())
         };
-        telemetry::continue_trace(&span, header("traceparent"), header("tracestate"));
-    }
-    let response = next.run(request).instrument(span.clone()).await;
-    span.record(
+        TraceSpan::continuing(
+            header("traceparent"),
+            header("tracestate"),
+            name,
+            SpanKind::Server,
+            attributes,
+        )
+    };
+    // The handler runs in the request's span, so that a task submitted
+    // there keeps it as its parent (`telemetry::current_traceparent`).
+    let response = span.in_scope(next.run(request)).await;
+    span.set_attribute(KeyValue::new(
         "http.response.status_code",
         i64::from(response.status().as_u16()),
-    );
+    ));
     if response.status().is_server_error() {
-        span.record("otel.status_code", "ERROR");
+        span.set_error("");
     }
     response
 }

@@ -27,11 +27,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use wasmtime::component::{Linker, ResourceTableError};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
@@ -48,6 +48,7 @@ use crate::memory::MemoryHandle;
 use crate::protocol::{
     CallContext, ChatRequest, ChatResponse, LlmError, PlannerAction, TaskState, ToolSpec,
 };
+use crate::telemetry::TraceSpan;
 
 /// Extra wall-clock time past a plugin's limit before its call is abandoned.
 /// The epoch deadline stops running wasm; this stops a call stuck waiting on
@@ -766,7 +767,6 @@ impl PluginRuntime {
             let outcome = guarded(plugin, call(&mut store)).await;
             settle(plugin, &store, outcome)
         }
-        .instrument(span.clone())
         .await;
         record_span_error(&span, &result);
         result
@@ -843,7 +843,6 @@ impl PluginRuntime {
             }
             result
         }
-        .instrument(span.clone())
         .await;
         record_span_error(&span, &result);
         result
@@ -893,30 +892,32 @@ fn arm_deadline(store: &mut Store<CallState>, limit: Duration) {
 }
 
 /// Marks a call's span as failed, with its error's code, when traces are on.
-fn record_span_error<T>(span: &tracing::Span, result: &Result<T, CallError>) {
+fn record_span_error<T>(span: &TraceSpan, result: &Result<T, CallError>) {
     if let Err(error) = result
-        && !span.is_disabled()
+        && span.is_recording()
     {
-        span.set_status(opentelemetry::trace::Status::error(error.to_string()));
-        span.set_attribute("error.type", error.code().to_owned());
+        span.set_error(error.to_string());
+        span.set_attribute(KeyValue::new("error.type", error.code().to_owned()));
     }
 }
 
 /// The span of one call of `plugin` (waiting for its slots included), when
 /// traces are on: the plugin's kind and name, and the SHA-256 of the
-/// component that ran.
-fn call_span(plugin: &Plugin) -> tracing::Span {
+/// component that ran. Its parent is the step or task it is called for
+/// (the trace span in whose scope the call runs).
+fn call_span(plugin: &Plugin) -> TraceSpan {
     if !crate::telemetry::traces_on() {
-        return tracing::Span::none();
+        return TraceSpan::none();
     }
     let info = &plugin.info;
-    tracing::info_span!(
-        target: crate::telemetry::TRACE_TARGET,
-        "plugin_call",
-        "otel.name" = format!("{} {}", info.kind.as_str(), info.name),
-        "opspawn.plugin.name" = %info.name,
-        "opspawn.plugin.kind" = info.kind.as_str(),
-        "opspawn.plugin.sha256" = %info.sha256,
+    TraceSpan::child(
+        format!("{} {}", info.kind.as_str(), info.name),
+        SpanKind::Internal,
+        vec![
+            KeyValue::new("opspawn.plugin.name", info.name.to_string()),
+            KeyValue::new("opspawn.plugin.kind", info.kind.as_str()),
+            KeyValue::new("opspawn.plugin.sha256", info.sha256.to_string()),
+        ],
     )
 }
 

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, Span};
+use tracing::Instrument;
 
 use super::step_memory::RunMemory;
 use super::{Shared, spans};
@@ -31,6 +31,7 @@ use crate::store::{
     StepKind, StepRecord, StepStart, StepStatus, StepVersions, StoreError, TaskEnd, TaskRecord,
     now_millis,
 };
+use crate::telemetry::TraceSpan;
 
 /// Why a run stopped without finishing its task.
 enum Interrupted {
@@ -71,7 +72,7 @@ pub(super) struct Run {
     /// per step instead of two. Its planner view is in `planner_steps`.
     unwritten_end: Option<StepEnd>,
     /// This run's `invoke_agent` span, when traces are on.
-    trace: Span,
+    trace: TraceSpan,
     /// The plugin versions the task runs on, held from its first step to
     /// its end.
     plugins: Option<TaskPlugins>,
@@ -108,7 +109,7 @@ impl Run {
             lost,
             retries_used: 0,
             unwritten_end: None,
-            trace: Span::none(),
+            trace: TraceSpan::none(),
             plugins: None,
             settling: None,
             history: Vec::new(),
@@ -122,7 +123,9 @@ impl Run {
         let trace = self.trace.clone();
         // Instrument the future rather than holding an entered span across
         // awaits, which would leak the span into other tasks on this thread.
-        self.run_in_span().instrument(span).instrument(trace).await
+        // In the trace span's scope, the planner's plugin calls are its
+        // children.
+        trace.in_scope(self.run_in_span().instrument(span)).await
     }
 
     async fn run_in_span(mut self) {
@@ -594,26 +597,26 @@ impl Run {
         refusal: Option<ErrorInfo>,
     ) -> Result<Option<TaskEnd>, Interrupted> {
         let span = self.step_span(seq, &effect);
-        let step = span.clone();
-        self.perform_in_span(seq, input, effect, refusal, &step)
-            .instrument(span)
+        span.in_scope(self.perform_in_span(seq, input, effect, refusal, &span))
             .await
     }
 
     /// The span of step `seq`, when traces are on.
-    fn step_span(&self, seq: u32, effect: &Result<Effect, (StepKind, ErrorInfo)>) -> Span {
-        if !crate::telemetry::traces_on() {
-            return Span::none();
+    fn step_span(&self, seq: u32, effect: &Result<Effect, (StepKind, ErrorInfo)>) -> TraceSpan {
+        if !self.trace.is_recording() {
+            return TraceSpan::none();
         }
         let record_content = self.shared.config.trace_content;
         match effect {
-            Ok(Effect::Llm(request)) => spans::chat(&self.task.llm, seq, request, record_content),
+            Ok(Effect::Llm(request)) => {
+                spans::chat(&self.trace, &self.task.llm, seq, request, record_content)
+            }
             Ok(Effect::Tool(call)) => {
                 let plugin = self.tool_owner(&call.name);
                 let plugin = plugin.as_deref().unwrap_or("unknown");
-                spans::execute_tool(plugin, seq, call, record_content)
+                spans::execute_tool(&self.trace, plugin, seq, call, record_content)
             }
-            Err(_) => Span::none(),
+            Err(_) => TraceSpan::none(),
         }
     }
 
@@ -623,7 +626,7 @@ impl Run {
         input: Value,
         effect: Result<Effect, (StepKind, ErrorInfo)>,
         refusal: Option<ErrorInfo>,
-        span: &Span,
+        span: &TraceSpan,
     ) -> Result<Option<TaskEnd>, Interrupted> {
         let started_at = Instant::now();
         let kind = match &effect {

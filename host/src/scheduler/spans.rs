@@ -8,143 +8,182 @@
 //! Prompts, replies, tool arguments and results are recorded only when the
 //! operator asks (`[traces] record_content`).
 
-use opentelemetry::{Array, StringValue, Value as OtelValue};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::{Array, KeyValue, StringValue, Value as OtelValue};
 use serde_json::Value;
-use tracing::Span;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::protocol::{ChatRequest, ChatResponse, ToolCall};
 use crate::store::{ErrorInfo, TaskEnd, TaskRecord};
-use crate::telemetry::{self, TRACE_TARGET};
+use crate::telemetry::{self, TraceSpan};
 
 /// The span of one run of `task`, under the span that submitted it.
-pub(super) fn task(task: &TaskRecord, attempt: i64) -> Span {
+pub(super) fn task(task: &TaskRecord, attempt: i64) -> TraceSpan {
     if !telemetry::traces_on() {
-        return Span::none();
+        return TraceSpan::none();
     }
-    let span = tracing::info_span!(
-        target: TRACE_TARGET,
-        parent: None,
-        "invoke_agent",
-        "otel.name" = format!("invoke_agent {}", task.planner),
-        "gen_ai.operation.name" = "invoke_agent",
-        "gen_ai.agent.id" = %task.id,
-        "gen_ai.agent.name" = %task.planner,
-        "gen_ai.request.model" = task.model.as_deref(),
-        "opspawn.task.id" = %task.id,
-        "opspawn.task.attempt" = attempt,
-        "opspawn.tenant" = %task.tenant,
-    );
-    telemetry::continue_trace(&span, task.trace_parent.as_deref(), None);
-    span
+    let mut attributes = vec![
+        KeyValue::new("gen_ai.operation.name", "invoke_agent"),
+        KeyValue::new("gen_ai.agent.id", task.id.to_string()),
+        KeyValue::new("gen_ai.agent.name", task.planner.clone()),
+        KeyValue::new("opspawn.task.id", task.id.to_string()),
+        KeyValue::new("opspawn.task.attempt", attempt),
+        KeyValue::new("opspawn.tenant", task.tenant.to_string()),
+    ];
+    if let Some(model) = &task.model {
+        attributes.push(KeyValue::new("gen_ai.request.model", model.clone()));
+    }
+    TraceSpan::continuing(
+        task.trace_parent.as_deref(),
+        None,
+        format!("invoke_agent {}", task.planner),
+        SpanKind::Internal,
+        attributes,
+    )
 }
 
 /// Records how a run ended its task.
-pub(super) fn task_ended(span: &Span, end: &TaskEnd) {
-    if span.is_disabled() {
+pub(super) fn task_ended(span: &TraceSpan, end: &TaskEnd) {
+    if !span.is_recording() {
         return;
     }
-    span.set_attribute("opspawn.task.status", end.status().as_str());
+    span.set_attribute(KeyValue::new("opspawn.task.status", end.status().as_str()));
     if let TaskEnd::Failed { error } | TaskEnd::AnswerRefused { error, .. } = end {
         failed(span, error);
     }
 }
 
-/// The span of an LLM step.
-pub(super) fn chat(adapter: &str, seq: u32, request: &ChatRequest, record_content: bool) -> Span {
-    if !telemetry::traces_on() {
-        return Span::none();
+/// The span of an LLM step, under its task's.
+pub(super) fn chat(
+    task: &TraceSpan,
+    adapter: &str,
+    seq: u32,
+    request: &ChatRequest,
+    record_content: bool,
+) -> TraceSpan {
+    if !task.is_recording() {
+        return TraceSpan::none();
     }
     let model = request.model.as_deref();
-    let span = tracing::info_span!(
-        target: TRACE_TARGET,
-        "chat",
-        "otel.name" = match model {
-            Some(model) => format!("chat {model}"),
-            None => "chat".to_owned(),
-        },
-        "otel.kind" = "client",
-        "gen_ai.operation.name" = "chat",
-        "gen_ai.provider.name" = adapter,
-        "gen_ai.request.model" = model,
-        "gen_ai.request.temperature" = request.temperature.map(f64::from),
-        "gen_ai.request.max_tokens" = request.max_tokens.map(i64::from),
-        "opspawn.step" = i64::from(seq),
-    );
+    let mut attributes = vec![
+        KeyValue::new("gen_ai.operation.name", "chat"),
+        KeyValue::new("gen_ai.provider.name", adapter.to_owned()),
+        KeyValue::new("opspawn.step", i64::from(seq)),
+    ];
+    if let Some(model) = model {
+        attributes.push(KeyValue::new("gen_ai.request.model", model.to_owned()));
+    }
+    if let Some(temperature) = request.temperature {
+        attributes.push(KeyValue::new(
+            "gen_ai.request.temperature",
+            f64::from(temperature),
+        ));
+    }
+    if let Some(max_tokens) = request.max_tokens {
+        attributes.push(KeyValue::new(
+            "gen_ai.request.max_tokens",
+            i64::from(max_tokens),
+        ));
+    }
     if record_content {
-        span.set_attribute("gen_ai.input.messages", json_text(&request.messages));
+        attributes.push(KeyValue::new(
+            "gen_ai.input.messages",
+            json_text(&request.messages),
+        ));
         if let Some(system) = &request.system {
-            span.set_attribute("gen_ai.system_instructions", system.clone());
+            attributes.push(KeyValue::new("gen_ai.system_instructions", system.clone()));
         }
     }
-    span
+    let name = match model {
+        Some(model) => format!("chat {model}"),
+        None => "chat".to_owned(),
+    };
+    task.child_of(name, SpanKind::Client, attributes)
 }
 
-/// The span of a tool step.
-pub(super) fn execute_tool(plugin: &str, seq: u32, call: &ToolCall, record_content: bool) -> Span {
-    if !telemetry::traces_on() {
-        return Span::none();
+/// The span of a tool step, under its task's.
+pub(super) fn execute_tool(
+    task: &TraceSpan,
+    plugin: &str,
+    seq: u32,
+    call: &ToolCall,
+    record_content: bool,
+) -> TraceSpan {
+    if !task.is_recording() {
+        return TraceSpan::none();
     }
-    let span = tracing::info_span!(
-        target: TRACE_TARGET,
-        "execute_tool",
-        "otel.name" = format!("execute_tool {}", call.name),
-        "gen_ai.operation.name" = "execute_tool",
-        "gen_ai.tool.name" = %call.name,
-        "gen_ai.tool.call.id" = %call.id,
-        "gen_ai.tool.type" = "function",
-        "opspawn.plugin.name" = plugin,
-        "opspawn.step" = i64::from(seq),
-    );
+    let mut attributes = vec![
+        KeyValue::new("gen_ai.operation.name", "execute_tool"),
+        KeyValue::new("gen_ai.tool.name", call.name.clone()),
+        KeyValue::new("gen_ai.tool.call.id", call.id.clone()),
+        KeyValue::new("gen_ai.tool.type", "function"),
+        KeyValue::new("opspawn.plugin.name", plugin.to_owned()),
+        KeyValue::new("opspawn.step", i64::from(seq)),
+    ];
     if record_content {
-        span.set_attribute("gen_ai.tool.call.arguments", call.arguments.to_string());
+        attributes.push(KeyValue::new(
+            "gen_ai.tool.call.arguments",
+            call.arguments.to_string(),
+        ));
     }
-    span
+    task.child_of(
+        format!("execute_tool {}", call.name),
+        SpanKind::Internal,
+        attributes,
+    )
 }
 
 /// Records how a step ended: the reply's model, tokens and finish reason
 /// for an LLM step, the error for a failed one, and the retries it took.
 pub(super) fn step_ended(
-    span: &Span,
+    span: &TraceSpan,
     output: &Result<Value, ErrorInfo>,
     reply: Option<&ChatResponse>,
     retries: u32,
     record_content: bool,
 ) {
-    if span.is_disabled() {
+    if !span.is_recording() {
         return;
     }
     if retries > 0 {
-        span.set_attribute("opspawn.step.retries", i64::from(retries));
+        span.set_attribute(KeyValue::new("opspawn.step.retries", i64::from(retries)));
     }
     if let Some(reply) = reply {
-        span.set_attribute("gen_ai.response.model", reply.model.clone());
+        span.set_attribute(KeyValue::new("gen_ai.response.model", reply.model.clone()));
         let reason = serde_json::to_value(reply.finish_reason)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        span.set_attribute(
+        span.set_attribute(KeyValue::new(
             "gen_ai.response.finish_reasons",
             OtelValue::Array(Array::String(vec![StringValue::from(reason)])),
-        );
+        ));
         if let Some(usage) = reply.usage {
-            span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens as i64);
-            span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens as i64);
+            span.set_attribute(KeyValue::new(
+                "gen_ai.usage.input_tokens",
+                usage.input_tokens as i64,
+            ));
+            span.set_attribute(KeyValue::new(
+                "gen_ai.usage.output_tokens",
+                usage.output_tokens as i64,
+            ));
         }
         if record_content {
-            span.set_attribute("gen_ai.output.messages", json_text(&[&reply.message]));
+            span.set_attribute(KeyValue::new(
+                "gen_ai.output.messages",
+                json_text(&[&reply.message]),
+            ));
         }
     } else if record_content && let Ok(result) = output {
-        span.set_attribute("gen_ai.tool.call.result", result.to_string());
+        span.set_attribute(KeyValue::new("gen_ai.tool.call.result", result.to_string()));
     }
     if let Err(error) = output {
         failed(span, error);
     }
 }
 
-fn failed(span: &Span, error: &ErrorInfo) {
-    span.set_status(opentelemetry::trace::Status::error(error.message.clone()));
-    span.set_attribute("error.type", error.code.clone());
+fn failed(span: &TraceSpan, error: &ErrorInfo) {
+    span.set_error(error.message.clone());
+    span.set_attribute(KeyValue::new("error.type", error.code.clone()));
 }
 
 fn json_text(value: &impl serde::Serialize) -> String {
