@@ -8,8 +8,12 @@
 //!   receiver in this process, which decodes each export as a collector
 //!   would and counts its spans.
 //!
-//! It prints each setting's medians of server CPU per task and throughput,
-//! and the CPU per task against the setting with everything off.
+//! Each round runs the three settings one after the other, starting with a
+//! different one each round. It prints each setting's medians of server
+//! CPU per task and throughput, and the median over rounds of each round's
+//! CPU per task against that round's run with everything off: on a shared
+//! machine the load comes and goes, and runs close in time see about the
+//! same load.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,10 +69,12 @@ pub(crate) async fn run(args: &Args, rounds: usize) -> anyhow::Result<usize> {
     let binary = server_binary()?;
     let plugins = bench_plugins(args);
     let (endpoint, spans_received) = otlp_receiver().await?;
-    let mut runs: Vec<(Setting, Run)> = Vec::new();
+    let mut runs: Vec<(usize, Setting, Run)> = Vec::new();
     let mut spans_per_task = Vec::new();
     for round in 1..=rounds {
-        for setting in Setting::ALL {
+        let mut order = Setting::ALL;
+        order.rotate_left(round % Setting::ALL.len());
+        for setting in order {
             let data = ScratchDir::new("telemetry")?;
             let mut env = vec![SERVER_LOG];
             match setting {
@@ -118,7 +124,7 @@ pub(crate) async fn run(args: &Args, rounds: usize) -> anyhow::Result<usize> {
                 run.cpu_per_task_ms,
                 run.tasks_per_second
             );
-            runs.push((setting, run));
+            runs.push((round, setting, run));
         }
     }
 
@@ -130,18 +136,28 @@ pub(crate) async fn run(args: &Args, rounds: usize) -> anyhow::Result<usize> {
     let median_of = |setting: Setting, field: fn(&Run) -> f64| {
         median(
             runs.iter()
-                .filter(|(s, _)| *s == setting)
-                .map(|(_, run)| field(run)),
+                .filter(|(_, s, _)| *s == setting)
+                .map(|(_, _, run)| field(run)),
         )
     };
-    let off = median_of(Setting::Off, |run| run.cpu_per_task_ms);
+    let cpu_of = |round: usize, setting: Setting| {
+        runs.iter()
+            .find(|(r, s, _)| *r == round && *s == setting)
+            .map_or(f64::NAN, |(_, _, run)| run.cpu_per_task_ms)
+    };
     for setting in Setting::ALL {
         let cpu = median_of(setting, |run| run.cpu_per_task_ms);
         let throughput = median_of(setting, |run| run.tasks_per_second);
         let against_off = if setting == Setting::Off {
             String::new()
         } else {
-            format!(", {:+.0} % CPU against off", (cpu / off - 1.0) * 100.0)
+            let against_off = median(
+                (1..=rounds).map(|round| cpu_of(round, setting) / cpu_of(round, Setting::Off)),
+            );
+            format!(
+                ", {:+.0} % CPU against off (the median of each round's ratio)",
+                (against_off - 1.0) * 100.0
+            )
         };
         row(
             setting.name(),
@@ -152,7 +168,7 @@ pub(crate) async fn run(args: &Args, rounds: usize) -> anyhow::Result<usize> {
         "spans exported per task",
         format!("{:.1}", median(spans_per_task.into_iter())),
     );
-    Ok(runs.iter().map(|(_, run)| run.failures).sum())
+    Ok(runs.iter().map(|(_, _, run)| run.failures).sum())
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {
