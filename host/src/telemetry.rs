@@ -27,10 +27,10 @@ use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, Trace
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use tracing_subscriber::Registry;
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{Layer, Registry};
 
 /// The log filter when `OPSPAWN_LOG` is not set.
 const DEFAULT_LOG_FILTER: &str = "warn,opspawn=info";
@@ -162,8 +162,7 @@ impl Telemetry {
             .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
         let log = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_filter(log_filter);
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
         let (provider, problem) = match export_traces.then(TraceSettings::from_env).flatten() {
             Some(Ok(settings)) => match settings.provider() {
                 Ok(provider) => (Some(provider), None),
@@ -172,7 +171,12 @@ impl Telemetry {
             Some(Err(problem)) => (None, Some(problem)),
             None => (None, None),
         };
-        Registry::default().with(log).init();
+        // The log is the only layer, so its filter is global, not per
+        // layer: a per-layer filter keeps a per-thread note of what it
+        // enabled, and a library that asks `enabled!` without then logging
+        // (sqlx's query logger does, on every Postgres statement) left that
+        // note behind, so the next span or line on the thread was dropped.
+        Registry::default().with(log_filter).with(log).init();
         if let Some(problem) = problem {
             tracing::error!("{problem}");
         }
