@@ -338,9 +338,21 @@ async fn three_hosts_on_one_database_survive_repeated_kill_9() {
 
 /// A task of slow steps: six 300 ms sleeps, each its own LLM turn.
 fn slow_task() -> Value {
+    sleep_task([0; 7])
+}
+
+/// [`slow_task`], with LLM turn `i` (step `2 * i + 1`) answering after
+/// `reply_delays_ms[i]`.
+fn sleep_task(reply_delays_ms: [u64; 7]) -> Value {
     let sleep = json!({"name": "sleep", "arguments": {"ms": 300}});
-    let mut script: Vec<Value> = (0..6).map(|_| json!({"tool_calls": [sleep]})).collect();
-    script.push(json!({"content": "Final Answer: slept"}));
+    let script: Vec<Value> = reply_delays_ms
+        .iter()
+        .enumerate()
+        .map(|(turn, delay_ms)| match turn {
+            6 => json!({"delay_ms": delay_ms, "content": "Final Answer: slept"}),
+            _ => json!({"delay_ms": delay_ms, "tool_calls": [sleep]}),
+        })
+        .collect();
     json!({
         "goal": "Sleep six times",
         "tools": ["sleep"],
@@ -363,16 +375,21 @@ async fn a_stalled_host_cannot_write_over_the_host_that_took_its_task() {
     let env = [("OPSPAWN_LEASE", "2s"), ("OPSPAWN_MAX_RUNNING_TASKS", "1")];
     let mut cluster = Cluster::start(1, &env);
     let a = cluster.client(0);
-    let id = a.submit(&slow_task()).await.unwrap();
+    // Step 5, the third LLM turn, takes long enough for the polls below
+    // to see it running on a busy machine.
+    let id = a
+        .submit(&sleep_task([0, 0, 4_000, 0, 0, 0, 0]))
+        .await
+        .unwrap();
     a.wait_for(&id, FINISH, |t| t["status"] == "running")
         .await
         .unwrap();
     // B starts only now, so A has the task.
     let b = cluster.add(&env).client();
 
-    // Stop A while its second sleep (step 4) is in flight.
+    // Stop A while step 5 is in flight.
     a.wait_for(&id, FINISH, |t| {
-        steps(t).len() == 4 && steps(t)[3]["status"] == "running"
+        steps(t).len() == 5 && steps(t)[4]["status"] == "running"
     })
     .await
     .unwrap();
@@ -387,7 +404,7 @@ async fn a_stalled_host_cannot_write_over_the_host_that_took_its_task() {
         .filter(|s| s["status"] == "succeeded")
         .map(|s| (s["seq"].as_u64().unwrap(), s.clone()))
         .collect();
-    assert!(finished_by_a.len() >= 3, "{before:#}");
+    assert_eq!(finished_by_a.len(), 4, "steps 1 to 4: {before:#}");
 
     // B takes the task over once A's lease expires, and finishes it, all
     // while A is stopped.
