@@ -1,5 +1,5 @@
 //! Section 6: what metrics and traces cost. The end-to-end run of section 1,
-//! repeated with a fresh server in three settings, alternately:
+//! on three fresh servers at the same time, one in each setting:
 //!
 //! - **off**: metrics off (`OPSPAWN_METRICS__ENABLED=false`), no traces;
 //! - **metrics**: the default, with a scrape of `GET /metrics` every
@@ -8,12 +8,14 @@
 //!   receiver in this process, which decodes each export as a collector
 //!   would and counts its spans.
 //!
-//! Each round runs the three settings one after the other, starting with a
-//! different one each round. It prints each setting's medians of server
-//! CPU per task and throughput, and the median over rounds of each round's
-//! CPU per task against that round's run with everything off: on a shared
-//! machine the load comes and goes, and runs close in time see about the
-//! same load.
+//! Each round starts the three servers and runs the same tasks on each at
+//! the same time, each server with its own clients. It prints each
+//! setting's medians of server CPU per task and throughput, and the median
+//! over rounds of each round's CPU per task against that round's server
+//! with everything off. On a shared machine the load comes and goes: runs
+//! one after the other saw different loads (a setting's cost moved by
+//! ±10 % from run to run), where servers running side by side see the
+//! same.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +49,15 @@ enum Setting {
 impl Setting {
     const ALL: [Setting; 3] = [Setting::Off, Setting::Metrics, Setting::MetricsAndTraces];
 
+    /// A name for file paths.
+    fn label(self) -> &'static str {
+        match self {
+            Setting::Off => "off",
+            Setting::Metrics => "metrics",
+            Setting::MetricsAndTraces => "traces",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Setting::Off => "off",
@@ -72,10 +83,13 @@ pub(crate) async fn run(args: &Args, rounds: usize) -> anyhow::Result<usize> {
     let mut runs: Vec<(usize, Setting, Run)> = Vec::new();
     let mut spans_per_task = Vec::new();
     for round in 1..=rounds {
+        // The three servers start in a different order each round, then
+        // run their tasks at the same time.
         let mut order = Setting::ALL;
         order.rotate_left(round % Setting::ALL.len());
+        let mut servers = Vec::new();
         for setting in order {
-            let data = ScratchDir::new("telemetry")?;
+            let data = ScratchDir::new(&format!("telemetry-{}", setting.label()))?;
             let mut env = vec![SERVER_LOG];
             match setting {
                 Setting::Off => env.push(("OPSPAWN_METRICS__ENABLED", "false")),
@@ -88,30 +102,30 @@ pub(crate) async fn run(args: &Args, rounds: usize) -> anyhow::Result<usize> {
                 }
             }
             let server = Server::start(&binary, data.path(), plugins.path(), &env)?;
-            let scraper = (setting != Setting::Off).then(|| tokio::spawn(scrape(server.client())));
-            let spans_before = spans_received.load(Ordering::Relaxed);
+            servers.push((setting, server, data));
+        }
+        let spans_before = spans_received.load(Ordering::Relaxed);
+        let measured = servers.iter().map(|(setting, server, _)| async move {
+            let scraper = (*setting != Setting::Off).then(|| tokio::spawn(scrape(server.client())));
+            let measured = throughput(&[(server.client(), server.pid())], args).await;
+            if let Some(scraper) = scraper {
+                scraper.abort();
+            }
+            measured
+        });
+        let measured = futures::future::try_join_all(measured).await?;
+        for ((setting, server, _), measured) in servers.iter().zip(measured) {
             let Throughput {
                 wall,
                 failures,
                 server_cpu,
                 ..
-            } = throughput(&[(server.client(), server.pid())], args).await?;
-            if let Some(scraper) = scraper {
-                scraper.abort();
+            } = measured;
+            if *setting != Setting::Off {
                 let (status, text) = get_text(&server.client(), "/metrics").await?;
                 if status != StatusCode::OK || !text.contains("opspawn_step_duration_seconds") {
                     bail!("GET /metrics answered {status} without step durations");
                 }
-            }
-            if setting == Setting::MetricsAndTraces {
-                // The warm-up tasks' spans come too; the measured ones
-                // dominate.
-                tokio::time::sleep(Duration::from_millis(600)).await;
-                let spans = spans_received.load(Ordering::Relaxed) - spans_before;
-                if spans == 0 {
-                    bail!("traces were on, but the receiver got no spans");
-                }
-                spans_per_task.push(spans as f64 / args.tasks as f64);
             }
             let run = Run {
                 cpu_per_task_ms: server_cpu.as_secs_f64() * 1e3 / args.tasks as f64,
@@ -124,13 +138,20 @@ pub(crate) async fn run(args: &Args, rounds: usize) -> anyhow::Result<usize> {
                 run.cpu_per_task_ms,
                 run.tasks_per_second
             );
-            runs.push((round, setting, run));
+            runs.push((round, *setting, run));
         }
+        // The warm-up tasks' spans come too; the measured ones dominate.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let spans = spans_received.load(Ordering::Relaxed) - spans_before;
+        if spans == 0 {
+            bail!("traces were on, but the receiver got no spans");
+        }
+        spans_per_task.push(spans as f64 / args.tasks as f64);
     }
 
     println!(
         "Metrics and traces: {} 3-step calculator tasks on SQLite, {} in flight, \
-         {rounds} rounds of each setting (medians)",
+         {rounds} rounds of the three settings at once (medians)",
         args.tasks, args.concurrency
     );
     let median_of = |setting: Setting, field: fn(&Run) -> f64| {

@@ -13,7 +13,9 @@ use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, histogram};
+use metrics::{
+    Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, histogram,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +87,30 @@ pub fn recorder() -> &'static PrometheusHandle {
         describe();
         handle
     })
+}
+
+/// A histogram handle found once the recorder is installed, so that later
+/// recordings skip building its key and looking it up (a label list
+/// allocated and hashed, a map searched). Until then, and with metrics
+/// off, each recording finds its handle anew, so nothing recorded before
+/// the recorder existed is lost.
+#[derive(Default)]
+pub struct CachedHistogram(OnceLock<Histogram>);
+
+impl CachedHistogram {
+    pub const fn new() -> Self {
+        Self(OnceLock::new())
+    }
+
+    /// Records `value` in the histogram `find` finds (it is called at most
+    /// once after the recorder is installed).
+    pub fn record(&self, value: Duration, find: impl FnOnce() -> Histogram) {
+        match self.0.get() {
+            Some(histogram) => histogram.record(value),
+            None if RECORDER.get().is_some() => self.0.get_or_init(find).record(value),
+            None => find().record(value),
+        }
+    }
 }
 
 /// Histogram samples wait in the recorder until a scrape or this upkeep
@@ -200,15 +226,19 @@ pub fn model_label(model: Option<&str>) -> String {
     "other".to_owned()
 }
 
-/// Records a plugin call that took `elapsed` and ended with `outcome`.
-pub fn plugin_call(plugin: &str, kind: &'static str, outcome: &'static str, elapsed: Duration) {
+/// The histogram of plugin calls by `plugin` (of `kind`) that ended with
+/// `outcome`.
+pub fn plugin_calls(
+    plugin: impl Into<metrics::SharedString>,
+    kind: &'static str,
+    outcome: &'static str,
+) -> Histogram {
     histogram!(
         PLUGIN_CALL_DURATION,
-        "plugin" => plugin.to_owned(),
+        "plugin" => plugin,
         "kind" => kind,
         "outcome" => outcome,
     )
-    .record(elapsed);
 }
 
 /// Records the tokens of one LLM reply.

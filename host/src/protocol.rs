@@ -157,6 +157,19 @@ pub enum FinishReason {
     Other,
 }
 
+impl FinishReason {
+    /// Its name on the wire (and in traces).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::ToolCalls => "tool_calls",
+            Self::Length => "length",
+            Self::ContentFilter => "content_filter",
+            Self::Other => "other",
+        }
+    }
+}
+
 /// Tokens an LLM call (or a task, summed over its steps) used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
@@ -297,4 +310,22 @@ pub enum PlannerAction {
     CallTools { calls: Vec<ToolCall> },
     Finish { answer: String },
     Fail { reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_finish_reason_is_named_as_on_the_wire() {
+        for reason in [
+            FinishReason::Stop,
+            FinishReason::ToolCalls,
+            FinishReason::Length,
+            FinishReason::ContentFilter,
+            FinishReason::Other,
+        ] {
+            assert_eq!(serde_json::json!(reason), reason.as_str());
+        }
+    }
 }

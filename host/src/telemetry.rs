@@ -17,12 +17,11 @@
 //! (`invoke_agent`, `chat`, `execute_tool`, `gen_ai.*`).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use futures::future::Either;
 use opentelemetry::context::{FutureExt as _, WithContext};
-use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -92,12 +91,10 @@ impl TraceSpan {
             return Self::none();
         }
         let parent = traceparent.map_or_else(Context::new, |traceparent| {
-            let mut carrier = HashMap::with_capacity(2);
-            carrier.insert("traceparent".to_owned(), traceparent.to_owned());
-            if let Some(tracestate) = tracestate {
-                carrier.insert("tracestate".to_owned(), tracestate.to_owned());
-            }
-            TraceContextPropagator::new().extract(&carrier)
+            TraceContextPropagator::new().extract(&W3cHeaders {
+                traceparent,
+                tracestate,
+            })
         });
         Self::start(&parent, name, kind, attributes)
     }
@@ -145,6 +142,26 @@ impl TraceSpan {
             Some(context) => Either::Left(future.with_context(context.clone())),
             None => Either::Right(future),
         }
+    }
+}
+
+/// A W3C trace context's two headers, as the propagator reads them.
+struct W3cHeaders<'a> {
+    traceparent: &'a str,
+    tracestate: Option<&'a str>,
+}
+
+impl Extractor for W3cHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" => Some(self.traceparent),
+            "tracestate" => self.tracestate,
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
     }
 }
 

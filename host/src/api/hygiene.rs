@@ -195,18 +195,17 @@ pub async fn trace_request(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map(|path| path.as_str().to_owned());
-    let method = request.method().clone();
-    let name = match &route {
+        .map(MatchedPath::as_str);
+    let method = request.method().as_str();
+    let name = match route {
         Some(route) => format!("{method} {route}"),
-        None => method.to_string(),
+        None => method.to_owned(),
     };
-    let mut attributes = vec![
-        KeyValue::new("http.request.method", method.to_string()),
-        KeyValue::new("url.path", request.uri().path().to_owned()),
-    ];
+    let mut attributes = Vec::with_capacity(3);
+    attributes.push(KeyValue::new("http.request.method", method.to_owned()));
+    attributes.push(KeyValue::new("url.path", request.uri().path().to_owned()));
     if let Some(route) = route {
-        attributes.push(KeyValue::new("http.route", route));
+        attributes.push(KeyValue::new("http.route", route.to_owned()));
     }
     let span = {
         // Scoped: a body is not `Sync`, so no borrow of the request may live

@@ -220,13 +220,21 @@ fn not_held(kind: PluginKind) -> CallError {
     }
 }
 
-/// Times a plugin call for `opspawn_plugin_call_duration_seconds`.
-fn record_call<T>(plugin: &str, kind: PluginKind, result: &Result<T, CallError>, started: Instant) {
-    let outcome = match result {
-        Ok(_) => "ok",
-        Err(error) => crate::metrics::code_label(error.code()),
-    };
-    crate::metrics::plugin_call(plugin, kind.as_str(), outcome, started.elapsed());
+/// Times a call of `plugin` for `opspawn_plugin_call_duration_seconds`.
+fn record_call<T>(plugin: &Plugin, result: &Result<T, CallError>, started: Instant) {
+    let labels = &plugin.labels;
+    let kind = plugin.info.kind.as_str();
+    match result {
+        Ok(_) => labels.ok_calls.record(started.elapsed(), || {
+            crate::metrics::plugin_calls(labels.metric_label.clone(), kind, "ok")
+        }),
+        Err(error) => crate::metrics::plugin_calls(
+            labels.metric_label.clone(),
+            kind,
+            crate::metrics::code_label(error.code()),
+        )
+        .record(started.elapsed()),
+    }
 }
 
 pub struct PluginRuntime {
@@ -481,13 +489,18 @@ impl PluginRuntime {
                 None => Err(CallError::UnknownTool(tool.to_owned())),
             };
             let source = catalog.tool_owner(tool).unwrap_or("unknown");
-            record_call(source, PluginKind::Tool, &result, started);
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(error) => crate::metrics::code_label(error.code()),
+            };
+            crate::metrics::plugin_calls(source.to_owned(), PluginKind::Tool.as_str(), outcome)
+                .record(started.elapsed());
             return result;
         };
         let result = self
             .invoke_tool_unmetered(&plugin, tool, context, input)
             .await;
-        record_call(&plugin.info.name, PluginKind::Tool, &result, started);
+        record_call(&plugin, &result, started);
         result
     }
 
@@ -586,7 +599,7 @@ impl PluginRuntime {
             .ok_or_else(|| not_held(PluginKind::Planner))?;
         let started = Instant::now();
         let result = self.next_action_unmetered(&plugin, state).await;
-        record_call(&plugin.info.name, PluginKind::Planner, &result, started);
+        record_call(&plugin, &result, started);
         result
     }
 
@@ -674,7 +687,7 @@ impl PluginRuntime {
         let result = self
             .complete_unmetered(&plugin, context, request, deltas, deadline)
             .await;
-        record_call(&plugin.info.name, PluginKind::LlmAdapter, &result, started);
+        record_call(&plugin, &result, started);
         result
     }
 
@@ -909,15 +922,11 @@ fn call_span(plugin: &Plugin) -> TraceSpan {
     if !crate::telemetry::traces_on() {
         return TraceSpan::none();
     }
-    let info = &plugin.info;
+    let labels = &plugin.labels;
     TraceSpan::child(
-        format!("{} {}", info.kind.as_str(), info.name),
+        labels.span_name.clone(),
         SpanKind::Internal,
-        vec![
-            KeyValue::new("opspawn.plugin.name", info.name.to_string()),
-            KeyValue::new("opspawn.plugin.kind", info.kind.as_str()),
-            KeyValue::new("opspawn.plugin.sha256", info.sha256.to_string()),
-        ],
+        labels.span_attributes.clone(),
     )
 }
 

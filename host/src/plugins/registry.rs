@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::{Duration, SystemTime};
 
+use opentelemetry::KeyValue;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use wasmtime::component::types::ComponentItem;
@@ -146,6 +147,37 @@ pub struct Plugin {
     /// Set when this version, replaced or removed, was let go at the bound
     /// on old versions: the tasks still on it move to the loaded version.
     pub released: AtomicBool,
+    /// How its calls are named in traces and metrics.
+    pub labels: CallLabels,
+}
+
+/// How a plugin's calls are named in traces and metrics, made once at load:
+/// a call then copies reference counts, not strings it formats anew.
+pub struct CallLabels {
+    /// `<kind> <name>`, the name of a call's span.
+    pub span_name: String,
+    /// A call span's attributes: the plugin's name, kind and SHA-256.
+    pub span_attributes: Vec<KeyValue>,
+    /// The plugin's name as a metric label.
+    pub metric_label: metrics::SharedString,
+    /// The histogram of its calls that ended well.
+    pub ok_calls: crate::metrics::CachedHistogram,
+}
+
+impl CallLabels {
+    fn new(name: &str, kind: PluginKind, sha256: &str) -> Self {
+        let name: Arc<str> = name.into();
+        Self {
+            span_name: format!("{} {name}", kind.as_str()),
+            span_attributes: vec![
+                KeyValue::new("opspawn.plugin.name", name.clone()),
+                KeyValue::new("opspawn.plugin.kind", kind.as_str()),
+                KeyValue::new("opspawn.plugin.sha256", Arc::<str>::from(sha256)),
+            ],
+            metric_label: metrics::SharedString::from_shared(name),
+            ok_calls: crate::metrics::CachedHistogram::new(),
+        }
+    }
 }
 
 /// Everything loaded from the plugin folder at one moment.
@@ -935,6 +967,7 @@ impl PluginRuntime {
             rule.validate("[[approvals]]")?;
         }
         let wit_version = version.as_str().to_owned();
+        let labels = CallLabels::new(&name, kind, &sha256);
         let mut plugin = Plugin {
             info: PluginInfo {
                 name,
@@ -961,6 +994,7 @@ impl PluginRuntime {
             },
             users: AtomicUsize::new(0),
             released: AtomicBool::new(false),
+            labels,
         };
         if kind == PluginKind::Tool {
             plugin.info.tools = self.describe(&plugin).await?;

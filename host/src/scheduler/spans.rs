@@ -8,6 +8,8 @@
 //! Prompts, replies, tool arguments and results are recorded only when the
 //! operator asks (`[traces] record_content`).
 
+use std::sync::Arc;
+
 use opentelemetry::trace::SpanKind;
 use opentelemetry::{Array, KeyValue, StringValue, Value as OtelValue};
 use serde_json::Value;
@@ -21,13 +23,14 @@ pub(super) fn task(task: &TaskRecord, attempt: i64) -> TraceSpan {
     if !telemetry::traces_on() {
         return TraceSpan::none();
     }
+    let id: Arc<str> = task.id.as_str().into();
     let mut attributes = vec![
         KeyValue::new("gen_ai.operation.name", "invoke_agent"),
-        KeyValue::new("gen_ai.agent.id", task.id.to_string()),
+        KeyValue::new("gen_ai.agent.id", id.clone()),
         KeyValue::new("gen_ai.agent.name", task.planner.clone()),
-        KeyValue::new("opspawn.task.id", task.id.to_string()),
+        KeyValue::new("opspawn.task.id", id),
         KeyValue::new("opspawn.task.attempt", attempt),
-        KeyValue::new("opspawn.tenant", task.tenant.to_string()),
+        KeyValue::new("opspawn.tenant", task.tenant.clone()),
     ];
     if let Some(model) = &task.model {
         attributes.push(KeyValue::new("gen_ai.request.model", model.clone()));
@@ -149,13 +152,11 @@ pub(super) fn step_ended(
     }
     if let Some(reply) = reply {
         span.set_attribute(KeyValue::new("gen_ai.response.model", reply.model.clone()));
-        let reason = serde_json::to_value(reply.finish_reason)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
         span.set_attribute(KeyValue::new(
             "gen_ai.response.finish_reasons",
-            OtelValue::Array(Array::String(vec![StringValue::from(reason)])),
+            OtelValue::Array(Array::String(vec![StringValue::from(
+                reply.finish_reason.as_str(),
+            )])),
         ));
         if let Some(usage) = reply.usage {
             span.set_attribute(KeyValue::new(
