@@ -224,17 +224,20 @@ fn not_held(kind: PluginKind) -> CallError {
 fn record_call<T>(plugin: &Plugin, result: &Result<T, CallError>, started: Instant) {
     let labels = &plugin.labels;
     let kind = plugin.info.kind.as_str();
-    match result {
-        Ok(_) => labels.ok_calls.record(started.elapsed(), || {
+    let elapsed = started.elapsed();
+    if result.is_ok() {
+        labels.ok_calls.record(elapsed, || {
             crate::metrics::plugin_calls(labels.metric_label.clone(), kind, "ok")
-        }),
-        Err(error) => crate::metrics::plugin_calls(
-            labels.metric_label.clone(),
-            kind,
-            crate::metrics::code_label(error.code()),
-        )
-        .record(started.elapsed()),
+        });
+    } else {
+        crate::metrics::plugin_calls(labels.metric_label.clone(), kind, call_outcome(result))
+            .record(elapsed);
     }
+}
+
+/// A call's outcome as a metric label: `ok`, or its error's code.
+fn call_outcome<T>(result: &Result<T, CallError>) -> &'static str {
+    crate::metrics::outcome_label(&result.as_ref().map_err(CallError::code))
 }
 
 pub struct PluginRuntime {
@@ -489,11 +492,8 @@ impl PluginRuntime {
                 None => Err(CallError::UnknownTool(tool.to_owned())),
             };
             let source = catalog.tool_owner(tool).unwrap_or("unknown");
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(error) => crate::metrics::code_label(error.code()),
-            };
-            crate::metrics::plugin_calls(source.to_owned(), PluginKind::Tool.as_str(), outcome)
+            let kind = PluginKind::Tool.as_str();
+            crate::metrics::plugin_calls(source.to_owned(), kind, call_outcome(&result))
                 .record(started.elapsed());
             return result;
         };
