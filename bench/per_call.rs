@@ -10,6 +10,7 @@ use opspawn::plugins::{
     build_engine,
 };
 use opspawn::protocol::CallContext;
+use opspawn::telemetry::TraceSpan;
 use opspawn_testkit::PluginFolder;
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -164,7 +165,10 @@ async fn time_tool(
         .await?;
     let call = async |n: u32| {
         let context = CallContext::new("bench", n);
-        Ok(runtime.invoke_tool(&plugins, tool, &context, input).await?)
+        let no_trace = TraceSpan::none();
+        Ok(runtime
+            .invoke_tool(&plugins, tool, &context, input, &no_trace)
+            .await?)
     };
     measure(calls, call, check).await
 }

@@ -27,6 +27,7 @@ use crate::protocol::{
     CallContext, ChatMessage, ChatRequest, ChatResponse, FinishReason, LlmError, LlmErrorKind,
     ProviderDatum, Role, ToolCall, Usage,
 };
+use crate::telemetry::TraceSpan;
 
 /// How long making a connection to a provider may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,6 +51,8 @@ pub(super) struct TranslatedCall<'a> {
     pub deltas: Option<&'a mpsc::UnboundedSender<String>>,
     /// When the whole call, retries included, must be over.
     pub deadline: Instant,
+    /// The span its translations' spans go under (the step's).
+    pub trace: &'a TraceSpan,
     /// How many deltas, and bytes of them, the call may still stream.
     pub delta_budget: std::sync::Mutex<Budget>,
 }
@@ -181,6 +184,7 @@ impl TranslatedCall<'_> {
                 self.tenant,
                 None,
                 crate::memory::MemoryHandle::default(),
+                self.trace,
                 async |store| {
                     let instance = self.pre.instantiate_async(&mut *store).await?;
                     call(store, &instance).await

@@ -475,13 +475,14 @@ impl PluginRuntime {
         tenant.filter(|_| self.options.separate_tenants)
     }
 
-    /// Runs a tool with a JSON object as input.
+    /// Runs a tool with a JSON object as input; its span goes under `trace`.
     pub async fn invoke_tool(
         &self,
         plugins: &TaskPlugins,
         tool: &str,
         context: &CallContext,
         input: &Value,
+        trace: &TraceSpan,
     ) -> Result<Value, CallError> {
         let started = Instant::now();
         let Some(plugin) = plugins.tool(tool, || self.catalog()) else {
@@ -498,7 +499,7 @@ impl PluginRuntime {
             return result;
         };
         let result = self
-            .invoke_tool_unmetered(&plugin, tool, context, input)
+            .invoke_tool_unmetered(&plugin, tool, context, input, trace)
             .await;
         record_call(&plugin, &result, started);
         result
@@ -510,6 +511,7 @@ impl PluginRuntime {
         tool: &str,
         context: &CallContext,
         input: &Value,
+        trace: &TraceSpan,
     ) -> Result<Value, CallError> {
         let Entry::Tool(entry) = &plugin.entry else {
             unreachable!("the catalog maps tools to tool plugins")
@@ -544,6 +546,7 @@ impl PluginRuntime {
                     warm,
                     None,
                     memory.clone(),
+                    trace,
                     async |store| pre.instantiate_async(store).await,
                     async |store, instance: &bindings::v0_1::tool::Tool| {
                         let tools = instance.opspawn_plugin_tools();
@@ -562,6 +565,7 @@ impl PluginRuntime {
                     warm,
                     None,
                     memory.clone(),
+                    trace,
                     async |store| pre.instantiate_async(store).await,
                     async |store, instance: &bindings::v0_2::tool::Tool| {
                         let tools = instance.opspawn_plugin_tools();
@@ -588,17 +592,18 @@ impl PluginRuntime {
         }
     }
 
-    /// Asks a planner for the next action.
+    /// Asks a planner for the next action; its span goes under `trace`.
     pub async fn next_action(
         &self,
         plugins: &TaskPlugins,
         state: &TaskState<'_>,
+        trace: &TraceSpan,
     ) -> Result<PlannerAction, CallError> {
         let plugin = plugins
             .planner(|| self.catalog())
             .ok_or_else(|| not_held(PluginKind::Planner))?;
         let started = Instant::now();
-        let result = self.next_action_unmetered(&plugin, state).await;
+        let result = self.next_action_unmetered(&plugin, state, trace).await;
         record_call(&plugin, &result, started);
         result
     }
@@ -607,6 +612,7 @@ impl PluginRuntime {
         &self,
         plugin: &Arc<Plugin>,
         state: &TaskState<'_>,
+        trace: &TraceSpan,
     ) -> Result<PlannerAction, CallError> {
         let Entry::Planner(entry) = &plugin.entry else {
             unreachable!("kind checked above")
@@ -623,6 +629,7 @@ impl PluginRuntime {
                     tenant,
                     None,
                     memory.clone(),
+                    trace,
                     async |store| {
                         let instance = pre.instantiate_async(&mut *store).await?;
                         let planning = instance.opspawn_plugin_planning();
@@ -640,6 +647,7 @@ impl PluginRuntime {
                     tenant,
                     None,
                     memory.clone(),
+                    trace,
                     async |store| {
                         let instance = pre.instantiate_async(&mut *store).await?;
                         let planning = instance.opspawn_plugin_planning();
@@ -667,7 +675,8 @@ impl PluginRuntime {
     }
 
     /// Sends a chat request through an LLM adapter, giving up at `deadline`.
-    /// Text is sent to `deltas` as it arrives.
+    /// Text is sent to `deltas` as it arrives. The adapter's spans go under
+    /// `trace`.
     ///
     /// A translating (0.2) adapter holds an instance only while it
     /// translates; the host performs the HTTP exchange in between. A 0.1
@@ -679,13 +688,14 @@ impl PluginRuntime {
         request: &ChatRequest,
         deltas: Option<mpsc::UnboundedSender<String>>,
         deadline: Instant,
+        trace: &TraceSpan,
     ) -> Result<ChatResponse, CallError> {
         let plugin = plugins
             .adapter(|| self.catalog())
             .ok_or_else(|| not_held(PluginKind::LlmAdapter))?;
         let started = Instant::now();
         let result = self
-            .complete_unmetered(&plugin, context, request, deltas, deadline)
+            .complete_unmetered(&plugin, context, request, deltas, deadline, trace)
             .await;
         record_call(&plugin, &result, started);
         result
@@ -698,6 +708,7 @@ impl PluginRuntime {
         request: &ChatRequest,
         deltas: Option<mpsc::UnboundedSender<String>>,
         deadline: Instant,
+        trace: &TraceSpan,
     ) -> Result<ChatResponse, CallError> {
         let Entry::LlmAdapter(entry) = &plugin.entry else {
             unreachable!("kind checked above")
@@ -713,6 +724,7 @@ impl PluginRuntime {
                         tenant,
                         deltas: deltas.as_ref(),
                         deadline,
+                        trace,
                         delta_budget: std::sync::Mutex::new(state::Budget::new(
                             plugin.info.limits.max_deltas,
                             plugin.info.limits.max_output_bytes,
@@ -729,6 +741,7 @@ impl PluginRuntime {
                         tenant,
                         deltas,
                         MemoryHandle::default(),
+                        trace,
                         async |store| {
                             let instance = pre.instantiate_async(&mut *store).await?;
                             let chat = instance.opspawn_plugin_chat();
@@ -762,7 +775,9 @@ impl PluginRuntime {
     }
 
     /// Runs one call of `plugin` in a fresh store, once the slots it needs
-    /// are free, under the plugin's limits.
+    /// are free, under the plugin's limits. Its span goes under `trace`, or
+    /// is a root when `trace` is none.
+    #[allow(clippy::too_many_arguments)]
     async fn call<T>(
         &self,
         plugin: &Plugin,
@@ -770,9 +785,10 @@ impl PluginRuntime {
         tenant: Option<&str>,
         deltas: Option<mpsc::UnboundedSender<String>>,
         memory: MemoryHandle,
+        trace: &TraceSpan,
         call: impl AsyncFnOnce(&mut Store<CallState>) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
-        let span = call_span(plugin);
+        let span = call_span(plugin, trace);
         let result = async {
             let _compute = self.slots.compute(kind).await;
             let _instance = self.slots.instance().await;
@@ -799,10 +815,11 @@ impl PluginRuntime {
         warm: Option<(warm::WarmKey, manifest::InstanceReuse)>,
         deltas: Option<mpsc::UnboundedSender<String>>,
         memory: MemoryHandle,
+        trace: &TraceSpan,
         instantiate: impl AsyncFnOnce(&mut Store<CallState>) -> wasmtime::Result<E>,
         call: impl AsyncFnOnce(&mut Store<CallState>, &E) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
-        let span = call_span(plugin);
+        let span = call_span(plugin, trace);
         let result = async {
             let _compute = self.slots.compute(kind).await;
             // A key's instances are all of one plugin version, so their
@@ -916,14 +933,14 @@ fn record_span_error<T>(span: &TraceSpan, result: &Result<T, CallError>) {
 
 /// The span of one call of `plugin` (waiting for its slots included), when
 /// traces are on: the plugin's kind and name, and the SHA-256 of the
-/// component that ran. Its parent is the step or task it is called for
-/// (the trace span in whose scope the call runs).
-fn call_span(plugin: &Plugin) -> TraceSpan {
+/// component that ran. Its parent is the step or task it is called for,
+/// `trace`; a call for no task (describing a tool at load) is a root.
+fn call_span(plugin: &Plugin, trace: &TraceSpan) -> TraceSpan {
     if !crate::telemetry::traces_on() {
         return TraceSpan::none();
     }
     let labels = &plugin.labels;
-    TraceSpan::child(
+    trace.child_or_root(
         labels.span_name.clone(),
         SpanKind::Internal,
         labels.span_attributes.clone(),

@@ -31,6 +31,7 @@ use crate::approvals::ApprovalRule;
 use crate::errors::Code;
 use crate::memory::MemoryHandle;
 use crate::protocol::ToolSpec;
+use crate::telemetry::TraceSpan;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PluginKind {
@@ -1091,6 +1092,7 @@ impl PluginRuntime {
                         None,
                         None,
                         MemoryHandle::default(),
+                        &TraceSpan::none(),
                         async |store| {
                             let instance = pre.instantiate_async(&mut *store).await?;
                             instance.opspawn_plugin_tools().call_describe(store).await
@@ -1118,6 +1120,7 @@ impl PluginRuntime {
                         None,
                         None,
                         MemoryHandle::default(),
+                        &TraceSpan::none(),
                         async |store| {
                             let instance = pre.instantiate_async(&mut *store).await?;
                             instance.opspawn_plugin_tools().call_describe(store).await

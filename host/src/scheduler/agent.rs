@@ -119,13 +119,12 @@ impl Run {
 
     pub async fn run(mut self) {
         let span = tracing::info_span!("task", id = %self.task.id, attempt = self.fence.attempt);
+        // The trace span is handed to each plugin call made for the task
+        // (as `trace`), not attached around this future.
         self.trace = spans::task(&self.task, self.fence.attempt);
-        let trace = self.trace.clone();
         // Instrument the future rather than holding an entered span across
         // awaits, which would leak the span into other tasks on this thread.
-        // In the trace span's scope, the planner's plugin calls are its
-        // children.
-        trace.in_scope(self.run_in_span().instrument(span)).await
+        self.run_in_span().instrument(span).await
     }
 
     async fn run_in_span(mut self) {
@@ -262,7 +261,11 @@ impl Run {
                 memory: planner_memory,
             };
             let action = self
-                .bounded(self.shared.runtime.next_action(self.plugins(), &state))
+                .bounded(
+                    self.shared
+                        .runtime
+                        .next_action(self.plugins(), &state, &self.trace),
+                )
                 .await;
             drop(state);
             let action = match action {
@@ -597,7 +600,7 @@ impl Run {
         refusal: Option<ErrorInfo>,
     ) -> Result<Option<TaskEnd>, Interrupted> {
         let span = self.step_span(seq, &effect);
-        span.in_scope(self.perform_in_span(seq, input, effect, refusal, &span))
+        self.perform_in_span(seq, input, effect, refusal, &span)
             .await
     }
 
@@ -720,9 +723,11 @@ impl Run {
                             .unwrap_or_else(Instant::now)
                             .min(Instant::now() + self.remaining());
                         let request = with_images.as_ref().unwrap_or(request);
-                        self.call_llm(&context, request, deadline).await
+                        self.call_llm(&context, request, deadline, span).await
                     }
-                    Ok(Effect::Tool(call)) => Attempt::from(self.call_tool(&context, call).await),
+                    Ok(Effect::Tool(call)) => {
+                        Attempt::from(self.call_tool(&context, call, span).await)
+                    }
                     Err((_, unreadable)) => Attempt::from(Err(unreadable.clone())),
                 };
                 let Err(error) = &attempt.output else {
@@ -970,11 +975,14 @@ impl Run {
         .then_some(request)
     }
 
+    /// Sends a chat request; the adapter's spans go under `trace` (the
+    /// step's).
     async fn call_llm(
         &self,
         context: &CallContext,
         request: &ChatRequest,
         deadline: Instant,
+        trace: &TraceSpan,
     ) -> Attempt {
         let (deltas, streamed) = mpsc::unbounded_channel::<String>();
         let forward = tokio::spawn(journal_deltas(
@@ -990,7 +998,14 @@ impl Run {
         let result = self
             .shared
             .runtime
-            .complete(self.plugins(), context, request, Some(deltas), deadline)
+            .complete(
+                self.plugins(),
+                context,
+                request,
+                Some(deltas),
+                deadline,
+                trace,
+            )
             .await;
         let _ = forward.await;
         if let Ok(response) = &result
@@ -1023,7 +1038,13 @@ impl Run {
         }
     }
 
-    async fn call_tool(&self, context: &CallContext, call: &ToolCall) -> Result<Value, ErrorInfo> {
+    /// Runs a tool call; its plugin's span goes under `trace` (the step's).
+    async fn call_tool(
+        &self,
+        context: &CallContext,
+        call: &ToolCall,
+        trace: &TraceSpan,
+    ) -> Result<Value, ErrorInfo> {
         if !self.task.tools.contains(&call.name) {
             return Err(ErrorInfo::new(
                 Code::ToolNotAllowed,
@@ -1039,6 +1060,7 @@ impl Run {
             &call.name,
             context,
             &call.arguments,
+            trace,
         ))
         .await
     }
