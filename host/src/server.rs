@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::api::auth::Gate;
-use crate::api::{self, Admission, AppState};
+use crate::api::{self, Admission, AppParts, AppState};
 use crate::config::Config;
 use crate::events::EventBus;
 use crate::plugins::PluginRuntime;
@@ -141,7 +141,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.schedules.clone(),
         schedule_wake.clone(),
     );
-    let state = AppState {
+    let state = AppState::from(AppParts {
         store: store.clone(),
         runtime,
         scheduler: scheduler.clone(),
@@ -153,7 +153,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         schedule_wake,
         budgets,
         memory: Arc::new(config.memory.clone()),
-    };
+    });
     let auth_enabled = state.gate.enabled();
     for addr in std::iter::once(addr).chain(grpc_addr) {
         if !auth_enabled && !addr.ip().is_loopback() {

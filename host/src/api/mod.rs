@@ -76,8 +76,29 @@ pub struct TaskDefaults {
     pub timeout: Duration,
 }
 
+/// What every handler shares. A request clones it for each middleware and
+/// extractor that takes it, so it is one reference count rather than one
+/// per part: with a count per part, dropping those clones alone took about
+/// 0.4 % of a server's CPU in a profile of the end-to-end benchmark.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl From<AppParts> for AppState {
+    fn from(parts: AppParts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct AppParts {
     pub store: Arc<dyn Store>,
     pub runtime: Arc<PluginRuntime>,
     pub scheduler: Arc<Scheduler>,

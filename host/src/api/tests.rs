@@ -16,7 +16,7 @@ use tower::ServiceExt;
 
 use super::auth::{AuthConfig, Gate, TokenConfig, token_hash};
 use super::hygiene::{self, CorsConfig, REQUEST_ID};
-use super::{Admission, AppState, HttpLimits, QueueLimits, TaskDefaults, app};
+use super::{Admission, AppParts, AppState, HttpLimits, QueueLimits, TaskDefaults, app};
 use crate::config::Config;
 use crate::errors::Code;
 use crate::events::EventBus;
@@ -72,7 +72,7 @@ impl Setup {
             events.clone(),
             host.config.scheduler_config(budgets.clone()),
         ));
-        let state = AppState {
+        let state = AppState::from(AppParts {
             store: host.store.clone(),
             runtime: host.runtime.clone(),
             scheduler,
@@ -91,7 +91,7 @@ impl Setup {
             schedule_wake: Arc::new(tokio::sync::Notify::new()),
             budgets,
             memory: Arc::new(host.config.memory.clone()),
-        };
+        });
         let app = app(state, MAX_BODY_BYTES, &HttpLimits::default());
         Api {
             app: hygiene::around(app, &self.cors).expect("a valid CORS configuration"),
