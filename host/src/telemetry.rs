@@ -10,12 +10,14 @@
 //! Through `tracing` (its `tracing-opentelemetry` layer) every poll of an
 //! instrumented future also entered and left each span around it; that
 //! made metrics and traces together cost about 25 % more server CPU per
-//! task, where this costs 11–13 % (`opspawn-bench --only telemetry`). A span's parent is named explicitly: a task's spans are
-//! handed down its run, not looked up in a context attached on every poll
-//! of its future (two nested scopes, each attached and detached at every
-//! poll: about 1.5 % of a traced server's CPU in a profile). Only a
-//! request's handler runs in its span's scope ([`TraceSpan::in_scope`]),
-//! so that a task it submits finds its parent there.
+//! task, where this costs 11–13 % (`opspawn-bench --only telemetry`).
+//!
+//! A span's parent is named explicitly: a task's spans are handed down its
+//! run, not looked up in a context attached on every poll of its future
+//! (two nested scopes, each attached and detached at every poll: about
+//! 1.5 % of a traced server's CPU in a profile). Only a request's handler
+//! runs in its span's scope ([`TraceSpan::in_scope`]), so that a task it
+//! submits finds its parent there.
 //! Names and attributes follow the OpenTelemetry GenAI conventions
 //! (`invoke_agent`, `chat`, `execute_tool`, `gen_ai.*`).
 
@@ -28,9 +30,7 @@ use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{
-    BatchConfig, BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider,
-};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use tracing_subscriber::Registry;
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -277,39 +277,11 @@ impl TraceSettings {
         if !self.service_name_given {
             resource = resource.with_service_name("opspawn");
         }
-        let batches = BatchSpanProcessor::builder(exporter)
-            .with_batch_config(batch_config(|name| std::env::var_os(name).is_some()))
-            .build();
         Ok(SdkTracerProvider::builder()
-            .with_span_processor(batches)
+            .with_batch_exporter(exporter)
             .with_resource(resource.build())
             .build())
     }
-}
-
-/// Spans kept for export, at most, where `OTEL_BSP_MAX_QUEUE_SIZE` does not
-/// say. The specification's 2,048 is what a busy host makes in a fifth of
-/// a second (13 spans a 3-step task, over 1,000 tasks a second), and a span
-/// that finds the queue full is dropped.
-const MAX_QUEUED_SPANS: usize = 16_384;
-
-/// Spans sent in one export, at most, where `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`
-/// does not say: four times the specification's 512, so that a busy host
-/// sends a quarter as many requests.
-const MAX_SPANS_PER_EXPORT: usize = 2_048;
-
-/// The batch processor's settings: the `OTEL_BSP_*` variables where set
-/// (`is_set` says which are), else this host's defaults for the queue and
-/// the export size, and the specification's for the rest.
-fn batch_config(is_set: impl Fn(&str) -> bool) -> BatchConfig {
-    let mut config = BatchConfigBuilder::default();
-    if !is_set("OTEL_BSP_MAX_QUEUE_SIZE") {
-        config = config.with_max_queue_size(MAX_QUEUED_SPANS);
-    }
-    if !is_set("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") {
-        config = config.with_max_export_batch_size(MAX_SPANS_PER_EXPORT);
-    }
-    config.build()
 }
 
 /// The W3C `traceparent` of the trace span being run (the request's, in a
@@ -329,21 +301,4 @@ pub fn current_traceparent() -> Option<String> {
             span_context.trace_flags().to_u8()
         )
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_batch_settings_are_this_hosts_unless_the_variables_say() {
-        let ours = format!("{:?}", batch_config(|_| false));
-        assert!(ours.contains("max_queue_size: 16384"), "{ours}");
-        assert!(ours.contains("max_export_batch_size: 2048"), "{ours}");
-        // Where the variables are set, the SDK reads them (here, unset in
-        // the test's environment, its defaults: the specification's).
-        let theirs = format!("{:?}", batch_config(|_| true));
-        assert!(theirs.contains("max_queue_size: 2048"), "{theirs}");
-        assert!(theirs.contains("max_export_batch_size: 512"), "{theirs}");
-    }
 }

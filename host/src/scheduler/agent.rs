@@ -584,26 +584,6 @@ impl Run {
         }
     }
 
-    /// Journals a step, performs it, and journals how it ended. Returns the
-    /// task's end when the step ends the task (an LLM failure, a timeout).
-    ///
-    /// `input` is the step's input as journaled; `effect` the same, typed
-    /// (or why the journaled input could not be read).
-    ///
-    /// `refusal`, when given, is the step's outcome instead of running it
-    /// (a rejected call).
-    async fn perform(
-        &mut self,
-        seq: u32,
-        input: Value,
-        effect: Result<Effect, (StepKind, ErrorInfo)>,
-        refusal: Option<ErrorInfo>,
-    ) -> Result<Option<TaskEnd>, Interrupted> {
-        let span = self.step_span(seq, &effect);
-        self.perform_in_span(seq, input, effect, refusal, &span)
-            .await
-    }
-
     /// The span of step `seq`, when traces are on.
     fn step_span(&self, seq: u32, effect: &Result<Effect, (StepKind, ErrorInfo)>) -> TraceSpan {
         if !self.trace.is_recording() {
@@ -623,14 +603,22 @@ impl Run {
         }
     }
 
-    async fn perform_in_span(
+    /// Journals a step, performs it, and journals how it ended. Returns the
+    /// task's end when the step ends the task (an LLM failure, a timeout).
+    ///
+    /// `input` is the step's input as journaled; `effect` the same, typed
+    /// (or why the journaled input could not be read).
+    ///
+    /// `refusal`, when given, is the step's outcome instead of running it
+    /// (a rejected call).
+    async fn perform(
         &mut self,
         seq: u32,
         input: Value,
         effect: Result<Effect, (StepKind, ErrorInfo)>,
         refusal: Option<ErrorInfo>,
-        span: &TraceSpan,
     ) -> Result<Option<TaskEnd>, Interrupted> {
+        let span = &self.step_span(seq, &effect);
         let started_at = Instant::now();
         let kind = match &effect {
             Ok(effect) => effect.kind(),
