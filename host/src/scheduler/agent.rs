@@ -124,11 +124,18 @@ impl Run {
         self.trace = spans::task(&self.task, self.fence.attempt);
         // Instrument the future rather than holding an entered span across
         // awaits, which would leak the span into other tasks on this thread.
-        self.run_in_span().instrument(span).await
+        //
+        // The run's nested futures are boxed where they are awaited (here,
+        // `drive`, each `perform`, each plugin call). Inline, each level
+        // held its callee's whole state, often twice (a future moved into
+        // the one that awaits it keeps its place in both), so a task's
+        // future was 143 KB, most of it for states it was not in: a task
+        // waiting on its LLM now holds about 23 KB, in five boxes.
+        Box::pin(self.run_in_span()).instrument(span).await
     }
 
     async fn run_in_span(mut self) {
-        let end = match self.drive().await {
+        let end = match Box::pin(self.drive()).await {
             Ok(end) => end,
             Err(Interrupted::ClaimLost) => {
                 tracing::warn!(task = %self.task.id, "stopped: another worker took over the task");
@@ -227,13 +234,14 @@ impl Run {
                 .iter()
                 .find(|a| a.step == step.seq && a.status == ApprovalStatus::Rejected)
                 .map(rejection);
-            if let Some(end) = self.perform(step.seq, step.input, effect, refusal).await? {
+            if let Some(end) = Box::pin(self.perform(step.seq, step.input, effect, refusal)).await?
+            {
                 return Ok(end);
             }
         }
 
         if let Some(call) = self.task.call.clone() {
-            return self.make_the_call(call).await;
+            return Box::pin(self.make_the_call(call)).await;
         }
         if self.task.thread.is_some() {
             self.history = crate::threads::history(
@@ -310,7 +318,7 @@ impl Run {
                     let effect = Effect::Llm(request);
                     let input = effect.journal_input();
                     let seq = self.next_seq();
-                    if let Some(end) = self.perform(seq, input, Ok(effect), None).await? {
+                    if let Some(end) = Box::pin(self.perform(seq, input, Ok(effect), None)).await? {
                         return Ok(end);
                     }
                 }
@@ -328,7 +336,9 @@ impl Run {
                         let effect = Effect::Tool(call);
                         let input = effect.journal_input();
                         let seq = self.next_seq();
-                        if let Some(end) = self.perform(seq, input, Ok(effect), refusal).await? {
+                        if let Some(end) =
+                            Box::pin(self.perform(seq, input, Ok(effect), refusal)).await?
+                        {
                             return Ok(end);
                         }
                     }
@@ -349,7 +359,7 @@ impl Run {
                 let effect = Effect::Tool(call);
                 let input = effect.journal_input();
                 let seq = self.next_seq();
-                if let Some(end) = self.perform(seq, input, Ok(effect), refusal).await? {
+                if let Some(end) = Box::pin(self.perform(seq, input, Ok(effect), refusal)).await? {
                     return Ok(end);
                 }
             }
@@ -711,10 +721,10 @@ impl Run {
                             .unwrap_or_else(Instant::now)
                             .min(Instant::now() + self.remaining());
                         let request = with_images.as_ref().unwrap_or(request);
-                        self.call_llm(&context, request, deadline, span).await
+                        Box::pin(self.call_llm(&context, request, deadline, span)).await
                     }
                     Ok(Effect::Tool(call)) => {
-                        Attempt::from(self.call_tool(&context, call, span).await)
+                        Attempt::from(Box::pin(self.call_tool(&context, call, span)).await)
                     }
                     Err((_, unreadable)) => Attempt::from(Err(unreadable.clone())),
                 };
@@ -865,7 +875,16 @@ impl Run {
         self.keep(record);
     }
 
-    fn keep(&mut self, record: StepRecord) {
+    fn keep(&mut self, mut record: StepRecord) {
+        // An LLM step's request and reply are the largest part of a task's
+        // memory (the tools' schemas and the whole conversation, as JSON
+        // trees), and once journaled nothing in the run reads them again:
+        // the planner has its own view of the reply (`planner_steps`), and
+        // the store writes neither again when the step ends.
+        if record.kind == StepKind::Llm {
+            record.input = Value::Null;
+            record.output = None;
+        }
         match self.steps.iter_mut().find(|s| s.seq == record.seq) {
             Some(existing) => *existing = record,
             None => self.steps.push(record),

@@ -427,7 +427,8 @@ impl StepStart {
 #[derive(Debug, Clone)]
 pub struct StepEnd {
     /// The step as it was journaled when it started: the store writes only
-    /// what changed and reads nothing back.
+    /// what changed and reads nothing back. (Its input is not written
+    /// again, so the run may have dropped it: it keeps no LLM step's.)
     pub started: StepRecord,
     pub output: Result<Value, ErrorInfo>,
     pub usage: Option<Usage>,
