@@ -117,7 +117,10 @@ impl Run {
         }
     }
 
-    pub async fn run(mut self) {
+    /// The task's run to its end (or until it stops: see `run_in_span`).
+    /// Not an `async fn`, so that its future does not keep a second copy
+    /// of the run beside the one it hands on.
+    pub fn run(mut self) -> impl Future<Output = ()> + Send + 'static {
         let span = tracing::info_span!("task", id = %self.task.id, attempt = self.fence.attempt);
         // The trace span is handed to each plugin call made for the task
         // (as `trace`), not attached around this future.
@@ -126,12 +129,11 @@ impl Run {
         // awaits, which would leak the span into other tasks on this thread.
         //
         // The run's nested futures are boxed where they are awaited (here,
-        // `drive`, each `perform`, each plugin call). Inline, each level
-        // held its callee's whole state, often twice (a future moved into
-        // the one that awaits it keeps its place in both), so a task's
-        // future was 143 KB, most of it for states it was not in: a task
-        // waiting on its LLM now holds about 23 KB, in five boxes.
-        Box::pin(self.run_in_span()).instrument(span).await
+        // `drive`, each `perform`, each planner or plugin call). Inline,
+        // each level held its callee's whole state, often twice (a future
+        // moved into the one that awaits it keeps its place in both): a
+        // task's future was 143 KB, most of it for states it was not in.
+        Box::pin(self.run_in_span()).instrument(span)
     }
 
     async fn run_in_span(mut self) {
@@ -198,12 +200,7 @@ impl Run {
             tools: &self.task.tools,
         };
         let recorded = recorded_versions(&self.steps);
-        let tools = match self
-            .shared
-            .runtime
-            .hold_task_plugins(names, &recorded)
-            .await
-        {
+        let tools = match Box::pin(self.shared.runtime.hold_task_plugins(names, &recorded)).await {
             Ok((plugins, tools)) => {
                 self.plugins = Some(plugins);
                 tools
@@ -244,12 +241,12 @@ impl Run {
             return Box::pin(self.make_the_call(call)).await;
         }
         if self.task.thread.is_some() {
-            self.history = crate::threads::history(
+            self.history = Box::pin(crate::threads::history(
                 self.shared.store.as_ref(),
                 &self.task,
                 &self.shared.config.threads,
                 history_view,
-            )
+            ))
             .await?;
         }
         let planner_options = option_section(&self.task.options, "planner");
@@ -269,11 +266,11 @@ impl Run {
                 memory: planner_memory,
             };
             let action = self
-                .bounded(
-                    self.shared
-                        .runtime
-                        .next_action(self.plugins(), &state, &self.trace),
-                )
+                .bounded(Box::pin(self.shared.runtime.next_action(
+                    self.plugins(),
+                    &state,
+                    &self.trace,
+                )))
                 .await;
             drop(state);
             let action = match action {

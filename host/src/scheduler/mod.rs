@@ -367,9 +367,11 @@ fn start_run(shared: &Arc<Shared>, claim: Claim, slot: OwnedSemaphorePermit) {
         fence: claim.fence.clone(),
     };
     shared.events.journaled(claim.event.clone());
-    let run = agent::Run::new(shared.clone(), claim, cancel, lost);
+    // The run is made outside the spawned block, which then holds only
+    // its boxed future (a block that makes it keeps the run twice).
+    let run = agent::Run::new(shared.clone(), claim, cancel, lost).run();
     tokio::spawn(async move {
-        run.run().await;
+        run.await;
         drop(registration);
         drop(slot);
     });
