@@ -121,7 +121,14 @@ impl Run {
     /// Not an `async fn`, so that its future does not keep a second copy
     /// of the run beside the one it hands on.
     pub fn run(mut self) -> impl Future<Output = ()> + Send + 'static {
-        let span = tracing::info_span!("task", id = %self.task.id, attempt = self.fence.attempt);
+        // A root: the run is made in the dispatcher, and its log lines
+        // belong to no span of whatever made it.
+        let span = tracing::info_span!(
+            parent: None,
+            "task",
+            id = %self.task.id,
+            attempt = self.fence.attempt
+        );
         // The trace span is handed to each plugin call made for the task
         // (as `trace`), not attached around this future.
         self.trace = spans::task(&self.task, self.fence.attempt);
