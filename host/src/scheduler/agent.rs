@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -238,8 +239,7 @@ impl Run {
                 .iter()
                 .find(|a| a.step == step.seq && a.status == ApprovalStatus::Rejected)
                 .map(rejection);
-            if let Some(end) = Box::pin(self.perform(step.seq, step.input, effect, refusal)).await?
-            {
+            if let Some(end) = self.perform(step.seq, step.input, effect, refusal).await? {
                 return Ok(end);
             }
         }
@@ -322,7 +322,7 @@ impl Run {
                     let effect = Effect::Llm(request);
                     let input = effect.journal_input();
                     let seq = self.next_seq();
-                    if let Some(end) = Box::pin(self.perform(seq, input, Ok(effect), None)).await? {
+                    if let Some(end) = self.perform(seq, input, Ok(effect), None).await? {
                         return Ok(end);
                     }
                 }
@@ -340,9 +340,7 @@ impl Run {
                         let effect = Effect::Tool(call);
                         let input = effect.journal_input();
                         let seq = self.next_seq();
-                        if let Some(end) =
-                            Box::pin(self.perform(seq, input, Ok(effect), refusal)).await?
-                        {
+                        if let Some(end) = self.perform(seq, input, Ok(effect), refusal).await? {
                             return Ok(end);
                         }
                     }
@@ -363,7 +361,7 @@ impl Run {
                 let effect = Effect::Tool(call);
                 let input = effect.journal_input();
                 let seq = self.next_seq();
-                if let Some(end) = Box::pin(self.perform(seq, input, Ok(effect), refusal)).await? {
+                if let Some(end) = self.perform(seq, input, Ok(effect), refusal).await? {
                     return Ok(end);
                 }
             }
@@ -625,7 +623,20 @@ impl Run {
     ///
     /// `refusal`, when given, is the step's outcome instead of running it
     /// (a rejected call).
-    async fn perform(
+    ///
+    /// The step's future is boxed, as the run's nested futures are (see
+    /// [`Run::run`]), so the loops that perform steps hold only a pointer.
+    fn perform(
+        &mut self,
+        seq: u32,
+        input: Value,
+        effect: Result<Effect, (StepKind, ErrorInfo)>,
+        refusal: Option<ErrorInfo>,
+    ) -> BoxFuture<'_, Result<Option<TaskEnd>, Interrupted>> {
+        Box::pin(self.perform_inline(seq, input, effect, refusal))
+    }
+
+    async fn perform_inline(
         &mut self,
         seq: u32,
         input: Value,
