@@ -41,6 +41,29 @@ const ANY_ROUTE: &[Code] = &[
 const AUTHENTICATED: &[Code] = &[Code::Unauthorized, Code::InvalidToken, Code::RateLimited];
 /// Codes of the routes that must answer within `http.request_timeout`.
 const ANSWERED_IN_TIME: &[Code] = &[Code::ResponseTimeout];
+/// Codes a task's fields may be refused with: `POST /v1/tasks` and a
+/// schedule's task go through the same validation (`api::validate`), so
+/// both list these.
+const TASK_REFUSED: &[Code] = &[
+    Code::InvalidGoal,
+    Code::UnknownPlanner,
+    Code::UnknownLlm,
+    Code::UnknownTool,
+    Code::InvalidOptions,
+    Code::InvalidModel,
+    Code::InvalidMaxSteps,
+    Code::InvalidMaxRetries,
+    Code::InvalidTimeout,
+    Code::InvalidPriority,
+    Code::InvalidTime,
+    Code::InvalidBudget,
+    Code::BudgetUnpriced,
+    Code::InvalidThread,
+    Code::InvalidMemoryNamespace,
+    Code::InvalidResponseFormat,
+    Code::InvalidImages,
+    Code::InvalidCall,
+];
 /// Codes the router answers for a request that matches no operation: they
 /// belong to no operation, so the spec lists them in its description and
 /// in the `ErrorCode` schema.
@@ -78,12 +101,8 @@ error_responses! {
     HealthErrors: [ANY_ROUTE, ANSWERED_IN_TIME] + [];
     MetricsErrors: [ANY_ROUTE, ANSWERED_IN_TIME] + [Unauthorized, InvalidToken, RouteNotFound];
     ListPluginsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [];
-    CreateTaskErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
-        InvalidJson, InvalidRequest, InvalidIdempotencyKey, InvalidGoal, UnknownPlanner,
-        UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
-        InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidBudget,
-        BudgetUnpriced, InvalidThread, InvalidMemoryNamespace, InvalidResponseFormat,
-        InvalidImages, InvalidCall, TooManyActiveTasks, QueueFull,
+    CreateTaskErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME, TASK_REFUSED] + [
+        InvalidJson, InvalidRequest, InvalidIdempotencyKey, TooManyActiveTasks, QueueFull,
         PluginsLoading, StoreFull,
     ];
     ListTasksErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [InvalidQuery];
@@ -99,12 +118,8 @@ error_responses! {
         InvalidPath, InvalidLastEventId, Forbidden, TaskNotFound,
     ];
     SpecErrors: [ANY_ROUTE, ANSWERED_IN_TIME] + [];
-    CreateScheduleErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
-        InvalidJson, InvalidRequest, InvalidSchedule, InvalidTimezone, InvalidGoal,
-        UnknownPlanner, UnknownLlm, UnknownTool, InvalidOptions, InvalidModel, InvalidMaxSteps,
-        InvalidMaxRetries, InvalidTimeout, InvalidPriority, InvalidTime, InvalidThread,
-        InvalidMemoryNamespace, InvalidResponseFormat, InvalidImages, InvalidCall, PluginsLoading,
-        StoreFull,
+    CreateScheduleErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME, TASK_REFUSED] + [
+        InvalidJson, InvalidRequest, InvalidSchedule, InvalidTimezone, PluginsLoading, StoreFull,
     ];
     ListApprovalsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, Forbidden, TaskNotFound,

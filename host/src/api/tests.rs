@@ -1465,6 +1465,10 @@ async fn schedules_are_validated_like_tasks_and_show_their_next_ticks() {
             json!({"cron": "* * * * *", "task": {"goal": "x", "run_at": "2030-01-01T00:00:00Z"}}),
             Code::InvalidTime,
         ),
+        (
+            json!({"cron": "* * * * *", "task": {"goal": "x", "budget": {"max_tokens": 0}}}),
+            Code::InvalidBudget,
+        ),
         (json!({"cron": "* * * * *"}), Code::InvalidRequest),
         (
             json!({"cron": "* * * * *", "missed_ticks": "all", "task": task}),
@@ -1475,8 +1479,13 @@ async fn schedules_are_validated_like_tasks_and_show_their_next_ticks() {
             Code::InvalidRequest,
         ),
     ];
+    let documented = super::openapi::CreateScheduleErrors::codes();
     for (body, code) in cases {
         post(body.clone()).await.is_error(code, &body.to_string());
+        assert!(
+            documented.contains(&code),
+            "the spec lists {code:?} among POST /v1/schedules' answers"
+        );
     }
     let listed = api.get("/v1/schedules").await;
     assert_eq!(listed.body["schedules"], json!([]), "nothing was created");
