@@ -1204,13 +1204,18 @@ fn append_event_stored(
     data: Value,
 ) -> Result<EventRecord> {
     let at = now_millis();
+    // Two statements rather than one `INSERT ... RETURNING seq`: SQLite
+    // gives every statement with RETURNING a temporary trigger and a table
+    // for its rows, and an event is the writer's most frequent write. The
+    // writer holds the write lock for the whole batch, so nothing can take
+    // the sequence number between the two.
     let seq: i64 = conn
-        .prepare_cached(
-            "INSERT INTO events (task_id, seq, kind, data, at)
-             SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4 FROM events WHERE task_id = ?1
-             RETURNING seq",
-        )?
-        .query_row(params![task_id, kind, stored, at], |row| row.get(0))?;
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE task_id = ?1")?
+        .query_row(params![task_id], |row| row.get(0))?;
+    conn.prepare_cached(
+        "INSERT INTO events (task_id, seq, kind, data, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![task_id, seq, kind, stored, at])?;
     Ok(EventRecord {
         task_id: task_id.to_owned(),
         seq,
