@@ -783,18 +783,18 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
         }
     }
     let id = uuid::Uuid::now_v7().to_string();
-    let record = conn
-        .prepare_cached(
+    // Inserted, then read back, rather than `INSERT ... RETURNING *`: see
+    // `append_event_stored`.
+    conn.prepare_cached(
             "INSERT INTO tasks (id, tenant, idempotency_key, priority, run_at, deadline_at, status,
                                 goal, planner, llm, model, tools, options, max_steps, timeout_ms,
                                 created_at, max_retries, trace_parent, schedule_id, scheduled_for,
                                 cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread,
                                 memory_namespace, response_format, tool_call, images)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18, ?19, 0, ?20, ?21, ?22, ?23, ?24, ?25, ?26)
-             RETURNING *",
+                     ?17, ?18, ?19, 0, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
         )?
-        .query_row(
+        .execute(
             params![
                 id,
                 task.tenant,
@@ -823,8 +823,10 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
                 task.call.as_ref().map(|call| json!(call).to_string()),
                 (!task.images.is_empty()).then(|| json!(task.images).to_string()),
             ],
-            |row| Ok(task_from_row(row)),
-        )??;
+        )?;
+    let record = conn
+        .prepare_cached("SELECT * FROM tasks WHERE id = ?1")?
+        .query_row([&id], |row| Ok(task_from_row(row)))??;
     let event = append_event(conn, &id, event_kind::TASK_QUEUED, queued_event_data(task))?;
     Ok(Reply::Created(record, Some(event)))
 }
