@@ -771,6 +771,15 @@ const PRUNE_ORPHAN_PAYLOADS: &str = "DELETE FROM payloads
       WHERE NOT EXISTS (SELECT 1 FROM steps WHERE input_ref = payloads.sha256)
         AND NOT EXISTS (SELECT 1 FROM steps WHERE output_ref = payloads.sha256)";
 
+/// A new, queued task: `create_task`'s insert.
+const INSERT_TASK: &str = "INSERT INTO tasks
+    (id, tenant, idempotency_key, priority, run_at, deadline_at, status, goal, planner, llm,
+     model, tools, options, max_steps, timeout_ms, created_at, max_retries, trace_parent,
+     schedule_id, scheduled_for, cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread,
+     memory_namespace, response_format, tool_call, images)
+  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+          ?18, ?19, 0, ?20, ?21, ?22, ?23, ?24, ?25, ?26)";
+
 fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
     // The writer applies one write at a time, so look-then-insert cannot race.
     if let Some(key) = &task.idempotency_key {
@@ -785,48 +794,35 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
     let id = uuid::Uuid::now_v7().to_string();
     // Inserted, then read back, rather than `INSERT ... RETURNING *`: see
     // `append_event_stored`.
-    conn.prepare_cached(
-            "INSERT INTO tasks (id, tenant, idempotency_key, priority, run_at, deadline_at, status,
-                                goal, planner, llm, model, tools, options, max_steps, timeout_ms,
-                                created_at, max_retries, trace_parent, schedule_id, scheduled_for,
-                                cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread,
-                                memory_namespace, response_format, tool_call, images)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18, ?19, 0, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
-        )?
-        .execute(
-            params![
-                id,
-                task.tenant,
-                task.idempotency_key,
-                task.priority,
-                task.run_at,
-                task.deadline_at,
-                task.goal,
-                task.planner,
-                task.llm,
-                task.model,
-                json!(task.tools).to_string(),
-                task.options.to_string(),
-                task.max_steps,
-                task.timeout.as_millis() as i64,
-                now_millis(),
-                task.max_retries,
-                task.trace_parent,
-                task.schedule.as_ref().map(|run| &run.schedule_id),
-                task.schedule.as_ref().map(|run| run.tick),
-                task.budget.max_tokens.map(|n| n as i64),
-                task.budget.max_cost_nanos,
-                task.thread,
-                task.memory_namespace,
-                task.response_format.as_ref().map(|f| json!(f).to_string()),
-                task.call.as_ref().map(|call| json!(call).to_string()),
-                (!task.images.is_empty()).then(|| json!(task.images).to_string()),
-            ],
-        )?;
-    let record = conn
-        .prepare_cached("SELECT * FROM tasks WHERE id = ?1")?
-        .query_row([&id], |row| Ok(task_from_row(row)))??;
+    conn.prepare_cached(INSERT_TASK)?.execute(params![
+        id,
+        task.tenant,
+        task.idempotency_key,
+        task.priority,
+        task.run_at,
+        task.deadline_at,
+        task.goal,
+        task.planner,
+        task.llm,
+        task.model,
+        json!(task.tools).to_string(),
+        task.options.to_string(),
+        task.max_steps,
+        task.timeout.as_millis() as i64,
+        now_millis(),
+        task.max_retries,
+        task.trace_parent,
+        task.schedule.as_ref().map(|run| &run.schedule_id),
+        task.schedule.as_ref().map(|run| run.tick),
+        task.budget.max_tokens.map(|n| n as i64),
+        task.budget.max_cost_nanos,
+        task.thread,
+        task.memory_namespace,
+        task.response_format.as_ref().map(|f| json!(f).to_string()),
+        task.call.as_ref().map(|call| json!(call).to_string()),
+        (!task.images.is_empty()).then(|| json!(task.images).to_string()),
+    ])?;
+    let record = find_task(conn, &id)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
     let event = append_event(conn, &id, event_kind::TASK_QUEUED, queued_event_data(task))?;
     Ok(Reply::Created(record, Some(event)))
 }
@@ -1157,12 +1153,16 @@ fn finish_task(conn: &Connection, fence: &Fence, end: &TaskEnd) -> Result<EventR
     )
 }
 
-fn cancel(conn: &Connection, id: &str) -> Result<CancelOutcome> {
-    let task = conn
-        .prepare_cached("SELECT * FROM tasks WHERE id = ?1")?
+/// The task `id`, if there is one.
+fn find_task(conn: &Connection, id: &str) -> Result<Option<TaskRecord>> {
+    conn.prepare_cached("SELECT * FROM tasks WHERE id = ?1")?
         .query_row([id], |row| Ok(task_from_row(row)))
         .optional()?
-        .ok_or_else(|| StoreError::NotFound(id.to_owned()))??;
+        .transpose()
+}
+
+fn cancel(conn: &Connection, id: &str) -> Result<CancelOutcome> {
+    let task = find_task(conn, id)?.ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
     match task.status {
         TaskStatus::Queued | TaskStatus::WaitingApproval => {
             // A waiting task holds no claim: it ends here, like a queued one.
