@@ -15,14 +15,17 @@ pub mod approvals;
 /// thread's task passes only while no other task of its thread is running
 /// or waiting for approval and none older is queued: only the oldest unfinished task of a thread is
 /// ever claimable. Both engines spell it alike. It reads the thread's
-/// queued and running tasks only (`tasks_thread_unfinished`). Why this holds
+/// queued and running tasks only (`tasks_thread_unfinished`, whose condition
+/// it repeats word for word: SQLite uses a partial index only for a query
+/// that says what its condition says). Why this holds
 /// with several hosts claiming at once: docs/architecture.md, "Threads".
 macro_rules! thread_is_free {
     () => {
         "(tasks.thread IS NULL OR NOT EXISTS (
              SELECT 1 FROM tasks AS earlier
               WHERE earlier.tenant = tasks.tenant AND earlier.thread = tasks.thread
-                AND earlier.status IN ('queued', 'running', 'waiting_approval')
+                AND (earlier.status = 'queued' OR earlier.status = 'running'
+                     OR earlier.status = 'waiting_approval')
                 AND earlier.id <> tasks.id
                 AND (earlier.status <> 'queued' OR earlier.id < tasks.id)))"
     };

@@ -718,7 +718,10 @@ fn skip_memory_statistics() {
 
 #[cfg(test)]
 mod tests {
-    use super::writer::{CLAIM_EXPIRED, CLAIM_QUEUED, RENEW_LEASES};
+    use super::writer::{
+        CLAIM_EXPIRED, CLAIM_QUEUED, FINISH_STEP, FINISH_TASK, INSERT_EVENT, INSERT_TASK,
+        RENEW_LEASES, START_STEP,
+    };
     use super::*;
     use crate::store::conformance;
     use crate::store::event_kind;
@@ -1002,6 +1005,36 @@ mod tests {
                     "a thread's check reads its unfinished tasks only: {plan:#?}"
                 );
             }
+        }
+    }
+
+    /// The writes every step makes build no temporary b-tree: SQLite opens
+    /// one (with a page cache of its own) whenever it runs a CHECK written
+    /// as `IN` three or more constants, so the status checks are written
+    /// with OR (migration 0018).
+    #[tokio::test]
+    async fn a_step_s_writes_open_no_temporary_b_tree() {
+        let (store, dir) = open_temporary().await;
+        drop(store);
+        let conn = rusqlite::Connection::open(dir.path().join("opspawn.db")).unwrap();
+        conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+        for statement in [
+            INSERT_TASK,
+            START_STEP,
+            FINISH_STEP,
+            FINISH_TASK,
+            INSERT_EVENT,
+        ] {
+            let mut explain = conn.prepare(&format!("EXPLAIN {statement}")).unwrap();
+            let mut rows = explain.raw_query();
+            let mut opcodes = Vec::new();
+            while let Some(row) = rows.next().unwrap() {
+                opcodes.push(row.get::<_, String>(1).unwrap());
+            }
+            assert!(
+                !opcodes.iter().any(|opcode| opcode == "OpenEphemeral"),
+                "{statement}\nopens a temporary b-tree: {opcodes:?}"
+            );
         }
     }
 

@@ -647,7 +647,8 @@ fn delete_thread(conn: &Connection, tenant: &str, thread: &str) -> Result<Thread
     let active: i64 = conn
         .prepare_cached(
             "SELECT COUNT(*) FROM tasks
-              WHERE tenant = ?1 AND thread = ?2 AND status IN ('queued', 'running', 'waiting_approval')",
+              WHERE tenant = ?1 AND thread = ?2 AND thread IS NOT NULL
+                AND (status = 'queued' OR status = 'running' OR status = 'waiting_approval')",
         )?
         .query_row((tenant, thread), |row| row.get(0))?;
     if active > 0 {
@@ -772,7 +773,7 @@ const PRUNE_ORPHAN_PAYLOADS: &str = "DELETE FROM payloads
         AND NOT EXISTS (SELECT 1 FROM steps WHERE output_ref = payloads.sha256)";
 
 /// A new, queued task: `create_task`'s insert.
-const INSERT_TASK: &str = "INSERT INTO tasks
+pub(super) const INSERT_TASK: &str = "INSERT INTO tasks
     (id, tenant, idempotency_key, priority, run_at, deadline_at, status, goal, planner, llm,
      model, tools, options, max_steps, timeout_ms, created_at, max_retries, trace_parent,
      schedule_id, scheduled_for, cost_nanos, budget_max_tokens, budget_max_cost_nanos, thread,
@@ -977,6 +978,20 @@ fn renew_leases(conn: &Connection, fences: &[Fence], lease: Duration) -> Result<
     Ok(renewals(fences, renewed))
 }
 
+/// A step's start. A step still marked running was in flight when an
+/// earlier claim died: it runs again under the same sequence number (and
+/// idempotency key); a finished one is left alone.
+pub(super) const START_STEP: &str = "INSERT INTO steps
+    (task_id, seq, kind, plugin, status, input, input_ref, attempt, started_at, plugin_sha256,
+     planner_sha256)
+  VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8, ?9, ?10)
+  ON CONFLICT (task_id, seq) DO UPDATE
+     SET kind = excluded.kind, plugin = excluded.plugin, input = excluded.input,
+         input_ref = excluded.input_ref, attempt = excluded.attempt,
+         started_at = excluded.started_at, plugin_sha256 = excluded.plugin_sha256,
+         planner_sha256 = excluded.planner_sha256
+   WHERE steps.status = 'running'";
+
 /// Journals a step's start; the caller has checked the fence.
 fn start_step(
     conn: &Connection,
@@ -991,32 +1006,18 @@ fn start_step(
         &input_text
     };
     let started_at = now_millis();
-    // A step still marked running was in flight when an earlier claim died:
-    // it runs again under the same sequence number (and idempotency key).
-    let written = conn
-        .prepare_cached(
-            "INSERT INTO steps (task_id, seq, kind, plugin, status, input, input_ref, attempt,
-                                started_at, plugin_sha256, planner_sha256)
-             VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7, ?8, ?9, ?10)
-             ON CONFLICT (task_id, seq) DO UPDATE
-                SET kind = excluded.kind, plugin = excluded.plugin, input = excluded.input,
-                    input_ref = excluded.input_ref, attempt = excluded.attempt,
-                    started_at = excluded.started_at, plugin_sha256 = excluded.plugin_sha256,
-                    planner_sha256 = excluded.planner_sha256
-              WHERE steps.status = 'running'",
-        )?
-        .execute(params![
-            fence.task_id,
-            step.seq,
-            step.kind.as_str(),
-            step.plugin,
-            stored_input,
-            input_ref,
-            fence.attempt,
-            started_at,
-            step.versions.plugin_sha256,
-            step.versions.planner_sha256,
-        ])?;
+    let written = conn.prepare_cached(START_STEP)?.execute(params![
+        fence.task_id,
+        step.seq,
+        step.kind.as_str(),
+        step.plugin,
+        stored_input,
+        input_ref,
+        fence.attempt,
+        started_at,
+        step.versions.plugin_sha256,
+        step.versions.planner_sha256,
+    ])?;
     if written == 0 {
         return Err(StoreError::Config(format!(
             "step {} of task {} has already finished and cannot start again",
@@ -1048,6 +1049,12 @@ const CHARGE_TENANT: &str =
             output_tokens = tenant_usage.output_tokens + excluded.output_tokens,
             cost_nanos = tenant_usage.cost_nanos + excluded.cost_nanos";
 
+/// A running step's end.
+pub(super) const FINISH_STEP: &str = "UPDATE steps
+    SET status = ?1, output = ?2, output_ref = ?3, error_code = ?4, error_message = ?5,
+        input_tokens = ?6, output_tokens = ?7, finished_at = ?8
+  WHERE task_id = ?9 AND seq = ?10 AND status = 'running'";
+
 /// Journals a step's end; the caller has checked the fence.
 fn finish_step(
     conn: &Connection,
@@ -1063,25 +1070,18 @@ fn finish_step(
     };
     let error = end.output.as_ref().err();
     let finished_at = end.finished_at;
-    let written = conn
-        .prepare_cached(
-            "UPDATE steps
-                SET status = ?1, output = ?2, output_ref = ?3, error_code = ?4, error_message = ?5,
-                    input_tokens = ?6, output_tokens = ?7, finished_at = ?8
-              WHERE task_id = ?9 AND seq = ?10 AND status = 'running'",
-        )?
-        .execute(params![
-            StepStatus::of(&end.output).as_str(),
-            stored_output,
-            output_ref,
-            error.map(|e| &e.code),
-            error.map(|e| &e.message),
-            end.usage.map(|u| u.input_tokens as i64),
-            end.usage.map(|u| u.output_tokens as i64),
-            finished_at,
-            fence.task_id,
-            seq,
-        ])?;
+    let written = conn.prepare_cached(FINISH_STEP)?.execute(params![
+        StepStatus::of(&end.output).as_str(),
+        stored_output,
+        output_ref,
+        error.map(|e| &e.code),
+        error.map(|e| &e.message),
+        end.usage.map(|u| u.input_tokens as i64),
+        end.usage.map(|u| u.output_tokens as i64),
+        finished_at,
+        fence.task_id,
+        seq,
+    ])?;
     if written == 0 {
         return Err(StoreError::Config(format!(
             "step {seq} of task {} is not running",
@@ -1122,6 +1122,12 @@ fn finish_step(
     Ok((record, event))
 }
 
+/// A task's end, which lets its claim go.
+pub(super) const FINISH_TASK: &str = "UPDATE tasks
+    SET status = ?1, result = ?2, error_code = ?3, error_message = ?4, finished_at = ?5,
+        lease_owner = NULL, lease_expires_at = NULL
+  WHERE id = ?6";
+
 /// Journals the task's end; the caller has checked the fence.
 fn finish_task(conn: &Connection, fence: &Fence, end: &TaskEnd) -> Result<EventRecord> {
     let (result, error) = match end {
@@ -1131,13 +1137,7 @@ fn finish_task(conn: &Connection, fence: &Fence, end: &TaskEnd) -> Result<EventR
         TaskEnd::Cancelled => (None, None),
     };
     let status = end.status();
-    conn.prepare_cached(
-        "UPDATE tasks
-            SET status = ?1, result = ?2, error_code = ?3, error_message = ?4, finished_at = ?5,
-                lease_owner = NULL, lease_expires_at = NULL
-          WHERE id = ?6",
-    )?
-    .execute(params![
+    conn.prepare_cached(FINISH_TASK)?.execute(params![
         status.as_str(),
         result,
         error.map(|e| &e.code),
@@ -1193,6 +1193,11 @@ fn cancel(conn: &Connection, id: &str) -> Result<CancelOutcome> {
     }
 }
 
+/// An event of a task's history, numbered by `NEXT_EVENT_SEQ`.
+pub(super) const INSERT_EVENT: &str =
+    "INSERT INTO events (task_id, seq, kind, data, at) VALUES (?1, ?2, ?3, ?4, ?5)";
+const NEXT_EVENT_SEQ: &str = "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE task_id = ?1";
+
 fn append_event(conn: &Connection, task_id: &str, kind: &str, data: Value) -> Result<EventRecord> {
     append_event_stored(conn, task_id, kind, &data.to_string(), data)
 }
@@ -1212,12 +1217,10 @@ fn append_event_stored(
     // writer holds the write lock for the whole batch, so nothing can take
     // the sequence number between the two.
     let seq: i64 = conn
-        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE task_id = ?1")?
+        .prepare_cached(NEXT_EVENT_SEQ)?
         .query_row(params![task_id], |row| row.get(0))?;
-    conn.prepare_cached(
-        "INSERT INTO events (task_id, seq, kind, data, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![task_id, seq, kind, stored, at])?;
+    conn.prepare_cached(INSERT_EVENT)?
+        .execute(params![task_id, seq, kind, stored, at])?;
     Ok(EventRecord {
         task_id: task_id.to_owned(),
         seq,
