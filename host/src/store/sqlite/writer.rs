@@ -175,12 +175,17 @@ impl Writer {
         let conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // WAL is a property of the file (set when it was migrated); the rest
-        // belong to the connection. The page cache (16 MiB) keeps the pages
-        // writes touch, the tables' and indexes' latest, from being read again.
+        // belong to the connection. The page cache (4 MiB, 1,024 pages) keeps
+        // the pages writes touch, the tables' and indexes' latest, from being
+        // read again. Not more: a commit after a b-tree split that swapped
+        // two pages walks every cached page (SQLite parks one at the lock
+        // page's number meanwhile, and the commit drops every page past the
+        // end of the file), so a bigger cache costs more per commit than it
+        // saves in reads: with 16 MiB that walk took 2.4 % of a server's CPU.
         conn.execute_batch(
             "PRAGMA synchronous = NORMAL;
              PRAGMA foreign_keys = ON;
-             PRAGMA cache_size = -16384;",
+             PRAGMA cache_size = -4096;",
         )?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let (jobs, queue) = mpsc::channel(4 * MAX_BATCH);
