@@ -283,6 +283,54 @@ pub struct NewTask {
     pub images: Vec<Image>,
 }
 
+impl NewTask {
+    /// The task as the store holds it right after inserting it under `id`
+    /// at `created_at`: what reading the row back would give, without the
+    /// read.
+    pub fn into_queued_record(self, id: String, created_at: Millis) -> TaskRecord {
+        let (schedule_id, scheduled_for) = match self.schedule {
+            Some(run) => (Some(run.schedule_id), Some(run.tick)),
+            None => (None, None),
+        };
+        TaskRecord {
+            id,
+            tenant: self.tenant,
+            idempotency_key: self.idempotency_key,
+            priority: self.priority,
+            run_at: self.run_at,
+            deadline_at: self.deadline_at,
+            status: TaskStatus::Queued,
+            goal: self.goal,
+            planner: self.planner,
+            llm: self.llm,
+            model: self.model,
+            tools: self.tools,
+            options: self.options,
+            max_steps: self.max_steps,
+            max_retries: self.max_retries,
+            timeout_ms: self.timeout.as_millis() as i64,
+            result: None,
+            error: None,
+            attempt: 0,
+            cancel_requested: false,
+            usage: Usage::default(),
+            cost_nanos: Some(0),
+            budget: self.budget,
+            created_at,
+            started_at: None,
+            finished_at: None,
+            trace_parent: self.trace_parent,
+            schedule_id,
+            scheduled_for,
+            thread: self.thread,
+            memory_namespace: self.memory_namespace,
+            response_format: self.response_format,
+            call: self.call,
+            images: self.images,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskRecord {
     pub id: String,
@@ -1253,6 +1301,51 @@ pub(crate) mod conformance {
             call: None,
             images: Vec::new(),
         }
+    }
+
+    /// A new task is answered as the store holds it: the record
+    /// `create_task` gives (which SQLite's writer builds without reading
+    /// the row back) is the one `get_task` reads, every field set.
+    pub async fn a_new_task_is_answered_as_it_is_stored(store: &dyn Store) {
+        let task = NewTask {
+            tenant: "acme".into(),
+            idempotency_key: Some("key-1".into()),
+            run_at: Some(now_millis() + 60_000),
+            deadline_at: Some(now_millis() + 120_000),
+            model: Some("gpt-test".into()),
+            tools: vec!["calculator".into(), "word-count".into()],
+            options: serde_json::json!({"planner": {"max_steps": 3}, "llm": {"temperature": 0.5}}),
+            schedule: Some(super::schedules::ScheduledRun {
+                schedule_id: "schedule-1".into(),
+                tick: 1_700_000_000_000,
+            }),
+            budget: TaskBudget {
+                max_tokens: Some(1000),
+                max_cost_nanos: Some(5_000_000),
+            },
+            thread: Some("thread-1".into()),
+            memory_namespace: Some("notes".into()),
+            response_format: Some(ResponseFormat {
+                name: "answer".into(),
+                schema: serde_json::json!({"type": "object"}),
+                strict: true,
+            }),
+            call: Some(ToolCall {
+                id: "call-1".into(),
+                name: "calculator".into(),
+                arguments: serde_json::json!({"expression": "1+1"}),
+            }),
+            images: vec![Image::Url {
+                url: "https://example.com/a.png".into(),
+            }],
+            ..new_task("every field", 7, None)
+        };
+        let (created, event) = store.create_task(task).await.unwrap();
+        assert!(event.is_some(), "a new task has its task.queued event");
+        let stored = store.get_task(&created.id).await.unwrap().unwrap();
+        assert_eq!(created, stored);
+        let plain = store.create_task(new_task("plain", 0, None)).await.unwrap().0;
+        assert_eq!(plain, store.get_task(&plain.id).await.unwrap().unwrap());
     }
 
     /// A schedule in UTC ticking every second, due at `due`.

@@ -2180,6 +2180,14 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
+    async fn a_new_task_is_answered_as_it_is_stored() {
+        let (store, schema) = temporary_store().await;
+        crate::store::conformance::a_new_task_is_answered_as_it_is_stored(&store).await;
+        drop_schema(&store, &schema).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres"]
     async fn a_due_schedule_gets_one_run_per_tick() {
         let (store, schema) = temporary_store().await;
         crate::store::conformance::a_due_schedule_gets_one_run_per_tick(&store).await;

@@ -961,6 +961,12 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_task_is_answered_as_it_is_stored() {
+        let (store, _dir) = open_temporary().await;
+        conformance::a_new_task_is_answered_as_it_is_stored(&store).await;
+    }
+
+    #[tokio::test]
     async fn approvals_are_answered_once_and_requeue_when_all_are() {
         let (store, _dir) = open_temporary().await;
         conformance::approvals_are_answered_once_and_requeue_when_all_are(&store).await;

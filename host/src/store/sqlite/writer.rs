@@ -307,7 +307,7 @@ fn copy_error(error: &rusqlite::Error) -> StoreError {
 
 fn apply(conn: &Connection, op: WriteOp) -> Result<Reply> {
     match op {
-        WriteOp::CreateTask(task) => create_task(conn, &task),
+        WriteOp::CreateTask(task) => create_task(conn, task),
         WriteOp::Claim { worker, lease, max } => {
             claim_batch(conn, &worker, lease, max).map(Reply::Claimed)
         }
@@ -756,7 +756,7 @@ fn fire_due_schedules(conn: &Connection, rules: &FireRules) -> Result<Fired> {
                 continue;
             }
             let task = schedule.template.run(&schedule.tenant, &schedule.id, tick);
-            match create_task(conn, &task)? {
+            match create_task(conn, task)? {
                 Reply::Created(record, Some(event)) => fired.runs.push((record, event)),
                 _ => unreachable!("a task without an idempotency key is always new"),
             }
@@ -786,7 +786,7 @@ pub(super) const INSERT_TASK: &str = "INSERT INTO tasks
   VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
           ?18, ?19, 0, ?20, ?21, ?22, ?23, ?24, ?25, ?26)";
 
-fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
+fn create_task(conn: &Connection, task: NewTask) -> Result<Reply> {
     // The writer applies one write at a time, so look-then-insert cannot race.
     if let Some(key) = &task.idempotency_key {
         let existing = conn
@@ -798,8 +798,9 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
         }
     }
     let id = uuid::Uuid::now_v7().to_string();
-    // Inserted, then read back, rather than `INSERT ... RETURNING *`: see
-    // `append_event_stored`.
+    let created_at = now_millis();
+    // Inserted without `RETURNING *` (see `append_event_stored`), and not
+    // read back either: the row is what was inserted.
     conn.prepare_cached(INSERT_TASK)?.execute(params![
         id,
         task.tenant,
@@ -815,7 +816,7 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
         task.options.to_string(),
         task.max_steps,
         task.timeout.as_millis() as i64,
-        now_millis(),
+        created_at,
         task.max_retries,
         task.trace_parent,
         task.schedule.as_ref().map(|run| &run.schedule_id),
@@ -828,9 +829,11 @@ fn create_task(conn: &Connection, task: &NewTask) -> Result<Reply> {
         task.call.as_ref().map(|call| json!(call).to_string()),
         (!task.images.is_empty()).then(|| json!(task.images).to_string()),
     ])?;
-    let record = find_task(conn, &id)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
-    let event = append_event(conn, &id, event_kind::TASK_QUEUED, queued_event_data(task))?;
-    Ok(Reply::Created(record, Some(event)))
+    let event = append_event(conn, &id, event_kind::TASK_QUEUED, queued_event_data(&task))?;
+    Ok(Reply::Created(
+        task.into_queued_record(id, created_at),
+        Some(event),
+    ))
 }
 
 /// Claims the running tasks whose lease expired, longest expired first
