@@ -1344,7 +1344,11 @@ pub(crate) mod conformance {
         assert!(event.is_some(), "a new task has its task.queued event");
         let stored = store.get_task(&created.id).await.unwrap().unwrap();
         assert_eq!(created, stored);
-        let plain = store.create_task(new_task("plain", 0, None)).await.unwrap().0;
+        let plain = store
+            .create_task(new_task("plain", 0, None))
+            .await
+            .unwrap()
+            .0;
         assert_eq!(plain, store.get_task(&plain.id).await.unwrap().unwrap());
     }
 
