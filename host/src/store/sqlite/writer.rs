@@ -649,6 +649,9 @@ fn expire_approvals(conn: &Connection, now: Millis) -> Result<Vec<EventRecord>> 
 /// writer applies one write at a time, so nothing is claimed or added in
 /// between the look and the delete.
 fn delete_thread(conn: &Connection, tenant: &str, thread: &str) -> Result<ThreadDeletion> {
+    // `thread IS NOT NULL` adds nothing to `thread = ?2` but states the
+    // condition of `tasks_thread_unfinished`, which SQLite needs in order to
+    // use that partial index (see `thread_is_free!`).
     let active: i64 = conn
         .prepare_cached(
             "SELECT COUNT(*) FROM tasks
