@@ -156,16 +156,48 @@ ensure_api_fuzzer() {
 # Playwright for Python (PyPI), which drives the dashboard's browser tests
 # (tests/integration/dashboard.rs), in a virtualenv in
 # "$CARGO_TARGET_DIR/ui-tests" (outside the clone, reused by later runs);
-# pinned in tests/fixtures/ui/requirements.txt. It drives Debian's Chromium
-# (.ci/run installs it): Playwright's own browser downloads are never used.
+# pinned in tests/fixtures/ui/requirements.txt. It drives Debian's Chromium,
+# installed here when missing (about a minute, once per machine):
+# Playwright's own browser downloads are never used.
 ui_test_venv="$CARGO_TARGET_DIR/ui-tests/venv"
 ensure_ui_test_deps() {
     ensure_venv "$ui_test_venv" "$repo_root/tests/fixtures/ui/requirements.txt" \
         "Playwright for Python"
-    if [[ ! -x /usr/bin/chromium ]]; then
+    if [[ -x /usr/bin/chromium ]]; then
+        return
+    fi
+    if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null; then
         echo "/usr/bin/chromium is missing: the dashboard's browser tests need Debian's" >&2
-        echo "chromium package (apt-get install chromium chromium-driver; .ci/run does it)." >&2
+        echo "chromium package; install it with: sudo apt-get install chromium chromium-driver" >&2
         exit 1
+    fi
+    echo "==> installing Chromium (the dashboard's browser tests)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+}
+
+# The release build of the host workspace (dependencies, the server, the
+# bench and every test), started in the background so that it runs while
+# the tests' peers and tools are installed and the plugins' own tests run:
+# those mostly wait on the network or use one core, and a cold build is
+# most of a run. Its lines are marked `[host build]`.
+host_build_pid=
+start_host_build() {
+    echo "==> building the host workspace and its tests in the background"
+    cargo test --release --workspace --no-run > >(sed -u 's/^/[host build] /') 2>&1 &
+    host_build_pid=$!
+    trap 'if [[ -n "$host_build_pid" ]]; then kill "$host_build_pid" 2>/dev/null || true; fi' EXIT
+}
+
+# Waits for start_host_build's build, failing as it did.
+finish_host_build() {
+    echo "==> waiting for the host build"
+    local status=0
+    wait "$host_build_pid" || status=$?
+    host_build_pid=
+    if [[ "$status" != 0 ]]; then
+        echo "the host build failed (its lines above are marked [host build])" >&2
+        exit "$status"
     fi
 }
 

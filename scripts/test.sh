@@ -10,6 +10,7 @@ source "$(dirname "$0")/common.sh"
 cd "$repo_root"
 
 ensure_wasm_target
+start_host_build
 ensure_mcp_peers
 # componentize-py and componentize-js, and the Python and JavaScript example
 # tools the end-to-end tests load (cached: about a minute when cold).
@@ -18,6 +19,7 @@ ensure_ui_test_deps
 
 echo "==> plugin unit tests (native)"
 cargo test --release --manifest-path plugins/Cargo.toml --target-dir "$plugin_target_dir/native"
+finish_host_build
 
 # The end-to-end tests mostly wait on servers, peers and browsers, so they
 # run more at once than there are cores: 4 on 2 cores took the SQLite pass
