@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::SERVER_LOG;
 use crate::end_to_end::{ScratchDir, server_binary};
-use crate::stats::{millis, row};
+use crate::stats::row;
 
 /// How long every answer of the mock provider takes.
 pub const LLM_LATENCY: Duration = Duration::from_secs(2);
@@ -107,7 +107,10 @@ pub async fn run(tasks: usize) -> anyhow::Result<usize> {
         "throughput",
         format!("{:.0} tasks/s", tasks as f64 / wall.as_secs_f64()),
     );
-    row("server CPU per task", millis(cpu / tasks.max(1) as u32));
+    row(
+        "server CPU per task",
+        format!("{:.2} ms", cpu.as_secs_f64() * 1e3 / tasks.max(1) as f64),
+    );
     row("server peak RSS", format!("{} MB", peak_rss >> 20));
     row(
         "waiting on the LLM at once",

@@ -231,3 +231,22 @@ async fn a_tenant_with_a_full_queue_is_refused_and_others_are_not() {
     let (status, body) = submit(tokens[1], 5).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
 }
+
+/// The server turns transparent huge pages off for itself: its allocator
+/// asks for them, and then every first touch of a growing heap zeroes a
+/// whole 2 MiB page and a region partly used counts 2 MiB resident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_runs_without_transparent_huge_pages() {
+    let harness = Harness::start();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", harness.server.pid()))
+        .expect("reading the server's /proc status");
+    let thp = status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(
+        thp,
+        Some("0"),
+        "the server's /proc status should say THP_enabled: 0"
+    );
+}
