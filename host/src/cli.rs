@@ -703,12 +703,6 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<i32> {
     }
 }
 
-/// The `opspawn` process from start to end: reads the command line, runs
-/// it on a multi-threaded runtime and returns the exit code. It lives here
-/// rather than in `main.rs` so that the whole async call tree below it is
-/// compiled once, in this library: release builds share no generic code
-/// between crates, and the binary's `block_on` of it compiled it all a
-/// second time (about 90 s of every build on 2 cores).
 /// Turns transparent huge pages off for this process. mimalloc asks for
 /// them on the regions it allocates from (`madvise(MADV_HUGEPAGE)`), so
 /// the first touch of each 2 MiB of a growing heap zeroed a whole huge page,
@@ -727,6 +721,12 @@ fn disable_transparent_huge_pages() {
     }
 }
 
+/// The `opspawn` process from start to end: reads the command line, runs
+/// it on a multi-threaded runtime and returns the exit code. It lives here
+/// rather than in `main.rs` so that the whole async call tree below it is
+/// compiled once, in this library: release builds share no generic code
+/// between crates, and the binary's `block_on` of it compiled it all a
+/// second time (about 90 s of every build on 2 cores).
 pub fn run_process() -> i32 {
     crate::install_tls_provider();
     // wasmtime builds an error value every time a plugin's store is dropped,

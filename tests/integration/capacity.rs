@@ -238,14 +238,8 @@ async fn a_tenant_with_a_full_queue_is_refused_and_others_are_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_runs_without_transparent_huge_pages() {
     let harness = Harness::start();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", harness.server.pid()))
-        .expect("reading the server's /proc status");
-    let thp = status
-        .lines()
-        .find_map(|line| line.strip_prefix("THP_enabled:"))
-        .map(str::trim);
     assert_eq!(
-        thp,
+        harness.server_status("THP_enabled").as_deref(),
         Some("0"),
         "the server's /proc status should say THP_enabled: 0"
     );

@@ -13,12 +13,9 @@ use crate::{FINISH, Harness, calculator_task, steps};
 
 /// The server's peak resident memory so far (`VmHWM`), in bytes.
 fn peak_rss(harness: &Harness) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", harness.server.pid()))
-        .expect("reading the server's /proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+    let kib: u64 = harness
+        .server_status("VmHWM")
+        .and_then(|value| value.trim_end_matches("kB").trim().parse().ok())
         .expect("a VmHWM line");
     kib << 10
 }

@@ -87,6 +87,17 @@ impl Harness {
         Self::start_with(&[])
     }
 
+    /// A field of the server's `/proc/<pid>/status` (`VmHWM`, `THP_enabled`,
+    /// ...), its value trimmed; `None` when the kernel shows no such field.
+    pub fn server_status(&self, field: &str) -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.server.pid()))
+            .expect("reading the server's /proc status");
+        status.lines().find_map(|line| {
+            let value = line.strip_prefix(field)?.strip_prefix(':')?;
+            Some(value.trim().to_owned())
+        })
+    }
+
     /// Starts a server with `env` added to its environment (after, so
     /// overriding, what the harness sets).
     pub fn start_with(env: &[(&str, &str)]) -> Self {
