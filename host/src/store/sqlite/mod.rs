@@ -1044,6 +1044,96 @@ mod tests {
         }
     }
 
+    /// Migration 0019 rebuilds `steps` and `events` as rowid tables (see
+    /// docs/architecture.md, "The store"): a database made before it keeps
+    /// every row, column for column, and the store reads them.
+    #[tokio::test]
+    async fn steps_and_events_keep_their_rows_when_they_become_rowid_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("opspawn.db");
+        let url = format!("sqlite://{}", path.display());
+        let mut conn = SqliteConnection::connect_with(
+            &SqliteConnectOptions::from_str(&url)
+                .unwrap()
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap();
+        MIGRATOR.run_to(18, &mut conn).await.unwrap();
+        conn.close().await.unwrap();
+
+        let rows = |conn: &rusqlite::Connection, table: &str| -> Vec<Vec<rusqlite::types::Value>> {
+            let mut select = conn
+                .prepare(&format!("SELECT * FROM {table} ORDER BY task_id, seq"))
+                .unwrap();
+            let columns = select.column_count();
+            select
+                .query_map([], |row| (0..columns).map(|i| row.get(i)).collect())
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        let schema = |conn: &rusqlite::Connection, table: &str| -> String {
+            conn.query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = ?1",
+                [table],
+                |row| row.get(0),
+            )
+            .unwrap()
+        };
+        let old = rusqlite::Connection::open(&path).unwrap();
+        old.execute_batch(
+            "INSERT INTO tasks (id, status, goal, planner, llm, tools, options, max_steps,
+                                timeout_ms, created_at)
+             VALUES ('t1', 'running', 'What is 6*7?', 'react', 'scripted', '[\"calculator\"]',
+                     '{}', 10, 60000, 1);
+             INSERT INTO steps (task_id, seq, kind, plugin, status, input, output, attempt,
+                                started_at, finished_at, input_tokens, output_tokens,
+                                plugin_sha256, planner_sha256)
+             VALUES ('t1', 2, 'tool', 'calculator', 'running', '{\"expression\":\"6*7\"}',
+                     NULL, 1, 20, NULL, NULL, NULL, 'abc', 'def'),
+                    ('t1', 1, 'llm', 'scripted', 'succeeded', '{\"messages\":[]}',
+                     '{\"tool_calls\":[]}', 1, 10, 15, 12, 34, 'fed', 'def');
+             INSERT INTO steps (task_id, seq, kind, plugin, status, input, error_code,
+                                error_message, attempt, started_at, input_ref)
+             VALUES ('t1', 3, 'llm', 'scripted', 'failed', '{}', 'llm_error', 'no', 1, 30,
+                     'cafe');
+             INSERT INTO events (task_id, seq, kind, data, at)
+             VALUES ('t1', 1, 'task.created', '{}', 1),
+                    ('t1', 3, 'step.finished', '{\"seq\":1}', 15),
+                    ('t1', 2, 'step.started', '{\"seq\":1}', 10);",
+        )
+        .unwrap();
+        assert!(schema(&old, "steps").contains("WITHOUT ROWID"));
+        let (steps_before, events_before) = (rows(&old, "steps"), rows(&old, "events"));
+        drop(old);
+
+        let store = SqliteStore::open(&url).await.unwrap();
+        assert_eq!(store.steps("t1").await.unwrap().len(), 3);
+        drop(store);
+        let new = rusqlite::Connection::open(&path).unwrap();
+        for table in ["steps", "events"] {
+            assert!(!schema(&new, table).contains("WITHOUT ROWID"), "{table}");
+        }
+        assert_eq!(rows(&new, "steps"), steps_before);
+        assert_eq!(rows(&new, "events"), events_before);
+        let indexes: Vec<String> = new
+            .prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'steps' ORDER BY name")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            indexes.contains(&"steps_by_input_ref".to_owned()),
+            "{indexes:?}"
+        );
+        assert!(
+            indexes.contains(&"steps_by_output_ref".to_owned()),
+            "{indexes:?}"
+        );
+    }
+
     /// Every filtered list walks an index that starts with its filters, so
     /// it stops after one page: never a scan of every task, never a sort.
     #[tokio::test]
