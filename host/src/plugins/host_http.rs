@@ -8,10 +8,10 @@
 //! that exact address and TLS name, so a reused connection never bypasses a
 //! check: it was made to the very address a check just returned.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -26,7 +26,16 @@ use wasmtime_wasi_http::io::TokioIo;
 use super::outbound::{OutboundPolicy, default_port, tls_connector};
 
 /// Idle connections kept per destination; more are closed when returned.
-const MAX_IDLE_PER_DESTINATION: usize = 512;
+/// As many as a host runs tasks by default, so that each of thousands of
+/// tasks waiting on one provider finds its connection again for its next
+/// call: with 512, 10,000 tasks on a slow LLM made most of their second
+/// calls on new connections, and the server spent 5 to 10 % more CPU.
+const MAX_IDLE_PER_DESTINATION: usize = 10_000;
+/// How long a connection may stay idle in the pool, as reqwest's default.
+/// Older ones are closed when the pool is next used, for any destination;
+/// a provider closes its side sooner or later anyway, which ends the
+/// connection and frees its buffers.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Where a connection goes: the checked address and, for TLS, the name
 /// the certificate must carry.
@@ -38,10 +47,11 @@ struct Destination {
 
 type Sender = SendRequest<Full<Bytes>>;
 
-/// Idle HTTP/1.1 connections, ready for another request.
+/// Idle HTTP/1.1 connections, ready for another request, each with when it
+/// was put back: the most recent last.
 #[derive(Default)]
 pub struct ConnectionPool {
-    idle: Mutex<HashMap<Destination, Vec<Sender>>>,
+    idle: Mutex<HashMap<Destination, VecDeque<(Sender, Instant)>>>,
 }
 
 /// A response, with the connection it came on. Hand the connection back
@@ -60,8 +70,9 @@ pub struct PooledConnection {
 impl ConnectionPool {
     fn take(&self, destination: &Destination) -> Option<Sender> {
         let mut idle = self.idle.lock().expect("pool lock");
+        close_expired(&mut idle, Instant::now());
         let senders = idle.get_mut(destination)?;
-        while let Some(sender) = senders.pop() {
+        while let Some((sender, _)) = senders.pop_back() {
             if !sender.is_closed() {
                 return Some(sender);
             }
@@ -78,10 +89,12 @@ impl ConnectionPool {
         if sender.is_closed() {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().expect("pool lock");
+        close_expired(&mut idle, now);
         let senders = idle.entry(destination).or_default();
         if senders.len() < MAX_IDLE_PER_DESTINATION {
-            senders.push(sender);
+            senders.push_back((sender, now));
         }
     }
 
@@ -155,6 +168,20 @@ impl ConnectionPool {
     }
 }
 
+/// Drops the connections idle for longer than [`IDLE_TIMEOUT`] (which
+/// closes them), and the destinations left without any.
+fn close_expired(idle: &mut HashMap<Destination, VecDeque<(Sender, Instant)>>, now: Instant) {
+    idle.retain(|_, senders| {
+        while senders
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
+        {
+            senders.pop_front();
+        }
+        !senders.is_empty()
+    });
+}
+
 fn host_of(uri: &Uri) -> String {
     uri.host()
         .unwrap_or_default()
@@ -199,5 +226,52 @@ async fn connect(destination: &Destination) -> Result<Sender, HttpError> {
             tokio::spawn(connection);
             Ok(sender)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection over an in-memory pipe, whose other end is dropped.
+    async fn sender() -> Sender {
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(ours))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        sender
+    }
+
+    /// Connections idle past the timeout are closed, wherever they go,
+    /// and the rest kept in the order they came back.
+    #[tokio::test]
+    async fn connections_idle_too_long_are_closed() {
+        let destination = |port| Destination {
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            tls_name: None,
+        };
+        let start = Instant::now();
+        let mut idle = HashMap::new();
+        idle.insert(
+            destination(1),
+            VecDeque::from([
+                (sender().await, start),
+                (sender().await, start + IDLE_TIMEOUT),
+            ]),
+        );
+        idle.insert(destination(2), VecDeque::from([(sender().await, start)]));
+
+        close_expired(&mut idle, start + IDLE_TIMEOUT);
+        assert_eq!(
+            idle[&destination(1)].len(),
+            2,
+            "none is past the timeout yet"
+        );
+        close_expired(&mut idle, start + IDLE_TIMEOUT + Duration::from_millis(1));
+        assert_eq!(idle.len(), 1, "a destination left with none is dropped");
+        let kept = &idle[&destination(1)];
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].1, start + IDLE_TIMEOUT);
     }
 }
