@@ -1134,6 +1134,35 @@ mod tests {
         );
     }
 
+    /// The writer checkpoints the WAL at 16,384 pages, not at SQLite's
+    /// 1,000: 60 commits of about 25 pages each (a task with a 100 KB goal)
+    /// are all still in the WAL, where the default would have copied them
+    /// into the database once the WAL passed 1,000 pages.
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_only_past_its_own_threshold() {
+        let (store, dir) = open_temporary().await;
+        let goal = "x".repeat(100_000);
+        for _ in 0..60 {
+            store
+                .create_task(conformance::new_task(&goal, 0, None))
+                .await
+                .unwrap();
+        }
+        // While the store is open: its last connection checkpoints on close.
+        let conn = rusqlite::Connection::open(dir.path().join("opspawn.db")).unwrap();
+        let (busy, frames_in_wal): (i64, i64) = conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(busy, 0);
+        assert!(
+            (1_500..super::writer::WAL_AUTOCHECKPOINT_PAGES as i64).contains(&frames_in_wal),
+            "{frames_in_wal} frames in the WAL"
+        );
+        drop(store);
+    }
+
     /// Every filtered list walks an index that starts with its filters, so
     /// it stops after one page: never a scan of every task, never a sort.
     #[tokio::test]

@@ -44,7 +44,7 @@ const MAX_BATCH: usize = 512;
 /// copied once, so rarer checkpoints copy less: with 10,000 tasks waiting on
 /// a slow LLM, 16,384 pages (64 MiB) instead of SQLite's 1,000 cut the
 /// writer's CPU by a fifth and the time to submit them from 13 s to 5.
-const WAL_AUTOCHECKPOINT_PAGES: u32 = 16_384;
+pub(super) const WAL_AUTOCHECKPOINT_PAGES: u32 = 16_384;
 
 /// How long the writer waits on a lock another process holds (a CLI
 /// reading the same file never takes one in WAL mode; a second server would).
