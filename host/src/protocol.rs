@@ -290,6 +290,9 @@ pub struct EarlierTask {
 /// the plugin, not the journal or the tools' schemas.
 #[derive(Debug, Clone)]
 pub struct TaskState<'a> {
+    /// The task's id: never shown to the planner, it scopes the planner's
+    /// warm instances when they are kept per task.
+    pub task_id: &'a str,
     pub goal: &'a str,
     pub tools: &'a [ToolSpec],
     pub steps: Vec<&'a PlannerStep>,

@@ -147,6 +147,64 @@ async fn a_warm_instance_serves_one_tenant_and_never_another() {
     assert_eq!(remember("globex-token", "after").await, (1, Value::Null));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_planner_serves_one_tenant_and_never_another() {
+    // Planners reuse warm instances as tools do: the fixture remembers the
+    // goal of the task it planned before, and its instances are kept per
+    // tenant for three calls.
+    let (harness, _config) = authenticated_with_plugins("", |plugins| {
+        plugins.add(
+            "remembering",
+            "remembering_planner",
+            Some("[instances]\nreuse = \"tenant\"\nmax_calls = 3\n"),
+        );
+    });
+    let client = harness.client();
+    let plan = async |token: &str, goal: &str| {
+        let task = json!({"goal": goal, "planner": "remembering"});
+        let (status, task) = send(&client, "POST", "/v1/tasks", Some(token), Some(&task)).await;
+        assert_eq!(status, StatusCode::CREATED, "{task}");
+        let task = finished(&client, token, task["id"].as_str().unwrap()).await;
+        assert_eq!(task["status"], "succeeded", "{task:#}");
+        let answer: Value = serde_json::from_str(task["result"].as_str().unwrap()).unwrap();
+        (
+            answer["calls"].as_u64().unwrap(),
+            answer["previous"].clone(),
+        )
+    };
+
+    assert_eq!(plan("acme-token", "acme's plan").await, (1, Value::Null));
+    assert_eq!(
+        plan("acme-token", "acme's second").await,
+        (2, json!("acme's plan"))
+    );
+    // Another tenant's task never sees acme's instance.
+    assert_eq!(
+        plan("globex-token", "globex's plan").await,
+        (1, Value::Null)
+    );
+    assert_eq!(
+        plan("acme-token", "acme's third").await,
+        (3, json!("acme's second"))
+    );
+    // After max_calls the instance is let go.
+    assert_eq!(plan("acme-token", "acme's fourth").await, (1, Value::Null));
+}
+
+/// Waits for task `id` of `token`'s tenant to end, and returns it.
+async fn finished(client: &Client, token: &str, id: &str) -> Value {
+    let path = format!("/v1/tasks/{id}");
+    let deadline = std::time::Instant::now() + FINISH;
+    loop {
+        let (_, task) = send(client, "GET", &path, Some(token), None).await;
+        if ["succeeded", "failed", "cancelled"].contains(&task["status"].as_str().unwrap_or("")) {
+            return task;
+        }
+        assert!(std::time::Instant::now() < deadline, "unfinished: {task:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs one tool of the misbehaving fixture as `token`'s tenant and returns
 /// its step.
 async fn tool_step_as(client: &Client, token: &str, tool: &str, arguments: Value) -> Value {
@@ -159,18 +217,10 @@ async fn tool_step_as(client: &Client, token: &str, tool: &str, arguments: Value
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{task}");
-    let path = format!("/v1/tasks/{}", task["id"].as_str().unwrap());
-    let deadline = std::time::Instant::now() + FINISH;
-    loop {
-        let (_, task) = send(client, "GET", &path, Some(token), None).await;
-        if ["succeeded", "failed", "cancelled"].contains(&task["status"].as_str().unwrap_or("")) {
-            let step = task["steps"][1].clone();
-            assert_eq!(step["kind"], "tool", "{task:#}");
-            return step;
-        }
-        assert!(std::time::Instant::now() < deadline, "unfinished: {task:#}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let task = finished(client, token, task["id"].as_str().unwrap()).await;
+    let step = task["steps"][1].clone();
+    assert_eq!(step["kind"], "tool", "{task:#}");
+    step
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

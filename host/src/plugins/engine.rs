@@ -32,7 +32,7 @@ pub struct EngineOptions {
     pub max_memory_bytes: u64,
     /// How many plugin instances may be alive at once.
     pub max_instances: u32,
-    /// How many of them may wait warm between calls (tools that ask for
+    /// How many of them may wait warm between calls (plugins that ask for
     /// reuse); each holds its instance slot meanwhile.
     pub max_idle_instances: u32,
 }

@@ -7,6 +7,7 @@
 //! `read-stream` reads each batch of server-sent events as it arrives. While
 //! the provider thinks, the call is a parked future: no thread, no instance.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,8 +21,10 @@ use super::bindings::v0_2::llm_adapter::LlmAdapterPre;
 use super::bindings::v0_2::translate as wit;
 use super::convert::v0_2 as convert;
 use super::host_http::PooledResponse;
+use super::manifest::InstanceReuse;
 use super::registry::Plugin;
 use super::state::{Budget, CallState};
+use super::warm::WarmKey;
 use super::{CallError, PluginRuntime, SlotKind, llm_timeout};
 use crate::protocol::{
     CallContext, ChatMessage, ChatRequest, ChatResponse, FinishReason, LlmError, LlmErrorKind,
@@ -44,8 +47,11 @@ const MAX_EVENTS_PER_BATCH: usize = 256;
 
 pub(super) struct TranslatedCall<'a> {
     pub runtime: &'a PluginRuntime,
-    pub plugin: &'a Plugin,
+    pub plugin: &'a Arc<Plugin>,
     pub pre: &'a LlmAdapterPre<CallState>,
+    /// Where its instances wait between translations, when the adapter's
+    /// manifest asks for reuse.
+    pub warm: Option<(WarmKey, InstanceReuse)>,
     /// Whose task the call is for (see [`CallContext::tenant`]).
     pub tenant: Option<&'a str>,
     pub deltas: Option<&'a mpsc::UnboundedSender<String>>,
@@ -169,7 +175,8 @@ impl TranslatedCall<'_> {
         })
     }
 
-    /// Runs one translation in a fresh instance.
+    /// Runs one translation, in a warm instance when the adapter asks for
+    /// reuse and one waits, else in a fresh one.
     async fn translate<T>(
         &self,
         call: impl AsyncFnOnce(
@@ -178,17 +185,16 @@ impl TranslatedCall<'_> {
         ) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
         self.runtime
-            .call(
+            .call_reusing(
                 self.plugin,
                 SlotKind::Compute,
                 self.tenant,
+                self.warm.clone(),
                 None,
                 crate::memory::MemoryHandle::default(),
                 self.trace,
-                async |store| {
-                    let instance = self.pre.instantiate_async(&mut *store).await?;
-                    call(store, &instance).await
-                },
+                async |store| self.pre.instantiate_async(store).await,
+                call,
             )
             .await
     }

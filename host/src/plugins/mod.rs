@@ -526,16 +526,7 @@ impl PluginRuntime {
         } else {
             SlotKind::NetworkBound
         };
-        let warm = plugin
-            .info
-            .instance_reuse
-            .filter(|_| self.options.engine.max_idle_instances > 0)
-            .map(|reuse| {
-                (
-                    warm::WarmKey::of(plugin, &reuse, tenant, &context.task_id),
-                    reuse,
-                )
-            });
+        let warm = self.warm_key(plugin, tenant, &context.task_id);
         let outcome = match entry {
             ToolEntry::V0_1(pre) => {
                 let context = convert::v0_1::context_to_wit(context);
@@ -620,38 +611,41 @@ impl PluginRuntime {
         let max_calls = plugin.info.limits.max_tool_calls;
         let tenant = state.tenant;
         let memory = state.memory.clone();
+        let warm = self.warm_key(plugin, tenant, state.task_id);
         let outcome = match entry {
             PlannerEntry::V0_1(pre) => {
-                let state = convert::v0_1::state_to_wit(state);
-                self.call(
+                let wit_state = convert::v0_1::state_to_wit(state);
+                self.call_reusing(
                     plugin,
                     SlotKind::Compute,
                     tenant,
+                    warm,
                     None,
                     memory.clone(),
                     trace,
-                    async |store| {
-                        let instance = pre.instantiate_async(&mut *store).await?;
+                    async |store| pre.instantiate_async(store).await,
+                    async |store, instance: &bindings::v0_1::planner::Planner| {
                         let planning = instance.opspawn_plugin_planning();
-                        let action = planning.call_next_action(store, &state).await?;
+                        let action = planning.call_next_action(store, &wit_state).await?;
                         Ok(action.map(|a| convert::v0_1::action_from_wit_bounded(a, max_calls)))
                     },
                 )
                 .await?
             }
             PlannerEntry::V0_2(pre) => {
-                let state = convert::v0_2::state_to_wit(state);
-                self.call(
+                let wit_state = convert::v0_2::state_to_wit(state);
+                self.call_reusing(
                     plugin,
                     SlotKind::Compute,
                     tenant,
+                    warm,
                     None,
                     memory.clone(),
                     trace,
-                    async |store| {
-                        let instance = pre.instantiate_async(&mut *store).await?;
+                    async |store| pre.instantiate_async(store).await,
+                    async |store, instance: &bindings::v0_2::planner::Planner| {
                         let planning = instance.opspawn_plugin_planning();
-                        let action = planning.call_next_action(store, &state).await?;
+                        let action = planning.call_next_action(store, &wit_state).await?;
                         Ok(action.map(|a| convert::v0_2::action_from_wit_bounded(a, max_calls)))
                     },
                 )
@@ -721,6 +715,7 @@ impl PluginRuntime {
                         runtime: self,
                         plugin,
                         pre,
+                        warm: self.warm_key(plugin, tenant, &context.task_id),
                         tenant,
                         deltas: deltas.as_ref(),
                         deadline,
@@ -733,17 +728,19 @@ impl PluginRuntime {
                     call.run(context, request).await?
                 }
                 AdapterEntry::Calling(pre) => {
+                    let warm = self.warm_key(plugin, tenant, &context.task_id);
                     let context = convert::v0_1::context_to_wit(context);
                     let request = convert::v0_1::request_to_wit(request);
-                    let call = self.call(
+                    let call = self.call_reusing(
                         plugin,
                         SlotKind::NetworkBound,
                         tenant,
+                        warm,
                         deltas,
                         MemoryHandle::default(),
                         trace,
-                        async |store| {
-                            let instance = pre.instantiate_async(&mut *store).await?;
+                        async |store| pre.instantiate_async(store).await,
+                        async |store, instance: &bindings::v0_1::llm_adapter::LlmAdapter| {
                             let chat = instance.opspawn_plugin_chat();
                             let response = chat.call_complete(store, &context, &request).await?;
                             Ok(response
@@ -801,6 +798,22 @@ impl PluginRuntime {
         result
     }
 
+    /// The warm-instance key of a call of `plugin` for `task` of `tenant`,
+    /// with the plugin's reuse rules, when its manifest asks for reuse and
+    /// the host keeps idle instances at all.
+    fn warm_key(
+        &self,
+        plugin: &Arc<Plugin>,
+        tenant: Option<&str>,
+        task: &str,
+    ) -> Option<(warm::WarmKey, manifest::InstanceReuse)> {
+        let reuse = plugin
+            .info
+            .instance_reuse
+            .filter(|_| self.options.engine.max_idle_instances > 0)?;
+        Some((warm::WarmKey::of(plugin, &reuse, tenant, task), reuse))
+    }
+
     /// [`PluginRuntime::call`] for a plugin whose instances may be reused
     /// (`warm`: the call's key and the plugin's reuse rules): the call takes
     /// a warm instance when one waits under its key, and `instantiate`s
@@ -833,7 +846,9 @@ impl PluginRuntime {
                 });
             let (mut store, exports, slot, calls) = match reused {
                 Some((mut store, exports, slot, calls)) => {
-                    store.data_mut().begin_reuse(&plugin.info.limits, memory);
+                    store
+                        .data_mut()
+                        .begin_reuse(&plugin.info.limits, memory, deltas);
                     arm_deadline(&mut store, plugin.info.limits.call_timeout);
                     (store, Some(exports), slot, calls)
                 }

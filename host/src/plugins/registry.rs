@@ -942,12 +942,6 @@ impl PluginRuntime {
             }
         };
         let instance_reuse = manifest.instances.reuse()?;
-        if instance_reuse.is_some() && kind != PluginKind::Tool {
-            return Err(format!(
-                "its manifest asks for [instances] reuse, which only tools have; this is a \
-                 {kind}: remove the [instances] section"
-            ));
-        }
         if manifest.capabilities.memory
             && (kind == PluginKind::LlmAdapter || version == WitVersion::V0_1)
         {

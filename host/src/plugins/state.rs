@@ -123,8 +123,14 @@ impl CallState {
     /// budgets start again, the call's share of its folders' quota is taken
     /// anew, and what earlier calls printed is forgotten. What the instance
     /// holds in its own memory stays: that is the point of reusing it.
-    pub fn begin_reuse(&mut self, limits: &Limits, memory: MemoryHandle) {
+    pub fn begin_reuse(
+        &mut self,
+        limits: &Limits,
+        memory: MemoryHandle,
+        deltas: Option<mpsc::UnboundedSender<String>>,
+    ) {
         self.memory = memory;
+        self.deltas = deltas;
         self.memory_calls = 0;
         self.limiter.refused = false;
         self.output.clear();
@@ -141,6 +147,7 @@ impl CallState {
     /// can be measured again while the instance waits.
     pub fn end_reused_call(&mut self) {
         self.memory = MemoryHandle::default();
+        self.deltas = None;
         self.note_dropped();
         self.folders = None;
     }

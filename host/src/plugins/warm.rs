@@ -1,5 +1,6 @@
-//! Warm instances: tools whose manifest asks for it (`[instances] reuse`)
-//! keep an instance after a call and hand it to the next call of the same
+//! Warm instances: plugins (tools, planners, translating LLM adapters)
+//! whose manifest asks for it (`[instances] reuse`) keep an instance after a
+//! call and hand it to the next call of the same
 //! plugin version in the same scope (one task, or one tenant), instead of
 //! instantiating afresh. For an interpreter compiled to WebAssembly
 //! (componentize-py, componentize-js) a fresh instance costs milliseconds;

@@ -263,6 +263,7 @@ impl Run {
             }
             let planner_memory = self.memory_for(self.next_seq(), Site::Planner);
             let state = TaskState {
+                task_id: &self.task.id,
                 goal: &self.task.goal,
                 tools: &tools,
                 steps: self.planner_steps.values().collect(),
