@@ -62,6 +62,13 @@ impl EventBus {
         let _ = self.sender.send(Arc::new(event));
     }
 
+    /// Whether anyone is subscribed: what is built only for subscribers
+    /// (a step's input in its `step.started` event) can be skipped when not.
+    /// One who subscribes later reads the store first, which has the event.
+    pub fn has_subscribers(&self) -> bool {
+        self.sender.receiver_count() > 0
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
         self.sender.subscribe()
     }

@@ -54,6 +54,15 @@ async fn events_stream_live_then_end_with_the_task() {
         (1..=9).collect::<Vec<_>>(),
         "ids count up from 1 without gaps"
     );
+    // Each step.started carries its step's input, the live ones too (the
+    // store keeps the input in the step's row only, and the host adds it to
+    // the event for whoever is watching).
+    let task = client.task(&id).await.unwrap();
+    let started = journaled.iter().filter(|e| e.event == "step.started");
+    for (event, step) in started.zip(task["steps"].as_array().unwrap()) {
+        assert!(!step["input"].is_null(), "{step:#}");
+        assert_eq!(event.data["data"]["input"], step["input"], "{event:?}");
+    }
     let last = journaled.last().unwrap();
     assert_eq!(last.data["data"]["status"], "succeeded");
     assert_eq!(last.data["data"]["result"], "42");

@@ -677,7 +677,7 @@ impl Run {
             versions,
         };
         let store = &self.shared.store;
-        let (record, event) = match self.unwritten_end.take() {
+        let (record, mut event) = match self.unwritten_end.take() {
             None => store.start_step(&self.fence, start).await?,
             Some(end) => {
                 let [(finished, finished_event), started] = store
@@ -689,6 +689,11 @@ impl Run {
                 started
             }
         };
+        // The store keeps the input in the step's row only; the event gets
+        // it for whoever is watching.
+        if self.shared.events.has_subscribers() {
+            crate::store::restore_step_input(&mut event, &record);
+        }
         self.shared.events.journaled(event);
         self.remember(record);
 

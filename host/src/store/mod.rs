@@ -1180,22 +1180,21 @@ fn payload_or_note(payload: &Value, bytes: usize) -> Value {
     }
 }
 
-/// A `step.started` event as it is stored, and as it is published. The
-/// stored one leaves the input out: the step's own row holds it, and the
-/// input of an LLM step is the whole conversation so far, which the journal
-/// would otherwise write twice. [`restore_step_inputs`] puts it back when
-/// events are read.
-fn step_started_event(step: &StepRecord, input_bytes: usize) -> (String, Value) {
+/// A `step.started` event as it is stored (as text, and as the event's
+/// data): without the input. The step's own row holds it, and the input of
+/// an LLM step is the whole conversation so far, which the journal would
+/// otherwise write twice. [`restore_step_inputs`] puts it back when events
+/// are read, and [`restore_step_input`] before one is published to a
+/// subscriber.
+fn step_started_event(step: &StepRecord) -> (String, Value) {
     let mut data = step_event_base(step);
     data["plugin_sha256"] = serde_json::json!(step.versions.plugin_sha256);
     data["planner_sha256"] = serde_json::json!(step.versions.planner_sha256);
-    let stored = data.to_string();
-    data["input"] = payload_or_note(&step.input, input_bytes);
-    (stored, data)
+    (data.to_string(), data)
 }
 
 /// Puts each stored `step.started` event's input back, from the task's
-/// steps, as [`step_started_event`] published it.
+/// steps.
 fn restore_step_inputs(events: &mut [EventRecord], steps: &[StepRecord]) {
     for event in events {
         if event.kind != event_kind::STEP_STARTED || event.data.get("input").is_some() {
@@ -1203,14 +1202,20 @@ fn restore_step_inputs(events: &mut [EventRecord], steps: &[StepRecord]) {
         }
         let seq = event.data["seq"].as_u64();
         if let Some(step) = steps.iter().find(|s| Some(u64::from(s.seq)) == seq) {
-            let bytes = if step.input.is_null() {
-                0
-            } else {
-                step.input.to_string().len()
-            };
-            event.data["input"] = payload_or_note(&step.input, bytes);
+            restore_step_input(event, step);
         }
     }
+}
+
+/// Puts the input of `step` into its `step.started` event, inline, or as a
+/// note of its size when it is kept out of line.
+pub fn restore_step_input(event: &mut EventRecord, step: &StepRecord) {
+    let bytes = if step.input.is_null() {
+        0
+    } else {
+        step.input.to_string().len()
+    };
+    event.data["input"] = payload_or_note(&step.input, bytes);
 }
 
 /// Whether any of `events` was stored without its step's input.

@@ -614,7 +614,7 @@ async fn start_step(
     let started_at = now_millis();
     // Everything in the row is known here: nothing is read back.
     let record = step.into_record(fence.attempt, started_at);
-    let (stored, data) = step_started_event(&record, input_text.len());
+    let (stored, data) = step_started_event(&record);
     // A step still marked running was in flight when an earlier claim died:
     // it runs again under the same sequence number (and idempotency key).
     let event_seq: Option<i64> = sqlx::query_scalar(START_STEP)

@@ -1050,7 +1050,7 @@ fn start_step(
     }
     // Everything in the row is known here: nothing is read back.
     let record = step.into_record(fence.attempt, started_at);
-    let (stored, data) = step_started_event(&record, input_text.len());
+    let (stored, data) = step_started_event(&record);
     let event = append_event_stored(
         conn,
         &fence.task_id,
