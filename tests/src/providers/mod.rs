@@ -143,18 +143,23 @@ impl Provider {
     /// The `[adapter.settings]` of the shipped manifest, which configure
     /// the component for this provider.
     fn shipped_settings(self) -> toml::Table {
-        let path = self.shipped_manifest();
-        let manifest: toml::Table = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-            .parse()
-            .unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
-        match manifest
+        match self
+            .shipped_table()
             .get("adapter")
             .and_then(|adapter| adapter.get("settings"))
         {
             Some(toml::Value::Table(settings)) => settings.clone(),
             _ => toml::Table::new(),
         }
+    }
+
+    /// The shipped manifest, parsed.
+    fn shipped_table(self) -> toml::Table {
+        let path = self.shipped_manifest();
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+            .parse()
+            .unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
     }
 
     /// The variable the adapter reads its base URL from.
@@ -229,7 +234,7 @@ impl Provider {
     /// A manifest in the shape the shipped ones have: the base URL from the
     /// adapter's variable (which the tests set to a mock), the key as a
     /// credential the host adds from the server's environment, and the
-    /// shipped settings.
+    /// shipped settings and warm instances (`[instances]`).
     pub fn manifest(self) -> String {
         self.manifest_with_setting(None)
     }
@@ -264,6 +269,11 @@ value = "{value}"
                 .as_table_mut()
                 .expect("[adapter] is a table")
                 .insert("settings".into(), toml::Value::Table(settings));
+        }
+        // Warm instances as shipped, so the tests run the adapter as it is
+        // installed.
+        if let Some(instances) = self.shipped_table().get("instances") {
+            manifest.insert("instances".into(), instances.clone());
         }
         toml::to_string(&manifest).expect("a table serializes")
     }
