@@ -2,6 +2,10 @@
 //! `data: [DONE]`, tool calls arriving in fragments keyed by their index.
 //! Each chunk is translated on its own; the host joins the fragments.
 
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::Value;
 
 use super::response::{arguments, body_error, finish_reason, usage};
@@ -20,6 +24,22 @@ pub fn decode(
         parts.push(StreamPart::Done);
         return Ok(());
     }
+    match PlainChunk::read(data) {
+        Some(chunk) => {
+            chunk.decode(context, parts);
+            Ok(())
+        }
+        None => decode_tree(provider, data, context, parts),
+    }
+}
+
+/// A chunk of any shape, read as a JSON tree.
+pub(super) fn decode_tree(
+    provider: &Provider,
+    data: &str,
+    context: &ReplyContext,
+    parts: &mut Vec<StreamPart>,
+) -> Result<(), LlmError> {
     let chunk = json::event(provider, data, "a stream chunk")?;
     if let Some(error) = body_error(provider, &chunk, data.as_bytes()) {
         return Err(error);
@@ -74,4 +94,84 @@ pub fn decode(
 /// The first chunk of a reply, which gives the assistant role.
 fn opens_the_reply(chunk: &Value) -> bool {
     chunk["choices"][0]["delta"]["role"].is_string()
+}
+
+/// The chunk nearly every event of a reply is: text (or a finish reason)
+/// for choice 0, with no tool call, usage or error. It is read straight
+/// into borrowed text, without a JSON tree, since a reply streams one such
+/// chunk every few characters. Anything else, or anything typed otherwise,
+/// is not a plain chunk and goes the general way ([`decode_tree`]), which
+/// reads the same chunk to the same parts.
+#[derive(Deserialize)]
+pub(super) struct PlainChunk<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    choices: Vec<PlainChoice<'a>>,
+    #[serde(default)]
+    usage: Option<IgnoredAny>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct PlainChoice<'a> {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(borrow, default)]
+    delta: PlainDelta<'a>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Default)]
+struct PlainDelta<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<IgnoredAny>,
+}
+
+impl<'a> PlainChunk<'a> {
+    /// `data` as a plain chunk, if it is one.
+    pub(super) fn read(data: &'a str) -> Option<Self> {
+        let chunk: Self = serde_json::from_str(data).ok()?;
+        let plain = chunk.usage.is_none()
+            && chunk.error.is_none()
+            && chunk
+                .choices
+                .iter()
+                .all(|choice| choice.index.unwrap_or(0) == 0 && choice.delta.tool_calls.is_none());
+        plain.then_some(chunk)
+    }
+
+    /// The parts [`decode_tree`] would make of it.
+    fn decode(self, context: &ReplyContext, parts: &mut Vec<StreamPart>) {
+        match self.model.filter(|model| !model.is_empty()) {
+            Some(model) => parts.push(StreamPart::Model(model.into_owned())),
+            None if self
+                .choices
+                .first()
+                .is_some_and(|choice| choice.delta.role.is_some()) =>
+            {
+                parts.push(StreamPart::Model(context.model.clone()));
+            }
+            None => {}
+        }
+        for choice in self.choices {
+            let delta = choice.delta;
+            for text in [delta.content, delta.refusal].into_iter().flatten() {
+                if !text.is_empty() {
+                    parts.push(StreamPart::Text(text.into_owned()));
+                }
+            }
+            if let Some(reason) = choice.finish_reason {
+                parts.push(StreamPart::Finish(finish_reason(&reason)));
+            }
+        }
+    }
 }

@@ -637,3 +637,48 @@ fn sampling_options_are_read_from_the_options_and_checked() {
         error.message
     );
 }
+
+/// The plain-chunk reading gives what the JSON-tree reading gives, for the
+/// chunks it takes, and leaves every other chunk to it.
+#[test]
+fn plain_chunks_are_read_as_the_json_tree_reads_them() {
+    let plain = [
+        r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o","service_tier":"default","system_fingerprint":"fp","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}],"usage":null}"#,
+        r#"{"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hel\"lo\n é"}}]}"#,
+        r#"{"model":"","choices":[{"delta":{"role":"assistant"}}]}"#,
+        r#"{"choices":[{"delta":{"content":"no model"}}]}"#,
+        r#"{"model":"m","choices":[{"index":0,"delta":{"refusal":"I can't"},"finish_reason":"content_filter"}]}"#,
+        r#"{"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"length"}],"error":null}"#,
+        r#"{"model":"m","choices":[]}"#,
+        r#"{}"#,
+    ];
+    let other = [
+        r#"{"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#,
+        r#"{"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"f","arguments":"{}"}}]}}]}"#,
+        r#"{"model":"m","choices":[{"index":1,"delta":{"content":"second"}}]}"#,
+        r#"{"error":{"message":"overloaded","code":503}}"#,
+        r#"{"model":7,"choices":[{"delta":{"content":"a number for a model"}}]}"#,
+        r#"{"model":"m","choices":[{"delta":null}]}"#,
+        r#"not json"#,
+    ];
+    let by_tree = |data: &str| {
+        let mut parts = Vec::new();
+        stream::decode_tree(&OPENAI, data, &context(), &mut parts).map(|()| parts)
+    };
+    let by_decode = |data: &str| {
+        let mut parts = Vec::new();
+        let event = SseEvent {
+            event: None,
+            data: data.to_owned(),
+        };
+        stream::decode(&OPENAI, &event, &context(), &mut parts).map(|()| parts)
+    };
+    for data in plain {
+        assert!(stream::PlainChunk::read(data).is_some(), "{data}");
+        assert_eq!(by_decode(data), by_tree(data), "{data}");
+    }
+    for data in other {
+        assert!(stream::PlainChunk::read(data).is_none(), "{data}");
+        assert_eq!(by_decode(data), by_tree(data), "{data}");
+    }
+}
