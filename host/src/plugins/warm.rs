@@ -1,4 +1,4 @@
-//! Warm instances: plugins (tools, planners, translating LLM adapters)
+//! Warm instances: plugins (tools, planners, LLM adapters)
 //! whose manifest asks for it (`[instances] reuse`) keep an instance after a
 //! call and hand it to the next call of the same
 //! plugin version in the same scope (one task, or one tenant), instead of
