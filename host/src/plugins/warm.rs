@@ -1,10 +1,11 @@
-//! Warm instances: plugins (tools, planners, LLM adapters)
-//! whose manifest asks for it (`[instances] reuse`) keep an instance after a
-//! call and hand it to the next call of the same
-//! plugin version in the same scope (one task, or one tenant), instead of
-//! instantiating afresh. For an interpreter compiled to WebAssembly
-//! (componentize-py, componentize-js) a fresh instance costs milliseconds;
-//! a warm one costs what the call itself does.
+//! Warm instances: plugins (tools, planners, LLM adapters) whose manifest
+//! asks for it (`[instances] reuse`) keep an instance after a call and hand
+//! it to the next call of the same plugin version in the same scope (one
+//! task, or one tenant), instead of instantiating afresh. For an
+//! interpreter compiled to WebAssembly (componentize-py, componentize-js) a
+//! fresh instance costs milliseconds; a warm one costs what the call itself
+//! does. A Rust planner or adapter costs tens of microseconds afresh, called
+//! several times per task.
 //!
 //! What is kept: the instance's `Store`, its typed exports, and the
 //! instance slot it holds (so the engine's pool is never asked for more

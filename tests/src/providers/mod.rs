@@ -140,19 +140,6 @@ impl Provider {
             .join(format!("{}.toml", self.plugin()))
     }
 
-    /// The `[adapter.settings]` of the shipped manifest, which configure
-    /// the component for this provider.
-    fn shipped_settings(self) -> toml::Table {
-        match self
-            .shipped_table()
-            .get("adapter")
-            .and_then(|adapter| adapter.get("settings"))
-        {
-            Some(toml::Value::Table(settings)) => settings.clone(),
-            _ => toml::Table::new(),
-        }
-    }
-
     /// The shipped manifest, parsed.
     fn shipped_table(self) -> toml::Table {
         let path = self.shipped_manifest();
@@ -260,7 +247,16 @@ value = "{value}"
             value = self.auth_value(&format!("${{{}}}", self.key_var())),
         );
         let mut manifest: toml::Table = manifest.parse().expect("the manifest is TOML");
-        let mut settings = self.shipped_settings();
+        // The shipped manifest's `[adapter.settings]`, which configure the
+        // component for this provider.
+        let shipped = self.shipped_table();
+        let mut settings = match shipped
+            .get("adapter")
+            .and_then(|adapter| adapter.get("settings"))
+        {
+            Some(toml::Value::Table(settings)) => settings.clone(),
+            _ => toml::Table::new(),
+        };
         if let Some((key, value)) = setting {
             settings.insert(key.into(), value.into());
         }
@@ -272,7 +268,7 @@ value = "{value}"
         }
         // Warm instances as shipped, so the tests run the adapter as it is
         // installed.
-        if let Some(instances) = self.shipped_table().get("instances") {
+        if let Some(instances) = shipped.get("instances") {
             manifest.insert("instances".into(), instances.clone());
         }
         toml::to_string(&manifest).expect("a table serializes")
