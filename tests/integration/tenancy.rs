@@ -100,7 +100,7 @@ async fn tokens_are_required_and_tenants_see_only_their_own_tasks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_instance_serves_one_tenant_and_never_another() {
-    // The fixture's instances are reused per tenant, for three calls each.
+    // The fixture's `remember` tool keeps the note of its call before.
     let (harness, _config) = authenticated_with_plugins("", |plugins| {
         let manifest =
             format!("{MISBEHAVING_MANIFEST}\n[instances]\nreuse = \"tenant\"\nmax_calls = 3\n");
@@ -116,29 +116,10 @@ async fn a_warm_instance_serves_one_tenant_and_never_another() {
         )
     };
 
-    assert_eq!(
-        remember("acme-token", "acme's secret").await,
-        (1, Value::Null)
-    );
-    // The same tenant's next task gets the same instance, memory and all...
-    assert_eq!(
-        remember("acme-token", "acme's second").await,
-        (2, json!("acme's secret"))
-    );
-    // ...another tenant never does: its first call finds a fresh instance.
-    assert_eq!(remember("globex-token", "globex's").await, (1, Value::Null));
+    assert_warm_per_tenant(&remember).await;
     assert_eq!(
         remember("globex-token", "globex's second").await,
         (2, json!("globex's"))
-    );
-    // Three calls, and the instance is let go: the fourth starts afresh.
-    assert_eq!(
-        remember("acme-token", "acme's third").await,
-        (3, json!("acme's second"))
-    );
-    assert_eq!(
-        remember("acme-token", "acme's fourth").await,
-        (1, Value::Null)
     );
 
     // A call that fails takes its instance with it.
@@ -150,8 +131,7 @@ async fn a_warm_instance_serves_one_tenant_and_never_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_planner_serves_one_tenant_and_never_another() {
     // Planners reuse warm instances as tools do: the fixture remembers the
-    // goal of the task it planned before, and its instances are kept per
-    // tenant for three calls.
+    // goal of the task it planned before.
     let (harness, _config) = authenticated_with_plugins("", |plugins| {
         plugins.add(
             "remembering",
@@ -173,22 +153,28 @@ async fn a_warm_planner_serves_one_tenant_and_never_another() {
         )
     };
 
-    assert_eq!(plan("acme-token", "acme's plan").await, (1, Value::Null));
+    assert_warm_per_tenant(&plan).await;
+}
+
+/// The warm-instance scenario of a plugin whose instances are kept per
+/// tenant for three calls, and which answers with how many calls its
+/// instance has served and the note of the call before: `call` runs one
+/// task as the tenant of a token, with a note.
+async fn assert_warm_per_tenant(call: impl AsyncFn(&str, &str) -> (u64, Value)) {
+    assert_eq!(call("acme-token", "acme's first").await, (1, Value::Null));
+    // The same tenant's next task gets the same instance, memory and all...
     assert_eq!(
-        plan("acme-token", "acme's second").await,
-        (2, json!("acme's plan"))
+        call("acme-token", "acme's second").await,
+        (2, json!("acme's first"))
     );
-    // Another tenant's task never sees acme's instance.
+    // ...another tenant never does: its first call finds a fresh instance.
+    assert_eq!(call("globex-token", "globex's").await, (1, Value::Null));
+    // Three calls, and the instance is let go: the fourth starts afresh.
     assert_eq!(
-        plan("globex-token", "globex's plan").await,
-        (1, Value::Null)
-    );
-    assert_eq!(
-        plan("acme-token", "acme's third").await,
+        call("acme-token", "acme's third").await,
         (3, json!("acme's second"))
     );
-    // After max_calls the instance is let go.
-    assert_eq!(plan("acme-token", "acme's fourth").await, (1, Value::Null));
+    assert_eq!(call("acme-token", "acme's fourth").await, (1, Value::Null));
 }
 
 /// Waits for task `id` of `token`'s tenant to end, and returns it.
