@@ -28,11 +28,21 @@ function route() {
 
 /** What the view showing now must stop (timers, streams) when it goes. */
 let leaving = null;
+/** How many times a view was rendered: a view whose number is not the last has been left. */
+let renders = 0;
 
 /** The context a view gets: where to render, and how to report a failure. */
 function context() {
+  const rendered = ++renders;
   return {
     main,
+    /**
+     * Whether the view was left meanwhile (another was rendered while it
+     * loaded): it must then neither render nor start anything.
+     */
+    left() {
+      return rendered !== renders;
+    },
     /** Shows an API error; a refused token asks for another. */
     fail(error) {
       if (!error.unauthenticated) {
@@ -44,8 +54,12 @@ function context() {
       leaving = null;
       askForToken(error);
     },
-    /** Runs `stop` when the view is left. */
+    /** Runs `stop` when the view is left (at once, if it already was). */
     onLeave(stop) {
+      if (rendered !== renders) {
+        stop();
+        return;
+      }
       const previous = leaving;
       leaving = () => {
         if (previous) previous();

@@ -11,6 +11,7 @@ export default async function task(context, id) {
   try {
     record = await get(`/v1/tasks/${encodeURIComponent(id)}`);
   } catch (error) {
+    if (context.left()) return;
     if (error.code === "task_not_found" || error.code === "route_not_found") {
       noSuch(context, "task", id);
     } else {
@@ -18,6 +19,8 @@ export default async function task(context, id) {
     }
     return;
   }
+  // Left while it loaded: the view shown now owns the page.
+  if (context.left()) return;
   new TaskPage(context, record).start();
 }
 
