@@ -59,6 +59,8 @@ use postgres::postgres_throughput;
 
 const USAGE: &str = "usage: opspawn-bench [--tasks N (300)] [--concurrency C (16)] [--calls N (2000)] \
      [--slow-llm-tasks N (10000; 0 skips the section)] \
+     [--slow-llm-provider tls|tls-http1|cleartext (tls: HTTPS offering HTTP/2, as hosted \
+     providers are)] \
      [--telemetry-rounds N (3; 0 skips the section)] [--only SECTION] \
      [--postgres URL (none: skip the Postgres sections)] \
      [--threads (each client's tasks continue a conversation thread of its own)] \
@@ -136,7 +138,7 @@ async fn run() -> anyhow::Result<()> {
         println!();
     }
     if args.runs("slow-llm") && args.slow_llm_tasks > 0 {
-        failed += slow_llm::run(args.slow_llm_tasks).await?;
+        failed += slow_llm::run(args.slow_llm_tasks, args.slow_llm_provider).await?;
         measured += args.slow_llm_tasks;
         println!();
     }
@@ -167,6 +169,8 @@ struct Args {
     calls: usize,
     /// Tasks of the slow-LLM section.
     slow_llm_tasks: usize,
+    /// How the slow-LLM section's mock provider serves.
+    slow_llm_provider: slow_llm::ProviderKind,
     /// Rounds of the metrics-and-traces section (each runs all three settings).
     telemetry_rounds: usize,
     /// Run only this section.
@@ -188,6 +192,7 @@ impl Args {
             concurrency: 16,
             calls: 2000,
             slow_llm_tasks: 10_000,
+            slow_llm_provider: slow_llm::ProviderKind::Tls,
             telemetry_rounds: 3,
             only: None,
             postgres: None,
@@ -212,6 +217,13 @@ impl Args {
                     } else {
                         args.telemetry_rounds = count;
                     }
+                    continue;
+                }
+                "--slow-llm-provider" => {
+                    let kind = argv
+                        .next()
+                        .with_context(|| format!("{flag} needs a kind"))?;
+                    args.slow_llm_provider = kind.parse()?;
                     continue;
                 }
                 "--only" => {

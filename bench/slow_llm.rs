@@ -1,7 +1,8 @@
 //! 5. **Thousands of agents waiting on a slow LLM.** A real `opspawn serve`
 //!    (SQLite, default settings) with the `openai` adapter pointed at a
 //!    loopback server speaking the OpenAI wire format, whose every answer
-//!    takes [`LLM_LATENCY`]. N ReAct tasks (10,000 by default) are submitted
+//!    takes [`LLM_LATENCY`]. By default it serves HTTPS and offers HTTP/2, as
+//!    hosted providers do ([`ProviderKind`]). N ReAct tasks (10,000 by default) are submitted
 //!    at once; each makes two LLM calls around one calculator call, so the
 //!    ideal wall time is two latencies. Printed: successes, wall time against
 //!    that ideal, the server's peak RSS and CPU per task, and the most LLM
@@ -26,17 +27,55 @@ const SUBMITTERS: usize = 64;
 /// How long the batch may take before the run is called a failure.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How the mock provider serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// HTTPS, offering HTTP/2 and HTTP/1.1 by ALPN, as hosted providers do.
+    Tls,
+    /// HTTPS with HTTP/1.1 only.
+    TlsHttp1,
+    /// Plain HTTP/1.1, as local inference servers do.
+    Cleartext,
+}
+
+impl std::str::FromStr for ProviderKind {
+    type Err = anyhow::Error;
+
+    fn from_str(kind: &str) -> anyhow::Result<Self> {
+        match kind {
+            "tls" => Ok(Self::Tls),
+            "tls-http1" => Ok(Self::TlsHttp1),
+            "cleartext" => Ok(Self::Cleartext),
+            _ => bail!("unknown provider kind {kind:?}: tls, tls-http1 or cleartext"),
+        }
+    }
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tls => "HTTPS offering HTTP/2 and HTTP/1.1",
+            Self::TlsHttp1 => "HTTPS with HTTP/1.1 only",
+            Self::Cleartext => "cleartext HTTP/1.1",
+        })
+    }
+}
+
 /// Runs the section; returns how many tasks did not succeed.
-pub async fn run(tasks: usize) -> anyhow::Result<usize> {
+pub async fn run(tasks: usize, kind: ProviderKind) -> anyhow::Result<usize> {
     let binary = server_binary()?;
     let provider = Provider::OpenAi;
-    let mock = MockProviders::start().await;
+    let mock = match kind {
+        ProviderKind::Tls => MockProviders::start_tls(true).await,
+        ProviderKind::TlsHttp1 => MockProviders::start_tls(false).await,
+        ProviderKind::Cleartext => MockProviders::start().await,
+    };
     mock.stop_recording();
     let plugins = PluginFolder::with_examples();
     plugins.add(
         provider.plugin(),
         provider.wasm(),
-        Some(&provider.manifest()),
+        Some(&provider.manifest_for(&mock)),
     );
     let data = ScratchDir::new("slow-llm")?;
     let base_url = mock.base_url_for(provider);
@@ -88,6 +127,7 @@ pub async fn run(tasks: usize) -> anyhow::Result<usize> {
         "Slow LLM: ReAct tasks through the openai adapter, answers taking {} s each",
         LLM_LATENCY.as_secs()
     );
+    row("provider", kind.to_string());
     row("tasks", format!("{tasks}, submitted at once"));
     row(
         "submitting took",
@@ -115,6 +155,10 @@ pub async fn run(tasks: usize) -> anyhow::Result<usize> {
     row(
         "waiting on the LLM at once",
         format!("at most {} requests", mock.max_in_flight()),
+    );
+    row(
+        "connections to the provider",
+        format!("{} made", mock.connections()),
     );
     Ok(tasks - succeeded.min(tasks) + rejected.min(tasks))
 }

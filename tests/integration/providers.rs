@@ -88,6 +88,25 @@ impl Setup {
         }
     }
 
+    /// As [`Setup::start`], the mock serving HTTPS with a certificate from
+    /// its own authority, which the adapter's manifest trusts (`ca_file`),
+    /// offering HTTP/2 by ALPN or only HTTP/1.1.
+    async fn over_tls(provider: Provider, offer_http2: bool) -> Self {
+        let mock = MockProviders::start_tls(offer_http2).await;
+        let harness = start_server(
+            provider,
+            &provider.manifest_for(&mock),
+            &mock.base_url_for(provider),
+            &provider.test_key(),
+        );
+        expect_loaded(&harness, provider).await;
+        Self {
+            provider,
+            mock,
+            harness,
+        }
+    }
+
     /// The OpenAI adapter set to speak the Responses API (its `api`
     /// setting).
     async fn responses_by_default() -> Self {
@@ -1662,6 +1681,87 @@ async fn the_policy_decides_which_endpoints_adapters_reach() {
 /// A provider that never answers is cut at the adapter's `call_timeout_ms`,
 /// retries included: the step fails with `llm_timeout` then, not after a
 /// first-byte timeout per try.
+/// Hosted providers serve HTTPS and offer HTTP/2, which carries all of a
+/// host's requests to one provider on a few connections. Each adapter's
+/// requests, streamed and not, go over HTTP/2 to a provider that offers it,
+/// and the tasks, run one after another, share one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_adapter_speaks_http2_to_a_tls_provider_that_offers_it() {
+    for provider in Provider::ALL {
+        let setup = Setup::over_tls(provider, true).await;
+        for stream in [true, false] {
+            let task = react_task(provider, models::REACT, Some(stream));
+            let (task, _) = setup.run_task(&task, stream).await;
+            setup.expect_react_success(&task);
+        }
+        let requests = setup.mock.requests();
+        assert_eq!(requests.len(), 4, "{}", setup.diagnosis());
+        for request in &requests {
+            assert_eq!(request.version, axum::http::Version::HTTP_2, "{provider}");
+            assert_eq!(
+                request.header("host"),
+                None,
+                "HTTP/2 names it in :authority"
+            );
+        }
+        assert_eq!(
+            setup.mock.connections(),
+            1,
+            "{provider}: one connection for all"
+        );
+    }
+}
+
+/// A TLS provider that does not take HTTP/2 gets HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_speaks_http1_to_a_tls_provider_without_http2() {
+    let provider = Provider::Anthropic;
+    let setup = Setup::over_tls(provider, false).await;
+    for stream in [true, false] {
+        let task = react_task(provider, models::REACT, Some(stream));
+        let (task, _) = setup.run_task(&task, stream).await;
+        setup.expect_react_success(&task);
+    }
+    for request in setup.mock.requests() {
+        assert_eq!(request.version, axum::http::Version::HTTP_11);
+        assert!(request.header("host").is_some(), "HTTP/1.1 needs a Host");
+    }
+}
+
+/// A provider whose certificate no trusted authority signed fails the task
+/// at once, naming the fix, instead of retrying what cannot succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_certificate_from_an_untrusted_authority_names_ca_file() {
+    let provider = Provider::OpenAi;
+    let mock = MockProviders::start_tls(true).await;
+    let harness = start_server(
+        provider,
+        &provider.manifest(),
+        &mock.base_url_for(provider),
+        &provider.test_key(),
+    );
+    expect_loaded(&harness, provider).await;
+    let client = harness.client();
+    let started = std::time::Instant::now();
+    let id = client
+        .submit(&react_task(provider, models::REACT, None))
+        .await
+        .unwrap();
+    let task = client.wait_until_finished(&id, FINISH).await.unwrap();
+    assert_eq!(task["status"], "failed", "task: {task:#}");
+    assert_eq!(
+        task["error"]["code"], "llm_adapter_misconfigured",
+        "{task:#}"
+    );
+    let message = task["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("UnknownIssuer") && message.contains("[adapter] ca_file"),
+        "{message}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "not retried");
+    assert!(mock.requests().is_empty(), "nothing was sent");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_provider_is_cut_at_call_timeout_ms() {
     let provider = Provider::OpenAi;

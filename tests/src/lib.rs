@@ -17,6 +17,7 @@ pub use providers::{MockProviders, Provider, ProviderRequest};
 pub use reqwest::StatusCode;
 
 pub mod providers;
+pub mod tls;
 
 /// A client for the gRPC API, generated from `proto/opspawn/v1/tasks.proto`.
 pub mod grpc {

@@ -7,7 +7,6 @@
 //! worker, no WebAssembly instance).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -624,7 +623,9 @@ fn http_transport(
         // A server's redirect is not followed: the credential stays with it.
         .redirect(reqwest::redirect::Policy::none());
     if url.starts_with("https://") {
-        client = client.tls_backend_preconfigured(tls_config(config.ca_file.as_deref())?);
+        client = client.tls_backend_preconfigured(crate::plugins::outbound::tls_config(
+            config.ca_file.as_deref(),
+        )?);
     }
     crate::install_tls_provider();
     let client = client
@@ -666,7 +667,7 @@ async fn tls_problem(config: &ServerConfig, url: &str) -> Option<String> {
     let host = parsed.host_str()?.trim_matches(['[', ']']).to_owned();
     let port = parsed.port_or_known_default()?;
     let name = rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
-    let tls = tls_config(config.ca_file.as_deref()).ok()?;
+    let tls = crate::plugins::outbound::tls_config(config.ca_file.as_deref()).ok()?;
     let limit = Duration::from_secs(5);
     let stream = tokio::time::timeout(limit, tokio::net::TcpStream::connect((host, port)))
         .await
@@ -687,42 +688,6 @@ async fn tls_problem(config: &ServerConfig, url: &str) -> Option<String> {
         }
         _ => None,
     }
-}
-
-/// TLS for an https server: the Mozilla roots, as for plugins, and the
-/// certificates in `ca_file` when the operator names one.
-pub(super) fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.into(),
-    };
-    if let Some(path) = ca_file {
-        let unreadable =
-            |e: &dyn std::fmt::Display| format!("cannot read ca_file {}: {e}", path.display());
-        let certificates = CertificateDer::pem_file_iter(path)
-            .map_err(|e| unreadable(&e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| unreadable(&e))?;
-        if certificates.is_empty() {
-            return Err(format!(
-                "ca_file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-                path.display()
-            ));
-        }
-        for certificate in certificates {
-            roots.add(certificate).map_err(|e| unreadable(&e))?;
-        }
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("cannot set up TLS: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(config)
 }
 
 /// The server's tools that the operator offers, by catalog name, with their

@@ -297,12 +297,13 @@ mod tests {
     #[test]
     fn a_ca_file_must_hold_a_certificate() {
         let empty = tempfile::NamedTempFile::new().unwrap();
-        let error = client::tls_config(Some(empty.path())).unwrap_err();
+        let error = crate::plugins::outbound::tls_config(Some(empty.path())).unwrap_err();
         assert!(error.contains("holds no PEM certificate"), "{error}");
         let error =
-            client::tls_config(Some(std::path::Path::new("/nonexistent/ca.pem"))).unwrap_err();
+            crate::plugins::outbound::tls_config(Some(std::path::Path::new("/nonexistent/ca.pem")))
+                .unwrap_err();
         assert!(error.contains("cannot read ca_file"), "{error}");
-        assert!(client::tls_config(None).is_ok());
+        assert!(crate::plugins::outbound::tls_config(None).is_ok());
     }
 
     #[test]

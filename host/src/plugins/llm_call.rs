@@ -256,7 +256,12 @@ impl TranslatedCall<'_> {
             .map_err(|e| misconfigured(format!("it prepared an invalid request: {e}")))?;
         self.runtime
             .http
-            .send(&endpoint.policy, request, CONNECT_TIMEOUT)
+            .send(
+                &endpoint.policy,
+                &endpoint.transport,
+                request,
+                CONNECT_TIMEOUT,
+            )
             .await
             .map_err(|e| match e {
                 // The endpoint's host is always granted, so a denial is the
@@ -268,6 +273,18 @@ impl TranslatedCall<'_> {
                      allow_own_server = true",
                     endpoint.base_url
                 )),
+                // A certificate no trusted authority signed stays so: the
+                // fix is the adapter's ca_file, not another try.
+                wasmtime_wasi_http::Error::Tls(error)
+                    if error.to_string().contains("UnknownIssuer") =>
+                {
+                    misconfigured(format!(
+                        "the TLS handshake with {} failed: {error}; no trusted authority signed \
+                         its certificate (if a private one did, name its certificate in the \
+                         manifest's [adapter] ca_file)",
+                        endpoint.base_url
+                    ))
+                }
                 e => self.transport_error(describe_http_error(&e, &endpoint.base_url)),
             })
     }
@@ -488,6 +505,7 @@ fn describe_http_error(error: &wasmtime_wasi_http::Error, base_url: &str) -> Str
         }
         E::ConnectionRefused => format!("{base_url} refused the connection"),
         E::ConnectionTimeout => format!("connecting to {base_url} timed out"),
+        E::Tls(error) => format!("the TLS handshake with {base_url} failed: {error}"),
         other => format!("the request to {base_url} failed: {other}"),
     }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::approvals::ApprovalRule;
 
+use super::host_http::{HttpProtocol, Transport};
 use super::outbound::{Credential, HostGrant, OutboundPolicy, ServerAddresses, template_variables};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -121,6 +122,14 @@ pub struct AdapterSection {
     /// server's environment when the plugin loads.
     pub base_url: Option<String>,
     pub credential: Option<AdapterCredential>,
+    /// Which HTTP to speak: `auto` (HTTP/2 where TLS negotiates it, else
+    /// HTTP/1.1), `http1` or `http2` (over cleartext by prior knowledge).
+    #[serde(default)]
+    pub protocol: HttpProtocol,
+    /// Certificates (PEM) to trust besides the Mozilla roots, for an https
+    /// endpoint whose certificate a private authority signed. `${VAR}` and
+    /// `${VAR:-default}` are expanded; empty means none.
+    pub ca_file: Option<String>,
     /// Handed to the adapter with every request, as a JSON object.
     #[serde(default)]
     pub settings: toml::Table,
@@ -338,6 +347,11 @@ pub struct AdapterEndpoint {
     /// Whether requests may go without the credential when it is unset.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub credential_optional: bool,
+    /// Which HTTP the host speaks to it.
+    pub protocol: HttpProtocol,
+    /// Certificates trusted besides the Mozilla roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// The adapter's settings, as handed to it.
     pub settings: serde_json::Value,
     /// The settings as the JSON text the adapter receives.
@@ -346,6 +360,9 @@ pub struct AdapterEndpoint {
     /// The base URL's host as the only grant, with the credential for it.
     #[serde(skip)]
     pub policy: Arc<OutboundPolicy>,
+    /// How connections to it are made.
+    #[serde(skip)]
+    pub transport: Transport,
 }
 
 impl AdapterEndpoint {
@@ -381,6 +398,17 @@ impl AdapterEndpoint {
             .transpose()?;
         let settings = serde_json::to_value(&section.settings)
             .map_err(|e| format!("the adapter settings cannot be JSON: {e}"))?;
+        let ca_file = match &section.ca_file {
+            Some(template) => Some(expand_with_defaults(template)?).filter(|p| !p.is_empty()),
+            None => None,
+        }
+        .map(PathBuf::from);
+        if ca_file.is_some() && !base_url.starts_with("https://") {
+            return Err(format!(
+                "[adapter] ca_file is for an https base URL, and {base_url:?} is not one"
+            ));
+        }
+        let transport = Transport::new(section.protocol, ca_file.as_deref())?;
         Ok(Some(Self {
             credential: credential.as_ref().map(|c| CredentialGrant {
                 host: origin.clone(),
@@ -388,6 +416,9 @@ impl AdapterEndpoint {
                 variables: c.variables(),
             }),
             credential_optional: section.credential.as_ref().is_some_and(|c| c.optional),
+            protocol: section.protocol,
+            ca_file,
+            transport,
             settings_json: settings.to_string().into(),
             settings,
             policy: Arc::new(OutboundPolicy {
@@ -750,6 +781,61 @@ mod tests {
         // network from it.
         assert!(grants.outbound_hosts.is_empty());
         assert!(grants.outbound.grants.is_empty());
+    }
+
+    /// `protocol` picks the HTTP the host speaks (HTTP/2 where TLS agrees,
+    /// by default), and `ca_file` trusts a private authority for an https
+    /// endpoint only; an empty expansion means none.
+    #[test]
+    fn an_adapter_endpoint_names_its_protocol_and_trusted_authority() {
+        let endpoint = |adapter: &str| {
+            let manifest: Manifest = toml::from_str(&format!("[adapter]\n{adapter}"))?;
+            let (grants, _) = manifest
+                .grants(&FolderScope::default(), None)
+                .map_err(|e| e.to_string())?;
+            Ok::<_, Box<dyn std::error::Error>>(grants.adapter.expect("an endpoint"))
+        };
+        let plain = endpoint("base_url = \"https://api.example/v1\"").unwrap();
+        assert_eq!(plain.protocol, HttpProtocol::Auto);
+        assert_eq!(plain.ca_file, None);
+
+        let http1 = endpoint("base_url = \"https://api.example/v1\"\nprotocol = \"http1\"");
+        assert_eq!(http1.unwrap().transport.protocol(), HttpProtocol::Http1);
+        let unknown = endpoint("base_url = \"https://api.example/v1\"\nprotocol = \"h3\"");
+        assert!(unknown.unwrap_err().to_string().contains("unknown variant"));
+
+        let authority = opspawn_testkit::tls::TestAuthority::new();
+        let ca = authority.ca_file().display().to_string();
+        let trusting = endpoint(&format!(
+            "base_url = \"https://10.0.0.5/v1\"\nca_file = \"{ca}\""
+        ))
+        .unwrap();
+        assert_eq!(
+            trusting.ca_file.as_deref(),
+            Some(authority.ca_file().as_path())
+        );
+        let empty = endpoint(
+            "base_url = \"https://api.example/v1\"\n\
+             ca_file = \"${OPSPAWN_TEST_UNSET_CA_FILE_7F3A:-}\"",
+        )
+        .unwrap();
+        assert_eq!(empty.ca_file, None);
+
+        let cleartext = endpoint(&format!(
+            "base_url = \"http://10.0.0.5/v1\"\nca_file = \"{ca}\""
+        ));
+        let error = cleartext.unwrap_err().to_string();
+        assert!(
+            error.contains("ca_file is for an https base URL"),
+            "{error}"
+        );
+        let missing =
+            endpoint("base_url = \"https://10.0.0.5/v1\"\nca_file = \"/nonexistent.pem\"");
+        let error = missing.unwrap_err().to_string();
+        assert!(
+            error.contains("cannot read ca_file /nonexistent.pem"),
+            "{error}"
+        );
     }
 
     /// The hint names the variables this manifest reads, set or not.

@@ -14,7 +14,7 @@ mod host_http;
 mod llm_call;
 pub mod manifest;
 mod memory_host;
-mod outbound;
+pub(crate) mod outbound;
 pub mod policy;
 mod registry;
 mod state;

@@ -57,16 +57,19 @@ pub use responses::sealed_reasoning;
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::Response;
 use futures::StreamExt;
 use serde_json::{Value, json};
+
+use crate::tls::{self, TestAuthority};
 
 /// The model names the mocks understand.
 pub mod models {
@@ -226,6 +229,23 @@ impl Provider {
         self.manifest_with_setting(None)
     }
 
+    /// [`Self::manifest`] for an adapter pointed at `mock`: trusting the
+    /// authority of a mock that serves TLS.
+    pub fn manifest_for(self, mock: &MockProviders) -> String {
+        let manifest = self.manifest();
+        match mock.ca_file() {
+            Some(ca_file) => {
+                let mut manifest: toml::Table = manifest.parse().expect("the manifest is TOML");
+                manifest["adapter"]
+                    .as_table_mut()
+                    .expect("[adapter] is a table")
+                    .insert("ca_file".into(), ca_file.display().to_string().into());
+                toml::to_string(&manifest).expect("a table serializes")
+            }
+            None => manifest,
+        }
+    }
+
     /// [`Self::manifest`] with one setting replaced or added, such as
     /// `("api", "responses")`.
     pub fn manifest_with(self, key: &str, value: &str) -> String {
@@ -327,6 +347,8 @@ pub struct ProviderRequest {
     /// (a bad path, key, header or body); `None` for accepted requests,
     /// including the ones a `mock-*` model fails on purpose.
     pub rejection: Option<String>,
+    /// The HTTP version it came over.
+    pub version: Version,
     pub at: Instant,
 }
 
@@ -343,31 +365,68 @@ pub struct MockProviders {
     addr: SocketAddr,
     shared: Arc<Shared>,
     server: tokio::task::JoinHandle<()>,
+    /// For a server over TLS: the authority that signed its certificate.
+    authority: Option<TestAuthority>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl MockProviders {
     /// Starts a server on an ephemeral loopback port, on the current tokio
-    /// runtime.
+    /// runtime, speaking HTTP/1.1 over cleartext (and HTTP/2 to a client
+    /// that starts it by prior knowledge), as local inference servers do.
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding the mock providers to loopback");
-        let addr = listener.local_addr().expect("the mock's address");
+        Self::serve(None).await
+    }
+
+    /// Starts a server over TLS, as hosted providers are, with a certificate
+    /// from an authority of its own ([`Self::ca_file`]). It offers HTTP/2
+    /// and HTTP/1.1 by ALPN, or HTTP/1.1 alone unless `offer_http2`.
+    pub async fn start_tls(offer_http2: bool) -> Self {
+        let authority = TestAuthority::new();
+        let alpn: &[&[u8]] = if offer_http2 {
+            &[b"h2", b"http/1.1"]
+        } else {
+            &[b"http/1.1"]
+        };
+        let config = authority.server_config(alpn);
+        Self::serve(Some((authority, config))).await
+    }
+
+    async fn serve(tls: Option<(TestAuthority, Arc<rustls::ServerConfig>)>) -> Self {
+        let (listener, addr) = tls::loopback_listener().await;
         let shared = Arc::new(Shared::default());
         let router = Router::new().fallback(handle).with_state(shared.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (authority, config) = tls.unzip();
+        let server = tokio::spawn(tls::serve(listener, config, router, connections.clone()));
         Self {
             addr,
             shared,
             server,
+            authority,
+            connections,
         }
     }
 
-    /// `http://127.0.0.1:<port>`
+    /// The certificate (PEM) of the authority that signed a TLS server's
+    /// certificate, for the client to trust; `None` over cleartext.
+    pub fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.authority.as_ref().map(TestAuthority::ca_file)
+    }
+
+    /// How many connections the server has accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// `http://127.0.0.1:<port>`, or `https://` over TLS.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.authority.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn port(&self) -> u16 {
@@ -1003,6 +1062,7 @@ fn cut_frames(frames: &[String]) -> Vec<Bytes> {
 async fn handle(
     State(shared): State<Arc<Shared>>,
     method: Method,
+    version: Version,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -1079,6 +1139,7 @@ async fn handle(
         has_tool_result: outcome.has_tool_result,
         status: outcome.reply.status(),
         rejection: outcome.rejection.clone(),
+        version,
         at,
     });
     outcome.reply.into_response()

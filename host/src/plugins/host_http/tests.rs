@@ -1,0 +1,275 @@
+use std::sync::atomic::AtomicUsize;
+
+use axum::Router;
+use axum::http::Version;
+use http_body_util::BodyExt;
+use opspawn_testkit::tls::{self, TestAuthority};
+use tokio::sync::watch;
+
+use super::*;
+use crate::plugins::outbound::HostGrant;
+
+const H2_AND_H1: &[&[u8]] = &[b"h2", b"http/1.1"];
+const H1_ONLY: &[&[u8]] = &[b"http/1.1"];
+
+/// A loopback server that holds every request until released, as a
+/// provider that thinks: requests pile up in flight, so a test sees how
+/// many connections a burst of them takes.
+struct HeldServer {
+    address: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    arrived: Arc<AtomicUsize>,
+    release: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl HeldServer {
+    async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        let (listener, address) = tls::loopback_listener().await;
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let (release, released) = watch::channel(false);
+        let router = Router::new().fallback({
+            let arrived = arrived.clone();
+            move |version: Version| async move {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                let mut released = released.clone();
+                let _ = released.wait_for(|released| *released).await;
+                format!("{version:?}")
+            }
+        });
+        let connections = Arc::new(AtomicUsize::new(0));
+        let server = tokio::spawn(tls::serve(listener, tls, router, connections.clone()));
+        Self {
+            address,
+            connections,
+            arrived,
+            release,
+            server,
+        }
+    }
+
+    /// Waits until `count` requests have arrived, then answers them all.
+    async fn release_when_arrived(&self, count: usize) {
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while self.arrived.load(Ordering::SeqCst) < count {
+            assert!(
+                Instant::now() < give_up,
+                "only {} of {count} requests arrived",
+                self.arrived.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.release.send_replace(true);
+    }
+
+    fn hold_again(&self) {
+        self.arrived.store(0, Ordering::SeqCst);
+        self.release.send_replace(false);
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for HeldServer {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn granting(url: &str) -> OutboundPolicy {
+    let origin = url.split('/').take(3).collect::<Vec<_>>().join("/");
+    OutboundPolicy {
+        grants: vec![HostGrant::parse(&origin).expect("a literal loopback grant")],
+        credentials: Vec::new(),
+        own_server: None,
+    }
+}
+
+/// Sends `count` GETs to `url` at once, each answer read to its end and its
+/// connection put back; returns the versions they came over.
+async fn burst(
+    pool: &ConnectionPool,
+    server: &HeldServer,
+    transport: &Transport,
+    url: &str,
+    count: usize,
+) -> Vec<Version> {
+    let policy = granting(url);
+    let requests = futures::future::join_all((0..count).map(|_| async {
+        let request = Request::get(url).body(Full::default()).unwrap();
+        let sent = pool
+            .send(&policy, transport, request, Duration::from_secs(10))
+            .await
+            .expect("the request succeeds");
+        let version = sent.response.version();
+        let body = sent.response.into_body().collect().await.unwrap();
+        assert_eq!(
+            body.to_bytes(),
+            format!("{version:?}"),
+            "the server saw it so"
+        );
+        if let Some(connection) = sent.connection {
+            pool.put_back(connection);
+        }
+        version
+    }));
+    let (versions, ()) = tokio::join!(requests, server.release_when_arrived(count));
+    versions
+}
+
+/// Over TLS the pool offers HTTP/2, and a burst shares a few connections,
+/// up to 100 requests on each, instead of one connection per request; a
+/// second burst reuses them.
+#[tokio::test]
+async fn requests_over_tls_share_http2_connections_of_up_to_100_streams() {
+    let authority = TestAuthority::new();
+    let server = HeldServer::start(Some(authority.server_config(H2_AND_H1))).await;
+    let transport = Transport::new(HttpProtocol::Auto, Some(&authority.ca_file())).unwrap();
+    let url = format!("https://{}/v1/chat", server.address);
+    let pool = ConnectionPool::default();
+
+    let versions = burst(&pool, &server, &transport, &url, 250).await;
+    assert!(
+        versions.iter().all(|v| *v == Version::HTTP_2),
+        "{versions:?}"
+    );
+    assert_eq!(server.connections(), 3, "250 requests at 100 a connection");
+    assert_eq!(pool.counts(), (3, 0));
+
+    server.hold_again();
+    burst(&pool, &server, &transport, &url, 250).await;
+    assert_eq!(server.connections(), 3, "the second burst reused them");
+}
+
+/// A TLS server that does not take HTTP/2 gets HTTP/1.1: a connection per
+/// request in flight, kept for the next.
+#[tokio::test]
+async fn a_tls_server_without_http2_gets_http1_connections_kept_for_reuse() {
+    let authority = TestAuthority::new();
+    let server = HeldServer::start(Some(authority.server_config(H1_ONLY))).await;
+    let transport = Transport::new(HttpProtocol::Auto, Some(&authority.ca_file())).unwrap();
+    let url = format!("https://{}/v1/chat", server.address);
+    let pool = ConnectionPool::default();
+
+    let versions = burst(&pool, &server, &transport, &url, 20).await;
+    assert!(
+        versions.iter().all(|v| *v == Version::HTTP_11),
+        "{versions:?}"
+    );
+    assert_eq!(server.connections(), 20);
+    assert_eq!(pool.counts(), (0, 20));
+    server.hold_again();
+    burst(&pool, &server, &transport, &url, 20).await;
+    assert_eq!(server.connections(), 20, "the second burst reused them");
+}
+
+/// Over cleartext the pool speaks HTTP/1.1 unless the endpoint asks for
+/// HTTP/2, which it then speaks by prior knowledge.
+#[tokio::test]
+async fn cleartext_is_http1_unless_http2_is_asked_for() {
+    let server = HeldServer::start(None).await;
+    let url = format!("http://{}/v1/chat", server.address);
+    let pool = ConnectionPool::default();
+
+    let auto = Transport::new(HttpProtocol::Auto, None).unwrap();
+    let versions = burst(&pool, &server, &auto, &url, 5).await;
+    assert!(
+        versions.iter().all(|v| *v == Version::HTTP_11),
+        "{versions:?}"
+    );
+    assert_eq!(server.connections(), 5);
+
+    server.hold_again();
+    let http2 = Transport::new(HttpProtocol::Http2, None).unwrap();
+    let versions = burst(&pool, &server, &http2, &url, 5).await;
+    assert!(
+        versions.iter().all(|v| *v == Version::HTTP_2),
+        "{versions:?}"
+    );
+    assert_eq!(server.connections(), 6, "one more, shared by all five");
+}
+
+/// A certificate no trusted authority signed fails the connection, and
+/// naming its authority in `ca_file` is what makes it pass.
+#[tokio::test]
+async fn a_certificate_from_an_untrusted_authority_is_refused() {
+    let authority = TestAuthority::new();
+    let server = HeldServer::start(Some(authority.server_config(H2_AND_H1))).await;
+    let url = format!("https://{}/v1/chat", server.address);
+    let request = Request::get(&url).body(Full::default()).unwrap();
+    let untrusting = Transport::new(HttpProtocol::Auto, None).unwrap();
+    let error = ConnectionPool::default()
+        .send(
+            &granting(&url),
+            &untrusting,
+            request,
+            Duration::from_secs(10),
+        )
+        .await
+        .err()
+        .expect("the handshake fails");
+    assert!(
+        matches!(&error, HttpError::Tls(e) if e.to_string().contains("UnknownIssuer")),
+        "{error:?}"
+    );
+    assert_eq!(server.arrived.load(Ordering::SeqCst), 0);
+}
+
+/// Endpoints that trust the same certificates over the same protocol share
+/// a transport, and so their pooled connections; others do not.
+#[test]
+fn transports_are_shared_by_equal_settings_only() {
+    let authority = TestAuthority::new();
+    let ca = authority.ca_file();
+    let auto = Transport::new(HttpProtocol::Auto, Some(&ca)).unwrap();
+    assert_eq!(auto, Transport::new(HttpProtocol::Auto, Some(&ca)).unwrap());
+    assert_ne!(
+        auto,
+        Transport::new(HttpProtocol::Http1, Some(&ca)).unwrap()
+    );
+    assert_ne!(auto, Transport::new(HttpProtocol::Auto, None).unwrap());
+    let missing = Transport::new(HttpProtocol::Auto, Some(Path::new("/nonexistent/ca.pem")));
+    assert!(missing.unwrap_err().contains("cannot read ca_file"));
+}
+
+/// Connections idle past the timeout are closed, HTTP/1.1 and HTTP/2 alike,
+/// and destinations left with none are dropped; an HTTP/2 connection still
+/// carrying a request is kept however long ago it took one.
+#[tokio::test]
+async fn connections_idle_too_long_are_closed() {
+    let server = HeldServer::start(None).await;
+    let url = format!("http://{}/v1/chat", server.address);
+    let pool = ConnectionPool::default();
+    let http1 = Transport::new(HttpProtocol::Http1, None).unwrap();
+    let http2 = Transport::new(HttpProtocol::Http2, None).unwrap();
+    burst(&pool, &server, &http1, &url, 2).await;
+    server.hold_again();
+    burst(&pool, &server, &http2, &url, 2).await;
+    assert_eq!(pool.counts(), (1, 2));
+
+    let now = Instant::now();
+    let mut destinations = pool.destinations.lock().unwrap();
+    close_expired(
+        &mut destinations,
+        now + IDLE_TIMEOUT - Duration::from_secs(1),
+    );
+    assert_eq!(destinations.len(), 2, "none is past the timeout yet");
+
+    let held = destinations
+        .values_mut()
+        .find_map(|c| c.http2_stream(now))
+        .expect("an HTTP/2 connection with room");
+    close_expired(&mut destinations, now + IDLE_TIMEOUT * 2);
+    assert_eq!(
+        destinations.len(),
+        1,
+        "the HTTP/1.1 destination had only idle ones"
+    );
+    assert_eq!(destinations.values().next().unwrap().http2.len(), 1);
+
+    drop(held);
+    close_expired(&mut destinations, now + IDLE_TIMEOUT * 2);
+    assert!(destinations.is_empty());
+}
