@@ -89,6 +89,18 @@ pub async fn serve(
     router: Router,
     connections: Arc<AtomicUsize>,
 ) {
+    serve_with_stream_limit(listener, tls, router, connections, MAX_CONCURRENT_STREAMS).await;
+}
+
+/// [`serve`], allowing `max_streams` requests at once on an HTTP/2
+/// connection.
+pub async fn serve_with_stream_limit(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: Router,
+    connections: Arc<AtomicUsize>,
+    max_streams: u32,
+) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -100,9 +112,7 @@ pub async fn serve(
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
             let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http2()
-                .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+            builder.http2().max_concurrent_streams(max_streams);
             match acceptor {
                 Some(acceptor) => {
                     let Ok(stream) = acceptor.accept(tcp).await else {

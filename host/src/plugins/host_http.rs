@@ -53,7 +53,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// another. A server announces its own limit (100 to 256 is usual, and RFC
 /// 9113 asks for at least 100), but hyper does not pass it on, so the pool
 /// assumes the floor. Past a server's lower limit, requests wait in the
-/// connection's queue for a stream; none fails for it.
+/// connection's queue for a stream; none fails for it (one refused before
+/// the server's settings arrived is sent again).
 const STREAMS_PER_HTTP2_CONNECTION: usize = 100;
 /// How often an HTTP/2 connection carrying requests is pinged, and how long
 /// an answer may take before the connection is taken for dead: its requests
@@ -319,6 +320,14 @@ impl ConnectionPool {
         }
     }
 
+    /// What the pool knows of whether `destination` speaks HTTP/2.
+    fn speaks_http2(&self, destination: &Destination) -> Option<bool> {
+        let destinations = self.destinations.lock().expect("pool lock");
+        destinations
+            .get(destination)
+            .map_or_else(|| destination.speaks_http2(), |c| c.speaks_http2)
+    }
+
     /// Keeps a connection whose last response was read to its end.
     pub fn put_back(&self, connection: PooledConnection) {
         let Pooled::Http1 {
@@ -367,23 +376,41 @@ impl ConnectionPool {
             protocol: transport.protocol,
             transport: transport.id,
         };
-        if let Ok(ready) = self.take(&destination) {
-            // A pooled connection the server closed meanwhile fails before
-            // the request was sent; then a fresh connection takes it.
+        let take_or_connect = async || {
+            tokio::time::timeout(connect_timeout, self.connect(&destination, transport))
+                .await
+                .map_err(|_| HttpError::ConnectionTimeout)?
+        };
+        let mut ready = match self.take(&destination) {
+            Ok(pooled) => pooled,
+            Err(_) => take_or_connect().await?,
+        };
+        // A request a connection could not take (see [`SendFailure`]) gets
+        // one more, new or pooled.
+        let mut retried = false;
+        loop {
             match send_on(ready, &destination, request).await {
                 Ok(response) => return Ok(response),
-                Err(SendFailure::Retry(retry, _)) => request = *retry,
-                Err(SendFailure::Failed(error)) => return Err(error),
+                Err(SendFailure::Retry(retry, _)) if !retried => {
+                    retried = true;
+                    request = *retry;
+                    // Over HTTP/1.1, on a new connection: another pooled
+                    // one may be as stale as the first.
+                    ready = if self.speaks_http2(&destination) == Some(false) {
+                        let new =
+                            tokio::time::timeout(connect_timeout, connect(&destination, transport))
+                                .await
+                                .map_err(|_| HttpError::ConnectionTimeout)??;
+                        self.add(&destination, new)
+                    } else {
+                        take_or_connect().await?
+                    };
+                }
+                Err(SendFailure::Retry(_, error) | SendFailure::Failed(error)) => {
+                    return Err(error);
+                }
             }
         }
-        let ready = tokio::time::timeout(connect_timeout, self.connect(&destination, transport))
-            .await
-            .map_err(|_| HttpError::ConnectionTimeout)??;
-        send_on(ready, &destination, request)
-            .await
-            .map_err(|failure| match failure {
-                SendFailure::Retry(_, error) | SendFailure::Failed(error) => error,
-            })
     }
 
     /// A new connection to `destination`, or a stream on an HTTP/2 one that
@@ -493,12 +520,25 @@ async fn send_on(
         }),
         // Cancelled: the connection closed before the request went out.
         // Incomplete: an HTTP/1.1 server closed a kept-alive connection as
-        // the request arrived.
-        Err(error) if error.is_canceled() || error.is_incomplete_message() => {
+        // the request arrived. Refused: an HTTP/2 server refused the
+        // stream unprocessed, most often one past its limit opened before
+        // its settings arrived (RFC 9113, 8.7).
+        Err(error)
+            if error.is_canceled() || error.is_incomplete_message() || refused_stream(&error) =>
+        {
             Err(SendFailure::Retry(Box::new(retry), error.into()))
         }
         Err(error) => Err(SendFailure::Failed(error.into())),
     }
+}
+
+/// Whether an HTTP/2 server refused the request's stream without
+/// processing it, so that it may be sent again.
+fn refused_stream(error: &hyper::Error) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason)
+        == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// The request as HTTP/1.1 sends it: the destination in the Host header,

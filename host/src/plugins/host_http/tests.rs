@@ -143,6 +143,54 @@ async fn requests_over_tls_share_http2_connections_of_up_to_100_streams() {
     assert_eq!(server.connections(), 3, "the second burst reused them");
 }
 
+/// A server that allows fewer streams than the pool assumes makes requests
+/// past its limit wait their turn on the connection; none fails.
+#[tokio::test]
+async fn requests_past_a_servers_lower_stream_limit_wait_and_succeed() {
+    let (listener, address) = tls::loopback_listener().await;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let router = Router::new().fallback({
+        let (in_flight, most) = (in_flight.clone(), most.clone());
+        move || async move {
+            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            "ok"
+        }
+    });
+    let connections = Arc::new(AtomicUsize::new(0));
+    let server = tokio::spawn(tls::serve_with_stream_limit(
+        listener,
+        None,
+        router,
+        connections.clone(),
+        10,
+    ));
+    let url = format!("http://{address}/v1/chat");
+    let (pool, policy) = (ConnectionPool::default(), granting(&url));
+    let transport = Transport::new(HttpProtocol::Http2, None).unwrap();
+    let answers = futures::future::join_all((0..30).map(|_| async {
+        let request = Request::get(&url).body(Full::default()).unwrap();
+        let sent = pool
+            .send(&policy, &transport, request, Duration::from_secs(10))
+            .await
+            .expect("the request succeeds");
+        sent.response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+    }))
+    .await;
+    server.abort();
+    assert!(answers.iter().all(|a| a == "ok"));
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    assert_eq!(most.load(Ordering::SeqCst), 10, "the server's limit held");
+}
+
 /// A TLS server that does not take HTTP/2 gets HTTP/1.1: a connection per
 /// request in flight, kept for the next.
 #[tokio::test]
