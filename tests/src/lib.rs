@@ -586,12 +586,31 @@ pub mod mcp {
         )
     }
 
-    /// A loopback port nothing listens on (for a server started next).
+    /// A loopback port nothing listens on, for a server started next that
+    /// must be told its port. It comes from below the kernel's ephemeral
+    /// range (Linux hands out 32768 and up for port 0): a port 0 hands out
+    /// could go to another test's server binding port 0 while this one's
+    /// peer (a Python or Node process, slow to start) was not yet
+    /// listening, and then the wait for the port would find the wrong
+    /// server. Each call tries the next port from a start that differs by
+    /// process.
     pub fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("binding a loopback port")
-            .port()
+        use std::sync::atomic::{AtomicU32, Ordering};
+        const FIRST: u32 = 10_000;
+        const COUNT: u32 = 20_000;
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let start = std::process::id().wrapping_mul(7_919) % COUNT;
+        for _ in 0..COUNT {
+            let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT;
+            let port = u16::try_from(FIRST + offset).expect("below 65536");
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+        panic!(
+            "no free loopback port from {FIRST} to {}",
+            FIRST + COUNT - 1
+        );
     }
 
     /// Waits until something accepts connections on the loopback port.
