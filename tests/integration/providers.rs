@@ -73,19 +73,7 @@ impl Setup {
 
     /// As [`Setup::start`], the adapter under `manifest`.
     async fn with_manifest(provider: Provider, manifest: &str) -> Self {
-        let mock = MockProviders::start().await;
-        let harness = start_server(
-            provider,
-            manifest,
-            &mock.base_url_for(provider),
-            &provider.test_key(),
-        );
-        expect_loaded(&harness, provider).await;
-        Self {
-            provider,
-            mock,
-            harness,
-        }
+        Self::with_mock(provider, MockProviders::start().await, manifest).await
     }
 
     /// As [`Setup::start`], the mock serving HTTPS with a certificate from
@@ -93,9 +81,16 @@ impl Setup {
     /// offering HTTP/2 by ALPN or only HTTP/1.1.
     async fn over_tls(provider: Provider, offer_http2: bool) -> Self {
         let mock = MockProviders::start_tls(offer_http2).await;
+        let manifest = provider.manifest_for(&mock);
+        Self::with_mock(provider, mock, &manifest).await
+    }
+
+    /// A server whose `provider` adapter, under `manifest`, is pointed at
+    /// `mock`.
+    async fn with_mock(provider: Provider, mock: MockProviders, manifest: &str) -> Self {
         let harness = start_server(
             provider,
-            &provider.manifest_for(&mock),
+            manifest,
             &mock.base_url_for(provider),
             &provider.test_key(),
         );

@@ -376,11 +376,7 @@ impl ConnectionPool {
             protocol: transport.protocol,
             transport: transport.id,
         };
-        let take_or_connect = async || {
-            tokio::time::timeout(connect_timeout, self.connect(&destination, transport))
-                .await
-                .map_err(|_| HttpError::ConnectionTimeout)?
-        };
+        let take_or_connect = || within(connect_timeout, self.connect(&destination, transport));
         let mut ready = match self.take(&destination) {
             Ok(pooled) => pooled,
             Err(_) => take_or_connect().await?,
@@ -397,10 +393,7 @@ impl ConnectionPool {
                     // Over HTTP/1.1, on a new connection: another pooled
                     // one may be as stale as the first.
                     ready = if self.speaks_http2(&destination) == Some(false) {
-                        let new =
-                            tokio::time::timeout(connect_timeout, connect(&destination, transport))
-                                .await
-                                .map_err(|_| HttpError::ConnectionTimeout)??;
+                        let new = within(connect_timeout, connect(&destination, transport)).await?;
                         self.add(&destination, new)
                     } else {
                         take_or_connect().await?
@@ -476,6 +469,16 @@ impl ConnectionPool {
             (h2 + c.http2.len(), h1 + c.idle_http1.len())
         })
     }
+}
+
+/// `connecting`, failed with a timeout past `limit`.
+async fn within<T>(
+    limit: Duration,
+    connecting: impl Future<Output = Result<T, HttpError>>,
+) -> Result<T, HttpError> {
+    tokio::time::timeout(limit, connecting)
+        .await
+        .map_err(|_| HttpError::ConnectionTimeout)?
 }
 
 /// Sends one request (with an absolute URI) on a ready connection.

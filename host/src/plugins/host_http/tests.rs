@@ -119,28 +119,44 @@ async fn burst(
     versions
 }
 
+/// Two bursts of `count` requests at once over TLS to a server offering
+/// `alpn`: the first comes over `version` on `connections` connections,
+/// leaving the pool with `pooled` (HTTP/2, idle HTTP/1.1); the second
+/// reuses them.
+async fn assert_tls_bursts_reuse(
+    alpn: &[&[u8]],
+    count: usize,
+    version: Version,
+    connections: usize,
+    pooled: (usize, usize),
+) {
+    let authority = TestAuthority::new();
+    let server = HeldServer::start(Some(authority.server_config(alpn))).await;
+    let transport = Transport::new(HttpProtocol::Auto, Some(&authority.ca_file())).unwrap();
+    let url = format!("https://{}/v1/chat", server.address);
+    let pool = ConnectionPool::default();
+
+    let versions = burst(&pool, &server, &transport, &url, count).await;
+    assert!(versions.iter().all(|v| *v == version), "{versions:?}");
+    assert_eq!(server.connections(), connections);
+    assert_eq!(pool.counts(), pooled);
+
+    server.hold_again();
+    burst(&pool, &server, &transport, &url, count).await;
+    assert_eq!(
+        server.connections(),
+        connections,
+        "the second burst reused them"
+    );
+}
+
 /// Over TLS the pool offers HTTP/2, and a burst shares a few connections,
 /// up to 100 requests on each, instead of one connection per request; a
 /// second burst reuses them.
 #[tokio::test]
 async fn requests_over_tls_share_http2_connections_of_up_to_100_streams() {
-    let authority = TestAuthority::new();
-    let server = HeldServer::start(Some(authority.server_config(H2_AND_H1))).await;
-    let transport = Transport::new(HttpProtocol::Auto, Some(&authority.ca_file())).unwrap();
-    let url = format!("https://{}/v1/chat", server.address);
-    let pool = ConnectionPool::default();
-
-    let versions = burst(&pool, &server, &transport, &url, 250).await;
-    assert!(
-        versions.iter().all(|v| *v == Version::HTTP_2),
-        "{versions:?}"
-    );
-    assert_eq!(server.connections(), 3, "250 requests at 100 a connection");
-    assert_eq!(pool.counts(), (3, 0));
-
-    server.hold_again();
-    burst(&pool, &server, &transport, &url, 250).await;
-    assert_eq!(server.connections(), 3, "the second burst reused them");
+    // 250 requests at 100 a connection.
+    assert_tls_bursts_reuse(H2_AND_H1, 250, Version::HTTP_2, 3, (3, 0)).await;
 }
 
 /// A server that allows fewer streams than the pool assumes makes requests
@@ -195,22 +211,7 @@ async fn requests_past_a_servers_lower_stream_limit_wait_and_succeed() {
 /// request in flight, kept for the next.
 #[tokio::test]
 async fn a_tls_server_without_http2_gets_http1_connections_kept_for_reuse() {
-    let authority = TestAuthority::new();
-    let server = HeldServer::start(Some(authority.server_config(H1_ONLY))).await;
-    let transport = Transport::new(HttpProtocol::Auto, Some(&authority.ca_file())).unwrap();
-    let url = format!("https://{}/v1/chat", server.address);
-    let pool = ConnectionPool::default();
-
-    let versions = burst(&pool, &server, &transport, &url, 20).await;
-    assert!(
-        versions.iter().all(|v| *v == Version::HTTP_11),
-        "{versions:?}"
-    );
-    assert_eq!(server.connections(), 20);
-    assert_eq!(pool.counts(), (0, 20));
-    server.hold_again();
-    burst(&pool, &server, &transport, &url, 20).await;
-    assert_eq!(server.connections(), 20, "the second burst reused them");
+    assert_tls_bursts_reuse(H1_ONLY, 20, Version::HTTP_11, 20, (0, 20)).await;
 }
 
 /// Over cleartext the pool speaks HTTP/1.1 unless the endpoint asks for
