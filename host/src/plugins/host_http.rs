@@ -16,20 +16,29 @@
 //! and a socket each. So a destination has either idle HTTP/1.1 connections,
 //! one per request in flight, or a few shared HTTP/2 connections, each
 //! carrying up to [`STREAMS_PER_HTTP2_CONNECTION`] requests at once.
+//!
+//! HTTP/1.1 goes through hyper's client connections; HTTP/2 through the
+//! `h2` crate directly. hyper's HTTP/2 client spawns a task per request to
+//! send its body and hands the response back over a channel, about 4 KB
+//! and two wake-ups per request; here the waiting task polls its stream's
+//! response itself, and each connection is one task (see
+//! [`drive_http2`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::client::conn::http1;
 use hyper::{Request, Response, Uri};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
@@ -62,6 +71,13 @@ const STREAMS_PER_HTTP2_CONNECTION: usize = 100;
 /// timeouts, and new requests go elsewhere.
 const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// How much of a response an HTTP/2 stream, and a whole connection, may
+/// receive before the host reads it (the flow-control windows; hyper's
+/// defaults). The host reads as data arrives, so little is ever buffered.
+const HTTP2_STREAM_WINDOW: u32 = 2 << 20;
+const HTTP2_CONNECTION_WINDOW: u32 = 5 << 20;
+/// The most header bytes an HTTP/2 response may carry.
+const HTTP2_MAX_HEADER_LIST: u32 = 64 << 10;
 
 /// Which HTTP the host speaks to an adapter's endpoint (`[adapter]
 /// protocol`).
@@ -172,7 +188,7 @@ impl Destination {
 }
 
 type Http1Sender = http1::SendRequest<Full<Bytes>>;
-type Http2Sender = http2::SendRequest<Full<Bytes>>;
+type Http2Sender = h2::client::SendRequest<Bytes>;
 
 /// The connections to each destination.
 #[derive(Default)]
@@ -214,38 +230,57 @@ impl Connections {
     /// A stream on the least busy HTTP/2 connection with room for one.
     fn http2_stream(&mut self, now: Instant) -> Option<Ready> {
         self.http2
-            .retain(|connection| !connection.sender.is_closed());
+            .retain(|connection| !connection.state.is_closed());
         let connection = self
             .http2
             .iter_mut()
-            .filter(|c| c.streams.load(Ordering::Relaxed) < STREAMS_PER_HTTP2_CONNECTION)
-            .min_by_key(|c| c.streams.load(Ordering::Relaxed))?;
+            .filter(|c| c.state.streams() < STREAMS_PER_HTTP2_CONNECTION)
+            .min_by_key(|c| c.state.streams())?;
         Some(connection.open_stream(now))
     }
 }
 
 struct Http2Connection {
     sender: Http2Sender,
-    /// Requests in flight on it.
-    streams: Arc<AtomicUsize>,
+    state: Arc<Http2State>,
     /// When it last took a request.
     last_used: Instant,
 }
 
 impl Http2Connection {
     fn open_stream(&mut self, now: Instant) -> Ready {
-        self.streams.fetch_add(1, Ordering::Relaxed);
+        self.state.streams.fetch_add(1, Ordering::Relaxed);
         self.last_used = now;
-        Ready::Http2(self.sender.clone(), Http2Stream(self.streams.clone()))
+        Ready::Http2(self.sender.clone(), Http2Stream(self.state.clone()))
+    }
+}
+
+/// What the pool and an HTTP/2 connection's task share.
+#[derive(Default)]
+struct Http2State {
+    /// Requests in flight on it.
+    streams: AtomicUsize,
+    /// Set when its task ended, or a request found it going away: it takes
+    /// no more requests.
+    closed: AtomicBool,
+}
+
+impl Http2State {
+    fn streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
     }
 }
 
 /// One request's share of an HTTP/2 connection, given back when dropped.
-struct Http2Stream(Arc<AtomicUsize>);
+struct Http2Stream(Arc<Http2State>);
 
 impl Drop for Http2Stream {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -268,8 +303,66 @@ enum Missing {
 /// dropping it closes an HTTP/1.1 connection (an HTTP/2 one stays, and only
 /// the request's stream is reset).
 pub struct PooledResponse {
-    pub response: Response<Incoming>,
+    pub response: Response<ResponseBody>,
     pub connection: Option<PooledConnection>,
+}
+
+/// A response's body, as either protocol delivers it.
+pub struct ResponseBody(BodyKind);
+
+enum BodyKind {
+    Http1(Incoming),
+    Http2(h2::RecvStream),
+}
+
+/// Why reading a response's body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyReadError {
+    #[error(transparent)]
+    Http1(#[from] hyper::Error),
+    #[error(transparent)]
+    Http2(#[from] h2::Error),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyReadError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+        match &mut self.get_mut().0 {
+            BodyKind::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            // Trailers are not read: nothing in a provider's answer needs
+            // them.
+            BodyKind::Http2(stream) => Poll::Ready(match ready!(stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Read, so the provider may send as much again. An
+                    // error here means the stream is over, which the next
+                    // poll reports.
+                    let _ = stream.flow_control().release_capacity(data.len());
+                    Some(Ok(Frame::data(data)))
+                }
+                Some(Err(error)) => Some(Err(error.into())),
+                None => None,
+            }),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            BodyKind::Http1(body) => body.is_end_stream(),
+            BodyKind::Http2(stream) => stream.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            BodyKind::Http1(body) => body.size_hint(),
+            BodyKind::Http2(_) => SizeHint::default(),
+        }
+    }
 }
 
 pub struct PooledConnection(Pooled);
@@ -287,7 +380,7 @@ enum Pooled {
 enum SendFailure {
     /// It was not sent, or an HTTP/1.1 server closed a kept-alive connection
     /// as it arrived: another connection may take it.
-    Retry(Box<Request<Full<Bytes>>>, HttpError),
+    Retry(Box<Request<Bytes>>, HttpError),
     Failed(HttpError),
 }
 
@@ -361,7 +454,7 @@ impl ConnectionPool {
         &self,
         policy: &OutboundPolicy,
         transport: &Transport,
-        mut request: Request<Full<Bytes>>,
+        mut request: Request<Bytes>,
         connect_timeout: Duration,
     ) -> Result<PooledResponse, HttpError> {
         let uri = request.uri().clone();
@@ -447,11 +540,11 @@ impl ConnectionPool {
                 connections.speaks_http2 = Some(false);
                 Ready::Http1(sender)
             }
-            Connection::Http2(sender) => {
+            Connection::Http2(sender, state) => {
                 connections.speaks_http2 = Some(true);
                 let mut connection = Http2Connection {
                     sender,
-                    streams: Arc::default(),
+                    state,
                     last_used: now,
                 };
                 let ready = connection.open_stream(now);
@@ -485,10 +578,10 @@ async fn within<T>(
 async fn send_on(
     ready: Ready,
     destination: &Destination,
-    request: Request<Full<Bytes>>,
+    request: Request<Bytes>,
 ) -> Result<PooledResponse, SendFailure> {
     let retry = clone_request(&request);
-    let result = match ready {
+    match ready {
         Ready::Http1(mut sender) => {
             // A connection the server closed while pooled fails here,
             // before anything was sent.
@@ -498,55 +591,110 @@ async fn send_on(
                 return Err(SendFailure::Retry(Box::new(retry), closed));
             }
             let request = origin_form(request).map_err(SendFailure::Failed)?;
-            sender.send_request(request).await.map(|response| {
-                let destination = destination.clone();
-                (
-                    response,
-                    Pooled::Http1 {
-                        destination,
+            match sender.send_request(request.map(Full::new)).await {
+                Ok(response) => Ok(PooledResponse {
+                    response: response.map(|body| ResponseBody(BodyKind::Http1(body))),
+                    connection: Some(PooledConnection(Pooled::Http1 {
+                        destination: destination.clone(),
                         sender,
-                    },
-                )
-            })
+                    })),
+                }),
+                // Cancelled: the connection closed before the request went
+                // out. Incomplete: the server closed a kept-alive connection
+                // as the request arrived.
+                Err(error) if error.is_canceled() || error.is_incomplete_message() => {
+                    Err(SendFailure::Retry(Box::new(retry), error.into()))
+                }
+                Err(error) => Err(SendFailure::Failed(error.into())),
+            }
         }
-        // HTTP/2 takes the absolute URI: its scheme and authority become
-        // the request's pseudo-headers.
-        Ready::Http2(mut sender, stream) => sender
-            .send_request(request)
-            .await
-            .map(|response| (response, Pooled::Http2 { _stream: stream })),
-    };
-    match result {
-        Ok((response, pooled)) => Ok(PooledResponse {
-            response,
-            connection: Some(PooledConnection(pooled)),
-        }),
-        // Cancelled: the connection closed before the request went out.
-        // Incomplete: an HTTP/1.1 server closed a kept-alive connection as
-        // the request arrived. Refused: an HTTP/2 server refused the
-        // stream unprocessed, most often one past its limit opened before
-        // its settings arrived (RFC 9113, 8.7).
-        Err(error)
-            if error.is_canceled() || error.is_incomplete_message() || refused_stream(&error) =>
-        {
-            Err(SendFailure::Retry(Box::new(retry), error.into()))
-        }
-        Err(error) => Err(SendFailure::Failed(error.into())),
+        Ready::Http2(sender, stream) => match send_http2(sender, request).await {
+            Ok(response) => Ok(PooledResponse {
+                response: response.map(|body| ResponseBody(BodyKind::Http2(body))),
+                connection: Some(PooledConnection(Pooled::Http2 { _stream: stream })),
+            }),
+            Err((error, unsent)) if unsent => {
+                // A connection that went away (a server may close one
+                // after so many requests, with GOAWAY) takes no more.
+                if !refused_stream(&error) {
+                    stream.0.closed.store(true, Ordering::Relaxed);
+                }
+                Err(SendFailure::Retry(Box::new(retry), http2_error(error)))
+            }
+            Err((error, _)) => Err(SendFailure::Failed(http2_error(error))),
+        },
     }
+}
+
+/// Sends one request on an HTTP/2 connection and waits for its response's
+/// head. On failure, also says whether the server cannot have processed
+/// the request: the connection was closing before it went out, or the
+/// server refused its stream unprocessed, most often one past its limit
+/// opened before its settings arrived (RFC 9113, 8.7).
+async fn send_http2(
+    sender: Http2Sender,
+    request: Request<Bytes>,
+) -> Result<Response<h2::RecvStream>, (h2::Error, bool)> {
+    let unsent = |error: h2::Error| {
+        let unsent = error.is_io() || error.is_go_away() || refused_stream(&error);
+        (error, unsent)
+    };
+    let mut sender = sender.ready().await.map_err(unsent)?;
+    let (head, body) = http2_form(request);
+    let end_of_stream = body.is_empty();
+    let (response, mut send) = sender.send_request(head, end_of_stream).map_err(unsent)?;
+    if !end_of_stream {
+        // Sent as the flow-control windows allow; h2 buffers the rest.
+        send.send_data(body, true).map_err(unsent)?;
+    }
+    response.await.map_err(|error| {
+        let unsent = refused_stream(&error);
+        (error, unsent)
+    })
+}
+
+/// The request as HTTP/2 sends it: the absolute URI (its scheme and
+/// authority become pseudo-headers), without the headers RFC 9113 forbids,
+/// and with the body's length.
+fn http2_form(request: Request<Bytes>) -> (Request<()>, Bytes) {
+    let (mut head, body) = request.into_parts();
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "host",
+    ] {
+        head.headers.remove(name);
+    }
+    head.headers.remove(hyper::header::TRANSFER_ENCODING);
+    if head
+        .headers
+        .get(hyper::header::TE)
+        .is_some_and(|te| te != "trailers")
+    {
+        head.headers.remove(hyper::header::TE);
+    }
+    if !body.is_empty() || matches!(head.method.as_str(), "POST" | "PUT" | "PATCH") {
+        head.headers
+            .insert(hyper::header::CONTENT_LENGTH, body.len().into());
+    }
+    (Request::from_parts(head, ()), body)
+}
+
+fn http2_error(error: h2::Error) -> HttpError {
+    HttpError::Connect(std::io::Error::other(error))
 }
 
 /// Whether an HTTP/2 server refused the request's stream without
 /// processing it, so that it may be sent again.
-fn refused_stream(error: &hyper::Error) -> bool {
-    std::error::Error::source(error)
-        .and_then(|source| source.downcast_ref::<h2::Error>())
-        .and_then(h2::Error::reason)
-        == Some(h2::Reason::REFUSED_STREAM)
+fn refused_stream(error: &h2::Error) -> bool {
+    error.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// The request as HTTP/1.1 sends it: the destination in the Host header,
 /// and only the path and query on the request line.
-fn origin_form(mut request: Request<Full<Bytes>>) -> Result<Request<Full<Bytes>>, HttpError> {
+fn origin_form(mut request: Request<Bytes>) -> Result<Request<Bytes>, HttpError> {
     let uri = request.uri().clone();
     if let Some(authority) = uri.authority() {
         let host = authority
@@ -570,10 +718,9 @@ fn close_expired(destinations: &mut HashMap<Destination, Connections>, now: Inst
         while idle.front().is_some_and(|(_, since)| expired(*since)) {
             idle.pop_front();
         }
-        connections.http2.retain(|c| {
-            !c.sender.is_closed()
-                && (c.streams.load(Ordering::Relaxed) > 0 || !expired(c.last_used))
-        });
+        connections
+            .http2
+            .retain(|c| !c.state.is_closed() && (c.state.streams() > 0 || !expired(c.last_used)));
         !connections.idle_http1.is_empty()
             || !connections.http2.is_empty()
             || Arc::strong_count(&connections.connecting) > 1
@@ -589,7 +736,7 @@ fn host_of(uri: &Uri) -> String {
         .to_ascii_lowercase()
 }
 
-fn clone_request(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+fn clone_request(request: &Request<Bytes>) -> Request<Bytes> {
     let mut clone = Request::new(request.body().clone());
     *clone.method_mut() = request.method().clone();
     *clone.uri_mut() = request.uri().clone();
@@ -600,7 +747,7 @@ fn clone_request(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
 /// A new connection, driven in the background.
 enum Connection {
     Http1(Http1Sender),
-    Http2(Http2Sender),
+    Http2(Http2Sender, Arc<Http2State>),
 }
 
 /// Opens a connection to exactly `destination.address`, with TLS when it
@@ -637,20 +784,61 @@ async fn handshake<S>(stream: S, http2: bool) -> Result<Connection, HttpError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    let io = TokioIo::new(stream);
     if http2 {
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(HTTP2_PING_INTERVAL)
-            .keep_alive_timeout(HTTP2_PING_TIMEOUT)
-            .handshake(io)
-            .await?;
-        tokio::spawn(connection);
-        Ok(Connection::Http2(sender))
+        let (sender, connection) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+            .max_header_list_size(HTTP2_MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(http2_error)?;
+        let state = Arc::<Http2State>::default();
+        tokio::spawn(drive_http2(connection, state.clone()));
+        Ok(Connection::Http2(sender, state))
     } else {
-        let (sender, connection) = http1::handshake(io).await?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         Ok(Connection::Http1(sender))
+    }
+}
+
+/// An HTTP/2 connection's task: it reads and writes every frame of the
+/// connection's streams, and pings the server while requests are in flight
+/// (see [`HTTP2_PING_INTERVAL`]). When it ends, the connection is closed
+/// and the requests still on it fail.
+async fn drive_http2<S>(mut connection: h2::client::Connection<S, Bytes>, state: Arc<Http2State>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let pings = connection.ping_pong();
+    tokio::select! {
+        result = connection => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "an HTTP/2 connection to a provider ended");
+            }
+        }
+        () = keep_alive(pings, &state) => {
+            tracing::debug!("an HTTP/2 connection to a provider did not answer a ping; closed");
+        }
+    }
+    state.closed.store(true, Ordering::Relaxed);
+}
+
+/// Returns when the server failed to answer a ping in time.
+async fn keep_alive(pings: Option<h2::PingPong>, state: &Http2State) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(HTTP2_PING_INTERVAL).await;
+        if state.streams() == 0 {
+            continue;
+        }
+        let pong = tokio::time::timeout(HTTP2_PING_TIMEOUT, pings.ping(h2::Ping::opaque()));
+        if !matches!(pong.await, Ok(Ok(_))) {
+            return;
+        }
     }
 }
 

@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::Request;
 use tokio::sync::mpsc;
 
 use super::bindings::v0_2::llm_adapter::LlmAdapterPre;
 use super::bindings::v0_2::translate as wit;
 use super::convert::v0_2 as convert;
-use super::host_http::PooledResponse;
+use super::host_http::{BodyReadError, PooledResponse, ResponseBody};
 use super::manifest::InstanceReuse;
 use super::registry::Plugin;
 use super::state::{Budget, CallState};
@@ -252,7 +252,7 @@ impl TranslatedCall<'_> {
             builder = builder.header(header.as_str(), value.as_str());
         }
         let request = builder
-            .body(Full::new(Bytes::from(http.body)))
+            .body(Bytes::from(http.body))
             .map_err(|e| misconfigured(format!("it prepared an invalid request: {e}")))?;
         self.runtime
             .http
@@ -436,7 +436,7 @@ fn header_pairs(headers: &hyper::HeaderMap) -> Vec<(String, String)> {
 
 /// Reads a whole body, up to [`MAX_RESPONSE_BYTES`], giving up after the
 /// stream idles. Returns whether the body was read to its end.
-async fn read_whole(body: hyper::body::Incoming) -> (Result<Bytes, String>, bool) {
+async fn read_whole(body: ResponseBody) -> (Result<Bytes, String>, bool) {
     let mut stream = capped(body.into_data_stream());
     let mut collected = bytes::BytesMut::new();
     loop {
@@ -463,12 +463,12 @@ enum BodyError {
     #[error("the provider's answer is larger than {} MiB", MAX_RESPONSE_BYTES >> 20)]
     TooLarge,
     #[error("reading the provider's answer failed: {0}")]
-    Read(#[from] hyper::Error),
+    Read(#[from] BodyReadError),
 }
 
 /// Ends a body stream with an error once it passes [`MAX_RESPONSE_BYTES`].
 fn capped(
-    stream: impl Stream<Item = Result<Bytes, hyper::Error>>,
+    stream: impl Stream<Item = Result<Bytes, BodyReadError>>,
 ) -> impl Stream<Item = Result<Bytes, BodyError>> {
     stream.scan((0usize, false), |(total, over), chunk| {
         let item = if *over {

@@ -98,7 +98,7 @@ async fn burst(
 ) -> Vec<Version> {
     let policy = granting(url);
     let requests = futures::future::join_all((0..count).map(|_| async {
-        let request = Request::get(url).body(Full::default()).unwrap();
+        let request = Request::get(url).body(Bytes::new()).unwrap();
         let sent = pool
             .send(&policy, transport, request, Duration::from_secs(10))
             .await
@@ -188,7 +188,7 @@ async fn requests_past_a_servers_lower_stream_limit_wait_and_succeed() {
     let (pool, policy) = (ConnectionPool::default(), granting(&url));
     let transport = Transport::new(HttpProtocol::Http2, None).unwrap();
     let answers = futures::future::join_all((0..30).map(|_| async {
-        let request = Request::get(&url).body(Full::default()).unwrap();
+        let request = Request::get(&url).body(Bytes::new()).unwrap();
         let sent = pool
             .send(&policy, &transport, request, Duration::from_secs(10))
             .await
@@ -247,7 +247,7 @@ async fn a_certificate_from_an_untrusted_authority_is_refused() {
     let authority = TestAuthority::new();
     let server = HeldServer::start(Some(authority.server_config(H2_AND_H1))).await;
     let url = format!("https://{}/v1/chat", server.address);
-    let request = Request::get(&url).body(Full::default()).unwrap();
+    let request = Request::get(&url).body(Bytes::new()).unwrap();
     let untrusting = Transport::new(HttpProtocol::Auto, None).unwrap();
     let error = ConnectionPool::default()
         .send(
@@ -321,4 +321,133 @@ async fn connections_idle_too_long_are_closed() {
     drop(held);
     close_expired(&mut destinations, now + IDLE_TIMEOUT * 2);
     assert!(destinations.is_empty());
+}
+
+/// Over HTTP/2 a request body larger than the server's flow-control window
+/// arrives whole, and so does a response larger than the host's windows:
+/// the host gives capacity back as it reads, or the provider would stall
+/// after the first 2 MiB.
+#[tokio::test]
+async fn http2_bodies_larger_than_the_flow_control_windows_arrive_whole() {
+    const RESPONSE_BYTES: usize = 12 << 20;
+    const REQUEST_BYTES: usize = 3 << 20;
+    let (listener, address) = tls::loopback_listener().await;
+    let router = Router::new()
+        .route(
+            "/large",
+            axum::routing::get(|| async { vec![b'x'; RESPONSE_BYTES] }),
+        )
+        .route(
+            "/echo-length",
+            axum::routing::post(|body: Bytes| async move { body.len().to_string() }),
+        )
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    let server = tokio::spawn(tls::serve(listener, None, router, Arc::default()));
+    let base = format!("http://{address}");
+    let (pool, policy) = (ConnectionPool::default(), granting(&base));
+    let transport = Transport::new(HttpProtocol::Http2, None).unwrap();
+    let send = |request: Request<Bytes>| {
+        let (pool, policy, transport) = (&pool, &policy, &transport);
+        async move {
+            let sent = pool
+                .send(policy, transport, request, Duration::from_secs(10))
+                .await
+                .expect("the request succeeds");
+            assert_eq!(sent.response.version(), Version::HTTP_2);
+            let body = sent.response.into_body().collect();
+            tokio::time::timeout(Duration::from_secs(20), body)
+                .await
+                .expect("the body arrives without stalling")
+                .expect("the body is read")
+                .to_bytes()
+        }
+    };
+
+    let large = send(
+        Request::get(format!("{base}/large"))
+            .body(Bytes::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(large.len(), RESPONSE_BYTES);
+
+    let body = Bytes::from(vec![b'y'; REQUEST_BYTES]);
+    let echo = Request::post(format!("{base}/echo-length"))
+        .body(body)
+        .unwrap();
+    assert_eq!(send(echo).await, REQUEST_BYTES.to_string());
+    server.abort();
+}
+
+/// A server may close an HTTP/2 connection after so many requests: it says
+/// GOAWAY, answers what it took and takes no more. A request that finds the
+/// connection going away is sent on a new one, and the pool stops using
+/// the old one, though a request is still in flight on it.
+#[tokio::test]
+async fn a_request_on_a_connection_going_away_goes_on_a_new_one() {
+    let (listener, address) = tls::loopback_listener().await;
+    let going_away = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let server = tokio::spawn({
+        let (going_away, release, connections) =
+            (going_away.clone(), release.clone(), connections.clone());
+        async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let first = connections.fetch_add(1, Ordering::SeqCst) == 0;
+                let (going_away, release) = (going_away.clone(), release.clone());
+                tokio::spawn(async move {
+                    let mut connection = h2::server::handshake(tcp).await.unwrap();
+                    let mut answered = 0;
+                    while let Some(Ok((_, mut respond))) = connection.accept().await {
+                        answered += 1;
+                        if first && answered == 1 {
+                            // The first connection's first request is held
+                            // while the connection goes away.
+                            connection.graceful_shutdown();
+                            going_away.notify_one();
+                            let release = release.clone();
+                            tokio::spawn(async move {
+                                release.notified().await;
+                                let _ = respond.send_response(Response::new(()), true);
+                            });
+                        } else {
+                            let _ = respond.send_response(Response::new(()), true);
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let url = format!("http://{address}/v1/chat");
+    let (pool, policy) = (ConnectionPool::default(), granting(&url));
+    let transport = Transport::new(HttpProtocol::Http2, None).unwrap();
+    let get = || Request::get(&url).body(Bytes::new()).unwrap();
+    let timeout = Duration::from_secs(10);
+    let held = pool.send(&policy, &transport, get(), timeout);
+    let after = async {
+        going_away.notified().await;
+        // Time for the GOAWAY to reach the pool's connection.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sent = pool.send(&policy, &transport, get(), timeout).await;
+        release.notify_one();
+        sent
+    };
+    let (held, after) = tokio::join!(held, after);
+    server.abort();
+    assert_eq!(
+        held.expect("the held request is answered")
+            .response
+            .status(),
+        200
+    );
+    let after = after.expect("the later request went on a new connection");
+    assert_eq!(after.response.status(), 200);
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        pool.counts(),
+        (1, 0),
+        "the pool kept only the new connection"
+    );
 }
