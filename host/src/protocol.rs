@@ -294,7 +294,7 @@ pub struct TaskState<'a> {
     /// warm instances when they are kept per task.
     pub task_id: &'a str,
     pub goal: &'a str,
-    pub tools: &'a [ToolSpec],
+    pub tools: &'a [std::sync::Arc<ToolSpec>],
     pub steps: Vec<&'a PlannerStep>,
     pub history: &'a [EarlierTask],
     pub max_steps: u32,

@@ -397,7 +397,11 @@ impl From<&PluginInfo> for PluginView {
             file: info.file.display().to_string(),
             size_bytes: info.size_bytes,
             description: info.description.clone(),
-            tools: info.tools.iter().map(ToolView::from).collect(),
+            tools: info
+                .tools
+                .iter()
+                .map(|tool| ToolView::from(&**tool))
+                .collect(),
             grants: serde_json::to_value(&info.grants).unwrap_or_default(),
             limits: serde_json::to_value(info.limits).unwrap_or_default(),
             refused: info.refused.clone(),

@@ -107,7 +107,7 @@ impl Status {
 struct Tool {
     /// The name the server knows it by.
     original: String,
-    spec: ToolSpec,
+    spec: Arc<ToolSpec>,
     validator: Option<Arc<jsonschema::Validator>>,
 }
 
@@ -718,7 +718,7 @@ async fn list_tools(
             name.clone(),
             Tool {
                 original: tool.name.to_string(),
-                spec: ToolSpec {
+                spec: Arc::new(ToolSpec {
                     name,
                     description: tool
                         .description
@@ -727,7 +727,7 @@ async fn list_tools(
                         .unwrap_or_default()
                         .to_owned(),
                     input_schema: schema,
-                },
+                }),
                 validator,
             },
         );

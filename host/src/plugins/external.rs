@@ -31,7 +31,7 @@ pub trait ToolInvoker: Send + Sync {
 /// One external tool as the catalog holds it.
 #[derive(Clone)]
 pub struct ExternalTool {
-    pub spec: ToolSpec,
+    pub spec: Arc<ToolSpec>,
     /// Who offers it, as a step's `plugin` names it (`mcp:github`).
     pub source: String,
     pub invoker: Arc<dyn ToolInvoker>,

@@ -458,7 +458,7 @@ impl ConnectionPool {
         connect_timeout: Duration,
     ) -> Result<PooledResponse, HttpError> {
         let uri = request.uri().clone();
-        let address = policy.check(&uri).await?;
+        let address = Box::pin(policy.check(&uri)).await?;
         let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
         let host = host_of(&uri);
         let port = uri.port_u16().unwrap_or_else(|| default_port(&scheme));
@@ -469,7 +469,12 @@ impl ConnectionPool {
             protocol: transport.protocol,
             transport: transport.id,
         };
-        let take_or_connect = || within(connect_timeout, self.connect(&destination, transport));
+        let take_or_connect = || {
+            Box::pin(within(
+                connect_timeout,
+                self.connect(&destination, transport),
+            ))
+        };
         let mut ready = match self.take(&destination) {
             Ok(pooled) => pooled,
             Err(_) => take_or_connect().await?,
@@ -486,7 +491,8 @@ impl ConnectionPool {
                     // Over HTTP/1.1, on a new connection: another pooled
                     // one may be as stale as the first.
                     ready = if self.speaks_http2(&destination) == Some(false) {
-                        let new = within(connect_timeout, connect(&destination, transport)).await?;
+                        let new = within(connect_timeout, connect(&destination, transport));
+                        let new = Box::pin(new).await?;
                         self.add(&destination, new)
                     } else {
                         take_or_connect().await?

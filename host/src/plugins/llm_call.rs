@@ -184,19 +184,22 @@ impl TranslatedCall<'_> {
             &super::bindings::v0_2::llm_adapter::LlmAdapter,
         ) -> wasmtime::Result<T>,
     ) -> Result<T, CallError> {
-        self.runtime
-            .call_reusing(
-                self.plugin,
-                SlotKind::Compute,
-                self.tenant,
-                self.warm.clone(),
-                None,
-                crate::memory::MemoryHandle::default(),
-                self.trace,
-                async |store| self.pre.instantiate_async(store).await,
-                call,
-            )
-            .await
+        // Boxed, as are the connection's making and the name's checking
+        // (see `ConnectionPool::send`): a call's future is kept for as long
+        // as the provider thinks, and these, large and done by then, would
+        // otherwise size it.
+        Box::pin(self.runtime.call_reusing(
+            self.plugin,
+            SlotKind::Compute,
+            self.tenant,
+            self.warm.clone(),
+            None,
+            crate::memory::MemoryHandle::default(),
+            self.trace,
+            async |store| self.pre.instantiate_async(store).await,
+            call,
+        ))
+        .await
     }
 
     /// Sends the adapter's request to its configured endpoint.

@@ -397,7 +397,7 @@ impl PluginRuntime {
         &self,
         names: TaskPluginNames<'_>,
         recorded: &RecordedVersions,
-    ) -> Result<(TaskPlugins, Vec<ToolSpec>), CallError> {
+    ) -> Result<(TaskPlugins, Vec<Arc<ToolSpec>>), CallError> {
         let grace_ends = tokio::time::Instant::now() + self.options.missing_plugin_grace;
         let mut changes = self.loading_count.subscribe();
         loop {
@@ -748,7 +748,9 @@ impl PluginRuntime {
                                 .map_err(convert::v0_1::llm_error_from_wit))
                         },
                     );
-                    match tokio::time::timeout_at(deadline.into(), call).await {
+                    // Boxed: a translating adapter's call, far more common,
+                    // is not sized by this one.
+                    match tokio::time::timeout_at(deadline.into(), Box::pin(call)).await {
                         Ok(result) => result?.map_err(CallError::Llm)?,
                         Err(_) => return Err(llm_timeout(plugin)),
                     }

@@ -78,9 +78,10 @@ pub struct PluginInfo {
     pub file: PathBuf,
     pub size_bytes: u64,
     pub description: Option<String>,
-    /// For tool plugins: the tools it offers.
+    /// For tool plugins: the tools it offers, shared with every task that
+    /// holds them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tools: Vec<ToolSpec>,
+    pub tools: Vec<Arc<ToolSpec>>,
     pub grants: Grants,
     pub limits: Limits,
     /// What the manifest asked for that the operator's policy refused.
@@ -227,7 +228,7 @@ impl Catalog {
         }
     }
 
-    pub fn tool_spec(&self, name: &str) -> Option<&ToolSpec> {
+    pub fn tool_spec(&self, name: &str) -> Option<&Arc<ToolSpec>> {
         let Some(plugin) = self.tools.get(name) else {
             return self.external.get(name).map(|tool| &tool.spec);
         };
@@ -992,7 +993,10 @@ impl PluginRuntime {
             labels,
         };
         if kind == PluginKind::Tool {
-            plugin.info.tools = self.describe(&plugin).await?;
+            plugin.info.tools = (self.describe(&plugin).await?)
+                .into_iter()
+                .map(Arc::new)
+                .collect();
             for spec in &plugin.info.tools {
                 let validator = jsonschema::validator_for(&spec.input_schema).map_err(|e| {
                     format!("tool {:?} has an invalid input schema: {e}", spec.name)

@@ -63,7 +63,7 @@ pub(super) struct Run {
     steps: Vec<StepRecord>,
     /// What the planner sees of each finished step, by sequence number, kept
     /// as steps finish so no step's JSON is decoded again on later steps.
-    planner_steps: std::collections::BTreeMap<u32, PlannerStep>,
+    planner_steps: PlannerSteps,
     cancel: CancellationToken,
     lost: CancellationToken,
     /// Retries spent in this claim, against the task's `max_retries`.
@@ -891,8 +891,8 @@ impl Run {
     fn remember(&mut self, record: StepRecord) {
         match planner_view(&record) {
             Some(view) => self.planner_steps.insert(record.seq, view),
-            None => self.planner_steps.remove(&record.seq),
-        };
+            None => self.planner_steps.remove(record.seq),
+        }
         self.keep(record);
     }
 
@@ -1177,6 +1177,46 @@ async fn journal_deltas(mut streamed: mpsc::UnboundedReceiver<String>, journal: 
     }
     // Past the cap: what still streams is only in the step's reply.
     while streamed.recv().await.is_some() {}
+}
+
+/// The planner's view of each finished step, in step order. A sorted list,
+/// since a task has few steps: a `BTreeMap`'s first node has room for 11,
+/// about 2.8 KB per task where a view is about 250 bytes, and thousands of
+/// tasks wait at once.
+#[derive(Default)]
+struct PlannerSteps(Vec<(u32, PlannerStep)>);
+
+impl PlannerSteps {
+    fn position(&self, seq: u32) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&seq, |(s, _)| *s)
+    }
+
+    fn insert(&mut self, seq: u32, view: PlannerStep) {
+        match self.position(seq) {
+            Ok(at) => self.0[at].1 = view,
+            Err(at) => self.0.insert(at, (seq, view)),
+        }
+    }
+
+    fn remove(&mut self, seq: u32) {
+        if let Ok(at) = self.position(seq) {
+            self.0.remove(at);
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &PlannerStep> {
+        self.0.iter().map(|(_, view)| view)
+    }
+}
+
+impl FromIterator<(u32, PlannerStep)> for PlannerSteps {
+    fn from_iter<I: IntoIterator<Item = (u32, PlannerStep)>>(views: I) -> Self {
+        let mut steps = Self::default();
+        for (seq, view) in views {
+            steps.insert(seq, view);
+        }
+        steps
+    }
 }
 
 /// What a step performs: its journaled input, typed.

@@ -68,7 +68,11 @@ fn request_from_wit(request: wit::ChatRequest) -> ChatRequest {
 pub fn state_to_wit(state: &TaskState<'_>) -> wit_planning::TaskState {
     wit_planning::TaskState {
         goal: state.goal.to_owned(),
-        tools: state.tools.iter().map(tool_spec_to_wit).collect(),
+        tools: state
+            .tools
+            .iter()
+            .map(|tool| tool_spec_to_wit(tool))
+            .collect(),
         steps: state.steps.iter().map(|step| step_to_wit(step)).collect(),
         max_steps: state.max_steps,
         options: state.options.to_string(),
