@@ -14,6 +14,17 @@ use crate::plugins::PluginRuntime;
 use crate::scheduler::Scheduler;
 use crate::store;
 
+/// Prints a line of the server's progress to stdout. Once stdout is gone
+/// (its terminal closed, the process reading it exited) the line is lost,
+/// and nothing else: `println!` would panic, and a panic on the way down
+/// skips the wait for running steps.
+macro_rules! say {
+    ($($line:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($line)*);
+    }};
+}
+
 /// How long open requests may take to finish once a shutdown was asked for.
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -51,7 +62,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let lock = lock_data_dir(&config)?;
         let resumed = store.expire_all_leases().await?;
         if resumed > 0 {
-            println!("resuming {resumed} task(s) interrupted when the server last stopped");
+            say!("resuming {resumed} task(s) interrupted when the server last stopped");
         }
         Some(lock)
     } else {
@@ -97,7 +108,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot read the plugin folder {}", plugin_dir.display()))?;
     if !started.loading.is_empty() {
-        println!(
+        say!(
             "loading {} plugin(s) from {} in the background",
             started.loading.len(),
             plugin_dir.display()
@@ -177,15 +188,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // One signal stops both listeners.
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn({
-        let shutdown = shutdown.clone();
+        let (shutdown, signal) = (shutdown.clone(), shutdown_signal());
         async move {
-            shutdown_signal().await;
+            signal.await;
             shutdown.cancel();
         }
     });
     let grpc = match (grpc_listener, grpc_addr) {
         (Some(listener), Some(grpc_addr)) => {
-            println!("opspawn gRPC listening on {grpc_addr}");
+            say!("opspawn gRPC listening on {grpc_addr}");
             let serving =
                 crate::grpc::serve(listener, rest.clone(), shutdown.clone().cancelled_owned());
             Some(tokio::spawn(async move {
@@ -207,11 +218,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         app
     };
-    println!(
+    say!(
         "data in {} (store: {database_url})",
         config.data_dir.display()
     );
-    println!("opspawn listening on http://{addr}");
+    say!("opspawn listening on http://{addr}");
     api::connections::serve(
         listener,
         app,
@@ -230,7 +241,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         grpc.abort();
         tracing::warn!("gRPC calls still open after the drain period were cut off");
     }
-    println!("shutting down: waiting for running steps to finish");
+    say!("shutting down: waiting for running steps to finish");
     scheduler.shutdown().await;
     mcp.shutdown().await;
     pruner.abort();
@@ -265,7 +276,7 @@ async fn report_plugins_once_loaded(
     runtime.loaded().await;
     mcp.started().await;
     let catalog = runtime.catalog();
-    println!("plugins from {}:", plugin_dir.display());
+    say!("plugins from {}:", plugin_dir.display());
     for plugin in catalog.plugins() {
         let tools: Vec<&str> = plugin.tools.iter().map(|t| t.name.as_str()).collect();
         let offers = if tools.is_empty() {
@@ -273,7 +284,7 @@ async fn report_plugins_once_loaded(
         } else {
             format!(" (tools: {})", tools.join(", "))
         };
-        println!(
+        say!(
             "  loaded  {:<18} {:<11} {}{offers}",
             plugin.name,
             plugin.kind,
@@ -281,10 +292,10 @@ async fn report_plugins_once_loaded(
         );
     }
     for failure in catalog.failures() {
-        println!("  skipped {}: {}", failure.file.display(), failure.error);
+        say!("  skipped {}: {}", failure.file.display(), failure.error);
     }
     if catalog.plugins().next().is_none() {
-        println!("  (none: drop .wasm components into the folder; they load without a restart)");
+        say!("  (none: drop .wasm components into the folder; they load without a restart)");
     }
     for server in mcp.views() {
         let tools: Vec<&str> = server["tools"]
@@ -295,18 +306,18 @@ async fn report_plugins_once_loaded(
             .collect();
         let name = server["name"].as_str().unwrap_or_default();
         match server["status"].as_str() {
-            Some("ready") => println!(
+            Some("ready") => say!(
                 "  mcp     {name:<18} ready       (tools: {})",
                 tools.join(", ")
             ),
-            status => println!(
+            status => say!(
                 "  mcp     {name:<18} {:<11} {}",
                 status.unwrap_or_default(),
                 server["error"].as_str().unwrap_or_default()
             ),
         }
     }
-    println!("plugins ready");
+    say!("plugins ready");
 }
 
 /// Deletes finished tasks older than the retention period, now and then.
@@ -339,20 +350,27 @@ fn lock_data_dir(config: &Config) -> anyhow::Result<File> {
     Ok(file)
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when it is first polled, so that a signal sent once the
+/// server said it listens is never missed (the default action would end the
+/// process at once, without waiting for running steps).
+fn shutdown_signal() -> impl Future<Output = ()> + Send {
     #[cfg(unix)]
     {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+        let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Raises this process's soft limit on open files to its hard limit: each

@@ -3,6 +3,7 @@
 //! running a finished step again.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -221,4 +222,55 @@ async fn large_step_payloads_are_stored_out_of_line_and_read_back_whole() {
             "a SHA-256 names the payload"
         );
     }
+}
+
+/// A server whose stdout has gone (its terminal closed, or the process
+/// reading it exited) still shuts down cleanly on SIGTERM: the lines it
+/// prints on the way down are lost, not the wait for its running steps.
+#[test]
+fn sigterm_with_stdout_gone_shuts_down_cleanly() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    let data = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    let log = data.path().join("server.log");
+    let mut server = Command::new(crate::binary())
+        .arg("serve")
+        .env("OPSPAWN_ADDR", "127.0.0.1:0")
+        .env("OPSPAWN_DATA_DIR", data.path())
+        .env("OPSPAWN_PLUGIN_DIR", plugins.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("opspawn listening on ") {
+        line.clear();
+        let read = stdout.read_line(&mut line).unwrap();
+        assert!(read > 0, "the server exited before it listened");
+    }
+    // Its signal handlers are installed before it says it listens.
+    drop(stdout);
+
+    let pid = server.id().to_string();
+    let signalled = Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(signalled.unwrap().success());
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > give_up {
+            let _ = server.kill();
+            panic!("the server did not stop within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "it exited with {status}; its log:\n{log}");
+    assert!(!log.contains("panicked"), "its log:\n{log}");
 }
