@@ -68,9 +68,15 @@ const STREAMS_PER_HTTP2_CONNECTION: usize = 100;
 /// How often an HTTP/2 connection carrying requests is pinged, and how long
 /// an answer may take before the connection is taken for dead: its requests
 /// fail (and are retried as the call allows) instead of waiting for their
-/// timeouts, and new requests go elsewhere.
+/// timeouts, and new requests go elsewhere. (Unit tests wait less.)
+#[cfg(not(test))]
 const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(30);
+#[cfg(not(test))]
 const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+#[cfg(test)]
+const HTTP2_PING_INTERVAL: Duration = Duration::from_millis(200);
+#[cfg(test)]
+const HTTP2_PING_TIMEOUT: Duration = Duration::from_millis(300);
 /// How much of a response an HTTP/2 stream, and a whole connection, may
 /// receive before the host reads it (the flow-control windows; hyper's
 /// defaults). The host reads as data arrives, so little is ever buffered.
@@ -819,7 +825,7 @@ where
 {
     let pings = connection.ping_pong();
     tokio::select! {
-        result = connection => {
+        result = &mut connection => {
             if let Err(error) = result {
                 tracing::debug!(%error, "an HTTP/2 connection to a provider ended");
             }
@@ -828,7 +834,10 @@ where
             tracing::debug!("an HTTP/2 connection to a provider did not answer a ping; closed");
         }
     }
+    // Marked before it is dropped, which fails the requests still on it:
+    // none of them, retried, finds it in the pool again.
     state.closed.store(true, Ordering::Relaxed);
+    drop(connection);
 }
 
 /// Returns when the server failed to answer a ping in time.

@@ -451,3 +451,44 @@ async fn a_request_on_a_connection_going_away_goes_on_a_new_one() {
         "the pool kept only the new connection"
     );
 }
+
+/// An HTTP/2 connection whose server stops answering (here: it stops
+/// reading, so it answers no ping) is closed once a ping goes unanswered,
+/// and the request waiting on it fails then, not at its own timeout.
+#[tokio::test]
+async fn a_request_on_a_connection_that_stopped_answering_fails_at_the_missed_ping() {
+    let (listener, address) = tls::loopback_listener().await;
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(tcp).await.unwrap();
+        let _held = connection.accept().await;
+        // The request arrived; from now on nothing is read or answered,
+        // while the socket stays open.
+        std::future::pending::<()>().await;
+        drop(connection);
+    });
+    let url = format!("http://{address}/v1/chat");
+    let (pool, policy) = (ConnectionPool::default(), granting(&url));
+    let transport = Transport::new(HttpProtocol::Http2, None).unwrap();
+    let request = Request::get(&url).body(Bytes::new()).unwrap();
+    let started = Instant::now();
+    let sent = tokio::time::timeout(
+        Duration::from_secs(10),
+        pool.send(&policy, &transport, request, Duration::from_secs(10)),
+    )
+    .await
+    .expect("the request ends once the ping goes unanswered");
+    server.abort();
+    assert!(sent.is_err(), "the request failed");
+    assert!(
+        started.elapsed() >= HTTP2_PING_INTERVAL,
+        "it failed only after a ping went unanswered"
+    );
+    let destinations = pool.destinations.lock().unwrap();
+    let connections: Vec<_> = destinations.values().flat_map(|c| &c.http2).collect();
+    assert_eq!(connections.len(), 1);
+    assert!(
+        connections[0].state.is_closed(),
+        "the pool takes no more requests to it"
+    );
+}
