@@ -60,8 +60,9 @@ const MAX_IDLE_PER_DESTINATION: usize = 10_000;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Requests one HTTP/2 connection carries at once before the pool opens
 /// another. A server announces its own limit (100 to 256 is usual, and RFC
-/// 9113 asks for at least 100), but hyper does not pass it on, so the pool
-/// assumes the floor. Past a server's lower limit, requests wait in the
+/// 9113 asks for at least 100); the pool keeps to the floor, which also
+/// spreads a busy provider over several connections, each its own task.
+/// Past a server's lower limit, requests wait in the
 /// connection's queue for a stream; none fails for it (one refused before
 /// the server's settings arrived is sent again).
 const STREAMS_PER_HTTP2_CONNECTION: usize = 100;
@@ -625,32 +626,51 @@ async fn send_on(
                 response: response.map(|body| ResponseBody(BodyKind::Http2(body))),
                 connection: Some(PooledConnection(Pooled::Http2 { _stream: stream })),
             }),
-            Err((error, unsent)) if unsent => {
+            Err(Http2Failure::ConnectionGone(error)) => {
                 // A connection that went away (a server may close one
                 // after so many requests, with GOAWAY) takes no more.
-                if !refused_stream(&error) {
-                    stream.0.closed.store(true, Ordering::Relaxed);
-                }
+                stream.0.closed.store(true, Ordering::Relaxed);
                 Err(SendFailure::Retry(Box::new(retry), http2_error(error)))
             }
-            Err((error, _)) => Err(SendFailure::Failed(http2_error(error))),
+            Err(Http2Failure::Refused(error)) => {
+                Err(SendFailure::Retry(Box::new(retry), http2_error(error)))
+            }
+            Err(Http2Failure::Failed(error)) => Err(SendFailure::Failed(http2_error(error))),
         },
     }
 }
 
+/// Why an HTTP/2 request failed, as far as sending it again goes.
+enum Http2Failure {
+    /// The connection was going away, or gone, before the request went out.
+    ConnectionGone(h2::Error),
+    /// The server refused the request's stream unprocessed, most often one
+    /// past its limit opened before its settings arrived (RFC 9113, 8.7).
+    Refused(h2::Error),
+    /// Anything else: the server may have processed the request.
+    Failed(h2::Error),
+}
+
+impl Http2Failure {
+    /// A failure before the request was sent, or as the server took it.
+    fn unsent(error: h2::Error) -> Self {
+        if refused_stream(&error) {
+            Self::Refused(error)
+        } else if error.is_io() || error.is_go_away() {
+            Self::ConnectionGone(error)
+        } else {
+            Self::Failed(error)
+        }
+    }
+}
+
 /// Sends one request on an HTTP/2 connection and waits for its response's
-/// head. On failure, also says whether the server cannot have processed
-/// the request: the connection was closing before it went out, or the
-/// server refused its stream unprocessed, most often one past its limit
-/// opened before its settings arrived (RFC 9113, 8.7).
+/// head.
 async fn send_http2(
     sender: Http2Sender,
     request: Request<Bytes>,
-) -> Result<Response<h2::RecvStream>, (h2::Error, bool)> {
-    let unsent = |error: h2::Error| {
-        let unsent = error.is_io() || error.is_go_away() || refused_stream(&error);
-        (error, unsent)
-    };
+) -> Result<Response<h2::RecvStream>, Http2Failure> {
+    let unsent = Http2Failure::unsent;
     let mut sender = sender.ready().await.map_err(unsent)?;
     let (head, body) = http2_form(request);
     let end_of_stream = body.is_empty();
@@ -659,9 +679,13 @@ async fn send_http2(
         // Sent as the flow-control windows allow; h2 buffers the rest.
         send.send_data(body, true).map_err(unsent)?;
     }
+    // Once sent, only a refusal says the server did not process it.
     response.await.map_err(|error| {
-        let unsent = refused_stream(&error);
-        (error, unsent)
+        if refused_stream(&error) {
+            Http2Failure::Refused(error)
+        } else {
+            Http2Failure::Failed(error)
+        }
     })
 }
 
@@ -674,12 +698,12 @@ fn http2_form(request: Request<Bytes>) -> (Request<()>, Bytes) {
         "connection",
         "keep-alive",
         "proxy-connection",
+        "transfer-encoding",
         "upgrade",
         "host",
     ] {
         head.headers.remove(name);
     }
-    head.headers.remove(hyper::header::TRANSFER_ENCODING);
     if head
         .headers
         .get(hyper::header::TE)
