@@ -3,11 +3,13 @@
 //! see [`EventsConfig`]). Subscribers that fall behind, reconnect or come
 //! after a restart catch up from the store, which holds every one.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
 use crate::store::EventRecord;
 
@@ -45,12 +47,14 @@ pub type LiveEvent = Arc<EventRecord>;
 #[derive(Clone)]
 pub struct EventBus {
     sender: broadcast::Sender<LiveEvent>,
+    finish_waiters: Arc<FinishWaiters>,
 }
 
 impl Default for EventBus {
     fn default() -> Self {
         Self {
             sender: broadcast::channel(CAPACITY).0,
+            finish_waiters: Arc::default(),
         }
     }
 }
@@ -58,8 +62,20 @@ impl Default for EventBus {
 impl EventBus {
     /// Tells this host's subscribers of an event the store now holds.
     pub fn journaled(&self, event: EventRecord) {
+        if event.is_final() {
+            self.finish_waiters.wake(&event.task_id);
+        }
         // No subscribers is the common case, not an error.
         let _ = self.sender.send(Arc::new(event));
+    }
+
+    /// Resolves once this host journals `task_id`'s `task.finished`, for a
+    /// request that waits for a task to finish (`GET /v1/tasks/{id}?wait_secs=`).
+    /// Take it before reading the task, so that an end between the read
+    /// and the wait is not missed. A task that ends on another host is not
+    /// heard of here: the waiter reads the store now and then as well.
+    pub fn task_finished(&self, task_id: &str) -> TaskFinished {
+        TaskFinished::new(self.finish_waiters.clone(), task_id)
     }
 
     /// Whether anyone is subscribed: what is built only for subscribers
@@ -71,5 +87,153 @@ impl EventBus {
 
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
         self.sender.subscribe()
+    }
+}
+
+/// Who waits for which task to finish, on this host. Unlike the broadcast
+/// of every event, a waiter is woken by its own task's end only, and the
+/// scheduler pays one atomic load per finished task when no one waits.
+#[derive(Default)]
+struct FinishWaiters {
+    /// How many tasks have waiters: the map is locked only when some do.
+    tasks: AtomicUsize,
+    by_task: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+}
+
+impl FinishWaiters {
+    fn wake(&self, task_id: &str) {
+        if self.tasks.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let waiters = {
+            let mut by_task = self.by_task.lock().unwrap_or_else(|e| e.into_inner());
+            let waiters = by_task.remove(task_id);
+            self.tasks.store(by_task.len(), Ordering::Release);
+            waiters
+        };
+        for waiter in waiters.into_iter().flatten() {
+            let _ = waiter.send(());
+        }
+    }
+}
+
+/// A wait for one task's end on this host (see [`EventBus::task_finished`]).
+/// Dropped unresolved, it takes itself off the task's waiters.
+pub struct TaskFinished {
+    waiters: Arc<FinishWaiters>,
+    task_id: String,
+    receiver: oneshot::Receiver<()>,
+    woken: bool,
+}
+
+impl TaskFinished {
+    fn new(waiters: Arc<FinishWaiters>, task_id: &str) -> Self {
+        let (sender, receiver) = oneshot::channel();
+        {
+            let mut by_task = waiters.by_task.lock().unwrap_or_else(|e| e.into_inner());
+            by_task.entry(task_id.to_owned()).or_default().push(sender);
+            waiters.tasks.store(by_task.len(), Ordering::Release);
+        }
+        Self {
+            waiters,
+            task_id: task_id.to_owned(),
+            receiver,
+            woken: false,
+        }
+    }
+
+    /// Resolves when the task's end is journaled here, and only that once:
+    /// awaited again, it never resolves (the caller reads the store then).
+    pub async fn wait(&mut self) {
+        if self.woken {
+            return std::future::pending().await;
+        }
+        // An error is a sender dropped unsent, which does not happen while
+        // this waiter is registered; either way it is over.
+        let _ = (&mut self.receiver).await;
+        self.woken = true;
+    }
+}
+
+impl Drop for TaskFinished {
+    fn drop(&mut self) {
+        // Woken: the task's entry is gone.
+        if self.woken || self.receiver.try_recv().is_ok() {
+            return;
+        }
+        self.receiver.close();
+        let mut by_task = self
+            .waiters
+            .by_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(waiters) = by_task.get_mut(&self.task_id) {
+            waiters.retain(|waiter| !waiter.is_closed());
+            if waiters.is_empty() {
+                by_task.remove(&self.task_id);
+            }
+        }
+        self.waiters.tasks.store(by_task.len(), Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::store::event_kind;
+
+    fn event(task_id: &str, kind: &str) -> EventRecord {
+        EventRecord {
+            task_id: task_id.to_owned(),
+            seq: 1,
+            kind: kind.to_owned(),
+            data: Value::Null,
+            at: 0,
+        }
+    }
+
+    async fn woken(finished: &mut TaskFinished) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), finished.wait())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_woken_by_its_own_tasks_end_only() {
+        let bus = EventBus::default();
+        let mut mine = bus.task_finished("mine");
+        let mut also_mine = bus.task_finished("mine");
+        let mut other = bus.task_finished("other");
+        bus.journaled(event("mine", event_kind::TASK_STARTED));
+        bus.journaled(event("someone-else", event_kind::TASK_FINISHED));
+        assert!(
+            !woken(&mut mine).await,
+            "not by another event of its task's"
+        );
+        bus.journaled(event("mine", event_kind::TASK_FINISHED));
+        assert!(woken(&mut mine).await);
+        assert!(woken(&mut also_mine).await, "every waiter of the task");
+        assert!(!woken(&mut mine).await, "once only");
+        assert!(!woken(&mut other).await);
+        assert_eq!(bus.finish_waiters.tasks.load(Ordering::Acquire), 1);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_dropped_unwoken_leaves_nothing_behind() {
+        let bus = EventBus::default();
+        let first = bus.task_finished("t");
+        let mut second = bus.task_finished("t");
+        drop(first);
+        assert_eq!(bus.finish_waiters.by_task.lock().unwrap()["t"].len(), 1);
+        drop(bus.task_finished("u"));
+        bus.journaled(event("t", event_kind::TASK_FINISHED));
+        assert!(woken(&mut second).await, "the one left is still woken");
+        drop(second);
+        assert!(bus.finish_waiters.by_task.lock().unwrap().is_empty());
+        assert_eq!(bus.finish_waiters.tasks.load(Ordering::Acquire), 0);
     }
 }

@@ -682,7 +682,11 @@ impl pb::tasks_server::Tasks for GrpcApi {
         &self,
         request: GrpcRequest<pb::GetTaskRequest>,
     ) -> Result<GrpcResponse<pb::Task>, Status> {
-        let path = task_path(&request.get_ref().id, "")?;
+        let asked = request.get_ref();
+        let path = with_query(
+            &task_path(&asked.id, "")?,
+            vec![("wait_secs", asked.wait_secs.map(|secs| secs.to_string()))],
+        )?;
         let answer = self.get(&path, request.metadata()).await?;
         Ok(GrpcResponse::new(task(&answer)))
     }

@@ -178,9 +178,16 @@ async fn grpc_submits_gets_lists_cancels_and_watches_as_rest_does() {
         (middle + 1..=*seqs.last().unwrap()).collect::<Vec<_>>()
     );
 
-    // The finished task, with its steps, as REST shows it.
+    // The finished task, with its steps, as REST shows it (waiting for it
+    // to finish, as REST's `wait_secs` does, answers at once now).
     let got = grpc
-        .get_task(call(GetTaskRequest { id: id.clone() }, None))
+        .get_task(call(
+            GetTaskRequest {
+                id: id.clone(),
+                wait_secs: Some(30),
+            },
+            None,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -276,6 +283,7 @@ async fn grpc_submits_gets_lists_cancels_and_watches_as_rest_does() {
         .get_task(call(
             GetTaskRequest {
                 id: "no-such-task".into(),
+                wait_secs: None,
             },
             None,
         ))
@@ -287,6 +295,21 @@ async fn grpc_submits_gets_lists_cancels_and_watches_as_rest_does() {
         .await
         .unwrap_err();
     expect_refused(&bad_filter, tonic::Code::InvalidArgument, "invalid_query");
+    let too_long_a_wait = grpc
+        .get_task(call(
+            GetTaskRequest {
+                id: "no-such-task".into(),
+                wait_secs: Some(61),
+            },
+            None,
+        ))
+        .await
+        .unwrap_err();
+    expect_refused(
+        &too_long_a_wait,
+        tonic::Code::InvalidArgument,
+        "invalid_query",
+    );
     let bad_replay = grpc
         .watch_task(call(
             WatchTaskRequest {
@@ -415,6 +438,7 @@ async fn grpc_needs_rest_tokens_keeps_tenants_apart_and_reflects() {
     // Another tenant's task is refused as REST refuses it: 403 forbidden.
     let other = || GetTaskRequest {
         id: task.id.clone(),
+        wait_secs: None,
     };
     let refused = grpc
         .get_task(call(other(), Some("globex-token")))

@@ -131,14 +131,22 @@ pub async fn read_body_in_time(
         .await
 }
 
+/// When a request under [`answer_in_time`] must be answered: a handler
+/// that waits (`GET /v1/tasks/{id}?wait_secs=`) stops in time to answer.
+#[derive(Debug, Clone, Copy)]
+pub struct AnswerBy(pub tokio::time::Instant);
+
 /// Middleware for the routes that answer at once (all but the event
 /// stream): an answer not ready within `request_timeout` is abandoned.
 pub async fn answer_in_time(
     State(limits): State<Arc<HttpLimits>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let timeout = limits.request_timeout;
+    request
+        .extensions_mut()
+        .insert(AnswerBy(tokio::time::Instant::now() + timeout));
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {

@@ -25,9 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Extension, FromRequest, FromRequestParts, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::middleware;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value, json};
@@ -433,7 +433,8 @@ const MAX_BUDGET_TOKENS: i64 = 1_000_000_000_000;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// Submits a task; it runs in the background. With an `Idempotency-Key`, a
-/// repeat returns the task the first request created.
+/// repeat returns the task the first request created. With `Prefer:
+/// wait=N`, the answer waits up to N seconds for the task to finish.
 #[utoipa::path(
     post,
     path = "/v1/tasks",
@@ -444,22 +445,35 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
         ("Idempotency-Key" = Option<String>, Header, max_length = 255, min_length = 1,
             description = "1 to 255 visible ASCII characters; a repeat with the same key \
                 returns the first task (200) instead of creating another"),
+        ("Prefer" = Option<String>, Header,
+            description = "`wait=N` (RFC 7240): answer once the task has finished, or \
+                after N seconds (at most 60) with the task as it is then; without it, or \
+                with a preference the server does not apply, the answer comes at once"),
     ),
     responses(
         (status = 201, description = "Created", body = TaskView,
-            headers(("Location" = String, description = "The task's URL"))),
+            headers(
+                ("Location" = String, description = "The task's URL"),
+                ("Preference-Applied" = Option<String>,
+                    description = "`wait=N`: the seconds the answer waited for at most"),
+            )),
         (status = 200, description = "A repeat of an earlier request with the same \
             Idempotency-Key: its task", body = TaskView,
-            headers(("Location" = String, description = "The task's URL"))),
+            headers(
+                ("Location" = String, description = "The task's URL"),
+                ("Preference-Applied" = Option<String>,
+                    description = "`wait=N`: the seconds the answer waited for at most"),
+            )),
         openapi::CreateTaskErrors,
     ),
 )]
 async fn create_task(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
+    answer_by: Option<Extension<connections::AnswerBy>>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<CreateTask>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => {
@@ -498,6 +512,10 @@ async fn create_task(
             return Err(error.into());
         }
     };
+    let wait_secs = preferred_wait(&headers);
+    // Listening before the scheduler is woken. The task could only end
+    // before this on another host: the wait's reads of the store find it.
+    let finished = wait_secs.map(|_| state.events.task_finished(&record.id));
     let status = match event {
         Some(event) => {
             metrics::counter!(crate::metrics::TASKS_SUBMITTED, "tenant" => tenant.0.clone())
@@ -513,11 +531,50 @@ async fn create_task(
         }
     };
     let location = format!("/v1/tasks/{}", record.id);
+    let Some((wait_secs, finished)) = wait_secs.zip(finished) else {
+        return Ok((
+            status,
+            [(header::LOCATION, location)],
+            Json(TaskView::new(record, None)),
+        )
+            .into_response());
+    };
+    let until = wait_window(wait_secs, answer_by);
+    let record = wait_for_end(&state, &tenant, record, finished, until).await?;
     Ok((
         status,
-        [(header::LOCATION, location)],
+        [
+            (header::LOCATION, location),
+            (
+                HeaderName::from_static("preference-applied"),
+                format!("wait={wait_secs}"),
+            ),
+        ],
         Json(TaskView::new(record, None)),
-    ))
+    )
+        .into_response())
+}
+
+/// The `wait` preference of a request's `Prefer` headers (RFC 7240), in
+/// seconds, at most [`MAX_WAIT_SECS`]. As the RFC asks, a preference the
+/// server cannot read is ignored rather than refused: `None`, as for none.
+fn preferred_wait(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .find_map(|preference| {
+            // `wait=N`, perhaps with parameters after a `;`.
+            let token = preference.split(';').next()?;
+            let (name, value) = token.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("wait") {
+                return None;
+            }
+            value.trim().trim_matches('"').parse::<u64>().ok()
+        })
+        .map(|secs| secs.min(MAX_WAIT_SECS.into()) as u32)
+        .filter(|&secs| secs > 0)
 }
 
 fn parse_time(field: &str, text: Option<&str>) -> Result<Option<Millis>, ApiError> {
@@ -1063,6 +1120,45 @@ async fn usage(
     Ok(Json(UsageView::new(tenant.0, &cap, &span, used, reserved)))
 }
 
+/// When a request that asked to wait `secs` for its task must stop waiting:
+/// after `secs`, and in time to answer within `http.request_timeout`.
+fn wait_window(
+    secs: u32,
+    answer_by: Option<Extension<connections::AnswerBy>>,
+) -> tokio::time::Instant {
+    let wait_until = tokio::time::Instant::now() + Duration::from_secs(secs.into());
+    match answer_by {
+        Some(Extension(connections::AnswerBy(answer_by))) => wait_until.min(
+            answer_by
+                .checked_sub(WAIT_ANSWER_MARGIN)
+                .unwrap_or(answer_by),
+        ),
+        None => wait_until,
+    }
+}
+
+/// `task` once it has finished, or as it is at `until`. Its end is heard
+/// from `finished` when it ends on this host, else at the next of the reads
+/// of the store made every [`WAIT_STORE_POLL`] (which also cover an end
+/// before `finished` listened).
+async fn wait_for_end(
+    state: &AppState,
+    tenant: &Tenant,
+    mut task: TaskRecord,
+    mut finished: crate::events::TaskFinished,
+    until: tokio::time::Instant,
+) -> Result<TaskRecord, ApiError> {
+    while !task.status.is_terminal() && tokio::time::Instant::now() < until {
+        let next_read = (tokio::time::Instant::now() + WAIT_STORE_POLL).min(until);
+        tokio::select! {
+            () = finished.wait() => {}
+            () = tokio::time::sleep_until(next_read) => {}
+        }
+        task = owned_task(state, tenant, &task.id).await?;
+    }
+    Ok(task)
+}
+
 /// The task, if it exists and belongs to the tenant.
 pub(crate) async fn owned_task(
     state: &AppState,
@@ -1083,21 +1179,65 @@ pub(crate) async fn owned_task(
     Ok(task)
 }
 
-/// The task with every step.
+/// `GET /v1/tasks/{id}`'s query; any other parameter is `400 invalid_query`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct GetTask {
+    /// Wait up to this many seconds for the task to finish (succeed, fail
+    /// or be cancelled) before answering; the answer is the task as it is
+    /// then, finished or not. 0 (the default) answers at once.
+    #[param(minimum = 0, maximum = 60)]
+    wait_secs: Option<u32>,
+}
+
+/// The longest a `GET /v1/tasks/{id}` may wait for its task to finish.
+const MAX_WAIT_SECS: u32 = 60;
+
+/// How long before `http.request_timeout` a waiting `GET /v1/tasks/{id}`
+/// stops waiting, to read the task and answer.
+const WAIT_ANSWER_MARGIN: Duration = Duration::from_millis(500);
+
+/// How often a waiting `GET /v1/tasks/{id}` reads the store, for a task
+/// that ends on another host (this host's own are heard of at once).
+const WAIT_STORE_POLL: Duration = Duration::from_secs(1);
+
+/// The task with every step; with `wait_secs`, once it has finished or the
+/// wait is over.
 #[utoipa::path(
     get,
     path = "/v1/tasks/{id}",
     tag = "tasks",
     security(("api_token" = [])),
-    params(("id" = String, Path, min_length = 1, description = "The task's id")),
+    params(
+        ("id" = String, Path, min_length = 1, description = "The task's id"),
+        GetTask,
+    ),
     responses((status = 200, body = TaskView), openapi::GetTaskErrors),
 )]
 async fn get_task(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<GetTask>,
+    answer_by: Option<Extension<connections::AnswerBy>>,
 ) -> Result<Json<TaskView>, ApiError> {
-    let task = owned_task(&state, &tenant, &id).await?;
+    let wait_secs = query.wait_secs.unwrap_or(0);
+    if wait_secs > MAX_WAIT_SECS {
+        return Err(ApiError::new(
+            Code::InvalidQuery,
+            format!("wait_secs must be between 0 and {MAX_WAIT_SECS}"),
+        ));
+    }
+    let task = if wait_secs == 0 {
+        owned_task(&state, &tenant, &id).await?
+    } else {
+        // Listening before the first read: an end in between is heard.
+        let finished = state.events.task_finished(&id);
+        let task = owned_task(&state, &tenant, &id).await?;
+        let wait = wait_window(wait_secs, answer_by);
+        wait_for_end(&state, &tenant, task, finished, wait).await?
+    };
     let steps = state.store.steps(&id).await?;
     Ok(Json(TaskView::new(task, Some(steps))))
 }

@@ -109,7 +109,7 @@ error_responses! {
     StatsErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [];
     UsageErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [];
     GetTaskErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
-        InvalidPath, Forbidden, TaskNotFound,
+        InvalidPath, InvalidQuery, Forbidden, TaskNotFound,
     ];
     CancelTaskErrors: [ANY_ROUTE, AUTHENTICATED, ANSWERED_IN_TIME] + [
         InvalidPath, Forbidden, TaskNotFound, TaskAlreadyFinished, StoreFull,

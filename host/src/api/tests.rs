@@ -5,6 +5,7 @@
 //! signals, the CLI, connections) stays in `tests/integration`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -405,6 +406,129 @@ async fn the_list_checks_its_query_and_cursor() {
         a.id.as_str(),
         "{}",
         second.body
+    );
+}
+
+#[tokio::test]
+async fn a_get_waits_for_its_task_to_finish_when_asked() {
+    let api = Setup::default().start().await;
+    let (task, _) = api
+        .store
+        .create_task(store::conformance::new_task("a", 0, Some(FAR_FUTURE)))
+        .await
+        .unwrap();
+    let uri = format!("/v1/tasks/{}", task.id);
+    for query in [
+        "wait_secs=61",
+        "wait_secs=-1",
+        "wait_secs=soon",
+        "colour=red",
+    ] {
+        api.get(&format!("{uri}?{query}"))
+            .await
+            .is_error(Code::InvalidQuery, query);
+    }
+
+    // A wait that runs out answers with the task as it is then.
+    let started = std::time::Instant::now();
+    let answer = api.get(&format!("{uri}?wait_secs=1")).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.body["status"], "queued");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A wait ends when the task does: heard from this host's scheduler or
+    // API at once, not at the next of the once-a-second reads of the store.
+    let started = std::time::Instant::now();
+    let waiting = format!("{uri}?wait_secs=30");
+    let (answer, cancelled) = tokio::join!(api.get(&waiting), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        api.send(json_post(&format!("{uri}/cancel"), "")).await
+    });
+    assert_eq!(cancelled.status, StatusCode::OK, "{}", cancelled.body);
+    assert_eq!(answer.body["status"], "cancelled", "{}", answer.body);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "answered {:?} after the wait began",
+        started.elapsed()
+    );
+
+    // A finished task is answered at once, however long the wait asked.
+    let started = std::time::Instant::now();
+    let answer = api.get(&format!("{uri}?wait_secs=60")).await;
+    assert_eq!(answer.body["status"], "cancelled", "{}", answer.body);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// `POST /v1/tasks` with these `Prefer` headers.
+fn submit_preferring(body: &str, prefer: &[&str]) -> Request<Body> {
+    let mut request = request(Method::POST, "/v1/tasks")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    for preference in prefer {
+        request = request.header("prefer", *preference);
+    }
+    request.body(Body::from(body.to_owned())).unwrap()
+}
+
+#[tokio::test]
+async fn a_submission_preferring_to_wait_answers_with_the_finished_task() {
+    let api = Setup::examples().start().await;
+    let task = r#"{"goal": "What is 6*7?", "tools": ["calculator"], "llm": "scripted"}"#;
+    let answer = api.send(submit_preferring(task, &["wait=30"])).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    assert_eq!(
+        (
+            answer.body["status"].as_str(),
+            answer.body["result"].as_str()
+        ),
+        (Some("succeeded"), Some("42")),
+        "{}",
+        answer.body
+    );
+    assert_eq!(answer.headers["preference-applied"], "wait=30");
+
+    // Past the most (60 s), the wait is capped, not refused; preferences
+    // the server does not apply, or cannot read, are ignored (RFC 7240).
+    let answer = api
+        .send(submit_preferring(task, &["respond-async, wait=3600; x=y"]))
+        .await;
+    assert_eq!(answer.body["status"], "succeeded", "{}", answer.body);
+    assert_eq!(answer.headers["preference-applied"], "wait=60");
+    for prefer in [&["respond-async"][..], &["wait=soon"], &["wait=0"], &[]] {
+        let later = r#"{"goal": "x", "run_at": "2099-01-01T00:00:00Z"}"#;
+        let started = std::time::Instant::now();
+        let answer = api.send(submit_preferring(later, prefer)).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::CREATED,
+            "{prefer:?}: {}",
+            answer.body
+        );
+        assert_eq!(answer.body["status"], "queued", "{prefer:?}");
+        assert!(
+            !answer.headers.contains_key("preference-applied"),
+            "{prefer:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{prefer:?}: no wait"
+        );
+    }
+
+    // A wait that runs out answers with the task as it is then.
+    let later = r#"{"goal": "x", "run_at": "2099-01-01T00:00:00Z"}"#;
+    let started = std::time::Instant::now();
+    let answer = api.send(submit_preferring(later, &["wait=1"])).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    assert_eq!(answer.body["status"], "queued");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
     );
 }
 
