@@ -34,6 +34,7 @@ pub(crate) async fn end_to_end(args: &Args) -> anyhow::Result<usize> {
         latencies,
         failures,
         server_cpu,
+        client_cpu,
         postgres_cpu: _,
     } = throughput(&[(server.client(), server.pid())], args).await?;
 
@@ -61,6 +62,10 @@ pub(crate) async fn end_to_end(args: &Args) -> anyhow::Result<usize> {
         format!("{:.1} tasks/s", args.tasks as f64 / wall.as_secs_f64()),
     );
     row("server CPU per task", cpu_per_task(server_cpu, args.tasks));
+    row(
+        "bench client CPU per task",
+        cpu_per_task(client_cpu, args.tasks),
+    );
     if !latencies.is_empty() {
         row("latency p50", millis(latencies.percentile(0.50)));
         row("latency p95", millis(latencies.percentile(0.95)));
@@ -78,6 +83,8 @@ pub(crate) struct Throughput {
     pub(crate) failures: Vec<String>,
     /// CPU time the servers used during the timed run, all hosts together.
     pub(crate) server_cpu: Duration,
+    /// CPU time this benchmark's process (its clients) used meanwhile.
+    pub(crate) client_cpu: Duration,
     /// CPU time this machine's Postgres processes used meanwhile.
     pub(crate) postgres_cpu: Duration,
 }
@@ -97,15 +104,19 @@ pub(crate) async fn throughput(hosts: &[(Client, u32)], args: &Args) -> anyhow::
     };
     let clients: Vec<Client> = hosts.iter().map(|(client, _)| client.clone()).collect();
 
+    let client_cpu = || crate::slow_llm::process_cpu(std::process::id());
     let (server_before, postgres_before) = (servers_cpu()?, postgres_cpu());
+    let client_before = client_cpu()?;
     let started = Instant::now();
     let shape = TaskShape {
         threads: args.threads,
         memory: args.memory,
+        wait_in_request: args.wait_in_request && hosts.len() == 1,
     };
     let submitted = run_clients(&clients, args.tasks, args.concurrency, shape).await?;
     let wall = started.elapsed();
     let server_cpu = servers_cpu()? - server_before;
+    let client_cpu = client_cpu()? - client_before;
     let postgres_cpu = postgres_cpu().saturating_sub(postgres_before);
     let hosts = clients;
 
@@ -122,6 +133,7 @@ pub(crate) async fn throughput(hosts: &[(Client, u32)], args: &Args) -> anyhow::
         latencies: Samples::new(latencies),
         failures,
         server_cpu,
+        client_cpu,
         postgres_cpu,
     })
 }
@@ -216,6 +228,9 @@ pub(crate) struct TaskShape {
     pub(crate) threads: bool,
     /// The tool call saves a memory instead of calculating.
     pub(crate) memory: bool,
+    /// Each client waits on its own submission (`Prefer: wait=N`, one
+    /// host only) instead of on the watcher of the task lists.
+    pub(crate) wait_in_request: bool,
 }
 
 pub(crate) async fn warm_up(client: &Client) -> anyhow::Result<()> {
@@ -240,7 +255,8 @@ pub(crate) async fn run_clients(
     shape: TaskShape,
 ) -> anyhow::Result<Vec<Submitted>> {
     let (polls, seen) = watch::channel(Arc::new(Poll::empty()));
-    let watcher = tokio::spawn(watch_in_flight(hosts[0].clone(), polls));
+    let watcher =
+        (!shape.wait_in_request).then(|| tokio::spawn(watch_in_flight(hosts[0].clone(), polls)));
     let next = Arc::new(AtomicUsize::new(0));
     let hosts: Arc<[Client]> = hosts.into();
     let clients = (0..concurrency).map(|c| {
@@ -262,22 +278,69 @@ pub(crate) async fn run_clients(
                 if shape.threads {
                     body["thread"] = json!(format!("bench-{c}"));
                 }
-                let id = hosts[n % hosts.len()].submit(&body).await?;
-                wait_finished(&mut seen, &id, Instant::now()).await?;
+                let host = &hosts[n % hosts.len()];
+                let id = if shape.wait_in_request {
+                    submit_and_wait(host, &body).await?
+                } else {
+                    let id = host.submit(&body).await?;
+                    wait_finished(&mut seen, &id, Instant::now()).await?;
+                    id
+                };
                 done.push(Submitted { id, answer });
             }
         })
     });
     let finished = futures::future::join_all(clients).await;
-    watcher.abort();
-    if let Ok(Err(error)) = watcher.await {
-        return Err(error.context("polling the task lists"));
+    if let Some(watcher) = watcher {
+        watcher.abort();
+        if let Ok(Err(error)) = watcher.await {
+            return Err(error.context("polling the task lists"));
+        }
     }
     let mut submitted = Vec::with_capacity(tasks);
     for done in finished {
         submitted.extend(done??);
     }
     Ok(submitted)
+}
+
+/// How long one request waiting on a task may wait, in seconds.
+const WAIT_SECS: u32 = 30;
+
+/// Submits a task preferring to wait for it to finish (`Prefer: wait=N`),
+/// and waits on `GET /v1/tasks/{id}?wait_secs=N` while the answer shows it
+/// unfinished, until [`TASK_TIMEOUT`] passes: a task still unfinished then is
+/// reported by the final check. Returns the task's id.
+async fn submit_and_wait(client: &Client, body: &Value) -> anyhow::Result<String> {
+    let submitted = Instant::now();
+    let response = client
+        .http()
+        .post(client.url("/v1/tasks"))
+        .header("prefer", format!("wait={WAIT_SECS}"))
+        .json(body)
+        .send()
+        .await?;
+    let (code, mut task): (StatusCode, Value) = (response.status(), response.json().await?);
+    if code != StatusCode::CREATED {
+        bail!("submitting {body} answered {code}: {task}");
+    }
+    let id = task["id"].as_str().context("no id")?.to_owned();
+    let path = format!("/v1/tasks/{id}?wait_secs={WAIT_SECS}");
+    while !is_finished(&task) && submitted.elapsed() < TASK_TIMEOUT {
+        let (code, again) = client.get(&path).await?;
+        if code != StatusCode::OK {
+            bail!("GET {path} answered {code}: {again}");
+        }
+        task = again;
+    }
+    Ok(id)
+}
+
+fn is_finished(task: &Value) -> bool {
+    matches!(
+        task["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled")
+    )
 }
 
 /// What one poll of the task lists saw.

@@ -7,8 +7,10 @@
 //!    closed loop: each keeps one task in flight and submits the next once it
 //!    has finished, so C is the number of tasks in flight. One watcher polls
 //!    the queued and running lists every 20 ms for all clients, which keeps
-//!    the polling light next to the work measured. Latency is the server's
-//!    own `created_at` to `finished_at`.
+//!    the polling light next to the work measured (with `--wait-in-request`,
+//!    each client's submission waits for its task instead: `Prefer: wait=N`).
+//!    Latency is the server's own `created_at` to `finished_at`. The bench's
+//!    own CPU per task (its clients) is printed too: both share the machine.
 //! 2. **The cost of one tool call** on the same component, `calculator.wasm`:
 //!    through the host's `PluginRuntime::invoke_tool`, and through bare
 //!    wasmtime (fresh store, instantiate, call) with and without the pooling
@@ -64,7 +66,9 @@ const USAGE: &str = "usage: opspawn-bench [--tasks N (300)] [--concurrency C (16
      [--telemetry-rounds N (3; 0 skips the section)] [--only SECTION] \
      [--postgres URL (none: skip the Postgres sections)] \
      [--threads (each client's tasks continue a conversation thread of its own)] \
-     [--memory (each task's tool call saves a memory instead of calculating)]\n\
+     [--memory (each task's tool call saves a memory instead of calculating)] \
+     [--wait-in-request (one host: each client waits on its submission, Prefer: wait=N, \
+     instead of a shared watcher polling the task lists)]\n\
      sections: end-to-end, per-call, slow-llm, telemetry, postgres";
 /// The database to suggest when the Postgres sections are skipped.
 const POSTGRES_EXAMPLE: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -183,6 +187,9 @@ struct Args {
     /// Each task's tool call saves a memory (the example memory tool, in
     /// its client's namespace) instead of calling the calculator.
     memory: bool,
+    /// With one host, each client waits on its own submission (`Prefer:
+    /// wait=N`) instead of on the shared watcher of the task lists.
+    wait_in_request: bool,
 }
 
 impl Args {
@@ -198,6 +205,7 @@ impl Args {
             postgres: None,
             threads: false,
             memory: false,
+            wait_in_request: false,
         };
         let mut argv = std::env::args().skip(1);
         while let Some(flag) = argv.next() {
@@ -253,6 +261,10 @@ impl Args {
                 }
                 "--memory" => {
                     args.memory = true;
+                    continue;
+                }
+                "--wait-in-request" => {
+                    args.wait_in_request = true;
                     continue;
                 }
                 "-h" | "--help" => {

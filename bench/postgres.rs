@@ -54,6 +54,7 @@ pub(crate) async fn postgres_throughput(args: &Args, url: &str) -> anyhow::Resul
             latencies,
             failures,
             server_cpu,
+            client_cpu: _,
             postgres_cpu,
         } = measured.with_context(|| format!("the run with {hosts} hosts"))?;
         dropped?;
