@@ -4,6 +4,13 @@
 //! writer (`writer.rs`) that groups whatever is waiting into one transaction
 //! (group commit). Reads use a separate pool of read-only connections, which
 //! WAL lets run alongside the writer.
+//!
+//! A task read by its id, the most frequent read (a client asking after a
+//! task, a request that waited for one to finish), is made at once on the
+//! calling thread instead ([`PointReads`]): through sqlx each query is handed
+//! to its connection's own thread and the rows handed back, two thread
+//! wake-ups that cost several times the query itself, which is a lookup
+//! by primary key in pages the writer keeps cached.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -61,7 +68,45 @@ pub const DIALECT: SqlDialect = SqlDialect {
 
 pub struct SqliteStore {
     reads: SqlitePool,
+    point_reads: PointReads,
     writer: Writer,
+}
+
+/// Read-only connections for reads by primary key, made on the calling
+/// thread: a connection is taken from the idle ones (or opened), used, and
+/// put back. Such a read takes microseconds: the pages it needs are the
+/// ones writes keep touching, and in WAL mode a reader never waits on the
+/// writer.
+struct PointReads {
+    path: std::path::PathBuf,
+    idle: std::sync::Mutex<Vec<rusqlite::Connection>>,
+}
+
+/// Idle point-read connections kept open; more are opened when as many
+/// reads run at once, and closed after.
+const POINT_READ_CONNECTIONS: usize = 4;
+
+impl PointReads {
+    fn new(path: &std::path::Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            idle: std::sync::Mutex::default(),
+        }
+    }
+
+    fn read<T>(&self, read: impl FnOnce(&rusqlite::Connection) -> Result<T>) -> Result<T> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => writer::open_read_only(&self.path)?,
+        };
+        let result = read(&conn);
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < POINT_READ_CONNECTIONS {
+            idle.push(conn);
+        }
+        result
+    }
 }
 
 impl SqliteStore {
@@ -79,12 +124,17 @@ impl SqliteStore {
         MIGRATOR.run(&mut migrating).await?;
         migrating.close().await?;
         let writer = Writer::start(options.get_filename())?;
+        let point_reads = PointReads::new(options.get_filename());
 
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { reads, writer })
+        Ok(Self {
+            reads,
+            point_reads,
+            writer,
+        })
     }
 
     async fn write(&self, op: WriteOp) -> Result<Reply> {
@@ -247,11 +297,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
-        let row = sqlx::query("SELECT * FROM tasks WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.reads)
-            .await?;
-        row.as_ref().map(task_from_row).transpose()
+        self.point_reads.read(|conn| writer::find_task(conn, id))
     }
 
     async fn prune_finished(&self, before: Millis) -> Result<u64> {

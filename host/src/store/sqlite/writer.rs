@@ -175,6 +175,18 @@ pub(super) struct Writer {
     batches: Arc<AtomicU64>,
 }
 
+/// A read-only connection to the database at `path`, for reads made
+/// beside the writer (see `PointReads`).
+pub(super) fn open_read_only(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
 impl Writer {
     /// Opens a connection to the (already migrated) database file and
     /// starts the writer thread on it.
@@ -1175,7 +1187,7 @@ fn finish_task(conn: &Connection, fence: &Fence, end: &TaskEnd) -> Result<EventR
 }
 
 /// The task `id`, if there is one.
-fn find_task(conn: &Connection, id: &str) -> Result<Option<TaskRecord>> {
+pub(super) fn find_task(conn: &Connection, id: &str) -> Result<Option<TaskRecord>> {
     conn.prepare_cached("SELECT * FROM tasks WHERE id = ?1")?
         .query_row([id], |row| Ok(task_from_row(row)))
         .optional()?
