@@ -86,6 +86,7 @@ impl CorsConfig {
                 header::CONTENT_TYPE,
                 header::ACCEPT,
                 HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("prefer"),
                 HeaderName::from_static("last-event-id"),
                 HeaderName::from_static("mcp-session-id"),
                 HeaderName::from_static("mcp-protocol-version"),
@@ -95,6 +96,7 @@ impl CorsConfig {
                 REQUEST_ID,
                 header::LOCATION,
                 header::RETRY_AFTER,
+                HeaderName::from_static("preference-applied"),
                 HeaderName::from_static("mcp-session-id"),
             ])
             .max_age(self.max_age);

@@ -1016,7 +1016,7 @@ async fn cors_answers_the_configured_origins_only_and_before_authentication() {
             .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
             .header(
                 header::ACCESS_CONTROL_REQUEST_HEADERS,
-                "authorization, content-type, idempotency-key",
+                "authorization, content-type, idempotency-key, prefer",
             )
             .body(Body::empty())
             .unwrap()
@@ -1031,7 +1031,7 @@ async fn cors_answers_the_configured_origins_only_and_before_authentication() {
         .to_str()
         .unwrap()
         .to_ascii_lowercase();
-    for needed in ["authorization", "content-type", "idempotency-key"] {
+    for needed in ["authorization", "content-type", "idempotency-key", "prefer"] {
         assert!(allowed_headers.contains(needed), "{allowed_headers}");
     }
     let other = api.send(preflight("https://evil.example")).await;
@@ -1061,7 +1061,9 @@ async fn cors_answers_the_configured_origins_only_and_before_authentication() {
         .to_str()
         .unwrap()
         .to_ascii_lowercase();
-    assert!(exposed.contains("x-request-id"), "{exposed}");
+    for exposed_header in ["x-request-id", "location", "preference-applied"] {
+        assert!(exposed.contains(exposed_header), "{exposed}");
+    }
     // Without a token the answer is still refused, CORS or not.
     let anonymous = api
         .send(
