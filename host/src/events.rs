@@ -4,7 +4,7 @@
 //! after a restart catch up from the store, which holds every one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,6 +78,25 @@ impl EventBus {
         TaskFinished::new(self.finish_waiters.clone(), task_id)
     }
 
+    /// Ends every wait for a task's end, now and from now on, with
+    /// [`WaitEnded::HostStopping`]: the host is shutting down, and a request
+    /// that waits answers with the task as it is rather than holding the
+    /// shutdown's drain until it is cut off.
+    pub fn stop_waits(&self) {
+        let waiters = {
+            let mut by_task = self
+                .finish_waiters
+                .by_task
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.finish_waiters.stopping.store(true, Ordering::Release);
+            self.finish_waiters.tasks.store(0, Ordering::Release);
+            std::mem::take(&mut *by_task)
+        };
+        // Dropped unsent: each waiter's receiver sees its sender gone.
+        drop(waiters);
+    }
+
     /// Whether anyone is subscribed: what is built only for subscribers
     /// (a step's input in its `step.started` event) can be skipped when not.
     /// One who subscribes later reads the store first, which has the event.
@@ -98,6 +117,8 @@ struct FinishWaiters {
     /// How many tasks have waiters: the map is locked only when some do.
     tasks: AtomicUsize,
     by_task: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    /// The host is shutting down: no wait is kept (see [`EventBus::stop_waits`]).
+    stopping: AtomicBool,
 }
 
 impl FinishWaiters {
@@ -117,6 +138,13 @@ impl FinishWaiters {
     }
 }
 
+/// Why [`TaskFinished::wait`] resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnded {
+    TaskFinished,
+    HostStopping,
+}
+
 /// A wait for one task's end on this host (see [`EventBus::task_finished`]).
 /// Dropped unresolved, it takes itself off the task's waiters.
 pub struct TaskFinished {
@@ -131,8 +159,11 @@ impl TaskFinished {
         let (sender, receiver) = oneshot::channel();
         {
             let mut by_task = waiters.by_task.lock().unwrap_or_else(|e| e.into_inner());
-            by_task.entry(task_id.to_owned()).or_default().push(sender);
-            waiters.tasks.store(by_task.len(), Ordering::Release);
+            // Once stopping, the sender is dropped here: the wait ends at once.
+            if !waiters.stopping.load(Ordering::Acquire) {
+                by_task.entry(task_id.to_owned()).or_default().push(sender);
+                waiters.tasks.store(by_task.len(), Ordering::Release);
+            }
         }
         Self {
             waiters,
@@ -142,16 +173,20 @@ impl TaskFinished {
         }
     }
 
-    /// Resolves when the task's end is journaled here, and only that once:
-    /// awaited again, it never resolves (the caller reads the store then).
-    pub async fn wait(&mut self) {
+    /// Resolves when the task's end is journaled here, or when the host
+    /// starts shutting down, and only that once: awaited again, it never
+    /// resolves (the caller reads the store then).
+    pub async fn wait(&mut self) -> WaitEnded {
         if self.woken {
             return std::future::pending().await;
         }
-        // An error is a sender dropped unsent, which does not happen while
-        // this waiter is registered; either way it is over.
-        let _ = (&mut self.receiver).await;
+        let ended = match (&mut self.receiver).await {
+            Ok(()) => WaitEnded::TaskFinished,
+            // Senders are dropped unsent only by `stop_waits`.
+            Err(_) => WaitEnded::HostStopping,
+        };
         self.woken = true;
+        ended
     }
 }
 
@@ -197,9 +232,24 @@ mod tests {
     }
 
     async fn woken(finished: &mut TaskFinished) -> bool {
+        ended(finished).await == Some(WaitEnded::TaskFinished)
+    }
+
+    async fn ended(finished: &mut TaskFinished) -> Option<WaitEnded> {
         tokio::time::timeout(Duration::from_millis(50), finished.wait())
             .await
-            .is_ok()
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn stopping_the_host_ends_every_wait_now_and_later() {
+        let bus = EventBus::default();
+        let mut waiting = bus.task_finished("t");
+        bus.stop_waits();
+        assert_eq!(ended(&mut waiting).await, Some(WaitEnded::HostStopping));
+        let mut later = bus.task_finished("u");
+        assert_eq!(ended(&mut later).await, Some(WaitEnded::HostStopping));
+        assert!(bus.finish_waiters.by_task.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -189,9 +189,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn({
         let (shutdown, signal) = (shutdown.clone(), shutdown_signal());
+        let events = state.events.clone();
         async move {
             signal.await;
             shutdown.cancel();
+            // Requests waiting for a task answer now, within the drain.
+            events.stop_waits();
         }
     });
     let grpc = match (grpc_listener, grpc_addr) {

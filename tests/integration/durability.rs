@@ -274,3 +274,51 @@ fn sigterm_with_stdout_gone_shuts_down_cleanly() {
     assert!(status.success(), "it exited with {status}; its log:\n{log}");
     assert!(!log.contains("panicked"), "its log:\n{log}");
 }
+
+/// A request waiting for a task to finish (`Prefer: wait`) when the server
+/// is told to stop is answered with the task as it is, at once, rather
+/// than held until the shutdown's drain cuts its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_the_requests_waiting_for_a_task() {
+    use std::time::Instant;
+
+    let harness = Harness::start();
+    let client = harness.client();
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let later = json!({"goal": "later", "run_at": "2099-01-01T00:00:00Z"});
+            let started = Instant::now();
+            let answer = client
+                .http()
+                .post(client.url("/v1/tasks"))
+                .header("prefer", "wait=30")
+                .json(&later)
+                .send()
+                .await;
+            (answer, started.elapsed())
+        }
+    });
+    // The wait has begun once the task is in the list.
+    let give_up = Instant::now() + FINISH;
+    loop {
+        let (_, page) = client.get("/v1/tasks?status=queued").await.unwrap();
+        if page["tasks"].as_array().is_some_and(|t| !t.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < give_up, "the task never appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &harness.server.pid().to_string()])
+        .status();
+    assert!(signalled.unwrap().success());
+
+    let (answer, waited) = waiting.await.unwrap();
+    let answer = answer.expect("an answer, not a connection cut at the end of the drain");
+    assert_eq!(answer.status(), reqwest::StatusCode::CREATED);
+    let task: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(task["status"], "queued", "{task}");
+    // The drain lasts 10 s; the wait would have run 30.
+    assert!(waited < Duration::from_secs(8), "answered after {waited:?}");
+}

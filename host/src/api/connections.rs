@@ -131,8 +131,10 @@ pub async fn read_body_in_time(
         .await
 }
 
-/// When a request under [`answer_in_time`] must be answered: a handler
-/// that waits (`GET /v1/tasks/{id}?wait_secs=`) stops in time to answer.
+/// When a request under [`answer_in_time`] must be answered (within
+/// `request_timeout`, and within `idle_timeout`, past which a connection
+/// silent that long is closed): a handler that waits (`GET
+/// /v1/tasks/{id}?wait_secs=`, `Prefer: wait`) stops in time to answer.
 #[derive(Debug, Clone, Copy)]
 pub struct AnswerBy(pub tokio::time::Instant);
 
@@ -144,9 +146,12 @@ pub async fn answer_in_time(
     next: Next,
 ) -> Response {
     let timeout = limits.request_timeout;
+    // Within the request timeout, and before a connection that waits in
+    // silence would be closed as idle.
+    let answer_within = timeout.min(limits.idle_timeout);
     request
         .extensions_mut()
-        .insert(AnswerBy(tokio::time::Instant::now() + timeout));
+        .insert(AnswerBy(tokio::time::Instant::now() + answer_within));
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {

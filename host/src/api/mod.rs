@@ -1137,7 +1137,8 @@ fn wait_window(
     }
 }
 
-/// `task` once it has finished, or as it is at `until`. Its end is heard
+/// `task` once it has finished, or as it is at `until` or when the host
+/// starts shutting down. Its end is heard
 /// from `finished` when it ends on this host, else at the next of the reads
 /// of the store made every [`WAIT_STORE_POLL`] (which also cover an end
 /// before `finished` listened).
@@ -1150,11 +1151,16 @@ async fn wait_for_end(
 ) -> Result<TaskRecord, ApiError> {
     while !task.status.is_terminal() && tokio::time::Instant::now() < until {
         let next_read = (tokio::time::Instant::now() + WAIT_STORE_POLL).min(until);
-        tokio::select! {
-            () = finished.wait() => {}
-            () = tokio::time::sleep_until(next_read) => {}
-        }
+        let stopping = tokio::select! {
+            ended = finished.wait() => ended == crate::events::WaitEnded::HostStopping,
+            () = tokio::time::sleep_until(next_read) => false,
+        };
         task = owned_task(state, tenant, &task.id).await?;
+        // The host is shutting down: the task as it is, rather than an
+        // answer cut off at the end of the drain.
+        if stopping {
+            break;
+        }
     }
     Ok(task)
 }
