@@ -83,18 +83,12 @@ impl EventBus {
     /// that waits answers with the task as it is rather than holding the
     /// shutdown's drain until it is cut off.
     pub fn stop_waits(&self) {
-        let waiters = {
-            let mut by_task = self
-                .finish_waiters
-                .by_task
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            self.finish_waiters.stopping.store(true, Ordering::Release);
-            self.finish_waiters.tasks.store(0, Ordering::Release);
-            std::mem::take(&mut *by_task)
-        };
+        let waiters = &self.finish_waiters;
+        let mut by_task = waiters.by_task.lock().unwrap_or_else(|e| e.into_inner());
+        waiters.stopping.store(true, Ordering::Release);
+        waiters.tasks.store(0, Ordering::Release);
         // Dropped unsent: each waiter's receiver sees its sender gone.
-        drop(waiters);
+        by_task.clear();
     }
 
     /// Whether anyone is subscribed: what is built only for subscribers
