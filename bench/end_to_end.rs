@@ -492,6 +492,11 @@ impl ScratchDir {
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
+        // For a look at what a run journaled (its events' times, say).
+        if std::env::var_os("OPSPAWN_BENCH_KEEP_DATA").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -149,6 +149,9 @@ async fn time_tool(
         compile_cache_history: 8,
         missing_plugin_grace: std::time::Duration::ZERO,
         separate_tenants: false,
+        stream_batch_window: opspawn::plugins::stream_batch_window(
+            opspawn::events::EventsConfig::default().delta_interval,
+        ),
     })?;
     runtime.scan().await?;
     if let Some(failure) = runtime.catalog().failures().first() {

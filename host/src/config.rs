@@ -372,6 +372,7 @@ impl Config {
             compile_cache_history: self.plugins.compile_cache_history,
             missing_plugin_grace: self.plugins.missing_plugin_grace,
             separate_tenants: !self.auth.tokens.is_empty(),
+            stream_batch_window: crate::plugins::stream_batch_window(self.events.delta_interval),
         }
     }
 

@@ -3,10 +3,13 @@
 //! HTTP/1.1 or HTTP/2 over it, as the client's ALPN and the server's offer
 //! agree.
 
+use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -14,6 +17,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Streams a test server's HTTP/2 connection allows at once: the floor RFC
 /// 9113 asks servers for, and what many of them announce.
@@ -118,15 +122,101 @@ pub async fn serve_with_stream_limit(
                     let Ok(stream) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let _ = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let stream = TokioIo::new(CoalescedWrites::new(stream));
+                    let _ = builder.serve_connection(stream, service).await;
                 }
                 None => {
-                    let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                    let stream = TokioIo::new(CoalescedWrites::new(tcp));
+                    let _ = builder.serve_connection(stream, service).await;
                 }
             }
         });
+    }
+}
+
+/// The most a connection gathers before it writes, whatever is pending.
+const COALESCE_LIMIT: usize = 64 << 10;
+
+/// A connection's writes, gathered until every stream that had something
+/// to send in this turn of the runtime has sent it, then written at once.
+///
+/// hyper's HTTP/2 server flushes after each frame a stream hands it, and
+/// tokio runs the connection's task right after the stream that woke it: a
+/// mock provider streaming to thousands of requests made one TLS record and
+/// one `writev` for each server-sent event (about 50,000 a second in the
+/// slow-LLM benchmark, most of that process's CPU). A busy HTTP/2 server
+/// writes what its streams have ready together; so does this. A flush with
+/// something gathered first yields once, so the streams woken at the same
+/// tick add theirs, then writes it all. What is written is the same bytes.
+struct CoalescedWrites<S> {
+    inner: S,
+    pending: Vec<u8>,
+    /// The flush has yielded once; the next one writes.
+    yielded: bool,
+}
+
+impl<S> CoalescedWrites<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            pending: Vec::new(),
+            yielded: false,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> CoalescedWrites<S> {
+    /// Writes everything gathered to the connection.
+    fn poll_write_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            let written = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pending.drain(..written);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CoalescedWrites<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.pending.len() >= COALESCE_LIMIT {
+            ready!(self.poll_write_pending(cx))?;
+        }
+        self.pending.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.pending.is_empty() && !self.yielded {
+            // Woken at once, but queued behind the tasks already ready.
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        ready!(self.poll_write_pending(cx))?;
+        self.yielded = false;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_write_pending(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -137,4 +227,72 @@ pub async fn loopback_listener() -> (tokio::net::TcpListener, SocketAddr) {
         .expect("binding to loopback");
     let address = listener.local_addr().expect("the listener's address");
     (listener, address)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// A connection that records each write it is asked for.
+    #[derive(Default)]
+    struct Recorded {
+        writes: Vec<Vec<u8>>,
+    }
+
+    impl AsyncWrite for Recorded {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.writes.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_before_a_flush_reach_the_connection_as_one_write_of_the_same_bytes() {
+        let mut connection = CoalescedWrites::new(Recorded::default());
+        connection.write_all(b"data: one\n\n").await.unwrap();
+        connection.write_all(b"data: two\n\n").await.unwrap();
+        assert!(
+            connection.inner.writes.is_empty(),
+            "nothing written before a flush"
+        );
+        connection.flush().await.unwrap();
+        assert_eq!(
+            connection.inner.writes,
+            [b"data: one\n\ndata: two\n\n".to_vec()]
+        );
+
+        connection.write_all(b"data: three\n\n").await.unwrap();
+        connection.shutdown().await.unwrap();
+        assert_eq!(
+            connection.inner.writes.len(),
+            2,
+            "a shutdown writes what is left"
+        );
+        assert_eq!(connection.inner.writes[1], b"data: three\n\n");
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_what_was_gathered_is_written_before_more_is_taken() {
+        let mut connection = CoalescedWrites::new(Recorded::default());
+        let block = vec![b'x'; COALESCE_LIMIT];
+        connection.write_all(&block).await.unwrap();
+        connection.write_all(b"more").await.unwrap();
+        assert_eq!(connection.inner.writes, [block]);
+        connection.flush().await.unwrap();
+        assert_eq!(connection.inner.writes[1], b"more");
+    }
 }

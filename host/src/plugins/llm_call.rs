@@ -40,8 +40,6 @@ const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_RESPONSE_BYTES: usize = 16 << 20;
 /// What an adapter without an `[adapter]` section is given as settings.
 const NO_SETTINGS: &str = "{}";
-/// How long the host gathers stream events into one batch for the adapter.
-const STREAM_BATCH_WINDOW: Duration = Duration::from_millis(10);
 /// The most server-sent events handed to the adapter in one batch.
 const MAX_EVENTS_PER_BATCH: usize = 256;
 
@@ -319,8 +317,9 @@ impl TranslatedCall<'_> {
             };
             // What else arrives within a short window goes in the same batch,
             // so a stream costs one instance per batch, not one per event,
-            // for at most that much delay to its text.
-            let window = tokio::time::Instant::now() + STREAM_BATCH_WINDOW;
+            // for at most that much delay to its text. One timer a batch.
+            let window = tokio::time::sleep(self.runtime.options.stream_batch_window);
+            let mut window = std::pin::pin!(window);
             let mut batch = Vec::new();
             let mut next = Some(first);
             while let Some(event) = next.take() {
@@ -330,10 +329,11 @@ impl TranslatedCall<'_> {
                     data: event.data,
                 });
                 if batch.len() < MAX_EVENTS_PER_BATCH {
-                    next = tokio::time::timeout_at(window, events.next())
-                        .await
-                        .ok()
-                        .flatten();
+                    next = tokio::select! {
+                        biased;
+                        event = events.next() => event,
+                        () = &mut window => None,
+                    };
                 }
             }
             let parts = self

@@ -91,6 +91,18 @@ pub struct RuntimeOptions {
     /// (`<folder>/tenants/<tenant>`): on when authentication is, so that
     /// nothing one tenant's task writes is seen by another's.
     pub separate_tenants: bool,
+    /// How long the host gathers a provider's streamed events before a
+    /// translating adapter reads them (see [`stream_batch_window`]).
+    pub stream_batch_window: Duration,
+}
+
+/// The window in which a stream's events are gathered into one batch for a
+/// translating adapter, given how long streamed text is gathered before it
+/// is journaled (`[events] delta_interval`): half of it, so that a batch's
+/// text is journaled within about one interval and a watcher sees the same
+/// pieces, while a stream costs an instance per batch rather than per event.
+pub fn stream_batch_window(delta_interval: Duration) -> Duration {
+    (delta_interval / 2).max(Duration::from_millis(1))
 }
 
 /// The default for [`RuntimeOptions::concurrent_calls`]: two per core, so
