@@ -22,8 +22,8 @@ build_plugins
 echo "==> building the server"
 # The same selection as scripts/test.sh builds, so that the binary it
 # already built is reused rather than rebuilt with other features.
-cargo test --release --workspace --no-run
-binary="$CARGO_TARGET_DIR/release/opspawn"
+cargo test --profile ci --workspace --no-run
+binary="$CARGO_TARGET_DIR/ci/opspawn"
 
 work="$(mktemp -d)"
 server_pid=""

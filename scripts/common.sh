@@ -184,7 +184,7 @@ ensure_ui_test_deps() {
 host_build_pid=
 start_host_build() {
     echo "==> building the host workspace and its tests in the background"
-    cargo test --release --workspace --no-run > >(sed -u 's/^/[host build] /') 2>&1 &
+    cargo test --profile ci --workspace --no-run > >(sed -u 's/^/[host build] /') 2>&1 &
     host_build_pid=$!
     trap 'if [[ -n "$host_build_pid" ]]; then kill "$host_build_pid" 2>/dev/null || true; fi' EXIT
 }

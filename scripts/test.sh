@@ -28,7 +28,7 @@ finish_host_build
 test_threads="${OPSPAWN_TEST_THREADS:-4}"
 
 echo "==> host unit tests and end-to-end tests on SQLite"
-cargo test --release --workspace -- --test-threads "$test_threads"
+cargo test --profile ci --workspace -- --test-threads "$test_threads"
 
 # The REST API fuzzed from the spec it serves, against a real server with
 # authentication off and on: 30 s of schemathesis each here (about 80 s in
@@ -51,8 +51,8 @@ fi
 echo "==> end-to-end tests on Postgres"
 ensure_postgres
 # The store's own tests (claim order, fencing, batch renewal) on Postgres too.
-OPSPAWN_TEST_DATABASE=postgres cargo test --release --workspace --lib -- --include-ignored
+OPSPAWN_TEST_DATABASE=postgres cargo test --profile ci --workspace --lib -- --include-ignored
 # The scale-out tests need Postgres and are ignored elsewhere; the live
 # provider tests need keys (OPSPAWN_LIVE_TESTS=1) and are left to run by hand.
-OPSPAWN_TEST_DATABASE=postgres cargo test --release --workspace --test integration \
+OPSPAWN_TEST_DATABASE=postgres cargo test --profile ci --workspace --test integration \
     -- --include-ignored --skip live_react_task --test-threads "$test_threads"

@@ -18,7 +18,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// The cargo target folder the test binary was built in.
 fn target_dir() -> PathBuf {
-    // <target>/release/deps/<test binary>
+    // <target>/<profile>/deps/<test binary>
     let exe = std::env::current_exe().expect("the test binary's path");
     exe.ancestors()
         .nth(3)

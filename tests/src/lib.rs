@@ -543,7 +543,7 @@ pub mod mcp {
         if let Some(dir) = std::env::var_os("OPSPAWN_MCP_PEERS") {
             return PathBuf::from(dir);
         }
-        // <target>/release/deps/<test binary>
+        // <target>/<profile>/deps/<test binary>
         let exe = std::env::current_exe().expect("the test binary's path");
         let target = exe
             .ancestors()
