@@ -5,8 +5,10 @@
 //!    hosted providers do ([`ProviderKind`]). N ReAct tasks (10,000 by default) are submitted
 //!    at once; each makes two LLM calls around one calculator call, so the
 //!    ideal wall time is two latencies. Printed: successes, wall time against
-//!    that ideal, the server's peak RSS and CPU per task, and the most LLM
-//!    requests the provider was answering at once (tasks waiting on it).
+//!    that ideal, the server's peak RSS and CPU per task, the benchmark's own
+//!    CPU per task (its mock provider and clients share the machine), and
+//!    the most LLM requests the provider was answering at once (tasks
+//!    waiting on it).
 
 use std::time::{Duration, Instant};
 
