@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::{FINISH, Harness, steps};
+use crate::{FINISH, Harness, signal, steps};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_resumes_its_task_without_repeating_finished_steps() {
@@ -309,10 +309,7 @@ async fn sigterm_answers_the_requests_waiting_for_a_task() {
         assert!(Instant::now() < give_up, "the task never appeared");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let signalled = std::process::Command::new("kill")
-        .args(["-TERM", &harness.server.pid().to_string()])
-        .status();
-    assert!(signalled.unwrap().success());
+    signal(&harness.server, "-TERM");
 
     let (answer, waited) = waiting.await.unwrap();
     let answer = answer.expect("an answer, not a connection cut at the end of the drain");

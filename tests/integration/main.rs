@@ -42,6 +42,15 @@ pub const FINISH: Duration = Duration::from_secs(60);
 /// A one-pixel PNG, base64: an image every provider takes.
 pub const PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
 
+/// Sends `signal` (such as `-TERM` or `-STOP`) to a server's process.
+pub fn signal(server: &Server, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} failed");
+}
+
 /// A server with the example plugins and the misbehaving fixture, in its own
 /// temporary data directory and, on Postgres, its own schema.
 pub struct Harness {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use opspawn_testkit::{Client, Server, StatusCode};
 use serde_json::{Value, json};
 
-use crate::{FINISH, Harness, binary, steps};
+use crate::{FINISH, Harness, binary, signal, steps};
 
 /// Why these tests are ignored unless asked for.
 const NEEDS_POSTGRES: &str = "needs Postgres: run with OPSPAWN_TEST_DATABASE=postgres";
@@ -358,14 +358,6 @@ fn sleep_task(reply_delays_ms: [u64; 7]) -> Value {
         "tools": ["sleep"],
         "options": {"llm": {"script": script}}
     })
-}
-
-fn signal(server: &Server, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([signal, &server.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {signal} failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
