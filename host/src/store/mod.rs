@@ -1190,7 +1190,7 @@ fn step_started_event(step: &StepRecord) -> (String, Value) {
     let mut data = step_event_base(step);
     data["plugin_sha256"] = serde_json::json!(step.versions.plugin_sha256);
     data["planner_sha256"] = serde_json::json!(step.versions.planner_sha256);
-    (data.to_string(), data)
+    (crate::protocol::to_json_text(&data), data)
 }
 
 /// Puts each stored `step.started` event's input back, from the task's

@@ -45,7 +45,7 @@ use super::{
     step_started_event,
 };
 use crate::memory::{MemoryConfig, MemoryOp, MemoryQuery, MemoryRecord, MemoryReply, NewMemory};
-use crate::protocol::{Image, ResponseFormat, ToolCall, Usage};
+use crate::protocol::{Image, ResponseFormat, ToolCall, Usage, to_json_text};
 use crate::schedules::MissedTicks;
 
 /// Steps with their out-of-line payloads joined in (a macro, so queries
@@ -315,8 +315,8 @@ async fn create_task(
     .bind(&task.planner)
     .bind(&task.llm)
     .bind(&task.model)
-    .bind(json!(task.tools).to_string())
-    .bind(task.options.to_string())
+    .bind(to_json_text(&task.tools))
+    .bind(to_json_text(&task.options))
     .bind(task.max_steps as i64)
     .bind(task.timeout.as_millis() as i64)
     .bind(now)
@@ -333,9 +333,9 @@ async fn create_task(
     .bind(task.budget.max_cost_nanos)
     .bind(&task.thread)
     .bind(&task.memory_namespace)
-    .bind(task.response_format.as_ref().map(|f| json!(f).to_string()))
-    .bind(task.call.as_ref().map(|call| json!(call).to_string()))
-    .bind((!task.images.is_empty()).then(|| json!(task.images).to_string()))
+    .bind(task.response_format.as_ref().map(to_json_text))
+    .bind(task.call.as_ref().map(to_json_text))
+    .bind((!task.images.is_empty()).then(|| to_json_text(&task.images)))
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else {
@@ -466,7 +466,7 @@ async fn claim_batch(
         .collect();
     let texts: Vec<String> = started
         .iter()
-        .map(|(_, _, data)| data.to_string())
+        .map(|(_, _, data)| to_json_text(data))
         .collect();
     let numbered: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(APPEND_STARTED)
         .bind(&ids)
@@ -604,7 +604,7 @@ async fn start_step(
     fence: &Fence,
     step: StepStart,
 ) -> Result<(StepRecord, EventRecord)> {
-    let input_text = step.input.to_string();
+    let input_text = to_json_text(&step.input);
     let input_ref = super::out_of_line_key(&input_text);
     let stored_input = if input_ref.is_some() {
         "null"
@@ -685,7 +685,7 @@ async fn finish_step(
     end: StepEnd,
 ) -> Result<(StepRecord, EventRecord)> {
     let seq = end.started.seq;
-    let output = end.output.as_ref().ok().map(Value::to_string);
+    let output = end.output.as_ref().ok().map(to_json_text);
     let error = end.output.as_ref().err();
     let output_ref = output.as_deref().and_then(super::out_of_line_key);
     let stored_output = match (&output_ref, &output) {
@@ -717,7 +717,7 @@ async fn finish_step(
         .bind(seq as i64)
         .bind(&output_ref)
         .bind(event_kind::STEP_FINISHED)
-        .bind(data.to_string())
+        .bind(to_json_text(&data))
         .bind(cost_nanos)
         .fetch_optional(&mut *conn)
         .await?;
@@ -861,7 +861,7 @@ async fn await_approval(
             .bind(i64::from(request.step))
             .bind(&request.call_id)
             .bind(&request.tool)
-            .bind(request.input.to_string())
+            .bind(to_json_text(&request.input))
             .bind(now)
             .bind(request.expires_at)
             .execute(&mut *conn)
@@ -912,7 +912,7 @@ async fn decide_approval(
         .bind(task_id)
         .bind(call_id)
         .bind(status.as_str())
-        .bind(decision.input.as_ref().map(Value::to_string))
+        .bind(decision.input.as_ref().map(to_json_text))
         .bind(&decision.comment)
         .bind(&decision.by)
         .bind(now)
@@ -1034,7 +1034,7 @@ async fn append_event(
     )
     .bind(task_id)
     .bind(kind)
-    .bind(data.to_string())
+    .bind(to_json_text(&data))
     .bind(at)
     .fetch_one(&mut *conn)
     .await?;

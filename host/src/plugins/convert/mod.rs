@@ -14,6 +14,8 @@ pub mod v0_2;
 
 use serde_json::Value;
 
+use crate::protocol::to_json_text;
+
 /// Parses JSON a plugin produced, keeping unparseable text as a string.
 pub fn lenient_json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
@@ -42,7 +44,7 @@ pub fn json_size(value: &impl serde::Serialize) -> usize {
 fn json_text(value: &Value) -> String {
     match value {
         Value::String(raw) if serde_json::from_str::<Value>(raw).is_err() => raw.clone(),
-        other => other.to_string(),
+        other => to_json_text(other),
     }
 }
 
@@ -91,7 +93,7 @@ macro_rules! shared_conversions {
             wit::ToolSpec {
                 name: spec.name.clone(),
                 description: spec.description.clone(),
-                input_schema: spec.input_schema.to_string(),
+                input_schema: to_json_text(&spec.input_schema),
             }
         }
 

@@ -3,7 +3,7 @@
 //! thread history) are left out of what such a component is given.
 
 use crate::plugins::bindings::v0_1::{planning as wit_planning, types as wit};
-use crate::protocol::{ChatMessage, ChatRequest, TaskState};
+use crate::protocol::{ChatMessage, ChatRequest, TaskState, to_json_text};
 
 super::shared_conversions!();
 
@@ -40,7 +40,7 @@ pub fn request_to_wit(request: &ChatRequest) -> wit::ChatRequest {
         temperature: request.temperature,
         max_tokens: request.max_tokens,
         stop: request.stop.clone(),
-        provider_options: request.provider_options.to_string(),
+        provider_options: to_json_text(&request.provider_options),
     }
 }
 
@@ -75,6 +75,6 @@ pub fn state_to_wit(state: &TaskState<'_>) -> wit_planning::TaskState {
             .collect(),
         steps: state.steps.iter().map(|step| step_to_wit(step)).collect(),
         max_steps: state.max_steps,
-        options: state.options.to_string(),
+        options: to_json_text(&state.options),
     }
 }

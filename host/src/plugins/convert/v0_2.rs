@@ -3,7 +3,7 @@
 use crate::plugins::bindings::v0_2::{planning as wit_planning, types as wit};
 use crate::protocol::{
     ChatMessage, ChatRequest, EarlierTask, Image, ProviderDatum, ResponseFormat, TaskState,
-    ToolChoice,
+    ToolChoice, to_json_text,
 };
 
 super::shared_conversions!();
@@ -99,14 +99,14 @@ pub fn request_to_wit(request: &ChatRequest) -> wit::ChatRequest {
             .as_ref()
             .map(|format| wit::ResponseFormat {
                 name: format.name.clone(),
-                schema: format.schema.to_string(),
+                schema: to_json_text(&format.schema),
                 strict: format.strict,
             }),
         temperature: request.temperature,
         top_p: request.top_p,
         max_tokens: request.max_tokens,
         stop: request.stop.clone(),
-        provider_options: request.provider_options.to_string(),
+        provider_options: to_json_text(&request.provider_options),
     }
 }
 
@@ -146,7 +146,7 @@ pub fn state_to_wit(state: &TaskState<'_>) -> wit_planning::TaskState {
         steps: state.steps.iter().map(|step| step_to_wit(step)).collect(),
         history: state.history.iter().map(earlier_task_to_wit).collect(),
         max_steps: state.max_steps,
-        options: state.options.to_string(),
+        options: to_json_text(&state.options),
     }
 }
 

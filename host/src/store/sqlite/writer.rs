@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{approval_from_row, collect, schedule_from_row, step_from_row, task_from_row};
 use crate::memory::{MemoryConfig, MemoryOp, MemoryRecord, MemoryReply, NewMemory};
+use crate::protocol::to_json_text;
 use crate::store::approvals::{self, ApprovalRequest, DecideOutcome, Decision};
 use crate::store::memories::{self, MemoryCall};
 use crate::store::schedules::{FireRules, Fired, NewSchedule, ScheduleRecord, queued_event_data};
@@ -553,7 +554,7 @@ fn await_approval(
                 request.step,
                 request.call_id,
                 request.tool,
-                request.input.to_string(),
+                to_json_text(&request.input),
                 now,
                 request.expires_at,
             ])?;
@@ -587,7 +588,7 @@ fn decide_approval(
                 task_id,
                 call_id,
                 status.as_str(),
-                decision.input.as_ref().map(Value::to_string),
+                decision.input.as_ref().map(to_json_text),
                 decision.comment,
                 decision.by,
                 now,
@@ -837,8 +838,8 @@ fn create_task(conn: &Connection, task: NewTask) -> Result<Reply> {
         task.planner,
         task.llm,
         task.model,
-        json!(task.tools).to_string(),
-        task.options.to_string(),
+        to_json_text(&task.tools),
+        to_json_text(&task.options),
         task.max_steps,
         task.timeout.as_millis() as i64,
         created_at,
@@ -850,9 +851,9 @@ fn create_task(conn: &Connection, task: NewTask) -> Result<Reply> {
         task.budget.max_cost_nanos,
         task.thread,
         task.memory_namespace,
-        task.response_format.as_ref().map(|f| json!(f).to_string()),
-        task.call.as_ref().map(|call| json!(call).to_string()),
-        (!task.images.is_empty()).then(|| json!(task.images).to_string()),
+        task.response_format.as_ref().map(to_json_text),
+        task.call.as_ref().map(to_json_text),
+        (!task.images.is_empty()).then(|| to_json_text(&task.images)),
     ])?;
     let event = append_event(conn, &id, event_kind::TASK_QUEUED, queued_event_data(&task))?;
     Ok(Reply::Created(
@@ -1031,7 +1032,7 @@ fn start_step(
     fence: &Fence,
     step: StepStart,
 ) -> Result<(StepRecord, EventRecord)> {
-    let input_text = step.input.to_string();
+    let input_text = to_json_text(&step.input);
     let input_ref = out_of_line_key(&input_text);
     let stored_input = if input_ref.is_some() {
         "null"
@@ -1095,7 +1096,7 @@ fn finish_step(
     end: StepEnd,
 ) -> Result<(StepRecord, EventRecord)> {
     let seq = end.started.seq;
-    let output_text = end.output.as_ref().ok().map(Value::to_string);
+    let output_text = end.output.as_ref().ok().map(to_json_text);
     let output_ref = output_text.as_deref().and_then(out_of_line_key);
     let stored_output = match (&output_ref, &output_text) {
         (Some(_), _) => Some("null"),
@@ -1232,7 +1233,7 @@ pub(super) const INSERT_EVENT: &str =
 const NEXT_EVENT_SEQ: &str = "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE task_id = ?1";
 
 fn append_event(conn: &Connection, task_id: &str, kind: &str, data: Value) -> Result<EventRecord> {
-    append_event_stored(conn, task_id, kind, &data.to_string(), data)
+    append_event_stored(conn, task_id, kind, &to_json_text(&data), data)
 }
 
 /// Appends an event stored as `stored` and published as `data`.

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::response::{arguments, body_error, finish_reason, usage};
 use crate::llm_http::json;
 use crate::llm_http::wire::{ReplyContext, more_arguments, usage_part};
-use crate::llm_http::{LlmError, Provider, SseEvent, StreamPart};
+use crate::llm_http::{LlmError, Provider, SseEvent, StreamPart, Usage};
 
 pub fn decode(
     provider: &Provider,
@@ -96,12 +96,13 @@ fn opens_the_reply(chunk: &Value) -> bool {
     chunk["choices"][0]["delta"]["role"].is_string()
 }
 
-/// The chunk nearly every event of a reply is: text (or a finish reason)
-/// for choice 0, with no tool call, usage or error. It is read straight
-/// into borrowed text, without a JSON tree, since a reply streams one such
-/// chunk every few characters. Anything else, or anything typed otherwise,
-/// is not a plain chunk and goes the general way ([`decode_tree`]), which
-/// reads the same chunk to the same parts.
+/// The chunks nearly every event of a reply is: text, a tool call's
+/// fragment or a finish reason for choice 0, or the closing usage, with no
+/// error. They are read straight into borrowed text, without a JSON tree,
+/// since a reply streams one such chunk every few characters (a tool call's
+/// arguments too). Anything else, or anything typed otherwise, is not a
+/// plain chunk and goes the general way ([`decode_tree`]), which reads the
+/// same chunk to the same parts.
 #[derive(Deserialize)]
 pub(super) struct PlainChunk<'a> {
     #[serde(borrow, default)]
@@ -109,7 +110,7 @@ pub(super) struct PlainChunk<'a> {
     #[serde(borrow, default)]
     choices: Vec<PlainChoice<'a>>,
     #[serde(default)]
-    usage: Option<IgnoredAny>,
+    usage: Option<PlainUsage>,
     #[serde(default)]
     error: Option<IgnoredAny>,
 }
@@ -132,20 +133,48 @@ struct PlainDelta<'a> {
     content: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     refusal: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<PlainToolCall<'a>>>,
+}
+
+/// A fragment of a tool call: the first names the call, later ones add
+/// arguments (as text: the few servers that send an object go the general
+/// way).
+#[derive(Deserialize)]
+struct PlainToolCall<'a> {
     #[serde(default)]
-    tool_calls: Option<IgnoredAny>,
+    index: Option<u64>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    function: PlainFunction<'a>,
+}
+
+#[derive(Deserialize, Default)]
+struct PlainFunction<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct PlainUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
 }
 
 impl<'a> PlainChunk<'a> {
     /// `data` as a plain chunk, if it is one.
     pub(super) fn read(data: &'a str) -> Option<Self> {
         let chunk: Self = serde_json::from_str(data).ok()?;
-        let plain = chunk.usage.is_none()
-            && chunk.error.is_none()
+        let plain = chunk.error.is_none()
             && chunk
                 .choices
                 .iter()
-                .all(|choice| choice.index.unwrap_or(0) == 0 && choice.delta.tool_calls.is_none());
+                .all(|choice| choice.index.unwrap_or(0) == 0);
         plain.then_some(chunk)
     }
 
@@ -169,9 +198,29 @@ impl<'a> PlainChunk<'a> {
                     parts.push(StreamPart::Text(text.into_owned()));
                 }
             }
+            let fragments = delta.tool_calls.into_iter().flatten();
+            for (position, fragment) in fragments.enumerate() {
+                let index = fragment.index.unwrap_or(position as u64);
+                let index = u32::try_from(index).unwrap_or(u32::MAX);
+                let function = fragment.function;
+                let arguments = function.arguments.map(Cow::into_owned).unwrap_or_default();
+                parts.push(match function.name {
+                    Some(name) => {
+                        context.first_piece(index, fragment.id.as_deref(), &name, arguments)
+                    }
+                    None => more_arguments(index, arguments),
+                });
+            }
             if let Some(reason) = choice.finish_reason {
                 parts.push(StreamPart::Finish(finish_reason(&reason)));
             }
+        }
+        if let Some(usage) = self.usage {
+            let count = |n: Option<u64>| n.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+            parts.push(usage_part(Usage {
+                input_tokens: count(usage.prompt_tokens),
+                output_tokens: count(usage.completion_tokens),
+            }));
         }
     }
 }

@@ -651,11 +651,25 @@ fn plain_chunks_are_read_as_the_json_tree_reads_them() {
         r#"{"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"length"}],"error":null}"#,
         r#"{"model":"m","choices":[]}"#,
         r#"{}"#,
+        // The closing usage, and the counts a tree reads as 0 or caps.
+        r#"{"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#,
+        r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12,"prompt_tokens_details":{"cached_tokens":0}}}"#,
+        r#"{"model":"m","choices":[],"usage":{"prompt_tokens":null}}"#,
+        r#"{"model":"m","choices":[],"usage":{"completion_tokens":99999999999}}"#,
+        // Tool calls: the fragment that names a call, with and without an
+        // id, and those that add arguments, by index or by position.
+        r#"{"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"a","type":"function","function":{"name":"f","arguments":""}}]}}]}"#,
+        r#"{"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":2,"function":{"name":"g","arguments":"{\"x\":"}}]}}]}"#,
+        r#"{"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1}"}}]}}]}"#,
+        r#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"a"}},{"function":{"arguments":null}}]}}]}"#,
+        r#"{"choices":[{"delta":{"role":"assistant","content":null,"tool_calls":null}}]}"#,
     ];
     let other = [
-        r#"{"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#,
-        r#"{"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"f","arguments":"{}"}}]}}]}"#,
         r#"{"model":"m","choices":[{"index":1,"delta":{"content":"second"}}]}"#,
+        r#"{"model":"m","choices":[{"delta":{"tool_calls":[{"function":{"arguments":{"x":1}}}]}}]}"#,
+        r#"{"model":"m","choices":[{"delta":{"tool_calls":[{"index":-1,"function":{"arguments":""}}]}}]}"#,
+        r#"{"model":"m","choices":[{"delta":{"tool_calls":[{"function":null}]}}]}"#,
+        r#"{"model":"m","choices":[],"usage":{"prompt_tokens":1.5}}"#,
         r#"{"error":{"message":"overloaded","code":503}}"#,
         r#"{"model":7,"choices":[{"delta":{"content":"a number for a model"}}]}"#,
         r#"{"model":"m","choices":[{"delta":null}]}"#,
