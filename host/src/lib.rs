@@ -5,6 +5,7 @@
 //! The modules follow the architecture (see `docs/architecture.md`):
 //! - [`protocol`]: the neutral types every part speaks; [`errors`]: every
 //!   stable error code, in one table; [`rfc3339`]: times on the wire;
+//!   [`sse`]: server-sent events read from a provider's stream;
 //!   [`metrics`]: what the host counts and times, for Prometheus;
 //!   [`telemetry`]: the log, and OpenTelemetry traces over OTLP;
 //!   [`budgets`]: prices, cost and the checks made before an LLM call;
@@ -22,7 +23,7 @@
 //!   settings and the wiring of `opspawn serve`; [`authoring`]: the
 //!   `opspawn plugin` commands that write, build, check and install plugins.
 //!
-//! The core (`protocol`, `errors`, `budgets`, `approvals`, `memory`, `structured`, `rfc3339`, `events`, `metrics`,
+//! The core (`protocol`, `errors`, `budgets`, `approvals`, `memory`, `structured`, `rfc3339`, `sse`, `events`, `metrics`,
 //! `telemetry`, `store`, `plugins`, `scheduler`) imports nothing from the edges (`api`, `cli`, `config`,
 //! `server`, `authoring`): the edges turn configuration and requests into the core's own
 //! option types. A test below scans the sources to keep it so.
@@ -46,6 +47,7 @@ pub mod rfc3339;
 pub mod scheduler;
 pub mod schedules;
 pub mod server;
+pub mod sse;
 pub mod store;
 pub mod structured;
 pub mod telemetry;
@@ -76,6 +78,7 @@ mod tests {
         "memory.rs",
         "structured.rs",
         "rfc3339.rs",
+        "sse.rs",
         "events.rs",
         "metrics.rs",
         "telemetry.rs",

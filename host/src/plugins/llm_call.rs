@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use http_body_util::BodyExt;
 use hyper::Request;
@@ -30,6 +29,7 @@ use crate::protocol::{
     CallContext, ChatMessage, ChatRequest, ChatResponse, FinishReason, LlmError, LlmErrorKind,
     ProviderDatum, Role, ToolCall, Usage,
 };
+use crate::sse::SseStream;
 use crate::telemetry::TraceSpan;
 
 /// How long making a connection to a provider may take.
@@ -298,7 +298,7 @@ impl TranslatedCall<'_> {
     ) -> Result<ChatResponse, CallError> {
         let mut assembly = Assembly::default();
         let body = capped(sent.response.into_body().into_data_stream());
-        let mut events = Box::pin(body.eventsource());
+        let mut events = Box::pin(SseStream::new(Box::pin(body)));
         let mut finished = false;
         let mut ended = false;
         while !finished {
@@ -325,7 +325,7 @@ impl TranslatedCall<'_> {
             while let Some(event) = next.take() {
                 let event = event.map_err(|e| self.transport_error(format!("{e}")))?;
                 batch.push(wit::SseEvent {
-                    event: Some(event.event).filter(|e| !e.is_empty() && e != "message"),
+                    event: event.event.filter(|e| e != "message"),
                     data: event.data,
                 });
                 if batch.len() < MAX_EVENTS_PER_BATCH {
