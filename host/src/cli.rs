@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use eventsource_stream::Eventsource;
 use figment::providers::Serialized;
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 
 use crate::config::Config;
+use crate::sse::SseStream;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -1047,7 +1047,7 @@ async fn follow(base: &str, id: &str) -> anyhow::Result<i32> {
             body["error"]["message"].as_str().unwrap_or("no details")
         );
     }
-    let mut events = response.bytes_stream().eventsource();
+    let mut events = SseStream::new(Box::pin(response.bytes_stream()));
     let mut streaming = false;
     let stdout = std::io::stdout();
     while let Some(event) = events.next().await {
@@ -1055,7 +1055,8 @@ async fn follow(base: &str, id: &str) -> anyhow::Result<i32> {
         let body: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
         let data = &body["data"];
         let mut out = stdout.lock();
-        if event.event == "llm.delta" {
+        let kind = event.event.as_deref().unwrap_or("message");
+        if kind == "llm.delta" {
             write!(out, "{}", data["text"].as_str().unwrap_or_default())?;
             out.flush()?;
             streaming = true;
@@ -1065,7 +1066,7 @@ async fn follow(base: &str, id: &str) -> anyhow::Result<i32> {
             writeln!(out)?;
             streaming = false;
         }
-        match event.event.as_str() {
+        match kind {
             "task.started" => writeln!(out, "· started (attempt {})", data["attempt"])?,
             "step.started" => {
                 let what = match data["kind"].as_str() {

@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use axum::body::Body;
 use axum::http::{HeaderName, Method, Request, StatusCode, header};
 use bytes::Bytes;
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
@@ -24,6 +23,7 @@ use tower::ServiceExt as _;
 
 use crate::api::ApiError;
 use crate::errors::Code;
+use crate::sse::SseStream;
 
 /// The code generated from `proto/opspawn/v1/`.
 pub mod pb {
@@ -749,10 +749,7 @@ impl pb::tasks_server::Tasks for GrpcApi {
             .await?;
         // Dropping this stream (the client went away) drops the SSE body,
         // which stops the route's follower.
-        let events = answer
-            .body
-            .into_data_stream()
-            .eventsource()
+        let events = SseStream::new(answer.body.into_data_stream())
             .map(|event| match event {
                 Ok(event) => task_event(&event.data),
                 Err(e) => Err(Status::internal(format!("reading the events failed: {e}"))),

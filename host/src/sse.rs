@@ -5,12 +5,15 @@
 //! dropped; unknown fields are ignored; an event left unfinished when the
 //! stream ends is discarded.
 //!
-//! Not `eventsource-stream`, which the CLI and the API's own clients use:
-//! an LLM provider streams a reply as dozens of small events, and that crate
-//! copies the rest of its buffer for every line it takes (`String::split_off`)
-//! and parses each line with nom. On the slow-LLM benchmark that was 2.5 %
-//! of the server's CPU. This reads each chunk once, line by line, and
-//! copies only a line split across two chunks.
+//! Every reader of an event stream in the host uses it: an LLM provider's
+//! reply, and the task events the CLI, gRPC's `WatchTask` and the MCP
+//! server follow. Not `eventsource-stream` (which the end-to-end tests keep
+//! as an independent client): a provider streams a reply as dozens of small
+//! events, and that crate copies the rest of its buffer for every line it
+//! takes (`String::split_off`) and parses each line with nom. On the
+//! slow-LLM benchmark that was 2.5 % of the server's CPU. This reads each
+//! chunk once, line by line, and copies only a line split across two
+//! chunks.
 
 use std::collections::VecDeque;
 use std::pin::Pin;

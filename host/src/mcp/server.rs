@@ -22,7 +22,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{HeaderValue, Method, Request, StatusCode, header};
 use bytes::Bytes;
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use rmcp::model::{
@@ -39,6 +38,8 @@ use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData, ServerHandler, ServiceExt};
 use serde_json::{Map, Value, json};
 use tower::ServiceExt as _;
+
+use crate::sse::SseStream;
 
 /// The prefix of a task's resource URI.
 const TASK_URI: &str = "opspawn://tasks/";
@@ -199,11 +200,11 @@ impl Front {
             if !status.is_success() {
                 return Err(format!("following task {id} answered {status}"));
             }
-            let mut events = stream.eventsource();
+            let mut events = SseStream::new(Box::pin(stream));
             let mut finished_steps = 0u32;
             while let Some(event) = events.next().await {
                 let event = event.map_err(|e| e.to_string())?;
-                match event.event.as_str() {
+                match event.event.as_deref().unwrap_or("message") {
                     "step.finished" => {
                         finished_steps += 1;
                         if let Some(token) = context.meta.get_progress_token() {
