@@ -5,7 +5,7 @@
 //! The modules follow the architecture (see `docs/architecture.md`):
 //! - [`protocol`]: the neutral types every part speaks; [`errors`]: every
 //!   stable error code, in one table; [`rfc3339`]: times on the wire;
-//!   [`sse`]: server-sent events read from a provider's stream;
+//!   [`sse`]: server-sent events read from a stream of bytes;
 //!   [`metrics`]: what the host counts and times, for Prometheus;
 //!   [`telemetry`]: the log, and OpenTelemetry traces over OTLP;
 //!   [`budgets`]: prices, cost and the checks made before an LLM call;

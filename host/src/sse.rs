@@ -3,7 +3,8 @@
 //! or CR; a blank line dispatches the event being built, if it has data; a
 //! line starting with `:` is a comment; one space after a field's colon is
 //! dropped; unknown fields are ignored; an event left unfinished when the
-//! stream ends is discarded.
+//! stream ends is discarded. `id` and `retry` are ignored too: they serve a
+//! client that reconnects, and every reader here reads one response.
 //!
 //! Every reader of an event stream in the host uses it: an LLM provider's
 //! reply, and the task events the CLI, gRPC's `WatchTask` and the MCP
@@ -30,8 +31,6 @@ pub struct SseEvent {
     pub event: Option<String>,
     /// The `data` lines, joined by LF.
     pub data: String,
-    /// The last `id` the stream gave, up to this event.
-    pub id: String,
 }
 
 /// The event-stream interpretation, fed chunk by chunk.
@@ -47,7 +46,6 @@ pub struct SseDecoder {
     event: String,
     data: String,
     has_data: bool,
-    last_id: String,
 }
 
 impl SseDecoder {
@@ -114,11 +112,8 @@ impl SseDecoder {
                 self.event.clear();
                 self.event.push_str(&String::from_utf8_lossy(value));
             }
-            b"id" if !value.contains(&0) => {
-                self.last_id = String::from_utf8_lossy(value).into_owned();
-            }
-            // `retry` sets a reconnection delay, which a single request
-            // does not use; anything else is ignored, as the standard says.
+            // `id` and `retry` (see the module's comment) and any field the
+            // standard does not name.
             _ => {}
         }
     }
@@ -131,7 +126,6 @@ impl SseDecoder {
         out.push_back(SseEvent {
             event: (!event.is_empty()).then_some(event),
             data: std::mem::take(&mut self.data),
-            id: self.last_id.clone(),
         });
     }
 }
@@ -183,43 +177,43 @@ where
 mod tests {
     use super::*;
 
-    fn events(chunks: &[&[u8]]) -> Vec<(String, String, String)> {
+    fn events(chunks: &[&[u8]]) -> Vec<(String, String)> {
         let mut decoder = SseDecoder::default();
         let mut out = VecDeque::new();
         for chunk in chunks {
             decoder.feed(chunk, &mut out);
         }
         out.into_iter()
-            .map(|e| (e.event.unwrap_or_else(|| "message".into()), e.data, e.id))
+            .map(|e| (e.event.unwrap_or_else(|| "message".into()), e.data))
             .collect()
     }
 
-    fn event(event: &str, data: &str, id: &str) -> (String, String, String) {
-        (event.into(), data.into(), id.into())
+    fn event(event: &str, data: &str) -> (String, String) {
+        (event.into(), data.into())
     }
 
     #[test]
     fn reads_the_standards_examples() {
-        // § 9.2.6's examples: data lines joined, a comment, an id kept for
-        // the events after it, one space dropped after the colon.
+        // § 9.2.6's examples: data lines joined, a comment and `id` lines
+        // read past, one space dropped after the colon.
         let stream = b": test stream\n\ndata: first event\nid: 1\n\ndata:second event\nid\n\ndata:  third event\n\n";
         assert_eq!(
             events(&[stream]),
             [
-                event("message", "first event", "1"),
-                event("message", "second event", ""),
-                event("message", " third event", ""),
+                event("message", "first event"),
+                event("message", "second event"),
+                event("message", " third event"),
             ]
         );
         let stream = b"data\n\ndata\ndata\n\ndata:\n";
         assert_eq!(
             events(&[stream]),
-            [event("message", "", ""), event("message", "\n", "")]
+            [event("message", ""), event("message", "\n")]
         );
         let stream = b"data:test\n\ndata: test\n\n";
         assert_eq!(
             events(&[stream]),
-            [event("message", "test", ""), event("message", "test", "")]
+            [event("message", "test"), event("message", "test")]
         );
     }
 
@@ -229,10 +223,10 @@ mod tests {
         assert_eq!(
             events(&[stream]),
             [
-                event("content_block_delta", "{\"a\":1}", ""),
+                event("content_block_delta", "{\"a\":1}"),
                 // An event with no data is not dispatched, and its name does
                 // not carry over.
-                event("message", "x", ""),
+                event("message", "x"),
             ]
         );
     }
@@ -241,9 +235,9 @@ mod tests {
     fn any_line_ending_and_any_split_read_the_same() {
         let lf = b"\xef\xbb\xbfdata: a\xc3\xa9\nevent: e\n\n: c\ndata: b\ndata: c\n\nid: 7\ndata: [DONE]\n\n".to_vec();
         let expected = [
-            event("e", "a\u{e9}", ""),
-            event("message", "b\nc", ""),
-            event("message", "[DONE]", "7"),
+            event("e", "a\u{e9}"),
+            event("message", "b\nc"),
+            event("message", "[DONE]"),
         ];
         for ending in [&b"\n"[..], b"\r\n", b"\r"] {
             let text: Vec<u8> = lf.split(|&b| b == b'\n').collect::<Vec<_>>().join(ending);
@@ -261,27 +255,21 @@ mod tests {
     fn a_crlf_split_by_an_empty_chunk_is_one_line_ending() {
         assert_eq!(
             events(&[b"data: a\r", b"", b"\ndata: b\r\n\r\n"]),
-            [event("message", "a\nb", "")]
+            [event("message", "a\nb")]
         );
     }
 
     #[test]
     fn an_unfinished_event_is_dropped_at_the_end() {
-        assert_eq!(
-            events(&[b"data: a\n\ndata: b\n"]),
-            [event("message", "a", "")]
-        );
-        assert_eq!(
-            events(&[b"data: a\n\ndata: b"]),
-            [event("message", "a", "")]
-        );
+        assert_eq!(events(&[b"data: a\n\ndata: b\n"]), [event("message", "a")]);
+        assert_eq!(events(&[b"data: a\n\ndata: b"]), [event("message", "a")]);
     }
 
     #[test]
-    fn an_id_with_a_null_is_ignored_and_bad_utf8_replaced() {
+    fn id_lines_are_read_past_and_bad_utf8_replaced() {
         assert_eq!(
             events(&[b"id: 1\n\nid: 2\x00\ndata: \xff\n\n"]),
-            [event("message", "\u{fffd}", "1")]
+            [event("message", "\u{fffd}")]
         );
     }
 

@@ -298,7 +298,7 @@ impl TranslatedCall<'_> {
     ) -> Result<ChatResponse, CallError> {
         let mut assembly = Assembly::default();
         let body = capped(sent.response.into_body().into_data_stream());
-        let mut events = Box::pin(SseStream::new(Box::pin(body)));
+        let mut events = SseStream::new(Box::pin(body));
         let mut finished = false;
         let mut ended = false;
         while !finished {
